@@ -1,0 +1,56 @@
+"""`block_sparse`: attention where each (batch, kv-head, query block) visits only listed KV blocks.
+
+The metadata (`BlockSparseMetadata`, built by `sparse_jax.patterns`) lists the KV blocks
+per query block and flags full blocks (no element mask) apart from partial ones (the
+element predicate `mask_fn` is evaluated). Used by static patterns (Longformer, BigBird,
+Sparse Transformer), MoBA, NSA shared selection, HySparse sparse layers, MInference.
+
+`impl`: "auto" | "xla" | "triton" | "mosaic_tpu"; `interpret=True` for CPU kernel tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pallas_kernels import common
+from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
+from pallas_kernels.block_sparse.reference import block_sparse_reference
+
+IMPLEMENTATIONS = {"xla": block_sparse_reference}
+
+
+def block_sparse_attention(q, k, v, metadata: BlockSparseMetadata, *, mask_fn=None,
+                           q_positions=None, kv_positions=None, q_segment_ids=None,
+                           kv_segment_ids=None, sink_logits=None, softcap=None, scale=None,
+                           return_lse=False, impl="auto", interpret=False):
+    """Block-sparse attention.
+
+    Args:
+      q: `[B, Tq, H, D]`; k: `[B, Tk, Hkv, D]`; v: `[B, Tk, Hkv, Dv]`.
+      metadata: `BlockSparseMetadata` with `[B or 1, Hkv or 1, ceil(Tq/block_q), max_blocks]`.
+      mask_fn: element predicate for partial blocks (None: partial blocks fully visible,
+        except padding and, with segment ids, other segments).
+      Other arguments as `flash_attention`.
+    Returns:
+      `out [B, Tq, H, Dv]`, or `AttentionOutput(out, lse)` with `return_lse`.
+    """
+    b, tq, tk, h, hkv, d = common.check_qkv(q, k, v)
+    if not isinstance(metadata, BlockSparseMetadata):
+        raise ValueError(f"metadata must be a BlockSparseMetadata, got {type(metadata).__name__}")
+    metadata.validate(b, hkv, tq, tk)
+    q_positions = common.check_positions("q_positions", q_positions, b, tq)
+    kv_positions = common.check_positions("kv_positions", kv_positions, b, tk)
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    q_segment_ids = common.check_optional("q_segment_ids", q_segment_ids, (b, tq), integer=True)
+    kv_segment_ids = common.check_optional("kv_segment_ids", kv_segment_ids, (b, tk), integer=True)
+    sink_logits = common.check_optional("sink_logits", sink_logits, (h,))
+    common.check_softcap(softcap)
+    if mask_fn is not None and getattr(mask_fn, "needs_segments", False) and q_segment_ids is None:
+        raise ValueError(f"mask_fn {mask_fn!r} reads segment ids: pass q_segment_ids and kv_segment_ids")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    fn = common.dispatch("block_sparse", impl, IMPLEMENTATIONS, interpret)
+    return fn(q, k, v, metadata, mask_fn=mask_fn, q_positions=q_positions,
+              kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+              kv_segment_ids=kv_segment_ids, sink_logits=sink_logits, softcap=softcap,
+              scale=scale, return_lse=return_lse)

@@ -1,0 +1,66 @@
+"""`flash`: dense attention, forward and backward, with the mask evaluated element-wise.
+
+`flash_attention(q, k, v, mask_fn=..., ...)` computes softmax attention of `q [B, Tq, H, D]`
+over `k [B, Tk, Hkv, D]`, `v [B, Tk, Hkv, Dv]` (GQA without repeating KV) where
+`mask_fn(q_pos, kv_pos, q_seg, kv_seg) -> bool` says which keys each query sees
+(causal, sliding window, sinks, ... from `sparse_jax.patterns`, or any hashable callable of
+integer ops). Learned sink logits (gpt-oss), logit soft-cap, segment ids, the log-sum-exp
+and HySparse's block-max scores (arXiv: HySparse, Alg. 1) are options.
+
+`impl`: "auto" (kernel for the platform, XLA reference on CPU), "xla", "triton",
+"mosaic_tpu". `interpret=True` runs a Pallas kernel in interpret mode on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pallas_kernels import common
+from pallas_kernels.flash.reference import flash_reference
+
+IMPLEMENTATIONS = {"xla": flash_reference}
+
+
+def flash_attention(q, k, v, *, mask_fn=None, q_positions=None, kv_positions=None,
+                    q_segment_ids=None, kv_segment_ids=None, sink_logits=None, softcap=None,
+                    scale=None, return_lse=False, block_score_size=None,
+                    block_score_reduce_gqa=False, impl="auto", interpret=False):
+    """Dense attention with an element predicate.
+
+    Args:
+      q: `[B, Tq, H, D]`; k: `[B, Tk, Hkv, D]`; v: `[B, Tk, Hkv, Dv]`, one float dtype.
+      mask_fn: hashable predicate on `(q_pos, kv_pos, q_seg, kv_seg)` broadcast arrays, or
+        None (every key visible; with segment ids, same-segment only).
+      q_positions, kv_positions: int `[B, Tq]`, `[B, Tk]` (default `arange`); negative
+        marks padding (never visible; a padded query returns zeros).
+      q_segment_ids, kv_segment_ids: optional int `[B, Tq]`, `[B, Tk]`.
+      sink_logits: optional float `[H]` per-head sink logit (denominator only).
+      softcap: optional logit soft-cap (> 0).
+      scale: logit scale, default `1/sqrt(D)`.
+      return_lse: also return the log-sum-exp `[B, H, Tq]` (float32).
+      block_score_size: if set, also return `S [B, H, Tq, ceil(Tk/size)]`, the max
+        attention probability per KV block (HySparse Alg. 1);
+        `block_score_reduce_gqa=True` takes the max over each GQA group: `[B, Hkv, Tq, nK]`.
+    Returns:
+      `out [B, Tq, H, Dv]` in q's dtype, or `AttentionOutput(out, lse, block_scores)`
+      when lse or block scores are requested. Rows that see nothing are zeros.
+    """
+    b, tq, tk, h, hkv, d = common.check_qkv(q, k, v)
+    q_positions = common.check_positions("q_positions", q_positions, b, tq)
+    kv_positions = common.check_positions("kv_positions", kv_positions, b, tk)
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    q_segment_ids = common.check_optional("q_segment_ids", q_segment_ids, (b, tq), integer=True)
+    kv_segment_ids = common.check_optional("kv_segment_ids", kv_segment_ids, (b, tk), integer=True)
+    sink_logits = common.check_optional("sink_logits", sink_logits, (h,))
+    common.check_softcap(softcap)
+    if block_score_size is not None and (not isinstance(block_score_size, int) or block_score_size < 1):
+        raise ValueError(f"block_score_size must be an int >= 1 or None, got {block_score_size!r}")
+    if mask_fn is not None and getattr(mask_fn, "needs_segments", False) and q_segment_ids is None:
+        raise ValueError(f"mask_fn {mask_fn!r} reads segment ids: pass q_segment_ids and kv_segment_ids")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    fn = common.dispatch("flash", impl, IMPLEMENTATIONS, interpret)
+    return fn(q, k, v, mask_fn=mask_fn, q_positions=q_positions, kv_positions=kv_positions,
+              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sink_logits=sink_logits,
+              softcap=softcap, scale=scale, return_lse=return_lse,
+              block_score_size=block_score_size, block_score_reduce_gqa=block_score_reduce_gqa)
