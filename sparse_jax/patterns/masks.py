@@ -12,7 +12,7 @@ same predicate serves three consumers:
 Negative positions mark padding: a padded query sees nothing and a padded key is seen by
 nobody, whatever the pattern (applied in `dense_mask` and in every kernel).
 
-Patterns compose with `|` (union) and `&` (intersection), like FlexAttention's mask_mod
+Patterns compose with `|` (union), `&` (intersection) and `~` (complement), like FlexAttention's mask_mod
 and splash attention's `LogicalOr` / `LogicalAnd`. Papers:
 
 * sliding window: Mistral (arXiv 2310.06825); sinks: StreamingLLM (arXiv 2309.17453);
@@ -60,6 +60,9 @@ class Pattern:
     def __and__(self, other: Pattern) -> Pattern:
         return Intersection((self, other))
 
+    def __invert__(self) -> Pattern:
+        return Not(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class Union(Pattern):
@@ -93,6 +96,20 @@ class Intersection(Pattern):
         for p in self.parts[1:]:
             out = out & p(q, k, qs, ks)
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Not(Pattern):
+    """Visible where `part` is not (padding stays invisible: `dense_mask` masks it)."""
+
+    part: Pattern
+
+    @property
+    def needs_segments(self) -> bool:
+        return self.part.needs_segments
+
+    def _visible(self, q, k, qs, ks):
+        return ~self.part(q, k, qs, ks)
 
 
 @dataclasses.dataclass(frozen=True)
