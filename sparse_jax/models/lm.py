@@ -1,0 +1,157 @@
+"""A small decoder-only LM whose layers' attention comes from a per-layer spec string.
+
+`LMConfig.layer_spec` has one letter per layer:
+
+* `F` full causal attention, `W` sliding window, `S` StreamingLLM (sinks + window),
+* `P` static pattern (`LMConfig.pattern`, block-sparse).
+
+e.g. `"WWWF"` is "global every 4th layer, local otherwise" (Gemma 3 is 5:1, gpt-oss 1:1).
+Pre-norm blocks: RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU -> residual.
+The model's cache is the list of its layers' caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_jax import patterns as P
+from sparse_jax.layers import (AttentionConfig, FullAttention, PatternAttention,
+                               SlidingWindowAttention, StreamingLLMAttention)
+from sparse_jax.sharding import param
+
+LAYER_TYPES = {"F": "full", "W": "sliding window", "S": "StreamingLLM", "P": "static pattern"}
+
+
+def hybrid_spec(num_layers: int, global_every: int) -> str:
+    """Local layers with a full one every `global_every` layers, e.g. (8, 4) -> "WWWFWWWF"."""
+    if num_layers < 1 or global_every < 1:
+        raise ValueError(f"num_layers and global_every must be >= 1, got {num_layers}, {global_every}")
+    return "".join("F" if (i + 1) % global_every == 0 else "W" for i in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    vocab_size: int
+    layer_spec: str
+    d_model: int = 64
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    mlp_dim: int | None = None
+    window: int = 64
+    num_sinks: int = 4
+    pattern: P.Pattern | None = None
+    pattern_block: int = 64
+    rope_theta: float = 10000.0
+    learned_sinks: bool = False
+    output_gate: bool = False
+    softcap: float | None = None
+    impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self):
+        if not self.layer_spec or set(self.layer_spec) - set(LAYER_TYPES):
+            raise ValueError(f"layer_spec must be letters from {sorted(LAYER_TYPES)}, got {self.layer_spec!r}")
+        if "P" in self.layer_spec and self.pattern is None:
+            raise ValueError("layer_spec has 'P' layers but pattern is None")
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+
+    @property
+    def attention(self) -> AttentionConfig:
+        return AttentionConfig(d_model=self.d_model, num_heads=self.num_heads,
+                               num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta,
+                               learned_sinks=self.learned_sinks, output_gate=self.output_gate,
+                               softcap=self.softcap, impl=self.impl, dtype=self.dtype)
+
+
+def make_attention(kind: str, config: LMConfig, rngs: nnx.Rngs):
+    a = config.attention
+    if kind == "F":
+        return FullAttention(a, rngs=rngs)
+    if kind == "W":
+        return SlidingWindowAttention(a, window=config.window, rngs=rngs)
+    if kind == "S":
+        return StreamingLLMAttention(a, window=config.window, num_sinks=config.num_sinks, rngs=rngs)
+    if kind == "P":
+        return PatternAttention(a, pattern=config.pattern, block_size=config.pattern_block, rngs=rngs)
+    raise ValueError(f"unknown layer type {kind!r}; known: {sorted(LAYER_TYPES)}")
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6):
+        self.scale = param(rngs, nnx.initializers.ones_init(), (dim,), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+        return (y * self.scale.value).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        self.w_gate = param(rngs, init, (d_model, hidden), ("embed", "mlp"))
+        self.w_up = param(rngs, init, (d_model, hidden), ("embed", "mlp"))
+        self.w_down = param(rngs, init, (hidden, d_model), ("mlp", "embed"))
+
+    def __call__(self, x):
+        dt = x.dtype
+        h = jax.nn.silu(x @ self.w_gate.value.astype(dt)) * (x @ self.w_up.value.astype(dt))
+        return h @ self.w_down.value.astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, kind: str, config: LMConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.d_model, rngs=rngs)
+        self.attn = make_attention(kind, config, rngs)
+        self.mlp_norm = RMSNorm(config.d_model, rngs=rngs)
+        self.mlp = SwiGLU(config.d_model, config.mlp_dim or 4 * config.d_model, rngs=rngs)
+
+    def __call__(self, x, positions, cache=None, shared=None):
+        h, cache = self.attn(self.attn_norm(x), positions, cache, shared)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class SparseLM(nnx.Module):
+    """Decoder-only LM: `logits, caches = model(tokens [B, T], positions [B, T], caches)`."""
+
+    def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = param(rngs, nnx.initializers.normal(1.0), (config.vocab_size, config.d_model),
+                           ("vocab", "embed"))
+        self.blocks = nnx.List([Block(kind, config, rngs=rngs) for kind in config.layer_spec])
+        self.final_norm = RMSNorm(config.d_model, rngs=rngs)
+        self.head = param(rngs, nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                          (config.d_model, config.vocab_size), ("embed", "vocab"))
+
+    def __call__(self, tokens, positions=None, caches=None):
+        """tokens: int `[B, T]`; positions: int `[B, T]` (default arange; -1 = padding);
+        caches: list per layer from `init_cache` or None. Returns logits `[B, T, V]` (f32)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got {tokens.shape}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
+        x = jnp.take(self.embed.value, tokens, axis=0).astype(self.config.dtype)
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            x, cache = block(x, positions, None if caches is None else caches[i])
+            new_caches.append(cache)
+        logits = self.final_norm(x).astype(jnp.float32) @ self.head.value
+        return logits, (None if caches is None else new_caches)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> list:
+        return [block.attn.init_cache(batch, max_len, dtype) for block in self.blocks]
+
+    def kv_bytes_per_token(self, context_len: int, dtype=None) -> float:
+        """KV-cache bytes per token of one sequence holding `context_len` tokens."""
+        return sum(c.nbytes() for c in self.init_cache(1, context_len, dtype)) / context_len
