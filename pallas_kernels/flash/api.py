@@ -17,8 +17,10 @@ import math
 
 from pallas_kernels import common
 from pallas_kernels.flash.reference import flash_reference
+from pallas_kernels.flash.tpu import flash_tpu
+from pallas_kernels.flash.triton import flash_triton
 
-IMPLEMENTATIONS = {"xla": flash_reference}
+IMPLEMENTATIONS = {"xla": flash_reference, "triton": flash_triton, "mosaic_tpu": flash_tpu}
 
 
 def flash_attention(q, k, v, *, mask_fn=None, q_positions=None, kv_positions=None,

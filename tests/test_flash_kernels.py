@@ -1,0 +1,180 @@
+"""`flash` kernels against `flash_reference`: forward (out, lse) and gradients (dq, dk, dv,
+d sink_logits), Triton path in `interpret=True`, Mosaic TPU path in
+`pltpu.InterpretParams()`, on tiny ragged shapes (interpret mode is slow), GQA 1/2/4,
+causal / window+sinks / segments / padding / soft-cap / fully masked rows. A `gpu`-marked
+test compiles the real Triton kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.flash import api
+from pallas_kernels.flash.reference import flash_reference
+from pallas_kernels.flash.tpu import TpuConfig, flash_tpu
+from pallas_kernels.flash.triton import TritonConfig, flash_triton
+from sparse_jax import patterns as P
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    b: int = 1
+    tq: int = 64
+    tk: int = 64
+    h: int = 2
+    hkv: int = 2
+    d: int = 16
+    mask_fn: object = P.Causal()
+    q_offset: int = 0            # q positions start at tk - tq + ... (decode-like chunk)
+    pad_q: int = 0               # leading query rows marked padding (-1) in batch 0
+    pad_k: int = 0               # trailing keys marked padding in the last batch
+    segments: bool = False
+    sinks: bool = False
+    softcap: float | None = None
+    seed: int = 0
+
+
+CASES = [
+    Case("causal_gqa1", tq=64, tk=64, h=2, hkv=2, seed=1),
+    Case("ragged_window_sinks_softcap_gqa2", b=2, tq=37, tk=75, h=4, hkv=2, d=32,
+         mask_fn=P.causal_window(24, num_sinks=4), q_offset=38, pad_q=3, sinks=True,
+         softcap=4.0, seed=2),
+    Case("segments_bidirectional_gqa4", b=2, tq=45, tk=45, h=4, hkv=1, mask_fn=None,
+         segments=True, pad_k=5, seed=3),
+    Case("segments_causal_chunked_gqa2", tq=50, tk=50, h=2, hkv=1,
+         mask_fn=P.SameSegment() & P.Causal() & P.Chunked(20), segments=True, sinks=True, seed=4),
+    Case("fallback_predicate_gqa4_empty_rows", b=2, tq=40, tk=33, h=4, hkv=1,
+         mask_fn=P.bigbird(block=16, num_random_blocks=1), pad_q=6, pad_k=4, seed=5),
+]
+TPU_CASES = [CASES[1], CASES[2]]
+
+SMALL_TRITON = TritonConfig(block_q=32, block_k=16, num_warps=4, num_stages=2, block_q_dq=16,
+                            block_k_dq=32, block_q_dkv=32, block_k_dkv=16)
+SMALL_TPU = TpuConfig(32, 16, 16, 32, 32, 16)
+
+
+def make_inputs(c: Case, dtype=jnp.float32):
+    rng = np.random.default_rng(1000 + c.seed)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)  # noqa: E731
+    q, k, v = normal(c.b, c.tq, c.h, c.d), normal(c.b, c.tk, c.hkv, c.d), normal(c.b, c.tk, c.hkv, c.d)
+    q_pos = np.broadcast_to(np.arange(c.tq) + c.q_offset, (c.b, c.tq)).copy()
+    kv_pos = np.broadcast_to(np.arange(c.tk), (c.b, c.tk)).copy()
+    q_pos[0, :c.pad_q] = -1
+    if c.pad_k:
+        kv_pos[-1, -c.pad_k:] = -1
+    kw = dict(mask_fn=c.mask_fn, q_positions=jnp.asarray(q_pos, jnp.int32),
+              kv_positions=jnp.asarray(kv_pos, jnp.int32), q_segment_ids=None,
+              kv_segment_ids=None, sink_logits=None, softcap=c.softcap, scale=c.d ** -0.5,
+              return_lse=True, block_score_size=None, block_score_reduce_gqa=False)
+    if c.segments:
+        kw["q_segment_ids"] = jnp.asarray(np.sort(rng.integers(0, 3, (c.b, c.tq)), -1), jnp.int32)
+        kw["kv_segment_ids"] = jnp.asarray(np.sort(rng.integers(0, 3, (c.b, c.tk)), -1), jnp.int32)
+    sinks = normal(c.h).astype(jnp.float32) if c.sinks else None
+    cot = (normal(c.b, c.tq, c.h, c.d), jnp.asarray(rng.standard_normal((c.b, c.h, c.tq)), jnp.float32))
+    return (q, k, v, sinks), kw, cot
+
+
+def run_vjp(fn, args, kw, cot):
+    q, k, v, sinks = args
+
+    def f(q, k, v, sinks):
+        res = fn(q, k, v, **{**kw, "sink_logits": sinks})
+        return res.out, res.lse
+
+    def both(q, k, v, sinks, cot):
+        (out, lse), vjp = jax.vjp(f, q, k, v, sinks)
+        return out, lse, vjp(cot)
+
+    return jax.jit(both)(q, k, v, sinks, cot)   # one program: interpret mode compiles once
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def check_against_reference(kernel, c: Case):
+    args, kw, cot = make_inputs(c)
+    out, lse, grads = run_vjp(kernel, args, kw, cot)
+    r_out, r_lse, r_grads = run_vjp(flash_reference, args, kw, cot)
+    np.testing.assert_allclose(out, r_out, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.isinf(lse), np.isinf(r_lse)), "empty rows must get lse = -inf"
+    fin = np.isfinite(r_lse)
+    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(r_lse)[fin], rtol=1e-5, atol=1e-5)
+    empty = ~np.asarray(fin).transpose(0, 2, 1)                  # [B, Tq, H]
+    assert np.all(np.asarray(out)[empty] == 0), "rows that see nothing must be zeros"
+    names = ("dq", "dk", "dv", "dsinks")
+    for name, g, r in zip(names, grads, r_grads):
+        if r is None:
+            assert g is None
+            continue
+        assert np.all(np.isfinite(g)), f"{name} not finite"
+        assert rel_err(g, r) < 2e-5, f"{name}: rel err {rel_err(g, r):.2e}"
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_triton_interpret_matches_reference(case):
+    check_against_reference(
+        lambda *a, **kw: flash_triton(*a, **kw, interpret=True, config=SMALL_TRITON), case)
+
+
+@pytest.mark.parametrize("case", TPU_CASES, ids=lambda c: c.name)
+def test_tpu_interpret_matches_reference(case):
+    check_against_reference(lambda *a, **kw: flash_tpu(*a, **kw, interpret=True, config=SMALL_TPU), case)
+
+
+@pytest.mark.parametrize("impl", ["triton", "mosaic_tpu"])
+def test_api_dispatch_bf16_forward(impl):
+    """Through the public entry point with default block sizes, bf16, GQA 4, causal."""
+    c = Case("bf16", b=1, tq=48, tk=48, h=4, hkv=1, d=32, seed=7)
+    (q, k, v, _), _, _ = make_inputs(c, jnp.bfloat16)
+    out = api.flash_attention(q, k, v, mask_fn=P.Causal(), impl=impl, interpret=True)
+    ref = api.flash_attention(q, k, v, mask_fn=P.Causal(), impl="xla")
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_block_scores_raise_clearly():
+    c = Case("scores", tq=16, tk=16)
+    (q, k, v, _), _, _ = make_inputs(c)
+    with pytest.raises(ValueError, match="block_score_size"):
+        api.flash_attention(q, k, v, mask_fn=P.Causal(), block_score_size=16, impl="triton",
+                            interpret=True)
+
+
+def test_block_tables_skip_causal_upper_triangle():
+    from pallas_kernels.flash import blocks
+    pos = jnp.arange(256)[None]
+    ranges = np.asarray(blocks.tables(P.Causal(), pos, pos, None, None, 64, 64))[0]
+    # query block i visits KV blocks 0..i, the first i of them without the element mask
+    np.testing.assert_array_equal(ranges, [[0, 1, 1, 1]] + [[0, 0, i, i + 1] for i in range(1, 4)])
+    window = np.asarray(blocks.tables(P.causal_window(64), pos, pos, None, None, 64, 64))[0]
+    assert (window[:, 3] - window[:, 0]).max() == 2
+
+
+def _has_gpu():
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: c.name)
+def test_triton_compiled_on_gpu(case):
+    """The real Triton kernels (float32 dots run as IEEE fp32 in the Triton lowering)."""
+    with jax.default_device(jax.devices("gpu")[0]):
+        check_against_reference(lambda *a, **kw: flash_triton(*a, **kw), case)
+        c = dataclasses.replace(case, tq=300, tk=300 if case.tq == case.tk else 333, d=64)
+        args, kw, _ = make_inputs(c, jnp.bfloat16)
+        out = flash_triton(*args[:3], **{**kw, "sink_logits": args[3]})
+        ref = flash_reference(*args[:3], **{**kw, "sink_logits": args[3]})
+        assert rel_err(out.out, ref.out) < 1e-2
