@@ -39,7 +39,7 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[
     if len(names) != len(shape):
         raise ValueError(f"names {tuple(names)} must have one entry per dim of shape {tuple(shape)}")
     with nnx.use_eager_sharding(False):
-        return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names))
+        return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names))
 
 
 def logical_to_mesh_spec(names: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> jax.sharding.PartitionSpec:

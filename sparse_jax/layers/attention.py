@@ -106,9 +106,9 @@ class AttentionBase(nnx.Module):
             raise ValueError(f"positions must be int [B, T] = {list(x.shape[:2])}, got "
                              f"{positions.dtype}{list(positions.shape)}")
         x = x.astype(c.dtype)
-        q_raw = jnp.einsum("btd,dhk->bthk", x, self.wq.value.astype(c.dtype))
-        k = jnp.einsum("btd,dhk->bthk", x, self.wk.value.astype(c.dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.wv.value.astype(c.dtype))
+        q_raw = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(c.dtype))
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(c.dtype))
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(c.dtype))
         if c.rope_theta is not None:
             q, k = apply_rope(q_raw, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta)
         else:
@@ -117,11 +117,11 @@ class AttentionBase(nnx.Module):
             keys, values, kv_positions = k, v, positions
         else:
             keys, values, kv_positions, cache = cache.update(k, v, positions)
-        sinks = None if self.sink_logits is None else self.sink_logits.value
+        sinks = None if self.sink_logits is None else self.sink_logits[...]
         o = self.attend(q, keys, values, positions, kv_positions, sink_logits=sinks, q_raw=q_raw)
         if self.wg is not None:
-            o = o * jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.wg.value.astype(c.dtype)))
-        y = jnp.einsum("bthk,hkd->btd", o.astype(c.dtype), self.wo.value.astype(c.dtype))
+            o = o * jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.wg[...].astype(c.dtype)))
+        y = jnp.einsum("bthk,hkd->btd", o.astype(c.dtype), self.wo[...].astype(c.dtype))
         return y, cache
 
     def attend(self, q, k, v, q_positions, kv_positions, *, sink_logits, q_raw):

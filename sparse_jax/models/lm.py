@@ -61,6 +61,7 @@ class LMConfig:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        _ = self.attention  # validates heads, head_dim and the other attention settings now
 
     @property
     def attention(self) -> AttentionConfig:
@@ -91,7 +92,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-        return (y * self.scale.value).astype(x.dtype)
+        return (y * self.scale[...]).astype(x.dtype)
 
 
 class SwiGLU(nnx.Module):
@@ -103,8 +104,8 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x):
         dt = x.dtype
-        h = jax.nn.silu(x @ self.w_gate.value.astype(dt)) * (x @ self.w_up.value.astype(dt))
-        return h @ self.w_down.value.astype(dt)
+        h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
+        return h @ self.w_down[...].astype(dt)
 
 
 class Block(nnx.Module):
@@ -141,12 +142,12 @@ class SparseLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
-        x = jnp.take(self.embed.value, tokens, axis=0).astype(self.config.dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
         new_caches = []
         for i, block in enumerate(self.blocks):
             x, cache = block(x, positions, None if caches is None else caches[i])
             new_caches.append(cache)
-        logits = self.final_norm(x).astype(jnp.float32) @ self.head.value
+        logits = self.final_norm(x).astype(jnp.float32) @ self.head[...]
         return logits, (None if caches is None else new_caches)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list:

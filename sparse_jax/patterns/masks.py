@@ -290,7 +290,10 @@ class RandomBlocks(Pattern):
         choices = abs(qb) + 1 if self.causal else self.num_blocks
         out = k < 0  # all False, right shape after broadcasting below
         for r in range(self.num_random):
-            key = qb * 1000003 + r * 7919 + self.seed * 104729
+            # Python-int constant wrapped into int32 range: int32 (jnp) arrays reject larger
+            # Python ints; the low 32 bits, all the hash reads, are unchanged.
+            offset = (r * 7919 + self.seed * 104729 + 2**31) % 2**32 - 2**31
+            key = qb * 1000003 + offset
             pick = (_hash_u32(key) % _as_u32_like(choices, key)).astype(kb.dtype)
             out = out | (kb == pick)
         return out & (qb >= 0)
