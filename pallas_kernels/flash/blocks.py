@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 # Finite "minus infinity" for masked logits: exp2(MASK - m) == 0 for any real m and
-# MASK - MASK stays finite (no NaN on rows that have seen nothing yet).
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# MASK - MASK stays finite (no NaN on rows that have seen nothing yet); small enough in
+# magnitude to be multiplied by a logit scale without overflowing to -inf.
+MASK_VALUE = -1e30
 LOG2E = 1.4426950408889634
 
 

@@ -32,7 +32,7 @@ class TritonConfig:
     """Tile sizes and launch parameters (tuned on an H200 for D=128, bf16)."""
 
     block_q: int = 128
-    block_k: int = 64
+    block_k: int = 128
     num_warps: int = 8
     num_stages: int = 3
     block_q_dq: int = 64
@@ -101,15 +101,18 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
         m, l, acc = carry
         sl = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         k = k_ref[sl, :]
-        s, _ = logits2(lax.dot_general(q, k, qk_dims(), preferred_element_type=jnp.float32),
-                       scale, softcap)
+        s = lax.dot_general(q, k, qk_dims(), preferred_element_type=jnp.float32)
+        if softcap is None:
+            c = scale * LOG2E        # scale folded into one FMA: exp2(s * c - m)
+        else:
+            s, c = logits2(s, scale, softcap)[0], 1.0
         if masked:
             ks = None if kseg_ref is None else kseg_ref[sl][None, :]
             vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], qs, ks)
             s = jnp.where(vis, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_new = jnp.maximum(m, s.max(axis=-1) * c)
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
+        p = jnp.exp2(s * c - m_new[:, None])
         if masked:
             p = jnp.where(vis, p, 0.0)
         l = l * alpha + p.sum(axis=-1)

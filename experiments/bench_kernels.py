@@ -1,0 +1,211 @@
+"""Benchmark the `flash` kernel against cuDNN, side by side in one process (BENCHMARKING.md).
+
+For each shape (B=1, causal, bf16, D=128; H/Hkv in 16/16, 16/4, 64/4; T in 4K/16K/64K):
+correctness first (max relative error against `flash_reference` on the last query rows,
+and against cuDNN on the whole output), then the median of `--iters` timed calls of the
+forward and of forward+backward, each wrapped in `jax.block_until_ready`. TFLOP/s count
+the causal half only (fwd 2*B*H*T^2*D; fwd+bwd 3.5x that). `--sweep` first times a few
+Triton tile configurations at one shape and benchmarks the table with the fastest.
+
+Run on a GPU machine:
+  PYTHONPATH=. python experiments/bench_kernels.py --out /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from pallas_kernels.flash.reference import flash_reference
+from pallas_kernels.flash.triton import TritonConfig, flash_triton
+from sparse_jax import patterns as P
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "bench_kernels.json", "where to write the JSON results")
+flags.DEFINE_list("seq_lens", ["4096", "16384", "65536"], "sequence lengths")
+flags.DEFINE_list("heads", ["16:16", "16:4", "64:4"], "num_heads:num_kv_heads pairs")
+flags.DEFINE_integer("head_dim", 128, "head dim")
+flags.DEFINE_integer("iters", 10, "timed calls per figure (median)")
+flags.DEFINE_bool("backward", True, "also time forward+backward")
+flags.DEFINE_bool("sweep", False, "tune Triton tiles at --sweep_shape first")
+flags.DEFINE_bool("sweep_bwd", True, "also sweep the backward tiles")
+flags.DEFINE_string("sweep_shape", "16:16:16384", "H:Hkv:T for the sweep")
+flags.DEFINE_string("config", "", "TritonConfig overrides, e.g. block_q=128,block_k=64")
+
+FWD_SWEEP = [dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
+             dict(block_q=128, block_k=64, num_warps=8, num_stages=5),
+             dict(block_q=64, block_k=128, num_warps=4, num_stages=3),
+             dict(block_q=128, block_k=128, num_warps=8, num_stages=3),
+             dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
+             dict(block_q=128, block_k=64, num_warps=8, num_stages=4),
+             dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
+             dict(block_q=64, block_k=64, num_warps=4, num_stages=3)]
+BWD_SWEEP = [dict(block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64, num_warps_bwd=4, num_stages_bwd=2),
+             dict(block_q_dq=128, block_k_dq=32, block_q_dkv=32, block_k_dkv=128, num_warps_bwd=8, num_stages_bwd=2),
+             dict(block_q_dq=128, block_k_dq=64, block_q_dkv=64, block_k_dkv=128, num_warps_bwd=8, num_stages_bwd=2),
+             dict(block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64, num_warps_bwd=8, num_stages_bwd=3),
+             dict(block_q_dq=128, block_k_dq=32, block_q_dkv=32, block_k_dkv=128, num_warps_bwd=4, num_stages_bwd=3)]
+
+
+def median_time(fn, *args, iters):
+    jax.block_until_ready(fn(*args))                     # compile + warm-up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make(h, hkv, t, d, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (1, t, h, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (1, t, hkv, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (1, t, hkv, d), jnp.bfloat16)
+    do = jax.random.normal(ks[3], (1, t, h, d), jnp.bfloat16)
+    return q, k, v, do
+
+
+def ours(cfg):
+    def f(q, k, v):
+        t = q.shape[1]
+        pos = jnp.arange(t, dtype=jnp.int32)[None]
+        return flash_triton(q, k, v, mask_fn=P.Causal(), q_positions=pos, kv_positions=pos,
+                            q_segment_ids=None, kv_segment_ids=None, sink_logits=None,
+                            softcap=None, scale=q.shape[-1] ** -0.5, return_lse=False,
+                            block_score_size=None, block_score_reduce_gqa=False, config=cfg)
+    return f
+
+
+def cudnn(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def fwd_bwd(f):
+    def g(q, k, v, do):
+        out, vjp = jax.vjp(f, q, k, v)
+        return vjp(do)
+    return jax.jit(g)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def check(f, q, k, v, do, rows=256):
+    """Max relative error of the forward on the last `rows` queries vs the XLA reference,
+    and of the whole output (and gradients, up to 16K) vs cuDNN."""
+    t = q.shape[1]
+    out = jax.jit(f)(q, k, v)
+    qs = q[:, t - rows:]
+    ref = flash_reference(qs, k, v, mask_fn=P.Causal(),
+                          q_positions=jnp.arange(t - rows, t, dtype=jnp.int32)[None],
+                          kv_positions=jnp.arange(t, dtype=jnp.int32)[None], q_segment_ids=None,
+                          kv_segment_ids=None, sink_logits=None, softcap=None,
+                          scale=q.shape[-1] ** -0.5, return_lse=False, block_score_size=None,
+                          block_score_reduce_gqa=False)
+    res = dict(err_ref=rel(out[:, t - rows:], ref), err_cudnn=rel(out, jax.jit(cudnn)(q, k, v)))
+    if t <= 16384 and FLAGS.backward:
+        g1, g2 = fwd_bwd(f)(q, k, v, do), fwd_bwd(cudnn)(q, k, v, do)
+        res["err_grad_cudnn"] = max(rel(a, b) for a, b in zip(g1, g2))
+    return res
+
+
+def bench_shape(cfg, h, hkv, t, d, iters, backward=True):
+    q, k, v, do = make(h, hkv, t, d)
+    flops = 2.0 * h * t * t * d            # causal: half of 4*H*T^2*D
+    row = dict(h=h, hkv=hkv, t=t, d=d, config=dataclasses.asdict(cfg))
+    row.update(check(ours(cfg), q, k, v, do))
+    for name, f in (("ours", ours(cfg)), ("cudnn", cudnn)):
+        row[f"{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, k, v, iters=iters)
+        if backward:
+            row[f"{name}_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd(f), q, k, v, do, iters=iters)
+    row["fwd_ratio"] = row["cudnn_fwd_ms"] / row["ours_fwd_ms"]
+    row["ours_fwd_tflops"] = flops / row["ours_fwd_ms"] / 1e9
+    row["cudnn_fwd_tflops"] = flops / row["cudnn_fwd_ms"] / 1e9
+    if backward:
+        row["fwdbwd_ratio"] = row["cudnn_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+        row["ours_fwdbwd_tflops"] = 3.5 * flops / row["ours_fwdbwd_ms"] / 1e9
+        row["cudnn_fwdbwd_tflops"] = 3.5 * flops / row["cudnn_fwdbwd_ms"] / 1e9
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def sweep(base, iters):
+    h, hkv, t = (int(x) for x in FLAGS.sweep_shape.split(":"))
+    q, k, v, do = make(h, hkv, t, FLAGS.head_dim)
+    results, best = [], base
+    best_t = float("inf")
+    for over in FWD_SWEEP:
+        cfg = dataclasses.replace(base, **over)
+        try:
+            ms = 1e3 * median_time(jax.jit(ours(cfg)), q, k, v, iters=iters)
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is skipped
+            print("sweep fwd", over, "failed:", str(e)[:300], flush=True)
+            continue
+        results.append(dict(kind="fwd", ms=ms, **over))
+        print("sweep fwd", over, f"{ms:.3f} ms", flush=True)
+        if ms < best_t:
+            best, best_t = cfg, ms
+    best_t = float("inf")
+    base = best
+    for over in BWD_SWEEP if FLAGS.backward and FLAGS.sweep_bwd else []:
+        cfg = dataclasses.replace(base, **over)
+        try:
+            ms = 1e3 * median_time(fwd_bwd(ours(cfg)), q, k, v, do, iters=iters)
+        except Exception as e:  # noqa: BLE001
+            print("sweep bwd", over, "failed:", str(e)[:300], flush=True)
+            continue
+        results.append(dict(kind="fwdbwd", ms=ms, **over))
+        print("sweep fwd+bwd", over, f"{ms:.3f} ms", flush=True)
+        if ms < best_t:
+            best, best_t = cfg, ms
+    return best, results
+
+
+def main(argv):
+    del argv
+    cfg = TritonConfig()
+    if FLAGS.config:
+        over = dict(kv.split("=") for kv in FLAGS.config.split(","))
+        cfg = dataclasses.replace(cfg, **{k_: int(v_) for k_, v_ in over.items()})
+    info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    sweep_results = []
+    if FLAGS.sweep:
+        cfg, sweep_results = sweep(cfg, FLAGS.iters)
+    print("config:", cfg, flush=True)
+    rows = []
+    for hh in FLAGS.heads:
+        h, hkv = (int(x) for x in hh.split(":"))
+        for t in (int(x) for x in FLAGS.seq_lens):
+            try:
+                rows.append(bench_shape(cfg, h, hkv, t, FLAGS.head_dim, FLAGS.iters, FLAGS.backward))
+            except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
+                print(f"shape H={h} Hkv={hkv} T={t} failed: {str(e)[:500]}", flush=True)
+    with open(FLAGS.out, "w") as fh:
+        json.dump(dict(info=info, config=dataclasses.asdict(cfg), sweep=sweep_results, rows=rows), fh,
+                  indent=1)
+    print(f"\n{info}\nconfig {cfg}")
+    head = (f"{'H/Hkv':>6} {'T':>6} | {'fwd ms':>8} {'cudnn':>8} {'ratio':>6} {'TF/s':>5} | "
+            f"{'f+b ms':>8} {'cudnn':>8} {'ratio':>6} {'TF/s':>5} | {'err ref':>8} {'err cudnn':>9}")
+    print(head)
+    for r in rows:
+        print(f"{r['h']:>3}/{r['hkv']:<2} {r['t']:>6} | {r['ours_fwd_ms']:8.3f} {r['cudnn_fwd_ms']:8.3f} "
+              f"{r['fwd_ratio']:6.2f} {r['ours_fwd_tflops']:5.0f} | "
+              f"{r.get('ours_fwdbwd_ms', float('nan')):8.3f} {r.get('cudnn_fwdbwd_ms', float('nan')):8.3f} "
+              f"{r.get('fwdbwd_ratio', float('nan')):6.2f} {r.get('ours_fwdbwd_tflops', float('nan')):5.0f} | "
+              f"{r['err_ref']:8.1e} {r['err_cudnn']:9.1e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
