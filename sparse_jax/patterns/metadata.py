@@ -56,8 +56,12 @@ _PAD = np.iinfo(np.int32).min
 def _compact(present, full, max_blocks):
     """[..., nK] flags -> (indices, counts, full flags) with `max_blocks` slots."""
     order = jnp.argsort(~present, axis=-1, stable=True).astype(jnp.int32)
-    counts = present.sum(-1).astype(jnp.int32)
     order = order[..., :max_blocks]
+    if order.shape[-1] < max_blocks:   # more slots than KV blocks: padding entries
+        order = jnp.pad(order, [(0, 0)] * (order.ndim - 1) + [(0, max_blocks - order.shape[-1])])
+    # Clamped: under tracing a too-small max_blocks drops blocks, and counts must still
+    # never exceed the slots (kernels read `count` entries).
+    counts = jnp.minimum(present.sum(-1), order.shape[-1]).astype(jnp.int32)
     slot = jnp.arange(order.shape[-1])
     last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
     indices = jnp.where(slot < counts[..., None], order, last)
