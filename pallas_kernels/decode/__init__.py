@@ -1,0 +1,3 @@
+from pallas_kernels.decode.api import decode_attention
+
+__all__ = ["decode_attention"]

@@ -1,0 +1,130 @@
+"""Pieces the `decode` kernels share: which cache form a call uses, GQA query rows, the
+split-K partition and the final combine of the per-split partial results
+(flash-decoding, Dao et al. 2023; FlashDecoding++, arXiv 2311.01282).
+
+Every kernel computes, per (batch, kv head, split), a partial softmax over its share of
+the cache tiles: `o_part [B, Hkv, S, M, Dv]` (normalised over the split) and
+`lse_part [B, Hkv, S, M]` (natural log, -inf when the split saw nothing). The `M` rows are
+the `G = H / Hkv` query heads of the kv head times the `Tq` query tokens (row
+`t * G + g`), padded, so one load of each KV tile serves the whole GQA group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash.blocks import visible as element_visible
+
+CONTIGUOUS, PAGED, SELECTED = "contiguous", "paged", "selected"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheForm:
+    """Static description of the cache a call reads (hashable: kernels specialise on it).
+
+    kind: CONTIGUOUS (`[B, S, Hkv, D]`), PAGED (pool `[P, page, Hkv, D]` + page table) or
+      SELECTED (contiguous cache + per-kv-head block lists).
+    rows: cache slots per kernel tile (the page size for PAGED, the selected block size for
+      SELECTED, the kernel's tile for CONTIGUOUS).
+    axis_len: length of the slot axis the tile is cut from (S, or the page size).
+    max_tiles: tiles per row at most (static loop extent / TPU grid extent).
+    by_positions: keys carry explicit positions (`kv_positions`) instead of a valid length.
+    """
+
+    kind: str
+    rows: int
+    axis_len: int
+    max_tiles: int
+    by_positions: bool
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def form_of(k_cache, *, page_table, block_indices, block_size, kv_positions, block_k) -> CacheForm:
+    if page_table is not None:
+        page = k_cache.shape[1]
+        return CacheForm(PAGED, page, page, page_table.shape[1], False)
+    s = k_cache.shape[1]
+    if block_indices is not None:
+        return CacheForm(SELECTED, block_size, s, block_indices.shape[2], kv_positions is not None)
+    rows = min(block_k, max(16, 1 << max(0, s - 1).bit_length()))
+    return CacheForm(CONTIGUOUS, rows, s, cdiv(s, rows), kv_positions is not None)
+
+
+def num_tiles(form: CacheForm, lengths, counts):
+    """Valid tiles of one row (traced scalars in, traced scalar out)."""
+    if form.kind == SELECTED:
+        return counts
+    if form.by_positions:
+        return jnp.int32(form.max_tiles)
+    return jnp.minimum(cdiv(lengths, form.rows), form.max_tiles)
+
+
+def split_range(n, split, num_splits):
+    """Tiles `[lo, hi)` of split `split` when a row's `n` valid tiles are shared evenly."""
+    per = cdiv(n, num_splits)
+    lo = jnp.minimum(split * per, n)
+    return lo, jnp.minimum(lo + per, n)
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_tiles: int, *, target: int = 1024,
+                       min_tiles: int = 4) -> int:
+    """Enough (batch, kv head, split) programs to fill a GPU (`target`), each with at least
+    `min_tiles` tiles so the partial results stay small against the cache read."""
+    want = cdiv(target, batch * num_kv_heads)
+    return int(max(1, min(want, cdiv(max_tiles, min_tiles))))
+
+
+def pack_queries(q, q_positions, num_kv_heads: int, m: int, d_pad: int):
+    """`q [B, Tq, H, D]` -> `q_rows [B, Hkv, m, d_pad]`, `qpos_rows [B, m]` (-1 on padding),
+    row `t * G + g` (`m >= Tq * G`)."""
+    b, tq, h, d = q.shape
+    g = h // num_kv_heads
+    rows = tq * g
+    qr = q.reshape(b, tq, num_kv_heads, g, d).transpose(0, 2, 1, 3, 4).reshape(b, num_kv_heads, rows, d)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, m - rows), (0, d_pad - d)))
+    qpos = jnp.pad(jnp.repeat(q_positions, g, axis=1), ((0, 0), (0, m - rows)), constant_values=-1)
+    return qr, qpos
+
+
+def combine(o_part, lse_part, *, sink_logits, tq: int, num_heads: int, dv: int, dtype):
+    """Merge the splits: `o [B, Tq, H, Dv]` in `dtype` and `lse [B, H, Tq]` (float32).
+
+    A learned sink logit per head joins the denominator only, so it enters here:
+    `lse' = logaddexp(lse, sink)`, `o' = o * exp(lse - lse')`.
+    """
+    b, hkv = o_part.shape[:2]
+    g = num_heads // hkv
+    rows = tq * g
+    o_part, lse_part = o_part[:, :, :, :rows, :dv], lse_part[:, :, :, :rows]
+    m = lse_part.max(axis=2)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse_part - m_safe[:, :, None])                       # 0 for empty splits
+    tot = w.sum(axis=2)
+    out = jnp.einsum("bhsr,bhsrd->bhrd", w, o_part) / jnp.where(tot > 0, tot, 1.0)[..., None]
+    lse = jnp.where(tot > 0, m_safe + jnp.log(jnp.where(tot > 0, tot, 1.0)), -jnp.inf)
+    if sink_logits is not None:
+        sink = jnp.tile(sink_logits.astype(jnp.float32).reshape(hkv, 1, g), (1, tq, 1)).reshape(hkv, rows)
+        new = jnp.logaddexp(lse, sink[None])
+        out = out * jnp.exp(lse - new)[..., None]
+        lse = new
+    out = out.reshape(b, hkv, tq, g, dv).transpose(0, 2, 1, 3, 4).reshape(b, tq, num_heads, dv)
+    lse = lse.reshape(b, hkv, tq, g).transpose(0, 1, 3, 2).reshape(b, num_heads, tq)
+    return out.astype(dtype), lse
+
+
+def visible(mask_fn, q_pos, kv_pos):
+    """Decode visibility: both positions valid (>= 0), key not after the query, `mask_fn`."""
+    return element_visible(mask_fn, q_pos, kv_pos, None, None) & (kv_pos <= q_pos)
+
+
+def static_max(x) -> int | None:
+    """Max of a concrete integer array (None under tracing)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return int(jnp.max(x)) if x.size else None
