@@ -9,6 +9,9 @@ Triton tile configurations at one shape and benchmarks the table with the fastes
 
 Run on a GPU machine:
   PYTHONPATH=. python experiments/bench_kernels.py --out /tmp/bench.json
+HySparse block-max score output vs the plain forward (H=16, causal, bf16):
+  PYTHONPATH=. python experiments/bench_kernels.py --scores --heads 16:16 \
+      --seq_lens 16384,65536 --score_blocks 64,128 --out /tmp/bench_scores.json
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ flags.DEFINE_bool("sweep", False, "tune Triton tiles at --sweep_shape first")
 flags.DEFINE_bool("sweep_bwd", True, "also sweep the backward tiles")
 flags.DEFINE_string("sweep_shape", "16:16:16384", "H:Hkv:T for the sweep")
 flags.DEFINE_string("config", "", "TritonConfig overrides, e.g. block_q=128,block_k=64")
+flags.DEFINE_bool("scores", False, "instead of the cuDNN table: forward with HySparse block-max "
+                  "scores vs the plain forward (same kernel family, same inputs)")
+flags.DEFINE_list("score_blocks", ["64"], "block_score_size values for --scores")
+flags.DEFINE_bool("score_reduce_gqa", False, "--scores: max over each GQA group")
 
 FWD_SWEEP = [dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
              dict(block_q=128, block_k=64, num_warps=8, num_stages=5),
@@ -140,6 +147,83 @@ def bench_shape(cfg, h, hkv, t, d, iters, backward=True):
     return row
 
 
+def ours_scores(cfg, size, reduce_gqa):
+    def f(q, k, v):
+        t = q.shape[1]
+        pos = jnp.arange(t, dtype=jnp.int32)[None]
+        res = flash_triton(q, k, v, mask_fn=P.Causal(), q_positions=pos, kv_positions=pos,
+                           q_segment_ids=None, kv_segment_ids=None, sink_logits=None,
+                           softcap=None, scale=q.shape[-1] ** -0.5, return_lse=False,
+                           block_score_size=size, block_score_reduce_gqa=reduce_gqa, config=cfg)
+        return res.out, res.block_scores
+    return f
+
+
+def bench_scores(cfg, h, hkv, t, d, iters):
+    """Forward with block-max scores vs the plain forward, one process, same inputs.
+
+    Plain forward is timed twice (before and after) to show the run-to-run spread, and
+    once with the score path's KV tile (block_k = score block when it is smaller), so the
+    overhead splits into the tile change and the score work itself. Scores checked first
+    against `flash_reference` on the last 128 query rows (max error relative to max |ref|).
+    """
+    q, k, v, _ = make(h, hkv, t, d)
+    reduce_gqa = FLAGS.score_reduce_gqa
+    row = dict(h=h, hkv=hkv, t=t, d=d, config=dataclasses.asdict(cfg), reduce_gqa=reduce_gqa)
+    row["plain_ms"] = 1e3 * median_time(jax.jit(ours(cfg)), q, k, v, iters=iters)
+    rows_chk = 128
+    for size in (int(x) for x in FLAGS.score_blocks):
+        f = jax.jit(ours_scores(cfg, size, reduce_gqa))
+        out, sc = f(q, k, v)
+        ref = flash_reference(q[:, t - rows_chk:], k, v, mask_fn=P.Causal(),
+                              q_positions=jnp.arange(t - rows_chk, t, dtype=jnp.int32)[None],
+                              kv_positions=jnp.arange(t, dtype=jnp.int32)[None], q_segment_ids=None,
+                              kv_segment_ids=None, sink_logits=None, softcap=None,
+                              scale=d ** -0.5, return_lse=False, block_score_size=size,
+                              block_score_reduce_gqa=reduce_gqa)
+        row[f"s{size}_err_scores"] = rel(sc[:, :, t - rows_chk:], ref.block_scores)
+        row[f"s{size}_err_out"] = rel(out[:, t - rows_chk:], ref.out)
+        del out, sc, ref
+        row[f"s{size}_ms"] = 1e3 * median_time(f, q, k, v, iters=iters)
+        tile = min(cfg.block_k, size & -size)
+        if tile != cfg.block_k:
+            cfg_t = dataclasses.replace(cfg, block_k=tile)
+            row[f"s{size}_plain_same_tile_ms"] = 1e3 * median_time(jax.jit(ours(cfg_t)), q, k, v,
+                                                                   iters=iters)
+        row[f"s{size}_overhead"] = row[f"s{size}_ms"] / row["plain_ms"] - 1.0
+    row["plain_again_ms"] = 1e3 * median_time(jax.jit(ours(cfg)), q, k, v, iters=iters)
+    for size in (int(x) for x in FLAGS.score_blocks):
+        base = min(row["plain_ms"], row["plain_again_ms"])
+        row[f"s{size}_overhead_vs_best_plain"] = row[f"s{size}_ms"] / base - 1.0
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main_scores(cfg, info):
+    rows = []
+    for hh in FLAGS.heads:
+        h, hkv = (int(x) for x in hh.split(":"))
+        for t in (int(x) for x in FLAGS.seq_lens):
+            try:
+                rows.append(bench_scores(cfg, h, hkv, t, FLAGS.head_dim, FLAGS.iters))
+            except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
+                print(f"shape H={h} Hkv={hkv} T={t} failed: {str(e)[:800]}", flush=True)
+    with open(FLAGS.out, "w") as fh:
+        json.dump(dict(info=info, config=dataclasses.asdict(cfg), rows=rows), fh, indent=1)
+    print(f"\n{info}\nconfig {cfg}")
+    print(f"{'H/Hkv':>6} {'T':>6} | {'plain ms':>8} {'again':>8} | {'size':>4} {'scores ms':>9} "
+          f"{'overhead':>8} {'vs best':>7} {'plain@tile':>10} | {'err S':>7} {'err out':>7}")
+    for r in rows:
+        for size in (int(x) for x in FLAGS.score_blocks):
+            if f"s{size}_ms" not in r:
+                continue
+            print(f"{r['h']:>3}/{r['hkv']:<2} {r['t']:>6} | {r['plain_ms']:8.3f} {r['plain_again_ms']:8.3f} | "
+                  f"{size:>4} {r[f's{size}_ms']:9.3f} {100 * r[f's{size}_overhead']:7.1f}% "
+                  f"{100 * r[f's{size}_overhead_vs_best_plain']:6.1f}% "
+                  f"{r.get(f's{size}_plain_same_tile_ms', float('nan')):10.3f} | "
+                  f"{r[f's{size}_err_scores']:7.1e} {r[f's{size}_err_out']:7.1e}")
+
+
 def sweep(base, iters):
     h, hkv, t = (int(x) for x in FLAGS.sweep_shape.split(":"))
     q, k, v, do = make(h, hkv, t, FLAGS.head_dim)
@@ -180,6 +264,8 @@ def main(argv):
         cfg = dataclasses.replace(cfg, **{k_: int(v_) for k_, v_ in over.items()})
     info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if FLAGS.scores:
+        return main_scores(cfg, info)
     sweep_results = []
     if FLAGS.sweep:
         cfg, sweep_results = sweep(cfg, FLAGS.iters)

@@ -142,11 +142,18 @@ def test_api_dispatch_bf16_forward(impl):
 
 
 def test_block_scores_raise_clearly():
+    """Score block sizes the kernels cannot tile raise ValueError naming the argument."""
     c = Case("scores", tq=16, tk=16)
     (q, k, v, _), _, _ = make_inputs(c)
-    with pytest.raises(ValueError, match="block_score_size"):
-        api.flash_attention(q, k, v, mask_fn=P.Causal(), block_score_size=16, impl="triton",
+    with pytest.raises(ValueError, match="block_score_size=8"):
+        api.flash_attention(q, k, v, mask_fn=P.Causal(), block_score_size=8, impl="triton",
                             interpret=True)
+    with pytest.raises(ValueError, match="block_score_size=12"):
+        flash_tpu(q, k, v, mask_fn=P.Causal(), q_positions=jnp.arange(16)[None],
+                  kv_positions=jnp.arange(16)[None], q_segment_ids=None, kv_segment_ids=None,
+                  sink_logits=None, softcap=None, scale=0.25, return_lse=False,
+                  block_score_size=12, block_score_reduce_gqa=False, interpret=True,
+                  config=SMALL_TPU)
 
 
 def test_block_tables_skip_causal_upper_triangle():
@@ -191,3 +198,105 @@ def test_triton_compiled_on_gpu(case):
         out = flash_triton(*args[:3], **{**kw, "sink_logits": args[3]})
         ref = flash_reference(*args[:3], **{**kw, "sink_logits": args[3]})
         assert rel_err(out.out, ref.out) < 1e-2
+
+
+# ----------------------------------------------------------------------------- block scores
+# HySparse block-max scores (`block_score_size`) from the forward kernels against
+# `reference.block_max_scores`. SMALL_TRITON's KV tile is 16: sizes 16 (one tile per score
+# block), 32 and 48 (a score block spans 2 or 3 tiles); the default tile (128 or less) with
+# size 32 shrinks the tile to the score block. SMALL_TPU's KV tile is 16: size 8 (a tile
+# spans two score blocks, static lane slices) and 24 (tile shrunk to gcd 8, 3 tiles a block).
+
+SCORE_CASES = [  # (case, block_score_size, reduce_gqa)
+    (CASES[0], 32, False),
+    (CASES[1], 16, True),
+    (CASES[4], 48, False),
+]
+TPU_SCORE_CASES = [(CASES[1], 8, True), (CASES[2], 24, False)]
+
+
+def check_scores(kernel, c: Case, size: int, reduce_gqa: bool, grads: bool = False):
+    args, kw, cot = make_inputs(c)
+    kw = {**kw, "block_score_size": size, "block_score_reduce_gqa": reduce_gqa}
+    ref = flash_reference(*args[:3], **{**kw, "sink_logits": args[3]})
+    if grads:   # scores requested: out, lse and their gradients are those of the plain op
+        out, lse, g = run_vjp(kernel, args, kw, cot)
+        _, _, r_g = run_vjp(flash_reference, args, kw, cot)
+        np.testing.assert_allclose(out, ref.out, rtol=1e-5, atol=1e-5)
+        for name, a, r in zip(("dq", "dk", "dv", "dsinks"), g, r_g):
+            assert (a is None) == (r is None), name
+            if r is not None:
+                assert rel_err(a, r) < 2e-5, f"{name}: rel err {rel_err(a, r):.2e}"
+    res = jax.jit(lambda q, k, v, s: kernel(q, k, v, **{**kw, "sink_logits": s}))(*args)
+    nk = -(-c.tk // size)
+    assert res.block_scores.shape == (c.b, c.hkv if reduce_gqa else c.h, c.tq, nk)
+    assert res.block_scores.dtype == jnp.float32
+    np.testing.assert_allclose(res.out, ref.out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(res.block_scores, ref.block_scores, rtol=1e-5, atol=1e-6)
+    return args, kw, res
+
+
+@pytest.mark.parametrize("case,size,reduce_gqa", SCORE_CASES,
+                         ids=lambda x: x.name if isinstance(x, Case) else str(x))
+def test_triton_block_scores_match_reference(case, size, reduce_gqa):
+    kernel = lambda *a, **kw: flash_triton(*a, **kw, interpret=True, config=SMALL_TRITON)  # noqa: E731
+    check_scores(kernel, case, size, reduce_gqa, grads=case is CASES[1])
+
+
+@pytest.mark.parametrize("case,size,reduce_gqa", TPU_SCORE_CASES,
+                         ids=lambda x: x.name if isinstance(x, Case) else str(x))
+def test_tpu_block_scores_match_reference(case, size, reduce_gqa):
+    kernel = lambda *a, **kw: flash_tpu(*a, **kw, interpret=True, config=SMALL_TPU)  # noqa: E731
+    check_scores(kernel, case, size, reduce_gqa)   # (the score custom_vjp is tested via Triton)
+
+
+def test_block_scores_default_tiles_and_no_gradient():
+    """Public entry point, default tiles (size 32 < the KV tile: the tile shrinks to 32);
+    the scores are a stop_gradient side output."""
+    c = Case("scores_api", b=1, tq=40, tk=70, h=4, hkv=2, d=16, mask_fn=P.causal_window(20),
+             q_offset=30, seed=8)
+    (q, k, v, _), _, _ = make_inputs(c)
+    kw = dict(mask_fn=c.mask_fn, q_positions=jnp.arange(30, 70, dtype=jnp.int32)[None],
+              block_score_size=32, block_score_reduce_gqa=True)
+    res = api.flash_attention(q, k, v, **kw, impl="triton", interpret=True)
+    ref = api.flash_attention(q, k, v, **kw, impl="xla")
+    assert res.lse is None and res.block_scores.shape == (1, 2, 40, 3)
+    np.testing.assert_allclose(res.block_scores, ref.block_scores, rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda q: api.flash_attention(q, k, v, **kw, impl="triton", interpret=True)
+                 .block_scores.sum())(q)
+    assert not np.any(np.asarray(g))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("case,size,reduce_gqa", SCORE_CASES + [(CASES[2], 16, True), (CASES[3], 64, False)],
+                         ids=lambda x: x.name if isinstance(x, Case) else str(x))
+def test_triton_block_scores_compiled_on_gpu(case, size, reduce_gqa):
+    """Compiled score specialisation (default tiles, so sizes below the tile shrink it)
+    against a float32-exact reference: TF32 logits in the kernel, so TF32 tolerances."""
+    with jax.default_device(jax.devices("gpu")[0]):
+        args, kw, cot = make_inputs(case)
+        kw = {**kw, "block_score_size": size, "block_score_reduce_gqa": reduce_gqa,
+              "sink_logits": args[3]}
+        res = jax.jit(lambda q, k, v: flash_triton(q, k, v, **kw))(*args[:3])
+        with jax.default_matmul_precision("highest"):
+            ref = flash_reference(*args[:3], **kw)
+        assert res.block_scores.shape == ref.block_scores.shape
+        assert np.all(np.isfinite(res.block_scores))
+        assert rel_err(res.block_scores, ref.block_scores) < 5e-3
+        np.testing.assert_array_equal(np.asarray(res.block_scores) == 0,
+                                      np.asarray(ref.block_scores) == 0)
+        # gradients with scores requested are those of the plain op
+        g = run_vjp(flash_triton, args[:3] + (args[3],), kw, cot)[2]
+        g0 = run_vjp(flash_triton, args[:3] + (args[3],), {**kw, "block_score_size": None}, cot)[2]
+        for a, b in zip(g, g0):
+            assert (a is None) == (b is None)
+            if b is not None:   # other KV tile in the score path: rounding only
+                assert rel_err(a, b) < 1e-3
+        c = dataclasses.replace(case, tq=300, tk=300 if case.tq == case.tk else 333, d=64)
+        args, kw, _ = make_inputs(c, jnp.bfloat16)
+        kw = {**kw, "block_score_size": 64, "block_score_reduce_gqa": reduce_gqa,
+              "sink_logits": args[3]}
+        res = flash_triton(*args[:3], **kw)
+        ref = flash_reference(*args[:3], **kw)
+        assert rel_err(res.block_scores, ref.block_scores) < 2e-2

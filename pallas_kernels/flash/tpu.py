@@ -6,7 +6,8 @@ body is skipped. Full blocks skip the element predicate. Accumulators live in VM
 across the reduction axis (the last grid axis, "arbitrary").
 
 * forward: grid (B, H, nQ, nK); online softmax in base 2, sink logit as the initial
-  running max with denominator 1.
+  running max with denominator 1. With `block_score_size`, a separate specialisation
+  also keeps the HySparse block-max scores of the query block in VMEM (`scores.py`).
 * dQ: grid (B, H, nQ, nK).
 * dK/dV: grid (B, Hkv, nK, G, nQ): the G query heads of a KV head and the query blocks
   are both reduction axes, so GQA gradients are summed in VMEM (KV never repeated).
@@ -21,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash import autodiff, blocks
+from pallas_kernels.flash import autodiff, blocks, scores
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
 
 _NT = (((1,), (1,)), ((), ()))
@@ -78,7 +80,13 @@ def _run_and_full(j, lo, flo, fhi, hi):
 
 
 def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref,
-                o_ref, lse_ref, m_sc, l_sc, acc_sc, *, mask_fn, scale, softcap, nq):
+                o_ref, lse_ref, *rest, mask_fn, scale, softcap, nq, score=None):
+    """`score=(size, r, sub)` (score specialisation only): `rest` starts with `sc_ref`, the
+    `[bq, nS_pad]` output block of block-max logits (base 2), resident in VMEM across the
+    KV axis and rescaled in place at the last step (HySparse Alg. 1). KV tile `j` updates
+    score column `j // r` (a score block spans `r` tiles) or, with `sub > 1` (a tile spans
+    `sub` score blocks), columns `j * sub + u` from static lane slices."""
+    sc_ref, (m_sc, l_sc, acc_sc) = (rest[0], rest[1:]) if score else (None, rest)
     b, h, i, j = (pl.program_id(a) for a in range(4))
     lo, flo, fhi, hi = _ranges(tab_ref, b, i, nq)
 
@@ -91,6 +99,15 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
             m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
             l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        if sc_ref is not None:
+            sc_ref[...] = jnp.full(sc_ref.shape, MASK_VALUE, jnp.float32)
+
+    def update_score(col, val):
+        """Column `col` of sc_ref <- max(itself, val [bq, 1]), on its aligned 128-lane window."""
+        w = pl.multiple_of((col // 128) * 128, 128)
+        win = sc_ref[:, pl.ds(w, 128)]
+        lane = jax.lax.broadcasted_iota(jnp.int32, win.shape, 1)
+        sc_ref[:, pl.ds(w, 128)] = jnp.where(lane == col - w, jnp.maximum(win, val), win)
 
     def step(masked):
         s, _ = _logits2(_dot(q_ref[...], k_ref[...], _NT), scale, softcap)
@@ -98,7 +115,15 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
             vis = blocks.visible(mask_fn, qpos_ref[...], kpos_ref[...], _seg(qseg_ref), _seg(kseg_ref))
             s = jnp.where(vis, s, MASK_VALUE)
         m = m_sc[...]
-        m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
+        s_max = s.max(axis=-1, keepdims=True)
+        m_new = jnp.maximum(m, s_max)
+        if sc_ref is not None:
+            size, r, sub = score
+            if sub == 1:
+                update_score(j // r, s_max)
+            else:
+                for u in range(sub):
+                    update_score(j * sub + u, s[:, u * size:(u + 1) * size].max(axis=-1, keepdims=True))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new)
         if masked:
@@ -119,6 +144,9 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
         l_safe = jnp.where(seen, l, 1.0)
         o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(seen, (m_sc[...] + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
+        if sc_ref is not None:   # exp(block max - m) / l == exp2(raw - lse2); empty rows 0
+            lse2 = m_sc[...] + jnp.log2(l_safe)
+            sc_ref[...] = jnp.where(seen, jnp.exp2(sc_ref[...] - lse2), 0.0)
 
 
 def _prepare(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
@@ -150,12 +178,43 @@ def _params(st, n_parallel, n_arbitrary):
 
 
 def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
+    return _forward(st, None, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg)
+
+
+def score_layout(block_k: int, size: int):
+    """(KV tile, r, sub) of the score specialisation: a score block is `r` tiles, or a tile
+    is `sub` score blocks; otherwise the tile shrinks to gcd(tile, size)."""
+    if size % block_k == 0:
+        return block_k, size // block_k, 1
+    if block_k % size == 0:
+        return block_k, 1, block_k // size
+    tile = math.gcd(block_k, size)
+    if tile < 8:
+        raise ValueError(
+            f"block_score_size={size} with impl='mosaic_tpu': must divide or be a multiple of "
+            f"the KV tile ({block_k}), or share a factor >= 8 with it")
+    return tile, size // tile, 1
+
+
+def forward_scores(st, spec, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
+    """`forward` plus the HySparse block-max scores `[B, H, Tq, ceil(Tk/size)]` float32,
+    computed and rescaled inside the kernel (the score row block stays in VMEM)."""
+    return _forward(st, spec, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg)
+
+
+def _forward(st, spec, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
     cfg: TpuConfig = st.config
     b, tq, h, d = q.shape
     hkv, dv = k.shape[2], v.shape[3]
     group = h // hkv
     x = _prepare(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     bq, bk = _block(cfg.block_q, x["tq_p"]), _block(cfg.block_k, x["tk_p"])
+    score = None
+    if spec is not None:
+        bk, r, sub = score_layout(bk, spec.size)
+        score = (spec.size, r, sub)
+        n_score = scores.num_blocks(spec.size, k.shape[1])
+        n_score_p = blocks.round_up(scores.num_blocks(spec.size, x["tk_p"]), 128)
     nq, nk = x["tq_p"] // bq, x["tk_p"] // bk
     tab = blocks.tables(st.mask_fn, x["q_pos"], x["kv_pos"], x["q_seg"], x["kv_seg"], bq, bk).reshape(-1)
 
@@ -180,18 +239,30 @@ def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
     ]
     out_specs = [pl.BlockSpec((None, None, bq, dv), lambda b_, h_, i, j, t: (b_, h_, i, 0)),
                  pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i, j, t: (b_, h_, i, 0))]
+    out_shape = [jax.ShapeDtypeStruct((b, h, x["tq_p"], dv), q.dtype),
+                 jax.ShapeDtypeStruct((b, h, x["tq_p"], 1), jnp.float32)]
+    if spec is not None:
+        out_specs.append(pl.BlockSpec((None, None, bq, n_score_p), lambda b_, h_, i, j, t: (b_, h_, i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, h, x["tq_p"], n_score_p), jnp.float32))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(b, h, nq, nk), in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, dv), jnp.float32)])
-    out, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, mask_fn=st.mask_fn, scale=st.scale, softcap=st.softcap, nq=nq),
+    kernel = functools.partial(_fwd_kernel, mask_fn=st.mask_fn, scale=st.scale, softcap=st.softcap,
+                               nq=nq)
+    if spec is not None:
+        kernel = functools.partial(kernel, score=score)
+    res = pl.pallas_call(
+        kernel,
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((b, h, x["tq_p"], dv), q.dtype),
-                   jax.ShapeDtypeStruct((b, h, x["tq_p"], 1), jnp.float32)],
-        compiler_params=_params(st, 3, 1), interpret=st.interpret, name="flash_fwd_tpu",
+        out_shape=out_shape,
+        compiler_params=_params(st, 3, 1), interpret=st.interpret,
+        name="flash_fwd_tpu" if spec is None else "flash_fwd_block_scores_tpu",
     )(tab, sinks, x["qpos_col"], x["kpos_row"], x["qseg_col"], x["kseg_row"], x["q"], x["k"], x["v"])
-    return out[:, :, :tq].transpose(0, 2, 1, 3), lse[:, :, :tq, 0]
+    out, lse = res[0][:, :, :tq].transpose(0, 2, 1, 3), res[1][:, :, :tq, 0]
+    if spec is None:
+        return out, lse
+    return out, lse, res[2][:, :, :tq, :n_score]
 
 
 # ----------------------------------------------------------------------------- backward
@@ -347,14 +418,21 @@ def flash_tpu(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_ids, kv_
               sink_logits, softcap, scale, return_lse, block_score_size, block_score_reduce_gqa,
               interpret=False, config: TpuConfig | None = None):
     """`flash_reference`'s contract on Mosaic TPU (`interpret=True` -> `pltpu.InterpretParams()`)."""
-    del block_score_reduce_gqa
-    autodiff.check_no_block_scores(block_score_size, "mosaic_tpu")
     if interpret is True:
         interpret = pltpu.InterpretParams()
     st = autodiff.Static(forward=forward, backward=backward, mask_fn=mask_fn, scale=float(scale),
                          softcap=None if softcap is None else float(softcap),
                          has_sinks=sink_logits is not None, config=config or TpuConfig(),
                          interpret=interpret or False)
+    if block_score_size is not None:
+        cfg = st.config
+        tk_p = blocks.round_up(k.shape[1], max(cfg.block_k, cfg.block_k_dq, cfg.block_k_dkv))
+        score_layout(_block(cfg.block_k, tk_p), int(block_score_size))   # eager check
+        spec = scores.ScoreSpec(int(block_score_size), bool(block_score_reduce_gqa), forward_scores)
+        return scores.attention_with_scores(
+            st, spec, q, k, v, sink_logits=sink_logits, q_positions=q_positions,
+            kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids, return_lse=return_lse)
     return autodiff.attention(st, q, k, v, sink_logits=sink_logits, q_positions=q_positions,
                               kv_positions=kv_positions, q_segment_ids=q_segment_ids,
                               kv_segment_ids=kv_segment_ids, return_lse=return_lse)

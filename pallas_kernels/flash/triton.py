@@ -10,6 +10,8 @@ only. GQA reads KV head `h // G` directly (never repeated in memory).
 
 Layout `[B, T, H, D]` throughout; lengths are padded to whole blocks (positions -1, which
 the predicate treats as padding) and sliced back. The backward pass is in `triton_vjp.py`.
+HySparse block-max scores (`block_score_size`) are a separate specialisation of the same
+kernel (`forward_scores`; see `scores.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash import autodiff, blocks
+from pallas_kernels.flash import autodiff, blocks, scores
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
 
 
@@ -80,7 +82,10 @@ def pad_all(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
 
 
 def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref,
-                o_ref, lse_ref, *, mask_fn, scale, softcap, block_k, num_q_blocks):
+                o_ref, lse_ref, sc_ref=None, *, mask_fn, scale, softcap, block_k, num_q_blocks,
+                score_r=1):
+    """`sc_ref` (score specialisation only): `[nS, block_q]` raw block-max logits (base 2)
+    of score block `j // score_r` for KV tile `j`, written for the visited tiles only."""
     i = num_q_blocks - 1 - pl.program_id(0)   # heaviest (causal) query blocks first
     b, h = pl.program_id(1), pl.program_id(2)
     base = (b * num_q_blocks + i) * 4
@@ -96,9 +101,10 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
         m0 = jnp.full((block_q,), MASK_VALUE, jnp.float32)
         l0 = jnp.zeros((block_q,), jnp.float32)
     acc0 = jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32)
+    track = sc_ref is not None and score_r > 1    # running block max across score_r tiles
 
     def step(j, carry, masked):
-        m, l, acc = carry
+        m, l, acc, *bm = carry
         sl = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         k = k_ref[sl, :]
         s = lax.dot_general(q, k, qk_dims(), preferred_element_type=jnp.float32)
@@ -110,7 +116,14 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
             ks = None if kseg_ref is None else kseg_ref[sl][None, :]
             vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], qs, ks)
             s = jnp.where(vis, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=-1) * c)
+        s_max = s.max(axis=-1) * c
+        m_new = jnp.maximum(m, s_max)
+        if sc_ref is not None:            # HySparse Alg. 1: per-block row max of the logits
+            if track:
+                first = (j % score_r == 0) | (j == lo)
+                s_max = jnp.where(first, s_max, jnp.maximum(bm[0], s_max))
+                bm = [s_max]
+            sc_ref[pl.ds(j // score_r, 1), :] = s_max[None, :]
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s * c - m_new[:, None])
         if masked:
@@ -119,12 +132,12 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
         v = v_ref[sl, :]
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
-        return m_new, l, acc * alpha[:, None] + pv
+        return (m_new, l, acc * alpha[:, None] + pv, *bm)
 
-    carry = (m0, l0, acc0)
+    carry = (m0, l0, acc0) + ((jnp.full((block_q,), MASK_VALUE, jnp.float32),) if track else ())
     carry = lax.fori_loop(lo, flo, functools.partial(step, masked=True), carry)
     carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), carry)
-    m, l, acc = lax.fori_loop(fhi, hi, functools.partial(step, masked=True), carry)
+    m, l, acc, *_ = lax.fori_loop(fhi, hi, functools.partial(step, masked=True), carry)
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -133,6 +146,30 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
 
 def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
     """Unpadded `[B, T, H, D]` in, `(out [B, Tq, H, Dv], lse [B, H, Tq])` out."""
+    return _forward(st, None, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg)
+
+
+def score_tile(block_k: int, size: int) -> int:
+    """KV tile of the score specialisation: the kernel's tile if it divides `size`, else the
+    largest power of two dividing `size` (so a score block is a whole number of tiles)."""
+    tile = min(block_k, scores.lowbit(size))
+    if tile < 16:
+        raise ValueError(
+            f"block_score_size={size} with impl='triton': must be a multiple of 16 (the "
+            f"smallest Triton KV tile); the kernel's KV tile here is {block_k}")
+    return tile
+
+
+def forward_scores(st, spec, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
+    """`forward` plus the HySparse block-max scores `[B, H, Tq, ceil(Tk/size)]` float32.
+
+    The kernel writes, for the KV tiles it visits, the raw per-score-block row max of the
+    logits (base 2) into `[B, H, nS, Tq_p]` (coalesced rows of `block_q`); one fused XLA pass
+    rescales by the final lse, zeroes blocks never visited, and transposes."""
+    return _forward(st, spec, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg)
+
+
+def _forward(st, spec, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
     cfg: TritonConfig = st.config
     b, tq, h, d = q.shape
     tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -141,6 +178,12 @@ def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
         st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     tq_p, tk_p = qp.shape[1], kp.shape[1]
     bq, bk = fit_block(cfg.block_q, tq), fit_block(cfg.block_k, tk)
+    score_r = 1
+    if spec is not None:
+        bk = score_tile(bk, spec.size)
+        score_r = spec.size // bk
+        n_score = scores.num_blocks(spec.size, tk)
+        n_score_p = scores.num_blocks(spec.size, tk_p)
     nq = tq_p // bq
     tab = blocks.tables(st.mask_fn, q_pos_p, kv_pos_p, q_seg_p, kv_seg_p, bq, bk).reshape(-1)
     rev = lambda i: nq - 1 - i  # noqa: E731
@@ -161,34 +204,52 @@ def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
         pl.BlockSpec((None, bq, None, vp.shape[3]), lambda i, b_, h_: (b_, rev(i), h_, 0)),
         pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, rev(i))),
     ]
+    out_shape = [jax.ShapeDtypeStruct((b, tq_p, h, vp.shape[3]), q.dtype),
+                 jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32)]
+    if spec is not None:
+        out_specs.append(pl.BlockSpec((None, None, n_score_p, bq), lambda i, b_, h_: (b_, h_, 0, rev(i))))
+        out_shape.append(jax.ShapeDtypeStruct((b, h, n_score_p, tq_p), jnp.float32))
     kernel = functools.partial(_fwd_kernel, mask_fn=st.mask_fn, scale=st.scale,
-                               softcap=st.softcap, block_k=bk, num_q_blocks=nq)
-    out, lse = pl.pallas_call(
+                               softcap=st.softcap, block_k=bk, num_q_blocks=nq, score_r=score_r)
+    res = pl.pallas_call(
         kernel,
         grid=(nq, b, h),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct((b, tq_p, h, vp.shape[3]), q.dtype),
-                   jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32)],
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=st.interpret,
-        name="flash_fwd",
+        name="flash_fwd" if spec is None else "flash_fwd_block_scores",
     )(tab, sinks, q_pos_p, kv_pos_p, q_seg_p, kv_seg_p, qp, kp, vp)
-    return out[:, :tq, :, :dv], lse[:, :, :tq]
+    out, lse = res[0][:, :tq, :, :dv], res[1][:, :, :tq]
+    if spec is None:
+        return out, lse
+    # Score block j was written iff one of its tiles j*r .. j*r+r-1 lies in the query
+    # block's visited range [lo, hi) (tiles outside it hold no visible key).
+    ranges = jnp.repeat(tab.reshape(b, nq, 4), bq, axis=1)[:, :tq]            # [B, Tq, 4]
+    j = jnp.arange(n_score, dtype=jnp.int32) * score_r
+    visited = (j < ranges[:, :, 3:4]) & (j + score_r > ranges[:, :, 0:1])       # [B, Tq, nS]
+    raw = res[2][:, :, :n_score, :tq].swapaxes(2, 3)
+    return out, lse, scores.rescale(raw, lse, visited[:, None])
 
 
 def flash_triton(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
                  sink_logits, softcap, scale, return_lse, block_score_size,
                  block_score_reduce_gqa, interpret=False, config: TritonConfig | None = None):
     """`flash_reference`'s contract on the Triton kernels (`interpret=True`: CPU)."""
-    del block_score_reduce_gqa
-    autodiff.check_no_block_scores(block_score_size, "triton")
     from pallas_kernels.flash import triton_vjp  # noqa: PLC0415 - keeps the fwd file standalone
 
     st = autodiff.Static(forward=forward, backward=triton_vjp.backward, mask_fn=mask_fn,
                          scale=float(scale), softcap=None if softcap is None else float(softcap),
                          has_sinks=sink_logits is not None, config=config or TritonConfig(),
                          interpret=bool(interpret))
+    if block_score_size is not None:
+        score_tile(fit_block(st.config.block_k, k.shape[1]), int(block_score_size))  # eager check
+        spec = scores.ScoreSpec(int(block_score_size), bool(block_score_reduce_gqa), forward_scores)
+        return scores.attention_with_scores(
+            st, spec, q, k, v, sink_logits=sink_logits, q_positions=q_positions,
+            kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids, return_lse=return_lse)
     return autodiff.attention(st, q, k, v, sink_logits=sink_logits, q_positions=q_positions,
                               kv_positions=kv_positions, q_segment_ids=q_segment_ids,
                               kv_segment_ids=kv_segment_ids, return_lse=return_lse)
