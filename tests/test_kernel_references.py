@@ -479,3 +479,25 @@ def test_block_sparse_bad_metadata_raises():
                                    ok.kv_block_full.astype(np.int32), 2, 2)
     with pytest.raises(ValueError, match="kv_block_full"):
         block_sparse_attention(q, k, v, bad_full)
+
+
+def test_segment_ids_apply_whatever_the_mask_fn():
+    """Segment ids given with a predicate that does not read them still cut attention at
+    segment boundaries, in flash, in block_sparse and in the block metadata."""
+    from sparse_jax import patterns as P
+
+    rng = np.random.default_rng(7)
+    b, t, h, d = 2, 21, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32) for _ in range(3))
+    seg = jnp.asarray(np.sort(rng.integers(0, 3, (b, t)), axis=1), jnp.int32)
+    got = flash_attention(q, k, v, mask_fn=P.Causal(), q_segment_ids=seg, kv_segment_ids=seg, impl="xla")
+    want = flash_attention(q, k, v, mask_fn=P.Causal() & P.SameSegment(), q_segment_ids=seg,
+                           kv_segment_ids=seg, impl="xla")
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    meta = P.block_metadata(P.Causal(), pos, pos, 4, 4, q_segment_ids=seg, kv_segment_ids=seg)
+    dense = P.dense_mask(P.Causal(), pos, pos, seg, seg)
+    assert not bool((dense & (seg[:, :, None] != seg[:, None, :])).any())
+    sparse = block_sparse_attention(q, k, v, meta, mask_fn=P.Causal(), q_segment_ids=seg,
+                                    kv_segment_ids=seg, impl="xla")
+    np.testing.assert_allclose(sparse, want, atol=1e-6)

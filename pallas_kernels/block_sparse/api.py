@@ -15,8 +15,11 @@ import math
 from pallas_kernels import common
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.block_sparse.reference import block_sparse_reference
+from pallas_kernels.block_sparse.tpu import block_sparse_tpu
+from pallas_kernels.block_sparse.triton import block_sparse_triton
 
-IMPLEMENTATIONS = {"xla": block_sparse_reference}
+IMPLEMENTATIONS = {"xla": block_sparse_reference, "triton": block_sparse_triton,
+                   "mosaic_tpu": block_sparse_tpu}
 
 
 def block_sparse_attention(q, k, v, metadata: BlockSparseMetadata, *, mask_fn=None,
@@ -29,7 +32,7 @@ def block_sparse_attention(q, k, v, metadata: BlockSparseMetadata, *, mask_fn=No
       q: `[B, Tq, H, D]`; k: `[B, Tk, Hkv, D]`; v: `[B, Tk, Hkv, Dv]`.
       metadata: `BlockSparseMetadata` with `[B or 1, Hkv or 1, ceil(Tq/block_q), max_blocks]`.
       mask_fn: element predicate for partial blocks (None: partial blocks fully visible,
-        except padding and, with segment ids, other segments).
+        except padding and, with segment ids, other segments; segment ids always apply).
       Other arguments as `flash_attention`.
     Returns:
       `out [B, Tq, H, Dv]`, or `AttentionOutput(out, lse)` with `return_lse`.

@@ -32,10 +32,11 @@ def flash_attention(q, k, v, *, mask_fn=None, q_positions=None, kv_positions=Non
     Args:
       q: `[B, Tq, H, D]`; k: `[B, Tk, Hkv, D]`; v: `[B, Tk, Hkv, Dv]`, one float dtype.
       mask_fn: hashable predicate on `(q_pos, kv_pos, q_seg, kv_seg)` broadcast arrays, or
-        None (every key visible; with segment ids, same-segment only).
+        None (every key visible).
       q_positions, kv_positions: int `[B, Tq]`, `[B, Tk]` (default `arange`); negative
         marks padding (never visible; a padded query returns zeros).
-      q_segment_ids, kv_segment_ids: optional int `[B, Tq]`, `[B, Tk]`.
+      q_segment_ids, kv_segment_ids: optional int `[B, Tq]`, `[B, Tk]`; when given, keys
+        of another segment are never visible, whatever `mask_fn`.
       sink_logits: optional float `[H]` per-head sink logit (denominator only).
       softcap: optional logit soft-cap (> 0).
       scale: logit scale, default `1/sqrt(D)`.

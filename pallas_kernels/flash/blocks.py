@@ -58,7 +58,7 @@ def visible(mask_fn, q_pos, kv_pos, q_seg, kv_seg):
     vis = (q_pos >= 0) & (kv_pos >= 0)
     if mask_fn is not None:
         vis = vis & mask_fn(q_pos, kv_pos, q_seg, kv_seg)
-    elif q_seg is not None:
+    if q_seg is not None:
         vis = vis & (q_seg == kv_seg)
     return vis
 
@@ -215,12 +215,11 @@ def block_tables(mask_fn, q_pos, kv_pos, q_seg, kv_seg, block_q: int, block_k: i
     ks = None if kv_seg is None else _block_interval(kv_seg.astype(jnp.int32), k_valid, block_k, as_k)
     shape = (b, nq, nk)
     try:
+        tri = _Tri(jnp.asarray(True), jnp.asarray(True))
         if mask_fn is not None:
-            tri = _tri(mask_fn(qi, ki, qs, ks))
-        elif qs is not None:
-            tri = qs == ks
-        else:
-            tri = _Tri(jnp.asarray(True), jnp.asarray(True))
+            tri = tri & _tri(mask_fn(qi, ki, qs, ks))
+        if qs is not None:
+            tri = tri & _tri(qs == ks)
         may, surely = jnp.broadcast_to(tri.any, shape), jnp.broadcast_to(tri.all, shape)
     except Exception:  # noqa: BLE001 - any predicate we cannot bound: visit every block
         may, surely = jnp.ones(shape, bool), jnp.zeros(shape, bool)

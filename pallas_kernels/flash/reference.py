@@ -8,16 +8,17 @@ from pallas_kernels.common import AttentionOutput, masked_attention
 
 
 def element_mask(mask_fn, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
-    """`[B, Tq, Tk]` visibility: predicate (if any) and no padding (negative positions)."""
+    """`[B, Tq, Tk]` visibility: the predicate (if any), same segment (when segment ids are
+    given, whatever the predicate) and no padding (negative positions)."""
     q = q_positions[:, :, None]
     k = kv_positions[:, None, :]
     visible = (q >= 0) & (k >= 0)
+    qs = None if q_segment_ids is None else q_segment_ids[:, :, None]
+    ks = None if kv_segment_ids is None else kv_segment_ids[:, None, :]
     if mask_fn is not None:
-        qs = None if q_segment_ids is None else q_segment_ids[:, :, None]
-        ks = None if kv_segment_ids is None else kv_segment_ids[:, None, :]
         visible = visible & mask_fn(q, k, qs, ks)
-    elif q_segment_ids is not None:
-        visible = visible & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+    if qs is not None:
+        visible = visible & (qs == ks)
     return visible
 
 

@@ -392,14 +392,17 @@ def dense_mask(pattern: Pattern, q_positions: Array, kv_positions: Array,
     """Boolean mask `[..., Tq, Tk]` from positions `[..., Tq]` and `[..., Tk]`.
 
     Works on numpy arrays (numpy result) and jax arrays (traceable). Negative positions
-    are padding and are never visible.
+    are padding and are never visible; when segment ids are given, keys of another
+    segment are never visible either (as in the kernels), whatever the pattern.
     """
     q = q_positions[..., :, None]
     k = kv_positions[..., None, :]
     qs = None if q_segment_ids is None else q_segment_ids[..., :, None]
     ks = None if kv_segment_ids is None else kv_segment_ids[..., None, :]
-    visible = pattern(q, k, qs, ks)
-    return visible & (q >= 0) & (k >= 0)
+    visible = pattern(q, k, qs, ks) & (q >= 0) & (k >= 0)
+    if qs is not None and ks is not None:
+        visible = visible & (qs == ks)
+    return visible
 
 
 def mask_array(pattern: Pattern, q_len: int, kv_len: int | None = None) -> np.ndarray:
