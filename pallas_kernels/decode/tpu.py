@@ -169,8 +169,7 @@ def decode_tpu(q, k_cache, v_cache, *, lengths, kv_positions, q_positions, page_
                           block_size=block_size, kv_positions=kv_positions, block_k=config.block_k)
     b, tq, h, _ = q.shape
     if num_splits is None:
-        num_splits = layout.default_num_splits(b, k_cache.shape[2], form.max_tiles,
-                                               target=config.split_target, min_tiles=2)
+        num_splits = layout.default_num_splits(b, k_cache.shape[2], form, target=config.split_target)
     table = page_table if page_table is not None else block_indices
     o_part, lse_part = partials(
         q, k_cache, v_cache, form=form, lengths=lengths, kv_positions=kv_positions,

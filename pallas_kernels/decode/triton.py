@@ -40,9 +40,10 @@ _NN = (((1,), (0,)), ((), ()))
 @dataclasses.dataclass(frozen=True)
 class DecodeTritonConfig:
     """Tile of the contiguous form and launch parameters (paged / selected tiles are the page
-    / block); `split_target`: programs the split heuristic aims for (~8 per H100/H200 SM)."""
+    / block); `split_target`: programs the split heuristic aims for (~8 per H100/H200 SM).
+    Defaults from a sweep on an H200 (docs/BENCHMARKS.md, decode)."""
 
-    block_k: int = 128
+    block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
     split_target: int = 1024
@@ -180,8 +181,7 @@ def decode_triton(q, k_cache, v_cache, *, lengths, kv_positions, q_positions, pa
     b, tq, h, _ = q.shape
     hkv = k_cache.shape[2]
     if num_splits is None:
-        num_splits = layout.default_num_splits(b, hkv, form.max_tiles, target=config.split_target,
-                                               min_tiles=4 if form.kind == layout.CONTIGUOUS else 2)
+        num_splits = layout.default_num_splits(b, hkv, form, target=config.split_target)
     table = page_table if page_table is not None else block_indices
     o_part, lse_part = partials(
         q, k_cache, v_cache, form=form, lengths=lengths, kv_positions=kv_positions,
