@@ -300,3 +300,26 @@ def test_triton_block_scores_compiled_on_gpu(case, size, reduce_gqa):
         res = flash_triton(*args[:3], **kw)
         ref = flash_reference(*args[:3], **kw)
         assert rel_err(res.block_scores, ref.block_scores) < 2e-2
+
+
+def test_triton_block_scores_split_tiles():
+    """`score_split=1`: the KV tile (64) stays and spans 4 score blocks of 16."""
+    cfg = dataclasses.replace(SMALL_TRITON, block_k=64, score_split=1)
+    kernel = lambda *a, **kw: flash_triton(*a, **kw, interpret=True, config=cfg)  # noqa: E731
+    check_scores(kernel, CASES[4], 16, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=lambda c: c.name)
+def test_triton_block_scores_split_compiled_on_gpu(case):
+    """Compiled `score_split=1` (128-wide KV tile, score blocks of 64 and 32), bf16."""
+    c = dataclasses.replace(case, tq=300, tk=300 if case.tq == case.tk else 333, d=64)
+    args, kw, _ = make_inputs(c, jnp.bfloat16)
+    with jax.default_device(jax.devices("gpu")[0]):
+        for size in (64, 32):
+            kw = {**kw, "block_score_size": size, "sink_logits": args[3]}
+            res = flash_triton(*args[:3], **kw, config=TritonConfig(score_split=1))
+            ref = flash_reference(*args[:3], **kw)
+            assert rel_err(res.block_scores, ref.block_scores) < 2e-2
+            assert rel_err(res.out, ref.out) < 1e-2

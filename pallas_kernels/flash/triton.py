@@ -43,6 +43,9 @@ class TritonConfig:
     block_k_dkv: int = 64
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
+    # Block scores with a score block smaller than block_k: 0 shrinks the KV tile to the
+    # score block; 1 keeps the tile and takes each sub-block's max by a masked reduction.
+    score_split: int = 0
 
 
 def qk_dims():
@@ -83,9 +86,10 @@ def pad_all(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
 
 def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref,
                 o_ref, lse_ref, sc_ref=None, *, mask_fn, scale, softcap, block_k, num_q_blocks,
-                score_r=1):
+                score_r=1, score_sub=1):
     """`sc_ref` (score specialisation only): `[nS, block_q]` raw block-max logits (base 2)
-    of score block `j // score_r` for KV tile `j`, written for the visited tiles only."""
+    of score block `j // score_r` for KV tile `j` (or of blocks `j * score_sub + u` when a
+    tile spans `score_sub` score blocks), written for the visited tiles only."""
     i = num_q_blocks - 1 - pl.program_id(0)   # heaviest (causal) query blocks first
     b, h = pl.program_id(1), pl.program_id(2)
     base = (b * num_q_blocks + i) * 4
@@ -116,9 +120,18 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
             ks = None if kseg_ref is None else kseg_ref[sl][None, :]
             vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], qs, ks)
             s = jnp.where(vis, s, MASK_VALUE)
-        s_max = s.max(axis=-1) * c
+        if sc_ref is not None and score_sub > 1:     # sub-block maxima, masked reductions
+            sub_w = block_k // score_sub
+            col = lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            sub_max = [jnp.where((col >= u * sub_w) & (col < (u + 1) * sub_w), s, MASK_VALUE)
+                       .max(axis=-1) * c for u in range(score_sub)]
+            s_max = functools.reduce(jnp.maximum, sub_max)
+            for u in range(score_sub):
+                sc_ref[pl.ds(j * score_sub + u, 1), :] = sub_max[u][None, :]
+        else:
+            s_max = s.max(axis=-1) * c
         m_new = jnp.maximum(m, s_max)
-        if sc_ref is not None:            # HySparse Alg. 1: per-block row max of the logits
+        if sc_ref is not None and score_sub == 1:    # HySparse Alg. 1: per-block row max
             if track:
                 first = (j % score_r == 0) | (j == lo)
                 s_max = jnp.where(first, s_max, jnp.maximum(bm[0], s_max))
@@ -178,10 +191,13 @@ def _forward(st, spec, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
         st, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     tq_p, tk_p = qp.shape[1], kp.shape[1]
     bq, bk = fit_block(cfg.block_q, tq), fit_block(cfg.block_k, tk)
-    score_r = 1
+    score_r = score_sub = 1
     if spec is not None:
-        bk = score_tile(bk, spec.size)
-        score_r = spec.size // bk
+        if cfg.score_split and spec.size < bk and bk % spec.size == 0 and spec.size >= 16:
+            score_sub = bk // spec.size
+        else:
+            bk = score_tile(bk, spec.size)
+            score_r = spec.size // bk
         n_score = scores.num_blocks(spec.size, tk)
         n_score_p = scores.num_blocks(spec.size, tk_p)
     nq = tq_p // bq
@@ -210,7 +226,8 @@ def _forward(st, spec, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
         out_specs.append(pl.BlockSpec((None, None, n_score_p, bq), lambda i, b_, h_: (b_, h_, 0, rev(i))))
         out_shape.append(jax.ShapeDtypeStruct((b, h, n_score_p, tq_p), jnp.float32))
     kernel = functools.partial(_fwd_kernel, mask_fn=st.mask_fn, scale=st.scale,
-                               softcap=st.softcap, block_k=bk, num_q_blocks=nq, score_r=score_r)
+                               softcap=st.softcap, block_k=bk, num_q_blocks=nq, score_r=score_r,
+                               score_sub=score_sub)
     res = pl.pallas_call(
         kernel,
         grid=(nq, b, h),
@@ -224,11 +241,11 @@ def _forward(st, spec, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
     out, lse = res[0][:, :tq, :, :dv], res[1][:, :, :tq]
     if spec is None:
         return out, lse
-    # Score block j was written iff one of its tiles j*r .. j*r+r-1 lies in the query
-    # block's visited range [lo, hi) (tiles outside it hold no visible key).
-    ranges = jnp.repeat(tab.reshape(b, nq, 4), bq, axis=1)[:, :tq]            # [B, Tq, 4]
-    j = jnp.arange(n_score, dtype=jnp.int32) * score_r
-    visited = (j < ranges[:, :, 3:4]) & (j + score_r > ranges[:, :, 0:1])       # [B, Tq, nS]
+    # Score block j (keys j*size ..) was written iff it overlaps the query block's visited
+    # KV tiles [lo, hi) (tiles outside it hold no visible key).
+    ranges = jnp.repeat(tab.reshape(b, nq, 4), bq, axis=1)[:, :tq] * bk       # [B, Tq, 4] keys
+    j = jnp.arange(n_score, dtype=jnp.int32) * spec.size
+    visited = (j < ranges[:, :, 3:4]) & (j + spec.size > ranges[:, :, 0:1])     # [B, Tq, nS]
     raw = res[2][:, :, :n_score, :tq].swapaxes(2, 3)
     return out, lse, scores.rescale(raw, lse, visited[:, None])
 
