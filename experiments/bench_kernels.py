@@ -12,6 +12,10 @@ Run on a GPU machine:
 HySparse block-max score output vs the plain forward (H=16, causal, bf16):
   PYTHONPATH=. python experiments/bench_kernels.py --scores --heads 16:16 \
       --seq_lens 16384,65536 --score_blocks 64,128 --out /tmp/bench_scores.json
+block_sparse (random block metadata at --densities, and causal) vs density x dense flash
+and cuDNN (non-causal), H=16/16 and 16/4:
+  PYTHONPATH=. python experiments/bench_kernels.py --block_sparse --heads 16:16,16:4 \
+      --seq_lens 16384,65536 --out /tmp/bench_block_sparse.json
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from pallas_kernels.block_sparse import BlockSparseMetadata
+from pallas_kernels.block_sparse.reference import block_sparse_reference
+from pallas_kernels.block_sparse.triton import TritonConfig as TritonConfigBS
+from pallas_kernels.block_sparse.triton import block_sparse_triton
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.triton import TritonConfig, flash_triton
 from sparse_jax import patterns as P
@@ -44,6 +52,9 @@ flags.DEFINE_string("config", "", "TritonConfig overrides, e.g. block_q=128,bloc
 flags.DEFINE_bool("scores", False, "instead of the cuDNN table: forward with HySparse block-max "
                   "scores vs the plain forward (same kernel family, same inputs)")
 flags.DEFINE_list("score_blocks", ["64"], "block_score_size values for --scores")
+flags.DEFINE_bool("block_sparse", False, "instead of the flash table: block_sparse at random "
+                  "block densities (--densities) and causal, vs density x dense flash / cuDNN")
+flags.DEFINE_list("densities", ["0.1", "0.25", "0.5"], "--block_sparse: KV block densities")
 flags.DEFINE_bool("score_reduce_gqa", False, "--scores: max over each GQA group")
 
 FWD_SWEEP = [dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
@@ -224,6 +235,127 @@ def main_scores(cfg, info):
                   f"{r[f's{size}_err_scores']:7.1e} {r[f's{size}_err_out']:7.1e}")
 
 
+# ----------------------------------------------------------------------------- block_sparse
+
+
+def bs_args(t, mask_fn):
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    return dict(mask_fn=mask_fn, q_positions=pos, kv_positions=pos, q_segment_ids=None,
+                kv_segment_ids=None, sink_logits=None, softcap=None, return_lse=False)
+
+
+def bs_kernel(mask_fn, config=None):
+    """block_sparse Triton kernel with the metadata as a jit argument (tables built inside)."""
+    def f(q, k, v, meta):
+        return block_sparse_triton(q, k, v, meta, scale=q.shape[-1] ** -0.5, config=config,
+                                   **bs_args(q.shape[1], mask_fn))
+    return f
+
+
+def bs_fwd_bwd(f):
+    def g(q, k, v, meta, do):
+        _, vjp = jax.vjp(lambda q_, k_, v_: f(q_, k_, v_, meta), q, k, v)
+        return vjp(do)
+    return jax.jit(g)
+
+
+def dense_flash(q, k, v):
+    t = q.shape[1]
+    return flash_triton(q, k, v, scale=q.shape[-1] ** -0.5, block_score_size=None,
+                        block_score_reduce_gqa=False, **bs_args(t, None))
+
+
+def cudnn_full(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation="cudnn")
+
+
+def random_block_metadata(seed, hkv, nq, nk, density, block):
+    """Top-k style: per (kv head, query block) round(density * nK) random KV blocks, all full.
+    Slots padded to nK (one compiled program per shape whatever the density)."""
+    m = max(1, round(density * nk))
+    scores = jax.random.uniform(jax.random.key(seed), (1, hkv, nq, nk))
+    idx = jnp.sort(jax.lax.top_k(scores, m)[1], -1).astype(jnp.int32)
+    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 0), (0, nk - m)), mode="edge")
+    cnt = jnp.full((1, hkv, nq), m, jnp.int32)
+    return BlockSparseMetadata(idx, cnt, jnp.ones(idx.shape, bool), block, block), m / nk
+
+
+def bs_check(f, q, k, v, meta, mask_fn, rows=256):
+    """Max error relative to max |ref| of the last `rows` query rows vs the XLA reference."""
+    t, block = q.shape[1], meta.block_q
+    out = jax.jit(f)(q, k, v, meta)
+    nb = rows // block
+    sl = BlockSparseMetadata(meta.kv_block_indices[:, :, -nb:], meta.kv_block_counts[:, :, -nb:],
+                             meta.kv_block_full[:, :, -nb:], block, meta.block_kv)
+    args = bs_args(t, mask_fn)
+    args["q_positions"] = args["q_positions"][:, t - rows:]
+    ref = jax.jit(lambda q_, k_, v_, m_: block_sparse_reference(
+        q_, k_, v_, m_, scale=q.shape[-1] ** -0.5, **args))(q[:, t - rows:], k, v, sl)
+    return rel(out[:, t - rows:], ref)
+
+
+def bench_block_sparse_shape(h, hkv, t, d, iters, block=128):
+    """One (H, Hkv, T): dense flash / cuDNN (full and causal) once, then block_sparse at each
+    density; each figure a median of `iters` calls, fwd and fwd+bwd."""
+    q, k, v, do = make(h, hkv, t, d)
+    n = t // block
+    dense = {}
+    for name, f in (("flash", dense_flash), ("cudnn", cudnn_full), ("flash_causal", ours(TritonConfig())),
+                    ("cudnn_causal", cudnn)):
+        dense[f"{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, k, v, iters=iters)
+        dense[f"{name}_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd(f), q, k, v, do, iters=iters)
+    print(json.dumps(dict(h=h, hkv=hkv, t=t, **dense)), flush=True)
+    cases = [random_block_metadata(i, hkv, n, n, float(x), block) + (None, f"random {x}")
+             for i, x in enumerate(FLAGS.densities)]
+    causal = P.static_block_metadata(P.Causal(), t, t, block, block)
+    cases.append((causal, float(np.asarray(causal.kv_block_counts).mean()) / n, P.Causal(), "causal"))
+    rows = []
+    for meta, density, mask_fn, label in cases:
+        f = bs_kernel(mask_fn)
+        row = dict(h=h, hkv=hkv, t=t, d=d, pattern=label, density=density, **dense)
+        row["err_ref"] = bs_check(f, q, k, v, meta, mask_fn)
+        row["bs_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, k, v, meta, iters=iters)
+        row["bs_fwdbwd_ms"] = 1e3 * median_time(bs_fwd_bwd(f), q, k, v, meta, do, iters=iters)
+        for kind in ("fwd", "fwdbwd"):
+            row[f"{kind}_vs_scaled_flash"] = row[f"bs_{kind}_ms"] / (density * dense[f"flash_{kind}_ms"])
+            row[f"{kind}_vs_scaled_cudnn"] = row[f"bs_{kind}_ms"] / (density * dense[f"cudnn_{kind}_ms"])
+        flops = density * 4.0 * h * t * t * d
+        row["bs_fwd_tflops"] = flops / row["bs_fwd_ms"] / 1e9
+        row["bs_fwdbwd_tflops"] = 3.5 * flops / row["bs_fwdbwd_ms"] / 1e9
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main_block_sparse(info):
+    rows = []
+    for hh in FLAGS.heads:
+        h, hkv = (int(x) for x in hh.split(":"))
+        for t in (int(x) for x in FLAGS.seq_lens):
+            try:
+                rows += bench_block_sparse_shape(h, hkv, t, FLAGS.head_dim, FLAGS.iters)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
+                print(f"block_sparse H={h} Hkv={hkv} T={t} failed: {str(e)[:800]}", flush=True)
+    with open(FLAGS.out, "w") as fh:
+        json.dump(dict(info=info, rows=rows), fh, indent=1)
+    print(f"\n{info}\nblock_sparse (Triton, tiles {TritonConfigBS()}), metadata blocks 128")
+    print(f"{'H/Hkv':>6} {'T':>6} {'pattern':>12} {'dens':>5} | {'fwd ms':>8} {'/d*fl':>6} {'/d*cu':>6} "
+          f"{'TF/s':>5} | {'f+b ms':>8} {'/d*fl':>6} {'/d*cu':>6} {'TF/s':>5} | {'flash f':>8} "
+          f"{'f+b':>8} | {'err':>7}")
+    for r in rows:
+        print(f"{r['h']:>3}/{r['hkv']:<2} {r['t']:>6} {r['pattern']:>12} {r['density']:5.3f} | "
+              f"{r['bs_fwd_ms']:8.3f} {r['fwd_vs_scaled_flash']:6.2f} {r['fwd_vs_scaled_cudnn']:6.2f} "
+              f"{r['bs_fwd_tflops']:5.0f} | {r['bs_fwdbwd_ms']:8.3f} {r['fwdbwd_vs_scaled_flash']:6.2f} "
+              f"{r['fwdbwd_vs_scaled_cudnn']:6.2f} {r['bs_fwdbwd_tflops']:5.0f} | "
+              f"{r['flash_fwd_ms']:8.3f} {r['flash_fwdbwd_ms']:8.3f} | {r['err_ref']:7.1e}")
+    print("dense (ms): " + "; ".join(
+        f"{r['h']}/{r['hkv']} T={r['t']}: flash {r['flash_fwd_ms']:.2f}/{r['flash_fwdbwd_ms']:.2f}, "
+        f"cudnn {r['cudnn_fwd_ms']:.2f}/{r['cudnn_fwdbwd_ms']:.2f}, causal flash "
+        f"{r['flash_causal_fwd_ms']:.2f}/{r['flash_causal_fwdbwd_ms']:.2f} cudnn "
+        f"{r['cudnn_causal_fwd_ms']:.2f}/{r['cudnn_causal_fwdbwd_ms']:.2f}"
+        for r in rows if r["pattern"] == "causal"))
+
+
 def sweep(base, iters):
     h, hkv, t = (int(x) for x in FLAGS.sweep_shape.split(":"))
     q, k, v, do = make(h, hkv, t, FLAGS.head_dim)
@@ -266,6 +398,8 @@ def main(argv):
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
     if FLAGS.scores:
         return main_scores(cfg, info)
+    if FLAGS.block_sparse:
+        return main_block_sparse(info)
     sweep_results = []
     if FLAGS.sweep:
         cfg, sweep_results = sweep(cfg, FLAGS.iters)

@@ -134,7 +134,11 @@ def three_loops(step, bounds, sub, carry):
 
 def kv_slice(idx_ref, base, t, sub, block_kv, block_k):
     """Slot `t // sub` of the row, tile `t % sub` inside that metadata KV block."""
-    n, r = (t, 0) if sub == 1 else (t // sub, t % sub)
+    if sub == 1:
+        n, r = t, 0
+    else:   # no `%`: the Triton lowering of rem on a loop index fails (i32 vs i1)
+        n = lax.div(t, jnp.int32(sub))
+        r = t - n * sub
     start = idx_ref[base + n] * block_kv + r * block_k
     return pl.ds(pl.multiple_of(start, block_k), block_k)
 
@@ -142,7 +146,7 @@ def kv_slice(idx_ref, base, t, sub, block_kv, block_k):
 def _fwd_kernel(idx_ref, cnt_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref,
                 v_ref, o_ref, lse_ref, *, geo, mask_fn, scale, softcap, hp, block_k, q_per_meta):
     i, b, hh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row = meta_row(geo, b, hh // (geo.group // hp), i // q_per_meta)
+    row = meta_row(geo, b, lax.div(hh, jnp.int32(geo.group // hp)), lax.div(i, jnp.int32(q_per_meta)))
     bounds = runs(cnt_ref, row)
     base = row * geo.max_blocks
     sub = geo.block_kv // block_k

@@ -45,7 +45,7 @@ def _dq_kernel(idx_ref, cnt_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, 
                do_ref, lse_ref, delta_ref, dq_ref, *, geo, mask_fn, scale, softcap, hp, block_k,
                q_per_meta):
     i, b, hh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row = meta_row(geo, b, hh // (geo.group // hp), i // q_per_meta)
+    row = meta_row(geo, b, lax.div(hh, jnp.int32(geo.group // hp)), lax.div(i, jnp.int32(q_per_meta)))
     bounds = runs(cnt_ref, row)
     base = row * geo.max_blocks
     sub = geo.block_kv // block_k
@@ -79,7 +79,7 @@ def _dkv_kernel(idx_ref, cnt_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref,
                 block_q, k_per_meta):
     j, b, hk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m_head = hk if geo.meta_heads > 1 else 0
-    row = (b * geo.meta_heads + m_head) * geo.nk + j // k_per_meta
+    row = (b * geo.meta_heads + m_head) * geo.nk + lax.div(j, jnp.int32(k_per_meta))
     bounds = runs(cnt_ref, row)
     base = row * geo.nq
     sub = geo.block_q // block_q
