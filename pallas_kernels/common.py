@@ -7,6 +7,7 @@ Arrays in, arrays out: nothing here knows of Flax, configs or models. Layout is
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -73,6 +74,27 @@ def check_optional(name: str, x, shape: tuple, integer: bool = False):
 def check_softcap(softcap):
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
+
+
+def check_attention_args(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_ids,
+                         kv_segment_ids, sink_logits, softcap, scale) -> dict:
+    """The checks every attention op shares; returns the normalised keyword arguments
+    (positions defaulted to `arange`, scale to `1/sqrt(D)`)."""
+    b, tq, tk, h, _, d = check_qkv(q, k, v)
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    if mask_fn is not None and getattr(mask_fn, "needs_segments", False) and q_segment_ids is None:
+        raise ValueError(f"mask_fn {mask_fn!r} reads segment ids: pass q_segment_ids and kv_segment_ids")
+    check_softcap(softcap)
+    return dict(
+        mask_fn=mask_fn,
+        q_positions=check_positions("q_positions", q_positions, b, tq),
+        kv_positions=check_positions("kv_positions", kv_positions, b, tk),
+        q_segment_ids=check_optional("q_segment_ids", q_segment_ids, (b, tq), integer=True),
+        kv_segment_ids=check_optional("kv_segment_ids", kv_segment_ids, (b, tk), integer=True),
+        sink_logits=check_optional("sink_logits", sink_logits, (h,)),
+        softcap=softcap,
+        scale=1.0 / math.sqrt(d) if scale is None else float(scale))
 
 
 def masked_attention(q, k, v, mask, *, scale: float, sink_logits=None, softcap=None):

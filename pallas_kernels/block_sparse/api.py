@@ -10,8 +10,6 @@ Sparse Transformer), MoBA, NSA shared selection, HySparse sparse layers, MInfere
 
 from __future__ import annotations
 
-import math
-
 from pallas_kernels import common
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.block_sparse.reference import block_sparse_reference
@@ -37,23 +35,12 @@ def block_sparse_attention(q, k, v, metadata: BlockSparseMetadata, *, mask_fn=No
     Returns:
       `out [B, Tq, H, Dv]`, or `AttentionOutput(out, lse)` with `return_lse`.
     """
-    b, tq, tk, h, hkv, d = common.check_qkv(q, k, v)
+    args = common.check_attention_args(
+        q, k, v, mask_fn=mask_fn, q_positions=q_positions, kv_positions=kv_positions,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sink_logits=sink_logits,
+        softcap=softcap, scale=scale)
     if not isinstance(metadata, BlockSparseMetadata):
         raise ValueError(f"metadata must be a BlockSparseMetadata, got {type(metadata).__name__}")
-    metadata.validate(b, hkv, tq, tk)
-    q_positions = common.check_positions("q_positions", q_positions, b, tq)
-    kv_positions = common.check_positions("kv_positions", kv_positions, b, tk)
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    q_segment_ids = common.check_optional("q_segment_ids", q_segment_ids, (b, tq), integer=True)
-    kv_segment_ids = common.check_optional("kv_segment_ids", kv_segment_ids, (b, tk), integer=True)
-    sink_logits = common.check_optional("sink_logits", sink_logits, (h,))
-    common.check_softcap(softcap)
-    if mask_fn is not None and getattr(mask_fn, "needs_segments", False) and q_segment_ids is None:
-        raise ValueError(f"mask_fn {mask_fn!r} reads segment ids: pass q_segment_ids and kv_segment_ids")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    metadata.validate(q.shape[0], k.shape[2], q.shape[1], k.shape[1])
     fn = common.dispatch("block_sparse", impl, IMPLEMENTATIONS, interpret)
-    return fn(q, k, v, metadata, mask_fn=mask_fn, q_positions=q_positions,
-              kv_positions=kv_positions, q_segment_ids=q_segment_ids,
-              kv_segment_ids=kv_segment_ids, sink_logits=sink_logits, softcap=softcap,
-              scale=scale, return_lse=return_lse)
+    return fn(q, k, v, metadata, **args, return_lse=return_lse)

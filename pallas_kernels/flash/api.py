@@ -13,8 +13,6 @@ and HySparse's block-max scores (arXiv: HySparse, Alg. 1) are options.
 
 from __future__ import annotations
 
-import math
-
 from pallas_kernels import common
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.tpu import flash_tpu
@@ -48,22 +46,12 @@ def flash_attention(q, k, v, *, mask_fn=None, q_positions=None, kv_positions=Non
       `out [B, Tq, H, Dv]` in q's dtype, or `AttentionOutput(out, lse, block_scores)`
       when lse or block scores are requested. Rows that see nothing are zeros.
     """
-    b, tq, tk, h, hkv, d = common.check_qkv(q, k, v)
-    q_positions = common.check_positions("q_positions", q_positions, b, tq)
-    kv_positions = common.check_positions("kv_positions", kv_positions, b, tk)
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    q_segment_ids = common.check_optional("q_segment_ids", q_segment_ids, (b, tq), integer=True)
-    kv_segment_ids = common.check_optional("kv_segment_ids", kv_segment_ids, (b, tk), integer=True)
-    sink_logits = common.check_optional("sink_logits", sink_logits, (h,))
-    common.check_softcap(softcap)
+    args = common.check_attention_args(
+        q, k, v, mask_fn=mask_fn, q_positions=q_positions, kv_positions=kv_positions,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sink_logits=sink_logits,
+        softcap=softcap, scale=scale)
     if block_score_size is not None and (not isinstance(block_score_size, int) or block_score_size < 1):
         raise ValueError(f"block_score_size must be an int >= 1 or None, got {block_score_size!r}")
-    if mask_fn is not None and getattr(mask_fn, "needs_segments", False) and q_segment_ids is None:
-        raise ValueError(f"mask_fn {mask_fn!r} reads segment ids: pass q_segment_ids and kv_segment_ids")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     fn = common.dispatch("flash", impl, IMPLEMENTATIONS, interpret)
-    return fn(q, k, v, mask_fn=mask_fn, q_positions=q_positions, kv_positions=kv_positions,
-              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sink_logits=sink_logits,
-              softcap=softcap, scale=scale, return_lse=return_lse,
-              block_score_size=block_score_size, block_score_reduce_gqa=block_score_reduce_gqa)
+    return fn(q, k, v, **args, return_lse=return_lse, block_score_size=block_score_size,
+              block_score_reduce_gqa=block_score_reduce_gqa)
