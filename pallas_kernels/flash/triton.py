@@ -132,11 +132,13 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
             s_max = s.max(axis=-1) * c
         m_new = jnp.maximum(m, s_max)
         if sc_ref is not None and score_sub == 1:    # HySparse Alg. 1: per-block row max
-            if track:
-                first = (j % score_r == 0) | (j == lo)
+            col = j
+            if track:   # lax.div, not `//` / `%`: see block_sparse (Triton rem lowering)
+                col = lax.div(j, jnp.int32(score_r))
+                first = (j == col * score_r) | (j == lo)
                 s_max = jnp.where(first, s_max, jnp.maximum(bm[0], s_max))
                 bm = [s_max]
-            sc_ref[pl.ds(j // score_r, 1), :] = s_max[None, :]
+            sc_ref[pl.ds(col, 1), :] = s_max[None, :]
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s * c - m_new[:, None])
         if masked:
