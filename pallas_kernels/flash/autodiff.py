@@ -53,9 +53,8 @@ def _attention_fwd(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, aux):
     return (out, lse), (q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, aux, out, lse)
 
 
-def _attention_bwd(st, res, cts):
-    q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, aux, out, lse = res
-    dout, dlse = cts
+def backward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, aux, out, lse, dout, dlse):
+    """dq, dk, dv, d sinks from the forward residuals and the cotangents of (out, lse)."""
     delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
     delta = delta - dlse.astype(jnp.float32)
     lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 1e30)
@@ -64,7 +63,13 @@ def _attention_bwd(st, res, cts):
     if sinks is not None:
         p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse)
         dsinks = (-(p_sink * delta).sum((0, 2))).astype(sinks.dtype)
-    return dq, dk, dv, dsinks, None, None, None, None, None
+    return dq, dk, dv, dsinks
+
+
+def _attention_bwd(st, res, cts):
+    q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, aux, out, lse = res
+    grads = backward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, aux, out, lse, *cts)
+    return grads + (None, None, None, None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -80,9 +85,3 @@ def attention(st: Static, q, k, v, *, sink_logits, q_positions, kv_positions, q_
         return AttentionOutput(out, lse, None)
     return out
 
-
-def check_no_block_scores(block_score_size, impl: str):
-    if block_score_size is not None:
-        raise ValueError(
-            f"flash impl={impl!r}: block_score_size={block_score_size} (HySparse block-max "
-            "scores) is not implemented in the kernel yet; use impl='xla' for block scores")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import AttentionOutput
+from pallas_kernels.flash import autodiff
 from pallas_kernels.flash.blocks import LOG2E
 
 
@@ -57,20 +58,13 @@ def _with_scores_fwd(st, spec, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
 
 
 def _with_scores_bwd(st, spec, res, cts):
-    """The plain flash backward (as `autodiff._attention_bwd`); the scores' cotangent is
-    ignored (they are wrapped in stop_gradient, so it is zero)."""
+    """The plain flash backward; the scores' cotangent is ignored (they are wrapped in
+    stop_gradient, so it is zero)."""
     del spec
     q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
-    dout, dlse = cts[0], cts[1]
-    delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
-    delta = delta - dlse.astype(jnp.float32)
-    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, 1e30)
-    dq, dk, dv = st.backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta)
-    dsinks = None
-    if sinks is not None:
-        p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse)
-        dsinks = (-(p_sink * delta).sum((0, 2))).astype(sinks.dtype)
-    return dq, dk, dv, dsinks, None, None, None, None
+    grads = autodiff.backward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, (), out, lse,
+                              cts[0], cts[1])
+    return grads + (None, None, None, None)
 
 
 _with_scores.defvjp(_with_scores_fwd, _with_scores_bwd)
