@@ -19,8 +19,9 @@ IMPLS = ("auto", "xla", "triton", "mosaic_tpu", "mosaic_gpu")
 class AttentionOutput(NamedTuple):
     """Returned when an op is asked for more than the output.
 
-    out: `[B, Tq, H, Dv]`; lse: `[B, H, Tq]` float32 log-sum-exp of the logits (with the
-    sink logit, if any; -inf on rows that see nothing); block_scores: op-specific.
+    out: `[B, Tq, H, Dv]`; lse: `[B, H, Tq]` float32 log-sum-exp of the logits and the
+    sink logit, if any (so a row that sees no key has lse = its sink logit, or -inf without
+    sinks); block_scores: op-specific.
     """
 
     out: jax.Array
