@@ -56,8 +56,10 @@ CASES = [
          pad_q=5, pad_k=6, seed=3),
     Case("random_topk_per_head_empty_rows_gqa4", b=2, tq=40, tk=70, h=8, hkv=2, pattern=None,
          mask_fn=P.Causal(), per_head=True, pad_k=3, seed=4),
+    Case("strided_gqa16_ragged", tq=35, tk=35, h=16, hkv=1, pattern=P.sparse_transformer_strided(6),
+         mask_fn=P.sparse_transformer_strided(6), sinks=True, seed=5),
 ]
-TPU_CASES = [CASES[0], CASES[3]]
+TPU_CASES = [CASES[0], CASES[3], CASES[4]]
 
 SMALL = TritonConfig(block_rows=32, block_k=16, num_warps=4, num_stages=2, block_rows_dq=32,
                      block_k_dq=16, block_q_dkv=16, block_k_dkv=16)

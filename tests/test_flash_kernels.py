@@ -1,6 +1,6 @@
 """`flash` kernels against `flash_reference`: forward (out, lse) and gradients (dq, dk, dv,
 d sink_logits), Triton path in `interpret=True`, Mosaic TPU path in
-`pltpu.InterpretParams()`, on tiny ragged shapes (interpret mode is slow), GQA 1/2/4,
+`pltpu.InterpretParams()`, on tiny ragged shapes (interpret mode is slow), GQA 1/2/4/16,
 causal / window+sinks / segments / padding / soft-cap / fully masked rows. A `gpu`-marked
 test compiles the real Triton kernels.
 """
@@ -51,8 +51,10 @@ CASES = [
          mask_fn=P.SameSegment() & P.Causal() & P.Chunked(20), segments=True, sinks=True, seed=4),
     Case("fallback_predicate_gqa4_empty_rows", b=2, tq=40, tk=33, h=4, hkv=1,
          mask_fn=P.bigbird(block=16, num_random_blocks=1), pad_q=6, pad_k=4, seed=5),
+    Case("gqa16_window_ragged", tq=27, tk=27, h=16, hkv=1, d=16,
+         mask_fn=P.causal_window(9), sinks=True, seed=6),
 ]
-TPU_CASES = [CASES[1], CASES[2]]
+TPU_CASES = [CASES[1], CASES[2], CASES[5]]
 
 SMALL_TRITON = TritonConfig(block_q=32, block_k=16, num_warps=4, num_stages=2, block_q_dq=16,
                             block_k_dq=32, block_q_dkv=32, block_k_dkv=16)
