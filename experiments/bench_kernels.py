@@ -16,6 +16,9 @@ block_sparse (random block metadata at --densities, and causal) vs density x den
 and cuDNN (non-causal), H=16/16 and 16/4:
   PYTHONPATH=. python experiments/bench_kernels.py --block_sparse --heads 16:16,16:4 \
       --seq_lens 16384,65536 --out /tmp/bench_block_sparse.json
+Mosaic GPU forward (impl='mosaic_gpu', Hopper) beside Triton and cuDNN, causal, H=16:
+  PYTHONPATH=. python experiments/bench_kernels.py --mosaic_gpu --heads 16:16 --nobackward \
+      --seq_lens 16384,65536 --mosaic_stages 2,3 --out /tmp/bench_mosaic_gpu.json
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ flags.DEFINE_bool("block_sparse", False, "instead of the flash table: block_spar
                   "block densities (--densities) and causal, vs density x dense flash / cuDNN")
 flags.DEFINE_list("densities", ["0.1", "0.25", "0.5"], "--block_sparse: KV block densities")
 flags.DEFINE_bool("score_reduce_gqa", False, "--scores: max over each GQA group")
+flags.DEFINE_bool("mosaic_gpu", False, "instead of the flash table: causal forward of the "
+                  "Mosaic GPU kernel (impl='mosaic_gpu') beside Triton and cuDNN")
+flags.DEFINE_list("mosaic_stages", ["2"], "--mosaic_gpu: max_concurrent_steps values to time")
 
 FWD_SWEEP = [dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
              dict(block_q=128, block_k=64, num_warps=8, num_stages=5),
@@ -388,6 +394,56 @@ def sweep(base, iters):
     return best, results
 
 
+def ours_mosaic(cfg):
+    from pallas_kernels.flash.mosaic_gpu import flash_mosaic_gpu  # noqa: PLC0415
+
+    def f(q, k, v):
+        pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+        return flash_mosaic_gpu(q, k, v, mask_fn=P.Causal(), q_positions=pos, kv_positions=pos,
+                                q_segment_ids=None, kv_segment_ids=None, sink_logits=None,
+                                softcap=None, scale=q.shape[-1] ** -0.5, return_lse=False,
+                                block_score_size=None, block_score_reduce_gqa=False, config=cfg)
+    return f
+
+
+def main_mosaic_gpu(cfg, info):
+    """Causal forward, bf16: Triton, Mosaic GPU (per --mosaic_stages) and cuDNN, one process."""
+    from pallas_kernels.flash.mosaic_gpu import MosaicGPUConfig  # noqa: PLC0415
+
+    rows = []
+    for hh in FLAGS.heads:
+        h, hkv = (int(x) for x in hh.split(":"))
+        for t in (int(x) for x in FLAGS.seq_lens):
+            q, k, v, do = make(h, hkv, t, FLAGS.head_dim)
+            flops = 2.0 * h * t * t * FLAGS.head_dim
+            row = dict(h=h, hkv=hkv, t=t, d=FLAGS.head_dim)
+            fns = [("triton", ours(cfg)), ("cudnn", cudnn)]
+            fns += [(f"mosaic_s{s}", ours_mosaic(MosaicGPUConfig(max_concurrent_steps=int(s))))
+                    for s in FLAGS.mosaic_stages]
+            for name, f in fns:
+                try:
+                    if name != "cudnn":
+                        row[f"{name}_err_ref"] = check(f, q, k, v, do)["err_ref"]
+                    row[f"{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, k, v, iters=FLAGS.iters)
+                    row[f"{name}_tflops"] = flops / row[f"{name}_fwd_ms"] / 1e9
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    row[f"{name}_error"] = str(e)[:2000]
+                    print(f"{name} H={h}/{hkv} T={t} failed: {str(e)[:2000]}", flush=True)
+            for name, _ in fns:
+                if f"{name}_fwd_ms" in row and "cudnn_fwd_ms" in row:
+                    row[f"{name}_ratio"] = row["cudnn_fwd_ms"] / row[f"{name}_fwd_ms"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    with open(FLAGS.out, "w") as fh:
+        json.dump(dict(info=info, config=dataclasses.asdict(cfg), rows=rows), fh, indent=1)
+    print(f"\n{info}\ncausal forward, bf16, D={FLAGS.head_dim}: ms (ratio = cuDNN time / time, err = max rel vs ref)")
+    for r in rows:
+        cells = [f"{n[:-7]} {r[n]:.3f} ({r.get(n[:-7] + '_ratio', float('nan')):.2f}x, "
+                 f"err {r.get(n[:-7] + '_err_ref', float('nan')):.1e})"
+                 for n in r if n.endswith("_fwd_ms")]
+        print(f"H={r['h']}/{r['hkv']} T={r['t']}: " + " | ".join(cells))
+
+
 def main(argv):
     del argv
     cfg = TritonConfig()
@@ -400,6 +456,8 @@ def main(argv):
         return main_scores(cfg, info)
     if FLAGS.block_sparse:
         return main_block_sparse(info)
+    if FLAGS.mosaic_gpu:
+        return main_mosaic_gpu(cfg, info)
     sweep_results = []
     if FLAGS.sweep:
         cfg, sweep_results = sweep(cfg, FLAGS.iters)

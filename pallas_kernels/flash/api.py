@@ -8,17 +8,20 @@ integer ops). Learned sink logits (gpt-oss), logit soft-cap, segment ids, the lo
 and HySparse's block-max scores (arXiv: HySparse, Alg. 1) are options.
 
 `impl`: "auto" (kernel for the platform, XLA reference on CPU), "xla", "triton",
-"mosaic_tpu". `interpret=True` runs a Pallas kernel in interpret mode on CPU.
+"mosaic_tpu", "mosaic_gpu" (Hopper, opt-in: causal or full on default positions; see
+`mosaic_gpu.py`). `interpret=True` runs a Pallas kernel in interpret mode on CPU.
 """
 
 from __future__ import annotations
 
 from pallas_kernels import common
+from pallas_kernels.flash.mosaic_gpu import flash_mosaic_gpu
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.tpu import flash_tpu
 from pallas_kernels.flash.triton import flash_triton
 
-IMPLEMENTATIONS = {"xla": flash_reference, "triton": flash_triton, "mosaic_tpu": flash_tpu}
+IMPLEMENTATIONS = {"xla": flash_reference, "triton": flash_triton, "mosaic_tpu": flash_tpu,
+                   "mosaic_gpu": flash_mosaic_gpu}
 
 
 def flash_attention(q, k, v, *, mask_fn=None, q_positions=None, kv_positions=None,

@@ -1,0 +1,328 @@
+"""`flash` forward on Hopper: Pallas with the Mosaic GPU lowering (`impl="mosaic_gpu"`).
+
+FlashAttention-3 style (arXiv 2407.08608): one CTA per (head, pair of 64-row query tiles,
+batch) with three warpgroups. Warpgroups 0 and 1 are consumers: each owns one 64-row
+query tile in SMEM, computes `S = Q K^T` and `O += P V` with `wgmma` (fp32 accumulators in
+registers) and the online softmax in base 2 between them; a schedule barrier ping-pongs
+the two so that one's softmax overlaps the other's matmuls. Warpgroup 2 is the producer:
+with a small register budget (`setmaxnreg`) it streams K and V tiles by TMA through a
+`max_concurrent_steps`-deep SMEM ring, each slot guarded by a "loaded" barrier (TMA
+completion) and a "consumed" barrier (both consumers arrived). GQA reads KV head
+`h // G` by index (KV never repeated in memory).
+
+Scope (explicit opt-in; everything else raises ValueError in `flash_mosaic_gpu`):
+`mask_fn` None or `Causal()` on the default positions (`arange`: query t sees keys
+s <= t), no segment ids, no sinks, no soft-cap, no block scores, bf16/fp16,
+head_dim == value head_dim in {64, 128}, Tq a multiple of 2 * block_q and Tk a multiple
+of block_kv. Positions are not read by the kernel: concrete positions are checked to be
+`arange`; traced positions (under `jit`) are assumed to be, as the docstring of
+`flash_mosaic_gpu` says.
+
+The backward pass reuses the Triton kernels (`triton_vjp.backward`) through
+`autodiff`: they consume the same `(out, lse)` residuals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.flash import autodiff
+from pallas_kernels.flash.blocks import LOG2E
+from pallas_kernels.flash.triton import TritonConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGPUConfig:
+    """Tiles of the Mosaic GPU forward (each consumer warpgroup owns `block_q` rows, so a
+    CTA covers `2 * block_q` queries) and the Triton config of the backward. At D=128,
+    3 stages need 232568 B of SMEM, just over the H200's 232448 B: keep 2."""
+
+    block_q: int = 64
+    block_kv: int = 128
+    max_concurrent_steps: int = 2
+    use_schedule_barrier: bool = True
+    backward: TritonConfig = TritonConfig()
+
+    def __post_init__(self):
+        if self.block_q != 64:
+            raise ValueError(f"block_q must be 64 (one wgmma M tile per warpgroup), got {self.block_q}")
+        if self.block_kv % 64 or self.block_kv < 64:
+            raise ValueError(f"block_kv must be a positive multiple of 64, got {self.block_kv}")
+        if self.max_concurrent_steps < 2:
+            raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
+
+
+_COMPUTE_WGS = 2
+
+
+def _forward_kernel_call(q, k, v, *, causal: bool, scale: float, cfg: MosaicGPUConfig,
+                         interpret=None):
+    """q `[B, Tq, H, D]`, k/v `[B, Tk, Hkv, D]` -> out `[B, Tq, H, D]`, lse `[B, H, Tq]`."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    b, tq, h, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = h // hkv
+    dtype = q.dtype
+    bq, bk = cfg.block_q, cfg.block_kv
+    nk = tk // bk
+    stages = min(cfg.max_concurrent_steps, nk)
+    nq = tq // (_COMPUTE_WGS * bq)
+    c = float(scale) * LOG2E          # logits in base-2 units: exp2(s * c - m)
+
+    def body(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
+        (qo_smem2, k_smem, v_smem, lse_smem2), loaded, consumed, sched = scoped
+        k_loaded, v_loaded, q_loaded = loaded
+        k_consumed, v_consumed = consumed
+        bi = lax.axis_index("batch")
+        hi = lax.axis_index("heads")
+        wg = lax.axis_index("wg")
+        tile = nq - 1 - lax.axis_index("q_seq")       # heaviest (causal) tiles first
+        n_steps_cta = nk
+        if causal:   # KV tiles any row of this CTA sees
+            n_steps_cta = jnp.minimum(
+                pl.cdiv((tile + 1) * (_COMPUTE_WGS * bq), jnp.int32(bk)), jnp.int32(nk))
+
+        def sched_sync():
+            if cfg.use_schedule_barrier:
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(sched)
+
+        @pl.when(wg < _COMPUTE_WGS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            qo_smem = qo_smem2.at[wg]
+            lse_smem = lse_smem2.at[wg]
+            row0 = tile * (_COMPUTE_WGS * bq) + wg * bq
+            n_steps = n_steps_cta
+            if causal:
+                n_steps = jnp.minimum(pl.cdiv(row0 + bq, jnp.int32(bk)), jnp.int32(nk))
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, bq), hi], qo_smem, q_loaded.at[wg])
+            plgpu.barrier_wait(q_loaded.at[wg])
+
+            m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32),
+                                  plgpu.Layout.WGMMA.reduce(1))
+            l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32),
+                                  plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+            @pl.when(n_steps > 0)
+            def _():
+                plgpu.barrier_wait(k_loaded.at[0])
+
+            pl.when(wg == 1)(sched_sync)     # offset the two consumers by one phase
+
+            def step(j, carry, masked):
+                acc, m, l = carry
+                slot = lax.rem(j, jnp.int32(stages))
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    sched_sync()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                if masked:
+                    rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
+                    cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
+                    s = jnp.where(rows + row0 >= cols + j * bk, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1) * c)
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l = l * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                if cfg.use_schedule_barrier:
+                    plgpu.barrier_arrive(sched)          # softmax done
+                plgpu.barrier_wait(v_loaded.at[slot])
+                if cfg.use_schedule_barrier:
+                    plgpu.barrier_wait(sched)            # tensor cores free
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    nxt = j + 1
+
+                    @pl.when(nxt < n_steps)
+                    def _():
+                        plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, jnp.int32(stages))])
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                return acc, m_new, l
+
+            carry = (acc, m, l)
+            if causal:
+                n_full = lax.div(row0, jnp.int32(bk))     # tiles wholly below the diagonal
+                carry = lax.fori_loop(0, n_full, lambda j, cr: step(j, cr, False), carry)
+                acc, m, l = lax.fori_loop(n_full, n_steps, lambda j, cr: step(j, cr, True), carry)
+
+                def drain(j, _):   # release the tiles the other consumer still needs
+                    slot = lax.rem(j, jnp.int32(stages))
+                    plgpu.barrier_arrive(k_consumed.at[slot])
+                    plgpu.barrier_arrive(v_consumed.at[slot])
+                    sched_sync()
+                    sched_sync()
+
+                lax.fori_loop(n_steps, n_steps_cta, drain, None)
+            else:
+                acc, m, l = lax.fori_loop(0, n_steps, lambda j, cr: step(j, cr, False), carry)
+            pl.when(wg == 0)(sched_sync)
+
+            inv = 1.0 / l      # every row sees at least key 0 in this scope: l > 0
+            acc = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+            qo_smem[...] = acc.astype(dtype)
+            lse_smem[...] = (m + jnp.log2(l)) * (1.0 / LOG2E)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, pl.ds(row0, bq), hi])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(row0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == _COMPUTE_WGS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(hi, jnp.int32(group))
+
+            def load(j, slot):
+                sl = (bi, pl.ds(j * bk, bk), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_loaded.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_loaded.at[slot])
+
+            for s in range(stages):     # causal: the first CTA may need fewer than `stages`
+                if causal:
+                    pl.when(s < n_steps_cta)(lambda s=s: load(s, s))
+                else:
+                    load(s, s)
+
+            n_rest = jnp.maximum(n_steps_cta - stages, 0) if causal else nk - stages
+
+            @pl.loop(0, n_rest)
+            def _(j):
+                slot = lax.rem(j, jnp.int32(stages))
+                sl = (bi, pl.ds((j + stages) * bk, bk), kv_head)
+                plgpu.barrier_wait(k_consumed.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_loaded.at[slot])
+                plgpu.barrier_wait(v_consumed.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_loaded.at[slot])
+
+    def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
+        swizzle = 128 if d * jnp.dtype(dtype).itemsize >= 128 else 64
+        tr = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+              plgpu.SwizzleTransform(swizzle))
+        scratch = (
+            plgpu.SMEM((_COMPUTE_WGS, bq, d), dtype, transforms=tr),
+            plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
+            plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
+            plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
+        )
+        pl.run_scoped(
+            lambda *a: body(q_ref, k_ref, v_ref, out_ref, lse_ref, a),
+            scratch,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=_COMPUTE_WGS)),
+            (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+            collective_axes="wg",
+        )
+
+    out, lse = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((b, tq, h, d), dtype),
+                  jax.ShapeDtypeStruct((b, h, tq), jnp.float32)),
+        grid=(h, nq, b),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name="flash_fwd_mosaic_gpu",
+        interpret=interpret,
+    )(q, k, v)
+    return out, lse
+
+
+def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
+    """`autodiff` forward: unpadded `[B, T, H, D]` in, `(out, lse [B, H, Tq])` out."""
+    del sinks, q_pos, kv_pos, q_seg, kv_seg   # checked away by flash_mosaic_gpu
+    return _forward_kernel_call(q, k, v, causal=st.mask_fn is not None, scale=st.scale,
+                                cfg=st.config)
+
+
+def backward(st, *args):
+    """The Triton backward on the same residuals (its own tiles: `config.backward`)."""
+    from pallas_kernels.flash import triton_vjp  # noqa: PLC0415
+
+    return triton_vjp.backward(dataclasses.replace(st, config=st.config.backward), *args)
+
+
+def _is_arange(pos, length: int) -> bool:
+    """False only when `pos` is concrete and differs from `arange(length)` per row."""
+    if isinstance(pos, jax.core.Tracer):
+        return True
+    pos = np.asarray(pos)
+    return bool((pos == np.arange(length, dtype=pos.dtype)[None, :]).all())
+
+
+def check_supported(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_ids,
+                    kv_segment_ids, sink_logits, softcap, block_score_size, interpret,
+                    config: MosaicGPUConfig):
+    """Raise ValueError for anything the Mosaic GPU kernel does not cover (no compiling)."""
+    from sparse_jax.patterns.masks import Causal  # noqa: PLC0415
+
+    def no(what):
+        raise ValueError(f"flash impl='mosaic_gpu' does not support {what}; use impl='triton'")
+
+    if interpret:
+        no("interpret=True (Mosaic GPU compiles for Hopper only)")
+    if mask_fn is not None and not isinstance(mask_fn, Causal):
+        no(f"mask_fn={mask_fn!r} (only None or Causal())")
+    if q_segment_ids is not None or kv_segment_ids is not None:
+        no("segment ids")
+    if sink_logits is not None:
+        no("sink_logits")
+    if softcap is not None:
+        no("softcap")
+    if block_score_size is not None:
+        no("block_score_size")
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        no(f"dtype {q.dtype} (bf16 / fp16 only)")
+    d, dv = q.shape[3], v.shape[3]
+    if d not in (64, 128) or dv != d:
+        no(f"head_dim {d} / value head_dim {dv} (64 or 128, equal)")
+    tq, tk = q.shape[1], k.shape[1]
+    q_tile = _COMPUTE_WGS * config.block_q
+    if tq % q_tile or tk % config.block_kv:
+        no(f"lengths Tq={tq}, Tk={tk} (Tq a multiple of {q_tile}, Tk of {config.block_kv})")
+    if not (_is_arange(q_positions, tq) and _is_arange(kv_positions, tk)):
+        no("non-default positions (arange only)")
+
+
+def flash_mosaic_gpu(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_ids,
+                     kv_segment_ids, sink_logits, softcap, scale, return_lse, block_score_size,
+                     block_score_reduce_gqa, interpret=False,
+                     config: MosaicGPUConfig | None = None):
+    """`flash_reference`'s contract, restricted (see the module docstring), on Hopper.
+
+    Positions must be the default `arange`: checked when they are concrete arrays; under
+    `jit` (traced) the kernel assumes it, since it never reads them.
+    """
+    del block_score_reduce_gqa
+    config = config or MosaicGPUConfig()
+    check_supported(q, k, v, mask_fn=mask_fn, q_positions=q_positions,
+                    kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+                    kv_segment_ids=kv_segment_ids, sink_logits=sink_logits, softcap=softcap,
+                    block_score_size=block_score_size, interpret=interpret, config=config)
+    st = autodiff.Static(forward=forward, backward=backward, mask_fn=mask_fn,
+                         scale=float(scale), softcap=None, has_sinks=False, config=config,
+                         interpret=False)
+    return autodiff.attention(st, q, k, v, sink_logits=None, q_positions=q_positions,
+                              kv_positions=kv_positions, q_segment_ids=None,
+                              kv_segment_ids=None, return_lse=return_lse)
+
+

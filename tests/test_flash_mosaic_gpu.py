@@ -1,0 +1,115 @@
+"""`flash` with `impl="mosaic_gpu"` (Pallas Mosaic GPU, Hopper only).
+
+Mosaic GPU kernels are not run on the CPU here (its GPU interpret mode does not cover
+`wgmma` accumulators in this jax), so the kernel itself is tested only under `-m gpu`
+on a Hopper GPU, against `flash_reference`; the CPU test checks that everything the
+kernel does not cover is refused with a ValueError before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.flash.api import flash_attention
+from pallas_kernels.flash.reference import flash_reference
+from sparse_jax import patterns as P
+
+
+def _hopper():
+    try:
+        devs = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    if devs and getattr(devs[0], "compute_capability", "") == "9.0":
+        return devs[0]
+    return None
+
+
+def _inputs(b, t, h, hkv, d, dtype, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (b, t, h, d), dtype)
+    k = jax.random.normal(ks[1], (b, t, hkv, d), dtype)
+    v = jax.random.normal(ks[2], (b, t, hkv, d), dtype)
+    do = jax.random.normal(ks[3], (b, t, h, d), dtype)
+    return q, k, v, do
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _ref(q, k, v, mask_fn):
+    t = q.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), q.shape[:2])
+    return flash_reference(q, k, v, mask_fn=mask_fn, q_positions=pos, kv_positions=pos,
+                           q_segment_ids=None, kv_segment_ids=None, sink_logits=None,
+                           softcap=None, scale=q.shape[-1] ** -0.5, return_lse=True,
+                           block_score_size=None, block_score_reduce_gqa=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("t", [256, 1024])
+@pytest.mark.parametrize("d,dtype", [(128, jnp.bfloat16), (64, jnp.float16)])
+def test_mosaic_gpu_forward_compiled(causal, group, t, d, dtype):
+    h = 8
+    mask_fn = P.Causal() if causal else None
+    with jax.default_device(_hopper()):
+        q, k, v, _ = _inputs(2, t, h, h // group, d, dtype)
+        f = jax.jit(lambda q, k, v: flash_attention(q, k, v, mask_fn=mask_fn, return_lse=True,
+                                                    impl="mosaic_gpu"))
+        res = f(q, k, v)
+        ref = _ref(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask_fn)
+        assert res.out.dtype == dtype and res.out.shape == q.shape
+        assert np.all(np.isfinite(np.asarray(res.out, np.float32)))
+        assert _rel(res.out, ref.out) < 1e-2            # bf16 P and output, fp32 accumulation
+        np.testing.assert_allclose(np.asarray(res.lse), np.asarray(ref.lse), atol=2e-2, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+def test_mosaic_gpu_gradients_use_triton_backward():
+    with jax.default_device(_hopper()):
+        q, k, v, do = _inputs(1, 512, 8, 2, 128, jnp.bfloat16, seed=1)
+
+        def grads(impl):
+            def loss(q, k, v):
+                return (flash_attention(q, k, v, mask_fn=P.Causal(), impl=impl)
+                        .astype(jnp.float32) * do.astype(jnp.float32)).sum()
+            return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+        for g, r in zip(grads("mosaic_gpu"), grads("triton")):
+            assert _rel(g, r) < 2e-2
+
+
+def test_mosaic_gpu_refuses_unsupported_without_compiling():
+    """Every unsupported option raises ValueError in the wrapper (CPU, nothing compiled)."""
+    q, k, v, _ = _inputs(1, 256, 4, 2, 128, jnp.bfloat16)
+    call = lambda *a, **kw: flash_attention(*a, **{"impl": "mosaic_gpu", **kw})  # noqa: E731
+    seg = jnp.zeros((1, 256), jnp.int32)
+    bad = [
+        dict(mask_fn=P.causal_window(64)),
+        dict(mask_fn=P.Causal(), q_segment_ids=seg, kv_segment_ids=seg),
+        dict(sink_logits=jnp.zeros((4,), jnp.float32)),
+        dict(softcap=30.0),
+        dict(block_score_size=64),
+        dict(q_positions=jnp.arange(256)[None] + 5),
+        dict(interpret=True),
+    ]
+    for kw in bad:
+        with pytest.raises(ValueError, match="mosaic_gpu"):
+            call(q, k, v, **kw)
+    with pytest.raises(ValueError, match="lengths"):
+        call(q[:, :200], k[:, :200], v[:, :200])
+    with pytest.raises(ValueError, match="head_dim"):
+        call(q[..., :96], k[..., :96], v[..., :96])
+    with pytest.raises(ValueError, match="dtype"):
+        call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+    with pytest.raises(ValueError, match="lengths"):   # Tk must be a multiple of block_kv
+        call(q, k[:, :192], v[:, :192])
