@@ -1,0 +1,343 @@
+"""Native Sparse Attention (DeepSeek NSA, arXiv 2502.11089) as pure functions.
+
+`o_t = sum_{c in cmp, slc, win} g_t^c Attn(q_t, K^c, V^c)`, `g = sigmoid(MLP(x_t))`, each
+branch with its own keys and values (the layer `sparse_jax.layers.nsa` projects them).
+
+* **cmp** (compression): block i covers tokens `i*d .. i*d+l-1` (`l = cmp_block`,
+  `d = cmp_stride`) and becomes one key / value through a learnable MLP `phi` with an
+  intra-block position encoding (`compress`). Query t sees block i iff the whole block
+  is at or before t: `i*d + l - 1 <= t`. A compressed key carries the position of its
+  last token (`cmp_block_end`), so that visibility is the causal predicate on positions.
+* **slc** (selection): blocks of `l' = sel_block` tokens. Importance of selection block j
+  from the cmp branch's probabilities (`selection_scores`):
+
+      p_slc[j] = sum_{m=0}^{l'/d-1} sum_{n=0}^{l/d-1} p_cmp[(l'/d) j + m - n]
+
+  read with `+ m`: the paper prints `(l'/d) j - m - n`, which for j=1 (l=32, d=16, l'=64)
+  sums blocks 0..4 (tokens 0..95) and misses blocks 5, 6 (tokens 80..127) that lie inside
+  selection block 1, against the paper's own words ("blocks that overlap"). With `+ m` the
+  double sum is exact: m indexes the d-token chunk `(l'/d) j + m` of selection block j, n
+  the chunk's offset inside compressed block `i = (l'/d) j + m - n`, so block i is counted
+  once per d-chunk it shares with block j:
+
+      p_slc[j] = sum_i p_cmp[i] * |tokens(i) & tokens(j)| / d,
+
+  i.e. every token spreads the probability of each compressed block covering it, 1/d per
+  token. Out-of-range indices are ignored. When `l = l' = d` it is `p_slc = p_cmp`.
+  Scores are summed over the heads of each GQA group (one selection per KV head).
+  `select_blocks` takes the top `num_selected` causal blocks per query, always including
+  the first `num_initial` blocks and the `num_local` most recent ones (the query's own
+  block and the one before). Two granularities:
+    - "token" (the paper): each query attends to its own blocks (`selected_attention`);
+    - "query_block": the union of the top-n of `query_block` consecutive queries (one
+      query block of the call) is shared by all of them, so the branch runs on the
+      `block_sparse` op at full tile efficiency (`selection_metadata`).
+* **win**: causal sliding window of `window` tokens through the `flash` op.
+
+Key layout: the cmp and slc keys are *position-indexed* (slot s holds position s or -1,
+as `FullKVCache` does), so block j of the slc keys is tokens `j*l' .. (j+1)*l' - 1`.
+
+Shapes: `q [B, T, H, D]`, branch keys `[B, S, Hkv, D]`, positions int `[B, T]` / `[B, S]`
+(negative = padding / empty). Rows that see nothing give zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_sparse import block_sparse_attention
+from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
+from pallas_kernels.common import masked_attention
+from pallas_kernels.flash import flash_attention
+from sparse_jax import patterns as P
+from sparse_jax.patterns.metadata import _compact
+
+SELECTION_MODES = ("token", "query_block")
+
+
+@dataclasses.dataclass(frozen=True)
+class NSAConfig:
+    """NSA hyperparameters (paper defaults).
+
+    cmp_block (l) / cmp_stride (d): compression block and stride (l, l' multiples of d).
+    sel_block (l'): selection block. num_selected (n): selected blocks per query, forced
+    ones included: `num_initial` first blocks and `num_local` most recent blocks.
+    window (w): sliding window of the win branch. selection: "token" (exact, per query)
+    or "query_block" (union over `query_block` consecutive queries, block-sparse kernel).
+    cmp_mlp_dim: hidden width of the compression MLP phi (None: 2 * head_dim).
+    """
+
+    cmp_block: int = 32
+    cmp_stride: int = 16
+    sel_block: int = 64
+    num_selected: int = 16
+    num_initial: int = 1
+    num_local: int = 2
+    window: int = 512
+    selection: str = "token"
+    query_block: int = 64
+    cmp_mlp_dim: int | None = None
+
+    def __post_init__(self):
+        for name in ("cmp_block", "cmp_stride", "sel_block", "num_selected", "window", "query_block"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        for name in ("num_initial", "num_local"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {val!r}")
+        if self.cmp_block % self.cmp_stride:
+            raise ValueError(f"cmp_block (l={self.cmp_block}) must be a multiple of cmp_stride "
+                             f"(d={self.cmp_stride})")
+        if self.sel_block % self.cmp_stride:
+            raise ValueError(f"sel_block (l'={self.sel_block}) must be a multiple of cmp_stride "
+                             f"(d={self.cmp_stride})")
+        if self.num_selected < self.num_initial + self.num_local:
+            raise ValueError(f"num_selected ({self.num_selected}) must be >= num_initial + num_local "
+                             f"({self.num_initial} + {self.num_local}), the forced blocks")
+        if self.selection not in SELECTION_MODES:
+            raise ValueError(f"selection must be one of {SELECTION_MODES}, got {self.selection!r}")
+        if self.cmp_mlp_dim is not None and (not isinstance(self.cmp_mlp_dim, int) or self.cmp_mlp_dim < 1):
+            raise ValueError(f"cmp_mlp_dim must be an int >= 1 or None, got {self.cmp_mlp_dim!r}")
+
+
+def num_cmp_blocks(length: int, cfg: NSAConfig) -> int:
+    """Compressed blocks fully inside `length` tokens: `floor((length - l) / d) + 1` (>= 0)."""
+    return max(0, (length - cfg.cmp_block) // cfg.cmp_stride + 1)
+
+
+def cmp_block_end(block_ids, cfg: NSAConfig):
+    """Position of the last token of compressed block i (`i*d + l - 1`); -1 where i < 0."""
+    return jnp.where(block_ids >= 0, block_ids * cfg.cmp_stride + cfg.cmp_block - 1, -1)
+
+
+# ----------------------------------------------------------------------------- compression
+
+
+def gather_cmp_blocks(k, v, kv_positions, new_positions, cfg: NSAConfig):
+    """The compressed blocks completed by this call's tokens, gathered token by token.
+
+    Args:
+      k, v: raw cmp-branch keys / values `[B, S, Hkv, D]` holding (at least) the new
+        tokens and the `l - 1` tokens before them (the uncompressed tail), any order.
+      kv_positions: int `[B, S]` (negative = empty).
+      new_positions: int `[B, C]`, this call's positions (consecutive per row, any padding).
+    Returns:
+      `k_blocks, v_blocks [B, K, l, Hkv, D]` and `block_ids [B, K]` (-1 where no block),
+      `K = ceil(C / d)`: the blocks whose last token is a new position and whose l tokens
+      are all present. Block i is the one ending at `i*d + l - 1`.
+    """
+    l, d = cfg.cmp_block, cfg.cmp_stride
+    b, c = new_positions.shape
+    big = jnp.iinfo(jnp.int32).max
+    valid_new = new_positions >= 0
+    p_min = jnp.min(jnp.where(valid_new, new_positions, big), axis=1)          # [B]
+    p_max = jnp.max(jnp.where(valid_new, new_positions, -1), axis=1)
+    any_new = valid_new.any(axis=1)
+    p_min = jnp.where(any_new, p_min, 0)
+    first = jnp.maximum(0, -((l - 1 - p_min) // d))                            # ceil((p_min-l+1)/d)
+    n_cand = max(1, -(-c // d))
+    ids = first[:, None] + jnp.arange(n_cand)                                  # [B, K]
+    end = ids * d + l - 1
+    cand = any_new[:, None] & (end >= p_min[:, None]) & (end <= p_max[:, None])
+    # Position-indexed scratch buffer of the tokens p_min - (l-1) .. p_min + C - 1.
+    base = p_min - (l - 1)
+    size = l - 1 + c
+    slot = kv_positions - base[:, None]
+    slot = jnp.where((kv_positions >= 0) & (slot >= 0) & (slot < size), slot, size)   # else dropped
+    rows = jnp.arange(b)[:, None]
+    buf_k = jnp.zeros((b, size) + k.shape[2:], k.dtype).at[rows, slot].set(k, mode="drop")
+    buf_v = jnp.zeros((b, size) + v.shape[2:], v.dtype).at[rows, slot].set(v, mode="drop")
+    buf_pos = jnp.full((b, size), -1, jnp.int32).at[rows, slot].set(kv_positions, mode="drop")
+    tok = ids[:, :, None] * d + jnp.arange(l)                                  # [B, K, l] positions
+    tslot = jnp.clip(tok - base[:, None, None], 0, size - 1).reshape(b, -1)
+    complete = (jnp.take_along_axis(buf_pos, tslot, axis=1).reshape(tok.shape) == tok).all(-1)
+    block_ids = jnp.where(cand & complete, ids, -1).astype(jnp.int32)
+    gather = lambda buf: jnp.take_along_axis(buf, tslot[:, :, None, None], axis=1).reshape(
+        (b, n_cand, l) + buf.shape[2:])
+    return gather(buf_k), gather(buf_v), block_ids
+
+
+def compress(blocks, pos_emb, w1, b1, w2, b2):
+    """The compression MLP phi: one key (or value) per block.
+
+    `phi(x) = mean_r(x_r + e_r) + W2 silu(W1 flatten(x + e) + b1) + b2`, with the learned
+    intra-block position encoding `e [l, Hkv, D]` (per KV head) and the MLP weights shared
+    by the KV heads. The mean-pooling skip (our choice; the paper only says "a learnable
+    MLP with intra-block position encoding") makes phi start near mean pooling.
+
+    blocks: `[B, K, l, Hkv, D]`; w1: `[l, D, M]`; b1: `[M]`; w2: `[M, D]`; b2: `[D]`.
+    Returns `[B, K, Hkv, D]` in blocks' dtype.
+    """
+    dt = blocks.dtype
+    x = blocks + pos_emb.astype(dt)
+    h = jax.nn.silu(jnp.einsum("bklhd,ldm->bkhm", x, w1.astype(dt)) + b1.astype(dt))
+    return (x.mean(axis=2) + jnp.einsum("bkhm,md->bkhd", h, w2.astype(dt)) + b2.astype(dt)).astype(dt)
+
+
+def compressed_attention(q, k_cmp, v_cmp, q_positions, cmp_positions, *, scale=None):
+    """cmp branch: `q [B, T, H, D]` over compressed keys `[B, N, Hkv, D]` whose positions
+    `cmp_positions [B, N]` are their blocks' last tokens (-1 empty).
+
+    Returns `(out [B, T, H, D], probs [B, Hkv, G, T, N] float32)`; probabilities feed the
+    selection. Plain jnp until the `compressed` kernel op exists.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qp, cp = q_positions[:, :, None], cmp_positions[:, None, :]
+    mask = (qp >= 0) & (cp >= 0) & (cp <= qp)
+    out, probs, _ = masked_attention(q, k_cmp, v_cmp, mask, scale=scale)
+    return out, probs
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def selection_scores(p_cmp, num_sel_blocks: int, cfg: NSAConfig):
+    """Selection-block importance from cmp probabilities (module docstring).
+
+    p_cmp: `[..., N]` indexed by compressed block id (already summed over a GQA group or
+    not). Returns `[..., num_sel_blocks]` float32:
+    `p_slc[j] = sum_{m < l'/d} sum_{n < l/d} p_cmp[(l'/d) j + m - n]`, out-of-range ignored.
+    """
+    r, u = cfg.sel_block // cfg.cmp_stride, cfg.cmp_block // cfg.cmp_stride
+    p = p_cmp.astype(jnp.float32)
+    n_cmp = p.shape[-1]
+    length = r * num_sel_blocks + u - 1          # index (u - 1) + r*j + m - n covers every term
+    lead = [(0, 0)] * (p.ndim - 1)
+    p = jnp.pad(p, lead + [(u - 1, max(0, length - (u - 1) - n_cmp))])[..., :length]
+    out = 0.0
+    for m in range(r):
+        for n in range(u):
+            start = u - 1 + m - n
+            out = out + p[..., start:start + r * (num_sel_blocks - 1) + 1:r]
+    return out
+
+
+def select_blocks(scores, q_positions, cfg: NSAConfig):
+    """Top-n selection blocks per query with the forced blocks, causal.
+
+    scores: `[B, Hkv, T, Ns]` (one selection per KV head); q_positions `[B, T]`.
+    Returns `block_indices [B, T, Hkv, min(n, Ns)] int32`, -1 for unused entries (few
+    causal blocks, or a padded query). Candidates: blocks j with `j*l' <= t`; forced:
+    `j < num_initial` or `j > t // l' - num_local`. Ties go to the lower block index.
+    """
+    ls = cfg.sel_block
+    ns = scores.shape[-1]
+    t = q_positions[:, None, :, None]                                        # [B, 1, T, 1]
+    j = jnp.arange(ns)
+    causal = (t >= 0) & (j * ls <= t)
+    forced = causal & ((j < cfg.num_initial) | (j > t // ls - cfg.num_local))
+    s = jnp.where(forced, jnp.inf, jnp.where(causal, jax.lax.stop_gradient(scores), -jnp.inf))
+    vals, idx = jax.lax.top_k(s, min(cfg.num_selected, ns))
+    idx = jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
+    return jnp.transpose(idx, (0, 2, 1, 3))
+
+
+def selected_block_mask(block_indices, num_sel_blocks: int):
+    """`[B, T, Hkv, n]` indices -> bool `[B, Hkv, T, Ns]` (True = selected)."""
+    hit = block_indices[..., None] == jnp.arange(num_sel_blocks)
+    return jnp.transpose(hit.any(-2), (0, 2, 1, 3))
+
+
+def selected_attention(q, k, v, q_positions, kv_positions, block_indices, cfg: NSAConfig, *,
+                       scale=None):
+    """slc branch, exact per-token selection: query t sees key s iff `s // l'` is one of its
+    selected blocks and `s <= t`. Dense-mask reference (the `token_sparse` op's job later).
+
+    q `[B, T, H, D]`; k, v `[B, S, Hkv, D]` with `kv_positions [B, S]`; block_indices from
+    `select_blocks`. Returns `[B, T, H, D]`.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s_len = k.shape[1]
+    ns = -(-s_len // cfg.sel_block)
+    sel = selected_block_mask(block_indices, ns)                             # [B, Hkv, T, Ns]
+    key_block = jnp.clip(kv_positions // cfg.sel_block, 0, ns - 1)           # [B, S]
+    idx = jnp.broadcast_to(key_block[:, None, None, :], sel.shape[:3] + (s_len,))
+    mask = jnp.take_along_axis(sel, idx, axis=-1)                            # [B, Hkv, T, S]
+    qp, kp = q_positions[:, None, :, None], kv_positions[:, None, None, :]
+    mask = mask & (qp >= 0) & (kp >= 0) & (kp <= qp)
+    out, _, _ = masked_attention(q, k, v, mask, scale=scale)
+    return out
+
+
+def selection_metadata(block_indices, q_positions, kv_positions, cfg: NSAConfig) -> BlockSparseMetadata:
+    """Query-block-shared selection: the union of the selected blocks of `query_block`
+    consecutive queries (of this call), as `BlockSparseMetadata` over position-indexed keys
+    (`block_kv = l'`). A block is flagged full when every query of the query block is
+    valid and at or after the block's last token and the block's keys are all present.
+    """
+    b, t, hkv, n = block_indices.shape
+    bq, ls = cfg.query_block, cfg.sel_block
+    s_len = kv_positions.shape[1]
+    ns, nq = -(-s_len // ls), -(-t // bq)
+    pad = nq * bq - t
+    idx = jnp.pad(block_indices, [(0, 0), (0, pad), (0, 0), (0, 0)], constant_values=-1)
+    qblock = jnp.broadcast_to((jnp.arange(nq * bq) // bq)[None, :, None, None], idx.shape)
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None, None, None], idx.shape)
+    heads = jnp.broadcast_to(jnp.arange(hkv)[None, None, :, None], idx.shape)
+    present = jnp.zeros((b, hkv, nq, ns + 1), bool).at[
+        rows, heads, qblock, jnp.where(idx >= 0, idx, ns)].set(True)[..., :ns]
+    qpos = jnp.pad(q_positions, [(0, 0), (0, pad)], constant_values=-1).reshape(b, nq, bq)
+    q_first = jnp.where((qpos >= 0).all(-1), qpos.min(-1), -1)               # [B, nQ]
+    kpos = jnp.pad(kv_positions, [(0, 0), (0, ns * ls - s_len)], constant_values=-1)
+    kv_ok = (kpos.reshape(b, ns, ls) >= 0).all(-1)                           # [B, Ns]
+    block_last = (jnp.arange(ns) + 1) * ls - 1
+    full = (block_last <= q_first[:, :, None]) & kv_ok[:, None, :]           # [B, nQ, Ns]
+    full = present & full[:, None]
+    indices, counts, flags = _compact(present, full, min(n * bq, ns))
+    return BlockSparseMetadata(indices, counts, flags, block_q=bq, block_kv=ls)
+
+
+def window_attention(q, k, v, q_positions, kv_positions, *, window: int, impl: str = "auto"):
+    """win branch: causal sliding window of `window` keys through the `flash` op."""
+    return flash_attention(q, k, v, mask_fn=P.causal_window(window), q_positions=q_positions,
+                           kv_positions=kv_positions, impl=impl)
+
+
+# ----------------------------------------------------------------------------- all branches
+
+
+class NSABranches(NamedTuple):
+    """Per-branch outputs `[B, T, H, D]`, the selection `[B, T, Hkv, n]` and cmp probs."""
+
+    cmp: jax.Array
+    slc: jax.Array
+    win: jax.Array
+    block_indices: jax.Array
+    p_cmp: jax.Array
+
+
+def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, slc_positions,
+                 k_win, v_win, win_positions, cfg: NSAConfig, impl: str = "auto") -> NSABranches:
+    """The three branches for queries `q [B, T, H, D]` at `q_positions [B, T]`.
+
+    k_cmp/v_cmp `[B, N, Hkv, D]`: compressed keys, slot i = block i, `cmp_positions` their
+    last tokens (-1 empty). k_slc/v_slc `[B, S, Hkv, D]`: position-indexed (slot s holds
+    position s or -1). k_win/v_win: any layout with `win_positions`.
+    """
+    o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, q_positions, cmp_positions)
+    ns = -(-k_slc.shape[1] // cfg.sel_block)
+    scores = selection_scores(p_cmp.sum(axis=2), ns, cfg)                    # [B, Hkv, T, Ns]
+    block_indices = select_blocks(scores, q_positions, cfg)
+    if cfg.selection == "token":
+        o_slc = selected_attention(q, k_slc, v_slc, q_positions, slc_positions, block_indices, cfg)
+    else:
+        meta = selection_metadata(block_indices, q_positions, slc_positions, cfg)
+        o_slc = block_sparse_attention(q, k_slc, v_slc, meta, mask_fn=P.Causal(),
+                                       q_positions=q_positions, kv_positions=slc_positions, impl=impl)
+    o_win = window_attention(q, k_win, v_win, q_positions, win_positions, window=cfg.window, impl=impl)
+    return NSABranches(o_cmp, o_slc, o_win, block_indices, p_cmp)
+
+
+def gated_sum(branches: NSABranches, gates):
+    """`o = sum_c g_c o_c`; gates `[B, T, H, 3]` in the order (cmp, slc, win)."""
+    outs = (branches.cmp, branches.slc, branches.win)
+    out = sum(gates[..., c, None].astype(jnp.float32) * o.astype(jnp.float32) for c, o in enumerate(outs))
+    return out.astype(branches.cmp.dtype)
