@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLS = ("auto", "xla", "triton", "mosaic_tpu", "mosaic_gpu")
 
@@ -52,9 +53,11 @@ def check_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:
 
 
 def check_positions(name: str, pos, batch: int, length: int):
-    """Default `arange(length)`; else check `[batch, length]` integers."""
+    """Default `arange(length)`, as a numpy constant (concrete even under `jit`, so kernels
+    that only support default positions can tell them apart); else check `[batch, length]`
+    integers."""
     if pos is None:
-        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        return np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
     pos = jnp.asarray(pos)
     if pos.shape != (batch, length) or not jnp.issubdtype(pos.dtype, jnp.integer):
         raise ValueError(f"{name} must be int [{batch}, {length}], got {pos.dtype}{list(pos.shape)}")

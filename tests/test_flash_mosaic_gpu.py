@@ -113,3 +113,22 @@ def test_mosaic_gpu_refuses_unsupported_without_compiling():
         call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
     with pytest.raises(ValueError, match="lengths"):   # Tk must be a multiple of block_kv
         call(q, k[:, :192], v[:, :192])
+
+
+def test_mosaic_gpu_refuses_traced_positions_but_not_the_default_under_jit():
+    """The kernel never reads positions: under jit, default positions stay concrete (numpy
+    arange from the api) and pass the check; traced user positions raise, never assumed."""
+    from pallas_kernels.flash.mosaic_gpu import MosaicGPUConfig, check_supported
+
+    q, k, v, _ = _inputs(1, 256, 4, 2, 128, jnp.bfloat16)
+    kw = dict(mask_fn=P.Causal(), q_segment_ids=None, kv_segment_ids=None, sink_logits=None,
+              softcap=None, block_score_size=None, interpret=False, config=MosaicGPUConfig())
+    default = np.broadcast_to(np.arange(256, dtype=np.int32), (1, 256))
+
+    def traced(pos):
+        check_supported(q, k, v, q_positions=pos, kv_positions=pos, **kw)
+        return pos
+
+    jax.jit(lambda: traced(default))()                      # concrete default: accepted
+    with pytest.raises(ValueError, match="positions"):
+        jax.jit(traced)(jnp.asarray(default))                # traced, even if equal: refused

@@ -14,9 +14,9 @@ Scope (explicit opt-in; everything else raises ValueError in `flash_mosaic_gpu`)
 `mask_fn` None or `Causal()` on the default positions (`arange`: query t sees keys
 s <= t), no segment ids, no sinks, no soft-cap, no block scores, bf16/fp16,
 head_dim == value head_dim in {64, 128}, Tq a multiple of 2 * block_q and Tk a multiple
-of block_kv. Positions are not read by the kernel: concrete positions are checked to be
-`arange`; traced positions (under `jit`) are assumed to be, as the docstring of
-`flash_mosaic_gpu` says.
+of block_kv. Positions are not read by the kernel: leave them at the api's default
+(a concrete `arange`, also under `jit`) or pass concrete `arange` arrays; traced
+positions are refused with a ValueError rather than assumed.
 
 The backward pass reuses the Triton kernels (`triton_vjp.backward`) through
 `autodiff`: they consume the same `(out, lse)` residuals.
@@ -262,9 +262,11 @@ def backward(st, *args):
 
 
 def _is_arange(pos, length: int) -> bool:
-    """False only when `pos` is concrete and differs from `arange(length)` per row."""
+    """True only for concrete positions equal to `arange(length)` per row (the api's
+    default is a numpy constant, concrete under `jit` too; traced positions are refused,
+    since the kernel never reads them)."""
     if isinstance(pos, jax.core.Tracer):
-        return True
+        return False
     pos = np.asarray(pos)
     return bool((pos == np.arange(length, dtype=pos.dtype)[None, :]).all())
 
@@ -309,8 +311,8 @@ def flash_mosaic_gpu(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_i
                      config: MosaicGPUConfig | None = None):
     """`flash_reference`'s contract, restricted (see the module docstring), on Hopper.
 
-    Positions must be the default `arange`: checked when they are concrete arrays; under
-    `jit` (traced) the kernel assumes it, since it never reads them.
+    Positions must be the default `arange`: leave them out (or pass concrete arange
+    arrays); traced positions raise ValueError, since the kernel never reads them.
     """
     del block_score_reduce_gqa
     config = config or MosaicGPUConfig()

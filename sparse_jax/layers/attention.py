@@ -118,13 +118,16 @@ class AttentionBase(nnx.Module):
         else:
             keys, values, kv_positions, cache = cache.update(k, v, positions)
         sinks = None if self.sink_logits is None else self.sink_logits[...]
-        o = self.attend(q, keys, values, positions, kv_positions, sink_logits=sinks, q_raw=q_raw)
+        o = self.attend(q, keys, values, positions, kv_positions, sink_logits=sinks, q_raw=q_raw,
+                        decoding=cache is not None)
         if self.wg is not None:
             o = o * jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.wg[...].astype(c.dtype)))
         y = jnp.einsum("bthk,hkd->btd", o.astype(c.dtype), self.wo[...].astype(c.dtype))
         return y, cache
 
-    def attend(self, q, k, v, q_positions, kv_positions, *, sink_logits, q_raw):
+    def attend(self, q, k, v, q_positions, kv_positions, *, sink_logits, q_raw, decoding):
+        """Attention of rotated `q [B, Tq, H, D]` over `k, v` (cache contents when
+        `decoding`); `q_raw` is the query before RoPE."""
         raise NotImplementedError
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
@@ -154,15 +157,16 @@ class LocalAttention(AttentionBase):
         super().__init__(config, rngs=rngs)
         self.window, self.num_sinks, self.rope_mode = window, num_sinks, rope_mode
 
-    def attend(self, q, k, v, q_positions, kv_positions, *, sink_logits, q_raw):
+    def attend(self, q, k, v, q_positions, kv_positions, *, sink_logits, q_raw, decoding):
         c = self.config
         if self.rope_mode == "cache":
             return ops.streaming_attention_cache_rope(
                 q_raw, k, v, q_positions, kv_positions, window=self.window, num_sinks=self.num_sinks,
-                rope_theta=c.rope_theta, sink_logits=sink_logits, softcap=c.softcap, impl=c.impl)
+                rope_theta=c.rope_theta, decoding=decoding, sink_logits=sink_logits,
+                softcap=c.softcap, impl=c.impl)
         return ops.local_attention(q, k, v, q_positions, kv_positions, window=self.window,
-                                   num_sinks=self.num_sinks, sink_logits=sink_logits,
-                                   softcap=c.softcap, impl=c.impl)
+                                   num_sinks=self.num_sinks, decoding=decoding,
+                                   sink_logits=sink_logits, softcap=c.softcap, impl=c.impl)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         """Full cache of `max_len` slots, or a rolling one of `num_sinks + window` slots
@@ -215,11 +219,11 @@ class PatternAttention(AttentionBase):
         super().__init__(config, rngs=rngs)
         self.pattern, self.block_size = pattern, block_size
 
-    def attend(self, q, k, v, q_positions, kv_positions, *, sink_logits, q_raw):
+    def attend(self, q, k, v, q_positions, kv_positions, *, sink_logits, q_raw, decoding):
         c = self.config
         return ops.pattern_attention(q, k, v, q_positions, kv_positions, pattern=self.pattern,
-                                     block_size=self.block_size, sink_logits=sink_logits,
-                                     softcap=c.softcap, impl=c.impl)
+                                     block_size=self.block_size, decoding=decoding,
+                                     sink_logits=sink_logits, softcap=c.softcap, impl=c.impl)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         c = self.config

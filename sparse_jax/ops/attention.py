@@ -10,6 +10,10 @@
 
 Shapes: `q [B, Tq, H, D]`, `k [B, Tk, Hkv, D]`, `v [B, Tk, Hkv, Dv]`, positions
 `[B, Tq]` / `[B, Tk]` (negative = padding). Outputs `[B, Tq, H, Dv]`.
+
+`decoding=True` (a layer called with a cache) sends calls of at most
+`DECODE_MAX_QUERIES` queries to the split-K `decode` op instead of `flash`: same math,
+forward only, built for one query against a long cache.
 """
 
 from __future__ import annotations
@@ -17,17 +21,32 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse import block_sparse_attention
+from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
 from sparse_jax import patterns as P
 from sparse_jax.ops.rope import apply_rope
 
 
-def local_attention(q, k, v, q_positions, kv_positions, *, window: int | None = None,
-                    num_sinks: int = 0, sink_logits=None, softcap=None, impl: str = "auto"):
-    """Causal attention, limited to `window` keys (itself included) plus `num_sinks` sinks."""
-    mask = P.causal_window(window, num_sinks)
+DECODE_MAX_QUERIES = 4
+
+
+def masked_attention(q, k, v, q_positions, kv_positions, *, mask: P.Pattern, decoding: bool = False,
+                     sink_logits=None, softcap=None, return_lse: bool = False, impl: str = "auto"):
+    """Causal attention under `mask` through `flash`, or `decode` for a few cached queries."""
+    if decoding and q.shape[1] <= DECODE_MAX_QUERIES:
+        return decode_attention(q, k, v, kv_positions=kv_positions, q_positions=q_positions,
+                                mask_fn=mask, sink_logits=sink_logits, softcap=softcap,
+                                return_lse=return_lse, impl=impl)
     return flash_attention(q, k, v, mask_fn=mask, q_positions=q_positions, kv_positions=kv_positions,
-                           sink_logits=sink_logits, softcap=softcap, impl=impl)
+                           sink_logits=sink_logits, softcap=softcap, return_lse=return_lse, impl=impl)
+
+
+def local_attention(q, k, v, q_positions, kv_positions, *, window: int | None = None,
+                    num_sinks: int = 0, decoding: bool = False, sink_logits=None, softcap=None,
+                    impl: str = "auto"):
+    """Causal attention, limited to `window` keys (itself included) plus `num_sinks` sinks."""
+    return masked_attention(q, k, v, q_positions, kv_positions, mask=P.causal_window(window, num_sinks),
+                            decoding=decoding, sink_logits=sink_logits, softcap=softcap, impl=impl)
 
 
 def merge_attention(outs, lses):
@@ -48,8 +67,8 @@ def merge_attention(outs, lses):
 
 
 def streaming_attention_cache_rope(q_raw, k, v, q_positions, kv_positions, *, window: int,
-                                   num_sinks: int, rope_theta: float, sink_logits=None,
-                                   softcap=None, impl: str = "auto"):
+                                   num_sinks: int, rope_theta: float, decoding: bool = False,
+                                   sink_logits=None, softcap=None, impl: str = "auto"):
     """StreamingLLM with positions inside the cache for RoPE.
 
     In the cache, sinks sit at slots 0..S-1 and the window right after them, so query t is
@@ -64,18 +83,22 @@ def streaming_attention_cache_rope(q_raw, k, v, q_positions, kv_positions, *, wi
     q_cache = apply_rope(q_raw, q_cache_pos, rope_theta)
     window_mask = P.Causal() & P.SlidingWindow(window)
     sink_mask = P.Causal() & P.Sinks(num_sinks) & ~P.SlidingWindow(window)
-    kw = dict(kv_positions=kv_positions, softcap=softcap, return_lse=True, impl=impl)
-    win = flash_attention(q_text, k, v, mask_fn=window_mask, q_positions=q_positions,
-                          sink_logits=sink_logits, **kw)
+    kw = dict(decoding=decoding, softcap=softcap, return_lse=True, impl=impl)
+    win = masked_attention(q_text, k, v, q_positions, kv_positions, mask=window_mask,
+                           sink_logits=sink_logits, **kw)
     # The sink branch is evaluated at the text positions (for the mask) with the cache query.
-    snk = flash_attention(q_cache, k, v, mask_fn=sink_mask, q_positions=q_positions, **kw)
+    snk = masked_attention(q_cache, k, v, q_positions, kv_positions, mask=sink_mask, **kw)
     out, _ = merge_attention([win.out, snk.out], [win.lse, snk.lse])
     return out
 
 
 def pattern_attention(q, k, v, q_positions, kv_positions, *, pattern: P.Pattern, block_size: int = 64,
-                      sink_logits=None, softcap=None, impl: str = "auto"):
-    """Attention under any pattern, through block-sparse metadata built from the positions."""
+                      decoding: bool = False, sink_logits=None, softcap=None, impl: str = "auto"):
+    """Attention under any pattern: block-sparse metadata built from the positions, or the
+    `decode` op (the pattern as its element predicate) for a few cached queries."""
+    if decoding and q.shape[1] <= DECODE_MAX_QUERIES:
+        return masked_attention(q, k, v, q_positions, kv_positions, mask=pattern, decoding=True,
+                                sink_logits=sink_logits, softcap=softcap, impl=impl)
     meta = P.block_metadata(pattern, q_positions, kv_positions, block_size, block_size,
                             num_kv_heads=k.shape[2])
     return block_sparse_attention(q, k, v, meta, mask_fn=pattern, q_positions=q_positions,
