@@ -3,7 +3,8 @@
 `LMConfig.layer_spec` has one letter per layer:
 
 * `F` full causal attention, `W` sliding window, `S` StreamingLLM (sinks + window),
-* `P` static pattern (`LMConfig.pattern`, block-sparse).
+* `P` static pattern (`LMConfig.pattern`, block-sparse),
+* `N` Native Sparse Attention (`LMConfig.nsa`, arXiv 2502.11089).
 
 e.g. `"WWWF"` is "global every 4th layer, local otherwise" (Gemma 3 is 5:1, gpt-oss 1:1).
 Pre-norm blocks: RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU -> residual.
@@ -21,9 +22,12 @@ from flax import nnx
 from sparse_jax import patterns as P
 from sparse_jax.layers import (AttentionConfig, FullAttention, PatternAttention,
                                SlidingWindowAttention, StreamingLLMAttention)
+from sparse_jax.layers.nsa import NSAAttention
+from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.sharding import param
 
-LAYER_TYPES = {"F": "full", "W": "sliding window", "S": "StreamingLLM", "P": "static pattern"}
+LAYER_TYPES = {"F": "full", "W": "sliding window", "S": "StreamingLLM", "P": "static pattern",
+               "N": "native sparse attention"}
 
 
 def hybrid_spec(num_layers: int, global_every: int) -> str:
@@ -45,6 +49,9 @@ class LMConfig:
     num_sinks: int = 4
     pattern: P.Pattern | None = None
     pattern_block: int = 64
+    # NSA layers ('N'): small blocks for the demo sizes (the paper: l=32, d=16, l'=64, n=16, w=512)
+    nsa: NSAConfig | None = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=16, num_selected=8,
+                                      window=64, query_block=16)
     rope_theta: float = 10000.0
     learned_sinks: bool = False
     output_gate: bool = False
@@ -57,6 +64,8 @@ class LMConfig:
             raise ValueError(f"layer_spec must be letters from {sorted(LAYER_TYPES)}, got {self.layer_spec!r}")
         if "P" in self.layer_spec and self.pattern is None:
             raise ValueError("layer_spec has 'P' layers but pattern is None")
+        if "N" in self.layer_spec and not isinstance(self.nsa, NSAConfig):
+            raise ValueError(f"layer_spec has 'N' layers but nsa is {self.nsa!r}, not an NSAConfig")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.window < 1:
@@ -81,6 +90,8 @@ def make_attention(kind: str, config: LMConfig, rngs: nnx.Rngs):
         return StreamingLLMAttention(a, window=config.window, num_sinks=config.num_sinks, rngs=rngs)
     if kind == "P":
         return PatternAttention(a, pattern=config.pattern, block_size=config.pattern_block, rngs=rngs)
+    if kind == "N":
+        return NSAAttention(a, config.nsa, rngs=rngs)
     raise ValueError(f"unknown layer type {kind!r}; known: {sorted(LAYER_TYPES)}")
 
 
