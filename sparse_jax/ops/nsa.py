@@ -31,8 +31,14 @@ branch with its own keys and values (the layer `sparse_jax.layers.nsa` projects 
     - "token" (the paper): each query attends to its own blocks (`selected_attention`);
     - "query_block": the union of the top-n of `query_block` consecutive queries (one
       query block of the call) is shared by all of them, so the branch runs on the
-      `block_sparse` op at full tile efficiency (`selection_metadata`).
+      `block_sparse` op at full tile efficiency (`selection_metadata`). Query blocks are
+      blocks of the call's query axis, so a query's selection depends on the later
+      queries of its block (not causal inside a block), and a decode step (one query)
+      equals the prefill only when the calls cover whole query blocks (or query_block=1).
 * **win**: causal sliding window of `window` tokens through the `flash` op.
+
+Compressed blocks of a call (`gather_cmp_blocks`) assume each row's positions in one
+call are consecutive (ragged padding anywhere).
 
 Key layout: the cmp and slc keys are *position-indexed* (slot s holds position s or -1,
 as `FullKVCache` does), so block j of the slc keys is tokens `j*l' .. (j+1)*l' - 1`.
@@ -49,14 +55,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.common import masked_attention
 from pallas_kernels.flash import flash_attention
 from sparse_jax import patterns as P
-from sparse_jax.patterns.metadata import _compact
+from sparse_jax.patterns.metadata import _compact  # the one compaction of block flags
 
 SELECTION_MODES = ("token", "query_block")
 
