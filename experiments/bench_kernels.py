@@ -398,7 +398,7 @@ def ours_mosaic(cfg):
     from pallas_kernels.flash.mosaic_gpu import flash_mosaic_gpu  # noqa: PLC0415
 
     def f(q, k, v):
-        pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+        pos = np.arange(q.shape[1], dtype=np.int32)[None]   # concrete: the kernel needs arange
         return flash_mosaic_gpu(q, k, v, mask_fn=P.Causal(), q_positions=pos, kv_positions=pos,
                                 q_segment_ids=None, kv_segment_ids=None, sink_logits=None,
                                 softcap=None, scale=q.shape[-1] ** -0.5, return_lse=False,
