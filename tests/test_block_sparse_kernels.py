@@ -41,6 +41,7 @@ class Case:
     pad_k: int = 0                     # trailing keys marked padding in the last batch
     sinks: bool = False
     softcap: float | None = None
+    segments: bool = False             # random sorted segment ids (packed sequences)
     seed: int = 0
 
 
@@ -58,8 +59,10 @@ CASES = [
          mask_fn=P.Causal(), per_head=True, pad_k=3, seed=4),
     Case("strided_gqa16_ragged", tq=35, tk=35, h=16, hkv=1, pattern=P.sparse_transformer_strided(6),
          mask_fn=P.sparse_transformer_strided(6), sinks=True, seed=5),
+    Case("segments_causal_ragged_gqa2", b=2, tq=43, tk=43, h=4, hkv=2, segments=True, pad_k=4,
+         seed=6),
 ]
-TPU_CASES = [CASES[0], CASES[3], CASES[4]]
+TPU_CASES = [CASES[0], CASES[3], CASES[4], CASES[5]]
 
 SMALL = TritonConfig(block_rows=32, block_k=16, num_warps=4, num_stages=2, block_rows_dq=32,
                      block_k_dq=16, block_q_dkv=16, block_k_dkv=16)
@@ -91,14 +94,20 @@ def make_inputs(c: Case, dtype=jnp.float32):
     if c.pad_k:
         kv_pos[-1, -c.pad_k:] = -1
     q_pos, kv_pos = jnp.asarray(q_pos, jnp.int32), jnp.asarray(kv_pos, jnp.int32)
+    q_seg = kv_seg = None
+    if c.segments:      # self-attention layout: segment of a position, shared by q and kv
+        seg_of = np.sort(rng.integers(0, 3, (c.b, c.tk)), -1)
+        q_seg = jnp.asarray(seg_of[:, c.tk - c.tq:], jnp.int32)
+        kv_seg = jnp.asarray(seg_of, jnp.int32)
     nq, nk = -(-c.tq // c.block_q), -(-c.tk // c.block_kv)
     if c.pattern is None:
         meta = random_topk_metadata(rng, c.b, c.hkv, nq, nk, c.block_q, c.block_kv, 3)
     else:
         meta = P.block_metadata(c.pattern, q_pos, kv_pos, c.block_q, c.block_kv,
+                                q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                                 num_kv_heads=c.hkv if c.per_head else 1)
-    kw = dict(mask_fn=c.mask_fn, q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=None,
-              kv_segment_ids=None, sink_logits=None, softcap=c.softcap, scale=c.d ** -0.5,
+    kw = dict(mask_fn=c.mask_fn, q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg,
+              kv_segment_ids=kv_seg, sink_logits=None, softcap=c.softcap, scale=c.d ** -0.5,
               return_lse=True)
     sinks = normal(c.h).astype(jnp.float32) if c.sinks else None
     cot = (normal(c.b, c.tq, c.h, c.d), jnp.asarray(rng.standard_normal((c.b, c.h, c.tq)), jnp.float32))
