@@ -3,6 +3,7 @@
 from sparse_jax.layers.attention import (
     AttentionBase, AttentionConfig, FullAttention, LocalAttention, PatternAttention,
     SlidingWindowAttention, StreamingLLMAttention)
+from sparse_jax.layers.nsa import NSAAttention
 
 __all__ = ["AttentionBase", "AttentionConfig", "FullAttention", "LocalAttention",
-           "PatternAttention", "SlidingWindowAttention", "StreamingLLMAttention"]
+           "NSAAttention", "PatternAttention", "SlidingWindowAttention", "StreamingLLMAttention"]
