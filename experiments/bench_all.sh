@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every kernel benchmark of BENCHMARKING.md in one run on one GPU (issue 3's table).
+# Usage (GPU machine, repo root): OUT=/tmp/bench bash experiments/bench_all.sh
+# Writes one log per benchmark and bench_json.tgz (the full JSON) under $OUT.
+set -u
+OUT=${OUT:-/tmp/bench}
+mkdir -p "$OUT/json"
+export PYTHONPATH=. JAX_PLATFORMS=cuda,cpu PYTHONUNBUFFERED=1
+B=experiments/bench_kernels.py
+run() {  # name seconds command...
+  local name=$1 secs=$2; shift 2
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $?"
+}
+run flash 230 python3 $B --heads 16:16,16:4,64:4 --seq_lens 16384,65536 --iters 10 --out "$OUT/json/flash.json"
+run mosaic_gpu 70 python3 $B --mosaic_gpu --heads 16:16,64:4 --nobackward --seq_lens 16384,65536 --mosaic_stages 2 --out "$OUT/json/mosaic_gpu.json"
+run scores 80 python3 $B --scores --heads 16:16 --seq_lens 16384,65536 --score_blocks 64,128 --iters 10 --out "$OUT/json/scores.json"
+run block_sparse 110 python3 $B --block_sparse --heads 16:16,16:4 --seq_lens 16384,65536 --iters 10 --out "$OUT/json/block_sparse.json"
+run decode 75 python3 experiments/bench_decode.py --budget_s 45 --out "$OUT/json/decode.json"
+tar czf "$OUT/bench_json.tgz" -C "$OUT" json && rm -rf "$OUT/json"
