@@ -60,6 +60,8 @@ CASES = [
          counts=((0, 3), (4, 2)), lengths=(100, 61), sinks=True, num_splits=3, seed=5),
     Case("selected_positions_block20_tq2", form="selected", s=90, h=4, hkv=1, tq=2,
          block_size=20, max_sel=3, counts=((3,), (1,)), lengths=(90, 41), seed=6),
+    Case("lengths_gqa16_window", b=2, s=70, h=16, hkv=1, tq=2, mask_fn=P.causal_window(30),
+         lengths=(70, 33), sinks=True, seed=7),
 ]
 TPU_CASES = [c for c in CASES if c.name != "paged_page24_d24_dv8"]   # TPU tiles: multiples of 8
 
