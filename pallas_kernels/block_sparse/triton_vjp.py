@@ -26,19 +26,8 @@ from pallas_kernels.block_sparse.triton import (head_dim, head_view, kv_slice, m
                                                 meta_row, pad_inputs, q_tiles, row_column, runs,
                                                 stack_rows, three_loops)
 from pallas_kernels.flash import blocks
-from pallas_kernels.flash.triton import logits2, qk_dims
-
-_NN = (((1,), (0,)), ((), ()))
-
-
-def _probs(a, b, lse2, scale, softcap, vis):
-    """P (or P^T) from the logits of `a . b^T` and the base-2 lse; tanh for the softcap."""
-    s, t = logits2(lax.dot_general(a, b, qk_dims(), preferred_element_type=jnp.float32),
-                   scale, softcap)
-    p = jnp.exp2(s - lse2)
-    if vis is not None:
-        p = jnp.where(vis, p, 0.0)
-    return p, t
+from pallas_kernels.flash.triton import qk_dims
+from pallas_kernels.flash.triton_vjp import NN, recompute_probs
 
 
 def _dq_kernel(idx_ref, cnt_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref,
@@ -62,12 +51,12 @@ def _dq_kernel(idx_ref, cnt_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, 
         if mode:
             ks = None if kseg_ref is None else kseg_ref[sl][None, :]
             vis = masked_visible(mode, mask_fn, qp, kpos_ref[sl][None, :], qs, ks)
-        p, t_ = _probs(q, k, lse2, scale, softcap, vis)
+        p, t_ = recompute_probs(q, k, lse2, scale, softcap, vis)
         dp = lax.dot_general(do, v, qk_dims(), preferred_element_type=jnp.float32)
         ds = p * (dp - delta)
         if t_ is not None:
             ds = ds * (1.0 - t_ * t_)
-        return dq + lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
+        return dq + lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=jnp.float32)
 
     dq = three_loops(step, bounds, sub, jnp.zeros(q.shape, jnp.float32))
     dq = (dq * scale).astype(dq_ref.dtype)
@@ -95,13 +84,13 @@ def _dkv_kernel(idx_ref, cnt_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref,
         if mode:
             qs = None if qseg_ref is None else qseg_ref[sl][None, :]
             vis = masked_visible(mode, mask_fn, qpos_ref[sl][None, :], kp, qs, ks)
-        p_t, t_ = _probs(k, q, lse_ref[g, sl][None, :], scale, softcap, vis)     # [bk, bq]
-        dv = dv + lax.dot_general(p_t.astype(do.dtype), do, _NN, preferred_element_type=jnp.float32)
+        p_t, t_ = recompute_probs(k, q, lse_ref[g, sl][None, :], scale, softcap, vis)     # [bk, bq]
+        dv = dv + lax.dot_general(p_t.astype(do.dtype), do, NN, preferred_element_type=jnp.float32)
         dp_t = lax.dot_general(v, do, qk_dims(), preferred_element_type=jnp.float32)
         ds_t = p_t * (dp_t - delta_ref[g, sl][None, :])
         if t_ is not None:
             ds_t = ds_t * (1.0 - t_ * t_)
-        dk = dk + lax.dot_general(ds_t.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32)
+        dk = dk + lax.dot_general(ds_t.astype(q.dtype), q, NN, preferred_element_type=jnp.float32)
         return dk, dv
 
     def head(g, carry):

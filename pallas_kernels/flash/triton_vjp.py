@@ -25,10 +25,10 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.flash import blocks
 from pallas_kernels.flash.triton import TritonConfig, fit_block, logits2, pad_all, qk_dims
 
-_NN = (((1,), (0,)), ((), ()))
+NN = (((1,), (0,)), ((), ()))   # dot_general dims of a plain a @ b
 
 
-def _probs(q_or_k, k_or_q, lse2_row_or_col, scale, softcap, vis):
+def recompute_probs(q_or_k, k_or_q, lse2_row_or_col, scale, softcap, vis):
     """P (or P^T) recomputed from the logits and the base-2 lse; tanh for the softcap."""
     s, t = logits2(lax.dot_general(q_or_k, k_or_q, qk_dims(), preferred_element_type=jnp.float32),
                    scale, softcap)
@@ -57,12 +57,12 @@ def _dq_kernel(tab_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_
         if masked:
             ks = None if kseg_ref is None else kseg_ref[sl][None, :]
             vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], qs, ks)
-        p, t = _probs(q, k, lse2, scale, softcap, vis)
+        p, t = recompute_probs(q, k, lse2, scale, softcap, vis)
         dp = lax.dot_general(do, v, qk_dims(), preferred_element_type=jnp.float32)
         ds = p * (dp - delta)
         if t is not None:
             ds = ds * (1.0 - t * t)
-        return dq + lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
+        return dq + lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=jnp.float32)
 
     dq = jnp.zeros(q.shape, jnp.float32)
     dq = lax.fori_loop(lo, flo, functools.partial(step, masked=True), dq)
@@ -89,13 +89,13 @@ def _dkv_kernel(tab_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v
         if masked:
             qs = None if qseg_ref is None else qseg_ref[sl][None, :]
             vis = blocks.visible(mask_fn, qpos_ref[sl][None, :], kp, qs, ks)
-        p_t, t = _probs(k, q, lse_ref[g, sl][None, :], scale, softcap, vis)   # [bk, bq]
-        dv = dv + lax.dot_general(p_t.astype(do.dtype), do, _NN, preferred_element_type=jnp.float32)
+        p_t, t = recompute_probs(k, q, lse_ref[g, sl][None, :], scale, softcap, vis)   # [bk, bq]
+        dv = dv + lax.dot_general(p_t.astype(do.dtype), do, NN, preferred_element_type=jnp.float32)
         dp_t = lax.dot_general(v, do, qk_dims(), preferred_element_type=jnp.float32)
         ds_t = p_t * (dp_t - delta_ref[g, sl][None, :])
         if t is not None:
             ds_t = ds_t * (1.0 - t * t)
-        dk = dk + lax.dot_general(ds_t.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32)
+        dk = dk + lax.dot_general(ds_t.astype(q.dtype), q, NN, preferred_element_type=jnp.float32)
         return dk, dv
 
     def head(g, carry):
