@@ -85,7 +85,8 @@ def ref_visible(p, q: int, k: int, qs=None, ks=None) -> bool:
 
 
 def ref_mask(p, q_pos, kv_pos, q_seg=None, kv_seg=None) -> np.ndarray:
-    """Dense `[Tq, Tk]` (or `[B, Tq, Tk]`) mask by explicit loops; negative = padding."""
+    """Dense `[Tq, Tk]` (or `[B, Tq, Tk]`) mask by explicit loops; negative = padding;
+    other segments invisible when segment ids are given."""
     q_pos, kv_pos = np.asarray(q_pos), np.asarray(kv_pos)
     if q_pos.ndim == 2:
         return np.stack([ref_mask(p, q_pos[b], kv_pos[b],
@@ -101,7 +102,8 @@ def ref_mask(p, q_pos, kv_pos, q_seg=None, kv_seg=None) -> np.ndarray:
                 continue
             qs = None if q_seg is None else int(q_seg[i])
             ks = None if kv_seg is None else int(kv_seg[j])
-            out[i, j] = ref_visible(p, q, k, qs, ks)
+            # Segment ids, when given, always cut at segment boundaries (whatever the pattern).
+            out[i, j] = ref_visible(p, q, k, qs, ks) and (qs is None or qs == ks)
     return out
 
 
@@ -678,3 +680,10 @@ def test_plot_pattern_on_given_axes():
         np.testing.assert_array_equal(dark, np.tril(np.ones((8, 8), bool)))
     finally:
         plt.close(fig)
+
+
+def test_segment_ids_cut_even_through_a_union():
+    """Hypothesis' shrunk case: `Causal() | SameSegment()` must not see another segment."""
+    one = np.zeros((1, 1), np.int32)
+    visible = dense_mask(Causal() | SameSegment(), one, one, one + 1, one)
+    assert not np.asarray(visible).any()
