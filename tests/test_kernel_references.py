@@ -110,13 +110,14 @@ MASKS = {
 
 
 def make_mask(kind, q_pos, kv_pos, q_seg=None, kv_seg=None):
-    """`[B, Tq, Tk]`: the kind's formula, no padding, same segment when mask_fn is None."""
+    """`[B, Tq, Tk]`: the kind's formula, no padding, same segment whenever segment ids are
+    given (whatever the kind)."""
     _, fn = MASKS[kind]
     q, k = q_pos[:, :, None], kv_pos[:, None, :]
     qs = None if q_seg is None else q_seg[:, :, None]
     ks = None if kv_seg is None else kv_seg[:, None, :]
     vis = fn(q, k, qs, ks) & (q >= 0) & (k >= 0)
-    if kind == "none" and q_seg is not None:
+    if q_seg is not None:
         vis = vis & (qs == ks)
     return np.broadcast_to(vis, (q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1]))
 
