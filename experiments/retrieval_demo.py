@@ -1,10 +1,11 @@
-"""The main job: tiny full / sliding-window / hybrid LMs on needle retrieval, one table.
+"""The main job: tiny full / sliding-window / hybrid / NSA LMs on needle retrieval, one table.
 
 Each model is trained on the same seeded stream of `NeedleTask` sequences (a `KEY v`
 needle somewhere in a noise haystack; the sequence ends with `KEY`, the answer is `v`),
 then evaluated on needles near the query (inside the window) and far from it (beyond the
 receptive field of the stacked windows). Pure sliding-window attention cannot see far
-needles; full attention and the hybrid (a global layer every few local ones) can.
+needles; full attention, the hybrid (a global layer every few local ones) and NSA (same
+window, plus compressed and selected branches) can.
 
     python experiments/retrieval_demo.py                  # CPU default, a few minutes
     python experiments/retrieval_demo.py --steps=1500 --seq_len=256 --window=32
@@ -23,10 +24,11 @@ from tqdm import tqdm
 
 from sparse_jax.data import NeedleTask
 from sparse_jax.models.lm import LMConfig, SparseLM, hybrid_spec
+from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.train import count_params, eval_step, make_optimizer, train_step
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["full", "swa", "hybrid"], "Models to train: full, swa, hybrid, streaming.")
+flags.DEFINE_list("models", ["full", "swa", "hybrid", "nsa"], "Models to train: full, swa, hybrid, streaming, nsa.")
 flags.DEFINE_integer("layers", 2, "Layers per model (hybrid: a full layer every --global_every).")
 flags.DEFINE_integer("global_every", 2, "Hybrid: one full-attention layer every this many layers.")
 flags.DEFINE_integer("seq_len", 128, "Training and evaluation sequence length.")
@@ -45,7 +47,14 @@ SPECS = {
     "swa": lambda: "W" * FLAGS.layers,
     "hybrid": lambda: hybrid_spec(FLAGS.layers, FLAGS.global_every),
     "streaming": lambda: "S" * FLAGS.layers,
+    "nsa": lambda: "N" * FLAGS.layers,
 }
+
+
+def nsa_config() -> NSAConfig:
+    """NSA scaled to the demo: blocks of 8 (stride 4), 6 selected blocks of 8 (the first,
+    the 2 most recent and 3 chosen by the compressed branch), the same window as SWA."""
+    return NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=6, window=FLAGS.window)
 
 
 def evaluate(model, task, rng, lo, hi):
@@ -59,7 +68,7 @@ def evaluate(model, task, rng, lo, hi):
 def run_model(name: str, task: NeedleTask) -> dict:
     spec = SPECS[name]()
     config = LMConfig(vocab_size=task.vocab_size, layer_spec=spec, d_model=FLAGS.d_model,
-                      num_heads=FLAGS.heads, window=FLAGS.window)
+                      num_heads=FLAGS.heads, window=FLAGS.window, nsa=nsa_config())
     model = SparseLM(config, rngs=nnx.Rngs(FLAGS.seed))
     optimizer = make_optimizer(model, FLAGS.lr, warmup=FLAGS.steps // 10, total_steps=FLAGS.steps)
     rng = np.random.default_rng(FLAGS.seed)
