@@ -5,6 +5,9 @@
 * `F` full causal attention, `W` sliding window, `S` StreamingLLM (sinks + window),
 * `P` static pattern (`LMConfig.pattern`, block-sparse),
 * `N` Native Sparse Attention (`LMConfig.nsa`, arXiv 2502.11089).
+* `H` HySparse full layer, `Y` HySparse sparse layer (`LMConfig.hysparse`): each `Y` reads
+  the KV and top-k blocks of the nearest `H` before it (e.g. `"HYYY" * 2 + "H"`).
+* `M` MoBA (`LMConfig.moba_block`, `LMConfig.moba_top_k`).
 
 e.g. `"WWWF"` is "global every 4th layer, local otherwise" (Gemma 3 is 5:1, gpt-oss 1:1).
 Pre-norm blocks: RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU -> residual.
@@ -22,12 +25,15 @@ from flax import nnx
 from sparse_jax import patterns as P
 from sparse_jax.layers import (AttentionConfig, FullAttention, PatternAttention,
                                SlidingWindowAttention, StreamingLLMAttention)
+from sparse_jax.layers.hysparse import HySparseConfig, HySparseFullAttention, HySparseSparseAttention
+from sparse_jax.layers.moba import MoBAAttention
 from sparse_jax.layers.nsa import NSAAttention
 from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.sharding import param
 
 LAYER_TYPES = {"F": "full", "W": "sliding window", "S": "StreamingLLM", "P": "static pattern",
-               "N": "native sparse attention"}
+               "N": "native sparse attention",
+               "H": "HySparse full", "Y": "HySparse sparse", "M": "MoBA"}
 
 
 def hybrid_spec(num_layers: int, global_every: int) -> str:
@@ -52,6 +58,10 @@ class LMConfig:
     # NSA layers ('N'): small blocks for the demo sizes (the paper: l=32, d=16, l'=64, n=16, w=512)
     nsa: NSAConfig | None = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=16, num_selected=8,
                                       window=64, query_block=16)
+    # HySparse ('H', 'Y') and MoBA ('M'): small blocks for the demo sizes (paper: 64 / 1024 / 128)
+    hysparse: HySparseConfig = HySparseConfig(block_size=16, top_k_tokens=64, window=64)
+    moba_block: int = 16
+    moba_top_k: int = 3
     rope_theta: float = 10000.0
     learned_sinks: bool = False
     output_gate: bool = False
@@ -66,6 +76,11 @@ class LMConfig:
             raise ValueError("layer_spec has 'P' layers but pattern is None")
         if "N" in self.layer_spec and not isinstance(self.nsa, NSAConfig):
             raise ValueError(f"layer_spec has 'N' layers but nsa is {self.nsa!r}, not an NSAConfig")
+        if "Y" in self.layer_spec and "H" not in self.layer_spec[:self.layer_spec.index("Y")]:
+            raise ValueError(f"layer_spec {self.layer_spec!r}: every 'Y' (HySparse sparse) layer needs an "
+                             "'H' (HySparse full) layer before it")
+        if ("H" in self.layer_spec or "Y" in self.layer_spec) and not isinstance(self.hysparse, HySparseConfig):
+            raise ValueError(f"hysparse must be a HySparseConfig, got {self.hysparse!r}")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.window < 1:
@@ -92,6 +107,12 @@ def make_attention(kind: str, config: LMConfig, rngs: nnx.Rngs):
         return PatternAttention(a, pattern=config.pattern, block_size=config.pattern_block, rngs=rngs)
     if kind == "N":
         return NSAAttention(a, config.nsa, rngs=rngs)
+    if kind == "H":
+        return HySparseFullAttention(a, config.hysparse, rngs=rngs)
+    if kind == "Y":
+        return HySparseSparseAttention(a, config.hysparse, rngs=rngs)
+    if kind == "M":
+        return MoBAAttention(a, block_size=config.moba_block, top_k=config.moba_top_k, rngs=rngs)
     raise ValueError(f"unknown layer type {kind!r}; known: {sorted(LAYER_TYPES)}")
 
 
@@ -131,6 +152,16 @@ class Block(nnx.Module):
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache
 
+    def forward(self, x, positions, cache=None, shared=None):
+        """Like `__call__`, also returning the `shared` for later layers: a producer's
+        (`attn.produces_shared`, the HySparse full layer) new one, else the one passed in."""
+        if getattr(self.attn, "produces_shared", False):
+            h, cache, shared = self.attn.forward(self.attn_norm(x), positions, cache)
+        else:
+            h, cache = self.attn(self.attn_norm(x), positions, cache, shared)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache, shared
+
 
 class SparseLM(nnx.Module):
     """Decoder-only LM: `logits, caches = model(tokens [B, T], positions [B, T], caches)`."""
@@ -154,9 +185,9 @@ class SparseLM(nnx.Module):
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
-        new_caches = []
+        new_caches, shared = [], None
         for i, block in enumerate(self.blocks):
-            x, cache = block(x, positions, None if caches is None else caches[i])
+            x, cache, shared = block.forward(x, positions, None if caches is None else caches[i], shared)
             new_caches.append(cache)
         logits = self.final_norm(x).astype(jnp.float32) @ self.head[...]
         return logits, (None if caches is None else new_caches)
