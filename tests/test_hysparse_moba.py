@@ -195,6 +195,10 @@ def test_bad_configs_raise():
         HySparseConfig(swa_branch=False, swa_shares_kv=True)
     with pytest.raises(ValueError, match="window"):
         HySparseConfig(window=0)
+    with pytest.raises(ValueError, match="query_block"):
+        HySparseConfig(query_block=0)
+    with pytest.raises(ValueError, match="query_block"):
+        MoBAAttention(CFG, query_block=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="'Y'"):
         _lm("YH")
     with pytest.raises(ValueError, match="top_k"):
@@ -207,3 +211,43 @@ def test_bad_configs_raise():
         sp(x, pos)
     with pytest.raises(ValueError, match="hysparse"):
         HySparseFullAttention(CFG, hysparse="bad", rngs=nnx.Rngs(0))
+
+
+def _union_mask(idx, bs, qb, pos, kv_pos, tk):
+    """Dense reference of the query-block union: token t sees every block listed by any
+    token of its query block, causally."""
+    b, hkv, tq, k = idx.shape
+    per_tok = np.zeros((b, hkv, tq, -(-tk // bs)), bool)
+    for bi, hi, ti, ki in zip(*np.nonzero(np.asarray(idx) >= 0)):
+        per_tok[bi, hi, ti, idx[bi, hi, ti, ki]] = True
+    union = np.zeros_like(per_tok)
+    for t0 in range(0, tq, qb):
+        union[:, :, t0:t0 + qb] = per_tok[:, :, t0:t0 + qb].any(2, keepdims=True)
+    el = np.repeat(union, bs, axis=3)[..., :tk]
+    causal = np.asarray(kv_pos)[:, None, None, :] <= np.asarray(pos)[:, None, :, None]
+    return jnp.asarray(el & causal)
+
+
+@pytest.mark.parametrize("impl,interpret,qb", [("xla", False, 8), ("triton", True, 16)])
+def test_query_block_union_matches_dense_reference(impl, interpret, qb):
+    b, t, h, hkv, d, bs = 1, 48, 2, 1, 16, 16
+    kq, kk, kv = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(kq, (b, t, h, d))
+    k = jax.random.normal(kk, (b, t, hkv, d))
+    v = jax.random.normal(kv, (b, t, hkv, d))
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    _, idx = hops.hysparse_full_attention(q, k, v, pos, pos, block_size=bs, top_k_blocks=1, impl="xla")
+    sinks = jnp.array([0.3, -0.2])
+    out = hops.selected_block_attention(q, k, v, pos, pos, idx, block_size=bs, query_block=qb,
+                                        sink_logits=sinks, impl=impl, interpret=interpret)
+    ref, _, _ = masked_attention(q, k, v, _union_mask(idx, bs, qb, pos, pos, t), scale=d ** -0.5,
+                                 sink_logits=sinks)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_moba_query_block_union_with_all_blocks_equals_full():
+    x, pos = _inputs(t=30)
+    moba = MoBAAttention(CFG, block_size=8, top_k=4, query_block=8, rngs=nnx.Rngs(0))
+    full = FullAttention(CFG, rngs=nnx.Rngs(1))
+    nnx.update(full, nnx.state(moba))
+    np.testing.assert_allclose(moba(x, pos)[0], full(x, pos)[0], atol=1e-5, rtol=1e-5)

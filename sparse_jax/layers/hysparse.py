@@ -52,16 +52,21 @@ class HySparseConfig:
     """block_size: KV block of the selection (paper 64). top_k_tokens: tokens selected per
     query (paper 1024 -> 16 blocks; must be a multiple of block_size). window: SWA branch
     window (paper 128). swa_branch=False: sparse branch only (ablation). swa_shares_kv:
-    the SWA branch reads the full layer's KV instead of its own (ablation)."""
+    the SWA branch reads the full layer's KV instead of its own (ablation). query_block:
+    1 = exact per-token selection (the XLA path); >= 16 for the Triton `block_sparse`
+    kernel: each query block of a call then attends to the union of its tokens'
+    selections (a superset; a decode step of one token uses its own selection only, so
+    decode equals prefill exactly only with query_block=1)."""
 
     block_size: int = 64
     top_k_tokens: int = 1024
     window: int = 128
     swa_branch: bool = True
     swa_shares_kv: bool = False
+    query_block: int = 1
 
     def __post_init__(self):
-        for name in ("block_size", "top_k_tokens", "window"):
+        for name in ("block_size", "top_k_tokens", "window", "query_block"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
@@ -201,7 +206,8 @@ class HySparseSparseAttention(nnx.Module):
         q = rope(proj(self.wq))
         o_sparse = ops.selected_block_attention(
             q, shared.k, shared.v, positions, shared.kv_positions, shared.block_indices,
-            block_size=shared.block_size, sink_logits=self.sink_sparse[...], softcap=c.softcap, impl=c.impl)
+            block_size=shared.block_size, query_block=hs.query_block, sink_logits=self.sink_sparse[...],
+            softcap=c.softcap, impl=c.impl)
         o_swa = None
         if hs.swa_branch:
             if self.wk_swa is None:                                   # ablation: the full layer's KV

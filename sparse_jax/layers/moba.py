@@ -22,15 +22,20 @@ from sparse_jax.ops import moba as ops
 
 class MoBAAttention(AttentionBase):
     """block_size: KV block of the gate (paper e.g. 512). top_k: past blocks per query
-    (the own block comes on top)."""
+    (the own block comes on top). query_block: 1 = exact per-token gating (XLA path); >= 16
+    for the Triton kernel: each query block attends to the union of its tokens' blocks
+    (decode equals prefill exactly only with query_block=1)."""
 
-    def __init__(self, config: AttentionConfig, *, block_size: int = 64, top_k: int = 3, rngs: nnx.Rngs):
+    def __init__(self, config: AttentionConfig, *, block_size: int = 64, top_k: int = 3,
+                 query_block: int = 1, rngs: nnx.Rngs):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         if not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+        if not isinstance(query_block, int) or query_block < 1:
+            raise ValueError(f"query_block must be an int >= 1, got {query_block!r}")
         super().__init__(config, rngs=rngs)
-        self.block_size, self.top_k = block_size, top_k
+        self.block_size, self.top_k, self.query_block = block_size, top_k, query_block
 
     def attend(self, q, k, v, q_positions, kv_positions, *, sink_logits, q_raw, decoding):
         c = self.config
@@ -38,8 +43,8 @@ class MoBAAttention(AttentionBase):
             store = FullKVCache.init(k.shape[0], k.shape[1], k.shape[2], k.shape[3], v.shape[3], dtype=k.dtype)
             k, v, kv_positions, _ = store.update(k, v, kv_positions)
         return ops.moba_attention(q, k, v, q_positions, kv_positions, block_size=self.block_size,
-                                  top_k=self.top_k, sink_logits=sink_logits, softcap=c.softcap,
-                                  impl=c.impl)
+                                  top_k=self.top_k, query_block=self.query_block,
+                                  sink_logits=sink_logits, softcap=c.softcap, impl=c.impl)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         c = self.config

@@ -62,6 +62,7 @@ class LMConfig:
     hysparse: HySparseConfig = HySparseConfig(block_size=16, top_k_tokens=64, window=64)
     moba_block: int = 16
     moba_top_k: int = 3
+    moba_query_block: int = 1
     rope_theta: float = 10000.0
     learned_sinks: bool = False
     output_gate: bool = False
@@ -112,7 +113,8 @@ def make_attention(kind: str, config: LMConfig, rngs: nnx.Rngs):
     if kind == "Y":
         return HySparseSparseAttention(a, config.hysparse, rngs=rngs)
     if kind == "M":
-        return MoBAAttention(a, block_size=config.moba_block, top_k=config.moba_top_k, rngs=rngs)
+        return MoBAAttention(a, block_size=config.moba_block, top_k=config.moba_top_k,
+                             query_block=config.moba_query_block, rngs=rngs)
     raise ValueError(f"unknown layer type {kind!r}; known: {sorted(LAYER_TYPES)}")
 
 

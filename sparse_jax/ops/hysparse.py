@@ -98,11 +98,39 @@ def hysparse_full_attention(q, k, v, q_positions, kv_positions, *, block_size: i
     return res.out, idx
 
 
+def union_block_metadata(block_indices, block_size: int, query_block: int,
+                         num_kv_blocks: int) -> BlockSparseMetadata:
+    """Per-token block lists `[B, Hkv, Tq, k]` -> metadata of `block_q = query_block` whose
+    list per query block is the union of its tokens' lists (kernel-friendly: each token
+    then sees a superset of its own selection, still causal). Every block is partial."""
+    b, hkv, tq, k = block_indices.shape
+    nq = -(-tq // query_block)
+    idx = jnp.pad(block_indices, ((0, 0), (0, 0), (0, nq * query_block - tq), (0, 0)), constant_values=-1)
+    idx = idx.reshape(b, hkv, nq, query_block * k)
+    present = (idx[..., None] == jnp.arange(num_kv_blocks)).any(-2)               # [B, Hkv, nQ, nK]
+    max_blocks = min(num_kv_blocks, query_block * k)
+    order = jnp.argsort(~present, axis=-1, stable=True)[..., :max_blocks].astype(jnp.int32)
+    counts = present.sum(-1).astype(jnp.int32)
+    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    slot = jnp.arange(max_blocks)
+    indices = jnp.where(slot < counts[..., None], order, last)
+    indices = jnp.where(counts[..., None] > 0, indices, 0)
+    return BlockSparseMetadata(indices, counts, jnp.zeros(indices.shape, jnp.bool_), query_block, block_size)
+
+
 def selected_block_attention(q, k, v, q_positions, kv_positions, block_indices, *, block_size: int,
-                             sink_logits=None, softcap=None, return_lse: bool = False,
-                             impl: str = "auto", interpret: bool = False):
-    """Causal attention of each query token over its listed KV blocks (`block_q = 1`)."""
-    meta = token_block_metadata(block_indices, block_size)
+                             query_block: int = 1, sink_logits=None, softcap=None,
+                             return_lse: bool = False, impl: str = "auto", interpret: bool = False):
+    """Causal attention of each query token over its listed KV blocks.
+
+    `query_block = 1` (default): exact per-token selection (`block_q = 1` metadata; the XLA
+    path; the Triton `block_sparse` kernel needs >= 16 query rows per program, so use
+    `query_block >= 16` there). `query_block > 1`: the union over each query block.
+    """
+    if query_block == 1:
+        meta = token_block_metadata(block_indices, block_size)
+    else:
+        meta = union_block_metadata(block_indices, block_size, query_block, -(-k.shape[1] // block_size))
     return block_sparse_attention(q, k, v, meta, mask_fn=P.Causal(), q_positions=q_positions,
                                   kv_positions=kv_positions, sink_logits=sink_logits,
                                   softcap=softcap, return_lse=return_lse, impl=impl,

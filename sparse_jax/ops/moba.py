@@ -42,9 +42,11 @@ def moba_select(q, k, q_positions, kv_positions, *, block_size: int, top_k: int)
 
 
 def moba_attention(q, k, v, q_positions, kv_positions, *, block_size: int, top_k: int,
-                   sink_logits=None, softcap=None, impl: str = "auto", interpret: bool = False):
-    """MoBA attention: `moba_select` then `selected_block_attention`."""
+                   query_block: int = 1, sink_logits=None, softcap=None, impl: str = "auto",
+                   interpret: bool = False):
+    """MoBA attention: `moba_select` then `selected_block_attention` (per token, or the
+    union over query blocks of `query_block` tokens)."""
     idx = moba_select(q, k, q_positions, kv_positions, block_size=block_size, top_k=top_k)
     return selected_block_attention(q, k, v, q_positions, kv_positions, idx, block_size=block_size,
-                                    sink_logits=sink_logits, softcap=softcap, impl=impl,
+                                    query_block=query_block, sink_logits=sink_logits, softcap=softcap, impl=impl,
                                     interpret=interpret)
