@@ -251,3 +251,15 @@ def test_moba_query_block_union_with_all_blocks_equals_full():
     full = FullAttention(CFG, rngs=nnx.Rngs(1))
     nnx.update(full, nnx.state(moba))
     np.testing.assert_allclose(moba(x, pos)[0], full(x, pos)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_padded_rows_match_unpadded():
+    """Padding (-1 positions) at the end of a row changes nothing for the valid tokens."""
+    model = SparseLM(_lm("HYM"), rngs=nnx.Rngs(0))
+    t, n = 26, 17
+    tokens = jax.random.randint(jax.random.key(2), (1, t), 0, 40)
+    pos = jnp.where(jnp.arange(t) < n, jnp.arange(t), -1)[None].astype(jnp.int32)
+    padded, _ = model(tokens, pos)
+    short, _ = model(tokens[:, :n])
+    np.testing.assert_allclose(padded[:, :n], short, atol=2e-5, rtol=2e-5)
+    assert bool(jnp.all(jnp.isfinite(padded)))
