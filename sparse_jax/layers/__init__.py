@@ -3,7 +3,10 @@
 from sparse_jax.layers.attention import (
     AttentionBase, AttentionConfig, FullAttention, LocalAttention, PatternAttention,
     SlidingWindowAttention, StreamingLLMAttention)
+from sparse_jax.layers.hysparse import HySparseFullAttention, HySparseSparseAttention
+from sparse_jax.layers.moba import MoBAAttention
 from sparse_jax.layers.nsa import NSAAttention
 
-__all__ = ["AttentionBase", "AttentionConfig", "FullAttention", "LocalAttention",
-           "NSAAttention", "PatternAttention", "SlidingWindowAttention", "StreamingLLMAttention"]
+__all__ = ["AttentionBase", "AttentionConfig", "FullAttention", "HySparseFullAttention",
+           "HySparseSparseAttention", "LocalAttention", "MoBAAttention", "NSAAttention",
+           "PatternAttention", "SlidingWindowAttention", "StreamingLLMAttention"]
