@@ -132,3 +132,23 @@ def test_mosaic_gpu_refuses_traced_positions_but_not_the_default_under_jit():
     jax.jit(lambda: traced(default))()                      # concrete default: accepted
     with pytest.raises(ValueError, match="positions"):
         jax.jit(traced)(jnp.asarray(default))                # traced, even if equal: refused
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+def test_auto_prefers_mosaic_gpu_where_it_applies(monkeypatch):
+    """impl='auto' on Hopper: Mosaic GPU for a supported call (also under jit with default
+    positions), Triton for anything it does not cover (here learned sinks)."""
+    from pallas_kernels.flash import api
+
+    calls = []
+    for name in ("mosaic_gpu", "triton"):
+        fn = api.IMPLEMENTATIONS[name]
+        monkeypatch.setitem(api.IMPLEMENTATIONS, name,
+                            lambda *a, _fn=fn, _name=name, **kw: (calls.append(_name), _fn(*a, **kw))[1])
+    q, k, v, _ = _inputs(1, 256, 4, 2, 128, jnp.bfloat16)
+    out = jax.jit(lambda q, k, v: flash_attention(q, k, v, mask_fn=P.Causal()))(q, k, v)
+    assert calls == ["mosaic_gpu"]
+    assert _rel(out, _ref(q, k, v, P.Causal()).out) < 2e-2
+    flash_attention(q, k, v, mask_fn=P.Causal(), sink_logits=jnp.zeros((4,), jnp.float32))
+    assert calls == ["mosaic_gpu", "triton"]

@@ -7,14 +7,18 @@ over `k [B, Tk, Hkv, D]`, `v [B, Tk, Hkv, Dv]` (GQA without repeating KV) where
 integer ops). Learned sink logits (gpt-oss), logit soft-cap, segment ids, the log-sum-exp
 and HySparse's block-max scores (arXiv: HySparse, Alg. 1) are options.
 
-`impl`: "auto" (kernel for the platform, XLA reference on CPU), "xla", "triton",
-"mosaic_tpu", "mosaic_gpu" (Hopper, opt-in: causal or full on default positions; see
-`mosaic_gpu.py`). `interpret=True` runs a Pallas kernel in interpret mode on CPU.
+`impl`: "auto" (on a Hopper GPU the Mosaic GPU kernel where it applies, else Triton; on
+TPU Mosaic; the XLA reference on CPU), "xla", "triton", "mosaic_tpu", "mosaic_gpu"
+(Hopper: causal or full attention on default positions; see `mosaic_gpu.py`).
+`interpret=True` runs a Pallas kernel in interpret mode on CPU.
 """
 
 from __future__ import annotations
 
+import jax
+
 from pallas_kernels import common
+from pallas_kernels.flash import mosaic_gpu
 from pallas_kernels.flash.mosaic_gpu import flash_mosaic_gpu
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.tpu import flash_tpu
@@ -55,6 +59,25 @@ def flash_attention(q, k, v, *, mask_fn=None, q_positions=None, kv_positions=Non
         softcap=softcap, scale=scale)
     if block_score_size is not None and (not isinstance(block_score_size, int) or block_score_size < 1):
         raise ValueError(f"block_score_size must be an int >= 1 or None, got {block_score_size!r}")
+    if impl == "auto" and not interpret and _mosaic_gpu_applies(q, k, v, args, block_score_size):
+        impl = "mosaic_gpu"
     fn = common.dispatch("flash", impl, IMPLEMENTATIONS, interpret)
     return fn(q, k, v, **args, return_lse=return_lse, block_score_size=block_score_size,
               block_score_reduce_gqa=block_score_reduce_gqa)
+
+
+def _mosaic_gpu_applies(q, k, v, args, block_score_size) -> bool:
+    """True on a Hopper GPU (compute capability 9.x) when the Mosaic GPU kernel supports
+    the call (its own check); it is faster than the Triton forward there (BENCHMARKS.md)."""
+    if jax.default_backend() != "gpu":
+        return False
+    if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9."):
+        return False
+    try:
+        mosaic_gpu.check_supported(q, k, v, **{n: args[n] for n in (
+            "mask_fn", "q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids",
+            "sink_logits", "softcap")}, block_score_size=block_score_size, interpret=False,
+            config=mosaic_gpu.MosaicGPUConfig())
+    except ValueError:
+        return False
+    return True
