@@ -2,7 +2,7 @@
 
 For meshes data=8, fsdp=8, data=2 x fsdp=2 x tensor=2, tensor=4 and context=2 (sequence
 split; attention's KV gathered by the compiler, no shard_map yet), and models "FF", "WF"
-and "NF" (NSA with the LMConfig default config; the full matrix with
+"NF" (NSA with the LMConfig default config) and "HY" (HySparse; full matrix only; the full matrix with
 SPARSE_JAX_FULL_MATRIX=1, a covering subset by default): the loss and gradients of one step, and
 the losses and parameters after two AdamW steps (jit with in/out shardings, parameters and
 optimizer state placed by the rule table) equal the unsharded `train_step`'s.
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason=(
 VOCAB, D, B, T, STEPS = 64, 32, 8, 32, 2
 MESHES = {"data8": dict(data=8), "fsdp8": dict(fsdp=8), "d2f2t2": dict(data=2, fsdp=2, tensor=2),
           "tensor4": dict(tensor=4), "context2": dict(context=2)}
-SPECS = ("FF", "WF", "NF")
+SPECS = ("FF", "WF", "NF", "HY")
 
 
 def _config(spec):
@@ -78,7 +78,7 @@ def _leaves(state):
     return [np.asarray(v) for v in jax.tree.leaves(state)]
 
 
-# Every mesh and every model at least twice by default (~60 s on 2 cores); the rest of the
+# Every mesh, and FF/WF/NF at least twice, by default (~60 s on 2 cores); the rest of the
 # 3 x 5 matrix (it passes too) with SPARSE_JAX_FULL_MATRIX=1.
 DEFAULT_CASES = {("FF", "data8"), ("FF", "fsdp8"), ("FF", "tensor4"), ("WF", "d2f2t2"),
                  ("WF", "context2"), ("NF", "d2f2t2"), ("NF", "context2")}
