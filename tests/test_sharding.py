@@ -1,9 +1,10 @@
 """Sharded training on 8 fake CPU devices matches the unsharded step.
 
 For meshes data=8, fsdp=8, data=2 x fsdp=2 x tensor=2, tensor=4 and context=2 (sequence
-split; attention's KV gathered by the compiler, no shard_map yet), and models "FF", "WF"
-"NF" (NSA with the LMConfig default config) and "HY" (HySparse; full matrix only; the full matrix with
-SPARSE_JAX_FULL_MATRIX=1, a covering subset by default): the loss and gradients of one step, and
+split; attention's KV gathered by the compiler, no shard_map yet), and models "FF", "WF",
+"NF" (NSA, LMConfig's default config) and "HY" (HySparse) -- a covering subset by default,
+the whole 4 x 5 matrix with SPARSE_JAX_FULL_MATRIX=1 --
+the loss and gradients of one step, and
 the losses and parameters after two AdamW steps (jit with in/out shardings, parameters and
 optimizer state placed by the rule table) equal the unsharded `train_step`'s.
 
