@@ -1,0 +1,237 @@
+"""Query-aware page selection for decode over a full KV cache: Quest and top-p.
+
+Quest (Tang et al., arXiv 2406.10774): the cache is cut into pages of `page_size` slots
+(slot = position, as in `sparse_jax.cache.FullKVCache`); per page and kv head the
+elementwise min and max of its keys, `kmin, kmax [B, P, Hkv, D]`, bound every logit of
+the page from above:
+
+    q . k  <=  sum_i max(q_i * kmax_i, q_i * kmin_i)  =  q+ . kmax + q- . kmin
+
+(`q+ = max(q, 0)`, `q- = min(q, 0)`: two matmuls). The top-`budget_pages` pages by that
+bound are attended exactly by the `decode` kernel's selected-block path
+(`pallas_kernels.decode.api.decode_attention(..., block_indices=..., block_size=page_size)`).
+
+Top-p (Twilight, arXiv 2502.02770; Double-P): the smallest set of pages whose *estimated*
+attention mass reaches `p`. The estimate used here is `softmax(bound scores)` over the
+valid pages: each page counts as if all its mass sat at its upper bound once (it ignores
+how many keys a page holds and overstates pages with spread-out keys), so it is a cheap
+ranking-plus-stopping rule, not a guarantee that the true mass reaches `p`.
+
+Empty pages (no slot with position >= 0) have `kmin = +inf`, `kmax = -inf` (the identities
+of min / max, so a cache can fold new keys in) and score `-inf`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.decode.api import decode_attention
+
+ALWAYS_OPTIONS = ("first", "last")
+
+
+def _check_page_size(page_size):
+    if not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+
+
+def num_pages(seq_len: int, page_size: int) -> int:
+    return -(-seq_len // page_size)
+
+
+def page_bounds(k, kv_positions, page_size: int):
+    """Per-page elementwise key bounds.
+
+    Args:
+      k: `[B, S, Hkv, D]` keys, slot-indexed; kv_positions: int `[B, S]`, negative = empty
+        slot (ignored); page_size: slots per page (S need not be a multiple: the last page is
+        partial).
+    Returns:
+      `(kmin, kmax)`, each `[B, P, Hkv, D]` in k's dtype, `P = ceil(S / page_size)`; empty
+      pages hold `+inf` / `-inf`.
+    """
+    _check_page_size(page_size)
+    if k.ndim != 4:
+        raise ValueError(f"k must be [B, S, Hkv, D], got shape {k.shape}")
+    b, s, hkv, d = k.shape
+    if jnp.shape(kv_positions) != (b, s):
+        raise ValueError(f"kv_positions must be int [{b}, {s}], got shape {jnp.shape(kv_positions)}")
+    p = num_pages(s, page_size)
+    pad = p * page_size - s
+    valid = jnp.pad(kv_positions >= 0, ((0, 0), (0, pad)))[..., None, None]
+    kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    kmin = jnp.where(valid, kp, jnp.inf).reshape(b, p, page_size, hkv, d).min(2)
+    kmax = jnp.where(valid, kp, -jnp.inf).reshape(b, p, page_size, hkv, d).max(2)
+    return kmin.astype(k.dtype), kmax.astype(k.dtype)
+
+
+def valid_pages(kv_positions, page_size: int, q_positions=None):
+    """bool `[B, P]`: pages holding at least one key (visible to some query of
+    `q_positions [B, Tq]`, i.e. position <= the newest query's, when given)."""
+    _check_page_size(page_size)
+    b, s = kv_positions.shape
+    p = num_pages(s, page_size)
+    ok = kv_positions >= 0
+    if q_positions is not None:
+        ok = ok & (kv_positions <= jnp.max(q_positions, axis=1, keepdims=True))
+    return jnp.pad(ok, ((0, 0), (0, p * page_size - s))).reshape(b, p, page_size).any(-1)
+
+
+def quest_page_scores(q, kmin, kmax, *, scale=None):
+    """Quest upper bound of the logits of each page, `[B, Hkv, P]` float32.
+
+    Per query head and token: `scale * sum_i max(q_i kmax_i, q_i kmin_i)`. GQA and Tq > 1:
+    the *max* over the group's `H / Hkv` heads and the Tq tokens, so the kv head's score is
+    still an upper bound of every logit any of its queries can reach in the page (the
+    group then shares one selection, as the decode kernel's block lists are per kv head).
+    Empty pages (`kmax = -inf`) score -inf.
+
+    Args:
+      q: `[B, Tq, H, D]`; kmin, kmax: `[B, P, Hkv, D]` (`page_bounds`); scale: default
+        `1/sqrt(D)` (the attention logit scale, so `softmax` of the scores is a mass estimate).
+    """
+    if q.ndim != 4 or kmin.ndim != 4 or kmin.shape != kmax.shape:
+        raise ValueError(f"q must be [B, Tq, H, D] and kmin/kmax equal [B, P, Hkv, D]; got "
+                         f"{q.shape}, {kmin.shape}, {kmax.shape}")
+    b, tq, h, d = q.shape
+    hkv = kmin.shape[2]
+    if kmin.shape[0] != b or kmin.shape[3] != d or h % hkv:
+        raise ValueError(f"q {q.shape} does not fit kmin/kmax {kmin.shape} (batch, head_dim, "
+                         f"num_heads a multiple of num_kv_heads)")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    empty = kmax[..., 0] == -jnp.inf                                             # [B, P, Hkv]
+    lo = jnp.where(empty[..., None], 0, kmin)
+    hi = jnp.where(empty[..., None], 0, kmax)
+    qg = q.reshape(b, tq, hkv, h // hkv, d)
+    pos = jnp.maximum(qg, 0).astype(hi.dtype)
+    neg = jnp.minimum(qg, 0).astype(lo.dtype)
+    s = (jnp.einsum("btngd,bpnd->bntgp", pos, hi, preferred_element_type=jnp.float32)
+         + jnp.einsum("btngd,bpnd->bntgp", neg, lo, preferred_element_type=jnp.float32))
+    s = s.max(axis=(2, 3)) * scale                                               # [B, Hkv, P]
+    return jnp.where(jnp.swapaxes(empty, 1, 2), -jnp.inf, s)
+
+
+def _check_scores(scores, valid_pages_):
+    if scores.ndim != 3:
+        raise ValueError(f"scores must be [B, Hkv, P], got shape {scores.shape}")
+    b, _, p = scores.shape
+    if jnp.shape(valid_pages_) != (b, p):
+        raise ValueError(f"valid_pages must be bool [{b}, {p}], got shape {jnp.shape(valid_pages_)}")
+
+
+def _pack(order, counts):
+    """Indices `[..., k]` whose first `counts` are chosen -> ascending chosen first, padding
+    entries repeating the last chosen one (in range, ignored by the kernel)."""
+    big = jnp.iinfo(jnp.int32).max
+    slot = jnp.arange(order.shape[-1])
+    idx = jnp.sort(jnp.where(slot < counts[..., None], order, big), axis=-1)
+    last = jnp.take_along_axis(idx, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    idx = jnp.where(slot < counts[..., None], idx, jnp.where(counts[..., None] > 0, last, 0))
+    return idx.astype(jnp.int32), counts.astype(jnp.int32)
+
+
+def _forced(valid, always):
+    """bool `[B, P]`: the pages `always` names (first / last valid page)."""
+    for a in always:
+        if a not in ALWAYS_OPTIONS:
+            raise ValueError(f"always must hold options among {ALWAYS_OPTIONS}, got {always!r}")
+    p = valid.shape[1]
+    ar = jnp.arange(p)
+    out = jnp.zeros(valid.shape, bool)
+    if "first" in always:
+        first = jnp.argmax(valid, axis=1)
+        out = out | (ar[None] == first[:, None])
+    if "last" in always:
+        last = p - 1 - jnp.argmax(valid[:, ::-1], axis=1)
+        out = out | (ar[None] == last[:, None])
+    return out & valid
+
+
+def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIONS):
+    """Top-`budget_pages` valid pages per (batch, kv head), in the decode kernel's format.
+
+    Args:
+      scores: `[B, Hkv, P]` (`quest_page_scores`); budget_pages: int >= 1;
+      valid_pages: bool `[B, P]`; always: options among ("first", "last"): the first valid
+        page (attention sinks) and the last valid page (the newest tokens) are taken
+        whatever their score, within the budget.
+    Returns:
+      `block_indices [B, Hkv, k]` int32 (`k = min(budget_pages, P)`; the chosen ones
+      ascending, then padding repeating the last), `block_counts [B, Hkv]` = number of
+      valid pages chosen (`min(k, valid pages)`). Ties go to the lower page.
+    """
+    _check_scores(scores, valid_pages)
+    if not isinstance(budget_pages, int) or budget_pages < 1:
+        raise ValueError(f"budget_pages must be an int >= 1, got {budget_pages!r}")
+    k = min(budget_pages, scores.shape[-1])
+    s = jnp.where(valid_pages[:, None], scores.astype(jnp.float32), -jnp.inf)
+    s = jnp.where(_forced(valid_pages, tuple(always))[:, None], jnp.inf, s)
+    _, order = jax.lax.top_k(s, k)
+    counts = jnp.minimum(valid_pages.sum(-1), k)[:, None] * jnp.ones(s.shape[:2], jnp.int32)
+    return _pack(order, counts)
+
+
+def select_top_p(scores, p: float, valid_pages, max_pages: int | None = None):
+    """Smallest set of valid pages whose estimated attention mass reaches `p`.
+
+    The mass estimate is `softmax(scores)` over the valid pages of each (batch, kv head)
+    (see the module docstring); pages are taken by decreasing score until the cumulative
+    estimate reaches `p` (at least one page when any is valid).
+
+    Args:
+      scores: `[B, Hkv, P]`; p: in (0, 1]; valid_pages: bool `[B, P]`; max_pages: width of
+        the result and cap on the count (default P).
+    Returns:
+      `block_indices [B, Hkv, max_pages]`, `block_counts [B, Hkv]` as `select_top_pages`.
+    """
+    _check_scores(scores, valid_pages)
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"p must lie in (0, 1], got {p!r}")
+    width = scores.shape[-1] if max_pages is None else int(max_pages)
+    if width < 1:
+        raise ValueError(f"max_pages must be >= 1, got {max_pages!r}")
+    width = min(width, scores.shape[-1])
+    s = jnp.where(valid_pages[:, None], scores.astype(jnp.float32), -jnp.inf)
+    vals, order = jax.lax.top_k(s, scores.shape[-1])                # descending
+    top = jnp.where(jnp.isfinite(vals[..., :1]), vals[..., :1], 0.0)
+    w = jnp.where(jnp.isfinite(vals), jnp.exp(vals - top), 0.0)
+    mass = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-30)
+    before = jnp.cumsum(mass, -1) - mass                            # mass of the better pages
+    counts = ((before < p) & (w > 0)).sum(-1)
+    return _pack(order[..., :width], jnp.minimum(counts, width))
+
+
+def quest_decode(q, k_cache, v_cache, kv_positions, *, page_size: int, budget_pages: int | None = None,
+                 top_p: float | None = None, bounds=None, q_positions=None, always=ALWAYS_OPTIONS,
+                 scale=None, num_splits=None, impl: str = "auto", interpret: bool = False):
+    """Quest decode: score pages, select (top-k or top-p), attend to the selected pages.
+
+    Args:
+      q: `[B, Tq, H, D]` new queries (already written to the cache);
+      k_cache, v_cache: `[B, S, Hkv, D]` slot-indexed cache; kv_positions: int `[B, S]`;
+      page_size: slots per page (the decode kernel's `block_size`);
+      budget_pages / top_p: exactly one; bounds: optional `(kmin, kmax)` kept by
+        `QuestKVCache` (else computed here from the whole cache);
+      q_positions: int `[B, Tq]` (default: after the newest key); always: see
+        `select_top_pages` (top-k only).
+    Returns:
+      `out [B, Tq, H, Dv]` (decode_attention's output).
+    """
+    if (budget_pages is None) == (top_p is None):
+        raise ValueError("pass exactly one of budget_pages and top_p")
+    kmin, kmax = page_bounds(k_cache, kv_positions, page_size) if bounds is None else bounds
+    if q_positions is None:
+        q_positions = (jnp.max(kv_positions, axis=1)[:, None] + 1 - q.shape[1]
+                       + jnp.arange(q.shape[1], dtype=jnp.int32)[None])
+    scores = quest_page_scores(q, kmin, kmax, scale=scale)
+    valid = valid_pages(kv_positions, page_size, q_positions)
+    if budget_pages is not None:
+        idx, cnt = select_top_pages(scores, budget_pages, valid, always)
+    else:
+        idx, cnt = select_top_p(scores, top_p, valid)
+    return decode_attention(q, k_cache, v_cache, kv_positions=kv_positions, q_positions=q_positions,
+                            block_indices=idx, block_counts=cnt, block_size=page_size, scale=scale,
+                            num_splits=num_splits, impl=impl, interpret=interpret)
