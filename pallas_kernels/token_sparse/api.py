@@ -1,0 +1,85 @@
+"""`token_sparse`: each query token attends its own list of KV tokens or KV blocks.
+
+`token_sparse_attention(q, k, v, indices, block_size=...)`: query token t of kv head h
+(and so all `G = H / Hkv` query heads of that group) attends the union of the KV blocks
+listed in `indices[b, t, h, :]` (block i = key slots `[i * block_size, (i + 1) *
+block_size)`; `block_size=1`: the entries are token indices), further masked by padding
+(negative positions) and, with `causal`, by `kv_pos <= q_pos`. Users:
+
+* DSA (DeepSeek-V3.2, lightning-indexer top-k): top-2048 tokens per query, MQA (Hkv=1)
+  over the MLA latent (D = 512 + 64, Dv = 512);
+* NSA (arXiv 2502.11089) selection branch, exact per token: top-16 blocks of 64 tokens
+  shared by each GQA group ("group-centric": one load of a block serves the group);
+* HySparse's per-token selection.
+
+`impl`: "auto" | "xla" | "triton" | "mosaic_tpu"; `interpret=True` runs a Pallas kernel in
+interpret mode on CPU. Kernels need the listed entries of a row to be distinct (the
+reference takes the union; a kernel would count a repeated block twice).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import common
+from pallas_kernels.token_sparse.reference import token_sparse_reference
+from pallas_kernels.token_sparse.tpu import token_sparse_tpu
+from pallas_kernels.token_sparse.triton import token_sparse_triton
+
+IMPLEMENTATIONS = {"xla": token_sparse_reference, "triton": token_sparse_triton,
+                   "mosaic_tpu": token_sparse_tpu}
+
+
+def check_indices(indices, b: int, t: int, hkv: int, num_blocks: int):
+    """`indices` must be int `[B, T, Hkv, K >= 1]`; concrete entries must be < num_blocks."""
+    shape = jnp.shape(indices)
+    if len(shape) != 4 or shape[:3] != (b, t, hkv) or shape[3] < 1:
+        raise ValueError(f"indices must be int [{b}, {t}, {hkv}, K >= 1] (batch, query, kv head, "
+                         f"entries), got shape {list(shape)}")
+    indices = jnp.asarray(indices)
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise ValueError(f"indices must be integer, got {indices.dtype}")
+    if not isinstance(indices, jax.core.Tracer):
+        top = int(np.asarray(jax.device_get(indices)).max())
+        if top >= num_blocks:
+            raise ValueError(f"indices must be < {num_blocks} (the number of KV blocks: "
+                             f"ceil(S / block_size)), got {top}")
+    return indices.astype(jnp.int32)
+
+
+def token_sparse_attention(q, k, v, indices, *, block_size=1, q_positions=None,
+                           kv_positions=None, causal=True, sink_logits=None, softcap=None,
+                           scale=None, return_lse=False, impl="auto", interpret=False):
+    """Attention over per-query gathered KV tokens (or blocks).
+
+    Args:
+      q: `[B, T, H, D]`; k: `[B, S, Hkv, D]`; v: `[B, S, Hkv, Dv]`; `Hkv` divides `H`.
+      indices: int `[B, T, Hkv, K]`, KV block numbers per query token and kv head, negative
+        = padding; the entries of a row must be distinct.
+      block_size: key slots per listed block (1: token indices).
+      q_positions: int `[B, T]`, default `arange(T)`; negative = padding query (zeros out).
+      kv_positions: int `[B, S]`, default `arange(S)`; negative = padding key (never seen).
+      causal: also require `kv_pos <= q_pos`.
+      sink_logits: optional float `[H]` learned sink logit (denominator only).
+      softcap: optional logit soft-cap `c * tanh(s / c)`; scale: default `1/sqrt(D)`.
+      return_lse: also return the log-sum-exp `[B, H, T]` (float32, -inf on empty rows).
+    Returns:
+      `out [B, T, H, Dv]` in q's dtype, or `AttentionOutput(out, lse)` with `return_lse`.
+      A query that sees no key gives zeros (and finite gradients).
+    """
+    args = common.check_attention_args(
+        q, k, v, mask_fn=None, q_positions=q_positions, kv_positions=kv_positions,
+        q_segment_ids=None, kv_segment_ids=None, sink_logits=sink_logits, softcap=softcap,
+        scale=scale)
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    b, t, s, hkv = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
+    indices = check_indices(indices, b, t, hkv, -(-s // block_size))
+    fn = common.dispatch("token_sparse", impl, IMPLEMENTATIONS, interpret)
+    return fn(q, k, v, indices, block_size=block_size, q_positions=args["q_positions"],
+              kv_positions=args["kv_positions"], causal=causal, sink_logits=args["sink_logits"],
+              softcap=softcap, scale=args["scale"], return_lse=return_lse)

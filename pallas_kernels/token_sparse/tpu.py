@@ -1,0 +1,3 @@
+"""placeholder"""
+def token_sparse_tpu(*a, **kw):
+    raise NotImplementedError

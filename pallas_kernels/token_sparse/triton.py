@@ -1,0 +1,258 @@
+"""`token_sparse` forward on GPU: Pallas with the Triton lowering, group-centric.
+
+One program per (query token, batch, kv head). It holds the `G = H / Hkv` query heads of
+its kv group as the rows of one tile (`[G_p, D]`, G padded to >= 16 rows for the tensor-core
+dot), so every KV row it gathers serves the whole group (NSA's group-centric selection,
+arXiv 2502.11089 Sec. 3.4; DSA's MQA form reads the one latent KV head once for all 64
+query heads). Per iteration it reads
+
+* `block_size == 1`: `block_k` listed token indices and gathers those K/V rows;
+* `block_size > 1`: one listed block, `block_size` contiguous K/V rows;
+
+and folds them in with the FlashAttention-2 online softmax (arXiv 2307.08691) in base 2;
+a learned sink logit starts the running max and denominator. Visibility: listed entry
+(>= 0, < number of blocks), key position >= 0, query position >= 0 and, with `causal`,
+`kv_pos <= q_pos`. The loop stops after the tile of the row's last listed entry.
+
+Head dims are padded to a multiple of 16 and split into power-of-two pieces (576 = 512 + 64:
+the DSA latent costs no padding). The backward pass is in `triton_vjp.py` (dq in the same
+traversal, dk/dv by float32 atomic adds); the custom_vjp wiring is `flash.autodiff`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash import autodiff, blocks
+from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
+from pallas_kernels.flash.triton import logits2, qk_dims
+
+NN = (((1,), (0,)), ((), ()))     # a @ b
+TN = (((0,), (0,)), ((), ()))     # a^T @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+    """`block_k`: gathered token rows per iteration (block_size == 1; capped to K)."""
+
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+    block_k_bwd: int = 32
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Static sizes of one call (hashable)."""
+
+    t: int                    # query tokens
+    s_p: int                  # padded key slots
+    hkv: int
+    group: int                # G = H / Hkv
+    group_p: int              # rows per program, >= 16
+    d_pieces: tuple           # (start, width) power-of-two pieces of the padded head dim
+    dv_pieces: tuple
+    block_size: int
+    rows: int                 # key rows per iteration
+    per_iter: int             # listed entries per iteration
+    k_p: int                  # padded entries per row
+    nblk: int                 # number of KV blocks of the unpadded keys
+    causal: bool
+
+
+def pieces(width: int) -> tuple:
+    """Power-of-two `(start, width)` pieces of `width` (a multiple of 16), largest first."""
+    out, start = [], 0
+    while start < width:
+        w = 1 << ((width - start).bit_length() - 1)
+        out.append((start, w))
+        start += w
+    return tuple(out)
+
+
+def geometry(q, k, v, indices, block_size: int, causal: bool, block_k: int) -> Geometry:
+    t, h, d = q.shape[1], q.shape[2], q.shape[3]
+    s, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    nblk = -(-s // block_size)
+    n = indices.shape[3]
+    if block_size == 1:
+        rows = per_iter = blocks.pow2_block(block_k, n)
+        s_p = s
+    else:
+        rows, per_iter = max(16, blocks.pl_next_pow2(block_size)), 1
+        s_p = nblk * block_size + rows - block_size     # a block's rows never run off the end
+    return Geometry(t=t, s_p=s_p, hkv=hkv, group=h // hkv,
+                    group_p=max(16, blocks.pl_next_pow2(h // hkv)),
+                    d_pieces=pieces(blocks.round_up(d, 16)), dv_pieces=pieces(blocks.round_up(dv, 16)),
+                    block_size=block_size, rows=rows, per_iter=per_iter,
+                    k_p=blocks.round_up(n, per_iter), nblk=nblk, causal=causal)
+
+
+def prepare(geo: Geometry, q, k, v, q_pos, kv_pos, indices):
+    """Padded kernel operands: q `[B, T, Hkv, G_p, D_p]`, k/v `[B, S_p, Hkv, D_p]`, kv_pos
+    `[B, S_p]` (-1 pads), indices `[B, T, Hkv, K_p]` (-1 pads), the per-row iteration count
+    `[B * T * Hkv]` and q_pos flattened `[B * T]`."""
+    b, t, h, d = q.shape
+    d_p = blocks.round_up(d, 16)
+    dv_p = blocks.round_up(v.shape[3], 16)
+    qg = blocks.pad_axis(q, d_p, 3).reshape(b, t, geo.hkv, geo.group, d_p)
+    qg = blocks.pad_axis(qg, geo.group_p, 3)
+    k = blocks.pad_axis(blocks.pad_axis(k, geo.s_p, 1), d_p, 3)
+    v = blocks.pad_axis(blocks.pad_axis(v, geo.s_p, 1), dv_p, 3)
+    kv_pos = blocks.pad_axis(kv_pos, geo.s_p, 1, -1)
+    indices = blocks.pad_axis(indices, geo.k_p, 3, -1)
+    listed = (indices >= 0) & (indices < geo.nblk)
+    last = jnp.max(jnp.where(listed, jnp.arange(1, geo.k_p + 1, dtype=jnp.int32), 0), axis=-1)
+    n_iter = (last + geo.per_iter - 1) // geo.per_iter
+    return qg, k, v, kv_pos, indices, n_iter.reshape(-1), q_pos.reshape(-1)
+
+
+def group_view(x, geo: Geometry):
+    """`[B, T, H, ...] -> [B, T, Hkv, G_p, ...]` (padded rows zero)."""
+    b, t = x.shape[:2]
+    x = x.reshape(b, t, geo.hkv, geo.group, *x.shape[3:])
+    return blocks.pad_axis(x, geo.group_p, 3)
+
+
+def tile(geo: Geometry, idx_ref, kpos_ref, j, q_pos):
+    """Key rows of iteration j: `(rows [R] int32 in [0, S_p), listed [R], visible [1, R])`."""
+    r = jnp.arange(geo.rows, dtype=jnp.int32)
+    if geo.block_size == 1:
+        blk = idx_ref[pl.ds(pl.multiple_of(j * geo.per_iter, geo.per_iter), geo.per_iter)]
+        listed = (blk >= 0) & (blk < geo.nblk)
+        rows = jnp.where(listed, blk, 0)
+    else:
+        blk = idx_ref[j]
+        ok = (blk >= 0) & (blk < geo.nblk)
+        rows = jnp.where(ok, blk, 0) * geo.block_size + r
+        listed = ok & (r < geo.block_size)
+    kp = kpos_ref[rows]
+    vis = listed & (kp >= 0) & (q_pos >= 0)
+    if geo.causal:
+        vis = vis & (kp <= q_pos)
+    return rows, listed, vis[None, :]
+
+
+def load_pieces(ref, rows, dims):
+    """Gathered `[R, w]` pieces of `ref [S_p, D_p]` at `rows`."""
+    return [ref[rows, pl.ds(start, w)] for start, w in dims]
+
+
+def qk(q_pieces, k_pieces):
+    s = None
+    for a, b in zip(q_pieces, k_pieces):
+        part = lax.dot_general(a, b, qk_dims(), preferred_element_type=jnp.float32)
+        s = part if s is None else s + part
+    return s
+
+
+def _fwd_kernel(cnt_ref, qpos_ref, sink_ref, idx_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref,
+                lse_ref, *, geo: Geometry, scale, softcap):
+    t, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n_iter = cnt_ref[(b * geo.t + t) * geo.hkv + h]
+    q_pos = qpos_ref[b * geo.t + t]
+    qs = [q_ref[:, pl.ds(start, w)] for start, w in geo.d_pieces]
+    rows_q = geo.group_p
+    if sink_ref is not None:
+        m0 = sink_ref[...].astype(jnp.float32) * LOG2E
+        l0 = jnp.ones((rows_q,), jnp.float32)
+    else:
+        m0 = jnp.full((rows_q,), MASK_VALUE, jnp.float32)
+        l0 = jnp.zeros((rows_q,), jnp.float32)
+    acc0 = tuple(jnp.zeros((rows_q, w), jnp.float32) for _, w in geo.dv_pieces)
+
+    def step(j, carry):
+        m, l, acc = carry
+        rows, _, vis = tile(geo, idx_ref, kpos_ref, j, q_pos)
+        s = qk(qs, load_pieces(k_ref, rows, geo.d_pieces))
+        if softcap is None:
+            c = scale * LOG2E
+        else:
+            s, c = logits2(s, scale, softcap)[0], 1.0
+        s = jnp.where(vis, s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1) * c)
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.where(vis, jnp.exp2(s * c - m_new[:, None]), 0.0)
+        vs = load_pieces(v_ref, rows, geo.dv_pieces)
+        acc = tuple(a * alpha[:, None] + lax.dot_general(p.astype(vv.dtype), vv, NN,
+                                                         preferred_element_type=jnp.float32)
+                    for a, vv in zip(acc, vs))
+        return m_new, l * alpha + p.sum(axis=-1), acc
+
+    m, l, acc = lax.fori_loop(0, n_iter, step, (m0, l0, acc0))
+    seen = l > 0.0
+    l_safe = jnp.where(seen, l, 1.0)
+    for (start, w), a in zip(geo.dv_pieces, acc):
+        o_ref[:, pl.ds(start, w)] = (a / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
+
+
+def specs(geo: Geometry, b: int):
+    """BlockSpecs shared by the forward and backward kernels, grid (T, B, Hkv)."""
+    d_p = geo.d_pieces[-1][0] + geo.d_pieces[-1][1]
+    dv_p = geo.dv_pieces[-1][0] + geo.dv_pieces[-1][1]
+    whole = pl.BlockSpec()
+    per_row = lambda *tail: pl.BlockSpec((None, None, None) + tail,  # noqa: E731
+                                         lambda t, b_, h: (b_, t, h) + (0,) * len(tail))
+    per_head = lambda width: pl.BlockSpec((None, geo.s_p, None, width),  # noqa: E731
+                                          lambda t, b_, h: (b_, 0, h, 0))
+    return dict(whole=whole, idx=per_row(geo.k_p), q=per_row(geo.group_p, d_p),
+                o=per_row(geo.group_p, dv_p), row=per_row(geo.group_p),
+                kpos=pl.BlockSpec((None, geo.s_p), lambda t, b_, h: (b_, 0)),
+                k=per_head(d_p), v=per_head(dv_p),
+                sink=pl.BlockSpec((None, geo.group_p), lambda t, b_, h: (h, 0)),
+                d_p=d_p, dv_p=dv_p)
+
+
+def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, indices):
+    """Unpadded `[B, T, H, D]` in, `(out [B, T, H, Dv], lse [B, H, T])` out."""
+    del q_seg, kv_seg
+    cfg, geo = st.config
+    b, t, h, _ = q.shape
+    dv = v.shape[3]
+    qg, kp, vp, kv_pos_p, idx, n_iter, q_pos_f = prepare(geo, q, k, v, q_pos, kv_pos, indices)
+    sp = specs(geo, b)
+    sink_rows = None
+    if sinks is not None:
+        sink_rows = blocks.pad_axis(sinks.reshape(geo.hkv, geo.group), geo.group_p, 1)
+    out, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, geo=geo, scale=st.scale, softcap=st.softcap),
+        grid=(t, b, geo.hkv),
+        in_specs=[sp["whole"], sp["whole"], None if sinks is None else sp["sink"], sp["idx"],
+                  sp["kpos"], sp["q"], sp["k"], sp["v"]],
+        out_specs=[sp["o"], sp["row"]],
+        out_shape=[jax.ShapeDtypeStruct((b, t, geo.hkv, geo.group_p, sp["dv_p"]), q.dtype),
+                   jax.ShapeDtypeStruct((b, t, geo.hkv, geo.group_p), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=st.interpret,
+        name="token_sparse_fwd",
+    )(n_iter, q_pos_f, sink_rows, idx, kv_pos_p, qg, kp, vp)
+    out = out[:, :, :, :geo.group, :dv].reshape(b, t, h, dv)
+    lse = lse[:, :, :, :geo.group].reshape(b, t, h).transpose(0, 2, 1)
+    return out, lse
+
+
+def token_sparse_triton(q, k, v, indices, *, block_size, q_positions, kv_positions, causal,
+                        sink_logits, softcap, scale, return_lse, interpret=False,
+                        config: TritonConfig | None = None):
+    """`token_sparse_reference`'s contract on the Triton kernels (`interpret=True`: CPU)."""
+    from pallas_kernels.token_sparse import triton_vjp  # noqa: PLC0415 - fwd file standalone
+
+    cfg = config or TritonConfig()
+    st = autodiff.Static(
+        forward=forward, backward=triton_vjp.backward, mask_fn=None, scale=float(scale),
+        softcap=None if softcap is None else float(softcap), has_sinks=sink_logits is not None,
+        config=(cfg, geometry(q, k, v, indices, block_size, causal, cfg.block_k)),
+        interpret=bool(interpret))
+    return autodiff.attention(st, q, k, v, sink_logits=sink_logits, q_positions=q_positions,
+                              kv_positions=kv_positions, q_segment_ids=None, kv_segment_ids=None,
+                              return_lse=return_lse, aux=(indices,))
