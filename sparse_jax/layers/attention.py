@@ -41,7 +41,8 @@ class AttentionConfig:
     rope_theta: RoPE base (None: no RoPE). learned_sinks: per-head sink logit in the
     softmax denominator. output_gate: `o * sigmoid(x W_g)` per head and channel before the
     output projection. softcap: logit soft-cap. impl: kernel choice ("auto" | "xla" | ...).
-    dtype: compute dtype of activations; param_dtype: dtype of the weights.
+    dtype: compute dtype of activations; param_dtype: dtype of the weights. qkv_bias: biases
+    on the q/k/v projections (Qwen2).
     """
 
     d_model: int
@@ -55,6 +56,7 @@ class AttentionConfig:
     impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    qkv_bias: bool = False
 
     def __post_init__(self):
         for name in ("d_model", "num_heads"):
@@ -94,6 +96,12 @@ class AttentionBase(nnx.Module):
                             if c.learned_sinks else None)
         self.wg = (param(rngs, _init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
                    if c.output_gate else None)
+        zeros = nnx.initializers.zeros_init()
+        self.bq, self.bk, self.bv = (
+            (param(rngs, zeros, (h, hd), ("heads", "head_dim"), pd),
+             param(rngs, zeros, (hkv, hd), ("kv_heads", "head_dim"), pd),
+             param(rngs, zeros, (hkv, hd), ("kv_heads", "head_dim"), pd))
+            if c.qkv_bias else (None, None, None))
 
     def __call__(self, x, positions, cache=None, shared=None):
         """x: `[B, T, d_model]`, positions: int `[B, T]` -> (`[B, T, d_model]`, new cache)."""
@@ -109,6 +117,8 @@ class AttentionBase(nnx.Module):
         q_raw = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(c.dtype))
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(c.dtype))
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(c.dtype))
+        if c.qkv_bias:
+            q_raw, k, v = (t + b[...].astype(c.dtype) for t, b in ((q_raw, self.bq), (k, self.bk), (v, self.bv)))
         if c.rope_theta is not None:
             q, k = apply_rope(q_raw, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta)
         else:

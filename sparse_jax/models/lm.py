@@ -69,6 +69,11 @@ class LMConfig:
     softcap: float | None = None
     impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
+    # imported checkpoints (sparse_jax.models.hf): per-head width (None: d_model // num_heads),
+    # q/k/v biases (Qwen2; layers F, W, S, P, M only), RMSNorm epsilon
+    head_dim: int | None = None
+    qkv_bias: bool = False
+    norm_eps: float = 1e-6
 
     def __post_init__(self):
         if not self.layer_spec or set(self.layer_spec) - set(LAYER_TYPES):
@@ -86,12 +91,17 @@ class LMConfig:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.qkv_bias and set(self.layer_spec) - set("FWSPM"):
+            raise ValueError(f"qkv_bias is supported by layers F, W, S, P, M only, layer_spec is {self.layer_spec!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         _ = self.attention  # validates heads, head_dim and the other attention settings now
 
     @property
     def attention(self) -> AttentionConfig:
         return AttentionConfig(d_model=self.d_model, num_heads=self.num_heads,
-                               num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta,
+                               num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                               qkv_bias=self.qkv_bias, rope_theta=self.rope_theta,
                                learned_sinks=self.learned_sinks, output_gate=self.output_gate,
                                softcap=self.softcap, impl=self.impl, dtype=self.dtype)
 
@@ -144,9 +154,9 @@ class SwiGLU(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, kind: str, config: LMConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(config.d_model, rngs=rngs)
+        self.attn_norm = RMSNorm(config.d_model, rngs=rngs, eps=config.norm_eps)
         self.attn = make_attention(kind, config, rngs)
-        self.mlp_norm = RMSNorm(config.d_model, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.d_model, rngs=rngs, eps=config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_dim or 4 * config.d_model, rngs=rngs)
 
     def __call__(self, x, positions, cache=None, shared=None):
@@ -173,7 +183,7 @@ class SparseLM(nnx.Module):
         self.embed = param(rngs, nnx.initializers.normal(1.0), (config.vocab_size, config.d_model),
                            ("vocab", "embed"))
         self.blocks = nnx.List([Block(kind, config, rngs=rngs) for kind in config.layer_spec])
-        self.final_norm = RMSNorm(config.d_model, rngs=rngs)
+        self.final_norm = RMSNorm(config.d_model, rngs=rngs, eps=config.norm_eps)
         self.head = param(rngs, nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
                           (config.d_model, config.vocab_size), ("embed", "vocab"))
 

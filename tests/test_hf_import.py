@@ -1,0 +1,174 @@
+"""Checkpoint import (`sparse_jax.models.hf`): logits equal transformers' on golden files.
+
+The goldens in `tests/golden/hf/<family>/` (tiny random Llama / Qwen2 / Mistral written by
+transformers, with its PyTorch-CPU logits) come from `tests/golden/make_hf_golden.py`; this
+test needs neither torch nor transformers. Tolerance: float32, atol 1e-4 on logits of
+magnitude ~3 (the measured difference is ~1e-6).
+"""
+
+import json
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparse_jax.models.hf import config_from_hf, load_pretrained, read_safetensors
+
+GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "hf"
+FAMILIES = ("llama", "qwen2", "mistral")
+ATOL = 1e-4
+
+
+def golden(family):
+    g = np.load(GOLDEN / family / "logits.npz")
+    return g["tokens"], g["positions"], g["logits"]
+
+
+def max_error(model, family):
+    tokens, positions, expected = golden(family)
+    logits, _ = model(jnp.asarray(tokens), jnp.asarray(positions))
+    valid = positions >= 0                      # transformers' logits at padding are not compared
+    return float(np.abs(np.asarray(logits) - expected)[valid].max())
+
+
+def hf_config(family):
+    return json.loads((GOLDEN / family / "config.json").read_text())
+
+
+def checkpoint_with_config(tmp_path, family, **changes):
+    """A copy of the golden checkpoint whose config.json has `changes` (None deletes a key)."""
+    folder = tmp_path / family
+    folder.mkdir()
+    shutil.copy(GOLDEN / family / "model.safetensors", folder)
+    config = hf_config(family)
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return folder
+
+
+def write_safetensors(path, tensors: dict, metadata=None):
+    """The format by hand: u64 header length, JSON header, concatenated little-endian data."""
+    names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+             np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64"}
+    header, blobs, offset = {"__metadata__": metadata or {"format": "pt"}}, [], 0
+    for name, array in tensors.items():
+        data = np.ascontiguousarray(array).tobytes()
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    pathlib.Path(path).write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_transformers(family):
+    model = load_pretrained(GOLDEN / family)
+    err = max_error(model, family)
+    assert err < ATOL, f"{family}: max |logits - transformers| = {err}"
+
+
+def test_config_mapping():
+    llama, qwen2, mistral = (config_from_hf(hf_config(f)) for f in FAMILIES)
+    assert (llama.layer_spec, llama.rope_theta, llama.num_kv_heads, llama.qkv_bias) == ("FF", 50000.0, 2, False)
+    assert (llama.norm_eps, llama.mlp_dim, llama.head_dim) == (1e-5, 80, 16)
+    assert (qwen2.layer_spec, qwen2.rope_theta, qwen2.qkv_bias) == ("FF", 20000.0, True)
+    assert (mistral.layer_spec, mistral.window, mistral.head_dim, mistral.num_kv_heads) == ("WW", 8, 8, 1)
+    v4 = dict(hf_config("llama"), rope_theta=1234.0, rope_scaling=None)     # transformers 4.x keys
+    del v4["rope_parameters"]
+    assert config_from_hf(v4).rope_theta == 1234.0
+    mixed = dict(hf_config("qwen2"), layer_types=["sliding_attention", "full_attention"], sliding_window=5)
+    assert (config_from_hf(mixed).layer_spec, config_from_hf(mixed).window) == ("WF", 5)
+
+
+@pytest.mark.parametrize("window", [None, 7, 9])
+def test_mistral_window_is_what_matches(tmp_path, window):
+    """Without the window, or with one off by one, the logits no longer match: the golden
+    sequence (24) is longer than the window (8), so the mapping and its off-by-one matter."""
+    model = load_pretrained(checkpoint_with_config(tmp_path, "mistral", sliding_window=window))
+    assert model.config.layer_spec == ("FF" if window is None else "WW")
+    assert max_error(model, "mistral") > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_token_by_token_equals_prefill(family):
+    """Cached decoding (a rolling cache of 8 slots for Mistral) from the first token on,
+    with row 1 left-padded, gives transformers' logits too."""
+    model = load_pretrained(GOLDEN / family)
+    tokens, positions, expected = golden(family)
+    step = nnx.jit(lambda m, t, p, c: m(t, p, c))
+    caches = model.init_cache(tokens.shape[0], tokens.shape[1])
+    out = []
+    for t in range(tokens.shape[1]):
+        logits, caches = step(model, jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(positions[:, t:t + 1]), caches)
+        out.append(np.asarray(logits))
+    valid = positions >= 0
+    err = float(np.abs(np.concatenate(out, axis=1) - expected)[valid].max())
+    assert err < ATOL, f"{family}: decode max error {err}"
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(model_type="gpt2"), "model_type"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), "rope_type"),
+    (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(hidden_size=None), "hidden_size"),
+    (dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
+    (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=None), "sliding_window"),
+])
+def test_unsupported_config_raises(change, match):
+    config = dict(hf_config("llama"), **change)
+    with pytest.raises(ValueError, match=match):
+        config_from_hf({k: v for k, v in config.items() if v is not None})
+
+
+@pytest.mark.parametrize("family, change, match", [
+    ("llama", dict(num_hidden_layers=3), "missing tensor 'model.layers.2"),
+    ("llama", dict(num_hidden_layers=1), "cannot hold.*model.layers.1"),
+    ("llama", dict(intermediate_size=96), "mlp.gate_proj.weight' has shape"),
+    ("qwen2", dict(model_type="llama"), "cannot hold.*q_proj.bias"),   # Llama has no q/k/v biases
+    ("qwen2", dict(tie_word_embeddings=False), "missing tensor 'lm_head.weight'"),
+    ("mistral", dict(head_dim=16), "q_proj.weight' has shape"),
+])
+def test_checkpoint_mismatch_raises(tmp_path, family, change, match):
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(checkpoint_with_config(tmp_path, family, **change))
+
+
+def test_safetensors_reader_dtypes_and_sharded_index(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.normal(size=(3, 4)).astype(np.float32),
+              "b": rng.normal(size=(5,)).astype(ml_dtypes.bfloat16),
+              "c": rng.normal(size=(2, 1, 2)).astype(np.float16), "d": np.arange(3, dtype=np.int64)}
+    write_safetensors(tmp_path / "x.safetensors", arrays)
+    back = read_safetensors(tmp_path / "x.safetensors")
+    assert sorted(back) == sorted(arrays)
+    for k, a in arrays.items():
+        assert back[k].dtype == a.dtype and back[k].shape == a.shape and (back[k] == a).all()
+    # The golden Llama split into two shards with an index loads to the same logits.
+    tensors = read_safetensors(GOLDEN / "llama" / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    for shard, keys in shards.items():
+        write_safetensors(folder / shard, {k: tensors[k] for k in keys})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}))
+    shutil.copy(GOLDEN / "llama" / "config.json", folder)
+    assert max_error(load_pretrained(folder), "llama") < ATOL
+    # bfloat16 weights load (into float32 parameters) and stay close.
+    bf16 = tmp_path / "bf16"
+    bf16.mkdir()
+    write_safetensors(bf16 / "model.safetensors", {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()})
+    shutil.copy(GOLDEN / "llama" / "config.json", bf16)
+    assert 1e-4 < max_error(load_pretrained(bf16), "llama") < 0.1
+    with pytest.raises(ValueError, match="config.json"):
+        load_pretrained(tmp_path)
