@@ -172,3 +172,18 @@ def test_safetensors_reader_dtypes_and_sharded_index(tmp_path):
     assert 1e-4 < max_error(load_pretrained(bf16), "llama") < 0.1
     with pytest.raises(ValueError, match="config.json"):
         load_pretrained(tmp_path)
+
+
+def test_a_parameter_left_unset_raises(monkeypatch):
+    """The guard against a weight map that forgets a parameter of the model."""
+    from sparse_jax.models import hf
+    full_map = hf._weight_map
+
+    def forgetful(config, tie):
+        m = full_map(config, tie)
+        m["model.norm.weight"] = (m["model.norm.weight"][0], [])
+        return m
+
+    monkeypatch.setattr(hf, "_weight_map", forgetful)
+    with pytest.raises(ValueError, match="final_norm"):
+        load_pretrained(GOLDEN / "llama")

@@ -30,6 +30,7 @@ import json
 import os
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -113,19 +114,19 @@ def config_from_hf(config: dict, dtype=jnp.float32) -> LMConfig:
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
-    """All tensors of one `.safetensors` file as numpy arrays (the format: an 8-byte
-    little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}}`, data)."""
-    raw = pathlib.Path(path).read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    """All tensors of one `.safetensors` file as read-only numpy views of a memory map (the
+    format: an 8-byte little-endian header length, a JSON header `{name: {dtype, shape,
+    data_offsets}}`, then the little-endian data; a little-endian host is assumed)."""
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    n = int.from_bytes(raw[:8].tobytes(), "little")
+    header = json.loads(raw[8:8 + n].tobytes())
     header.pop("__metadata__", None)
     out = {}
     for name, info in header.items():
         if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
-        out[name] = np.frombuffer(raw[8 + n + begin:8 + n + end],
-                                  _SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        out[name] = raw[8 + n + begin:8 + n + end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
     return out
 
 
@@ -143,35 +144,37 @@ def read_checkpoint_tensors(path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _weight_map(config: LMConfig, tie_embeddings: bool) -> dict[str, tuple[tuple, tuple, callable]]:
-    """transformers tensor name -> (our parameter path, its transformers shape, transform)."""
-    d, h, hkv, hd = config.d_model, config.num_heads, config.attention.num_kv_heads, config.attention.head_dim
-    inner = config.mlp_dim
-    t = lambda w: w.T                                                         # noqa: E731
-    m = {"model.embed_tokens.weight": (("embed",), (config.vocab_size, d), lambda w: w),
-         "model.norm.weight": (("final_norm", "scale"), (d,), lambda w: w),
-         ("model.embed_tokens.weight" if tie_embeddings else "lm_head.weight"):
-             (("head",), (config.vocab_size, d), t)}
-    if tie_embeddings:       # embed_tokens feeds both the embedding and the head
-        m = {k: v for k, v in m.items() if k != "model.embed_tokens.weight"}
-        m["model.embed_tokens.weight"] = [(("embed",), (config.vocab_size, d), lambda w: w),
-                                          (("head",), (config.vocab_size, d), t)]
+def _weight_map(config: LMConfig, tie_embeddings: bool) -> dict[str, tuple[tuple, list]]:
+    """transformers tensor name -> (its shape, [(our parameter path, transposed?), ...]).
+
+    A parameter is `(w.T if transposed else w).reshape(parameter shape)`: `nn.Linear`
+    weights `[out, in]` are transposed, embeddings, norms and biases are not.
+    """
+    d, v, inner = config.d_model, config.vocab_size, config.mlp_dim
+    a = config.attention
+    q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    embed_targets = [(("embed",), False)] + ([(("head",), True)] if tie_embeddings else [])
+    m = {"model.embed_tokens.weight": ((v, d), embed_targets),
+         "model.norm.weight": ((d,), [(("final_norm", "scale"), False)])}
+    if not tie_embeddings:
+        m["lm_head.weight"] = ((v, d), [(("head",), True)])
     for i in range(len(config.layer_spec)):
         p, b = f"model.layers.{i}.", ("blocks", i)
-        m.update({
-            p + "input_layernorm.weight": (b + ("attn_norm", "scale"), (d,), lambda w: w),
-            p + "post_attention_layernorm.weight": (b + ("mlp_norm", "scale"), (d,), lambda w: w),
-            p + "self_attn.q_proj.weight": (b + ("attn", "wq"), (h * hd, d), lambda w: w.T.reshape(d, h, hd)),
-            p + "self_attn.k_proj.weight": (b + ("attn", "wk"), (hkv * hd, d), lambda w: w.T.reshape(d, hkv, hd)),
-            p + "self_attn.v_proj.weight": (b + ("attn", "wv"), (hkv * hd, d), lambda w: w.T.reshape(d, hkv, hd)),
-            p + "self_attn.o_proj.weight": (b + ("attn", "wo"), (d, h * hd), lambda w: w.T.reshape(h, hd, d)),
-            p + "mlp.gate_proj.weight": (b + ("mlp", "w_gate"), (inner, d), t),
-            p + "mlp.up_proj.weight": (b + ("mlp", "w_up"), (inner, d), t),
-            p + "mlp.down_proj.weight": (b + ("mlp", "w_down"), (d, inner), t)})
+        layer = {"input_layernorm.weight": ((d,), "attn_norm.scale", False),
+                 "post_attention_layernorm.weight": ((d,), "mlp_norm.scale", False),
+                 "self_attn.q_proj.weight": ((q, d), "attn.wq", True),
+                 "self_attn.k_proj.weight": ((kv, d), "attn.wk", True),
+                 "self_attn.v_proj.weight": ((kv, d), "attn.wv", True),
+                 "self_attn.o_proj.weight": ((d, q), "attn.wo", True),
+                 "mlp.gate_proj.weight": ((inner, d), "mlp.w_gate", True),
+                 "mlp.up_proj.weight": ((inner, d), "mlp.w_up", True),
+                 "mlp.down_proj.weight": ((d, inner), "mlp.w_down", True)}
         if config.qkv_bias:
-            m.update({p + "self_attn.q_proj.bias": (b + ("attn", "bq"), (h * hd,), lambda w: w.reshape(h, hd)),
-                      p + "self_attn.k_proj.bias": (b + ("attn", "bk"), (hkv * hd,), lambda w: w.reshape(hkv, hd)),
-                      p + "self_attn.v_proj.bias": (b + ("attn", "bv"), (hkv * hd,), lambda w: w.reshape(hkv, hd))})
+            layer.update({"self_attn.q_proj.bias": ((q,), "attn.bq", False),
+                          "self_attn.k_proj.bias": ((kv,), "attn.bk", False),
+                          "self_attn.v_proj.bias": ((kv,), "attn.bv", False)})
+        for name, (shape, ours, transposed) in layer.items():
+            m[p + name] = (shape, [(b + tuple(ours.split(".")), transposed)])
     return m
 
 
@@ -197,24 +200,22 @@ def load_pretrained(path, dtype=jnp.float32) -> SparseLM:
     tie = bool(hf_config.get("tie_word_embeddings", False))
     if tie:
         tensors.pop("lm_head.weight", None)          # some writers store the tied copy too
-    model = nnx.eval_shape(lambda: SparseLM(config, rngs=nnx.Rngs(0)))
-    filled = set()
-    for name, targets in _weight_map(config, tie).items():
+    model = nnx.eval_shape(lambda: SparseLM(config, rngs=nnx.Rngs(0)))     # shapes only, no init
+    for name, (shape, targets) in _weight_map(config, tie).items():
         if name not in tensors:
             raise ValueError(f"checkpoint {str(path)!r} is missing tensor {name!r}")
         w = tensors.pop(name)
-        for target, shape, transform in (targets if isinstance(targets, list) else [targets]):
-            if tuple(w.shape) != shape:
-                raise ValueError(f"tensor {name!r} has shape {tuple(w.shape)}, the config implies {shape}")
+        if tuple(w.shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(w.shape)}, the config implies {shape}")
+        for target, transposed in targets:
             var = _variable(model, target)
-            value = np.asarray(transform(w), np.float32)
-            assert value.shape == var.get_value().shape, (name, value.shape, var.get_value().shape)
+            value = np.asarray(w.T if transposed else w, np.float32).reshape(var.get_value().shape)
             var.set_value(jnp.asarray(value, var.get_value().dtype))
-            filled.add(target)
     unexpected = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise ValueError(f"checkpoint {str(path)!r} has tensors the model cannot hold: {unexpected[:8]}")
-    params = {p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    if params - filled:                              # a parameter the map forgot: a bug here
-        raise ValueError(f"parameters not set from the checkpoint: {sorted(params - filled)}")
+    unset = [p for p, var in nnx.to_flat_state(nnx.state(model))
+             if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+    if unset:                                        # a variable the map forgot: a bug here
+        raise ValueError(f"model variables not set from the checkpoint: {unset}")
     return model
