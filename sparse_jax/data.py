@@ -58,3 +58,14 @@ class NeedleTask:
         mask = np.zeros((batch, t), np.float32)
         mask[:, t - 1] = 1.0
         return tokens.astype(np.int32), targets.astype(np.int32), mask, distance
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    """The generator that draws training step `step`'s batch: a pure function of (seed, step).
+
+    A data stream built this way has no iterator state beyond the step, so a run resumed
+    from a checkpoint at step `s` draws exactly the batches an uninterrupted run draws.
+    """
+    if seed < 0 or step < 0:
+        raise ValueError(f"seed and step must be >= 0, got {seed}, {step}")
+    return np.random.default_rng((seed, step))

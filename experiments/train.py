@@ -1,0 +1,203 @@
+"""Train a SparseLM on a synthetic long-context task, with checkpoints that survive a kill.
+
+Everything lives in `--workdir`: `config.json` (the run's settings), `checkpoints/` (orbax:
+model, optimizer, step; saved asynchronously every `--save_every` steps, newest `--keep`
+kept), `metrics.jsonl` (one line per step: step, loss, accuracy, tokens_per_s) and
+`tb/` (TensorBoard event files: `tensorboard --logdir <workdir>/tb`).
+
+Run the same command again and it resumes from the newest good checkpoint (a damaged or
+half-written one is skipped with a message): the data stream is a pure function of
+(seed, step), so a resumed run continues with exactly the losses an uninterrupted one has.
+
+    # a hybrid (sliding window, full every 2nd layer) on needle retrieval, CPU, ~1 minute
+    python experiments/train.py --workdir=/tmp/run1 --layer_spec=WF --steps=300
+    # continue it later to the same --steps (or after a crash): same command
+    python experiments/train.py --workdir=/tmp/run1 --layer_spec=WF --steps=300
+    # the RULER-style suite (sparse_jax/tasks.py), NSA layers, longer sequences
+    python experiments/train.py --workdir=/tmp/run2 --task=ruler --layer_spec=NNNN --seq_len=256
+    # then evaluate by distance bucket
+    python experiments/evaluate.py --workdir=/tmp/run1
+
+Layer letters (`--layer_spec`, one per layer): F full, W sliding window, S StreamingLLM,
+N native sparse attention, H/Y HySparse full/sparse, M MoBA (see sparse_jax/models/lm.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from flax import nnx
+
+from sparse_jax.checkpoint import CheckpointConfig, Checkpointer
+from sparse_jax.data import NeedleTask, step_rng
+from sparse_jax.models.lm import LMConfig, SparseLM
+from sparse_jax.train import make_optimizer, train_step
+
+# Settings that define a run: recorded in <workdir>/config.json, checked on resume.
+RUN_KEYS = ("task", "seq_len", "layer_spec", "d_model", "heads", "kv_heads", "window", "impl",
+            "steps", "batch", "lr", "warmup", "seed")
+
+
+def define_flags():
+    """Registers this script's flags (called by `__main__`, so `evaluate.py` can import the
+    helpers below without them)."""
+    flags.DEFINE_string("workdir", None, "Folder for config.json, checkpoints/, metrics.jsonl and "
+                        "tb/; an existing run there is resumed.", required=True)
+    flags.DEFINE_string("task", "needle", "Task: 'needle' (sparse_jax.data.NeedleTask), 'ruler' (all "
+                        "RULER-style tasks of sparse_jax/tasks.py, mixed) or comma-separated names "
+                        "from its TASKS registry, e.g. 'single_needle,multiquery'.")
+    flags.DEFINE_integer("seq_len", 128, "Training sequence length (tokens).")
+    flags.DEFINE_string("layer_spec", "WF", "One letter per layer: F full, W sliding window, "
+                        "S StreamingLLM, N NSA, H/Y HySparse, M MoBA.")
+    flags.DEFINE_integer("d_model", 64, "Model width.")
+    flags.DEFINE_integer("heads", 4, "Query heads.")
+    flags.DEFINE_integer("kv_heads", None, "KV heads (grouped-query attention); default = --heads.")
+    flags.DEFINE_integer("window", 16, "Sliding window of W/S layers (tokens, query included).")
+    flags.DEFINE_string("impl", "auto", "Attention implementation: auto, xla, or a kernel backend.")
+    flags.DEFINE_integer("steps", 1000, "Total optimizer steps of the run (resuming counts from "
+                         "the checkpoint's step).")
+    flags.DEFINE_integer("batch", 32, "Sequences per step.")
+    flags.DEFINE_float("lr", 3e-3, "Peak learning rate (AdamW, linear warmup then cosine decay).")
+    flags.DEFINE_integer("warmup", None, "Warmup steps; default steps // 10.")
+    flags.DEFINE_integer("seed", 0, "Seed of the parameters and of the data stream.")
+    flags.DEFINE_integer("save_every", 100, "Save a checkpoint every this many steps (and at the end).")
+    flags.DEFINE_integer("keep", 3, "Newest checkpoints kept.")
+    flags.DEFINE_bool("async_save", True, "Write checkpoints in the background while training runs.")
+    flags.DEFINE_float("step_delay", 0.0, "Seconds to sleep after each step (0: none); lets a test "
+                       "or a demo kill the run part-way.")
+
+
+def make_sampler(task: str, seq_len: int):
+    """`(sample, vocab_size)`: `sample(rng, batch, min_distance=None)` returns tokens,
+    targets `[B, T]` int32 and the loss mask `[B, T]` float32. `min_distance`: the facts the
+    answer needs lie at least this many tokens back (None: anywhere)."""
+    if task == "needle":
+        needle = NeedleTask(seq_len=seq_len)
+
+        def sample(rng, batch, min_distance=None):
+            return needle.batch(rng, batch, min_distance=max(2, min_distance or 2))[:3]
+        return sample, needle.vocab_size
+    try:
+        from sparse_jax import tasks
+    except ImportError as e:
+        raise ValueError(f"task {task!r} needs sparse_jax/tasks.py (RULER-style tasks): {e}") from e
+    names = list(tasks.TASKS) if task == "ruler" else task.split(",")
+    unknown = sorted(set(names) - set(tasks.TASKS))
+    if unknown:
+        raise ValueError(f"task: unknown {unknown}; choose 'needle', 'ruler' or names from "
+                         f"{sorted(tasks.TASKS)}")
+
+    def sample(rng, batch, min_distance=None):
+        return tasks.mixed_batch(rng, names, batch, seq_len, min_distance or 0)
+    return sample, tasks.VOCAB_SIZE
+
+
+def build_model(run: dict, vocab_size: int) -> SparseLM:
+    """The SparseLM of a run config (`RUN_KEYS`), initialised from `run['seed']`."""
+    config = LMConfig(vocab_size=vocab_size, layer_spec=run["layer_spec"], d_model=run["d_model"],
+                      num_heads=run["heads"], num_kv_heads=run["kv_heads"], window=run["window"],
+                      impl=run["impl"])
+    return SparseLM(config, rngs=nnx.Rngs(run["seed"]))
+
+
+def read_run_config(workdir: str) -> dict | None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_atomic(path: str, text: str):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _truncate_metrics(path: str, last_step: int):
+    """Drops metric lines past `last_step` (work a killed run did after its last save)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError):      # a line cut by the kill
+            pass
+    _write_atomic(path, "".join(kept))
+
+
+def main(argv):
+    del argv
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    logging.set_verbosity(logging.WARNING)      # orbax logs every file at INFO
+    F = flags.FLAGS
+    run = {key: getattr(F, key) for key in RUN_KEYS}
+    run["warmup"] = F.steps // 10 if F.warmup is None else F.warmup
+    for key in ("steps", "batch", "seq_len"):
+        if run[key] < 1:
+            raise app.UsageError(f"--{key} must be >= 1, got {run[key]}")
+    try:
+        sample, vocab_size = make_sampler(run["task"], run["seq_len"])
+        model = build_model(run, vocab_size)
+        ckpt_config = CheckpointConfig(save_every=F.save_every, keep=F.keep, async_save=F.async_save)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+
+    os.makedirs(F.workdir, exist_ok=True)
+    previous = read_run_config(F.workdir)
+    if previous is not None and previous != run:
+        diff = {k: (previous.get(k), run.get(k)) for k in RUN_KEYS if previous.get(k) != run.get(k)}
+        raise app.UsageError(f"{F.workdir} holds a run with other settings (saved, given): {diff}; "
+                             "use a new --workdir or the same flags")
+    _write_atomic(os.path.join(F.workdir, "config.json"), json.dumps(run, indent=2))
+
+    optimizer = make_optimizer(model, run["lr"], warmup=run["warmup"], total_steps=run["steps"])
+    metrics_path = os.path.join(F.workdir, "metrics.jsonl")
+    with Checkpointer(os.path.join(F.workdir, "checkpoints"), ckpt_config) as ckpt:
+        restored = ckpt.restore_latest(model, optimizer)
+        start = restored.step or 0
+        if start:
+            print(f"resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
+        _truncate_metrics(metrics_path, start)
+        writer = SummaryWriter(os.path.join(F.workdir, "tb"), purge_step=start + 1)
+        tokens_per_step = run["batch"] * run["seq_len"]
+        bar = tqdm(range(start + 1, run["steps"] + 1), initial=start, total=run["steps"],
+                   desc="train", ncols=100, mininterval=1.0)
+        with open(metrics_path, "a") as metrics:
+            last = time.perf_counter()
+            for step in bar:
+                tokens, targets, mask = sample(step_rng(run["seed"], step), run["batch"])
+                loss, acc = train_step(model, optimizer, tokens, targets, mask)
+                loss, acc = float(loss), float(acc)
+                now = time.perf_counter()
+                record = dict(step=step, loss=loss, accuracy=acc,
+                              tokens_per_s=tokens_per_step / (now - last))
+                last = now
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                for key in ("loss", "accuracy", "tokens_per_s"):
+                    writer.add_scalar(f"train/{key}", record[key], step)
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", refresh=False)
+                ckpt.save(step, model, optimizer, force=step == run["steps"], extra={"seed": run["seed"]})
+                if F.step_delay:
+                    time.sleep(F.step_delay)
+                    last = time.perf_counter()
+        writer.close()
+    print(f"done: step {run['steps']}, workdir {F.workdir}", flush=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    if {"--help", "-h", "-?", "--helpshort"} & set(sys.argv[1:]):   # absl's own --help exits 1
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+    app.run(main)
