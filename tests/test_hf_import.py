@@ -83,6 +83,9 @@ def test_config_mapping():
     assert config_from_hf(v4).rope_theta == 1234.0
     mixed = dict(hf_config("qwen2"), layer_types=["sliding_attention", "full_attention"], sliding_window=5)
     assert (config_from_hf(mixed).layer_spec, config_from_hf(mixed).window) == ("WF", 5)
+    # as in transformers: Llama ignores sliding keys, Mistral ignores layer_types
+    assert config_from_hf(dict(mixed, model_type="llama")).layer_spec == "FF"
+    assert config_from_hf(dict(mixed, model_type="mistral")).layer_spec == "WW"
 
 
 @pytest.mark.parametrize("window", [None, 7, 9])
@@ -120,8 +123,11 @@ def test_decode_token_by_token_equals_prefill(family):
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(hidden_size=None), "hidden_size"),
-    (dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
-    (dict(layer_types=["sliding_attention", "full_attention"], sliding_window=None), "sliding_window"),
+    (dict(model_type="qwen2", layer_types=["full_attention", "chunked_attention"]), "layer_types"),
+    (dict(model_type="qwen2", layer_types=["sliding_attention", "full_attention"], sliding_window=None),
+     "sliding_window"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4), "use_sliding_window"),
+    (dict(model_type="mistral", sliding_window=0), "sliding_window"),
 ])
 def test_unsupported_config_raises(change, match):
     config = dict(hf_config("llama"), **change)

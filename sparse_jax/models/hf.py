@@ -66,10 +66,15 @@ def _rope_theta(config: dict) -> float:
 
 
 def _layer_spec(config: dict) -> tuple[str, int | None]:
-    """(`layer_spec` of F / W letters, window or None) from the family's sliding-window keys."""
+    """(`layer_spec` of F / W letters, window or None), as transformers reads each family:
+    Mistral slides every layer when `sliding_window` is set, Qwen2 follows `layer_types`,
+    Llama never slides."""
     n, model_type = config["num_hidden_layers"], config["model_type"]
     window = config.get("sliding_window")
-    if config.get("layer_types") is not None:
+    spec = "F" * n
+    if model_type == "mistral" and window is not None:
+        spec = "W" * n
+    elif model_type == "qwen2" and config.get("layer_types") is not None:
         types = list(config["layer_types"])
         if len(types) != n or set(types) - set(_LAYER_LETTER):
             raise ValueError(f"layer_types must be {n} of {sorted(_LAYER_LETTER)}, got {types}")
@@ -77,8 +82,6 @@ def _layer_spec(config: dict) -> tuple[str, int | None]:
     elif model_type == "qwen2" and config.get("use_sliding_window"):
         raise ValueError("use_sliding_window without layer_types is not supported (which layers slide "
                          "depends on the transformers version)")
-    else:
-        spec = ("W" if model_type == "mistral" and window is not None else "F") * n
     if "W" not in spec:
         return spec, None
     if not isinstance(window, int) or window < 1:
