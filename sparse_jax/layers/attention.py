@@ -123,13 +123,16 @@ class AttentionBase(nnx.Module):
             q, k = apply_rope(q_raw, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta)
         else:
             q = q_raw
-        if cache is None:
-            keys, values, kv_positions = k, v, positions
-        else:
-            keys, values, kv_positions, cache = cache.update(k, v, positions)
         sinks = None if self.sink_logits is None else self.sink_logits[...]
-        o = self.attend(q, keys, values, positions, kv_positions, sink_logits=sinks, q_raw=q_raw,
-                        decoding=cache is not None)
+        if hasattr(cache, "update_and_attend"):     # a cache that needs the queries (kv_policies)
+            o, cache = cache.update_and_attend(q, k, v, positions, layer=self, sink_logits=sinks, q_raw=q_raw)
+        else:
+            if cache is None:
+                keys, values, kv_positions = k, v, positions
+            else:
+                keys, values, kv_positions, cache = cache.update(k, v, positions)
+            o = self.attend(q, keys, values, positions, kv_positions, sink_logits=sinks, q_raw=q_raw,
+                            decoding=cache is not None)
         if self.wg is not None:
             o = o * jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.wg[...].astype(c.dtype)))
         y = jnp.einsum("bthk,hkd->btd", o.astype(c.dtype), self.wo[...].astype(c.dtype))

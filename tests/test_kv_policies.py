@@ -1,0 +1,228 @@
+"""KV-cache policies (sparse_jax.kv_policies): dense at full budget, hand-built kept sets,
+budgets honoured, pooled decode against a masked reference, DuoAttention calibration."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pallas_kernels.common import masked_attention
+from sparse_jax.kv_policies import (H2O, AdaKV, DuoAttention, Observation, PolicyPrefill, PyramidKV,
+                                    Quest, SnapKV, StreamingLLM, TopP, policy_caches, select)
+from sparse_jax.kv_policies.cache import compress
+from sparse_jax.kv_policies.duo import calibrate, gates_from_losses, streaming_loss
+from sparse_jax.layers import AttentionConfig, FullAttention
+from sparse_jax.models.lm import LMConfig, SparseLM
+
+T, NEW = 11, 3
+ALL_POLICIES = {
+    "streaming": StreamingLLM(16, num_sinks=2),
+    "h2o": H2O(16),
+    "snapkv": SnapKV(16, window=4, kernel=3),
+    "pyramidkv": PyramidKV(16, window=4),
+    "ada_snapkv": AdaKV(SnapKV(16, window=4)),
+    "duo": DuoAttention(16, retrieval=((True, False), (False, False)), num_sinks=2),
+    "quest": Quest(16, page_size=4),
+    "top_p": TopP(1.0, page_size=4),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = LMConfig(vocab_size=32, layer_spec="FWF", d_model=32, num_heads=4, num_kv_heads=2, window=4,
+                   softcap=30.0, learned_sinks=True)
+    m = SparseLM(cfg, rngs=nnx.Rngs(0))
+    for block in m.blocks:      # non-zero learned sinks, so the sink path is exercised
+        block.attn.sink_logits[...] = jnp.linspace(-1.0, 1.0, 4)
+    return m
+
+
+def _generate(model, caches, tokens, positions, prompt_len):
+    logits, caches = model(tokens[:, :prompt_len], positions[:, :prompt_len], caches)
+    outs = [logits]
+    for i in range(prompt_len, tokens.shape[1]):
+        logits, caches = model(tokens[:, i:i + 1], positions[:, i:i + 1], caches)
+        outs.append(logits)
+    return jnp.concatenate(outs, axis=1), caches
+
+
+@pytest.mark.parametrize("name", sorted(ALL_POLICIES))
+def test_budget_covering_prompt_is_dense(model, name):
+    """Prefill + decode under each policy with budget >= T equals the dense model, on a
+    ragged batch (row 1's prompt is 3 tokens shorter: padding at -1, decode continues)."""
+    tokens = jax.random.randint(jax.random.key(1), (2, T + NEW), 0, 32)
+    lengths = (T, T - 3)
+    positions = np.full((2, T + NEW), -1, np.int32)
+    for row, n in enumerate(lengths):
+        positions[row, :n] = np.arange(n)
+        positions[row, T:] = n + np.arange(NEW)
+    caches = policy_caches(model, ALL_POLICIES[name], batch=2, prompt_len=T, max_new=NEW)
+    got, _ = _generate(model, caches, tokens, jnp.asarray(positions), T)
+    for row, n in enumerate(lengths):
+        keep = np.concatenate([np.arange(n), np.arange(T, T + NEW)])
+        want, _ = model(tokens[row:row + 1, keep])
+        np.testing.assert_allclose(got[row, keep], want[0], atol=2e-5, rtol=2e-5)
+
+
+# ---- hand-built cases: craft q/k so that known positions get the attention mass ----
+
+S, D = 12, 4
+
+
+def _obs(heavy, queries="all", num_kv_heads=2):
+    """Keys zero but `10 * e0` at `heavy[h]` positions of kv head h; queries `e0` (all of
+    them, or only the last two: earlier ones zero). One query head per kv head."""
+    k = np.zeros((1, S, num_kv_heads, D), np.float32)
+    for h, ps in enumerate(heavy):
+        k[0, list(ps), h, 0] = 10.0 * 2.0          # logit 10 after the 1/sqrt(D) scale
+    q = np.zeros((1, S, num_kv_heads, D), np.float32)
+    q[0, (slice(None) if queries == "all" else slice(S - 2, S)), :, 0] = 1.0
+    pos = jnp.arange(S, dtype=jnp.int32)[None]
+    return Observation(jnp.asarray(q), jnp.asarray(k), pos, pos)
+
+
+def _kept(policy, obs, layer=0, num_layers=1):
+    slot, head = (np.asarray(x)[0] for x in select(policy, obs, layer, num_layers))
+    return [set(slot[head == h].tolist()) for h in range(obs.k.shape[2])]
+
+
+def test_streaming_llm_keeps_sinks_and_recent():
+    assert _kept(StreamingLLM(5, num_sinks=2), _obs([[4], [6]])) == [{0, 1, 9, 10, 11}] * 2
+
+
+def test_h2o_keeps_heavy_hitters_and_recent():
+    assert _kept(H2O(3, recent_ratio=0.5), _obs([[3], [5]])) == [{3, 10, 11}, {5, 10, 11}]
+
+
+def test_snapkv_keeps_what_the_window_attends():
+    # the last two queries look at 4 / 6 only; earlier queries (zero) spread evenly
+    obs = _obs([[4], [6]], queries="last2")
+    assert _kept(SnapKV(3, window=2, kernel=1), obs) == [{4, 10, 11}, {6, 10, 11}]
+    assert _kept(SnapKV(3, window=2, kernel=3, pooling="max"), obs)[0] & {3, 4, 5}
+
+
+def test_ada_kv_moves_budget_to_the_head_that_needs_it():
+    # head 0 puts its mass on one key, head 1 spreads it over three: uniform SnapKV keeps
+    # two of head 1's three, Ada-SnapKV all three, taking the slot from head 0
+    obs = _obs([[2], [5, 6, 7]], queries="last2")
+    uniform = _kept(SnapKV(3, window=1, kernel=1), obs)
+    ada = _kept(AdaKV(SnapKV(3, window=1, kernel=1), floor=0.0), obs)
+    assert uniform[0] >= {2, 11} and len(uniform[1] & {5, 6, 7}) == 2
+    assert ada == [{2, 11}, {5, 6, 7, 11}]
+    assert sum(map(len, ada)) == 2 * 3                               # head budgets sum to the total
+    floored = _kept(AdaKV(SnapKV(4, window=1, kernel=1), floor=0.5), _obs([[2], [5, 6, 7, 8]], "last2"))
+    assert min(map(len, floored)) >= 2 and sum(map(len, floored)) == 8
+
+
+def test_duo_attention_retrieval_heads_keep_everything():
+    kept = _kept(DuoAttention(3, retrieval=((True, False),), num_sinks=1), _obs([[4], [6]]))
+    assert kept == [set(range(S)), {0, 10, 11}]
+
+
+def test_pyramidkv_budgets_fall_and_sum_to_the_total():
+    p = PyramidKV(20, window=4, beta=4)
+    b = p.layer_budgets(5)
+    assert b.sum() == 5 * 20 and np.all(np.diff(b) <= 0) and b[0] > b[-1] >= 4
+    obs = _obs([[4], [6]], queries="last2")
+    assert [len(_kept(PyramidKV(6, window=2, beta=2), obs, layer, 3)[0]) for layer in range(3)] == \
+        list(PyramidKV(6, window=2, beta=2).layer_budgets(3))
+
+
+def _layer(num_heads=2, num_kv_heads=2):
+    cfg = AttentionConfig(d_model=8, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=D)
+    return FullAttention(cfg, rngs=nnx.Rngs(0))
+
+
+def test_quest_and_top_p_pick_the_page_holding_the_needle():
+    """Pages of 4 over 16 positions; the decode query's bound peaks on page 1 (head 0) and
+    page 2 (head 1). Quest (3 pages: first + last forced + the best) and top-p (one page
+    holds ~all estimated mass) choose them, and attend exactly over them."""
+    layer, n = _layer(), 16
+    rng = np.random.default_rng(0)
+    k = rng.normal(size=(1, n, 2, D)).astype(np.float32) * 0.1
+    k[0, 5, 0, 0] = k[0, 9, 1, 0] = 20.0
+    v = rng.normal(size=(1, n, 2, D)).astype(np.float32)
+    q = np.zeros((1, n, 2, D), np.float32)
+    q[..., 0] = 1.0
+    pos = jnp.arange(n, dtype=jnp.int32)[None]
+    for policy, pages in ((Quest(12, page_size=4), [{0, 1, 3}, {0, 2, 3}]), (TopP(0.9, page_size=4), [{1}, {2}])):
+        cache = policy.make_cache(layer, 0, 1, 1, n, None)
+        _, cache = cache.update_and_attend(jnp.asarray(q[:, :-1]), jnp.asarray(k[:, :-1]), jnp.asarray(v[:, :-1]),
+                                           pos[:, :-1], layer=layer, sink_logits=None)
+        out, cache = cache.update_and_attend(jnp.asarray(q[:, -1:]), jnp.asarray(k[:, -1:]), jnp.asarray(v[:, -1:]),
+                                             pos[:, -1:], layer=layer, sink_logits=None)
+        assert [set(np.flatnonzero(s).tolist()) for s in np.asarray(cache.selected)[0]] == pages
+        mask = np.asarray(cache.kept_mask(n))[:, :, None]                        # [1, Hkv, 1, n]
+        want, _, _ = masked_attention(jnp.asarray(q[:, -1:]), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
+                                      scale=1 / np.sqrt(D))
+        np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_pooled_decode_matches_masked_reference():
+    """After compression, a decode step over the pooled cache equals attention over the
+    full keys masked to each head's kept set (+ the new token), GQA, ragged batch."""
+    layer = _layer(num_heads=4, num_kv_heads=2)
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, S + 1, h, D)).astype(np.float32)) for h in (4, 2, 2))
+    pos = np.tile(np.arange(S + 1, dtype=np.int32), (2, 1))
+    pos[1, S - 3:S] = -1                                                         # row 1: 9-token prompt
+    pos[1, S] = S - 3
+    pos = jnp.asarray(pos)
+    obs = Observation(q[:, :S], k[:, :S], pos[:, :S], pos[:, :S])
+    for policy in (H2O(5), AdaKV(SnapKV(5, window=2, kernel=1), floor=0.0)):
+        cache = compress(policy, obs, v[:, :S], layer=0, num_layers=1, max_new=1)
+        out, cache = cache.update_and_attend(q[:, S:], k[:, S:], v[:, S:], pos[:, S:], layer=layer, sink_logits=None)
+        held = np.asarray(cache.kept_mask(S + 1))                                # [B, Hkv, S+1] by position
+        by_slot = np.take_along_axis(held, np.maximum(np.asarray(pos), 0)[:, None], axis=2) & (np.asarray(pos) >= 0)[:, None]
+        assert np.all(held.sum(-1)[0] <= 6) and held.sum() == 2 * (2 * 5 + 2)   # budget + new token per head
+        want, _, _ = masked_attention(q[:, S:], k, v, jnp.asarray(by_slot)[:, :, None], scale=1 / np.sqrt(D))
+        np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_nbytes_shrinks_by_the_budget_ratio(model):
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    full = sum(c.nbytes() for c in model.init_cache(2, 16))
+    swa = model.blocks[1].attn.init_cache(2, 16).nbytes()
+    for budget in (4, 8):
+        _, caches = model(tokens, None, policy_caches(model, SnapKV(budget, window=2), batch=2, prompt_len=16,
+                                                      max_new=0))
+        c = caches[0]
+        kv = c.k.nbytes + c.v.nbytes
+        ref = model.init_cache(2, 16)[0]
+        assert kv == (ref.k.nbytes + ref.v.nbytes) * budget // 16                # K/V bytes: exactly the ratio
+        # + 8 bytes (position, head) per kept slot instead of 4 (position) per token
+        assert c.nbytes() == kv + 2 * 2 * budget * 8 + 2 * 4
+        assert abs((sum(x.nbytes() for x in caches) - swa) / (full - swa) - budget / 16) < 0.1 * budget / 16
+
+
+def test_duo_calibration():
+    probs = np.zeros((1, 4, 12), np.float32)              # 4 query heads, 2 kv heads
+    probs[0, 0, 5] = probs[0, 1, 5] = 1.0                 # kv head 0 looks at the middle
+    probs[0, 2, 11] = probs[0, 3, 0] = 1.0                # kv head 1 at the recent token / sink
+    loss = streaming_loss(jnp.asarray(probs), jnp.arange(12)[None], num_kv_heads=2, num_sinks=1, recent=2)
+    np.testing.assert_allclose(loss, [1.0, 0.0])
+    assert gates_from_losses([[0.1, 0.9], [0.5, 0.2]], 0.5) == ((False, True), (True, False))
+    m = SparseLM(LMConfig(vocab_size=16, layer_spec="FF", d_model=16, num_heads=4, num_kv_heads=2),
+                 rngs=nnx.Rngs(0))
+    gates = calibrate(m, jnp.ones((2, 10), jnp.int32), fraction=0.5, num_sinks=1, recent=2)
+    assert len(gates) == 2 and all(len(g) == 2 for g in gates) and sum(map(sum, gates)) == 2
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="budget"):
+        SnapKV(0)
+    with pytest.raises(ValueError, match="inner"):
+        AdaKV(AdaKV(SnapKV(4)))
+    with pytest.raises(ValueError, match="num_sinks"):
+        StreamingLLM(2, num_sinks=3)
+    with pytest.raises(ValueError, match="retrieval"):
+        DuoAttention(4, retrieval=())
+    with pytest.raises(ValueError, match="p must"):
+        TopP(0.0)
+    with pytest.raises(ValueError, match="policy"):
+        policy_caches(SparseLM(LMConfig(vocab_size=8, layer_spec="F", d_model=8, num_heads=2),
+                               rngs=nnx.Rngs(0)), "snapkv", batch=1, prompt_len=4, max_new=1)
+    assert isinstance(policy_caches(SparseLM(LMConfig(vocab_size=8, layer_spec="F", d_model=8, num_heads=2),
+                                             rngs=nnx.Rngs(0)), SnapKV(4), batch=1, prompt_len=4,
+                                    max_new=1)[0], PolicyPrefill)
