@@ -9,7 +9,7 @@ Run the same command again and it resumes from the newest good checkpoint (a dam
 half-written one is skipped with a message): the data stream is a pure function of
 (seed, step), so a resumed run continues with exactly the losses an uninterrupted one has.
 
-    # a hybrid (sliding window, full every 2nd layer) on needle retrieval, CPU, ~1 minute
+    # a hybrid (sliding window, full every 2nd layer) on needle retrieval: ~1 CPU-minute
     python experiments/train.py --workdir=/tmp/run1 --layer_spec=WF --steps=300
     # continue it later to the same --steps (or after a crash): same command
     python experiments/train.py --workdir=/tmp/run1 --layer_spec=WF --steps=300
@@ -71,16 +71,10 @@ def define_flags():
                        "or a demo kill the run part-way.")
 
 
-def make_sampler(task: str, seq_len: int):
-    """`(sample, vocab_size)`: `sample(rng, batch, min_distance=None)` returns tokens,
-    targets `[B, T]` int32 and the loss mask `[B, T]` float32. `min_distance`: the facts the
-    answer needs lie at least this many tokens back (None: anywhere)."""
+def task_names(task: str) -> list[str]:
+    """The single tasks a `--task` value mixes: ['needle'], or names of sparse_jax.tasks.TASKS."""
     if task == "needle":
-        needle = NeedleTask(seq_len=seq_len)
-
-        def sample(rng, batch, min_distance=None):
-            return needle.batch(rng, batch, min_distance=max(2, min_distance or 2))[:3]
-        return sample, needle.vocab_size
+        return ["needle"]
     try:
         from sparse_jax import tasks
     except ImportError as e:
@@ -90,6 +84,22 @@ def make_sampler(task: str, seq_len: int):
     if unknown:
         raise ValueError(f"task: unknown {unknown}; choose 'needle', 'ruler' or names from "
                          f"{sorted(tasks.TASKS)}")
+    return names
+
+
+def make_sampler(task: str, seq_len: int):
+    """`(sample, vocab_size)`: `sample(rng, batch, min_distance=None)` returns tokens,
+    targets `[B, T]` int32 and the loss mask `[B, T]` float32 (rows cycle through the
+    tasks of `task_names(task)`). `min_distance`: the facts the answer needs lie at least
+    this many tokens back (None: anywhere)."""
+    names = task_names(task)
+    if names == ["needle"]:
+        needle = NeedleTask(seq_len=seq_len)
+
+        def sample(rng, batch, min_distance=None):
+            return needle.batch(rng, batch, min_distance=max(2, min_distance or 2))[:3]
+        return sample, needle.vocab_size
+    from sparse_jax import tasks
 
     def sample(rng, batch, min_distance=None):
         return tasks.mixed_batch(rng, names, batch, seq_len, min_distance or 0)

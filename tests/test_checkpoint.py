@@ -48,11 +48,19 @@ def _train(workdir, env, *extra):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_sigkilled_run_resumes_with_identical_losses(tmp_path):
-    env = _env(tmp_path / "jax_cache")
-    a, b = tmp_path / "a", tmp_path / "b"
-    done = _train(a, env)
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    """An uninterrupted 12-step run: (workdir, env with the shared compilation cache)."""
+    root = tmp_path_factory.mktemp("runs")
+    env = _env(root / "jax_cache")
+    done = _train(root / "a", env)
     assert done.returncode == 0, done.stderr[-3000:]
+    return root / "a", env
+
+
+def test_sigkilled_run_resumes_with_identical_losses(run_a, tmp_path):
+    a, env = run_a
+    b = tmp_path / "b"
     losses_a, steps_a = _losses(a)
     assert steps_a == list(range(1, 13))
     assert glob.glob(str(a / "tb" / "events.out.tfevents.*"))
@@ -82,6 +90,22 @@ def test_sigkilled_run_resumes_with_identical_losses(tmp_path):
     losses_b, steps_b = _losses(b)
     assert steps_b == list(range(1, 13))            # the lost steps' lines were replaced
     assert losses_b == losses_a                      # exactly, step for step
+
+
+def test_evaluate_reads_the_latest_checkpoint(run_a, tmp_path):
+    a, env = run_a
+    out = tmp_path / "eval.jsonl"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "evaluate.py"),
+                           f"--workdir={a}", "--batch=2", "--batches=1", "--seq_lens=16,24",
+                           "--distances=2,20", f"--out={out}"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out)]
+    assert [(r["seq_len"], r["min_distance"]) for r in rows] == [(16, 2), (16, 20), (24, 2), (24, 20)]
+    assert all(r["step"] == 12 and r["task"] == "needle" for r in rows)
+    assert rows[1]["accuracy"] is None                        # a needle 20 back does not fit in 16
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["sequences"] == 2 for r in rows if r is not rows[1])
+    assert "exact match" in done.stdout
 
 
 def _tiny_model():
