@@ -298,6 +298,44 @@ def test_select_blocks_forced_causal_topn():
                     assert 0 in got and pos[b, t] // LS in got
 
 
+def random_selection_inputs(seed, b, t, h, hkv, cfg):
+    """Random q/k/v (position-indexed keys), ragged positions (row 1 shorter, rest -1) and
+    a selection from `select_blocks` on random scores."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, HEAD_DIM)).astype(np.float32))
+               for n in (h, hkv, hkv))
+    pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    if b > 1:
+        pos[1, max(1, t - 7):] = -1
+    ns = -(-t // cfg.sel_block)
+    scores = jnp.asarray(rng.random((b, hkv, t, ns)).astype(np.float32))
+    idx = ops.select_blocks(scores, jnp.asarray(pos), cfg)
+    return q, k, v, jnp.asarray(pos), idx
+
+
+@pytest.mark.parametrize("t, hkv", [(29, 4), (5, 1)])     # (16 is in test_kernel_layer_*)
+def test_selected_attention_on_token_sparse_kernel(t, hkv):
+    """Exact selection through `token_sparse` (Triton, interpret) vs the dense-mask path,
+    forward and gradients; t=5 is shorter than one selection block."""
+    cfg = nsa_cfg(num_selected=3)
+    q, k, v, pos, idx = random_selection_inputs(t + hkv, 2, t, HEADS, hkv, cfg)
+    cot = jnp.asarray(np.random.default_rng(1).normal(size=q.shape).astype(np.float32))
+    kernel = functools.partial(ops.selected_attention_sparse, impl="triton", interpret=True)
+
+    @jax.jit
+    def out_and_grads(q, k, v):
+        outs = [jax.vjp(lambda q, k, v: fn(q, k, v, pos, pos, idx, cfg), q, k, v)
+                for fn in (kernel, ops.selected_attention)]
+        return [(o, pull(cot)) for o, pull in outs]
+
+    (out, grads), (want, grads_ref) = out_and_grads(q, k, v)
+    assert_close(out, want, 1e-5, "slc out")
+    assert (np.asarray(out)[np.asarray(pos) < 0] == 0).all()
+    for name, g, w in zip("qkv", grads, grads_ref):
+        assert_close(g, w, 1e-5, f"d{name}")
+        assert np.abs(np.asarray(w)).max() > 0
+
+
 # ----------------------------------------------------------------------------- branches and layer
 
 

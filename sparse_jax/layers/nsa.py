@@ -61,17 +61,21 @@ class NSAAttention(nnx.Module):
     """NSA layer: `NSAAttention(attention_config, nsa_config, rngs=...)`.
 
     Supports GQA/MQA, RoPE and the output gate of `AttentionConfig`; learned sinks and
-    logit soft-cap are not part of NSA and raise ValueError.
+    logit soft-cap are not part of NSA and raise ValueError. The kernels are picked by
+    `config.impl`; `interpret=True` runs them in Pallas interpret mode (CPU tests).
     """
 
-    def __init__(self, config: AttentionConfig, nsa: NSAConfig = NSAConfig(), *, rngs: nnx.Rngs):
+    def __init__(self, config: AttentionConfig, nsa: NSAConfig = NSAConfig(), *, interpret: bool = False,
+                 rngs: nnx.Rngs):
         if not isinstance(nsa, NSAConfig):
             raise ValueError(f"nsa must be an NSAConfig, got {type(nsa).__name__}")
         if config.learned_sinks:
             raise ValueError("learned_sinks=True is not supported by NSAAttention")
         if config.softcap is not None:
             raise ValueError(f"softcap={config.softcap} is not supported by NSAAttention")
-        self.config, self.nsa = config, nsa
+        if not isinstance(interpret, bool):
+            raise ValueError(f"interpret must be a bool, got {interpret!r}")
+        self.config, self.nsa, self.interpret = config, nsa, interpret
         c = config
         h, hkv, hd, d, pd = c.num_heads, c.num_kv_heads, c.head_dim, c.d_model, c.param_dtype
         self.wq = param(rngs, _init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
@@ -139,7 +143,8 @@ class NSAAttention(nnx.Module):
             cache = NSACache(new_slc, new_win, new_tail, store)
         out = ops.nsa_branches(q, positions, k_cmp=store.k, v_cmp=store.v, cmp_positions=store.positions,
                                k_slc=slc_k, v_slc=slc_v, slc_positions=slc_pos, k_win=win_k,
-                               v_win=win_v, win_positions=win_pos, cfg=n, impl=c.impl)
+                               v_win=win_v, win_positions=win_pos, cfg=n, impl=c.impl,
+                               interpret=self.interpret)
         gates = jax.nn.sigmoid(jnp.einsum("btd,dhc->bthc", x, self.w_gate[...].astype(c.dtype))
                                + self.b_gate[...].astype(c.dtype))
         return out, gates, cache

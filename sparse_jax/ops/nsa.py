@@ -60,6 +60,7 @@ from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.common import masked_attention
 from pallas_kernels.flash import flash_attention
+from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import patterns as P
 from sparse_jax.patterns.metadata import _compact  # the one compaction of block flags
 
@@ -254,7 +255,7 @@ def selected_block_mask(block_indices, num_sel_blocks: int):
 def selected_attention(q, k, v, q_positions, kv_positions, block_indices, cfg: NSAConfig, *,
                        scale=None):
     """slc branch, exact per-token selection: query t sees key s iff `s // l'` is one of its
-    selected blocks and `s <= t`. Dense-mask reference (the `token_sparse` op's job later).
+    selected blocks and `s <= t`. Dense-mask reference of `selected_attention_sparse`.
 
     q `[B, T, H, D]`; k, v `[B, S, Hkv, D]` with `kv_positions [B, S]`; block_indices from
     `select_blocks`. Returns `[B, T, H, D]`.
@@ -270,6 +271,15 @@ def selected_attention(q, k, v, q_positions, kv_positions, block_indices, cfg: N
     mask = mask & (qp >= 0) & (kp >= 0) & (kp <= qp)
     out, _, _ = masked_attention(q, k, v, mask, scale=scale)
     return out
+
+
+def selected_attention_sparse(q, k, v, q_positions, kv_positions, block_indices, cfg: NSAConfig, *,
+                              impl: str = "auto", interpret=False):
+    """`selected_attention` on the `token_sparse` op (block_size = l'): the Triton kernel
+    on GPU reads only the selected blocks, once per GQA group. Keys position-indexed."""
+    return token_sparse_attention(q, k, v, block_indices, block_size=cfg.sel_block,
+                                  q_positions=q_positions, kv_positions=kv_positions, causal=True,
+                                  impl=impl, interpret=interpret)
 
 
 def selection_metadata(block_indices, q_positions, kv_positions, cfg: NSAConfig) -> BlockSparseMetadata:
@@ -300,10 +310,11 @@ def selection_metadata(block_indices, q_positions, kv_positions, cfg: NSAConfig)
     return BlockSparseMetadata(indices, counts, flags, block_q=bq, block_kv=ls)
 
 
-def window_attention(q, k, v, q_positions, kv_positions, *, window: int, impl: str = "auto"):
+def window_attention(q, k, v, q_positions, kv_positions, *, window: int, impl: str = "auto",
+                     interpret=False):
     """win branch: causal sliding window of `window` keys through the `flash` op."""
     return flash_attention(q, k, v, mask_fn=P.causal_window(window), q_positions=q_positions,
-                           kv_positions=kv_positions, impl=impl)
+                           kv_positions=kv_positions, impl=impl, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------- all branches
@@ -320,24 +331,29 @@ class NSABranches(NamedTuple):
 
 
 def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, slc_positions,
-                 k_win, v_win, win_positions, cfg: NSAConfig, impl: str = "auto") -> NSABranches:
+                 k_win, v_win, win_positions, cfg: NSAConfig, impl: str = "auto",
+                 interpret=False) -> NSABranches:
     """The three branches for queries `q [B, T, H, D]` at `q_positions [B, T]`.
 
     k_cmp/v_cmp `[B, N, Hkv, D]`: compressed keys, slot i = block i, `cmp_positions` their
     last tokens (-1 empty). k_slc/v_slc `[B, S, Hkv, D]`: position-indexed (slot s holds
-    position s or -1). k_win/v_win: any layout with `win_positions`.
+    position s or -1). k_win/v_win: any layout with `win_positions`. `impl` / `interpret`
+    pick the kernels of the slc and win branches.
     """
     o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, q_positions, cmp_positions)
     ns = -(-k_slc.shape[1] // cfg.sel_block)
     scores = selection_scores(p_cmp.sum(axis=2), ns, cfg)                    # [B, Hkv, T, Ns]
     block_indices = select_blocks(scores, q_positions, cfg)
     if cfg.selection == "token":
-        o_slc = selected_attention(q, k_slc, v_slc, q_positions, slc_positions, block_indices, cfg)
+        o_slc = selected_attention_sparse(q, k_slc, v_slc, q_positions, slc_positions, block_indices,
+                                          cfg, impl=impl, interpret=interpret)
     else:
         meta = selection_metadata(block_indices, q_positions, slc_positions, cfg)
         o_slc = block_sparse_attention(q, k_slc, v_slc, meta, mask_fn=P.Causal(),
-                                       q_positions=q_positions, kv_positions=slc_positions, impl=impl)
-    o_win = window_attention(q, k_win, v_win, q_positions, win_positions, window=cfg.window, impl=impl)
+                                       q_positions=q_positions, kv_positions=slc_positions, impl=impl,
+                                       interpret=interpret)
+    o_win = window_attention(q, k_win, v_win, q_positions, win_positions, window=cfg.window, impl=impl,
+                             interpret=interpret)
     return NSABranches(o_cmp, o_slc, o_win, block_indices, p_cmp)
 
 
