@@ -1,0 +1,250 @@
+"""`token_sparse` kernels against `token_sparse_reference`, and the reference against an
+independent dense-mask `jax.nn.dot_product_attention` (mask built in numpy loops): forward,
+lse and gradients (dq, dk, dv, d sink_logits) in float32 on fresh random inputs. Triton in
+`interpret=True`, Mosaic TPU in `pltpu.InterpretParams()` (its backward is XLA). Token
+indices (block_size 1) and blocks (16, and 6: not a power of two), lengths not multiples of
+the tiles, ragged keys (positions -1), a padded query, a query with an empty list, GQA
+1/4/16 and MQA, sinks and soft-cap; bf16 forward; argument errors. A `gpu`-marked test
+compiles the Triton kernels (DSA and NSA head configurations, small T).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.token_sparse import token_sparse_attention
+from pallas_kernels.token_sparse.reference import token_sparse_reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    b: int = 1
+    t: int = 8
+    s: int = 20
+    h: int = 4
+    hkv: int = 1
+    d: int = 16
+    dv: int = 16
+    k: int = 4                  # listed entries per row
+    block_size: int = 1
+    causal: bool = True
+    sinks: bool = False
+    softcap: float | None = None
+    pad_k: int = 0              # trailing keys of the last batch row are padding
+    pad_q: bool = False         # query 1 of batch row 0 is padding
+    seed: int = 0
+
+
+CASES = [
+    Case("tokens_gqa4_mqa_ragged_sinks", t=13, s=29, h=4, hkv=1, d=48, dv=16, k=6, sinks=True,
+         pad_k=4, pad_q=True, seed=1),
+    Case("blocks16_gqa1_softcap_batch2", b=2, t=11, s=45, h=2, hkv=2, d=16, dv=32, k=2,
+         block_size=16, softcap=4.0, pad_k=5, seed=2),
+    Case("blocks6_gqa16_noncausal", t=7, s=40, h=16, hkv=1, d=16, dv=16, k=3, block_size=6,
+         causal=False, seed=3),
+]
+TPU_CASES = [
+    Case("tpu_tokens_gqa4_ragged_sinks", t=6, s=19, h=4, hkv=1, d=16, dv=8, k=3, sinks=True,
+         pad_k=3, pad_q=True, seed=4),
+    Case("tpu_blocks8_gqa1_softcap", b=1, t=5, s=30, h=2, hkv=2, d=8, dv=16, k=2, block_size=8,
+         softcap=3.0, seed=5),
+]
+
+
+def make_inputs(c: Case, dtype=jnp.float32):
+    rng = np.random.default_rng(c.seed)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
+    q, k, v = normal(c.b, c.t, c.h, c.d), normal(c.b, c.s, c.hkv, c.d), normal(c.b, c.s, c.hkv, c.dv)
+    nblk = -(-c.s // c.block_size)
+    idx = np.full((c.b, c.t, c.hkv, c.k), -1, np.int32)
+    for row in np.ndindex(c.b, c.t, c.hkv):
+        n = rng.integers(1, min(c.k, nblk) + 1)
+        idx[row][:n] = rng.choice(nblk, n, replace=False)       # distinct, -1 padding
+        rng.shuffle(idx[row])
+    idx[0, c.t // 2] = -1                                       # a query with an empty list
+    q_pos = np.broadcast_to(np.arange(c.t, dtype=np.int32), (c.b, c.t)).copy()
+    q_pos += c.s - c.t                                          # queries are the last tokens
+    if c.pad_q:
+        q_pos[0, 1] = -1
+    kv_pos = np.broadcast_to(np.arange(c.s, dtype=np.int32), (c.b, c.s)).copy()
+    if c.pad_k:
+        kv_pos[-1, c.s - c.pad_k:] = -1
+    sinks = normal(c.h) if c.sinks else None
+    cot = (normal(c.b, c.t, c.h, c.dv), jnp.asarray(rng.normal(size=(c.b, c.h, c.t)), jnp.float32))
+    kw = dict(block_size=c.block_size, q_positions=jnp.asarray(q_pos),
+              kv_positions=jnp.asarray(kv_pos), causal=c.causal, softcap=c.softcap)
+    return (q, k, v, sinks), jnp.asarray(idx), kw, cot
+
+
+def run_vjp(impl, args, idx, kw, cot):
+    """out, lse and the gradients of `<out, dO> + <lse, dlse>` (finite lse only)."""
+    q, k, v, sinks = args
+
+    def f(q, k, v, sinks):
+        res = token_sparse_attention(q, k, v, idx, sink_logits=sinks, return_lse=True,
+                                     impl=impl, interpret=True, **kw)
+        return res.out, res.lse
+
+    @jax.jit
+    def out_lse_grads(q, k, v, sinks):
+        (out, lse), vjp = jax.vjp(f, q, k, v, sinks)
+        dlse = jnp.where(jnp.isfinite(lse), cot[1], 0.0)
+        return out, lse, vjp((cot[0], dlse))
+
+    return out_lse_grads(q, k, v, sinks)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
+
+
+def assert_matches(got, want, tol=2e-5):
+    out, lse, grads = got
+    r_out, r_lse, r_grads = want
+    assert rel_err(out, r_out) < tol
+    fin = np.isfinite(r_lse)
+    assert np.array_equal(np.isfinite(lse), fin)
+    assert rel_err(np.asarray(lse)[fin], np.asarray(r_lse)[fin]) < tol
+    for g, r in zip(grads, r_grads):
+        assert (g is None) == (r is None)
+        if r is not None:
+            assert np.all(np.isfinite(g)) and rel_err(g, r) < 10 * tol
+
+
+@pytest.mark.parametrize("impl,case", [("triton", c) for c in CASES]
+                         + [("mosaic_tpu", c) for c in TPU_CASES], ids=lambda x: getattr(x, "name", x))
+def test_kernel_matches_reference(impl, case):
+    args, idx, kw, cot = make_inputs(case)
+    got = run_vjp(impl, args, idx, kw, cot)
+    want = run_vjp("xla", args, idx, kw, cot)
+    assert_matches(got, want)
+    out, lse, grads = got
+    # the empty list sees nothing: zeros out (lse = sink or -inf), finite gradients
+    assert np.all(np.asarray(out)[0, case.t // 2] == 0.0)
+    assert all(np.all(np.isfinite(g)) for g in grads if g is not None)
+
+
+def dense_mask_numpy(c: Case, idx, q_pos, kv_pos):
+    """bool `[B, H, T, S]` by plain loops: the semantics, spelled out once more."""
+    idx, q_pos, kv_pos = np.asarray(idx), np.asarray(q_pos), np.asarray(kv_pos)
+    mask = np.zeros((c.b, c.h, c.t, c.s), bool)
+    g = c.h // c.hkv
+    for b, t, hh in np.ndindex(c.b, c.t, c.h):
+        for blk in idx[b, t, hh // g]:
+            if blk < 0:
+                continue
+            for s in range(blk * c.block_size, min((blk + 1) * c.block_size, c.s)):
+                ok = q_pos[b, t] >= 0 and kv_pos[b, s] >= 0
+                if c.causal:
+                    ok = ok and kv_pos[b, s] <= q_pos[b, t]
+                mask[b, hh, t, s] |= ok
+    return mask
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_reference_matches_dense_dot_product_attention(case):
+    """The reference (no sinks / soft-cap here) against `jax.nn.dot_product_attention` with
+    the numpy mask, on the rows that see at least one key; lse from numpy."""
+    (q, k, v, _), idx, kw, cot = make_inputs(case)
+    kw = dict(kw, softcap=None)
+    mask = dense_mask_numpy(case, idx, kw["q_positions"], kw["kv_positions"])
+    seen = mask.any(-1)                                                  # [B, H, T]
+    rows = jnp.asarray(seen.transpose(0, 2, 1)[..., None])              # [B, T, H, 1]
+    scale = case.d ** -0.5
+
+    def ours(q, k, v):
+        res = token_sparse_reference(q, k, v, idx, sink_logits=None, scale=scale,
+                                     return_lse=True, **kw)
+        return (res.out * cot[0]).sum(), res
+
+    def dense(q, k, v):
+        g, width = case.h // case.hkv, max(case.d, case.dv)   # it wants one head dim: pad
+        pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[3])])  # noqa: E731
+        kk, vv = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+        out = jax.nn.dot_product_attention(pad(q), pad(kk), pad(vv), mask=jnp.asarray(mask),
+                                           scale=scale, implementation="xla")[..., :case.dv]
+        return (jnp.where(rows, out, 0.0) * cot[0]).sum(), out
+
+    (_, res), g1 = jax.jit(jax.value_and_grad(ours, (0, 1, 2), has_aux=True))(q, k, v)
+    (_, out), g2 = jax.jit(jax.value_and_grad(dense, (0, 1, 2), has_aux=True))(q, k, v)
+    np.testing.assert_allclose(np.where(rows, res.out, 0), np.where(rows, out, 0), atol=2e-5)
+    assert np.all(np.asarray(res.out)[~np.asarray(rows)[..., 0]] == 0.0)
+    qg = np.asarray(q, np.float64).reshape(case.b, case.t, case.hkv, -1, case.d)
+    logits = np.einsum("bthgd,bshd->bhgts", qg, np.asarray(k, np.float64)) * scale
+    logits = np.where(mask.reshape(logits.shape), logits, -np.inf).reshape(case.b, case.h, case.t, -1)
+    with np.errstate(divide="ignore"):
+        lse = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(res.lse, lse, atol=2e-5, rtol=2e-5)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+def test_bf16_forward_triton():
+    c = CASES[0]
+    (q, k, v, sinks), idx, kw, _ = make_inputs(c, jnp.bfloat16)
+    attn = jax.jit(lambda q, k, v, sinks, impl: token_sparse_attention(  # noqa: E731
+        q, k, v, idx, sink_logits=sinks, impl=impl, interpret=True, **kw), static_argnums=4)
+    out = attn(q, k, v, sinks, "triton")
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref = attn(f32(q), f32(k), f32(v), f32(sinks), "xla")
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, ref) < 2e-2
+
+
+def test_bad_arguments_raise():
+    (q, k, v, _), idx, kw, _ = make_inputs(CASES[0])
+    def attn(indices=idx, impl="xla", **over):
+        return token_sparse_attention(q, k, v, indices, impl=impl, **over)
+
+    with pytest.raises(ValueError, match="indices must be int"):
+        attn(indices=idx[..., 0])
+    with pytest.raises(ValueError, match="indices must be integer"):
+        attn(indices=idx.astype(jnp.float32))
+    with pytest.raises(ValueError, match="indices must be < 29"):
+        attn(indices=idx.at[0, 0, 0, 0].set(29))
+    with pytest.raises(ValueError, match="indices must be < 2"):
+        attn(block_size=16)
+    with pytest.raises(ValueError, match="block_size"):
+        attn(block_size=0)
+    with pytest.raises(ValueError, match="causal"):
+        attn(causal=1)
+    with pytest.raises(ValueError, match="q_positions"):
+        attn(q_positions=jnp.zeros((1, 3), jnp.int32))
+    with pytest.raises(ValueError, match="impl"):
+        attn(impl="cuda")
+
+
+def _has_gpu():
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+GPU_CASES = [
+    Case("dsa_mqa_latent", t=300, s=700, h=16, hkv=1, d=576, dv=512, k=64, seed=6),
+    Case("nsa_blocks64_gqa16", b=2, t=200, s=1000, h=32, hkv=2, d=128, dv=128, k=8,
+         block_size=64, pad_k=37, pad_q=True, sinks=True, seed=7),
+    Case("tokens_gqa1_softcap", t=100, s=333, h=4, hkv=4, d=64, dv=64, k=40, softcap=20.0,
+         seed=8),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+def test_triton_compiled_on_gpu(case):
+    """The real Triton kernels (TF32 dots, float32 atomics) against the float32 reference."""
+    with jax.default_device(jax.devices("gpu")[0]):
+        args, idx, kw, cot = make_inputs(case)
+        got = run_vjp("triton", args, idx, kw, cot)
+        with jax.default_matmul_precision("highest"):
+            want = run_vjp("xla", args, idx, kw, cot)
+        assert_matches(got, want, tol=3e-3)
