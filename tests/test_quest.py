@@ -148,3 +148,16 @@ def test_quest_cache_bounds_after_token_by_token_writes_equal_page_bounds():
     big = cache.update(k, v, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)))[3]   # refresh-all path
     want = Q.page_bounds(k, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)), page)
     np.testing.assert_array_equal(big.kmin, want[0])
+
+
+def test_jitted_bf16_scores_match_the_numpy_formula():
+    """GQA group 4, bf16, under jit (an earlier two-matmul form broke here on XLA:CPU)."""
+    k = jax.random.normal(jax.random.key(0), (2, 64, 2, 16), jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(1), (2, 1, 8, 16), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64))
+    kmin, kmax = Q.page_bounds(k, pos, 8)
+    got = jax.jit(Q.quest_page_scores)(q, kmin, kmax)
+    qn = np.asarray(q, np.float32).reshape(2, 2, 4, 16)
+    lo, hi = np.asarray(kmin, np.float32), np.asarray(kmax, np.float32)
+    want = np.maximum(qn[:, None] * hi[:, :, :, None], qn[:, None] * lo[:, :, :, None]).sum(-1).max(-1) / 4
+    np.testing.assert_allclose(got, want.transpose(0, 2, 1), rtol=1e-5, atol=1e-5)

@@ -5,9 +5,9 @@ Quest (Tang et al., arXiv 2406.10774): the cache is cut into pages of `page_size
 elementwise min and max of its keys, `kmin, kmax [B, P, Hkv, D]`, bound every logit of
 the page from above:
 
-    q . k  <=  sum_i max(q_i * kmax_i, q_i * kmin_i)  =  q+ . kmax + q- . kmin
+    q . k  <=  sum_i max(q_i * kmax_i, q_i * kmin_i).
 
-(`q+ = max(q, 0)`, `q- = min(q, 0)`: two matmuls). The top-`budget_pages` pages by that
+The top-`budget_pages` pages by that
 bound are attended exactly by the `decode` kernel's selected-block path
 (`pallas_kernels.decode.api.decode_attention(..., block_indices=..., block_size=page_size)`).
 
@@ -105,12 +105,14 @@ def quest_page_scores(q, kmin, kmax, *, scale=None):
     empty = kmax[..., 0] == -jnp.inf                                             # [B, P, Hkv]
     lo = jnp.where(empty[..., None], 0, kmin)
     hi = jnp.where(empty[..., None], 0, kmax)
-    qg = q.reshape(b, tq, hkv, h // hkv, d)
-    pos = jnp.maximum(qg, 0).astype(hi.dtype)
-    neg = jnp.minimum(qg, 0).astype(lo.dtype)
-    s = (jnp.einsum("btngd,bpnd->bntgp", pos, hi, preferred_element_type=jnp.float32)
-         + jnp.einsum("btngd,bpnd->bntgp", neg, lo, preferred_element_type=jnp.float32))
-    s = s.max(axis=(2, 3)) * scale                                               # [B, Hkv, P]
+    # The formula as written (one fused read of the bounds on GPU): [B, Tq, Hkv, G, P, D]
+    # products. (Two matmuls `q+ . kmax + q- . kmin` then the max over the group returned
+    # garbage under jit on XLA:CPU in jax 0.11.2, and need a copy of the bounds to be one.)
+    qg = q.reshape(b, tq, hkv, 1, h // hkv, d).astype(jnp.float32)
+    hi = jnp.swapaxes(hi, 1, 2)[:, None, :, :, None].astype(jnp.float32)        # [B, 1, Hkv, P, 1, D]
+    lo = jnp.swapaxes(lo, 1, 2)[:, None, :, :, None].astype(jnp.float32)
+    s = jnp.maximum(qg * hi, qg * lo).sum(-1)                                    # [B, Tq, Hkv, P, G]
+    s = s.max(axis=(1, 4)) * scale                                               # [B, Hkv, P]
     return jnp.where(jnp.swapaxes(empty, 1, 2), -jnp.inf, s)
 
 
