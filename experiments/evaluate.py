@@ -83,7 +83,8 @@ def main(argv):
     rows = []
     for i, (name, seq_len, distance) in enumerate(tqdm(cases, desc="evaluate", ncols=100)):
         sample, _ = make_sampler(name, seq_len)
-        rng = np.random.default_rng([F.seed, i, seq_len, distance, 1])   # 5 words: never a training (seed, step)
+        # 5 seed words: never equal to a training stream's step_rng(seed, step)
+        rng = np.random.default_rng([F.seed, i, seq_len, distance, 1])
         row = dict(step=restored.step, task=name, seq_len=seq_len, min_distance=distance)
         try:
             row.update(accuracy=evaluate(model, sample, F.batch, F.batches, rng, distance),

@@ -5,6 +5,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,8 +39,9 @@ def _env(cache_dir):
 
 
 def _losses(workdir):
+    """{step: loss} and the logged steps in order; a line still being written is left out."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.endswith("\n")]
     return {r["step"]: r["loss"] for r in records}, [r["step"] for r in records]
 
 
@@ -66,8 +68,10 @@ def test_sigkilled_run_resumes_with_identical_losses(run_a, tmp_path):
     assert glob.glob(str(a / "tb" / "events.out.tfevents.*"))
 
     # run B, slowed down, SIGKILLed once it has logged step 6 (not a save step: 5, 6 are lost)
-    proc = subprocess.Popen([sys.executable, TRAIN, f"--workdir={b}", *TINY, "--step_delay=0.4"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "b_killed.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, TRAIN, f"--workdir={b}", *TINY, "--step_delay=0.5"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -75,10 +79,9 @@ def test_sigkilled_run_resumes_with_identical_losses(run_a, tmp_path):
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.02)
-        assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read()[-3000:]
+        assert proc.wait(timeout=60) == -signal.SIGKILL, log.read_text()[-3000:]
     finally:
         proc.kill()
-        proc.stderr.close()
     killed, killed_steps = _losses(b)
     last_logged = max(killed_steps)
     assert last_logged < 12 and last_logged % 4 != 0, killed_steps
@@ -157,7 +160,7 @@ CORRUPTIONS = {
     "truncated file": (_truncate_largest, "restore failed"),
     "flipped bytes": (_flip_bytes, ""),                      # orbax or our checksum catches it
     "commit marker removed": (lambda d: os.remove(os.path.join(d, COMMIT_MARKER)), "no commit marker"),
-    "model item deleted": (lambda d: __import__("shutil").rmtree(os.path.join(d, "model")), "restore failed"),
+    "model item deleted": (lambda d: shutil.rmtree(os.path.join(d, "model")), "restore failed"),
     "checksum mismatch": (_tamper_checksum, "checksum mismatch"),
 }
 
