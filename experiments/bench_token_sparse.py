@@ -1,0 +1,194 @@
+"""Benchmark the `token_sparse` Triton kernel against cuDNN dense causal attention (bf16).
+
+Two head configurations, B=1, causal random selections, forward and forward+backward:
+
+* DSA (DeepSeek-V3.2 sparse attention, MLA in MQA form): H=64 query heads over one latent
+  KV head, D=576 (512 latent + 64 rope), Dv=512, top-k=2048 token indices per query;
+* NSA selection (arXiv 2502.11089): HQ=64, HKV=4, D=Dv=128, 16 blocks of 64 tokens per query
+  token and kv head.
+
+Selections are stratified random: query t takes min(k, t + 1) distinct tokens (blocks) of
+its causal prefix, one from each of k equal slices (sorted; the rest -1). cuDNN runs the
+dense causal attention of the same head configuration in the same process (it may reject
+D=576: then the row says so). Correctness first: the kernel's last `--check_rows` query
+rows against the dense-mask reference. TFLOP/s count the visible (query, key) pairs only:
+fwd 2 * H * (D + Dv) per pair, fwd+bwd 2.5x that (cuDNN: the causal half).
+
+Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --iters /
+--backward flags (defaults changed here). On a GPU machine, repo root:
+  PYTHONPATH=. python experiments/bench_token_sparse.py --out /tmp/bench_token_sparse.json
+CPU smoke run (tiny shapes, Triton in interpret mode, no cuDNN):
+  PYTHONPATH=. python experiments/bench_token_sparse.py --small --out /tmp/ts_small.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments.bench_kernels import fwd_bwd, median_time, rel
+from pallas_kernels.token_sparse import token_sparse_attention
+from pallas_kernels.token_sparse.reference import token_sparse_reference
+from pallas_kernels.token_sparse.triton import TritonConfig
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("small", False, "CPU smoke run: tiny shapes, interpret mode, no cuDNN")
+flags.DEFINE_list("shapes", ["dsa", "nsa"], "which head configurations")
+flags.DEFINE_integer("check_rows", 64, "query rows checked against the reference")
+flags.DEFINE_string("ts_config", "", "TritonConfig overrides, e.g. block_k=64,num_warps=8")
+FLAGS.set_default("out", "bench_token_sparse.json")
+FLAGS.set_default("seq_lens", ["16384", "65536"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    h: int
+    hkv: int
+    d: int
+    dv: int
+    k: int             # entries per query (tokens or blocks)
+    block_size: int
+
+
+SHAPES = {"dsa": Shape("dsa", 64, 1, 576, 512, 2048, 1),
+          "nsa": Shape("nsa", 64, 4, 128, 128, 16, 64)}
+SMALL = {"dsa": Shape("dsa", 16, 1, 72, 64, 16, 1),
+         "nsa": Shape("nsa", 16, 2, 32, 32, 4, 8)}
+
+
+def stratified_indices(key, t: int, hkv: int, k: int, block_size: int):
+    """int32 `[1, T, Hkv, k]`: query t picks min(k, n_t) distinct blocks of its prefix
+    (n_t = t // block_size + 1), one uniformly from each of k integer slices; rest -1."""
+    n = (jnp.arange(t, dtype=jnp.int32) // block_size + 1)[:, None, None]      # [T, 1, 1]
+    j = jnp.arange(k, dtype=jnp.int32)[None, None, :]
+    lo, hi = j * n // k, (j + 1) * n // k
+    u = jax.random.uniform(key, (t, hkv, k))
+    pick = lo + jnp.floor(u * (hi - lo)).astype(jnp.int32)
+    idx = jnp.where(n >= k, pick, jnp.where(j < n, j, -1))
+    return idx[None].astype(jnp.int32)
+
+
+def visible_pairs(idx, block_size: int) -> float:
+    """(query, key) pairs the selection exposes, summed over kv heads (causal: the last
+    block of a query holds t % block_size + 1 keys)."""
+    t = idx.shape[1]
+    tt = jnp.arange(t)[None, :, None, None]
+    full = jnp.where(idx >= 0, block_size, 0)
+    last = jnp.where(idx == tt // block_size, tt % block_size + 1, full)
+    return float(jnp.sum(last.astype(jnp.float32)))
+
+
+def make(shape: Shape, t: int, dtype, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(ks[0], (1, t, shape.h, shape.d), dtype)
+    k = jax.random.normal(ks[1], (1, t, shape.hkv, shape.d), dtype)
+    v = jax.random.normal(ks[2], (1, t, shape.hkv, shape.dv), dtype)
+    do = jax.random.normal(ks[3], (1, t, shape.h, shape.dv), dtype)
+    idx = stratified_indices(ks[4], t, shape.hkv, shape.k, shape.block_size)
+    return q, k, v, do, idx
+
+
+def ours(shape: Shape, idx, cfg, interpret):
+    def f(q, k, v):
+        from pallas_kernels.token_sparse.triton import token_sparse_triton  # noqa: PLC0415
+        t = q.shape[1]
+        pos = jnp.arange(t, dtype=jnp.int32)[None]
+        return token_sparse_triton(q, k, v, idx, block_size=shape.block_size, q_positions=pos,
+                                   kv_positions=pos, causal=True, sink_logits=None, softcap=None,
+                                   scale=q.shape[-1] ** -0.5, return_lse=False,
+                                   interpret=interpret, config=cfg)
+    return f
+
+
+def cudnn(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def check(f, shape: Shape, q, k, v, idx, rows: int) -> float:
+    """Max relative error of the last `rows` query rows against the dense-mask reference."""
+    t = q.shape[1]
+    out = jax.jit(f)(q, k, v)[:, t - rows:]
+    ref = token_sparse_reference(
+        q[:, t - rows:], k, v, idx[:, t - rows:], block_size=shape.block_size,
+        q_positions=jnp.arange(t - rows, t, dtype=jnp.int32)[None],
+        kv_positions=jnp.arange(t, dtype=jnp.int32)[None], causal=True, sink_logits=None,
+        softcap=None, scale=q.shape[-1] ** -0.5, return_lse=False)
+    return rel(out, ref)
+
+
+def bench(shape: Shape, t: int, cfg, iters: int, small: bool):
+    dtype = jnp.float32 if small else jnp.bfloat16
+    q, k, v, do, idx = make(shape, t, dtype)
+    f = ours(shape, idx, cfg, interpret=small)
+    pairs = visible_pairs(idx, shape.block_size) * (shape.h // shape.hkv)   # per query head
+    flops = 2.0 * pairs * (shape.d + shape.dv)
+    row = dict(shape=shape.name, t=t, h=shape.h, hkv=shape.hkv, d=shape.d, dv=shape.dv,
+               k=shape.k, block_size=shape.block_size, config=dataclasses.asdict(cfg),
+               density=pairs / (shape.h * t * (t + 1) / 2))
+    row["err_ref"] = check(f, shape, q, k, v, idx, min(FLAGS.check_rows, t))
+    row["ours_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, k, v, iters=iters)
+    row["ours_fwd_tflops"] = flops / row["ours_fwd_ms"] / 1e9
+    if FLAGS.backward:
+        row["ours_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd(f), q, k, v, do, iters=iters)
+        row["ours_fwdbwd_tflops"] = 2.5 * flops / row["ours_fwdbwd_ms"] / 1e9
+    if not small:
+        dense_flops = 2.0 * shape.h * t * t / 2 * (shape.d + shape.dv)
+        try:
+            row["cudnn_fwd_ms"] = 1e3 * median_time(jax.jit(cudnn), q, k, v, iters=iters)
+            row["cudnn_fwd_tflops"] = dense_flops / row["cudnn_fwd_ms"] / 1e9
+            if FLAGS.backward:
+                row["cudnn_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd(cudnn), q, k, v, do, iters=iters)
+                row["cudnn_fwdbwd_tflops"] = 2.5 * dense_flops / row["cudnn_fwdbwd_ms"] / 1e9
+        except Exception as e:  # noqa: BLE001 - cuDNN rejects some head dims (D=576)
+            row["cudnn_error"] = str(e).splitlines()[0][:200]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows) -> str:
+    head = ("| shape | T | H/Hkv | D/Dv | k x block | fwd ms | TF/s | cuDNN fwd ms | f+b ms | TF/s "
+            "| cuDNN f+b ms | err ref |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda r, key, spec: format(r[key], spec) if key in r else "n/a"  # noqa: E731
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['t']} | {r['h']}/{r['hkv']} | {r['d']}/{r['dv']} | "
+            f"{r['k']} x {r['block_size']} | {fmt(r, 'ours_fwd_ms', '.2f')} | "
+            f"{fmt(r, 'ours_fwd_tflops', '.0f')} | {fmt(r, 'cudnn_fwd_ms', '.2f')} | "
+            f"{fmt(r, 'ours_fwdbwd_ms', '.2f')} | {fmt(r, 'ours_fwdbwd_tflops', '.0f')} | "
+            f"{fmt(r, 'cudnn_fwdbwd_ms', '.2f')} | {r['err_ref']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    cfg = TritonConfig()
+    if FLAGS.ts_config:
+        over = dict(kv.split("=") for kv in FLAGS.ts_config.split(","))
+        cfg = dataclasses.replace(cfg, **{k_: int(v_) for k_, v_ in over.items()})
+    shapes = SMALL if FLAGS.small else SHAPES
+    seq_lens = [64, 96] if FLAGS.small else [int(x) for x in FLAGS.seq_lens]
+    iters = 2 if FLAGS.small else FLAGS.iters
+    info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), small=FLAGS.small)
+    rows = []
+    for name in FLAGS.shapes:
+        for t in seq_lens:
+            try:
+                rows.append(bench(shapes[name], t, cfg, iters, FLAGS.small))
+            except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
+                print(f"shape {name} T={t} failed: {str(e)[:500]}", flush=True)
+    with open(FLAGS.out, "w") as fh:
+        json.dump(dict(info=info, config=dataclasses.asdict(cfg), rows=rows), fh, indent=1)
+    print(f"\n{info}\n\n{table(rows)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
