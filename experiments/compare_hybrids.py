@@ -17,7 +17,8 @@ Models (`--models`; all `--layers` deep):
     nsa            N * L (Native Sparse Attention, arXiv 2502.11089)
     moba           M * L (MoBA, Moonshot)
     swa            W * L (pure sliding window: the floor)
-    dsa            the DSA letter of LAYER_TYPES * L, when that layer type exists
+    dsa            D * L (DeepSeek Sparse Attention over MLA), when LAYER_TYPES has it; its
+                   lightning indexer is not trained (train_step has no indexer KL loss)
 
 Writes to `--out_dir`: `results.jsonl` (one line per model), `results.md` (the table:
 accuracy per task at both lengths, KV bytes per token at the longer length, train tokens/s)
@@ -43,6 +44,7 @@ from tqdm import tqdm
 
 from sparse_jax.layers.hysparse import HySparseConfig
 from sparse_jax.models.lm import LAYER_TYPES, LMConfig, SparseLM, hybrid_spec
+from sparse_jax.ops.dsa import DSAConfig
 from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.tasks import TASKS, VOCAB_SIZE, exact_match, mixed_batch
 from sparse_jax.train import count_params, make_optimizer, train_step
@@ -65,19 +67,24 @@ class Preset:
 
 
 PRESETS = {
-    # 2 CPU cores: a few minutes for the default models
-    "cpu": Preset(d_model=32, heads=2, layers=12, window=16, train_len=96, eval_lens=(96, 192),
-                  steps=300, batch=24, lr=3e-3, eval_batches=2, block=8, top_k_blocks=4),
-    # one H200, one device call of <= 9 minutes for all default models (compiles included)
-    "gpu": Preset(d_model=128, heads=4, layers=12, window=32, train_len=384, eval_lens=(384, 768),
-                  steps=800, batch=48, lr=2e-3, eval_batches=4, block=16, top_k_blocks=8),
+    # 2 CPU cores: a few minutes for the default (CPU) models; a pipeline check, too few
+    # tokens for the tasks to be learnt
+    "cpu": Preset(d_model=32, heads=2, layers=12, window=8, train_len=64, eval_lens=(64, 128),
+                  steps=300, batch=16, lr=3e-3, eval_batches=2, block=8, top_k_blocks=2),
+    # one H200: meant for one device call of <= 9 minutes for all default models, compiles
+    # included (not measured here; split with --models and join with --merge if needed)
+    "gpu": Preset(d_model=128, heads=4, layers=12, window=32, train_len=256, eval_lens=(256, 512),
+                  steps=1200, batch=32, lr=2e-3, eval_batches=4, block=16, top_k_blocks=4),
 }
+CORE_MODELS = ["full", "swa_1_3", "swa_1_11", "hysparse_1_3", "hysparse_1_11"]
+DEFAULT_MODELS = {"cpu": CORE_MODELS, "gpu": CORE_MODELS + ["nsa", "moba", "dsa"]}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "cpu", sorted(PRESETS), "Size preset; flags below override its fields.")
-flags.DEFINE_list("models", ["full", "swa_1_3", "swa_1_11", "hysparse_1_3", "hysparse_1_11", "nsa", "moba"],
-                  "Models: full, swa, swa_1_3, swa_1_11, hysparse_1_3, hysparse_1_11, nsa, moba, dsa "
-                  "(dsa only if LAYER_TYPES has a DSA letter).")
+flags.DEFINE_list("models", None,
+                  "Models: full, swa, swa_1_3, swa_1_11, hysparse_1_3, hysparse_1_11, nsa, moba, dsa (dsa "
+                  f"only if LAYER_TYPES has a DSA letter). Default: {DEFAULT_MODELS} by preset (gpu: dsa "
+                  "when it exists).")
 flags.DEFINE_list("tasks", sorted(TASKS), f"Tasks of sparse_jax.tasks.TASKS: {sorted(TASKS)}.")
 flags.DEFINE_integer("layers", None, "Layers per model (a multiple of 12 keeps 1:3 and 1:11 exact).")
 flags.DEFINE_integer("d_model", None, "Model width.")
@@ -133,7 +140,9 @@ def lm_config(p: Preset, spec: str) -> LMConfig:
         hysparse=HySparseConfig(block_size=p.block, top_k_tokens=p.block * p.top_k_blocks, window=p.window),
         nsa=NSAConfig(cmp_block=p.block, cmp_stride=p.block // 2, sel_block=p.block,
                       num_selected=p.top_k_blocks + 3, window=p.window),   # + 1 initial, 2 local forced
-        moba_block=p.block, moba_top_k=p.top_k_blocks)
+        moba_block=p.block, moba_top_k=p.top_k_blocks,
+        # DSA: the same token budget; its lightning indexer gets no KL loss from train_step
+        dsa=DSAConfig(index_heads=4, index_head_dim=16, top_k=p.block * p.top_k_blocks))
 
 
 @nnx.jit
@@ -253,7 +262,8 @@ def main(argv):
         return merge(FLAGS.merge)
     p = preset()
     specs = model_specs(p.layers)
-    unknown = set(FLAGS.models) - set(specs)
+    models = FLAGS.models or [m for m in DEFAULT_MODELS[FLAGS.preset] if m in specs]
+    unknown = set(models) - set(specs)
     if unknown:
         raise app.UsageError(f"unknown --models {sorted(unknown)}; available: {sorted(specs)}")
     if set(FLAGS.tasks) - set(TASKS):
@@ -265,7 +275,7 @@ def main(argv):
     print(f"{FLAGS.preset} preset: {p}\ntasks: {names}; devices: {jax.devices()}")
     rows = []
     with open(os.path.join(FLAGS.out_dir, "results.jsonl"), "w") as f:
-        for name in FLAGS.models:
+        for name in models:
             rows.append(run_model(name, specs[name], p, names))
             f.write(json.dumps(dict(rows[-1], preset=dataclasses.asdict(p))) + "\n")
             f.flush()
