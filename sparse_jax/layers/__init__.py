@@ -3,10 +3,14 @@
 from sparse_jax.layers.attention import (
     AttentionBase, AttentionConfig, FullAttention, LocalAttention, PatternAttention,
     SlidingWindowAttention, StreamingLLMAttention)
+from sparse_jax.layers.csa import CompressedAttention
+from sparse_jax.layers.dsa import DSAAttention
 from sparse_jax.layers.hysparse import HySparseFullAttention, HySparseSparseAttention
+from sparse_jax.layers.mla import MLAAttention
 from sparse_jax.layers.moba import MoBAAttention
 from sparse_jax.layers.nsa import NSAAttention
 
-__all__ = ["AttentionBase", "AttentionConfig", "FullAttention", "HySparseFullAttention",
-           "HySparseSparseAttention", "LocalAttention", "MoBAAttention", "NSAAttention",
+__all__ = ["AttentionBase", "AttentionConfig", "CompressedAttention", "DSAAttention", "FullAttention",
+           "HySparseFullAttention", "HySparseSparseAttention", "LocalAttention", "MLAAttention",
+           "MoBAAttention", "NSAAttention",
            "PatternAttention", "SlidingWindowAttention", "StreamingLLMAttention"]

@@ -8,6 +8,11 @@
 * `H` HySparse full layer, `Y` HySparse sparse layer (`LMConfig.hysparse`): each `Y` reads
   the KV and top-k blocks of the nearest `H` before it (e.g. `"HYYY" * 2 + "H"`).
 * `M` MoBA (`LMConfig.moba_block`, `LMConfig.moba_top_k`).
+* `L` MLA (`LMConfig.mla`, arXiv 2405.04434), `D` DSA (`LMConfig.mla` + `LMConfig.dsa`,
+  DeepSeek-V3.2 lightning indexer + top-k).
+* `C` CSA, `R` HCA (DeepSeek-V4; `LMConfig.csa`, `LMConfig.hca`): compressed records
+  (top-k / dense) plus an SWA branch; V4 interleaves them after two pure SWA layers,
+  e.g. `"WW" + "CR" * 3`.
 
 e.g. `"WWWF"` is "global every 4th layer, local otherwise" (Gemma 3 is 5:1, gpt-oss 1:1).
 Pre-norm blocks: RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU -> residual.
@@ -26,14 +31,21 @@ from sparse_jax import patterns as P
 from sparse_jax.layers import (AttentionConfig, FullAttention, PatternAttention,
                                SlidingWindowAttention, StreamingLLMAttention)
 from sparse_jax.layers.hysparse import HySparseConfig, HySparseFullAttention, HySparseSparseAttention
+from sparse_jax.layers.csa import CompressedAttention
+from sparse_jax.layers.dsa import DSAAttention
+from sparse_jax.layers.mla import MLAAttention
 from sparse_jax.layers.moba import MoBAAttention
 from sparse_jax.layers.nsa import NSAAttention
+from sparse_jax.ops.csa import CSAConfig
+from sparse_jax.ops.dsa import DSAConfig
+from sparse_jax.ops.mla import MLAConfig
 from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.sharding import param
 
 LAYER_TYPES = {"F": "full", "W": "sliding window", "S": "StreamingLLM", "P": "static pattern",
                "N": "native sparse attention",
-               "H": "HySparse full", "Y": "HySparse sparse", "M": "MoBA"}
+               "H": "HySparse full", "Y": "HySparse sparse", "M": "MoBA",
+               "L": "MLA", "D": "DSA", "C": "CSA", "R": "HCA"}
 
 
 def hybrid_spec(num_layers: int, global_every: int) -> str:
@@ -63,6 +75,16 @@ class LMConfig:
     moba_block: int = 16
     moba_top_k: int = 3
     moba_query_block: int = 1
+    # MLA ('L', 'D') and DSA ('D'): demo sizes (paper: d_c 512, q latent 1536, 128+64 / 128;
+    # indexer 64 heads x 128, top-2048)
+    mla: MLAConfig = MLAConfig(kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16,
+                               qk_rope_head_dim=8, v_head_dim=16)
+    dsa: DSAConfig = DSAConfig(index_heads=4, index_head_dim=16, top_k=32)
+    # CSA ('C') / HCA ('R'): demo sizes (V4: m=4 / 128, head 512, rope 64, indexer 64 x 128,
+    # top-512, window 128; sparse_jax.ops.csa.CSAConfig() / HCA_V4)
+    csa: CSAConfig = CSAConfig(ratio=4, head_dim=32, rope_dim=8, top_k=16, index_heads=4,
+                               index_head_dim=16, window=16)
+    hca: CSAConfig = CSAConfig(ratio=16, overlap=False, head_dim=32, rope_dim=8, top_k=None, window=16)
     rope_theta: float = 10000.0
     learned_sinks: bool = False
     output_gate: bool = False
@@ -82,6 +104,14 @@ class LMConfig:
             raise ValueError("layer_spec has 'P' layers but pattern is None")
         if "N" in self.layer_spec and not isinstance(self.nsa, NSAConfig):
             raise ValueError(f"layer_spec has 'N' layers but nsa is {self.nsa!r}, not an NSAConfig")
+        if set("LD") & set(self.layer_spec) and not isinstance(self.mla, MLAConfig):
+            raise ValueError(f"layer_spec has 'L'/'D' layers but mla is {self.mla!r}, not an MLAConfig")
+        if "D" in self.layer_spec and not isinstance(self.dsa, DSAConfig):
+            raise ValueError(f"layer_spec has 'D' layers but dsa is {self.dsa!r}, not a DSAConfig")
+        for letter, name in (("C", "csa"), ("R", "hca")):
+            if letter in self.layer_spec and not isinstance(getattr(self, name), CSAConfig):
+                raise ValueError(f"layer_spec has {letter!r} layers but {name} is {getattr(self, name)!r}, "
+                                 "not a CSAConfig")
         if "Y" in self.layer_spec and "H" not in self.layer_spec[:self.layer_spec.index("Y")]:
             raise ValueError(f"layer_spec {self.layer_spec!r}: every 'Y' (HySparse sparse) layer needs an "
                              "'H' (HySparse full) layer before it")
@@ -125,6 +155,14 @@ def make_attention(kind: str, config: LMConfig, rngs: nnx.Rngs):
     if kind == "M":
         return MoBAAttention(a, block_size=config.moba_block, top_k=config.moba_top_k,
                              query_block=config.moba_query_block, rngs=rngs)
+    if kind == "L":
+        return MLAAttention(a, config.mla, rngs=rngs)
+    if kind == "D":
+        return DSAAttention(a, config.mla, config.dsa, rngs=rngs)
+    if kind == "C":
+        return CompressedAttention(a, config.csa, rngs=rngs)
+    if kind == "R":
+        return CompressedAttention(a, config.hca, rngs=rngs)
     raise ValueError(f"unknown layer type {kind!r}; known: {sorted(LAYER_TYPES)}")
 
 

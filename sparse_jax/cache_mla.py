@@ -1,0 +1,67 @@
+"""KV caches of MLA (arXiv 2405.04434) and DSA (DeepSeek-V3.2, arXiv 2512.02556).
+
+Both reuse `FullKVCache` (slot = position) with one "KV head":
+
+* `MLACache.latent`: `k` = the KV latent `c_kv [B, S, 1, Dc]`, `v` = the RoPE key
+  `k_rope [B, S, 1, Dr]`: 576 values per token at the paper's sizes, not per head.
+* `DSACache` adds `index_keys`: the lightning indexer's keys `k_I [B, S, 1, D_I]` (`v` of
+  width 0), in their own dtype (low precision allowed: bf16, float8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sparse_jax.cache import FullKVCache
+
+
+def latent_cache(batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype) -> FullKVCache:
+    return FullKVCache.init(batch, max_len, 1, kv_lora_rank, v_head_dim=rope_dim, dtype=dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MLACache:
+    latent: FullKVCache
+
+    @classmethod
+    def init(cls, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype=jnp.float32):
+        return cls(latent_cache(batch, max_len, kv_lora_rank, rope_dim, dtype))
+
+    def nbytes(self) -> int:
+        return self.latent.nbytes()
+
+    def update(self, c_kv, k_rope, positions):
+        """Write `c_kv [B, T, Dc]`, `k_rope [B, T, Dr]`; return the whole cache's
+        `(c_kv [B, S, Dc], k_rope [B, S, Dr], positions [B, S], new cache)`."""
+        k, v, pos, latent = self.latent.update(c_kv[:, :, None], k_rope[:, :, None], positions)
+        return k[:, :, 0], v[:, :, 0], pos, MLACache(latent)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DSACache:
+    latent: FullKVCache
+    index_keys: FullKVCache
+
+    @classmethod
+    def init(cls, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, index_head_dim: int,
+             dtype=jnp.float32, index_dtype=None):
+        index_dtype = dtype if index_dtype is None else index_dtype
+        return cls(latent_cache(batch, max_len, kv_lora_rank, rope_dim, dtype),
+                   FullKVCache.init(batch, max_len, 1, index_head_dim, v_head_dim=0, dtype=index_dtype))
+
+    def nbytes(self) -> int:
+        return self.latent.nbytes() + self.index_keys.nbytes()
+
+    def update(self, c_kv, k_rope, k_index, positions):
+        """As `MLACache.update`, plus the indexer keys `k_index [B, T, D_I]`; returns
+        `(c_kv, k_rope, k_index [B, S, D_I], positions, new cache)`."""
+        k, v, pos, latent = self.latent.update(c_kv[:, :, None], k_rope[:, :, None], positions)
+        ik = self.index_keys.k
+        empty = jnp.zeros(k_index.shape[:2] + (1, 0), ik.dtype)
+        ki, _, _, index_keys = self.index_keys.update(k_index[:, :, None].astype(ik.dtype), empty, positions)
+        return k[:, :, 0], v[:, :, 0], ki[:, :, 0], pos, DSACache(latent, index_keys)

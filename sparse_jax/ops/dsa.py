@@ -1,0 +1,160 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2, arXiv 2512.02556) as pure functions.
+
+* Lightning indexer: `I[t, s] = sum_{j < H_I} w[t, j] * ReLU(q_I[t, j] . k_I[s])`, with
+  `q_I [B, T, H_I, D_I]`, `w [B, T, H_I]` from the query token and one key
+  `k_I [B, S, D_I]` per token (`indexer_scores`); keys invisible to a query (later
+  position, empty slot, padding) score -inf.
+* Top-k token selection per query (`indexer_topk`, k=2048 in the paper), causal; ties go
+  to the lower slot; `-1` pads when fewer keys are visible. Chunked over queries so the
+  `T x S` score matrix is never built whole; `impl` is the slot of a fused `indexer`
+  kernel (only "xla" exists).
+* Main attention over the selected tokens only (`selected_attention`), MLA in MQA form
+  (`sparse_jax.ops.mla`: absorbed queries against the latent cache) through the
+  `token_sparse` op (its XLA reference on CPU).
+* Training (`indexer_target`, `dsa_indexer_loss`): KL from the main attention
+  distribution (summed over heads, L1-normalised, no gradient) to `softmax(I_t)`; in the
+  dense warm-up over all visible keys, in the sparse stage over the selected set only.
+
+Indices are *slots* of the key arrays (the cache slot, = position for a `FullKVCache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.token_sparse import token_sparse_attention
+
+STAGES = ("warmup", "sparse")
+INDEXER_IMPLS = ("xla",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DSAConfig:
+    """DSA hyperparameters (V3.2: 64 indexer heads of dim 128, top_k 2048 (check)).
+
+    index_heads (H_I) / index_head_dim (D_I): lightning indexer size. top_k: tokens per
+    query. stage: "warmup" (dense main attention, indexer KL over all visible keys: train
+    only the indexer) or "sparse" (top-k attention, indexer KL over the selected set).
+    indexer_loss: compute the KL (sown as `nnx.Intermediate` `indexer_loss`) in calls
+    without a cache; for training, run the model under `nnx.capture` (a sow outside it
+    would accumulate in the module). index_dtype: dtype of the indexer keys in the cache (None: compute
+    dtype; e.g. bfloat16 / float8_e4m3fn for low precision). query_chunk: queries per
+    chunk of the reference top-k. impl: indexer implementation ("xla").
+    """
+
+    index_heads: int = 64
+    index_head_dim: int = 128
+    top_k: int = 2048
+    stage: str = "sparse"
+    indexer_loss: bool = False
+    index_dtype: jnp.dtype | None = None
+    query_chunk: int = 512
+    impl: str = "xla"
+
+    def __post_init__(self):
+        for name in ("index_heads", "index_head_dim", "top_k", "query_chunk"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        if self.index_head_dim % 2:
+            raise ValueError(f"index_head_dim must be even (RoPE), got {self.index_head_dim}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.impl not in INDEXER_IMPLS:
+            raise ValueError(f"impl must be one of {INDEXER_IMPLS} (no fused indexer kernel yet), "
+                             f"got {self.impl!r}")
+
+
+def visible(q_positions, kv_positions):
+    """Causal visibility `[B, T, S]`: valid query, filled slot, `kv_pos <= q_pos`."""
+    qp, kp = q_positions[:, :, None], kv_positions[:, None, :]
+    return (qp >= 0) & (kp >= 0) & (kp <= qp)
+
+
+def indexer_scores(q_index, weights, k_index, q_positions, kv_positions):
+    """`I [B, T, S]` float32; -inf where the key is not visible."""
+    dots = jnp.einsum("btjd,bsd->btjs", q_index.astype(jnp.float32), k_index.astype(jnp.float32))
+    scores = jnp.einsum("btj,btjs->bts", weights.astype(jnp.float32), jax.nn.relu(dots))
+    return jnp.where(visible(q_positions, kv_positions), scores, -jnp.inf)
+
+
+def topk_from_scores(scores, k: int):
+    """Top-`min(k, S)` slots per row of `scores [..., S]` (-inf = not a candidate), -1 padded.
+    `lax.top_k` keeps the lower index first among ties."""
+    vals, idx = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+    return jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
+
+
+def indexer_topk(q_index, weights, k_index, q_positions, kv_positions, *, k: int,
+                 query_chunk: int = 512, impl: str = "xla"):
+    """Top-k slots per query: `[B, T, min(k, S)]` int32, -1 padded; no gradient.
+
+    Queries are processed `query_chunk` at a time (`lax.map`), so at most
+    `B x query_chunk x S` scores exist at once.
+    """
+    if impl not in INDEXER_IMPLS:
+        raise ValueError(f"impl must be one of {INDEXER_IMPLS}, got {impl!r}")
+    q_index, weights, k_index = (jax.lax.stop_gradient(a) for a in (q_index, weights, k_index))
+    b, t = q_positions.shape
+    if t <= query_chunk:
+        return topk_from_scores(indexer_scores(q_index, weights, k_index, q_positions, kv_positions), k)
+    n = -(-t // query_chunk)
+    pad = n * query_chunk - t
+    padt = lambda a, fill=0: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+    chunks = lambda a: jnp.moveaxis(a.reshape((b, n, query_chunk) + a.shape[2:]), 1, 0)
+    xs = (chunks(padt(q_index)), chunks(padt(weights)), chunks(padt(q_positions, -1)))
+    out = jax.lax.map(lambda c: topk_from_scores(indexer_scores(c[0], c[1], k_index, c[2], kv_positions), k), xs)
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * query_chunk, -1)[:, :t]
+
+
+def selected_mask(token_indices, num_slots: int):
+    """`[B, T, K]` slots (-1 = none) -> bool `[B, T, S]`."""
+    b, t, _ = token_indices.shape
+    slot = jnp.where(token_indices >= 0, token_indices, num_slots)
+    rows = jnp.arange(b)[:, None, None]
+    cols = jnp.arange(t)[None, :, None]
+    return jnp.zeros((b, t, num_slots + 1), bool).at[rows, cols, slot].set(True)[..., :num_slots]
+
+
+def selected_attention(q_abs, k_lat, v_lat, token_indices, q_positions, kv_positions, *, scale: float,
+                       impl: str = "auto"):
+    """MQA attention of absorbed queries `[B, T, H, Dc + Dr]` over the selected latent
+    entries (`k_lat [B, S, 1, Dc + Dr]`, `v_lat [B, S, 1, Dc]`, `token_indices [B, T, K]`,
+    causal) through the `token_sparse` op. Returns the latent output `[B, T, H, Dc]`."""
+    return token_sparse_attention(q_abs, k_lat, v_lat, token_indices[:, :, None], q_positions=q_positions,
+                                  kv_positions=kv_positions, scale=scale, impl=impl)
+
+
+def indexer_target(q_abs, k_lat, q_positions, kv_positions, *, scale: float, token_indices=None):
+    """The main attention distribution `p [B, T, S]` float32 (no gradient): softmax
+    probabilities summed over heads and L1-normalised per query, over all visible keys, or
+    only the selected ones when `token_indices [B, T, K]` is given (sparse stage)."""
+    q_abs, k_lat = jax.lax.stop_gradient(q_abs), jax.lax.stop_gradient(k_lat)
+    mask = visible(q_positions, kv_positions)
+    if token_indices is not None:
+        mask = mask & selected_mask(token_indices, k_lat.shape[1])
+    s = jnp.einsum("bthc,bsc->bhts", q_abs.astype(jnp.float32), k_lat[:, :, 0].astype(jnp.float32)) * scale
+    p = jax.nn.softmax(jnp.where(mask[:, None], s, -jnp.inf), axis=-1)
+    p = jnp.where(mask[:, None], p, 0.0).sum(1)
+    total = p.sum(-1, keepdims=True)
+    return p / jnp.where(total > 0, total, 1.0)
+
+
+def dsa_indexer_loss(index_scores, target, q_positions, token_indices=None):
+    """Mean over valid queries of `KL(target_t || softmax(I_t))` (paper: a sum over t).
+
+    index_scores: `[B, T, S]` from `indexer_scores` (-inf = invisible; carries the
+    indexer's gradient); target: `[B, T, S]` from `indexer_target`. With `token_indices`
+    (sparse stage) the indexer softmax runs over the selected set only.
+    """
+    mask = jnp.isfinite(index_scores)
+    if token_indices is not None:
+        mask = mask & selected_mask(token_indices, index_scores.shape[-1])
+    logq = jax.nn.log_softmax(jnp.where(mask, index_scores, -1e30), axis=-1)   # finite: no NaN grads
+    p = jax.lax.stop_gradient(target)
+    kl = jnp.where(mask & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0).sum(-1)
+    valid = (q_positions >= 0) & mask.any(-1)
+    return (kl * valid).sum() / jnp.maximum(valid.sum(), 1)

@@ -1,0 +1,189 @@
+"""DSA (DeepSeek-V3.2): indexer top-k vs a numpy loop (ties, causal edge, padding), DSA
+with k >= T equals MLA, top-k attention and gradients vs a dense-masked reference,
+decode == prefill, the indexer loss of both training stages, cache size, bad configs."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparse_jax.cache_mla import DSACache
+from sparse_jax.layers.attention import AttentionConfig
+from sparse_jax.layers.dsa import DSAAttention, indexer_filter, total_indexer_loss
+from sparse_jax.layers.mla import MLAAttention
+from sparse_jax.ops import dsa as D
+from sparse_jax.ops import mla as M
+from sparse_jax.ops.dsa import DSAConfig
+from sparse_jax.ops.mla import MLAConfig
+
+ATT = AttentionConfig(d_model=24, num_heads=3)
+MLA = MLAConfig(kv_lora_rank=10, q_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
+DSA = DSAConfig(index_heads=2, index_head_dim=4, top_k=4)
+
+
+fwd = nnx.jit(lambda layer, x, pos: layer(x, pos)[0])
+step = nnx.jit(lambda layer, x, pos, cache: layer(x, pos, cache))
+
+
+def call(layer, x, pos):
+    return layer(x, pos)[0]
+
+
+def ragged_positions(t, pads):
+    return jnp.asarray(np.stack([np.concatenate([-np.ones(p), np.arange(t - p)]) for p in pads]), jnp.int32)
+
+
+def numpy_topk(scores, qpos, kpos, k):
+    b, t, s = scores.shape
+    out = -np.ones((b, t, min(k, s)), np.int32)
+    for i in range(b):
+        for j in range(t):
+            cand = [c for c in range(s) if qpos[i, j] >= 0 and 0 <= kpos[i, c] <= qpos[i, j]]
+            cand.sort(key=lambda c: (-scores[i, j, c], c))
+            out[i, j, :len(cand[:k])] = cand[:k]
+    return out
+
+
+@pytest.mark.parametrize("query_chunk", [64, 3])
+def test_indexer_topk_matches_numpy_loop_with_ties(query_chunk):
+    rng = np.random.default_rng(0)
+    b, t, hi, di, k = 2, 10, 2, 3, 4
+    q = jnp.asarray(rng.integers(-1, 2, (b, t, hi, di)), jnp.float32)       # integer scores: many ties
+    kk = jnp.asarray(rng.integers(0, 2, (b, t, di)), jnp.float32)
+    w = jnp.asarray(rng.integers(0, 3, (b, t, hi)), jnp.float32)
+    pos = ragged_positions(t, [0, 3])
+    scores = D.indexer_scores(q, w, kk, pos, pos)
+    s_np = np.einsum("btj,btjs->bts", np.asarray(w), np.maximum(np.einsum("btjd,bsd->btjs", q, kk), 0))
+    got = D.indexer_topk(q, w, kk, pos, pos, k=k, query_chunk=query_chunk)
+    want = numpy_topk(s_np, np.asarray(pos), np.asarray(pos), k)
+    np.testing.assert_array_equal(got, want)
+    assert (np.asarray(got)[0, 0] == [0, -1, -1, -1]).all()           # causal edge: one key only
+    assert (np.asarray(got)[1, :3] == -1).all()                        # padded queries select nothing
+    assert np.isneginf(np.asarray(scores)[0, 2, 3])                    # future key invisible
+
+
+def dsa_pair(seed, dsa=DSA):
+    """A DSA layer and an MLA layer with the same MLA parameters."""
+    return (DSAAttention(ATT, MLA, dsa, rngs=nnx.Rngs(seed)), MLAAttention(ATT, MLA, rngs=nnx.Rngs(seed)))
+
+
+@pytest.mark.parametrize("stage", ["sparse", "warmup"])
+def test_dsa_with_k_at_least_t_equals_mla(stage):
+    t = 9
+    dsa, mla = dsa_pair(0, dataclasses.replace(DSA, top_k=t, stage=stage))
+    x = jax.random.normal(jax.random.key(1), (2, t, 24))
+    pos = ragged_positions(t, [0, 2])
+    np.testing.assert_allclose(fwd(dsa, x, pos), fwd(mla, x, pos), atol=2e-5, rtol=1e-5)
+
+
+def dense_masked_dsa(layer, x, pos):
+    """Reference: absorbed MLA with a dense mask of the indexer's selection."""
+    c = layer.config
+    qn, qr, ckv, kr = layer.project(x, pos)
+    qi, wi, ki = layer.indexer(x, pos)
+    sel = D.selected_mask(D.indexer_topk(qi, wi, ki, pos, pos, k=layer.dsa.top_k), x.shape[1])
+    mask = sel & D.visible(pos, pos)
+    q_abs = M.absorb_query(qn, qr, layer.w_uk[...])
+    k_lat, _ = M.latent_kv(ckv, kr)
+    s = jnp.einsum("bthc,bsc->bhts", q_abs, k_lat[:, :, 0]) * layer.mla.scale
+    p = jax.nn.softmax(jnp.where(mask[:, None], s, -1e30), -1) * mask[:, None]
+    o = M.unabsorb_output(jnp.einsum("bhts,bsc->bthc", p, ckv), layer.w_uv[...])
+    return jnp.einsum("bthk,hkd->btd", o, layer.wo[...]).astype(c.dtype)
+
+
+def test_topk_attention_and_gradients_against_dense_mask():
+    t = 11
+    layer, _ = dsa_pair(2)
+    x = jax.random.normal(jax.random.key(3), (2, t, 24))
+    pos = ragged_positions(t, [0, 3])
+    r = jax.random.normal(jax.random.key(4), (2, t, 24))
+    graphdef, params = nnx.split(layer, nnx.Param)
+
+    def loss(params, fn):
+        return (fn(nnx.merge(graphdef, params), x, pos) * r).sum()
+
+    y, y_ref = fwd(layer, x, pos), jax.jit(dense_masked_dsa)(layer, x, pos)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-5)
+    g = jax.jit(jax.grad(loss), static_argnums=1)(params, call)
+    g_ref = jax.jit(jax.grad(loss), static_argnums=1)(params, dense_masked_dsa)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree_util.tree_leaves_with_path(g_ref)):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=str(path))
+    assert float(jnp.abs(g["index_wq"][...]).max()) == 0.0       # no gradient through top-k
+
+
+def test_decode_equals_prefill_ragged_low_precision_index_keys():
+    t = 10
+    layer, _ = dsa_pair(5, dataclasses.replace(DSA, index_dtype=jnp.bfloat16))
+    x = jax.random.normal(jax.random.key(6), (2, t, 24))
+    pos = ragged_positions(t, [0, 3])
+    y_full = fwd(layer, x, pos)
+    cache = layer.init_cache(2, 12)
+    assert isinstance(cache, DSACache) and cache.index_keys.k.dtype == jnp.bfloat16
+    assert cache.nbytes() == 2 * 12 * ((10 + 4) * 4 + 4) + 2 * 12 * (4 * 2 + 4)
+    y_pre, cache = step(layer, x[:, :6], pos[:, :6], cache)
+    outs = [y_pre]
+    for i in range(6, t):
+        y, cache = step(layer, x[:, i:i + 1], pos[:, i:i + 1], cache)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), y_full, atol=2e-5, rtol=1e-5)
+
+
+def test_indexer_loss_value_against_numpy():
+    rng = np.random.default_rng(1)
+    b, t = 1, 6
+    pos = ragged_positions(t, [1])
+    vis = np.asarray(D.visible(pos, pos))
+    scores = jnp.where(vis, jnp.asarray(rng.normal(size=(b, t, t)), jnp.float32), -jnp.inf)
+    target = np.where(vis, rng.random((b, t, t)), 0.0)
+    target = jnp.asarray(target / np.maximum(target.sum(-1, keepdims=True), 1e-9), jnp.float32)
+    idx = D.topk_from_scores(scores, 2)
+    for sel in (None, idx):
+        mask = vis if sel is None else vis & np.asarray(D.selected_mask(sel, t))
+        kls = []
+        for j in range(1, t):
+            m = mask[0, j]
+            lq = np.asarray(scores)[0, j, m] - np.log(np.exp(np.asarray(scores)[0, j, m]).sum())
+            p = np.asarray(target)[0, j, m]
+            kls.append(float((p * (np.log(np.where(p > 0, p, 1)) - lq) * (p > 0)).sum()))
+        np.testing.assert_allclose(D.dsa_indexer_loss(scores, target, pos, sel), np.mean(kls), rtol=1e-5)
+    # KL vanishes when the indexer's softmax is the target
+    exact = jnp.where(vis, jnp.log(jnp.maximum(target, 1e-30)), -jnp.inf)
+    assert abs(float(D.dsa_indexer_loss(exact, target, pos))) < 1e-5
+
+
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_indexer_loss_trains_only_the_indexer(stage):
+    layer, _ = dsa_pair(7, dataclasses.replace(DSA, stage=stage, indexer_loss=True))
+    x = jax.random.normal(jax.random.key(8), (1, 8, 24))
+    pos = jnp.arange(8)[None]
+    graphdef, params = nnx.split(layer, nnx.Param)
+
+    def losses(params):
+        (y, _), inter = nnx.capture(lambda l: l(x, pos), nnx.Intermediate)(nnx.merge(graphdef, params))
+        return total_indexer_loss(inter), y
+
+    g_kl = jax.jit(jax.grad(lambda p: losses(p)[0]))(params)
+    g_y = jax.jit(jax.grad(lambda p: losses(p)[1].sum()))(params)
+    index = nnx.state(layer, indexer_filter())
+    for path, g in nnx.to_flat_state(g_kl):
+        is_index = path[0].startswith("index_")
+        assert (float(jnp.abs(g[...]).max()) > 0) == is_index, path      # KL: indexer only
+    for path, g in nnx.to_flat_state(g_y):
+        if path[0].startswith("index_"):
+            assert float(jnp.abs(g[...]).max()) == 0.0, path             # output: never the indexer
+    assert set(k for k, _ in index.items()) == {"index_wq", "index_wk", "index_ww"}
+
+
+def test_bad_configs_raise():
+    for kw, name in ((dict(top_k=0), "top_k"), (dict(stage="dense"), "stage"),
+                     (dict(impl="triton"), "impl"), (dict(index_head_dim=3), "index_head_dim")):
+        with pytest.raises(ValueError, match=name):
+            DSAConfig(**kw)
+    with pytest.raises(ValueError, match="dsa must be"):
+        DSAAttention(ATT, MLA, dsa={"top_k": 4}, rngs=nnx.Rngs(0))
+    layer, _ = dsa_pair(0)
+    with pytest.raises(ValueError, match="DSACache"):
+        layer(jnp.zeros((1, 2, 24)), jnp.zeros((1, 2), jnp.int32), cache=layer.mla)
