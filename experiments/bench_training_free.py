@@ -1,0 +1,261 @@
+"""Benchmark training-free sparsity (issue 8, items 3 and 4): Quest decode, MInference and
+FlexPrefill prefill, each against its dense baseline in the same process.
+
+(a) Quest decode (arXiv 2406.10774), bf16, the decode rows of BENCHMARKING.md (H=32 /
+    Hkv=8, D=128, one new token; `--batches`, `--contexts`, default 1 and 16 x 128K), a
+    budget of `--quest_fraction` (1/16) of the pages, pages of `--quest_pages` tokens. One
+    *step* is what a serving loop runs per token with a `QuestKVCache`: page scores from
+    the kept per-page bounds (`kmin`/`kmax`, read once: `2 / page` of the key bytes) +
+    top-k page selection + the `decode` kernel over the selected pages. Also timed: the
+    scoring + selection alone, the selected decode alone, and dense `decode_attention` of
+    the same cache (the faster of the `lengths` and `kv_positions` forms is the baseline).
+    Each figure is the median of `--iters` timed calls of one jitted program running
+    `--reps` steps on distinct queries (bench_decode's `repeated`: optimization barriers
+    between steps), divided by `--reps`.
+(b) MInference-style prefill (arXiv 2407.02490): causal, bf16, B=1, `--prefill_heads`,
+    D=128, `--prefill_lens` (32K and 128K), metadata blocks of `--prefill_block`, budgets
+    set for about `--density` of the causal blocks (density = listed blocks / causal
+    blocks, measured from the metadata and reported); per pattern type (all heads one
+    type, and `mixed`: heads cycling through the three types): the online estimation
+    alone, the `block_sparse` kernel alone (metadata given), and both in one program,
+    against cuDNN dense causal (`jax.nn.dot_product_attention(..., implementation="cudnn")`)
+    on the same inputs. FlexPrefill (arXiv 2502.20766, gamma 0.9) at `--flex_lens`:
+    on random inputs the attention is nearly uniform, so its density is high (it adapts
+    to the input; the figure says what the estimation costs, not what real text gives).
+
+Correctness first: Quest against `quest_decode(impl="xla")` on two batch rows; prefill
+against the `block_sparse` XLA reference on the last `--check_rows` queries (max error
+relative to max |ref|).
+
+    PYTHONPATH=. python experiments/bench_training_free.py --out /tmp/training_free.json
+    PYTHONPATH=. python experiments/bench_training_free.py --small       # CPU: tiny sizes
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments.bench_decode import median_time, rel, repeated
+from pallas_kernels.block_sparse import BlockSparseMetadata, block_sparse_attention
+from pallas_kernels.decode.api import decode_attention
+from sparse_jax import patterns as P
+from sparse_jax.ops import flexprefill as F
+from sparse_jax.ops import quest as Q
+from sparse_jax.ops import sparse_prefill as S
+
+FLAGS = flags.FLAGS      # --out --batches --contexts --heads --kv_heads --head_dim --iters --reps: bench_decode's
+flags.DEFINE_list("quest_pages", ["16", "64"], "Quest page sizes")
+flags.DEFINE_float("quest_fraction", 1 / 16, "Quest page budget as a fraction of the pages")
+flags.DEFINE_list("prefill_lens", ["32768", "131072"], "prefill lengths")
+flags.DEFINE_list("flex_lens", ["32768"], "FlexPrefill lengths")
+flags.DEFINE_string("prefill_heads", "16:16", "prefill num_heads:num_kv_heads")
+flags.DEFINE_integer("prefill_block", 128, "metadata block of the sparse prefill")
+flags.DEFINE_float("density", 0.1, "target fraction of the causal blocks")
+flags.DEFINE_list("patterns", ["block_sparse", "vertical_slash", "a_shape", "mixed"], "MInference rows")
+flags.DEFINE_integer("check_rows", 256, "query rows checked against the reference")
+flags.DEFINE_bool("quest", True, "run (a)")
+flags.DEFINE_bool("prefill", True, "run (b)")
+flags.DEFINE_bool("small", False, "tiny sizes (CPU smoke run)")
+
+
+# ----------------------------------------------------------------------------- (a) Quest decode
+
+
+def quest_step(page, budget):
+    """One Quest step on a cache `c = (k, v, kv_positions, kmin, kmax)`."""
+    def f(q, c, _v=None):
+        k, v, pos, kmin, kmax = c
+        return Q.quest_decode(q, k, v, pos, page_size=page, budget_pages=budget, bounds=(kmin, kmax))
+    return f
+
+
+def quest_select(page, budget, packed=True):
+    """Scores + selection; `packed`: one array out (indices, counts appended) for `repeated`."""
+    def f(q, c, _v=None):
+        _, _, pos, kmin, kmax = c
+        valid = Q.valid_pages(pos, page)
+        idx, cnt = Q.select_top_pages(Q.quest_page_scores(q, kmin, kmax), budget, valid)
+        return jnp.concatenate([idx, cnt[..., None]], -1) if packed else (idx, cnt)
+    return f
+
+
+def bench_quest(b, t, page):
+    h, hkv, d = FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim
+    ks = jax.random.split(jax.random.key(0), 3)
+    qs = jax.random.normal(ks[0], (FLAGS.reps, b, 1, h, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, t, hkv, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, t, hkv, d), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kmin, kmax = jax.jit(Q.page_bounds, static_argnums=2)(k, pos, page)
+    pages = Q.num_pages(t, page)
+    budget = max(1, round(FLAGS.quest_fraction * pages))
+    cache = (k, v, pos, kmin, kmax)
+    row = dict(batch=b, context=t, page=page, budget_pages=budget, pages=pages, heads=h, kv_heads=hkv)
+    step = quest_step(page, budget)
+    sub = tuple(x[:2] for x in cache)
+    ref = jax.jit(lambda q, c: Q.quest_decode(q, c[0], c[1], c[2], page_size=page, budget_pages=budget,
+                                              bounds=(c[3], c[4]), impl="xla"))(qs[0][:2], sub)
+    row["err_ref"] = rel(jax.jit(step)(qs[0], cache)[:2], ref)
+
+    def amortised(f, c):
+        return 1e6 * median_time(repeated(lambda q, c_, _v: f(q, c_), {}), qs, c, None, None,
+                                 iters=FLAGS.iters) / FLAGS.reps
+
+    row["step_us"] = amortised(step, cache)
+    row["select_us"] = amortised(quest_select(page, budget), cache)
+    idx, cnt = jax.jit(quest_select(page, budget, packed=False))(qs[0], cache)
+    row["selected_decode_us"] = amortised(
+        lambda q, c: decode_attention(q, c[0], c[1], kv_positions=c[2], block_indices=c[3], block_counts=c[4],
+                                      block_size=page), (k, v, pos, idx, cnt))
+    lengths = jnp.full((b,), t, jnp.int32)
+    row["dense_lengths_us"] = amortised(lambda q, c: decode_attention(q, c[0], c[1], lengths=c[2]),
+                                        (k, v, lengths))
+    row["dense_positions_us"] = amortised(lambda q, c: decode_attention(q, c[0], c[1], kv_positions=c[2]),
+                                          (k, v, pos))
+    row["dense_us"] = min(row["dense_lengths_us"], row["dense_positions_us"])
+    row["speedup"] = row["dense_us"] / row["step_us"]
+    row["speedup_decode_only"] = row["dense_us"] / row["selected_decode_us"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------- (b) sparse prefill
+
+
+def budget_for(t, block, density):
+    """MInference budgets giving about `density` of the causal blocks on random inputs:
+    block-sparse `top_blocks ~ density * nQ / 2`; A-shape `sink + local ~ density * nQ / 2`;
+    vertical-slash half from columns (`~density/2 * nQ` columns, one block each, half the
+    rows on average) and half from diagonals (a random offset crosses two block diagonals of
+    ~nQ/2 blocks each)."""
+    n = -(-t // block)
+    half = max(1, round(density * n / 2))
+    return S.MInferenceBudget(block_size=block, last_q=64, sink_blocks=1, local_blocks=max(1, half - 1),
+                              num_vertical=max(1, round(density * n / 2)),
+                              num_slash=max(1, round(density * n / 4)), top_blocks=half)
+
+
+def density_of(meta: BlockSparseMetadata, t):
+    n = -(-t // meta.block_q)
+    causal = n * (n + 1) / 2 * meta.kv_block_counts.shape[1]
+    return float(np.asarray(meta.kv_block_counts).sum()) / causal
+
+
+def attend(q, k, v, meta):
+    return block_sparse_attention(q, k, v, meta, mask_fn=P.Causal())
+
+
+def dense_causal(q, k, v):
+    impl = "cudnn" if jax.default_backend() == "gpu" else None
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+
+def check(q, k, v, meta, out, rows):
+    t, bq = q.shape[1], meta.block_q
+    nb = min(max(1, rows // bq), -(-t // bq))
+    lo = (-(-t // bq) - nb) * bq
+    sl = BlockSparseMetadata(meta.kv_block_indices[:, :, -nb:], meta.kv_block_counts[:, :, -nb:],
+                             meta.kv_block_full[:, :, -nb:], bq, meta.block_kv)
+    ref = jax.jit(lambda q_, k_, v_, m_: block_sparse_attention(
+        q_, k_, v_, m_, mask_fn=P.Causal(), q_positions=jnp.arange(lo, t, dtype=jnp.int32)[None],
+        impl="xla"))(q[:, lo:], k, v, sl)
+    return rel(out[:, lo:], ref)
+
+
+def bench_prefill(t, h, hkv, dense_ms, kind):
+    d, block = FLAGS.head_dim, FLAGS.prefill_block
+    ks = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(ks[0], (1, t, h, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (1, t, hkv, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (1, t, hkv, d), jnp.bfloat16)
+    if t not in dense_ms:
+        dense_ms[t] = 1e3 * median_time(jax.jit(dense_causal), q, k, v, iters=FLAGS.iters)
+    if kind == "flexprefill":
+        cfg = F.FlexPrefillConfig(block_size=block)
+        estimate = jax.jit(lambda q_, k_: F.flexprefill_metadata(q_, k_, None, cfg))
+    else:
+        patterns = (S.PATTERNS * h)[:h] if kind == "mixed" else (kind,) * h
+        budget = budget_for(t, block, FLAGS.density)
+        estimate = jax.jit(lambda q_, k_: S.minference_metadata(q_, k_, patterns, budget))
+    meta = estimate(q, k)
+    out = jax.jit(attend)(q, k, v, meta)
+    row = dict(t=t, h=h, hkv=hkv, d=d, block=block, pattern=kind, density=density_of(meta, t),
+               err_ref=check(q, k, v, meta, out, FLAGS.check_rows), dense_ms=dense_ms[t])
+    row["estimate_ms"] = 1e3 * median_time(estimate, q, k, iters=FLAGS.iters)
+    row["attention_ms"] = 1e3 * median_time(jax.jit(attend), q, k, v, meta, iters=FLAGS.iters)
+    both = jax.jit(lambda q_, k_, v_: attend(q_, k_, v_, estimate(q_, k_)))
+    row["total_ms"] = 1e3 * median_time(both, q, k, v, iters=FLAGS.iters)
+    row["speedup"] = row["dense_ms"] / row["total_ms"]
+    row["speedup_attention_only"] = row["dense_ms"] / row["attention_ms"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(_):
+    if FLAGS.small:
+        FLAGS.batches, FLAGS.contexts, FLAGS.quest_pages = ["1", "2"], ["2048"], ["16"]
+        FLAGS.prefill_lens, FLAGS.flex_lens, FLAGS.prefill_heads = ["1024"], ["1024"], "4:2"
+        FLAGS.iters, FLAGS.reps, FLAGS.check_rows = 2, 2, 128
+    info = dict(device=str(jax.devices()[0]), jax=jax.__version__)
+    print(json.dumps(info), flush=True)
+    quest, prefill = [], []
+    if FLAGS.quest:
+        for t in map(int, FLAGS.contexts):
+            for b in map(int, FLAGS.batches):
+                for page in map(int, FLAGS.quest_pages):
+                    try:
+                        quest.append(bench_quest(b, t, page))
+                    except Exception as e:  # noqa: BLE001 - keep the other shapes
+                        quest.append(dict(batch=b, context=t, page=page, error=str(e)[:500]))
+                        print(json.dumps(quest[-1]), flush=True)
+    if FLAGS.prefill:
+        h, hkv = (int(x) for x in FLAGS.prefill_heads.split(":"))
+        dense = {}
+        jobs = [(int(t), p) for t in FLAGS.prefill_lens for p in FLAGS.patterns]
+        jobs += [(int(t), "flexprefill") for t in FLAGS.flex_lens]
+        for t, kind in jobs:
+            try:
+                prefill.append(bench_prefill(t, h, hkv, dense, kind))
+            except Exception as e:  # noqa: BLE001
+                prefill.append(dict(t=t, pattern=kind, error=str(e)[:500]))
+                print(json.dumps(prefill[-1]), flush=True)
+    with open(FLAGS.out, "w") as fh:
+        json.dump(dict(info=info, quest=quest, prefill=prefill), fh, indent=1)
+    print(f"\n{info['device']}, jax {info['jax']}")
+    print("\nQuest decode (per step, us; speedup = dense / step; target >= 8x at B=16, 128K, 1/16)")
+    print("| B | context | page | pages kept | step | select | selected decode | dense | speedup | "
+          "decode-only speedup | err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in quest:
+        if "error" in r:
+            print(f"| {r['batch']} | {r['context']} | {r['page']} | error: {r['error'][:150]} |")
+            continue
+        print(f"| {r['batch']} | {r['context'] // 1024}K | {r['page']} | {r['budget_pages']}/{r['pages']} | "
+              f"{r['step_us']:.1f} | {r['select_us']:.1f} | {r['selected_decode_us']:.1f} | "
+              f"{r['dense_us']:.1f} | {r['speedup']:.2f}x | {r['speedup_decode_only']:.2f}x | "
+              f"{r['err_ref']:.1e} |")
+    print("\nSparse prefill (ms; dense = cuDNN causal; target MInference >= 5x at 128K, 10% density)")
+    print("| T | pattern | density | estimate | attention | total | dense | speedup | attention-only | err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in prefill:
+        if "error" in r:
+            print(f"| {r['t']} | {r['pattern']} | error: {r['error'][:150]} |")
+            continue
+        print(f"| {r['t'] // 1024}K | {r['pattern']} | {r['density']:.3f} | {r['estimate_ms']:.2f} | "
+              f"{r['attention_ms']:.2f} | {r['total_ms']:.2f} | {r['dense_ms']:.2f} | {r['speedup']:.2f}x | "
+              f"{r['speedup_attention_only']:.2f}x | {r['err_ref']:.1e} |")
+
+
+if __name__ == "__main__":
+    FLAGS.set_default("contexts", ["131072"])
+    FLAGS.set_default("out", "bench_training_free.json")
+    app.run(main)
