@@ -146,7 +146,8 @@ class _Task:
         return tokens, targets, mask
 
 
-def _place_facts(rng, context, starts, facts):
+def _place_facts(context, starts, facts):
+    """Write `lhs EQ rhs` at each start."""
     for s, (lhs, rhs) in zip(starts, facts):
         context[s:s + 3] = (lhs, Vocab.EQ, rhs)
 
@@ -157,7 +158,7 @@ class SingleNeedle(_Task):
         n = self.context_len(seq_len)
         context = self._haystack(rng, n)
         key, value = rng.choice(self.vocab.keys), rng.choice(self.vocab.values)
-        _place_facts(rng, context, _fact_starts(rng, self.fact_limit(seq_len, min_distance), 1),
+        _place_facts(context, _fact_starts(rng, self.fact_limit(seq_len, min_distance), 1),
                      [(key, value)])
         return context, [key], [value]
 
@@ -178,7 +179,7 @@ class MultiKeyNeedle(_Task):
         keys = rng.choice(self.vocab.keys, size=self.num_needles, replace=False)
         values = rng.choice(self.vocab.values, size=self.num_needles)
         starts = _fact_starts(rng, self.fact_limit(seq_len, min_distance), self.num_needles)
-        _place_facts(rng, context, starts, zip(keys, values))
+        _place_facts(context, starts, zip(keys, values))
         asked = rng.integers(self.num_needles)
         return context, [keys[asked]], [values[asked]]
 
@@ -210,7 +211,7 @@ class MultiValue(_Task):
         order = rng.permutation(len(facts))
         facts = [facts[i] for i in order]
         starts = _fact_starts(rng, self.fact_limit(seq_len, min_distance), len(facts))
-        _place_facts(rng, context, starts, facts)
+        _place_facts(context, starts, facts)
         answer = [v for k, v in facts if k == keys[0]]        # order of appearance
         return context, [keys[0]], answer
 
@@ -241,7 +242,7 @@ class MultiQuery(_Task):
         keys = rng.choice(self.vocab.keys, size=self.num_needles, replace=False)
         values = rng.choice(self.vocab.values, size=self.num_needles)
         starts = _fact_starts(rng, self.fact_limit(seq_len, min_distance), self.num_needles)
-        _place_facts(rng, context, starts, zip(keys, values))
+        _place_facts(context, starts, zip(keys, values))
         asked = rng.choice(self.num_needles, size=self.num_queries_asked, replace=False)
         return context, list(keys[asked]), list(values[asked])
 
@@ -277,7 +278,7 @@ class VariableTracking(_Task):
             facts.append((names[c, h], values[c] if h == 0 else names[c, h - 1]))
             hop[c] += 1
         starts = _fact_starts(rng, self.fact_limit(seq_len, min_distance), len(facts))
-        _place_facts(rng, context, starts, facts)
+        _place_facts(context, starts, facts)
         asked = rng.integers(self.num_chains)
         return context, [values[asked]], list(names[asked])
 
@@ -323,7 +324,8 @@ class CommonWords(_Task):
         is_common[pos] = True
         context[pos] = np.repeat(common, count)
         context[~is_common] = rng.permutation(np.resize(rare, rest))   # counts differ by <= 1
-        answer = [w for w in dict.fromkeys(context.tolist()) if w in set(common.tolist())]
+        common = set(common.tolist())
+        answer = [w for w in dict.fromkeys(context.tolist()) if w in common]
         return context, [], answer
 
 
