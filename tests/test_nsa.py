@@ -40,10 +40,10 @@ def nsa_cfg(**kw):
     return NSAConfig(**base)
 
 
-def make_layer(kv=4, gate=False, rope=True, seed=0, **kw):
+def make_layer(kv=4, gate=False, rope=True, seed=0, impl="auto", interpret=False, **kw):
     cfg = AttentionConfig(d_model=D_MODEL, num_heads=HEADS, num_kv_heads=kv, head_dim=HEAD_DIM,
-                          rope_theta=THETA if rope else None, output_gate=gate)
-    layer = NSAAttention(cfg, nsa_cfg(**kw), rngs=nnx.Rngs(seed))
+                          rope_theta=THETA if rope else None, output_gate=gate, impl=impl)
+    layer = NSAAttention(cfg, nsa_cfg(**kw), interpret=interpret, rngs=nnx.Rngs(seed))
     # Zero-initialised biases would hide them from the checks: make every parameter matter.
     rng = np.random.default_rng(seed + 5)
     for mod in (layer.phi_k, layer.phi_v):
@@ -463,6 +463,31 @@ def test_token_by_token_decode_matches_prefill(kv):
     assert (got[~valid] == 0).all()
 
 
+def test_union_blocks():
+    idx = jnp.asarray([[[[3, 0, -1]], [[0, 5, 2]]]])                      # [B=1, T=2, Hkv=1, n=3]
+    sel, counts = ops.union_blocks(idx, 7)
+    assert sel.shape == (1, 1, 6) and counts.tolist() == [[4]]
+    assert np.asarray(sel)[0, 0, :4].tolist() == [0, 2, 3, 5]
+
+
+def test_kernel_decode_matches_prefill():
+    """The decode path on the kernels (Triton decode op, interpret mode), GQA 16: calls of
+    3 queries, then of 1, against the XLA prefill of the same parameters. (query_block
+    mode's shared decode selection: test_query_block_chunks_aligned_with_blocks_*.)"""
+    length = 19
+    layer = make_layer(kv=1, seed=3, impl="triton", interpret=True)
+    x, pos = ragged_inputs(seed=12, lengths=(length, 10, 0), length=length)
+    y = np.asarray(call(make_layer(kv=1, seed=3), x, pos)[0])
+    cache = layer.init_cache(3, length)
+    got = []
+    for start, stop in [(i, i + 3) for i in range(0, 15, 3)] + [(i, i + 1) for i in range(15, length)]:
+        out, cache = call(layer, x[:, start:stop], pos[:, start:stop], cache)
+        got.append(np.asarray(out))
+    got = np.concatenate(got, 1)
+    assert_close(got[pos >= 0], y[pos >= 0], 3e-5, "kernel decode vs prefill")
+    assert (got[pos < 0] == 0).all()
+
+
 SCHEDULE = ((5, 11, 17), (9, 0, 3), (0, 0, 0))     # tokens per call per row, then 1-token decode
 
 
@@ -506,13 +531,14 @@ def test_chunked_prefill_then_decode_matches_prefill(mode):
 
 
 def test_query_block_chunks_aligned_with_blocks_match_prefill():
-    """query_block mode: calls that cover whole query blocks reproduce the prefill."""
+    """query_block mode: calls that cover whole query blocks reproduce the prefill (the
+    4-query call takes the decode path with one shared selection)."""
     layer = make_layer(kv=2, selection="query_block", query_block=4)
     x, pos = ragged_inputs(seed=10, lengths=(T - 1, T - 1), length=T - 1)      # 52 = 13 blocks of 4
     y = np.asarray(call(layer, x, pos)[0])
     cache = layer.init_cache(2, T)
     got = []
-    for start, stop in ((0, 12), (12, 20), (20, 52)):
+    for start, stop in ((0, 12), (12, 16), (16, 20), (20, 52)):
         out, cache = call(layer, x[:, start:stop], pos[:, start:stop], cache)
         got.append(np.asarray(out))
     assert_close(np.concatenate(got, 1), y, 3e-5, "aligned chunks vs prefill")

@@ -141,10 +141,11 @@ class NSAAttention(nnx.Module):
         store = store.write(block_ids, ck, cv, block_pos)
         if cache is not None:
             cache = NSACache(new_slc, new_win, new_tail, store)
-        out = ops.nsa_branches(q, positions, k_cmp=store.k, v_cmp=store.v, cmp_positions=store.positions,
-                               k_slc=slc_k, v_slc=slc_v, slc_positions=slc_pos, k_win=win_k,
-                               v_win=win_v, win_positions=win_pos, cfg=n, impl=c.impl,
-                               interpret=self.interpret)
+        # A few queries with a cache: the decode kernels read compressed + n*l' + w tokens.
+        attend = ops.nsa_decode_branches if cache is not None and ops.decodes(t, n) else ops.nsa_branches
+        out = attend(q, positions, k_cmp=store.k, v_cmp=store.v, cmp_positions=store.positions,
+                     k_slc=slc_k, v_slc=slc_v, slc_positions=slc_pos, k_win=win_k, v_win=win_v,
+                     win_positions=win_pos, cfg=n, impl=c.impl, interpret=self.interpret)
         gates = jax.nn.sigmoid(jnp.einsum("btd,dhc->bthc", x, self.w_gate[...].astype(c.dtype))
                                + self.b_gate[...].astype(c.dtype))
         return out, gates, cache

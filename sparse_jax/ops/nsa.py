@@ -37,6 +37,11 @@ branch with its own keys and values (the layer `sparse_jax.layers.nsa` projects 
       equals the prefill only when the calls cover whole query blocks (or query_block=1).
 * **win**: causal sliding window of `window` tokens through the `flash` op.
 
+Decode (`nsa_decode_branches`, a few queries against the cache): per query the cmp branch
+reads the compressed entries (dense: T/d of them), the slc branch only its `n` selected
+blocks of `l'` raw tokens (the `decode` op's selected-block form) and the win branch the
+`w` tokens of the rolling window: compressed + n*l' + w tokens, never the whole cache.
+
 Compressed blocks of a call (`gather_cmp_blocks`) assume each row's positions in one
 call are consecutive (ragged padding anywhere).
 
@@ -59,9 +64,11 @@ import jax.numpy as jnp
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.common import masked_attention
+from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import patterns as P
+from sparse_jax.ops.attention import DECODE_MAX_QUERIES
 from sparse_jax.patterns.metadata import _compact  # the one compaction of block flags
 
 SELECTION_MODES = ("token", "query_block")
@@ -355,6 +362,56 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
     o_win = window_attention(q, k_win, v_win, q_positions, win_positions, window=cfg.window, impl=impl,
                              interpret=interpret)
     return NSABranches(o_cmp, o_slc, o_win, block_indices, p_cmp)
+
+
+def decodes(num_queries: int, cfg: NSAConfig) -> bool:
+    """Whether a cached call of `num_queries` queries takes `nsa_decode_branches`: at most
+    `DECODE_MAX_QUERIES`, and in "query_block" mode inside one query block (one shared
+    selection)."""
+    cap = DECODE_MAX_QUERIES if cfg.selection == "token" else min(DECODE_MAX_QUERIES, cfg.query_block)
+    return num_queries <= cap
+
+
+def union_blocks(block_indices, num_sel_blocks: int):
+    """Distinct selected blocks of several queries: `[B, T, Hkv, n]` (-1 unused) ->
+    `(indices [B, Hkv, min(T*n, Ns)], counts [B, Hkv])`, the first `counts` entries valid
+    (ascending), the rest in range but ignored (the `decode` op's selected-block form)."""
+    b, t, hkv, n = block_indices.shape
+    idx = jnp.transpose(block_indices, (0, 2, 1, 3)).reshape(b, hkv, t * n)
+    present = jnp.zeros((b, hkv, num_sel_blocks + 1), bool).at[
+        jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None],
+        jnp.where(idx >= 0, idx, num_sel_blocks)].set(True)[..., :num_sel_blocks]
+    order = jnp.argsort(~present, axis=-1, stable=True)[..., :min(t * n, num_sel_blocks)]
+    return order.astype(jnp.int32), present.sum(-1).astype(jnp.int32)
+
+
+def nsa_decode_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, slc_positions,
+                        k_win, v_win, win_positions, cfg: NSAConfig, impl: str = "auto",
+                        interpret=False) -> NSABranches:
+    """`nsa_branches` for a few queries (`decodes(T, cfg)`) on the `decode` op: the slc
+    branch reads only the selected blocks of the raw keys (one `decode` call per query in
+    "token" mode, one for the call's shared selection in "query_block" mode), the win
+    branch the rolling window. Same arguments and result as `nsa_branches`; no gradient
+    (the `decode` kernels define none)."""
+    t = q.shape[1]
+    if not decodes(t, cfg):
+        raise ValueError(f"nsa_decode_branches takes at most {DECODE_MAX_QUERIES} queries (and in "
+                         f"query_block mode at most query_block={cfg.query_block}), got T={t}")
+    o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, q_positions, cmp_positions)
+    ns = -(-k_slc.shape[1] // cfg.sel_block)
+    scores = selection_scores(p_cmp.sum(axis=2), ns, cfg)
+    block_indices = select_blocks(scores, q_positions, cfg)
+    spans = [(i, i + 1) for i in range(t)] if cfg.selection == "token" else [(0, t)]
+    o_slc = []
+    for lo, hi in spans:
+        idx, counts = union_blocks(block_indices[:, lo:hi], ns)
+        o_slc.append(decode_attention(q[:, lo:hi], k_slc, v_slc, kv_positions=slc_positions,
+                                      q_positions=q_positions[:, lo:hi], block_indices=idx,
+                                      block_counts=counts, block_size=cfg.sel_block, impl=impl,
+                                      interpret=interpret))
+    o_win = decode_attention(q, k_win, v_win, kv_positions=win_positions, q_positions=q_positions,
+                             mask_fn=P.causal_window(cfg.window), impl=impl, interpret=interpret)
+    return NSABranches(o_cmp, jnp.concatenate(o_slc, axis=1), o_win, block_indices, p_cmp)
 
 
 def gated_sum(branches: NSABranches, gates):
