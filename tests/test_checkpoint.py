@@ -251,3 +251,22 @@ def test_checkpoint_config_validates():
         CheckpointConfig(save_every=0)
     with pytest.raises(ValueError, match="keep"):
         CheckpointConfig(keep=0)
+
+
+def test_sharded_state_restores_onto_its_mesh(tmp_path):
+    from sparse_jax.sharding import make_mesh, shard_model
+    mesh = make_mesh(fsdp=2, tensor=4)
+    model, opt = _tiny_model()
+    shard_model(model, mesh, opt)
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.save(1, model, opt, force=True)
+    other, other_opt = _tiny_model()
+    nnx.update(other, jax.tree.map(lambda x: x * 0.0, nnx.state(other, nnx.Param)))
+    shard_model(other, mesh, other_opt)
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore_latest(other, other_opt).step == 1
+    pairs = zip(jax.tree.leaves(nnx.state((model, opt))), jax.tree.leaves(nnx.state((other, other_opt))))
+    for want, got in pairs:
+        assert got.sharding.is_equivalent_to(want.sharding, want.ndim)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(nnx.state(other)))
