@@ -11,14 +11,17 @@ compiles the Triton kernels (DSA and NSA head configurations, small T).
 from __future__ import annotations
 
 import dataclasses
+import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.token_sparse import token_sparse_attention
+from pallas_kernels.token_sparse import api, token_sparse_attention
 from pallas_kernels.token_sparse.reference import token_sparse_reference
+from pallas_kernels.token_sparse.triton import TritonConfig, geometry, token_sparse_triton
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +132,18 @@ def test_kernel_matches_reference(impl, case):
     # the empty list sees nothing: zeros out (lse = sink or -inf), finite gradients
     assert np.all(np.asarray(out)[0, case.t // 2] == 0.0)
     assert all(np.all(np.isfinite(g)) for g in grads if g is not None)
+
+
+def test_triton_rows_split_over_programs():
+    """G = 32 query heads of one kv head on two programs of 16 rows (`max_rows=16`)."""
+    c = Case("split", t=5, s=12, h=32, hkv=1, d=16, dv=16, k=3, sinks=True, seed=9)
+    args, idx, kw, cot = make_inputs(c)
+    cfg = TritonConfig(max_rows=16, block_k=16)
+    assert geometry(*args[:3], idx, 1, True, cfg.block_k, cfg.max_rows).split == 2
+    triton = functools.partial(token_sparse_triton, config=cfg, interpret=True)
+    with mock.patch.dict(api.IMPLEMENTATIONS, {"triton": triton}):
+        got = run_vjp("triton", args, idx, kw, cot)
+    assert_matches(got, run_vjp("xla", args, idx, kw, cot))
 
 
 def dense_mask_numpy(c: Case, idx, q_pos, kv_pos):

@@ -4,7 +4,9 @@ One program per (query token, batch, kv head). It holds the `G = H / Hkv` query 
 its kv group as the rows of one tile (`[G_p, D]`, G padded to >= 16 rows for the tensor-core
 dot), so every KV row it gathers serves the whole group (NSA's group-centric selection,
 arXiv 2502.11089 Sec. 3.4; DSA's MQA form reads the one latent KV head once for all 64
-query heads). Per iteration it reads
+query heads). When the group's q tile and accumulator would not fit in registers (DSA:
+64 x (576 + 512)), the rows are split over `split` programs (`row_split`), each reading the
+same KV rows (the second read mostly hits L2). Per iteration it reads
 
 * `block_size == 1`: `block_k` listed token indices and gathers those K/V rows;
 * `block_size > 1`: one listed block, `block_size` contiguous K/V rows;
@@ -43,6 +45,7 @@ class TritonConfig:
     """`block_k`: gathered token rows per iteration (block_size == 1; capped to K)."""
 
     block_k: int = 32
+    max_rows: int = 0          # query rows (heads) per program; 0: auto (see `row_split`)
     num_warps: int = 4
     num_stages: int = 2
     block_k_bwd: int = 32
@@ -58,7 +61,9 @@ class Geometry:
     s_p: int                  # padded key slots
     hkv: int
     group: int                # G = H / Hkv
-    group_p: int              # rows per program, >= 16
+    group_p: int              # G padded to a power of two >= 16
+    rows_q: int               # query rows per program (a power of two dividing group_p)
+    split: int                # programs per kv head: group_p // rows_q
     d_pieces: tuple           # (start, width) power-of-two pieces of the padded head dim
     dv_pieces: tuple
     block_size: int
@@ -79,7 +84,18 @@ def pieces(width: int) -> tuple:
     return tuple(out)
 
 
-def geometry(q, k, v, indices, block_size: int, causal: bool, block_k: int) -> Geometry:
+def row_split(group_p: int, width: int, max_rows: int) -> int:
+    """Rows per program: `max_rows` if set, else the most (>= 16) whose q tile and
+    accumulator, `rows * (D_p + Dv_p)` elements, stay under 40K (DSA's 64 heads x
+    (576 + 512) -> 32 rows, two programs per token; NSA's 16 x 256 -> one)."""
+    rows = group_p
+    while rows > 16 and (rows > max_rows if max_rows else rows * width > 40960):
+        rows //= 2
+    return rows
+
+
+def geometry(q, k, v, indices, block_size: int, causal: bool, block_k: int,
+             max_rows: int = 0) -> Geometry:
     t, h, d = q.shape[1], q.shape[2], q.shape[3]
     s, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     nblk = -(-s // block_size)
@@ -90,9 +106,11 @@ def geometry(q, k, v, indices, block_size: int, causal: bool, block_k: int) -> G
     else:
         rows, per_iter = max(16, blocks.pl_next_pow2(block_size)), 1
         s_p = nblk * block_size + rows - block_size     # a block's rows never run off the end
-    return Geometry(t=t, s_p=s_p, hkv=hkv, group=h // hkv,
-                    group_p=max(16, blocks.pl_next_pow2(h // hkv)),
-                    d_pieces=pieces(blocks.round_up(d, 16)), dv_pieces=pieces(blocks.round_up(dv, 16)),
+    group_p = max(16, blocks.pl_next_pow2(h // hkv))
+    d_p, dv_p = blocks.round_up(d, 16), blocks.round_up(dv, 16)
+    rows_q = row_split(group_p, d_p + dv_p, max_rows)
+    return Geometry(t=t, s_p=s_p, hkv=hkv, group=h // hkv, group_p=group_p, rows_q=rows_q,
+                    split=group_p // rows_q, d_pieces=pieces(d_p), dv_pieces=pieces(dv_p),
                     block_size=block_size, rows=rows, per_iter=per_iter,
                     k_p=blocks.round_up(n, per_iter), nblk=nblk, causal=causal)
 
@@ -157,11 +175,11 @@ def qk(q_pieces, k_pieces):
 
 def _fwd_kernel(cnt_ref, qpos_ref, sink_ref, idx_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref,
                 lse_ref, *, geo: Geometry, scale, softcap):
-    t, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    t, b, h = pl.program_id(0), pl.program_id(1), lax.div(pl.program_id(2), jnp.int32(geo.split))
     n_iter = cnt_ref[(b * geo.t + t) * geo.hkv + h]
     q_pos = qpos_ref[b * geo.t + t]
     qs = [q_ref[:, pl.ds(start, w)] for start, w in geo.d_pieces]
-    rows_q = geo.group_p
+    rows_q = geo.rows_q
     if sink_ref is not None:
         m0 = sink_ref[...].astype(jnp.float32) * LOG2E
         l0 = jnp.ones((rows_q,), jnp.float32)
@@ -201,16 +219,19 @@ def specs(geo: Geometry, b: int):
     d_p = geo.d_pieces[-1][0] + geo.d_pieces[-1][1]
     dv_p = geo.dv_pieces[-1][0] + geo.dv_pieces[-1][1]
     whole = pl.BlockSpec()
+    kv = lambda hh: lax.div(hh, jnp.int32(geo.split))  # noqa: E731   grid axis 2: (kv head, part)
+    part = lambda hh: hh - kv(hh) * geo.split  # noqa: E731
     per_row = lambda *tail: pl.BlockSpec((None, None, None) + tail,  # noqa: E731
-                                         lambda t, b_, h: (b_, t, h) + (0,) * len(tail))
+                                         lambda t, b_, hh: (b_, t, kv(hh)) + (0,) * len(tail))
+    per_rows = lambda *tail: pl.BlockSpec((None, None, None, geo.rows_q) + tail,  # noqa: E731
+                                          lambda t, b_, hh: (b_, t, kv(hh), part(hh)) + (0,) * len(tail))
     per_head = lambda width: pl.BlockSpec((None, geo.s_p, None, width),  # noqa: E731
-                                          lambda t, b_, h: (b_, 0, h, 0))
-    return dict(whole=whole, idx=per_row(geo.k_p), q=per_row(geo.group_p, d_p),
-                o=per_row(geo.group_p, dv_p), row=per_row(geo.group_p),
-                kpos=pl.BlockSpec((None, geo.s_p), lambda t, b_, h: (b_, 0)),
+                                          lambda t, b_, hh: (b_, 0, kv(hh), 0))
+    return dict(whole=whole, idx=per_row(geo.k_p), q=per_rows(d_p), o=per_rows(dv_p),
+                row=per_rows(), kpos=pl.BlockSpec((None, geo.s_p), lambda t, b_, hh: (b_, 0)),
                 k=per_head(d_p), v=per_head(dv_p),
-                sink=pl.BlockSpec((None, geo.group_p), lambda t, b_, h: (h, 0)),
-                d_p=d_p, dv_p=dv_p)
+                sink=pl.BlockSpec((None, geo.rows_q), lambda t, b_, hh: (kv(hh), part(hh))),
+                grid=(geo.t, b, geo.hkv * geo.split), d_p=d_p, dv_p=dv_p)
 
 
 def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, indices):
@@ -226,7 +247,7 @@ def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, indices):
         sink_rows = blocks.pad_axis(sinks.reshape(geo.hkv, geo.group), geo.group_p, 1)
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, geo=geo, scale=st.scale, softcap=st.softcap),
-        grid=(t, b, geo.hkv),
+        grid=sp["grid"],
         in_specs=[sp["whole"], sp["whole"], None if sinks is None else sp["sink"], sp["idx"],
                   sp["kpos"], sp["q"], sp["k"], sp["v"]],
         out_specs=[sp["o"], sp["row"]],
@@ -251,7 +272,7 @@ def token_sparse_triton(q, k, v, indices, *, block_size, q_positions, kv_positio
     st = autodiff.Static(
         forward=forward, backward=triton_vjp.backward, mask_fn=None, scale=float(scale),
         softcap=None if softcap is None else float(softcap), has_sinks=sink_logits is not None,
-        config=(cfg, geometry(q, k, v, indices, block_size, causal, cfg.block_k)),
+        config=(cfg, geometry(q, k, v, indices, block_size, causal, cfg.block_k, cfg.max_rows)),
         interpret=bool(interpret))
     return autodiff.attention(st, q, k, v, sink_logits=sink_logits, q_positions=q_positions,
                               kv_positions=kv_positions, q_segment_ids=None, kv_segment_ids=None,

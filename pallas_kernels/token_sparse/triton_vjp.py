@@ -42,7 +42,7 @@ def _bwd_kernel(cnt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, k_ref, v_ref, do_re
                 delta_ref, dk_in, dv_in, dq_ref, dk_ref, dv_ref, *, geo, scale, softcap,
                 interpret):
     del dk_in, dv_in                      # aliased with dk_ref, dv_ref (zero-initialised)
-    t, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    t, b, h = pl.program_id(0), pl.program_id(1), lax.div(pl.program_id(2), jnp.int32(geo.split))
     n_iter = cnt_ref[(b * geo.t + t) * geo.hkv + h]
     q_pos = qpos_ref[b * geo.t + t]
     qs = [q_ref[:, pl.ds(start, w)] for start, w in geo.d_pieces]
@@ -69,7 +69,7 @@ def _bwd_kernel(cnt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, k_ref, v_ref, do_re
                                          preferred_element_type=jnp.float32)
                      for a, kk in zip(dq, ks))
 
-    dq0 = tuple(jnp.zeros((geo.group_p, w), jnp.float32) for _, w in geo.d_pieces)
+    dq0 = tuple(jnp.zeros((geo.rows_q, w), jnp.float32) for _, w in geo.d_pieces)
     dq = lax.fori_loop(0, n_iter, step, dq0)
     for (start, w), a in zip(geo.d_pieces, dq):
         dq_ref[:, pl.ds(start, w)] = (a * scale).astype(dq_ref.dtype)
@@ -78,7 +78,7 @@ def _bwd_kernel(cnt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, k_ref, v_ref, do_re
 def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, indices):
     del q_seg, kv_seg
     cfg, geo = st.config
-    geo = geometry(q, k, v, indices, geo.block_size, geo.causal, cfg.block_k_bwd)
+    geo = geometry(q, k, v, indices, geo.block_size, geo.causal, cfg.block_k_bwd, cfg.max_rows)
     b, t, h, d = q.shape
     s, dv = k.shape[1], v.shape[3]
     qg, kp, vp, kv_pos_p, idx, n_iter, q_pos_f = prepare(geo, q, k, v, q_pos, kv_pos, indices)
@@ -87,13 +87,13 @@ def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, indic
     rows_view = lambda x, fill: blocks.pad_axis(  # noqa: E731  [B, H, T] -> [B, T, Hkv, G_p]
         x.transpose(0, 2, 1).reshape(b, t, geo.hkv, geo.group), geo.group_p, 3, fill)
     acc_spec = lambda width: pl.BlockSpec((None, geo.s_p + 1, None, width),  # noqa: E731
-                                          lambda t_, b_, h_: (b_, 0, h_, 0))
+                                          lambda t_, b_, hh: (b_, 0, lax.div(hh, jnp.int32(geo.split)), 0))
     dk0 = jnp.zeros((b, geo.s_p + 1, geo.hkv, sp["d_p"]), jnp.float32)
     dv0 = jnp.zeros((b, geo.s_p + 1, geo.hkv, sp["dv_p"]), jnp.float32)
     dq, dk, dv_ = pl.pallas_call(
         functools.partial(_bwd_kernel, geo=geo, scale=st.scale, softcap=st.softcap,
                           interpret=bool(st.interpret)),
-        grid=(t, b, geo.hkv),
+        grid=sp["grid"],
         in_specs=[sp["whole"], sp["whole"], sp["idx"], sp["kpos"], sp["q"], sp["k"], sp["v"],
                   sp["o"], sp["row"], sp["row"], acc_spec(sp["d_p"]), acc_spec(sp["dv_p"])],
         out_specs=[sp["q"], acc_spec(sp["d_p"]), acc_spec(sp["dv_p"])],
