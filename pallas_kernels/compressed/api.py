@@ -1,0 +1,46 @@
+"""`compressed`: NSA's compressed branch (arXiv 2502.11089) with a fused score output.
+
+`compressed_attention(q, k, v, ...)` is causal attention of `q [B, T, H, D]` over the
+compressed keys `k, v [B, N, Hkv, D]` (key n carries the position of its block's last
+token, so "the whole block is at or before t" is `kv_pos <= q_pos`), and returns beside
+the output the attention probabilities summed over the `G = H / Hkv` heads of each GQA
+group, `p_group [B, Hkv, T, N]` float32, the input of NSA's selection scores
+(`sparse_jax.ops.nsa.selection_scores`). The per-head `[B, H, T, N]` probability matrix
+is never written: the kernel path recomputes `exp(q k^T * scale - lse)` tile by tile
+from the forward's log-sum-exp and sums the group in registers (G times less HBM).
+
+The output is differentiable (the `flash` kernel's backward); `p_group` carries no
+gradient (the selection it feeds is discrete).
+
+`impl`: "auto" | "xla" | "triton"; `interpret=True` runs the kernels in interpret mode.
+"""
+
+from __future__ import annotations
+
+from pallas_kernels import common
+from pallas_kernels.compressed.reference import compressed_reference
+from pallas_kernels.compressed.triton import compressed_triton
+
+IMPLEMENTATIONS = {"xla": compressed_reference, "triton": compressed_triton}
+
+
+def compressed_attention(q, k, v, *, q_positions=None, kv_positions=None, scale=None, impl="auto",
+                         interpret=False):
+    """Attention over compressed keys and the group-summed probabilities.
+
+    Args:
+      q: `[B, T, H, D]`; k: `[B, N, Hkv, D]`; v: `[B, N, Hkv, Dv]`; `Hkv` divides `H`.
+      q_positions: int `[B, T]`, default `arange(T)`; negative = padding query.
+      kv_positions: int `[B, N]`, each compressed key's last-token position, default
+        `arange(N)`; negative = empty slot.
+      scale: default `1/sqrt(D)`.
+    Returns:
+      `(out [B, T, H, Dv] in q's dtype, p_group [B, Hkv, T, N] float32)`; rows that see
+      nothing give zeros in both.
+    """
+    args = common.check_attention_args(
+        q, k, v, mask_fn=None, q_positions=q_positions, kv_positions=kv_positions,
+        q_segment_ids=None, kv_segment_ids=None, sink_logits=None, softcap=None, scale=scale)
+    fn = common.dispatch("compressed", impl, IMPLEMENTATIONS, interpret)
+    return fn(q, k, v, q_positions=args["q_positions"], kv_positions=args["kv_positions"],
+              scale=args["scale"])
