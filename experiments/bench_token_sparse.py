@@ -17,6 +17,7 @@ fwd 2 * H * (D + Dv) per pair, fwd+bwd 2.5x that (cuDNN: the causal half).
 Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --iters /
 --backward flags (defaults changed here). On a GPU machine, repo root:
   PYTHONPATH=. python experiments/bench_token_sparse.py --out /tmp/bench_token_sparse.json
+`--ts_sweep` first tries a few TritonConfig overrides per shape (SWEEP) at the first T.
 CPU smoke run (tiny shapes, Triton in interpret mode, no cuDNN):
   PYTHONPATH=. python experiments/bench_token_sparse.py --small --out /tmp/ts_small.json
 """
@@ -42,6 +43,8 @@ flags.DEFINE_bool("small", False, "CPU smoke run: tiny shapes, interpret mode, n
 flags.DEFINE_list("shapes", ["dsa", "nsa"], "which head configurations")
 flags.DEFINE_integer("check_rows", 64, "query rows checked against the reference")
 flags.DEFINE_string("ts_config", "", "TritonConfig overrides, e.g. block_k=64,num_warps=8")
+flags.DEFINE_bool("ts_sweep", False, "first time SWEEP's configs per shape at the first T and "
+                  "use the fastest fwd+bwd one for that shape's rows")
 FLAGS.set_default("out", "bench_token_sparse.json")
 FLAGS.set_default("seq_lens", ["16384", "65536"])
 
@@ -59,6 +62,11 @@ class Shape:
 
 SHAPES = {"dsa": Shape("dsa", 64, 1, 576, 512, 2048, 1),
           "nsa": Shape("nsa", 64, 4, 128, 128, 16, 64)}
+# TritonConfig overrides tried by --ts_sweep ("" = the defaults).
+SWEEP = {"dsa": ["", "block_k=64", "num_warps=8", "block_k=64,num_warps=8", "max_rows=64,num_warps=8",
+                 "max_rows=16", "num_stages=3", "block_k_bwd=16", "num_warps_bwd=8"],
+         "nsa": ["", "num_warps=8", "num_stages=3", "num_warps=8,num_stages=3", "num_warps_bwd=8",
+                 "num_stages_bwd=2"]}
 SMALL = {"dsa": Shape("dsa", 16, 1, 72, 64, 16, 1),
          "nsa": Shape("nsa", 16, 2, 32, 32, 4, 8)}
 
@@ -123,7 +131,7 @@ def check(f, shape: Shape, q, k, v, idx, rows: int) -> float:
     return rel(out, ref)
 
 
-def bench(shape: Shape, t: int, cfg, iters: int, small: bool):
+def bench(shape: Shape, t: int, cfg, iters: int, small: bool, dense: bool = True):
     dtype = jnp.float32 if small else jnp.bfloat16
     q, k, v, do, idx = make(shape, t, dtype)
     f = ours(shape, idx, cfg, interpret=small)
@@ -138,7 +146,7 @@ def bench(shape: Shape, t: int, cfg, iters: int, small: bool):
     if FLAGS.backward:
         row["ours_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd(f), q, k, v, do, iters=iters)
         row["ours_fwdbwd_tflops"] = 2.5 * flops / row["ours_fwdbwd_ms"] / 1e9
-    if not small:
+    if dense and not small:
         dense_flops = 2.0 * shape.h * t * t / 2 * (shape.d + shape.dv)
         try:
             row["cudnn_fwd_ms"] = 1e3 * median_time(jax.jit(cudnn), q, k, v, iters=iters)
@@ -167,26 +175,53 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def with_overrides(cfg: TritonConfig, text: str) -> TritonConfig:
+    """`cfg` with `key=int,...` overrides applied."""
+    if not text:
+        return cfg
+    over = dict(kv.split("=") for kv in text.split(","))
+    return dataclasses.replace(cfg, **{k_: int(v_) for k_, v_ in over.items()})
+
+
+def sweep(shape: Shape, t: int, base: TritonConfig, iters: int, small: bool):
+    """Time each SWEEP override at T=t; return the fastest fwd+bwd config and all rows."""
+    rows = []
+    for text in SWEEP[shape.name]:
+        cfg = with_overrides(base, text)
+        try:
+            row = bench(shape, t, cfg, iters, small, dense=False)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile: skip it
+            print(f"sweep {shape.name} {text!r} failed: {str(e)[:300]}", flush=True)
+            continue
+        rows.append(dict(row, override=text))
+    key = "ours_fwdbwd_ms" if FLAGS.backward else "ours_fwd_ms"
+    best = min(rows, key=lambda r: r[key]) if rows else dict(override="")
+    print(f"sweep {shape.name} T={t}: best {best['override']!r}", flush=True)
+    return with_overrides(base, best["override"]), rows
+
+
 def main(argv):
     del argv
-    cfg = TritonConfig()
-    if FLAGS.ts_config:
-        over = dict(kv.split("=") for kv in FLAGS.ts_config.split(","))
-        cfg = dataclasses.replace(cfg, **{k_: int(v_) for k_, v_ in over.items()})
+    cfg = with_overrides(TritonConfig(), FLAGS.ts_config)
     shapes = SMALL if FLAGS.small else SHAPES
     seq_lens = [64, 96] if FLAGS.small else [int(x) for x in FLAGS.seq_lens]
     iters = 2 if FLAGS.small else FLAGS.iters
     info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"), small=FLAGS.small)
-    rows = []
+    rows, sweeps = [], []
     for name in FLAGS.shapes:
+        shape_cfg = cfg
+        if FLAGS.ts_sweep:
+            shape_cfg, swept = sweep(shapes[name], seq_lens[0], cfg, iters, FLAGS.small)
+            sweeps += swept
         for t in seq_lens:
             try:
-                rows.append(bench(shapes[name], t, cfg, iters, FLAGS.small))
+                rows.append(bench(shapes[name], t, shape_cfg, iters, FLAGS.small))
             except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
                 print(f"shape {name} T={t} failed: {str(e)[:500]}", flush=True)
     with open(FLAGS.out, "w") as fh:
-        json.dump(dict(info=info, config=dataclasses.asdict(cfg), rows=rows), fh, indent=1)
+        json.dump(dict(info=info, config=dataclasses.asdict(cfg), rows=rows, sweep=sweeps), fh,
+                  indent=1)
     print(f"\n{info}\n\n{table(rows)}")
 
 
