@@ -73,7 +73,7 @@ def main(argv):
         raise app.UsageError("--batch and --batches must be >= 1")
 
     model = build_model(run, make_sampler(run["task"], run["seq_len"])[1])
-    with Checkpointer(os.path.join(F.workdir, "checkpoints")) as ckpt:
+    with Checkpointer(os.path.join(F.workdir, "checkpoints"), read_only=True) as ckpt:
         restored = ckpt.restore_latest(model)
     if restored.step is None:
         raise app.UsageError(f"no usable checkpoint in {F.workdir}/checkpoints")

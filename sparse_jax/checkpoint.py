@@ -93,23 +93,29 @@ class Checkpointer:
     """Saves and restores (model, optimizer, step, data position) under `directory`.
 
     directory: a folder of its own (created if missing; unfinished saves found there are
-    reported and removed). Use as a context manager or call `close()` at the end.
+    reported and removed). read_only: only restore, and change nothing on disk (no cleanup,
+    bad steps are skipped but not set aside): for readers such as an evaluation next to a
+    run that is still training. Use as a context manager or call `close()` at the end.
+    Single-host: every process would rename and remove files.
     """
 
-    def __init__(self, directory: str | os.PathLike, config: CheckpointConfig = CheckpointConfig()):
+    def __init__(self, directory: str | os.PathLike, config: CheckpointConfig = CheckpointConfig(),
+                 *, read_only: bool = False):
         if not isinstance(config, CheckpointConfig):
             raise ValueError(f"config must be a CheckpointConfig, got {config!r}")
         self.directory = os.path.abspath(os.fspath(directory))
-        self.config = config
+        self.config, self.read_only = config, read_only
+        if read_only and not os.path.isdir(self.directory):
+            raise ValueError(f"directory {self.directory} does not exist (read_only=True)")
         os.makedirs(self.directory, exist_ok=True)
-        for name in sorted(os.listdir(self.directory)):
+        for name in [] if read_only else sorted(os.listdir(self.directory)):
             if TMP_MARKER in name:
                 logging.warning("checkpoint step %s in %s skipped: unfinished save (temporary "
                                 "directory %s, the process stopped while writing it); removing it",
                                 name.split(".")[0], self.directory, name)
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=config.save_every, max_to_keep=config.keep,
-            enable_async_checkpointing=config.async_save, cleanup_tmp_directories=True)
+            save_interval_steps=config.save_every, max_to_keep=config.keep, read_only=read_only,
+            enable_async_checkpointing=config.async_save, cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     # -- saving -------------------------------------------------------------------------------
@@ -118,7 +124,10 @@ class Checkpointer:
              force: bool = False) -> bool:
         """Starts saving the state after `step` updates when `step` is a multiple of
         `save_every` (or `force`); returns whether a save started. extra: JSON-able values
-        stored in the meta item. optimizer None saves the model only."""
+        stored in the meta item. optimizer None saves the model only. The arrays are copied
+        to the host before this returns (orbax's copy, and the CRC32 of the meta item)."""
+        if self.read_only:
+            raise ValueError(f"save: {self.directory} was opened read_only")
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         if not (force or step % self.config.save_every == 0):
@@ -175,7 +184,8 @@ class Checkpointer:
                 return Restored(step, meta, tuple(skipped))
             logging.warning("checkpoint step %d in %s skipped: %s", step, self.directory, reason)
             skipped.append((step, reason))
-            self._set_aside(step)
+            if not self.read_only:
+                self._set_aside(step)
         return Restored(None, {}, tuple(skipped))
 
     def _restore_step(self, step, model, optimizer):

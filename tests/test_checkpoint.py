@@ -170,6 +170,14 @@ def test_damaged_newest_checkpoint_is_skipped(tmp_path, kind, caplog):
     saved = _save_three(tmp_path)
     damage, reason = CORRUPTIONS[kind]
     damage(str(tmp_path / "3"))
+    reader, _ = _tiny_model()
+    with Checkpointer(tmp_path, read_only=True) as ckpt:        # a reader: skips, changes nothing
+        assert ckpt.restore_latest(reader).step == 2
+        with pytest.raises(ValueError, match="read_only"):
+            ckpt.save(4, reader, force=True)
+    assert os.path.isdir(tmp_path / "3") and not os.path.exists(tmp_path / "3.bad-0")
+    for got, want in zip(_params(reader), saved[2]):
+        np.testing.assert_array_equal(got, want)
     model, opt = _tiny_model()
     fresh = _params(model)
     with caplog.at_level(logging.WARNING), Checkpointer(tmp_path) as ckpt:
