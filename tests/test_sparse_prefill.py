@@ -140,7 +140,7 @@ def test_a_shape_blocks():
     assert m[0, 0, 4].tolist() == [True, False, False, True, True]
 
 
-def test_search_picks_vertical_slash_for_a_diagonal_head_and_recall_is_one_at_full_budget():
+def test_search_picks_vertical_slash_for_a_diagonal_head_and_recall_is_one_for_every_block():
     q, k, pos = _planted()
     o = 19
     qd = q.at[:, o:].set(2.0 * k[:, :-o])
@@ -151,10 +151,8 @@ def test_search_picks_vertical_slash_for_a_diagonal_head_and_recall_is_one_at_fu
     patterns, recall = S.search_head_patterns(q2, k2, budget, pos)
     assert patterns[0] == "vertical_slash" and recall.shape == (3, 2)
     assert float(recall[1, 0]) > max(float(recall[0, 0]), float(recall[2, 0])) + 0.05
-    full = S.MInferenceBudget(block_size=8, sink_blocks=0, local_blocks=8, num_vertical=64, num_slash=64,
-                              top_blocks=8)
-    _, recall = S.search_head_patterns(q2, k2, full, pos)
-    np.testing.assert_allclose(recall, 1.0, atol=1e-5)
+    every = jnp.ones((1, 2, 8, 8), bool)
+    np.testing.assert_allclose(S.block_mask_recall(q2, k2, every, 8, pos), 1.0, atol=1e-5)
 
 
 def test_flexprefill_choice_by_divergence():
