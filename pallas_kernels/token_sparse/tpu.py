@@ -15,8 +15,8 @@ DSA table, `[B, T, Hkv, 2048]`, is far too large to scalar-prefetch). KV stays i
 
 Backward: no Mosaic kernel (TPU has no atomics; dk/dv would need the inverted index, per
 KV block the list of (query, entry) pairs that read it). The VJP is the FlashAttention-2
-backward written densely in jnp from the forward's lse (`xla_backward`): correct, O(T * S)
-memory, for tests and small shapes.
+backward in jnp over the gathered keys from the forward's lse (`xla_backward`): a chunk of
+queries at a time, dk/dv by XLA scatter-add; memory O(chunk * K * block_size * D).
 
 Checked in `pltpu.InterpretParams()` mode on CPU only (this workplace has no TPU). On
 hardware, expect to need G a multiple of 8 (or G = H), D and Dv multiples of 128 (or
@@ -37,7 +37,6 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.flash import autodiff, blocks
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
 from pallas_kernels.flash.tpu import _dot, _logits2
-from pallas_kernels.token_sparse.reference import token_sparse_mask
 
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
@@ -45,9 +44,11 @@ _NN = (((1,), (0,)), ((), ()))
 
 @dataclasses.dataclass(frozen=True)
 class TpuConfig:
-    """`block_k`: key rows gathered per grid step (at least one whole block)."""
+    """`block_k`: key rows gathered per grid step (at least one whole block);
+    `backward_budget`: gathered elements per query chunk of the XLA backward."""
 
     block_k: int = 128
+    backward_budget: int = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +62,17 @@ class Geometry:
     k_p: int                  # entries per row, padded to whole steps
     nblk: int
     causal: bool
+    backward_budget: int
 
 
-def geometry(q, k, v, indices, block_size: int, causal: bool, block_k: int) -> Geometry:
+def geometry(q, k, v, indices, block_size: int, causal: bool, block_k: int,
+             backward_budget: int) -> Geometry:
     per_step = min(max(1, block_k // block_size), indices.shape[3])
     return Geometry(hkv=k.shape[2], group=q.shape[2] // k.shape[2], d=q.shape[3], dv=v.shape[3],
                     block_size=block_size, per_step=per_step,
                     k_p=blocks.round_up(indices.shape[3], per_step),
-                    nblk=-(-k.shape[1] // block_size), causal=causal)
+                    nblk=-(-k.shape[1] // block_size), causal=causal,
+                    backward_budget=backward_budget)
 
 
 def _kernel(idx_ref, cnt_ref, qpos_ref, sink_ref, q_ref, k_hbm, v_hbm, kpos_hbm, o_ref, lse_ref,
@@ -191,29 +195,69 @@ def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, indices):
     return out, lse[..., 0].transpose(0, 2, 1)
 
 
+def listed_slots(indices, kv_pos, q_pos, geo: Geometry, kv_len: int):
+    """Key slots of each row's listed entries, `[B, T, Hkv, K * block_size]` (clamped to 0
+    where unlisted), and their visibility (listed, key and query valid, causal)."""
+    bs = geo.block_size
+    ok = (indices >= 0) & (indices < geo.nblk)
+    slots = (jnp.where(ok, indices, 0)[..., None] * bs + jnp.arange(bs, dtype=jnp.int32))
+    listed = ok[..., None] & (slots < kv_len)
+    b, t, hkv = indices.shape[:3]
+    slots = jnp.where(listed, slots, 0).reshape(b, t, hkv, -1)
+    kp = jnp.take_along_axis(kv_pos[:, None, None, :], slots.reshape(b, 1, 1, -1), axis=-1)
+    kp = kp.reshape(slots.shape)
+    qp = q_pos[:, :, None, None]
+    vis = listed.reshape(slots.shape) & (kp >= 0) & (qp >= 0)
+    if geo.causal:
+        vis = vis & (kp <= qp)
+    return slots, vis
+
+
 def xla_backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, indices):
-    """Dense jnp FlashAttention-2 backward from the saved lse: `P = exp2(S2 - lse2)`,
-    `dV = P^T dO`, `dS = P (dO V^T - delta)`, `dQ = dS K`, `dK = dS^T Q` (scaled)."""
+    """The FlashAttention-2 backward (arXiv 2307.08691, Alg. 2) over the gathered keys, in
+    jnp, a chunk of queries at a time (about `geo.backward_budget` gathered elements): gather
+    each query's listed K/V rows, recompute `P = exp2(S2 - lse2)`, `dS = P (dO V^T - delta)`,
+    `dQ = dS K`, and scatter-add `dV += P^T dO`, `dK += dS^T Q` into the slots. Memory
+    O(chunk * K * block_size * D), not O(T * S)."""
     del q_seg, kv_seg
     geo = st.config
     b, t, h, d = q.shape
-    mask = token_sparse_mask(indices, block_size=geo.block_size, kv_len=k.shape[1],
-                             q_positions=q_pos, kv_positions=kv_pos, causal=geo.causal)
+    s_len, g, dv = k.shape[1], geo.group, geo.dv
+    slots, vis = listed_slots(indices, kv_pos, q_pos, geo, s_len)            # [B, T, Hkv, M]
+    m = slots.shape[-1]
+    chunk = max(1, min(t, geo.backward_budget // max(1, b * geo.hkv * m * (d + dv + g))))
+    n = -(-t // chunk)
+    pad_t = lambda x, fill=0: blocks.pad_axis(x, n * chunk, 1, fill)  # noqa: E731
+    split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    qg = f32(q).reshape(b, t, geo.hkv, geo.group, d)
-    do = f32(dout).reshape(b, t, geo.hkv, geo.group, geo.dv)
-    s = jnp.einsum("bthgd,bshd->bhgts", qg, f32(k))
-    s2, tanh = _logits2(s, st.scale, st.softcap)
-    lse2 = lse2.reshape(b, geo.hkv, geo.group, t)[..., None]
-    p = jnp.where(mask[:, :, None], jnp.exp2(s2 - lse2), 0.0)
-    dv = jnp.einsum("bhgts,bthgd->bshd", p, do)
-    ds = p * (jnp.einsum("bthgd,bshd->bhgts", do, f32(v))
-              - delta.reshape(b, geo.hkv, geo.group, t)[..., None])
-    if tanh is not None:
-        ds = ds * (1.0 - tanh * tanh)
-    dq = jnp.einsum("bhgts,bshd->bthgd", ds, f32(k)).reshape(b, t, h, d) * st.scale
-    dk = jnp.einsum("bhgts,bthgd->bshd", ds, qg) * st.scale
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    qg = split(pad_t(f32(q).reshape(b, t, geo.hkv, g, d)))
+    do = split(pad_t(f32(dout).reshape(b, t, geo.hkv, g, dv)))
+    rows = lambda x: x.reshape(b, geo.hkv, g, t).transpose(0, 3, 1, 2)  # noqa: E731  -> [B, T, Hkv, G]
+    lse2_c = split(pad_t(rows(lse2), 1e30))
+    delta_c = split(pad_t(rows(delta)))
+    slots_c, vis_c = split(pad_t(slots)), split(pad_t(vis, False))
+    kf, vf = f32(k), f32(v)
+    bi = jnp.arange(b)[:, None, None, None]
+    hi = jnp.arange(geo.hkv)[None, None, :, None]
+
+    def one_chunk(carry, xs):
+        dk, dv_ = carry
+        qc, doc, l2, dl, sl, vi = xs
+        kg, vg = kf[bi, sl, hi], vf[bi, sl, hi]                                  # [B, C, Hkv, M, D]
+        s2, tanh = _logits2(jnp.einsum("bchgd,bchmd->bchgm", qc, kg), st.scale, st.softcap)
+        p = jnp.where(vi[:, :, :, None], jnp.exp2(s2 - l2[..., None]), 0.0)
+        ds = p * (jnp.einsum("bchgd,bchmd->bchgm", doc, vg) - dl[..., None])
+        if tanh is not None:
+            ds = ds * (1.0 - tanh * tanh)
+        dq = jnp.einsum("bchgm,bchmd->bchgd", ds, kg) * st.scale
+        dv_ = dv_.at[bi, sl, hi].add(jnp.einsum("bchgm,bchgd->bchmd", p, doc))
+        dk = dk.at[bi, sl, hi].add(jnp.einsum("bchgm,bchgd->bchmd", ds, qc) * st.scale)
+        return (dk, dv_), dq
+
+    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    (dk, dv_), dq = lax.scan(one_chunk, init, (qg, do, lse2_c, delta_c, slots_c, vis_c))
+    dq = jnp.moveaxis(dq, 0, 1).reshape(b, n * chunk, h, d)[:, :t]
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv_.astype(v.dtype)
 
 
 def token_sparse_tpu(q, k, v, indices, *, block_size, q_positions, kv_positions, causal,
@@ -227,7 +271,7 @@ def token_sparse_tpu(q, k, v, indices, *, block_size, q_positions, kv_positions,
     st = autodiff.Static(
         forward=forward, backward=xla_backward, mask_fn=None, scale=float(scale),
         softcap=None if softcap is None else float(softcap), has_sinks=sink_logits is not None,
-        config=geometry(q, k, v, indices, block_size, causal, cfg.block_k),
+        config=geometry(q, k, v, indices, block_size, causal, cfg.block_k, cfg.backward_budget),
         interpret=interpret or False)
     return autodiff.attention(st, q, k, v, sink_logits=sink_logits, q_positions=q_positions,
                               kv_positions=kv_positions, q_segment_ids=None, kv_segment_ids=None,
