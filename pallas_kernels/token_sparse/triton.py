@@ -42,14 +42,15 @@ TN = (((0,), (0,)), ((), ()))     # a^T @ b
 
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
-    """`block_k`: gathered token rows per iteration (block_size == 1; capped to K)."""
+    """`block_k`: gathered token rows per iteration (block_size == 1; capped to K);
+    `num_warps*` 0: 8 when a program's q tile and accumulator exceed 16K elements, else 4."""
 
     block_k: int = 32
     max_rows: int = 0          # query rows (heads) per program; 0: auto (see `row_split`)
-    num_warps: int = 4
+    num_warps: int = 0
     num_stages: int = 2
     block_k_bwd: int = 32
-    num_warps_bwd: int = 4
+    num_warps_bwd: int = 0
     num_stages_bwd: int = 1
 
 
@@ -92,6 +93,12 @@ def row_split(group_p: int, width: int, max_rows: int) -> int:
     while rows > 16 and (rows > max_rows if max_rows else rows * width > 40960):
         rows //= 2
     return rows
+
+
+def warps(requested: int, geo: "Geometry") -> int:
+    """`requested`, or for 0 the auto choice from the per-program register footprint."""
+    width = sum(w for _, w in geo.d_pieces + geo.dv_pieces)
+    return requested or (8 if geo.rows_q * width > 16384 else 4)
 
 
 def geometry(q, k, v, indices, block_size: int, causal: bool, block_k: int,
@@ -253,7 +260,7 @@ def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, indices):
         out_specs=[sp["o"], sp["row"]],
         out_shape=[jax.ShapeDtypeStruct((b, t, geo.hkv, geo.group_p, sp["dv_p"]), q.dtype),
                    jax.ShapeDtypeStruct((b, t, geo.hkv, geo.group_p), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=warps(cfg.num_warps, geo), num_stages=cfg.num_stages),
         interpret=st.interpret,
         name="token_sparse_fwd",
     )(n_iter, q_pos_f, sink_rows, idx, kv_pos_p, qg, kp, vp)

@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.flash import blocks
 from pallas_kernels.flash.triton import logits2
 from pallas_kernels.token_sparse.triton import (NN, TN, geometry, group_view, load_pieces, prepare,
-                                                qk, specs, tile)
+                                                qk, specs, tile, warps)
 
 
 def _scatter_add(ref, rows, listed, start, width, val, interpret):
@@ -100,7 +100,7 @@ def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, indic
         out_shape=[jax.ShapeDtypeStruct(qg.shape, q.dtype), jax.ShapeDtypeStruct(dk0.shape, jnp.float32),
                    jax.ShapeDtypeStruct(dv0.shape, jnp.float32)],
         input_output_aliases={10: 1, 11: 2},
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps_bwd,
+        compiler_params=plgpu.CompilerParams(num_warps=warps(cfg.num_warps_bwd, geo),
                                              num_stages=cfg.num_stages_bwd),
         interpret=st.interpret,
         name="token_sparse_bwd",
