@@ -72,10 +72,15 @@ def test_sparse_metadata_attends_exactly_its_blocks():
     patterns = ("vertical_slash", "block_sparse", "a_shape", "vertical_slash")
     meta = jax.jit(lambda a, b: S.minference_metadata(a, b, patterns, budget, pos))(q, k)
     present, _ = meta.to_block_mask(n)
+    heads = jax.jit(lambda a, b: S.minference_blocks(a, b, patterns, budget, pos))(q, k)   # [B, H, n, n]
+    reach = S.reachable_blocks(pos, bs)[:, None]
+    union = np.asarray((heads & reach).reshape(B, HKV, H // HKV, n, n).any(2))
+    assert (np.asarray(present) >= union).all()                              # GQA group: union of heads
+    assert (np.asarray(present) <= union | np.eye(n, dtype=bool)).all()      # plus the diagonal only
     counts = np.asarray(meta.kv_block_counts)
-    reach = np.asarray(S.reachable_blocks(pos, bs)).sum(-1)                 # [B, nQ]
-    assert counts.sum() < HKV * reach.sum()                                 # sparse
-    assert (counts >= np.minimum(reach, 1)[:, None]).all()                  # never empty where queries are
+    rows = np.asarray(reach).sum(-1)[:, 0]                                  # [B, nQ]
+    assert counts.sum() < HKV * rows.sum()                                  # sparse
+    assert (counts >= np.minimum(rows, 1)[:, None]).all()                   # never empty where queries are
     listed = jnp.repeat(jnp.repeat(present, bs, 2), bs, 3)[:, :, :T, :T]
     causal = (pos[:, None, :] <= pos[:, :, None]) & (pos[:, None, :] >= 0) & (pos[:, :, None] >= 0)
     ref = masked_attention(q, k, v, listed & causal[:, None], scale=D ** -0.5)[0]
