@@ -36,7 +36,6 @@ relative to max |ref|).
 from __future__ import annotations
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp
