@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels.common import masked_attention
+from sparse_jax.cache import FullKVCache
 from sparse_jax.kv_policies import (H2O, AdaKV, DuoAttention, Observation, PolicyPrefill, PyramidKV,
                                     Quest, SnapKV, StreamingLLM, TopP, policy_caches, select)
 from sparse_jax.kv_policies.cache import compress
@@ -15,7 +16,7 @@ from sparse_jax.kv_policies.duo import calibrate, gates_from_losses, streaming_l
 from sparse_jax.layers import AttentionConfig, FullAttention
 from sparse_jax.models.lm import LMConfig, SparseLM
 
-T, NEW = 11, 3
+T, NEW = 11, 2
 ALL_POLICIES = {
     "streaming": StreamingLLM(16, num_sinks=2),
     "h2o": H2O(16),
@@ -180,32 +181,29 @@ def test_pooled_decode_matches_masked_reference():
         np.testing.assert_allclose(out, want, atol=1e-5)
 
 
-def test_nbytes_shrinks_by_the_budget_ratio(model):
-    tokens = jnp.zeros((2, 16), jnp.int32)
-    full = sum(c.nbytes() for c in model.init_cache(2, 16))
-    swa = model.blocks[1].attn.init_cache(2, 16).nbytes()
-    for budget in (4, 8):
-        _, caches = model(tokens, None, policy_caches(model, SnapKV(budget, window=2), batch=2, prompt_len=16,
-                                                      max_new=0))
-        c = caches[0]
-        kv = c.k.nbytes + c.v.nbytes
-        ref = model.init_cache(2, 16)[0]
-        assert kv == (ref.k.nbytes + ref.v.nbytes) * budget // 16                # K/V bytes: exactly the ratio
+def test_nbytes_shrinks_by_the_budget_ratio():
+    b, n, hkv, d = 2, 16, 2, 32
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)).astype(np.float32)) for h in (4, 2, 2))
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    full = FullKVCache.init(b, n, hkv, d)
+    for policy in (SnapKV(4, window=2), AdaKV(H2O(8)), DuoAttention(4, retrieval=((True, False),), num_sinks=1)):
+        c = compress(policy, Observation(q, k, pos, pos), v, layer=0, num_layers=1, max_new=0)
+        kept = int(policy.head_budgets(0, 1, hkv).clip(max=n).sum())        # Duo: 16 + 4
+        assert c.k.nbytes + c.v.nbytes == (full.k.nbytes + full.v.nbytes) * kept // (hkv * n)
         # + 8 bytes (position, head) per kept slot instead of 4 (position) per token
-        assert c.nbytes() == kv + 2 * 2 * budget * 8 + 2 * 4
-        assert abs((sum(x.nbytes() for x in caches) - swa) / (full - swa) - budget / 16) < 0.1 * budget / 16
+        assert c.nbytes() == c.k.nbytes + c.v.nbytes + b * kept * 8 + b * 4
+        assert abs(c.nbytes() / full.nbytes() - kept / (hkv * n)) < 0.05 * kept / (hkv * n)
 
 
-def test_duo_calibration():
+def test_duo_calibration(model):
     probs = np.zeros((1, 4, 12), np.float32)              # 4 query heads, 2 kv heads
     probs[0, 0, 5] = probs[0, 1, 5] = 1.0                 # kv head 0 looks at the middle
     probs[0, 2, 11] = probs[0, 3, 0] = 1.0                # kv head 1 at the recent token / sink
     loss = streaming_loss(jnp.asarray(probs), jnp.arange(12)[None], num_kv_heads=2, num_sinks=1, recent=2)
     np.testing.assert_allclose(loss, [1.0, 0.0])
     assert gates_from_losses([[0.1, 0.9], [0.5, 0.2]], 0.5) == ((False, True), (True, False))
-    m = SparseLM(LMConfig(vocab_size=16, layer_spec="FF", d_model=16, num_heads=4, num_kv_heads=2),
-                 rngs=nnx.Rngs(0))
-    gates = calibrate(m, jnp.ones((2, 10), jnp.int32), fraction=0.5, num_sinks=1, recent=2)
+    gates = calibrate(model, jnp.ones((2, T), jnp.int32), fraction=0.5, num_sinks=1, recent=2)
     assert len(gates) == 2 and all(len(g) == 2 for g in gates) and sum(map(sum, gates)) == 2
 
 

@@ -1,0 +1,288 @@
+"""The sparsity frontier of training-free KV-cache policies (in the manner of The Sparse
+Frontier, arXiv 2504.17768) on a small full-attention model trained by this library.
+
+1. Train (or load from `--workdir/checkpoints`) a small `SparseLM` of full-attention layers
+   on the RULER-style task mix of `sparse_jax.tasks`.
+2. For each task, prefill the context and the question densely, then generate the answer
+   token by token (teacher-forced) under each policy of `sparse_jax.kv_policies` at each
+   budget: eviction after prefill (StreamingLLM, H2O, SnapKV, PyramidKV, Ada-SnapKV,
+   DuoAttention) or query-aware page selection at decode (Quest, top-p).
+3. Record per (method, budget, task): exact-match accuracy; the attention-mass recall of the
+   first answer query (the share of the dense model's attention, layer by layer, that falls
+   on the entries the policy let it read); the fraction of prompt KV entries it read
+   ("density", 1 / compression); and the KV bytes held (`nbytes()` of all caches).
+4. Write JSONL, a PNG of accuracy and recall against density (one curve per method), and
+   the table with the command into `docs/RESULTS.md` under "## Sparse frontier (issue 8)".
+
+    python experiments/frontier.py --workdir=/tmp/frontier          # CPU: a few minutes
+    python experiments/frontier.py --workdir=/tmp/frontier --methods=snapkv,quest --budgets=8,32
+
+Budgets are tokens per kv head per layer (Quest: rounded up to pages); top-p sweeps
+`--top_p`, DuoAttention sweeps the fraction of retrieval heads (`--duo_fractions`) with
+streaming heads of `--duo_streaming` tokens, calibrated on training-distribution prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from tqdm import tqdm
+
+from sparse_jax import kv_policies as kvp
+from sparse_jax.checkpoint import CheckpointConfig, Checkpointer
+from sparse_jax.kv_policies.duo import calibrate
+from sparse_jax.models.lm import LMConfig, SparseLM
+from sparse_jax.tasks import TASKS, VOCAB_SIZE, exact_match, mixed_batch
+from sparse_jax.train import make_optimizer, train_step
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "/tmp/sparse_jax_frontier", "Trained model cache (checkpoints/) and results.")
+flags.DEFINE_list("tasks", ["single_needle", "multikey_needle", "multivalue", "multiquery"],
+                  f"Tasks of sparse_jax.tasks to train and evaluate on: {sorted(TASKS)}.")
+flags.DEFINE_integer("seq_len", 128, "Sequence length (context + question + answer).")
+flags.DEFINE_integer("layers", 2, "Full-attention layers.")
+flags.DEFINE_integer("d_model", 64, "Model width.")
+flags.DEFINE_integer("heads", 4, "Query heads.")
+flags.DEFINE_integer("kv_heads", 2, "KV heads (GQA).")
+flags.DEFINE_integer("steps", 600, "Training steps (skipped when --workdir holds a checkpoint).")
+flags.DEFINE_integer("batch", 32, "Training sequences per step.")
+flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
+flags.DEFINE_integer("seed", 0, "Seed of parameters and the training stream.")
+flags.DEFINE_list("methods", ["streaming", "h2o", "snapkv", "pyramidkv", "ada_snapkv", "duo", "quest", "top_p"],
+                  "Policies to sweep.")
+flags.DEFINE_list("budgets", ["4", "8", "16", "32", "64"], "Tokens per kv head per layer.")
+flags.DEFINE_list("top_p", ["0.5", "0.8", "0.9", "0.95", "0.99"], "Top-p thresholds.")
+flags.DEFINE_list("duo_fractions", ["0", "0.25", "0.5", "0.75"], "DuoAttention retrieval-head fractions.")
+flags.DEFINE_integer("duo_streaming", 8, "DuoAttention: tokens of a streaming head (sinks included).")
+flags.DEFINE_integer("num_sinks", 2, "Sinks of StreamingLLM and DuoAttention.")
+flags.DEFINE_integer("snap_window", 8, "SnapKV / PyramidKV observation window.")
+flags.DEFINE_integer("snap_kernel", 5, "SnapKV / PyramidKV pooling kernel.")
+flags.DEFINE_integer("page_size", 8, "Quest / top-p page size.")
+flags.DEFINE_integer("eval_batch", 64, "Evaluation sequences per task.")
+flags.DEFINE_string("jsonl", "docs/frontier.jsonl", "Results, one JSON line per (method, budget, task).")
+flags.DEFINE_string("plot", "docs/frontier.png", "Figure path ('' for none).")
+flags.DEFINE_string("results_md", "docs/RESULTS.md", "Markdown file whose '## Sparse frontier (issue 8)' "
+                    "section is (re)written ('' for none).")
+
+SECTION = "## Sparse frontier (issue 8)"
+NAMES = {"streaming": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
+         "ada_snapkv": "Ada-SnapKV", "duo": "DuoAttention", "quest": "Quest", "top_p": "top-p"}
+
+
+def build_model() -> SparseLM:
+    cfg = LMConfig(vocab_size=VOCAB_SIZE, layer_spec="F" * FLAGS.layers, d_model=FLAGS.d_model,
+                   num_heads=FLAGS.heads, num_kv_heads=FLAGS.kv_heads)
+    return SparseLM(cfg, rngs=nnx.Rngs(FLAGS.seed))
+
+
+def train_or_load(model):
+    with Checkpointer(os.path.join(FLAGS.workdir, "checkpoints"), CheckpointConfig(async_save=False)) as ckpt:
+        if ckpt.restore_latest(model).step is not None:
+            print(f"loaded the model from {FLAGS.workdir}/checkpoints")
+            return
+        optimizer = make_optimizer(model, FLAGS.lr, warmup=FLAGS.steps // 10, total_steps=FLAGS.steps)
+        rng = np.random.default_rng(FLAGS.seed)
+        bar = tqdm(range(FLAGS.steps), desc="train", ncols=100, mininterval=2.0)
+        for step in bar:
+            tokens, targets, mask = mixed_batch(rng, FLAGS.tasks, FLAGS.batch, FLAGS.seq_len)
+            loss, acc = train_step(model, optimizer, tokens, targets, mask)
+            if step % 25 == 0 or step == FLAGS.steps - 1:
+                bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.2f}")
+        ckpt.save(FLAGS.steps, model, force=True)
+
+
+@nnx.jit
+def _forward(model, tokens, positions, caches):
+    return model(tokens, positions, caches)
+
+
+def generate(model, caches, tokens, prompt_len):
+    """Dense-or-policy prefill of `tokens[:, :prompt_len]`, then one token per call.
+    Returns (predictions `[B, T]` (-1 in the prompt but its last), caches after the first
+    decode step, caches at the end)."""
+    b, t = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, caches = _forward(model, tokens[:, :prompt_len], pos[:, :prompt_len], caches)
+    preds = [np.full((b, prompt_len - 1), -1), np.asarray(logits[:, -1:].argmax(-1))]
+    first = None
+    for i in range(prompt_len, t):
+        logits, caches = _forward(model, tokens[:, i:i + 1], pos[:, i:i + 1], caches)
+        preds.append(np.asarray(logits.argmax(-1)))
+        first = caches if first is None else first
+    return np.concatenate(preds, axis=1)[:, :t], first, caches
+
+
+def policies(model, calib_tokens):
+    """(method, setting, policy) for every method and budget of the flags."""
+    budgets = [int(x) for x in FLAGS.budgets]
+    w, kern, s = FLAGS.snap_window, FLAGS.snap_kernel, FLAGS.num_sinks
+    make = {
+        "streaming": lambda b: kvp.StreamingLLM(b, num_sinks=min(s, b)),
+        "h2o": lambda b: kvp.H2O(b),
+        "snapkv": lambda b: kvp.SnapKV(b, window=w, kernel=kern),
+        "pyramidkv": lambda b: kvp.PyramidKV(b, window=w, kernel=kern),
+        "ada_snapkv": lambda b: kvp.AdaKV(kvp.SnapKV(b, window=w, kernel=kern)),
+        "quest": lambda b: kvp.Quest(b, page_size=FLAGS.page_size),
+    }
+    out = []
+    for method in FLAGS.methods:
+        if method in make:
+            out += [(method, b, make[method](b)) for b in budgets]
+        elif method == "top_p":
+            out += [(method, float(p), kvp.TopP(float(p), page_size=FLAGS.page_size)) for p in FLAGS.top_p]
+        elif method == "duo":
+            for f in FLAGS.duo_fractions:
+                gates = calibrate(model, calib_tokens, fraction=float(f), num_sinks=s,
+                                  recent=FLAGS.duo_streaming - s)
+                out.append((method, float(f), kvp.DuoAttention(FLAGS.duo_streaming, retrieval=gates, num_sinks=s)))
+        else:
+            raise app.UsageError(f"unknown method {method!r}; choose from {sorted(NAMES)}")
+    return out
+
+
+def recall_and_density(model, oracle, caches, length):
+    """Mean over managed layers, rows and query heads of the dense attention mass of the
+    first answer query on the entries it read, and of the share of entries it read."""
+    recalls, densities = [], []
+    for i in kvp.managed_layers(model):
+        c = caches[i]
+        g = model.blocks[i].attn.config.num_heads // model.blocks[i].attn.config.num_kv_heads
+        if hasattr(c, "kept_mask"):
+            kept = np.repeat(np.asarray(c.kept_mask(length)), g, axis=1)            # [B, H, length]
+        else:                                                                       # dense: all
+            kept = np.ones(oracle[i].probs[..., :length].shape, bool)
+        probs = np.asarray(oracle[i].probs)[..., :length]
+        recalls.append((probs * kept).sum(-1).mean())
+        densities.append(kept.sum(-1).mean() / length)
+    return float(np.mean(recalls)), float(np.mean(densities))
+
+
+def evaluate(model, calib_tokens):
+    rows = []
+    rng = np.random.default_rng(FLAGS.seed + 1)
+    data = {name: TASKS[name].batch(rng, FLAGS.eval_batch, FLAGS.seq_len) for name in FLAGS.tasks}
+    oracles, dense_acc = {}, {}
+    for name, (tokens, targets, mask) in data.items():
+        task = TASKS[name]
+        prompt = task.context_len(FLAGS.seq_len) + 1 + task.num_queries          # up to ANS, excluded
+        caches = kvp.oracle_caches(model, batch=FLAGS.eval_batch, max_len=FLAGS.seq_len)
+        preds, first, end = generate(model, caches, tokens, prompt)
+        oracles[name] = (prompt, first)
+        dense_acc[name] = float(exact_match(preds, targets, mask).mean())
+        rows.append(dict(method="dense", setting=None, task=name, accuracy=dense_acc[name], recall=1.0,
+                         density=1.0, kv_bytes=sum(c.nbytes() for c in end), prompt_len=prompt))
+    for method, setting, policy in tqdm(policies(model, calib_tokens), desc="sweep", ncols=100):
+        for name, (tokens, targets, mask) in data.items():
+            prompt, oracle = oracles[name]
+            caches = kvp.policy_caches(model, policy, batch=FLAGS.eval_batch, prompt_len=prompt,
+                                       max_new=FLAGS.seq_len - prompt)
+            preds, first, end = generate(model, caches, tokens, prompt)
+            recall, density = recall_and_density(model, oracle, first, prompt + 1)
+            rows.append(dict(method=method, setting=setting, task=name,
+                             accuracy=float(exact_match(preds, targets, mask).mean()), recall=recall,
+                             density=density, kv_bytes=sum(c.nbytes() for c in end), prompt_len=prompt))
+    return rows
+
+
+def summarize(rows):
+    """Mean over tasks per (method, setting)."""
+    out = {}
+    for r in rows:
+        out.setdefault((r["method"], r["setting"]), []).append(r)
+    return [dict(method=m, setting=s, **{k: float(np.mean([r[k] for r in rs]))
+                                         for k in ("accuracy", "recall", "density", "kv_bytes")})
+            for (m, s), rs in out.items()]
+
+
+def plot(summary, dense, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
+    for ax, key, label in ((axes[0], "accuracy", "exact-match accuracy (task mean)"),
+                           (axes[1], "recall", "attention-mass recall (first answer query)")):
+        for method in FLAGS.methods:
+            pts = sorted((1.0 / max(r["density"], 1e-9), r[key]) for r in summary if r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", ms=3, label=NAMES[method])
+        ax.axhline(dense[key], color="k", ls="--", lw=0.8, label="dense")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("compression (prompt KV entries / entries read)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_section(summary, dense, command, path):
+    lines = [SECTION, "",
+             f"Model: {FLAGS.layers} full-attention layers, d_model {FLAGS.d_model}, {FLAGS.heads} heads / "
+             f"{FLAGS.kv_heads} KV heads, trained {FLAGS.steps} steps x {FLAGS.batch} on "
+             f"`{','.join(FLAGS.tasks)}` (`sparse_jax.tasks`, T={FLAGS.seq_len}); {FLAGS.eval_batch} fresh "
+             "sequences per task. Context and question are prefilled densely, the answer is generated "
+             "(teacher-forced) over the policy's cache. Accuracy: exact match, mean over tasks. Recall: "
+             "share of the dense model's attention (first answer query, mean over layers and heads) on "
+             "the entries read. Density: share of prompt KV entries read (compression = 1 / density). "
+             "KV bytes: `nbytes()` of all caches at the end (Quest / top-p hold the full cache plus page "
+             "bounds; they only read less).", "",
+             "Command:", "", "```", command, "```", "",
+             "![frontier](frontier.png)", "",
+             "| method | budget / p / retrieval frac. | density | accuracy | recall | KV bytes vs dense |",
+             "|---|---|---|---|---|---|",
+             f"| dense | - | 1.00 | {dense['accuracy']:.3f} | 1.000 | 1.00 |"]
+    for r in summary:
+        if r["method"] != "dense":
+            lines.append(f"| {NAMES[r['method']]} | {r['setting']} | {r['density']:.3f} | {r['accuracy']:.3f} | "
+                         f"{r['recall']:.3f} | {r['kv_bytes'] / dense['kv_bytes']:.2f} |")
+    section = "\n".join(lines) + "\n"
+    text = open(path).read() if os.path.exists(path) else "# Results\n"
+    if SECTION in text:
+        head, rest = text.split(SECTION, 1)
+        nxt = rest.find("\n## ")
+        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    unknown = set(FLAGS.tasks) - set(TASKS)
+    if unknown:
+        raise app.UsageError(f"unknown --tasks {sorted(unknown)}; choose from {sorted(TASKS)}")
+    start = time.time()
+    model = build_model()
+    train_or_load(model)
+    calib, _, _ = mixed_batch(np.random.default_rng(FLAGS.seed + 2), FLAGS.tasks, 16, FLAGS.seq_len)
+    rows = evaluate(model, jnp.asarray(calib))
+    for path in (FLAGS.jsonl, FLAGS.plot, FLAGS.results_md):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    if FLAGS.jsonl:
+        with open(FLAGS.jsonl, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    summary = summarize(rows)
+    dense = next(r for r in summary if r["method"] == "dense")
+    print(f"\n{'method':<14}{'setting':>9}{'density':>9}{'accuracy':>10}{'recall':>8}{'KV bytes':>10}")
+    for r in summary:
+        print(f"{NAMES.get(r['method'], r['method']):<14}{str(r['setting']):>9}{r['density']:>9.3f}"
+              f"{r['accuracy']:>10.3f}{r['recall']:>8.3f}{r['kv_bytes'] / dense['kv_bytes']:>10.2f}")
+    if FLAGS.plot:
+        plot(summary, dense, FLAGS.plot)
+    if FLAGS.results_md:
+        import sys
+        write_section(summary, dense, "python " + " ".join(sys.argv), FLAGS.results_md)
+    print(f"done in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)
