@@ -46,8 +46,8 @@ class Case:
 
 
 CASES = [
-    Case("tokens_gqa4_mqa_ragged_sinks", t=13, s=29, h=4, hkv=1, d=48, dv=16, k=6, sinks=True,
-         pad_k=4, pad_q=True, seed=1),
+    Case("tokens_gqa4_mqa_ragged_sinks", t=13, s=29, h=4, hkv=1, d=48, dv=16, k=20, sinks=True,
+         pad_k=4, pad_q=True, seed=1),                          # 20 tokens: two tiles of 16
     Case("blocks16_gqa1_softcap_batch2", b=2, t=11, s=45, h=2, hkv=2, d=16, dv=32, k=2,
          block_size=16, softcap=4.0, pad_k=5, seed=2),
     Case("blocks6_gqa16_noncausal", t=7, s=40, h=16, hkv=1, d=16, dv=16, k=3, block_size=6,
@@ -60,7 +60,9 @@ TPU_CASES = [
          softcap=3.0, seed=5),
 ]
 
-TPU_SMALL_CHUNKS = functools.partial(token_sparse_tpu, config=TpuConfig(backward_budget=336))
+# several grid steps per row (2 tokens / 1 block per step), backward chunks of 4 and 1 queries
+TPU_SMALL_CHUNKS = functools.partial(token_sparse_tpu,
+                                     config=TpuConfig(block_k=2, backward_budget=336))
 
 
 def make_inputs(c: Case, dtype=jnp.float32):
@@ -127,7 +129,7 @@ def assert_matches(got, want, tol=2e-5):
 @pytest.mark.parametrize("impl,case", [("triton", c) for c in CASES]
                          + [("mosaic_tpu", c) for c in TPU_CASES], ids=lambda x: getattr(x, "name", x))
 def test_kernel_matches_reference(impl, case):
-    """Mosaic TPU runs its XLA backward in query chunks of 1 and 4 (TPU_SMALL_CHUNKS)."""
+    """Mosaic TPU with small steps and backward chunks (TPU_SMALL_CHUNKS)."""
     args, idx, kw, cot = make_inputs(case)
     with mock.patch.dict(api.IMPLEMENTATIONS, {"mosaic_tpu": TPU_SMALL_CHUNKS}):
         got = run_vjp(impl, args, idx, kw, cot)
