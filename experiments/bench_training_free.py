@@ -53,12 +53,12 @@ from sparse_jax.ops import sparse_prefill as S
 FLAGS = flags.FLAGS      # --out --batches --contexts --heads --kv_heads --head_dim --iters --reps: bench_decode's
 flags.DEFINE_list("quest_pages", ["16", "64"], "Quest page sizes")
 flags.DEFINE_float("quest_fraction", 1 / 16, "Quest page budget as a fraction of the pages")
-flags.DEFINE_list("prefill_lens", ["32768", "131072"], "prefill lengths")
+flags.DEFINE_list("prefill_lens", ["131072", "32768"], "prefill lengths (the target's 128K first)")
 flags.DEFINE_list("flex_lens", ["32768"], "FlexPrefill lengths")
 flags.DEFINE_string("prefill_heads", "16:16", "prefill num_heads:num_kv_heads")
 flags.DEFINE_integer("prefill_block", 128, "metadata block of the sparse prefill")
 flags.DEFINE_float("density", 0.1, "target fraction of the causal blocks")
-flags.DEFINE_list("patterns", ["block_sparse", "vertical_slash", "a_shape", "mixed"], "MInference rows")
+flags.DEFINE_list("patterns", ["mixed", "block_sparse", "vertical_slash", "a_shape"], "MInference rows")
 flags.DEFINE_integer("check_rows", 256, "query rows checked against the reference")
 flags.DEFINE_bool("quest", True, "run (a)")
 flags.DEFINE_bool("prefill", True, "run (b)")
@@ -217,15 +217,21 @@ def main(_):
     info = dict(device=str(jax.devices()[0]), jax=jax.__version__)
     print(json.dumps(info), flush=True)
     quest, prefill = [], []
+
+    def save():            # after every row, so a run cut by a time limit keeps what it measured
+        with open(FLAGS.out, "w") as fh:
+            json.dump(dict(info=info, quest=quest, prefill=prefill), fh, indent=1)
+
     if FLAGS.quest:
         for t in map(int, FLAGS.contexts):
-            for b in map(int, FLAGS.batches):
+            for b in sorted(map(int, FLAGS.batches), reverse=True):       # the target's batch 16 first
                 for page in map(int, FLAGS.quest_pages):
                     try:
                         quest.append(bench_quest(b, t, page))
                     except Exception as e:  # noqa: BLE001 - keep the other shapes
                         quest.append(dict(batch=b, context=t, page=page, error=str(e)[:500]))
                         print(json.dumps(quest[-1]), flush=True)
+                    save()
     if FLAGS.prefill:
         h, hkv = (int(x) for x in FLAGS.prefill_heads.split(":"))
         dense = {}
@@ -237,8 +243,8 @@ def main(_):
             except Exception as e:  # noqa: BLE001
                 prefill.append(dict(t=t, pattern=kind, error=str(e)[:500]))
                 print(json.dumps(prefill[-1]), flush=True)
-    with open(FLAGS.out, "w") as fh:
-        json.dump(dict(info=info, quest=quest, prefill=prefill), fh, indent=1)
+            save()
+    save()
     print(f"\n{info['device']}, jax {info['jax']}")
     print("\nQuest decode (per step, us; speedup = dense / step; target >= 8x at B=16, 128K, 1/16)")
     print("| B | context | page | pages kept | step | select | selected decode | dense | speedup | "
