@@ -34,9 +34,8 @@ import numpy as np
 from absl import app, flags
 
 from experiments.bench_kernels import fwd_bwd, median_time, rel
-from pallas_kernels.token_sparse import token_sparse_attention
 from pallas_kernels.token_sparse.reference import token_sparse_reference
-from pallas_kernels.token_sparse.triton import TritonConfig
+from pallas_kernels.token_sparse.triton import TritonConfig, token_sparse_triton
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("small", False, "CPU smoke run: tiny shapes, interpret mode, no cuDNN")
@@ -105,7 +104,6 @@ def make(shape: Shape, t: int, dtype, seed=0):
 
 def ours(shape: Shape, idx, cfg, interpret):
     def f(q, k, v):
-        from pallas_kernels.token_sparse.triton import token_sparse_triton  # noqa: PLC0415
         t = q.shape[1]
         pos = jnp.arange(t, dtype=jnp.int32)[None]
         return token_sparse_triton(q, k, v, idx, block_size=shape.block_size, q_positions=pos,
@@ -219,9 +217,9 @@ def main(argv):
                 rows.append(bench(shapes[name], t, shape_cfg, iters, FLAGS.small))
             except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
                 print(f"shape {name} T={t} failed: {str(e)[:500]}", flush=True)
-    with open(FLAGS.out, "w") as fh:
-        json.dump(dict(info=info, config=dataclasses.asdict(cfg), rows=rows, sweep=sweeps), fh,
-                  indent=1)
+            with open(FLAGS.out, "w") as fh:        # after every row: a timeout keeps the rest
+                json.dump(dict(info=info, config=dataclasses.asdict(cfg), rows=rows, sweep=sweeps),
+                          fh, indent=1)
     print(f"\n{info}\n\n{table(rows)}")
 
 
