@@ -243,6 +243,17 @@ def test_bad_arguments_raise():
         attn(impl="cuda")
 
 
+def test_bad_configs_raise():
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        TritonConfig(block_k=24)
+    with pytest.raises(ValueError, match="max_rows"):
+        TritonConfig(max_rows=8)
+    with pytest.raises(ValueError, match="num_warps_bwd"):
+        TritonConfig(num_warps_bwd=3)
+    with pytest.raises(ValueError, match="backward_budget"):
+        TpuConfig(backward_budget=0)
+
+
 def _has_gpu():
     try:
         return bool(jax.devices("gpu"))

@@ -50,6 +50,11 @@ class TpuConfig:
     block_k: int = 128
     backward_budget: int = 1 << 24
 
+    def __post_init__(self):
+        if self.block_k < 1 or self.backward_budget < 1:
+            raise ValueError(f"block_k and backward_budget must be >= 1, got {self.block_k}, "
+                             f"{self.backward_budget}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:

@@ -53,6 +53,20 @@ class TritonConfig:
     num_warps_bwd: int = 0
     num_stages_bwd: int = 1
 
+    def __post_init__(self):
+        pow2 = lambda x: x > 0 and x & (x - 1) == 0  # noqa: E731
+        for name in ("block_k", "block_k_bwd"):
+            if not (pow2(getattr(self, name)) and getattr(self, name) >= 16):
+                raise ValueError(f"{name} must be a power of two >= 16, got {getattr(self, name)}")
+        if self.max_rows and not (pow2(self.max_rows) and self.max_rows >= 16):
+            raise ValueError(f"max_rows must be 0 (auto) or a power of two >= 16, got {self.max_rows}")
+        for name in ("num_warps", "num_warps_bwd"):
+            if getattr(self, name) and not pow2(getattr(self, name)):
+                raise ValueError(f"{name} must be 0 (auto) or a power of two, got {getattr(self, name)}")
+        for name in ("num_stages", "num_stages_bwd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
