@@ -6,8 +6,10 @@ put first on `JUPYTER_PATH`: a `python3` kernelspec installed elsewhere on the m
 cannot point the notebooks at another Python. The kernel starts in the repository root
 with the root on `PYTHONPATH` (so `import sparse_jax` and `import experiments...` work
 without an editable install) and without this conftest's 8 fake devices (a notebook
-user has one CPU device). The committed notebooks must have no outputs and must equal
-what `colab/build_notebooks.py` writes (the builder is their source).
+user has one CPU device). The committed notebooks must have no outputs and hold the
+cells `colab/build_notebooks.py` writes (the builder is their source).
+
+Needs nbclient, nbformat and ipykernel (the `test` extra); skipped without them.
 """
 
 from __future__ import annotations
