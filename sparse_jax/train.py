@@ -45,6 +45,8 @@ def make_sharded_train_step(model, optimizer, mesh, rules=None, donate: bool = F
     accuracy)`, which updates `model` and `optimizer` in place like `train_step`; inputs are
     `device_put` to their shardings (a no-op when already there, e.g. after `shard_model`).
     `donate=True` donates the old state buffers (do not reuse arrays read from it before).
+    The step is traced under `jax.set_mesh(mesh)`, so with `context` > 1 the attention
+    layers run `sparse_jax.context_parallel` (explicit KV exchange per variant).
     """
     from sparse_jax import sharding as S
     rules = S.LOGICAL_AXIS_RULES if rules is None else rules
@@ -65,7 +67,8 @@ def make_sharded_train_step(model, optimizer, mesh, rules=None, donate: bool = F
     def run(model, optimizer, tokens, targets, mask):
         state = jax.device_put(nnx.state((model, optimizer)), state_sh)
         tokens, targets, mask = (jax.device_put(x, batch_sh) for x in (tokens, targets, mask))
-        new_state, loss, acc = jitted(state, tokens, targets, mask)
+        with jax.set_mesh(mesh):        # context > 1: attention exchanges KV via shard_map
+            new_state, loss, acc = jitted(state, tokens, targets, mask)
         nnx.update((model, optimizer), new_state)
         return loss, acc
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax import patterns as P
+from sparse_jax import context_parallel as cp
 from sparse_jax.cache import FullKVCache, RollingKVCache
 from sparse_jax.layers.attention import AttentionBase, AttentionConfig
 from sparse_jax.ops import attention as attn_ops
@@ -117,9 +117,9 @@ class HySparseFullAttention(AttentionBase):
                  if cache is None else cache)
         keys, values, kv_positions, new_cache = store.update(k, v, positions)
         sinks = None if self.sink_logits is None else self.sink_logits[...]
-        o, idx = ops.hysparse_full_attention(q, keys, values, positions, kv_positions,
-                                             block_size=hs.block_size, top_k_blocks=hs.top_k_blocks,
-                                             sink_logits=sinks, softcap=c.softcap, impl=c.impl)
+        o, idx = cp.hysparse_full_attention(q, keys, values, positions, kv_positions,
+                                            block_size=hs.block_size, top_k_blocks=hs.top_k_blocks,
+                                            sink_logits=sinks, softcap=c.softcap, impl=c.impl)
         if self.wg is not None:
             o = o * jax.nn.sigmoid(proj(self.wg))
         y = jnp.einsum("bthk,hkd->btd", o.astype(c.dtype), self.wo[...].astype(c.dtype))
@@ -204,7 +204,7 @@ class HySparseSparseAttention(nnx.Module):
         proj = lambda w: jnp.einsum("btd,dhk->bthk", x, w[...].astype(c.dtype))
         rope = (lambda a: a) if c.rope_theta is None else (lambda a: apply_rope(a, positions, c.rope_theta))
         q = rope(proj(self.wq))
-        o_sparse = ops.selected_block_attention(
+        o_sparse = cp.selected_block_attention(
             q, shared.k, shared.v, positions, shared.kv_positions, shared.block_indices,
             block_size=shared.block_size, query_block=hs.query_block, sink_logits=self.sink_sparse[...],
             softcap=c.softcap, impl=c.impl)
@@ -219,9 +219,9 @@ class HySparseSparseAttention(nnx.Module):
                 else:
                     keys, values, kv_pos, swa = cache.swa.update(k, v, positions)
                     cache = HySparseSparseCache(swa)
-            o_swa = attn_ops.masked_attention(q, keys, values, positions, kv_pos,
-                                              mask=P.causal_window(hs.window), decoding=cache is not None,
-                                              sink_logits=self.sink_swa[...], softcap=c.softcap, impl=c.impl)
+            o_swa = attn_ops.local_attention(q, keys, values, positions, kv_pos,
+                                             window=hs.window, decoding=cache is not None,
+                                             sink_logits=self.sink_swa[...], softcap=c.softcap, impl=c.impl)
         gates = jax.nn.sigmoid(jnp.einsum("btd,dhc->bthc", x, self.w_gate[...].astype(c.dtype)))
         return o_sparse, o_swa, gates, cache
 

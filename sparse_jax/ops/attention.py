@@ -44,7 +44,12 @@ def masked_attention(q, k, v, q_positions, kv_positions, *, mask: P.Pattern, dec
 def local_attention(q, k, v, q_positions, kv_positions, *, window: int | None = None,
                     num_sinks: int = 0, decoding: bool = False, sink_logits=None, softcap=None,
                     impl: str = "auto"):
-    """Causal attention, limited to `window` keys (itself included) plus `num_sinks` sinks."""
+    """Causal attention, limited to `window` keys (itself included) plus `num_sinks` sinks.
+    Under a mesh with `context` > 1 (`jax.set_mesh`) it runs `sparse_jax.context_parallel`'s."""
+    from sparse_jax import context_parallel as cp      # imports this module
+    if not decoding and cp.active():
+        return cp.local_attention(q, k, v, q_positions, kv_positions, window=window, num_sinks=num_sinks,
+                                  sink_logits=sink_logits, softcap=softcap, impl=impl)
     return masked_attention(q, k, v, q_positions, kv_positions, mask=P.causal_window(window, num_sinks),
                             decoding=decoding, sink_logits=sink_logits, softcap=softcap, impl=impl)
 

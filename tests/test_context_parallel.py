@@ -1,0 +1,183 @@
+"""Context parallelism (`sparse_jax.context_parallel`) on 8 fake CPU devices.
+
+Each variant's shard_map version (sequence over `context` = 2 and 4, and once with data=2,
+tensor=2 on the other axes) equals the single-device op, forward and gradients, with
+chunks (T / context = 12, 6) that are not multiples of the kernels' blocks and windows
+longer than one chunk (the halo spans two shards); the SWA version's compiled HLO has
+collective-permutes and no all-gather; the whole model's sharded train step with
+context=2 (taking the new path, checked) equals the unsharded step for F, W, N, HY models.
+
+Tolerances (float32): outputs atol 2e-5 / rtol 1e-5, gradients atol 1e-4 / rtol 1e-4
+(sums over shards in a different order), selections exactly equal; train step: loss rtol
+1e-5, parameters after one clip + AdamW step rtol 1e-5 / atol 1e-6.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from sparse_jax import context_parallel as cp
+from sparse_jax.models.lm import LMConfig, SparseLM
+from sparse_jax.ops import attention as attn_ops
+from sparse_jax.ops import hysparse as hs_ops
+from sparse_jax.ops import nsa as nsa_ops
+from sparse_jax.sharding import make_mesh
+from sparse_jax.train import make_sharded_train_step, train_step
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices, see conftest")
+
+B, T, H, HKV, D = 2, 24, 4, 2, 8
+MESHES = {"c2": dict(context=2), "c4": dict(context=4), "d2t2c2": dict(data=2, tensor=2, context=2)}
+FWD, GRAD = dict(atol=2e-5, rtol=1e-5), dict(atol=1e-4, rtol=1e-4)
+
+
+def _rand(seed, *shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _positions():
+    # row 1 ragged: its last 5 slots are padding
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return pos.at[1, -5:].set(-1)
+
+
+def _check(fn, args, mesh_name):
+    """fn(*args) -> pytree; compares forward and the gradient of a random projection of
+    its float leaves, single device vs under the mesh."""
+    def scalar(*a):
+        leaves = [x for x in jax.tree.leaves(fn(*a)) if jnp.issubdtype(x.dtype, jnp.floating)]
+        return sum((x * _rand(7, *x.shape)).sum() for x in leaves)
+
+    ref_out, ref_grad = fn(*args), jax.grad(scalar, argnums=tuple(range(len(args))))(*args)
+    with jax.set_mesh(make_mesh(**MESHES[mesh_name])):
+        assert cp.active()
+        out = jax.jit(fn)(*args)
+        grad = jax.jit(jax.grad(scalar, argnums=tuple(range(len(args)))))(*args)
+    for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref_out), strict=True):
+        if jnp.issubdtype(r.dtype, jnp.integer):
+            np.testing.assert_array_equal(o, r)
+        else:
+            np.testing.assert_allclose(o, r, **FWD)
+    for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+        np.testing.assert_allclose(g, r, **GRAD)
+
+
+@pytest.mark.parametrize("mesh_name", MESHES)
+def test_local_attention(mesh_name):
+    """Full causal (all-gather) and sliding windows (halo; window 9 > chunk 6 with c4)."""
+    pos = _positions()
+    sinks = _rand(3, H)
+
+    def fn(q, k, v, sinks):
+        return [attn_ops.local_attention(q, k, v, pos, pos, window=w, sink_logits=sinks) for w in (None, 5, 9)]
+
+    _check(fn, (_rand(0, B, T, H, D), _rand(1, B, T, HKV, D), _rand(2, B, T, HKV, D), sinks), mesh_name)
+
+
+def _swa_hlo(window):
+    with jax.set_mesh(make_mesh(context=4)):
+        f = jax.jit(lambda q, k, v, pos: attn_ops.local_attention(q, k, v, pos, pos, window=window))
+        k = _rand(1, B, T, HKV, D)
+        return f.lower(_rand(0, B, T, H, D), k, k, _positions()).compile().as_text()
+
+
+def _float_all_gathers(hlo):
+    return re.findall(r"= f32\[[^\]]*\]\S* all-gather\(", hlo)
+
+
+def test_swa_exchanges_only_halos():
+    """The compiled SWA program moves K/V by collective-permutes only (window 9 > chunk 6:
+    two hops); the full variant's all-gathers of K/V are found by the same check."""
+    hlo = _swa_hlo(9)
+    assert hlo.count("collective-permute-start") + hlo.count("collective-permute(") >= 4
+    assert not _float_all_gathers(hlo), _float_all_gathers(hlo)
+    assert len(_float_all_gathers(_swa_hlo(None))) >= 2
+
+
+NSA_CFG = nsa_ops.NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, num_selected=3, window=9)
+
+
+@pytest.mark.parametrize("mesh_name", MESHES)
+def test_nsa_branches(mesh_name):
+    n_cmp = nsa_ops.num_cmp_blocks(T, NSA_CFG)
+    pos = _positions()
+    cmp_pos = jnp.broadcast_to(nsa_ops.cmp_block_end(jnp.arange(n_cmp), NSA_CFG), (B, n_cmp))
+    cmp_pos = cmp_pos.at[1].set(jnp.where(cmp_pos[1] < T - 5, cmp_pos[1], -1))
+
+    def fn(q, kc, vc, ks, vs, kw, vw):
+        out = nsa_ops.nsa_branches if not cp.active() else cp.nsa_branches
+        return out(q, pos, k_cmp=kc, v_cmp=vc, cmp_positions=cmp_pos, k_slc=ks, v_slc=vs, slc_positions=pos,
+                   k_win=kw, v_win=vw, win_positions=pos, cfg=NSA_CFG)
+
+    args = (_rand(0, B, T, H, D), _rand(1, B, n_cmp, HKV, D), _rand(2, B, n_cmp, HKV, D),
+            *(_rand(i, B, T, HKV, D) for i in range(3, 7)))
+    _check(fn, args, mesh_name)
+
+
+HS_BLOCK = 4
+
+
+@pytest.mark.parametrize("mesh_name", MESHES)
+def test_hysparse_full_and_sparse(mesh_name):
+    pos = _positions()
+
+    def fn(q, k, v, q2, sinks):
+        out, idx = cp.hysparse_full_attention(q, k, v, pos, pos, block_size=HS_BLOCK, top_k_blocks=3,
+                                              sink_logits=sinks)
+        o2 = cp.selected_block_attention(q2, k, v, pos, pos, idx, block_size=HS_BLOCK, sink_logits=sinks)
+        return out, idx, o2
+
+    args = (_rand(0, B, T, H, D), _rand(1, B, T, HKV, D), _rand(2, B, T, HKV, D), _rand(3, B, T, H, D),
+            _rand(4, H))
+    _check(fn, args, mesh_name)
+    assert not cp.active()                  # off again outside the mesh context
+
+
+# ----------------------------------------------------------------------------- whole model
+
+VOCAB, DM, BM, TM = 64, 32, 4, 32
+
+
+def _model(spec):
+    config = LMConfig(vocab_size=VOCAB, layer_spec=spec, d_model=DM, num_heads=4, num_kv_heads=2, window=12)
+    model = SparseLM(config, rngs=nnx.Rngs(0))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, eps=1e-3, weight_decay=0.01))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+@pytest.mark.parametrize("spec", ["FW", "N", "HY"])
+def test_model_train_step_context2(spec, monkeypatch):
+    calls = []          # which context-parallel functions were traced with the axis active
+
+    def spy(name, real):
+        def wrapped(*a, **k):
+            if cp.active():
+                calls.append(name)
+            return real(*a, **k)
+        return wrapped
+
+    for name in ("local_attention", "nsa_branches", "hysparse_full_attention", "selected_block_attention"):
+        monkeypatch.setattr(cp, name, spy(name, getattr(cp, name)))
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (BM, TM + 1)), jnp.int32)
+    mask = jnp.asarray(np.random.default_rng(1).random((BM, TM)) < 0.9, jnp.float32)
+    x, y = tok[:, :-1], tok[:, 1:]
+
+    model, opt = _model(spec)
+    ref_loss = float(train_step(model, opt, x, y, mask)[0])
+    ref_params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert not calls                                   # no mesh: the plain ops
+
+    mesh = make_mesh(data=2, context=2)
+    model, opt = _model(spec)
+    loss = float(make_sharded_train_step(model, opt, mesh)(model, opt, x, y, mask)[0])
+    want = {"FW": {"local_attention"}, "N": {"nsa_branches"},
+            "HY": {"hysparse_full_attention", "selected_block_attention", "local_attention"}}[spec]
+    assert set(calls) == want
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for p, r in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), ref_params, strict=True):
+        np.testing.assert_allclose(np.asarray(p), np.asarray(r), rtol=1e-5, atol=1e-6)
