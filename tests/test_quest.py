@@ -37,10 +37,10 @@ def test_page_bounds_match_numpy_loop_ragged_and_partial_last_page():
             np.testing.assert_array_equal(kmax[r, p], kn[r, sl].max(0))
 
 
-@settings(max_examples=8)
-@given(seed=st.integers(0, 10_000), page=st.sampled_from([1, 3, 4, 8]), g=st.sampled_from([1, 2]),
-       tq=st.sampled_from([1, 2]))
-def test_quest_bound_is_at_least_the_true_max_logit_of_every_page(seed, page, g, tq):
+@settings(max_examples=10)
+@given(seed=st.integers(0, 10_000), page=st.sampled_from([3, 8]))
+def test_quest_bound_is_at_least_the_true_max_logit_of_every_page(seed, page):
+    g, tq = 2, 2                                            # GQA group and Tq > 1: the max reduction
     k, _, pos = _cache(seed=seed, s=13, lengths=(13, 6))
     q = jax.random.normal(jax.random.key(seed + 1), (2, tq, 2 * g, 8))
     scores = Q.quest_page_scores(q, *Q.page_bounds(k, pos, page))            # [B, Hkv, P]
