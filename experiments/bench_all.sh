@@ -19,4 +19,5 @@ run block_sparse 110 python3 $B --block_sparse --heads 16:16,16:4 --seq_lens 163
 run decode 75 python3 experiments/bench_decode.py --budget_s 45 --out "$OUT/json/decode.json"
 run token_sparse 300 python3 experiments/bench_token_sparse.py --iters 5 --out "$OUT/json/token_sparse.json"
 run training_free 420 python3 experiments/bench_training_free.py --reps 5 --out "$OUT/json/training_free.json"
+run nsa 420 python3 experiments/bench_nsa.py --iters 5 --out "$OUT/json/nsa.json"
 tar czf "$OUT/bench_json.tgz" -C "$OUT" json && rm -rf "$OUT/json"

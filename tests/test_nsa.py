@@ -274,7 +274,7 @@ def test_cmp_blocks_visibility():
         want = {i for i in range(n) if i * D + L - 1 < n}
         assert set(np.asarray(ids[b]).tolist()) - {-1} == want
     out, _ = branches(layer, x, pos)
-    p = np.asarray(out.p_cmp).sum(2)                                        # [B, Hkv, T, N]
+    p = np.asarray(out.p_cmp)                                               # [B, Hkv, T, N]
     visible = np.array([[[t < n and i * D + L - 1 <= t for i in range(p.shape[-1])] for t in range(T)]
                         for n in LENGTHS])
     assert ((p > 0) == visible[:, None]).all()          # and exact zeros elsewhere (p >= 0)
@@ -350,8 +350,9 @@ def test_each_branch_matches_reference(mode):
         for name in ("cmp", "slc", "win"):
             assert_close(np.asarray(getattr(out, name))[b, :n], parts[name], what=f"{mode} {name} row {b}")
         nb = parts["p_cmp"].shape[-1]
-        p = np.asarray(out.p_cmp)[b].reshape(HEADS, T, -1)
-        assert_close(p[:, :n, :nb], parts["p_cmp"], what="p_cmp")
+        p = np.asarray(out.p_cmp)[b]                                        # group sums
+        want_p = parts["p_cmp"].reshape(4, HEADS // 4, n, nb).sum(1)
+        assert_close(p[:, :n, :nb], want_p, what="p_cmp")
         if mode == "token":
             idx = np.asarray(out.block_indices)[b]
             for t in range(n):

@@ -64,6 +64,7 @@ import jax.numpy as jnp
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.common import masked_attention
+from pallas_kernels.compressed import compressed_attention as compressed_op
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
 from pallas_kernels.token_sparse import token_sparse_attention
@@ -199,14 +200,22 @@ def compressed_attention(q, k_cmp, v_cmp, q_positions, cmp_positions, *, scale=N
     """cmp branch: `q [B, T, H, D]` over compressed keys `[B, N, Hkv, D]` whose positions
     `cmp_positions [B, N]` are their blocks' last tokens (-1 empty).
 
-    Returns `(out [B, T, H, D], probs [B, Hkv, G, T, N] float32)`; probabilities feed the
-    selection. Plain jnp until the `compressed` kernel op exists.
+    Returns `(out [B, T, H, D], probs [B, Hkv, G, T, N] float32)`. Plain jnp: the reference
+    of the `compressed` op (`compressed_branch`), which returns the group sums only.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qp, cp = q_positions[:, :, None], cmp_positions[:, None, :]
     mask = (qp >= 0) & (cp >= 0) & (cp <= qp)
     out, probs, _ = masked_attention(q, k_cmp, v_cmp, mask, scale=scale)
     return out, probs
+
+
+def compressed_branch(q, k_cmp, v_cmp, q_positions, cmp_positions, *, impl: str = "auto",
+                      interpret=False):
+    """cmp branch on the `compressed` op: `(out [B, T, H, D], p_group [B, Hkv, T, N])`,
+    the probabilities summed over each GQA group in the kernel (never per head in HBM)."""
+    return compressed_op(q, k_cmp, v_cmp, q_positions=q_positions, kv_positions=cmp_positions,
+                         impl=impl, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -328,7 +337,8 @@ def window_attention(q, k, v, q_positions, kv_positions, *, window: int, impl: s
 
 
 class NSABranches(NamedTuple):
-    """Per-branch outputs `[B, T, H, D]`, the selection `[B, T, Hkv, n]` and cmp probs."""
+    """Per-branch outputs `[B, T, H, D]`, the selection `[B, T, Hkv, n]` and the cmp
+    probabilities summed over each GQA group, `p_cmp [B, Hkv, T, N]`."""
 
     cmp: jax.Array
     slc: jax.Array
@@ -347,9 +357,10 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
     position s or -1). k_win/v_win: any layout with `win_positions`. `impl` / `interpret`
     pick the kernels of the slc and win branches.
     """
-    o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, q_positions, cmp_positions)
+    o_cmp, p_cmp = compressed_branch(q, k_cmp, v_cmp, q_positions, cmp_positions, impl=impl,
+                                     interpret=interpret)
     ns = -(-k_slc.shape[1] // cfg.sel_block)
-    scores = selection_scores(p_cmp.sum(axis=2), ns, cfg)                    # [B, Hkv, T, Ns]
+    scores = selection_scores(p_cmp, ns, cfg)                    # [B, Hkv, T, Ns]
     block_indices = select_blocks(scores, q_positions, cfg)
     if cfg.selection == "token":
         o_slc = selected_attention_sparse(q, k_slc, v_slc, q_positions, slc_positions, block_indices,
@@ -397,9 +408,10 @@ def nsa_decode_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v
     if not decodes(t, cfg):
         raise ValueError(f"nsa_decode_branches takes at most {DECODE_MAX_QUERIES} queries (and in "
                          f"query_block mode at most query_block={cfg.query_block}), got T={t}")
-    o_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, q_positions, cmp_positions)
+    o_cmp, p_cmp = compressed_branch(q, k_cmp, v_cmp, q_positions, cmp_positions, impl=impl,
+                                     interpret=interpret)
     ns = -(-k_slc.shape[1] // cfg.sel_block)
-    scores = selection_scores(p_cmp.sum(axis=2), ns, cfg)
+    scores = selection_scores(p_cmp, ns, cfg)
     block_indices = select_blocks(scores, q_positions, cfg)
     spans = [(i, i + 1) for i in range(t)] if cfg.selection == "token" else [(0, t)]
     o_slc = []

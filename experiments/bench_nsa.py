@@ -1,0 +1,273 @@
+"""Benchmark NSA (arXiv 2502.11089) attention on the kernels against cuDNN dense causal attention.
+
+Paper configuration: bf16, HQ=64, HKV=4, D=128, l=32, d=16, l'=64, n=16, w=512; B=1, T in
+--seq_lens (16K, 64K). Attention only (the three branches on projected q / k / v, their
+sum as the output; projections, compression MLP and gates are not timed). Per T and
+selection mode ("token": exact per-token selection on `token_sparse`; "query_block":
+shared per 64 queries on `block_sparse`):
+
+* NSA forward and forward+backward (gradients for q and every branch's k / v);
+* per-branch breakdown: compressed (the `compressed` op: flash over the compressed keys +
+  the fused group-summed probabilities), selection (scores + top-n, forward only),
+  selected (slc branch on precomputed indices), window (`flash`, w=512);
+* cuDNN dense causal (`jax.nn.dot_product_attention(..., implementation="cudnn")`) with
+  the same heads in the same run; ratio = cuDNN time / NSA time.
+
+Decode: batch --decode_batch at --decode_context tokens of context, one query per row: the
+NSA decode step (`nsa_decode_branches`: compressed entries + n*l' selected tokens + w
+window tokens) vs `decode_attention` over the whole raw cache of the same size.
+
+Correctness first: the last --check_rows queries of the NSA forward against the XLA
+references of every branch (`impl="xla"`), and the decode step against its XLA reference.
+
+Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --iters /
+--backward flags (defaults changed here). On a GPU machine, repo root:
+  PYTHONPATH=. python experiments/bench_nsa.py --out /tmp/bench_nsa.json
+CPU smoke run (tiny shapes and config, kernels in interpret mode, XLA dense baseline):
+  PYTHONPATH=. python experiments/bench_nsa.py --small --out /tmp/nsa_small.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from experiments.bench_kernels import median_time, rel
+from pallas_kernels.block_sparse import block_sparse_attention
+from pallas_kernels.decode import decode_attention
+from sparse_jax import patterns as P
+from sparse_jax.ops import nsa as ops
+from sparse_jax.ops.nsa import NSAConfig
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("small", False, "CPU smoke run: tiny shapes, interpret mode, XLA dense baseline")
+flags.DEFINE_list("modes", ["token", "query_block"], "selection modes")
+flags.DEFINE_integer("check_rows", 64, "query rows checked against the XLA references")
+flags.DEFINE_integer("decode_batch", 16, "decode batch")
+flags.DEFINE_integer("decode_context", 65536, "decode context length")
+flags.DEFINE_bool("branches", True, "also time each branch on its own")
+FLAGS.set_default("out", "bench_nsa.json")
+FLAGS.set_default("seq_lens", ["16384", "65536"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    h: int
+    hkv: int
+    d: int
+    cfg: NSAConfig
+    dtype: object
+    impl: str
+    interpret: bool
+
+
+PAPER = Setup(64, 4, 128, NSAConfig(), jnp.bfloat16, "auto", False)
+SMALL = Setup(8, 2, 16, NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=32,
+                                  query_block=16), jnp.float32, "triton", True)
+
+
+def make_inputs(s: Setup, b: int, t: int, tq=None, seed=0):
+    """Branch keys over `t` tokens: dict of q / cotangent (the last `tq` tokens, default
+    all), k/v per branch, positions."""
+    tq = t if tq is None else tq
+    n = max(1, ops.num_cmp_blocks(t, s.cfg))
+    ks = jax.random.split(jax.random.key(seed), 8)
+    rnd = lambda i, shape: jax.random.normal(ks[i], shape, s.dtype)          # noqa: E731
+    x = dict(q=rnd(0, (b, tq, s.h, s.d)), do=rnd(7, (b, tq, s.h, s.d)),
+             k_cmp=rnd(1, (b, n, s.hkv, s.d)), v_cmp=rnd(2, (b, n, s.hkv, s.d)),
+             k_slc=rnd(3, (b, t, s.hkv, s.d)), v_slc=rnd(4, (b, t, s.hkv, s.d)),
+             k_win=rnd(5, (b, t, s.hkv, s.d)), v_win=rnd(6, (b, t, s.hkv, s.d)))
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cpos = jnp.broadcast_to(ops.cmp_block_end(jnp.arange(n, dtype=jnp.int32), s.cfg), (b, n))
+    x["cmp_positions"] = jnp.where(cpos < t, cpos, -1)
+    x["pos"] = pos
+    return x
+
+
+KV = ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win")
+
+
+def nsa_fn(s: Setup, cfg: NSAConfig, x, impl=None):
+    """(q, *kv) -> summed branch outputs at positions `x["pos"]`."""
+    def f(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, q_positions=None):
+        qp = x["pos"] if q_positions is None else q_positions
+        out = ops.nsa_branches(q, qp, k_cmp=k_cmp, v_cmp=v_cmp, cmp_positions=x["cmp_positions"],
+                               k_slc=k_slc, v_slc=v_slc, slc_positions=x["pos"], k_win=k_win,
+                               v_win=v_win, win_positions=x["pos"], cfg=cfg,
+                               impl=impl or s.impl, interpret=s.interpret and impl is None)
+        return (out.cmp.astype(jnp.float32) + out.slc + out.win).astype(q.dtype)
+    return f
+
+
+def fwd_bwd_all(f, nargs):
+    def g(*args):
+        out, pull = jax.vjp(f, *args[:nargs])
+        return pull(args[nargs])
+    return jax.jit(g)
+
+
+def dense(s: Setup):
+    def f(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                            implementation=None if FLAGS.small else "cudnn")
+    return f
+
+
+def check_nsa(s: Setup, cfg, x, rows):
+    """Max relative error of the kernel forward's last `rows` queries vs all-XLA branches."""
+    t = x["q"].shape[1]
+    args = [x["q"]] + [x[n] for n in KV]
+    out = jax.jit(nsa_fn(s, cfg, x))(*args)[:, t - rows:]
+    ref = jax.jit(nsa_fn(s, cfg, x, impl="xla"))(x["q"][:, t - rows:], *args[1:],
+                                                 q_positions=x["pos"][:, t - rows:])
+    return rel(out, ref)
+
+
+def time_branches(s: Setup, cfg, x, iters, row, prefix):
+    """Forward (and fwd+bwd where differentiable) of each branch on its own."""
+    q, pos, cpos = x["q"], x["pos"], x["cmp_positions"]
+    kw = dict(impl=s.impl, interpret=s.interpret)
+    ns = -(-q.shape[1] // cfg.sel_block)
+    cmp = lambda q, k, v: ops.compressed_branch(q, k, v, pos, cpos, **kw)     # noqa: E731
+    _, p_grp = jax.jit(cmp)(q, x["k_cmp"], x["v_cmp"])
+
+    def select(p):
+        return ops.select_blocks(ops.selection_scores(p, ns, cfg), pos, cfg)
+
+    idx = jax.jit(select)(p_grp)
+    if cfg.selection == "token":
+        slc = lambda q, k, v: ops.selected_attention_sparse(q, k, v, pos, pos, idx, cfg, **kw)  # noqa: E731
+    else:
+        meta = jax.jit(lambda i: ops.selection_metadata(i, pos, pos, cfg))(idx)
+        slc = lambda q, k, v: block_sparse_attention(q, k, v, meta, mask_fn=P.Causal(), q_positions=pos,  # noqa: E731
+                                                     kv_positions=pos, **kw)
+    win = lambda q, k, v: ops.window_attention(q, k, v, pos, pos, window=cfg.window, **kw)  # noqa: E731
+    row[f"{prefix}selection_fwd_ms"] = 1e3 * median_time(jax.jit(select), p_grp, iters=iters)
+    for name, f, k, v in (("compressed", lambda *a: cmp(*a)[0], "k_cmp", "v_cmp"),
+                          ("selected", slc, "k_slc", "v_slc"), ("window", win, "k_win", "v_win")):
+        row[f"{prefix}{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, x[k], x[v], iters=iters)
+        if FLAGS.backward:
+            row[f"{prefix}{name}_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, x[k], x[v],
+                                                                 x["do"], iters=iters)
+
+
+def bench_prefill(s: Setup, t: int, iters: int):
+    x = make_inputs(s, 1, t)
+    args = [x["q"]] + [x[n] for n in KV]
+    row = dict(kind="prefill", t=t, h=s.h, hkv=s.hkv, d=s.d, cfg=dataclasses.asdict(s.cfg))
+    f = dense(s)
+    row["dense_fwd_ms"] = 1e3 * median_time(jax.jit(f), x["q"], x["k_slc"], x["v_slc"], iters=iters)
+    if FLAGS.backward:
+        row["dense_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), x["q"], x["k_slc"], x["v_slc"],
+                                                   x["do"], iters=iters)
+    for mode in FLAGS.modes:
+        cfg = dataclasses.replace(s.cfg, selection=mode)
+        p = f"{mode}_"
+        try:
+            row[f"{p}err_ref"] = check_nsa(s, cfg, x, min(FLAGS.check_rows, t))
+            g = nsa_fn(s, cfg, x)
+            row[f"{p}fwd_ms"] = 1e3 * median_time(jax.jit(g), *args, iters=iters)
+            row[f"{p}fwd_ratio"] = row["dense_fwd_ms"] / row[f"{p}fwd_ms"]
+            if FLAGS.backward:
+                row[f"{p}fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(g, 7), *args, x["do"], iters=iters)
+                row[f"{p}fwdbwd_ratio"] = row["dense_fwdbwd_ms"] / row[f"{p}fwdbwd_ms"]
+            if FLAGS.branches:
+                time_branches(s, cfg, x, iters, row, p)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other modes
+            row[f"{p}error"] = str(e)[:1000]
+            print(f"NSA {mode} T={t} failed: {str(e)[:1000]}", flush=True)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def bench_decode(s: Setup, b: int, ctx: int, iters: int):
+    """One decode step at position ctx-1 over a cache of ctx tokens (batch b)."""
+    x = make_inputs(s, b, ctx, tq=1)
+    cfg = dataclasses.replace(s.cfg, selection="token")
+    q = x["q"]
+    qpos = x["pos"][:, -1:]
+    w = cfg.window
+    win_k, win_v, win_pos = x["k_win"][:, -w:], x["v_win"][:, -w:], x["pos"][:, -w:]   # rolling window
+
+    def step(impl, interpret):
+        def f(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win):
+            out = ops.nsa_decode_branches(q, qpos, k_cmp=k_cmp, v_cmp=v_cmp,
+                                          cmp_positions=x["cmp_positions"], k_slc=k_slc, v_slc=v_slc,
+                                          slc_positions=x["pos"], k_win=k_win, v_win=v_win,
+                                          win_positions=win_pos, cfg=cfg, impl=impl, interpret=interpret)
+            return (out.cmp.astype(jnp.float32) + out.slc + out.win).astype(q.dtype)
+        return jax.jit(f)
+
+    args = (q, x["k_cmp"], x["v_cmp"], x["k_slc"], x["v_slc"], win_k, win_v)
+    row = dict(kind="decode", batch=b, context=ctx, h=s.h, hkv=s.hkv, d=s.d)
+    row["err_ref"] = rel(step(s.impl, s.interpret)(*args), step("xla", False)(*args))
+    row["nsa_ms"] = 1e3 * median_time(step(s.impl, s.interpret), *args, iters=iters)
+    dense_step = jax.jit(lambda q, k, v: decode_attention(q, k, v, kv_positions=x["pos"], q_positions=qpos,
+                                                          impl=s.impl, interpret=s.interpret))
+    row["dense_ms"] = 1e3 * median_time(dense_step, q, x["k_slc"], x["v_slc"], iters=iters)
+    row["ratio"] = row["dense_ms"] / row["nsa_ms"]
+    n_cmp = x["k_cmp"].shape[1]
+    row["nsa_tokens_read"] = n_cmp + cfg.num_selected * cfg.sel_block + w
+    row["dense_tokens_read"] = ctx
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows) -> str:
+    fmt = lambda r, k, spec=".2f": format(r[k], spec) if k in r else "n/a"  # noqa: E731
+    lines = ["| T | mode | fwd ms | cuDNN fwd ms | fwd ratio | f+b ms | cuDNN f+b ms | f+b ratio | "
+             "cmp / sel / slc / win fwd ms | cmp / slc / win f+b ms | err ref |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "decode":
+            continue
+        for m in FLAGS.modes:
+            p = f"{m}_"
+            br = " / ".join(fmt(r, f"{p}{n}_fwd_ms") for n in ("compressed", "selection", "selected", "window"))
+            bb = " / ".join(fmt(r, f"{p}{n}_fwdbwd_ms") for n in ("compressed", "selected", "window"))
+            lines.append(f"| {r['t']} | {m} | {fmt(r, p + 'fwd_ms')} | {fmt(r, 'dense_fwd_ms')} | "
+                         f"{fmt(r, p + 'fwd_ratio')} | {fmt(r, p + 'fwdbwd_ms')} | "
+                         f"{fmt(r, 'dense_fwdbwd_ms')} | {fmt(r, p + 'fwdbwd_ratio')} | {br} | {bb} | "
+                         f"{fmt(r, p + 'err_ref', '.1e')} |")
+    dec = [r for r in rows if r["kind"] == "decode"]
+    if dec:
+        lines += ["", "| decode batch | context | NSA step ms | dense step ms | ratio | tokens read NSA / dense "
+                  "| err ref |", "|---|---|---|---|---|---|---|"]
+        for r in dec:
+            lines.append(f"| {r['batch']} | {r['context']} | {r['nsa_ms']:.3f} | {r['dense_ms']:.3f} | "
+                         f"{r['ratio']:.2f} | {r['nsa_tokens_read']} / {r['dense_tokens_read']} | "
+                         f"{r['err_ref']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    s = SMALL if FLAGS.small else PAPER
+    seq_lens = [96] if FLAGS.small else [int(x) for x in FLAGS.seq_lens]
+    iters = 1 if FLAGS.small else FLAGS.iters
+    info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), small=FLAGS.small)
+    rows = []
+    for t in seq_lens:
+        try:
+            rows.append(bench_prefill(s, t, iters))
+        except Exception as e:  # noqa: BLE001 - report and go on with the other lengths
+            print(f"T={t} failed: {str(e)[:1000]}", flush=True)
+    b, ctx = (2, 128) if FLAGS.small else (FLAGS.decode_batch, FLAGS.decode_context)
+    if b > 0:
+        try:
+            rows.append(bench_decode(s, b, ctx, iters))
+        except Exception as e:  # noqa: BLE001
+            print(f"decode failed: {str(e)[:1000]}", flush=True)
+    with open(FLAGS.out, "w") as fh:
+        json.dump(dict(info=info, rows=rows), fh, indent=1)
+    print(f"\n{info}\n\n{table(rows)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
