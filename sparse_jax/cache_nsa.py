@@ -13,7 +13,8 @@ NSA's three branches have their own keys and values, so the cache holds:
 * `cmp`: `CompressedKV`, the compressed keys/values computed so far, slot i = block i.
 
 Per decode step NSA reads the compressed entries, the selected `n * l'` tokens of `slc`
-and the `w` tokens of `win` (the kernels' job; the XLA path reads the dense masks).
+and the `w` tokens of `win` (`sparse_jax.ops.nsa.nsa_decode_branches` on the `decode`
+op's selected-block and contiguous forms; the XLA reference builds the dense masks).
 """
 
 from __future__ import annotations
