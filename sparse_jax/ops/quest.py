@@ -105,14 +105,14 @@ def quest_page_scores(q, kmin, kmax, *, scale=None):
     empty = kmax[..., 0] == -jnp.inf                                             # [B, P, Hkv]
     lo = jnp.where(empty[..., None], 0, kmin)
     hi = jnp.where(empty[..., None], 0, kmax)
-    # The formula as written (one fused read of the bounds on GPU): [B, Tq, Hkv, G, P, D]
-    # products. (Two matmuls `q+ . kmax + q- . kmin` then the max over the group returned
-    # garbage under jit on XLA:CPU in jax 0.11.2, and need a copy of the bounds to be one.)
-    qg = q.reshape(b, tq, hkv, 1, h // hkv, d).astype(jnp.float32)
-    hi = jnp.swapaxes(hi, 1, 2)[:, None, :, :, None].astype(jnp.float32)        # [B, 1, Hkv, P, 1, D]
-    lo = jnp.swapaxes(lo, 1, 2)[:, None, :, :, None].astype(jnp.float32)
-    s = jnp.maximum(qg * hi, qg * lo).sum(-1)                                    # [B, Tq, Hkv, P, G]
-    s = s.max(axis=(1, 4)) * scale                                               # [B, Hkv, P]
+    # max(q_i kmax_i, q_i kmin_i) = relu(q_i) kmax_i + min(q_i, 0) kmin_i since kmax >= kmin:
+    # two matmuls over the bounds (empty pages zeroed first, so no 0 * inf), never the
+    # [B, Tq, H, P, D] products of the elementwise form.
+    qg = q.reshape(b, tq, hkv, h // hkv, d)
+    dot = lambda x, bound: jnp.einsum("btkgd,bpkd->btkgp", x, bound.astype(q.dtype),
+                                      preferred_element_type=jnp.float32)
+    s = dot(jnp.maximum(qg, 0), hi) + dot(jnp.minimum(qg, 0), lo)             # [B, Tq, Hkv, G, P]
+    s = s.max(axis=(1, 3)) * scale                                               # [B, Hkv, P]
     return jnp.where(jnp.swapaxes(empty, 1, 2), -jnp.inf, s)
 
 
