@@ -472,16 +472,18 @@ def test_union_blocks():
 
 
 def test_kernel_decode_matches_prefill():
-    """The decode path on the kernels (Triton decode op, interpret mode), GQA 16: calls of
-    3 queries, then of 1, against the XLA prefill of the same parameters. (query_block
-    mode's shared decode selection: test_query_block_chunks_aligned_with_blocks_*.)"""
-    length = 19
+    """The decode path on the kernels (Triton compressed and decode ops, interpret mode),
+    GQA 16: calls of 3 queries (one decode call per query in token mode) against the XLA
+    prefill of the same parameters. (query_block mode's shared decode selection:
+    test_query_block_chunks_aligned_with_blocks_*; one-query calls: the XLA decode tests.)"""
+    length = 18
     layer = make_layer(kv=1, seed=3, impl="triton", interpret=True)
     x, pos = ragged_inputs(seed=12, lengths=(length, 10, 0), length=length)
     y = np.asarray(call(make_layer(kv=1, seed=3), x, pos)[0])
     cache = layer.init_cache(3, length)
     got = []
-    for start, stop in [(i, i + 3) for i in range(0, 15, 3)] + [(i, i + 1) for i in range(15, length)]:
+    for start in range(0, length, 3):
+        stop = start + 3
         out, cache = call(layer, x[:, start:stop], pos[:, start:stop], cache)
         got.append(np.asarray(out))
     got = np.concatenate(got, 1)
