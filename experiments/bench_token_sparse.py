@@ -9,10 +9,14 @@ Two head configurations, B=1, causal random selections, forward and forward+back
 
 Selections are stratified random: query t takes min(k, t + 1) distinct tokens (blocks) of
 its causal prefix, one from each of k equal slices (sorted; the rest -1). cuDNN runs the
-dense causal attention of the same head configuration in the same process (it may reject
-D=576: then the row says so). Correctness first: the kernel's last `--check_rows` query
-rows against the dense-mask reference. TFLOP/s count the visible (query, key) pairs only:
-fwd 2 * H * (D + Dv) per pair, fwd+bwd 2.5x that (cuDNN: the causal half).
+dense causal attention in the same process: for NSA of the same head configuration; for DSA
+(cuDNN rejects D=576 / Dv=512: it needs D <= 256) of DeepSeek-V3's dense MLA in its
+training (non-absorbed) form, H = Hkv = 64, D = 192 (128 nope + 64 rope), Dv = 128, the
+dense attention DSA replaces (`Shape.dense`; the table's "cuDNN H/Hkv D/Dv" column says
+which). Correctness first: the kernel's last `--check_rows` query rows against the
+dense-mask reference. TFLOP/s count the visible (query, key) pairs only: fwd 2 * H * (D + Dv)
+per pair, fwd+bwd 2.5x that (cuDNN: the causal half). `--ts_config dkdv=atomic` times the
+backward with dk/dv by atomics (the default for NSA is the inverted index).
 
 Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --iters /
 --backward flags (defaults changed here). On a GPU machine, repo root:
@@ -40,7 +44,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("small", False, "CPU smoke run: tiny shapes, interpret mode, no cuDNN")
 flags.DEFINE_list("shapes", ["dsa", "nsa"], "which head configurations")
 flags.DEFINE_integer("check_rows", 64, "query rows checked against the reference")
-flags.DEFINE_string("ts_config", "", "TritonConfig overrides, e.g. block_k=64,num_warps=8")
+flags.DEFINE_string("ts_config", "", "TritonConfig overrides, e.g. block_k=64,dkdv=atomic")
 flags.DEFINE_bool("ts_sweep", False, "first time SWEEP's configs per shape at the first T and "
                   "use the fastest fwd+bwd one for that shape's rows")
 FLAGS.set_default("out", "bench_token_sparse.json")
@@ -56,10 +60,12 @@ class Shape:
     dv: int
     k: int             # entries per query (tokens or blocks)
     block_size: int
+    dense: tuple = ()  # (Hkv, D, Dv) of the cuDNN dense baseline; () = the same as ours
 
 
-SHAPES = {"dsa": Shape("dsa", 64, 1, 576, 512, 2048, 1),
+SHAPES = {"dsa": Shape("dsa", 64, 1, 576, 512, 2048, 1, dense=(64, 192, 128)),
           "nsa": Shape("nsa", 64, 4, 128, 128, 16, 64)}
+
 # TritonConfig overrides tried by --ts_sweep ("" = the defaults).
 SWEEP = {"dsa": ["", "block_k=64", "num_warps=4", "block_k=16", "max_rows=64",
                  "max_rows=16", "num_stages=3", "block_k_bwd=16", "num_warps_bwd=4"],
@@ -144,7 +150,13 @@ def bench(shape: Shape, t: int, cfg, iters: int, small: bool, dense: bool = True
         row["ours_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd(f), q, k, v, do, iters=iters)
         row["ours_fwdbwd_tflops"] = 2.5 * flops / row["ours_fwdbwd_ms"] / 1e9
     if dense and not small:
-        dense_flops = 2.0 * shape.h * t * t / 2 * (shape.d + shape.dv)
+        hkv, d, dv = shape.dense or (shape.hkv, shape.d, shape.dv)
+        if shape.dense:
+            ks = jax.random.split(jax.random.key(1), 4)
+            q, k, v, do = (jax.random.normal(kk, (1, t, n, w), dtype) for kk, (n, w) in
+                           zip(ks, [(shape.h, d), (hkv, d), (hkv, dv), (shape.h, dv)]))
+        row["cudnn_shape"] = f"{shape.h}/{hkv} {d}/{dv}"
+        dense_flops = 2.0 * shape.h * t * t / 2 * (d + dv)
         try:
             row["cudnn_fwd_ms"] = 1e3 * median_time(jax.jit(cudnn), q, k, v, iters=iters)
             row["cudnn_fwd_tflops"] = dense_flops / row["cudnn_fwd_ms"] / 1e9
@@ -159,7 +171,8 @@ def bench(shape: Shape, t: int, cfg, iters: int, small: bool, dense: bool = True
 
 def table(rows) -> str:
     head = ("| shape | T | H/Hkv | D/Dv | k x block | fwd ms | TF/s | cuDNN fwd ms | f+b ms | TF/s "
-            "| cuDNN f+b ms | err ref |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| cuDNN f+b ms | cuDNN H/Hkv D/Dv | err ref |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda r, key, spec: format(r[key], spec) if key in r else "n/a"  # noqa: E731
     lines = [head]
     for r in rows:
@@ -168,7 +181,8 @@ def table(rows) -> str:
             f"{r['k']} x {r['block_size']} | {fmt(r, 'ours_fwd_ms', '.2f')} | "
             f"{fmt(r, 'ours_fwd_tflops', '.0f')} | {fmt(r, 'cudnn_fwd_ms', '.2f')} | "
             f"{fmt(r, 'ours_fwdbwd_ms', '.2f')} | {fmt(r, 'ours_fwdbwd_tflops', '.0f')} | "
-            f"{fmt(r, 'cudnn_fwdbwd_ms', '.2f')} | {r['err_ref']:.1e} |")
+            f"{fmt(r, 'cudnn_fwdbwd_ms', '.2f')} | {r.get('cudnn_shape', 'n/a')} | "
+            f"{r['err_ref']:.1e} |")
     return "\n".join(lines)
 
 
@@ -177,7 +191,8 @@ def with_overrides(cfg: TritonConfig, text: str) -> TritonConfig:
     if not text:
         return cfg
     over = dict(kv.split("=") for kv in text.split(","))
-    return dataclasses.replace(cfg, **{k_: int(v_) for k_, v_ in over.items()})
+    return dataclasses.replace(cfg, **{k_: int(v_) if v_.isdigit() else v_
+                                       for k_, v_ in over.items()})
 
 
 def sweep(shape: Shape, t: int, base: TritonConfig, iters: int, small: bool):

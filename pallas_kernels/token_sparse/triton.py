@@ -18,7 +18,8 @@ a learned sink logit starts the running max and denominator. Visibility: listed 
 
 Head dims are padded to a multiple of 16 and split into power-of-two pieces (576 = 512 + 64:
 the DSA latent costs no padding). The backward pass is in `triton_vjp.py` (dq in the same
-traversal, dk/dv by float32 atomic adds); the custom_vjp wiring is `flash.autodiff`'s.
+traversal; dk/dv per KV block over an inverted index, or by float32 atomic adds); the
+custom_vjp wiring is `flash.autodiff`'s.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ TN = (((0,), (0,)), ((), ()))     # a^T @ b
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
     """`block_k`: gathered token rows per iteration (block_size == 1; capped to K);
-    `num_warps*` 0: 8 when a program's q tile and accumulator exceed 16K elements, else 4."""
+    `num_warps*` 0: 8 when a program's q tile and accumulator exceed 16K elements, else 4.
+    `dkdv`: how the backward gets dk/dv: "inverted" (one program per KV block over the
+    query tokens that listed it, no atomics), "atomic" (scattered from the query-centric
+    pass), "auto" (inverted iff block_size > 1: with token indices a KV block is one row, and
+    each (query, row) pair would reload the query's whole q/dO group tile for one key)."""
 
     block_k: int = 32
     max_rows: int = 0          # query rows (heads) per program; 0: auto (see `row_split`)
@@ -52,8 +57,11 @@ class TritonConfig:
     block_k_bwd: int = 32
     num_warps_bwd: int = 0
     num_stages_bwd: int = 1
+    dkdv: str = "auto"
 
     def __post_init__(self):
+        if self.dkdv not in ("auto", "inverted", "atomic"):
+            raise ValueError(f"dkdv must be 'auto', 'inverted' or 'atomic', got {self.dkdv!r}")
         pow2 = lambda x: x > 0 and x & (x - 1) == 0  # noqa: E731
         for name in ("block_k", "block_k_bwd"):
             if not (pow2(getattr(self, name)) and getattr(self, name) >= 16):

@@ -1,15 +1,20 @@
-"""`token_sparse` backward on GPU: Pallas with the Triton lowering, one kernel.
+"""`token_sparse` backward on GPU: Pallas with the Triton lowering (FlashAttention-2, arXiv
+2307.08691, Alg. 2: `P = exp2(S - lse2)` recomputed, `dS = P * (dO V^T - delta)`).
 
-One program per (query token, batch, kv head), the group's query heads as rows, walking the
-same listed KV rows as the forward (`triton.tile`). Per iteration it recomputes
-`P = exp2(S - lse2)` (FlashAttention-2, arXiv 2307.08691, Alg. 2), adds `dS K` to dq (kept
-on chip, written once), and scatters `P^T dO` and `dS^T Q` into float32 dk/dv buffers with
-atomic adds (`jax.experimental.pallas.triton.atomic_add`): the KV rows of one query are
-another query's too, so no program owns them. The buffers carry one spare row that
-unlisted entries point at; on GPU the atomics are also masked, so that row stays idle. In
-interpret mode (CPU) the atomics run sequentially through Pallas' discharge rule (no mask
-there, hence the spare row; it needs the rows of one tile distinct, which is why the
-listed entries must be).
+* dq: one program per (query token, batch, kv head), the group's query heads as rows,
+  walking the same listed KV rows as the forward (`triton.tile`), dq kept on chip.
+* dk/dv, "inverted" (`TritonConfig.dkdv`; the default for block_size > 1): one program per
+  (KV block, batch, kv head) holding the block's dk/dv in registers, looping over the query
+  tokens that listed that block (all G heads of each: `P^T dO`, `dS^T Q`), written once, no
+  atomics. The list is the inverted index of `indices`, built on device by `inverted_index`
+  (one stable sort and a bincount, O(B * T * Hkv * K)).
+* dk/dv, "atomic" (the default for token indices): the dq pass also scatters `P^T dO` and
+  `dS^T Q` into float32 dk/dv buffers with atomic adds
+  (`jax.experimental.pallas.triton.atomic_add`). The buffers carry one spare row that
+  unlisted entries point at; on GPU the atomics are also masked, so that row stays idle. In
+  interpret mode (CPU) the atomics run sequentially through Pallas' discharge rule (no mask
+  there, hence the spare row; it needs the rows of one tile distinct, which is why the
+  listed entries must be).
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ def _scatter_add(ref, rows, listed, start, width, val, interpret):
     plgpu.atomic_add(ref, (r, c), val, mask=mask)
 
 
-def _bwd_kernel(cnt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                delta_ref, dk_in, dv_in, dq_ref, dk_ref, dv_ref, *, geo, scale, softcap,
-                interpret):
-    del dk_in, dv_in                      # aliased with dk_ref, dv_ref (zero-initialised)
+def _query_kernel(cnt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                  delta_ref, *refs, geo, scale, softcap, interpret, atomic):
+    """dq; with `atomic` also the dk/dv scatter (refs: dk_in, dv_in, dq, dk, dv, the first
+    two aliased with the last two), else refs = (dq,)."""
+    dq_ref = refs[2] if atomic else refs[0]
     t, b, h = pl.program_id(0), pl.program_id(1), lax.div(pl.program_id(2), jnp.int32(geo.split))
     n_iter = cnt_ref[(b * geo.t + t) * geo.hkv + h]
     q_pos = qpos_ref[b * geo.t + t]
@@ -59,12 +65,14 @@ def _bwd_kernel(cnt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, k_ref, v_ref, do_re
         ds = p * (qk(dos, vs) - delta)
         if tanh is not None:
             ds = ds * (1.0 - tanh * tanh)
-        for (start, w), do in zip(geo.dv_pieces, dos):
-            dv_t = lax.dot_general(p.astype(do.dtype), do, TN, preferred_element_type=jnp.float32)
-            _scatter_add(dv_ref, rows, listed, start, w, dv_t, interpret)
-        for (start, w), q in zip(geo.d_pieces, qs):
-            dk_t = lax.dot_general(ds.astype(q.dtype), q, TN, preferred_element_type=jnp.float32)
-            _scatter_add(dk_ref, rows, listed, start, w, dk_t * scale, interpret)
+        if atomic:
+            dk_ref, dv_ref = refs[3], refs[4]
+            for (start, w), do in zip(geo.dv_pieces, dos):
+                dv_t = lax.dot_general(p.astype(do.dtype), do, TN, preferred_element_type=jnp.float32)
+                _scatter_add(dv_ref, rows, listed, start, w, dv_t, interpret)
+            for (start, w), q in zip(geo.d_pieces, qs):
+                dk_t = lax.dot_general(ds.astype(q.dtype), q, TN, preferred_element_type=jnp.float32)
+                _scatter_add(dk_ref, rows, listed, start, w, dk_t * scale, interpret)
         return tuple(a + lax.dot_general(ds.astype(kk.dtype), kk, NN,
                                          preferred_element_type=jnp.float32)
                      for a, kk in zip(dq, ks))
@@ -73,6 +81,116 @@ def _bwd_kernel(cnt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, k_ref, v_ref, do_re
     dq = lax.fori_loop(0, n_iter, step, dq0)
     for (start, w), a in zip(geo.d_pieces, dq):
         dq_ref[:, pl.ds(start, w)] = (a * scale).astype(dq_ref.dtype)
+
+
+def inverted_index(indices, q_pos, nblk: int):
+    """For each (batch, kv head, KV block) the query tokens that list it.
+
+    Args: `indices [B, T, Hkv, K]` (padded entries negative or >= nblk), `q_pos [B, T]`
+    (negative: padding query, left out).
+    Returns: `(tokens [B * T * Hkv * K] int32, start [B * Hkv * nblk], count [B * Hkv * nblk])`:
+    the tokens of block `(b * Hkv + h) * nblk + j` are `tokens[start : start + count]`,
+    ascending (the stable sort keeps token order); the tail of `tokens` is padding.
+    """
+    b, t, hkv, n = indices.shape
+    nseg = b * hkv * nblk
+    valid = (indices >= 0) & (indices < nblk) & (q_pos >= 0)[:, :, None, None]
+    seg = ((jnp.arange(b)[:, None, None, None] * hkv + jnp.arange(hkv)[None, None, :, None])
+           * nblk + indices)
+    seg = jnp.where(valid, seg, nseg).astype(jnp.int32).reshape(-1)
+    tok = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :, None, None], indices.shape)
+    _, tokens = lax.sort((seg, tok.reshape(-1)), num_keys=1, is_stable=True)
+    count = jnp.bincount(seg, length=nseg + 1)[:nseg].astype(jnp.int32)
+    start = (jnp.cumsum(count) - count).astype(jnp.int32)
+    return tokens, start, count
+
+
+def _kv_kernel(start_ref, count_ref, tok_ref, qpos_ref, kpos_ref, q_ref, do_ref, lse_ref,
+               delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, geo, scale, softcap):
+    """dk/dv of KV block j (rows `[j * block_size, + R)`, the first block_size listed) over
+    the query tokens of its inverted-index entry, each with all G_p heads of the group."""
+    j, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    seg = (b * geo.hkv + h) * geo.nblk + j
+    first, n = start_ref[seg], count_ref[seg]
+    r = jnp.arange(geo.rows, dtype=jnp.int32)
+    rows = j * geo.block_size + r
+    kp = kpos_ref[rows]
+    ok = (r < geo.block_size) & (kp >= 0)
+    ks = load_pieces(k_ref, rows, geo.d_pieces)
+    vs = load_pieces(v_ref, rows, geo.dv_pieces)
+
+    def step(i, acc):
+        dk, dv = acc
+        t = tok_ref[first + i]
+        q_pos = qpos_ref[b * geo.t + t]
+        vis = ok & (kp <= q_pos) if geo.causal else ok
+        vis = vis[None, :]
+        for part in range(geo.split):
+            sl = pl.ds(part * geo.rows_q, geo.rows_q)
+            qs = [q_ref[t, sl, pl.ds(s0, w)] for s0, w in geo.d_pieces]
+            dos = [do_ref[t, sl, pl.ds(s0, w)] for s0, w in geo.dv_pieces]
+            lse2 = lse_ref[t, sl][:, None]
+            delta = delta_ref[t, sl][:, None]
+            s2, tanh = logits2(qk(qs, ks), scale, softcap)
+            p = jnp.where(vis, jnp.exp2(s2 - lse2), 0.0)                      # [rows_q, R]
+            ds = p * (qk(dos, vs) - delta)
+            if tanh is not None:
+                ds = ds * (1.0 - tanh * tanh)
+            dv = tuple(a + lax.dot_general(p.astype(do.dtype), do, TN,
+                                           preferred_element_type=jnp.float32)
+                       for a, do in zip(dv, dos))
+            dk = tuple(a + lax.dot_general(ds.astype(q.dtype), q, TN,
+                                           preferred_element_type=jnp.float32)
+                       for a, q in zip(dk, qs))
+        return dk, dv
+
+    acc0 = (tuple(jnp.zeros((geo.rows, w), jnp.float32) for _, w in geo.d_pieces),
+            tuple(jnp.zeros((geo.rows, w), jnp.float32) for _, w in geo.dv_pieces))
+    dk, dv = lax.fori_loop(0, n, step, acc0)
+    for (s0, w), a in zip(geo.d_pieces, dk):
+        dk_ref[:, pl.ds(s0, w)] = (a * scale).astype(dk_ref.dtype)
+    for (s0, w), a in zip(geo.dv_pieces, dv):
+        dv_ref[:, pl.ds(s0, w)] = a.astype(dv_ref.dtype)
+
+
+def use_inverted(cfg, geo) -> bool:
+    """The dk/dv path: `cfg.dkdv`, "auto" = inverted iff block_size > 1."""
+    return cfg.dkdv == "inverted" or (cfg.dkdv == "auto" and geo.block_size > 1)
+
+
+def _dkdv_inverted(st, geo, cfg, qg, kp, vp, do, lse_r, delta_r, kv_pos_p, q_pos, indices):
+    """dk `[B, nblk * block_size, Hkv, D_p]`, dv likewise (k's / v's dtype)."""
+    b, t = qg.shape[:2]
+    d_p, dv_p = qg.shape[-1], do.shape[-1]
+    tokens, start, count = inverted_index(indices, q_pos, geo.nblk)
+    whole = pl.BlockSpec()
+    per_head_q = lambda width: pl.BlockSpec((None, t, None, geo.group_p, width),  # noqa: E731
+                                            lambda j, b_, h: (b_, 0, h, 0, 0))
+    per_head_r = pl.BlockSpec((None, t, None, geo.group_p), lambda j, b_, h: (b_, 0, h, 0))
+    per_head_kv = lambda width: pl.BlockSpec((None, geo.s_p, None, width),  # noqa: E731
+                                             lambda j, b_, h: (b_, 0, h, 0))
+    out_spec = lambda width: pl.BlockSpec((None, None, None, geo.rows, width),  # noqa: E731
+                                          lambda j, b_, h: (b_, j, h, 0, 0))
+    out_shape = lambda width, dtype: jax.ShapeDtypeStruct(  # noqa: E731
+        (b, geo.nblk, geo.hkv, geo.rows, width), dtype)
+    width = sum(w for _, w in geo.d_pieces + geo.dv_pieces)
+    num_warps = cfg.num_warps_bwd or (8 if geo.rows * width > 16384 else 4)
+    dk, dv = pl.pallas_call(
+        functools.partial(_kv_kernel, geo=geo, scale=st.scale, softcap=st.softcap),
+        grid=(geo.nblk, b, geo.hkv),
+        in_specs=[whole, whole, whole, whole,
+                  pl.BlockSpec((None, geo.s_p), lambda j, b_, h: (b_, 0)),
+                  per_head_q(d_p), per_head_q(dv_p), per_head_r, per_head_r,
+                  per_head_kv(d_p), per_head_kv(dv_p)],
+        out_specs=[out_spec(d_p), out_spec(dv_p)],
+        out_shape=[out_shape(d_p, kp.dtype), out_shape(dv_p, vp.dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages_bwd),
+        interpret=st.interpret,
+        name="token_sparse_bwd_dkdv",
+    )(start, count, tokens, q_pos.reshape(-1), kv_pos_p, qg, do, lse_r, delta_r, kp, vp)
+    flat = lambda x: x[:, :, :, :geo.block_size].transpose(0, 1, 3, 2, 4).reshape(  # noqa: E731
+        b, geo.nblk * geo.block_size, geo.hkv, x.shape[-1])
+    return flat(dk), flat(dv)
 
 
 def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, indices):
@@ -86,25 +204,35 @@ def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, indic
     do = group_view(blocks.pad_axis(dout, sp["dv_p"], 3), geo)
     rows_view = lambda x, fill: blocks.pad_axis(  # noqa: E731  [B, H, T] -> [B, T, Hkv, G_p]
         x.transpose(0, 2, 1).reshape(b, t, geo.hkv, geo.group), geo.group_p, 3, fill)
-    acc_spec = lambda width: pl.BlockSpec((None, geo.s_p + 1, None, width),  # noqa: E731
-                                          lambda t_, b_, hh: (b_, 0, lax.div(hh, jnp.int32(geo.split)), 0))
-    dk0 = jnp.zeros((b, geo.s_p + 1, geo.hkv, sp["d_p"]), jnp.float32)
-    dv0 = jnp.zeros((b, geo.s_p + 1, geo.hkv, sp["dv_p"]), jnp.float32)
-    dq, dk, dv_ = pl.pallas_call(
-        functools.partial(_bwd_kernel, geo=geo, scale=st.scale, softcap=st.softcap,
-                          interpret=bool(st.interpret)),
-        grid=sp["grid"],
-        in_specs=[sp["whole"], sp["whole"], sp["idx"], sp["kpos"], sp["q"], sp["k"], sp["v"],
-                  sp["o"], sp["row"], sp["row"], acc_spec(sp["d_p"]), acc_spec(sp["dv_p"])],
-        out_specs=[sp["q"], acc_spec(sp["d_p"]), acc_spec(sp["dv_p"])],
-        out_shape=[jax.ShapeDtypeStruct(qg.shape, q.dtype), jax.ShapeDtypeStruct(dk0.shape, jnp.float32),
-                   jax.ShapeDtypeStruct(dv0.shape, jnp.float32)],
-        input_output_aliases={10: 1, 11: 2},
+    lse_r, delta_r = rows_view(lse2, 1e30), rows_view(delta, 0.0)
+    atomic = not use_inverted(cfg, geo)
+    in_specs = [sp["whole"], sp["whole"], sp["idx"], sp["kpos"], sp["q"], sp["k"], sp["v"],
+                sp["o"], sp["row"], sp["row"]]
+    operands = [n_iter, q_pos_f, idx, kv_pos_p, qg, kp, vp, do, lse_r, delta_r]
+    out_specs, out_shape, aliases = [sp["q"]], [jax.ShapeDtypeStruct(qg.shape, q.dtype)], {}
+    if atomic:
+        acc_spec = lambda width: pl.BlockSpec((None, geo.s_p + 1, None, width),  # noqa: E731
+                                              lambda t_, b_, hh: (b_, 0, lax.div(hh, jnp.int32(geo.split)), 0))
+        acc = [jnp.zeros((b, geo.s_p + 1, geo.hkv, w), jnp.float32) for w in (sp["d_p"], sp["dv_p"])]
+        in_specs += [acc_spec(sp["d_p"]), acc_spec(sp["dv_p"])]
+        operands += acc
+        out_specs += [acc_spec(sp["d_p"]), acc_spec(sp["dv_p"])]
+        out_shape += [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in acc]
+        aliases = {10: 1, 11: 2}
+    res = pl.pallas_call(
+        functools.partial(_query_kernel, geo=geo, scale=st.scale, softcap=st.softcap,
+                          interpret=bool(st.interpret), atomic=atomic),
+        grid=sp["grid"], in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=warps(cfg.num_warps_bwd, geo),
                                              num_stages=cfg.num_stages_bwd),
         interpret=st.interpret,
-        name="token_sparse_bwd",
-    )(n_iter, q_pos_f, idx, kv_pos_p, qg, kp, vp, do, rows_view(lse2, 1e30), rows_view(delta, 0.0),
-      dk0, dv0)
-    dq = dq[:, :, :, :geo.group, :d].reshape(b, t, h, d)
+        name="token_sparse_bwd" if atomic else "token_sparse_bwd_dq",
+    )(*operands)
+    dq = res[0][:, :, :, :geo.group, :d].reshape(b, t, h, d)
+    if atomic:
+        dk, dv_ = res[1], res[2]
+    else:
+        dk, dv_ = _dkdv_inverted(st, geo, cfg, qg, kp, vp, do, lse_r, delta_r, kv_pos_p,
+                                 q_pos, idx)
     return dq, dk[:, :s, :, :d].astype(k.dtype), dv_[:, :s, :, :dv].astype(v.dtype)
