@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels.flash import flash_attention
+from sparse_jax import patterns as P
 from sparse_jax.cache_csa import SWACache
 from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.csa import CompressedAttention
@@ -23,6 +25,28 @@ SMALL = CSAConfig(ratio=2, overlap=True, head_dim=8, rope_dim=4, top_k=3, index_
 
 fwd = nnx.jit(lambda layer, x, pos: layer(x, pos)[0])
 step = nnx.jit(lambda layer, x, pos, cache: layer(x, pos, cache))
+
+
+def call(layer, x, pos):
+    return layer(x, pos)[0]
+
+
+def output_and_grads(fn, layer, x, pos, r):
+    """`fn(layer, x, pos)` and the gradient of `sum(fn(...) * r)` w.r.t. the layer's parameters
+    (one compile)."""
+    graphdef, params = nnx.split(layer, nnx.Param)
+
+    @jax.jit
+    def run(params):
+        y, pullback = jax.vjp(lambda p: fn(nnx.merge(graphdef, p), x, pos), params)
+        return y, pullback(r)[0]
+
+    return run(params)
+
+
+def assert_grads_close(g, g_ref):
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree_util.tree_leaves_with_path(g_ref)):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=str(path))
 
 
 def ragged_positions(t, pads):
@@ -48,15 +72,11 @@ def test_ratio_one_with_k_at_least_t_equals_dense(top_k):
     layer = CompressedAttention(ATT, cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 9, 16))
     pos = ragged_positions(9, [0, 2])
-    np.testing.assert_allclose(fwd(layer, x, pos), jax.jit(dense_ratio1)(layer, x, pos), atol=2e-5, rtol=1e-5)
-    if top_k is None:                                            # gradients of the HCA path
-        graphdef, params = nnx.split(layer, nnx.Param)
-        r = jax.random.normal(jax.random.key(2), (2, 9, 16))
-        loss = lambda p, fn: (fn(nnx.merge(graphdef, p), x, pos) * r).sum()
-        g = jax.jit(jax.grad(loss), static_argnums=1)(params, lambda l, x, p: l(x, p)[0])
-        g_ref = jax.jit(jax.grad(loss), static_argnums=1)(params, dense_ratio1)
-        for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree_util.tree_leaves_with_path(g_ref)):
-            np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=str(path))
+    r = jax.random.normal(jax.random.key(2), (2, 9, 16))
+    y, g = output_and_grads(call, layer, x, pos, r)
+    y_ref, g_ref = output_and_grads(dense_ratio1, layer, x, pos, r)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-5)
+    assert_grads_close(g, g_ref)                                 # top-k (token_sparse) and dense (flash) paths
 
 
 def test_records_against_numpy_loop():
@@ -65,12 +85,13 @@ def test_records_against_numpy_loop():
     t, m, w = 9, SMALL.ratio, SMALL.record_window
     x = jax.random.normal(jax.random.key(4), (1, t, 16))
     pos = jnp.arange(t)[None]
-    rec, _, ids = layer.records(x, pos, pos)
+    rec, _, ids = nnx.jit(lambda l, x, p: l.records(x, p, p))(layer, x, pos)
     xs, st, sc, ape = (np.asarray(a, np.float64) for a in (x[0], layer.cmp_state[...], layer.cmp_score[...],
                                                            layer.cmp_ape[...]))
     got = {int(i): np.asarray(r) for i, r in zip(ids[0], rec[0]) if i >= 0}
     assert sorted(got) == [0, 1, 2, 3]                     # boundaries 1, 3, 5, 7; token 8 waits in the tail
-    for i, r in got.items():
+    pooled_want = []
+    for i in sorted(got):
         end = (i + 1) * m - 1
         toks = [p for p in range(end - w + 1, end + 1) if p >= 0]
         slots = [p - (end - w + 1) for p in toks]
@@ -78,17 +99,16 @@ def test_records_against_numpy_loop():
         states = np.stack([xs[p] @ st[pt] for p, pt in zip(toks, part)])
         scores = np.stack([xs[p] @ sc[pt] + ape[sl] for p, pt, sl in zip(toks, part, slots)])
         wts = np.exp(scores - scores.max(0)) / np.exp(scores - scores.max(0)).sum(0)
-        pooled = (wts * states).sum(0)
-        want = C.finish_records(jnp.asarray(pooled, jnp.float32)[None, None], jnp.array([[i]]),
-                                layer.cmp_norm[...], ratio=m, rope_dim=SMALL.rope_dim, theta=ATT.rope_theta)
-        np.testing.assert_allclose(r, want[0, 0], atol=1e-5, rtol=1e-5)
+        pooled_want.append((wts * states).sum(0))
+    want = C.finish_records(jnp.asarray(np.stack(pooled_want), jnp.float32)[None], jnp.array([sorted(got)]),
+                            layer.cmp_norm[...], ratio=m, rope_dim=SMALL.rope_dim, theta=ATT.rope_theta)
+    np.testing.assert_allclose(np.stack([got[i] for i in sorted(got)]), want[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,cfg", [
     ("csa_none", SMALL),
-    ("csa_full", dataclasses.replace(SMALL, swa_cache="full")),
     ("csa_periodic", dataclasses.replace(SMALL, swa_cache="periodic")),
-    ("hca", dataclasses.replace(SMALL, ratio=3, overlap=False, top_k=None)),
+    ("hca_full", dataclasses.replace(SMALL, ratio=3, overlap=False, top_k=None, swa_cache="full")),
 ])
 def test_decode_equals_prefill_with_tail(name, cfg):
     layer = CompressedAttention(ATT, cfg, rngs=nnx.Rngs(5))
@@ -111,18 +131,25 @@ def test_swa_rewind_then_refeed_equals_prefill(strategy):
     keys = jax.random.normal(jax.random.key(7), (b, t, d))
     q = jax.random.normal(jax.random.key(8), (b, t, 2, d))
     pos = jnp.arange(t)[None]
-    cache = SWACache.init(b, 16, w, d, strategy=strategy, every=every)
-    _, _, cache = cache.update(keys[:, :12], pos[:, :12])
-    cache, resume = cache.rewind(prefix)
-    assert resume == {"full": prefix, "periodic": 8, "none": prefix - w}[strategy]
-    if resume < prefix:
-        _, _, cache = cache.update(keys[:, resume:prefix], pos[:, resume:prefix])
-    ks, kp, _ = cache.update(keys[:, prefix:], pos[:, prefix:])
-    from pallas_kernels.flash import flash_attention
-    from sparse_jax import patterns as P
-    got = flash_attention(q[:, prefix:], ks[:, :, None], ks[:, :, None], mask_fn=P.causal_window(w),
-                          q_positions=pos[:, prefix:], kv_positions=kp)
-    want = flash_attention(q, keys[:, :, None], keys[:, :, None], mask_fn=P.causal_window(w))[:, prefix:]
+    resumed = []
+
+    @jax.jit
+    def scenario(keys, q):
+        """Cache 12 tokens, rewind to a prefix hit of 9, re-feed what the strategy lost, go on."""
+        cache = SWACache.init(b, 16, w, d, strategy=strategy, every=every)
+        _, _, cache = cache.update(keys[:, :12], pos[:, :12])
+        cache, resume = cache.rewind(prefix)
+        resumed.append(resume)
+        if resume < prefix:
+            _, _, cache = cache.update(keys[:, resume:prefix], pos[:, resume:prefix])
+        ks, kp, _ = cache.update(keys[:, prefix:], pos[:, prefix:])
+        got = flash_attention(q[:, prefix:], ks[:, :, None], ks[:, :, None], mask_fn=P.causal_window(w),
+                              q_positions=pos[:, prefix:], kv_positions=kp)
+        want = flash_attention(q, keys[:, :, None], keys[:, :, None], mask_fn=P.causal_window(w))[:, prefix:]
+        return got, want
+
+    got, want = scenario(keys, q)
+    assert resumed == [{"full": prefix, "periodic": 8, "none": prefix - w}[strategy]]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -36,6 +36,7 @@ from sparse_jax.ops.mla import MLAConfig
 from sparse_jax.ops.rope import apply_rope
 from sparse_jax.sharding import param
 
+
 def indexer_filter():
     """NNX filter of the indexer's parameters (the only ones the warm-up trains)."""
     return nnx.Any(nnx.PathContains("index_wq"), nnx.PathContains("index_wk"), nnx.PathContains("index_ww"))
