@@ -62,3 +62,40 @@ def test_compressed_bad_input_raises():
     q, k, v, qpos, kpos = inputs(0, 20, 4)
     with pytest.raises(ValueError, match="kv_positions"):
         compressed_attention(q, k, v, q_positions=qpos, kv_positions=kpos[:, :-1])
+
+
+def _has_gpu():
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+def compiled_case(dtype, t, hkv, d, interpret=False):
+    """Kernel vs reference at a real head dim; returns (max rel error of out, of p_group)."""
+    rng = np.random.default_rng(t + hkv + d)
+    h = 4 * hkv if hkv > 1 else 16
+    n = (t - 32) // 16 + 1
+    q = jnp.asarray(rng.normal(size=(2, t, h, d)), dtype)
+    k, v = (jnp.asarray(rng.normal(size=(2, n, hkv, d)), dtype) for _ in range(2))
+    qpos = np.tile(np.arange(t, dtype=np.int32), (2, 1))
+    qpos[1, t // 2:] = -1
+    kpos = jnp.asarray(np.tile(np.arange(n, dtype=np.int32) * 16 + 31, (2, 1)))
+    kw = dict(q_positions=jnp.asarray(qpos), kv_positions=kpos)
+    out, p = jax.jit(lambda q, k, v: compressed_attention(q, k, v, impl="triton", interpret=interpret,
+                                                          **kw))(q, k, v)
+    with jax.default_matmul_precision("highest"):
+        want, p_ref = compressed_attention(q, k, v, impl="xla", **kw)
+    err = lambda a, b: float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()  # noqa: E731
+                             / max(np.abs(np.asarray(b, np.float32)).max(), 1e-30))
+    return err(out, want), err(p, p_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 3e-3), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("t, hkv, d", [(300, 4, 128), (200, 1, 64)])
+def test_compressed_compiled_on_gpu(dtype, tol, t, hkv, d):
+    with jax.default_device(jax.devices("gpu")[0]):
+        err_out, err_p = compiled_case(dtype, t, hkv, d)
+    assert err_out < tol and err_p < tol, (err_out, err_p)
