@@ -64,9 +64,10 @@ flags.DEFINE_integer("duo_streaming", 8, "DuoAttention: tokens of a streaming he
 flags.DEFINE_integer("num_sinks", 2, "Sinks of StreamingLLM and DuoAttention.")
 flags.DEFINE_integer("snap_window", 8, "SnapKV / PyramidKV observation window.")
 flags.DEFINE_integer("snap_kernel", 5, "SnapKV / PyramidKV pooling kernel.")
-flags.DEFINE_integer("page_size", 8, "Quest / top-p page size.")
+flags.DEFINE_integer("page_size", 4, "Quest / top-p page size (Quest budgets under 2 pages are skipped).")
 flags.DEFINE_integer("eval_batch", 64, "Evaluation sequences per task.")
-flags.DEFINE_string("jsonl", "docs/frontier.jsonl", "Results, one JSON line per (method, budget, task).")
+flags.DEFINE_string("jsonl", None, "Results, one JSON line per (method, budget, task); default "
+                    "<workdir>/frontier.jsonl.")
 flags.DEFINE_string("plot", "docs/frontier.png", "Figure path ('' for none).")
 flags.DEFINE_string("results_md", "docs/RESULTS.md", "Markdown file whose '## Sparse frontier (issue 8)' "
                     "section is (re)written ('' for none).")
@@ -133,7 +134,9 @@ def policies(model, calib_tokens):
     }
     out = []
     for method in FLAGS.methods:
-        if method in make:
+        if method == "quest":        # under 2 pages Quest reads only its forced first / last page
+            out += [(method, b, make[method](b)) for b in budgets if b >= 2 * FLAGS.page_size]
+        elif method in make:
             out += [(method, b, make[method](b)) for b in budgets]
         elif method == "top_p":
             out += [(method, float(p), kvp.TopP(float(p), page_size=FLAGS.page_size)) for p in FLAGS.top_p]
@@ -264,11 +267,12 @@ def main(argv):
     train_or_load(model)
     calib, _, _ = mixed_batch(np.random.default_rng(FLAGS.seed + 2), FLAGS.tasks, 16, FLAGS.seq_len)
     rows = evaluate(model, jnp.asarray(calib))
-    for path in (FLAGS.jsonl, FLAGS.plot, FLAGS.results_md):
+    for path in (FLAGS.jsonl, FLAGS.plot, FLAGS.results_md):      # (the workdir exists by now)
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-    if FLAGS.jsonl:
-        with open(FLAGS.jsonl, "w") as f:
+    jsonl = FLAGS.jsonl or os.path.join(FLAGS.workdir, "frontier.jsonl")
+    if jsonl:
+        with open(jsonl, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     summary = summarize(rows)
     dense = next(r for r in summary if r["method"] == "dense")

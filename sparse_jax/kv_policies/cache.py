@@ -41,6 +41,8 @@ class PooledKVCache:
 
     `k [B, N, D]`, `v [B, N, Dv]`, `positions [B, N]`, `heads [B, N]` int32 with
     `N = num_kept + num_kv_heads * max_new`; `num_decoded [B]` tokens appended so far.
+    Tokens past `max_new` are dropped silently (jit cannot raise on a traced count): size
+    `max_new` for the whole generation.
     """
 
     k: jax.Array
