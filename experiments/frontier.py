@@ -14,8 +14,11 @@ Frontier, arXiv 2504.17768) on a small full-attention model trained by this libr
 4. Write JSONL, a PNG of accuracy and recall against density (one curve per method), and
    the table with the command into `docs/RESULTS.md` under "## Sparse frontier (issue 8)".
 
-    python experiments/frontier.py --workdir=/tmp/frontier          # CPU: a few minutes
+    python experiments/frontier.py --workdir=/tmp/frontier --steps=1000   # the docs/ run
     python experiments/frontier.py --workdir=/tmp/frontier --methods=snapkv,quest --budgets=8,32
+
+On 2 shared CPU cores, training 1000 steps took ~20 min and the default sweep ~10 min; a
+second run with the same --workdir loads the model and only sweeps.
 
 Budgets are tokens per kv head per layer (Quest: rounded up to pages); top-p sweeps
 `--top_p`, DuoAttention sweeps the fraction of retrieval heads (`--duo_fractions`) with
