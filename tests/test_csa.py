@@ -15,6 +15,7 @@ from sparse_jax import patterns as P
 from sparse_jax.cache_csa import SWACache
 from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.csa import CompressedAttention
+from sparse_jax.models.lm import LMConfig
 from sparse_jax.ops import csa as C
 from sparse_jax.ops.csa import CSAConfig
 from sparse_jax.ops.mla import rms_norm
@@ -72,11 +73,14 @@ def test_ratio_one_with_k_at_least_t_equals_dense(top_k):
     layer = CompressedAttention(ATT, cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 9, 16))
     pos = ragged_positions(9, [0, 2])
+    if top_k is not None:          # top-k path: forward only (test_dsa checks token_sparse gradients)
+        np.testing.assert_allclose(fwd(layer, x, pos), jax.jit(dense_ratio1)(layer, x, pos), atol=2e-5, rtol=1e-5)
+        return
     r = jax.random.normal(jax.random.key(2), (2, 9, 16))
     y, g = output_and_grads(call, layer, x, pos, r)
     y_ref, g_ref = output_and_grads(dense_ratio1, layer, x, pos, r)
     np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-5)
-    assert_grads_close(g, g_ref)                                 # top-k (token_sparse) and dense (flash) paths
+    assert_grads_close(g, g_ref)                                 # HCA path (flash) gradients
 
 
 def test_records_against_numpy_loop():
@@ -173,6 +177,9 @@ def test_rope_tail_inverse_and_bad_configs():
                      (dict(swa_cache="some"), "swa_cache")):
         with pytest.raises(ValueError, match=name):
             dataclasses.replace(SMALL, **kw)
+    for letter, name in (("C", "csa"), ("R", "hca")):
+        with pytest.raises(ValueError, match=name):
+            LMConfig(vocab_size=8, layer_spec="W" + letter, **{name: None})
     with pytest.raises(ValueError, match="csa must be"):
         CompressedAttention(ATT, {"ratio": 4}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="rope_theta"):

@@ -14,6 +14,7 @@ from sparse_jax.cache_mla import DSACache
 from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.dsa import DSAAttention, indexer_filter, total_indexer_loss
 from sparse_jax.layers.mla import MLAAttention
+from sparse_jax.models.lm import LMConfig
 from sparse_jax.ops import dsa as D
 from sparse_jax.ops import mla as M
 from sparse_jax.ops.dsa import DSAConfig
@@ -197,6 +198,10 @@ def test_bad_configs_raise():
             DSAConfig(**kw)
     with pytest.raises(ValueError, match="dsa must be"):
         DSAAttention(ATT, MLA, dsa={"top_k": 4}, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="dsa"):
+        LMConfig(vocab_size=8, layer_spec="LD", dsa=None)
+    with pytest.raises(ValueError, match="mla"):
+        LMConfig(vocab_size=8, layer_spec="L", mla=None)
     layer, _ = dsa_pair(0)
     with pytest.raises(ValueError, match="DSACache"):
         layer(jnp.zeros((1, 2, 24)), jnp.zeros((1, 2), jnp.int32), cache=layer.mla)
