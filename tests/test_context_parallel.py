@@ -1,11 +1,13 @@
 """Context parallelism (`sparse_jax.context_parallel`) on 8 fake CPU devices.
 
-Each variant's shard_map version (sequence over `context` = 2 and 4, and once with data=2,
-tensor=2 on the other axes) equals the single-device op, forward and gradients, with
-chunks (T / context = 12, 6) that are not multiples of the kernels' blocks and windows
-longer than one chunk (the halo spans two shards); the SWA version's compiled HLO has
-collective-permutes and no all-gather; the whole model's sharded train step with
-context=2 (taking the new path, checked) equals the unsharded step for F, W, N, HY models.
+Each variant's shard_map version (sequence over `context` = 4, and context = 2 with data=2
+x tensor=2 on the other axes) equals the single-device op, forward and gradients, with
+chunks (T / context = 6, 12) that are not multiples of the kernels' blocks, a ragged row
+and windows longer than one chunk (window 9 over chunks of 6: the halo spans two shards);
+the SWA version's compiled HLO moves K/V by collective-permutes only (no float
+all-gather); every model layer kind (F, W, N, H, Y) routes to the new path under a
+context mesh, and the HySparse model's sharded train step with data=2 x context=2 equals
+the unsharded step (the "WF" and "NF" ones with context=2: tests/test_sharding.py).
 
 Tolerances (float32): outputs atol 2e-5 / rtol 1e-5, gradients atol 1e-4 / rtol 1e-4
 (sums over shards in a different order), selections exactly equal; train step: loss rtol
@@ -32,7 +34,9 @@ from sparse_jax.train import make_sharded_train_step, train_step
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices, see conftest")
 
 B, T, H, HKV, D = 2, 24, 4, 2, 8
-MESHES = {"c2": dict(context=2), "c4": dict(context=4), "d2t2c2": dict(data=2, tensor=2, context=2)}
+# context=4 (chunks of 6: a window of 9 needs two shards' halos) and context=2 under data=2 x
+# tensor=2 (batch and heads split too); plain context=2 is the model test's mesh
+MESHES = {"c4": dict(context=4), "d2t2c2": dict(data=2, tensor=2, context=2)}
 FWD, GRAD = dict(atol=2e-5, rtol=1e-5), dict(atol=1e-4, rtol=1e-4)
 
 
@@ -53,7 +57,8 @@ def _check(fn, args, mesh_name):
         leaves = [x for x in jax.tree.leaves(fn(*a)) if jnp.issubdtype(x.dtype, jnp.floating)]
         return sum((x * _rand(7, *x.shape)).sum() for x in leaves)
 
-    ref_out, ref_grad = fn(*args), jax.grad(scalar, argnums=tuple(range(len(args))))(*args)
+    ref_out = jax.jit(fn)(*args)
+    ref_grad = jax.jit(jax.grad(scalar, argnums=tuple(range(len(args)))))(*args)
     with jax.set_mesh(make_mesh(**MESHES[mesh_name])):
         assert cp.active()
         out = jax.jit(fn)(*args)
@@ -150,9 +155,9 @@ def _model(spec):
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
-@pytest.mark.parametrize("spec", ["FW", "N", "HY"])
-def test_model_train_step_context2(spec, monkeypatch):
-    calls = []          # which context-parallel functions were traced with the axis active
+def _spy_calls(monkeypatch):
+    """Records which context-parallel functions are traced with the axis active."""
+    calls = []
 
     def spy(name, real):
         def wrapped(*a, **k):
@@ -163,6 +168,28 @@ def test_model_train_step_context2(spec, monkeypatch):
 
     for name in ("local_attention", "nsa_branches", "hysparse_full_attention", "selected_block_attention"):
         monkeypatch.setattr(cp, name, spy(name, getattr(cp, name)))
+    return calls
+
+
+def test_model_layers_take_the_context_parallel_path(monkeypatch):
+    """F, W, N, H, Y layers all route to shard_map under a context mesh (trace only; the
+    train steps of "WF" and "NF" with context=2 are checked in tests/test_sharding.py)."""
+    calls = _spy_calls(monkeypatch)
+    model, _ = _model("FWNHY")
+    tokens = jnp.zeros((BM, TM), jnp.int32)
+    jax.make_jaxpr(lambda t: model(t)[0])(tokens)
+    assert not calls                                   # no mesh: the plain ops
+    with jax.set_mesh(make_mesh(data=2, context=2)):
+        jaxpr = str(jax.make_jaxpr(lambda t: model(t)[0])(tokens))
+    assert calls == ["local_attention", "local_attention", "nsa_branches", "hysparse_full_attention",
+                     "selected_block_attention", "local_attention"], calls
+    assert jaxpr.count("shard_map") >= 6
+
+
+def test_hysparse_model_train_step_context2(monkeypatch):
+    """HySparse model: the sharded step on data=2 x context=2 equals the unsharded one."""
+    calls = _spy_calls(monkeypatch)
+    spec = "HY"
     tok = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (BM, TM + 1)), jnp.int32)
     mask = jnp.asarray(np.random.default_rng(1).random((BM, TM)) < 0.9, jnp.float32)
     x, y = tok[:, :-1], tok[:, 1:]
@@ -175,9 +202,7 @@ def test_model_train_step_context2(spec, monkeypatch):
     mesh = make_mesh(data=2, context=2)
     model, opt = _model(spec)
     loss = float(make_sharded_train_step(model, opt, mesh)(model, opt, x, y, mask)[0])
-    want = {"FW": {"local_attention"}, "N": {"nsa_branches"},
-            "HY": {"hysparse_full_attention", "selected_block_attention", "local_attention"}}[spec]
-    assert set(calls) == want
+    assert set(calls) == {"hysparse_full_attention", "selected_block_attention", "local_attention"}
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for p, r in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), ref_params, strict=True):
         np.testing.assert_allclose(np.asarray(p), np.asarray(r), rtol=1e-5, atol=1e-6)

@@ -1,8 +1,9 @@
 """Sharded training on 8 fake CPU devices matches the unsharded step.
 
 For meshes data=8, fsdp=8, data=2 x fsdp=2 x tensor=2, tensor=4 and context=2 (sequence
-split; attention's KV gathered by the compiler, no shard_map yet), and models "FF", "WF",
-"NF" (NSA, LMConfig's default config) and "HY" (HySparse) -- a covering subset by default,
+split; attention through `sparse_jax.context_parallel`'s shard_map under `jax.set_mesh`),
+and models "FF", "WF", "NF" (NSA, LMConfig's default config) and "HY" (HySparse) -- a
+covering subset by default,
 the whole 4 x 5 matrix with SPARSE_JAX_FULL_MATRIX=1 --
 the loss and gradients of one step, and
 the losses and parameters after two AdamW steps (jit with in/out shardings, parameters and
@@ -105,8 +106,9 @@ def test_sharded_step_matches_unsharded(spec, mesh_name):
     def grad_fn(params, rest, x, y, m):
         return jax.value_and_grad(lambda p: _loss_fn(nnx.merge(graphdef, p, rest), x, y, m))(params)
 
-    loss, grads = jax.jit(grad_fn, in_shardings=(psh, None, bsh, bsh, bsh),
-                          out_shardings=(NamedSharding(mesh, P()), psh))(params, rest, x, y, m)
+    with jax.set_mesh(mesh):        # as make_sharded_train_step: context > 1 takes shard_map
+        loss, grads = jax.jit(grad_fn, in_shardings=(psh, None, bsh, bsh, bsh),
+                              out_shardings=(NamedSharding(mesh, P()), psh))(params, rest, x, y, m)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
     for g, r in zip(_leaves(grads), _leaves(ref_grads), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
