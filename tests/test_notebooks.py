@@ -46,7 +46,7 @@ def kernel_env(tmp_path_factory):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("XLA_FLAGS", None)
-    env["MPLBACKEND"] = "Agg"
+    env.pop("MPLBACKEND", None)                 # the kernel's inline backend renders the figures
     return env
 
 
