@@ -112,7 +112,7 @@ def _halo(xs, positions, halo: int):
     -1 where no shard precedes (shard 0, or before it). Only `ppermute`s: hop j sends the
     last min(C, halo - (j-1)*C) slots of shard i to shard i + j.
     """
-    n, chunk = context_size_manual(), positions.shape[1]
+    n, chunk = jax.sharding.get_abstract_mesh().shape[CONTEXT], positions.shape[1]   # manual axis
     hops = min(-(-halo // chunk), n - 1) if halo > 0 else 0
     pre_x, pre_p = [[] for _ in xs], []
     for hop in range(hops, 0, -1):
@@ -124,11 +124,6 @@ def _halo(xs, positions, halo: int):
         pre_p.append(send(positions + 1) - 1)           # shards receiving nothing get 0 -> -1
     cat = lambda parts, x: jnp.concatenate(parts + [x], axis=1)
     return [cat(acc, x) for acc, x in zip(pre_x, xs)], cat(pre_p, positions)
-
-
-def context_size_manual() -> int:
-    """Size of `context` inside the shard_map body (the axis is manual there)."""
-    return jax.sharding.get_abstract_mesh().shape[CONTEXT]
 
 
 def _shard_map(body, args, specs, out_specs):

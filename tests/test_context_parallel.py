@@ -104,6 +104,20 @@ def test_swa_exchanges_only_halos():
     assert len(_float_all_gathers(_swa_hlo(None))) >= 2
 
 
+def test_falls_back_to_the_plain_op():
+    """T=26 over context=4, or StreamingLLM sinks: no shard_map, the plain op, same result."""
+    t = 26
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (B, t))
+    q, k = _rand(0, B, t, H, D), _rand(1, B, t, HKV, D)
+    for tt, sinks in ((t, 0), (T, 2)):
+        f = lambda q, k: attn_ops.local_attention(q, k, k, pos[:, :tt], pos[:, :tt], window=5, num_sinks=sinks)
+        args = (q[:, :tt], k[:, :tt])
+        with jax.set_mesh(make_mesh(context=4)):
+            assert "shard_map" not in str(jax.make_jaxpr(f)(*args))
+            out = jax.jit(f)(*args)
+        np.testing.assert_allclose(out, f(*args), **FWD)
+
+
 NSA_CFG = nsa_ops.NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, num_selected=3, window=9)
 
 
