@@ -306,14 +306,16 @@ for lo, hi in buckets:
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
 mid = [(lo + hi) / 2 for lo, hi in buckets]
-for name in trained:
-    ax1.plot(mid, accuracy[name], "o-", label=f"{name} [{MODELS[name]}]")
+for name, style in zip(trained, ["o-", "s--", "^-.", "d:"]):      # full and hybrid may overlap
+    ax1.plot(mid, accuracy[name], style, label=f"{name} [{MODELS[name]}]")
     ax2.plot(np.convolve(curves[name], np.ones(10) / 10, mode="valid"), label=name)
 ax1.axvline(WINDOW, color="gray", ls=":")
 ax1.axvline(RECEPTIVE, color="gray", ls="--")
 ax1.axhline(1 / task.num_values, color="gray", lw=0.5)
 ax1.set(xscale="log", xlabel="needle distance (tokens back)", ylabel="accuracy", ylim=(-0.05, 1.05),
         title="needle retrieval")
+ax1.minorticks_off()
+ax1.set_xticks(edges, [str(e) for e in edges])
 ax2.set(xlabel="step", ylabel="training loss (10-step mean)", yscale="log", title="training")
 ax1.legend()
 ax2.legend()
