@@ -11,10 +11,10 @@ the call's query and key axis). Per variant (training / prefill calls, keys = qu
 * **sliding window** (`local_attention` with `window`): a halo of the `window - 1` tokens
   before the chunk, sent by `ppermute` from the previous shard(s) (several hops when the
   window is longer than a chunk), never the whole KV. Keys are the halo + the own chunk.
-* **NSA** (`nsa_branches`): the compressed entries (few: `T / d`) enter replicated (the
-  layer computes them over the whole sequence; the compiler gathers them at the shard_map
-  boundary); the win branch by halo; the slc branch `all_gather`s all raw slc keys and
-  values. Why all of them: which blocks a query selects is data-dependent and differs per
+* **NSA** (`nsa_branches`): the compressed entries (few: `T / d`; padded with empty
+  entries to a multiple of the context size) are split over `context` and `all_gather`ed
+  for the cmp branch and the selection; the win branch by halo; the slc branch
+  `all_gather`s all raw slc keys and values. Why all of them: which blocks a query selects is data-dependent and differs per
   token and per KV head, and collectives need static shapes, so an exchange of "only the
   selected blocks" would be a dense all-to-all sized for the worst case (every block) anyway.
 * **HySparse** (`hysparse_full_attention`, `selected_block_attention`): the full layer as
@@ -178,7 +178,7 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
                  k_win, v_win, win_positions, cfg: nsa_ops.NSAConfig, impl: str = "auto",
                  interpret=False) -> nsa_ops.NSABranches:
     """`ops.nsa.nsa_branches` with the sequence over `context` (module docstring): the
-    compressed entries replicated, slc keys all-gathered, win keys by halo."""
+    compressed entries and the slc keys all-gathered, the win keys by halo."""
     kw = dict(k_cmp=k_cmp, v_cmp=v_cmp, cmp_positions=cmp_positions, k_slc=k_slc, v_slc=v_slc,
               slc_positions=slc_positions, k_win=k_win, v_win=v_win, win_positions=win_positions,
               cfg=cfg, impl=impl, interpret=interpret)
@@ -187,8 +187,13 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
             or (cfg.selection == "query_block" and (q.shape[1] // n) % cfg.query_block)):
         return nsa_ops.nsa_branches(q, q_positions, **kw)
     b, h = _batch_axes(q.shape[0]), _head_axis(q.shape[2], k_slc.shape[2])
+    n_cmp = k_cmp.shape[1]
+    pad = -n_cmp % n                              # empty entries (position -1), cut after the gather
+    k_cmp, v_cmp = (jnp.pad(a, [(0, 0), (0, pad), (0, 0), (0, 0)]) for a in (k_cmp, v_cmp))
+    cmp_positions = jnp.pad(cmp_positions, [(0, 0), (0, pad)], constant_values=-1)
 
     def body(q, qp, kc, vc, cp, ks, vs, sp, kw_, vw, wp):
+        kc, vc, cp = (a[:, :n_cmp] for a in _gather(kc, vc, cp))
         ks, vs, sp = _gather(ks, vs, sp)
         (kw_, vw), wp = _halo([kw_, vw], wp, cfg.window - 1)
         return nsa_ops.nsa_branches(q, qp, k_cmp=kc, v_cmp=vc, cmp_positions=cp, k_slc=ks, v_slc=vs,
@@ -196,11 +201,9 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
                                     impl=impl, interpret=interpret)
 
     tok, pos = Spec(b, CONTEXT, h, None), Spec(b, CONTEXT)
-    rep, rep_pos = Spec(b, None, h, None), Spec(b, None)
     out = nsa_ops.NSABranches(tok, tok, tok, tok, Spec(b, h, CONTEXT, None))
     return _shard_map(body, (q, q_positions, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, slc_positions,
-                             k_win, v_win, win_positions),
-                      (tok, pos, rep, rep, rep_pos, tok, tok, pos, tok, tok, pos), out)
+                             k_win, v_win, win_positions), (tok, pos) + (tok, tok, pos) * 3, out)
 
 
 # ----------------------------------------------------------------------------- HySparse
