@@ -11,8 +11,9 @@ Selections are stratified random: query t takes min(k, t + 1) distinct tokens (b
 its causal prefix, one from each of k equal slices (sorted; the rest -1). cuDNN runs the
 dense causal attention in the same process: for NSA of the same head configuration; for DSA
 (cuDNN rejects D=576 / Dv=512: it needs D <= 256) of DeepSeek-V3's dense MLA in its
-training (non-absorbed) form, H = Hkv = 64, D = 192 (128 nope + 64 rope), Dv = 128, the
-dense attention DSA replaces (`Shape.dense`; the table's "cuDNN H/Hkv D/Dv" column says
+training (non-absorbed) form, H = Hkv = 64, D = 192 (128 nope + 64 rope), the dense
+attention DSA replaces, with Dv = 192 too (MLA's is 128, but `jax.nn.dot_product_attention`
+needs Dv == D: V padded, so an upper bound on the dense cost) (`Shape.dense`; the table's "cuDNN H/Hkv D/Dv" column says
 which). Correctness first: the kernel's last `--check_rows` query rows against the
 dense-mask reference. TFLOP/s count the visible (query, key) pairs only: fwd 2 * H * (D + Dv)
 per pair, fwd+bwd 2.5x that (cuDNN: the causal half). `--ts_config dkdv=atomic` times the
@@ -63,14 +64,15 @@ class Shape:
     dense: tuple = ()  # (Hkv, D, Dv) of the cuDNN dense baseline; () = the same as ours
 
 
-SHAPES = {"dsa": Shape("dsa", 64, 1, 576, 512, 2048, 1, dense=(64, 192, 128)),
+SHAPES = {"dsa": Shape("dsa", 64, 1, 576, 512, 2048, 1, dense=(64, 192, 192)),
           "nsa": Shape("nsa", 64, 4, 128, 128, 16, 64)}
 
 # TritonConfig overrides tried by --ts_sweep ("" = the defaults).
-SWEEP = {"dsa": ["", "block_k=64", "num_warps=4", "block_k=16", "max_rows=64",
-                 "max_rows=16", "num_stages=3", "block_k_bwd=16", "num_warps_bwd=4"],
+SWEEP = {"dsa": ["", "max_rows_bwd=64", "max_rows_bwd=64,block_k_bwd=16",
+                 "max_rows_bwd=64,num_warps_bwd=8", "block_k_bwd=16", "num_warps_bwd=4",
+                 "block_k=64", "num_warps=4", "max_rows=64"],
          "nsa": ["", "num_warps=8", "num_stages=3", "num_warps=8,num_stages=3", "num_warps_bwd=8",
-                 "num_stages_bwd=2"]}
+                 "num_stages_bwd=2", "num_warps_bwd=8,num_stages_bwd=2"]}
 SMALL = {"dsa": Shape("dsa", 16, 1, 72, 64, 16, 1),
          "nsa": Shape("nsa", 16, 2, 32, 32, 4, 8)}
 

@@ -4,7 +4,8 @@ lse and gradients (dq, dk, dv, d sink_logits) in float32 on fresh random inputs.
 `interpret=True`, Mosaic TPU in `pltpu.InterpretParams()` (its backward is XLA). Token
 indices (block_size 1) and blocks (16, and 6: not a power of two), lengths not multiples of
 the tiles, ragged keys (positions -1), a padded query, a query with an empty list, GQA
-1/4/16 and MQA, sinks and soft-cap; bf16 forward; argument errors. A `gpu`-marked test
+1/4/16 and MQA, sinks and soft-cap; both dk/dv paths of the Triton backward (inverted
+index, atomics) and the inverted index itself; bf16 forward; argument errors. A `gpu`-marked test
 compiles the Triton kernels (DSA and NSA head configurations, small T).
 """
 
@@ -23,6 +24,7 @@ from pallas_kernels.token_sparse import api, token_sparse_attention
 from pallas_kernels.token_sparse.reference import token_sparse_reference
 from pallas_kernels.token_sparse.tpu import TpuConfig, token_sparse_tpu
 from pallas_kernels.token_sparse.triton import TritonConfig, geometry, token_sparse_triton
+from pallas_kernels.token_sparse.triton_vjp import inverted_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +155,56 @@ def test_triton_rows_split_over_programs():
     assert_matches(got, run_vjp("xla", args, idx, kw, cot))
 
 
+# dk/dv paths of the Triton backward (TritonConfig.dkdv) on tiny cases: the inverted index
+# with GQA 4 over two batch rows (ragged keys, a padded query, KV blocks no query lists),
+# GQA 16 split over two programs, token indices (block_size 1); atomics on blocks.
+DKDV_CASES = [
+    ("inverted", TritonConfig(), Case("inv_blocks8_gqa4_batch2", b=2, t=6, s=61, h=8, hkv=2,
+                                      d=16, dv=24, k=2, block_size=8, pad_k=3, pad_q=True,
+                                      sinks=True, seed=11)),
+    ("inverted", TritonConfig(max_rows=16), Case("inv_blocks5_gqa32_split", t=4, s=48, h=32,
+                                                 hkv=1, d=16, dv=16, k=2, block_size=5,
+                                                 softcap=3.0, seed=12)),
+    ("inverted", TritonConfig(block_k=16), Case("inv_tokens_gqa1", t=5, s=17, h=2, hkv=2,
+                                                d=16, dv=16, k=3, causal=False, seed=13)),
+    ("atomic", TritonConfig(), Case("atomic_blocks8_gqa4", t=3, s=45, h=4, hkv=1, d=16, dv=16,
+                                    k=2, block_size=8, pad_k=2, seed=14)),
+]
+
+
+@pytest.mark.parametrize("dkdv,cfg,case", DKDV_CASES, ids=lambda x: getattr(x, "name", None))
+def test_triton_dkdv_paths_match_reference(dkdv, cfg, case):
+    args, idx, kw, cot = make_inputs(case)
+    nblk = -(-case.s // case.block_size)
+    listed = np.zeros((case.b, case.hkv, nblk), bool)
+    for b, t, h, e in np.ndindex(*idx.shape):
+        if idx[b, t, h, e] >= 0:
+            listed[b, h, idx[b, t, h, e]] = True
+    if case.block_size > 1:
+        assert not listed.all()                          # some KV block nobody selected
+    cfg = dataclasses.replace(cfg, dkdv=dkdv)
+    triton = functools.partial(token_sparse_triton, config=cfg, interpret=True)
+    with mock.patch.dict(api.IMPLEMENTATIONS, {"triton": triton}):
+        got = run_vjp("triton", args, idx, kw, cot)
+    assert_matches(got, run_vjp("xla", args, idx, kw, cot))
+
+
+def test_inverted_index_lists_each_selection_once():
+    """`inverted_index` against numpy loops: the ascending tokens of each (batch, kv head,
+    block), padded queries and entries left out."""
+    rng = np.random.default_rng(15)
+    b, t, hkv, k, nblk = 2, 7, 3, 4, 5
+    idx = rng.integers(-1, nblk + 1, size=(b, t, hkv, k)).astype(np.int32)  # nblk: padding
+    q_pos = np.arange(t, dtype=np.int32)[None].repeat(b, 0)
+    q_pos[1, 2] = -1
+    tokens, start, count = (np.asarray(x) for x in jax.jit(
+        inverted_index, static_argnums=2)(jnp.asarray(idx), jnp.asarray(q_pos), nblk))
+    for bb, h, j in np.ndindex(b, hkv, nblk):
+        seg = (bb * hkv + h) * nblk + j
+        want = [tt for tt in range(t) for e in range(k) if idx[bb, tt, h, e] == j and q_pos[bb, tt] >= 0]
+        assert list(tokens[start[seg]:start[seg] + count[seg]]) == want
+
+
 def dense_mask_numpy(c: Case, idx, q_pos, kv_pos):
     """bool `[B, H, T, S]` by plain loops: the semantics, spelled out once more."""
     idx, q_pos, kv_pos = np.asarray(idx), np.asarray(q_pos), np.asarray(kv_pos)
@@ -248,6 +300,10 @@ def test_bad_configs_raise():
         TritonConfig(block_k=24)
     with pytest.raises(ValueError, match="max_rows"):
         TritonConfig(max_rows=8)
+    with pytest.raises(ValueError, match="max_rows_bwd"):
+        TritonConfig(max_rows_bwd=24)
+    with pytest.raises(ValueError, match="dkdv"):
+        TritonConfig(dkdv="scatter")
     with pytest.raises(ValueError, match="num_warps_bwd"):
         TritonConfig(num_warps_bwd=3)
     with pytest.raises(ValueError, match="backward_budget"):

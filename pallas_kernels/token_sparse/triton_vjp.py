@@ -196,7 +196,8 @@ def _dkdv_inverted(st, geo, cfg, qg, kp, vp, do, lse_r, delta_r, kv_pos_p, q_pos
 def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, indices):
     del q_seg, kv_seg
     cfg, geo = st.config
-    geo = geometry(q, k, v, indices, geo.block_size, geo.causal, cfg.block_k_bwd, cfg.max_rows)
+    geo = geometry(q, k, v, indices, geo.block_size, geo.causal, cfg.block_k_bwd,
+                   cfg.max_rows_bwd or cfg.max_rows)
     b, t, h, d = q.shape
     s, dv = k.shape[1], v.shape[3]
     qg, kp, vp, kv_pos_p, idx, n_iter, q_pos_f = prepare(geo, q, k, v, q_pos, kv_pos, indices)
