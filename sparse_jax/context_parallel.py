@@ -7,16 +7,18 @@ the call's query and key axis). Per variant (training / prefill calls, keys = qu
 
 * **full causal** (`local_attention`, window None): `all_gather` of K, V and their
   positions over `context`; each shard attends with its own queries (the `flash` op with
-  explicit positions). Communication: the whole KV per shard (as ring attention would).
+  explicit positions). Each shard receives the whole KV (the bytes a ring would move, but
+  held at once; a `ppermute` ring with `merge_attention` is not implemented).
 * **sliding window** (`local_attention` with `window`): a halo of the `window - 1` tokens
   before the chunk, sent by `ppermute` from the previous shard(s) (several hops when the
   window is longer than a chunk), never the whole KV. Keys are the halo + the own chunk.
 * **NSA** (`nsa_branches`): the compressed entries (few: `T / d`; padded with empty
   entries to a multiple of the context size) are split over `context` and `all_gather`ed
   for the cmp branch and the selection; the win branch by halo; the slc branch
-  `all_gather`s all raw slc keys and values. Why all of them: which blocks a query selects is data-dependent and differs per
-  token and per KV head, and collectives need static shapes, so an exchange of "only the
-  selected blocks" would be a dense all-to-all sized for the worst case (every block) anyway.
+  `all_gather`s all raw slc keys and values. Why all of them: which blocks a query
+  selects is data-dependent and differs per token and per KV head, and collectives need
+  static shapes, so an exchange of "only the selected blocks" would be a dense all-to-all
+  sized for the worst case (every block) anyway.
 * **HySparse** (`hysparse_full_attention`, `selected_block_attention`): the full layer as
   full causal (`all_gather`; its block scores and top-k per token then match the unsharded
   ones); each sparse layer `all_gather`s the full layer's KV (all of it, same reason as
@@ -25,8 +27,8 @@ the call's query and key axis). Per variant (training / prefill calls, keys = qu
 Each function has the signature of the op it replaces and calls that op unchanged when
 context parallelism is off (`active()` is False: no mesh set with `jax.set_mesh`, its
 `context` axis of size 1, or already inside a shard_map over it) or not applicable
-(decode calls, T not divisible by the context size, keys not aligned with the queries,
-sinks, NSA "query_block" selection whose query blocks would straddle shards): then XLA's
+(decode calls, T not divisible by the context size, keys of another length than the
+queries, sinks, NSA "query_block" selection whose query blocks would straddle shards): then XLA's
 SPMD partitioner gathers what it needs by itself, as before. Layers call these functions
 (`ops.attention.local_attention` routes here itself); `train.make_sharded_train_step`
 traces its step under `jax.set_mesh(mesh)`, which switches them on.
