@@ -300,8 +300,6 @@ def test_bad_configs_raise():
         TritonConfig(block_k=24)
     with pytest.raises(ValueError, match="max_rows"):
         TritonConfig(max_rows=8)
-    with pytest.raises(ValueError, match="max_rows_bwd"):
-        TritonConfig(max_rows_bwd=24)
     with pytest.raises(ValueError, match="dkdv"):
         TritonConfig(dkdv="scatter")
     with pytest.raises(ValueError, match="num_warps_bwd"):

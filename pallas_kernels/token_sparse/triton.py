@@ -52,7 +52,6 @@ class TritonConfig:
 
     block_k: int = 32
     max_rows: int = 0          # query rows (heads) per program; 0: auto (see `row_split`)
-    max_rows_bwd: int = 0      # the same for the backward's dq pass; 0: as max_rows
     num_warps: int = 0
     num_stages: int = 2
     block_k_bwd: int = 32
@@ -67,10 +66,8 @@ class TritonConfig:
         for name in ("block_k", "block_k_bwd"):
             if not (pow2(getattr(self, name)) and getattr(self, name) >= 16):
                 raise ValueError(f"{name} must be a power of two >= 16, got {getattr(self, name)}")
-        for name in ("max_rows", "max_rows_bwd"):
-            rows = getattr(self, name)
-            if rows and not (pow2(rows) and rows >= 16):
-                raise ValueError(f"{name} must be 0 (auto) or a power of two >= 16, got {rows}")
+        if self.max_rows and not (pow2(self.max_rows) and self.max_rows >= 16):
+            raise ValueError(f"max_rows must be 0 (auto) or a power of two >= 16, got {self.max_rows}")
         for name in ("num_warps", "num_warps_bwd"):
             if getattr(self, name) and not pow2(getattr(self, name)):
                 raise ValueError(f"{name} must be 0 (auto) or a power of two, got {getattr(self, name)}")

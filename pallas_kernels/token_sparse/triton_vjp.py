@@ -15,6 +15,9 @@
   interpret mode (CPU) the atomics run sequentially through Pallas' discharge rule (no mask
   there, hence the spare row; it needs the rows of one tile distinct, which is why the
   listed entries must be).
+
+H200, bf16, NSA selection (64/4 heads, 16 x 64 blocks), fwd+bwd: 64.3 -> 21.7 ms at 16K and
+300.1 -> 74.8 ms at 64K tokens, atomic -> inverted (cuDNN dense causal: 28.8 / 451.4 ms).
 """
 
 from __future__ import annotations
@@ -196,8 +199,7 @@ def _dkdv_inverted(st, geo, cfg, qg, kp, vp, do, lse_r, delta_r, kv_pos_p, q_pos
 def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, indices):
     del q_seg, kv_seg
     cfg, geo = st.config
-    geo = geometry(q, k, v, indices, geo.block_size, geo.causal, cfg.block_k_bwd,
-                   cfg.max_rows_bwd or cfg.max_rows)
+    geo = geometry(q, k, v, indices, geo.block_size, geo.causal, cfg.block_k_bwd, cfg.max_rows)
     b, t, h, d = q.shape
     s, dv = k.shape[1], v.shape[3]
     qg, kp, vp, kv_pos_p, idx, n_iter, q_pos_f = prepare(geo, q, k, v, q_pos, kv_pos, indices)
