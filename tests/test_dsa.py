@@ -193,7 +193,7 @@ def test_indexer_loss_trains_only_the_indexer(stage):
 
 def test_bad_configs_raise():
     for kw, name in ((dict(top_k=0), "top_k"), (dict(stage="dense"), "stage"),
-                     (dict(impl="triton"), "impl"), (dict(index_head_dim=3), "index_head_dim")):
+                     (dict(impl="cuda"), "impl"), (dict(index_head_dim=3), "index_head_dim")):
         with pytest.raises(ValueError, match=name):
             DSAConfig(**kw)
     with pytest.raises(ValueError, match="dsa must be"):

@@ -6,8 +6,8 @@
   position, empty slot, padding) score -inf.
 * Top-k token selection per query (`indexer_topk`, k=2048 in the paper), causal; ties go
   to the lower slot; `-1` pads when fewer keys are visible. Chunked over queries so the
-  `T x S` score matrix is never built whole; `impl` is the slot of a fused `indexer`
-  kernel (only "xla" exists).
+  `T x S` score matrix is never built whole; `impl` "xla" is this file's reference,
+  "auto" / "triton" / "mosaic_tpu" route to the fused `pallas_kernels.indexer` op.
 * Main attention over the selected tokens only (`selected_attention`), MLA in MQA form
   (`sparse_jax.ops.mla`: absorbed queries against the latent cache) through the
   `token_sparse` op (its XLA reference on CPU).
@@ -25,10 +25,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.indexer import api as indexer_op
 from pallas_kernels.token_sparse import token_sparse_attention
 
 STAGES = ("warmup", "sparse")
-INDEXER_IMPLS = ("xla",)
+INDEXER_IMPLS = ("xla", "auto", "triton", "mosaic_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ class DSAConfig:
     without a cache; for training, run the model under `nnx.capture` (a sow outside it
     would accumulate in the module). index_dtype: dtype of the indexer keys in the cache (None: compute
     dtype; e.g. bfloat16 / float8_e4m3fn for low precision). query_chunk: queries per
-    chunk of the reference top-k. impl: indexer implementation ("xla").
+    chunk of the top-k. impl: indexer implementation (INDEXER_IMPLS).
     """
 
     index_heads: int = 64
@@ -64,8 +65,7 @@ class DSAConfig:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.impl not in INDEXER_IMPLS:
-            raise ValueError(f"impl must be one of {INDEXER_IMPLS} (no fused indexer kernel yet), "
-                             f"got {self.impl!r}")
+            raise ValueError(f"impl must be one of {INDEXER_IMPLS}, got {self.impl!r}")
 
 
 def visible(q_positions, kv_positions):
@@ -93,10 +93,14 @@ def indexer_topk(q_index, weights, k_index, q_positions, kv_positions, *, k: int
     """Top-k slots per query: `[B, T, min(k, S)]` int32, -1 padded; no gradient.
 
     Queries are processed `query_chunk` at a time (`lax.map`), so at most
-    `B x query_chunk x S` scores exist at once.
+    `B x query_chunk x S` scores exist at once. `impl` other than "xla": the fused
+    `pallas_kernels.indexer` op (same contract).
     """
     if impl not in INDEXER_IMPLS:
         raise ValueError(f"impl must be one of {INDEXER_IMPLS}, got {impl!r}")
+    if impl != "xla":
+        return indexer_op.indexer_topk(q_index, weights, k_index, k=k, q_positions=q_positions,
+                                       kv_positions=kv_positions, query_chunk=query_chunk, impl=impl)
     q_index, weights, k_index = (jax.lax.stop_gradient(a) for a in (q_index, weights, k_index))
     b, t = q_positions.shape
     if t <= query_chunk:

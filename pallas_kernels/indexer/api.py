@@ -1,0 +1,98 @@
+"""`indexer`: DSA lightning-indexer scores fused with top-k token selection, chunked.
+
+`indexer_topk(q_index, weights, k_index, k=...)` returns, per query token, the `k` key slots
+with the largest `I[t, s] = sum_{j < H_I} w[t, j] * ReLU(q_I[t, j] . k_I[s])` (DeepSeek-V3.2,
+arXiv 2512.02556) among the visible keys (key position >= 0, query position >= 0,
+`kv_pos <= q_pos`), `-1` padded when fewer are visible. Queries are processed
+`query_chunk` at a time (`lax.map`): a kernel writes the chunk's float32 `[B, chunk, S]`
+scores (the `[chunk, H_I, S]` per-head products never reach HBM), then `lax.top_k` selects;
+only one chunk's scores exist at once, never the `T x S` matrix.
+
+No gradient: the indices are discrete and the inputs are `stop_gradient`-ed. The indexer's
+training loss (KL to the main attention, `sparse_jax.ops.dsa.dsa_indexer_loss`) is computed
+on the XLA path (`sparse_jax.ops.dsa.indexer_scores`), not through this op.
+
+`impl`: "auto" | "xla" | "triton" | "mosaic_tpu"; `interpret=True` runs a kernel in
+interpret mode on CPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import common
+from pallas_kernels.indexer.reference import chunk_scores_reference
+from pallas_kernels.indexer.tpu import chunk_scores_tpu
+from pallas_kernels.indexer.triton import chunk_scores_triton
+
+IMPLEMENTATIONS = {"xla": chunk_scores_reference, "triton": chunk_scores_triton,
+                   "mosaic_tpu": chunk_scores_tpu}
+
+
+def topk_from_scores(scores, k: int):
+    """Top-`min(k, S)` of each row of `scores [..., S]` (-inf = not a candidate): `(values,
+    slots)` with slots -1 where the value is -inf. `lax.top_k` puts the lower slot first
+    among ties."""
+    vals, idx = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+    return vals, jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
+
+
+def _check(q_index, weights, k_index, k, query_chunk):
+    if q_index.ndim != 4:
+        raise ValueError(f"q_index must be [B, T, H_I, D_I], got shape {q_index.shape}")
+    b, t, h, d = q_index.shape
+    if weights.shape != (b, t, h):
+        raise ValueError(f"weights must be [{b}, {t}, {h}], got shape {weights.shape}")
+    if k_index.ndim != 3 or k_index.shape[0] != b or k_index.shape[2] != d:
+        raise ValueError(f"k_index must be [{b}, S, {d}], got shape {k_index.shape}")
+    for name, x in (("q_index", q_index), ("weights", weights), ("k_index", k_index)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    for name, val in (("k", k), ("query_chunk", query_chunk)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+
+
+def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_positions=None,
+                 query_chunk: int = 512, return_scores: bool = False, impl: str = "auto",
+                 interpret=False):
+    """Top-k key slots per query from the lightning indexer.
+
+    Args:
+      q_index: `[B, T, H_I, D_I]` indexer queries; weights: `[B, T, H_I]` per-head weights;
+      k_index: `[B, S, D_I]` indexer keys (one head, shared).
+      k: slots per query (2048 in V3.2); the output has `min(k, S)` columns.
+      q_positions: int `[B, T]`, default `arange(T)`; negative = padding query (all -1).
+      kv_positions: int `[B, S]`, default `arange(S)`; negative = empty slot / padding.
+      query_chunk: queries per chunk (the working set is `B x query_chunk x S` float32).
+      return_scores: also return the selected scores.
+    Returns:
+      `token_indices [B, T, min(k, S)]` int32, best first, -1 padded; with `return_scores`
+      also `scores [B, T, min(k, S)]` float32 (-inf where padded).
+    """
+    _check(q_index, weights, k_index, k, query_chunk)
+    b, t = q_index.shape[:2]
+    s = k_index.shape[1]
+    q_positions = common.check_positions("q_positions", q_positions, b, t)
+    kv_positions = common.check_positions("kv_positions", kv_positions, b, s)
+    fn = common.dispatch("indexer", impl, IMPLEMENTATIONS, interpret)
+    q_index, weights, k_index = (jax.lax.stop_gradient(a) for a in (q_index, weights, k_index))
+    q_positions, kv_positions = jnp.asarray(q_positions), jnp.asarray(kv_positions)
+
+    def chunk(qi, w, qp):
+        return topk_from_scores(fn(qi, w, k_index, qp, kv_positions), k)
+
+    if t <= query_chunk:
+        vals, idx = chunk(q_index, weights, q_positions)
+    else:
+        n = -(-t // query_chunk)
+        pad = n * query_chunk - t
+        padt = lambda a, fill=0: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),  # noqa: E731
+                                         constant_values=fill)
+        split = lambda a: jnp.moveaxis(a.reshape((b, n, query_chunk) + a.shape[2:]), 1, 0)  # noqa: E731
+        vals, idx = jax.lax.map(lambda c: chunk(*c), (split(padt(q_index)), split(padt(weights)),
+                                                      split(padt(q_positions, -1))))
+        join = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n * query_chunk, -1)[:, :t]  # noqa: E731
+        vals, idx = join(vals), join(idx)
+    return (idx, vals) if return_scores else idx

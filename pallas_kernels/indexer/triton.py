@@ -1,0 +1,86 @@
+"""Lightning-indexer scores of one query chunk on GPU: Pallas with the Triton lowering.
+
+One program per (batch, query tile, key tile): for each of the `H_I` indexer heads a
+`[bq, D_I] x [D_I, bk]` tensor-core dot, ReLU, times the head's weight, summed in
+registers, so the per-head products `[C, H_I, S]` never reach HBM; only the `[C, S]` float32
+scores of the chunk are written. A tile with no visible key (every key later than every
+query of the tile, or padding) writes -inf without computing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash import blocks
+from pallas_kernels.indexer.common_tile import tile_scores
+
+BIG = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerTritonConfig:
+    """Tile sizes (powers of two >= 16) and launch parameters of the score kernel."""
+
+    block_q: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            val = getattr(self, name)
+            if not (isinstance(val, int) and val >= 16 and val & (val - 1) == 0):
+                raise ValueError(f"{name} must be a power of two >= 16, got {val!r}")
+        if self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"num_warps and num_stages must be >= 1, got {self.num_warps}, {self.num_stages}")
+
+
+def _kernel(qp_ref, kp_ref, q_ref, w_ref, k_ref, o_ref, *, num_heads):
+    qp, kp = qp_ref[...], kp_ref[...]
+    kmin = jnp.min(jnp.where(kp >= 0, kp, BIG))
+    any_visible = jnp.max(qp) >= kmin
+
+    @pl.when(any_visible)
+    def _():
+        o_ref[...] = tile_scores(lambda j: q_ref[j], lambda j: w_ref[j].astype(jnp.float32)[:, None],
+                                 k_ref[...], num_heads, qp[:, None], kp[None, :])
+
+    @pl.when(jnp.logical_not(any_visible))
+    def _():
+        o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
+
+
+def chunk_scores_triton(q_index, weights, k_index, q_positions, kv_positions, *, interpret=False,
+                        config: IndexerTritonConfig | None = None):
+    """`chunk_scores_reference`'s contract on the Triton kernel (float32 `[B, C, S]`)."""
+    cfg = config or IndexerTritonConfig()
+    b, c, h, d = q_index.shape
+    s = k_index.shape[1]
+    bq, bk = blocks.pow2_block(cfg.block_q, c), blocks.pow2_block(cfg.block_k, s)
+    cp, sp, dp = blocks.round_up(c, bq), blocks.round_up(s, bk), max(16, blocks.pl_next_pow2(d))
+    q = jnp.pad(jnp.moveaxis(q_index, 2, 1), [(0, 0), (0, 0), (0, cp - c), (0, dp - d)])   # [B, H, C, D]
+    w = jnp.pad(jnp.moveaxis(weights, 2, 1), [(0, 0), (0, 0), (0, cp - c)])                # [B, H, C]
+    k = jnp.pad(k_index, [(0, 0), (0, sp - s), (0, dp - d)]).astype(q.dtype)
+    qp = jnp.pad(q_positions.astype(jnp.int32), [(0, 0), (0, cp - c)], constant_values=-1)
+    kp = jnp.pad(kv_positions.astype(jnp.int32), [(0, 0), (0, sp - s)], constant_values=-1)
+    out = pl.pallas_call(
+        functools.partial(_kernel, num_heads=h),
+        grid=(b, cp // bq, sp // bk),
+        in_specs=[pl.BlockSpec((None, bq), lambda b_, i, j: (b_, i)),
+                  pl.BlockSpec((None, bk), lambda b_, i, j: (b_, j)),
+                  pl.BlockSpec((None, h, bq, dp), lambda b_, i, j: (b_, 0, i, 0)),
+                  pl.BlockSpec((None, h, bq), lambda b_, i, j: (b_, 0, i)),
+                  pl.BlockSpec((None, bk, dp), lambda b_, i, j: (b_, j, 0))],
+        out_specs=pl.BlockSpec((None, bq, bk), lambda b_, i, j: (b_, i, j)),
+        out_shape=jax.ShapeDtypeStruct((b, cp, sp), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="indexer_scores",
+    )(qp, kp, q, w, k)
+    return out[:, :c, :s]
