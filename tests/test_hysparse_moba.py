@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.common import masked_attention
 from pallas_kernels.flash import flash_attention
 from sparse_jax import patterns as P
@@ -263,3 +264,80 @@ def test_padded_rows_match_unpadded():
     short, _ = model(tokens[:, :n])
     np.testing.assert_allclose(padded[:, :n], short, atol=2e-5, rtol=2e-5)
     assert bool(jnp.all(jnp.isfinite(padded)))
+
+
+def _per_token_case(select: str, seed: int = 7):
+    """Tiny ragged case, T = 20 not a multiple of the block 8: row 1 is valid on 0..12."""
+    b, t, h, hkv, d, bs = 2, 20, 4, 2, 16, 8
+    kq, kk, kv, ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(kq, (b, t, h, d))
+    k = jax.random.normal(kk, (b, t, hkv, d))
+    v = jax.random.normal(kv, (b, t, hkv, d))
+    pos = jnp.stack([jnp.arange(t), jnp.where(jnp.arange(t) < 13, jnp.arange(t), -1)]).astype(jnp.int32)
+    if select == "moba":
+        idx = mops.moba_select(q, k, pos, pos, block_size=bs, top_k=1)             # own + 1 past
+    else:                                                      # HySparse: top-2 of random scores
+        bmin = hops.block_min_positions(pos, bs)
+        visible = (bmin[:, None, :] <= pos[:, :, None]) & (pos[:, :, None] >= 0)
+        idx = hops.select_top_blocks(jax.random.normal(ks, (b, hkv, t, 3)), visible[:, None], 2)
+    return q, k, v, pos, idx, bs
+
+
+@pytest.mark.parametrize("select", ["moba", "hysparse"])
+def test_per_token_token_sparse_kernel_equals_block_sparse_xla_path(select):
+    """query_block=1 on `token_sparse` (Triton, interpret) == the old `block_sparse`
+    block_q=1 XLA path: output, LSE and gradients (q, k, v, sinks), ragged, T % bs != 0."""
+    q, k, v, pos, idx, bs = _per_token_case(select)
+    sinks = jnp.array([0.4, -0.3, 0.0, 1.0])
+    w = jax.random.normal(jax.random.key(11), q.shape)
+    valid = (pos >= 0)[:, None, :]
+
+    def new(q, k, v, s):
+        return hops.selected_block_attention(q, k, v, pos, pos, idx, block_size=bs, sink_logits=s,
+                                             return_lse=True, impl="triton", interpret=True)
+
+    def old(q, k, v, s):
+        return block_sparse_attention(q, k, v, hops.token_block_metadata(idx, bs), mask_fn=P.Causal(),
+                                      q_positions=pos, kv_positions=pos, sink_logits=s,
+                                      return_lse=True, impl="xla")
+
+    res_new, res_old = new(q, k, v, sinks), old(q, k, v, sinks)
+    np.testing.assert_allclose(res_new.out, res_old.out, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(jnp.where(valid, res_new.lse, 0), jnp.where(valid, res_old.lse, 0),
+                               atol=2e-5, rtol=2e-5)
+    assert float(jnp.abs(res_old.out[1, 13:]).max()) == 0.0                    # padded queries
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a).out * w)
+
+    g_new = jax.grad(loss(new), argnums=(0, 1, 2, 3))(q, k, v, sinks)
+    g_old = jax.grad(loss(old), argnums=(0, 1, 2, 3))(q, k, v, sinks)
+    for a, e in zip(g_new, g_old):
+        assert float(jnp.abs(e).max()) > 0
+        np.testing.assert_allclose(a, e, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="needs a GPU")
+@pytest.mark.parametrize("spec", ["HYM", "HYYHM"])
+def test_hysparse_moba_model_compiles_on_gpu_with_auto(spec):
+    """impl="auto" on a GPU: per-token MoBA and HySparse (query_block=1) run the Triton
+    `token_sparse` kernel; forward and gradient equal the XLA model."""
+    kw = dict(vocab_size=64, layer_spec=spec, d_model=64, num_heads=4, num_kv_heads=2,
+              hysparse=HySparseConfig(block_size=16, top_k_tokens=32, window=16), moba_block=16,
+              moba_top_k=2)
+    tokens = jax.random.randint(jax.random.key(0), (2, 100), 0, 64)
+
+    def run(impl):
+        model = SparseLM(LMConfig(impl=impl, **kw), rngs=nnx.Rngs(0))
+
+        @nnx.jit
+        def step(m):
+            return nnx.value_and_grad(lambda m: jnp.mean(jax.nn.log_softmax(m(tokens)[0])[..., 0]))(m)
+
+        return step(model)
+
+    (l_auto, g_auto), (l_xla, g_xla) = run("auto"), run("xla")
+    np.testing.assert_allclose(l_auto, l_xla, atol=1e-3, rtol=1e-3)
+    for a, e in zip(jax.tree.leaves(g_auto), jax.tree.leaves(g_xla)):
+        np.testing.assert_allclose(a, e, atol=2e-3, rtol=2e-2)

@@ -53,9 +53,9 @@ class HySparseConfig:
     query (paper 1024 -> 16 blocks; must be a multiple of block_size). window: SWA branch
     window (paper 128). swa_branch=False: sparse branch only (ablation). swa_shares_kv:
     the SWA branch reads the full layer's KV instead of its own (ablation). query_block:
-    1 = exact per-token selection (the XLA path); >= 16 for the Triton `block_sparse`
-    kernel: each query block of a call then attends to the union of its tokens'
-    selections (a superset; a decode step of one token uses its own selection only, so
+    1 = exact per-token selection (the `token_sparse` op, Triton on GPU); >= 16 for the
+    Triton `block_sparse` kernel: each query block of a call then attends to the union of
+    its tokens' selections (a superset; a decode step of one token uses its own selection only, so
     decode equals prefill exactly only with query_block=1)."""
 
     block_size: int = 64

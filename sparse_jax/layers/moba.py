@@ -4,8 +4,11 @@
 
 Per query token: the fully past KV blocks are scored by `q_t . mean(k of block)` (RoPE'd
 query and keys, summed over the heads of a GQA group so the group shares one selection),
-the top-k are attended together with the query's own block (causal inside), through
-`block_sparse` (see `sparse_jax.ops.moba`). Decode keeps a full cache (slot = position).
+the top-k are attended together with the query's own block (causal inside). The one rule
+for the kernel: `query_block = 1` (exact, the default) runs on the `token_sparse` op
+(per-query block lists; Triton on GPU), `query_block > 1` on `block_sparse` with each query
+block attending the union of its tokens' blocks (Triton needs `query_block >= 16`); see
+`sparse_jax.ops.moba`. Decode keeps a full cache (slot = position).
 
 Without a cache each row's valid positions must be `0..n-1` (padding -1 anywhere): keys
 are scattered to position-indexed slots so block j holds positions `j*bs .. (j+1)*bs-1`.
@@ -22,9 +25,9 @@ from sparse_jax.ops import moba as ops
 
 class MoBAAttention(AttentionBase):
     """block_size: KV block of the gate (paper e.g. 512). top_k: past blocks per query
-    (the own block comes on top). query_block: 1 = exact per-token gating (XLA path); >= 16
-    for the Triton kernel: each query block attends to the union of its tokens' blocks
-    (decode equals prefill exactly only with query_block=1)."""
+    (the own block comes on top). query_block: 1 = exact per-token gating (`token_sparse`,
+    any impl); >= 16 for the Triton `block_sparse` kernel: each query block attends to the
+    union of its tokens' blocks (decode equals prefill exactly only with query_block=1)."""
 
     def __init__(self, config: AttentionConfig, *, block_size: int = 64, top_k: int = 3,
                  query_block: int = 1, rngs: nnx.Rngs):

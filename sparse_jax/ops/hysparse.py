@@ -1,8 +1,9 @@
 """HySparse (Xiaomi, 2026) math as pure functions over projected q/k/v.
 
-It selects, per query *token*, a set of KV blocks and attend to them through the
-`block_sparse` op with `block_q = 1` metadata (one query block per token): the per-token
-selection is exact, no union over a query block.
+It selects, per query *token*, a set of KV blocks and attends to them through the
+`token_sparse` op (per-query block lists, Triton on GPU): the per-token selection is
+exact, no union over a query block. With `query_block >= 2` the union over each query block
+goes through `block_sparse` instead (the Triton kernel needs `query_block >= 16`).
 
 Blocks are by *array index* of the KV: block j is `k[:, j*bs:(j+1)*bs]`. The layers keep
 their KV in position-indexed slots (a `FullKVCache`, also in training), so block j always
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.flash import flash_attention
+from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import patterns as P
 
 
@@ -74,7 +76,9 @@ def select_top_blocks(scores, visible, top_k: int):
 
 def token_block_metadata(block_indices, block_size: int) -> BlockSparseMetadata:
     """Per-token block lists `[B, Hkv, Tq, k]` (ascending, -1 padding) -> `block_q=1`
-    metadata; every block is partial (the causal predicate is evaluated)."""
+    metadata; every block is partial (the causal predicate is evaluated). The same
+    selection as `selected_block_attention(query_block=1)` in `block_sparse` form (XLA
+    only: the Triton kernel needs >= 16 query rows); kept as a second reference in tests."""
     valid = block_indices >= 0
     counts = valid.sum(-1).astype(jnp.int32)
     last = jnp.take_along_axis(block_indices, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
@@ -123,14 +127,20 @@ def selected_block_attention(q, k, v, q_positions, kv_positions, block_indices, 
                              return_lse: bool = False, impl: str = "auto", interpret: bool = False):
     """Causal attention of each query token over its listed KV blocks.
 
-    `query_block = 1` (default): exact per-token selection (`block_q = 1` metadata; the XLA
-    path; the Triton `block_sparse` kernel needs >= 16 query rows per program, so use
-    `query_block >= 16` there). `query_block > 1`: the union over each query block.
+    q `[B, Tq, H, D]`, k/v `[B, Tk, Hkv, D/Dv]` (position-indexed slots), block_indices
+    `[B, Hkv, Tq, k]` (distinct per row, -1 padding). The one rule:
+    `query_block = 1` (default): exact per-token selection through `token_sparse`
+    (block_size = the selection block; the Triton kernel on GPU); `query_block > 1`: the
+    union over each query block through `block_sparse` (its Triton kernel needs
+    `query_block >= 16`). Returns `[B, Tq, H, Dv]`, or `AttentionOutput(out, lse [B, H, Tq])`
+    with `return_lse`.
     """
     if query_block == 1:
-        meta = token_block_metadata(block_indices, block_size)
-    else:
-        meta = union_block_metadata(block_indices, block_size, query_block, -(-k.shape[1] // block_size))
+        return token_sparse_attention(q, k, v, jnp.swapaxes(block_indices, 1, 2), block_size=block_size,
+                                      q_positions=q_positions, kv_positions=kv_positions, causal=True,
+                                      sink_logits=sink_logits, softcap=softcap, return_lse=return_lse,
+                                      impl=impl, interpret=interpret)
+    meta = union_block_metadata(block_indices, block_size, query_block, -(-k.shape[1] // block_size))
     return block_sparse_attention(q, k, v, meta, mask_fn=P.Causal(), q_positions=q_positions,
                                   kv_positions=kv_positions, sink_logits=sink_logits,
                                   softcap=softcap, return_lse=return_lse, impl=impl,

@@ -4,9 +4,10 @@ Gating per query *token* (the paper's formulation): each fully past KV block j i
 by `q_t . mean(k of block j)`; the top-k of those plus the query's own block (causal
 inside) are attended. The scores are summed over the heads of a GQA group so the group
 shares one selection (the `block_sparse` metadata is per kv-head; with MHA this is the
-paper's per-head gate). Attention runs through `block_sparse` with `block_q = 1`
-metadata (see `sparse_jax.ops.hysparse`); blocks are by array index of the KV, which the
-layer keeps in position-indexed slots.
+paper's per-head gate). Attention runs through `selected_block_attention` (see
+`sparse_jax.ops.hysparse`): `query_block = 1` (exact per token) on the `token_sparse` op,
+`query_block > 1` (union over query blocks) on `block_sparse`. Blocks are by array index of
+the KV, which the layer keeps in position-indexed slots.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def moba_select(q, k, q_positions, kv_positions, *, block_size: int, top_k: int)
 def moba_attention(q, k, v, q_positions, kv_positions, *, block_size: int, top_k: int,
                    query_block: int = 1, sink_logits=None, softcap=None, impl: str = "auto",
                    interpret: bool = False):
-    """MoBA attention: `moba_select` then `selected_block_attention` (per token, or the
-    union over query blocks of `query_block` tokens)."""
+    """MoBA attention: `moba_select` then `selected_block_attention` (per token through
+    `token_sparse`, or the union over query blocks of `query_block` tokens through
+    `block_sparse`). q `[B, Tq, H, D]`, k/v `[B, Tk, Hkv, D/Dv]` -> `[B, Tq, H, Dv]`."""
     idx = moba_select(q, k, q_positions, kv_positions, block_size=block_size, top_k=top_k)
     return selected_block_attention(q, k, v, q_positions, kv_positions, idx, block_size=block_size,
                                     query_block=query_block, sink_logits=sink_logits, softcap=softcap, impl=impl,
