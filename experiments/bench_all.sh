@@ -20,4 +20,5 @@ run decode 75 python3 experiments/bench_decode.py --budget_s 45 --out "$OUT/json
 run token_sparse 300 python3 experiments/bench_token_sparse.py --iters 5 --out "$OUT/json/token_sparse.json"
 run training_free 420 python3 experiments/bench_training_free.py --reps 5 --out "$OUT/json/training_free.json"
 run nsa 420 python3 experiments/bench_nsa.py --iters 5 --out "$OUT/json/nsa.json"
+run dsa 600 python3 experiments/bench_dsa.py --iters 5 --reps 10 --out "$OUT/json/dsa.json"
 tar czf "$OUT/bench_json.tgz" -C "$OUT" json && rm -rf "$OUT/json"

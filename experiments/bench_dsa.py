@@ -1,0 +1,310 @@
+"""Benchmark DSA (DeepSeek-V3.2 sparse attention) on GPU, bf16, B=1, one process (issue 5).
+
+(a) `indexer`: the fused lightning-indexer score kernel + chunked `lax.top_k`
+    (`pallas_kernels.indexer`, Triton), H_I x D_I = `--index_heads` x `--index_dim`
+    (BENCHMARKING.md: 4 x 64; the paper's is 64 x 128), top-k `--top_k`, causal S = T. TFLOP/s on
+    its own FLOPs, `2 * (T^2 / 2) * H_I * D_I`, against a plain bf16 matmul (8192^3) measured
+    in the same run; the score kernel alone (top-k replaced by a row max) is reported beside it.
+    Correctness: the last `--check_rows` queries' selections against the float32 reference
+    scores (tie-aware: the reference scores of the picked slots vs the reference's sorted top-k).
+(b) DSA attention forward = indexer + top-k + `token_sparse` attention (MLA in MQA form: H=64
+    query heads over one latent head, D = 576 = 512 + 64 rope, Dv = 512, k = 2048) against
+    dense causal attention. cuDNN cannot take D=576 / Dv=512 (D <= 256), so two stand-ins:
+    `cudnn_mla192`: DeepSeek-V3's dense MLA in its training form, H = Hkv = 64, D = Dv = 192
+    (the attention DSA replaces; V padded from 128, as in bench_token_sparse.py), and
+    `cudnn_sameflops`: MHA with exactly the absorbed form's FLOPs per (query, key) pair,
+    H=136, D = Dv = 256 (2 * 136 * 512 = 2 * 64 * (576 + 512)), the fairest kernel-to-kernel
+    stand-in; plus our flash Triton dense MQA at 576/512 when it compiles (`flash_mqa576`).
+(c) Sparse-MLA decode, batch `--decode_batch`, context `--decode_context`: absorbed MQA
+    decode (H=64, D=576, Dv=512) over the `--top_k` selected latent tokens (`token_sparse`
+    with T=1, random distinct tokens) vs dense MLA decode over the whole latent cache
+    (`decode_attention`, Triton), both amortised over `--reps` calls per program with fresh
+    selections per call (bench_decode.py's `repeated`). Bandwidth: the bytes it must read
+    (576 bf16 per selected token; V is the first 512 of the same latent row) and the bytes our
+    kernel reads (separate K and V arrays: 576 + 512 per token) against the measured copy
+    (bench_decode.py's `copy_bandwidth`, `x + 1` over 2 GiB, read + write).
+
+Timers, the copy and `repeated` come from experiments/bench_decode.py (its --out / --iters /
+--reps flags). On a GPU machine, repo root:
+  PYTHONPATH=. python experiments/bench_dsa.py --out /tmp/bench_dsa.json
+CPU smoke run (tiny shapes, kernels in interpret mode, no cuDNN):
+  PYTHONPATH=. python experiments/bench_dsa.py --small --out /tmp/dsa_small.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments.bench_decode import copy_bandwidth, median_time, rel, repeated
+from pallas_kernels.decode import decode_attention
+from pallas_kernels.flash import flash_attention
+from pallas_kernels.indexer import indexer_topk
+from pallas_kernels.indexer.reference import chunk_scores_reference
+from pallas_kernels.indexer.triton import chunk_scores_triton
+from pallas_kernels.token_sparse import token_sparse_attention
+from sparse_jax import patterns as P
+
+FLAGS = flags.FLAGS      # --out --iters --reps: bench_decode's
+flags.DEFINE_bool("small", False, "CPU smoke run: tiny shapes, interpret mode, no cuDNN")
+flags.DEFINE_list("seq_lens", ["16384", "65536", "131072"], "T for (a) and (b)")
+flags.DEFINE_list("parts", ["indexer", "forward", "decode"], "which of (a), (b), (c)")
+flags.DEFINE_integer("index_heads", 4, "indexer heads H_I")
+flags.DEFINE_integer("index_dim", 64, "indexer head dim D_I")
+flags.DEFINE_integer("top_k", 2048, "selected tokens per query")
+flags.DEFINE_integer("query_chunk", 2048, "indexer queries per chunk (chunk x S float32 scores)")
+flags.DEFINE_integer("check_rows", 64, "query rows checked against the reference")
+flags.DEFINE_integer("decode_batch", 16, "(c) batch")
+flags.DEFINE_integer("decode_context", 131072, "(c) cache length")
+FLAGS.set_default("out", "bench_dsa.json")
+
+H, D, DV = 64, 576, 512          # MLA in MQA form: query heads, latent + rope, latent
+
+
+def matmul_tflops(n, iters):
+    a = jax.random.normal(jax.random.key(7), (n, n), jnp.bfloat16)
+    sec = median_time(jax.jit(lambda x, y: x @ y), a, a, iters=iters)
+    return 2 * n ** 3 / sec / 1e12
+
+
+def indexer_inputs(t, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    qi = jax.random.normal(ks[0], (1, t, FLAGS.index_heads, FLAGS.index_dim), jnp.bfloat16)
+    w = jax.random.normal(ks[1], (1, t, FLAGS.index_heads), jnp.bfloat16)
+    ki = jax.random.normal(ks[2], (1, t, FLAGS.index_dim), jnp.bfloat16)
+    return qi, w, ki
+
+
+def indexer_fn(k, chunk, interpret):
+    return lambda qi, w, ki: indexer_topk(qi, w, ki, k=k, query_chunk=chunk, impl="triton",
+                                          interpret=interpret)
+
+
+def scores_only_fn(chunk, interpret):
+    """The score kernel over all chunks, each chunk reduced to its row max (no top-k)."""
+    def f(qi, w, ki):
+        t = qi.shape[1]
+        n = t // chunk
+        if n * chunk != t:
+            raise ValueError(f"T={t} must be a multiple of --query_chunk={chunk}")
+        pos = jnp.arange(t, dtype=jnp.int32).reshape(n, 1, chunk)
+        kpos = jnp.arange(t, dtype=jnp.int32)[None]
+        split = lambda a: jnp.moveaxis(a.reshape((1, n, chunk) + a.shape[2:]), 1, 0)  # noqa: E731
+        return jax.lax.map(lambda c: chunk_scores_triton(c[0], c[1], ki, c[2], kpos, interpret=interpret
+                                                         ).max(-1), (split(qi), split(w), pos))
+    return f
+
+
+def check_selection(idx, qi, w, ki, rows):
+    """Worst gap between the reference scores of the picked slots and the reference's own
+    sorted top-k on the last `rows` queries, relative to the row's largest |score|."""
+    t = qi.shape[1]
+    ref = chunk_scores_reference(qi[:, t - rows:], w[:, t - rows:], ki,
+                                 jnp.arange(t - rows, t, dtype=jnp.int32)[None],
+                                 jnp.arange(t, dtype=jnp.int32)[None])
+    ref = np.asarray(ref)[0]
+    sel = np.asarray(idx)[0, t - rows:]
+    kk = sel.shape[-1]
+    best = -np.sort(-ref, -1)[:, :kk]
+    picked = np.where(sel >= 0, np.take_along_axis(ref, np.maximum(sel, 0), -1), -np.inf)
+    fin = np.isfinite(best)
+    if not np.array_equal(fin, np.isfinite(picked)):
+        return float("inf")
+    scale = np.abs(np.where(fin, best, 0)).max(-1, keepdims=True) + 1e-30
+    return float((np.abs(np.where(fin, np.sort(picked, -1)[:, ::-1] - best, 0)) / scale).max())
+
+
+def bench_indexer(t, matmul, iters, small):
+    qi, w, ki = indexer_inputs(t)
+    chunk = min(FLAGS.query_chunk, t)
+    flops = 2 * (t * t / 2) * FLAGS.index_heads * FLAGS.index_dim
+    f = jax.jit(indexer_fn(FLAGS.top_k, chunk, small))
+    idx = f(qi, w, ki)
+    row = dict(part="indexer", T=t, index_heads=FLAGS.index_heads, index_dim=FLAGS.index_dim,
+               top_k=FLAGS.top_k, query_chunk=chunk,
+               sel_err=check_selection(idx, qi, w, ki, min(FLAGS.check_rows, t)))
+    sec = median_time(f, qi, w, ki, iters=iters)
+    sc = median_time(jax.jit(scores_only_fn(chunk, small)), qi, w, ki, iters=iters)
+    row.update(ms=sec * 1e3, tflops=flops / sec / 1e12, scores_ms=sc * 1e3, scores_tflops=flops / sc / 1e12,
+               matmul_tflops=matmul, frac_of_matmul=flops / sec / 1e12 / matmul,
+               scores_frac_of_matmul=flops / sc / 1e12 / matmul)
+    return row
+
+
+def mla_inputs(b, t, s, seed=1):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (b, t, H, D), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, s, 1, D), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, s, 1, DV), jnp.bfloat16)
+    return q, k, v
+
+
+def dsa_forward(k, chunk, interpret):
+    def f(q, kl, vl, qi, w, ki):
+        idx = indexer_topk(qi, w, ki, k=k, query_chunk=chunk, impl="triton", interpret=interpret)
+        return token_sparse_attention(q, kl, vl, idx[:, :, None], scale=D ** -0.5, impl="triton",
+                                      interpret=interpret)
+    return f
+
+
+def dense_rows(t, iters, small):
+    """Dense causal stand-ins (ms): cuDNN MLA training form, cuDNN same-FLOPs MHA, our flash
+    MQA 576/512."""
+    out = {}
+    shapes = {"cudnn_mla192": (64, 192), "cudnn_sameflops": (136, 256)}
+    for name, (h, d) in shapes.items():
+        if small:
+            continue
+        ks = jax.random.split(jax.random.key(3), 3)
+        q, k, v = (jax.random.normal(kk, (1, t, h, d), jnp.bfloat16) for kk in ks)
+        f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+        try:
+            out[name] = median_time(f, q, k, v, iters=iters) * 1e3
+        except Exception as e:  # noqa: BLE001 - report, keep going
+            out[name + "_error"] = str(e)[:200]
+        del q, k, v
+    q, k, v = mla_inputs(1, t, t)
+    f = jax.jit(lambda q, k, v: flash_attention(q, k, v, mask_fn=P.Causal(), scale=D ** -0.5,
+                                                      impl="triton", interpret=small))
+    try:
+        out["flash_mqa576"] = median_time(f, q, k, v, iters=iters) * 1e3
+    except Exception as e:  # noqa: BLE001
+        out["flash_mqa576_error"] = str(e)[:200]
+    return out
+
+
+def bench_forward(t, iters, small):
+    q, kl, vl = mla_inputs(1, t, t)
+    qi, w, ki = indexer_inputs(t)
+    chunk = min(FLAGS.query_chunk, t)
+    f = jax.jit(dsa_forward(FLAGS.top_k, chunk, small))
+    row = dict(part="forward", T=t, top_k=FLAGS.top_k)
+    sec = median_time(f, q, kl, vl, qi, w, ki, iters=iters)
+    idx = jax.jit(indexer_fn(FLAGS.top_k, chunk, small))(qi, w, ki)
+    attn = jax.jit(lambda q, kl, vl, idx: token_sparse_attention(q, kl, vl, idx[:, :, None], scale=D ** -0.5,
+                                                                 impl="triton", interpret=small))
+    rows = min(FLAGS.check_rows, t)
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    ref = token_sparse_attention(q[:, t - rows:], kl, vl, idx[:, t - rows:, None], scale=D ** -0.5, impl="xla",
+                                 q_positions=pos[:, t - rows:], kv_positions=pos)
+    row["attn_err"] = rel(attn(q, kl, vl, idx)[:, t - rows:], ref)
+    row.update(ms=sec * 1e3, attention_ms=median_time(attn, q, kl, vl, idx, iters=iters) * 1e3)
+    del q, kl, vl
+    dense = dense_rows(t, iters, small)
+    row.update(dense)
+    for name in ("cudnn_mla192", "cudnn_sameflops", "flash_mqa576"):
+        if name in dense:
+            row["speedup_vs_" + name] = dense[name] / row["ms"]
+    return row
+
+
+def bench_decode_part(b, s, copy_bw, iters, reps, small):
+    k = min(FLAGS.top_k, s)
+    ks = jax.random.split(jax.random.key(5), 2)
+    qs = jax.random.normal(ks[0], (reps, b, 1, H, D), jnp.bfloat16)
+    _, kl, vl = mla_inputs(b, 1, s)
+    rng = np.random.default_rng(0)
+    sels = jnp.asarray(np.stack([np.sort(np.stack([rng.permutation(s)[:k] for _ in range(b)]), -1)
+                                 for _ in range(reps)])[:, :, None, None, :], jnp.int32)   # [reps, B, 1, 1, k]
+    qpos = jnp.full((b, 1), s - 1, jnp.int32)
+    lengths = jnp.full((b,), s, jnp.int32)
+
+    def sparse(q, kc, vc, idx):
+        return token_sparse_attention(q, kc, vc, idx, q_positions=qpos, scale=D ** -0.5, impl="triton",
+                                      interpret=small)
+
+    def dense(q, kc, vc, impl="triton"):
+        return decode_attention(q, kc, vc, lengths=lengths, q_positions=qpos, scale=D ** -0.5, impl=impl,
+                                interpret=small)
+
+    row = dict(part="decode", batch=b, context=s, top_k=k)
+    ref = token_sparse_attention(qs[0], kl, vl, sels[0], q_positions=qpos, scale=D ** -0.5, impl="xla")
+    row["sparse_err"] = rel(jax.jit(sparse)(qs[0], kl, vl, sels[0]), ref)
+    sp = median_time(repeated(sparse, None), qs, kl, vl, sels, iters=iters) / reps
+    must, read = b * k * D * 2, b * k * (D + DV) * 2
+    row.update(sparse_us=sp * 1e6, must_read_bytes=must, kernel_read_bytes=read,
+               must_read_frac_of_copy=must / sp / copy_bw, kernel_read_frac_of_copy=read / sp / copy_bw)
+    try:
+        de = median_time(repeated(dense, None), qs, kl, vl, None, iters=iters) / reps
+        row.update(dense_us=de * 1e6, speedup_vs_dense=de / sp,
+                   dense_frac_of_copy=b * s * (D + DV) * 2 / de / copy_bw)
+    except Exception as e:  # noqa: BLE001
+        row["dense_error"] = str(e)[:200]
+    return row
+
+
+def table(rows, copy_bw) -> str:
+    lines = [f"copy {copy_bw / 1e9:.0f} GB/s", "", "| part | shape | ours | baseline(s) | ratio |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if r["part"] == "indexer":
+            lines.append(f"| indexer | T={r['T']} H_I={r['index_heads']}x{r['index_dim']} k={r['top_k']} | "
+                         f"{r['ms']:.2f} ms, {r['tflops']:.0f} TFLOP/s (scores only {r['scores_tflops']:.0f}) "
+                         f"| matmul {r['matmul_tflops']:.0f} TFLOP/s | {r['frac_of_matmul']:.2f} "
+                         f"(scores {r['scores_frac_of_matmul']:.2f}), sel_err {r['sel_err']:.1e} |")
+        elif r["part"] == "forward":
+            base = ", ".join(f"{n} {r[n]:.1f} ms" for n in ("cudnn_mla192", "cudnn_sameflops", "flash_mqa576")
+                             if n in r)
+            ratio = ", ".join(f"{r['speedup_vs_' + n]:.2f}x" for n in ("cudnn_mla192", "cudnn_sameflops",
+                                                                      "flash_mqa576") if n in r)
+            lines.append(f"| DSA fwd | T={r['T']} k={r['top_k']} | {r['ms']:.1f} ms (attn {r['attention_ms']:.1f}) "
+                         f"| {base} | {ratio} |")
+        else:
+            dense = f"{r['dense_us']:.0f} us" if "dense_us" in r else r.get("dense_error", "")[:60]
+            ratio = f"{r['speedup_vs_dense']:.1f}x" if "speedup_vs_dense" in r else "-"
+            lines.append(f"| sparse-MLA decode | B={r['batch']} ctx={r['context']} k={r['top_k']} | "
+                         f"{r['sparse_us']:.1f} us, {r['must_read_frac_of_copy']:.2f} of copy (must-read), "
+                         f"{r['kernel_read_frac_of_copy']:.2f} (K+V read) | dense {dense} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    small = FLAGS.small
+    if small:
+        FLAGS.index_heads, FLAGS.index_dim, FLAGS.top_k, FLAGS.query_chunk = 2, 16, 8, 16
+        FLAGS.decode_batch, FLAGS.decode_context, FLAGS.check_rows = 2, 64, 8
+        seq_lens, iters, reps = [48], 1, 2
+    else:
+        seq_lens, iters, reps = [int(x) for x in FLAGS.seq_lens], FLAGS.iters, FLAGS.reps
+    global H, D, DV
+    if small:
+        H, D, DV = 16, 72, 64
+    info = dict(device=str(jax.devices()[0]), small=small, H=H, D=D, DV=DV)
+    copy_bw = 1e12 if small else copy_bandwidth(iters)[0]
+    matmul = 1.0 if small else matmul_tflops(8192, iters)
+    info.update(copy_bytes_per_s=copy_bw, matmul_tflops=matmul)
+    rows = []
+
+    def save():
+        with open(FLAGS.out, "w") as fh:
+            json.dump(dict(info=info, rows=rows), fh, indent=1)
+
+    t0 = time.perf_counter()
+    for part in FLAGS.parts:
+        for t in (seq_lens if part != "decode" else [None]):
+            try:
+                if part == "indexer":
+                    rows.append(bench_indexer(t, matmul, iters, small))
+                elif part == "forward":
+                    rows.append(bench_forward(t, iters, small))
+                else:
+                    rows.append(bench_decode_part(FLAGS.decode_batch, FLAGS.decode_context, copy_bw, iters,
+                                                  reps, small))
+            except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
+                rows.append(dict(part=part, T=t, error=str(e)[:400]))
+                print(f"{part} T={t}: {str(e)[:400]}", flush=True)
+                continue
+            print(json.dumps(rows[-1]), f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            save()
+    save()
+    print(table([r for r in rows if "error" not in r], copy_bw))
+
+
+if __name__ == "__main__":
+    app.run(main)
