@@ -1,5 +1,6 @@
 """SparseLM, the needle task, the training step and the demo script."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -116,3 +117,92 @@ def test_demo_script_runs():
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "acc far" in proc.stdout and "swa" in proc.stdout
+
+
+def ragged_positions(t, pads):
+    """Row i left-padded with `pads[i]` entries of -1, then 0, 1, ..."""
+    return jnp.asarray(np.stack([np.concatenate([-np.ones(p), np.arange(t - p)]) for p in pads]), jnp.int32)
+
+
+def test_decode_equals_prefill_mla_dsa_csa_hca():
+    """'LDCRF' (MLA, DSA, CSA, HCA, full), ragged batch: chunked prefill + token-by-token
+    decode == prefill logits, with top-k budgets small enough that DSA/CSA really select."""
+    cfg = small_config("LDCRF", dsa=dataclasses.replace(LMConfig.dsa, top_k=4),
+                       csa=dataclasses.replace(LMConfig.csa, top_k=2, window=4),
+                       hca=dataclasses.replace(LMConfig.hca, ratio=8, window=4))
+    model = SparseLM(cfg, rngs=nnx.Rngs(1))
+    b, t = 2, 21
+    tokens = jax.random.randint(jax.random.key(1), (b, t), 0, 40)
+    pos = ragged_positions(t, [0, 3])
+    step = nnx.jit(lambda m, x, p, c: m(x, p, c))          # one compile per chunk length
+    logits, _ = step(model, tokens, pos, None)
+    out, caches = step(model, tokens[:, :6], pos[:, :6], model.init_cache(b, 24))
+    outs = [out]
+    for i in range(6, t):
+        out, caches = step(model, tokens[:, i:i + 1], pos[:, i:i + 1], caches)
+        outs.append(out)
+    valid = np.asarray(pos >= 0)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1))[valid], np.asarray(logits)[valid],
+                               atol=5e-5, rtol=5e-5)
+
+
+def test_kv_bytes_per_token_mla_dsa_csa_hca_vs_full():
+    """Per-layer KV bytes: MLA < DSA (adds indexer keys) < full MHA; HCA < CSA < full."""
+    kw = dict(d_model=64, num_heads=4, num_kv_heads=4)
+    per = {k: SparseLM(small_config(k, **kw), rngs=nnx.Rngs(0)).kv_bytes_per_token(256) for k in "FLDCR"}
+    assert all(v > 0 for v in per.values()), per
+    assert per["L"] < per["D"] < per["F"], per
+    assert per["R"] < per["C"] < per["F"], per
+    both = SparseLM(small_config("LDCRF", **kw), rngs=nnx.Rngs(0)).kv_bytes_per_token(256)
+    assert both == pytest.approx(sum(per.values()))
+
+
+def test_train_step_trains_dsa_indexer():
+    """The train step adds the sown DSA indexer KL, reports it, and follows `optimizer.wrt`:
+    a warm-up ('FD', stage "warmup", only the indexer trained) lowers the KL over 30 steps
+    and leaves every other parameter as it was."""
+    import optax
+
+    from sparse_jax.layers.dsa import indexer_filter
+    task = NeedleTask(seq_len=24, num_values=4, num_noise=8)
+    dsa = dataclasses.replace(LMConfig.dsa, top_k=6, stage="warmup", indexer_loss=True)
+    model = SparseLM(small_config("FD", vocab_size=task.vocab_size, dsa=dsa), rngs=nnx.Rngs(0))
+    frozen = nnx.clone(nnx.state(model, nnx.All(nnx.Param, nnx.Not(indexer_filter()))))
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=indexer_filter())
+    rng = np.random.default_rng(0)
+    kls = []
+    for _ in range(30):
+        metrics = train_step(model, opt, *task.batch(rng, 8)[:3])
+        kls.append(float(metrics.indexer_loss))
+        assert len(metrics) == 2 and metrics.loss is metrics[0]
+    assert np.isfinite(kls).all() and kls[0] > 0
+    assert np.mean(kls[-5:]) < 0.5 * np.mean(kls[:3]), kls
+    after = nnx.state(model, nnx.All(nnx.Param, nnx.Not(indexer_filter())))
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_train_step_unchanged_without_dsa():
+    """A model without DSA layers: same losses as the plain step (LM loss only), indexer 0."""
+    from sparse_jax.train import masked_cross_entropy
+
+    @nnx.jit
+    def plain_step(model, optimizer, tokens, targets, mask):
+        def loss_fn(model):
+            return masked_cross_entropy(model(tokens)[0], targets, mask)
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    task = NeedleTask(seq_len=16, num_values=4, num_noise=8)
+    model = SparseLM(small_config("WF", vocab_size=task.vocab_size), rngs=nnx.Rngs(0))
+    ref = nnx.clone(model)
+    opt, ref_opt = make_optimizer(model, 1e-2, warmup=1), make_optimizer(ref, 1e-2, warmup=1)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        batch = task.batch(rng, 4)[:3]
+        metrics = train_step(model, opt, *batch)
+        assert float(metrics.indexer_loss) == 0.0
+        np.testing.assert_allclose(float(metrics.loss), float(plain_step(ref, ref_opt, *batch)), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(ref, nnx.Param))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
