@@ -86,17 +86,17 @@ def indexer_fn(k, chunk, interpret):
 
 
 def scores_only_fn(chunk, interpret):
-    """The score kernel over all chunks, each chunk reduced to its row max (no top-k)."""
+    """The score kernel over the chunks' causal key prefixes (as `indexer_topk` runs it with
+    default positions), each chunk reduced to its row max instead of the top-k."""
     def f(qi, w, ki):
         t = qi.shape[1]
-        n = t // chunk
-        if n * chunk != t:
-            raise ValueError(f"T={t} must be a multiple of --query_chunk={chunk}")
-        pos = jnp.arange(t, dtype=jnp.int32).reshape(n, 1, chunk)
-        kpos = jnp.arange(t, dtype=jnp.int32)[None]
-        split = lambda a: jnp.moveaxis(a.reshape((1, n, chunk) + a.shape[2:]), 1, 0)  # noqa: E731
-        return jax.lax.map(lambda c: chunk_scores_triton(c[0], c[1], ki, c[2], kpos, interpret=interpret
-                                                         ).max(-1), (split(qi), split(w), pos))
+        outs = []
+        for lo in range(0, t, chunk):
+            hi = min(t, lo + chunk)
+            qpos, kpos = jnp.arange(lo, hi, dtype=jnp.int32)[None], jnp.arange(hi, dtype=jnp.int32)[None]
+            outs.append(chunk_scores_triton(qi[:, lo:hi], w[:, lo:hi], ki[:, :hi], qpos, kpos,
+                                            interpret=interpret).max(-1))
+        return jnp.concatenate(outs, 1)
     return f
 
 

@@ -6,7 +6,9 @@ arXiv 2512.02556) among the visible keys (key position >= 0, query position >= 0
 `kv_pos <= q_pos`), `-1` padded when fewer are visible. Queries are processed
 `query_chunk` at a time (`lax.map`): a kernel writes the chunk's float32 `[B, chunk, S]`
 scores (the `[chunk, H_I, S]` per-head products never reach HBM), then `lax.top_k` selects;
-only one chunk's scores exist at once, never the `T x S` matrix.
+only one chunk's scores exist at once, never the `T x S` matrix. With default positions
+(both `arange`) chunk i only scores the keys before its last query (a Python loop over
+chunks of static key prefixes: about half the score writes and top-k work of causal prefill).
 
 No gradient: the indices are discrete and the inputs are `stop_gradient`-ed. The indexer's
 training loss (KL to the main attention, `sparse_jax.ops.dsa.dsa_indexer_loss`) is computed
@@ -74,6 +76,7 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
     _check(q_index, weights, k_index, k, query_chunk)
     b, t = q_index.shape[:2]
     s = k_index.shape[1]
+    prefix = q_positions is None and kv_positions is None
     q_positions = common.check_positions("q_positions", q_positions, b, t)
     kv_positions = common.check_positions("kv_positions", kv_positions, b, s)
     fn = common.dispatch("indexer", impl, IMPLEMENTATIONS, interpret)
@@ -83,6 +86,8 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
     def chunk(qi, w, qp):
         return topk_from_scores(fn(qi, w, k_index, qp, kv_positions), k)
 
+    if prefix and t > query_chunk:
+        return _causal_prefix_chunks(fn, q_index, weights, k_index, k, query_chunk, return_scores)
     if t <= query_chunk:
         vals, idx = chunk(q_index, weights, q_positions)
     else:
@@ -95,4 +100,29 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
                                                       split(padt(q_positions, -1))))
         join = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n * query_chunk, -1)[:, :t]  # noqa: E731
         vals, idx = join(vals), join(idx)
+    return (idx, vals) if return_scores else idx
+
+
+def _causal_prefix_chunks(fn, q_index, weights, k_index, k, query_chunk, return_scores):
+    """Default positions: chunk i (queries `[i * c, (i + 1) * c)`) scores only the keys
+    `[0, min(S, (i + 1) * c))`, the rest being invisible to all of its queries; the result is
+    identical to the full-width path (invisible keys are never selected)."""
+    b, t = q_index.shape[:2]
+    s = k_index.shape[1]
+    width = min(k, s)
+    vals, idx = [], []
+    for lo in range(0, t, query_chunk):
+        hi = min(t, lo + query_chunk)
+        keys = min(s, hi)
+        qpos = jnp.broadcast_to(jnp.arange(lo, hi, dtype=jnp.int32), (b, hi - lo))
+        kpos = jnp.broadcast_to(jnp.arange(keys, dtype=jnp.int32), (b, keys))
+        if keys == 0:
+            v = jnp.full((b, hi - lo, 0), -jnp.inf, jnp.float32)
+            i = jnp.zeros((b, hi - lo, 0), jnp.int32)
+        else:
+            v, i = topk_from_scores(fn(q_index[:, lo:hi], weights[:, lo:hi], k_index[:, :keys], qpos, kpos), k)
+        pad = [(0, 0), (0, 0), (0, width - v.shape[-1])]
+        vals.append(jnp.pad(v, pad, constant_values=-jnp.inf))
+        idx.append(jnp.pad(i, pad, constant_values=-1))
+    vals, idx = jnp.concatenate(vals, 1), jnp.concatenate(idx, 1)
     return (idx, vals) if return_scores else idx
