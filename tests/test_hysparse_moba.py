@@ -339,5 +339,5 @@ def test_hysparse_moba_model_compiles_on_gpu_with_auto(spec):
 
     (l_auto, g_auto), (l_xla, g_xla) = run("auto"), run("xla")
     np.testing.assert_allclose(l_auto, l_xla, atol=1e-3, rtol=1e-3)
-    for a, e in zip(jax.tree.leaves(g_auto), jax.tree.leaves(g_xla)):
-        np.testing.assert_allclose(a, e, atol=2e-3, rtol=2e-2)
+    for a, e in zip(jax.tree.leaves(g_auto), jax.tree.leaves(g_xla)):   # TF32 dots: relative norm
+        assert float(jnp.linalg.norm(a - e)) <= 2e-2 * float(jnp.linalg.norm(e)) + 1e-6
