@@ -53,7 +53,8 @@ from sparse_jax import patterns as P
 FLAGS = flags.FLAGS      # --out --iters --reps: bench_decode's
 flags.DEFINE_bool("small", False, "CPU smoke run: tiny shapes, interpret mode, no cuDNN")
 flags.DEFINE_list("seq_lens", ["16384", "65536", "131072"], "T for (a) and (b)")
-flags.DEFINE_list("parts", ["indexer", "forward", "decode"], "which of (a), (b), (c)")
+flags.DEFINE_list("parts", ["indexer", "decode", "forward"], "which of (a), (c), (b), in this order "
+                  "(the longest last: rows are saved as they finish)")
 flags.DEFINE_integer("index_heads", 4, "indexer heads H_I")
 flags.DEFINE_integer("index_dim", 64, "indexer head dim D_I")
 flags.DEFINE_integer("top_k", 2048, "selected tokens per query")
