@@ -29,11 +29,11 @@ from absl import app, flags
 from flax import nnx
 
 from sparse_jax.data import NeedleTask
-from sparse_jax.layers.dsa import indexer_filter, total_indexer_loss
+from sparse_jax.layers.dsa import indexer_filter
 from sparse_jax.models.lm import LMConfig, SparseLM
 from sparse_jax.ops.dsa import DSAConfig
 from sparse_jax.ops.mla import MLAConfig
-from sparse_jax.train import masked_accuracy, masked_cross_entropy
+from sparse_jax.train import train_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("layers", 2, "DSA layers.")
@@ -57,29 +57,15 @@ def set_stage(model, stage: str):
         block.attn.dsa = dataclasses.replace(block.attn.dsa, stage=stage)
 
 
-def losses(model, tokens, targets, mask):
-    (logits, _), inter = nnx.capture(lambda m: m(tokens), nnx.Intermediate)(model)
-    return masked_cross_entropy(logits, targets, mask), total_indexer_loss(inter), logits
-
-
-@nnx.jit(static_argnames=("lm_weight", "kl_weight"))
-def train_step(model, optimizer, tokens, targets, mask, *, lm_weight: float, kl_weight: float):
-    """One AdamW step on `lm_weight * LM + kl_weight * KL` w.r.t. the optimizer's `wrt`."""
-    def loss_fn(model):
-        lm, kl, logits = losses(model, tokens, targets, mask)
-        return lm_weight * lm + kl_weight * kl, (lm, kl, logits)
-
-    grads, (lm, kl, logits) = nnx.grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)(model)
-    optimizer.update(model, grads)
-    return lm, kl, masked_accuracy(logits, targets, mask)
-
-
-def run_stage(name, model, optimizer, task, rng, steps, lm_weight, kl_weight):
+def run_stage(name, model, optimizer, task, rng, steps, kl_weight):
+    """`steps` of the shared `train_step` (LM + `kl_weight` * indexer KL w.r.t. the optimizer's
+    `wrt`; the LM loss has no gradient to the detached indexer, so the warm-up needs no LM weight)."""
     curve = {"lm": [], "kl": [], "acc": []}
     t0 = time.time()
     for i in range(steps):
         tokens, targets, mask, _ = task.batch(rng, FLAGS.batch)
-        lm, kl, acc = train_step(model, optimizer, tokens, targets, mask, lm_weight=lm_weight, kl_weight=kl_weight)
+        metrics = train_step(model, optimizer, tokens, targets, mask, kl_weight)
+        lm, acc, kl = metrics.loss, metrics.accuracy, metrics.indexer_loss
         for key, val in (("lm", lm), ("kl", kl), ("acc", acc)):
             curve[key].append(float(val))
         if i % max(1, steps // 10) == 0 or i == steps - 1:
@@ -109,12 +95,12 @@ def main(argv):
     main_params = nnx.All(nnx.Param, nnx.Not(indexer_filter()))
     adamw = lambda lr: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01))
     dense = run_stage("dense pre-train", model, nnx.Optimizer(model, adamw(FLAGS.lr), wrt=main_params),
-                      task, rng, FLAGS.dense_steps, 1.0, 0.0)
+                      task, rng, FLAGS.dense_steps, 0.0)
     warm = run_stage("indexer warm-up", model, nnx.Optimizer(model, adamw(FLAGS.warmup_lr), wrt=indexer_filter()),
-                     task, rng, FLAGS.warmup_steps, 0.0, 1.0)
+                     task, rng, FLAGS.warmup_steps, 1.0)
     set_stage(model, "sparse")
     sparse = run_stage("sparse", model, nnx.Optimizer(model, adamw(FLAGS.lr), wrt=nnx.Param),
-                       task, rng, FLAGS.sparse_steps, 1.0, FLAGS.kl_weight)
+                       task, rng, FLAGS.sparse_steps, FLAGS.kl_weight)
     tail = lambda c, k, n=20: float(np.mean(c[k][-n:])) if c[k] else None
     head = lambda c, k, n=10: float(np.mean(c[k][:n])) if c[k] else None
     summary = {

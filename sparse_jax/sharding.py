@@ -39,6 +39,12 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    # MLA / DSA / CSA: low-rank latents replicated (their up-projections shard over heads, so
+    # the latent is all each tensor shard needs); lightning-indexer heads over `tensor`
+    ("q_lora", None),
+    ("kv_lora", None),
+    ("index_heads", "tensor"),
+    ("index_dim", None),
 )
 
 

@@ -14,6 +14,7 @@ differs across shards), parameters after two clip + AdamW steps (lr 1e-2, eps 1e
 rtol 1e-5 / atol 1e-6.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -41,7 +42,9 @@ SPECS = ("FF", "WF", "NF", "HY")
 
 def _config(spec):
     # window 16 < T so 'W' layers really are local
-    return LMConfig(vocab_size=VOCAB, layer_spec=spec, d_model=D, num_heads=4, window=16)
+    # DSA ('D'): top-8 of 32 tokens, indexer KL on (the train steps add it)
+    return LMConfig(vocab_size=VOCAB, layer_spec=spec, d_model=D, num_heads=4, window=16,
+                    dsa=dataclasses.replace(LMConfig.dsa, top_k=8, indexer_loss=True))
 
 
 def _build(spec):
@@ -88,6 +91,9 @@ FULL = os.environ.get("SPARSE_JAX_FULL_MATRIX") == "1"
 CASES = [pytest.param(spec, mesh, id=f"{spec}-{mesh}", marks=() if (spec, mesh) in DEFAULT_CASES else (
              pytest.mark.slow, pytest.mark.skipif(not FULL, reason="set SPARSE_JAX_FULL_MATRIX=1")))
          for spec in SPECS for mesh in MESHES]
+# MLA + DSA (indexer KL in the steps) on data x fsdp x tensor: passes, but ~45 s on one core
+CASES.append(pytest.param("LD", "d2f2t2", id="LD-d2f2t2", marks=(
+    pytest.mark.slow, pytest.mark.skipif(not FULL, reason="set SPARSE_JAX_FULL_MATRIX=1"))))
 
 
 @pytest.mark.parametrize("spec,mesh_name", CASES)
@@ -144,6 +150,19 @@ def test_parameters_sharded_as_rules_say():
     # the batch: over data x fsdp, sequence replicated without a context axis
     assert batch_spec(mesh) == P(("data", "fsdp"), None)
     assert batch_spec(make_mesh(data=2, context=4)) == P("data", "context")
+
+
+def test_mla_dsa_parameters_sharded_as_rules_say():
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    model, opt = _build("LD")
+    shard_model(model, mesh, opt)
+    mla, dsa = model.blocks[0].attn, model.blocks[1].attn
+    assert mla.wq_a[...].sharding.spec == P("fsdp", None)                  # (embed, q_lora)
+    assert mla.wkv_a[...].sharding.spec == P("fsdp", None)                 # (embed, kv_lora)
+    assert mla.w_uk[...].sharding.spec == P(None, "tensor", None)          # (kv_lora, heads, head_dim)
+    assert dsa.index_wq[...].sharding.spec == P("fsdp", "tensor", None)    # (embed, index_heads, index_dim)
+    assert dsa.index_ww[...].sharding.spec == P("fsdp", "tensor")          # (embed, index_heads)
+    assert dsa.index_wk[...].sharding.spec == P("fsdp", None)              # (embed, index_dim)
 
 
 def test_indivisible_dims_fall_back_to_replicated():

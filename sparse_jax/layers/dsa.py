@@ -8,7 +8,8 @@ entries, sees only the `top_k` tokens chosen per query by a lightning indexer:
 `k_I = RoPE(x W_kI)`, `w = x W_w / sqrt(H_I D_I)`. The indexer reads the layer input
 detached (`stop_gradient`), so its only gradient is the KL loss (`ops.dsa.dsa_indexer_loss`),
 which the layer sows as `nnx.Intermediate` `indexer_loss` in calls without a cache
-(run the model under `nnx.capture(fn, nnx.Intermediate)`, sum with `total_indexer_loss`). Our simplifications, stated: the
+(run the model under `nnx.capture(fn, nnx.Intermediate)`, sum with `total_indexer_loss`;
+`sparse_jax.train.train_step` does; outside a capture the sow is a no-op). Our simplifications, stated: the
 indexer query comes from `x` (V3.2 reads the query latent `c_q`), RoPE covers all indexer
 dims and no LayerNorm on `k_I`.
 
@@ -103,8 +104,8 @@ class DSAAttention(MLAAttention):
             scores = dops.indexer_scores(q_i, w_i, k_i, positions, kv_positions)
             target = dops.indexer_target(q_abs, k_lat, positions, kv_positions, scale=scale,
                                          token_indices=token_indices)
-            self.sow(nnx.Intermediate, "indexer_loss",
-                     dops.dsa_indexer_loss(scores, target, positions, token_indices))
+            self.sow(nnx.Intermediate, "indexer_loss",      # no-op outside nnx.capture
+                     dops.dsa_indexer_loss(scores, target, positions, token_indices), capture_noop=True)
         return self.output(o), cache
 
 
