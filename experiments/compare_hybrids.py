@@ -18,7 +18,7 @@ Models (`--models`; all `--layers` deep):
     moba           M * L (MoBA, Moonshot)
     swa            W * L (pure sliding window: the floor)
     dsa            D * L (DeepSeek Sparse Attention over MLA), when LAYER_TYPES has it; its
-                   lightning indexer is not trained (train_step has no indexer KL loss)
+                   lightning indexer trained by its KL loss (sparse stage, `indexer_loss=True`)
 
 Writes to `--out_dir`: `results.jsonl` (one line per model), `results.md` (the table:
 accuracy per task at both lengths, KV bytes per token at the longer length, train tokens/s)
@@ -141,8 +141,9 @@ def lm_config(p: Preset, spec: str) -> LMConfig:
         nsa=NSAConfig(cmp_block=p.block, cmp_stride=p.block // 2, sel_block=p.block,
                       num_selected=p.top_k_blocks + 3, window=p.window),   # + 1 initial, 2 local forced
         moba_block=p.block, moba_top_k=p.top_k_blocks,
-        # DSA: the same token budget; its lightning indexer gets no KL loss from train_step
-        dsa=DSAConfig(index_heads=4, index_head_dim=16, top_k=p.block * p.top_k_blocks))
+        # DSA: the same token budget; train_step adds its indexer KL (sparse stage)
+        dsa=DSAConfig(index_heads=4, index_head_dim=16, top_k=p.block * p.top_k_blocks,
+                      indexer_loss=True))
 
 
 @nnx.jit
