@@ -20,39 +20,11 @@ from sparse_jax.ops import mla as M
 from sparse_jax.ops.dsa import DSAConfig
 from sparse_jax.ops.mla import MLAConfig
 
+from layer_testing import assert_grads_close, call, fwd, output_and_grads, ragged_positions, step
+
 ATT = AttentionConfig(d_model=24, num_heads=3)
 MLA = MLAConfig(kv_lora_rank=10, q_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
 DSA = DSAConfig(index_heads=2, index_head_dim=4, top_k=4)
-
-
-fwd = nnx.jit(lambda layer, x, pos: layer(x, pos)[0])
-step = nnx.jit(lambda layer, x, pos, cache: layer(x, pos, cache))
-
-
-def call(layer, x, pos):
-    return layer(x, pos)[0]
-
-
-def output_and_grads(fn, layer, x, pos, r):
-    """`fn(layer, x, pos)` and the gradient of `sum(fn(...) * r)` w.r.t. the layer's parameters
-    (one compile)."""
-    graphdef, params = nnx.split(layer, nnx.Param)
-
-    @jax.jit
-    def run(params):
-        y, pullback = jax.vjp(lambda p: fn(nnx.merge(graphdef, p), x, pos), params)
-        return y, pullback(r)[0]
-
-    return run(params)
-
-
-def assert_grads_close(g, g_ref):
-    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree_util.tree_leaves_with_path(g_ref)):
-        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=str(path))
-
-
-def ragged_positions(t, pads):
-    return jnp.asarray(np.stack([np.concatenate([-np.ones(p), np.arange(t - p)]) for p in pads]), jnp.int32)
 
 
 def numpy_topk(scores, qpos, kpos, k):

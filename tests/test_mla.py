@@ -15,39 +15,10 @@ from sparse_jax.layers.mla import MLAAttention
 from sparse_jax.ops.mla import MLAConfig, rms_norm
 from sparse_jax.ops.rope import apply_rope
 
+from layer_testing import assert_grads_close, call, fwd, output_and_grads, ragged_positions, step
+
 ATT = AttentionConfig(d_model=24, num_heads=3)
 MLA = MLAConfig(kv_lora_rank=10, q_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
-
-
-fwd = nnx.jit(lambda layer, x, pos: layer(x, pos)[0])
-step = nnx.jit(lambda layer, x, pos, cache: layer(x, pos, cache))
-
-
-def call(layer, x, pos):
-    return layer(x, pos)[0]
-
-
-def output_and_grads(fn, layer, x, pos, r):
-    """`fn(layer, x, pos)` and the gradient of `sum(fn(...) * r)` w.r.t. the layer's parameters
-    (one compile)."""
-    graphdef, params = nnx.split(layer, nnx.Param)
-
-    @jax.jit
-    def run(params):
-        y, pullback = jax.vjp(lambda p: fn(nnx.merge(graphdef, p), x, pos), params)
-        return y, pullback(r)[0]
-
-    return run(params)
-
-
-def assert_grads_close(g, g_ref):
-    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree_util.tree_leaves_with_path(g_ref)):
-        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=str(path))
-
-
-def ragged_positions(b, t, pads):
-    """Row i left-padded with `pads[i]` entries of -1, then 0, 1, ..."""
-    return jnp.asarray(np.stack([np.concatenate([-np.ones(p), np.arange(t - p)]) for p in pads[:b]]), jnp.int32)
 
 
 def naive_mla(layer, x, positions):
@@ -76,7 +47,7 @@ def test_absorbed_equals_expanded():
     mla = MLA
     layer = MLAAttention(ATT, mla, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 13, 24))
-    pos = ragged_positions(2, 13, [0, 4])
+    pos = ragged_positions(13, [0, 4])
     y_exp = fwd(layer, x, pos)
     layer.mla = dataclasses.replace(mla, absorb="always")
     y_abs = fwd(layer, x, pos)
@@ -87,7 +58,7 @@ def test_absorbed_equals_expanded():
 def test_outputs_and_gradients_against_naive():
     layer = MLAAttention(ATT, MLA, rngs=nnx.Rngs(2))              # training: the expanded form
     x = jax.random.normal(jax.random.key(3), (2, 9, 24))
-    pos = ragged_positions(2, 9, [0, 3])
+    pos = ragged_positions(9, [0, 3])
     r = jax.random.normal(jax.random.key(4), (2, 9, 24))
     y, g = output_and_grads(call, layer, x, pos, r)
     y_ref, g_ref = output_and_grads(naive_mla, layer, x, pos, r)
@@ -100,7 +71,7 @@ def test_decode_equals_prefill_ragged():
     layer = MLAAttention(ATT, dataclasses.replace(MLA, q_lora_rank=None), rngs=nnx.Rngs(5))
     t = 10
     x = jax.random.normal(jax.random.key(6), (2, t, 24))
-    pos = ragged_positions(2, t, [0, 3])
+    pos = ragged_positions(t, [0, 3])
     y_full = fwd(layer, x, pos)
     cache = layer.init_cache(2, 12)
     y_pre, cache = step(layer, x[:, :6], pos[:, :6], cache)          # chunked prefill
