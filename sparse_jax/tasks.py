@@ -118,6 +118,17 @@ class _Task:
     def _haystack(self, rng, n):
         return rng.choice(self.vocab.words, size=n)
 
+    def _place_needles(self, rng, seq_len, min_distance, count):
+        """A haystack context `[n]` holding `count` facts `k EQ v` of distinct keys, all in
+        `[0, fact_limit)`; returns `(context, keys [count], values [count])`: the i-th fact in
+        the context is `keys[i] EQ values[i]`."""
+        context = self._haystack(rng, self.context_len(seq_len))
+        keys = rng.choice(self.vocab.keys, size=count, replace=False)
+        values = rng.choice(self.vocab.values, size=count)
+        starts = _fact_starts(rng, self.fact_limit(seq_len, min_distance), count)
+        _place_facts(context, starts, zip(keys, values))
+        return context, keys, values
+
     def _row(self, rng, seq_len, min_distance):
         raise NotImplementedError
 
@@ -174,12 +185,7 @@ class MultiKeyNeedle(_Task):
             raise ValueError(f"num_needles must be in [2, num_keys], got {self.num_needles}")
 
     def _row(self, rng, seq_len, min_distance):
-        n = self.context_len(seq_len)
-        context = self._haystack(rng, n)
-        keys = rng.choice(self.vocab.keys, size=self.num_needles, replace=False)
-        values = rng.choice(self.vocab.values, size=self.num_needles)
-        starts = _fact_starts(rng, self.fact_limit(seq_len, min_distance), self.num_needles)
-        _place_facts(context, starts, zip(keys, values))
+        context, keys, values = self._place_needles(rng, seq_len, min_distance, self.num_needles)
         asked = rng.integers(self.num_needles)
         return context, [keys[asked]], [values[asked]]
 
@@ -237,12 +243,7 @@ class MultiQuery(_Task):
         return self.num_queries_asked
 
     def _row(self, rng, seq_len, min_distance):
-        n = self.context_len(seq_len)
-        context = self._haystack(rng, n)
-        keys = rng.choice(self.vocab.keys, size=self.num_needles, replace=False)
-        values = rng.choice(self.vocab.values, size=self.num_needles)
-        starts = _fact_starts(rng, self.fact_limit(seq_len, min_distance), self.num_needles)
-        _place_facts(context, starts, zip(keys, values))
+        context, keys, values = self._place_needles(rng, seq_len, min_distance, self.num_needles)
         asked = rng.choice(self.num_needles, size=self.num_queries_asked, replace=False)
         return context, list(keys[asked]), list(values[asked])
 
