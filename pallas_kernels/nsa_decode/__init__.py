@@ -1,0 +1,3 @@
+from pallas_kernels.nsa_decode.api import nsa_decode
+
+__all__ = ["nsa_decode"]
