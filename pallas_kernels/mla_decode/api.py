@@ -1,0 +1,144 @@
+"""`mla_decode`: absorbed MLA decode (DeepSeek-V2, arXiv 2405.04434) over the latent cache as
+stored, dense or over per-query selected tokens (DSA, DeepSeek-V3.2, arXiv 2512.02556).
+
+`mla_decode(q_abs, c_kv, k_rope, indices=..., scale=...)`: the `H` absorbed query heads
+`q_abs [B, T, H, Dc + Dr]` of a few new tokens (decode: T = 1; multi-token prediction /
+speculative steps: a few) attend, MQA-style, over one latent "KV head": the keys are
+`[c_kv | k_rope]` (`Dc + Dr` = 576 at the paper's sizes) and the values are `c_kv` itself.
+The cache is read as stored, `c_kv [B, S, Dc]` and `k_rope [B, S, Dr]` (never
+concatenated), and the kernels read each visited token's `Dc + Dr` values once, using the
+same loaded `c_kv` rows as keys and values.
+
+* sparse (`indices [B, T, K]`, -1 padding): query t attends the listed slots (DSA's top-k);
+* dense (`indices=None`): every slot (absorbed MLA decode).
+
+Both are causal on positions: a slot is visible iff its position is >= 0 and <= the query's
+(and the query's position is >= 0). Kernels (`triton`, `mosaic_tpu`) are split-K
+flash-decoding: partial softmaxes over shares of the tokens, merged by
+`pallas_kernels.decode.layout.combine`. Forward kernels only; a gradient (never needed at
+decode) is the reference's, by a custom VJP that recomputes it.
+
+`impl`: "auto" | "xla" | "triton" | "mosaic_tpu"; `interpret=True` runs a Pallas kernel in
+interpret mode on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import common
+from pallas_kernels.mla_decode.reference import mla_decode_reference
+from pallas_kernels.mla_decode.tpu import mla_decode_tpu
+from pallas_kernels.mla_decode.triton import mla_decode_triton
+
+IMPLEMENTATIONS = {"xla": mla_decode_reference, "triton": mla_decode_triton,
+                   "mosaic_tpu": mla_decode_tpu}
+
+
+def _check_int(name, x, shape):
+    x = jnp.asarray(x)
+    if x.shape != tuple(shape) or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must be int {list(shape)}, got {x.dtype}{list(x.shape)}")
+    return x.astype(jnp.int32)
+
+
+def check_args(q_abs, c_kv, k_rope, indices, q_positions, kv_positions, scale, num_splits):
+    """The argument checks; returns `(indices, q_positions, kv_positions, scale)` normalised."""
+    for name, x, nd in (("q_abs", q_abs, 4), ("c_kv", c_kv, 3), ("k_rope", k_rope, 3)):
+        if jnp.ndim(x) != nd:
+            raise ValueError(f"{name} must be {nd}-D, got shape {jnp.shape(x)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if not q_abs.dtype == c_kv.dtype == k_rope.dtype:
+        raise ValueError(f"q_abs, c_kv, k_rope must share a dtype, got {q_abs.dtype}, {c_kv.dtype}, "
+                         f"{k_rope.dtype}")
+    b, t, _, width = q_abs.shape
+    s, dc = c_kv.shape[1:]
+    if c_kv.shape[0] != b or k_rope.shape[:2] != (b, s):
+        raise ValueError(f"c_kv [B, S, Dc] and k_rope [B, S, Dr] must match q_abs's batch {b} and "
+                         f"each other, got {c_kv.shape}, {k_rope.shape}")
+    if width != dc + k_rope.shape[2]:
+        raise ValueError(f"q_abs's last dim ({width}) must be Dc + Dr = {dc} + {k_rope.shape[2]}")
+    if s < 1:
+        raise ValueError(f"the cache must have at least one slot, got S={s}")
+    if indices is not None:
+        if jnp.ndim(indices) != 3 or jnp.shape(indices)[:2] != (b, t) or jnp.shape(indices)[2] < 1:
+            raise ValueError(f"indices must be int [{b}, {t}, K >= 1] (batch, query, slots), got shape "
+                             f"{list(jnp.shape(indices))}")
+        indices = _check_int("indices", indices, jnp.shape(indices))
+        if not isinstance(indices, jax.core.Tracer):
+            with jax.ensure_compile_time_eval():
+                top = int(jnp.max(indices))
+            if top >= s:
+                raise ValueError(f"indices must be < S = {s} (cache slots), got {top}")
+    if kv_positions is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    kv_positions = _check_int("kv_positions", kv_positions, (b, s))
+    if q_positions is None:
+        last = jnp.max(kv_positions, axis=1) + 1
+        q_positions = last[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None]
+    q_positions = _check_int("q_positions", q_positions, (b, t))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number (MLA: 1/sqrt(d_nope + d_rope)), got {scale!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be an int >= 1 or None, got {num_splits!r}")
+    return indices, q_positions, kv_positions, float(scale)
+
+
+def mla_decode(q_abs, c_kv, k_rope, *, indices=None, q_positions=None, kv_positions=None, scale,
+               return_lse=False, num_splits=None, impl="auto", interpret=False):
+    """Absorbed MLA attention of a few new tokens over the latent cache.
+
+    Args:
+      q_abs: `[B, T, H, Dc + Dr]` absorbed queries `[q_nope W_uk^T, q_rope]`, float, the
+        cache's dtype. T small (decode / MTP); each query token is its own kernel program.
+      c_kv: `[B, S, Dc]` KV latents (keys' first Dc dims, and the values).
+      k_rope: `[B, S, Dr]` RoPE keys (the keys' last Dr dims).
+      indices: optional int `[B, T, K]` slots per query (-1 = padding; the listed entries of
+        a row must be distinct). None: dense over all slots.
+      q_positions: int `[B, T]`, negative = padding query (zeros out). Default: the last T
+        positions, `max(kv_positions) + 1 - T + arange(T)` (new tokens already written).
+      kv_positions: int `[B, S]`, each slot's position, negative = empty. Default `arange(S)`.
+      scale: logit scale (MLA: `1/sqrt(qk_nope_head_dim + qk_rope_head_dim)`), required.
+      return_lse: also return the log-sum-exp `[B, H, T]` (float32, -inf on empty rows).
+      num_splits: token shares per query row for the kernels (split-K); None: from the shape.
+    Returns:
+      the latent output `[B, T, H, Dc]` in q's dtype (apply `W_uv` after), or
+      `AttentionOutput(out, lse)` with `return_lse`. Rows that see nothing are zeros.
+    """
+    indices, q_positions, kv_positions, scale = check_args(
+        q_abs, c_kv, k_rope, indices, q_positions, kv_positions, scale, num_splits)
+    fn = common.dispatch("mla_decode", impl, IMPLEMENTATIONS, interpret)
+    kw = dict(scale=scale, return_lse=return_lse, num_splits=num_splits)
+    if fn is mla_decode_reference:
+        return fn(q_abs, c_kv, k_rope, indices=indices, q_positions=q_positions,
+                  kv_positions=kv_positions, **kw)
+    return _with_reference_vjp(fn, tuple(sorted(kw.items())), q_abs, c_kv, k_rope, indices,
+                               q_positions, kv_positions)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _with_reference_vjp(fn, kw, q_abs, c_kv, k_rope, indices, q_positions, kv_positions):
+    """The kernel `fn` forward; its VJP is the reference's (recomputed)."""
+    return fn(q_abs, c_kv, k_rope, indices=indices, q_positions=q_positions,
+              kv_positions=kv_positions, **dict(kw))
+
+
+def _fwd(fn, kw, q_abs, c_kv, k_rope, indices, q_positions, kv_positions):
+    out = _with_reference_vjp(fn, kw, q_abs, c_kv, k_rope, indices, q_positions, kv_positions)
+    return out, (q_abs, c_kv, k_rope, indices, q_positions, kv_positions)
+
+
+def _bwd(fn, kw, res, cot):
+    del fn
+    q_abs, c_kv, k_rope, indices, q_positions, kv_positions = res
+    ref = lambda q, c, r: mla_decode_reference(q, c, r, indices=indices, q_positions=q_positions,  # noqa: E731
+                                               kv_positions=kv_positions, **dict(kw))
+    _, pull = jax.vjp(ref, q_abs, c_kv, k_rope)
+    return (*pull(cot), None, None, None)
+
+
+_with_reference_vjp.defvjp(_fwd, _bwd)

@@ -1,0 +1,235 @@
+"""`mla_decode` (absorbed MLA decode over the latent cache, sparse and dense) kernels against
+`mla_decode_reference`, and the reference against an independent dense-mask attention over
+the concatenated keys `[c_kv | k_rope]` (mask built in numpy loops): output and lse in
+float32 on fresh random inputs. Triton in `interpret=True`, Mosaic TPU in
+`pltpu.InterpretParams()`. Sparse (K with -1 padding, slots of future positions listed) and
+dense modes, ragged cache rows (positions -1), a padded query, a query that sees nothing,
+T = 1 and 2, one and several splits, widths that are not multiples of 16, the real widths
+(Dc=512, Dr=64); the reference VJP of the kernels; argument errors. A `gpu`-marked test
+compiles the Triton kernel at H=64, Dc=512, Dr=64, S=4096, K=256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.common import masked_attention
+from pallas_kernels.mla_decode import mla_decode
+from pallas_kernels.mla_decode.reference import mla_decode_reference
+from pallas_kernels.mla_decode.tpu import MlaDecodeTpuConfig, mla_decode_tpu
+from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, geometry, mla_decode_triton
+
+SCALE = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    b: int = 2
+    t: int = 1
+    h: int = 16
+    dc: int = 64
+    dr: int = 16
+    s: int = 45
+    k: int | None = 20          # listed entries per query; None: dense
+    num_splits: int | None = None
+    seed: int = 0
+
+
+CASES = [
+    Case("sparse_t2_ragged", t=2, s=45, k=20, num_splits=2, seed=1),
+    Case("sparse_t1_one_split", t=1, s=37, k=40, num_splits=1, seed=2),
+    Case("dense_t2_ragged", t=2, s=45, k=None, num_splits=2, seed=3),
+    Case("dense_t1_auto_splits", t=1, s=70, k=None, seed=4),
+]
+
+
+def make_inputs(c: Case, dtype=jnp.float32):
+    """Random q / cache. The last batch row is ragged (slots from 30 on empty, position -1)
+    and its query 0 is padding (position -1: zeros). Queries sit a few positions before the
+    end of their row, so listed slots can be in their future (masked). Sparse: random
+    distinct slots with -1 padding; row 0's last query lists only future slots (sees
+    nothing though valid: zeros)."""
+    rng = np.random.default_rng(c.seed)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
+    q = normal(c.b, c.t, c.h, c.dc + c.dr)
+    c_kv, k_rope = normal(c.b, c.s, c.dc), normal(c.b, c.s, c.dr)
+    kv_pos = np.tile(np.arange(c.s, dtype=np.int32), (c.b, 1))
+    fill = min(30, c.s)
+    kv_pos[-1, fill:] = -1
+    q_pos = np.stack([np.arange(c.t) + c.s - c.t - 4, np.arange(c.t) + fill - c.t]).astype(np.int32)[:c.b]
+    q_pos[-1, 0] = -1                                                   # sees nothing
+    idx = None
+    if c.k is not None:
+        idx = np.full((c.b, c.t, c.k), -1, np.int32)
+        for row in np.ndindex(c.b, c.t):
+            n = rng.integers(1, min(c.k, c.s) + 1)
+            idx[row][:n] = rng.choice(c.s, n, replace=False)            # distinct; future and empty slots too
+            rng.shuffle(idx[row])
+        idx[0, -1] = -1
+        idx[0, -1, 0] = c.s - 1                                         # only a future slot
+        idx = jnp.asarray(idx)
+    kw = dict(indices=idx, q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(kv_pos), scale=SCALE,
+              return_lse=True, num_splits=c.num_splits)
+    return (q, c_kv, k_rope), kw
+
+
+def dense_mask_attention(q, c_kv, k_rope, *, indices, q_positions, kv_positions, scale, **_):
+    """Independent check: keys `[c_kv | k_rope]` as one MQA head, values `c_kv`, and the
+    visibility mask built element by element in numpy."""
+    b, t = q_positions.shape
+    s = c_kv.shape[1]
+    qp, kp = np.asarray(q_positions), np.asarray(kv_positions)
+    mask = np.zeros((b, t, s), bool)
+    for bi, ti, si in np.ndindex(b, t, s):
+        listed = indices is None or si in np.asarray(indices)[bi, ti]
+        mask[bi, ti, si] = listed and qp[bi, ti] >= 0 and 0 <= kp[bi, si] <= qp[bi, ti]
+    k = jnp.concatenate([c_kv, k_rope], -1)[:, :, None]
+    out, _, lse = masked_attention(q, k, c_kv[:, :, None], jnp.asarray(mask), scale=scale)
+    return out, lse
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def assert_matches(got, want, tol=1e-5):
+    assert rel_err(got[0], want[0]) < tol
+    fin = np.isfinite(np.asarray(want[1]))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(got[1])), fin)
+    np.testing.assert_allclose(np.asarray(got[1])[fin], np.asarray(want[1])[fin], atol=1e-5, rtol=1e-5)
+
+
+def check_zero_rows(out, kw):
+    """The padded query (last row, query 0) and, sparse, row 0's last query give zeros."""
+    assert np.abs(np.asarray(out)[-1, 0]).max() == 0.0
+    if kw["indices"] is not None:
+        assert np.abs(np.asarray(out)[0, -1]).max() == 0.0
+
+
+def run(fn, args, kw, **extra):
+    """`fn(*args, **kw, **extra)` under one jit (interpret mode compiles much faster whole)."""
+    return jax.jit(lambda *a: fn(*a, **kw, **extra))(*args)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=lambda c: c.name)
+def test_reference_matches_dense_mask_attention(case):
+    args, kw = make_inputs(case)
+    got = mla_decode_reference(*args, **kw)
+    assert_matches(got, dense_mask_attention(*args, **kw))
+    check_zero_rows(got.out, kw)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_triton_matches_reference(case):
+    args, kw = make_inputs(case)
+    got = run(mla_decode_triton, args, kw, interpret=True, config=MlaDecodeTritonConfig(block_k=16))
+    assert_matches(got, mla_decode_reference(*args, **kw))
+    check_zero_rows(got.out, kw)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=lambda c: c.name)
+def test_tpu_matches_reference(case):
+    args, kw = make_inputs(case)
+    got = run(mla_decode_tpu, args, kw, interpret=True, config=MlaDecodeTpuConfig(block_k=8))
+    assert_matches(got, mla_decode_reference(*args, **kw))
+    check_zero_rows(got.out, kw)
+
+
+def test_triton_odd_widths_and_rows_split_over_programs():
+    """Dc=10, Dr=4 (padded to 16 inside), H=3; then H=32 forced to 16 heads per program."""
+    case = Case("odd", t=2, h=3, dc=10, dr=4, s=23, k=9, num_splits=3, seed=5)
+    args, kw = make_inputs(case)
+    got = run(mla_decode_triton, args, kw, interpret=True)
+    assert_matches(got, mla_decode_reference(*args, **kw))
+    case = Case("parts", t=1, h=32, s=40, k=None, num_splits=2, seed=6)
+    args, kw = make_inputs(case)
+    cfg = MlaDecodeTritonConfig(block_k=16, max_rows=16)
+    assert geometry(args[0], args[1], args[2], None, cfg, 2).parts == 2
+    got = run(mla_decode_triton, args, kw, interpret=True, config=cfg)
+    assert_matches(got, mla_decode_reference(*args, **kw))
+
+
+@pytest.mark.parametrize("impl", ["triton", "mosaic_tpu"])
+def test_real_widths_tiny_cache(impl):
+    """DeepSeek's Dc=512, Dr=64 (Triton: one 512 piece + one 64 piece); H=16, S=24, K=12."""
+    case = Case("real", b=2, t=1, h=16, dc=512, dr=64, s=24, k=12, num_splits=2, seed=7)
+    args, kw = make_inputs(case)
+    got = run(mla_decode, args, kw, impl=impl, interpret=True)
+    assert_matches(got, mla_decode_reference(*args, **kw), tol=2e-5)
+
+
+def test_gradient_is_the_references():
+    """Differentiating the kernel path gives the reference's gradients (its custom VJP)."""
+    args, kw = make_inputs(CASES[0])
+    kw = {**kw, "return_lse": False}
+    cot = jnp.asarray(np.random.default_rng(8).normal(size=(2, 2, 16, 64)), jnp.float32)
+    loss = lambda impl: lambda *a: jnp.sum(mla_decode(*a, **kw, impl=impl, interpret=True) * cot)  # noqa: E731
+    got = jax.jit(jax.grad(loss("triton"), argnums=(0, 1, 2)))(*args)
+    want = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(*args)
+    for g, w in zip(got, want):
+        assert float(jnp.abs(w).max()) > 0
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_raise():
+    args, kw = make_inputs(CASES[0])
+    q, c_kv, k_rope = args
+    kw = {n: kw[n] for n in ("indices", "q_positions", "kv_positions", "scale")}
+    bad = [
+        (dict(q_abs=q[..., 1:]), "Dc \\+ Dr"),
+        (dict(c_kv=c_kv[:1]), "c_kv"),
+        (dict(k_rope=k_rope.astype(jnp.bfloat16)), "share a dtype"),
+        (dict(q_abs=q[0]), "q_abs must be 4-D"),
+        (dict(indices=kw["indices"][:, :, :, None]), "indices must be int"),
+        (dict(indices=kw["indices"].astype(jnp.float32)), "indices must be int"),
+        (dict(indices=kw["indices"].at[0, 0, 0].set(45)), "indices must be < S"),
+        (dict(q_positions=kw["q_positions"][:, :1]), "q_positions"),
+        (dict(kv_positions=kw["kv_positions"][:, :3]), "kv_positions"),
+        (dict(scale=0.0), "scale"),
+    ]
+    for over, msg in bad:
+        a = {"q_abs": q, "c_kv": c_kv, "k_rope": k_rope, **kw, **over}
+        with pytest.raises(ValueError, match=msg):
+            mla_decode(a.pop("q_abs"), a.pop("c_kv"), a.pop("k_rope"), **a)
+    with pytest.raises(ValueError, match="num_splits"):
+        mla_decode(q, c_kv, k_rope, **kw, num_splits=0)
+    with pytest.raises(ValueError, match="impl"):
+        mla_decode(q, c_kv, k_rope, **kw, impl="cuda")
+    with pytest.raises(ValueError, match="block_k"):
+        MlaDecodeTritonConfig(block_k=24)
+    with pytest.raises(ValueError, match="max_rows"):
+        MlaDecodeTritonConfig(max_rows=8)
+    with pytest.raises(ValueError, match="block_k"):
+        MlaDecodeTpuConfig(block_k=0)
+
+
+def _has_gpu():
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("k", [256, None], ids=["sparse", "dense"])
+def test_triton_compiled_on_gpu(k):
+    """The compiled kernel at DeepSeek's sizes (TF32 dots in float32, then bf16) against the
+    float32-exact reference."""
+    case = Case("gpu", b=2, t=2, h=64, dc=512, dr=64, s=4096, k=k, seed=9)
+    with jax.default_device(jax.devices("gpu")[0]):
+        args, kw = make_inputs(case)
+        got = mla_decode(*args, **kw, impl="triton")
+        with jax.default_matmul_precision("highest"):
+            want = mla_decode_reference(*args, **kw)
+        assert rel_err(got.out, want.out) < 3e-3
+        args16 = tuple(a.astype(jnp.bfloat16) for a in args)
+        got = mla_decode(*args16, **kw, impl="triton")
+        assert rel_err(got.out, mla_decode_reference(*args16, **kw).out) < 2e-2
