@@ -12,16 +12,20 @@ from the forward's log-sum-exp and sums the group in registers (G times less HBM
 The output is differentiable (the `flash` kernel's backward); `p_group` carries no
 gradient (the selection it feeds is discrete).
 
-`impl`: "auto" | "xla" | "triton"; `interpret=True` runs the kernels in interpret mode.
+`impl`: "auto" (Triton on GPU, Mosaic TPU on TPU, the XLA reference on CPU) | "xla" |
+"triton" | "mosaic_tpu" (`tpu.py`; checked in interpret mode only); `interpret=True` runs
+the kernels in interpret mode.
 """
 
 from __future__ import annotations
 
 from pallas_kernels import common
 from pallas_kernels.compressed.reference import compressed_reference
+from pallas_kernels.compressed.tpu import compressed_tpu
 from pallas_kernels.compressed.triton import compressed_triton
 
-IMPLEMENTATIONS = {"xla": compressed_reference, "triton": compressed_triton}
+IMPLEMENTATIONS = {"xla": compressed_reference, "triton": compressed_triton,
+                   "mosaic_tpu": compressed_tpu}
 
 
 def compressed_attention(q, k, v, *, q_positions=None, kv_positions=None, scale=None, impl="auto",
