@@ -16,13 +16,14 @@ visited tile (no DMA); tiles where every element is visible skip the element mas
 
 Layout inside: `q [B, Hkv, G, T, D]`, `k [B, Hkv, N, D]`, lse `[B, Hkv, G, T, 1]` (base 2,
 1e30 on rows that see nothing, as in `flash.autodiff`), positions as a column `[B, T, 1]`
-and a row `[B, 1, N]`. T is padded to a multiple of `block_q`, N to a multiple of
-`block_k`.
+and a row `[B, 1, N]`. The query tile is `bq = min(block_q, round_up(T, 8))` (T padded to
+a multiple of it), N is padded to a multiple of `block_k`.
 
 Checked in `pltpu.InterpretParams()` mode on CPU only (this workplace has no TPU). Not
 verified on hardware: the Mosaic tiling rules (`block_q` a multiple of 8, `block_k` a
-multiple of 128, enforced by `TpuConfig`; D taken whole, expected to want a multiple of
-128 for speed), the dynamic index `q_ref[g]` over the group axis, VMEM fit at large G
+multiple of 128, enforced by `TpuConfig`; bf16 inputs may want `block_q` a multiple of 16
+(packed sublanes); D taken whole, expected to want a multiple of 128 for speed), the
+dynamic index `q_ref[g]` over the group axis, VMEM fit at large G
 (the `[G, bq, D]` query block is double-buffered: G=16, bq=128, D=128 bf16 is 1 MiB), and
 speed.
 """
