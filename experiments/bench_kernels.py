@@ -19,19 +19,26 @@ and cuDNN (non-causal), H=16/16 and 16/4:
 Mosaic GPU forward (impl='mosaic_gpu', Hopper) beside Triton and cuDNN, causal, H=16:
   PYTHONPATH=. python experiments/bench_kernels.py --mosaic_gpu --heads 16:16 --nobackward \
       --seq_lens 16384,65536 --mosaic_stages 2,3 --out /tmp/bench_mosaic_gpu.json
+
+Besides `--out` (all rows, the settings and the device, one JSON), each row goes as it is
+measured to `<out>.jsonl` (`--out` with `.jsonl` for `.json`), and its timings, ratios and
+errors to TensorBoard scalars `<table>/H<h>_Hkv<hkv>[/<pattern>]/<name>` at step = T, in
+`tb/<out name>/` beside `--out` (`tensorboard --logdir /tmp/tb` for the runs above).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
+from tqdm import tqdm
 
 from pallas_kernels.block_sparse import BlockSparseMetadata
 from pallas_kernels.block_sparse.reference import block_sparse_reference
@@ -76,6 +83,20 @@ BWD_SWEEP = [dict(block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64, 
              dict(block_q_dq=128, block_k_dq=64, block_q_dkv=64, block_k_dkv=128, num_warps_bwd=8, num_stages_bwd=2),
              dict(block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64, num_warps_bwd=8, num_stages_bwd=3),
              dict(block_q_dq=128, block_k_dq=32, block_q_dkv=32, block_k_dkv=128, num_warps_bwd=4, num_stages_bwd=3)]
+
+
+def shapes(desc: str):
+    """(H, Hkv, T) of `--heads` x `--seq_lens`, under a progress bar."""
+    cases = [(*(int(x) for x in hh.split(":")), int(t)) for hh in FLAGS.heads for t in FLAGS.seq_lens]
+    return tqdm(cases, desc=desc, ncols=100)
+
+
+def log_row(log, table: str, row: dict):
+    """`row` as a JSON line, its numbers but the shape as TensorBoard scalars at step T."""
+    tag = f"{table}/H{row['h']}_Hkv{row['hkv']}"
+    if "pattern" in row:
+        tag += "/" + row["pattern"].replace(" ", "_")
+    log.write(row, step=row["t"], tag=tag, keys=[k for k in row if k not in ("h", "hkv", "t", "d")])
 
 
 def median_time(fn, *args, iters):
@@ -216,15 +237,14 @@ def bench_scores(cfg, h, hkv, t, d, iters):
     return row
 
 
-def main_scores(cfg, info):
+def main_scores(cfg, info, log):
     rows = []
-    for hh in FLAGS.heads:
-        h, hkv = (int(x) for x in hh.split(":"))
-        for t in (int(x) for x in FLAGS.seq_lens):
-            try:
-                rows.append(bench_scores(cfg, h, hkv, t, FLAGS.head_dim, FLAGS.iters))
-            except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
-                print(f"shape H={h} Hkv={hkv} T={t} failed: {str(e)[:800]}", flush=True)
+    for h, hkv, t in shapes("scores"):
+        try:
+            rows.append(bench_scores(cfg, h, hkv, t, FLAGS.head_dim, FLAGS.iters))
+            log_row(log, "scores", rows[-1])
+        except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
+            print(f"shape H={h} Hkv={hkv} T={t} failed: {str(e)[:800]}", flush=True)
     with open(FLAGS.out, "w") as fh:
         json.dump(dict(info=info, config=dataclasses.asdict(cfg), rows=rows), fh, indent=1)
     print(f"\n{info}\nconfig {cfg}")
@@ -333,15 +353,16 @@ def bench_block_sparse_shape(h, hkv, t, d, iters, block=128):
     return rows
 
 
-def main_block_sparse(info):
+def main_block_sparse(info, log):
     rows = []
-    for hh in FLAGS.heads:
-        h, hkv = (int(x) for x in hh.split(":"))
-        for t in (int(x) for x in FLAGS.seq_lens):
-            try:
-                rows += bench_block_sparse_shape(h, hkv, t, FLAGS.head_dim, FLAGS.iters)
-            except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
-                print(f"block_sparse H={h} Hkv={hkv} T={t} failed: {str(e)[:800]}", flush=True)
+    for h, hkv, t in shapes("block_sparse"):
+        try:
+            new = bench_block_sparse_shape(h, hkv, t, FLAGS.head_dim, FLAGS.iters)
+            rows += new
+            for row in new:
+                log_row(log, "block_sparse", row)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
+            print(f"block_sparse H={h} Hkv={hkv} T={t} failed: {str(e)[:800]}", flush=True)
     with open(FLAGS.out, "w") as fh:
         json.dump(dict(info=info, rows=rows), fh, indent=1)
     print(f"\n{info}\nblock_sparse (Triton, tiles {TritonConfigBS()}), metadata blocks 128")
@@ -406,34 +427,33 @@ def ours_mosaic(cfg):
     return f
 
 
-def main_mosaic_gpu(cfg, info):
+def main_mosaic_gpu(cfg, info, log):
     """Causal forward, bf16: Triton, Mosaic GPU (per --mosaic_stages) and cuDNN, one process."""
     from pallas_kernels.flash.mosaic_gpu import MosaicGPUConfig  # noqa: PLC0415
 
     rows = []
-    for hh in FLAGS.heads:
-        h, hkv = (int(x) for x in hh.split(":"))
-        for t in (int(x) for x in FLAGS.seq_lens):
-            q, k, v, do = make(h, hkv, t, FLAGS.head_dim)
-            flops = 2.0 * h * t * t * FLAGS.head_dim
-            row = dict(h=h, hkv=hkv, t=t, d=FLAGS.head_dim)
-            fns = [("triton", ours(cfg)), ("cudnn", cudnn)]
-            fns += [(f"mosaic_s{s}", ours_mosaic(MosaicGPUConfig(max_concurrent_steps=int(s))))
-                    for s in FLAGS.mosaic_stages]
-            for name, f in fns:
-                try:
-                    if name != "cudnn":
-                        row[f"{name}_err_ref"] = check(f, q, k, v, do)["err_ref"]
-                    row[f"{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, k, v, iters=FLAGS.iters)
-                    row[f"{name}_tflops"] = flops / row[f"{name}_fwd_ms"] / 1e9
-                except Exception as e:  # noqa: BLE001 - report and go on
-                    row[f"{name}_error"] = str(e)[:2000]
-                    print(f"{name} H={h}/{hkv} T={t} failed: {str(e)[:2000]}", flush=True)
-            for name, _ in fns:
-                if f"{name}_fwd_ms" in row and "cudnn_fwd_ms" in row:
-                    row[f"{name}_ratio"] = row["cudnn_fwd_ms"] / row[f"{name}_fwd_ms"]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    for h, hkv, t in shapes("mosaic_gpu"):
+        q, k, v, do = make(h, hkv, t, FLAGS.head_dim)
+        flops = 2.0 * h * t * t * FLAGS.head_dim
+        row = dict(h=h, hkv=hkv, t=t, d=FLAGS.head_dim)
+        fns = [("triton", ours(cfg)), ("cudnn", cudnn)]
+        fns += [(f"mosaic_s{s}", ours_mosaic(MosaicGPUConfig(max_concurrent_steps=int(s))))
+                for s in FLAGS.mosaic_stages]
+        for name, f in fns:
+            try:
+                if name != "cudnn":
+                    row[f"{name}_err_ref"] = check(f, q, k, v, do)["err_ref"]
+                row[f"{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, k, v, iters=FLAGS.iters)
+                row[f"{name}_tflops"] = flops / row[f"{name}_fwd_ms"] / 1e9
+            except Exception as e:  # noqa: BLE001 - report and go on
+                row[f"{name}_error"] = str(e)[:2000]
+                print(f"{name} H={h}/{hkv} T={t} failed: {str(e)[:2000]}", flush=True)
+        for name, _ in fns:
+            if f"{name}_fwd_ms" in row and "cudnn_fwd_ms" in row:
+                row[f"{name}_ratio"] = row["cudnn_fwd_ms"] / row[f"{name}_fwd_ms"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        log_row(log, "mosaic_gpu", row)
     with open(FLAGS.out, "w") as fh:
         json.dump(dict(info=info, config=dataclasses.asdict(cfg), rows=rows), fh, indent=1)
     print(f"\n{info}\ncausal forward, bf16, D={FLAGS.head_dim}: ms (ratio = cuDNN time / time, err = max rel vs ref)")
@@ -452,24 +472,32 @@ def main(argv):
         cfg = dataclasses.replace(cfg, **{k_: int(v_) for k_, v_ in over.items()})
     info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
-    if FLAGS.scores:
-        return main_scores(cfg, info)
-    if FLAGS.block_sparse:
-        return main_block_sparse(info)
-    if FLAGS.mosaic_gpu:
-        return main_mosaic_gpu(cfg, info)
+    from script_io import MetricsLog  # noqa: PLC0415 (experiments/ is on the path when run as a script)
+    stem = os.path.splitext(FLAGS.out)[0]
+    tb_dir = os.path.join(os.path.dirname(os.path.abspath(stem)), "tb", os.path.basename(stem))
+    with MetricsLog(stem + ".jsonl", tb_dir) as log:
+        if FLAGS.scores:
+            return main_scores(cfg, info, log)
+        if FLAGS.block_sparse:
+            return main_block_sparse(info, log)
+        if FLAGS.mosaic_gpu:
+            return main_mosaic_gpu(cfg, info, log)
+        return main_flash(cfg, info, log)
+
+
+def main_flash(cfg, info, log):
+    """The default table: flash (Triton) vs cuDNN, causal, fwd and fwd+bwd (after `--sweep`)."""
     sweep_results = []
     if FLAGS.sweep:
         cfg, sweep_results = sweep(cfg, FLAGS.iters)
     print("config:", cfg, flush=True)
     rows = []
-    for hh in FLAGS.heads:
-        h, hkv = (int(x) for x in hh.split(":"))
-        for t in (int(x) for x in FLAGS.seq_lens):
-            try:
-                rows.append(bench_shape(cfg, h, hkv, t, FLAGS.head_dim, FLAGS.iters, FLAGS.backward))
-            except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
-                print(f"shape H={h} Hkv={hkv} T={t} failed: {str(e)[:500]}", flush=True)
+    for h, hkv, t in shapes("flash"):
+        try:
+            rows.append(bench_shape(cfg, h, hkv, t, FLAGS.head_dim, FLAGS.iters, FLAGS.backward))
+            log_row(log, "flash", rows[-1])
+        except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
+            print(f"shape H={h} Hkv={hkv} T={t} failed: {str(e)[:500]}", flush=True)
     with open(FLAGS.out, "w") as fh:
         json.dump(dict(info=info, config=dataclasses.asdict(cfg), sweep=sweep_results, rows=rows), fh,
                   indent=1)
@@ -486,4 +514,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # not at the top: notebooks and other benchmarks import this module as experiments.bench_kernels
+    from script_io import run  # noqa: PLC0415
+    run(main)

@@ -21,8 +21,10 @@ Models (`--models`; all `--layers` deep):
                    lightning indexer trained by its KL loss (sparse stage, `indexer_loss=True`)
 
 Writes to `--out_dir`: `results.jsonl` (one line per model), `results.md` (the table:
-accuracy per task at both lengths, KV bytes per token at the longer length, train tokens/s)
-and `hybrids.png`.
+accuracy per task at both lengths, KV bytes per token at the longer length, train tokens/s),
+`hybrids.png`, `metrics.jsonl` (per model: loss and token accuracy every `--log_every`
+steps, then the accuracy per task at each evaluation length) and the same as TensorBoard
+scalars in `tb/<model>/` (`tensorboard --logdir <out_dir>/tb` overlays the models' curves).
 
     python experiments/compare_hybrids.py                          # CPU preset, a few minutes
     python experiments/compare_hybrids.py --preset=gpu --out_dir=/tmp/hybrids_gpu
@@ -48,6 +50,8 @@ from sparse_jax.ops.dsa import DSAConfig
 from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.tasks import TASKS, VOCAB_SIZE, exact_match, mixed_batch
 from sparse_jax.train import count_params, make_optimizer, train_step
+
+from script_io import MetricsLog, run as run_script  # experiments/script_io.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +102,7 @@ flags.DEFINE_integer("batch", None, "Sequences per step (rows cycle through the 
 flags.DEFINE_float("lr", None, "Peak learning rate (AdamW, warmup + cosine).")
 flags.DEFINE_integer("eval_batches", None, "Evaluation batches per task and length (of --batch rows).")
 flags.DEFINE_integer("seed", 0, "Seed of data and parameters.")
+flags.DEFINE_integer("log_every", 25, "Log the training loss and accuracy every this many steps.")
 flags.DEFINE_string("out_dir", "/tmp/compare_hybrids", "Where results.jsonl, results.md and hybrids.png go.")
 flags.DEFINE_list("merge", None, "Train nothing: merge these results.jsonl files (e.g. of a run split by "
                   "--models) into one results.md and hybrids.png in --out_dir.")
@@ -165,24 +170,31 @@ def evaluate(model, p: Preset, names, seq_len: int, seed: int) -> dict[str, floa
     return out
 
 
-def run_model(name: str, spec: str, p: Preset, names) -> dict:
+def run_model(name: str, spec: str, p: Preset, names, log: MetricsLog) -> dict:
+    """Trains and evaluates one model; its curves and accuracies go to `log` (TensorBoard run `name`)."""
     model = SparseLM(lm_config(p, spec), rngs=nnx.Rngs(FLAGS.seed))
     optimizer = make_optimizer(model, p.lr, warmup=p.steps // 10, total_steps=p.steps)
     rng = np.random.default_rng(FLAGS.seed)                    # the same data stream for every model
     start = time.perf_counter()
-    train_step(model, optimizer, *mixed_batch(rng, names, p.batch, p.train_len))   # includes compile
+    loss, acc = train_step(model, optimizer, *mixed_batch(rng, names, p.batch, p.train_len))   # + compile
     jax.block_until_ready(nnx.state(model))
     compile_s = time.perf_counter() - start
-    start, loss, acc = time.perf_counter(), float("nan"), float("nan")
-    bar = tqdm(range(p.steps - 1), desc=f"{name:>13} [{spec}]", ncols=110, mininterval=2.0)
+    log.write(dict(model=name, step=1, loss=float(loss), accuracy=float(acc)), step=1, tag="train", run=name)
+    start = time.perf_counter()
+    bar = tqdm(range(2, p.steps + 1), desc=f"{name:>13} [{spec}]", ncols=110, mininterval=2.0)
     for step in bar:
         loss, acc = train_step(model, optimizer, *mixed_batch(rng, names, p.batch, p.train_len))
-        if step % 25 == 0 or step == p.steps - 2:
+        if step % FLAGS.log_every == 0 or step == p.steps:          # float() waits for the step
+            log.write(dict(model=name, step=step, loss=float(loss), accuracy=float(acc)), step=step,
+                      tag="train", run=name)
             bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.2f}")
     jax.block_until_ready(loss)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     acc_by_len = {str(t): evaluate(model, p, names, t, FLAGS.seed + 1 + i) for i, t in enumerate(p.eval_lens)}
+    for t, accs in acc_by_len.items():
+        record = dict(model=name, step=p.steps, eval_len=int(t), **accs, mean=float(np.mean(list(accs.values()))))
+        log.write(record, step=p.steps, tag=f"eval_T{t}", keys=[*accs, "mean"], run=name)
     return dict(model=name, spec=spec, params=count_params(model), final_loss=float(loss),
                 final_train_token_acc=float(acc), acc=acc_by_len,
                 mean_acc={t: float(np.mean(list(a.values()))) for t, a in acc_by_len.items()},
@@ -275,9 +287,10 @@ def main(argv):
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     print(f"{FLAGS.preset} preset: {p}\ntasks: {names}; devices: {jax.devices()}")
     rows = []
-    with open(os.path.join(FLAGS.out_dir, "results.jsonl"), "w") as f:
+    with (open(os.path.join(FLAGS.out_dir, "results.jsonl"), "w") as f,
+          MetricsLog(os.path.join(FLAGS.out_dir, "metrics.jsonl")) as log):
         for name in models:
-            rows.append(run_model(name, specs[name], p, names))
+            rows.append(run_model(name, specs[name], p, names, log))
             f.write(json.dumps(dict(rows[-1], preset=dataclasses.asdict(p))) + "\n")
             f.flush()
             r = rows[-1]
@@ -287,4 +300,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_script(main)

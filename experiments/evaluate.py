@@ -6,7 +6,9 @@ mix is scored task by task) and every `--seq_lens` x `--distances` pair, it draw
 `--batches` x `--batch` fresh sequences whose needed facts lie at least `distance` tokens
 before the answer and scores exact match (every answer token right). Prints a table and
 writes one JSON line per case to `--out` (default `<workdir>/eval.jsonl`): step, task,
-seq_len, min_distance, accuracy, sequences.
+seq_len, min_distance, accuracy, sequences; and each accuracy as a TensorBoard scalar
+`eval/<task>/T<seq_len>_d<min_distance>` at the checkpoint's step, in the `tb/` folder beside
+`--out` (by default the run's own `<workdir>/tb`, next to its training curves).
 
     python experiments/train.py --workdir=/tmp/run1 --layer_spec=WF --steps=300
     python experiments/evaluate.py --workdir=/tmp/run1          # at T: distances 0, T/4, T/2, 3T/4
@@ -17,7 +19,6 @@ Evaluation sequences come from their own seeded stream (`--seed`), never the tra
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from sparse_jax.checkpoint import Checkpointer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from script_io import MetricsLog, run as run_script  # noqa: E402 (experiments/script_io.py)
 from train import build_model, make_sampler, read_run_config, task_names  # noqa: E402 (experiments/train.py)
 
 flags.DEFINE_string("workdir", None, "A workdir written by experiments/train.py.", required=True)
@@ -81,21 +83,20 @@ def main(argv):
     cases = [(name, t, d) for name in task_names(run["task"]) for t in seq_lens
              for d in (distances or sorted({0, t // 4, t // 2, 3 * t // 4}))]
     rows = []
-    for i, (name, seq_len, distance) in enumerate(tqdm(cases, desc="evaluate", ncols=100)):
-        sample, _ = make_sampler(name, seq_len)
-        # 5 seed words: never equal to a training stream's step_rng(seed, step)
-        rng = np.random.default_rng([F.seed, i, seq_len, distance, 1])
-        row = dict(step=restored.step, task=name, seq_len=seq_len, min_distance=distance)
-        try:
-            row.update(accuracy=evaluate(model, sample, F.batch, F.batches, rng, distance),
-                       sequences=F.batch * F.batches)
-        except ValueError as e:             # the distance does not fit this length
-            row.update(accuracy=None, sequences=0, note=str(e))
-        rows.append(row)
-
     out = F.out or os.path.join(F.workdir, "eval.jsonl")
-    with open(out, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with MetricsLog(out) as log:
+        for i, (name, seq_len, distance) in enumerate(tqdm(cases, desc="evaluate", ncols=100)):
+            sample, _ = make_sampler(name, seq_len)
+            # 5 seed words: never equal to a training stream's step_rng(seed, step)
+            rng = np.random.default_rng([F.seed, i, seq_len, distance, 1])
+            row = dict(step=restored.step, task=name, seq_len=seq_len, min_distance=distance)
+            try:
+                row.update(accuracy=evaluate(model, sample, F.batch, F.batches, rng, distance),
+                           sequences=F.batch * F.batches)
+            except ValueError as e:             # the distance does not fit this length
+                row.update(accuracy=None, sequences=0, note=str(e))
+            rows.append(row)
+            log.write(row, step=restored.step, tag=f"eval/{name}/T{seq_len}_d{distance}", keys=["accuracy"])
     print(f"\n[{run['layer_spec']}] trained on {run['task']}, step {restored.step}: exact match")
     print(f"{'task':<18}{'seq_len':>8}{'min dist':>10}{'accuracy':>10}{'seqs':>7}")
     for r in rows:
@@ -105,6 +106,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if {"--help", "-h", "-?", "--helpshort"} & set(sys.argv[1:]):   # absl's own --help exits 1
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-    app.run(main)
+    run_script(main)

@@ -14,6 +14,13 @@ Frontier, arXiv 2504.17768) on a small full-attention model trained by this libr
 4. Write JSONL, a PNG of accuracy and recall against density (one curve per method), and
    the table with the command into `docs/RESULTS.md` under "## Sparse frontier (issue 8)".
 
+Metrics: training loss / token accuracy every `--log_every` steps to `<workdir>/metrics.jsonl`
+(TensorBoard `train/*`); each (method, setting, task) row to `--jsonl` as it is measured, with
+its accuracy, recall, density and KV bytes as TensorBoard scalars `sweep/<method>/<task>/*` at
+step = round(1000 * density) (so TensorBoard draws each method's frontier over density, per
+mille). TensorBoard files go to the `tb/` folder beside each JSONL: `tensorboard --logdir
+<workdir>/tb`.
+
     python experiments/frontier.py --workdir=/tmp/frontier --steps=1000   # the docs/ run
     python experiments/frontier.py --workdir=/tmp/frontier --methods=snapkv,quest --budgets=8,32
 
@@ -27,7 +34,6 @@ streaming heads of `--duo_streaming` tokens, calibrated on training-distribution
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -44,6 +50,8 @@ from sparse_jax.models.lm import LMConfig, SparseLM
 from sparse_jax.tasks import TASKS, VOCAB_SIZE, exact_match, mixed_batch
 from sparse_jax.train import make_optimizer, train_step
 
+from script_io import MetricsLog, run as run_script  # experiments/script_io.py
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/sparse_jax_frontier", "Trained model cache (checkpoints/) and results.")
 flags.DEFINE_list("tasks", ["single_needle", "multikey_needle", "multivalue", "multiquery"],
@@ -57,6 +65,7 @@ flags.DEFINE_integer("steps", 600, "Training steps (skipped when --workdir holds
 flags.DEFINE_integer("batch", 32, "Training sequences per step.")
 flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
 flags.DEFINE_integer("seed", 0, "Seed of parameters and the training stream.")
+flags.DEFINE_integer("log_every", 25, "Log the training loss and accuracy every this many steps.")
 flags.DEFINE_list("methods", ["streaming", "h2o", "snapkv", "pyramidkv", "ada_snapkv", "duo", "quest", "top_p"],
                   "Policies to sweep.")
 flags.DEFINE_list("budgets", ["4", "8", "16", "32", "64"], "Tokens per kv head per layer.")
@@ -92,12 +101,14 @@ def train_or_load(model):
             return
         optimizer = make_optimizer(model, FLAGS.lr, warmup=FLAGS.steps // 10, total_steps=FLAGS.steps)
         rng = np.random.default_rng(FLAGS.seed)
-        bar = tqdm(range(FLAGS.steps), desc="train", ncols=100, mininterval=2.0)
-        for step in bar:
-            tokens, targets, mask = mixed_batch(rng, FLAGS.tasks, FLAGS.batch, FLAGS.seq_len)
-            loss, acc = train_step(model, optimizer, tokens, targets, mask)
-            if step % 25 == 0 or step == FLAGS.steps - 1:
-                bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.2f}")
+        bar = tqdm(range(1, FLAGS.steps + 1), desc="train", ncols=100, mininterval=2.0)
+        with MetricsLog(os.path.join(FLAGS.workdir, "metrics.jsonl")) as log:
+            for step in bar:
+                tokens, targets, mask = mixed_batch(rng, FLAGS.tasks, FLAGS.batch, FLAGS.seq_len)
+                loss, acc = train_step(model, optimizer, tokens, targets, mask)
+                if step % FLAGS.log_every == 0 or step in (1, FLAGS.steps):     # float() waits for the step
+                    log.write(dict(step=step, loss=float(loss), accuracy=float(acc)), step=step, tag="train")
+                    bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.2f}")
         ckpt.save(FLAGS.steps, model, force=True)
 
 
@@ -169,8 +180,15 @@ def recall_and_density(model, oracle, caches, length):
     return float(np.mean(recalls)), float(np.mean(densities))
 
 
-def evaluate(model, calib_tokens):
+def evaluate(model, calib_tokens, log: MetricsLog):
+    """Rows (method, setting, task, accuracy, recall, density, kv_bytes, prompt_len) of the dense
+    model and of every policy; each also written to `log` as it is measured."""
     rows = []
+
+    def add(row):
+        rows.append(row)
+        log.write(row, step=round(1000 * row["density"]), tag=f"sweep/{row['method']}/{row['task']}",
+                  keys=["accuracy", "recall", "density", "kv_bytes"])
     rng = np.random.default_rng(FLAGS.seed + 1)
     data = {name: TASKS[name].batch(rng, FLAGS.eval_batch, FLAGS.seq_len) for name in FLAGS.tasks}
     oracles, dense_acc = {}, {}
@@ -181,8 +199,8 @@ def evaluate(model, calib_tokens):
         preds, first, end = generate(model, caches, tokens, prompt)
         oracles[name] = (prompt, first)
         dense_acc[name] = float(exact_match(preds, targets, mask).mean())
-        rows.append(dict(method="dense", setting=None, task=name, accuracy=dense_acc[name], recall=1.0,
-                         density=1.0, kv_bytes=sum(c.nbytes() for c in end), prompt_len=prompt))
+        add(dict(method="dense", setting=None, task=name, accuracy=dense_acc[name], recall=1.0,
+                 density=1.0, kv_bytes=sum(c.nbytes() for c in end), prompt_len=prompt))
     for method, setting, policy in tqdm(policies(model, calib_tokens), desc="sweep", ncols=100):
         for name, (tokens, targets, mask) in data.items():
             prompt, oracle = oracles[name]
@@ -190,9 +208,9 @@ def evaluate(model, calib_tokens):
                                        max_new=FLAGS.seq_len - prompt)
             preds, first, end = generate(model, caches, tokens, prompt)
             recall, density = recall_and_density(model, oracle, first, prompt + 1)
-            rows.append(dict(method=method, setting=setting, task=name,
-                             accuracy=float(exact_match(preds, targets, mask).mean()), recall=recall,
-                             density=density, kv_bytes=sum(c.nbytes() for c in end), prompt_len=prompt))
+            add(dict(method=method, setting=setting, task=name,
+                     accuracy=float(exact_match(preds, targets, mask).mean()), recall=recall,
+                     density=density, kv_bytes=sum(c.nbytes() for c in end), prompt_len=prompt))
     return rows
 
 
@@ -268,14 +286,11 @@ def main(argv):
     model = build_model()
     train_or_load(model)
     calib, _, _ = mixed_batch(np.random.default_rng(FLAGS.seed + 2), FLAGS.tasks, 16, FLAGS.seq_len)
-    rows = evaluate(model, jnp.asarray(calib))
-    for path in (FLAGS.jsonl, FLAGS.plot, FLAGS.results_md):      # (the workdir exists by now)
+    for path in (FLAGS.plot, FLAGS.results_md):      # (the workdir exists by now)
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-    jsonl = FLAGS.jsonl or os.path.join(FLAGS.workdir, "frontier.jsonl")
-    if jsonl:
-        with open(jsonl, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    with MetricsLog(FLAGS.jsonl or os.path.join(FLAGS.workdir, "frontier.jsonl")) as log:
+        rows = evaluate(model, jnp.asarray(calib), log)
     summary = summarize(rows)
     dense = next(r for r in summary if r["method"] == "dense")
     print(f"\n{'method':<14}{'setting':>9}{'density':>9}{'accuracy':>10}{'recall':>8}{'KV bytes':>10}")
@@ -291,4 +306,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_script(main)

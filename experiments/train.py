@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags, logging
@@ -36,6 +35,8 @@ from sparse_jax.checkpoint import CheckpointConfig, Checkpointer
 from sparse_jax.data import NeedleTask, step_rng
 from sparse_jax.models.lm import LMConfig, SparseLM
 from sparse_jax.train import make_optimizer, train_step
+
+from script_io import MetricsLog, run as run_script, write_atomic  # experiments/script_io.py
 
 # Settings that define a run: recorded in <workdir>/config.json, checked on resume.
 RUN_KEYS = ("task", "seq_len", "layer_spec", "d_model", "heads", "kv_heads", "window", "impl",
@@ -122,31 +123,8 @@ def read_run_config(workdir: str) -> dict | None:
         return json.load(f)
 
 
-def _write_atomic(path: str, text: str):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def _truncate_metrics(path: str, last_step: int):
-    """Drops metric lines past `last_step` (work a killed run did after its last save)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line)
-        except (ValueError, KeyError):      # a line cut by the kill
-            pass
-    _write_atomic(path, "".join(kept))
-
-
 def main(argv):
     del argv
-    from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
     logging.set_verbosity(logging.WARNING)      # orbax logs every file at INFO
@@ -169,21 +147,19 @@ def main(argv):
         diff = {k: (previous.get(k), run.get(k)) for k in RUN_KEYS if previous.get(k) != run.get(k)}
         raise app.UsageError(f"{F.workdir} holds a run with other settings (saved, given): {diff}; "
                              "use a new --workdir or the same flags")
-    _write_atomic(os.path.join(F.workdir, "config.json"), json.dumps(run, indent=2))
+    write_atomic(os.path.join(F.workdir, "config.json"), json.dumps(run, indent=2))
 
     optimizer = make_optimizer(model, run["lr"], warmup=run["warmup"], total_steps=run["steps"])
-    metrics_path = os.path.join(F.workdir, "metrics.jsonl")
     with Checkpointer(os.path.join(F.workdir, "checkpoints"), ckpt_config) as ckpt:
         restored = ckpt.restore_latest(model, optimizer)
         start = restored.step or 0
         if start:
             print(f"resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
-        _truncate_metrics(metrics_path, start)
-        writer = SummaryWriter(os.path.join(F.workdir, "tb"), purge_step=start + 1)
         tokens_per_step = run["batch"] * run["seq_len"]
         bar = tqdm(range(start + 1, run["steps"] + 1), initial=start, total=run["steps"],
                    desc="train", ncols=100, mininterval=1.0)
-        with open(metrics_path, "a") as metrics:
+        # metrics past the checkpoint (a killed run's lost steps) are dropped, then appended
+        with MetricsLog(os.path.join(F.workdir, "metrics.jsonl"), resume_from=start) as metrics:
             last = time.perf_counter()
             for step in bar:
                 tokens, targets, mask = sample(step_rng(run["seed"], step), run["batch"])
@@ -193,21 +169,15 @@ def main(argv):
                 record = dict(step=step, loss=loss, accuracy=acc,
                               tokens_per_s=tokens_per_step / (now - last))
                 last = now
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                for key in ("loss", "accuracy", "tokens_per_s"):
-                    writer.add_scalar(f"train/{key}", record[key], step)
+                metrics.write(record, step=step, tag="train")
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", refresh=False)
                 ckpt.save(step, model, optimizer, force=step == run["steps"], extra={"seed": run["seed"]})
                 if F.step_delay:
                     time.sleep(F.step_delay)
                     last = time.perf_counter()
-        writer.close()
     print(f"done: step {run['steps']}, workdir {F.workdir}", flush=True)
 
 
 if __name__ == "__main__":
     define_flags()
-    if {"--help", "-h", "-?", "--helpshort"} & set(sys.argv[1:]):   # absl's own --help exits 1
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-    app.run(main)
+    run_script(main)
