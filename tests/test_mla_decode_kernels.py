@@ -233,3 +233,50 @@ def test_triton_compiled_on_gpu(k):
         args16 = tuple(a.astype(jnp.bfloat16) for a in args)
         got = mla_decode(*args16, **kw, impl="triton")
         assert rel_err(got.out, mla_decode_reference(*args16, **kw).out) < 2e-2
+
+
+def _ops_inputs(seed, t=2, s=21):
+    """Small MLA pieces for the ops-level wiring tests: ragged cache row, padded query."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    b, h, dn, dr, dc, dv = 2, 4, 8, 8, 16, 8
+    kv_pos = np.tile(np.arange(s, dtype=np.int32), (b, 1))
+    kv_pos[1, 15:] = -1
+    q_pos = np.stack([np.arange(s - t, s), np.arange(15 - t, 15)]).astype(np.int32)
+    q_pos[1, 0] = -1
+    return dict(q_nope=normal(b, t, h, dn), q_rope=normal(b, t, h, dr), c_kv=normal(b, s, dc),
+                k_rope=normal(b, s, dr), w_uk=normal(dc, h, dn), w_uv=normal(dc, h, dv),
+                q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(kv_pos))
+
+
+def test_ops_decode_paths_run_mla_decode():
+    """`ops.mla.mla_attention(absorbed, decoding)` and `ops.dsa.selected_attention(decoding)`
+    call `mla_decode` (here its Triton kernel in interpret mode) on the cache as stored and
+    match their prefill paths (flash / token_sparse over the concatenated latent)."""
+    from unittest import mock
+
+    from sparse_jax.ops import dsa as dops
+    from sparse_jax.ops import mla as mops
+
+    calls = []
+
+    def kernel(q_abs, c_kv, k_rope, **kw):
+        calls.append(c_kv.shape)
+        return mla_decode(q_abs, c_kv, k_rope, **{**kw, "impl": "triton"}, interpret=True)
+
+    a = _ops_inputs(10)
+    pos = (a["q_positions"], a["kv_positions"])
+    weights = (a["w_uk"], a["w_uv"])
+    args = (a["q_nope"], a["q_rope"], a["c_kv"], a["k_rope"], *weights, *pos)
+    want = mops.mla_attention(*args, scale=SCALE, absorbed=True, decoding=False, impl="xla")
+    q_abs = mops.absorb_query(a["q_nope"], a["q_rope"], a["w_uk"])
+    idx = jnp.asarray(np.random.default_rng(11).permutation(21)[:12].reshape(1, 1, 12).repeat(2, 0).repeat(2, 1))
+    sel_args = (q_abs, a["c_kv"], a["k_rope"], idx, *pos)
+    want_sel = dops.selected_attention(*sel_args, scale=SCALE, decoding=False, impl="xla")
+    with mock.patch.object(mops, "mla_decode", kernel), mock.patch.object(dops, "mla_decode", kernel):
+        got = mops.mla_attention(*args, scale=SCALE, absorbed=True, decoding=True, impl="xla")
+        got_sel = dops.selected_attention(*sel_args, scale=SCALE, decoding=True, impl="xla")
+    assert calls == [(2, 21, 16), (2, 21, 16)]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got_sel, want_sel, atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(got)[1, 0]).max() == 0.0

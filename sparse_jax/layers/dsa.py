@@ -87,7 +87,6 @@ class DSAAttention(MLAAttention):
             c_kv, k_rope, k_i, kv_positions, cache = cache.update(c_kv, k_rope, k_i, positions)
         w_uk, w_uv = self.w_uk[...].astype(c.dtype), self.w_uv[...].astype(c.dtype)
         q_abs = mops.absorb_query(q_nope, q_rope, w_uk)
-        k_lat, v_lat = mops.latent_kv(c_kv, k_rope)
         scale = self.mla.scale
         token_indices = None
         if s.stage == "warmup":
@@ -97,11 +96,12 @@ class DSAAttention(MLAAttention):
         else:
             token_indices = dops.indexer_topk(q_i, w_i, k_i, positions, kv_positions, k=s.top_k,
                                               query_chunk=s.query_chunk, impl=s.impl)
-            o_lat = dops.selected_attention(q_abs, k_lat, v_lat, token_indices, positions, kv_positions,
-                                            scale=scale, impl=c.impl)
+            o_lat = dops.selected_attention(q_abs, c_kv, k_rope, token_indices, positions, kv_positions,
+                                            scale=scale, decoding=cache is not None, impl=c.impl)
             o = mops.unabsorb_output(o_lat, w_uv)
         if s.indexer_loss and cache is None:
             scores = dops.indexer_scores(q_i, w_i, k_i, positions, kv_positions)
+            k_lat, _ = mops.latent_kv(c_kv, k_rope)
             target = dops.indexer_target(q_abs, k_lat, positions, kv_positions, scale=scale,
                                          token_indices=token_indices)
             self.sow(nnx.Intermediate, "indexer_loss",      # no-op outside nnx.capture

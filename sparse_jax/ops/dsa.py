@@ -10,7 +10,8 @@
   "auto" / "triton" / "mosaic_tpu" route to the fused `pallas_kernels.indexer` op.
 * Main attention over the selected tokens only (`selected_attention`), MLA in MQA form
   (`sparse_jax.ops.mla`: absorbed queries against the latent cache) through the
-  `token_sparse` op (its XLA reference on CPU).
+  `token_sparse` op, or at decode the `mla_decode` op over the cache as stored (their XLA
+  references on CPU).
 * Training (`indexer_target`, `dsa_indexer_loss`): KL from the main attention
   distribution (summed over heads, L1-normalised, no gradient) to `softmax(I_t)`; in the
   dense warm-up over all visible keys, in the sparse stage over the selected set only.
@@ -26,7 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.indexer import api as indexer_op
+from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.token_sparse import token_sparse_attention
+from sparse_jax.ops.attention import DECODE_MAX_QUERIES
+from sparse_jax.ops.mla import latent_kv
 
 STAGES = ("warmup", "sparse")
 INDEXER_IMPLS = ("xla", "auto", "triton", "mosaic_tpu")
@@ -123,11 +127,19 @@ def selected_mask(token_indices, num_slots: int):
     return jnp.zeros((b, t, num_slots + 1), bool).at[rows, cols, slot].set(True)[..., :num_slots]
 
 
-def selected_attention(q_abs, k_lat, v_lat, token_indices, q_positions, kv_positions, *, scale: float,
-                       impl: str = "auto"):
+def selected_attention(q_abs, c_kv, k_rope, token_indices, q_positions, kv_positions, *, scale: float,
+                       decoding: bool = False, impl: str = "auto"):
     """MQA attention of absorbed queries `[B, T, H, Dc + Dr]` over the selected latent
-    entries (`k_lat [B, S, 1, Dc + Dr]`, `v_lat [B, S, 1, Dc]`, `token_indices [B, T, K]`,
-    causal) through the `token_sparse` op. Returns the latent output `[B, T, H, Dc]`."""
+    entries (keys `[c_kv | k_rope]`, values `c_kv`; `c_kv [B, S, Dc]`, `k_rope [B, S, Dr]`,
+    `token_indices [B, T, K]`, causal). Returns the latent output `[B, T, H, Dc]`.
+
+    `decoding` (a cached call of at most `DECODE_MAX_QUERIES` queries): the `mla_decode` op
+    over the cache as stored (576 values read per selected token, no copy of the cache);
+    else the `token_sparse` op over `latent_kv` (it has the backward training needs)."""
+    if decoding and q_abs.shape[1] <= DECODE_MAX_QUERIES:
+        return mla_decode(q_abs, c_kv, k_rope.astype(c_kv.dtype), indices=token_indices,
+                          q_positions=q_positions, kv_positions=kv_positions, scale=scale, impl=impl)
+    k_lat, v_lat = latent_kv(c_kv, k_rope)
     return token_sparse_attention(q_abs, k_lat, v_lat, token_indices[:, :, None], q_positions=q_positions,
                                   kv_positions=kv_positions, scale=scale, impl=impl)
 

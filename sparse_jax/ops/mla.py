@@ -14,7 +14,8 @@ Two forms with the same outputs (tested equal in float32):
   `q_abs = [q_nope W_uk^T, q_rope]` (`[B, T, H, d_c + d_rope]`), and attention runs in MQA
   form over the cache itself, keys `[c_kv, k_rope]` (`[B, S, 1, d_c + d_rope]`, 576 values
   per token) and values `c_kv`; `W_uv` is applied to the latent output. The cache holds
-  only `c_kv` and `k_rope` per token.
+  only `c_kv` and `k_rope` per token; decode steps read it as stored through the
+  `mla_decode` op (keys and values from the same loaded rows).
 
 Shapes: `q_nope [B, T, H, Dn]`, `q_rope [B, T, H, Dr]` (already rotated), `c_kv [B, S, Dc]`,
 `k_rope [B, S, Dr]` (already rotated), `w_uk [Dc, H, Dn]`, `w_uv [Dc, H, Dv]`, positions
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
+from pallas_kernels.mla_decode import mla_decode
 from sparse_jax import patterns as P
 from sparse_jax.ops.attention import DECODE_MAX_QUERIES
 
@@ -118,7 +120,14 @@ def unabsorb_output(o_lat, w_uv):
 
 def mla_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, q_positions, kv_positions, *,
                   scale: float, absorbed: bool, decoding: bool = False, impl: str = "auto"):
-    """Causal MLA, expanded or absorbed (same result). Returns `[B, T, H, Dv]`."""
+    """Causal MLA, expanded or absorbed (same result). Returns `[B, T, H, Dv]`.
+
+    Absorbed decode (`decoding`, at most `DECODE_MAX_QUERIES` queries) runs the `mla_decode`
+    op over the cache as stored (no concatenated copy; 576 values read per token)."""
+    if absorbed and decoding and q_nope.shape[1] <= DECODE_MAX_QUERIES:
+        o_lat = mla_decode(absorb_query(q_nope, q_rope, w_uk), c_kv, k_rope.astype(c_kv.dtype),
+                           q_positions=q_positions, kv_positions=kv_positions, scale=scale, impl=impl)
+        return unabsorb_output(o_lat, w_uv)
     if absorbed:
         k, v = latent_kv(c_kv, k_rope)
         o_lat = attend(absorb_query(q_nope, q_rope, w_uk), k, v, q_positions, kv_positions,
