@@ -165,6 +165,16 @@ def test_real_widths_tiny_cache(impl):
     assert_matches(got, mla_decode_reference(*args, **kw), tol=2e-5)
 
 
+def test_bf16_partials_triton():
+    """bf16 inputs: bf16 partials over 3 splits, merged in float32, vs the reference (which
+    rounds only the output) within bf16 rounding."""
+    case = Case("bf16", t=1, s=60, k=None, num_splits=3, seed=12)
+    args, kw = make_inputs(case, jnp.bfloat16)
+    got = run(mla_decode_triton, args, kw, interpret=True, config=MlaDecodeTritonConfig(block_k=16))
+    assert got.out.dtype == jnp.bfloat16
+    assert rel_err(got.out, mla_decode_reference(*args, **kw).out) < 1.5e-2
+
+
 def test_gradient_is_the_references():
     """Differentiating the kernel path gives the reference's gradients (its custom VJP)."""
     args, kw = make_inputs(CASES[0])
@@ -206,6 +216,8 @@ def test_bad_arguments_raise():
         MlaDecodeTritonConfig(block_k=24)
     with pytest.raises(ValueError, match="max_rows"):
         MlaDecodeTritonConfig(max_rows=8)
+    with pytest.raises(ValueError, match="partial_dtype"):
+        MlaDecodeTritonConfig(partial_dtype="int8")
     with pytest.raises(ValueError, match="block_k"):
         MlaDecodeTpuConfig(block_k=0)
 

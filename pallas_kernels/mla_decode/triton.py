@@ -15,7 +15,8 @@ program walks its share (split-K) of the row's tiles of `block_k` tokens:
 Per tile it gathers the rows of `c_kv` (Dc) and `k_rope` (Dr) once, as power-of-two pieces
 (512 and 64: no padding at the paper's sizes), scores `q_c c^T + q_r r^T` and accumulates
 `p c` from the same loaded `c_kv` rows: `Dc + Dr` values per token, never the 1088 of
-separate K and V arrays. Each split writes a float32 partial `(out, lse)`;
+separate K and V arrays. Each split writes a partial `(out, lse)` (out in q's dtype by
+default: bf16 partials halve the split-K traffic for one more rounding; lse float32);
 `decode.layout.combine` merges them (with one split the partial is the result).
 
 The cache is read in place; only when Dc or Dr is not a multiple of 16 (toy sizes) are the
@@ -46,14 +47,18 @@ class MlaDecodeTritonConfig:
     """`block_k`: tokens gathered per iteration (power of two >= 16); `max_rows`: query heads
     per program (0: `row_split`'s register budget); `num_warps` 0: 8 for tiles over 16K
     elements, else 4; `split_target`: programs the split heuristic aims for;
-    `min_tokens_per_split`: the fewest tokens a split gets from the heuristic."""
+    `min_tokens_per_split`: the fewest tokens a split gets from the heuristic (the partials,
+    `splits x H x Dc` per query, are written and read again: at B=16, k=2048 four splits'
+    bf16 partials add ~20% to the selected rows' bytes); `partial_dtype`: dtype of the
+    per-split outputs (None: q's; lse always float32)."""
 
     block_k: int = 32
     max_rows: int = 0
     num_warps: int = 0
     num_stages: int = 2
     split_target: int = 264
-    min_tokens_per_split: int = 256
+    min_tokens_per_split: int = 512
+    partial_dtype: str | None = None
 
     def __post_init__(self):
         pow2 = lambda x: x > 0 and x & (x - 1) == 0  # noqa: E731
@@ -65,6 +70,8 @@ class MlaDecodeTritonConfig:
             raise ValueError(f"num_warps must be 0 (auto) or a power of two, got {self.num_warps}")
         if self.num_stages < 1 or self.split_target < 1 or self.min_tokens_per_split < 1:
             raise ValueError("num_stages, split_target and min_tokens_per_split must be >= 1")
+        if self.partial_dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"partial_dtype must be None, 'float32' or 'bfloat16', got {self.partial_dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +171,14 @@ def _kernel(nt_ref, qpos_ref, idx_ref, kpos_ref, qc_ref, qr_ref, c_ref, r_ref, o
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)
     for (st, w), a in zip(geo.c_pieces, acc):
-        o_ref[:, pl.ds(st, w)] = a / l_safe[:, None]
+        o_ref[:, pl.ds(st, w)] = (a / l_safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
 
 
 def partials(geo: Geometry, cfg: MlaDecodeTritonConfig, q_abs, c_kv, k_rope, indices, q_positions,
              kv_positions, scale, interpret):
-    """`(o_part [B, splits, T, H_p, Dc_p], lse_part [B, splits, T, H_p])`, float32."""
+    """`(o_part [B, splits, T, H_p, Dc_p]` in `cfg.partial_dtype` or q's,
+    `lse_part [B, splits, T, H_p]` float32)."""
     b, t, h, _ = q_abs.shape
     dc, dr = c_kv.shape[2], k_rope.shape[2]
     dr_p = geo.r_pieces[-1][0] + geo.r_pieces[-1][1]
@@ -201,7 +209,8 @@ def partials(geo: Geometry, cfg: MlaDecodeTritonConfig, q_abs, c_kv, k_rope, ind
         grid=(geo.num_splits * parts, b, t),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct((b, geo.num_splits, t, geo.h_p, geo.dc_p), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((b, geo.num_splits, t, geo.h_p, geo.dc_p),
+                                        cfg.partial_dtype or q_abs.dtype),
                    jax.ShapeDtypeStruct((b, geo.num_splits, t, geo.h_p), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps or (8 if width > 16384 else 4),
                                              num_stages=cfg.num_stages),
