@@ -70,30 +70,33 @@ def run_both(cfg, q, q_pos, kw, config=None):
 
 
 @pytest.mark.parametrize("case", [
-    # GQA 4, T=2, several cmp tiles (spill onto the next tile's selection blocks), a row
-    # whose first query sees no compressed block and fewer blocks than n, an empty row.
-    dict(cfg=SMALL, lengths=(300, 151, 6, 0), max_len=300, h=8, hkv=2, d=8, t=2),
+    # GQA 4, T=2, 5 cmp tiles on 4 splits (spills onto the next tile's and the next split's
+    # selection blocks), a row whose first query sees no compressed block and fewer blocks
+    # than n, an empty row.
+    dict(cfg=SMALL, lengths=(300, 151, 6, 0), max_len=300, h=8, hkv=2, d=8, t=2, splits=4),
     # GQA 1, T=1, paper ratios (l = 2d, l' = 4d) scaled down, window of 24 (masked tile).
     dict(cfg=dict(cmp_block=16, cmp_stride=8, sel_block=32, num_selected=6, window=24),
-         lengths=(260, 97, 33), max_len=260, h=2, hkv=2, d=16, t=1),
+         lengths=(260, 97, 33), max_len=260, h=2, hkv=2, d=16, t=1, splits=1),
     # GQA 16 (one kv head), D=12 and l'=12 (masked columns and rows), T=2.
     dict(cfg=dict(cmp_block=6, cmp_stride=3, sel_block=12, num_selected=5, window=10),
-         lengths=(130, 23), max_len=131, h=16, hkv=1, d=12, t=2),
+         lengths=(130, 23), max_len=131, h=16, hkv=1, d=12, t=2, splits=1),
     # l > l' (each cmp block spans 3 selection blocks), 2 initial + 1 local forced blocks.
     dict(cfg=dict(cmp_block=16, cmp_stride=4, sel_block=8, num_selected=6, num_initial=2,
                   num_local=1, window=8),
-         lengths=(200, 77), max_len=203, h=4, hkv=2, d=8, t=1),
+         lengths=(200, 77), max_len=203, h=4, hkv=2, d=8, t=1, splits=2),
 ])
 def test_kernel_matches_reference(case):
     case = dict(case)
     cfg = NSAConfig(**case.pop("cfg"))
+    config = TritonConfig(block_cmp=16, block_win=16, cmp_splits=case.pop("splits"))
     q, q_pos, kw = make_case(cfg, seed=len(case["lengths"]) + case["h"], **case)
-    got, want = run_both(cfg, q, q_pos, kw, TritonConfig(block_cmp=16, block_win=16))
+    got, want = run_both(cfg, q, q_pos, kw, config)
     check(got, want, q_pos, 2e-5)
 
 
 def test_default_tiles_and_l_equals_l_prime():
-    """l = l' = d (scores are the cmp probabilities themselves), the default tiles."""
+    """l = l' = d (scores are the cmp probabilities themselves), the default config (one
+    64-key cmp tile, so the fused kernel)."""
     cfg = NSAConfig(cmp_block=4, cmp_stride=4, sel_block=4, num_selected=5, window=16)
     q, q_pos, kw = make_case(cfg, lengths=(150, 40, 2), max_len=150, h=4, hkv=1, d=8, t=1, seed=7)
     got, want = run_both(cfg, q, q_pos, kw)

@@ -1,32 +1,38 @@
-"""`nsa_decode` on GPU: NSA's whole decode step (arXiv 2502.11089) in one Pallas Triton kernel.
+"""`nsa_decode` on GPU: NSA's decode step (arXiv 2502.11089) in Pallas Triton kernels.
 
-One program per (batch, kv head, query). Its tile rows are the `G = H / Hkv` query heads of
-the group (padded to 16 for the tensor-core dot), so every K/V row is read once per group:
+A program serves one (batch row, kv head, query); its tile rows are the `G = H / Hkv`
+query heads of the group (padded to 16 for the tensor-core dot), so each K/V row is read
+once per group. The step:
 
-1. cmp, pass 1: online max / sum over the visible compressed keys (slot i = block i, so
-   the trip count `ceil(num_visible / bc)` comes from the query position) -> per-head lse.
-2. cmp, pass 2: `p = exp(s - lse)`; `o_cmp += p @ V`; the selection importance: `p` summed
-   over the group heads, then spread onto the selection blocks with the overlap weights
+1. cmp statistics: online max / sum over the visible compressed keys (slot i = block i,
+   so the trip count `ceil(num_visible / bc)` comes from the query position) -> lse.
+2. cmp output and scores: `p = exp(s - lse)`, `o_cmp += p @ V`, and `p` summed over the
+   group heads spread onto the selection blocks with the overlap weights
    `|tokens(i) & tokens(j)| / d` (`selection_scores`). A cmp tile of `bc` blocks is
    aligned to `bs = bc / r` selection blocks (`r = l' / d`, a power of two), so the
-   weights are two constant `[bc, bs]` matrices: onto the tile's own selection blocks and
-   onto the next tile's (the `l/d - 1` trailing chunks of the last cmp blocks). Scores live
-   in registers as `[R, bs]` (row k = cmp tile k), updated by a row select.
-3. selection in registers: causal candidates `j*l' <= t`, forced blocks at +inf, then
-   `n` rounds of (max, lowest index at the max, knock-out): `select_blocks`' top-n with
-   ties to the lower index.
-4. slc: each round loads its block's `l'` K/V rows at `idx * l'` right away (online
-   softmax, causal on positions, -1 empty).
+   weights are two constant `[bc, bs]` matrices, onto the tile's own selection blocks and
+   onto the next tile's (the trailing chunks of its last cmp blocks). The scores live in
+   registers as `[R, bs]` (row k = cmp tile k), updated by row selects.
+3. selection in registers: causal candidates `j*l' <= t`, forced blocks at +inf, then `n`
+   rounds of (max, lowest index at the max, knock-out): `select_blocks`' top-n, ties to
+   the lower index.
+4. slc: the selected blocks' `l'` K/V rows at `idx * l'`, online softmax (causal on
+   positions, -1 empty).
 5. win: every slot of the window cache, visible iff `t - w < pos <= t`.
 
-Per step a program reads the compressed keys twice (pass 1 and 2) and their values once,
-the `n * l'` selected rows and the window: compressed + n*l' + w tokens, never the cache.
+Two launch plans (`TritonConfig.cmp_splits`):
 
-Grid: B * Hkv * T programs (64 at B=16, Hkv=4, T=1: half of an H200's 132 SMs). The cure,
-not built here: split pass 1/2 over `c` programs per (b, hkv, t), each writing its
-partial (m, l) and then its partial score rows and o_cmp, with a tiny second kernel for
-the selection, slc and win (or a split-K combine as in `decode`).
+* fused (`cmp_splits=1`): all five steps in one kernel, grid (B, Hkv, T);
+* split (`cmp_splits=C > 1`): B * Hkv * T programs leave an H200 half idle at B=16,
+  Hkv=4, T=1 (64 programs, 132 SMs) while the cmp keys are most of the bytes, so steps
+  1 and 2 run on C programs per (b, hkv, t), each over its share of the cmp tiles:
+  `nsa_decode_stats` writes per-split (max, sum), `nsa_decode_scores` combines them into
+  the exact lse and writes its partial o_cmp and score rows (the spill of its last tile
+  onto the next share apart), and `nsa_decode_finish` (grid B, Hkv, T) sums those and runs
+  steps 3-5. Three launches, no XLA op between them.
 
+Per step the cmp keys are read twice (steps 1 and 2) and the cmp values once, then the
+`n * l'` selected rows and the window: compressed + n*l' + w tokens, never the raw cache.
 Head dims that are not powers of two and lengths that are not tile multiples are covered
 by masked loads; the caches are read in place (`[B, S, Hkv * D]` views).
 """
@@ -51,27 +57,33 @@ BIG = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
-    """Tiles of the cmp pass (`block_cmp` compressed keys) and of the window (`block_win`)."""
+    """Tiles of the cmp pass (`block_cmp` compressed keys) and of the window (`block_win`);
+    `cmp_splits`: programs per (b, hkv, query) for the cmp pass (1 = one fused kernel;
+    None = enough for `target_programs`, a power of two)."""
 
     block_cmp: int = 64
     block_win: int = 64
+    cmp_splits: int | None = None
+    target_programs: int = 264          # two per H200 SM
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_cmp", "block_win", "num_warps", "num_stages"):
+        for name in ("block_cmp", "block_win", "target_programs", "num_warps", "num_stages"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        c = self.cmp_splits
+        if c is not None and (not isinstance(c, int) or c < 1 or c & (c - 1)):
+            raise ValueError(f"cmp_splits must be a power of two >= 1 or None, got {c!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Static sizes of one call (hashable: the kernel specialises on it)."""
+    """Static sizes of one call (hashable: the kernels specialise on it)."""
 
     t: int              # queries per row
-    hkv: int
-    g: int              # heads per kv head
+    g: int              # query heads per kv head
     rows_p: int         # g padded (>= 16, power of two)
     d: int
     d_p: int
@@ -82,7 +94,9 @@ class Plan:
     bs: int             # selection blocks per cmp tile (bc / r)
     r: int              # l' / d
     u: int              # l / d
-    rows_sc: int        # score rows R (power of two)
+    splits: int         # C programs per (b, hkv, t) in the cmp pass (1 = fused kernel)
+    per: int            # cmp tiles (= score rows) per split; rows = splits * per when split
+    rows: int           # score rows R (power of two)
     ns: int             # selection blocks of the slc cache
     n_out: int          # min(num_selected, ns)
     n_p: int
@@ -101,6 +115,10 @@ def _p2(x: int, minimum: int = 16) -> int:
     return max(minimum, pl_next_pow2(x))
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def make_plan(q, k_cmp, k_slc, k_win, cfg, config: TritonConfig, scale: float) -> Plan:
     b, t, h, d = q.shape
     hkv = k_cmp.shape[2]
@@ -112,42 +130,64 @@ def make_plan(q, k_cmp, k_slc, k_win, cfg, config: TritonConfig, scale: float) -
     # A tile of bc cmp blocks spills onto the next tile's selection blocks only: bc > u - 2.
     bc = max(_p2(min(config.block_cmp, n_cmp)), r, pl_next_pow2(u))
     bs = bc // r
-    ns = -(-s_slc // cfg.sel_block)
+    ns = _cdiv(s_slc, cfg.sel_block)
+    max_tiles = _cdiv(n_cmp, bc)
+    splits = config.cmp_splits
+    if splits is None:
+        splits = pl_next_pow2(_cdiv(config.target_programs, b * hkv * t) + 1) // 2
+    splits = max(1, min(splits, pl_next_pow2(max_tiles + 1) // 2))
+    if splits == 1:
+        per, rows = max_tiles, pl_next_pow2(_cdiv(ns, bs))
+    else:
+        per = pl_next_pow2(max(_cdiv(max_tiles, splits), _cdiv(_cdiv(ns, bs), splits)))
+        rows = splits * per
     n_out = min(cfg.num_selected, ns)
-    return Plan(t=t, hkv=hkv, g=h // hkv, rows_p=_p2(h // hkv), d=d, d_p=_p2(d), n_cmp=n_cmp,
-                s_slc=s_slc, s_win=s_win, bc=bc, bs=bs, r=r, u=u,
-                rows_sc=pl_next_pow2(-(-ns // bs)), ns=ns, n_out=n_out, n_p=pl_next_pow2(n_out),
-                ls=cfg.sel_block, ls_p=_p2(cfg.sel_block), bw=_p2(min(config.block_win, s_win)),
-                l=cfg.cmp_block, stride=cfg.cmp_stride, window=cfg.window,
-                num_initial=cfg.num_initial, num_local=cfg.num_local, scale2=scale * LOG2E)
+    return Plan(t=t, g=h // hkv, rows_p=_p2(h // hkv), d=d, d_p=_p2(d), n_cmp=n_cmp, s_slc=s_slc,
+                s_win=s_win, bc=bc, bs=bs, r=r, u=u, splits=splits, per=per, rows=rows, ns=ns,
+                n_out=n_out, n_p=pl_next_pow2(n_out), ls=cfg.sel_block, ls_p=_p2(cfg.sel_block),
+                bw=_p2(min(config.block_win, s_win)), l=cfg.cmp_block, stride=cfg.cmp_stride,
+                window=cfg.window, num_initial=cfg.num_initial, num_local=cfg.num_local,
+                scale2=scale * LOG2E)
 
 
-def _kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, ks_ref, vs_ref, spos_ref, kw_ref, vw_ref,
-            wpos_ref, oc_ref, os_ref, ow_ref, idx_ref, *, plan: Plan):
-    pn = plan
-    b, h, ti = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    t = qpos_ref[b * pn.t + ti]
-    live = t >= 0
-    q = q_ref[...]                                                         # [rows_p, d_p]
-    row_ok = jnp.arange(pn.rows_p, dtype=jnp.int32) < pn.g
-    cols = pl.ds(h * pn.d, pn.d_p)
-    col_ok = jnp.arange(pn.d_p, dtype=jnp.int32)[None, :] < pn.d
+# ----------------------------------------------------------------------------- one program
 
-    def tile(k_ref, v_ref, pos_ref, start, size, size_p, axis_len):
-        """K, V `[size_p, d_p]` and positions `[size_p]` (-1 outside) of slots start.."""
+
+class _Program:
+    """What one (batch row, kv head, query) program computes, on refs of its row."""
+
+    def __init__(self, plan: Plan, q, h, t):
+        pn = self.plan = plan
+        self.q, self.t = q, t                                              # q [rows_p, d_p]
+        self.live = t >= 0
+        self.tt = jnp.where(self.live, t, 0)
+        self.cols = pl.ds(h * pn.d, pn.d_p)
+        self.col_ok = None if pn.d == pn.d_p else jnp.arange(pn.d_p, dtype=jnp.int32)[None, :] < pn.d
+        visible = jnp.where(self.live & (self.tt >= pn.l - 1), (self.tt - (pn.l - 1)) // pn.stride + 1, 0)
+        self.cmp_tiles = (jnp.minimum(visible, pn.n_cmp) + pn.bc - 1) // pn.bc
+
+    def tile(self, k_ref, v_ref, pos_ref, start, size, size_p, axis_len):
+        """K, V `[size_p, d_p]` (V None without v_ref), positions `[size_p]` (-1 outside)."""
         r = jnp.arange(size_p, dtype=jnp.int32)
         in_rows = (r < size) & (start + r < axis_len)
-        mask = jnp.broadcast_to(in_rows[:, None] & col_ok, (size_p, pn.d_p))
+        mask = in_rows[:, None] if self.col_ok is None else in_rows[:, None] & self.col_ok
+        mask = jnp.broadcast_to(mask, (size_p, self.plan.d_p))
         rows = pl.ds(start, size_p)
         pos = plgpu.load(pos_ref.at[rows], mask=in_rows, other=-1)
-        k = plgpu.load(k_ref.at[rows, cols], mask=mask, other=0.0)
-        v = plgpu.load(v_ref.at[rows, cols], mask=mask, other=0.0)
+        k = plgpu.load(k_ref.at[rows, self.cols], mask=mask, other=0.0)
+        v = None if v_ref is None else plgpu.load(v_ref.at[rows, self.cols], mask=mask, other=0.0)
         return k, v, pos
 
-    def logits(k, vis):
-        s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * pn.scale2
+    def logits(self, k, vis):
+        s = lax.dot_general(self.q, k, NT, preferred_element_type=jnp.float32) * self.plan.scale2
         return jnp.where(vis[None, :], s, MASK_VALUE)
 
+    def empty(self):
+        pn = self.plan
+        return (jnp.full((pn.rows_p,), MASK_VALUE, jnp.float32), jnp.zeros((pn.rows_p,), jnp.float32),
+                jnp.zeros((pn.rows_p, pn.d_p), jnp.float32))
+
+    @staticmethod
     def online(carry, s, vis, v):
         m, l, acc = carry
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -156,129 +196,225 @@ def _kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, ks_ref, vs_ref, spos_ref,
         pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
         return m_new, l * alpha + p.sum(axis=-1), acc * alpha[:, None] + pv
 
-    def init():
-        return (jnp.full((pn.rows_p,), MASK_VALUE, jnp.float32), jnp.zeros((pn.rows_p,), jnp.float32),
-                jnp.zeros((pn.rows_p, pn.d_p), jnp.float32))
-
+    @staticmethod
     def normalised(carry):
         _, l, acc = carry
         return acc / jnp.where(l > 0.0, l, 1.0)[:, None]
 
-    # ---- cmp: visible slots are 0 .. num_visible - 1 (slot i ends at i*d + l - 1).
-    tt = jnp.where(live, t, 0)
-    num_visible = jnp.where(live & (tt >= pn.l - 1), (tt - (pn.l - 1)) // pn.stride + 1, 0)
-    num_visible = jnp.minimum(num_visible, pn.n_cmp)
-    cmp_tiles = (num_visible + pn.bc - 1) // pn.bc
+    def cmp_tile(self, refs, i, with_v=True):
+        k_ref, v_ref, pos_ref = refs
+        pn = self.plan
+        k, v, pos = self.tile(k_ref, v_ref if with_v else None, pos_ref, i * pn.bc, pn.bc, pn.bc, pn.n_cmp)
+        vis = self.live & (pos >= 0) & (pos <= self.t)
+        return self.logits(k, vis), vis, v
 
-    def cmp_tile(i):
-        k, v, pos = tile(kc_ref, vc_ref, cpos_ref, i * pn.bc, pn.bc, pn.bc, pn.n_cmp)
-        vis = live & (pos >= 0) & (pos <= t)
-        return logits(k, vis), vis, v
+    def cmp_stats(self, refs, lo, hi):
+        """Step 1 over cmp tiles [lo, hi): running max and sum `[rows_p]` (base 2)."""
+        def body(i, ml):
+            m, l = ml
+            s, vis, _ = self.cmp_tile(refs, i, with_v=False)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.where(vis[None, :], jnp.exp2(s - m_new[:, None]), 0.0)
+            return m_new, l * jnp.exp2(m - m_new) + p.sum(axis=-1)
+        return lax.fori_loop(lo, hi, body, self.empty()[:2])
 
-    def pass1(i, ml):
-        m, l = ml
-        s, vis, _ = cmp_tile(i)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.where(vis[None, :], jnp.exp2(s - m_new[:, None]), 0.0)
-        return m_new, l * jnp.exp2(m - m_new) + p.sum(axis=-1)
+    def cmp_scores(self, refs, lse, lo, hi, base, rows):
+        """Step 2 over cmp tiles [lo, hi): `(o_cmp part [rows_p, d_p], scores [rows, bs],
+        spill [1, bs])`; tile k adds to score rows k - base (own) and k - base + 1 (next,
+        the spill when that is row `rows`)."""
+        pn = self.plan
+        row_ok = (jnp.arange(pn.rows_p, dtype=jnp.int32) < pn.g)[:, None]
+        c_id = jnp.arange(pn.bc, dtype=jnp.int32)[:, None]
+        j_id = jnp.arange(pn.bs, dtype=jnp.int32)[None, :]
+        w_own = jnp.zeros((pn.bc, pn.bs), jnp.float32)
+        w_next = jnp.zeros((pn.bc, pn.bs), jnp.float32)
+        for n in range(pn.u):                     # cmp block c covers d-chunks c .. c+u-1
+            block = (c_id + n) // pn.r
+            w_own += (block == j_id).astype(jnp.float32)
+            w_next += (block == j_id + pn.bs).astype(jnp.float32)
+        row_id = jnp.arange(rows, dtype=jnp.int32)[:, None]
 
-    m, l = lax.fori_loop(0, cmp_tiles, pass1, init()[:2])
-    lse = jnp.where(l > 0.0, m + jnp.log2(jnp.where(l > 0.0, l, 1.0)), 0.0)
+        def body(i, carry):
+            acc, scores, spill = carry
+            s, vis, v = self.cmp_tile(refs, i)
+            p = jnp.where(vis[None, :], jnp.exp2(s - lse[:, None]), 0.0)     # [rows_p, bc]
+            acc += lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
+            mass = jnp.where(row_ok, p, 0.0).sum(axis=0)[:, None]             # [bc, 1]
+            own = (mass * w_own).sum(axis=0)[None, :]                         # [1, bs]
+            nxt = (mass * w_next).sum(axis=0)[None, :]
+            k = i - base
+            scores = jnp.where(row_id == k, scores + own, scores)
+            scores = jnp.where(row_id == k + 1, scores + nxt, scores)
+            return acc, scores, spill + jnp.where(k + 1 == rows, nxt, 0.0)
 
-    # Overlap weights of cmp block c of a tile onto the tile's selection block j (w_in) and
-    # the next tile's (w_out): how many of the block's d-chunks c .. c+u-1 lie in it.
-    c_id = jnp.arange(pn.bc, dtype=jnp.int32)[:, None]
-    j_id = jnp.arange(pn.bs, dtype=jnp.int32)[None, :]
-    w_in = jnp.zeros((pn.bc, pn.bs), jnp.float32)
-    w_out = jnp.zeros((pn.bc, pn.bs), jnp.float32)
-    for n in range(pn.u):
-        chunk_block = (c_id + n) // pn.r
-        w_in += (chunk_block == j_id).astype(jnp.float32)
-        w_out += (chunk_block == j_id + pn.bs).astype(jnp.float32)
-    score_row = jnp.arange(pn.rows_sc, dtype=jnp.int32)[:, None]
+        init = (jnp.zeros((pn.rows_p, pn.d_p), jnp.float32), jnp.zeros((rows, pn.bs), jnp.float32),
+                jnp.zeros((1, pn.bs), jnp.float32))
+        return lax.fori_loop(lo, hi, body, init)
 
-    def pass2(i, carry):
-        acc, scores = carry
-        s, vis, v = cmp_tile(i)
-        p = jnp.where(vis[None, :], jnp.exp2(s - lse[:, None]), 0.0)     # [rows_p, bc]
-        acc += lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
-        mass = jnp.where(row_ok[:, None], p, 0.0).sum(axis=0)[:, None]    # [bc, 1]
-        own = (mass * w_in).sum(axis=0)[None, :]                          # [1, bs]
-        nxt = (mass * w_out).sum(axis=0)[None, :]
-        scores = jnp.where(score_row == i, scores + own, scores)
-        scores = jnp.where(score_row == i + 1, scores + nxt, scores)
-        return acc, scores
+    def select(self, scores):
+        """Step 3: `[n_p]` int32 selected blocks in score order, -1 unused."""
+        pn = self.plan
+        blk = jnp.arange(pn.rows, dtype=jnp.int32)[:, None] * pn.bs + jnp.arange(pn.bs, dtype=jnp.int32)[None, :]
+        causal = self.live & (blk < pn.ns) & (blk * pn.ls <= self.tt)
+        forced = causal & ((blk < pn.num_initial) | (blk > self.tt // pn.ls - pn.num_local))
+        cand = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
+        slot = jnp.arange(pn.n_p, dtype=jnp.int32)
 
-    acc_cmp, scores = lax.fori_loop(
-        0, cmp_tiles, pass2,
-        (jnp.zeros((pn.rows_p, pn.d_p), jnp.float32), jnp.zeros((pn.rows_sc, pn.bs), jnp.float32)))
-    oc_ref[...] = acc_cmp.astype(oc_ref.dtype)
+        def body(k, carry):
+            cand, picked = carry
+            best = cand.max()
+            idx = jnp.where(cand == best, blk, BIG).min()
+            picked = jnp.where(slot == k, jnp.where(best > -jnp.inf, idx, -1), picked)
+            return jnp.where(blk == idx, -jnp.inf, cand), picked
 
-    # ---- selection + slc: n rounds of (argmax with ties to the lower index, knock-out, attend).
-    blk = score_row * pn.bs + jnp.arange(pn.bs, dtype=jnp.int32)[None, :]   # [R, bs] block ids
-    causal = live & (blk < pn.ns) & (blk * pn.ls <= tt)
-    forced = causal & ((blk < pn.num_initial) | (blk > tt // pn.ls - pn.num_local))
-    cand = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
-    slot = jnp.arange(pn.n_p, dtype=jnp.int32)
+        return lax.fori_loop(0, pn.n_out, body, (cand, jnp.full((pn.n_p,), -1, jnp.int32)))[1]
 
-    def select_and_attend(k_round, carry):
-        cand, picked, att = carry
-        best = cand.max()
-        idx = jnp.where(cand == best, blk, BIG).min()
-        ok = best > -jnp.inf
-        picked = jnp.where(slot == k_round, jnp.where(ok, idx, -1), picked)
-        cand = jnp.where(blk == idx, -jnp.inf, cand)
-        k, v, pos = tile(ks_ref, vs_ref, spos_ref, jnp.where(ok, idx, 0) * pn.ls, pn.ls, pn.ls_p,
-                         pn.s_slc)
-        vis = ok & (pos >= 0) & (pos <= t)
-        return cand, picked, online(att, logits(k, vis), vis, v)
+    def slc(self, refs, picked):
+        """Step 4: attention over the picked blocks' rows (slot axis, position-masked)."""
+        pn = self.plan
+        slot = jnp.arange(pn.n_p, dtype=jnp.int32)
 
-    _, picked, att_slc = lax.fori_loop(
-        0, pn.n_out, select_and_attend, (cand, jnp.full((pn.n_p,), -1, jnp.int32), init()))
-    idx_ref[...] = picked
-    os_ref[...] = normalised(att_slc).astype(os_ref.dtype)
+        def body(k, att):
+            idx = jnp.where(slot == k, picked, -1).max()
+            kk, v, pos = self.tile(*refs, jnp.maximum(idx, 0) * pn.ls, pn.ls, pn.ls_p, pn.s_slc)
+            vis = (idx >= 0) & (pos >= 0) & (pos <= self.t)
+            return self.online(att, self.logits(kk, vis), vis, v)
 
-    # ---- win: every slot of the window cache, t - w < pos <= t.
-    def win_tile(i, att):
-        k, v, pos = tile(kw_ref, vw_ref, wpos_ref, i * pn.bw, pn.bw, pn.bw, pn.s_win)
-        vis = live & (pos >= 0) & (pos <= t) & (pos > t - pn.window)
-        return online(att, logits(k, vis), vis, v)
+        return self.normalised(lax.fori_loop(0, pn.n_out, body, self.empty()))
 
-    att_win = lax.fori_loop(0, -(-pn.s_win // pn.bw), win_tile, init())
-    ow_ref[...] = normalised(att_win).astype(ow_ref.dtype)
+    def win(self, refs):
+        """Step 5: every window slot, `t - w < pos <= t`."""
+        pn = self.plan
+
+        def body(i, att):
+            k, v, pos = self.tile(*refs, i * pn.bw, pn.bw, pn.bw, pn.s_win)
+            vis = self.live & (pos >= 0) & (pos <= self.t) & (pos > self.t - pn.window)
+            return self.online(att, self.logits(k, vis), vis, v)
+
+        return self.normalised(lax.fori_loop(0, _cdiv(pn.s_win, pn.bw), body, self.empty()))
+
+    def finish(self, scores, slc_refs, win_refs, os_ref, ow_ref, idx_ref):
+        picked = self.select(scores)
+        idx_ref[...] = picked
+        os_ref[...] = self.slc(slc_refs, picked).astype(os_ref.dtype)
+        ow_ref[...] = self.win(win_refs).astype(ow_ref.dtype)
+
+
+def _lse(m, l):
+    return jnp.where(l > 0.0, m + jnp.log2(jnp.where(l > 0.0, l, 1.0)), 0.0)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _fused_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, ks_ref, vs_ref, spos_ref, kw_ref, vw_ref,
+                  wpos_ref, oc_ref, os_ref, ow_ref, idx_ref, *, plan: Plan):
+    b, h, ti = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    prog = _Program(plan, q_ref[...], h, qpos_ref[b * plan.t + ti])
+    cmp = (kc_ref, vc_ref, cpos_ref)
+    lse = _lse(*prog.cmp_stats(cmp, 0, prog.cmp_tiles))
+    acc, scores, _ = prog.cmp_scores(cmp, lse, 0, prog.cmp_tiles, 0, plan.rows)
+    oc_ref[...] = acc.astype(oc_ref.dtype)
+    prog.finish(scores, (ks_ref, vs_ref, spos_ref), (kw_ref, vw_ref, wpos_ref), os_ref, ow_ref, idx_ref)
+
+
+def _split_program(plan: Plan, qpos_ref, q_ref):
+    b, h, z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    prog = _Program(plan, q_ref[...], h, qpos_ref[b * plan.t + z // plan.splits])
+    lo = jnp.minimum((z % plan.splits) * plan.per, prog.cmp_tiles)
+    return prog, lo, jnp.minimum(lo + plan.per, prog.cmp_tiles), (z % plan.splits) * plan.per
+
+
+def _stats_kernel(qpos_ref, q_ref, kc_ref, cpos_ref, m_ref, l_ref, *, plan: Plan):
+    prog, lo, hi, _ = _split_program(plan, qpos_ref, q_ref)
+    m_ref[...], l_ref[...] = prog.cmp_stats((kc_ref, None, cpos_ref), lo, hi)
+
+
+def _scores_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, m_ref, l_ref, acc_ref, sc_ref, spill_ref,
+                   *, plan: Plan):
+    prog, lo, hi, base = _split_program(plan, qpos_ref, q_ref)
+    m_part, l_part = m_ref[...], l_ref[...]                                 # [C, rows_p]
+    m = m_part.max(axis=0)
+    l = (l_part * jnp.exp2(m_part - m[None, :])).sum(axis=0)
+    acc, scores, spill = prog.cmp_scores((kc_ref, vc_ref, cpos_ref), _lse(m, l), lo, hi, base, plan.per)
+    acc_ref[...], sc_ref[...], spill_ref[...] = acc, scores, spill
+
+
+def _finish_kernel(qpos_ref, q_ref, acc_ref, sc_ref, spill_ref, ks_ref, vs_ref, spos_ref, kw_ref, vw_ref,
+                   wpos_ref, oc_ref, os_ref, ow_ref, idx_ref, *, plan: Plan):
+    b, h, ti = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    prog = _Program(plan, q_ref[...], h, qpos_ref[b * plan.t + ti])
+    acc = acc_ref[0]
+    for c in range(1, plan.splits):
+        acc += acc_ref[c]
+    oc_ref[...] = acc.astype(oc_ref.dtype)
+    scores = sc_ref[...]                                                   # [C * per, bs]
+    row_id = jnp.arange(plan.rows, dtype=jnp.int32)[:, None]
+    for c in range(plan.splits - 1):                 # split c's last tile spills onto split c+1
+        scores = jnp.where(row_id == (c + 1) * plan.per, scores + spill_ref[pl.ds(c, 1), :], scores)
+    prog.finish(scores, (ks_ref, vs_ref, spos_ref), (kw_ref, vw_ref, wpos_ref), os_ref, ow_ref, idx_ref)
+
+
+# ----------------------------------------------------------------------------- wrapper
 
 
 def nsa_decode_triton(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, slc_positions,
                       k_win, v_win, win_positions, cfg, scale, interpret=False,
                       config: TritonConfig | None = None):
-    """`nsa_decode_reference`'s contract on one Triton kernel (`interpret=True`: CPU)."""
+    """`nsa_decode_reference`'s contract on the Triton kernels (`interpret=True`: CPU)."""
     config = config or TritonConfig()
-    plan = make_plan(q, k_cmp, k_slc, k_win, cfg, config, scale)
+    pn = make_plan(q, k_cmp, k_slc, k_win, cfg, config, scale)
     b, t, h, d = q.shape
-    hkv, g = plan.hkv, plan.g
-    qr = q.reshape(b, t, hkv, g, d)
-    qr = jnp.pad(qr, ((0, 0),) * 3 + ((0, plan.rows_p - g), (0, plan.d_p - d)))
+    hkv, g, c = k_cmp.shape[2], pn.g, pn.splits
+    qr = jnp.pad(q.reshape(b, t, hkv, g, d), ((0, 0),) * 3 + ((0, pn.rows_p - g), (0, pn.d_p - d)))
     view = lambda x: x.reshape(*x.shape[:2], hkv * d)                      # noqa: E731  free
+    kv_spec = lambda x: pl.BlockSpec((None, x.shape[1], hkv * d), lambda b_, h_, z: (b_, 0, 0))  # noqa: E731
+    pos_spec = lambda x: pl.BlockSpec((None, x.shape[1]), lambda b_, h_, z: (b_, 0))            # noqa: E731
     whole = pl.BlockSpec()
-    row = lambda x: pl.BlockSpec((None, x.shape[1], hkv * d), lambda b_, h_, t_: (b_, 0, 0))  # noqa: E731
-    pos = lambda x: pl.BlockSpec((None, x.shape[1]), lambda b_, h_, t_: (b_, 0))              # noqa: E731
-    out_spec = pl.BlockSpec((None, None, None, plan.rows_p, plan.d_p), lambda b_, h_, t_: (b_, t_, h_, 0, 0))
-    out_shape = jax.ShapeDtypeStruct((b, t, hkv, plan.rows_p, plan.d_p), q.dtype)
-    o_cmp, o_slc, o_win, idx = pl.pallas_call(
-        functools.partial(_kernel, plan=plan),
-        grid=(b, hkv, t),
-        in_specs=[whole, pl.BlockSpec((None, None, None, plan.rows_p, plan.d_p),
-                                      lambda b_, h_, t_: (b_, t_, h_, 0, 0)),
-                  row(k_cmp), row(v_cmp), pos(cmp_positions), row(k_slc), row(v_slc),
-                  pos(slc_positions), row(k_win), row(v_win), pos(win_positions)],
-        out_specs=[out_spec, out_spec, out_spec,
-                   pl.BlockSpec((None, None, None, plan.n_p), lambda b_, h_, t_: (b_, t_, h_, 0))],
-        out_shape=[out_shape, out_shape, out_shape,
-                   jax.ShapeDtypeStruct((b, t, hkv, plan.n_p), jnp.int32)],
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
-        interpret=interpret,
-        name="nsa_decode",
-    )(q_positions.reshape(-1), qr, view(k_cmp), view(v_cmp), cmp_positions, view(k_slc),
-      view(v_slc), slc_positions, view(k_win), view(v_win), win_positions)
+    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
+    per_query = lambda *tail: pl.BlockSpec((None, None, None) + tail,                  # noqa: E731
+                                           lambda b_, h_, z: (b_, z, h_) + (0,) * len(tail))
+    per_split = lambda *tail: pl.BlockSpec((None, None, None, None) + tail,            # noqa: E731
+                                           lambda b_, h_, z: (b_, z // c, h_, z % c) + (0,) * len(tail))
+    q_split = pl.BlockSpec((None, None, None, pn.rows_p, pn.d_p), lambda b_, h_, z: (b_, z // c, h_, 0, 0))
+    def all_splits(*tail, split_grid):
+        """Every split's part of this (b, hkv, query); on a split grid z = query * C + split."""
+        query = (lambda z: z // c) if split_grid else (lambda z: z)
+        return pl.BlockSpec((None, None, None, c) + tail, lambda b_, h_, z: (b_, query(z), h_, 0) + (0,) * len(tail))
+    qpos = q_positions.reshape(-1)
+    cmp_in = (view(k_cmp), view(v_cmp), cmp_positions)
+    cmp_specs = [kv_spec(k_cmp), kv_spec(v_cmp), pos_spec(cmp_positions)]
+    tail_in = (view(k_slc), view(v_slc), slc_positions, view(k_win), view(v_win), win_positions)
+    tail_specs = [kv_spec(k_slc), kv_spec(v_slc), pos_spec(slc_positions), kv_spec(k_win),
+                  kv_spec(v_win), pos_spec(win_positions)]
+    out_shape = jax.ShapeDtypeStruct((b, t, hkv, pn.rows_p, pn.d_p), q.dtype)
+    outs = dict(out_specs=[per_query(pn.rows_p, pn.d_p)] * 3 + [per_query(pn.n_p)],
+                out_shape=[out_shape] * 3 + [jax.ShapeDtypeStruct((b, t, hkv, pn.n_p), jnp.int32)])
+    if c == 1:
+        o_cmp, o_slc, o_win, idx = call(
+            functools.partial(_fused_kernel, plan=pn), grid=(b, hkv, t), name="nsa_decode",
+            in_specs=[whole, per_query(pn.rows_p, pn.d_p), *cmp_specs, *tail_specs], **outs,
+        )(qpos, qr, *cmp_in, *tail_in)
+    else:
+        f32 = lambda *shape: jax.ShapeDtypeStruct((b, t, hkv, c) + shape, jnp.float32)    # noqa: E731
+        m_part, l_part = call(
+            functools.partial(_stats_kernel, plan=pn), grid=(b, hkv, t * c), name="nsa_decode_stats",
+            in_specs=[whole, q_split, cmp_specs[0], cmp_specs[2]],
+            out_specs=[per_split(pn.rows_p)] * 2, out_shape=[f32(pn.rows_p)] * 2,
+        )(qpos, qr, cmp_in[0], cmp_in[2])
+        acc, scores, spill = call(
+            functools.partial(_scores_kernel, plan=pn), grid=(b, hkv, t * c), name="nsa_decode_scores",
+            in_specs=[whole, q_split, *cmp_specs, *[all_splits(pn.rows_p, split_grid=True)] * 2],
+            out_specs=[per_split(pn.rows_p, pn.d_p), per_split(pn.per, pn.bs), per_split(1, pn.bs)],
+            out_shape=[f32(pn.rows_p, pn.d_p), f32(pn.per, pn.bs), f32(1, pn.bs)],
+        )(qpos, qr, *cmp_in, m_part, l_part)
+        scores = scores.reshape(b, t, hkv, c * pn.per, pn.bs)              # free: splits are row blocks
+        spill = spill.reshape(b, t, hkv, c, pn.bs)
+        o_cmp, o_slc, o_win, idx = call(
+            functools.partial(_finish_kernel, plan=pn), grid=(b, hkv, t), name="nsa_decode_finish",
+            in_specs=[whole, per_query(pn.rows_p, pn.d_p), all_splits(pn.rows_p, pn.d_p, split_grid=False),
+                      per_query(pn.rows, pn.bs), per_query(c, pn.bs), *tail_specs], **outs,
+        )(qpos, qr, acc, scores, spill, *tail_in)
     unpack = lambda o: o[..., :g, :d].reshape(b, t, h, d)                  # noqa: E731
-    return unpack(o_cmp), unpack(o_slc), unpack(o_win), idx[..., :plan.n_out]
+    return unpack(o_cmp), unpack(o_slc), unpack(o_win), idx[..., :pn.n_out]
