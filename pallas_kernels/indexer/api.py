@@ -1,12 +1,15 @@
 """`indexer`: DSA lightning-indexer scores fused with top-k token selection, chunked.
 
-`indexer_topk(q_index, weights, k_index, k=...)` returns, per query token, the `k` key slots
-with the largest `I[t, s] = sum_{j < H_I} w[t, j] * ReLU(q_I[t, j] . k_I[s])` (DeepSeek-V3.2,
+`indexer_topk(q_index, weights, k_index, k=...)` returns, per query token, the set of `k` key
+slots with the largest `I[t, s] = sum_{j < H_I} w[t, j] * ReLU(q_I[t, j] . k_I[s])` (DeepSeek-V3.2,
 arXiv 2512.02556) among the visible keys (key position >= 0, query position >= 0,
-`kv_pos <= q_pos`), `-1` padded when fewer are visible. Queries are processed
-`query_chunk` at a time (`lax.map`): a kernel writes the chunk's float32 `[B, chunk, S]`
-scores (the `[chunk, H_I, S]` per-head products never reach HBM), then `lax.top_k` selects;
-only one chunk's scores exist at once, never the `T x S` matrix. With default positions
+`kv_pos <= q_pos`): the set `lax.top_k` picks (lower slot first among equal scores), in
+ascending slot order, `-1` padded last when fewer are visible (every impl). Queries are
+processed `query_chunk` at a time (`lax.map`): a kernel writes the chunk's float32
+`[B, chunk, S]` scores (the `[chunk, H_I, S]` per-head products never reach HBM), then the
+selection runs: "triton" the exact radix select kernel (`select.topk_select`), "xla" and
+"mosaic_tpu" `lax.top_k` with its slots sorted (`select.sorted_top_k`); only one chunk's
+scores exist at once, never the `T x S` matrix. With default positions
 (both `arange`) chunk i only scores the keys before its last query (a Python loop over
 chunks of static key prefixes: about half the score writes and top-k work of causal prefill).
 
@@ -25,19 +28,32 @@ import jax.numpy as jnp
 
 from pallas_kernels import common
 from pallas_kernels.indexer.reference import chunk_scores_reference
+from pallas_kernels.indexer.select import sorted_top_k, topk_select
 from pallas_kernels.indexer.tpu import chunk_scores_tpu
 from pallas_kernels.indexer.triton import chunk_scores_triton
 
-IMPLEMENTATIONS = {"xla": chunk_scores_reference, "triton": chunk_scores_triton,
-                   "mosaic_tpu": chunk_scores_tpu}
+
+def chunk_topk_xla(q_index, weights, k_index, q_positions, kv_positions, *, k: int):
+    """One chunk's `(values, slots)` `[B, C, min(k, S)]`: reference scores, `lax.top_k`."""
+    return sorted_top_k(chunk_scores_reference(q_index, weights, k_index, q_positions, kv_positions), k)
 
 
-def topk_from_scores(scores, k: int):
-    """Top-`min(k, S)` of each row of `scores [..., S]` (-inf = not a candidate): `(values,
-    slots)` with slots -1 where the value is -inf. `lax.top_k` puts the lower slot first
-    among ties."""
-    vals, idx = jax.lax.top_k(scores, min(k, scores.shape[-1]))
-    return vals, jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
+def chunk_topk_triton(q_index, weights, k_index, q_positions, kv_positions, *, k: int, interpret=False):
+    """`chunk_topk_xla`'s contract: the Triton score kernel, then the radix select kernel
+    on the chunk's `[B * C, S]` score rows."""
+    scores = chunk_scores_triton(q_index, weights, k_index, q_positions, kv_positions, interpret=interpret)
+    b, c, s = scores.shape
+    vals, slots = topk_select(scores.reshape(b * c, s), k, interpret=interpret)
+    return vals.reshape(b, c, -1), slots.reshape(b, c, -1)
+
+
+def chunk_topk_tpu(q_index, weights, k_index, q_positions, kv_positions, *, k: int, interpret=False):
+    """`chunk_topk_xla`'s contract: the Mosaic TPU score kernel, then `lax.top_k`."""
+    return sorted_top_k(chunk_scores_tpu(q_index, weights, k_index, q_positions, kv_positions,
+                                         interpret=interpret), k)
+
+
+IMPLEMENTATIONS = {"xla": chunk_topk_xla, "triton": chunk_topk_triton, "mosaic_tpu": chunk_topk_tpu}
 
 
 def _check(q_index, weights, k_index, k, query_chunk):
@@ -70,8 +86,9 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
       query_chunk: queries per chunk (the working set is `B x query_chunk x S` float32).
       return_scores: also return the selected scores.
     Returns:
-      `token_indices [B, T, min(k, S)]` int32, best first, -1 padded; with `return_scores`
-      also `scores [B, T, min(k, S)]` float32 (-inf where padded).
+      `token_indices [B, T, min(k, S)]` int32: the selected slots in ascending order, -1
+      padded last; with `return_scores` also their `scores [B, T, min(k, S)]` float32
+      (column for column; -inf where padded).
     """
     _check(q_index, weights, k_index, k, query_chunk)
     b, t = q_index.shape[:2]
@@ -84,7 +101,7 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
     q_positions, kv_positions = jnp.asarray(q_positions), jnp.asarray(kv_positions)
 
     def chunk(qi, w, qp):
-        return topk_from_scores(fn(qi, w, k_index, qp, kv_positions), k)
+        return fn(qi, w, k_index, qp, kv_positions, k=k)
 
     if prefix and t > query_chunk:
         return _causal_prefix_chunks(fn, q_index, weights, k_index, k, query_chunk, return_scores)
@@ -120,7 +137,7 @@ def _causal_prefix_chunks(fn, q_index, weights, k_index, k, query_chunk, return_
             v = jnp.full((b, hi - lo, 0), -jnp.inf, jnp.float32)
             i = jnp.zeros((b, hi - lo, 0), jnp.int32)
         else:
-            v, i = topk_from_scores(fn(q_index[:, lo:hi], weights[:, lo:hi], k_index[:, :keys], qpos, kpos), k)
+            v, i = fn(q_index[:, lo:hi], weights[:, lo:hi], k_index[:, :keys], qpos, kpos, k=k)
         pad = [(0, 0), (0, 0), (0, width - v.shape[-1])]
         vals.append(jnp.pad(v, pad, constant_values=-jnp.inf))
         idx.append(jnp.pad(i, pad, constant_values=-1))
