@@ -15,14 +15,16 @@
     `cudnn_sameflops`: MHA with exactly the absorbed form's FLOPs per (query, key) pair,
     H=136, D = Dv = 256 (2 * 136 * 512 = 2 * 64 * (576 + 512)), the fairest kernel-to-kernel
     stand-in; plus our flash Triton dense MQA at 576/512 when it compiles (`flash_mqa576`).
-(c) Sparse-MLA decode, batch `--decode_batch`, context `--decode_context`: absorbed MQA
-    decode (H=64, D=576, Dv=512) over the `--top_k` selected latent tokens (`token_sparse`
-    with T=1, random distinct tokens) vs dense MLA decode over the whole latent cache
-    (`decode_attention`, Triton), both amortised over `--reps` calls per program with fresh
-    selections per call (bench_decode.py's `repeated`). Bandwidth: the bytes it must read
-    (576 bf16 per selected token; V is the first 512 of the same latent row) and the bytes our
-    kernel reads (separate K and V arrays: 576 + 512 per token) against the measured copy
-    (bench_decode.py's `copy_bandwidth`, `x + 1` over 2 GiB, read + write).
+(c) Sparse-MLA decode, batch `--decode_batch`, context `--decode_context` (bf16, H=64, latent
+    Dc=512 + Dr=64 rope, one new token): `mla_decode` (Triton) over `--top_k` random distinct
+    slots per query, fresh per call, reading the cache as stored (`c_kv`, `k_rope`), against
+    dense MLA decode over the whole cache: `mla_decode`'s dense mode and `decode_attention`
+    over the concatenated latent (K 576 + V 512 per token: the path before `mla_decode`);
+    plus the old sparse path (`token_sparse`, separate K / V). All amortised over `--reps`
+    calls per program (bench_decode.py's `repeated`). Split-K: the automatic split count and
+    1/2/4/8 splits (best reported, all in the JSON) and float32 partials. Bandwidth on the
+    bytes it must read: 576 bf16 per visited token plus q read and out written, against the
+    measured copy (bench_decode.py's `copy_bandwidth`, `x + 1` over 2 GiB, read + write).
 
 Timers, the copy and `repeated` come from experiments/bench_decode.py (its --out / --iters /
 --reps flags). On a GPU machine, repo root:
@@ -47,6 +49,9 @@ from pallas_kernels.flash import flash_attention
 from pallas_kernels.indexer import indexer_topk
 from pallas_kernels.indexer.reference import chunk_scores_reference
 from pallas_kernels.indexer.triton import chunk_scores_triton
+from pallas_kernels.mla_decode.reference import mla_decode_reference
+from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, mla_decode_triton
+from pallas_kernels.mla_decode.triton import geometry as mla_geometry
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import patterns as P
 
@@ -205,37 +210,77 @@ def bench_forward(t, iters, small):
 
 
 def bench_decode_part(b, s, copy_bw, iters, reps, small):
+    """(c): `mla_decode` sparse over the `top_k` selected tokens vs dense MLA decode over the
+    whole cache (`mla_decode`'s dense mode, and `decode_attention` over the concatenated
+    latent, the path dense MLA decode took before), plus the old sparse path (`token_sparse`
+    over separate K / V arrays)."""
     k = min(FLAGS.top_k, s)
-    ks = jax.random.split(jax.random.key(5), 2)
+    dc, dr = DV, D - DV
+    scale = D ** -0.5
+    ks = jax.random.split(jax.random.key(5), 3)
     qs = jax.random.normal(ks[0], (reps, b, 1, H, D), jnp.bfloat16)
-    _, kl, vl = mla_inputs(b, 1, s)
+    c_kv = jax.random.normal(ks[1], (b, s, dc), jnp.bfloat16)
+    k_rope = jax.random.normal(ks[2], (b, s, dr), jnp.bfloat16)
     rng = np.random.default_rng(0)
-    sels = jnp.asarray(np.stack([np.sort(np.stack([rng.permutation(s)[:k] for _ in range(b)]), -1)
-                                 for _ in range(reps)])[:, :, None, None, :], jnp.int32)   # [reps, B, 1, 1, k]
+    sels = jnp.asarray(np.stack([np.stack([rng.permutation(s)[:k] for _ in range(b)]) for _ in range(reps)]
+                                )[:, :, None, :], jnp.int32)                  # [reps, B, 1, k], distinct
     qpos = jnp.full((b, 1), s - 1, jnp.int32)
+    kvpos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     lengths = jnp.full((b,), s, jnp.int32)
 
-    def sparse(q, kc, vc, idx):
-        return token_sparse_attention(q, kc, vc, idx, q_positions=qpos, scale=D ** -0.5, impl="triton",
-                                      interpret=small)
+    def mla(num_splits=None, config=None):
+        def f(q, c, r, idx=None):
+            return mla_decode_triton(q, c, r, indices=idx, q_positions=qpos, kv_positions=kvpos, scale=scale,
+                                     return_lse=False, num_splits=num_splits, interpret=small, config=config)
+        return f
 
-    def dense(q, kc, vc, impl="triton"):
-        return decode_attention(q, kc, vc, lengths=lengths, q_positions=qpos, scale=D ** -0.5, impl=impl,
+    def timed(f, *args, sels_=None):
+        return median_time(repeated(f, None), qs, *args, sels_, iters=iters) / reps
+
+    extra = b * H * (D + DV) * 2                                          # q read + out written
+    must_sparse, must_dense = b * k * D * 2 + extra, b * s * D * 2 + extra
+    row = dict(part="decode", batch=b, context=s, top_k=k, must_read_bytes=must_sparse,
+               dense_must_read_bytes=must_dense)
+    ref_kw = dict(q_positions=qpos[:2], kv_positions=kvpos[:2], scale=scale, return_lse=False, num_splits=None)
+    args2 = (qs[0][:2], c_kv[:2], k_rope[:2])
+    row["sparse_err"] = rel(jax.jit(mla())(qs[0], c_kv, k_rope, sels[0])[:2],
+                            mla_decode_reference(*args2, indices=sels[0][:2], **ref_kw))
+    row["dense_err"] = rel(jax.jit(mla())(qs[0], c_kv, k_rope)[:2],
+                           mla_decode_reference(*args2, indices=None, **ref_kw))
+    geo = mla_geometry(qs[0], c_kv, k_rope, sels[0], MlaDecodeTritonConfig(), None)
+    auto = geo.num_splits
+    sp = timed(mla(), c_kv, k_rope, sels_=sels)
+    row.update(sparse_auto_splits=auto, sparse_auto_us=sp * 1e6, row_parts=geo.parts)
+    sweep = {}
+    for ns in sorted({1, 2, 4, 8} - {auto}):
+        if ns <= geo.max_tiles:
+            sweep[f"splits{ns}"] = timed(mla(ns), c_kv, k_rope, sels_=sels)
+    sweep["f32_partials"] = timed(mla(None, MlaDecodeTritonConfig(partial_dtype="float32")), c_kv, k_rope,
+                                  sels_=sels)
+    row["sparse_sweep_us"] = {n: t * 1e6 for n, t in sweep.items()}
+    best_name, best = min([("auto", sp)] + [(n, t) for n, t in sweep.items() if n.startswith("splits")],
+                          key=lambda x: x[1])
+    row.update(sparse_us=best * 1e6, sparse_best=best_name, sparse_gbps=must_sparse / best / 1e9,
+               sparse_frac_of_copy=must_sparse / best / copy_bw,
+               sparse_auto_frac_of_copy=must_sparse / sp / copy_bw)
+    de = timed(mla(), c_kv, k_rope)
+    row.update(dense_mla_us=de * 1e6, dense_mla_frac_of_copy=must_dense / de / copy_bw,
+               speedup_vs_dense_mla=de / best)
+    kl, vl = jnp.concatenate([c_kv, k_rope], -1)[:, :, None], c_kv[:, :, None]   # the old latent_kv copy
+
+    def dense_old(q, kc, vc):
+        return decode_attention(q, kc, vc, lengths=lengths, q_positions=qpos, scale=scale, impl="triton",
                                 interpret=small)
 
-    row = dict(part="decode", batch=b, context=s, top_k=k)
-    ref = token_sparse_attention(qs[0], kl, vl, sels[0], q_positions=qpos, scale=D ** -0.5, impl="xla")
-    row["sparse_err"] = rel(jax.jit(sparse)(qs[0], kl, vl, sels[0]), ref)
-    sp = median_time(repeated(sparse, None), qs, kl, vl, sels, iters=iters) / reps
-    must, read = b * k * D * 2, b * k * (D + DV) * 2
-    row.update(sparse_us=sp * 1e6, must_read_bytes=must, kernel_read_bytes=read,
-               must_read_frac_of_copy=must / sp / copy_bw, kernel_read_frac_of_copy=read / sp / copy_bw)
-    try:
-        de = median_time(repeated(dense, None), qs, kl, vl, None, iters=iters) / reps
-        row.update(dense_us=de * 1e6, speedup_vs_dense=de / sp,
-                   dense_frac_of_copy=b * s * (D + DV) * 2 / de / copy_bw)
-    except Exception as e:  # noqa: BLE001
-        row["dense_error"] = str(e)[:200]
+    def sparse_old(q, kc, vc, idx):
+        return token_sparse_attention(q, kc, vc, idx[:, :, None], q_positions=qpos, scale=scale, impl="triton",
+                                      interpret=small)
+    for name, f, sl in (("decode_attention", dense_old, None), ("token_sparse", sparse_old, sels)):
+        try:
+            t = timed(f, kl, vl, sels_=sl)
+            row.update({f"{name}_us": t * 1e6, f"speedup_vs_{name}": t / best})
+        except Exception as e:  # noqa: BLE001 - report, keep the row
+            row[f"{name}_error"] = str(e)[:200]
     return row
 
 
@@ -256,11 +301,14 @@ def table(rows, copy_bw) -> str:
             lines.append(f"| DSA fwd | T={r['T']} k={r['top_k']} | {r['ms']:.1f} ms (attn {r['attention_ms']:.1f}) "
                          f"| {base} | {ratio} |")
         else:
-            dense = f"{r['dense_us']:.0f} us" if "dense_us" in r else r.get("dense_error", "")[:60]
-            ratio = f"{r['speedup_vs_dense']:.1f}x" if "speedup_vs_dense" in r else "-"
+            old = ", ".join(f"{n} {r[n + '_us']:.0f} us" for n in ("decode_attention", "token_sparse")
+                            if n + "_us" in r)
+            ratio = ", ".join(f"{r['speedup_vs_' + n]:.1f}x" for n in ("dense_mla", "decode_attention",
+                                                                      "token_sparse") if "speedup_vs_" + n in r)
             lines.append(f"| sparse-MLA decode | B={r['batch']} ctx={r['context']} k={r['top_k']} | "
-                         f"{r['sparse_us']:.1f} us, {r['must_read_frac_of_copy']:.2f} of copy (must-read), "
-                         f"{r['kernel_read_frac_of_copy']:.2f} (K+V read) | dense {dense} | {ratio} |")
+                         f"{r['sparse_us']:.1f} us ({r['sparse_best']}), {r['sparse_gbps']:.0f} GB/s must-read, "
+                         f"{r['sparse_frac_of_copy']:.2f} of copy | dense mla_decode {r['dense_mla_us']:.0f} us "
+                         f"({r['dense_mla_frac_of_copy']:.2f} of copy), {old} | {ratio} |")
     return "\n".join(lines)
 
 
