@@ -65,8 +65,11 @@ from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.common import masked_attention
 from pallas_kernels.compressed import compressed_attention as compressed_op
+from pallas_kernels.compressed.triton import causal as cmp_causal
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
+from pallas_kernels.nsa_select import nsa_select, selection_impl, supports
+from pallas_kernels.nsa_select.reference import overlap_scores, top_blocks
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import patterns as P
 from sparse_jax.ops.attention import DECODE_MAX_QUERIES
@@ -226,20 +229,11 @@ def selection_scores(p_cmp, num_sel_blocks: int, cfg: NSAConfig):
 
     p_cmp: `[..., N]` indexed by compressed block id (already summed over a GQA group or
     not). Returns `[..., num_sel_blocks]` float32:
-    `p_slc[j] = sum_{m < l'/d} sum_{n < l/d} p_cmp[(l'/d) j + m - n]`, out-of-range ignored.
+    `p_slc[j] = sum_{m < l'/d} sum_{n < l/d} p_cmp[(l'/d) j + m - n]`, out-of-range ignored
+    (`pallas_kernels.nsa_select.reference.overlap_scores`, the one copy of the math).
     """
-    r, u = cfg.sel_block // cfg.cmp_stride, cfg.cmp_block // cfg.cmp_stride
-    p = p_cmp.astype(jnp.float32)
-    n_cmp = p.shape[-1]
-    length = r * num_sel_blocks + u - 1          # index (u - 1) + r*j + m - n covers every term
-    lead = [(0, 0)] * (p.ndim - 1)
-    p = jnp.pad(p, lead + [(u - 1, max(0, length - (u - 1) - n_cmp))])[..., :length]
-    out = 0.0
-    for m in range(r):
-        for n in range(u):
-            start = u - 1 + m - n
-            out = out + p[..., start:start + r * (num_sel_blocks - 1) + 1:r]
-    return out
+    return overlap_scores(p_cmp, num_sel_blocks, cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
+                          sel_block=cfg.sel_block)
 
 
 def select_blocks(scores, q_positions, cfg: NSAConfig):
@@ -248,18 +242,37 @@ def select_blocks(scores, q_positions, cfg: NSAConfig):
     scores: `[B, Hkv, T, Ns]` (one selection per KV head); q_positions `[B, T]`.
     Returns `block_indices [B, T, Hkv, min(n, Ns)] int32`, -1 for unused entries (few
     causal blocks, or a padded query). Candidates: blocks j with `j*l' <= t`; forced:
-    `j < num_initial` or `j > t // l' - num_local`. Ties go to the lower block index.
+    `j < num_initial` or `j > t // l' - num_local`. Ties go to the lower block index
+    (`pallas_kernels.nsa_select.reference.top_blocks`).
     """
-    ls = cfg.sel_block
-    ns = scores.shape[-1]
-    t = q_positions[:, None, :, None]                                        # [B, 1, T, 1]
-    j = jnp.arange(ns)
-    causal = (t >= 0) & (j * ls <= t)
-    forced = causal & ((j < cfg.num_initial) | (j > t // ls - cfg.num_local))
-    s = jnp.where(forced, jnp.inf, jnp.where(causal, jax.lax.stop_gradient(scores), -jnp.inf))
-    vals, idx = jax.lax.top_k(s, min(cfg.num_selected, ns))
-    idx = jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
-    return jnp.transpose(idx, (0, 2, 1, 3))
+    return top_blocks(scores, q_positions, sel_block=cfg.sel_block, num_selected=cfg.num_selected,
+                      num_initial=cfg.num_initial, num_local=cfg.num_local)
+
+
+def selects_on_kernels(impl: str, interpret, cfg: NSAConfig) -> bool:
+    """Whether `nsa_branches` takes the fused selection (`nsa_select` kernels): `impl`
+    "auto" or "triton" resolving to the Triton kernels (GPU, or CPU with `interpret`) and
+    a configuration they support (`l'/d` a power of two)."""
+    geo = dict(cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride, sel_block=cfg.sel_block)
+    return (impl in ("auto", "triton") and supports(**geo)
+            and selection_impl(impl, interpret, **geo) == "triton")
+
+
+def compressed_and_selection(q, k_cmp, v_cmp, q_positions, cmp_positions, num_sel_blocks: int,
+                             cfg: NSAConfig, *, interpret=False):
+    """cmp branch + selection on the kernels: flash (Triton) over the compressed keys with
+    its log-sum-exp, then `nsa_select` (Triton) from q, k_cmp and that lse; the group
+    probabilities never reach HBM. Returns `(out [B, T, H, D], block_indices [B, T, Hkv,
+    min(n, Ns)])`, the selection equal (as sets) to `select_blocks(selection_scores(p))`."""
+    res = flash_attention(q, k_cmp, v_cmp, mask_fn=cmp_causal, q_positions=q_positions,
+                          kv_positions=cmp_positions, return_lse=True, impl="triton",
+                          interpret=interpret)
+    block_indices = nsa_select(q, k_cmp, res.lse, q_positions, cmp_positions,
+                               num_sel_blocks=num_sel_blocks, cmp_block=cfg.cmp_block,
+                               cmp_stride=cfg.cmp_stride, sel_block=cfg.sel_block,
+                               num_selected=cfg.num_selected, num_initial=cfg.num_initial,
+                               num_local=cfg.num_local, impl="triton", interpret=interpret)
+    return res.out, block_indices
 
 
 def selected_block_mask(block_indices, num_sel_blocks: int):
@@ -338,7 +351,8 @@ def window_attention(q, k, v, q_positions, kv_positions, *, window: int, impl: s
 
 class NSABranches(NamedTuple):
     """Per-branch outputs `[B, T, H, D]`, the selection `[B, T, Hkv, n]` and the cmp
-    probabilities summed over each GQA group, `p_cmp [B, Hkv, T, N]`."""
+    probabilities summed over each GQA group, `p_cmp [B, Hkv, T, N]` (None where
+    `nsa_branches` selects on the kernels, `selects_on_kernels`: never materialised)."""
 
     cmp: jax.Array
     slc: jax.Array
@@ -355,13 +369,19 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
     k_cmp/v_cmp `[B, N, Hkv, D]`: compressed keys, slot i = block i, `cmp_positions` their
     last tokens (-1 empty). k_slc/v_slc `[B, S, Hkv, D]`: position-indexed (slot s holds
     position s or -1). k_win/v_win: any layout with `win_positions`. `impl` / `interpret`
-    pick the kernels of the slc and win branches.
+    pick the kernels. With "auto" on GPU (or "triton") the cmp branch and the selection
+    run fused (`compressed_and_selection`, `p_cmp` None); otherwise (`impl="xla"`, TPU)
+    the `compressed` op's group probabilities, `selection_scores`, `select_blocks`.
     """
-    o_cmp, p_cmp = compressed_branch(q, k_cmp, v_cmp, q_positions, cmp_positions, impl=impl,
-                                     interpret=interpret)
     ns = -(-k_slc.shape[1] // cfg.sel_block)
-    scores = selection_scores(p_cmp, ns, cfg)                    # [B, Hkv, T, Ns]
-    block_indices = select_blocks(scores, q_positions, cfg)
+    if selects_on_kernels(impl, interpret, cfg):
+        o_cmp, block_indices = compressed_and_selection(q, k_cmp, v_cmp, q_positions, cmp_positions,
+                                                        ns, cfg, interpret=interpret)
+        p_cmp = None
+    else:
+        o_cmp, p_cmp = compressed_branch(q, k_cmp, v_cmp, q_positions, cmp_positions, impl=impl,
+                                         interpret=interpret)
+        block_indices = select_blocks(selection_scores(p_cmp, ns, cfg), q_positions, cfg)
     if cfg.selection == "token":
         o_slc = selected_attention_sparse(q, k_slc, v_slc, q_positions, slc_positions, block_indices,
                                           cfg, impl=impl, interpret=interpret)
