@@ -281,6 +281,8 @@ def main(argv):
         raise app.UsageError(f"unknown --models {sorted(unknown)}; available: {sorted(specs)}")
     if set(FLAGS.tasks) - set(TASKS):
         raise app.UsageError(f"unknown --tasks {sorted(set(FLAGS.tasks) - set(TASKS))}; known: {sorted(TASKS)}")
+    if FLAGS.log_every < 1:
+        raise app.UsageError(f"--log_every must be >= 1, got {FLAGS.log_every}")
     if len(p.eval_lens) != 2 or min(p.eval_lens) <= 2 * p.window:
         raise app.UsageError(f"--eval_lens must be two lengths well beyond --window={p.window}, got {p.eval_lens}")
     names = list(FLAGS.tasks)

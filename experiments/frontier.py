@@ -282,6 +282,8 @@ def main(argv):
     unknown = set(FLAGS.tasks) - set(TASKS)
     if unknown:
         raise app.UsageError(f"unknown --tasks {sorted(unknown)}; choose from {sorted(TASKS)}")
+    if FLAGS.log_every < 1:
+        raise app.UsageError(f"--log_every must be >= 1, got {FLAGS.log_every}")
     start = time.time()
     model = build_model()
     train_or_load(model)
