@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.nsa_decode import nsa_decode
+from pallas_kernels.nsa_decode import nsa_decode, resolved_impl
 from pallas_kernels.nsa_decode.triton import TritonConfig, nsa_decode_triton
 from sparse_jax.ops.nsa import NSAConfig, cmp_block_end, num_cmp_blocks
 
@@ -119,6 +119,8 @@ def test_bad_arguments():
     odd = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=12, num_selected=4, window=16)
     with pytest.raises(ValueError, match="power of two"):
         nsa_decode(q, q_pos, cfg=odd, impl="triton", interpret=True, **kw)
+    assert resolved_impl("auto", True, cfg) == "triton" and resolved_impl("auto", True, odd) == "xla"
+    assert resolved_impl("auto", False, cfg) == ("triton" if _has_gpu() else "xla")
 
 
 def _has_gpu():

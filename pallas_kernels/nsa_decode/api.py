@@ -18,13 +18,15 @@ compressed entries, the `n * l'` selected tokens and the window.
 
 Forward only (decode needs no gradient; the kernel defines no VJP).
 
-`impl`: "auto" | "xla" | "triton"; `interpret=True` runs the kernel in interpret mode.
+`impl`: "auto" ("triton" on GPU where `supports(cfg)`, else "xla"; `resolved_impl`) | "xla"
+| "triton"; `interpret=True` runs the kernels in interpret mode (and makes "auto" pick them).
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
@@ -38,6 +40,21 @@ def _reference(q, q_positions, *, scale, **kw):
 
 
 IMPLEMENTATIONS = {"xla": _reference, "triton": nsa_decode_triton}
+
+
+def supports(cfg) -> bool:
+    """Whether the Triton kernel covers `cfg`: token-mode selection, `l'/d` a power of two."""
+    r = cfg.sel_block // cfg.cmp_stride
+    return cfg.selection == "token" and r & (r - 1) == 0
+
+
+def resolved_impl(impl: str, interpret, cfg) -> str:
+    """The implementation `nsa_decode(impl=...)` runs here: "auto" is "triton" on GPU (or
+    CPU with `interpret`) where `supports(cfg)`, else "xla"."""
+    if impl != "auto":
+        return impl
+    on_kernels = bool(interpret) or jax.default_backend() == "gpu"
+    return "triton" if on_kernels and supports(cfg) else "xla"
 
 
 def _check_keys(name, k, v, pos, b, hkv, d):
@@ -93,7 +110,7 @@ def nsa_decode(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, slc
     if not (q.dtype == k_cmp.dtype == k_slc.dtype == k_win.dtype):
         raise ValueError(f"q and the branch keys must share a dtype, got {q.dtype}, {k_cmp.dtype}, "
                          f"{k_slc.dtype}, {k_win.dtype}")
-    fn = common.dispatch("nsa_decode", impl, IMPLEMENTATIONS, interpret)
+    fn = common.dispatch("nsa_decode", resolved_impl(impl, interpret, cfg), IMPLEMENTATIONS, interpret)
     return fn(q, q_positions, k_cmp=k_cmp, v_cmp=v_cmp, cmp_positions=cmp_positions, k_slc=k_slc,
               v_slc=v_slc, slc_positions=slc_positions, k_win=k_win, v_win=v_win,
               win_positions=win_positions, cfg=cfg, scale=1.0 / math.sqrt(d))

@@ -59,14 +59,15 @@ BIG = 2**30
 class TritonConfig:
     """Tiles of the cmp pass (`block_cmp` compressed keys) and of the window (`block_win`);
     `cmp_splits`: programs per (b, hkv, query) for the cmp pass (1 = one fused kernel;
-    None = enough for `target_programs`, a power of two)."""
+    None = enough for `target_programs`, a power of two). Not swept on a GPU yet:
+    num_stages=3 as the `decode` op's H200 sweep found for its similar streaming loop."""
 
     block_cmp: int = 64
     block_win: int = 64
     cmp_splits: int | None = None
     target_programs: int = 264          # two per H200 SM
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
     def __post_init__(self):
         for name in ("block_cmp", "block_win", "target_programs", "num_warps", "num_stages"):
