@@ -1,0 +1,156 @@
+"""The radix top-k select kernel (`pallas_kernels.indexer.select`) in interpret mode against
+`lax.top_k`, and the `indexer` op's triton impl (which uses it) against its xla impl."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.indexer import indexer_topk
+from pallas_kernels.indexer.select import TopkSelectConfig, float_keys, sorted_top_k, topk_select
+
+
+def _has_gpu():
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+def rows_of_every_kind(seed, r, s):
+    """`[r, s]` float32 rows cycling through: normal; 80% -inf; all -inf; few values (ties
+    across every tile); signed zeros and negatives; extremes (+-inf, +-1e38, denormals);
+    all equal."""
+    rng = np.random.default_rng(seed)
+    kinds = [
+        lambda: rng.normal(size=s),
+        lambda: np.where(rng.random(s) < 0.8, -np.inf, rng.normal(size=s)),
+        lambda: np.full(s, -np.inf),
+        lambda: rng.choice([-1.5, 0.0, 2.0, 2.5], size=s, p=[0.3, 0.3, 0.3, 0.1]),
+        lambda: rng.choice([-0.0, 0.0, -1.0, -2.0, -np.inf], size=s),
+        lambda: rng.choice([np.inf, -np.inf, 1e38, -1e38, 1e-45, -1e-45, 0.0, -0.0], size=s),
+        lambda: np.full(s, 0.75),
+    ]
+    return np.stack([kinds[i % len(kinds)]() for i in range(r)]).astype(np.float32)
+
+
+def expected(x, k):
+    """`lax.top_k`'s set, -1 / -inf where not finite, sorted ascending by slot."""
+    vals, idx = jax.lax.top_k(jnp.asarray(x), min(k, x.shape[1]))
+    idx = np.where(np.asarray(vals) > -np.inf, np.asarray(idx), np.iinfo(np.int32).max)
+    idx = np.sort(idx, -1)
+    found = idx < np.iinfo(np.int32).max
+    slots = np.where(found, idx, -1)
+    vals = np.where(found, np.take_along_axis(x, np.where(found, idx, 0), -1), -np.inf)
+    return vals.astype(np.float32), slots.astype(np.int32)
+
+
+def assert_same(got, want):
+    (vals, slots), (want_vals, want_slots) = got, want
+    assert slots.dtype == jnp.int32 and vals.dtype == jnp.float32
+    np.testing.assert_array_equal(slots, want_slots)
+    # bitwise, so that -0.0 and +0.0 are told apart
+    np.testing.assert_array_equal(np.asarray(vals).view(np.int32), want_vals.view(np.int32))
+
+
+@pytest.mark.parametrize("r,s,k,cfg", [
+    (9, 200, 40, TopkSelectConfig(block_r=4, block_s=64)),        # S, R not multiples of the tile
+    (7, 150, 300, TopkSelectConfig(block_r=2, block_s=32, bits_per_pass=2)),   # k >= S
+    (14, 77, 6, TopkSelectConfig()),                               # default config, small k
+])
+def test_matches_lax_top_k(r, s, k, cfg):
+    x = rows_of_every_kind(r + s, r, s)
+    got = topk_select(jnp.asarray(x), k, interpret=True, config=cfg)
+    want = expected(x, k)
+    assert got[1].shape == (r, min(k, s))
+    assert_same(got, want)
+    assert (want[1] == -1).any() and (want[1] >= 0).any()
+    np.testing.assert_array_equal(sorted_top_k(jnp.asarray(x), k)[1], want[1])
+
+
+def test_ties_lower_slots_win_and_signed_zeros():
+    """Threshold values repeated in every tile: the lowest slots among them are taken.
+    -0.0 ranks below +0.0 (the IEEE total order of `lax.top_k`)."""
+    s = 100
+    ties = np.where(np.arange(s) % 10 == 3, 1.0, 0.5)            # 10 ones, 90 halves
+    zeros = np.where(np.arange(s) % 2 == 0, -0.0, 0.0)            # 50 -0.0 (even slots), 50 +0.0
+    x = np.stack([ties, zeros]).astype(np.float32)
+    vals, slots = topk_select(jnp.asarray(x), 25, interpret=True, config=TopkSelectConfig(block_s=32))
+    halves = [i for i in range(s) if i % 10 != 3][:15]
+    np.testing.assert_array_equal(slots[0], sorted(list(range(3, s, 10)) + halves))
+    np.testing.assert_array_equal(slots[1], np.arange(1, 50, 2))  # the +0.0 slots, lowest first
+    assert not np.signbit(np.asarray(vals[1])).any()
+    assert_same((vals, slots), expected(x, 25))
+
+
+def test_float_keys_order():
+    x = np.array([-np.inf, -1e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, 1e38, np.inf], np.float32)
+    assert (np.diff(np.asarray(float_keys(jnp.asarray(x)))) > 0).all()
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_indexer_op_triton_equals_xla(integer):
+    """The op's triton impl (score kernel + select kernel) against its xla impl: exact
+    scores (integer inputs, many ties) give identical arrays; float inputs the same
+    selected scores (near-ties may swap slots)."""
+    rng = np.random.default_rng(7)
+    b, t, s, h, d = 2, 21, 45, 3, 8
+    draw = (lambda *sh: rng.integers(-2, 3, sh)) if integer else (lambda *sh: rng.normal(size=sh))
+    q, w, k = (jnp.asarray(draw(*sh), jnp.float32) for sh in ((b, t, h, d), (b, t, h), (b, s, d)))
+    qp = jnp.asarray(np.stack([np.arange(t) + s - t, np.where(np.arange(t) < t - 4, 2 * np.arange(t), -1)]))
+    kp = jnp.asarray(np.stack([np.arange(s), np.where(np.arange(s) < s - 9, np.arange(s), -1)]))
+    args = dict(k=16, q_positions=qp, kv_positions=kp, query_chunk=8, return_scores=True)
+    idx, vals = indexer_topk(q, w, k, impl="triton", interpret=True, **args)
+    ref_idx, ref_vals = indexer_topk(q, w, k, impl="xla", **args)
+    assert idx.shape == (b, t, 16) and (np.asarray(ref_idx) == -1).any()
+    if integer:
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_array_equal(vals, ref_vals)
+    else:
+        np.testing.assert_array_equal(idx == -1, ref_idx == -1)
+        np.testing.assert_allclose(np.sort(vals, -1), np.sort(ref_vals, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise():
+    x = jnp.zeros((4, 8), jnp.float32)
+    for bad, name in ((x[0], "scores"), (x.astype(jnp.bfloat16), "scores")):
+        with pytest.raises(ValueError, match=name):
+            topk_select(bad, 2, interpret=True)
+    with pytest.raises(ValueError, match="k must"):
+        topk_select(x, 0, interpret=True)
+    for kw, name in ((dict(block_s=24), "block_s"), (dict(block_r=0), "block_r"),
+                     (dict(bits_per_pass=3), "bits_per_pass")):
+        with pytest.raises(ValueError, match=name):
+            TopkSelectConfig(**kw)
+    vals, slots = topk_select(jnp.zeros((0, 8), jnp.float32), 3)
+    assert vals.shape == slots.shape == (0, 3)
+
+
+def test_lowers_to_triton_at_paper_shape():
+    """The kernel lowers to Triton IR for an H200 at R=512, S=64K, k=2048 without a GPU
+    (abstract device; compiles nothing)."""
+    mesh_lib = pytest.importorskip("jax._src.mesh")
+    f = jax.jit(lambda x: topk_select(x, 2048))
+    dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((1,), ("x",), abstract_device=dev)):
+        text = f.trace(jax.ShapeDtypeStruct((512, 65536), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "topk_select" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+def test_compiled_on_gpu_paper_shape():
+    """The compiled kernel at R=256, S=65536, k=2048 on rows of every kind: exactly
+    `lax.top_k`'s set; prints the time of both."""
+    import time
+    with jax.default_device(jax.devices("gpu")[0]):
+        x = jnp.asarray(rows_of_every_kind(0, 256, 65536))
+        got = topk_select(x, 2048)
+        assert_same(got, expected(np.asarray(x), 2048))
+        top_k = jax.jit(lambda a: jax.lax.top_k(a, 2048))
+        for name, fn in (("topk_select", lambda a: topk_select(a, 2048)), ("lax.top_k", top_k)):
+            jax.block_until_ready(fn(x))
+            t0 = time.perf_counter()
+            for _ in range(10):
+                jax.block_until_ready(fn(x))
+            print(f"{name}: {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms at R=256, S=65536, k=2048")
