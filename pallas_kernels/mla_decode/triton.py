@@ -127,14 +127,14 @@ def row_tiles(indices, q_positions, kv_positions, block_k: int):
     return layout.cdiv(last, block_k).reshape(-1)
 
 
-def _kernel(nt_ref, qpos_ref, idx_ref, kpos_ref, qc_ref, qr_ref, c_ref, r_ref, o_ref, lse_ref, *,
+def _kernel(nt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, c_ref, r_ref, o_ref, lse_ref, *,
             geo: Geometry, scale):
     sp, b, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     split = lax.div(sp, jnp.int32(geo.parts))
     lo, hi = layout.split_range(nt_ref[b * geo.t + t], split, geo.num_splits)
     q_pos = qpos_ref[b * geo.t + t]
-    qcs = [qc_ref[:, pl.ds(st, w)] for st, w in geo.c_pieces]
-    qrs = [qr_ref[:, pl.ds(st, w)] for st, w in geo.r_pieces]
+    qcs = [q_ref[:, pl.ds(st, w)] for st, w in geo.c_pieces]
+    qrs = [q_ref[:, pl.ds(geo.dc_p + st, w)] for st, w in geo.r_pieces]
     r = jnp.arange(geo.block_k, dtype=jnp.int32)
     c2 = scale * LOG2E
 
@@ -182,9 +182,9 @@ def partials(geo: Geometry, cfg: MlaDecodeTritonConfig, q_abs, c_kv, k_rope, ind
     b, t, h, _ = q_abs.shape
     dc, dr = c_kv.shape[2], k_rope.shape[2]
     dr_p = geo.r_pieces[-1][0] + geo.r_pieces[-1][1]
-    qp = blocks.pad_axis(q_abs, geo.h_p, 2)
-    q_c = blocks.pad_axis(qp[..., :dc], geo.dc_p, 3)
-    q_r = blocks.pad_axis(qp[..., dc:], dr_p, 3)
+    q = blocks.pad_axis(q_abs, geo.h_p, 2)                 # no-op when H is a power of two >= 16
+    if (dc, dr) != (geo.dc_p, dr_p):
+        q = jnp.concatenate([blocks.pad_axis(q[..., :dc], geo.dc_p, 3), blocks.pad_axis(q[..., dc:], dr_p, 3)], -1)
     c_kv = blocks.pad_axis(c_kv, geo.dc_p, 2)            # no-ops unless Dc, Dr % 16 != 0
     k_rope = blocks.pad_axis(k_rope, dr_p, 2)
     n_tiles = row_tiles(indices, q_positions, kv_positions, geo.block_k)
@@ -198,7 +198,7 @@ def partials(geo: Geometry, cfg: MlaDecodeTritonConfig, q_abs, c_kv, k_rope, ind
     in_specs = [whole, whole,
                 None if idx is None else pl.BlockSpec((None, geo.k_p), lambda sp, b_, t_: (b_ * geo.t + t_, 0)),
                 pl.BlockSpec((None, geo.s), lambda sp, b_, t_: (b_, 0)),
-                q_spec(geo.dc_p), q_spec(dr_p), cache(geo.dc_p), cache(dr_p)]
+                q_spec(geo.dc_p + dr_p), cache(geo.dc_p), cache(dr_p)]
     out_specs = [
         pl.BlockSpec((None, None, None, rq, geo.dc_p), lambda sp, b_, t_: (b_, split(sp), t_, part(sp), 0)),
         pl.BlockSpec((None, None, None, rq), lambda sp, b_, t_: (b_, split(sp), t_, part(sp))),
@@ -216,7 +216,7 @@ def partials(geo: Geometry, cfg: MlaDecodeTritonConfig, q_abs, c_kv, k_rope, ind
                                              num_stages=cfg.num_stages),
         interpret=interpret,
         name="mla_decode_sparse" if geo.sparse else "mla_decode_dense",
-    )(n_tiles, q_positions.reshape(-1), idx, kv_positions, q_c, q_r, c_kv, k_rope)
+    )(n_tiles, q_positions.reshape(-1), idx, kv_positions, q, c_kv, k_rope)
 
 
 def merge(o_part, lse_part, *, t: int, h: int, dc: int, dtype):
