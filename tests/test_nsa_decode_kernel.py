@@ -73,22 +73,24 @@ def run_both(cfg, q, q_pos, kw, config=None):
     # GQA 4, T=2, 5 cmp tiles on 4 splits (spills onto the next tile's and the next split's
     # selection blocks), a row whose first query sees no compressed block and fewer blocks
     # than n, an empty row.
-    dict(cfg=SMALL, lengths=(300, 151, 6, 0), max_len=300, h=8, hkv=2, d=8, t=2, splits=4),
+    dict(cfg=SMALL, lengths=(300, 151, 6, 0), max_len=300, h=8, hkv=2, d=8, t=2, splits=(4, 1)),
     # GQA 1, T=1, paper ratios (l = 2d, l' = 4d) scaled down, window of 24 (masked tile).
     dict(cfg=dict(cmp_block=16, cmp_stride=8, sel_block=32, num_selected=6, window=24),
-         lengths=(260, 97, 33), max_len=260, h=2, hkv=2, d=16, t=1, splits=1),
+         lengths=(260, 97, 33), max_len=260, h=2, hkv=2, d=16, t=1, splits=(1, None)),
     # GQA 16 (one kv head), D=12 and l'=12 (masked columns and rows), T=2.
     dict(cfg=dict(cmp_block=6, cmp_stride=3, sel_block=12, num_selected=5, window=10),
-         lengths=(130, 23), max_len=131, h=16, hkv=1, d=12, t=2, splits=1),
-    # l > l' (each cmp block spans 3 selection blocks), 2 initial + 1 local forced blocks.
+         lengths=(130, 23), max_len=131, h=16, hkv=1, d=12, t=2, splits=(1, None)),
+    # l > l' (each cmp block spans 3 selection blocks), 2 initial + 1 local forced blocks;
+    # 2 cmp splits, slc / win on 4 parts (default), merged.
     dict(cfg=dict(cmp_block=16, cmp_stride=4, sel_block=8, num_selected=6, num_initial=2,
                   num_local=1, window=8),
-         lengths=(200, 77), max_len=203, h=4, hkv=2, d=8, t=1, splits=2),
+         lengths=(200, 77), max_len=203, h=4, hkv=2, d=8, t=1, splits=(2, None)),
 ])
 def test_kernel_matches_reference(case):
     case = dict(case)
     cfg = NSAConfig(**case.pop("cfg"))
-    config = TritonConfig(block_cmp=16, block_win=16, cmp_splits=case.pop("splits"))
+    cmp_splits, tail_splits = case.pop("splits")
+    config = TritonConfig(block_cmp=16, block_win=16, cmp_splits=cmp_splits, tail_splits=tail_splits)
     q, q_pos, kw = make_case(cfg, seed=len(case["lengths"]) + case["h"], **case)
     got, want = run_both(cfg, q, q_pos, kw, config)
     check(got, want, q_pos, 2e-5)

@@ -59,12 +59,15 @@ BIG = 2**30
 class TritonConfig:
     """Tiles of the cmp pass (`block_cmp` compressed keys) and of the window (`block_win`);
     `cmp_splits`: programs per (b, hkv, query) for the cmp pass (1 = one fused kernel;
-    None = enough for `target_programs`, a power of two). Not swept on a GPU yet:
+    None = enough for `target_programs`, a power of two); `tail_splits`: the same for the
+    slc and win steps when the cmp pass is split (each recomputes the selection and takes
+    every `tail_splits`-th selected block and window tile; an XLA merge of the parts). Not swept on a GPU yet:
     num_stages=3 as the `decode` op's H200 sweep found for its similar streaming loop."""
 
     block_cmp: int = 64
     block_win: int = 64
     cmp_splits: int | None = None
+    tail_splits: int | None = None
     target_programs: int = 264          # two per H200 SM
     num_warps: int = 4
     num_stages: int = 3
@@ -74,9 +77,10 @@ class TritonConfig:
             val = getattr(self, name)
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
-        c = self.cmp_splits
-        if c is not None and (not isinstance(c, int) or c < 1 or c & (c - 1)):
-            raise ValueError(f"cmp_splits must be a power of two >= 1 or None, got {c!r}")
+        for name in ("cmp_splits", "tail_splits"):
+            c = getattr(self, name)
+            if c is not None and (not isinstance(c, int) or c < 1 or c & (c - 1)):
+                raise ValueError(f"{name} must be a power of two >= 1 or None, got {c!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +100,7 @@ class Plan:
     r: int              # l' / d
     u: int              # l / d
     splits: int         # C programs per (b, hkv, t) in the cmp pass (1 = fused kernel)
+    tail_splits: int    # programs per (b, hkv, t) for selection + slc + win (1 when fused)
     per: int            # cmp tiles (= score rows) per split; rows = splits * per when split
     rows: int           # score rows R (power of two)
     ns: int             # selection blocks of the slc cache
@@ -133,18 +138,19 @@ def make_plan(q, k_cmp, k_slc, k_win, cfg, config: TritonConfig, scale: float) -
     bs = bc // r
     ns = _cdiv(s_slc, cfg.sel_block)
     max_tiles = _cdiv(n_cmp, bc)
-    splits = config.cmp_splits
-    if splits is None:
-        splits = pl_next_pow2(_cdiv(config.target_programs, b * hkv * t) + 1) // 2
-    splits = max(1, min(splits, pl_next_pow2(max_tiles + 1) // 2))
+    n_out = min(cfg.num_selected, ns)
+    fill = pl_next_pow2(_cdiv(config.target_programs, b * hkv * t) + 1) // 2      # pow2 <= ratio
+    floor2 = lambda x: pl_next_pow2(x + 1) // 2                                     # noqa: E731
+    splits = max(1, min(fill if config.cmp_splits is None else config.cmp_splits, floor2(max_tiles)))
+    tail = fill if config.tail_splits is None else config.tail_splits
+    tail = 1 if splits == 1 else max(1, min(tail, floor2(max(n_out, 1))))
     if splits == 1:
         per, rows = max_tiles, pl_next_pow2(_cdiv(ns, bs))
     else:
         per = pl_next_pow2(max(_cdiv(max_tiles, splits), _cdiv(_cdiv(ns, bs), splits)))
         rows = splits * per
-    n_out = min(cfg.num_selected, ns)
     return Plan(t=t, g=h // hkv, rows_p=_p2(h // hkv), d=d, d_p=_p2(d), n_cmp=n_cmp, s_slc=s_slc,
-                s_win=s_win, bc=bc, bs=bs, r=r, u=u, splits=splits, per=per, rows=rows, ns=ns,
+                s_win=s_win, bc=bc, bs=bs, r=r, u=u, splits=splits, tail_splits=tail, per=per, rows=rows, ns=ns,
                 n_out=n_out, n_p=pl_next_pow2(n_out), ls=cfg.sel_block, ls_p=_p2(cfg.sel_block),
                 bw=_p2(min(config.block_win, s_win)), l=cfg.cmp_block, stride=cfg.cmp_stride,
                 window=cfg.window, num_initial=cfg.num_initial, num_local=cfg.num_local,
@@ -270,35 +276,43 @@ class _Program:
 
         return lax.fori_loop(0, pn.n_out, body, (cand, jnp.full((pn.n_p,), -1, jnp.int32)))[1]
 
-    def slc(self, refs, picked):
-        """Step 4: attention over the picked blocks' rows (slot axis, position-masked)."""
+    def slc(self, refs, picked, part):
+        """Step 4: attention over the picked blocks' rows (slot axis, position-masked), the
+        blocks `part, part + P, ...` of the `P = tail_splits` parts. Unnormalised carry."""
         pn = self.plan
         slot = jnp.arange(pn.n_p, dtype=jnp.int32)
 
-        def body(k, att):
-            idx = jnp.where(slot == k, picked, -1).max()
+        def body(k2, att):
+            idx = jnp.where(slot == k2 * pn.tail_splits + part, picked, -1).max()
             kk, v, pos = self.tile(*refs, jnp.maximum(idx, 0) * pn.ls, pn.ls, pn.ls_p, pn.s_slc)
             vis = (idx >= 0) & (pos >= 0) & (pos <= self.t)
             return self.online(att, self.logits(kk, vis), vis, v)
 
-        return self.normalised(lax.fori_loop(0, pn.n_out, body, self.empty()))
+        return lax.fori_loop(0, _cdiv(pn.n_out, pn.tail_splits), body, self.empty())
 
-    def win(self, refs):
-        """Step 5: every window slot, `t - w < pos <= t`."""
+    def win(self, refs, part):
+        """Step 5: the window slots, `t - w < pos <= t`, tiles `part, part + P, ...`."""
         pn = self.plan
 
-        def body(i, att):
-            k, v, pos = self.tile(*refs, i * pn.bw, pn.bw, pn.bw, pn.s_win)
+        def body(i2, att):
+            start = (i2 * pn.tail_splits + part) * pn.bw
+            k, v, pos = self.tile(*refs, start, pn.bw, pn.bw, pn.s_win)
             vis = self.live & (pos >= 0) & (pos <= self.t) & (pos > self.t - pn.window)
             return self.online(att, self.logits(k, vis), vis, v)
 
-        return self.normalised(lax.fori_loop(0, _cdiv(pn.s_win, pn.bw), body, self.empty()))
+        tiles = _cdiv(_cdiv(pn.s_win, pn.bw), pn.tail_splits)
+        return lax.fori_loop(0, tiles, body, self.empty())
 
-    def finish(self, scores, slc_refs, win_refs, os_ref, ow_ref, idx_ref):
+    def finish(self, scores, slc_refs, win_refs, out_refs, lse_refs, idx_ref, part=0):
+        """Steps 3-5: the selection to `idx_ref`, the slc and win outputs (of this part,
+        with their base-2 lse when the tail is split) to `out_refs` / `lse_refs`."""
         picked = self.select(scores)
         idx_ref[...] = picked
-        os_ref[...] = self.slc(slc_refs, picked).astype(os_ref.dtype)
-        ow_ref[...] = self.win(win_refs).astype(ow_ref.dtype)
+        atts = (self.slc(slc_refs, picked, part), self.win(win_refs, part))
+        for (m, l, acc), o_ref, lse_ref in zip(atts, out_refs, lse_refs):
+            o_ref[...] = self.normalised((m, l, acc)).astype(o_ref.dtype)
+            if lse_ref is not None:
+                lse_ref[...] = jnp.where(l > 0.0, _lse(m, l), -jnp.inf)
 
 
 def _lse(m, l):
@@ -316,7 +330,8 @@ def _fused_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, ks_ref, vs_ref, spo
     lse = _lse(*prog.cmp_stats(cmp, 0, prog.cmp_tiles))
     acc, scores, _ = prog.cmp_scores(cmp, lse, 0, prog.cmp_tiles, 0, plan.rows)
     oc_ref[...] = acc.astype(oc_ref.dtype)
-    prog.finish(scores, (ks_ref, vs_ref, spos_ref), (kw_ref, vw_ref, wpos_ref), os_ref, ow_ref, idx_ref)
+    prog.finish(scores, (ks_ref, vs_ref, spos_ref), (kw_ref, vw_ref, wpos_ref), (os_ref, ow_ref),
+                (None, None), idx_ref)
 
 
 def _split_program(plan: Plan, qpos_ref, q_ref):
@@ -342,9 +357,10 @@ def _scores_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, m_ref, l_ref, acc_
 
 
 def _finish_kernel(qpos_ref, q_ref, acc_ref, sc_ref, spill_ref, ks_ref, vs_ref, spos_ref, kw_ref, vw_ref,
-                   wpos_ref, oc_ref, os_ref, ow_ref, idx_ref, *, plan: Plan):
-    b, h, ti = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    prog = _Program(plan, q_ref[...], h, qpos_ref[b * plan.t + ti])
+                   wpos_ref, oc_ref, os_ref, ow_ref, idx_ref, *lse_refs, plan: Plan):
+    """Every part of a (b, hkv, query) writes the same o_cmp and indices."""
+    b, h, z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    prog = _Program(plan, q_ref[...], h, qpos_ref[b * plan.t + z // plan.tail_splits])
     acc = acc_ref[0]
     for c in range(1, plan.splits):
         acc += acc_ref[c]
@@ -353,7 +369,17 @@ def _finish_kernel(qpos_ref, q_ref, acc_ref, sc_ref, spill_ref, ks_ref, vs_ref, 
     row_id = jnp.arange(plan.rows, dtype=jnp.int32)[:, None]
     for c in range(plan.splits - 1):                 # split c's last tile spills onto split c+1
         scores = jnp.where(row_id == (c + 1) * plan.per, scores + spill_ref[pl.ds(c, 1), :], scores)
-    prog.finish(scores, (ks_ref, vs_ref, spos_ref), (kw_ref, vw_ref, wpos_ref), os_ref, ow_ref, idx_ref)
+    prog.finish(scores, (ks_ref, vs_ref, spos_ref), (kw_ref, vw_ref, wpos_ref), (os_ref, ow_ref),
+                lse_refs or (None, None), idx_ref, part=z % plan.tail_splits)
+
+
+def _merge(o, lse):
+    """Tail parts `o [..., P, rows, D]` (each normalised), `lse [..., P, rows]` (base 2,
+    -inf where empty) -> `[..., rows, D]`."""
+    top = lse.max(axis=-2, keepdims=True)
+    w = jnp.exp2(lse - jnp.where(jnp.isfinite(top), top, 0.0))              # 0 for empty parts
+    tot = w.sum(axis=-2)
+    return (w[..., None] * o).sum(axis=-3) / jnp.where(tot > 0.0, tot, 1.0)[..., None]
 
 
 # ----------------------------------------------------------------------------- wrapper
@@ -366,56 +392,66 @@ def nsa_decode_triton(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_s
     config = config or TritonConfig()
     pn = make_plan(q, k_cmp, k_slc, k_win, cfg, config, scale)
     b, t, h, d = q.shape
-    hkv, g, c = k_cmp.shape[2], pn.g, pn.splits
+    hkv, g, c, p = k_cmp.shape[2], pn.g, pn.splits, pn.tail_splits
     qr = jnp.pad(q.reshape(b, t, hkv, g, d), ((0, 0),) * 3 + ((0, pn.rows_p - g), (0, pn.d_p - d)))
     view = lambda x: x.reshape(*x.shape[:2], hkv * d)                      # noqa: E731  free
+    whole = pl.BlockSpec()
+
+    def spec(*block, parts=1, part_axis=False):
+        """Block `(b, query[, part]) + block` of an array `[B, T, Hkv, (parts,) ...]`, on a
+        grid (B, Hkv, T * parts) whose last axis is `query * parts + part`."""
+        lead = (None, None, None) + ((None,) if part_axis else ())
+        if part_axis:
+            return pl.BlockSpec(lead + block, lambda b_, h_, z: (b_, z // parts, h_, z % parts) + (0,) * len(block))
+        return pl.BlockSpec(lead + block, lambda b_, h_, z: (b_, z // parts, h_) + (0,) * len(block))
+
     kv_spec = lambda x: pl.BlockSpec((None, x.shape[1], hkv * d), lambda b_, h_, z: (b_, 0, 0))  # noqa: E731
     pos_spec = lambda x: pl.BlockSpec((None, x.shape[1]), lambda b_, h_, z: (b_, 0))            # noqa: E731
-    whole = pl.BlockSpec()
-    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
-    call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
-    per_query = lambda *tail: pl.BlockSpec((None, None, None) + tail,                  # noqa: E731
-                                           lambda b_, h_, z: (b_, z, h_) + (0,) * len(tail))
-    per_split = lambda *tail: pl.BlockSpec((None, None, None, None) + tail,            # noqa: E731
-                                           lambda b_, h_, z: (b_, z // c, h_, z % c) + (0,) * len(tail))
-    q_split = pl.BlockSpec((None, None, None, pn.rows_p, pn.d_p), lambda b_, h_, z: (b_, z // c, h_, 0, 0))
-    def all_splits(*tail, split_grid):
-        """Every split's part of this (b, hkv, query); on a split grid z = query * C + split."""
-        query = (lambda z: z // c) if split_grid else (lambda z: z)
-        return pl.BlockSpec((None, None, None, c) + tail, lambda b_, h_, z: (b_, query(z), h_, 0) + (0,) * len(tail))
+    call = functools.partial(pl.pallas_call, interpret=interpret, compiler_params=plgpu.CompilerParams(
+        num_warps=config.num_warps, num_stages=config.num_stages))
     qpos = q_positions.reshape(-1)
     cmp_in = (view(k_cmp), view(v_cmp), cmp_positions)
     cmp_specs = [kv_spec(k_cmp), kv_spec(v_cmp), pos_spec(cmp_positions)]
     tail_in = (view(k_slc), view(v_slc), slc_positions, view(k_win), view(v_win), win_positions)
     tail_specs = [kv_spec(k_slc), kv_spec(v_slc), pos_spec(slc_positions), kv_spec(k_win),
                   kv_spec(v_win), pos_spec(win_positions)]
-    out_shape = jax.ShapeDtypeStruct((b, t, hkv, pn.rows_p, pn.d_p), q.dtype)
-    outs = dict(out_specs=[per_query(pn.rows_p, pn.d_p)] * 3 + [per_query(pn.n_p)],
-                out_shape=[out_shape] * 3 + [jax.ShapeDtypeStruct((b, t, hkv, pn.n_p), jnp.int32)])
+    shape = lambda *tail, dtype=jnp.float32: jax.ShapeDtypeStruct((b, t, hkv) + tail, dtype)   # noqa: E731
+    rows, rd = pn.rows_p, (pn.rows_p, pn.d_p)
     if c == 1:
         o_cmp, o_slc, o_win, idx = call(
             functools.partial(_fused_kernel, plan=pn), grid=(b, hkv, t), name="nsa_decode",
-            in_specs=[whole, per_query(pn.rows_p, pn.d_p), *cmp_specs, *tail_specs], **outs,
+            in_specs=[whole, spec(*rd), *cmp_specs, *tail_specs],
+            out_specs=[spec(*rd)] * 3 + [spec(pn.n_p)],
+            out_shape=[shape(*rd, dtype=q.dtype)] * 3 + [shape(pn.n_p, dtype=jnp.int32)],
         )(qpos, qr, *cmp_in, *tail_in)
     else:
-        f32 = lambda *shape: jax.ShapeDtypeStruct((b, t, hkv, c) + shape, jnp.float32)    # noqa: E731
+        part = functools.partial(spec, parts=c, part_axis=True)
         m_part, l_part = call(
             functools.partial(_stats_kernel, plan=pn), grid=(b, hkv, t * c), name="nsa_decode_stats",
-            in_specs=[whole, q_split, cmp_specs[0], cmp_specs[2]],
-            out_specs=[per_split(pn.rows_p)] * 2, out_shape=[f32(pn.rows_p)] * 2,
+            in_specs=[whole, spec(*rd, parts=c), cmp_specs[0], cmp_specs[2]],
+            out_specs=[part(rows)] * 2, out_shape=[shape(c, rows)] * 2,
         )(qpos, qr, cmp_in[0], cmp_in[2])
         acc, scores, spill = call(
             functools.partial(_scores_kernel, plan=pn), grid=(b, hkv, t * c), name="nsa_decode_scores",
-            in_specs=[whole, q_split, *cmp_specs, *[all_splits(pn.rows_p, split_grid=True)] * 2],
-            out_specs=[per_split(pn.rows_p, pn.d_p), per_split(pn.per, pn.bs), per_split(1, pn.bs)],
-            out_shape=[f32(pn.rows_p, pn.d_p), f32(pn.per, pn.bs), f32(1, pn.bs)],
+            in_specs=[whole, spec(*rd, parts=c), *cmp_specs, *[spec(c, rows, parts=c)] * 2],
+            out_specs=[part(*rd), part(pn.per, pn.bs), part(1, pn.bs)],
+            out_shape=[shape(c, *rd), shape(c, pn.per, pn.bs), shape(c, 1, pn.bs)],
         )(qpos, qr, *cmp_in, m_part, l_part)
         scores = scores.reshape(b, t, hkv, c * pn.per, pn.bs)              # free: splits are row blocks
         spill = spill.reshape(b, t, hkv, c, pn.bs)
-        o_cmp, o_slc, o_win, idx = call(
-            functools.partial(_finish_kernel, plan=pn), grid=(b, hkv, t), name="nsa_decode_finish",
-            in_specs=[whole, per_query(pn.rows_p, pn.d_p), all_splits(pn.rows_p, pn.d_p, split_grid=False),
-                      per_query(pn.rows, pn.bs), per_query(c, pn.bs), *tail_specs], **outs,
+        tail = functools.partial(spec, parts=p, part_axis=True)
+        o_dtype = q.dtype if p == 1 else jnp.float32
+        outs = call(
+            functools.partial(_finish_kernel, plan=pn), grid=(b, hkv, t * p), name="nsa_decode_finish",
+            in_specs=[whole, spec(*rd, parts=p), spec(c, *rd, parts=p), spec(pn.rows, pn.bs, parts=p),
+                      spec(c, pn.bs, parts=p), *tail_specs],
+            out_specs=[spec(*rd, parts=p)] + ([spec(*rd)] * 2 if p == 1 else [tail(*rd)] * 2)
+            + [spec(pn.n_p, parts=p)] + ([] if p == 1 else [tail(rows)] * 2),
+            out_shape=[shape(*rd, dtype=q.dtype)] + [shape(*((p,) if p > 1 else ()), *rd, dtype=o_dtype)] * 2
+            + [shape(pn.n_p, dtype=jnp.int32)] + ([] if p == 1 else [shape(p, rows)] * 2),
         )(qpos, qr, acc, scores, spill, *tail_in)
+        o_cmp, o_slc, o_win, idx = outs[:4]
+        if p > 1:
+            o_slc, o_win = (_merge(o, lse).astype(q.dtype) for o, lse in ((o_slc, outs[4]), (o_win, outs[5])))
     unpack = lambda o: o[..., :g, :d].reshape(b, t, h, d)                  # noqa: E731
     return unpack(o_cmp), unpack(o_slc), unpack(o_win), idx[..., :pn.n_out]
