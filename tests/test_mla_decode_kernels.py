@@ -90,7 +90,7 @@ def dense_mask_attention(q, c_kv, k_rope, *, indices, q_positions, kv_positions,
         listed = indices is None or si in np.asarray(indices)[bi, ti]
         mask[bi, ti, si] = listed and qp[bi, ti] >= 0 and 0 <= kp[bi, si] <= qp[bi, ti]
     k = jnp.concatenate([c_kv, k_rope], -1)[:, :, None]
-    out, _, lse = masked_attention(q, k, c_kv[:, :, None], jnp.asarray(mask), scale=scale)
+    out, _, lse = jax.jit(masked_attention, static_argnames="scale")(q, k, c_kv[:, :, None], mask, scale=scale)
     return out, lse
 
 
@@ -121,7 +121,7 @@ def run(fn, args, kw, **extra):
 @pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=lambda c: c.name)
 def test_reference_matches_dense_mask_attention(case):
     args, kw = make_inputs(case)
-    got = mla_decode_reference(*args, **kw)
+    got = run(mla_decode_reference, args, kw)
     assert_matches(got, dense_mask_attention(*args, **kw))
     check_zero_rows(got.out, kw)
 
@@ -286,8 +286,9 @@ def test_ops_decode_paths_run_mla_decode():
     sel_args = (q_abs, a["c_kv"], a["k_rope"], idx, *pos)
     want_sel = dops.selected_attention(*sel_args, scale=SCALE, decoding=False, impl="xla")
     with mock.patch.object(mops, "mla_decode", kernel), mock.patch.object(dops, "mla_decode", kernel):
-        got = mops.mla_attention(*args, scale=SCALE, absorbed=True, decoding=True, impl="xla")
-        got_sel = dops.selected_attention(*sel_args, scale=SCALE, decoding=True, impl="xla")
+        got, got_sel = jax.jit(lambda: (
+            mops.mla_attention(*args, scale=SCALE, absorbed=True, decoding=True, impl="xla"),
+            dops.selected_attention(*sel_args, scale=SCALE, decoding=True, impl="xla")))()
     assert calls == [(2, 21, 16), (2, 21, 16)]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got_sel, want_sel, atol=1e-5, rtol=1e-5)
