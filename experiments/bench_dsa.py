@@ -21,8 +21,9 @@
     dense MLA decode over the whole cache: `mla_decode`'s dense mode and `decode_attention`
     over the concatenated latent (K 576 + V 512 per token: the path before `mla_decode`);
     plus the old sparse path (`token_sparse`, separate K / V). All amortised over `--reps`
-    calls per program (bench_decode.py's `repeated`). Split-K: the automatic split count and
-    1/2/4/8 splits (best reported, all in the JSON) and float32 partials. Bandwidth on the
+    calls per program (bench_decode.py's `repeated`). Configurations: the automatic split
+    count, 1/2/4/8 splits, block_k 16 / 64 (best reported, all in the JSON) and float32
+    partials. Bandwidth on the
     bytes it must read: 576 bf16 per visited token plus q read and out written, against the
     measured copy (bench_decode.py's `copy_bandwidth`, `x + 1` over 2 GiB, read + write).
 
@@ -255,10 +256,15 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
     for ns in sorted({1, 2, 4, 8} - {auto}):
         if ns <= geo.max_tiles:
             sweep[f"splits{ns}"] = timed(mla(ns), c_kv, k_rope, sels_=sels)
-    sweep["f32_partials"] = timed(mla(None, MlaDecodeTritonConfig(partial_dtype="float32")), c_kv, k_rope,
-                                  sels_=sels)
+    for name, cfg in (("f32_partials", MlaDecodeTritonConfig(partial_dtype="float32")),
+                      ("block_k16", MlaDecodeTritonConfig(block_k=16)),
+                      ("block_k64", MlaDecodeTritonConfig(block_k=64))):
+        try:
+            sweep[name] = timed(mla(None, cfg), c_kv, k_rope, sels_=sels)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile
+            row[f"{name}_error"] = str(e)[:200]
     row["sparse_sweep_us"] = {n: t * 1e6 for n, t in sweep.items()}
-    best_name, best = min([("auto", sp)] + [(n, t) for n, t in sweep.items() if n.startswith("splits")],
+    best_name, best = min([("auto", sp)] + [(n, t) for n, t in sweep.items() if n != "f32_partials"],
                           key=lambda x: x[1])
     row.update(sparse_us=best * 1e6, sparse_best=best_name, sparse_gbps=must_sparse / best / 1e9,
                sparse_frac_of_copy=must_sparse / best / copy_bw,
