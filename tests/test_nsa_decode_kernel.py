@@ -105,6 +105,18 @@ def test_default_tiles_and_l_equals_l_prime():
     check(got, want, q_pos, 2e-5)
 
 
+def test_reference_is_nsa_decode_branches():
+    """The XLA reference equals `nsa_decode_branches(impl="xla")` in token mode (T=2)."""
+    from sparse_jax.ops.nsa import nsa_decode_branches
+
+    cfg = NSAConfig(**SMALL)
+    q, q_pos, kw = make_case(cfg, lengths=(90, 41, 0), max_len=90, h=8, hkv=2, d=8, t=2, seed=5)
+    got = nsa_decode(q, q_pos, cfg=cfg, impl="xla", **kw)
+    want = nsa_decode_branches(q, q_pos, cfg=cfg, impl="xla", **kw)
+    for a, b in zip(got, (want.cmp, want.slc, want.win, want.block_indices)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_bad_arguments():
     cfg = NSAConfig(**SMALL)
     q, q_pos, kw = make_case(cfg, lengths=(40,), max_len=40, h=4, hkv=2, d=8, t=1, seed=0)
@@ -135,14 +147,17 @@ def _has_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 3e-3), (jnp.bfloat16, 2e-2)])
-def test_compiled_on_gpu(dtype, tol):
+@pytest.mark.parametrize("cmp_splits", [1, None])                   # fused; split (default here)
+def test_compiled_on_gpu(dtype, tol, cmp_splits):
     """Paper config, HQ=64, HKV=4, D=128, context 8192 (one row shorter), B=2, T=1 and 2."""
     cfg = NSAConfig()
+    config = TritonConfig(cmp_splits=cmp_splits)
     with jax.default_device(jax.devices("gpu")[0]):
         for t in (1, 2):
             q, q_pos, kw = make_case(cfg, lengths=(8192, 5000), max_len=8192, h=64, hkv=4, d=128, t=t,
                                      seed=t, dtype=dtype)
-            got = jax.jit(lambda q: nsa_decode(q, q_pos, cfg=cfg, impl="triton", **kw))(q)
+            got = jax.jit(lambda q: nsa_decode_triton(q, q_pos, cfg=cfg, scale=128 ** -0.5,
+                                                      config=config, **kw))(q)
             with jax.default_matmul_precision("highest"):
                 want = nsa_decode(q, q_pos, cfg=cfg, impl="xla", **kw)
             # Near-tied scores may select differently under TF32 / bf16: compare the slc branch

@@ -20,16 +20,18 @@ once per group. The step:
    positions, -1 empty).
 5. win: every slot of the window cache, visible iff `t - w < pos <= t`.
 
-Two launch plans (`TritonConfig.cmp_splits`):
+Two launch plans (`TritonConfig.cmp_splits` / `tail_splits`):
 
 * fused (`cmp_splits=1`): all five steps in one kernel, grid (B, Hkv, T);
-* split (`cmp_splits=C > 1`): B * Hkv * T programs leave an H200 half idle at B=16,
-  Hkv=4, T=1 (64 programs, 132 SMs) while the cmp keys are most of the bytes, so steps
-  1 and 2 run on C programs per (b, hkv, t), each over its share of the cmp tiles:
-  `nsa_decode_stats` writes per-split (max, sum), `nsa_decode_scores` combines them into
-  the exact lse and writes its partial o_cmp and score rows (the spill of its last tile
-  onto the next share apart), and `nsa_decode_finish` (grid B, Hkv, T) sums those and runs
-  steps 3-5. Three launches, no XLA op between them.
+* split (`cmp_splits=C > 1`, the default where B * Hkv * T programs are few): 64 programs
+  (B=16, Hkv=4, T=1) leave an H200 (132 SMs) half idle, and the cmp keys are most of the
+  bytes, so steps 1 and 2 run on C programs per (b, hkv, t), each over its share of the
+  cmp tiles: `nsa_decode_stats` writes per-split (max, sum); `nsa_decode_scores` combines
+  them into the exact lse and writes its partial o_cmp and score rows (the spill of its
+  last tile onto the next share apart); `nsa_decode_finish` (grid B, Hkv, T * P) sums
+  those, and each of its P = `tail_splits` parts recomputes the selection (registers
+  only) and runs steps 4-5 on every P-th selected block and window tile; for P > 1 a
+  small XLA merge combines the parts by their lse. Three launches (+ the merge).
 
 Per step the cmp keys are read twice (steps 1 and 2) and the cmp values once, then the
 `n * l'` selected rows and the window: compressed + n*l' + w tokens, never the raw cache.
