@@ -7,9 +7,15 @@ selection mode ("token": exact per-token selection on `token_sparse`; "query_blo
 shared per 64 queries on `block_sparse`):
 
 * NSA forward and forward+backward (gradients for q and every branch's k / v);
-* per-branch breakdown: compressed (the `compressed` op: flash over the compressed keys +
-  the fused group-summed probabilities), selection (scores + top-n, forward only),
-  selected (slc branch on precomputed indices), window (`flash`, w=512);
+* per-branch breakdown as `nsa_branches` runs it: on the kernel path
+  (`ops.selects_on_kernels`) compressed = flash over the compressed keys with its lse,
+  selection = the `nsa_select` kernels from that lse (forward only); else compressed = the
+  `compressed` op (flash + the group-summed probabilities p_group) and selection = XLA
+  `selection_scores` + `select_blocks`. `selection_xla` always times the latter on the
+  `compressed` op's p_group (the old path, for comparison; `compressed_op` the op itself,
+  and `selection_rows_differing` the fraction of (query, kv head) rows whose selected sets
+  differ between the two paths: near-ties only); selected (slc branch on precomputed
+  indices), window (`flash`, w=512);
 * cuDNN dense causal (`jax.nn.dot_product_attention(..., implementation="cudnn")`) with
   the same heads in the same run; ratio = cuDNN time / NSA time.
 
@@ -133,13 +139,26 @@ def time_branches(s: Setup, cfg, x, iters, row, prefix):
     q, pos, cpos = x["q"], x["pos"], x["cmp_positions"]
     kw = dict(impl=s.impl, interpret=s.interpret)
     ns = -(-q.shape[1] // cfg.sel_block)
-    cmp = lambda q, k, v: ops.compressed_branch(q, k, v, pos, cpos, **kw)     # noqa: E731
-    _, p_grp = jax.jit(cmp)(q, x["k_cmp"], x["v_cmp"])
+    cmp_op = lambda q, k, v: ops.compressed_branch(q, k, v, pos, cpos, **kw)     # noqa: E731
+    _, p_grp = jax.jit(cmp_op)(q, x["k_cmp"], x["v_cmp"])
 
-    def select(p):
+    def select_xla(p):
         return ops.select_blocks(ops.selection_scores(p, ns, cfg), pos, cfg)
 
-    idx = jax.jit(select)(p_grp)
+    row[f"{prefix}selection_xla_fwd_ms"] = 1e3 * median_time(jax.jit(select_xla), p_grp, iters=iters)
+    if ops.selects_on_kernels(s.impl, s.interpret, cfg):
+        cmp = lambda q, k, v: ops.compressed_branch_lse(q, k, v, pos, cpos, interpret=s.interpret)  # noqa: E731
+        _, lse = jax.jit(cmp)(q, x["k_cmp"], x["v_cmp"])
+        select = jax.jit(lambda q, k, lse: ops.select_from_lse(q, k, lse, pos, cpos, ns, cfg,
+                                                               interpret=s.interpret))
+        sel_args = (q, x["k_cmp"], lse)
+        row[f"{prefix}compressed_op_fwd_ms"] = 1e3 * median_time(jax.jit(cmp_op), q, x["k_cmp"], x["v_cmp"],
+                                                                 iters=iters)
+    else:
+        cmp, select, sel_args = cmp_op, jax.jit(select_xla), (p_grp,)
+    idx = select(*sel_args)
+    same = jnp.sort(idx, axis=-1) == jnp.sort(jax.jit(select_xla)(p_grp), axis=-1)
+    row[f"{prefix}selection_rows_differing"] = float(1.0 - same.all(-1).mean())   # near-ties only
     if cfg.selection == "token":
         slc = lambda q, k, v: ops.selected_attention_sparse(q, k, v, pos, pos, idx, cfg, **kw)  # noqa: E731
     else:
@@ -147,7 +166,7 @@ def time_branches(s: Setup, cfg, x, iters, row, prefix):
         slc = lambda q, k, v: block_sparse_attention(q, k, v, meta, mask_fn=P.Causal(), q_positions=pos,  # noqa: E731
                                                      kv_positions=pos, **kw)
     win = lambda q, k, v: ops.window_attention(q, k, v, pos, pos, window=cfg.window, **kw)  # noqa: E731
-    row[f"{prefix}selection_fwd_ms"] = 1e3 * median_time(jax.jit(select), p_grp, iters=iters)
+    row[f"{prefix}selection_fwd_ms"] = 1e3 * median_time(select, *sel_args, iters=iters)
     for name, f, k, v in (("compressed", lambda *a: cmp(*a)[0], "k_cmp", "v_cmp"),
                           ("selected", slc, "k_slc", "v_slc"), ("window", win, "k_win", "v_win")):
         row[f"{prefix}{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, x[k], x[v], iters=iters)
@@ -221,8 +240,8 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
 def table(rows) -> str:
     fmt = lambda r, k, spec=".2f": format(r[k], spec) if k in r else "n/a"  # noqa: E731
     lines = ["| T | mode | fwd ms | cuDNN fwd ms | fwd ratio | f+b ms | cuDNN f+b ms | f+b ratio | "
-             "cmp / sel / slc / win fwd ms | cmp / slc / win f+b ms | err ref |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "cmp / sel / slc / win fwd ms | sel XLA fwd ms | cmp / slc / win f+b ms | err ref |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "decode":
             continue
@@ -232,7 +251,8 @@ def table(rows) -> str:
             bb = " / ".join(fmt(r, f"{p}{n}_fwdbwd_ms") for n in ("compressed", "selected", "window"))
             lines.append(f"| {r['t']} | {m} | {fmt(r, p + 'fwd_ms')} | {fmt(r, 'dense_fwd_ms')} | "
                          f"{fmt(r, p + 'fwd_ratio')} | {fmt(r, p + 'fwdbwd_ms')} | "
-                         f"{fmt(r, 'dense_fwdbwd_ms')} | {fmt(r, p + 'fwdbwd_ratio')} | {br} | {bb} | "
+                         f"{fmt(r, 'dense_fwdbwd_ms')} | {fmt(r, p + 'fwdbwd_ratio')} | {br} | "
+                         f"{fmt(r, p + 'selection_xla_fwd_ms')} | {bb} | "
                          f"{fmt(r, p + 'err_ref', '.1e')} |")
     dec = [r for r in rows if r["kind"] == "decode"]
     if dec:

@@ -12,7 +12,8 @@ as the `compressed` op's score kernel does), then forms the selection importance
 adding in the reference's order (`overlap_scores`): the term of offset `o = m - n` is
 pulled out of `P` by a 0/1 selector dot, exact (one nonzero per column; the float32 `P`
 is split into three bfloat16 pieces, so tensor cores lose no bit), and the `u - 1`
-offsets below 0 read the previous key tile, which the loop carries. The additions are
+offsets below 0 reach into the previous key tile, whose share (`[bq, bs]` per such
+offset, extracted the same way) the loop carries. The additions are
 the reference's on the same `P`, so exact ties (constant keys: lower block first) stay
 ties whatever the tiling. Written: `[B, Hkv, T_p, Ns_p]` float32, `r`x fewer bytes than
 the per-compressed-block `p_group`; columns past a tile's last candidate block are left
@@ -130,7 +131,7 @@ def _importance_kernel(qpos_ref, kpos_ref, lse_ref, q_ref, k_ref, out_ref, *, ti
         lse = lse_ref[g, :]
         lses.append(jnp.where(lse > -jnp.inf, lse, 0.0))
 
-    def step(jt, prev):
+    def step(jt, carried):
         sl = pl.ds(pl.multiple_of(jt * bk, bk), bk)
         kp = kpos_ref[sl]
         vis = (qp[:, None] >= 0) & (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None])
@@ -139,21 +140,22 @@ def _importance_kernel(qpos_ref, kpos_ref, lse_ref, q_ref, k_ref, out_ref, *, ti
         for g in range(group):
             s = lax.dot_general(q_ref[g], k, NT, preferred_element_type=jnp.float32) * scale
             p += jnp.where(vis, jnp.exp(s - lses[g][:, None]), 0.0)
-        cur = _split3(p)
-        old = _split3(prev) if u > 1 else None
-        terms = {}
-        for o in range(-(u - 1), r):            # P[:, r*j + o], from the previous tile if < 0
-            terms[o] = _select_columns(cur, bk, bs, lambda j, o=o: r * j + o)
-            if o < 0:
-                terms[o] = terms[o] + _select_columns(old, bk, bs, lambda j, o=o: bk + r * j + o)
+        pieces = _split3(p)
+        terms, ahead = {}, []
+        for o in range(-(u - 1), r):            # P[:, r*j + o]; o < 0 reaches the previous tile,
+            terms[o] = _select_columns(pieces, bk, bs, lambda j, o=o: r * j + o)
+            if o < 0:                           # whose part came in `carried` (one side is 0)
+                terms[o] = terms[o] + carried[o + u - 1]
+                ahead.append(_select_columns(pieces, bk, bs, lambda j, o=o: bk + r * j + o))
         imp = 0.0
         for m in range(r):                      # `overlap_scores`' order
             for n in range(u):
                 imp = imp + terms[m - n]
         out_ref[:, pl.ds(pl.multiple_of(jt * bs, bs), bs)] = imp
-        return p
+        return tuple(ahead)
 
-    lax.fori_loop(0, n_tiles, step, jnp.zeros((qp.shape[0], bk), jnp.float32))
+    zeros = jnp.zeros((qp.shape[0], bs), jnp.float32)
+    lax.fori_loop(0, n_tiles, step, (zeros,) * (u - 1))
 
 
 def importance(q, k, lse, q_positions, kv_positions, *, num_sel_blocks: int, cmp_block: int,

@@ -24,7 +24,9 @@ branch with its own keys and values (the layer `sparse_jax.layers.nsa` projects 
 
   i.e. every token spreads the probability of each compressed block covering it, 1/d per
   token. Out-of-range indices are ignored. When `l = l' = d` it is `p_slc = p_cmp`.
-  Scores are summed over the heads of each GQA group (one selection per KV head).
+  Scores are summed over the heads of each GQA group (one selection per KV head). On the
+  kernel path (`selects_on_kernels`) the `nsa_select` op computes the same selection from
+  q, the compressed keys and the cmp branch's log-sum-exp, never writing `p_cmp`.
   `select_blocks` takes the top `num_selected` causal blocks per query, always including
   the first `num_initial` blocks and the `num_local` most recent ones (the query's own
   block and the one before). Two granularities:
@@ -258,21 +260,24 @@ def selects_on_kernels(impl: str, interpret, cfg: NSAConfig) -> bool:
             and selection_impl(impl, interpret, **geo) == "triton")
 
 
-def compressed_and_selection(q, k_cmp, v_cmp, q_positions, cmp_positions, num_sel_blocks: int,
-                             cfg: NSAConfig, *, interpret=False):
-    """cmp branch + selection on the kernels: flash (Triton) over the compressed keys with
-    its log-sum-exp, then `nsa_select` (Triton) from q, k_cmp and that lse; the group
-    probabilities never reach HBM. Returns `(out [B, T, H, D], block_indices [B, T, Hkv,
-    min(n, Ns)])`, the selection equal (as sets) to `select_blocks(selection_scores(p))`."""
+def compressed_branch_lse(q, k_cmp, v_cmp, q_positions, cmp_positions, *, interpret=False):
+    """cmp branch of the kernel path: flash (Triton) over the compressed keys, `(out [B, T,
+    H, D], lse [B, H, T])`; the output is the `compressed` op's (same kernel and mask)."""
     res = flash_attention(q, k_cmp, v_cmp, mask_fn=cmp_causal, q_positions=q_positions,
                           kv_positions=cmp_positions, return_lse=True, impl="triton",
                           interpret=interpret)
-    block_indices = nsa_select(q, k_cmp, res.lse, q_positions, cmp_positions,
-                               num_sel_blocks=num_sel_blocks, cmp_block=cfg.cmp_block,
-                               cmp_stride=cfg.cmp_stride, sel_block=cfg.sel_block,
-                               num_selected=cfg.num_selected, num_initial=cfg.num_initial,
-                               num_local=cfg.num_local, impl="triton", interpret=interpret)
-    return res.out, block_indices
+    return res.out, res.lse
+
+
+def select_from_lse(q, k_cmp, lse, q_positions, cmp_positions, num_sel_blocks: int, cfg: NSAConfig, *,
+                    interpret=False):
+    """Selection of the kernel path: `nsa_select` (Triton) from the cmp branch's q, keys and
+    lse; the group probabilities never reach HBM. `[B, T, Hkv, min(n, Ns)]`, as sets equal to
+    `select_blocks(selection_scores(p_cmp))`."""
+    return nsa_select(q, k_cmp, lse, q_positions, cmp_positions, num_sel_blocks=num_sel_blocks,
+                      cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride, sel_block=cfg.sel_block,
+                      num_selected=cfg.num_selected, num_initial=cfg.num_initial,
+                      num_local=cfg.num_local, impl="triton", interpret=interpret)
 
 
 def selected_block_mask(block_indices, num_sel_blocks: int):
@@ -369,14 +374,17 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
     k_cmp/v_cmp `[B, N, Hkv, D]`: compressed keys, slot i = block i, `cmp_positions` their
     last tokens (-1 empty). k_slc/v_slc `[B, S, Hkv, D]`: position-indexed (slot s holds
     position s or -1). k_win/v_win: any layout with `win_positions`. `impl` / `interpret`
-    pick the kernels. With "auto" on GPU (or "triton") the cmp branch and the selection
-    run fused (`compressed_and_selection`, `p_cmp` None); otherwise (`impl="xla"`, TPU)
-    the `compressed` op's group probabilities, `selection_scores`, `select_blocks`.
+    pick the kernels. With "auto" on GPU (or "triton") the selection runs on the
+    `nsa_select` kernels from the cmp branch's lse (`compressed_branch_lse`,
+    `select_from_lse`; `p_cmp` None); otherwise (`impl="xla"`, TPU) from the `compressed`
+    op's group probabilities through `selection_scores` and `select_blocks`.
     """
     ns = -(-k_slc.shape[1] // cfg.sel_block)
     if selects_on_kernels(impl, interpret, cfg):
-        o_cmp, block_indices = compressed_and_selection(q, k_cmp, v_cmp, q_positions, cmp_positions,
-                                                        ns, cfg, interpret=interpret)
+        o_cmp, lse = compressed_branch_lse(q, k_cmp, v_cmp, q_positions, cmp_positions,
+                                           interpret=interpret)
+        block_indices = select_from_lse(q, k_cmp, lse, q_positions, cmp_positions, ns, cfg,
+                                        interpret=interpret)
         p_cmp = None
     else:
         o_cmp, p_cmp = compressed_branch(q, k_cmp, v_cmp, q_positions, cmp_positions, impl=impl,
