@@ -20,7 +20,7 @@ def _has_gpu():
 def rows_of_every_kind(seed, r, s):
     """`[r, s]` float32 rows cycling through: normal; 80% -inf; all -inf; few values (ties
     across every tile); signed zeros and negatives; extremes (+-inf, +-1e38, denormals);
-    all equal."""
+    all equal; +-1.0 a few ulps apart (the last key bits decide)."""
     rng = np.random.default_rng(seed)
     kinds = [
         lambda: rng.normal(size=s),
@@ -30,6 +30,8 @@ def rows_of_every_kind(seed, r, s):
         lambda: rng.choice([-0.0, 0.0, -1.0, -2.0, -np.inf], size=s),
         lambda: rng.choice([np.inf, -np.inf, 1e38, -1e38, 1e-45, -1e-45, 0.0, -0.0], size=s),
         lambda: np.full(s, 0.75),
+        lambda: (np.float32(1.0).view(np.int32) + rng.integers(0, 40, s)).astype(np.int32).view(np.float32)
+        * rng.choice([-1, 1], size=s),
     ]
     return np.stack([kinds[i % len(kinds)]() for i in range(r)]).astype(np.float32)
 

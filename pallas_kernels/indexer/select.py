@@ -97,10 +97,12 @@ def _kernel(x_ref, slots_ref, vals_ref, *, rows, size, k, block_r, block_s, bits
         key = float_keys(x)
         return x, jnp.where(key > NEG_INF_KEY, key, INT_MIN)
 
-    # 1. Threshold: lo = the k'-th largest key (INT_MIN when fewer than k' candidates);
-    # above = count(key > lo + 2**shift - 1), the candidates above lo's digit range.
-    def radix_pass(p, carry):
-        lo, above = carry
+    # 1. Threshold: after pass p (shift = 32 - bits * p), `lo` has the top 32 - shift bits of
+    # the k'-th largest key (INT_MIN when fewer than k' candidates), at = count(key >= lo),
+    # above = count(key > lo + 2**shift - 1). Stops once every row has at <= k' (then all
+    # of key >= lo is taken) or shift = 0 (then lo is the k'-th key).
+    def radix_pass(carry):
+        p, lo, at, above = carry
         shift = 32 - bits * (p + 1)
         thresholds = [lo + lax.shift_left(jnp.int32(d), shift) for d in range(1, 2**bits)]
 
@@ -112,13 +114,20 @@ def _kernel(x_ref, slots_ref, vals_ref, *, rows, size, k, block_r, block_s, bits
         counts = [acc.sum(axis=1) for acc in lax.fori_loop(0, n_tiles, count, zeros)]
         digit = sum((c >= k).astype(jnp.int32) for c in counts)           # counts fall with d
         for d, c in enumerate(counts, start=1):
+            at = jnp.where(digit == d, c, at)
             above = jnp.where(digit + 1 == d, c, above)
-        return lo + lax.shift_left(digit, shift), above
+        return p + 1, lo + lax.shift_left(digit, shift), at, above
 
-    start = (jnp.full((block_r,), INT_MIN, jnp.int32), jnp.zeros((block_r,), jnp.int32))
-    lo, above = lax.fori_loop(0, 32 // bits, radix_pass, start)
+    def undecided(carry):
+        p, _, at, _ = carry
+        return (p < 32 // bits) & (jnp.max(at) > k)
 
-    # 2. Compaction: key > lo always taken; key == lo taken in slot order while need > 0.
+    start = (jnp.int32(0), jnp.full((block_r,), INT_MIN, jnp.int32), jnp.full((block_r,), k + 1, jnp.int32),
+             jnp.zeros((block_r,), jnp.int32))
+    _, lo, _, above = lax.while_loop(undecided, radix_pass, start)
+
+    # 2. Compaction: key > lo always taken; key == lo taken in slot order while need > 0 (the
+    # tie rule; after an early stop `need` covers every key >= lo).
     need = k - above                                                      # [br]
     rows_idx = jnp.broadcast_to((r0 + jnp.arange(block_r, dtype=jnp.int32))[:, None], (block_r, block_s))
 
@@ -127,8 +136,8 @@ def _kernel(x_ref, slots_ref, vals_ref, *, rows, size, k, block_r, block_s, bits
         x, key = load(j)
         tie = (key == lo[:, None]) & (key != INT_MIN)
         tie_i = tie.astype(jnp.int32)
-        tie_rank = n_ties[:, None] + jnp.cumsum(tie_i, axis=1) - tie_i
-        take = (key > lo[:, None]) | (tie & (tie_rank < need[:, None]))
+        rank = n_ties[:, None] + jnp.cumsum(tie_i, axis=1) - tie_i
+        take = (key > lo[:, None]) | (tie & (rank < need[:, None]))
         take_i = take.astype(jnp.int32)
         pos = n_taken[:, None] + jnp.cumsum(take_i, axis=1) - take_i
         take = take & row_ok[:, None]
