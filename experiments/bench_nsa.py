@@ -29,6 +29,9 @@ references of every branch (`impl="xla"`), and the decode step against its XLA r
 Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --iters /
 --backward flags (defaults changed here). On a GPU machine, repo root:
   PYTHONPATH=. python experiments/bench_nsa.py --out /tmp/bench_nsa.json
+Tile sweep of the selection kernels (rows `<mode>_selection_<cfg>_fwd_ms`):
+  PYTHONPATH=. python experiments/bench_nsa.py --seq_lens 65536 --modes token --nobackward \
+      --select_configs 64:64:4:16384,64:128:8:16384,128:64:8:16384,64:64:4:8192
 CPU smoke run (tiny shapes and config, kernels in interpret mode, XLA dense baseline):
   PYTHONPATH=. python experiments/bench_nsa.py --small --out /tmp/nsa_small.json
 """
@@ -46,6 +49,7 @@ from absl import app, flags
 from experiments.bench_kernels import median_time, rel
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.decode import decode_attention
+from pallas_kernels.nsa_select import triton as nsa_select_kernels
 from sparse_jax import patterns as P
 from sparse_jax.ops import nsa as ops
 from sparse_jax.ops.nsa import NSAConfig
@@ -57,6 +61,9 @@ flags.DEFINE_integer("check_rows", 64, "query rows checked against the XLA refer
 flags.DEFINE_integer("decode_batch", 16, "decode batch")
 flags.DEFINE_integer("decode_context", 65536, "decode context length")
 flags.DEFINE_bool("branches", True, "also time each branch on its own")
+flags.DEFINE_list("select_configs", [], "nsa_select Triton configs to sweep on the kernel path, each "
+                  "block_q:block_k:num_warps:topn_elements (e.g. 64:128:8:16384); rows "
+                  "<mode>_selection_<cfg>_fwd_ms")
 FLAGS.set_default("out", "bench_nsa.json")
 FLAGS.set_default("seq_lens", ["16384", "65536"])
 
@@ -167,12 +174,30 @@ def time_branches(s: Setup, cfg, x, iters, row, prefix):
                                                      kv_positions=pos, **kw)
     win = lambda q, k, v: ops.window_attention(q, k, v, pos, pos, window=cfg.window, **kw)  # noqa: E731
     row[f"{prefix}selection_fwd_ms"] = 1e3 * median_time(select, *sel_args, iters=iters)
+    if ops.selects_on_kernels(s.impl, s.interpret, cfg):
+        sweep_selection(s, cfg, sel_args, pos, cpos, ns, iters, row, prefix)
     for name, f, k, v in (("compressed", lambda *a: cmp(*a)[0], "k_cmp", "v_cmp"),
                           ("selected", slc, "k_slc", "v_slc"), ("window", win, "k_win", "v_win")):
         row[f"{prefix}{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, x[k], x[v], iters=iters)
         if FLAGS.backward:
             row[f"{prefix}{name}_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, x[k], x[v],
                                                                  x["do"], iters=iters)
+
+
+def sweep_selection(s: Setup, cfg, sel_args, pos, cpos, ns, iters, row, prefix):
+    """Time `nsa_select`'s kernels under each --select_configs entry (tile sizes to tune)."""
+    for spec in FLAGS.select_configs:
+        bq, bk, warps, topn = (int(v) for v in spec.split(":"))
+        kc = nsa_select_kernels.TritonConfig(block_q=bq, block_k=bk, num_warps=warps, topn_elements=topn)
+        f = jax.jit(lambda q, k, lse, kc=kc: nsa_select_kernels.nsa_select_triton(
+            q, k, lse, pos, cpos, num_sel_blocks=ns, cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
+            sel_block=cfg.sel_block, num_selected=cfg.num_selected, num_initial=cfg.num_initial,
+            num_local=cfg.num_local, scale=sel_args[0].shape[-1] ** -0.5, interpret=s.interpret,
+            config=kc))
+        try:
+            row[f"{prefix}selection_{spec}_fwd_ms"] = 1e3 * median_time(f, *sel_args, iters=iters)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile: report, go on
+            row[f"{prefix}selection_{spec}_error"] = str(e)[:300]
 
 
 def bench_prefill(s: Setup, t: int, iters: int):
