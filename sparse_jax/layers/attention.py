@@ -78,6 +78,25 @@ class AttentionConfig:
 
 
 _init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+_out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+
+
+def output_params(rngs: nnx.Rngs, config: AttentionConfig, *, value_dim: int | None = None,
+                  learned_sinks: bool = False):
+    """The output side of an attention layer: `(wo, sink_logits, wg)`, drawn from `rngs` in
+    that order (so the layers keep their initial values).
+
+    wo `[H, Dv, d_model]`: output projection, fan-in over heads and value dims. sink_logits
+    `[H]` (zeros) when `learned_sinks`, else None. wg `[d_model, H, Dv]`: the sigmoid
+    output gate `o * sigmoid(x W_g)` when `config.output_gate`, else None. Dv: `value_dim`
+    (default `config.head_dim`).
+    """
+    h, d, pd = config.num_heads, config.d_model, config.param_dtype
+    dv = config.head_dim if value_dim is None else value_dim
+    wo = param(rngs, _out_init, (h, dv, d), ("heads", "head_dim", "embed"), pd)
+    sinks = param(rngs, nnx.initializers.zeros_init(), (h,), ("heads",), pd) if learned_sinks else None
+    wg = param(rngs, _init, (d, h, dv), ("embed", "heads", "head_dim"), pd) if config.output_gate else None
+    return wo, sinks, wg
 
 
 class AttentionBase(nnx.Module):
@@ -90,12 +109,7 @@ class AttentionBase(nnx.Module):
         self.wq = param(rngs, _init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
         self.wk = param(rngs, _init, (d, hkv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.wv = param(rngs, _init, (d, hkv, hd), ("embed", "kv_heads", "head_dim"), pd)
-        out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
-        self.wo = param(rngs, out_init, (h, hd, d), ("heads", "head_dim", "embed"), pd)
-        self.sink_logits = (param(rngs, nnx.initializers.zeros_init(), (h,), ("heads",), pd)
-                            if c.learned_sinks else None)
-        self.wg = (param(rngs, _init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
-                   if c.output_gate else None)
+        self.wo, self.sink_logits, self.wg = output_params(rngs, c, learned_sinks=c.learned_sinks)
         zeros = nnx.initializers.zeros_init()
         self.bq, self.bk, self.bv = (
             (param(rngs, zeros, (h, hd), ("heads", "head_dim"), pd),

@@ -37,7 +37,7 @@ from flax import nnx
 
 from sparse_jax import context_parallel as cp
 from sparse_jax.cache import FullKVCache, RollingKVCache
-from sparse_jax.layers.attention import AttentionBase, AttentionConfig
+from sparse_jax.layers.attention import AttentionBase, AttentionConfig, output_params
 from sparse_jax.ops import attention as attn_ops
 from sparse_jax.ops import hysparse as ops
 from sparse_jax.ops.hysparse import HySparseShared
@@ -174,10 +174,7 @@ class HySparseSparseAttention(nnx.Module):
         zeros = nnx.initializers.zeros_init()
         self.sink_sparse = param(rngs, zeros, (h,), ("heads",), pd)
         self.sink_swa = param(rngs, zeros, (h,), ("heads",), pd) if hs.swa_branch else None
-        out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
-        self.wo = param(rngs, out_init, (h, hd, d), ("heads", "head_dim", "embed"), pd)
-        self.wg = (param(rngs, _init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
-                   if c.output_gate else None)
+        self.wo, _, self.wg = output_params(rngs, c)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> HySparseSparseCache:
         c, hs = self.config, self.hysparse

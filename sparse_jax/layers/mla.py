@@ -20,14 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_jax.cache_mla import MLACache
-from sparse_jax.layers.attention import AttentionConfig
+from sparse_jax.layers.attention import AttentionConfig, output_params
+from sparse_jax.layers.attention import _out_init as _init_2in  # noqa: F401 (csa.py imports it from here)
 from sparse_jax.ops import mla as ops
 from sparse_jax.ops.mla import MLAConfig
 from sparse_jax.ops.rope import apply_rope
 from sparse_jax.sharding import param
 
 _init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-_init_2in = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
 
 
 def check_inputs(config: AttentionConfig, x, positions):
@@ -74,7 +74,7 @@ class MLAAttention(nnx.Module):
         self.kv_norm = param(rngs, nnx.initializers.ones_init(), (dc,), ("norm",), pd)
         self.w_uk = param(rngs, _init, (dc, h, dn), ("kv_lora", "heads", "head_dim"), pd)
         self.w_uv = param(rngs, _init, (dc, h, dv), ("kv_lora", "heads", "head_dim"), pd)
-        self.wo = param(rngs, _init_2in, (h, dv, d), ("heads", "head_dim", "embed"), pd)
+        self.wo, _, _ = output_params(rngs, config, value_dim=dv)     # no gate (check_config)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> MLACache:
         return MLACache.init(batch, max_len, self.mla.kv_lora_rank, self.mla.qk_rope_head_dim,

@@ -29,7 +29,7 @@ from flax import nnx
 from sparse_jax import context_parallel as cp
 from sparse_jax.cache import FullKVCache
 from sparse_jax.cache_nsa import CompressedKV, NSACache
-from sparse_jax.layers.attention import AttentionConfig
+from sparse_jax.layers.attention import AttentionConfig, output_params
 from sparse_jax.ops import nsa as ops
 from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.ops.rope import apply_rope
@@ -88,10 +88,7 @@ class NSAAttention(nnx.Module):
         self.phi_v = Compressor(nsa.cmp_block, hkv, hd, hidden, param_dtype=pd, rngs=rngs)
         self.w_gate = param(rngs, _init, (d, h, 3), ("embed", "heads", None), pd)
         self.b_gate = param(rngs, nnx.initializers.zeros_init(), (h, 3), ("heads", None), pd)
-        out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
-        self.wo = param(rngs, out_init, (h, hd, d), ("heads", "head_dim", "embed"), pd)
-        self.wg = (param(rngs, _init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
-                   if c.output_gate else None)
+        self.wo, _, self.wg = output_params(rngs, c)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> NSACache:
         c, n = self.config, self.nsa
