@@ -59,6 +59,7 @@ def assert_same(got, want):
     (9, 200, 40, TopkSelectConfig(block_r=4, block_s=64)),        # S, R not multiples of the tile
     (7, 150, 300, TopkSelectConfig(block_r=2, block_s=32, bits_per_pass=2)),   # k >= S
     (14, 77, 6, TopkSelectConfig()),                               # default config, small k
+    (3, 40, 9, TopkSelectConfig(block_s=16, bits_per_pass=1)),
 ])
 def test_matches_lax_top_k(r, s, k, cfg):
     x = rows_of_every_kind(r + s, r, s)
@@ -121,7 +122,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="k must"):
         topk_select(x, 0, interpret=True)
     for kw, name in ((dict(block_s=24), "block_s"), (dict(block_r=0), "block_r"),
-                     (dict(bits_per_pass=3), "bits_per_pass")):
+                     (dict(bits_per_pass=8), "bits_per_pass")):
         with pytest.raises(ValueError, match=name):
             TopkSelectConfig(**kw)
     vals, slots = topk_select(jnp.zeros((0, 8), jnp.float32), 3)

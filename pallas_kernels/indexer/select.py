@@ -49,8 +49,8 @@ INT_MIN = -(2**31)
 @dataclasses.dataclass(frozen=True)
 class TopkSelectConfig:
     """block_r: rows per program; block_s: columns per tile (powers of two);
-    bits_per_pass: key bits fixed per counting pass (1, 2, 4 or 8: `32 / bits` passes,
-    `2**bits - 1` counters per element)."""
+    bits_per_pass: key bits fixed per counting pass (1, 2 or 4: at most `32 / bits` passes,
+    `2**bits - 1` counters per element; 8 would need 255 counters, far past the registers)."""
 
     block_r: int = 1
     block_s: int = 512
@@ -63,8 +63,8 @@ class TopkSelectConfig:
             val = getattr(self, name)
             if not (isinstance(val, int) and val >= 1 and val & (val - 1) == 0):
                 raise ValueError(f"{name} must be a power of two, got {val!r}")
-        if self.bits_per_pass not in (1, 2, 4, 8):
-            raise ValueError(f"bits_per_pass must be 1, 2, 4 or 8, got {self.bits_per_pass!r}")
+        if self.bits_per_pass not in (1, 2, 4):
+            raise ValueError(f"bits_per_pass must be 1, 2 or 4, got {self.bits_per_pass!r}")
         if self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"num_warps and num_stages must be >= 1, got {self.num_warps}, {self.num_stages}")
 
