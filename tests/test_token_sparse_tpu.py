@@ -2,11 +2,13 @@
 `pallas_kernels/token_sparse/tpu_vjp.py`) in `pltpu.InterpretParams()` mode against the
 float32 reference: dq, dk, dv and d sink_logits on fresh random inputs (the helpers of
 `test_token_sparse_kernels.py`: rows with fewer listed entries than K, a query with an empty
-list, a padded query, ragged keys over two batch rows). Token indices (block_size 1) and
-blocks of 5 and 4 (lengths not multiples of the block), GQA 4 / GQA 1 / MQA H = Hkv = 1,
-causal and not, soft-cap, several grid steps per row and several chunks per KV block; KV
+list, a padded query, ragged keys). Token indices (block_size 1, GQA 4 over 2 kv heads,
+two batch rows, soft-cap, not causal) and blocks of 5 (33 keys, MQA H = Hkv = 1, causal,
+sinks; GQA 1 is in `test_token_sparse_kernels.py`), several grid steps per row, several and
+partly filled chunks per KV block; KV
 blocks no query lists get exact zeros; the chunked inverted index against numpy loops; the
-"xla" backward option; config errors.
+"xla" backward option; config errors; and forward + backward lowered through Pallas' TPU
+lowering (bf16, NSA / DSA head shapes) on CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 
 from pallas_kernels.flash import autodiff
 from pallas_kernels.token_sparse.reference import token_sparse_reference
-from pallas_kernels.token_sparse.tpu import TpuConfig, static
+from pallas_kernels.token_sparse.tpu import TpuConfig, static, token_sparse_tpu
 from pallas_kernels.token_sparse.tpu_vjp import chunk_tables
 from test_token_sparse_kernels import Case, make_inputs, rel_err
 
@@ -121,7 +123,8 @@ def test_chunk_tables_cover_each_listing_once():
     assert not np.any(meta[last_live + 1:, 1:])                     # idle trailing chunks
     for bb, h, j in np.ndindex(b, hkv, nblk):
         seg = (bb * hkv + h) * nblk + j
-        want = [tt for tt in range(t) for e in range(k) if idx[bb, tt, h, e] == j and q_pos[bb, tt] >= 0]
+        want = [tt for tt in range(t) for e in range(k)
+                if idx[bb, tt, h, e] == j and q_pos[bb, tt] >= 0]
         rows = np.nonzero((meta[:, 0] == seg) & live & (np.arange(len(meta)) <= last_live))[0]
         assert len(rows) == max(1, -(-len(want) // pairs))
         assert meta[rows[0], 2] == 1 and meta[rows[-1], 3] == 1 and meta[rows, 2].sum() == 1
@@ -136,3 +139,31 @@ def test_bad_tpu_configs_raise():
         TpuConfig(backward="jnp")
     with pytest.raises(ValueError, match="block_q_dkv"):
         TpuConfig(block_q_dkv=0)
+
+
+@pytest.mark.parametrize("name,h,hkv,d,dv,k,block_size", [
+    ("nsa_blocks64_gqa16_sinks", 32, 2, 128, 128, 4, 64),
+    ("dsa_tokens_mqa_latent", 16, 1, 576, 512, 64, 1),
+])
+def test_lowers_to_mosaic_for_tpu(name, h, hkv, d, dv, k, block_size):
+    """Forward and backward (bf16, DSA / NSA head shapes) lower through Pallas' TPU lowering
+    for a TPU v5e on CPU (the block-shape rules, the unit-dimension matmuls of block_size 1);
+    the Mosaic compiler itself only runs on a TPU (not here)."""
+    b, t, s = 1, 32, 256
+    shape = lambda *x, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(x, dtype)  # noqa: E731
+
+    def loss(q, k_, v, idx, sinks):
+        out = token_sparse_tpu(q, k_, v, idx, block_size=block_size,
+                               q_positions=jnp.arange(t)[None], kv_positions=jnp.arange(s)[None],
+                               causal=True, sink_logits=sinks, softcap=20.0, scale=d ** -0.5,
+                               return_lse=False)
+        return out.astype(jnp.float32).sum()
+
+    dev = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+    with jax.sharding.use_abstract_mesh(mesh):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4))).trace(
+            shape(b, t, h, d), shape(b, s, hkv, d), shape(b, s, hkv, dv),
+            shape(b, t, hkv, k, dtype=jnp.int32), shape(h, dtype=jnp.float32),
+        ).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 3            # forward, dq, dk/dv

@@ -20,13 +20,17 @@ Backward (FlashAttention-2, Alg. 2: `P = exp2(S2 - lse2)` recomputed from the fo
   `TpuConfig.backward="xla"` keeps the previous jnp backward (`tpu_vjp.xla_backward`) as an
   alternative (see `tpu_vjp.py` on block_size 1).
 
-The per-row index list, query position and step count are blocked SMEM inputs (a whole
-DSA table, `[B, T, Hkv, 2048]`, is far too large to scalar-prefetch). KV stays in HBM
-(`pl.ANY`), viewed `[B, S, Hkv * D]`, never copied.
+A row's index list, step count and query position (`row_table`, `[B, T, Hkv, K_p + 2]`)
+stay in HBM and are DMA'd into SMEM scratch at the row's first step: a whole DSA table,
+`[B, T, Hkv, 2048]`, is far too large to scalar-prefetch, and a blocked SMEM input of one
+row breaks the TPU lowering's (8, 128) block-shape rule. KV stays in HBM (`pl.ANY`),
+viewed `[B, S, Hkv * D]`, never copied.
 
-Checked in `pltpu.InterpretParams()` mode on CPU only (this workplace has no TPU). On
-hardware, expect to need G a multiple of 8 (or G = H), D and Dv multiples of 128 (or
-Hkv = 1) and a double-buffered gather for speed; none of that is verified here.
+Checked in `pltpu.InterpretParams()` mode on CPU, and lowered through Pallas' TPU lowering
+for a v5e on CPU (bf16, the NSA and DSA head shapes; `tests/test_token_sparse_tpu.py`), which
+enforces the block-shape rules: G must be a multiple of 8 or G = H (the `[G, D]` query
+tiles). The Mosaic compiler proper, speed (the gathers are not double-buffered) and the
+numerics on hardware are unverified: this workplace has no TPU.
 """
 
 from __future__ import annotations
@@ -135,17 +139,31 @@ def _gather(geo: Geometry, idx_ref, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf,
     lax.fori_loop(0, e, hide_unlisted, None)
 
 
+def _load_row(geo: Geometry, row_hbm, row_sc, sem):
+    """At a row's first step, DMA its table row (`[K_p + 2]`: the entries, the step count,
+    the query position) from HBM into SMEM scratch; return (step count, query position)."""
+    b, h, t, c = (pl.program_id(a) for a in range(4))
+
+    @pl.when(c == 0)
+    def _load():
+        cp = pltpu.make_async_copy(row_hbm.at[b, t, h], row_sc, sem.at[3])
+        cp.start()
+        cp.wait()
+
+    return row_sc[geo.k_p], row_sc[geo.k_p + 1]
+
+
 def _visible(geo: Geometry, q_pos, kp):
     """bool `[1, R]`: key positions `kp [1, R]` seen by the query at `q_pos` (scalar)."""
     vis = (kp >= 0) & (q_pos >= 0)
     return vis & (kp <= q_pos) if geo.causal else vis
 
 
-def _fwd_kernel(idx_ref, cnt_ref, qpos_ref, sink_ref, q_ref, k_hbm, v_hbm, kpos_hbm, o_ref,
-                lse_ref, kbuf, vbuf, pbuf, sem, m_sc, l_sc, acc_sc, *, geo: Geometry, scale,
-                softcap):
+def _fwd_kernel(row_hbm, sink_ref, q_ref, k_hbm, v_hbm, kpos_hbm, o_ref, lse_ref, kbuf, vbuf,
+                pbuf, row_sc, sem, m_sc, l_sc, acc_sc, *, geo: Geometry, scale, softcap):
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(3)
     g = geo.group
+    n_steps, q_pos = _load_row(geo, row_hbm, row_sc, sem)
 
     @pl.when(c == 0)
     def _init():
@@ -158,10 +176,10 @@ def _fwd_kernel(idx_ref, cnt_ref, qpos_ref, sink_ref, q_ref, k_hbm, v_hbm, kpos_
             l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    @pl.when(c < cnt_ref[0])
+    @pl.when(c < n_steps)
     def _step():
-        _gather(geo, idx_ref, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf, pbuf, sem)
-        vis = _visible(geo, qpos_ref[0], pbuf[...])
+        _gather(geo, row_sc, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf, pbuf, sem)
+        vis = _visible(geo, q_pos, pbuf[...])
         s, _ = _logits2(_dot(q_ref[...], kbuf[...], _NT), scale, softcap)
         s = jnp.where(vis, s, MASK_VALUE)
         m_old = m_sc[...]
@@ -182,19 +200,20 @@ def _fwd_kernel(idx_ref, cnt_ref, qpos_ref, sink_ref, q_ref, k_hbm, v_hbm, kpos_
         lse_ref[...] = jnp.where(seen, (m_sc[...] + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
 
 
-def _dq_kernel(idx_ref, cnt_ref, qpos_ref, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm,
-               kpos_hbm, dq_ref, kbuf, vbuf, pbuf, sem, dq_sc, *, geo: Geometry, scale, softcap):
+def _dq_kernel(row_hbm, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, kpos_hbm, dq_ref,
+               kbuf, vbuf, pbuf, row_sc, sem, dq_sc, *, geo: Geometry, scale, softcap):
     """dq `[G, D]` of one (batch, kv head, query token) over its listed entries."""
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(3)
+    n_steps, q_pos = _load_row(geo, row_hbm, row_sc, sem)
 
     @pl.when(c == 0)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-    @pl.when(c < cnt_ref[0])
+    @pl.when(c < n_steps)
     def _step():
-        _gather(geo, idx_ref, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf, pbuf, sem)
-        vis = _visible(geo, qpos_ref[0], pbuf[...])
+        _gather(geo, row_sc, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf, pbuf, sem)
+        vis = _visible(geo, q_pos, pbuf[...])
         k = kbuf[...]
         s2, tanh = _logits2(_dot(q_ref[...], k, _NT), scale, softcap)
         p = jnp.where(vis, jnp.exp2(s2 - lse_ref[...]), 0.0)                  # [G, R]
@@ -218,35 +237,40 @@ def kv_views(geo: Geometry, k, v, kv_pos):
             blocks.pad_axis(kv_pos, s_p, 1, -1)[:, None, :])
 
 
-def _row_pass(geo: Geometry, st, kernel, name, indices, q_pos, k, v, kv_pos, *, pre, blocked,
-              out, scratch):
-    """`pallas_call` of a query-centric kernel on grid `(B, Hkv, T, steps)`: the row's index
-    list, step count, query position (SMEM), then `pre` (extra SMEM inputs), the `blocked`
-    `[B, T, H, width]` inputs as `[G, width]` tiles, and K, V, key positions in HBM; `out`
-    `(dtype, width)` pairs give `[B, T, H, width]` outputs; `scratch` after the gather
-    buffers."""
-    b, t = q_pos.shape
-    e = geo.per_step
+def row_table(geo: Geometry, indices, q_pos):
+    """int32 `[B, T, Hkv, K_p + 2]`: each row's entries (padded with -1 to whole steps), its
+    step count (up to the last listed entry) and its query position."""
     idx = blocks.pad_axis(indices, geo.k_p, 3, -1)
     listed = (idx >= 0) & (idx < geo.nblk)
     last = jnp.max(jnp.where(listed, jnp.arange(1, geo.k_p + 1, dtype=jnp.int32), 0), axis=-1)
-    n_steps = ((last + e - 1) // e)[..., None]                           # [B, T, Hkv, 1]
-    smem = functools.partial(pl.BlockSpec, memory_space=pltpu.SMEM)
+    n_steps = (last + geo.per_step - 1) // geo.per_step                     # [B, T, Hkv]
+    q_pos = jnp.broadcast_to(q_pos[:, :, None], n_steps.shape)
+    return jnp.concatenate([idx, n_steps[..., None], q_pos[..., None]], axis=-1)
+
+
+def _row_pass(geo: Geometry, st, kernel, name, indices, q_pos, k, v, kv_pos, *, pre, blocked,
+              out, scratch):
+    """`pallas_call` of a query-centric kernel on grid `(B, Hkv, T, steps)`. Inputs: the
+    `row_table` (HBM, a row DMA'd to SMEM per query row: blocked SMEM inputs of one row
+    would break Mosaic's (8, 128) block rule), `pre` (whole-array SMEM inputs), the
+    `blocked` `[B, T, H, width]` inputs as `[G, width]` tiles, K, V, key positions (HBM);
+    `out` `(dtype, width)` pairs give `[B, T, H, width]` outputs; `scratch` follows the
+    gather buffers, the SMEM row and the DMA semaphores."""
+    b, t = q_pos.shape
+    e = geo.per_step
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     tile = lambda width: pl.BlockSpec((None, None, geo.group, width),  # noqa: E731
                                       lambda b_, h_, t_, c: (b_, t_, h_, 0))
     rows = e * geo.block_size
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=0, grid=(b, geo.hkv, t, geo.k_p // e),
-        in_specs=[smem((None, None, None, geo.k_p), lambda b_, h_, t_, c: (b_, t_, h_, 0)),
-                  smem((None, None, None, 1), lambda b_, h_, t_, c: (b_, t_, h_, 0)),
-                  smem((None, None, 1), lambda b_, h_, t_, c: (b_, t_, 0)),
-                  *[None if x is None else smem() for x in pre],
+        in_specs=[hbm, *[None if x is None else pl.BlockSpec(memory_space=pltpu.SMEM)
+                         for x in pre],
                   *[tile(x.shape[3]) for x in blocked], hbm, hbm, hbm],
         out_specs=[tile(width) for _, width in out],
         scratch_shapes=[pltpu.VMEM((rows, geo.d), k.dtype), pltpu.VMEM((rows, geo.dv), v.dtype),
-                        pltpu.VMEM((1, rows), jnp.int32), pltpu.SemaphoreType.DMA((3,)),
-                        *scratch])
+                        pltpu.VMEM((1, rows), jnp.int32), pltpu.SMEM((geo.k_p + 2,), jnp.int32),
+                        pltpu.SemaphoreType.DMA((4,)), *scratch])
     h = geo.hkv * geo.group
     return pl.pallas_call(
         functools.partial(kernel, geo=geo, scale=st.scale, softcap=st.softcap),
@@ -255,7 +279,7 @@ def _row_pass(geo: Geometry, st, kernel, name, indices, q_pos, k, v, kv_pos, *, 
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=st.interpret, name=name,
-    )(idx, n_steps, q_pos[:, :, None], *pre, *blocked, *kv_views(geo, k, v, kv_pos))
+    )(row_table(geo, indices, q_pos), *pre, *blocked, *kv_views(geo, k, v, kv_pos))
 
 
 def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, indices):

@@ -8,19 +8,23 @@ per segment = (batch, kv head, KV block), the query tokens that listed the block
 tokens (at least one chunk per segment, so unlisted blocks get zeros) and lays them out
 back to back: the kernel's grid is one flat "arbitrary" axis over the chunks (a static
 bound, `ceil(N / pairs) + segments` for `N = B * T * Hkv * K` listed slots; the trailing
-chunks do nothing). A chunk step gathers by DMA, for each of its tokens, the `[G, D]` q,
-`[G, Dv]` dO and `[G, 2]` (lse2, delta) rows of the kv head's G query heads (stacked as
-`pairs * G` rows), recomputes `P = exp2(S2 - lse2)` against the block's `[block_size, D]`
-keys (loaded once per segment by DMA) and accumulates `dV += P^T dO`, `dK += dS^T Q` in
-VMEM scratch; the segment's last chunk writes dk/dv to HBM by DMA, once.
+chunks do nothing). A chunk's table row (segment, token count, first / last flags,
+tokens, query positions) is DMA'd into SMEM at its step; the step then gathers by DMA, for
+each of its tokens, the `[G, D]` q, `[G, Dv]` dO and `[G, 2]` (lse2, delta) rows of the kv
+head's G query heads (stacked as `pairs * G` rows), recomputes `P = exp2(S2 - lse2)`
+against the block's `[block_size, D]` keys (loaded once per segment by DMA) and accumulates
+`dV += P^T dO`, `dK += dS^T Q` in VMEM scratch; the segment's last chunk writes dk/dv to
+HBM by DMA, once.
 
 block_size 1 (DSA token indices): each (query, key row) pair moves G * (D + Dv) elements
 of q / dO for one key row, G times the traffic of the query-centric gather, and the dots
-have one key row. It is correct (tested) and is the default, but likely slow on hardware
-for large G; `TpuConfig(backward="xla")` selects `xla_backward` (jnp gathers and XLA
+have one key row (done on the VPU in float32: Pallas' TPU lowering rejects bf16 matmuls
+with a unit dimension). It is correct (tested) and is the default, but likely slow on
+hardware for large G; `TpuConfig(backward="xla")` selects `xla_backward` (jnp gathers and XLA
 scatter-add) instead. Neither is measured: this workplace has no TPU. On hardware the
 single "arbitrary" grid axis runs on one TensorCore (no megacore split), the q / dO
-gathers are not double-buffered, and `G` should be a multiple of 8 (as the forward).
+gathers are not double-buffered, and `G` must be a multiple of 8 or G = H (as the
+forward). Lowering for a TPU v5e is checked on CPU; the Mosaic compile is not.
 """
 
 from __future__ import annotations
@@ -39,6 +43,18 @@ from pallas_kernels.token_sparse.triton_vjp import inverted_index
 
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
+
+
+def _rows_dot(a, b, dims):
+    """`_dot` of query rows `[R, .]` with the block's keys: on the MXU, or for a one-row
+    block (block_size 1) as a float32 multiply-reduce on the VPU (Pallas' TPU lowering
+    rejects a bf16 matmul with a unit dimension; checked by lowering on CPU)."""
+    if dims == _TN and a.shape[1] > 1 or dims == _NT and b.shape[0] > 1:
+        return _dot(a, b, dims)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    if dims == _NT:                                        # [R, W] x [1, W] -> [R, 1]
+        return jnp.sum(f32(a) * f32(b), axis=1, keepdims=True)
+    return jnp.sum(f32(a) * f32(b), axis=0, keepdims=True)  # [R, 1]^T x [R, W] -> [1, W]
 
 
 def chunk_tables(indices, q_pos, nblk: int, pairs: int):
@@ -78,12 +94,16 @@ def chunk_tables(indices, q_pos, nblk: int, pairs: int):
     return meta, tok_tab, qpos_tab
 
 
-def _dkdv_kernel(meta_ref, tok_ref, qpos_ref, q_hbm, do_hbm, stats_hbm, k_hbm, v_hbm, kpos_hbm,
-                 dk_hbm, dv_hbm, qbuf, dobuf, sbuf, qcol, kblk, vblk, kpblk, dk_sc, dv_sc,
-                 dk_out, dv_out, sem, *, geo, scale, softcap):
+def _dkdv_kernel(tab_hbm, q_hbm, do_hbm, stats_hbm, k_hbm, v_hbm, kpos_hbm, dk_hbm, dv_hbm,
+                 qbuf, dobuf, sbuf, qcol, kblk, vblk, kpblk, dk_sc, dv_sc, dk_out, dv_out, tab,
+                 sem, *, geo, scale, softcap):
     """One chunk of one segment's listing tokens: `pairs * G` query rows against the
-    block's `block_size` keys."""
-    seg, n, first, last = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
+    block's `block_size` keys. `tab`: the chunk's row of the packed `chunk_tables` (meta,
+    tokens, query positions), DMA'd to SMEM first."""
+    cp = pltpu.make_async_copy(tab_hbm.at[pl.program_id(0)], tab, sem.at[8])
+    cp.start()
+    cp.wait()
+    seg, n, first, last = tab[0], tab[1], tab[2], tab[3]
     b, h, j = seg // (geo.hkv * geo.nblk), (seg // geo.nblk) % geo.hkv, seg % geo.nblk
     bs, g, d, dv = geo.block_size, geo.group, geo.d, geo.dv
     block = lambda ref, width: ref.at[b, pl.ds(j * bs, bs), pl.ds(h * width, width)]  # noqa: E731
@@ -106,7 +126,7 @@ def _dkdv_kernel(meta_ref, tok_ref, qpos_ref, q_hbm, do_hbm, stats_hbm, k_hbm, v
             cp.wait()
 
     def copies(i):
-        tok, rows = tok_ref[i], pl.ds(i * g, g)
+        tok, rows = tab[4 + i], pl.ds(i * g, g)
         return (pltpu.make_async_copy(q_hbm.at[b, tok, h], qbuf.at[rows], sem.at[3]),
                 pltpu.make_async_copy(do_hbm.at[b, tok, h], dobuf.at[rows], sem.at[4]),
                 pltpu.make_async_copy(stats_hbm.at[b, tok, h], sbuf.at[rows], sem.at[5]))
@@ -120,7 +140,7 @@ def _dkdv_kernel(meta_ref, tok_ref, qpos_ref, q_hbm, do_hbm, stats_hbm, k_hbm, v
             cp.wait()
 
     def query_position(i, _):
-        qcol[pl.ds(i * g, g)] = jnp.full((g, 1), qpos_ref[i], jnp.int32)
+        qcol[pl.ds(i * g, g)] = jnp.full((g, 1), tab[4 + geo.pairs + i], jnp.int32)
 
     @pl.when(n > 0)
     def _step():
@@ -131,13 +151,13 @@ def _dkdv_kernel(meta_ref, tok_ref, qpos_ref, q_hbm, do_hbm, stats_hbm, k_hbm, v
         vis = (kp >= 0) & (qp >= 0)                                        # [pairs * G, bs]
         if geo.causal:
             vis = vis & (kp <= qp)
-        s2, tanh = _logits2(_dot(q, kblk[...], _NT), scale, softcap)
+        s2, tanh = _logits2(_rows_dot(q, kblk[...], _NT), scale, softcap)
         p = jnp.where(vis, jnp.exp2(s2 - sbuf[:, 0:1]), 0.0)
-        dv_sc[...] += _dot(p.astype(do.dtype), do, _TN)
-        ds = p * (_dot(do, vblk[...], _NT) - sbuf[:, 1:2])
+        dv_sc[...] += _rows_dot(p.astype(do.dtype), do, _TN)
+        ds = p * (_rows_dot(do, vblk[...], _NT) - sbuf[:, 1:2])
         if tanh is not None:
             ds = ds * (1.0 - tanh * tanh)
-        dk_sc[...] += _dot(ds.astype(q.dtype), q, _TN)
+        dk_sc[...] += _rows_dot(ds.astype(q.dtype), q, _TN)
 
     @pl.when(last == 1)
     def _write():
@@ -160,32 +180,30 @@ def dkdv(st, q, dout, lse2, delta, q_pos, indices, k2, v2, kpos):
     g, bs, pairs, hkv, dv = geo.group, geo.block_size, geo.pairs, geo.hkv, geo.dv
     meta, tok_tab, qpos_tab = chunk_tables(indices, q_pos, geo.nblk, pairs)
     stats = jnp.stack([lse2, delta], axis=-1).transpose(0, 2, 1, 3).reshape(b, t, hkv, g, 2)
-    smem = lambda width: pl.BlockSpec((None, width), lambda c: (c, 0),  # noqa: E731
-                                      memory_space=pltpu.SMEM)
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     rows = pairs * g
     s_p = k2.shape[1]
     dk, dv_ = pl.pallas_call(
         functools.partial(_dkdv_kernel, geo=geo, scale=st.scale, softcap=st.softcap),
         grid=(meta.shape[0],),
-        in_specs=[smem(4), smem(pairs), smem(pairs)] + [hbm] * 6,
+        in_specs=[hbm] * 7,
         out_specs=[hbm, hbm],
-        out_shape=[jax.ShapeDtypeStruct(k2.shape, k2.dtype), jax.ShapeDtypeStruct(v2.shape, v2.dtype)],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k2, v2)],
         scratch_shapes=[pltpu.VMEM((rows, d), q.dtype), pltpu.VMEM((rows, dv), dout.dtype),
                         pltpu.VMEM((rows, 2), jnp.float32), pltpu.VMEM((rows, 1), jnp.int32),
                         pltpu.VMEM((bs, d), k2.dtype), pltpu.VMEM((bs, dv), v2.dtype),
                         pltpu.VMEM((1, bs), jnp.int32),
                         pltpu.VMEM((bs, d), jnp.float32), pltpu.VMEM((bs, dv), jnp.float32),
                         pltpu.VMEM((bs, d), k2.dtype), pltpu.VMEM((bs, dv), v2.dtype),
-                        pltpu.SemaphoreType.DMA((8,))],
+                        pltpu.SMEM((4 + 2 * pairs,), jnp.int32), pltpu.SemaphoreType.DMA((9,))],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=st.interpret, name="token_sparse_bwd_dkdv_tpu",
-    )(meta, tok_tab, qpos_tab, q.reshape(b, t, hkv, g, d), dout.reshape(b, t, hkv, g, dv),
-      stats, k2, v2, kpos)
+    )(jnp.concatenate([meta, tok_tab, qpos_tab], axis=1), q.reshape(b, t, hkv, g, d),
+      dout.reshape(b, t, hkv, g, dv), stats, k2, v2, kpos)
     return dk.reshape(b, s_p, hkv, d), dv_.reshape(b, s_p, hkv, dv)
 
 
-def listed_slots(indices, kv_pos, q_pos, geo: Geometry, kv_len: int):
+def listed_slots(indices, kv_pos, q_pos, geo, kv_len: int):
     """Key slots of each row's listed entries, `[B, T, Hkv, K * block_size]` (clamped to 0
     where unlisted), and their visibility (listed, key and query valid, causal)."""
     bs = geo.block_size
