@@ -8,7 +8,8 @@ when `H_p x (Dc_p + Dr_p + Dc_p)` would not fit in registers (DeepSeek's 64 head
 adjacent on the fastest grid axis so the second read of each row mostly hits L2. Each
 program walks its share (split-K) of the row's tiles of `block_k` tokens:
 
-* sparse: tile j = the slots `indices[b, t, j * block_k:(j + 1) * block_k]`;
+* sparse: tile j = the slots `indices[b, t, j * block_k:(j + 1) * block_k]`, all K / block_k
+  tiles (padding entries are masked; nothing runs before the kernel);
 * dense: tile j = slots `[j * block_k, (j + 1) * block_k)`, up to the row's last visible
   slot (a partly filled cache is not read past its end).
 
@@ -131,7 +132,8 @@ def _kernel(nt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, c_ref, r_ref, o_ref, lse
             geo: Geometry, scale):
     sp, b, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     split = lax.div(sp, jnp.int32(geo.parts))
-    lo, hi = layout.split_range(nt_ref[b * geo.t + t], split, geo.num_splits)
+    n_tiles = jnp.int32(geo.max_tiles) if nt_ref is None else nt_ref[b * geo.t + t]
+    lo, hi = layout.split_range(n_tiles, split, geo.num_splits)
     q_pos = qpos_ref[b * geo.t + t]
     qcs = [q_ref[:, pl.ds(st, w)] for st, w in geo.c_pieces]
     qrs = [q_ref[:, pl.ds(geo.dc_p + st, w)] for st, w in geo.r_pieces]
@@ -187,7 +189,9 @@ def partials(geo: Geometry, cfg: MlaDecodeTritonConfig, q_abs, c_kv, k_rope, ind
         q = jnp.concatenate([blocks.pad_axis(q[..., :dc], geo.dc_p, 3), blocks.pad_axis(q[..., dc:], dr_p, 3)], -1)
     c_kv = blocks.pad_axis(c_kv, geo.dc_p, 2)            # no-ops unless Dc, Dr % 16 != 0
     k_rope = blocks.pad_axis(k_rope, dr_p, 2)
-    n_tiles = row_tiles(indices, q_positions, kv_positions, geo.block_k)
+    # dense: stop at each row's last visible slot; sparse: every tile (no XLA pass over the
+    # indices before the kernel; -1 padding is masked, and top-k lists are rarely padded)
+    n_tiles = None if geo.sparse else row_tiles(indices, q_positions, kv_positions, geo.block_k)
     idx = None if indices is None else blocks.pad_axis(indices, geo.k_p, 2, -1).reshape(b * t, geo.k_p)
     parts, rq = geo.parts, geo.rows_q
     part = lambda sp: sp - lax.div(sp, jnp.int32(parts)) * parts  # noqa: E731
@@ -195,7 +199,7 @@ def partials(geo: Geometry, cfg: MlaDecodeTritonConfig, q_abs, c_kv, k_rope, ind
     whole = pl.BlockSpec()
     q_spec = lambda w: pl.BlockSpec((None, None, rq, w), lambda sp, b_, t_: (b_, t_, part(sp), 0))  # noqa: E731
     cache = lambda w: pl.BlockSpec((None, geo.s, w), lambda sp, b_, t_: (b_, 0, 0))  # noqa: E731
-    in_specs = [whole, whole,
+    in_specs = [None if n_tiles is None else whole, whole,
                 None if idx is None else pl.BlockSpec((None, geo.k_p), lambda sp, b_, t_: (b_ * geo.t + t_, 0)),
                 pl.BlockSpec((None, geo.s), lambda sp, b_, t_: (b_, 0)),
                 q_spec(geo.dc_p + dr_p), cache(geo.dc_p), cache(dr_p)]
