@@ -12,23 +12,30 @@ signed-int order of keys is the IEEE total order of the floats, the order `lax.t
 supported (the indexer never produces them).
 
 Kernel (one program per `block_r` rows, looping over S in `block_s` tiles):
-  1. Threshold: `32 / bits_per_pass` passes over the row, each fixing the next
+  1. Threshold: up to `32 / bits_per_pass` passes over the rows, each fixing the next
      `bits_per_pass` bits of `lo`, the key of the k'-th largest candidate: a pass counts,
      per row, the candidates with `key >= lo + d << shift` for each digit `d > 0`
      (`2**bits - 1` running per-element counters, reduced once per pass) and keeps the
      largest `d` whose count is still >= k'. Only counts live in registers; the scores are
-     re-read from HBM on every pass.
+     re-read from HBM on every pass. The passes stop early once every row of the program
+     has `count(key >= lo) <= k'` (its set is then decided: all of `key >= lo`), which is
+     after the first pass for a row with fewer than k' candidates.
   2. Compaction: one more pass takes every candidate with `key > lo` plus the first
      `k' - count(key > lo)` with `key == lo` in slot order (the tie rule), and scatters
-     their slots and values to output column `running count + in-tile exclusive cumsum`.
-     Columns past the number taken get -1 / -inf.
+     their slots and values to output column `running count + in-tile exclusive cumsum`
+     (a Triton scan). Columns past the number taken get -1 / -inf.
 
-Cost at S = 64K, 4 bits per pass: 8 counting passes + 1 compaction pass read the row 9
-times (9 x 256 KiB per row in float32), 15 compare-adds per element per counting pass;
-the output is `k' x 8` bytes per row. Not done: an early exit once `count(key >= lo) == k'`
-(random scores fix the set after ~5-6 passes), bf16 scores (half the bytes per pass, but
-the set would then differ from float32 `lax.top_k` near the threshold), splitting long
-rows over several programs when R is small.
+Cost at S = 64K, k' = 2048, 4 bits per pass (the default; 2 bits: 3 compare-adds per
+element but twice the passes; 8 bits would need 255 counters per element): at most 8
+counting passes + 1 compaction pass, each reading the row (256 KiB in float32), 15
+compare-adds per element per counting pass; the output is `k' x 8` bytes per row. A numpy
+model of the passes stops after 6 passes for N(0, 1) rows and 7 for indexer-like rows
+(ReLU-weighted sums), so about 7-8 reads of the row (1.8-2 MiB per row) in all; rows whose
+k'-th value is tied (bf16-valued scores) take all 8. Defaults `block_r=1, block_s=512,
+num_warps=4`: one program per row (a DSA chunk has only `B x 512` rows), 4 elements per
+thread, so the 15 counters take 60 registers. Not measured on a GPU yet. Not done: bf16
+scores (half the bytes per pass, but the set would then differ from float32 `lax.top_k`
+near the threshold); splitting long rows over several programs when R is small.
 """
 
 from __future__ import annotations
