@@ -208,12 +208,12 @@ def _top_n_kernel(qpos_ref, imp_ref, out_ref, *, sel_block: int, num_sel_blocks:
     causal = (t >= 0) & (j * sel_block <= t) & (j < num_sel_blocks)
     forced = causal & ((j < num_initial) | (j > cur - num_local))
     s = jnp.where(forced, jnp.inf, jnp.where(causal, s, -jnp.inf))
+    n_cand = jnp.sum(causal.astype(jnp.int32), axis=1)[:, None]            # rounds that find one
     col = lax.broadcasted_iota(jnp.int32, out_ref.shape, 1)
     res = jnp.full(out_ref.shape, -1, jnp.int32)
     for rnd in range(num_selected):
         best = lax.argmax(s, 1, jnp.int32)                                  # lower index on ties
-        found = jnp.max(s, axis=1) > -jnp.inf
-        res = jnp.where(col == rnd, jnp.where(found, best, -1)[:, None], res)
+        res = jnp.where((col == rnd) & (rnd < n_cand), best[:, None], res)
         s = jnp.where(j == best[:, None], -jnp.inf, s)
     out_ref[...] = res
 
