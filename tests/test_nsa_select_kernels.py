@@ -165,6 +165,8 @@ def test_bad_input_raises():
         nsa_select(q, k, lse, qpos, kpos, **{**kw, "num_selected": 0})
     with pytest.raises(ValueError, match="power of two"):        # l'/d = 3
         nsa_select(q, k, lse, qpos, kpos, **{**kw, "sel_block": 12}, impl="triton", interpret=True)
+    with pytest.raises(ValueError, match="block_k"):
+        kernels.TritonConfig(block_k=48)
     assert ops.selects_on_kernels("triton", True, ops.NSAConfig(sel_block=48)) is False
     assert ops.selects_on_kernels("auto", True, ops.NSAConfig()) is True
     assert ops.selects_on_kernels("xla", True, ops.NSAConfig()) is False

@@ -67,6 +67,16 @@ class TritonConfig:
     topn_num_warps: int = 4
     max_sel_blocks: int = 2048
 
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "topn_elements"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < 16 or val & (val - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {val!r}")
+        for name in ("num_warps", "num_stages", "topn_num_warps", "max_sel_blocks"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+
 
 def supports(*, cmp_block: int, cmp_stride: int, sel_block: int) -> bool:
     """Whether the kernels take this configuration: `l'/d` a power of two."""
