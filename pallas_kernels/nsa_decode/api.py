@@ -12,9 +12,10 @@ cache (`sparse_jax.cache_nsa.NSACache`), the three branch outputs and the per-qu
 * slc: attention over the selected blocks of the position-indexed raw keys;
 * win: attention over the window cache, `t - window < pos <= t`.
 
-On GPU all of it is one Triton kernel (one program per batch row, kv head and query; the
-GQA group's heads are its tile rows), so a step costs one launch and reads only the
-compressed entries, the `n * l'` selected tokens and the window.
+On GPU it is one fused Triton kernel (one program per batch row, kv head and query; the
+GQA group's heads are its tile rows) or, where those programs are too few to fill the
+GPU, three kernels that split the cmp pass and the slc / win tail (`triton.py`). A step
+reads only the compressed entries, the `n * l'` selected tokens and the window.
 
 Forward only (decode needs no gradient; the kernel defines no VJP).
 

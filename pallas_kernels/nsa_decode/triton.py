@@ -141,8 +141,8 @@ def make_plan(q, k_cmp, k_slc, k_win, cfg, config: TritonConfig, scale: float) -
     ns = _cdiv(s_slc, cfg.sel_block)
     max_tiles = _cdiv(n_cmp, bc)
     n_out = min(cfg.num_selected, ns)
-    fill = pl_next_pow2(_cdiv(config.target_programs, b * hkv * t) + 1) // 2      # pow2 <= ratio
-    floor2 = lambda x: pl_next_pow2(x + 1) // 2                                     # noqa: E731
+    floor2 = lambda x: pl_next_pow2(x + 1) // 2                  # noqa: E731  largest pow2 <= x
+    fill = floor2(_cdiv(config.target_programs, b * hkv * t))
     splits = max(1, min(fill if config.cmp_splits is None else config.cmp_splits, floor2(max_tiles)))
     tail = fill if config.tail_splits is None else config.tail_splits
     tail = 1 if splits == 1 else max(1, min(tail, floor2(max(n_out, 1))))
