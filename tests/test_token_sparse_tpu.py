@@ -22,7 +22,7 @@ import pytest
 
 from pallas_kernels.flash import autodiff
 from pallas_kernels.token_sparse.reference import token_sparse_reference
-from pallas_kernels.token_sparse.tpu import TpuConfig, static, token_sparse_tpu
+from pallas_kernels.token_sparse.tpu import TpuConfig, geometry, static, token_sparse_tpu
 from pallas_kernels.token_sparse.tpu_vjp import chunk_tables
 from test_token_sparse_kernels import Case, make_inputs, rel_err
 
@@ -33,7 +33,7 @@ from test_token_sparse_kernels import Case, make_inputs, rel_err
 CASES = [
     (Case("tokens_gqa4_batch2_ragged_softcap_noncausal", b=2, t=4, s=9, h=8, hkv=2, d=16,
           dv=8, k=3, softcap=2.0, causal=False, pad_k=3, pad_q=True, seed=21),
-     TpuConfig(block_k=4, block_q_dkv=4)),
+     TpuConfig(block_k=4, block_q_dkv=4, backward="mosaic")),
     (Case("blocks5_mqa1_causal_sinks", t=6, s=33, h=1, hkv=1, d=8, dv=16, k=2, block_size=5,
           sinks=True, pad_k=4, pad_q=True, seed=22), TpuConfig(block_k=5, block_q_dkv=4)),
 ]
@@ -134,6 +134,14 @@ def test_chunk_tables_cover_each_listing_once():
         assert all(qpos[r, i] == -1 for r in rows for i in range(meta[r, 1], pairs))
 
 
+def test_auto_backward_is_xla_for_token_indices_only():
+    (q, k, v, _), idx, _, _ = make_inputs(CASES[0][0])
+    geo = lambda block_size, backward="auto": geometry(  # noqa: E731
+        q, k, v, idx, block_size, True, TpuConfig(backward=backward))
+    assert geo(1).backward == "xla" and geo(2).backward == "mosaic"
+    assert geo(1, "mosaic").backward == "mosaic" and geo(2, "xla").backward == "xla"
+
+
 def test_bad_tpu_configs_raise():
     with pytest.raises(ValueError, match="backward must be one of"):
         TpuConfig(backward="jnp")
@@ -146,9 +154,9 @@ def test_bad_tpu_configs_raise():
     ("dsa_tokens_mqa_latent", 16, 1, 576, 512, 64, 1),
 ])
 def test_lowers_to_mosaic_for_tpu(name, h, hkv, d, dv, k, block_size):
-    """Forward and backward (bf16, DSA / NSA head shapes) lower through Pallas' TPU lowering
-    for a TPU v5e on CPU (the block-shape rules, the unit-dimension matmuls of block_size 1);
-    the Mosaic compiler itself only runs on a TPU (not here)."""
+    """Forward and Mosaic backward (bf16, DSA / NSA head shapes) lower through Pallas' TPU
+    lowering for a TPU v5e on CPU (the block-shape rules, the unit-dimension matmuls of
+    block_size 1); the Mosaic compiler itself only runs on a TPU (not here)."""
     b, t, s = 1, 32, 256
     shape = lambda *x, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(x, dtype)  # noqa: E731
 
@@ -156,7 +164,7 @@ def test_lowers_to_mosaic_for_tpu(name, h, hkv, d, dv, k, block_size):
         out = token_sparse_tpu(q, k_, v, idx, block_size=block_size,
                                q_positions=jnp.arange(t)[None], kv_positions=jnp.arange(s)[None],
                                causal=True, sink_logits=sinks, softcap=20.0, scale=d ** -0.5,
-                               return_lse=False)
+                               return_lse=False, config=TpuConfig(backward="mosaic"))
         return out.astype(jnp.float32).sum()
 
     dev = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")

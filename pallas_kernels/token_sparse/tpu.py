@@ -17,8 +17,10 @@ Backward (FlashAttention-2, Alg. 2: `P = exp2(S2 - lse2)` recomputed from the fo
 * dk/dv: TPU has no atomics, so the traversal is inverted (`tpu_vjp.py`): one program per
   (batch, kv head, KV block) gathers by DMA the q / dO / lse / delta of the query tokens that
   listed the block (the Triton path's `inverted_index`), dk/dv in VMEM scratch, written once.
-  `TpuConfig.backward="xla"` keeps the previous jnp backward (`tpu_vjp.xla_backward`) as an
-  alternative (see `tpu_vjp.py` on block_size 1).
+* token indices (block_size 1): by default (`TpuConfig.backward="auto"`) the jnp backward
+  `tpu_vjp.xla_backward` (gathers, XLA scatter-add), as the Triton path keeps atomics for
+  them: the inverted kernel's traffic is G times the forward's there (`tpu_vjp.py`);
+  `backward="mosaic"` runs the kernels (tested) for any block size.
 
 A row's index list, step count and query position (`row_table`, `[B, T, Hkv, K_p + 2]`)
 stay in HBM and are DMA'd into SMEM scratch at the row's first step: a whole DSA table,
@@ -51,19 +53,20 @@ from pallas_kernels.token_sparse import tpu_vjp
 
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
-BACKWARDS = ("mosaic", "xla")
+BACKWARDS = ("auto", "mosaic", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
 class TpuConfig:
     """`block_k`: key rows gathered per forward / dq grid step (at least one whole block);
     `block_q_dkv`: query rows (listing query tokens x G heads) gathered per dk/dv step;
-    `backward`: "mosaic" (the kernels) or "xla" (`tpu_vjp.xla_backward`);
+    `backward`: "mosaic" (the kernels), "xla" (`tpu_vjp.xla_backward`) or "auto" (mosaic
+    iff block_size > 1: see `tpu_vjp.py` on token indices);
     `backward_budget`: gathered elements per query chunk of the "xla" backward."""
 
     block_k: int = 128
     block_q_dkv: int = 128
-    backward: str = "mosaic"
+    backward: str = "auto"
     backward_budget: int = 1 << 24
 
     def __post_init__(self):
@@ -86,7 +89,7 @@ class Geometry:
     nblk: int
     causal: bool
     pairs: int                # listing query tokens per dk/dv step
-    backward: str
+    backward: str             # "mosaic" | "xla" ("auto" resolved)
     backward_budget: int
 
 
@@ -98,7 +101,8 @@ def geometry(q, k, v, indices, block_size: int, causal: bool, cfg: TpuConfig) ->
                     k_p=blocks.round_up(indices.shape[3], per_step),
                     nblk=-(-k.shape[1] // block_size), causal=causal,
                     pairs=min(max(1, cfg.block_q_dkv // group), q.shape[1]),
-                    backward=cfg.backward, backward_budget=cfg.backward_budget)
+                    backward=("mosaic" if block_size > 1 else "xla") if cfg.backward == "auto"
+                    else cfg.backward, backward_budget=cfg.backward_budget)
 
 
 def _gather(geo: Geometry, idx_ref, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf, pbuf, sem):

@@ -16,15 +16,20 @@ against the block's `[block_size, D]` keys (loaded once per segment by DMA) and 
 `dV += P^T dO`, `dK += dS^T Q` in VMEM scratch; the segment's last chunk writes dk/dv to
 HBM by DMA, once.
 
-block_size 1 (DSA token indices): each (query, key row) pair moves G * (D + Dv) elements
-of q / dO for one key row, G times the traffic of the query-centric gather, and the dots
-have one key row (done on the VPU in float32: Pallas' TPU lowering rejects bf16 matmuls
-with a unit dimension). It is correct (tested) and is the default, but likely slow on
-hardware for large G; `TpuConfig(backward="xla")` selects `xla_backward` (jnp gathers and XLA
-scatter-add) instead. Neither is measured: this workplace has no TPU. On hardware the
-single "arbitrary" grid axis runs on one TensorCore (no megacore split), the q / dO
-gathers are not double-buffered, and `G` must be a multiple of 8 or G = H (as the
-forward). Lowering for a TPU v5e is checked on CPU; the Mosaic compile is not.
+block_size 1 (DSA token indices): each (query, key row) pair moves the G * (D + Dv) q / dO
+elements of the query for one key row, where the forward moves D + Dv: for DSA (MQA,
+G = 128, D = 576, Dv = 512, top-2048) about 278 KB per pair, 37 TB per layer at 64K
+tokens (the forward gathers 0.3 TB), hopeless at ~0.8-1.6 TB/s; the dots also have one key
+row (done on the VPU in float32: Pallas' TPU lowering rejects bf16 matmuls with a unit
+dimension). So `TpuConfig(backward="auto")` uses `xla_backward` (jnp gathers and XLA
+scatter-add, ~10 KB per pair) for block_size 1, as the Triton path keeps atomics there;
+`backward="mosaic"` runs this kernel anyway (correct, tested). A key-tile variant (one
+gather of q per (query, tile of R rows) with a listed-row mask) would cut the kernel's
+traffic by the rows a query lists per tile; not built. None of this is measured: this
+workplace has no TPU. On hardware the single "arbitrary" grid axis runs on one TensorCore
+(no megacore split), the q / dO gathers are not double-buffered, and `G` must be a
+multiple of 8 or G = H (as the forward). Lowering for a TPU v5e is checked on CPU; the
+Mosaic compile is not.
 """
 
 from __future__ import annotations
@@ -240,7 +245,8 @@ def xla_backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, i
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     qg = split(pad_t(f32(q).reshape(b, t, geo.hkv, g, d)))
     do = split(pad_t(f32(dout).reshape(b, t, geo.hkv, g, dv)))
-    rows = lambda x: x.reshape(b, geo.hkv, g, t).transpose(0, 3, 1, 2)  # noqa: E731  -> [B, T, Hkv, G]
+    # [B, H, T] -> [B, T, Hkv, G]
+    rows = lambda x: x.reshape(b, geo.hkv, g, t).transpose(0, 3, 1, 2)  # noqa: E731
     lse2_c = split(pad_t(rows(lse2), 1e30))
     delta_c = split(pad_t(rows(delta)))
     slots_c, vis_c = split(pad_t(slots)), split(pad_t(vis, False))
