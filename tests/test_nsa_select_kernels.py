@@ -191,12 +191,15 @@ def branch_inputs(seed, b, t, h, hkv, cfg: ops.NSAConfig):
     return arr(b, t, h, HEAD_DIM), pos, jnp.asarray(cpos), kv
 
 
-def test_nsa_branches_fused_selection_matches_xla():
-    """Token mode: forward (the branches, the selection) and gradients of q and every
-    branch's k / v, impl="triton" (flash + lse, `nsa_select`, token_sparse, interpret) ==
-    impl="xla" (`compressed` op's p_group, `select_blocks(selection_scores(.))`). The
-    query_block mode shares the selection code (only its consumer differs)."""
-    cfg = ops.NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=3, window=16)
+@pytest.mark.parametrize("mode", ["token", "query_block"])
+def test_nsa_branches_fused_selection_matches_xla(mode):
+    """Forward (the branches, the selection) and, in token mode, gradients of q and every
+    branch's k / v: impl="triton" (flash + lse, `nsa_select`, token_sparse / block_sparse,
+    interpret) == impl="xla" (`compressed` op's p_group, `select_blocks(selection_scores(.))`).
+    query_block mode: forward only (its selection code is token mode's; the time goes to
+    the block_sparse backward, tested in its own file)."""
+    cfg = ops.NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=3, window=16,
+                        selection=mode, query_block=16)
     q, pos, cpos, kv = branch_inputs(7, 2, 70, 4, 2, cfg)
     names = list(kv)
     cot = jnp.asarray(np.random.default_rng(2).normal(size=q.shape).astype(np.float32))
@@ -210,8 +213,11 @@ def test_nsa_branches_fused_selection_matches_xla():
                                        win_positions=pos, cfg=cfg, impl=impl,
                                        interpret=impl == "triton", **dict(zip(names, arrays)))
                 return out.cmp + out.slc + out.win, (out.cmp, out.slc, out.block_indices, out.p_cmp)
-            y, pull, aux = jax.vjp(f, q, *kvals, has_aux=True)
-            res.append((y, aux, pull(cot)))
+            if mode == "token":
+                y, pull, aux = jax.vjp(f, q, *kvals, has_aux=True)
+                res.append((y, aux, pull(cot)))
+            else:
+                res.append(f(q, *kvals) + (None,))
         return res
 
     (y, aux, grads), (y_ref, aux_ref, grads_ref) = both(q, tuple(kv.values()))
@@ -220,7 +226,7 @@ def test_nsa_branches_fused_selection_matches_xla():
     assert (np.asarray(aux_ref[2]) >= 0).sum(-1).max() == cfg.num_selected
     for got, want, what in ((y, y_ref, "sum"), (aux[0], aux_ref[0], "cmp"), (aux[1], aux_ref[1], "slc")):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=what)
-    for name, g, w in zip(["q"] + names, grads, grads_ref):
+    for name, g, w in zip(["q"] + names, grads or (), grads_ref or ()):
         np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
         assert np.abs(np.asarray(w)).max() > 0, name
 
