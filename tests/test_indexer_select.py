@@ -56,10 +56,10 @@ def assert_same(got, want):
 
 
 @pytest.mark.parametrize("r,s,k,cfg", [
-    (9, 200, 40, TopkSelectConfig(block_r=4, block_s=64)),        # S, R not multiples of the tile
+    (9, 200, 40, TopkSelectConfig(block_r=4, block_s=64, full_passes=1)),   # S, R not multiples of the tile
     (7, 150, 300, TopkSelectConfig(block_r=2, block_s=32, bits_per_pass=2)),   # k >= S
     (14, 77, 6, TopkSelectConfig()),                               # default config, small k
-    (3, 40, 9, TopkSelectConfig(block_s=16, bits_per_pass=1)),
+    (3, 40, 9, TopkSelectConfig(block_s=16, bits_per_pass=1, full_passes=32)),   # never narrowed
 ])
 def test_matches_lax_top_k(r, s, k, cfg):
     x = rows_of_every_kind(r + s, r, s)
@@ -122,7 +122,8 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="k must"):
         topk_select(x, 0, interpret=True)
     for kw, name in ((dict(block_s=24), "block_s"), (dict(block_r=0), "block_r"),
-                     (dict(bits_per_pass=8), "bits_per_pass")):
+                     (dict(bits_per_pass=8), "bits_per_pass"),
+                     (dict(full_passes=0), "full_passes")):
         with pytest.raises(ValueError, match=name):
             TopkSelectConfig(**kw)
     vals, slots = topk_select(jnp.zeros((0, 8), jnp.float32), 3)

@@ -12,30 +12,34 @@ signed-int order of keys is the IEEE total order of the floats, the order `lax.t
 supported (the indexer never produces them).
 
 Kernel (one program per `block_r` rows, looping over S in `block_s` tiles):
-  1. Threshold: up to `32 / bits_per_pass` passes over the rows, each fixing the next
+  1. Threshold: up to `32 / bits_per_pass` counting passes, each fixing the next
      `bits_per_pass` bits of `lo`, the key of the k'-th largest candidate: a pass counts,
      per row, the candidates with `key >= lo + d << shift` for each digit `d > 0`
      (`2**bits - 1` running per-element counters, reduced once per pass) and keeps the
-     largest `d` whose count is still >= k'. Only counts live in registers; the scores are
-     re-read from HBM on every pass. The passes stop early once every row of the program
-     has `count(key >= lo) <= k'` (its set is then decided: all of `key >= lo`), which is
-     after the first pass for a row with fewer than k' candidates.
+     largest `d` whose count is still >= k'. Only counts live in registers. The first
+     `full_passes` passes re-read the whole row from HBM; then one pass copies the keys
+     still in play (`lo <= key < lo + 2**shift`, typically a few % of the row after 12
+     bits) to the front of a buffer row (an extra `[R, S]` int32 output), and the remaining
+     passes read only those. The passes stop early once every row of the program has
+     `count(key >= lo) <= k'` (its set is then decided: all of `key >= lo`), e.g. after the
+     first pass for a row with fewer than k' candidates.
   2. Compaction: one more pass takes every candidate with `key > lo` plus the first
      `k' - count(key > lo)` with `key == lo` in slot order (the tie rule), and scatters
      their slots and values to output column `running count + in-tile exclusive cumsum`
      (a Triton scan). Columns past the number taken get -1 / -inf.
 
-Cost at S = 64K, k' = 2048, 4 bits per pass (the default; 2 bits: 3 compare-adds per
-element but twice the passes; 8 bits would need 255 counters per element): at most 8
-counting passes + 1 compaction pass, each reading the row (256 KiB in float32), 15
-compare-adds per element per counting pass; the output is `k' x 8` bytes per row. A numpy
-model of the passes stops after 6 passes for N(0, 1) rows and 7 for indexer-like rows
-(ReLU-weighted sums), so about 7-8 reads of the row (1.8-2 MiB per row) in all; rows whose
-k'-th value is tied (bf16-valued scores) take all 8. Defaults `block_r=1, block_s=512,
-num_warps=4`: one program per row (a DSA chunk has only `B x 512` rows), 4 elements per
-thread, so the 15 counters take 60 registers. Not measured on a GPU yet. Not done: bf16
-scores (half the bytes per pass, but the set would then differ from float32 `lax.top_k`
-near the threshold); splitting long rows over several programs when R is small.
+Cost at S = 64K, k' = 2048, the defaults (4 bits per pass, 3 full passes; 2 bits: 3
+compare-adds per element instead of 15 but twice the passes; 8 bits would need 255
+counters per element): 3 counting passes + 1 narrowing pass + 1 compaction pass read the
+row (256 KiB in float32) 5 times (1.25 MiB per row), with 15 compare-adds per element in
+each counting pass; the narrowed passes and the `k' x 8`-byte output are small beside it.
+Without the buffer (`full_passes=8`) a numpy model of the passes stops after 6 passes for
+N(0, 1) rows and 7 for indexer-like rows (ReLU-weighted sums), 8 when the k'-th value is
+tied. Defaults `block_r=1, block_s=512, num_warps=4`: one program per row (a DSA chunk has
+only `B x 512` rows), 4 elements per thread, so the 15 counters take 60 registers. Not
+measured on a GPU yet. Not done: bf16 scores (half the bytes per pass, but the set would
+then differ from float32 `lax.top_k` near the threshold); splitting long rows over
+several programs when R is small.
 """
 
 from __future__ import annotations
@@ -57,11 +61,15 @@ INT_MIN = -(2**31)
 class TopkSelectConfig:
     """block_r: rows per program; block_s: columns per tile (powers of two);
     bits_per_pass: key bits fixed per counting pass (1, 2 or 4: at most `32 / bits` passes,
-    `2**bits - 1` counters per element; 8 would need 255 counters, far past the registers)."""
+    `2**bits - 1` counters per element; 8 would need 255 counters, far past the registers);
+    full_passes: counting passes over the whole row before the keys that can still be the
+    k'-th are copied to a buffer and the remaining passes read only them (>= 32 / bits:
+    never)."""
 
     block_r: int = 1
     block_s: int = 512
     bits_per_pass: int = 4
+    full_passes: int = 3
     num_warps: int = 4
     num_stages: int = 2
 
@@ -72,6 +80,8 @@ class TopkSelectConfig:
                 raise ValueError(f"{name} must be a power of two, got {val!r}")
         if self.bits_per_pass not in (1, 2, 4):
             raise ValueError(f"bits_per_pass must be 1, 2 or 4, got {self.bits_per_pass!r}")
+        if not (isinstance(self.full_passes, int) and self.full_passes >= 1):
+            raise ValueError(f"full_passes must be an int >= 1, got {self.full_passes!r}")
         if self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"num_warps and num_stages must be >= 1, got {self.num_warps}, {self.num_stages}")
 
@@ -85,22 +95,23 @@ def float_keys(x):
 NEG_INF_KEY = int(float_keys(np.float32(-np.inf)))
 
 
-def _kernel(x_ref, slots_ref, vals_ref, *, rows, size, k, block_r, block_s, bits):
+def _kernel(x_ref, slots_ref, vals_ref, buf_ref, *, rows, size, k, block_r, block_s, bits, full_passes,
+            barrier):
     r0 = pl.program_id(0) * block_r
     row_ok = r0 + jnp.arange(block_r, dtype=jnp.int32) < rows             # [br]
     col = jnp.arange(block_s, dtype=jnp.int32)
     n_tiles = pl.cdiv(size, block_s)
     ragged = rows % block_r != 0 or size % block_s != 0
+    tile = lambda ref, j: ref.at[pl.ds(r0, block_r), pl.ds(j * block_s, block_s)]  # noqa: E731
 
     def load(j):
         """Scores `[br, bs]` of tile j (-inf past the ends) and their keys, non-candidates
         (-inf) mapped to INT_MIN so that no threshold above INT_MIN counts them."""
-        sel = x_ref.at[pl.ds(r0, block_r), pl.ds(j * block_s, block_s)]
         if ragged:
             mask = row_ok[:, None] & (j * block_s + col < size)[None, :]
-            x = plgpu.load(sel, mask=mask, other=-jnp.inf)
+            x = plgpu.load(tile(x_ref, j), mask=mask, other=-jnp.inf)
         else:
-            x = sel[...]
+            x = tile(x_ref, j)[...]
         key = float_keys(x)
         return x, jnp.where(key > NEG_INF_KEY, key, INT_MIN)
 
@@ -108,17 +119,19 @@ def _kernel(x_ref, slots_ref, vals_ref, *, rows, size, k, block_r, block_s, bits
     # the k'-th largest key (INT_MIN when fewer than k' candidates), at = count(key >= lo),
     # above = count(key > lo + 2**shift - 1). Stops once every row has at <= k' (then all
     # of key >= lo is taken) or shift = 0 (then lo is the k'-th key).
-    def radix_pass(carry):
+    def radix_pass(load_keys, n, base, carry):
+        """One pass over tiles [0, n) of `load_keys`; `base` [br] = the candidates above
+        the keys it holds."""
         p, lo, at, above = carry
         shift = 32 - bits * (p + 1)
         thresholds = [lo + lax.shift_left(jnp.int32(d), shift) for d in range(1, 2**bits)]
 
         def count(j, accs):
-            _, key = load(j)
+            key = load_keys(j)
             return tuple(acc + (key >= t[:, None]).astype(jnp.int32) for acc, t in zip(accs, thresholds))
 
         zeros = tuple(jnp.zeros((block_r, block_s), jnp.int32) for _ in thresholds)
-        counts = [acc.sum(axis=1) for acc in lax.fori_loop(0, n_tiles, count, zeros)]
+        counts = [base + acc.sum(axis=1) for acc in lax.fori_loop(0, n, count, zeros)]
         digit = sum((c >= k).astype(jnp.int32) for c in counts)           # counts fall with d
         for d, c in enumerate(counts, start=1):
             at = jnp.where(digit == d, c, at)
@@ -129,14 +142,42 @@ def _kernel(x_ref, slots_ref, vals_ref, *, rows, size, k, block_r, block_s, bits
         p, _, at, _ = carry
         return (p < 32 // bits) & (jnp.max(at) > k)
 
-    start = (jnp.int32(0), jnp.full((block_r,), INT_MIN, jnp.int32), jnp.full((block_r,), k + 1, jnp.int32),
-             jnp.zeros((block_r,), jnp.int32))
-    _, lo, _, above = lax.while_loop(undecided, radix_pass, start)
+    zero = jnp.zeros((block_r,), jnp.int32)
+    start = (jnp.int32(0), jnp.full((block_r,), INT_MIN, jnp.int32), jnp.full((block_r,), k + 1, jnp.int32), zero)
+    whole_row = functools.partial(radix_pass, lambda j: load(j)[1], n_tiles, zero)
+    state = lax.while_loop(lambda c: undecided(c) & (c[0] < full_passes), whole_row, start)
+
+    def narrow(state):
+        """The keys in [lo, lo + 2**shift) (the only ones the later passes can split) to
+        the front of `buf` rows, then the remaining passes over them alone."""
+        p, lo, _, above = state
+        hi = lo + (lax.shift_left(jnp.int32(1), 32 - bits * p) - 1)
+
+        def gather(j, n_kept):
+            _, key = load(j)
+            keep = (key >= lo[:, None]) & (key <= hi[:, None]) & (key != INT_MIN) & row_ok[:, None]
+            keep_i = keep.astype(jnp.int32)
+            pos = n_kept[:, None] + jnp.cumsum(keep_i, axis=1) - keep_i
+            plgpu.store(buf_ref.at[rows_idx, pos], key, mask=keep)
+            return n_kept + keep_i.sum(axis=1)
+
+        n_kept = lax.fori_loop(0, n_tiles, gather, zero)
+        if barrier:                                                        # buf writes -> reads
+            plgpu.debug_barrier()
+
+        def load_kept(j):
+            mask = row_ok[:, None] & (j * block_s + col[None, :] < n_kept[:, None])
+            return plgpu.load(tile(buf_ref, j), mask=mask, other=INT_MIN)
+
+        kept = functools.partial(radix_pass, load_kept, pl.cdiv(jnp.max(n_kept), block_s), above)
+        return lax.while_loop(undecided, kept, state)
+
+    rows_idx = jnp.broadcast_to((r0 + jnp.arange(block_r, dtype=jnp.int32))[:, None], (block_r, block_s))
+    _, lo, _, above = lax.cond(undecided(state), narrow, lambda st: st, state)
 
     # 2. Compaction: key > lo always taken; key == lo taken in slot order while need > 0 (the
     # tie rule; after an early stop `need` covers every key >= lo).
     need = k - above                                                      # [br]
-    rows_idx = jnp.broadcast_to((r0 + jnp.arange(block_r, dtype=jnp.int32))[:, None], (block_r, block_s))
 
     def compact(j, carry):
         n_taken, n_ties = carry
@@ -152,7 +193,6 @@ def _kernel(x_ref, slots_ref, vals_ref, *, rows, size, k, block_r, block_s, bits
         plgpu.store(vals_ref.at[rows_idx, pos], x, mask=take)
         return n_taken + take_i.sum(axis=1), n_ties + tie_i.sum(axis=1)
 
-    zero = jnp.zeros((block_r,), jnp.int32)
     n_taken, _ = lax.fori_loop(0, n_tiles, compact, (zero, zero))
 
     # Pads: columns [n_taken, k') of each row (disjoint from the columns written above).
@@ -194,12 +234,14 @@ def topk_select(scores, k: int, *, interpret=False, config: TopkSelectConfig | N
         return jnp.zeros((rows, width), jnp.float32), jnp.zeros((rows, width), jnp.int32)
     block_s = min(cfg.block_s, pl.next_power_of_2(size))
     kernel = functools.partial(_kernel, rows=rows, size=size, k=width, block_r=cfg.block_r,
-                               block_s=block_s, bits=cfg.bits_per_pass)
-    slots, vals = pl.pallas_call(
+                               block_s=block_s, bits=cfg.bits_per_pass, full_passes=cfg.full_passes,
+                               barrier=not interpret)
+    slots, vals, _ = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(rows, cfg.block_r),),
         out_shape=(jax.ShapeDtypeStruct((rows, width), jnp.int32),
-                   jax.ShapeDtypeStruct((rows, width), jnp.float32)),
+                   jax.ShapeDtypeStruct((rows, width), jnp.float32),
+                   jax.ShapeDtypeStruct((rows, size), jnp.int32)),          # narrowed keys
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="topk_select",
