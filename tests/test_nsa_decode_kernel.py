@@ -71,9 +71,9 @@ def run_both(cfg, q, q_pos, kw, config=None):
 
 @pytest.mark.parametrize("case", [
     # GQA 4, T=2, 5 cmp tiles on 4 splits (spills onto the next tile's and the next split's
-    # selection blocks), a row whose first query sees no compressed block and fewer blocks
-    # than n, an empty row.
-    dict(cfg=SMALL, lengths=(300, 151, 6, 0), max_len=300, h=8, hkv=2, d=8, t=2, splits=(4, 1)),
+    # selection blocks), a row whose queries see no compressed block and fewer blocks than
+    # n, a row whose first query is padding, an empty row.
+    dict(cfg=SMALL, lengths=(300, 151, 6, 1, 0), max_len=300, h=8, hkv=2, d=8, t=2, splits=(4, 1)),
     # GQA 1, T=1, paper ratios (l = 2d, l' = 4d) scaled down, window of 24 (masked tile).
     dict(cfg=dict(cmp_block=16, cmp_stride=8, sel_block=32, num_selected=6, window=24),
          lengths=(260, 97, 33), max_len=260, h=2, hkv=2, d=16, t=1, splits=(1, None)),
@@ -94,6 +94,23 @@ def test_kernel_matches_reference(case):
     q, q_pos, kw = make_case(cfg, seed=len(case["lengths"]) + case["h"], **case)
     got, want = run_both(cfg, q, q_pos, kw, config)
     check(got, want, q_pos, 2e-5)
+
+
+def test_spill_across_splits_decides_the_selection():
+    """Crafted cmp logits: slot 31 (10) and slot 41 (9), the rest 0. With 16-key tiles on 2
+    splits, block 31 is the first split's last and spreads onto selection blocks 7 and 8,
+    block 8 through the spill into the second split's rows; block 41 gives block 10 a bit
+    less. Free slots 2 (n=5, forced 0, 11, 12 at t=199): {7, 8}, and {7, 10} if the spill
+    were lost."""
+    cfg = NSAConfig(**{**SMALL, "num_selected": 5})
+    q, q_pos, kw = make_case(cfg, lengths=(200,), max_len=200, h=4, hkv=1, d=8, t=1, seed=2)
+    q = jnp.ones_like(q)
+    k_cmp = np.zeros(kw["k_cmp"].shape, np.float32)
+    k_cmp[0, 31], k_cmp[0, 41] = 10 / np.sqrt(8), 9 / np.sqrt(8)
+    kw["k_cmp"] = jnp.asarray(k_cmp)
+    got, want = run_both(cfg, q, q_pos, kw, TritonConfig(block_cmp=16, cmp_splits=2, tail_splits=1))
+    check(got, want, q_pos, 2e-5)
+    assert sorted(np.asarray(got[3])[0, 0, 0].tolist()) == [0, 7, 8, 11, 12]
 
 
 def test_default_tiles_and_l_equals_l_prime():
