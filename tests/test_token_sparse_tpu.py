@@ -34,7 +34,7 @@ CASES = [
     (Case("tokens_gqa4_batch2_ragged_softcap_noncausal", b=2, t=4, s=9, h=8, hkv=2, d=16,
           dv=8, k=3, softcap=2.0, causal=False, pad_k=3, pad_q=True, seed=21),
      TpuConfig(block_k=4, block_q_dkv=4, backward="mosaic")),
-    (Case("blocks5_mqa1_causal_sinks", t=6, s=33, h=1, hkv=1, d=8, dv=16, k=2, block_size=5,
+    (Case("blocks5_mqa1_causal_sinks", t=10, s=33, h=1, hkv=1, d=8, dv=16, k=2, block_size=5,
           sinks=True, pad_k=4, pad_q=True, seed=22), TpuConfig(block_k=5, block_q_dkv=4)),
 ]
 

@@ -22,11 +22,10 @@ Backward (FlashAttention-2, Alg. 2: `P = exp2(S2 - lse2)` recomputed from the fo
   them: the inverted kernel's traffic is G times the forward's there (`tpu_vjp.py`);
   `backward="mosaic"` runs the kernels (tested) for any block size.
 
-A row's index list, step count and query position (`row_table`, `[B, T, Hkv, K_p + 2]`)
-stay in HBM and are DMA'd into SMEM scratch at the row's first step: a whole DSA table,
-`[B, T, Hkv, 2048]`, is far too large to scalar-prefetch, and a blocked SMEM input of one
-row breaks the TPU lowering's (8, 128) block-shape rule. KV stays in HBM (`pl.ANY`),
-viewed `[B, S, Hkv * D]`, never copied.
+A query row's index list, step count and query position (`row_table`, `[B, Hkv, T, K_p +
+2]`) come in SMEM blocks of `TABLE_ROWS` = 8 rows (a whole DSA table, `[B, T, Hkv, 2048]`,
+is far too large to scalar-prefetch; a block of one row breaks the TPU lowering's (8, 128)
+block-shape rule). KV stays in HBM (`pl.ANY`), viewed `[B, S, Hkv * D]`, never copied.
 
 Checked in `pltpu.InterpretParams()` mode on CPU, and lowered through Pallas' TPU lowering
 for a v5e on CPU (bf16, the NSA and DSA head shapes; `tests/test_token_sparse_tpu.py`), which
@@ -53,6 +52,7 @@ from pallas_kernels.token_sparse import tpu_vjp
 
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
+TABLE_ROWS = tpu_vjp.TABLE_ROWS
 BACKWARDS = ("auto", "mosaic", "xla")
 
 
@@ -143,18 +143,11 @@ def _gather(geo: Geometry, idx_ref, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf,
     lax.fori_loop(0, e, hide_unlisted, None)
 
 
-def _load_row(geo: Geometry, row_hbm, row_sc, sem):
-    """At a row's first step, DMA its table row (`[K_p + 2]`: the entries, the step count,
-    the query position) from HBM into SMEM scratch; return (step count, query position)."""
-    b, h, t, c = (pl.program_id(a) for a in range(4))
-
-    @pl.when(c == 0)
-    def _load():
-        cp = pltpu.make_async_copy(row_hbm.at[b, t, h], row_sc, sem.at[3])
-        cp.start()
-        cp.wait()
-
-    return row_sc[geo.k_p], row_sc[geo.k_p + 1]
+def _row(geo: Geometry, tab_ref):
+    """This query row's table row (entries, step count, query position) in the SMEM block
+    of `TABLE_ROWS` rows: `(row ref [K_p + 2], step count, query position)`."""
+    row = tab_ref.at[pl.program_id(2) % TABLE_ROWS]
+    return row, row[geo.k_p], row[geo.k_p + 1]
 
 
 def _visible(geo: Geometry, q_pos, kp):
@@ -163,11 +156,11 @@ def _visible(geo: Geometry, q_pos, kp):
     return vis & (kp <= q_pos) if geo.causal else vis
 
 
-def _fwd_kernel(row_hbm, sink_ref, q_ref, k_hbm, v_hbm, kpos_hbm, o_ref, lse_ref, kbuf, vbuf,
-                pbuf, row_sc, sem, m_sc, l_sc, acc_sc, *, geo: Geometry, scale, softcap):
+def _fwd_kernel(tab_ref, sink_ref, q_ref, k_hbm, v_hbm, kpos_hbm, o_ref, lse_ref, kbuf, vbuf,
+                pbuf, sem, m_sc, l_sc, acc_sc, *, geo: Geometry, scale, softcap):
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(3)
     g = geo.group
-    n_steps, q_pos = _load_row(geo, row_hbm, row_sc, sem)
+    row, n_steps, q_pos = _row(geo, tab_ref)
 
     @pl.when(c == 0)
     def _init():
@@ -182,7 +175,7 @@ def _fwd_kernel(row_hbm, sink_ref, q_ref, k_hbm, v_hbm, kpos_hbm, o_ref, lse_ref
 
     @pl.when(c < n_steps)
     def _step():
-        _gather(geo, row_sc, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf, pbuf, sem)
+        _gather(geo, row, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf, pbuf, sem)
         vis = _visible(geo, q_pos, pbuf[...])
         s, _ = _logits2(_dot(q_ref[...], kbuf[...], _NT), scale, softcap)
         s = jnp.where(vis, s, MASK_VALUE)
@@ -204,11 +197,11 @@ def _fwd_kernel(row_hbm, sink_ref, q_ref, k_hbm, v_hbm, kpos_hbm, o_ref, lse_ref
         lse_ref[...] = jnp.where(seen, (m_sc[...] + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
 
 
-def _dq_kernel(row_hbm, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, kpos_hbm, dq_ref,
-               kbuf, vbuf, pbuf, row_sc, sem, dq_sc, *, geo: Geometry, scale, softcap):
+def _dq_kernel(tab_ref, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, kpos_hbm, dq_ref,
+               kbuf, vbuf, pbuf, sem, dq_sc, *, geo: Geometry, scale, softcap):
     """dq `[G, D]` of one (batch, kv head, query token) over its listed entries."""
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(3)
-    n_steps, q_pos = _load_row(geo, row_hbm, row_sc, sem)
+    row, n_steps, q_pos = _row(geo, tab_ref)
 
     @pl.when(c == 0)
     def _init():
@@ -216,7 +209,7 @@ def _dq_kernel(row_hbm, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, kpos_hb
 
     @pl.when(c < n_steps)
     def _step():
-        _gather(geo, row_sc, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf, pbuf, sem)
+        _gather(geo, row, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf, pbuf, sem)
         vis = _visible(geo, q_pos, pbuf[...])
         k = kbuf[...]
         s2, tanh = _logits2(_dot(q_ref[...], k, _NT), scale, softcap)
@@ -242,39 +235,46 @@ def kv_views(geo: Geometry, k, v, kv_pos):
 
 
 def row_table(geo: Geometry, indices, q_pos):
-    """int32 `[B, T, Hkv, K_p + 2]`: each row's entries (padded with -1 to whole steps), its
-    step count (up to the last listed entry) and its query position."""
+    """int32 `[B, Hkv, T_p, K_p + 2]` (T padded to whole `TABLE_ROWS`): each query row's
+    entries (padded with -1 to whole steps), its step count (up to the last listed entry;
+    0 on the padding) and its query position."""
     idx = blocks.pad_axis(indices, geo.k_p, 3, -1)
     listed = (idx >= 0) & (idx < geo.nblk)
     last = jnp.max(jnp.where(listed, jnp.arange(1, geo.k_p + 1, dtype=jnp.int32), 0), axis=-1)
     n_steps = (last + geo.per_step - 1) // geo.per_step                     # [B, T, Hkv]
     q_pos = jnp.broadcast_to(q_pos[:, :, None], n_steps.shape)
-    return jnp.concatenate([idx, n_steps[..., None], q_pos[..., None]], axis=-1)
+    tab = jnp.concatenate([idx, n_steps[..., None], q_pos[..., None]], axis=-1)
+    return blocks.pad_axis(tab.transpose(0, 2, 1, 3), blocks.round_up(tab.shape[1], TABLE_ROWS),
+                           2, 0)
 
 
 def _row_pass(geo: Geometry, st, kernel, name, indices, q_pos, k, v, kv_pos, *, pre, blocked,
               out, scratch):
     """`pallas_call` of a query-centric kernel on grid `(B, Hkv, T, steps)`. Inputs: the
-    `row_table` (HBM, a row DMA'd to SMEM per query row: blocked SMEM inputs of one row
-    would break Mosaic's (8, 128) block rule), `pre` (whole-array SMEM inputs), the
-    `blocked` `[B, T, H, width]` inputs as `[G, width]` tiles, K, V, key positions (HBM);
-    `out` `(dtype, width)` pairs give `[B, T, H, width]` outputs; `scratch` follows the
-    gather buffers, the SMEM row and the DMA semaphores."""
+    `row_table` in SMEM blocks of `TABLE_ROWS` query rows (a block of one row would break
+    the TPU lowering's (8, 128) block-shape rule; a whole DSA table, `[B, T, Hkv, 2048]`, is
+    far too large to scalar-prefetch), `pre` (whole-array SMEM inputs), the `blocked`
+    `[B, T, H, width]` inputs as `[G, width]` tiles, K, V, key positions (HBM); `out`
+    `(dtype, width)` pairs give `[B, T, H, width]` outputs; `scratch` follows the gather
+    buffers and their DMA semaphores."""
     b, t = q_pos.shape
     e = geo.per_step
     hbm = pl.BlockSpec(memory_space=pl.ANY)
+    table = pl.BlockSpec((None, None, TABLE_ROWS, geo.k_p + 2),
+                         lambda b_, h_, t_, c: (b_, h_, t_ // TABLE_ROWS, 0),
+                         memory_space=pltpu.SMEM)
     tile = lambda width: pl.BlockSpec((None, None, geo.group, width),  # noqa: E731
                                       lambda b_, h_, t_, c: (b_, t_, h_, 0))
     rows = e * geo.block_size
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=0, grid=(b, geo.hkv, t, geo.k_p // e),
-        in_specs=[hbm, *[None if x is None else pl.BlockSpec(memory_space=pltpu.SMEM)
-                         for x in pre],
+        in_specs=[table, *[None if x is None else pl.BlockSpec(memory_space=pltpu.SMEM)
+                           for x in pre],
                   *[tile(x.shape[3]) for x in blocked], hbm, hbm, hbm],
         out_specs=[tile(width) for _, width in out],
         scratch_shapes=[pltpu.VMEM((rows, geo.d), k.dtype), pltpu.VMEM((rows, geo.dv), v.dtype),
-                        pltpu.VMEM((1, rows), jnp.int32), pltpu.SMEM((geo.k_p + 2,), jnp.int32),
-                        pltpu.SemaphoreType.DMA((4,)), *scratch])
+                        pltpu.VMEM((1, rows), jnp.int32), pltpu.SemaphoreType.DMA((3,)),
+                        *scratch])
     h = geo.hkv * geo.group
     return pl.pallas_call(
         functools.partial(kernel, geo=geo, scale=st.scale, softcap=st.softcap),

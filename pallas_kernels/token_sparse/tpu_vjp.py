@@ -8,8 +8,8 @@ per segment = (batch, kv head, KV block), the query tokens that listed the block
 tokens (at least one chunk per segment, so unlisted blocks get zeros) and lays them out
 back to back: the kernel's grid is one flat "arbitrary" axis over the chunks (a static
 bound, `ceil(N / pairs) + segments` for `N = B * T * Hkv * K` listed slots; the trailing
-chunks do nothing). A chunk's table row (segment, token count, first / last flags,
-tokens, query positions) is DMA'd into SMEM at its step; the step then gathers by DMA, for
+chunks do nothing). The chunk table (per chunk: segment, token count, first / last flags,
+tokens, query positions) comes in SMEM blocks of 8 chunks; a step gathers by DMA, for
 each of its tokens, the `[G, D]` q, `[G, Dv]` dO and `[G, 2]` (lse2, delta) rows of the kv
 head's G query heads (stacked as `pairs * G` rows), recomputes `P = exp2(S2 - lse2)`
 against the block's `[block_size, D]` keys (loaded once per segment by DMA) and accumulates
@@ -48,6 +48,8 @@ from pallas_kernels.token_sparse.triton_vjp import inverted_index
 
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
+TABLE_ROWS = 8     # rows per SMEM block of a table (a block of one row breaks the TPU
+                   # lowering's (8, 128) block-shape rule)
 
 
 def _rows_dot(a, b, dims):
@@ -99,15 +101,13 @@ def chunk_tables(indices, q_pos, nblk: int, pairs: int):
     return meta, tok_tab, qpos_tab
 
 
-def _dkdv_kernel(tab_hbm, q_hbm, do_hbm, stats_hbm, k_hbm, v_hbm, kpos_hbm, dk_hbm, dv_hbm,
-                 qbuf, dobuf, sbuf, qcol, kblk, vblk, kpblk, dk_sc, dv_sc, dk_out, dv_out, tab,
-                 sem, *, geo, scale, softcap):
+def _dkdv_kernel(tab_ref, q_hbm, do_hbm, stats_hbm, k_hbm, v_hbm, kpos_hbm, dk_hbm, dv_hbm,
+                 qbuf, dobuf, sbuf, qcol, kblk, vblk, kpblk, dk_sc, dv_sc, dk_out, dv_out, sem,
+                 *, geo, scale, softcap):
     """One chunk of one segment's listing tokens: `pairs * G` query rows against the
-    block's `block_size` keys. `tab`: the chunk's row of the packed `chunk_tables` (meta,
-    tokens, query positions), DMA'd to SMEM first."""
-    cp = pltpu.make_async_copy(tab_hbm.at[pl.program_id(0)], tab, sem.at[8])
-    cp.start()
-    cp.wait()
+    block's `block_size` keys. `tab_ref`: an SMEM block of `TABLE_ROWS` rows of the packed
+    `chunk_tables` (meta, tokens, query positions)."""
+    tab = tab_ref.at[pl.program_id(0) % TABLE_ROWS]
     seg, n, first, last = tab[0], tab[1], tab[2], tab[3]
     b, h, j = seg // (geo.hkv * geo.nblk), (seg // geo.nblk) % geo.hkv, seg % geo.nblk
     bs, g, d, dv = geo.block_size, geo.group, geo.d, geo.dv
@@ -185,13 +185,16 @@ def dkdv(st, q, dout, lse2, delta, q_pos, indices, k2, v2, kpos):
     g, bs, pairs, hkv, dv = geo.group, geo.block_size, geo.pairs, geo.hkv, geo.dv
     meta, tok_tab, qpos_tab = chunk_tables(indices, q_pos, geo.nblk, pairs)
     stats = jnp.stack([lse2, delta], axis=-1).transpose(0, 2, 1, 3).reshape(b, t, hkv, g, 2)
+    tab = jnp.concatenate([meta, tok_tab, qpos_tab], axis=1)
+    tab = blocks.pad_axis(tab, blocks.round_up(tab.shape[0], TABLE_ROWS), 0, 0)  # idle chunks
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     rows = pairs * g
     s_p = k2.shape[1]
     dk, dv_ = pl.pallas_call(
         functools.partial(_dkdv_kernel, geo=geo, scale=st.scale, softcap=st.softcap),
-        grid=(meta.shape[0],),
-        in_specs=[hbm] * 7,
+        grid=(tab.shape[0],),
+        in_specs=[pl.BlockSpec((TABLE_ROWS, tab.shape[1]), lambda c: (c // TABLE_ROWS, 0),
+                               memory_space=pltpu.SMEM)] + [hbm] * 6,
         out_specs=[hbm, hbm],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k2, v2)],
         scratch_shapes=[pltpu.VMEM((rows, d), q.dtype), pltpu.VMEM((rows, dv), dout.dtype),
@@ -200,10 +203,10 @@ def dkdv(st, q, dout, lse2, delta, q_pos, indices, k2, v2, kpos):
                         pltpu.VMEM((1, bs), jnp.int32),
                         pltpu.VMEM((bs, d), jnp.float32), pltpu.VMEM((bs, dv), jnp.float32),
                         pltpu.VMEM((bs, d), k2.dtype), pltpu.VMEM((bs, dv), v2.dtype),
-                        pltpu.SMEM((4 + 2 * pairs,), jnp.int32), pltpu.SemaphoreType.DMA((9,))],
+                        pltpu.SemaphoreType.DMA((8,))],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=st.interpret, name="token_sparse_bwd_dkdv_tpu",
-    )(jnp.concatenate([meta, tok_tab, qpos_tab], axis=1), q.reshape(b, t, hkv, g, d),
+    )(tab, q.reshape(b, t, hkv, g, d),
       dout.reshape(b, t, hkv, g, dv), stats, k2, v2, kpos)
     return dk.reshape(b, s_p, hkv, d), dv_.reshape(b, s_p, hkv, dv)
 
