@@ -15,9 +15,9 @@ never produces them).
 Kernel (one program per `block_r` rows, looping over S in `block_s` tiles):
   1. Threshold: up to `32 / bits_per_pass` counting passes, each fixing the next
      `bits_per_pass` bits of `lo`, the key of the k'-th largest candidate: a pass counts,
-     per row, the candidates with `key >= lo + d << shift` for each digit `d > 0`
-     (`2**bits - 1` running per-element counters, reduced once per pass) and keeps the
-     largest `d` whose count is still >= k'. Only counts live in registers. The first
+     per row, the candidates with `key >= lo + d << shift` for each digit `d`
+     (`2**bits` running per-element counters, reduced once per pass) and keeps the largest
+     `d` whose count is still >= k'. Only counts live in registers. The first
      `full_passes` passes re-read the whole row from HBM; then one pass copies the keys
      still in play (`lo <= key < lo + 2**shift`: ~1% of the row after 12 bits in a numpy
      model at S=64K, k'=2048, N(0, 1) and indexer-like rows) to the front of a buffer row (an extra `[R, S]` int32 output), and the remaining
@@ -29,15 +29,15 @@ Kernel (one program per `block_r` rows, looping over S in `block_s` tiles):
      their slots and values to output column `running count + in-tile exclusive cumsum`
      (a Triton scan). Columns past the number taken get -1 / -inf.
 
-Cost at S = 64K, k' = 2048, the defaults (4 bits per pass, 3 full passes; 2 bits: 3
-compare-adds per element instead of 15 but twice the passes; 8 bits would need 255
+Cost at S = 64K, k' = 2048, the defaults (4 bits per pass, 3 full passes; 2 bits: 4
+compare-adds per element instead of 16 but twice the passes; 8 bits would need 256
 counters per element): 3 counting passes + 1 narrowing pass + 1 compaction pass read the
-row (256 KiB in float32) 5 times (1.25 MiB per row), with 15 compare-adds per element in
+row (256 KiB in float32) 5 times (1.25 MiB per row), with 16 compare-adds per element in
 each counting pass; the narrowed passes and the `k' x 8`-byte output are small beside it.
 Without the buffer (`full_passes=8`) a numpy model of the passes stops after 6 passes for
 N(0, 1) rows and 7 for indexer-like rows (ReLU-weighted sums), 8 when the k'-th value is
 tied. Defaults `block_r=1, block_s=512, num_warps=4`: one program per row (a DSA chunk has
-only `B x 512` rows), 4 elements per thread, so the 15 counters take 60 registers. Not
+only `B x 512` rows), 4 elements per thread, so the 16 counters take 64 registers. Not
 measured on a GPU yet. Not done: bf16 scores (half the bytes per pass, but the set would
 then differ from float32 `lax.top_k` near the threshold); splitting long rows over
 several programs when R is small.
@@ -62,7 +62,7 @@ INT_MIN = -(2**31)
 class TopkSelectConfig:
     """block_r: rows per program; block_s: columns per tile (powers of two);
     bits_per_pass: key bits fixed per counting pass (1, 2 or 4: at most `32 / bits` passes,
-    `2**bits - 1` counters per element; 8 would need 255 counters, far past the registers);
+    `2**bits` counters per element; 8 would need 256 counters, far past the registers);
     full_passes: counting passes over the whole row before the keys that can still be the
     k'-th are copied to a buffer and the remaining passes read only them (>= 32 / bits:
     never)."""
@@ -125,7 +125,8 @@ def _kernel(x_ref, slots_ref, vals_ref, buf_ref, *, rows, size, k, block_r, bloc
         the keys it holds."""
         p, lo, at, above = carry
         shift = 32 - bits * (p + 1)
-        thresholds = [lo + lax.shift_left(jnp.int32(d), shift) for d in range(1, 2**bits)]
+        thresholds = [jnp.maximum(lo, INT_MIN + 1)]                       # d = 0: count(key >= lo)
+        thresholds += [lo + lax.shift_left(jnp.int32(d), shift) for d in range(1, 2**bits)]
 
         def count(j, accs):
             key = load_keys(j)
@@ -133,8 +134,8 @@ def _kernel(x_ref, slots_ref, vals_ref, buf_ref, *, rows, size, k, block_r, bloc
 
         zeros = tuple(jnp.zeros((block_r, block_s), jnp.int32) for _ in thresholds)
         counts = [base + acc.sum(axis=1) for acc in lax.fori_loop(0, n, count, zeros)]
-        digit = sum((c >= k).astype(jnp.int32) for c in counts)           # counts fall with d
-        for d, c in enumerate(counts, start=1):
+        digit = sum((c >= k).astype(jnp.int32) for c in counts[1:])       # counts fall with d
+        for d, c in enumerate(counts):
             at = jnp.where(digit == d, c, at)
             above = jnp.where(digit + 1 == d, c, above)
         return p + 1, lo + lax.shift_left(digit, shift), at, above
