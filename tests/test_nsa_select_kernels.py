@@ -134,6 +134,26 @@ def test_ties_go_to_the_lower_block_across_key_tiles():
     assert sorted(got[0, t, 0].tolist()) == [0, 1, 2, t // case.ls - 1, t // case.ls]
 
 
+def test_query_tile_shrinks_to_fit_the_group_in_shared_memory():
+    """`q_bytes` caps `G * block_q * D_p * 2` (the loop-invariant query tiles of the group);
+    16-query tiles give the same importance, bit for bit, as the default tiles."""
+    tiles = lambda g, d, **kw: kernels._tiles(kernels.TritonConfig(**kw), 65536, 1024, cmp_block=32,  # noqa: E731
+                                              cmp_stride=16, sel_block=64, group=g, d_p=d)
+    assert tiles(16, 128).bq == 16 and tiles(4, 128).bq == 64 and tiles(1, 128).bq == 64
+    case = Case(t=300, h=4, hkv=1, l=8, d=4, ls=16, n=5)
+    q, k, lse, qpos, kpos = inputs(case, seed=5)
+    geo = dict(num_sel_blocks=case.ns, cmp_block=case.l, cmp_stride=case.d, sel_block=case.ls,
+               scale=HEAD_DIM ** -0.5, interpret=True)
+    small = kernels.TritonConfig(q_bytes=4 * 16 * HEAD_DIM * 2)
+    assert kernels._tiles(small, case.t, case.ns, cmp_block=case.l, cmp_stride=case.d,
+                          sel_block=case.ls, group=4, d_p=max(16, HEAD_DIM)).bq == 16
+    f = jax.jit(lambda cfg, *a: kernels.importance(*a, config=cfg, **geo), static_argnums=0)
+    a = np.asarray(f(None, q, k, lse, qpos, kpos))[:, :, :case.t, :case.ns]
+    b = np.asarray(f(small, q, k, lse, qpos, kpos))[:, :, :case.t, :case.ns]
+    cand = np.broadcast_to(candidates(case, qpos), a.shape)
+    np.testing.assert_array_equal(a[cand], b[cand])
+
+
 def test_nsa_select_triton_above_the_register_cap_uses_xla_top_k():
     case = Case(t=300, h=1, hkv=1, l=8, d=4, ls=16, n=5)
     q, k, lse, qpos, kpos = inputs(case, seed=3)

@@ -57,7 +57,11 @@ class TritonConfig:
     """block_q: queries per importance program; block_k: compressed keys per loop step
     (raised to `16 * l'/d` so a tile spans >= 16 selection blocks, the smallest dot).
     topn_elements: importance entries per top-n program (rows = this / Ns_p).
-    max_sel_blocks: largest `Ns_p` ranked by the top-n kernel (else XLA top_k)."""
+    max_sel_blocks: largest `Ns_p` ranked by the top-n kernel (else XLA top_k).
+    q_bytes: cap on the group's query tiles, `G * block_q * D_p * 2` bytes: they are loop
+    invariant, so Triton keeps all G of them in shared memory for the whole key loop (at
+    G = 16, D = 128 a 64-query tile asks for 573 KB of the H200's 227 KB; block_q shrinks
+    down to 16 to fit)."""
 
     block_q: int = 64
     block_k: int = 64
@@ -66,13 +70,14 @@ class TritonConfig:
     topn_elements: int = 16384
     topn_num_warps: int = 4
     max_sel_blocks: int = 2048
+    q_bytes: int = 65536
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "topn_elements"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < 16 or val & (val - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {val!r}")
-        for name in ("num_warps", "num_stages", "topn_num_warps", "max_sel_blocks"):
+        for name in ("num_warps", "num_stages", "topn_num_warps", "max_sel_blocks", "q_bytes"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
@@ -101,11 +106,15 @@ class _Tiles:
     ns_p: int    # padded selection blocks (power of two, multiple of bs)
 
 
-def _tiles(cfg: TritonConfig, t: int, ns: int, *, cmp_block, cmp_stride, sel_block) -> _Tiles:
+def _tiles(cfg: TritonConfig, t: int, ns: int, *, cmp_block, cmp_stride, sel_block, group: int,
+           d_p: int) -> _Tiles:
     r, u = sel_block // cmp_stride, cmp_block // cmp_stride
     bk = max(cfg.block_k, 16 * r, blocks.pl_next_pow2(u - 1))   # halo of u - 1 keys fits one tile
     bs = bk // r
-    return _Tiles(bq=blocks.pow2_block(cfg.block_q, t), bk=bk, bs=bs, r=r, u=u,
+    bq = cfg.block_q
+    while bq > 16 and group * bq * d_p * 2 > cfg.q_bytes:
+        bq //= 2
+    return _Tiles(bq=blocks.pow2_block(bq, t), bk=bk, bs=bs, r=r, u=u,
                   ns_p=max(bs, blocks.pl_next_pow2(ns)))
 
 
@@ -181,9 +190,10 @@ def importance(q, k, lse, q_positions, kv_positions, *, num_sel_blocks: int, cmp
     b, t, h, d = q.shape
     hkv = k.shape[2]
     g = h // hkv
+    d_p = max(16, blocks.pl_next_pow2(d))
     tl = _tiles(cfg, t, num_sel_blocks, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                sel_block=sel_block)
-    t_p, n_p, d_p = blocks.round_up(t, tl.bq), tl.r * tl.ns_p, max(16, blocks.pl_next_pow2(d))
+                sel_block=sel_block, group=g, d_p=d_p)
+    t_p, n_p = blocks.round_up(t, tl.bq), tl.r * tl.ns_p
     k, kv_positions = k[:, :n_p], kv_positions[:, :n_p]       # later blocks only feed j >= Ns_p
     qx = blocks.pad_axis(blocks.pad_axis(q, t_p, 1), d_p, 3).transpose(0, 2, 1, 3)   # [B, H, T, D]
     kx = blocks.pad_axis(blocks.pad_axis(k, n_p, 1), d_p, 3)
