@@ -70,6 +70,7 @@ from pallas_kernels.compressed import compressed_attention as compressed_op
 from pallas_kernels.compressed.triton import causal as cmp_causal
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
+from pallas_kernels.nsa_decode import nsa_decode, resolved_impl as nsa_decode_impl
 from pallas_kernels.nsa_select import nsa_select, selection_impl, supports
 from pallas_kernels.nsa_select.reference import overlap_scores, top_blocks
 from pallas_kernels.token_sparse import token_sparse_attention
@@ -431,11 +432,19 @@ def nsa_decode_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v
     branch reads only the selected blocks of the raw keys (one `decode` call per query in
     "token" mode, one for the call's shared selection in "query_block" mode), the win
     branch the rolling window. Same arguments and result as `nsa_branches`; no gradient
-    (the `decode` kernels define none)."""
+    (the `decode` kernels define none). Token mode on a Triton impl (l'/d a power of two)
+    runs all three branches and the selection in the fused `pallas_kernels.nsa_decode`
+    kernel instead (`p_cmp` is then None)."""
     t = q.shape[1]
     if not decodes(t, cfg):
         raise ValueError(f"nsa_decode_branches takes at most {DECODE_MAX_QUERIES} queries (and in "
                          f"query_block mode at most query_block={cfg.query_block}), got T={t}")
+    if cfg.selection == "token" and nsa_decode_impl(impl, interpret, cfg) == "triton":
+        o_cmp, o_slc, o_win, block_indices = nsa_decode(         # the fused decode kernel
+            q, q_positions, k_cmp=k_cmp, v_cmp=v_cmp, cmp_positions=cmp_positions, k_slc=k_slc,
+            v_slc=v_slc, slc_positions=slc_positions, k_win=k_win, v_win=v_win,
+            win_positions=win_positions, cfg=cfg, impl="triton", interpret=interpret)
+        return NSABranches(o_cmp, o_slc, o_win, block_indices, None)
     o_cmp, p_cmp = compressed_branch(q, k_cmp, v_cmp, q_positions, cmp_positions, impl=impl,
                                      interpret=interpret)
     ns = -(-k_slc.shape[1] // cfg.sel_block)
