@@ -130,11 +130,15 @@ def test_bad_inputs_raise():
     assert vals.shape == slots.shape == (0, 3)
 
 
-def test_lowers_to_triton_at_paper_shape():
+GPU_CONFIGS = [None, TopkSelectConfig(block_r=4, block_s=256, bits_per_pass=2, full_passes=5, num_warps=8)]
+
+
+@pytest.mark.parametrize("cfg", GPU_CONFIGS)
+def test_lowers_to_triton_at_paper_shape(cfg):
     """The kernel lowers to Triton IR for an H200 at R=512, S=64K, k=2048 without a GPU
     (abstract device; compiles nothing)."""
     mesh_lib = pytest.importorskip("jax._src.mesh")
-    f = jax.jit(lambda x: topk_select(x, 2048))
+    f = jax.jit(lambda x: topk_select(x, 2048, config=cfg))
     dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((1,), ("x",), abstract_device=dev)):
         text = f.trace(jax.ShapeDtypeStruct((512, 65536), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
@@ -143,12 +147,13 @@ def test_lowers_to_triton_at_paper_shape():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
-def test_compiled_on_gpu_paper_shape():
+@pytest.mark.parametrize("cfg", GPU_CONFIGS)
+def test_compiled_on_gpu_paper_shape(cfg):
     """The compiled kernel at R=256, S=65536, k=2048 on rows of every kind: exactly the set
     of `lax.top_k` on the CPU (whose order of -0.0 / +0.0 is defined)."""
     x_np = rows_of_every_kind(0, 256, 65536)
     with jax.default_device(jax.devices("cpu")[0]):
         want = expected(x_np, 2048)
     with jax.default_device(jax.devices("gpu")[0]):
-        got = topk_select(jnp.asarray(x_np), 2048)
+        got = topk_select(jnp.asarray(x_np), 2048, config=cfg)
         assert_same(jax.device_get(got), want)
