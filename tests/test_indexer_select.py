@@ -57,9 +57,9 @@ def assert_same(got, want):
 
 @pytest.mark.parametrize("r,s,k,cfg", [
     (9, 200, 40, TopkSelectConfig(block_r=4, block_s=64, full_passes=1)),   # S, R not multiples of the tile
-    (7, 150, 300, TopkSelectConfig(block_r=2, block_s=32, bits_per_pass=2)),   # k >= S
+    (8, 150, 300, TopkSelectConfig(block_r=2, block_s=32, bits_per_pass=2)),   # k >= S
     (14, 77, 6, TopkSelectConfig()),                               # default config, small k
-    (3, 40, 9, TopkSelectConfig(block_s=16, bits_per_pass=1, full_passes=32)),   # never narrowed
+    (8, 40, 9, TopkSelectConfig(block_s=16, bits_per_pass=1, full_passes=32)),   # never narrowed
 ])
 def test_matches_lax_top_k(r, s, k, cfg):
     x = rows_of_every_kind(r + s, r, s)
