@@ -7,7 +7,8 @@
 * Top-k token selection per query (`indexer_topk`, k=2048 in the paper), causal; ties go
   to the lower slot; `-1` pads when fewer keys are visible. Chunked over queries so the
   `T x S` score matrix is never built whole; `impl` "xla" is this file's reference,
-  "auto" / "triton" / "mosaic_tpu" route to the fused `pallas_kernels.indexer` op.
+  "auto" / "triton" / "mosaic_tpu" route to the fused `pallas_kernels.indexer` op (the
+  same set, in ascending slot order rather than best first; consumers treat it as a set).
 * Main attention over the selected tokens only (`selected_attention`), MLA in MQA form
   (`sparse_jax.ops.mla`: absorbed queries against the latent cache) through the
   `token_sparse` op, or at decode the `mla_decode` op over the cache as stored (their XLA
@@ -98,8 +99,7 @@ def indexer_topk(q_index, weights, k_index, q_positions, kv_positions, *, k: int
 
     Queries are processed `query_chunk` at a time (`lax.map`), so at most
     `B x query_chunk x S` scores exist at once. `impl` other than "xla": the fused
-    `pallas_kernels.indexer` op (same contract).
-    """
+    `pallas_kernels.indexer` op (the same set, in ascending slot order; "xla" is best first)."""
     if impl not in INDEXER_IMPLS:
         raise ValueError(f"impl must be one of {INDEXER_IMPLS}, got {impl!r}")
     if impl != "xla":
