@@ -71,7 +71,8 @@ SHAPES = {"dsa": Shape("dsa", 64, 1, 576, 512, 2048, 1, dense=(64, 192, 192)),
 # H200, DSA at 16K (2026-11-24): block_k_bwd=16 and num_warps_bwd=4 slower than the
 # defaults; 64 rows per backward program exceed shared memory.
 SWEEP = {"dsa": ["", "block_k=64", "num_warps=4", "block_k=16", "max_rows=16", "num_stages=3",
-                 "block_k_bwd=16", "num_warps_bwd=4"],
+                 "block_k_bwd=16", "num_warps_bwd=4", "block_k=64,num_warps=8",
+                 "max_rows=64,num_warps=8", "block_k=64,num_stages=3"],
          "nsa": ["", "num_warps=8", "num_stages=3", "num_warps=8,num_stages=3", "num_warps_bwd=8",
                  "num_stages_bwd=2", "num_warps_bwd=8,num_stages_bwd=2"]}
 SMALL = {"dsa": Shape("dsa", 16, 1, 72, 64, 16, 1),
