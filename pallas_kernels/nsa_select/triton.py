@@ -1,23 +1,43 @@
 """`nsa_select` on GPU: two Pallas (Triton lowering) kernels (NSA, arXiv 2502.11089).
 
-Kernel 1 (`importance`): one program per (query tile, batch * kv head), heaviest (last)
-query tiles first. It walks the compressed keys in tiles of `bk = r * bs` (`r = l'/d`), so
-key tile `jt` feeds exactly the selection blocks `jt*bs .. jt*bs + bs - 1`, up to the tile
-of the last block a query of the tile may select (`j*l' <= t`). Per tile it sums
-`exp(q_g k^T * scale - lse_g)` over the G heads of the GQA group in registers (`P [bq, bk]`,
-as the `compressed` op's score kernel does), then forms the selection importance
+Kernel 1 (`importance`): one program per output tile `[bq, bs]` (selection tile `jt`,
+query tile, batch * kv head; the selection-tile axis fastest, so the programs running
+together share their query tiles in L2). It takes the `bk = r * bs` compressed keys
+(`r = l'/d`) that feed exactly the selection blocks `jt*bs .. jt*bs + bs - 1`, and the
+`hb` (16) keys before them, the halo. In one pipelined loop over the G heads of the GQA
+group, each head loading its own query tile (none is live across the loop, so Triton
+keeps no G query tiles in shared memory), it sums `exp(q_g k^T * scale - lse_g)` in
+registers (`P [bq, bk]`, `P_halo [bq, hb]`, as the `compressed` op's score kernel does),
+then forms the selection importance
 
     imp[:, j] = sum_{m < r} sum_{n < u} P[:, r*j + m - n]        (u = l/d)
 
-adding in the reference's order (`overlap_scores`): the term of offset `o = m - n` is
-pulled out of `P` by a 0/1 selector dot, exact (one nonzero per column; the float32 `P`
-is split into three bfloat16 pieces, so tensor cores lose no bit), and the `u - 1`
-offsets below 0 reach into the previous key tile, whose share (`[bq, bs]` per such
-offset, extracted the same way) the loop carries. The additions are
-the reference's on the same `P`, so exact ties (constant keys: lower block first) stay
-ties whatever the tiling. Written: `[B, Hkv, T_p, Ns_p]` float32, `r`x fewer bytes than
-the per-compressed-block `p_group`; columns past a tile's last candidate block are left
-unwritten (never read).
+adding in the reference's order (`overlap_scores`). The terms of offset `o = m - n >= 0`
+are `P.reshape(bq, bs, r)[:, :, o]`, taken by a masked sum over the last axis (exact: one
+nonzero); the `u - 1` offsets below 0 are those columns `s = ceil(-o / r)` blocks back:
+shifted by an exact 0/1 selector dot (float32 split into three bfloat16 pieces, so tensor
+cores lose no bit), the first `s` blocks' from the halo the same way. A tile with no
+candidate block (`jt*bs*l' >` its last query) is skipped: no dot, nothing written (the
+top-n kernel masks non-candidates). Written: `[B, Hkv, T_p, Ns_p]` float32, `r`x fewer
+bytes than the per-compressed-block `p_group`.
+
+Same additions in the same order whatever the tiling, on the same `P`; but a tile's
+first `s` blocks take their `o < 0` terms from the halo dot (N = hb) instead of the
+previous tile's main dot (N = bk), which may round a key's `P` differently (XLA CPU's dots
+do for some N; on tensor cores the per-element K order is the instruction's, normally
+the same). So exact ties (constant keys) stay ties; across tilings the importance of a
+tile's first block can move by an ulp.
+
+Extra work over the `compressed` op's score kernel: the halo dot (`hb / bk` of the dots
+and exps: 12.5% at bk = 128), `r + u - 1` masked reductions of `[bq, bk]` and three
+`[bq, bs] x [bs, bs]` (+ `[bq, hb] x [hb, bs]`) selector dots per negative offset.
+Shared memory (H200, bf16, D = 128, bq = 64, bk = 128, 2 stages): the key tile 32 KB +
+halo 4 KB + 2 query stages of 16 KB + the reshape's layout conversion (<= 32 KB), about
+100 KB of 227 KB, independent of G.
+
+Suggested tile sweep (block_q:block_k:num_warps:topn_elements, `bench_nsa.py
+--select_configs`): 64:128:4:16384 (default), 64:128:8:16384, 128:128:8:16384,
+64:256:8:16384, 64:64:4:16384.
 
 Kernel 2 (`top_n`): one program per (query rows, batch * kv head). It loads the rows
 `[rows, Ns_p]` (`Ns_p` the next power of two of `Ns`: 1024 at 64K tokens), sets
@@ -54,30 +74,26 @@ NN = (((1,), (0,)), ((), ()))     # a @ b
 
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
-    """block_q: queries per importance program; block_k: compressed keys per loop step
-    (raised to `16 * l'/d` so a tile spans >= 16 selection blocks, the smallest dot).
+    """block_q: queries per importance program (the M of its dots); block_k: compressed keys
+    per program (raised to `16 * l'/d` so it spans >= 16 selection blocks, the smallest
+    dot); num_warps / num_stages: the importance kernel's (its G-head loop is pipelined).
     topn_elements: importance entries per top-n program (rows = this / Ns_p).
-    max_sel_blocks: largest `Ns_p` ranked by the top-n kernel (else XLA top_k).
-    q_bytes: cap on the group's query tiles, `G * block_q * D_p * 2` bytes: they are loop
-    invariant, so Triton keeps all G of them in shared memory for the whole key loop (at
-    G = 16, D = 128 a 64-query tile asks for 573 KB of the H200's 227 KB; block_q shrinks
-    down to 16 to fit)."""
+    max_sel_blocks: largest `Ns_p` ranked by the top-n kernel (else XLA top_k)."""
 
     block_q: int = 64
-    block_k: int = 64
+    block_k: int = 128
     num_warps: int = 4
     num_stages: int = 2
     topn_elements: int = 16384
     topn_num_warps: int = 4
     max_sel_blocks: int = 2048
-    q_bytes: int = 65536
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "topn_elements"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < 16 or val & (val - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {val!r}")
-        for name in ("num_warps", "num_stages", "topn_num_warps", "max_sel_blocks", "q_bytes"):
+        for name in ("num_warps", "num_stages", "topn_num_warps", "max_sel_blocks"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
@@ -99,22 +115,20 @@ def check_supported(*, cmp_block: int, cmp_stride: int, sel_block: int):
 @dataclasses.dataclass(frozen=True)
 class _Tiles:
     bq: int      # queries per importance program
-    bk: int      # compressed keys per step
-    bs: int      # selection blocks per step (bk = r * bs)
+    bk: int      # compressed keys per program
+    bs: int      # selection blocks per program (bk = r * bs)
+    hb: int      # halo keys: the hb keys before the tile (its last u - 1 feed the tile's blocks)
     r: int       # l' / d
     u: int       # l / d
     ns_p: int    # padded selection blocks (power of two, multiple of bs)
 
 
-def _tiles(cfg: TritonConfig, t: int, ns: int, *, cmp_block, cmp_stride, sel_block, group: int,
-           d_p: int) -> _Tiles:
+def _tiles(cfg: TritonConfig, t: int, ns: int, *, cmp_block, cmp_stride, sel_block) -> _Tiles:
     r, u = sel_block // cmp_stride, cmp_block // cmp_stride
-    bk = max(cfg.block_k, 16 * r, blocks.pl_next_pow2(u - 1))   # halo of u - 1 keys fits one tile
+    hb = max(16, blocks.pl_next_pow2(u - 1))
+    bk = max(cfg.block_k, 16 * r, hb)
     bs = bk // r
-    bq = cfg.block_q
-    while bq > 16 and group * bq * d_p * 2 > cfg.q_bytes:
-        bq //= 2
-    return _Tiles(bq=blocks.pow2_block(bq, t), bk=bk, bs=bs, r=r, u=u,
+    return _Tiles(bq=blocks.pow2_block(cfg.block_q, t), bk=bk, bs=bs, hb=hb, r=r, u=u,
                   ns_p=max(bs, blocks.pl_next_pow2(ns)))
 
 
@@ -126,62 +140,68 @@ def _split3(x):
     return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-def _select_columns(pieces, rows: int, cols: int, row_of_col):
-    """`x[:, row_of_col(j)]` for each column j (0 where that row is outside `[0, rows)`),
-    exactly: a dot of each bfloat16 piece of x with a 0/1 selector."""
+def _select_columns(x, cols: int, row_of_col):
+    """`x[:, row_of_col(j)]` for each column j < cols (0 where that row is outside x's
+    columns), exactly: a dot of each bfloat16 piece of the float32 x with a 0/1 selector."""
+    rows = x.shape[1]
     i = lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
     j = lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
     sel = jnp.where(i == row_of_col(j), 1.0, 0.0).astype(jnp.bfloat16)
-    hi, mid, lo = (lax.dot_general(p, sel, NN, preferred_element_type=jnp.float32) for p in pieces)
+    hi, mid, lo = (lax.dot_general(p, sel, NN, preferred_element_type=jnp.float32) for p in _split3(x))
     return (hi + mid) + lo
 
 
-def _importance_kernel(qpos_ref, kpos_ref, lse_ref, q_ref, k_ref, out_ref, *, tiles: _Tiles,
-                       group: int, scale: float, sel_block: int):
-    bk, bs, r, u = tiles.bk, tiles.bs, tiles.r, tiles.u
-    qp = qpos_ref[...]                                                      # [bq]
-    q_last = jnp.max(qp)
-    num_tiles = tiles.ns_p // bs
-    n_tiles = jnp.where(q_last >= 0,
-                        jnp.minimum(lax.div(jnp.maximum(q_last, 0), jnp.int32(sel_block * bs)) + 1,
-                                    num_tiles), 0)
-    lses = []
-    for g in range(group):
+def _group_probabilities(q_ref, lse_ref, k, visible, *, group: int, scale: float):
+    """`sum_g exp(q_g k^T * scale - lse_g)` where visible, else 0: `[bq, len(k)]` float32.
+    One pipelined loop over the G heads, each loading its own query tile (no query tile is
+    live across iterations)."""
+    def head(g, acc):
         lse = lse_ref[g, :]
-        lses.append(jnp.where(lse > -jnp.inf, lse, 0.0))
+        lse = jnp.where(lse > -jnp.inf, lse, 0.0)
+        s = lax.dot_general(q_ref[g], k, NT, preferred_element_type=jnp.float32) * scale
+        return acc + jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
+    return lax.fori_loop(0, group, head, jnp.zeros(visible.shape, jnp.float32))
 
-    def step(jt, carried):
-        sl = pl.ds(pl.multiple_of(jt * bk, bk), bk)
-        kp = kpos_ref[sl]
-        vis = (qp[:, None] >= 0) & (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None])
-        k = k_ref[sl, :]
-        p = jnp.zeros((qp.shape[0], bk), jnp.float32)
-        for g in range(group):
-            s = lax.dot_general(q_ref[g], k, NT, preferred_element_type=jnp.float32) * scale
-            p += jnp.where(vis, jnp.exp(s - lses[g][:, None]), 0.0)
-        pieces = _split3(p)
-        terms, ahead = {}, []
-        for o in range(-(u - 1), r):            # P[:, r*j + o]; o < 0 reaches the previous tile,
-            terms[o] = _select_columns(pieces, bk, bs, lambda j, o=o: r * j + o)
-            if o < 0:                           # whose part came in `carried` (one side is 0)
-                terms[o] = terms[o] + carried[o + u - 1]
-                ahead.append(_select_columns(pieces, bk, bs, lambda j, o=o: bk + r * j + o))
+
+def _importance_kernel(qpos_ref, kpos_ref, hpos_ref, lse_ref, q_ref, k_ref, kh_ref, out_ref, *,
+                       tiles: _Tiles, group: int, scale: float, sel_block: int):
+    bq, bs, hb, r, u = tiles.bq, tiles.bs, tiles.hb, tiles.r, tiles.u
+    jt = pl.program_id(0)                                                   # selection tile
+    qp = qpos_ref[...]                                                      # [bq]
+
+    def visible(kp):
+        return (qp[:, None] >= 0) & (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None])
+
+    @pl.when(jnp.max(qp) >= jt * (bs * sel_block))          # else: no candidate block here
+    def _():
+        p = _group_probabilities(q_ref, lse_ref, k_ref[...], visible(kpos_ref[...]),
+                                 group=group, scale=scale)                  # [bq, bk]
+        if r > 1:
+            p3 = p.reshape(bq, bs, r)                        # [:, j, c] = P[:, r*j + c]
+            c = lax.broadcasted_iota(jnp.int32, p3.shape, 2)
+            column = lambda c0: jnp.sum(jnp.where(c == c0, p3, 0.0), axis=2)  # noqa: E731 - exact
+        else:
+            column = lambda c0: p                                            # noqa: E731
+        terms = {o: column(o) for o in range(r)}             # P[:, r*j + o], 0 <= o < r
+        if u > 1:                                            # o < 0: s blocks back, the first s
+            ph = _group_probabilities(q_ref, lse_ref, kh_ref[...],           # from the halo
+                                      visible(hpos_ref[...]) & (jt > 0), group=group, scale=scale)
+            for o in range(-(u - 1), 0):
+                s = -(o // r)
+                terms[o] = (_select_columns(column(o % r), bs, lambda j, s=s: j - s)
+                            + _select_columns(ph, bs, lambda j, o=o: hb + r * j + o))
         imp = 0.0
-        for m in range(r):                      # `overlap_scores`' order
+        for m in range(r):                                   # `overlap_scores`' order
             for n in range(u):
                 imp = imp + terms[m - n]
-        out_ref[:, pl.ds(pl.multiple_of(jt * bs, bs), bs)] = imp
-        return tuple(ahead)
-
-    zeros = jnp.zeros((qp.shape[0], bs), jnp.float32)
-    lax.fori_loop(0, n_tiles, step, (zeros,) * (u - 1))
+        out_ref[...] = imp
 
 
 def importance(q, k, lse, q_positions, kv_positions, *, num_sel_blocks: int, cmp_block: int,
                cmp_stride: int, sel_block: int, scale: float, interpret=False,
                config: TritonConfig | None = None):
     """Selection-block importance `[B, Hkv, T_p, Ns_p]` float32 (padded; entry (t, j) is
-    defined for `j*l' <= ` the largest position of t's query tile, else unwritten).
+    defined where some query of t's tile may select j's tile, else unwritten).
 
     q `[B, T, H, D]`, k `[B, N, Hkv, D]` (slot i = compressed block i), lse `[B, H, T]`,
     positions int `[B, T]` / `[B, N]` (-1 = padding / empty).
@@ -192,7 +212,7 @@ def importance(q, k, lse, q_positions, kv_positions, *, num_sel_blocks: int, cmp
     g = h // hkv
     d_p = max(16, blocks.pl_next_pow2(d))
     tl = _tiles(cfg, t, num_sel_blocks, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                sel_block=sel_block, group=g, d_p=d_p)
+                sel_block=sel_block)
     t_p, n_p = blocks.round_up(t, tl.bq), tl.r * tl.ns_p
     k, kv_positions = k[:, :n_p], kv_positions[:, :n_p]       # later blocks only feed j >= Ns_p
     qx = blocks.pad_axis(blocks.pad_axis(q, t_p, 1), d_p, 3).transpose(0, 2, 1, 3)   # [B, H, T, D]
@@ -200,23 +220,25 @@ def importance(q, k, lse, q_positions, kv_positions, *, num_sel_blocks: int, cmp
     lse = blocks.pad_axis(lse.astype(jnp.float32), t_p, 2)
     qpos = blocks.pad_axis(q_positions, t_p, 1, -1)
     kpos = blocks.pad_axis(kv_positions, n_p, 1, -1)
-    nq = t_p // tl.bq
-    rev = lambda i: nq - 1 - i  # noqa: E731 - heaviest (causal) query tiles first
+    per = tl.bk // tl.hb
+    halo = lambda j: jnp.maximum(j * per - 1, 0)  # noqa: E731 - the hb keys before tile j (masked at j = 0)
     return pl.pallas_call(
         functools.partial(_importance_kernel, tiles=tl, group=g, scale=float(scale),
                           sel_block=sel_block),
-        grid=(nq, b * hkv),
-        in_specs=[pl.BlockSpec((None, tl.bq), lambda i, bh: (bh // hkv, rev(i))),
-                  pl.BlockSpec((None, n_p), lambda i, bh: (bh // hkv, 0)),
-                  pl.BlockSpec((None, g, tl.bq), lambda i, bh: (bh // hkv, bh % hkv, rev(i))),
-                  pl.BlockSpec((None, g, tl.bq, d_p), lambda i, bh: (bh // hkv, bh % hkv, rev(i), 0)),
-                  pl.BlockSpec((None, n_p, None, d_p), lambda i, bh: (bh // hkv, 0, bh % hkv, 0))],
-        out_specs=pl.BlockSpec((None, None, tl.bq, tl.ns_p), lambda i, bh: (bh // hkv, bh % hkv, rev(i), 0)),
+        grid=(tl.ns_p // tl.bs, t_p // tl.bq, b * hkv),     # selection tiles fastest: q stays in L2
+        in_specs=[pl.BlockSpec((None, tl.bq), lambda j, i, bh: (bh // hkv, i)),
+                  pl.BlockSpec((None, tl.bk), lambda j, i, bh: (bh // hkv, j)),
+                  pl.BlockSpec((None, tl.hb), lambda j, i, bh: (bh // hkv, halo(j))),
+                  pl.BlockSpec((None, g, tl.bq), lambda j, i, bh: (bh // hkv, bh % hkv, i)),
+                  pl.BlockSpec((None, g, tl.bq, d_p), lambda j, i, bh: (bh // hkv, bh % hkv, i, 0)),
+                  pl.BlockSpec((None, tl.bk, None, d_p), lambda j, i, bh: (bh // hkv, j, bh % hkv, 0)),
+                  pl.BlockSpec((None, tl.hb, None, d_p), lambda j, i, bh: (bh // hkv, halo(j), bh % hkv, 0))],
+        out_specs=pl.BlockSpec((None, None, tl.bq, tl.bs), lambda j, i, bh: (bh // hkv, bh % hkv, i, j)),
         out_shape=jax.ShapeDtypeStruct((b, hkv, t_p, tl.ns_p), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="nsa_select_importance",
-    )(qpos, kpos, lse, qx, kx)
+    )(qpos, kpos, kpos, lse, qx, kx, kx)
 
 
 def _top_n_kernel(qpos_ref, imp_ref, out_ref, *, sel_block: int, num_sel_blocks: int,
