@@ -227,7 +227,7 @@ def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, indic
                           interpret=bool(st.interpret), atomic=atomic),
         grid=sp["grid"], in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=warps(cfg.num_warps_bwd, geo),
+        compiler_params=plgpu.CompilerParams(num_warps=warps(cfg.num_warps_bwd, geo, backward=True),
                                              num_stages=cfg.num_stages_bwd),
         interpret=st.interpret,
         name="token_sparse_bwd" if atomic else "token_sparse_bwd_dq",
