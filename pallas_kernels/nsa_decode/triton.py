@@ -5,7 +5,8 @@ query heads of the group (padded to 16 for the tensor-core dot), so each K/V row
 once per group. The step:
 
 1. cmp statistics: online max / sum over the visible compressed keys (slot i = block i,
-   so the trip count `ceil(num_visible / bc)` comes from the query position) -> lse.
+   so the trip count `ceil(num_visible / bc)` comes from the query position) -> lse
+   (fused plan; the split plan folds it into step 2, below).
 2. cmp output and scores: `p = exp(s - lse)`, `o_cmp += p @ V`, and `p` summed over the
    group heads spread onto the selection blocks with the overlap weights
    `|tokens(i) & tokens(j)| / d` (`selection_scores`). A cmp tile of `bc` blocks is
@@ -25,16 +26,23 @@ Two launch plans (`TritonConfig.cmp_splits` / `tail_splits`):
 * fused (`cmp_splits=1`): all five steps in one kernel, grid (B, Hkv, T);
 * split (`cmp_splits=C > 1`, the default where B * Hkv * T programs are few): 64 programs
   (B=16, Hkv=4, T=1) leave an H200 (132 SMs) half idle, and the cmp keys are most of the
-  bytes, so steps 1 and 2 run on C programs per (b, hkv, t), each over its share of the
-  cmp tiles: `nsa_decode_stats` writes per-split (max, sum); `nsa_decode_scores` combines
-  them into the exact lse and writes its partial o_cmp and score rows (the spill of its
-  last tile onto the next share apart); `nsa_decode_finish` (grid B, Hkv, T * P) sums
-  those, and each of its P = `tail_splits` parts recomputes the selection (registers
-  only) and runs steps 4-5 on every P-th selected block and window tile; for P > 1 a
-  small XLA merge combines the parts by their lse. Three launches (+ the merge).
+  bytes, so steps 1 and 2 run in one pass on C programs per (b, hkv, t), each over its
+  share of the cmp tiles (`nsa_decode_cmp`): an online softmax `(m, l, acc)` per head,
+  and per head the tile's selection scores `p @ w` (`p = exp2(s - m)` at the running max
+  m, fp32 dots on the overlap weights) written per tile with that m, the spill onto the
+  next tile carried (rescaled) and the last one written apart. The lse is not needed
+  until `nsa_decode_finish` (grid B, Hkv, T * P): it combines the splits' `(m, l)` into
+  the lse and o_cmp, sums the group's heads `exp2(m_tile - lse) * scores`, and each of its
+  P = `tail_splits` parts recomputes the selection (registers only) and runs steps 4-5
+  on every P-th selected block and window tile; for P > 1 a small XLA merge combines the
+  parts by their lse. Two launches (+ the merge).
 
-Per step the cmp keys are read twice (steps 1 and 2) and the cmp values once, then the
-`n * l'` selected rows and the window: compressed + n*l' + w tokens, never the raw cache.
+The fused plan reads the cmp keys twice (steps 1 and 2: the group-summed scores need the
+exact lse) and the cmp values once; the split plan reads both once and writes
+`G * ceil(N / l') * 4` bytes of per-head scores per (b, hkv, t) (64 KB at 64K context),
+which the finish parts read back from L2. Then the `n * l'` selected rows and the window:
+compressed + n*l' + w tokens, never the raw cache.
+
 Head dims that are not powers of two and lengths that are not tile multiples are covered
 by masked loads; the caches are read in place (`[B, S, Hkv * D]` views).
 """
@@ -99,6 +107,7 @@ class Plan:
     s_win: int          # window slots
     bc: int             # cmp tile (compressed keys)
     bs: int             # selection blocks per cmp tile (bc / r)
+    bs_p: int           # bs padded (>= 16) for the split plan's per-head score dots
     r: int              # l' / d
     u: int              # l / d
     splits: int         # C programs per (b, hkv, t) in the cmp pass (1 = fused kernel)
@@ -152,7 +161,7 @@ def make_plan(q, k_cmp, k_slc, k_win, cfg, config: TritonConfig, scale: float) -
         per = pl_next_pow2(max(_cdiv(max_tiles, splits), _cdiv(_cdiv(ns, bs), splits)))
         rows = splits * per
     return Plan(t=t, g=h // hkv, rows_p=_p2(h // hkv), d=d, d_p=_p2(d), n_cmp=n_cmp, s_slc=s_slc,
-                s_win=s_win, bc=bc, bs=bs, r=r, u=u, splits=splits, tail_splits=tail, per=per, rows=rows, ns=ns,
+                s_win=s_win, bc=bc, bs=bs, bs_p=_p2(bs), r=r, u=u, splits=splits, tail_splits=tail, per=per, rows=rows, ns=ns,
                 n_out=n_out, n_p=pl_next_pow2(n_out), ls=cfg.sel_block, ls_p=_p2(cfg.sel_block),
                 bw=_p2(min(config.block_win, s_win)), l=cfg.cmp_block, stride=cfg.cmp_stride,
                 window=cfg.window, num_initial=cfg.num_initial, num_local=cfg.num_local,
@@ -217,6 +226,46 @@ class _Program:
         vis = self.live & (pos >= 0) & (pos <= self.t)
         return self.logits(k, vis), vis, v
 
+    def overlap_weights(self, width):
+        """`[bc, width]` float32 weights of a cmp tile's blocks onto its own selection blocks
+        and onto the next tile's (columns >= bs zero): cmp block c covers d-chunks c .. c+u-1,
+        selection block j the chunks j*r .. j*r+r-1 (`selection_scores`' overlap counts)."""
+        pn = self.plan
+        c_id = jnp.arange(pn.bc, dtype=jnp.int32)[:, None]
+        j_id = jnp.arange(width, dtype=jnp.int32)[None, :]
+        w_own = jnp.zeros((pn.bc, width), jnp.float32)
+        w_next = jnp.zeros((pn.bc, width), jnp.float32)
+        for n in range(pn.u):
+            block = (c_id + n) // pn.r
+            w_own += ((block == j_id) & (j_id < pn.bs)).astype(jnp.float32)
+            w_next += ((block == j_id + pn.bs) & (j_id < pn.bs)).astype(jnp.float32)
+        return w_own, w_next
+
+    def cmp_one_pass(self, refs, lo, hi, base, st_ref, mt_ref):
+        """Split plan, cmp tiles [lo, hi) in one pass: online softmax `(m, l, acc)` and per
+        head the unnormalised selection scores of each tile's selection blocks, relative to
+        the running max then: tile i writes `st_ref[i - base] [rows_p, bs_p]` (its own part
+        plus the previous tile's spill, rescaled) and `mt_ref[i - base] = m`. Returns
+        `((m, l, acc), spill [rows_p, bs_p])`, the last tile's part on the next tile's
+        blocks (relative to the final m)."""
+        pn = self.plan
+        w_own, w_next = self.overlap_weights(pn.bs_p)
+        dot = functools.partial(lax.dot_general, dimension_numbers=NN, precision=lax.Precision.HIGHEST,
+                                preferred_element_type=jnp.float32)
+
+        def body(i, carry):
+            (m, l, acc), pending = carry
+            s, vis, v = self.cmp_tile(refs, i)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.where(vis[None, :], jnp.exp2(s - m_new[:, None]), 0.0)     # [rows_p, bc]
+            pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
+            st_ref[i - base] = dot(p, w_own) + pending * alpha[:, None]
+            mt_ref[i - base] = m_new
+            return (m_new, l * alpha + p.sum(axis=-1), acc * alpha[:, None] + pv), dot(p, w_next)
+
+        return lax.fori_loop(lo, hi, body, (self.empty(), jnp.zeros((pn.rows_p, pn.bs_p), jnp.float32)))
+
     def cmp_stats(self, refs, lo, hi):
         """Step 1 over cmp tiles [lo, hi): running max and sum `[rows_p]` (base 2)."""
         def body(i, ml):
@@ -233,14 +282,7 @@ class _Program:
         the spill when that is row `rows`)."""
         pn = self.plan
         row_ok = (jnp.arange(pn.rows_p, dtype=jnp.int32) < pn.g)[:, None]
-        c_id = jnp.arange(pn.bc, dtype=jnp.int32)[:, None]
-        j_id = jnp.arange(pn.bs, dtype=jnp.int32)[None, :]
-        w_own = jnp.zeros((pn.bc, pn.bs), jnp.float32)
-        w_next = jnp.zeros((pn.bc, pn.bs), jnp.float32)
-        for n in range(pn.u):                     # cmp block c covers d-chunks c .. c+u-1
-            block = (c_id + n) // pn.r
-            w_own += (block == j_id).astype(jnp.float32)
-            w_next += (block == j_id + pn.bs).astype(jnp.float32)
+        w_own, w_next = self.overlap_weights(pn.bs)
         row_id = jnp.arange(rows, dtype=jnp.int32)[:, None]
 
         def body(i, carry):
@@ -261,10 +303,12 @@ class _Program:
         return lax.fori_loop(lo, hi, body, init)
 
     def select(self, scores):
-        """Step 3: `[n_p]` int32 selected blocks in score order, -1 unused."""
+        """Step 3 on `scores [rows, width >= bs]` (columns >= bs unused): `[n_p]` int32
+        selected blocks in score order, -1 unused."""
         pn = self.plan
-        blk = jnp.arange(pn.rows, dtype=jnp.int32)[:, None] * pn.bs + jnp.arange(pn.bs, dtype=jnp.int32)[None, :]
-        causal = self.live & (blk < pn.ns) & (blk * pn.ls <= self.tt)
+        col = jnp.arange(scores.shape[1], dtype=jnp.int32)[None, :]
+        blk = jnp.arange(pn.rows, dtype=jnp.int32)[:, None] * pn.bs + col
+        causal = self.live & (col < pn.bs) & (blk < pn.ns) & (blk * pn.ls <= self.tt)
         forced = causal & ((blk < pn.num_initial) | (blk > self.tt // pn.ls - pn.num_local))
         cand = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
         slot = jnp.arange(pn.n_p, dtype=jnp.int32)
@@ -343,34 +387,47 @@ def _split_program(plan: Plan, qpos_ref, q_ref):
     return prog, lo, jnp.minimum(lo + plan.per, prog.cmp_tiles), (z % plan.splits) * plan.per
 
 
-def _stats_kernel(qpos_ref, q_ref, kc_ref, cpos_ref, m_ref, l_ref, *, plan: Plan):
-    prog, lo, hi, _ = _split_program(plan, qpos_ref, q_ref)
-    m_ref[...], l_ref[...] = prog.cmp_stats((kc_ref, None, cpos_ref), lo, hi)
-
-
-def _scores_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, m_ref, l_ref, acc_ref, sc_ref, spill_ref,
-                   *, plan: Plan):
+def _cmp_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref,
+                *, plan: Plan):
+    """Split plan, steps 1-2 in one pass over this split's cmp tiles (K and V read once)."""
     prog, lo, hi, base = _split_program(plan, qpos_ref, q_ref)
-    m_part, l_part = m_ref[...], l_ref[...]                                 # [C, rows_p]
-    m = m_part.max(axis=0)
-    l = (l_part * jnp.exp2(m_part - m[None, :])).sum(axis=0)
-    acc, scores, spill = prog.cmp_scores((kc_ref, vc_ref, cpos_ref), _lse(m, l), lo, hi, base, plan.per)
-    acc_ref[...], sc_ref[...], spill_ref[...] = acc, scores, spill
+    (m, l, acc), spill = prog.cmp_one_pass((kc_ref, vc_ref, cpos_ref), lo, hi, base, st_ref, mt_ref)
+    m_ref[...], l_ref[...], acc_ref[...], spill_ref[...] = m, l, acc, spill
 
 
-def _finish_kernel(qpos_ref, q_ref, acc_ref, sc_ref, spill_ref, ks_ref, vs_ref, spos_ref, kw_ref, vw_ref,
-                   wpos_ref, oc_ref, os_ref, ow_ref, idx_ref, *lse_refs, plan: Plan):
-    """Every part of a (b, hkv, query) writes the same o_cmp and indices."""
+def _finish_kernel(qpos_ref, q_ref, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref, ks_ref, vs_ref, spos_ref,
+                   kw_ref, vw_ref, wpos_ref, oc_ref, os_ref, ow_ref, idx_ref, *lse_refs, plan: Plan):
+    """Split plan: the splits' softmax states -> lse and o_cmp; per-head tile scores and
+    spills -> group scores `[rows, bs_p]`; then steps 3-5. Every part of a (b, hkv, query)
+    writes the same o_cmp and indices."""
     b, h, z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     prog = _Program(plan, q_ref[...], h, qpos_ref[b * plan.t + z // plan.tail_splits])
-    acc = acc_ref[0]
-    for c in range(1, plan.splits):
-        acc += acc_ref[c]
-    oc_ref[...] = acc.astype(oc_ref.dtype)
-    scores = sc_ref[...]                                                   # [C * per, bs]
+    m_s, l_s = m_ref[...], l_ref[...]                                       # [C, rows_p]
+    m = m_s.max(axis=0)
+    lse = _lse(m, (l_s * jnp.exp2(m_s - m[None, :])).sum(axis=0))           # [rows_p]
+    w_s = jnp.exp2(m_s - lse[None, :])                                      # [C, rows_p]
+    oc_ref[...] = lax.fori_loop(
+        0, plan.splits, lambda c, o: o + jnp.where(jnp.arange(plan.splits)[:, None] == c, w_s, 0.0).sum(
+            axis=0)[:, None] * acc_ref[c], jnp.zeros((plan.rows_p, plan.d_p), jnp.float32)).astype(oc_ref.dtype)
+    head_id = jnp.arange(plan.rows_p, dtype=jnp.int32)
+
+    def head(g, sc):                 # sum over the group's heads of exp2(s - lse) per block
+        lse_g = jnp.where(head_id == g, lse, -jnp.inf).max()
+        return sc + jnp.exp2(mt_ref[:, g] - lse_g)[:, None] * st_ref[:, g, :]
+
+    scores = lax.fori_loop(0, plan.g, head, jnp.zeros((plan.rows, plan.bs_p), jnp.float32))
     row_id = jnp.arange(plan.rows, dtype=jnp.int32)[:, None]
-    for c in range(plan.splits - 1):                 # split c's last tile spills onto split c+1
-        scores = jnp.where(row_id == (c + 1) * plan.per, scores + spill_ref[pl.ds(c, 1), :], scores)
+    scores = jnp.where(row_id < prog.cmp_tiles, scores, 0.0)               # rows no split wrote
+    row_ok = (head_id < plan.g)[:, None]
+
+    def spill(c, sc):                # split c's last tile onto the blocks of tile hi_c
+        lo = jnp.minimum(c * plan.per, prog.cmp_tiles)
+        hi = jnp.minimum(lo + plan.per, prog.cmp_tiles)
+        w = jnp.exp2(m_ref[c] - lse)[:, None]
+        add = jnp.where(row_ok, w * spill_ref[c], 0.0).sum(axis=0)[None, :]
+        return jnp.where((row_id == hi) & (lo < hi), sc + add, sc)
+
+    scores = lax.fori_loop(0, plan.splits, spill, scores)
     prog.finish(scores, (ks_ref, vs_ref, spos_ref), (kw_ref, vw_ref, wpos_ref), (os_ref, ow_ref),
                 lse_refs or (None, None), idx_ref, part=z % plan.tail_splits)
 
@@ -428,30 +485,28 @@ def nsa_decode_triton(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_s
         )(qpos, qr, *cmp_in, *tail_in)
     else:
         part = functools.partial(spec, parts=c, part_axis=True)
-        m_part, l_part = call(
-            functools.partial(_stats_kernel, plan=pn), grid=(b, hkv, t * c), name="nsa_decode_stats",
-            in_specs=[whole, spec(*rd, parts=c), cmp_specs[0], cmp_specs[2]],
-            out_specs=[part(rows)] * 2, out_shape=[shape(c, rows)] * 2,
-        )(qpos, qr, cmp_in[0], cmp_in[2])
-        acc, scores, spill = call(
-            functools.partial(_scores_kernel, plan=pn), grid=(b, hkv, t * c), name="nsa_decode_scores",
-            in_specs=[whole, spec(*rd, parts=c), *cmp_specs, *[spec(c, rows, parts=c)] * 2],
-            out_specs=[part(*rd), part(pn.per, pn.bs), part(1, pn.bs)],
-            out_shape=[shape(c, *rd), shape(c, pn.per, pn.bs), shape(c, 1, pn.bs)],
-        )(qpos, qr, *cmp_in, m_part, l_part)
-        scores = scores.reshape(b, t, hkv, c * pn.per, pn.bs)              # free: splits are row blocks
-        spill = spill.reshape(b, t, hkv, c, pn.bs)
+        m_s, l_s, acc, st, mt, spill = call(
+            functools.partial(_cmp_kernel, plan=pn), grid=(b, hkv, t * c), name="nsa_decode_cmp",
+            in_specs=[whole, spec(*rd, parts=c), *cmp_specs],
+            out_specs=[part(rows)] * 2 + [part(*rd), part(pn.per, rows, pn.bs_p), part(pn.per, rows),
+                                          part(rows, pn.bs_p)],
+            out_shape=[shape(c, rows)] * 2 + [shape(c, *rd), shape(c, pn.per, rows, pn.bs_p),
+                                              shape(c, pn.per, rows), shape(c, rows, pn.bs_p)],
+        )(qpos, qr, *cmp_in)
+        st = st.reshape(b, t, hkv, pn.rows, rows, pn.bs_p)                 # free: splits are row blocks
+        mt = mt.reshape(b, t, hkv, pn.rows, rows)
         tail = functools.partial(spec, parts=p, part_axis=True)
         o_dtype = q.dtype if p == 1 else jnp.float32
         outs = call(
             functools.partial(_finish_kernel, plan=pn), grid=(b, hkv, t * p), name="nsa_decode_finish",
-            in_specs=[whole, spec(*rd, parts=p), spec(c, *rd, parts=p), spec(pn.rows, pn.bs, parts=p),
-                      spec(c, pn.bs, parts=p), *tail_specs],
+            in_specs=[whole, spec(*rd, parts=p), *[spec(c, rows, parts=p)] * 2, spec(c, *rd, parts=p),
+                      spec(pn.rows, rows, pn.bs_p, parts=p), spec(pn.rows, rows, parts=p),
+                      spec(c, rows, pn.bs_p, parts=p), *tail_specs],
             out_specs=[spec(*rd, parts=p)] + ([spec(*rd)] * 2 if p == 1 else [tail(*rd)] * 2)
             + [spec(pn.n_p, parts=p)] + ([] if p == 1 else [tail(rows)] * 2),
             out_shape=[shape(*rd, dtype=q.dtype)] + [shape(*((p,) if p > 1 else ()), *rd, dtype=o_dtype)] * 2
             + [shape(pn.n_p, dtype=jnp.int32)] + ([] if p == 1 else [shape(p, rows)] * 2),
-        )(qpos, qr, acc, scores, spill, *tail_in)
+        )(qpos, qr, m_s, l_s, acc, st, mt, spill, *tail_in)
         o_cmp, o_slc, o_win, idx = outs[:4]
         if p > 1:
             o_slc, o_win = (_merge(o, lse).astype(q.dtype) for o, lse in ((o_slc, outs[4]), (o_win, outs[5])))
