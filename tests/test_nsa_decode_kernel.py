@@ -154,6 +154,56 @@ def test_bad_arguments():
     assert resolved_impl("auto", False, cfg) == ("triton" if _has_gpu() else "xla")
 
 
+def _lowered_triton_modules(config, ctx, monkeypatch):
+    """{kernel name: Triton IR line count} of `nsa_decode_triton` lowered for an H200 at
+    B=16, HQ=64, HKV=4, D=128, bf16, paper cfg, context `ctx` (abstract device: no GPU,
+    compiles nothing)."""
+    mesh_lib = pytest.importorskip("jax._src.mesh")
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    sizes, lower_module = {}, registration.lowering.lower_jaxpr_to_triton_module
+
+    def counting(jaxpr, *args, **kwargs):
+        result = lower_module(jaxpr, *args, **kwargs)
+        sizes[jaxpr.debug_info.func_name] = result.module.operation.get_asm().count("\n")
+        return result
+
+    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", counting)
+    cfg, (b, h, hkv, d) = NSAConfig(), (16, 64, 4, 128)
+    n = num_cmp_blocks(ctx, cfg)
+    arg = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)   # noqa: E731
+    kv = lambda s: (arg(b, s, hkv, d), arg(b, s, hkv, d), arg(b, s, dtype=jnp.int32))  # noqa: E731
+
+    def step(q, q_pos, kc, vc, cp, ks, vs, sp, kw, vw, wp):
+        return nsa_decode_triton(q, q_pos, k_cmp=kc, v_cmp=vc, cmp_positions=cp, k_slc=ks, v_slc=vs,
+                                 slc_positions=sp, k_win=kw, v_win=vw, win_positions=wp, cfg=cfg,
+                                 scale=d ** -0.5, config=config)
+
+    dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    mesh = mesh_lib.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=dev)
+    with jax.sharding.use_abstract_mesh(mesh):
+        jax.jit(step).trace(arg(b, 1, h, d), arg(b, 1, dtype=jnp.int32), *kv(n), *kv(ctx),
+                            *kv(cfg.window)).lower(lowering_platforms=("cuda",))
+    return sizes
+
+
+@pytest.mark.parametrize("config, kernels", [
+    (TritonConfig(), {"nsa_decode_cmp", "nsa_decode_finish"}),       # split: C=4, P=4 here
+    (TritonConfig(cmp_splits=1), {"nsa_decode"}),
+])
+def test_lowers_for_h200_with_ir_independent_of_context(config, kernels, monkeypatch):
+    """The kernels lower for an H200 at B=16, 64K context, and their Triton IR is small and
+    the same size at 8K and 64K: every loop whose trip count grows with the context (cmp
+    tiles, selection rounds, selected blocks, window tiles) is an scf.for, not unrolled
+    (an unrolled loop was the first suspect of a slow compile)."""
+    small = _lowered_triton_modules(config, 8192, monkeypatch)
+    large = _lowered_triton_modules(config, 65536, monkeypatch)
+    assert set(large) == kernels, large
+    for name, lines in large.items():
+        assert lines < 4000, (name, lines)
+        assert abs(lines - small[name]) <= 16, (name, small[name], lines)
+
+
 def _has_gpu():
     try:
         return bool(jax.devices("gpu"))
