@@ -31,13 +31,16 @@ tile's first block can move by an ulp.
 Extra work over the `compressed` op's score kernel: the halo dot (`hb / bk` of the dots
 and exps: 12.5% at bk = 128), `r + u - 1` masked reductions of `[bq, bk]` and three
 `[bq, bs] x [bs, bs]` (+ `[bq, hb] x [hb, bs]`) selector dots per negative offset.
-Shared memory (H200, bf16, D = 128, bq = 64, bk = 128, 2 stages): the key tile 32 KB +
-halo 4 KB + 2 query stages of 16 KB + the reshape's layout conversion (<= 32 KB), about
-100 KB of 227 KB, independent of G.
+Shared memory and registers at the paper shape (G = 16, D = 128, bf16, 64K; the Triton IR
+this lowering emits, compiled by Triton 3.5 for sm_90 with its ptxas; not XLA's own
+Triton, so a guide): bq:bk:warps 64:128:8 (default) 68 KB, 128 registers, no spill;
+64:128:4 68 KB, 254; 64:64:4 52 KB, 127; 128:64:8 84 KB, 128; 128:128:8 and 64:256:8
+100 KB, 254 (KB = 1024 B, of 227 KB; the old kernel, all G query tiles loop invariant, asked
+557312 B at 64:64:4; XLA reported 573 KB). Independent of G.
 
 Suggested tile sweep (block_q:block_k:num_warps:topn_elements, `bench_nsa.py
---select_configs`): 64:128:4:16384 (default), 64:128:8:16384, 128:128:8:16384,
-64:256:8:16384, 64:64:4:16384.
+--select_configs`): 64:128:8:16384 (default), 64:128:4:16384, 64:64:4:16384,
+128:64:8:16384, 128:128:8:16384.
 
 Kernel 2 (`top_n`): one program per (query rows, batch * kv head). It loads the rows
 `[rows, Ns_p]` (`Ns_p` the next power of two of `Ns`: 1024 at 64K tokens), sets
@@ -82,7 +85,7 @@ class TritonConfig:
 
     block_q: int = 64
     block_k: int = 128
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
     topn_elements: int = 16384
     topn_num_warps: int = 4
@@ -151,16 +154,21 @@ def _select_columns(x, cols: int, row_of_col):
     return (hi + mid) + lo
 
 
-def _group_probabilities(q_ref, lse_ref, k, visible, *, group: int, scale: float):
-    """`sum_g exp(q_g k^T * scale - lse_g)` where visible, else 0: `[bq, len(k)]` float32.
-    One pipelined loop over the G heads, each loading its own query tile (no query tile is
-    live across iterations)."""
-    def head(g, acc):
+def _group_probabilities(q_ref, lse_ref, keys, *, group: int, scale: float):
+    """For each key tile k in `keys` (`[n, D]`): `sum_g exp(q_g k^T * scale - lse_g)`,
+    `[bq, n]` float32, unmasked (the caller masks once after the loop, so no mask is live
+    in it; hidden entries may sum to inf, never NaN: non-negative terms).
+
+    One pipelined loop over the G heads, each loading its own query tile once for all the
+    key tiles (no query tile is live across iterations)."""
+    def head(g, accs):
         lse = lse_ref[g, :]
-        lse = jnp.where(lse > -jnp.inf, lse, 0.0)
-        s = lax.dot_general(q_ref[g], k, NT, preferred_element_type=jnp.float32) * scale
-        return acc + jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
-    return lax.fori_loop(0, group, head, jnp.zeros(visible.shape, jnp.float32))
+        lse = jnp.where(lse > -jnp.inf, lse, 0.0)[:, None]
+        q = q_ref[g]
+        logits = (lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * scale for k in keys)
+        return tuple(acc + jnp.exp(s - lse) for acc, s in zip(accs, logits))
+    init = tuple(jnp.zeros((q_ref.shape[1], k.shape[0]), jnp.float32) for k in keys)
+    return lax.fori_loop(0, group, head, init)
 
 
 def _importance_kernel(qpos_ref, kpos_ref, hpos_ref, lse_ref, q_ref, k_ref, kh_ref, out_ref, *,
@@ -174,8 +182,10 @@ def _importance_kernel(qpos_ref, kpos_ref, hpos_ref, lse_ref, q_ref, k_ref, kh_r
 
     @pl.when(jnp.max(qp) >= jt * (bs * sel_block))          # else: no candidate block here
     def _():
-        p = _group_probabilities(q_ref, lse_ref, k_ref[...], visible(kpos_ref[...]),
-                                 group=group, scale=scale)                  # [bq, bk]
+        keys = [k_ref[...], kh_ref[...]] if u > 1 else [k_ref[...]]  # the tile (+ the hb keys before)
+        p, *halo = _group_probabilities(q_ref, lse_ref, keys, group=group, scale=scale)
+        p = jnp.where(visible(kpos_ref[...]), p, 0.0)                       # [bq, bk]
+        halo = [jnp.where(visible(hpos_ref[...]) & (jt > 0), h, 0.0) for h in halo]
         if r > 1:
             p3 = p.reshape(bq, bs, r)                        # [:, j, c] = P[:, r*j + c]
             c = lax.broadcasted_iota(jnp.int32, p3.shape, 2)
@@ -183,13 +193,10 @@ def _importance_kernel(qpos_ref, kpos_ref, hpos_ref, lse_ref, q_ref, k_ref, kh_r
         else:
             column = lambda c0: p                                            # noqa: E731
         terms = {o: column(o) for o in range(r)}             # P[:, r*j + o], 0 <= o < r
-        if u > 1:                                            # o < 0: s blocks back, the first s
-            ph = _group_probabilities(q_ref, lse_ref, kh_ref[...],           # from the halo
-                                      visible(hpos_ref[...]) & (jt > 0), group=group, scale=scale)
-            for o in range(-(u - 1), 0):
-                s = -(o // r)
-                terms[o] = (_select_columns(column(o % r), bs, lambda j, s=s: j - s)
-                            + _select_columns(ph, bs, lambda j, o=o: hb + r * j + o))
+        for o in range(-(u - 1), 0):                         # o < 0: s blocks back, the first s
+            s = -(o // r)                                    # from the halo
+            terms[o] = (_select_columns(column(o % r), bs, lambda j, s=s: j - s)
+                        + _select_columns(halo[0], bs, lambda j, o=o: hb + r * j + o))
         imp = 0.0
         for m in range(r):                                   # `overlap_scores`' order
             for n in range(u):
