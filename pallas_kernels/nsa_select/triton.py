@@ -39,15 +39,17 @@ Triton, so a guide): bq:bk:warps 64:128:8 (default) 68 KB, 128 registers, no spi
 557312 B at 64:64:4; XLA reported 573 KB). Independent of G.
 
 Suggested tile sweep (block_q:block_k:num_warps:topn_elements, `bench_nsa.py
---select_configs`): 64:128:8:16384 (default), 64:128:4:16384, 64:64:4:16384,
-128:64:8:16384, 128:128:8:16384.
+--select_configs`): 64:128:8:4096 (default), 64:128:4:4096, 64:64:4:4096, 128:64:8:4096,
+64:128:8:8192.
 
 Kernel 2 (`top_n`): one program per (query rows, batch * kv head). It loads the rows
 `[rows, Ns_p]` (`Ns_p` the next power of two of `Ns`: 1024 at 64K tokens), sets
 non-candidates to -inf and forced blocks to +inf, and runs `n` rounds of row argmax
 (lower index on ties) + knock-out: `lax.top_k`'s order, -1 where the value is -inf.
 Above `TritonConfig.max_sel_blocks` columns the rows no longer fit in registers and
-`top_blocks` (XLA `top_k`) ranks the kernel's importance instead.
+`top_blocks` (XLA `top_k`) ranks the kernel's importance instead. Registers at 64K
+(`Ns_p` = 1024, 4 warps; Triton 3.5, sm_90): topn_elements 4096 (default) 96, no spill;
+8192 254; 16384 255 and 444 B spilled (the row and its column iota, 2 x 128 per thread).
 
 Not fused into one kernel: top-n needs a query's whole importance row, and Triton has no
 dynamically indexed register storage, so a fused kernel would keep `[bq, Ns_p]` live
@@ -87,7 +89,7 @@ class TritonConfig:
     block_k: int = 128
     num_warps: int = 8
     num_stages: int = 2
-    topn_elements: int = 16384
+    topn_elements: int = 4096
     topn_num_warps: int = 4
     max_sel_blocks: int = 2048
 
