@@ -7,8 +7,8 @@ together share their query tiles in L2). It takes the `bk = r * bs` compressed k
 `hb` (16) keys before them, the halo. In one pipelined loop over the G heads of the GQA
 group, each head loading its own query tile (none is live across the loop, so Triton
 keeps no G query tiles in shared memory), it sums `exp(q_g k^T * scale - lse_g)` (as
-`exp2`: one FMA + `ex2` per entry) in registers (`P [bq, bk]`, `P_halo [bq, hb]`, as the `compressed` op's score kernel does),
-then forms the selection importance
+`exp2`: one FMA + `ex2` per entry) in registers (`P [bq, bk]`, `P_halo [bq, hb]`, as
+the `compressed` op's score kernel does), then forms the selection importance
 
     imp[:, j] = sum_{m < r} sum_{n < u} P[:, r*j + m - n]        (u = l/d)
 
