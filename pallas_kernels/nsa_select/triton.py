@@ -28,12 +28,13 @@ do for some N; on tensor cores the per-element K order is the instruction's, nor
 the same). So exact ties (constant keys) stay ties; across tilings the importance of a
 tile's first block can move by an ulp.
 
-Extra work over the `compressed` op's score kernel: the halo dot (`hb / bk` of the dots
-and exps: 12.5% at bk = 128), `r + u - 1` masked reductions of `[bq, bk]` and three
-`[bq, bs] x [bs, bs]` (+ `[bq, hb] x [hb, bs]`) selector dots per negative offset.
+Extra work over the `compressed` op's score kernel: the halo dot (`hb / bk` of the dots,
+12.5% at bk = 128; its exps only for the `u - 1` needed columns, taken out of the logits
+first), `r + u - 1` masked reductions of `[bq, bk]` and three `[bq, bs] x [bs, bs]` (+
+`[bq, hb] x [hb, bs]`) selector dots per negative offset, once per program.
 Shared memory and registers at the paper shape (G = 16, D = 128, bf16, 64K; the Triton IR
 this lowering emits, compiled by Triton 3.5 for sm_90 with its ptxas; not XLA's own
-Triton, so a guide): bq:bk:warps 64:128:8 (default) 68 KB, 128 registers, no spill;
+Triton, so a guide): bq:bk:warps 64:128:8 (default) 69 KB, 126 registers, no spill;
 64:128:4 68 KB, 254; 64:64:4 52 KB, 127; 128:64:8 84 KB, 128; 128:128:8 and 64:256:8
 100 KB, 254 (KB = 1024 B, of 227 KB; the old kernel, all G query tiles loop invariant, asked
 557312 B at 64:64:4; XLA reported 573 KB). Independent of G.
@@ -157,23 +158,42 @@ def _select_columns(x, cols: int, row_of_col):
     return (hi + mid) + lo
 
 
-def _group_probabilities(q_ref, lse_ref, keys, *, group: int, scale: float):
-    """For each key tile k in `keys` (`[n, D]`): `sum_g exp(q_g k^T * scale - lse_g)`,
-    `[bq, n]` float32, unmasked (the caller masks once after the loop, so no mask is live
-    in it; hidden entries may sum to inf, never NaN: non-negative terms).
+def _group_probabilities(q_ref, lse_ref, k, kh, *, halo: int, group: int, scale: float):
+    """`P [bq, bk]`: `sum_g exp(q_g k^T * scale - lse_g)` over the key tile k `[bk, D]`, and
+    `P_halo [bq, hb]` the same over the halo keys kh `[hb, D]`, only its last `halo` columns
+    (the rest 0; None if `halo` is 0). Unmasked: the caller masks once after the loop, so
+    no mask is live in it (hidden entries may sum to inf, never NaN: non-negative terms).
 
-    One pipelined loop over the G heads, each loading its own query tile once for all the
-    key tiles (no query tile is live across iterations). In base 2 (`exp(x) = 2^(x log2 e)`):
-    one FMA and one `ex2` per entry instead of libdevice's `expf` (about 8 float ops)."""
-    def head(g, accs):
+    One pipelined loop over the G heads, each loading its own query tile once (no query
+    tile is live across iterations). In base 2 (`exp(x) = 2^(x log2 e)`): one FMA and one
+    `ex2` per entry instead of libdevice's `expf` (about 8 float ops). The halo's columns
+    are taken out of its logits (exact masked sums) before the `ex2`: `halo` of them per
+    row, not `hb`."""
+    bq, hb = q_ref.shape[1], kh.shape[0]
+    col = lax.broadcasted_iota(jnp.int32, (bq, hb), 1)
+
+    def head(g, carry):
+        acc, hacc = carry
         lse = lse_ref[g, :]
         lse2 = (jnp.where(lse > -jnp.inf, lse, 0.0) * LOG2E)[:, None]
         q = q_ref[g]
-        logits2 = (lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * (scale * LOG2E)
-                   for k in keys)
-        return tuple(acc + jnp.exp2(s - lse2) for acc, s in zip(accs, logits2))
-    init = tuple(jnp.zeros((q_ref.shape[1], k.shape[0]), jnp.float32) for k in keys)
-    return lax.fori_loop(0, group, head, init)
+        logits2 = lambda keys: (lax.dot_general(q, keys, NT, preferred_element_type=jnp.float32)  # noqa: E731
+                                * (scale * LOG2E) - lse2)
+        acc = acc + jnp.exp2(logits2(k))
+        if halo:
+            sh = logits2(kh)
+            hacc = tuple(a + jnp.exp2(jnp.sum(jnp.where(col == hb - halo + i, sh, 0.0), axis=1))
+                         for i, a in enumerate(hacc))
+        return acc, hacc
+
+    init = (jnp.zeros((bq, k.shape[0]), jnp.float32), (jnp.zeros((bq,), jnp.float32),) * halo)
+    acc, hacc = lax.fori_loop(0, group, head, init)
+    if not halo:
+        return acc, None
+    ph = 0.0
+    for i, a in enumerate(hacc):
+        ph = ph + jnp.where(col == hb - halo + i, a[:, None], 0.0)
+    return acc, ph
 
 
 def _importance_kernel(qpos_ref, kpos_ref, hpos_ref, lse_ref, q_ref, k_ref, kh_ref, out_ref, *,
@@ -187,10 +207,9 @@ def _importance_kernel(qpos_ref, kpos_ref, hpos_ref, lse_ref, q_ref, k_ref, kh_r
 
     @pl.when(jnp.max(qp) >= jt * (bs * sel_block))          # else: no candidate block here
     def _():
-        keys = [k_ref[...], kh_ref[...]] if u > 1 else [k_ref[...]]  # the tile (+ the hb keys before)
-        p, *halo = _group_probabilities(q_ref, lse_ref, keys, group=group, scale=scale)
+        p, ph = _group_probabilities(q_ref, lse_ref, k_ref[...], kh_ref[...], halo=u - 1,
+                                     group=group, scale=scale)             # the tile, the halo
         p = jnp.where(visible(kpos_ref[...]), p, 0.0)                       # [bq, bk]
-        halo = [jnp.where(visible(hpos_ref[...]) & (jt > 0), h, 0.0) for h in halo]
         if r > 1:
             p3 = p.reshape(bq, bs, r)                        # [:, j, c] = P[:, r*j + c]
             c = lax.broadcasted_iota(jnp.int32, p3.shape, 2)
@@ -198,10 +217,12 @@ def _importance_kernel(qpos_ref, kpos_ref, hpos_ref, lse_ref, q_ref, k_ref, kh_r
         else:
             column = lambda c0: p                                            # noqa: E731
         terms = {o: column(o) for o in range(r)}             # P[:, r*j + o], 0 <= o < r
+        if u > 1:
+            ph = jnp.where(visible(hpos_ref[...]) & (jt > 0), ph, 0.0)     # [bq, hb]
         for o in range(-(u - 1), 0):                         # o < 0: s blocks back, the first s
             s = -(o // r)                                    # from the halo
             terms[o] = (_select_columns(column(o % r), bs, lambda j, s=s: j - s)
-                        + _select_columns(halo[0], bs, lambda j, o=o: hb + r * j + o))
+                        + _select_columns(ph, bs, lambda j, o=o: hb + r * j + o))
         imp = 0.0
         for m in range(r):                                   # `overlap_scores`' order
             for n in range(u):
