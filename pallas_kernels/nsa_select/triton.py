@@ -34,10 +34,11 @@ first), `r + u - 1` masked reductions of `[bq, bk]` and three `[bq, bs] x [bs, b
 `[bq, hb] x [hb, bs]`) selector dots per negative offset, once per program.
 Shared memory and registers at the paper shape (G = 16, D = 128, bf16, 64K; the Triton IR
 this lowering emits, compiled by Triton 3.5 for sm_90 with its ptxas; not XLA's own
-Triton, so a guide): bq:bk:warps 64:128:8 (default) 69 KB, 126 registers, no spill;
-64:128:4 68 KB, 254; 64:64:4 52 KB, 127; 128:64:8 84 KB, 128; 128:128:8 and 64:256:8
-100 KB, 254 (KB = 1024 B, of 227 KB; the old kernel, all G query tiles loop invariant, asked
-557312 B at 64:64:4; XLA reported 573 KB). Independent of G.
+Triton, so a guide), bq:bk:warps -> shared memory, registers, none spilled: 64:128:8
+(default) 69 KB, 126; 64:128:4 68 KB, 246; 64:64:4 52 KB, 128; 128:64:8 84 KB, 128;
+128:128:8 100 KB, 242; 64:256:8 101 KB, 254 (KB = 1024 B, of 227 KB; the old kernel, all
+G query tiles loop invariant, asked 557312 B at 64:64:4; XLA reported 573 KB).
+Independent of G.
 
 Suggested tile sweep (block_q:block_k:num_warps:topn_elements, `bench_nsa.py
 --select_configs`): 64:128:8:4096 (default), 64:128:4:4096, 64:64:4:4096, 128:64:8:4096,
