@@ -29,17 +29,17 @@ Kernel (one program per `block_r` rows, looping over S in `block_s` tiles):
      their slots and values to output column `running count + in-tile exclusive cumsum`
      (a Triton scan). Columns past the number taken get -1 / -inf.
 
-Cost at S = 64K, k' = 2048, the defaults (4 bits per pass, 3 full passes; 2 bits: 4
-compare-adds per element instead of 16 but twice the passes; 8 bits would need 256
-counters per element): 3 counting passes + 1 narrowing pass + 1 compaction pass read the
-row (256 KiB in float32) 5 times (1.25 MiB per row), with 16 compare-adds per element in
-each counting pass; the narrowed passes and the `k' x 8`-byte output are small beside it.
-Without the buffer (`full_passes=8`) a numpy model of the passes stops after 6 passes for
-N(0, 1) rows and 7 for indexer-like rows (ReLU-weighted sums), 8 when the k'-th value is
-tied. Defaults `block_r=1, block_s=512, num_warps=4`: one program per row (a DSA chunk has
-only `B x 512` rows), 4 elements per thread, so the 16 counters take 64 registers. Not
-measured on a GPU yet. Not done: bf16 scores (half the bytes per pass, but the set would
-then differ from float32 `lax.top_k` near the threshold); splitting long rows over
+Cost at S = 64K, k' = 2048, with 4 bits per pass and 3 full passes: 3 counting passes + 1
+narrowing pass + 1 compaction pass read the row (256 KiB in float32) 5 times (1.25 MiB per
+row), with 16 compare-adds per element in each counting pass; 2 bits per pass (the
+default) does 4 compare-adds per element but twice the passes (8 would need 256 counters
+per element). Without the buffer a numpy model of the passes stops after 6 passes (4 bits)
+for N(0, 1) rows and 7 for indexer-like rows (ReLU-weighted sums), 8 when the k'-th value
+is tied. Defaults `block_r=1, block_s=512, num_warps=4`: one program per row, 4 elements
+per thread. H200 (one sweep, R=2048 x S=32K, k=2048): `lax.top_k` 4.89 ms; 2 bits x 6 full
+passes 1.44 ms (the default); 4 bits x 3 full passes 1.84 ms. The kernel is bound by the
+compare-adds, not by the bytes. Not done: bf16 scores (half the bytes per pass, but the set
+would then differ from float32 `lax.top_k` near the threshold); splitting long rows over
 several programs when R is small.
 """
 
@@ -65,12 +65,13 @@ class TopkSelectConfig:
     `2**bits` counters per element; 8 would need 256 counters, far past the registers);
     full_passes: counting passes over the whole row before the keys that can still be the
     k'-th are copied to a buffer and the remaining passes read only them (>= 32 / bits:
-    never)."""
+    never). Defaults from one H200 sweep at R=2048 rows x S=32K, k=2048 (`lax.top_k` 4.89
+    ms): 2 bits x 6 full passes 1.44 ms; 4 bits x 3 full passes 1.84 ms; block_s 256 slower."""
 
     block_r: int = 1
     block_s: int = 512
-    bits_per_pass: int = 4
-    full_passes: int = 3
+    bits_per_pass: int = 2
+    full_passes: int = 6
     num_warps: int = 4
     num_stages: int = 2
 
