@@ -31,7 +31,7 @@ Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --ite
   PYTHONPATH=. python experiments/bench_nsa.py --out /tmp/bench_nsa.json
 Tile sweep of the selection kernels (rows `<mode>_selection_<cfg>_fwd_ms`):
   PYTHONPATH=. python experiments/bench_nsa.py --seq_lens 65536 --modes token --nobackward \
-      --select_configs 64:64:4:16384,64:128:8:16384,128:64:8:16384,64:64:4:8192
+      --select_configs 64:128:4:4096,64:128:8:4096,64:64:4:4096,128:64:8:4096
 CPU smoke run (tiny shapes and config, kernels in interpret mode, XLA dense baseline):
   PYTHONPATH=. python experiments/bench_nsa.py --small --out /tmp/nsa_small.json
 """

@@ -35,14 +35,18 @@ first), `r + u - 1` masked reductions of `[bq, bk]` and three `[bq, bs] x [bs, b
 Shared memory and registers at the paper shape (G = 16, D = 128, bf16, 64K; the Triton IR
 this lowering emits, compiled by Triton 3.5 for sm_90 with its ptxas; not XLA's own
 Triton, so a guide), bq:bk:warps -> shared memory, registers, none spilled: 64:128:8
-(default) 69 KB, 126; 64:128:4 68 KB, 246; 64:64:4 52 KB, 128; 128:64:8 84 KB, 128;
+69 KB, 126; 64:128:4 (default) 68 KB, 246; 64:64:4 52 KB, 128; 128:64:8 84 KB, 128;
 128:128:8 100 KB, 242; 64:256:8 101 KB, 254 (KB = 1024 B, of 227 KB; the old kernel, all
 G query tiles loop invariant, asked 557312 B at 64:64:4; XLA reported 573 KB).
 Independent of G.
 
 Suggested tile sweep (block_q:block_k:num_warps:topn_elements, `bench_nsa.py
---select_configs`): 64:128:8:4096 (default), 64:128:4:4096, 64:64:4:4096, 128:64:8:4096,
+--select_configs`): 64:128:4:4096 (default), 64:128:8:4096, 64:64:4:4096, 128:64:8:4096,
 64:128:8:8192.
+H200, one run (selection = importance + top-n, ms at 16K / 64K): 64:128:4:4096 1.12 /
+10.39; 64:128:8:4096 1.39 / 12.76; 64:64:4:4096 1.21 / 11.73; 128:64:8:4096 1.33 / 12.72
+(the XLA selection it replaces, on the `compressed` op's p_group: 0.81 / 27.5 plus the
+score kernel).
 
 Kernel 2 (`top_n`): one program per (query rows, batch * kv head). It loads the rows
 `[rows, Ns_p]` (`Ns_p` the next power of two of `Ns`: 1024 at 64K tokens), sets
@@ -90,7 +94,7 @@ class TritonConfig:
 
     block_q: int = 64
     block_k: int = 128
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 2
     topn_elements: int = 4096
     topn_num_warps: int = 4
