@@ -32,6 +32,9 @@ Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --ite
 Tile sweep of the selection kernels (rows `<mode>_selection_<cfg>_fwd_ms`):
   PYTHONPATH=. python experiments/bench_nsa.py --seq_lens 65536 --modes token --nobackward \
       --select_configs 64:128:4:4096,64:128:8:4096,64:64:4:4096,128:64:8:4096
+Launch plans of the fused decode kernel (rows `nsa_<cfg>_ms` of the decode row):
+  PYTHONPATH=. python experiments/bench_nsa.py --seq_lens= --decode_configs \
+      4:4:64:3:4,2:4:64:3:4,8:4:64:3:4,1:1:64:3:4
 CPU smoke run (tiny shapes and config, kernels in interpret mode, XLA dense baseline):
   PYTHONPATH=. python experiments/bench_nsa.py --small --out /tmp/nsa_small.json
 """
@@ -49,6 +52,7 @@ from absl import app, flags
 from experiments.bench_kernels import median_time, rel
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.decode import decode_attention
+from pallas_kernels.nsa_decode.triton import TritonConfig as NsaDecodeConfig, nsa_decode_triton
 from pallas_kernels.nsa_select import triton as nsa_select_kernels
 from sparse_jax import patterns as P
 from sparse_jax.ops import nsa as ops
@@ -61,6 +65,9 @@ flags.DEFINE_integer("check_rows", 64, "query rows checked against the XLA refer
 flags.DEFINE_integer("decode_batch", 16, "decode batch")
 flags.DEFINE_integer("decode_context", 65536, "decode context length")
 flags.DEFINE_bool("branches", True, "also time each branch on its own")
+flags.DEFINE_list("decode_configs", [], "nsa_decode Triton launch plans to time in the decode row, each "
+                  "cmp_splits:tail_splits:block_cmp:num_stages:num_warps (1:1:... = one fused kernel); "
+                  "rows nsa_<cfg>_ms")
 flags.DEFINE_list("select_configs", [], "nsa_select Triton configs to sweep on the kernel path, each "
                   "block_q:block_k:num_warps:topn_elements (e.g. 64:128:8:16384); rows "
                   "<mode>_selection_<cfg>_fwd_ms")
@@ -238,22 +245,38 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
     w = cfg.window
     win_k, win_v, win_pos = x["k_win"][:, -w:], x["v_win"][:, -w:], x["pos"][:, -w:]   # rolling window
 
-    def step(impl, interpret):
-        def f(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win):
-            out = ops.nsa_decode_branches(q, qpos, k_cmp=k_cmp, v_cmp=v_cmp,
-                                          cmp_positions=x["cmp_positions"], k_slc=k_slc, v_slc=v_slc,
-                                          slc_positions=x["pos"], k_win=k_win, v_win=v_win,
-                                          win_positions=win_pos, cfg=cfg, impl=impl, interpret=interpret)
-            return (out.cmp.astype(jnp.float32) + out.slc + out.win).astype(q.dtype)
+    def step(impl, interpret, config=None):     # positions are arguments: no HLO constants
+        def f(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, qpos, cpos, pos, win_pos):
+            kw = dict(k_cmp=k_cmp, v_cmp=v_cmp, cmp_positions=cpos, k_slc=k_slc, v_slc=v_slc,
+                      slc_positions=pos, k_win=k_win, v_win=v_win, win_positions=win_pos, cfg=cfg)
+            if config is None:
+                out = ops.nsa_decode_branches(q, qpos, impl=impl, interpret=interpret, **kw)
+                outs = (out.cmp, out.slc, out.win)
+            else:
+                kw.pop("cfg")
+                outs = nsa_decode_triton(q, qpos, cfg=cfg, scale=s.d ** -0.5, config=config,
+                                         interpret=interpret, **kw)[:3]
+            return (outs[0].astype(jnp.float32) + outs[1] + outs[2]).astype(q.dtype)
         return jax.jit(f)
 
-    args = (q, x["k_cmp"], x["v_cmp"], x["k_slc"], x["v_slc"], win_k, win_v)
+    args = (q, x["k_cmp"], x["v_cmp"], x["k_slc"], x["v_slc"], win_k, win_v, qpos, x["cmp_positions"],
+            x["pos"], win_pos)
     row = dict(kind="decode", batch=b, context=ctx, h=s.h, hkv=s.hkv, d=s.d)
-    row["err_ref"] = rel(step(s.impl, s.interpret)(*args), step("xla", False)(*args))
+    want = step("xla", False)(*args)
+    row["err_ref"] = rel(step(s.impl, s.interpret)(*args), want)
     row["nsa_ms"] = 1e3 * median_time(step(s.impl, s.interpret), *args, iters=iters)
-    dense_step = jax.jit(lambda q, k, v: decode_attention(q, k, v, kv_positions=x["pos"], q_positions=qpos,
-                                                          impl=s.impl, interpret=s.interpret))
-    row["dense_ms"] = 1e3 * median_time(dense_step, q, x["k_slc"], x["v_slc"], iters=iters)
+    for spec in FLAGS.decode_configs:       # nsa_decode Triton launch plans
+        c, p, bc, st, nw = (int(v) for v in spec.split(":"))
+        conf = NsaDecodeConfig(cmp_splits=c, tail_splits=p, block_cmp=bc, num_stages=st, num_warps=nw)
+        try:
+            f = step(s.impl, s.interpret, conf)
+            row[f"nsa_{spec}_err_ref"] = rel(f(*args), want)
+            row[f"nsa_{spec}_ms"] = 1e3 * median_time(f, *args, iters=iters)
+        except Exception as e:  # noqa: BLE001 - a plan that fails is reported, not fatal
+            row[f"nsa_{spec}_error"] = str(e)[:300]
+    dense_step = jax.jit(lambda q, k, v, pos, qpos: decode_attention(q, k, v, kv_positions=pos, q_positions=qpos,
+                                                                    impl=s.impl, interpret=s.interpret))
+    row["dense_ms"] = 1e3 * median_time(dense_step, q, x["k_slc"], x["v_slc"], x["pos"], qpos, iters=iters)
     row["ratio"] = row["dense_ms"] / row["nsa_ms"]
     n_cmp = x["k_cmp"].shape[1]
     row["nsa_tokens_read"] = n_cmp + cfg.num_selected * cfg.sel_block + w
