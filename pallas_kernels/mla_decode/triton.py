@@ -51,10 +51,11 @@ class MlaDecodeTritonConfig:
     `min_tokens_per_split`: the fewest tokens a split gets from the heuristic (the partials,
     `splits x H x Dc` per query, are written and read again: at B=16, k=2048 four splits'
     bf16 partials add ~20% to the selected rows' bytes); `partial_dtype`: dtype of the
-    per-split outputs (None: q's; lse always float32). `block_k` default from one H200 run
-    (B=16, 128K cache, k=2048, H=64): 128 -> 67 us, 64 -> 75 us, 32 -> 95 us, 16 -> 146 us."""
+    per-split outputs (None: q's; lse always float32). `block_k` 0: 128 for 2-byte caches, 32
+    for float32 (a float32 tile of 128 x 512 asks 370 KB of shared memory); from one H200
+    run in bf16 (B=16, 128K cache, k=2048, H=64): 128 -> 67 us, 64 -> 75 us, 32 -> 95 us."""
 
-    block_k: int = 128
+    block_k: int = 0
     max_rows: int = 0
     num_warps: int = 0
     num_stages: int = 2
@@ -64,8 +65,8 @@ class MlaDecodeTritonConfig:
 
     def __post_init__(self):
         pow2 = lambda x: x > 0 and x & (x - 1) == 0  # noqa: E731
-        if not (pow2(self.block_k) and self.block_k >= 16):
-            raise ValueError(f"block_k must be a power of two >= 16, got {self.block_k}")
+        if self.block_k and not (pow2(self.block_k) and self.block_k >= 16):
+            raise ValueError(f"block_k must be 0 (auto) or a power of two >= 16, got {self.block_k}")
         if self.max_rows and not (pow2(self.max_rows) and self.max_rows >= 16):
             raise ValueError(f"max_rows must be 0 (auto) or a power of two >= 16, got {self.max_rows}")
         if self.num_warps and not pow2(self.num_warps):
@@ -103,7 +104,7 @@ def geometry(q_abs, c_kv, k_rope, indices, cfg: MlaDecodeTritonConfig, num_split
     h_p = max(16, blocks.pl_next_pow2(h))
     rows_q = row_split(h_p, dc_p + dr_p + dc_p, cfg.max_rows)
     n = s if indices is None else indices.shape[2]
-    block_k = blocks.pow2_block(cfg.block_k, n)
+    block_k = blocks.pow2_block(cfg.block_k or (128 if c_kv.dtype.itemsize <= 2 else 32), n)
     k_p = blocks.round_up(n, block_k)
     max_tiles = k_p // block_k
     if num_splits is None:
