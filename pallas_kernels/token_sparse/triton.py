@@ -49,7 +49,12 @@ class TritonConfig:
     `dkdv`: how the backward gets dk/dv: "inverted" (one program per KV block over the
     query tokens that listed it, no atomics), "atomic" (scattered from the query-centric
     pass), "auto" (inverted iff block_size > 1: with token indices a KV block is one row, and
-    each (query, row) pair would reload the query's whole q/dO group tile for one key)."""
+    each (query, row) pair would reload the query's whole q/dO group tile for one key).
+    `dkdv_chunk`: the inverted path's most query tokens per program: a KV block listed by
+    more is split over several programs whose float32 partials are summed (NSA lists its
+    forced blocks in every query). 1024: loading the block's K/V once costs about as much as
+    4 of its tokens (64 rows vs a 16-row q/dO tile), and at 64K tokens block 0's 64 chunks are
+    no longer than an average block (~1M entries per kv head / 1024 blocks)."""
 
     block_k: int = 32
     max_rows: int = 0          # query rows (heads) per program; 0: auto (see `row_split`)
@@ -59,10 +64,13 @@ class TritonConfig:
     num_warps_bwd: int = 0
     num_stages_bwd: int = 1
     dkdv: str = "auto"
+    dkdv_chunk: int = 1024
 
     def __post_init__(self):
         if self.dkdv not in ("auto", "inverted", "atomic"):
             raise ValueError(f"dkdv must be 'auto', 'inverted' or 'atomic', got {self.dkdv!r}")
+        if not (isinstance(self.dkdv_chunk, int) and self.dkdv_chunk >= 1):
+            raise ValueError(f"dkdv_chunk must be an int >= 1, got {self.dkdv_chunk!r}")
         pow2 = lambda x: x > 0 and x & (x - 1) == 0  # noqa: E731
         for name in ("block_k", "block_k_bwd"):
             if not (pow2(getattr(self, name)) and getattr(self, name) >= 16):

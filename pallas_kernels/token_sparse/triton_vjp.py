@@ -108,13 +108,43 @@ def inverted_index(indices, q_pos, nblk: int):
     return tokens, start, count
 
 
-def _kv_kernel(start_ref, count_ref, tok_ref, qpos_ref, kpos_ref, q_ref, do_ref, lse_ref,
-               delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, geo, scale, softcap):
-    """dk/dv of KV block j (rows `[j * block_size, + R)`, the first block_size listed) over
-    the query tokens of its inverted-index entry, each with all G_p heads of the group."""
-    j, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    seg = (b * geo.hkv + h) * geo.nblk + j
-    first, n = start_ref[seg], count_ref[seg]
+def dkdv_chunks(start, count, b: int, hkv: int, nblk: int, entries: int, cap: int):
+    """Cut each KV block's token list (`inverted_index`'s `start`, `count`) into chunks of at
+    most `cap` tokens, per (batch, kv head) in block order.
+
+    Args: `start`, `count` `[B * Hkv * nblk]`; `entries`: listed entries per (batch, kv head)
+    (T * K), so `C = nblk + entries // cap` bounds the chunks of one (batch, kv head).
+    Returns: `(block, first, n, seg)`, each `[B * Hkv * C]` int32: chunk `(b * Hkv + h) * C + c`
+    covers `tokens[first : first + n]` of KV block `block` and adds into segment `seg`
+    (`(b * Hkv + h) * nblk + block`); padding chunks have `n = 0`, `block = nblk - 1` and
+    `seg = B * Hkv * nblk` (out of range: `segment_sum` drops them).
+    """
+    c = nblk + entries // cap
+    count3, start3 = count.reshape(b, hkv, nblk), start.reshape(b, hkv, nblk)
+    nch = (count3 + cap - 1) // cap                                         # [B, Hkv, nblk]
+    cend = jnp.cumsum(nch, axis=-1)
+    ci = jnp.arange(c, dtype=jnp.int32)
+    j = jax.vmap(jax.vmap(lambda e: jnp.searchsorted(e, ci, side="right")))(cend)
+    real = j < nblk
+    j = jnp.minimum(j, nblk - 1).astype(jnp.int32)                          # [B, Hkv, C]
+    at = lambda x: jnp.take_along_axis(x, j, axis=-1)  # noqa: E731
+    skip = (ci - (at(cend) - at(nch))) * cap                                # tokens of earlier chunks
+    first = at(start3) + skip
+    n = jnp.where(real, jnp.clip(at(count3) - skip, 0, cap), 0)
+    bh = jnp.arange(b * hkv, dtype=jnp.int32).reshape(b, hkv, 1)
+    seg = jnp.where(real, bh * nblk + j, b * hkv * nblk)
+    flat = lambda x: x.astype(jnp.int32).reshape(-1)  # noqa: E731
+    return flat(j), flat(first), flat(n), flat(seg)
+
+
+def _kv_kernel(blk_ref, first_ref, n_ref, tok_ref, qpos_ref, kpos_ref, q_ref, do_ref, lse_ref,
+               delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, geo, scale, softcap, nchunk):
+    """Partial float32 dk/dv of one chunk (`dkdv_chunks`) of KV block j's query tokens: rows
+    `[j * block_size, + R)` (the first block_size listed), each token with all G_p heads of
+    the group; a padding chunk (n = 0) writes zeros."""
+    c, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    chunk = (b * geo.hkv + h) * nchunk + c
+    j, first, n = blk_ref[chunk], first_ref[chunk], n_ref[chunk]
     r = jnp.arange(geo.rows, dtype=jnp.int32)
     rows = j * geo.block_size + r
     kp = kpos_ref[rows]
@@ -151,9 +181,9 @@ def _kv_kernel(start_ref, count_ref, tok_ref, qpos_ref, kpos_ref, q_ref, do_ref,
             tuple(jnp.zeros((geo.rows, w), jnp.float32) for _, w in geo.dv_pieces))
     dk, dv = lax.fori_loop(0, n, step, acc0)
     for (s0, w), a in zip(geo.d_pieces, dk):
-        dk_ref[:, pl.ds(s0, w)] = (a * scale).astype(dk_ref.dtype)
+        dk_ref[:, pl.ds(s0, w)] = a * scale
     for (s0, w), a in zip(geo.dv_pieces, dv):
-        dv_ref[:, pl.ds(s0, w)] = a.astype(dv_ref.dtype)
+        dv_ref[:, pl.ds(s0, w)] = a
 
 
 def use_inverted(cfg, geo) -> bool:
@@ -162,38 +192,52 @@ def use_inverted(cfg, geo) -> bool:
 
 
 def _dkdv_inverted(st, geo, cfg, qg, kp, vp, do, lse_r, delta_r, kv_pos_p, q_pos, indices):
-    """dk `[B, nblk * block_size, Hkv, D_p]`, dv likewise (k's / v's dtype)."""
+    """dk `[B, nblk * block_size, Hkv, D_p]`, dv likewise (float32): per-chunk partials
+    (`dkdv_chunks`, grid (C, B, Hkv)) summed per KV block by `segment_sum` (an XLA
+    scatter-add: blocks of several chunks add in an unspecified order on GPU, so their dk/dv
+    are not bitwise reproducible; single-chunk blocks are). The partial buffer is
+    `B * Hkv * C * R * (D_p + Dv_p)` float32: 512 MiB at NSA's 64K shape (Hkv 4, 1024 blocks
+    of 64, K 16, D 128, cap 1024 -> C = 2048), written and read once (~0.3 ms at H200
+    bandwidth)."""
     b, t = qg.shape[:2]
     d_p, dv_p = qg.shape[-1], do.shape[-1]
     tokens, start, count = inverted_index(indices, q_pos, geo.nblk)
+    entries = indices.shape[1] * indices.shape[3]
+    nchunk = geo.nblk + entries // cfg.dkdv_chunk
+    blk, first, n, seg = dkdv_chunks(start, count, b, geo.hkv, geo.nblk, entries, cfg.dkdv_chunk)
     whole = pl.BlockSpec()
     per_head_q = lambda width: pl.BlockSpec((None, t, None, geo.group_p, width),  # noqa: E731
-                                            lambda j, b_, h: (b_, 0, h, 0, 0))
-    per_head_r = pl.BlockSpec((None, t, None, geo.group_p), lambda j, b_, h: (b_, 0, h, 0))
+                                            lambda c, b_, h: (b_, 0, h, 0, 0))
+    per_head_r = pl.BlockSpec((None, t, None, geo.group_p), lambda c, b_, h: (b_, 0, h, 0))
     per_head_kv = lambda width: pl.BlockSpec((None, geo.s_p, None, width),  # noqa: E731
-                                             lambda j, b_, h: (b_, 0, h, 0))
+                                             lambda c, b_, h: (b_, 0, h, 0))
     out_spec = lambda width: pl.BlockSpec((None, None, None, geo.rows, width),  # noqa: E731
-                                          lambda j, b_, h: (b_, j, h, 0, 0))
-    out_shape = lambda width, dtype: jax.ShapeDtypeStruct(  # noqa: E731
-        (b, geo.nblk, geo.hkv, geo.rows, width), dtype)
+                                          lambda c, b_, h: (b_, h, c, 0, 0))
+    out_shape = lambda width: jax.ShapeDtypeStruct(  # noqa: E731
+        (b, geo.hkv, nchunk, geo.rows, width), jnp.float32)
     width = sum(w for _, w in geo.d_pieces + geo.dv_pieces)
     num_warps = cfg.num_warps_bwd or (8 if geo.rows * width > 16384 else 4)
     dk, dv = pl.pallas_call(
-        functools.partial(_kv_kernel, geo=geo, scale=st.scale, softcap=st.softcap),
-        grid=(geo.nblk, b, geo.hkv),
-        in_specs=[whole, whole, whole, whole,
-                  pl.BlockSpec((None, geo.s_p), lambda j, b_, h: (b_, 0)),
+        functools.partial(_kv_kernel, geo=geo, scale=st.scale, softcap=st.softcap, nchunk=nchunk),
+        grid=(nchunk, b, geo.hkv),
+        in_specs=[whole, whole, whole, whole, whole,
+                  pl.BlockSpec((None, geo.s_p), lambda c, b_, h: (b_, 0)),
                   per_head_q(d_p), per_head_q(dv_p), per_head_r, per_head_r,
                   per_head_kv(d_p), per_head_kv(dv_p)],
         out_specs=[out_spec(d_p), out_spec(dv_p)],
-        out_shape=[out_shape(d_p, kp.dtype), out_shape(dv_p, vp.dtype)],
+        out_shape=[out_shape(d_p), out_shape(dv_p)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages_bwd),
         interpret=st.interpret,
         name="token_sparse_bwd_dkdv",
-    )(start, count, tokens, q_pos.reshape(-1), kv_pos_p, qg, do, lse_r, delta_r, kp, vp)
-    flat = lambda x: x[:, :, :, :geo.block_size].transpose(0, 1, 3, 2, 4).reshape(  # noqa: E731
-        b, geo.nblk * geo.block_size, geo.hkv, x.shape[-1])
-    return flat(dk), flat(dv)
+    )(blk, first, n, tokens, q_pos.reshape(-1), kv_pos_p, qg, do, lse_r, delta_r, kp, vp)
+
+    def per_block(x):                       # [B, Hkv, C, R, w] -> [B, nblk * block_size, Hkv, w]
+        w = x.shape[-1]
+        x = jax.ops.segment_sum(x.reshape(-1, geo.rows, w), seg, num_segments=b * geo.hkv * geo.nblk)
+        x = x.reshape(b, geo.hkv, geo.nblk, geo.rows, w)[:, :, :, :geo.block_size]
+        return x.transpose(0, 2, 3, 1, 4).reshape(b, geo.nblk * geo.block_size, geo.hkv, w)
+
+    return per_block(dk), per_block(dv)
 
 
 def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, indices):
