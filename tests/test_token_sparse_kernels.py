@@ -24,7 +24,7 @@ from pallas_kernels.token_sparse import api, token_sparse_attention
 from pallas_kernels.token_sparse.reference import token_sparse_reference
 from pallas_kernels.token_sparse.tpu import TpuConfig, token_sparse_tpu
 from pallas_kernels.token_sparse.triton import TritonConfig, geometry, token_sparse_triton
-from pallas_kernels.token_sparse.triton_vjp import inverted_index
+from pallas_kernels.token_sparse.triton_vjp import dkdv_chunks, inverted_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +189,52 @@ def test_triton_dkdv_paths_match_reference(dkdv, cfg, case):
     assert_matches(got, run_vjp("xla", args, idx, kw, cot))
 
 
+def test_triton_dkdv_hot_block_split_into_chunks():
+    """Block 0 listed by every query (NSA's forced block) with `dkdv_chunk=4`: its 11-13
+    tokens per (batch, kv head) run as 3-4 chunk programs whose partials `segment_sum` adds;
+    other blocks take one or two chunks. Ragged keys, a padded query, GQA 4, two batch rows."""
+    case = Case("hot_block0", b=2, t=13, s=40, h=8, hkv=2, d=16, dv=24, k=3, block_size=4,
+                pad_k=3, pad_q=True, sinks=True, seed=16)
+    args, idx, kw, cot = make_inputs(case)
+    idx = np.asarray(idx).copy()
+    for row in np.ndindex(*idx.shape[:3]):
+        if (idx[row] >= 0).any():                        # the empty list stays empty
+            rest = [x for x in idx[row] if x > 0][:case.k - 1]
+            idx[row] = [0] + rest + [-1] * (case.k - 1 - len(rest))
+    idx = jnp.asarray(idx)
+    cfg = TritonConfig(dkdv="inverted", dkdv_chunk=4)
+    nblk = -(-case.s // case.block_size)
+    _, start, count = inverted_index(idx, kw["q_positions"], nblk)
+    assert int(count.reshape(case.b, case.hkv, nblk)[:, :, 0].min()) > 2 * cfg.dkdv_chunk
+    triton = functools.partial(token_sparse_triton, config=cfg, interpret=True)
+    with mock.patch.dict(api.IMPLEMENTATIONS, {"triton": triton}):
+        got = run_vjp("triton", args, idx, kw, cot)
+    assert_matches(got, run_vjp("xla", args, idx, kw, cot))
+
+
+def test_dkdv_chunks_cover_each_token_list_once():
+    """`dkdv_chunks` against the inverted index's (start, count): per (batch, kv head) the
+    chunks of each block, in order, tile `[start, start + count)` in pieces of at most cap;
+    padding chunks are empty and point past the segments."""
+    rng = np.random.default_rng(17)
+    b, hkv, nblk, entries, cap = 2, 3, 5, 40, 4
+    count = rng.integers(0, 9, size=(b, hkv, nblk))                # sums <= entries
+    count[0, 0] = [5, 5, 5, 5, 20]                                  # all entries, 13 chunks
+    start = (np.cumsum(count) - count.reshape(-1)).astype(np.int32)
+    blk, first, n, seg = (np.asarray(x) for x in jax.jit(dkdv_chunks, static_argnums=(2, 3, 4, 5, 6))(
+        jnp.asarray(start), jnp.asarray(count.reshape(-1), jnp.int32), b, hkv, nblk, entries, cap))
+    nchunk = nblk + entries // cap
+    assert blk.shape == (b * hkv * nchunk,)
+    for bb, h in np.ndindex(b, hkv):
+        rows = slice((bb * hkv + h) * nchunk, (bb * hkv + h + 1) * nchunk)
+        want = [((bb * hkv + h) * nblk + j, start[(bb * hkv + h) * nblk + j] + i, min(cap, c - i))
+                for j, c in enumerate(count[bb, h]) for i in range(0, c, cap)]
+        got = list(zip(seg[rows], first[rows], n[rows]))
+        assert got[:len(want)] == want
+        assert all(s == b * hkv * nblk and m == 0 for s, _, m in got[len(want):])
+        assert all(blk[rows][i] == s % nblk for i, (s, _, _) in enumerate(want))
+
+
 def test_inverted_index_lists_each_selection_once():
     """`inverted_index` against numpy loops: the ascending tokens of each (batch, kv head,
     block), padded queries and entries left out."""
@@ -302,6 +348,8 @@ def test_bad_configs_raise():
         TritonConfig(max_rows=8)
     with pytest.raises(ValueError, match="dkdv"):
         TritonConfig(dkdv="scatter")
+    with pytest.raises(ValueError, match="dkdv_chunk"):
+        TritonConfig(dkdv_chunk=0)
     with pytest.raises(ValueError, match="num_warps_bwd"):
         TritonConfig(num_warps_bwd=3)
     with pytest.raises(ValueError, match="backward_budget"):
