@@ -5,8 +5,10 @@ lse and gradients (dq, dk, dv, d sink_logits) in float32 on fresh random inputs.
 indices (block_size 1) and blocks (16, and 6: not a power of two), lengths not multiples of
 the tiles, ragged keys (positions -1), a padded query, a query with an empty list, GQA
 1/4/16 and MQA, sinks and soft-cap; both dk/dv paths of the Triton backward (inverted
-index, atomics) and the inverted index itself; bf16 forward; argument errors. A `gpu`-marked test
-compiles the Triton kernels (DSA and NSA head configurations, small T).
+index, atomics) and the inverted index itself; the inverted dk/dv split into chunks (a
+block every query lists); bf16 forward; argument errors; the Triton lowering at NSA's 64K
+shape. A `gpu`-marked test compiles the Triton kernels (DSA and NSA head configurations,
+small T).
 """
 
 from __future__ import annotations
@@ -92,13 +94,14 @@ def make_inputs(c: Case, dtype=jnp.float32):
     return (q, k, v, sinks), jnp.asarray(idx), kw, cot
 
 
-def run_vjp(impl, args, idx, kw, cot):
-    """out, lse and the gradients of `<out, dO> + <lse, dlse>` (finite lse only)."""
+def run_vjp(impl, args, idx, kw, cot, interpret=True):
+    """out, lse and the gradients of `<out, dO> + <lse, dlse>` (finite lse only);
+    `interpret=False` compiles the kernels (GPU tests)."""
     q, k, v, sinks = args
 
     def f(q, k, v, sinks):
         res = token_sparse_attention(q, k, v, idx, sink_logits=sinks, return_lse=True,
-                                     impl=impl, interpret=True, **kw)
+                                     impl=impl, interpret=interpret, **kw)
         return res.out, res.lse
 
     @jax.jit
@@ -356,6 +359,30 @@ def test_bad_configs_raise():
         TpuConfig(backward_budget=0)
 
 
+def test_triton_lowers_at_nsa_paper_shape():
+    """Forward, dq and chunked dk/dv kernels lower to Triton for an H200 at T=64K (bf16,
+    HQ=64, HKV=4, D=128, 16 blocks of 64), without a GPU (abstract device; compiles
+    nothing); the dk/dv partials take C = 1024 + 64K * 16 / 1024 = 2048 chunks per kv head."""
+    mesh_lib = pytest.importorskip("jax._src.mesh")
+    t, h, hkv, d, k, bs = 65536, 64, 4, 128, 16, 64
+    spec = jax.ShapeDtypeStruct
+    args = (spec((1, t, h, d), jnp.bfloat16), spec((1, t, hkv, d), jnp.bfloat16),
+            spec((1, t, hkv, d), jnp.bfloat16), spec((1, t, hkv, k), jnp.int32), spec((1, t), jnp.int32))
+
+    def loss(q, kk, v, idx, pos):
+        out = token_sparse_triton(q, kk, v, idx, block_size=bs, q_positions=pos, kv_positions=pos,
+                                  causal=True, sink_logits=None, softcap=None, scale=d ** -0.5,
+                                  return_lse=False)
+        return out.astype(jnp.float32).sum()
+
+    f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((1,), ("x",), abstract_device=dev)):
+        text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 3
+    assert "tensor<1x4x2048x64x128xf32>" in text                 # the partial dk/dv buffer
+
+
 def _has_gpu():
     try:
         return bool(jax.devices("gpu"))
@@ -379,7 +406,22 @@ def test_triton_compiled_on_gpu(case):
     """The real Triton kernels (TF32 dots, float32 atomics) against the float32 reference."""
     with jax.default_device(jax.devices("gpu")[0]):
         args, idx, kw, cot = make_inputs(case)
-        got = run_vjp("triton", args, idx, kw, cot)
+        got = run_vjp("triton", args, idx, kw, cot, interpret=False)
+        with jax.default_matmul_precision("highest"):
+            want = run_vjp("xla", args, idx, kw, cot)
+        assert_matches(got, want, tol=3e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+def test_triton_dkdv_chunks_compiled_on_gpu():
+    """The NSA case with `dkdv_chunk=16`: KV blocks listed by up to 200 queries take up to
+    13 chunk programs each, summed by `segment_sum`, against the float32 reference."""
+    triton = functools.partial(token_sparse_triton, config=TritonConfig(dkdv_chunk=16))
+    with jax.default_device(jax.devices("gpu")[0]), \
+            mock.patch.dict(api.IMPLEMENTATIONS, {"triton": triton}):
+        args, idx, kw, cot = make_inputs(GPU_CASES[1])
+        got = run_vjp("triton", args, idx, kw, cot, interpret=False)
         with jax.default_matmul_precision("highest"):
             want = run_vjp("xla", args, idx, kw, cot)
         assert_matches(got, want, tol=3e-3)
