@@ -3,11 +3,15 @@
 
 * dq: one program per (query token, batch, kv head), the group's query heads as rows,
   walking the same listed KV rows as the forward (`triton.tile`), dq kept on chip.
-* dk/dv, "inverted" (`TritonConfig.dkdv`; the default for block_size > 1): one program per
-  (KV block, batch, kv head) holding the block's dk/dv in registers, looping over the query
-  tokens that listed that block (all G heads of each: `P^T dO`, `dS^T Q`), written once, no
-  atomics. The list is the inverted index of `indices`, built on device by `inverted_index`
-  (one stable sort and a bincount, O(B * T * Hkv * K)).
+* dk/dv, "inverted" (`TritonConfig.dkdv`; the default for block_size > 1): the query tokens
+  that listed each KV block (the inverted index of `indices`, built on device by
+  `inverted_index`: one stable sort and a bincount, O(B * T * Hkv * K)), cut into chunks of
+  at most `TritonConfig.dkdv_chunk` tokens (`dkdv_chunks`); one program per (chunk, batch,
+  kv head) holds the block's partial dk/dv in registers, looping over its tokens (all G
+  heads of each: `P^T dO`, `dS^T Q`), and writes it once in float32; `segment_sum` adds the
+  chunks of each block. Without the chunks, NSA's forced block 0 (listed by every query)
+  was one program walking all T tokens: at 64K the selected branch's fwd+bwd took 155 ms
+  with real NSA selections vs 74.8 ms with random ones (H200, before this split).
 * dk/dv, "atomic" (the default for token indices): the dq pass also scatters `P^T dO` and
   `dS^T Q` into float32 dk/dv buffers with atomic adds
   (`jax.experimental.pallas.triton.atomic_add`). The buffers carry one spare row that
@@ -17,7 +21,8 @@
   listed entries must be).
 
 H200, bf16, NSA selection (64/4 heads, 16 x 64 blocks), fwd+bwd: 64.3 -> 21.7 ms at 16K and
-300.1 -> 74.8 ms at 64K tokens, atomic -> inverted (cuDNN dense causal: 28.8 / 451.4 ms).
+300.1 -> 74.8 ms at 64K tokens, atomic -> inverted (cuDNN dense causal: 28.8 / 451.4 ms);
+random selections, measured before the chunk split (not yet re-timed with it).
 """
 
 from __future__ import annotations
