@@ -194,7 +194,7 @@ def test_triton_dkdv_paths_match_reference(dkdv, cfg, case):
 
 def test_triton_dkdv_hot_block_split_into_chunks():
     """Block 0 listed by every query (NSA's forced block) with `dkdv_chunk=4`: its 11-13
-    tokens per (batch, kv head) run as 3-4 chunk programs whose partials `segment_sum` adds;
+    tokens per (batch, kv head) run as 3-4 chunk programs whose partials `_sum_kernel` adds;
     other blocks take one or two chunks. Ragged keys, a padded query, GQA 4, two batch rows."""
     case = Case("hot_block0", b=2, t=13, s=40, h=8, hkv=2, d=16, dv=24, k=3, block_size=4,
                 pad_k=3, pad_q=True, sinks=True, seed=16)
@@ -218,24 +218,27 @@ def test_triton_dkdv_hot_block_split_into_chunks():
 def test_dkdv_chunks_cover_each_token_list_once():
     """`dkdv_chunks` against the inverted index's (start, count): per (batch, kv head) the
     chunks of each block, in order, tile `[start, start + count)` in pieces of at most cap;
-    padding chunks are empty and point past the segments."""
+    padding chunks are empty; each block's (chunk0, nch) names its chunks."""
     rng = np.random.default_rng(17)
     b, hkv, nblk, entries, cap = 2, 3, 5, 40, 4
     count = rng.integers(0, 9, size=(b, hkv, nblk))                # sums <= entries
     count[0, 0] = [5, 5, 5, 5, 20]                                  # all entries, 13 chunks
     start = (np.cumsum(count) - count.reshape(-1)).astype(np.int32)
-    blk, first, n, seg = (np.asarray(x) for x in jax.jit(dkdv_chunks, static_argnums=(2, 3, 4, 5, 6))(
+    blk, first, n, chunk0, nch = (np.asarray(x) for x in jax.jit(dkdv_chunks, static_argnums=(2, 3, 4, 5, 6))(
         jnp.asarray(start), jnp.asarray(count.reshape(-1), jnp.int32), b, hkv, nblk, entries, cap))
     nchunk = nblk + entries // cap
     assert blk.shape == (b * hkv * nchunk,)
     for bb, h in np.ndindex(b, hkv):
         rows = slice((bb * hkv + h) * nchunk, (bb * hkv + h + 1) * nchunk)
-        want = [((bb * hkv + h) * nblk + j, start[(bb * hkv + h) * nblk + j] + i, min(cap, c - i))
+        seg0 = (bb * hkv + h) * nblk
+        want = [(j, start[seg0 + j] + i, min(cap, c - i))
                 for j, c in enumerate(count[bb, h]) for i in range(0, c, cap)]
-        got = list(zip(seg[rows], first[rows], n[rows]))
+        got = list(zip(blk[rows], first[rows], n[rows]))
         assert got[:len(want)] == want
-        assert all(s == b * hkv * nblk and m == 0 for s, _, m in got[len(want):])
-        assert all(blk[rows][i] == s % nblk for i, (s, _, _) in enumerate(want))
+        assert all(m == 0 for _, _, m in got[len(want):])
+        for j in range(nblk):
+            mine = [i for i, w in enumerate(want) if w[0] == j]
+            assert list(range(chunk0[seg0 + j], chunk0[seg0 + j] + nch[seg0 + j])) == mine
 
 
 def test_inverted_index_lists_each_selection_once():
@@ -360,9 +363,9 @@ def test_bad_configs_raise():
 
 
 def test_triton_lowers_at_nsa_paper_shape():
-    """Forward, dq and chunked dk/dv kernels lower to Triton for an H200 at T=64K (bf16,
-    HQ=64, HKV=4, D=128, 16 blocks of 64), without a GPU (abstract device; compiles
-    nothing); the dk/dv partials take C = 1024 + 64K * 16 / 1024 = 2048 chunks per kv head."""
+    """Forward, dq, chunked dk/dv and chunk-sum kernels lower to Triton for an H200 at
+    T=64K (bf16, HQ=64, HKV=4, D=128, 16 blocks of 64), without a GPU (abstract device;
+    compiles nothing); the dk/dv partials take C = 1024 + 64K * 16 / 1024 = 2048 chunks per kv head."""
     mesh_lib = pytest.importorskip("jax._src.mesh")
     t, h, hkv, d, k, bs = 65536, 64, 4, 128, 16, 64
     spec = jax.ShapeDtypeStruct
@@ -379,7 +382,7 @@ def test_triton_lowers_at_nsa_paper_shape():
     dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((1,), ("x",), abstract_device=dev)):
         text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @__gpu$xla.gpu.triton") == 3
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 4        # fwd, dq, dk/dv, chunk sum
     assert "tensor<1x4x2048x64x128xf32>" in text                 # the partial dk/dv buffer
 
 
@@ -416,7 +419,7 @@ def test_triton_compiled_on_gpu(case):
 @pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
 def test_triton_dkdv_chunks_compiled_on_gpu():
     """The NSA case with `dkdv_chunk=16`: KV blocks listed by up to 200 queries take up to
-    13 chunk programs each, summed by `segment_sum`, against the float32 reference."""
+    13 chunk programs each, summed by `_sum_kernel`, against the float32 reference."""
     triton = functools.partial(token_sparse_triton, config=TritonConfig(dkdv_chunk=16))
     with jax.default_device(jax.devices("gpu")[0]), \
             mock.patch.dict(api.IMPLEMENTATIONS, {"triton": triton}):

@@ -8,10 +8,11 @@
   `inverted_index`: one stable sort and a bincount, O(B * T * Hkv * K)), cut into chunks of
   at most `TritonConfig.dkdv_chunk` tokens (`dkdv_chunks`); one program per (chunk, batch,
   kv head) holds the block's partial dk/dv in registers, looping over its tokens (all G
-  heads of each: `P^T dO`, `dS^T Q`), and writes it once in float32; `segment_sum` adds the
-  chunks of each block. Without the chunks, NSA's forced block 0 (listed by every query)
-  was one program walking all T tokens: at 64K the selected branch's fwd+bwd took 155 ms
-  with real NSA selections vs 74.8 ms with random ones (H200, before this split).
+  heads of each: `P^T dO`, `dS^T Q`), and writes it once in float32; a second kernel
+  (`_sum_kernel`) adds the chunks of each block in order (no atomics, deterministic).
+  Without the chunks, NSA's forced block 0 (listed by every query) was one program walking
+  all T tokens: at 64K the selected branch's fwd+bwd took 155 ms with real NSA selections
+  vs 74.8 ms with random ones (H200, before this split).
 * dk/dv, "atomic" (the default for token indices): the dq pass also scatters `P^T dO` and
   `dS^T Q` into float32 dk/dv buffers with atomic adds
   (`jax.experimental.pallas.triton.atomic_add`). The buffers carry one spare row that
@@ -119,10 +120,10 @@ def dkdv_chunks(start, count, b: int, hkv: int, nblk: int, entries: int, cap: in
 
     Args: `start`, `count` `[B * Hkv * nblk]`; `entries`: listed entries per (batch, kv head)
     (T * K), so `C = nblk + entries // cap` bounds the chunks of one (batch, kv head).
-    Returns: `(block, first, n, seg)`, each `[B * Hkv * C]` int32: chunk `(b * Hkv + h) * C + c`
-    covers `tokens[first : first + n]` of KV block `block` and adds into segment `seg`
-    (`(b * Hkv + h) * nblk + block`); padding chunks have `n = 0`, `block = nblk - 1` and
-    `seg = B * Hkv * nblk` (out of range: `segment_sum` drops them).
+    Returns: `(block, first, n)`, each `[B * Hkv * C]` int32: chunk `(b * Hkv + h) * C + c`
+    covers `tokens[first : first + n]` of KV block `block` (padding chunks: `n = 0`,
+    `block = nblk - 1`); and `(chunk0, nch)`, each `[B * Hkv * nblk]` int32: the chunks of
+    block `(b * Hkv + h) * nblk + j` are `chunk0 .. chunk0 + nch - 1` of its (batch, kv head).
     """
     c = nblk + entries // cap
     count3, start3 = count.reshape(b, hkv, nblk), start.reshape(b, hkv, nblk)
@@ -136,10 +137,21 @@ def dkdv_chunks(start, count, b: int, hkv: int, nblk: int, entries: int, cap: in
     skip = (ci - (at(cend) - at(nch))) * cap                                # tokens of earlier chunks
     first = at(start3) + skip
     n = jnp.where(real, jnp.clip(at(count3) - skip, 0, cap), 0)
-    bh = jnp.arange(b * hkv, dtype=jnp.int32).reshape(b, hkv, 1)
-    seg = jnp.where(real, bh * nblk + j, b * hkv * nblk)
     flat = lambda x: x.astype(jnp.int32).reshape(-1)  # noqa: E731
-    return flat(j), flat(first), flat(n), flat(seg)
+    return flat(j), flat(first), flat(n), flat(cend - nch), flat(nch)
+
+
+def _sum_kernel(chunk0_ref, nch_ref, dk_part_ref, dv_part_ref, dk_ref, dv_ref, *, geo):
+    """dk/dv of KV block j: its chunks' float32 partials added in chunk order (deterministic)."""
+    j, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    blk = (b * geo.hkv + h) * geo.nblk + j
+    c0, m = chunk0_ref[blk], nch_ref[blk]
+    for part_ref, out_ref, dims in ((dk_part_ref, dk_ref, geo.d_pieces),
+                                    (dv_part_ref, dv_ref, geo.dv_pieces)):
+        for s0, w in dims:
+            add = lambda i, a, s0=s0, w=w, ref=part_ref: a + ref[c0 + i, :, pl.ds(s0, w)]  # noqa: E731
+            acc = lax.fori_loop(0, m, add, jnp.zeros((geo.rows, w), jnp.float32))
+            out_ref[:, pl.ds(s0, w)] = acc.astype(out_ref.dtype)
 
 
 def _kv_kernel(blk_ref, first_ref, n_ref, tok_ref, qpos_ref, kpos_ref, q_ref, do_ref, lse_ref,
@@ -197,10 +209,9 @@ def use_inverted(cfg, geo) -> bool:
 
 
 def _dkdv_inverted(st, geo, cfg, qg, kp, vp, do, lse_r, delta_r, kv_pos_p, q_pos, indices):
-    """dk `[B, nblk * block_size, Hkv, D_p]`, dv likewise (float32): per-chunk partials
-    (`dkdv_chunks`, grid (C, B, Hkv)) summed per KV block by `segment_sum` (an XLA
-    scatter-add: blocks of several chunks add in an unspecified order on GPU, so their dk/dv
-    are not bitwise reproducible; single-chunk blocks are). The partial buffer is
+    """dk `[B, nblk * block_size, Hkv, D_p]`, dv likewise (k's / v's dtype): per-chunk float32
+    partials (`dkdv_chunks`, grid (C, B, Hkv)), then `_sum_kernel` adds each block's chunks
+    in order (grid (nblk, B, Hkv); deterministic, no atomics). The partial buffer is
     `B * Hkv * C * R * (D_p + Dv_p)` float32: 512 MiB at NSA's 64K shape (Hkv 4, 1024 blocks
     of 64, K 16, D 128, cap 1024 -> C = 2048), written and read once (~0.3 ms at H200
     bandwidth)."""
@@ -209,7 +220,7 @@ def _dkdv_inverted(st, geo, cfg, qg, kp, vp, do, lse_r, delta_r, kv_pos_p, q_pos
     tokens, start, count = inverted_index(indices, q_pos, geo.nblk)
     entries = indices.shape[1] * indices.shape[3]
     nchunk = geo.nblk + entries // cfg.dkdv_chunk
-    blk, first, n, seg = dkdv_chunks(start, count, b, geo.hkv, geo.nblk, entries, cfg.dkdv_chunk)
+    blk, first, n, chunk0, nch = dkdv_chunks(start, count, b, geo.hkv, geo.nblk, entries, cfg.dkdv_chunk)
     whole = pl.BlockSpec()
     per_head_q = lambda width: pl.BlockSpec((None, t, None, geo.group_p, width),  # noqa: E731
                                             lambda c, b_, h: (b_, 0, h, 0, 0))
@@ -236,13 +247,25 @@ def _dkdv_inverted(st, geo, cfg, qg, kp, vp, do, lse_r, delta_r, kv_pos_p, q_pos
         name="token_sparse_bwd_dkdv",
     )(blk, first, n, tokens, q_pos.reshape(-1), kv_pos_p, qg, do, lse_r, delta_r, kp, vp)
 
-    def per_block(x):                       # [B, Hkv, C, R, w] -> [B, nblk * block_size, Hkv, w]
-        w = x.shape[-1]
-        x = jax.ops.segment_sum(x.reshape(-1, geo.rows, w), seg, num_segments=b * geo.hkv * geo.nblk)
-        x = x.reshape(b, geo.hkv, geo.nblk, geo.rows, w)[:, :, :, :geo.block_size]
-        return x.transpose(0, 2, 3, 1, 4).reshape(b, geo.nblk * geo.block_size, geo.hkv, w)
-
-    return per_block(dk), per_block(dv)
+    part_spec = lambda width: pl.BlockSpec((None, None, nchunk, geo.rows, width),  # noqa: E731
+                                           lambda j, b_, h: (b_, h, 0, 0, 0))
+    blk_spec = lambda width: pl.BlockSpec((None, None, None, geo.rows, width),  # noqa: E731
+                                          lambda j, b_, h: (b_, j, h, 0, 0))
+    blk_shape = lambda width, dtype: jax.ShapeDtypeStruct(  # noqa: E731
+        (b, geo.nblk, geo.hkv, geo.rows, width), dtype)
+    dk, dv = pl.pallas_call(
+        functools.partial(_sum_kernel, geo=geo),
+        grid=(geo.nblk, b, geo.hkv),
+        in_specs=[whole, whole, part_spec(d_p), part_spec(dv_p)],
+        out_specs=[blk_spec(d_p), blk_spec(dv_p)],
+        out_shape=[blk_shape(d_p, kp.dtype), blk_shape(dv_p, vp.dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=st.interpret,
+        name="token_sparse_bwd_dkdv_sum",
+    )(chunk0, nch, dk, dv)
+    flat = lambda x: x[:, :, :, :geo.block_size].transpose(0, 1, 3, 2, 4).reshape(  # noqa: E731
+        b, geo.nblk * geo.block_size, geo.hkv, x.shape[-1])
+    return flat(dk), flat(dv)
 
 
 def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, indices):
