@@ -21,6 +21,7 @@ from pallas_kernels.block_sparse.reference import block_sparse_reference
 from pallas_kernels.block_sparse.tpu import block_sparse_tpu
 from pallas_kernels.block_sparse.triton import TritonConfig, block_sparse_triton
 from sparse_jax import patterns as P
+from gpu_testing import has_gpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,15 +202,8 @@ def test_tile_that_does_not_divide_the_metadata_block_raises():
         api.block_sparse_attention(q, k, v, meta, mask_fn=P.Causal(), impl="triton", interpret=True)
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("config", [None, SMALL], ids=["default_tiles", "small_tiles"])
 def test_triton_compiled_on_gpu(case, config):

@@ -22,6 +22,7 @@ from pallas_kernels.compressed.tpu import TpuConfig, compressed_tpu
 from pallas_kernels.compressed.triton import causal
 from pallas_kernels.flash import blocks
 from sparse_jax.ops import nsa as ops
+from gpu_testing import has_gpu
 
 L, D_STRIDE, HEADS, HEAD_DIM = 8, 4, 16, 8
 
@@ -130,13 +131,6 @@ def test_compressed_bad_input_raises():
         TpuConfig(block_q=12)
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 def compiled_case(dtype, t, hkv, d, interpret=False):
     """Kernel vs reference at a real head dim; returns (max rel error of out, of p_group)."""
     rng = np.random.default_rng(t + hkv + d)
@@ -158,7 +152,7 @@ def compiled_case(dtype, t, hkv, d, interpret=False):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 3e-3), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("t, hkv, d", [(300, 4, 128), (200, 1, 64)])
 def test_compressed_compiled_on_gpu(dtype, tol, t, hkv, d):

@@ -21,6 +21,7 @@ from pallas_kernels.decode.reference import decode_reference
 from pallas_kernels.decode.tpu import DecodeTpuConfig, decode_tpu
 from pallas_kernels.decode.triton import DecodeTritonConfig, decode_triton
 from sparse_jax import patterns as P
+from gpu_testing import has_gpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,15 +230,8 @@ def test_unknown_impl_raises():
         _bad(impl="cuda")()
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_triton_compiled_on_gpu(case):
     """The compiled Triton kernel; float32 dots run as TF32 on the GPU: TF32 tolerances

@@ -19,6 +19,7 @@ from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.tpu import TpuConfig, flash_tpu
 from pallas_kernels.flash.triton import TritonConfig, flash_triton
 from sparse_jax import patterns as P
+from gpu_testing import has_gpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,15 +169,8 @@ def test_block_tables_skip_causal_upper_triangle():
     assert (window[:, 3] - window[:, 0]).max() == 2
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: c.name)
 def test_triton_compiled_on_gpu(case):
     """The real Triton kernels (float32 dots run as IEEE fp32 in the Triton lowering)."""
@@ -270,7 +264,7 @@ def test_block_scores_default_tiles_and_no_gradient():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("case,size,reduce_gqa", SCORE_CASES + [(CASES[2], 16, True), (CASES[3], 64, False)],
                          ids=lambda x: x.name if isinstance(x, Case) else str(x))
 def test_triton_block_scores_compiled_on_gpu(case, size, reduce_gqa):
@@ -312,7 +306,7 @@ def test_triton_block_scores_split_tiles():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=lambda c: c.name)
 def test_triton_block_scores_split_compiled_on_gpu(case):
     """Compiled `score_split=1` (128-wide KV tile, score blocks of 64 and 32), bf16."""

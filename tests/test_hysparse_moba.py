@@ -18,6 +18,7 @@ from sparse_jax.models.lm import LMConfig, SparseLM
 from sparse_jax.ops import hysparse as hops
 from sparse_jax.ops import moba as mops
 from sparse_jax.ops.rope import apply_rope
+from gpu_testing import has_gpu
 
 CFG = AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, impl="xla")
 
@@ -318,7 +319,7 @@ def test_per_token_token_sparse_kernel_equals_block_sparse_xla_path(select):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("spec", ["HYM", "HYYHM"])
 def test_hysparse_moba_model_compiles_on_gpu_with_auto(spec):
     """impl="auto" on a GPU: per-token MoBA and HySparse (query_block=1) run the Triton

@@ -11,6 +11,7 @@ from pallas_kernels.indexer.reference import chunk_scores_reference
 from pallas_kernels.indexer.tpu import chunk_scores_tpu
 from pallas_kernels.indexer.triton import IndexerTritonConfig, chunk_scores_triton
 from sparse_jax.ops import dsa
+from gpu_testing import has_gpu
 
 KERNELS = {"triton": chunk_scores_triton, "mosaic_tpu": chunk_scores_tpu}
 
@@ -21,13 +22,6 @@ def ascending(idx):
     big = np.iinfo(np.int32).max
     srt = np.sort(np.where(idx >= 0, idx, big), -1)
     return np.where(srt == big, -1, srt)
-
-
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
 
 
 def make(seed, b=2, t=37, s=150, h=3, d=24, integer=False):
@@ -138,7 +132,7 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 def test_triton_compiled_on_gpu():
     """The real Triton kernel (bf16 inputs, float32 accumulation) against the float32
     reference, and the full op's index sets (tie-aware)."""

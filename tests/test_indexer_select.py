@@ -8,13 +8,7 @@ import pytest
 
 from pallas_kernels.indexer import indexer_topk
 from pallas_kernels.indexer.select import TopkSelectConfig, float_keys, sorted_top_k, topk_select
-
-
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
+from gpu_testing import has_gpu
 
 
 def rows_of_every_kind(seed, r, s):
@@ -146,7 +140,7 @@ def test_lowers_to_triton_at_paper_shape(cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("cfg", GPU_CONFIGS)
 def test_compiled_on_gpu_paper_shape(cfg):
     """The compiled kernel at R=256, S=65536, k=2048 on rows of every kind: exactly the set

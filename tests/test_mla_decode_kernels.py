@@ -23,6 +23,7 @@ from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.mla_decode.reference import mla_decode_reference
 from pallas_kernels.mla_decode.tpu import MlaDecodeTpuConfig, mla_decode_tpu
 from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, geometry, mla_decode_triton
+from gpu_testing import has_gpu
 
 SCALE = 0.15
 
@@ -222,15 +223,8 @@ def test_bad_arguments_raise():
         MlaDecodeTpuConfig(block_k=0)
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("k", [256, None], ids=["sparse", "dense"])
 def test_triton_compiled_on_gpu(k):
     """The compiled kernel at DeepSeek's sizes (TF32 dots in float32, then bf16) against the

@@ -26,6 +26,7 @@ from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.nsa import NSAAttention
 from sparse_jax.ops import nsa as ops
 from sparse_jax.ops.nsa import NSAConfig
+from gpu_testing import has_gpu
 
 D_MODEL, HEADS, HEAD_DIM, THETA = 32, 16, 8, 10000.0
 L, D, LS, N, NI, NL, W = 8, 4, 8, 5, 1, 2, 16      # cmp_block, stride, sel_block, n, forced, window
@@ -567,13 +568,6 @@ def test_lm_with_nsa_layers():
 # ----------------------------------------------------------------------------- compiled (GPU)
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 def kernel_vs_xla_case(mode, t, dtype, interpret=False):
     """All three branches on the kernels (prefill, then a one-query decode step at the last
     position) vs `impl="xla"`: max relative errors (prefill, decode)."""
@@ -610,7 +604,7 @@ def kernel_vs_xla_case(mode, t, dtype, interpret=False):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("mode", ["token", "query_block"])
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 3e-3), (jnp.bfloat16, 2e-2)])
 def test_kernels_compiled_on_gpu(mode, dtype, tol):

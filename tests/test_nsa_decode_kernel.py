@@ -19,6 +19,7 @@ import pytest
 from pallas_kernels.nsa_decode import nsa_decode, resolved_impl
 from pallas_kernels.nsa_decode.triton import TritonConfig, nsa_decode_triton
 from sparse_jax.ops.nsa import NSAConfig, cmp_block_end, num_cmp_blocks
+from gpu_testing import has_gpu
 
 SMALL = dict(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=16)
 
@@ -151,7 +152,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="power of two"):
         nsa_decode(q, q_pos, cfg=odd, impl="triton", interpret=True, **kw)
     assert resolved_impl("auto", True, cfg) == "triton" and resolved_impl("auto", True, odd) == "xla"
-    assert resolved_impl("auto", False, cfg) == ("triton" if _has_gpu() else "xla")
+    assert resolved_impl("auto", False, cfg) == ("triton" if has_gpu() else "xla")
 
 
 def _lowered_triton_modules(config, ctx, monkeypatch):
@@ -204,15 +205,8 @@ def test_lowers_for_h200_with_ir_independent_of_context(config, kernels, monkeyp
         assert abs(lines - small[name]) <= 16, (name, small[name], lines)
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 3e-3), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("cmp_splits", [1, None])                   # fused; split (default here)
 def test_compiled_on_gpu(dtype, tol, cmp_splits):

@@ -24,6 +24,7 @@ from pallas_kernels.nsa_select import nsa_select
 from pallas_kernels.nsa_select import triton as kernels
 from pallas_kernels.nsa_select.reference import group_probabilities, overlap_scores
 from sparse_jax.ops import nsa as ops
+from gpu_testing import has_gpu
 
 HEAD_DIM = 8
 
@@ -283,15 +284,8 @@ def test_kernels_lower_to_triton_at_paper_shape():
     assert text.count("nsa_select_importance") >= 1 and text.count("nsa_select_top_n") >= 1
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 def test_nsa_select_compiled_on_gpu():
     """T=2048, HQ=16, HKV=4, D=128, bf16, paper l/d/l'/n: compiled kernels vs the XLA
     composite at highest matmul precision. Sets equal except where the reference's own

@@ -27,6 +27,7 @@ from pallas_kernels.token_sparse.reference import token_sparse_reference
 from pallas_kernels.token_sparse.tpu import TpuConfig, token_sparse_tpu
 from pallas_kernels.token_sparse.triton import TritonConfig, geometry, token_sparse_triton
 from pallas_kernels.token_sparse.triton_vjp import dkdv_chunks, inverted_index
+from gpu_testing import has_gpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,13 +387,6 @@ def test_triton_lowers_at_nsa_paper_shape():
     assert "tensor<1x4x2048x64x128xf32>" in text                 # the partial dk/dv buffer
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
 GPU_CASES = [
     Case("dsa_mqa_latent", t=300, s=700, h=16, hkv=1, d=576, dv=512, k=64, seed=6),
     Case("nsa_blocks64_gqa16", b=2, t=200, s=1000, h=32, hkv=2, d=128, dv=128, k=8,
@@ -403,7 +397,7 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
 def test_triton_compiled_on_gpu(case):
     """The real Triton kernels (TF32 dots, float32 atomics) against the float32 reference."""
@@ -416,7 +410,7 @@ def test_triton_compiled_on_gpu(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a GPU")
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 def test_triton_dkdv_chunks_compiled_on_gpu():
     """The NSA case with `dkdv_chunk=16`: KV blocks listed by up to 200 queries take up to
     13 chunk programs each, summed by `_sum_kernel`, against the float32 reference."""
