@@ -28,11 +28,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import AttentionOutput
 from pallas_kernels.decode import layout
-from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.flash.tpu import _dot, _logits2
+from pallas_kernels.flash.blocks import MASK_VALUE
+from pallas_kernels.flash.tpu import _dot, _logits2, fold_tile, write_normalized
 
 _NT = (((1,), (1,)), ((), ()))
-_NN = (((1,), (0,)), ((), ()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,25 +81,15 @@ def _kernel(len_ref, tab_ref, cnt_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, 
         s_, _ = _logits2(_dot(q_ref[...], k_ref[...], _NT), scale, softcap)
         vis = valid & layout.visible(mask_fn, qpos_ref[...], pos)
         s_ = jnp.where(vis, s_, MASK_VALUE)
-        m = m_sc[...]
-        m_new = jnp.maximum(m, s_.max(axis=-1, keepdims=True))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.where(vis, jnp.exp2(s_ - m_new), 0.0)
-        m_sc[...] = m_new
-        l_sc[...] = l_sc[...] * alpha + p.sum(axis=-1, keepdims=True)
         v = v_ref[...]
         if form.kind != layout.PAGED and form.axis_len % rows:      # edge block: unspecified rows
             rc = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
             v = jnp.where(start + rc < form.axis_len, v, jnp.zeros_like(v))
-        acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v.dtype), v, _NN)
+        fold_tile(m_sc, l_sc, acc_sc, s_, vis, v)
 
     @pl.when(i == pl.num_programs(3) - 1)
     def _finish():
-        l = l_sc[...]
-        seen = l > 0.0
-        l_safe = jnp.where(seen, l, 1.0)
-        o_ref[...] = acc_sc[...] / l_safe
-        lse_ref[...] = jnp.where(seen, (m_sc[...] + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
+        write_normalized(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 def partials(q, k_cache, v_cache, *, form, lengths, kv_positions, q_positions, table, counts,

@@ -35,11 +35,10 @@ from pallas_kernels.common import AttentionOutput
 from pallas_kernels.decode import layout
 from pallas_kernels.flash import blocks
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.flash.tpu import _dot
+from pallas_kernels.flash.tpu import _dot, fold_tile, write_normalized
 from pallas_kernels.mla_decode.triton import merge, row_tiles
 
 _NT = (((1,), (1,)), ((), ()))
-_NN = (((1,), (0,)), ((), ()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,21 +124,11 @@ def _kernel(nt_ref, qpos_ref, idx_ref, q_ref, c_hbm, r_hbm, kpos_hbm, o_ref, lse
         c = cbuf[...]
         s = _dot(q[:, :geo.dc], c, _NT) + _dot(q[:, geo.dc:], rbuf[...], _NT)
         s = jnp.where(vis, s * (scale * LOG2E), MASK_VALUE)
-        m_old = m_sc[...]
-        m_new = jnp.maximum(m_old, s.max(axis=-1, keepdims=True))
-        alpha = jnp.exp2(m_old - m_new)
-        p = jnp.where(vis, jnp.exp2(s - m_new), 0.0)
-        m_sc[...] = m_new
-        l_sc[...] = l_sc[...] * alpha + p.sum(axis=-1, keepdims=True)
-        acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(c.dtype), c, _NN)
+        fold_tile(m_sc, l_sc, acc_sc, s, vis, c)
 
     @pl.when(i == pl.num_programs(3) - 1)
     def _finish():
-        l = l_sc[...]
-        seen = l > 0.0
-        l_safe = jnp.where(seen, l, 1.0)
-        o_ref[...] = acc_sc[...] / l_safe
-        lse_ref[...] = jnp.where(seen, (m_sc[...] + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
+        write_normalized(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 def mla_decode_tpu(q_abs, c_kv, k_rope, *, indices, q_positions, kv_positions, scale, return_lse,

@@ -47,7 +47,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash import autodiff, blocks
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.flash.tpu import _dot, _logits2
+from pallas_kernels.flash.tpu import _dot, _logits2, fold_tile, write_normalized
 from pallas_kernels.token_sparse import tpu_vjp
 
 _NT = (((1,), (1,)), ((), ()))
@@ -179,22 +179,11 @@ def _fwd_kernel(tab_ref, sink_ref, q_ref, k_hbm, v_hbm, kpos_hbm, o_ref, lse_ref
         vis = _visible(geo, q_pos, pbuf[...])
         s, _ = _logits2(_dot(q_ref[...], kbuf[...], _NT), scale, softcap)
         s = jnp.where(vis, s, MASK_VALUE)
-        m_old = m_sc[...]
-        m_new = jnp.maximum(m_old, s.max(axis=-1, keepdims=True))
-        alpha = jnp.exp2(m_old - m_new)
-        p = jnp.where(vis, jnp.exp2(s - m_new), 0.0)
-        m_sc[...] = m_new
-        l_sc[...] = l_sc[...] * alpha + p.sum(axis=-1, keepdims=True)
-        v = vbuf[...]
-        acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v.dtype), v, _NN)
+        fold_tile(m_sc, l_sc, acc_sc, s, vis, vbuf[...])
 
     @pl.when(c == pl.num_programs(3) - 1)
     def _finish():
-        l = l_sc[...]
-        seen = l > 0.0
-        l_safe = jnp.where(seen, l, 1.0)
-        o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, (m_sc[...] + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
+        write_normalized(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 def _dq_kernel(tab_ref, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, kpos_hbm, dq_ref,
