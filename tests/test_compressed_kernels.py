@@ -40,6 +40,21 @@ def inputs(seed, t, hkv, b=2):
     return q, k, v, jnp.asarray(qpos), jnp.asarray(kpos)
 
 
+def outputs_and_grads(f, q, k, v, cot):
+    """`(out, p_group, (dq, dk, dv))` of `f(q, k, v)` with cotangent `cot` on the output."""
+    (out, p), pull = jax.vjp(f, q, k, v)
+    return out, p, pull((cot, jnp.zeros_like(p)))
+
+
+def assert_matches_reference(got, want):
+    """Output, group probabilities and gradients of a kernel path against the reference's."""
+    (out, p, grads), (ref, p_ref, grads_ref) = got, want
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(p, p_ref, atol=2e-5, rtol=2e-5)
+    for g, w in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5)
+
+
 @pytest.mark.parametrize("impl", ["triton", "mosaic_tpu"])
 @pytest.mark.parametrize("t, hkv", [(37, 1), (6, 4), (21, 16)])   # GQA 16, 4 (T < l), 1
 def test_compressed_kernel_matches_reference(t, hkv, impl):
@@ -48,19 +63,12 @@ def test_compressed_kernel_matches_reference(t, hkv, impl):
 
     @jax.jit
     def run(q, k, v):
-        res = []
-        for impl_ in (impl, "xla"):
-            f = lambda q, k, v: compressed_attention(q, k, v, q_positions=qpos, kv_positions=kpos,
-                                                     impl=impl_, interpret=True)
-            (out, p), pull = jax.vjp(f, q, k, v)
-            res.append((out, p, pull((cot, jnp.zeros_like(p)))))
-        return res
+        return [outputs_and_grads(lambda q, k, v, i=impl_: compressed_attention(
+                    q, k, v, q_positions=qpos, kv_positions=kpos, impl=i, interpret=True), q, k, v, cot)
+                for impl_ in (impl, "xla")]
 
     (out, p, grads), (want, p_ref, grads_ref) = run(q, k, v)
-    np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
-    np.testing.assert_allclose(p, p_ref, atol=2e-5, rtol=2e-5)
-    for g, w in zip(grads, grads_ref):
-        np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5)
+    assert_matches_reference((out, p, grads), (want, p_ref, grads_ref))
     assert (np.asarray(out)[np.asarray(qpos) < 0] == 0).all()
     if t >= L:
         assert np.abs(np.asarray(p_ref)).max() > 0 and np.abs(np.asarray(grads_ref[1])).max() > 0
@@ -99,17 +107,11 @@ def test_compressed_tpu_score_tiles():
 
     @jax.jit
     def run(q, k, v):
-        res = []
-        for f in (functools.partial(compressed_tpu, interpret=True, config=cfg), compressed_reference):
-            (out, p), pull = jax.vjp(lambda q, k, v: f(q, k, v, **kw), q, k, v)
-            res.append((out, p, pull((cot, jnp.zeros_like(p)))))
-        return res
+        return [outputs_and_grads(lambda q, k, v, f=f: f(q, k, v, **kw), q, k, v, cot)
+                for f in (functools.partial(compressed_tpu, interpret=True, config=cfg), compressed_reference)]
 
     (out, p, grads), (want, p_ref, grads_ref) = run(q, k, v)
-    np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
-    np.testing.assert_allclose(p, p_ref, atol=2e-5, rtol=2e-5)
-    for g, w in zip(grads, grads_ref):
-        np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5)
+    assert_matches_reference((out, p, grads), (want, p_ref, grads_ref))
     empty = np.asarray(p_ref).sum(-1) == 0                                  # [B, Hkv, T]
     assert empty[:, :, :2].all() and not empty[0].all()
     assert (np.asarray(p)[empty] == 0).all() and (np.asarray(out)[:, :2] == 0).all()
