@@ -28,7 +28,7 @@ from flax import nnx
 from sparse_jax import patterns as P
 from sparse_jax.cache import FullKVCache, RollingKVCache
 from sparse_jax.ops import attention as ops
-from sparse_jax.ops.rope import apply_rope
+from sparse_jax.ops.rope import RopeScaling, apply_rope
 from sparse_jax.sharding import param
 
 
@@ -42,7 +42,9 @@ class AttentionConfig:
     softmax denominator. output_gate: `o * sigmoid(x W_g)` per head and channel before the
     output projection. softcap: logit soft-cap. impl: kernel choice ("auto" | "xla" | ...).
     dtype: compute dtype of activations; param_dtype: dtype of the weights. qkv_bias: biases
-    on the q/k/v projections (Qwen2).
+    on the q/k/v projections (Qwen2). rope_scaling: RoPE frequency scaling (`ops.rope.RopeScaling`;
+    imported long-context checkpoints), applied by the layers built on `AttentionBase`'s
+    RoPE at text positions (F, W, S, P, M of `SparseLM`).
     """
 
     d_model: int
@@ -57,6 +59,7 @@ class AttentionConfig:
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     qkv_bias: bool = False
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self):
         for name in ("d_model", "num_heads"):
@@ -73,6 +76,10 @@ class AttentionConfig:
             raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
         if self.rope_theta is not None and self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_scaling is not None and (self.rope_theta is None
+                                              or not isinstance(self.rope_scaling, RopeScaling)):
+            raise ValueError(f"rope_scaling must be a RopeScaling with rope_theta set, got "
+                             f"{self.rope_scaling!r} (rope_theta {self.rope_theta})")
         if self.softcap is not None and not self.softcap > 0:
             raise ValueError(f"softcap must be > 0 or None, got {self.softcap}")
 
@@ -134,7 +141,8 @@ class AttentionBase(nnx.Module):
         if c.qkv_bias:
             q_raw, k, v = (t + b[...].astype(c.dtype) for t, b in ((q_raw, self.bq), (k, self.bk), (v, self.bv)))
         if c.rope_theta is not None:
-            q, k = apply_rope(q_raw, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta)
+            q = apply_rope(q_raw, positions, c.rope_theta, c.rope_scaling)
+            k = apply_rope(k, positions, c.rope_theta, c.rope_scaling)
         else:
             q = q_raw
         sinks = None if self.sink_logits is None else self.sink_logits[...]
@@ -179,6 +187,8 @@ class LocalAttention(AttentionBase):
             raise ValueError("num_sinks needs a window (without one every key is visible anyway)")
         if rope_mode not in ("text", "cache"):
             raise ValueError(f"rope_mode must be 'text' or 'cache', got {rope_mode!r}")
+        if rope_mode == "cache" and config.rope_scaling is not None:
+            raise ValueError("rope_mode='cache' does not support rope_scaling")
         if rope_mode == "cache" and (not num_sinks or config.rope_theta is None):
             raise ValueError("rope_mode='cache' needs num_sinks >= 1 and RoPE (rope_theta set)")
         super().__init__(config, rngs=rngs)

@@ -12,7 +12,17 @@ is ours, "t - window < s <= t"). Every layer keeps dense attention (`F` / `W`); 
 RoPE: transformers' `rotate_half` pairs channel i with i + head_dim / 2 and uses
 `inv_freq = theta ** (-2i / head_dim)`, exactly `sparse_jax.ops.rope.apply_rope`, so the q/k
 weights are copied without permutation (the Meta-format interleaved layout is what the
-transformers conversion script already permuted away).
+transformers conversion script already permuted away). RoPE scaling (`rope_type` linear,
+dynamic, yarn, llama3: Llama 3.x, Qwen2.5 long context) becomes `LMConfig.rope_scaling`
+(`sparse_jax.ops.rope.RopeScaling`, transformers' formulas and defaults); dynamic NTK follows
+transformers under a KV cache too (see `sparse_jax.ops.rope`). Not supported: longrope (Phi3),
+per-layer-type RoPE (Gemma 3), partial rotary; both `rope_scaling` and `rope_parameters` in
+one config.json is refused (transformers versions disagree on which wins).
+
+Files: every file read (config.json, model.safetensors, the index and the shards it names)
+must lie inside the checkpoint folder, symlinks followed (a Hugging Face cache snapshot may
+link into its `blobs/`); safetensors files are read with the `safetensors` package, and a
+missing, truncated or malformed file raises `ValueError` naming the file (and the tensor).
 
 Weight layout: transformers' `nn.Linear` stores `[out, in]`; ours are `[in, ...]`:
 `q_proj [H*D, d] -> wq [d, H, D]`, `o_proj [d, H*D] -> wo [H, D, d]`,
@@ -20,7 +30,7 @@ Weight layout: transformers' `nn.Linear` stores `[out, in]`; ours are `[in, ...]
 (Qwen2) copy `embed_tokens` into `head` (later training unties them).
 
 Anything the model cannot express raises `ValueError` naming the config key or tensor:
-RoPE scaling, partial rotary, attention / MLP biases other than Qwen2's q/k/v biases,
+RoPE types or keys other than the above, partial rotary, attention / MLP biases other than Qwen2's q/k/v biases,
 activations other than SiLU, unknown `model_type`, missing, unexpected or mis-shaped tensors.
 """
 
@@ -32,37 +42,93 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors' numpy reader needs it)
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError, safe_open
 
 from sparse_jax.models.lm import LMConfig, SparseLM
+from sparse_jax.ops.rope import RopeScaling, yarn_mscale
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _LAYER_LETTER = {"full_attention": "F", "sliding_attention": "W"}
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_SAFETENSORS_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
-def _rope_theta(config: dict) -> float:
-    """RoPE base from `rope_parameters` (transformers >= 5) or `rope_theta` / `rope_scaling` (4.x)."""
-    params = config.get("rope_parameters")
-    if params is not None:
-        if any(isinstance(v, dict) for v in params.values()):
-            raise ValueError(f"rope_parameters per layer type are not supported, got {params}")
-        if params.get("rope_type", "default") != "default":
-            raise ValueError(f"rope_parameters: rope_type {params.get('rope_type')!r} is not supported "
-                             "(only 'default', no RoPE scaling)")
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"rope_parameters: partial_rotary_factor {params['partial_rotary_factor']} "
-                             "is not supported")
-        return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-    if config.get("rope_scaling") is not None:
-        raise ValueError(f"rope_scaling {config['rope_scaling']} is not supported (only plain RoPE)")
-    if config.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"partial_rotary_factor {config['partial_rotary_factor']} is not supported")
-    return float(config.get("rope_theta", 10000.0))
+_ROPE_KEYS = {            # rope_type -> the keys transformers reads for it (besides rope_theta)
+    "default": set(),
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+    "yarn": {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+             "mscale", "mscale_all_dim", "truncate"},
+}
+
+
+def _rope_dict(config: dict) -> tuple[str, dict]:
+    """(the config key, its RoPE dict): `rope_parameters` (transformers >= 5) or `rope_scaling` (4.x)."""
+    params, legacy = config.get("rope_parameters"), config.get("rope_scaling")
+    if params is not None and legacy is not None:
+        raise ValueError(f"config has both rope_scaling {legacy} and rope_parameters {params}; transformers "
+                         "versions differ on which one they read: keep one of the two keys")
+    key, rope = ("rope_parameters", params) if params is not None else ("rope_scaling", legacy or {})
+    if not isinstance(rope, dict):
+        raise ValueError(f"{key} must be a dict, got {rope!r}")
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"{key} per layer type are not supported, got {rope}")
+    return key, {k: v for k, v in rope.items() if v is not None}
+
+
+def _rope(config: dict) -> tuple[float, RopeScaling | None]:
+    """(RoPE base, frequency scaling) as transformers reads config.json for Llama / Qwen2 /
+    Mistral (`modeling_rope_utils`): `rope_type` (or 4.x `type`) default, linear, dynamic,
+    yarn or llama3, its keys and defaults; any other type or key raises ValueError."""
+    key, rope = _rope_dict(config)
+    kind, legacy_kind = rope.pop("rope_type", None), rope.pop("type", None)
+    if kind is not None and legacy_kind is not None and kind != legacy_kind:
+        raise ValueError(f"{key}: rope_type {kind!r} and type {legacy_kind!r} disagree")
+    kind = kind or legacy_kind or "default"
+    theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    partial = rope.pop("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if partial not in (None, 1.0):
+        raise ValueError(f"partial_rotary_factor {partial} is not supported")
+    if kind not in _ROPE_KEYS:
+        raise ValueError(f"{key}: rope_type {kind!r} is not supported; supported: {sorted(_ROPE_KEYS)}")
+    unknown = sorted(set(rope) - _ROPE_KEYS[kind])
+    if unknown:
+        raise ValueError(f"{key}: keys {unknown} are not supported with rope_type {kind!r} "
+                         f"(it reads {sorted(_ROPE_KEYS[kind])})")
+    if kind == "default":
+        return theta, None
+    max_len = config.get("max_position_embeddings")
+    original = max_len if kind == "dynamic" else rope.get("original_max_position_embeddings", max_len)
+    top_level = config.get("original_max_position_embeddings")
+    if kind != "dynamic" and top_level is not None and top_level != original:
+        raise ValueError(f"original_max_position_embeddings {top_level} (top level) differs from {original} "
+                         f"used by {key}: state it once, inside {key}")
+    if kind != "linear" and not isinstance(original, int):
+        raise ValueError(f"{key}: rope_type {kind!r} needs an int original_max_position_embeddings "
+                         f"(or max_position_embeddings), got {original!r}")
+    if kind == "yarn" and "factor" not in rope and isinstance(max_len, int):
+        rope["factor"] = max_len / original            # transformers' default for YaRN
+    required = {"factor"} | ({"low_freq_factor", "high_freq_factor"} if kind == "llama3" else set())
+    missing = sorted(required - set(rope))
+    if missing:
+        raise ValueError(f"{key}: rope_type {kind!r} needs keys {missing}, got {rope}")
+    factor = rope["factor"]
+    extra = {}
+    if kind == "llama3":
+        extra = dict(low_freq_factor=rope["low_freq_factor"], high_freq_factor=rope["high_freq_factor"])
+    elif kind == "yarn":
+        attention_factor = rope.get("attention_factor")
+        if attention_factor is None and rope.get("mscale") and rope.get("mscale_all_dim"):
+            attention_factor = yarn_mscale(factor, rope["mscale"]) / yarn_mscale(factor, rope["mscale_all_dim"])
+        extra = dict(beta_fast=rope.get("beta_fast") or 32.0, beta_slow=rope.get("beta_slow") or 1.0,
+                     truncate=bool(rope.get("truncate", True)), attention_factor=attention_factor)
+    try:
+        return theta, RopeScaling(kind, factor, None if kind == "linear" else original, **extra)
+    except ValueError as e:
+        raise ValueError(f"{key} {rope}: {e}") from e
 
 
 def _layer_spec(config: dict) -> tuple[str, int | None]:
@@ -106,45 +172,98 @@ def config_from_hf(config: dict, dtype=jnp.float32) -> LMConfig:
     if config.get("quantization_config") is not None:
         raise ValueError("quantization_config: quantized checkpoints are not supported")
     spec, window = _layer_spec(config)
+    theta, scaling = _rope(config)
     heads = config["num_attention_heads"]
     return LMConfig(
         vocab_size=config["vocab_size"], layer_spec=spec, d_model=config["hidden_size"],
         num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("head_dim") or config["hidden_size"] // heads,
         mlp_dim=config["intermediate_size"], window=window or LMConfig.window,
-        rope_theta=_rope_theta(config), qkv_bias=model_type == "qwen2",
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=model_type == "qwen2",
         norm_eps=float(config.get("rms_norm_eps", 1e-6)), dtype=dtype)
 
 
-def read_safetensors(path) -> dict[str, np.ndarray]:
-    """All tensors of one `.safetensors` file as read-only numpy views of a memory map (the
-    format: an 8-byte little-endian header length, a JSON header `{name: {dtype, shape,
-    data_offsets}}`, then the little-endian data; a little-endian host is assumed)."""
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    n = int.from_bytes(raw[:8].tobytes(), "little")
-    header = json.loads(raw[8:8 + n].tobytes())
-    header.pop("__metadata__", None)
-    out = {}
-    for name, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        out[name] = raw[8 + n + begin:8 + n + end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return out
+def _inside(folder: pathlib.Path, name) -> pathlib.Path:
+    """`folder / name`, refused (ValueError) unless `name` is a relative path that stays in
+    `folder` once symlinks are followed. A Hugging Face cache snapshot (`.../snapshots/<rev>/`)
+    may link into its repository's `blobs/` folder (`../../blobs/<hash>`), as the hub writes it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"checkpoint file name must be a non-empty string, got {name!r}")
+    relative = pathlib.PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"checkpoint file {name!r} is outside the checkpoint folder {str(folder)!r} "
+                         "(absolute or with '..'): refused")
+    root = folder.resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    target = (folder / relative).resolve()
+    if not any(target.is_relative_to(a) for a in allowed):
+        raise ValueError(f"checkpoint file {name!r} links to {str(target)!r}, outside the checkpoint folder "
+                         f"{str(folder)!r}: refused")
+    return folder / relative
 
 
-def read_checkpoint_tensors(path) -> dict[str, np.ndarray]:
-    """Tensors of `model.safetensors` or of the shards named by `model.safetensors.index.json`."""
-    path = pathlib.Path(path)
-    if (path / "model.safetensors").exists():
-        return read_safetensors(path / "model.safetensors")
-    index = path / "model.safetensors.index.json"
-    if not index.exists():
+_READ_ERRORS = (SafetensorError, OSError)        # what the safetensors package raises for a bad file
+
+
+def safetensors_names(path) -> list[str]:
+    """Tensor names in one `.safetensors` file's header; ValueError naming the file if the
+    file is missing, truncated or malformed (the package checks the header, offsets and sizes)."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return list(f.keys())
+    except _READ_ERRORS as e:
+        raise ValueError(f"safetensors file {str(path)!r} cannot be read: {e}") from e
+
+
+def read_safetensors(path, names=None) -> dict[str, np.ndarray]:
+    """Tensors of one `.safetensors` file (all, or those in `names`), read with the
+    `safetensors` package; bfloat16 arrives as `ml_dtypes.bfloat16`. A bad file, an absent
+    name or an unsupported dtype raises ValueError naming the file and the tensor."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            available = set(f.keys())
+            out = {}
+            for name in sorted(available) if names is None else names:
+                if name not in available:
+                    raise ValueError(f"safetensors file {str(path)!r} has no tensor {name!r}")
+                dtype = f.get_slice(name).get_dtype()
+                if dtype not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"safetensors file {str(path)!r}: tensor {name!r} has unsupported dtype "
+                                     f"{dtype} (supported: {_SAFETENSORS_DTYPES})")
+                try:
+                    out[name] = f.get_tensor(name)
+                except _READ_ERRORS as e:
+                    raise ValueError(f"safetensors file {str(path)!r}: tensor {name!r} cannot be read: {e}") from e
+            return out
+    except _READ_ERRORS as e:
+        raise ValueError(f"safetensors file {str(path)!r} cannot be read: {e}") from e
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not readable JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def checkpoint_files(path) -> dict[str, pathlib.Path]:
+    """Tensor name -> the `.safetensors` file holding it: `model.safetensors`, or the shards
+    that `model.safetensors.index.json` names (each confined to the folder, see `_inside`)."""
+    path = pathlib.Path(os.fspath(path))
+    if os.path.lexists(path / "model.safetensors"):
+        single = _inside(path, "model.safetensors")
+        return {name: single for name in safetensors_names(single)}
+    if not os.path.lexists(path / "model.safetensors.index.json"):
         raise ValueError(f"path {str(path)!r} has neither model.safetensors nor model.safetensors.index.json")
-    tensors = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        tensors.update(read_safetensors(path / shard))
-    return tensors
+    index = _inside(path, "model.safetensors.index.json")
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+        raise ValueError(f"{str(index)!r}: weight_map must map tensor names to shard files, got {weight_map!r}")
+    shards = {shard: _inside(path, shard) for shard in set(weight_map.values())}
+    return {name: shards[shard] for name, shard in weight_map.items()}
 
 
 def _weight_map(config: LMConfig, tie_embeddings: bool) -> dict[str, tuple[tuple, list]]:
@@ -192,31 +311,36 @@ def load_pretrained(path, dtype=jnp.float32) -> SparseLM:
     """`SparseLM` with the weights of a transformers Llama / Qwen2 / Mistral checkpoint.
 
     path: folder with `config.json` and `model.safetensors` (or a sharded index). dtype:
-    compute dtype (parameters are stored in float32 whatever the checkpoint's dtype).
+    compute dtype (parameters are stored in float32 whatever the checkpoint's dtype). Files
+    are read one shard at a time; every file must lie inside `path` (see `_inside`).
     """
     path = pathlib.Path(os.fspath(path))
-    if not (path / "config.json").exists():
+    if not os.path.lexists(path / "config.json"):
         raise ValueError(f"path {str(path)!r} has no config.json")
-    hf_config = json.loads((path / "config.json").read_text())
+    hf_config = _read_json(_inside(path, "config.json"))
     config = config_from_hf(hf_config, dtype)
-    tensors = read_checkpoint_tensors(path)
+    files = checkpoint_files(path)
     tie = bool(hf_config.get("tie_word_embeddings", False))
     if tie:
-        tensors.pop("lm_head.weight", None)          # some writers store the tied copy too
-    model = nnx.eval_shape(lambda: SparseLM(config, rngs=nnx.Rngs(0)))     # shapes only, no init
-    for name, (shape, targets) in _weight_map(config, tie).items():
-        if name not in tensors:
+        files.pop("lm_head.weight", None)            # some writers store the tied copy too
+    weight_map = _weight_map(config, tie)
+    for name in weight_map:
+        if name not in files:
             raise ValueError(f"checkpoint {str(path)!r} is missing tensor {name!r}")
-        w = tensors.pop(name)
-        if tuple(w.shape) != shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(w.shape)}, the config implies {shape}")
-        for target, transposed in targets:
-            var = _variable(model, target)
-            value = np.asarray(w.T if transposed else w, np.float32).reshape(var.get_value().shape)
-            var.set_value(jnp.asarray(value, var.get_value().dtype))
-    unexpected = sorted(k for k in tensors if not k.endswith("rotary_emb.inv_freq"))
+    unexpected = sorted(k for k in files if k not in weight_map and not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise ValueError(f"checkpoint {str(path)!r} has tensors the model cannot hold: {unexpected[:8]}")
+    model = nnx.eval_shape(lambda: SparseLM(config, rngs=nnx.Rngs(0)))     # shapes only, no init
+    for file in sorted(set(files[name] for name in weight_map)):
+        tensors = read_safetensors(file, [name for name in weight_map if files[name] == file])
+        for name, w in tensors.items():
+            shape, targets = weight_map[name]
+            if tuple(w.shape) != shape:
+                raise ValueError(f"tensor {name!r} has shape {tuple(w.shape)}, the config implies {shape}")
+            for target, transposed in targets:
+                var = _variable(model, target)
+                value = np.asarray(w.T if transposed else w, np.float32).reshape(var.get_value().shape)
+                var.set_value(jnp.asarray(value, var.get_value().dtype))
     unset = [p for p, var in nnx.to_flat_state(nnx.state(model))
              if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
     if unset:                                        # a variable the map forgot: a bug here

@@ -40,6 +40,7 @@ from sparse_jax.ops.csa import CSAConfig
 from sparse_jax.ops.dsa import DSAConfig
 from sparse_jax.ops.mla import MLAConfig
 from sparse_jax.ops.nsa import NSAConfig
+from sparse_jax.ops.rope import RopeScaling
 from sparse_jax.sharding import param
 
 LAYER_TYPES = {"F": "full", "W": "sliding window", "S": "StreamingLLM", "P": "static pattern",
@@ -92,10 +93,12 @@ class LMConfig:
     impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     # imported checkpoints (sparse_jax.models.hf): per-head width (None: d_model // num_heads),
-    # q/k/v biases (Qwen2; layers F, W, S, P, M only), RMSNorm epsilon
+    # q/k/v biases (Qwen2; layers F, W, S, P, M only), RMSNorm epsilon, RoPE frequency scaling
+    # (Llama 3.x, YaRN, ...; layers F, W, S, P, M only)
     head_dim: int | None = None
     qkv_bias: bool = False
     norm_eps: float = 1e-6
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self):
         if not self.layer_spec or set(self.layer_spec) - set(LAYER_TYPES):
@@ -123,6 +126,8 @@ class LMConfig:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.qkv_bias and set(self.layer_spec) - set("FWSPM"):
             raise ValueError(f"qkv_bias is supported by layers F, W, S, P, M only, layer_spec is {self.layer_spec!r}")
+        if self.rope_scaling is not None and set(self.layer_spec) - set("FWSPM"):
+            raise ValueError(f"rope_scaling is supported by layers F, W, S, P, M only, layer_spec is {self.layer_spec!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         _ = self.attention  # validates heads, head_dim and the other attention settings now
@@ -132,6 +137,7 @@ class LMConfig:
         return AttentionConfig(d_model=self.d_model, num_heads=self.num_heads,
                                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                                qkv_bias=self.qkv_bias, rope_theta=self.rope_theta,
+                               rope_scaling=self.rope_scaling,
                                learned_sinks=self.learned_sinks, output_gate=self.output_gate,
                                softcap=self.softcap, impl=self.impl, dtype=self.dtype)
 
