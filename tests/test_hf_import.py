@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparse_jax.layers import AttentionConfig, StreamingLLMAttention
 from sparse_jax.models.hf import config_from_hf, load_pretrained, read_safetensors
+from sparse_jax.models.lm import LMConfig
+from sparse_jax.ops.rope import RopeScaling, apply_rope, rope_inv_freq
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "hf"
 FAMILIES = ("llama", "qwen2", "mistral")
@@ -116,8 +119,8 @@ def test_decode_token_by_token_equals_prefill(family):
 
 @pytest.mark.parametrize("change, match", [
     (dict(model_type="gpt2"), "model_type"),
-    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), "rope_type"),
-    (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}), "rope_type 'longrope'"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "both rope_scaling .* and rope_parameters"),
     (dict(rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(mlp_bias=True), "mlp_bias"),
@@ -193,3 +196,117 @@ def test_a_parameter_left_unset_raises(monkeypatch):
     monkeypatch.setattr(hf, "_weight_map", forgetful)
     with pytest.raises(ValueError, match="final_norm"):
         load_pretrained(GOLDEN / "llama")
+
+
+# --- RoPE scaling (linear, dynamic NTK, YaRN, llama3) ---------------------------------------
+
+ROPE_GOLDENS = ("rope_llama3", "rope_linear", "rope_dynamic", "rope_yarn")
+
+
+def decode_token_by_token(model, tokens, positions):
+    step = nnx.jit(lambda m, t, p, c: m(t, p, c))
+    caches = model.init_cache(tokens.shape[0], tokens.shape[1])
+    out = []
+    for t in range(tokens.shape[1]):
+        logits, caches = step(model, jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(positions[:, t:t + 1]), caches)
+        out.append(np.asarray(logits))
+    return np.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize("name", ROPE_GOLDENS)
+def test_rope_scaling_logits_equal_transformers(name):
+    """Prefill and token-by-token decoding both equal transformers' (which, for dynamic NTK,
+    differ from each other: each call's frequencies follow its own length)."""
+    model = load_pretrained(GOLDEN / name)
+    assert model.config.rope_scaling.kind == name.removeprefix("rope_")
+    g = np.load(GOLDEN / name / "logits.npz")
+    tokens, positions, valid = g["tokens"], g["positions"], g["positions"] >= 0
+    prefill, _ = model(jnp.asarray(tokens), jnp.asarray(positions))
+    err = float(np.abs(np.asarray(prefill) - g["logits"])[valid].max())
+    assert err < ATOL, f"{name}: prefill max |logits - transformers| = {err}"
+    err = float(np.abs(decode_token_by_token(model, tokens, positions) - g["decode_logits"])[valid].max())
+    assert err < ATOL, f"{name}: decode max |logits - transformers| = {err}"
+
+
+@pytest.mark.parametrize("name", ROPE_GOLDENS)
+def test_rope_scaling_is_what_matches(tmp_path, name):
+    """The goldens tell scaled from plain RoPE; the 4.x form (`rope_scaling` with `type`, top-level
+    `rope_theta`) loads to the same logits as the 5.x `rope_parameters`."""
+    g = np.load(GOLDEN / name / "logits.npz")
+    rope = hf_config(name)["rope_parameters"]
+    plain = load_pretrained(checkpoint_with_config(
+        tmp_path, name, rope_parameters={"rope_type": "default", "rope_theta": rope["rope_theta"]}))
+    logits, _ = plain(jnp.asarray(g["tokens"]), jnp.asarray(g["positions"]))
+    assert float(np.abs(np.asarray(logits) - g["logits"])[g["positions"] >= 0].max()) > 1e-3
+    legacy = {k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta")}
+    (tmp_path / "v4").mkdir()
+    model = load_pretrained(checkpoint_with_config(tmp_path / "v4", name, rope_parameters=None,
+                                                   rope_theta=rope["rope_theta"],
+                                                   rope_scaling=dict(legacy, type=rope["rope_type"])))
+    assert model.config.rope_scaling == load_pretrained(GOLDEN / name).config.rope_scaling
+    logits, _ = model(jnp.asarray(g["tokens"]), jnp.asarray(g["positions"]))
+    assert float(np.abs(np.asarray(logits) - g["logits"])[g["positions"] >= 0].max()) < ATOL
+
+
+def rope_frequency_cases():
+    table = json.loads((GOLDEN / "rope_frequencies.json").read_text())
+    return [pytest.param(c, id=f"{c['config']['model_type']}-{i}") for i, c in enumerate(table["cases"])]
+
+
+@pytest.mark.parametrize("case", rope_frequency_cases())
+def test_rope_frequencies_equal_transformers(case):
+    """`apply_rope` with the imported scaling rotates as transformers' rotary embedding after a
+    forward of `seq_len` positions (its `inv_freq` and `attention_scaling`): Llama 3.1's and
+    Qwen2.5's real settings, YaRN options, the 4.x form, dynamic NTK below and above its length."""
+    config = config_from_hf(case["config"])
+    inv_freq, scaling = np.asarray(case["inv_freq"], np.float64), case["attention_scaling"]
+    d, n = config.attention.head_dim, case["seq_len"]
+    x = np.random.default_rng(0).normal(size=(1, n, 1, d)).astype(np.float32)
+    angles = np.arange(n)[:, None] * inv_freq                                  # [n, d/2]
+    cos, sin = (np.cos(angles) * scaling)[None, :, None], (np.sin(angles) * scaling)[None, :, None]
+    x1, x2 = x[..., :d // 2], x[..., d // 2:]
+    expected = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    got = apply_rope(jnp.asarray(x), jnp.arange(n)[None], config.rope_theta, config.rope_scaling)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=2e-5, rtol=0)
+    ours, ours_scaling = rope_inv_freq(d, config.rope_theta, config.rope_scaling, n)
+    np.testing.assert_allclose(np.asarray(ours), inv_freq, rtol=2e-6)
+    assert abs(ours_scaling - scaling) < 1e-6
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}),
+     r"needs keys \['high_freq_factor'\]"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "mrope_section": [2, 2]}), r"keys \['mrope_section'\] are not supported"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "original_max_position_embeddings": 8}),
+     "original_max_position_embeddings"),
+    (dict(rope_parameters={"rope_type": "linear", "type": "dynamic", "factor": 2.0}), "disagree"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 0.0}), "factor must be a number > 0"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+     "low_freq_factor < high_freq_factor"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+          original_max_position_embeddings=32), "original_max_position_embeddings 32 .top level."),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=None),
+     "max_position_embeddings"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default"}}), "per layer type"),
+])
+def test_unsupported_rope_config_raises(change, match):
+    config = dict(hf_config("llama"), **change)
+    with pytest.raises(ValueError, match=match):
+        config_from_hf({k: v for k, v in config.items() if v is not None})
+
+
+def test_rope_scaling_only_where_applied():
+    """Layers with their own RoPE (NSA, MLA, ...) would ignore the scaling: refused."""
+    scaling = RopeScaling("linear", 2.0)
+    with pytest.raises(ValueError, match="rope_scaling is supported by layers F, W, S, P, M only"):
+        LMConfig(vocab_size=32, layer_spec="FN", rope_scaling=scaling)
+    with pytest.raises(ValueError, match="rope_scaling must be a RopeScaling with rope_theta set"):
+        AttentionConfig(d_model=32, num_heads=2, rope_theta=None, rope_scaling=scaling)
+    with pytest.raises(ValueError, match="rope_mode='cache' does not support rope_scaling"):
+        StreamingLLMAttention(AttentionConfig(d_model=32, num_heads=2, rope_scaling=scaling), window=4,
+                              num_sinks=1, rope_mode="cache", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        RopeScaling("longrope", 2.0)
+    with pytest.raises(ValueError, match="needs original_max_len"):
+        RopeScaling("llama3", 8.0)

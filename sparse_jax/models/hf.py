@@ -109,8 +109,6 @@ def _rope(config: dict) -> tuple[float, RopeScaling | None]:
     if kind != "linear" and not isinstance(original, int):
         raise ValueError(f"{key}: rope_type {kind!r} needs an int original_max_position_embeddings "
                          f"(or max_position_embeddings), got {original!r}")
-    if kind == "yarn" and "factor" not in rope and isinstance(max_len, int):
-        rope["factor"] = max_len / original            # transformers' default for YaRN
     required = {"factor"} | ({"low_freq_factor", "high_freq_factor"} if kind == "llama3" else set())
     missing = sorted(required - set(rope))
     if missing:
