@@ -310,3 +310,117 @@ def test_rope_scaling_only_where_applied():
         RopeScaling("longrope", 2.0)
     with pytest.raises(ValueError, match="needs original_max_len"):
         RopeScaling("llama3", 8.0)
+
+
+# --- file safety: paths confined to the folder, bad safetensors files named ------------------
+
+def sharded_llama(folder, weight_map_names=None):
+    """The golden Llama as two shards + index in `folder`; `weight_map_names` renames shards in
+    the index (shard file -> name written in weight_map). Returns {shard file: tensor names}."""
+    tensors = read_safetensors(GOLDEN / "llama" / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard, keys in shards.items():
+        write_safetensors(folder / shard, {k: tensors[k] for k in keys})
+    renamed = weight_map_names or {}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: renamed.get(s, s) for s, keys in shards.items() for k in keys}}))
+    shutil.copy(GOLDEN / "llama" / "config.json", folder)
+    return shards
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_shard_outside_the_folder_is_refused(tmp_path, where):
+    """A weight_map shard name that leaves the folder ('../x', an absolute path, or a symlink
+    to a file outside) is refused, although the file it names is a valid shard."""
+    outside = tmp_path / "x"
+    sharded_llama(outside)                                 # valid shards outside the checkpoint
+    folder = tmp_path / "ckpt"
+    shard = "model-00002-of-00002.safetensors"
+    name = {"parent": f"../x/{shard}", "absolute": str(outside / shard), "symlink": shard}[where]
+    sharded_llama(folder, {shard: name})
+    if where == "symlink":
+        (folder / shard).unlink()
+        (folder / shard).symlink_to(outside / shard)
+    else:
+        (folder / shard).unlink()
+    match = "links to .* outside the checkpoint folder" if where == "symlink" else "outside the checkpoint folder"
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(folder)
+
+
+def test_model_file_symlinked_outside_is_refused_but_hub_cache_loads(tmp_path):
+    """model.safetensors / config.json linking out of the folder are refused; the Hugging Face
+    cache layout (snapshots/<rev>/x -> ../../blobs/<hash>) loads."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(GOLDEN / "llama" / "model.safetensors", outside / "model.safetensors")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shutil.copy(GOLDEN / "llama" / "config.json", folder)
+    (folder / "model.safetensors").symlink_to(outside / "model.safetensors")
+    with pytest.raises(ValueError, match="'model.safetensors' links to .* outside the checkpoint folder"):
+        load_pretrained(folder)
+    repo = tmp_path / "hub" / "models--x--tiny-llama"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(("config.json", "model.safetensors")):
+        shutil.copy(GOLDEN / "llama" / file, repo / "blobs" / f"blob{i}")
+        (snapshot / file).symlink_to(f"../../blobs/blob{i}")
+    assert max_error(load_pretrained(snapshot), "llama") < ATOL
+
+
+def golden_copy(tmp_path, data: bytes):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shutil.copy(GOLDEN / "llama" / "config.json", folder)
+    (folder / "model.safetensors").write_bytes(data)
+    return folder
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    raw = (GOLDEN / "llama" / "model.safetensors").read_bytes()
+    folder = golden_copy(tmp_path, raw[:-100])
+    with pytest.raises(ValueError, match=r"safetensors file '.*ckpt/model.safetensors' cannot be read: .*"):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("garble", ["json", "length"])
+def test_garbled_header_names_the_file(tmp_path, garble):
+    raw = (GOLDEN / "llama" / "model.safetensors").read_bytes()
+    if garble == "json":
+        data = raw[:8] + b"{garbage" + raw[16:]
+    else:
+        data = (len(raw) * 2).to_bytes(8, "little") + raw[8:]           # header longer than the file
+    folder = golden_copy(tmp_path, data)
+    with pytest.raises(ValueError, match=r"safetensors file '.*ckpt/model.safetensors' cannot be read"):
+        load_pretrained(folder)
+
+
+def test_missing_tensor_or_shard_names_the_file(tmp_path):
+    """The index lists a tensor in a shard that lacks it, or a shard that does not exist."""
+    folder = tmp_path / "ckpt"
+    shards = sharded_llama(folder)
+    second = "model-00002-of-00002.safetensors"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    moved = shards["model-00001-of-00002.safetensors"][0]
+    index["weight_map"][moved] = second                     # listed in the wrong shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"safetensors file '.*{second}' has no tensor '{moved}'"):
+        load_pretrained(folder)
+    index["weight_map"][moved] = "model-00003-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"safetensors file '.*model-00003-of-00002.safetensors' cannot be read"):
+        load_pretrained(folder)
+    (folder / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model.safetensors.index.json' is not readable JSON"):
+        load_pretrained(folder)
+
+
+def test_unsupported_dtype_names_file_and_tensor(tmp_path):
+    raw = json.dumps({"a": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}).encode()
+    (tmp_path / "f8.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0\0")
+    with pytest.raises(ValueError, match=r"f8.safetensors': tensor 'a' has unsupported dtype F8_E4M3"):
+        read_safetensors(tmp_path / "f8.safetensors")
