@@ -30,8 +30,9 @@ Weight layout: transformers' `nn.Linear` stores `[out, in]`; ours are `[in, ...]
 (Qwen2) copy `embed_tokens` into `head` (later training unties them).
 
 Anything the model cannot express raises `ValueError` naming the config key or tensor:
-RoPE types or keys other than the above, partial rotary, attention / MLP biases other than Qwen2's q/k/v biases,
-activations other than SiLU, unknown `model_type`, missing, unexpected or mis-shaped tensors.
+RoPE types or keys other than the above, partial rotary, attention / MLP biases other than
+Qwen2's q/k/v biases, activations other than SiLU, unknown `model_type`, missing, unexpected
+or mis-shaped tensors.
 """
 
 from __future__ import annotations
@@ -53,8 +54,6 @@ from sparse_jax.ops.rope import RopeScaling, yarn_mscale
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _LAYER_LETTER = {"full_attention": "F", "sliding_attention": "W"}
 _SAFETENSORS_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
-
-
 _ROPE_KEYS = {            # rope_type -> the keys transformers reads for it (besides rope_theta)
     "default": set(),
     "linear": {"factor"},
