@@ -33,7 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from pallas_kernels.decode.layout import default_num_splits, form_of
 from pallas_kernels.decode.reference import decode_reference
@@ -258,4 +258,5 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from script_io import run  # noqa: PLC0415 (experiments/script_io.py: --help exits 0)
+    run(main)

@@ -37,12 +37,16 @@ CPU smoke run (tiny shapes, kernels in interpret mode, no cuDNN):
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: `experiments.` imports
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments.bench_decode import copy_bandwidth, median_time, rel, repeated
 from pallas_kernels.decode import decode_attention
@@ -376,4 +380,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from script_io import run  # noqa: PLC0415 (experiments/script_io.py: --help exits 0)
+    run(main)

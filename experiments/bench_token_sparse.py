@@ -31,11 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: `experiments.` imports
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 from experiments.bench_kernels import fwd_bwd, median_time, rel
 from pallas_kernels.token_sparse.reference import token_sparse_reference
@@ -242,4 +246,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from script_io import run  # noqa: PLC0415 (experiments/script_io.py: --help exits 0)
+    run(main)

@@ -36,11 +36,15 @@ relative to max |ref|).
 from __future__ import annotations
 
 import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: `experiments.` imports
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments.bench_decode import median_time, rel, repeated
 from pallas_kernels.block_sparse import BlockSparseMetadata, block_sparse_attention
@@ -274,4 +278,5 @@ def main(_):
 if __name__ == "__main__":
     FLAGS.set_default("contexts", ["131072"])
     FLAGS.set_default("out", "bench_training_free.json")
-    app.run(main)
+    from script_io import run  # noqa: PLC0415 (experiments/script_io.py: --help exits 0)
+    run(main)

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from sparse_jax.data import NeedleTask
@@ -121,4 +121,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from script_io import run  # noqa: PLC0415 (experiments/script_io.py: --help exits 0)
+    run(main)

@@ -63,7 +63,10 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     F = flags.FLAGS
-    run = read_run_config(F.workdir)
+    try:
+        run = read_run_config(F.workdir)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     if run is None:
         raise app.UsageError(f"{F.workdir} has no config.json: not a workdir of experiments/train.py")
     try:
@@ -74,11 +77,19 @@ def main(argv):
     if F.batch < 1 or F.batches < 1:
         raise app.UsageError("--batch and --batches must be >= 1")
 
-    model = build_model(run, make_sampler(run["task"], run["seq_len"])[1])
-    with Checkpointer(os.path.join(F.workdir, "checkpoints"), read_only=True) as ckpt:
+    try:
+        model = build_model(run, make_sampler(run["task"], run["seq_len"])[1])
+    except (KeyError, TypeError, ValueError) as e:
+        raise app.UsageError(f"{F.workdir}/config.json does not describe a run of this "
+                             f"experiments/train.py ({type(e).__name__}: {e})") from e
+    checkpoints = os.path.join(F.workdir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        raise app.UsageError(f"{checkpoints} does not exist: train first (experiments/train.py "
+                             f"--workdir={F.workdir} with the run's flags)")
+    with Checkpointer(checkpoints, read_only=True) as ckpt:
         restored = ckpt.restore_latest(model)
     if restored.step is None:
-        raise app.UsageError(f"no usable checkpoint in {F.workdir}/checkpoints")
+        raise app.UsageError(f"no usable checkpoint in {checkpoints}")
 
     cases = [(name, t, d) for name in task_names(run["task"]) for t in seq_lens
              for d in (distances or sorted({0, t // 4, t // 2, 3 * t // 4}))]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 from sparse_jax.cache import FullKVCache, RollingKVCache
 from sparse_jax.cache_csa import CSACache
@@ -98,4 +98,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from script_io import run  # noqa: PLC0415 (experiments/script_io.py: --help exits 0)
+    run(main)

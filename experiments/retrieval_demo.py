@@ -120,4 +120,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from script_io import run  # noqa: PLC0415 (experiments/script_io.py: --help exits 0)
+    run(main)

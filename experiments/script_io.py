@@ -5,7 +5,7 @@ point whose `--help` exits 0.
         log.write(dict(step=7, loss=0.5), step=7, tag="train")  # a JSON line; scalar train/loss
 
     if __name__ == "__main__":
-        run(main)
+        run(main)      # `--help` exits 0; a usage error is one line on stderr, exit 1
 
 `tensorboard --logdir <dir>/tb` shows the scalars; a `run=` of `write` puts them in the
 subfolder `<dir>/tb/<run>`, which TensorBoard draws as its own curve (one per model, say).
@@ -100,9 +100,21 @@ def write_atomic(path: str, text: str):
 
 
 def run(main):
-    """`absl.app.run(main)`, except that `--help` (`-h`, `--helpshort`) prints the module
-    docstring and the script's own flags to stdout and exits 0 (absl's own exits 1)."""
+    """`absl.app.run(main)`, except that `--help` (`-h`, `--helpshort`; `--helpfull` for every
+    module's flags) prints the module docstring and the script's own flags to stdout and exits
+    0 (absl's own exits 1), and that an `app.UsageError` raised by `main` prints one short
+    message to stderr and exits 1 (absl's prints the whole flag help before it)."""
     from absl import app
-    if {"--help", "-h", "-?", "--helpshort"} & set(sys.argv[1:]):
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-    app.run(main)
+    asked = set(sys.argv[1:])
+    if {"--help", "-h", "-?", "--helpshort", "--helpfull"} & asked:
+        app.usage(shorthelp="--helpfull" not in asked, writeto_stdout=True, exitcode=0)
+
+    def main_with_short_usage_errors(argv):
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            name = os.path.basename(sys.argv[0])
+            print(f"{name}: error: {e}\n(`{name} --help` lists the flags)", file=sys.stderr)
+            sys.exit(e.exitcode or 1)
+
+    app.run(main_with_short_usage_errors)

@@ -19,7 +19,11 @@ half-written one is skipped with a message): the data stream is a pure function 
     python experiments/evaluate.py --workdir=/tmp/run1
 
 Layer letters (`--layer_spec`, one per layer): F full, W sliding window, S StreamingLLM,
-N native sparse attention, H/Y HySparse full/sparse, M MoBA (see sparse_jax/models/lm.py).
+P static pattern (`--pattern`), N native sparse attention, H/Y HySparse full/sparse, M MoBA
+(see sparse_jax/models/lm.py), e.g. `--layer_spec=PF --pattern=longformer:16`.
+
+`config.json` is written once the first step has run, so a command that fails at once (a
+wrong `--impl`, a kernel this platform cannot run) leaves nothing that blocks the corrected one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from sparse_jax.checkpoint import CheckpointConfig, Checkpointer
+from sparse_jax import patterns
 from sparse_jax.data import NeedleTask, step_rng
 from sparse_jax.models.lm import LMConfig, SparseLM
 from sparse_jax.train import make_optimizer, train_step
@@ -40,7 +45,16 @@ from script_io import MetricsLog, run as run_script, write_atomic  # experiments
 
 # Settings that define a run: recorded in <workdir>/config.json, checked on resume.
 RUN_KEYS = ("task", "seq_len", "layer_spec", "d_model", "heads", "kv_heads", "window", "impl",
-            "steps", "batch", "lr", "warmup", "seed")
+            "steps", "batch", "lr", "warmup", "seed", "pattern", "pattern_block")
+
+# `--pattern` names: NAME or NAME:INT,INT,... calls sparse_jax.patterns.NAME(INT, INT, ...)
+PATTERNS = {
+    "causal_window": patterns.causal_window,               # window[, num_sinks]
+    "longformer": patterns.longformer,                     # window[, num_global[, dilation]]
+    "bigbird": patterns.bigbird,                           # block[, window / global / random blocks]
+    "strided": patterns.sparse_transformer_strided,        # stride
+    "fixed": patterns.sparse_transformer_fixed,            # block[, summary]
+}
 
 
 def define_flags():
@@ -53,7 +67,13 @@ def define_flags():
                         "from its TASKS registry, e.g. 'single_needle,multiquery'.")
     flags.DEFINE_integer("seq_len", 128, "Training sequence length (tokens).")
     flags.DEFINE_string("layer_spec", "WF", "One letter per layer: F full, W sliding window, "
-                        "S StreamingLLM, N NSA, H/Y HySparse, M MoBA.")
+                        "S StreamingLLM, P static pattern (--pattern), N NSA, H/Y HySparse, M MoBA.")
+    flags.DEFINE_string("pattern", None, "Pattern of the P layers: NAME or NAME:INT,INT,... with NAME "
+                        f"one of {', '.join(PATTERNS)} (sparse_jax.patterns; strided = "
+                        "sparse_transformer_strided, fixed = sparse_transformer_fixed), e.g. "
+                        "longformer:16 or bigbird:16.")
+    flags.DEFINE_integer("pattern_block", None, "Block size of the P layers' block-sparse metadata; "
+                         "default LMConfig's (64).")
     flags.DEFINE_integer("d_model", 64, "Model width.")
     flags.DEFINE_integer("heads", 4, "Query heads.")
     flags.DEFINE_integer("kv_heads", None, "KV heads (grouped-query attention); default = --heads.")
@@ -107,20 +127,64 @@ def make_sampler(task: str, seq_len: int):
     return sample, tasks.VOCAB_SIZE
 
 
+def parse_pattern(text: str) -> patterns.Pattern:
+    """The `sparse_jax.patterns.Pattern` of a `--pattern` value: 'NAME' or 'NAME:INT,INT,...'
+    (NAME a key of `PATTERNS`, the integers its positional arguments)."""
+    name, _, args = text.partition(":")
+    if name not in PATTERNS:
+        raise ValueError(f"pattern: unknown name {name!r} in {text!r}; expected NAME or NAME:INT,..."
+                         f" with NAME one of {sorted(PATTERNS)}")
+    try:
+        values = [int(a) for a in args.split(",")] if args else []
+    except ValueError:
+        raise ValueError(f"pattern: arguments of {text!r} must be integers, e.g. longformer:16") from None
+    try:
+        return PATTERNS[name](*values)
+    except TypeError as e:
+        raise ValueError(f"pattern: {text!r} does not fit {name}: {e}") from None
+
+
 def build_model(run: dict, vocab_size: int) -> SparseLM:
-    """The SparseLM of a run config (`RUN_KEYS`), initialised from `run['seed']`."""
+    """The SparseLM of a run config (`RUN_KEYS`), initialised from `run['seed']`. Raises
+    ValueError for settings that do not fit together (e.g. P layers without a pattern)."""
+    has_p = "P" in run["layer_spec"]
+    if has_p != (run.get("pattern") is not None):
+        raise ValueError("--layer_spec has P layers: set --pattern, e.g. --pattern=longformer:16" if has_p
+                         else f"--pattern={run['pattern']} is only used by P layers, and --layer_spec="
+                              f"{run['layer_spec']} has none")
+    extra = {} if not has_p else dict(pattern=parse_pattern(run["pattern"]))
+    if has_p and run.get("pattern_block") is not None:
+        extra["pattern_block"] = run["pattern_block"]
     config = LMConfig(vocab_size=vocab_size, layer_spec=run["layer_spec"], d_model=run["d_model"],
                       num_heads=run["heads"], num_kv_heads=run["kv_heads"], window=run["window"],
-                      impl=run["impl"])
+                      impl=run["impl"], **extra)
     return SparseLM(config, rngs=nnx.Rngs(run["seed"]))
 
 
 def read_run_config(workdir: str) -> dict | None:
+    """The settings saved in `<workdir>/config.json`, or None without one. Raises ValueError
+    (naming the file) when it is not a JSON object."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable JSON file ({e}); delete it or use another --workdir") from None
+    if not isinstance(run, dict):
+        raise ValueError(f"{path} holds {type(run).__name__}, not a JSON object of run settings")
+    return run
+
+
+def make_workdir(workdir: str):
+    """Makes the folder `workdir` (kept if there); app.UsageError if it cannot be one."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise app.UsageError(f"--workdir={workdir} is a file, not a folder")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise app.UsageError(f"--workdir={workdir}: cannot make this folder ({e})") from e
 
 
 def main(argv):
@@ -134,20 +198,21 @@ def main(argv):
     for key in ("steps", "batch", "seq_len"):
         if run[key] < 1:
             raise app.UsageError(f"--{key} must be >= 1, got {run[key]}")
+    make_workdir(F.workdir)
     try:
         sample, vocab_size = make_sampler(run["task"], run["seq_len"])
         model = build_model(run, vocab_size)
         ckpt_config = CheckpointConfig(save_every=F.save_every, keep=F.keep, async_save=F.async_save)
+        previous = read_run_config(F.workdir)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-
-    os.makedirs(F.workdir, exist_ok=True)
-    previous = read_run_config(F.workdir)
-    if previous is not None and previous != run:
-        diff = {k: (previous.get(k), run.get(k)) for k in RUN_KEYS if previous.get(k) != run.get(k)}
+    # a config.json of before --pattern lacks its keys: their None matches
+    diff = {} if previous is None else {
+        k: (previous.get(k), run[k]) for k in RUN_KEYS if previous.get(k) != run[k]}
+    if diff:
         raise app.UsageError(f"{F.workdir} holds a run with other settings (saved, given): {diff}; "
                              "use a new --workdir or the same flags")
-    write_atomic(os.path.join(F.workdir, "config.json"), json.dumps(run, indent=2))
+    config_path = os.path.join(F.workdir, "config.json")
 
     optimizer = make_optimizer(model, run["lr"], warmup=run["warmup"], total_steps=run["steps"])
     with Checkpointer(os.path.join(F.workdir, "checkpoints"), ckpt_config) as ckpt:
@@ -163,7 +228,16 @@ def main(argv):
             last = time.perf_counter()
             for step in bar:
                 tokens, targets, mask = sample(step_rng(run["seed"], step), run["batch"])
-                loss, acc = train_step(model, optimizer, tokens, targets, mask)
+                try:
+                    loss, acc = train_step(model, optimizer, tokens, targets, mask)
+                except ValueError as e:
+                    if previous is not None:
+                        raise
+                    raise app.UsageError(f"the first training step failed (check --impl and the "
+                                         f"layer flags): {e}") from e
+                if previous is None:        # the first step ran: the settings work here
+                    write_atomic(config_path, json.dumps(run, indent=2))
+                    previous = run
                 loss, acc = float(loss), float(acc)
                 now = time.perf_counter()
                 record = dict(step=step, loss=loss, accuracy=acc,
