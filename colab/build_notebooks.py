@@ -2,8 +2,9 @@
 
 The notebooks are committed without outputs, exactly as written here (tests/test_notebooks.py
 checks that and executes each one on CPU). Edit the cells here, rerun, commit both.
-Every notebook starts with the same setup cell (install in Colab, nothing elsewhere) and
-picks tiny CPU settings unless `jax.default_backend() == "gpu"`.
+Every notebook starts with the same setup cell (`SETUP`: finds the checkout it runs in and
+installs it in Colab; never clones a URL the user has not set) and picks tiny CPU settings
+unless `jax.default_backend() == "gpu"`.
 """
 
 from __future__ import annotations
@@ -16,22 +17,42 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 HERE = pathlib.Path(__file__).resolve().parent
 
 SETUP = '''\
-# Setup. In Colab: clone the project's repository and install it (a minute or two);
-# anywhere else (a local checkout, CI) this cell does nothing.
-import sys
+# Setup. Finds the sparse_jax checkout this notebook runs in (the working folder or one above
+# it, or /content/sparse_jax), puts it on the path and makes it the working folder. In Colab it
+# also installs the checkout (a minute or two); without one there, it clones the repository
+# at SPARSE_JAX_GIT_URL (set it here or in the environment) or stops and says what to set.
+import os, pathlib, sys
 
-REPO_URL = "https://github.com/sparse-jax/sparse_jax"  # the project's git repository (placeholder URL)
+SPARSE_JAX_GIT_URL = os.environ.get("SPARSE_JAX_GIT_URL", "")   # e.g. "https://github.com/<you>/sparse_jax"
 
+
+def find_checkout():
+    here = pathlib.Path.cwd()
+    for folder in [here, *here.parents, pathlib.Path("/content/sparse_jax")]:
+        if (folder / "pyproject.toml").is_file() and (folder / "sparse_jax" / "__init__.py").is_file():
+            return folder
+    return None
+
+
+checkout = find_checkout()
 if "google.colab" in sys.modules:
-    import os, shutil, subprocess
+    import shutil, subprocess
+    if checkout is None:
+        if not SPARSE_JAX_GIT_URL:
+            raise RuntimeError(
+                "No sparse_jax checkout found (looked in the working folder, the folders above it and "
+                "/content/sparse_jax). Set SPARSE_JAX_GIT_URL at the top of this cell to the git URL of "
+                "the sparse_jax repository (or put a checkout in /content/sparse_jax), then run it again.")
+        subprocess.run(["git", "clone", "--depth=1", SPARSE_JAX_GIT_URL, "/content/sparse_jax"], check=True)
+        checkout = pathlib.Path("/content/sparse_jax")
     gpu = shutil.which("nvidia-smi") is not None
-    subprocess.run(["git", "clone", "--depth=1", REPO_URL, "/content/sparse_jax"], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e",
-                    "/content/sparse_jax" + ("[gpu]" if gpu else "")], check=True)
+                    str(checkout) + ("[gpu]" if gpu else "")], check=True)
     if gpu:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "jax[cuda13]==0.11.2"], check=True)
-    os.chdir("/content/sparse_jax")          # experiments/ and docs/ live in the clone
-    sys.path.insert(0, "/content/sparse_jax")'''
+if checkout is not None:
+    os.chdir(checkout)                       # experiments/ and docs/ live in the checkout
+    sys.path.insert(0, str(checkout))'''
 
 
 # ----------------------------------------------------------------------------- 01 quickstart
@@ -141,9 +162,10 @@ positions[1, SEQ - 5:] = -1
 forward = nnx.jit(lambda model, tokens, positions: model(tokens, positions)[0])
 models = {name: MyModel(make, rngs=nnx.Rngs(0)) for name, make in ATTENTION.items()}
 logits = {}
+NAME = max(len(name) for name in models) + 2     # the name column fits every name, yours too
 for name, model in models.items():
     logits[name] = forward(model, tokens, positions)
-    print(f"{name:>22}: logits {logits[name].shape}, finite: {bool(jnp.isfinite(logits[name]).all())}")'''),
+    print(f"{name:<{NAME}}logits {logits[name].shape}, finite: {bool(jnp.isfinite(logits[name]).all())}")'''),
     new_markdown_cell("""\
 ## 2. Decoding with a cache
 
@@ -154,7 +176,7 @@ the logits of the full forward pass at that position. `cache.nbytes()` is the me
 from code."""),
     new_code_cell('''\
 step = nnx.jit(lambda model, tokens, positions, caches: model(tokens, positions, caches))
-print(f"{'attention':>22} {'max |decode - forward|':>24} {'cache bytes':>12}")
+print(f"{'attention':<{NAME}}{'max |decode - forward|':>24}{'cache bytes':>14}")
 for name, model in models.items():
     caches, steps = model.init_cache(batch=2, max_len=SEQ), []
     for t in range(SEQ):
@@ -164,7 +186,7 @@ for name, model in models.items():
     valid = positions >= 0                                   # padded slots are not compared
     err = float(jnp.abs(jnp.where(valid[..., None], decoded - logits[name], 0)).max())
     nbytes = sum(c.nbytes() for c in caches)
-    print(f"{name:>22} {err:>24.2e} {nbytes:>12,}")
+    print(f"{name:<{NAME}}{err:>24.2e}{nbytes:>14,}")
     assert err < 1e-3, name'''),
     new_markdown_cell("""\
 ## 3. HySparse: layers that share state

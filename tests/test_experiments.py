@@ -1,6 +1,8 @@
-"""The experiment scripts: `--help` explains each and exits 0; metrics go to JSONL and
+"""The experiment scripts: `--help` explains each and exits 0 (every script, with and without
+the repo root on PYTHONPATH); a usage error is a short message; metrics go to JSONL and
 TensorBoard (`experiments/script_io.MetricsLog`, read back here from the event files); one tiny
-real run of `compare_hybrids.py` writes all its outputs."""
+real run of `compare_hybrids.py` writes all its outputs; `train.py` / `evaluate.py` refuse
+bad flags and workdirs with one clear line and leave nothing that blocks the corrected command."""
 
 import glob
 import json
@@ -28,9 +30,32 @@ HELP = {
 }
 
 
-def _env():
-    return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-                XLA_FLAGS="--xla_force_host_platform_device_count=1")
+# every runnable script of experiments/ (script_io.py is their shared module)
+SCRIPTS = sorted(name for name in os.listdir(EXPERIMENTS)
+                 if name.endswith(".py") and name != "script_io.py") + ["bench_all.sh"]
+TINY_TRAIN = ["--steps=2", "--batch=2", "--seq_len=32", "--d_model=16", "--heads=1", "--window=4"]
+
+
+def _env(pythonpath=True):
+    """Subprocess environment: CPU, one device; the repo root on PYTHONPATH or no PYTHONPATH
+    (as a user runs the scripts with the venv's python from the repo root)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = ROOT
+    return env
+
+
+def _command(name, *args):
+    if name.endswith(".sh"):
+        return ["bash", os.path.join("experiments", name), *args]
+    return [sys.executable, os.path.join("experiments", name), *args]
+
+
+def _run(name, *args, timeout=300):
+    """Runs experiments/`name` from the repo root (no PYTHONPATH); the CompletedProcess."""
+    return subprocess.run(_command(name, *args), cwd=ROOT, env=_env(pythonpath=False),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def read_events(folder):
@@ -51,17 +76,105 @@ def read_events(folder):
     return scalars, purges
 
 
-def test_every_script_help_exits_0_and_names_its_flags():
-    """All five at once (imports dominate: seconds each)."""
-    procs = {name: subprocess.Popen([sys.executable, os.path.join(EXPERIMENTS, name), "--help"], env=_env(),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name in HELP}
+@pytest.mark.parametrize("pythonpath", [False, True], ids=["no_PYTHONPATH", "PYTHONPATH"])
+def test_every_script_help_exits_0_and_prints_usage(pythonpath):
+    """Every script of experiments/, run from the repo root: `--help` prints its docstring
+    and exits 0, without starting any work (four imported `experiments.` and crashed without
+    PYTHONPATH; several exited 1; bench_all.sh started the whole benchmark run). The scripts
+    of HELP show their main flags, a command to run and where the metrics go."""
+    todo, failures = list(SCRIPTS), []
+    while todo:                         # two at a time: imports dominate, the machine has 2 cores
+        batch, todo = todo[:2], todo[2:]
+        procs = {name: subprocess.Popen(_command(name, "--help"), cwd=ROOT, env=_env(pythonpath),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for name in batch}
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=300)
+            if proc.returncode != 0 or len(out.strip().splitlines()) < 2:
+                failures.append((name, proc.returncode, err[-1500:]))
+            elif name in HELP:
+                missing = [w for w in HELP[name] if w not in out]
+                if missing or not ("TensorBoard" in out or "tensorboard" in out):   # where the metrics go
+                    failures.append((name, "--help lacks", missing))
+    assert not failures
+
+
+def test_usage_error_is_one_short_message(tmp_path):
+    """absl printed the whole flag help (~78 lines) before a usage error's message."""
+    done = _run("train.py", f"--workdir={tmp_path / 'run'}", "--steps=0")
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) <= 3 and "--steps must be >= 1, got 0" in lines[0], done.stderr[-3000:]
+
+
+def test_train_failed_first_step_leaves_no_config_and_corrected_command_runs(tmp_path):
+    """A first step that fails (an unknown --impl) writes no config.json, so the corrected
+    command is not refused as 'a run with other settings'."""
+    workdir = tmp_path / "run"
+    bad = _run("train.py", f"--workdir={workdir}", "--impl=foo", *TINY_TRAIN)
+    assert bad.returncode != 0 and "impl must be one of" in bad.stderr, bad.stderr[-3000:]
+    assert "Traceback" not in bad.stderr
+    assert not (workdir / "config.json").exists()
+    good = _run("train.py", f"--workdir={workdir}", *TINY_TRAIN)
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert json.loads((workdir / "config.json").read_text())["impl"] == "auto"
+
+
+def test_train_workdir_that_is_a_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    done = _run("train.py", f"--workdir={path}", *TINY_TRAIN)
+    assert done.returncode != 0
+    assert f"--workdir={path} is a file, not a folder" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_train_pattern_layers(tmp_path):
+    """`--layer_spec=P...` trains with `--pattern` (and `--pattern_block`); `evaluate.py`
+    rebuilds the same model from config.json."""
+    workdir = tmp_path / "run"
+    done = _run("train.py", f"--workdir={workdir}", "--layer_spec=PF", "--pattern=longformer:8,1",
+                "--pattern_block=8", *TINY_TRAIN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads((workdir / "config.json").read_text())
+    assert (run["pattern"], run["pattern_block"]) == ("longformer:8,1", 8)
+    done = _run("evaluate.py", f"--workdir={workdir}", "--batch=2", "--batches=1", "--distances=4")
+    assert done.returncode == 0 and "exact match" in done.stdout, done.stderr[-3000:]
+
+
+def test_train_pattern_flags_are_checked():
+    """No --pattern for P layers, a --pattern without P layers, a bad --pattern: ValueError
+    (a one-line usage error in train.py) before anything is written."""
+    import train
+    from sparse_jax import patterns
+    run = dict(layer_spec="PF", d_model=16, heads=1, kv_heads=None, window=4, impl="auto", seed=0,
+               pattern=None, pattern_block=8)
+    with pytest.raises(ValueError, match="set --pattern"):
+        train.build_model(run, vocab_size=20)
+    with pytest.raises(ValueError, match="only used by P layers"):
+        train.build_model(dict(run, layer_spec="WF", pattern="strided:4"), vocab_size=20)
+    assert train.build_model(dict(run, pattern="strided:4"), vocab_size=20).config.pattern_block == 8
+    assert train.parse_pattern("longformer:8,2") == patterns.longformer(8, 2)
+    assert train.parse_pattern("strided:4") == patterns.sparse_transformer_strided(4)
+    for text, message in [("longformer:x", "must be integers"), ("bigbird:1,2,3,4,5,6,7,8", "does not fit"),
+                          ("", "unknown name")]:
+        with pytest.raises(ValueError, match=message):
+            train.parse_pattern(text)
+
+
+def test_evaluate_without_checkpoints_or_with_a_corrupt_config_is_a_clear_error(tmp_path):
+    run = dict(task="needle", seq_len=32, layer_spec="WF", d_model=16, heads=1, kv_heads=None, window=4,
+               impl="auto", steps=2, batch=2, lr=3e-3, warmup=0, seed=0)
+    cases = {"no_checkpoints": (json.dumps(run), "checkpoints does not exist: train first"),
+             "corrupt": ('{"task": "nee', "config.json is not a readable JSON file")}
+    procs = {}
+    for name, (text, _) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+        procs[name] = subprocess.Popen(_command("evaluate.py", f"--workdir={tmp_path / name}"), cwd=ROOT,
+                                       env=_env(False), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, (name, err[-2000:])
-        missing = [w for w in HELP[name] if w not in out]
-        assert not missing, (name, missing)
-        assert "TensorBoard" in out or "tensorboard" in out, name     # where the metrics go
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and cases[name][1] in err and "Traceback" not in err, (name, err[-3000:])
 
 
 def test_metrics_log_writes_jsonl_and_tensorboard(tmp_path):
