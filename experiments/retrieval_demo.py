@@ -14,6 +14,7 @@ window, plus compressed and selected branches) can.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import jax
@@ -103,6 +104,7 @@ def main(argv):
         raise app.UsageError(f"unknown --models {sorted(unknown)}; choose from {sorted(SPECS)}")
     if FLAGS.window + 2 >= FLAGS.seq_len:
         raise app.UsageError("--window must be well below --seq_len for far needles to exist")
+    start = time.perf_counter()
     task = NeedleTask(seq_len=FLAGS.seq_len)
     print(f"needle retrieval: T={task.seq_len}, window={FLAGS.window}, {FLAGS.layers} layers, "
           f"{FLAGS.steps} steps x {FLAGS.batch} sequences, chance = {1 / task.num_values:.2f}")
@@ -114,6 +116,8 @@ def main(argv):
               f"{r['kv_bytes_per_token']:>12.0f}{r['tokens_per_s']:>11.0f}")
     print(f"(near: needle {rows[0]['near']} tokens back; far: {rows[0]['far']} tokens back; "
           f"KV bytes per token at T={task.seq_len}, fp32)")
+    print(f"(wall time {time.perf_counter() - start:.0f} s with compilation, jax {jax.__version__} on "
+          f"{jax.default_backend()}, {os.cpu_count()} CPU cores; tokens/s: training steps after compilation)")
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
             json.dump(rows, f, indent=2)
