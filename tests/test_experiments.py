@@ -108,16 +108,18 @@ def test_usage_error_is_one_short_message(tmp_path):
 
 
 def test_train_failed_first_step_leaves_no_config_and_corrected_command_runs(tmp_path):
-    """A first step that fails (an unknown --impl) writes no config.json, so the corrected
-    command is not refused as 'a run with other settings'."""
-    workdir = tmp_path / "run"
-    bad = _run("train.py", f"--workdir={workdir}", "--impl=foo", *TINY_TRAIN)
-    assert bad.returncode != 0 and "impl must be one of" in bad.stderr, bad.stderr[-3000:]
-    assert "Traceback" not in bad.stderr
-    assert not (workdir / "config.json").exists()
-    good = _run("train.py", f"--workdir={workdir}", *TINY_TRAIN)
+    """A first step that fails (an unknown --impl; a kernel that cannot run on CPU) writes no
+    config.json, so the corrected command is not refused as 'a run with other settings'."""
+    bad = {impl: subprocess.Popen(_command("train.py", f"--workdir={tmp_path / impl}", f"--impl={impl}",
+                                           *TINY_TRAIN), cwd=ROOT, env=_env(False), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for impl in ("foo", "triton")}
+    for impl, proc in bad.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and "the first training step failed" in err, err[-3000:]
+        assert "Traceback" not in err and not (tmp_path / impl / "config.json").exists()
+    good = _run("train.py", f"--workdir={tmp_path / 'foo'}", *TINY_TRAIN)
     assert good.returncode == 0, good.stderr[-3000:]
-    assert json.loads((workdir / "config.json").read_text())["impl"] == "auto"
+    assert json.loads((tmp_path / "foo" / "config.json").read_text())["impl"] == "auto"
 
 
 def test_train_workdir_that_is_a_file_is_a_clear_error(tmp_path):
