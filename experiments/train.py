@@ -35,8 +35,8 @@ import time
 from absl import app, flags, logging
 from flax import nnx
 
-from sparse_jax.checkpoint import CheckpointConfig, Checkpointer
 from sparse_jax import patterns
+from sparse_jax.checkpoint import CheckpointConfig, Checkpointer
 from sparse_jax.data import NeedleTask, step_rng
 from sparse_jax.models.lm import LMConfig, SparseLM
 from sparse_jax.train import make_optimizer, train_step
