@@ -387,7 +387,8 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
         split, tok, pos = cp.Split, cp.TOKENS, cp.POSITIONS
         everything, halo = dict(gather=True), dict(halo=cfg.window - 1)
         return cp.attention(
-            nsa_branches, NSABranches(tok, tok, tok, tok, cp.HEAD_MAJOR), q=split(q), q_positions=split(q_positions, pos),
+            nsa_branches, NSABranches(tok, tok, tok, tok, cp.HEAD_MAJOR), q=split(q),
+            q_positions=split(q_positions, pos),
             k_cmp=split(k_cmp, **everything), v_cmp=split(v_cmp, **everything),
             cmp_positions=split(cmp_positions, pos, **everything), k_slc=split(k_slc, **everything),
             v_slc=split(v_slc, **everything), slc_positions=split(slc_positions, pos, **everything),
