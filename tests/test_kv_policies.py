@@ -1,5 +1,8 @@
 """KV-cache policies (sparse_jax.kv_policies): dense at full budget, hand-built kept sets,
-budgets honoured, pooled decode against a masked reference, DuoAttention calibration."""
+SnapKV / H2O scores against the paper's steps and kvpress's goldens, budgets honoured,
+pooled decode against a masked reference, DuoAttention calibration."""
+
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +170,31 @@ def test_h2o_normalize_divides_by_the_queries_that_see_each_key():
     summed, _ = H2O(3).scores(obs, 0, 1)
     mean, _ = H2O(3, normalize=True).scores(obs, 0, 1)
     np.testing.assert_allclose(np.asarray(mean)[0, 0], np.asarray(summed)[0, 0] / (S - np.arange(S)), rtol=1e-6)
+
+
+def test_scores_match_kvpress_golden():
+    """SnapKV and H2O score as kvpress's SnapKVPress and ObservedAttentionPress do on the
+    golden inputs (tests/golden/make_kvpress_golden.py, kvpress 0.5.5): equal up to the
+    constant factors of averaging (kvpress: mean over the window queries and the GQA group;
+    the policies sum), SnapKV keeps kvpress's slots, `H2O(normalize=True)` is
+    ObservedAttention, and the default (summed) H2O is that times the observing queries."""
+    g = np.load(pathlib.Path(__file__).parent / "golden" / "kvpress" / "scores.npz")
+    q, k = jnp.asarray(g["q"]), jnp.asarray(g["k"])
+    b, t, h, _ = q.shape
+    hkv, window, budget = k.shape[2], int(g["window"]), int(g["budget"])
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    obs = Observation(q, k, pos, pos)
+    snap = SnapKV(budget, window=window, kernel=int(g["kernel"]))
+    score, _ = snap.scores(obs, 0, 1)
+    np.testing.assert_allclose(np.asarray(score)[..., :t - window],
+                               g["snapkv"][..., :t - window] * window * (h // hkv), rtol=1e-5, atol=1e-7)
+    slot, head = (np.asarray(x) for x in select(snap, obs, 0, 1))
+    kept = [[np.sort(slot[r][head[r] == hh]) for hh in range(hkv)] for r in range(b)]
+    np.testing.assert_array_equal(np.asarray(kept), g["snapkv_kept"])
+    mean, _ = H2O(budget, normalize=True).scores(obs, 0, 1)
+    np.testing.assert_allclose(mean, g["observed"] * (h // hkv), rtol=1e-5, atol=1e-7)
+    summed, _ = H2O(budget).scores(obs, 0, 1)
+    np.testing.assert_allclose(summed, g["observed"] * (h // hkv) * (t - np.arange(t)), rtol=1e-5, atol=1e-7)
 
 
 def test_ada_kv_moves_budget_to_the_head_that_needs_it():
