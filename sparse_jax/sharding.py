@@ -17,6 +17,7 @@ dimension replicated instead of failing, so one rule table serves every mesh sha
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Sequence
 
@@ -46,6 +47,41 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("index_heads", "tensor"),
     ("index_dim", None),
 )
+
+
+_rules_in_use: list = []        # stack of `use_axis_rules` tables; empty: LOGICAL_AXIS_RULES
+
+
+def axis_rules():
+    """The rule table in use: the innermost `use_axis_rules(...)`, else `LOGICAL_AXIS_RULES`
+    (read at call time). Code without a `rules=` argument (context parallelism inside the
+    attention ops) takes its mesh axes from here."""
+    return _rules_in_use[-1] if _rules_in_use else LOGICAL_AXIS_RULES
+
+
+@contextlib.contextmanager
+def use_axis_rules(rules):
+    """Within the block, `axis_rules()` is `rules` (a `LOGICAL_AXIS_RULES`-like table).
+
+    Traces read it when they are made: jax caches a function's trace by its arguments and
+    mesh, not by this table, so trace (jit) a function under the table it should use (a
+    function already traced under another table keeps that one)."""
+    for name, entry in dict(rules).items():
+        if not (entry is None or isinstance(entry, str)
+                or isinstance(entry, tuple) and all(isinstance(a, str) for a in entry)):
+            raise ValueError(f"rule {name!r} -> {entry!r}: expected a mesh axis name, a tuple of them, or None")
+    _rules_in_use.append(tuple(rules))
+    try:
+        yield
+    finally:
+        _rules_in_use.pop()
+
+
+def mesh_axes(name: str, mesh, rules=None) -> tuple[str, ...]:
+    """Mesh axes that logical axis `name` maps to under `rules` (default `axis_rules()`),
+    keeping those `mesh` has with size > 1 (in rule order). `mesh` may be abstract."""
+    entry = dict(axis_rules() if rules is None else rules).get(name)
+    return tuple(a for a in _axes(entry) if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[str | None],
@@ -144,16 +180,19 @@ def shard_model(model, mesh: Mesh, optimizer=None, rules=LOGICAL_AXIS_RULES):
     return model
 
 
-def batch_spec(mesh: Mesh, ndim: int = 2) -> PartitionSpec:
-    """Batch dim over (`data`, `fsdp`), the sequence dim (if `ndim` >= 2) over `context` when
-    that axis is > 1; other dims replicated. Batch size must divide by data * fsdp."""
-    batch = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
+def batch_spec(mesh: Mesh, ndim: int = 2, rules=None) -> PartitionSpec:
+    """Batch dim over the `batch` rule's mesh axes (data, fsdp), the sequence dim (if `ndim`
+    >= 2) over the `seq` rule's (context), each where > 1 (`rules` default `axis_rules()`);
+    other dims replicated. Batch size must divide by data * fsdp."""
+    batch = mesh_axes("batch", mesh, rules) or None
     if batch is not None and len(batch) == 1:
         batch = batch[0]
-    seq = "context" if mesh.shape["context"] > 1 else None
+    seq = mesh_axes("seq", mesh, rules) or None
+    if seq is not None and len(seq) == 1:
+        seq = seq[0]
     return PartitionSpec(*((batch, seq) + (None,) * (ndim - 2))[:ndim])
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=None) -> NamedSharding:
     """`NamedSharding` for `[batch, seq, ...]` inputs (see `batch_spec`)."""
-    return NamedSharding(mesh, batch_spec(mesh, ndim))
+    return NamedSharding(mesh, batch_spec(mesh, ndim, rules))

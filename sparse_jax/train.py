@@ -80,14 +80,14 @@ def make_sharded_train_step(model, optimizer, mesh, rules=None, donate: bool = F
     accuracy), `.indexer_loss`), which updates `model` and `optimizer` in place like `train_step`; inputs are
     `device_put` to their shardings (a no-op when already there, e.g. after `shard_model`).
     `donate=True` donates the old state buffers (do not reuse arrays read from it before).
-    The step is traced under `jax.set_mesh(mesh)`, so with `context` > 1 the attention
-    layers run `sparse_jax.context_parallel` (explicit KV exchange per variant).
+    The step is traced under `jax.set_mesh(mesh)` and `rules`, so with a sequence axis > 1
+    the attention ops run `sparse_jax.context_parallel` (explicit KV exchange per variant).
     """
     from sparse_jax import sharding as S
     rules = S.LOGICAL_AXIS_RULES if rules is None else rules
     graphdef, state = nnx.split((model, optimizer))
     state_sh = S.param_shardings(state, mesh, rules)
-    batch_sh = S.batch_sharding(mesh)
+    batch_sh = S.batch_sharding(mesh, rules=rules)
     scalar_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def step(state, tokens, targets, mask, indexer_loss_weight):
@@ -103,7 +103,7 @@ def make_sharded_train_step(model, optimizer, mesh, rules=None, donate: bool = F
         state = jax.device_put(nnx.state((model, optimizer)), state_sh)
         tokens, targets, mask = (jax.device_put(x, batch_sh) for x in (tokens, targets, mask))
         weight = jnp.asarray(indexer_loss_weight, jnp.float32)
-        with jax.set_mesh(mesh):        # context > 1: attention exchanges KV via shard_map
+        with jax.set_mesh(mesh), S.use_axis_rules(rules):   # context > 1: attention exchanges KV via shard_map
             new_state, loss, acc, aux = jitted(state, tokens, targets, mask, weight)
         nnx.update((model, optimizer), new_state)
         return StepMetrics(loss, acc, aux)

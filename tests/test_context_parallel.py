@@ -14,6 +14,8 @@ Tolerances (float32): outputs atol 2e-5 / rtol 1e-5, gradients atol 1e-4 / rtol 
 1e-5, parameters after one clip + AdamW step rtol 1e-5 / atol 1e-6.
 """
 
+import ast
+import pathlib
 import re
 
 import jax
@@ -22,13 +24,16 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as Spec
 
+import sparse_jax
 from sparse_jax import context_parallel as cp
 from sparse_jax.models.lm import LMConfig, SparseLM
 from sparse_jax.ops import attention as attn_ops
 from sparse_jax.ops import hysparse as hs_ops
+from sparse_jax.ops import moba as moba_ops
 from sparse_jax.ops import nsa as nsa_ops
-from sparse_jax.sharding import make_mesh
+from sparse_jax.sharding import LOGICAL_AXIS_RULES, make_mesh, use_axis_rules
 from sparse_jax.train import make_sharded_train_step, train_step
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices, see conftest")
@@ -129,9 +134,8 @@ def test_nsa_branches(mesh_name):
     cmp_pos = cmp_pos.at[1].set(jnp.where(cmp_pos[1] < T - 5, cmp_pos[1], -1))
 
     def fn(q, kc, vc, ks, vs, kw, vw):
-        out = nsa_ops.nsa_branches if not cp.active() else cp.nsa_branches
-        return out(q, pos, k_cmp=kc, v_cmp=vc, cmp_positions=cmp_pos, k_slc=ks, v_slc=vs, slc_positions=pos,
-                   k_win=kw, v_win=vw, win_positions=pos, cfg=NSA_CFG)
+        return nsa_ops.nsa_branches(q, pos, k_cmp=kc, v_cmp=vc, cmp_positions=cmp_pos, k_slc=ks, v_slc=vs,
+                                    slc_positions=pos, k_win=kw, v_win=vw, win_positions=pos, cfg=NSA_CFG)
 
     args = (_rand(0, B, T, H, D), _rand(1, B, n_cmp, HKV, D), _rand(2, B, n_cmp, HKV, D),
             *(_rand(i, B, T, HKV, D) for i in range(3, 7)))
@@ -146,15 +150,29 @@ def test_hysparse_full_and_sparse(mesh_name):
     pos = _positions()
 
     def fn(q, k, v, q2, sinks):
-        out, idx = cp.hysparse_full_attention(q, k, v, pos, pos, block_size=HS_BLOCK, top_k_blocks=3,
-                                              sink_logits=sinks)
-        o2 = cp.selected_block_attention(q2, k, v, pos, pos, idx, block_size=HS_BLOCK, sink_logits=sinks)
+        out, idx = hs_ops.hysparse_full_attention(q, k, v, pos, pos, block_size=HS_BLOCK, top_k_blocks=3,
+                                                  sink_logits=sinks)
+        o2 = hs_ops.selected_block_attention(q2, k, v, pos, pos, idx, block_size=HS_BLOCK, sink_logits=sinks)
         return out, idx, o2
 
     args = (_rand(0, B, T, H, D), _rand(1, B, T, HKV, D), _rand(2, B, T, HKV, D), _rand(3, B, T, H, D),
             _rand(4, H))
     _check(fn, args, mesh_name)
     assert not cp.active()                  # off again outside the mesh context
+
+
+def test_moba_takes_the_selected_block_path():
+    """MoBA attends through `selected_block_attention`, so it is split too (one entry in the
+    op, not per layer): sharded == single device (c4: chunks of 6 over blocks of 4)."""
+    pos = _positions()
+
+    def fn(q, k, v, sinks):
+        return moba_ops.moba_attention(q, k, v, pos, pos, block_size=HS_BLOCK, top_k=2, sink_logits=sinks)
+
+    args = (_rand(0, B, T, H, D), _rand(1, B, T, HKV, D), _rand(2, B, T, HKV, D), _rand(4, H))
+    with jax.set_mesh(make_mesh(**MESHES["c4"])):
+        assert len(_shard_map_specs(fn, *args)) == 1
+    _check(fn, args, "c4")
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -170,18 +188,16 @@ def _model(spec):
 
 
 def _spy_calls(monkeypatch):
-    """Records which context-parallel functions are traced with the axis active."""
-    calls = []
+    """Records which ops enter context parallelism (`cp.attention`, the one entry) with the
+    axis active."""
+    calls, real = [], cp.attention
 
-    def spy(name, real):
-        def wrapped(*a, **k):
-            if cp.active():
-                calls.append(name)
-            return real(*a, **k)
-        return wrapped
+    def wrapped(op, *a, **k):
+        if cp.active():
+            calls.append(op.__name__)
+        return real(op, *a, **k)
 
-    for name in ("local_attention", "nsa_branches", "hysparse_full_attention", "selected_block_attention"):
-        monkeypatch.setattr(cp, name, spy(name, getattr(cp, name)))
+    monkeypatch.setattr(cp, "attention", wrapped)
     return calls
 
 
@@ -220,3 +236,75 @@ def test_hysparse_model_train_step_context2(monkeypatch):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for p, r in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), ref_params, strict=True):
         np.testing.assert_allclose(np.asarray(p), np.asarray(r), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- one entry, rule table
+
+
+def _shard_map_specs(fn, *args):
+    """in_specs of every shard_map in `fn`'s jaxpr (top level)."""
+    return [e.params["in_specs"] for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name == "shard_map"]
+
+
+def test_axes_come_from_the_rule_table():
+    """The sequence, heads and batch mesh axes are the rule table's (`sharding.axis_rules`):
+    with `seq` -> "sp", `heads` -> "tp" and `batch` replicated on a mesh of those names,
+    local attention splits over "sp" (heads over "tp") and equals the single-device op;
+    under the default rules the same mesh has no sequence axis (plain op, no shard_map)."""
+    mesh = jax.make_mesh((4, 2), ("sp", "tp"), axis_types=(AxisType.Auto,) * 2)
+    rules = tuple((dict(LOGICAL_AXIS_RULES) | {"seq": "sp", "heads": "tp", "batch": None}).items())
+    pos = _positions()
+    q, k, v = _rand(0, B, T, H, D), _rand(1, B, T, HKV, D), _rand(2, B, T, HKV, D)
+    f = lambda q, k, v: attn_ops.local_attention(q, k, v, pos, pos, window=9)
+    g = lambda q, k, v: attn_ops.local_attention(q, k, v, pos, pos, window=9)   # traces are cached per function
+    with jax.set_mesh(mesh):
+        assert cp.context_size() == 1 and not _shard_map_specs(g, q, k, v)
+        with use_axis_rules(rules):
+            assert cp.seq_axis() == "sp" and cp.context_size() == 4
+            specs = _shard_map_specs(f, q, k, v)
+            out = jax.jit(f)(q, k, v)
+    assert len(specs) == 1 and specs[0][0] == Spec(None, "sp", "tp", None) and specs[0][3] == Spec(None, "sp")
+    np.testing.assert_allclose(out, f(q, k, v), **FWD)
+    with jax.set_mesh(make_mesh(data=2, tensor=2, context=2)):      # the default table
+        assert _shard_map_specs(f, q, k, v)[0][0] == Spec("data", "context", "tensor", None)
+
+
+def _import_names(tree):
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+    return names
+
+
+def _sparse_jax_imports():
+    """({module: sparse_jax modules it imports anywhere in its file},
+    {module: those imported inside a function})."""
+    root = pathlib.Path(sparse_jax.__file__).parent
+    graph, lazy = {}, {}
+    for path in root.rglob("*.py"):
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        tree = ast.parse(path.read_text())
+        graph[module] = _import_names(tree)
+        lazy[module] = set().union(*(_import_names(f) for f in ast.walk(tree)
+                                     if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))))
+    known = lambda names, m: {n for n in names if n in graph and n != m}
+    return {m: known(n, m) for m, n in graph.items()}, {m: known(n, m) for m, n in lazy.items()}
+
+
+def test_no_import_cycle_between_ops_and_context_parallel():
+    """context_parallel imports no op or layer (nor anything that does); the ops import it
+    at module level, and no function imports it lazily (the old way round the cycle)."""
+    graph, lazy = _sparse_jax_imports()
+    seen, todo = set(), ["sparse_jax.context_parallel"]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    assert "sparse_jax.context_parallel" not in seen
+    assert not {m for m in seen if m.startswith(("sparse_jax.ops", "sparse_jax.layers"))}, seen
+    for op in ("attention", "nsa", "hysparse"):
+        assert "sparse_jax.context_parallel" in graph[f"sparse_jax.ops.{op}"] - lazy[f"sparse_jax.ops.{op}"]
+    assert not [m for m, names in lazy.items() if "sparse_jax.context_parallel" in names]

@@ -1,5 +1,8 @@
 """KV-cache policies (sparse_jax.kv_policies): dense at full budget, hand-built kept sets,
-budgets honoured, pooled decode against a masked reference, DuoAttention calibration."""
+SnapKV / H2O scores against the paper's steps and kvpress's goldens, budgets honoured,
+pooled decode against a masked reference, DuoAttention calibration."""
+
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +104,97 @@ def test_snapkv_keeps_what_the_window_attends():
     obs = _obs([[4], [6]], queries="last2")
     assert _kept(SnapKV(3, window=2, kernel=1), obs) == [{4, 10, 11}, {6, 10, 11}]
     assert _kept(SnapKV(3, window=2, kernel=3, pooling="max"), obs)[0] & {3, 4, 5}
+
+
+def test_snapkv_pools_only_the_keys_before_the_window():
+    """The window's own mass must not reach the prefix scores (the paper's code crops
+    `attn[..., -w:, :-w]` before pooling). Window key 10 takes nearly all the window's
+    attention, key 1 a little: keeping one prefix key, the cropped scores pick key 1's
+    neighbourhood (1); pooling the window in would pick key 9, next to key 10."""
+    k = np.zeros((1, S, 1, D), np.float32)
+    k[0, 1, 0, 0], k[0, 10, 0, 0] = 2.0 * 4.0, 2.0 * 10.0          # logits 4 and 10
+    q = np.zeros((1, S, 1, D), np.float32)
+    q[0, S - 2:, 0, 0] = 1.0
+    pos = jnp.arange(S, dtype=jnp.int32)[None]
+    obs = Observation(jnp.asarray(q), jnp.asarray(k), pos, pos)
+    assert _kept(SnapKV(3, window=2, kernel=3), obs) == [{1, 10, 11}]
+    assert _kept(SnapKV(3, window=2, kernel=3, pooling="max"), obs)[0] & {0, 1, 2}
+
+
+def _snapkv_reference(q, k, window, kernel, pooling):
+    """SnapKV's scoring step by step as the paper's code does it, in numpy, one batch row,
+    no padding: softmax of the last `window` queries over all (causal) keys, crop to the
+    keys before the window, sum over the window queries, pool with zero (avg) / -inf (max)
+    padding of kernel // 2, sum the query heads of each kv head. -> `[Hkv, S - window]`."""
+    s, h, d = q.shape
+    hkv = k.shape[1]
+    logits = np.einsum("thd,shd->hts", q[-window:], np.repeat(k, h // hkv, axis=1)) / np.sqrt(d)
+    causal = np.arange(s)[None, :] <= np.arange(s - window, s)[:, None]
+    logits = np.where(causal[None], logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    summed = probs[:, :, :-window].sum(1)                                       # [H, S - w]
+    pad = kernel // 2
+    padded = np.pad(summed, ((0, 0), (pad, pad)), constant_values=0.0 if pooling == "avg" else -np.inf)
+    windows = np.stack([padded[:, i:i + s - window] for i in range(kernel)])
+    pooled = windows.mean(0) if pooling == "avg" else windows.max(0)
+    return pooled.reshape(hkv, h // hkv, s - window).sum(1)
+
+
+@pytest.mark.parametrize("pooling,group", [("avg", 2), ("max", 1)])
+def test_snapkv_scores_follow_the_papers_code(pooling, group):
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(1, S, 2 * group, D)).astype(np.float32) * 2
+    k = rng.normal(size=(1, S, 2, D)).astype(np.float32) * 2
+    pos = jnp.arange(S, dtype=jnp.int32)[None]
+    window, kernel = 3, 5
+    score, forced = SnapKV(8, window=window, kernel=kernel, pooling=pooling).scores(
+        Observation(jnp.asarray(q), jnp.asarray(k), pos, pos), 0, 1)
+    want = _snapkv_reference(q[0], k[0], window, kernel, pooling)
+    np.testing.assert_allclose(np.asarray(score)[0, :, :S - window], want, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(forced)[0, 0] == (np.arange(S) >= S - window))
+
+
+def test_h2o_normalize_divides_by_the_queries_that_see_each_key():
+    """Key 0 (logit 3) is seen by all 12 queries, key 8 (logit 6) by the last 4. Summed
+    mass (the H2O paper) favours key 0, mass per observing query (kvpress's
+    ObservedAttention) key 8; with one heavy-hitter slot they keep different keys."""
+    k = np.zeros((1, S, 1, D), np.float32)
+    k[0, 0, 0, 0], k[0, 8, 0, 0] = 2.0 * 3.0, 2.0 * 6.0
+    q = np.ones((1, S, 1, D), np.float32) * np.array([1.0, 0, 0, 0], np.float32)
+    pos = jnp.arange(S, dtype=jnp.int32)[None]
+    obs = Observation(jnp.asarray(q), jnp.asarray(k), pos, pos)
+    assert H2O(3).normalize is False
+    assert _kept(H2O(3), obs) == [{0, 10, 11}]
+    assert _kept(H2O(3, normalize=True), obs) == [{8, 10, 11}]
+    summed, _ = H2O(3).scores(obs, 0, 1)
+    mean, _ = H2O(3, normalize=True).scores(obs, 0, 1)
+    np.testing.assert_allclose(np.asarray(mean)[0, 0], np.asarray(summed)[0, 0] / (S - np.arange(S)), rtol=1e-6)
+
+
+def test_scores_match_kvpress_golden():
+    """SnapKV and H2O score as kvpress's SnapKVPress and ObservedAttentionPress do on the
+    golden inputs (tests/golden/make_kvpress_golden.py, kvpress 0.5.5): equal up to the
+    constant factors of averaging (kvpress: mean over the window queries and the GQA group;
+    the policies sum), SnapKV keeps kvpress's slots, `H2O(normalize=True)` is
+    ObservedAttention, and the default (summed) H2O is that times the observing queries."""
+    g = np.load(pathlib.Path(__file__).parent / "golden" / "kvpress" / "scores.npz")
+    q, k = jnp.asarray(g["q"]), jnp.asarray(g["k"])
+    b, t, h, _ = q.shape
+    hkv, window, budget = k.shape[2], int(g["window"]), int(g["budget"])
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    obs = Observation(q, k, pos, pos)
+    snap = SnapKV(budget, window=window, kernel=int(g["kernel"]))
+    score, _ = snap.scores(obs, 0, 1)
+    np.testing.assert_allclose(np.asarray(score)[..., :t - window],
+                               g["snapkv"][..., :t - window] * window * (h // hkv), rtol=1e-5, atol=1e-7)
+    slot, head = (np.asarray(x) for x in select(snap, obs, 0, 1))
+    kept = [[np.sort(slot[r][head[r] == hh]) for hh in range(hkv)] for r in range(b)]
+    np.testing.assert_array_equal(np.asarray(kept), g["snapkv_kept"])
+    mean, _ = H2O(budget, normalize=True).scores(obs, 0, 1)
+    np.testing.assert_allclose(mean, g["observed"] * (h // hkv), rtol=1e-5, atol=1e-7)
+    summed, _ = H2O(budget).scores(obs, 0, 1)
+    np.testing.assert_allclose(summed, g["observed"] * (h // hkv) * (t - np.arange(t)), rtol=1e-5, atol=1e-7)
 
 
 def test_ada_kv_moves_budget_to_the_head_that_needs_it():
@@ -214,6 +308,8 @@ def test_bad_arguments_raise():
         AdaKV(AdaKV(SnapKV(4)))
     with pytest.raises(ValueError, match="num_sinks"):
         StreamingLLM(2, num_sinks=3)
+    with pytest.raises(ValueError, match="normalize"):
+        H2O(4, normalize="mean")
     with pytest.raises(ValueError, match="retrieval"):
         DuoAttention(4, retrieval=())
     with pytest.raises(ValueError, match="p must"):

@@ -26,8 +26,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sparse_jax.models.lm import LMConfig, SparseLM
-from sparse_jax.sharding import (LOGICAL_AXIS_RULES, batch_spec, make_mesh, param_shardings,
-                                 shard_model, spec_for)
+from sparse_jax import context_parallel as cp
+from sparse_jax.sharding import (LOGICAL_AXIS_RULES, axis_rules, batch_spec, make_mesh, mesh_axes,
+                                 param_shardings, shard_model, spec_for, use_axis_rules)
 from sparse_jax.train import make_sharded_train_step, masked_cross_entropy, train_step
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason=(
@@ -190,3 +191,23 @@ def test_make_mesh_axes_and_errors():
         make_mesh(data=16)
     with pytest.raises(ValueError, match=">= 1"):
         make_mesh(data=0)
+
+
+def test_batch_spec_and_the_context_axis_follow_the_rules_in_use():
+    """`batch_spec` and context parallelism's sequence axis read the rule table in use
+    (`axis_rules`, set by `use_axis_rules`): moving `seq` to `tensor` moves both."""
+    mesh = make_mesh(data=2, tensor=4)
+    moved = tuple((dict(LOGICAL_AXIS_RULES) | {"seq": "tensor"}).items())
+    assert axis_rules() is LOGICAL_AXIS_RULES and batch_spec(mesh) == P("data", None)
+    assert batch_spec(mesh, rules=moved) == P("data", "tensor")
+    with use_axis_rules(moved):
+        assert axis_rules() == moved and batch_spec(mesh) == P("data", "tensor")
+        assert mesh_axes("seq", mesh) == ("tensor",) and mesh_axes("batch", mesh) == ("data",)
+        with jax.set_mesh(mesh):
+            assert cp.seq_axis() == "tensor" and cp.context_size() == 4
+    with jax.set_mesh(mesh):
+        assert cp.seq_axis() is None and cp.context_size() == 1
+    assert axis_rules() is LOGICAL_AXIS_RULES
+    with pytest.raises(ValueError, match="'seq'"):
+        with use_axis_rules((("seq", 4),)):
+            pass

@@ -8,10 +8,11 @@ way kvpress's presses do: `AdaKV(SnapKV(...))` is Ada-SnapKV, `AdaKV(PyramidKV(.
 too.
 
 * `StreamingLLM` (arXiv 2309.17453): `num_sinks` first tokens + the most recent ones.
-* `H2O` (arXiv 2306.14048): heavy hitters by attention accumulated over all prompt
-  queries + recent tokens (`recent_ratio` of the budget).
-* `SnapKV` (arXiv 2404.14469): the last `window` prompt queries' attention, summed and
-  pooled along keys (`kernel`), picks the top keys per head; the window is kept.
+* `H2O` (arXiv 2306.14048): heavy hitters by attention accumulated (summed, or with
+  `normalize=True` averaged) over all prompt queries + recent tokens (`recent_ratio`).
+* `SnapKV` (arXiv 2404.14469): the last `window` prompt queries' attention to the keys
+  before the window, summed and pooled along keys (`kernel`), picks the top keys per
+  head; the window is kept.
 * `PyramidKV` (arXiv 2406.02069): SnapKV with budgets decreasing linearly from the first
   to the last layer (mean = `budget`), the window kept in every layer.
 * `AdaKV` (arXiv 2407.11550): one top-(sum of head budgets) over all heads of a layer, so
@@ -58,9 +59,13 @@ class Observation:
         """bool `[B, 1, S]`: the `n` most recent valid key positions of each row."""
         return ((self.kv_positions > self.newest - n) & (self.kv_positions >= 0))[:, None]
 
-    def attention_mass(self, last_queries: int | None = None):
+    def attention_mass(self, last_queries: int | None = None, per_query: bool = False):
         """`[B, Hkv, S]`: causal softmax attention summed over the query heads of each kv
-        head and over the `last_queries` most recent queries (None: all queries)."""
+        head and over the `last_queries` most recent queries (None: all queries).
+
+        `per_query=True` divides each key's sum by the number of those queries that see it
+        (kvpress's ObservedAttentionPress): a mean over the queries instead of a sum, so
+        early keys are not favoured just for being seen by more queries."""
         qp, kp = self.q_positions, self.kv_positions
         visible = (qp[:, :, None] >= kp[:, None, :]) & (kp[:, None, :] >= 0) & (qp[:, :, None] >= 0)
         scale = 1.0 / np.sqrt(self.q.shape[-1])
@@ -70,7 +75,11 @@ class Observation:
         if last_queries is not None:
             rows &= qp > qp.max(axis=1, keepdims=True) - last_queries
         probs = probs * rows[:, None, None, :, None]                  # [B, Hkv, G, T, S]
-        return probs.sum(axis=(2, 3))
+        mass = probs.sum(axis=(2, 3))
+        if per_query:
+            seen_by = (visible & rows[:, :, None]).sum(axis=1)            # [B, S]
+            mass = mass / jnp.maximum(seen_by, 1)[:, None, :]
+        return mass
 
 
 class KVPolicy:
@@ -115,18 +124,29 @@ class StreamingLLM(KVPolicy):
 @dataclasses.dataclass(frozen=True)
 class H2O(KVPolicy):
     """Heavy hitters (accumulated attention of all prompt queries) + `recent_ratio` of the
-    budget as recent tokens (the paper: 50/50)."""
+    budget as recent tokens (the paper: 50/50).
+
+    `normalize=False` (default) is what H2O (arXiv 2306.14048) and its code do: a key's
+    score is the attention it received *summed* over the queries (the code's division by
+    the count is commented out). `normalize=True` divides each key's sum by the number of
+    prompt queries that see it (causally `newest - position + 1`), as kvpress's
+    ObservedAttentionPress does; this removes the sum's bias toward early keys.
+    """
 
     budget: int
     recent_ratio: float = 0.5
+    normalize: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.recent_ratio <= 1.0:
             raise ValueError(f"recent_ratio must lie in [0, 1], got {self.recent_ratio}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
 
     def scores(self, obs, layer, num_layers):
-        return obs.attention_mass(), obs.recent(int(round(self.budget * self.recent_ratio)))
+        return (obs.attention_mass(per_query=self.normalize),
+                obs.recent(int(round(self.budget * self.recent_ratio))))
 
 
 def _pool(x, kernel: int, pooling: str):
@@ -143,7 +163,14 @@ def _pool(x, kernel: int, pooling: str):
 class SnapKV(KVPolicy):
     """Observation `window` of the last prompt queries; their attention summed over the
     window (and the query heads of a kv head), pooled with `kernel` ("avg" | "max"), picks
-    the kept keys; the window itself is kept (`min(window, budget)` of it)."""
+    the kept keys; the window itself is kept (`min(window, budget)` of it).
+
+    As in the paper's code (arXiv 2404.14469, and kvpress): the softmax runs over all keys,
+    then only the columns of the keys *before* the window (`attn[..., -w:, :-w]`) are
+    pooled, so the window keys' own mass never leaks into the scores of the keys next to
+    them (pooling sees zeros past the prefix, as torch's zero-padded `avg_pool1d`). The
+    window keys are forced and score 0, so AdaKV's `floor` is spent on prefix keys.
+    """
 
     budget: int
     window: int = 32
@@ -161,8 +188,9 @@ class SnapKV(KVPolicy):
 
     def scores(self, obs, layer, num_layers):
         window = min(self.window, int(self.head_budgets(layer, num_layers, 1).min()))
-        mass = obs.attention_mass(last_queries=window)
-        return _pool(mass, self.kernel, self.pooling), obs.recent(window)
+        in_window = obs.recent(window)                                  # [B, 1, S]
+        prefix_mass = jnp.where(in_window, 0.0, obs.attention_mass(last_queries=window))
+        return jnp.where(in_window, 0.0, _pool(prefix_mass, self.kernel, self.pooling)), in_window
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax import context_parallel as cp
 from sparse_jax.cache import FullKVCache, RollingKVCache
 from sparse_jax.layers.attention import AttentionBase, AttentionConfig, output_params
 from sparse_jax.ops import attention as attn_ops
@@ -117,9 +116,9 @@ class HySparseFullAttention(AttentionBase):
                  if cache is None else cache)
         keys, values, kv_positions, new_cache = store.update(k, v, positions)
         sinks = None if self.sink_logits is None else self.sink_logits[...]
-        o, idx = cp.hysparse_full_attention(q, keys, values, positions, kv_positions,
-                                            block_size=hs.block_size, top_k_blocks=hs.top_k_blocks,
-                                            sink_logits=sinks, softcap=c.softcap, impl=c.impl)
+        o, idx = ops.hysparse_full_attention(q, keys, values, positions, kv_positions,
+                                             block_size=hs.block_size, top_k_blocks=hs.top_k_blocks,
+                                             sink_logits=sinks, softcap=c.softcap, impl=c.impl)
         if self.wg is not None:
             o = o * jax.nn.sigmoid(proj(self.wg))
         y = jnp.einsum("bthk,hkd->btd", o.astype(c.dtype), self.wo[...].astype(c.dtype))
@@ -201,7 +200,7 @@ class HySparseSparseAttention(nnx.Module):
         proj = lambda w: jnp.einsum("btd,dhk->bthk", x, w[...].astype(c.dtype))
         rope = (lambda a: a) if c.rope_theta is None else (lambda a: apply_rope(a, positions, c.rope_theta))
         q = rope(proj(self.wq))
-        o_sparse = cp.selected_block_attention(
+        o_sparse = ops.selected_block_attention(
             q, shared.k, shared.v, positions, shared.kv_positions, shared.block_indices,
             block_size=shared.block_size, query_block=hs.query_block, sink_logits=self.sink_sparse[...],
             softcap=c.softcap, impl=c.impl)

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax import context_parallel as cp
 from sparse_jax.cache import FullKVCache
 from sparse_jax.cache_nsa import CompressedKV, NSACache
 from sparse_jax.layers.attention import AttentionConfig, output_params
@@ -140,7 +139,7 @@ class NSAAttention(nnx.Module):
         if cache is not None:
             cache = NSACache(new_slc, new_win, new_tail, store)
         # A few queries with a cache: the decode kernels read compressed + n*l' + w tokens.
-        attend = ops.nsa_decode_branches if cache is not None and ops.decodes(t, n) else cp.nsa_branches
+        attend = ops.nsa_decode_branches if cache is not None and ops.decodes(t, n) else ops.nsa_branches
         out = attend(q, positions, k_cmp=store.k, v_cmp=store.v, cmp_positions=store.positions,
                      k_slc=slc_k, v_slc=slc_v, slc_positions=slc_pos, k_win=win_k, v_win=win_v,
                      win_positions=win_pos, cfg=n, impl=c.impl, interpret=self.interpret)

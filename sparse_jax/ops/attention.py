@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
+from sparse_jax import context_parallel as cp
 from sparse_jax import patterns as P
 from sparse_jax.ops.rope import apply_rope
 
@@ -45,11 +46,14 @@ def local_attention(q, k, v, q_positions, kv_positions, *, window: int | None = 
                     num_sinks: int = 0, decoding: bool = False, sink_logits=None, softcap=None,
                     impl: str = "auto"):
     """Causal attention, limited to `window` keys (itself included) plus `num_sinks` sinks.
-    Under a mesh with `context` > 1 (`jax.set_mesh`) it runs `sparse_jax.context_parallel`'s."""
-    from sparse_jax import context_parallel as cp      # imports this module
-    if not decoding and cp.active():
-        return cp.local_attention(q, k, v, q_positions, kv_positions, window=window, num_sinks=num_sinks,
-                                  sink_logits=sink_logits, softcap=softcap, impl=impl)
+    Under a mesh with a sequence axis > 1 (`jax.set_mesh`) training / prefill calls run
+    split over it (`sparse_jax.context_parallel`: K/V gathered, or a halo of `window - 1`)."""
+    if not decoding and not num_sinks and cp.applies(q.shape[1], k.shape[1]):
+        kv = dict(gather=window is None, halo=0 if window is None else window - 1)
+        return cp.attention(local_attention, cp.TOKENS, q=cp.Split(q), k=cp.Split(k, **kv), v=cp.Split(v, **kv),
+                            q_positions=cp.Split(q_positions, cp.POSITIONS),
+                            kv_positions=cp.Split(kv_positions, cp.POSITIONS, **kv),
+                            sink_logits=cp.Split(sink_logits, cp.HEADS), window=window, softcap=softcap, impl=impl)
     return masked_attention(q, k, v, q_positions, kv_positions, mask=P.causal_window(window, num_sinks),
                             decoding=decoding, sink_logits=sink_logits, softcap=softcap, impl=impl)
 

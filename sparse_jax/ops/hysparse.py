@@ -29,6 +29,7 @@ from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.flash import flash_attention
 from pallas_kernels.token_sparse import token_sparse_attention
+from sparse_jax import context_parallel as cp
 from sparse_jax import patterns as P
 
 
@@ -90,8 +91,16 @@ def hysparse_full_attention(q, k, v, q_positions, kv_positions, *, block_size: i
                             sink_logits=None, softcap=None, impl: str = "auto", interpret: bool = False):
     """Causal attention plus the per-token top-k block selection.
 
-    Returns `(out [B, Tq, H, Dv], block_indices [B, Hkv, Tq, k])`.
+    Returns `(out [B, Tq, H, Dv], block_indices [B, Hkv, Tq, k])`. Under a mesh with a
+    sequence axis > 1 it runs split over it, K/V gathered (`sparse_jax.context_parallel`).
     """
+    if cp.applies(q.shape[1], k.shape[1]):
+        kv = dict(gather=True)
+        return cp.attention(hysparse_full_attention, (cp.TOKENS, cp.HEAD_MAJOR), q=cp.Split(q),
+                            k=cp.Split(k, **kv), v=cp.Split(v, **kv), q_positions=cp.Split(q_positions, cp.POSITIONS),
+                            kv_positions=cp.Split(kv_positions, cp.POSITIONS, **kv),
+                            sink_logits=cp.Split(sink_logits, cp.HEADS), block_size=block_size,
+                            top_k_blocks=top_k_blocks, softcap=softcap, impl=impl, interpret=interpret)
     res = flash_attention(q, k, v, mask_fn=P.Causal(), q_positions=q_positions,
                           kv_positions=kv_positions, sink_logits=sink_logits, softcap=softcap,
                           block_score_size=block_size, block_score_reduce_gqa=True, impl=impl,
@@ -133,8 +142,18 @@ def selected_block_attention(q, k, v, q_positions, kv_positions, block_indices, 
     (block_size = the selection block; the Triton kernel on GPU); `query_block > 1`: the
     union over each query block through `block_sparse` (its Triton kernel needs
     `query_block >= 16`). Returns `[B, Tq, H, Dv]`, or `AttentionOutput(out, lse [B, H, Tq])`
-    with `return_lse`.
+    with `return_lse`. Under a mesh with a sequence axis > 1 (no `return_lse`) it runs
+    split over it, K/V gathered (`sparse_jax.context_parallel`).
     """
+    if (not return_lse and cp.applies(q.shape[1], k.shape[1])
+            and not (q.shape[1] // cp.context_size()) % query_block):
+        kv = dict(gather=True)
+        return cp.attention(selected_block_attention, cp.TOKENS, q=cp.Split(q), k=cp.Split(k, **kv),
+                            v=cp.Split(v, **kv), q_positions=cp.Split(q_positions, cp.POSITIONS),
+                            kv_positions=cp.Split(kv_positions, cp.POSITIONS, **kv),
+                            block_indices=cp.Split(block_indices, cp.HEAD_MAJOR),
+                            sink_logits=cp.Split(sink_logits, cp.HEADS), block_size=block_size,
+                            query_block=query_block, softcap=softcap, impl=impl, interpret=interpret)
     if query_block == 1:
         return token_sparse_attention(q, k, v, jnp.swapaxes(block_indices, 1, 2), block_size=block_size,
                                       q_positions=q_positions, kv_positions=kv_positions, causal=True,

@@ -74,6 +74,7 @@ from pallas_kernels.nsa_decode import nsa_decode, resolved_impl as nsa_decode_im
 from pallas_kernels.nsa_select import nsa_select, selection_impl, supports
 from pallas_kernels.nsa_select.reference import overlap_scores, top_blocks
 from pallas_kernels.token_sparse import token_sparse_attention
+from sparse_jax import context_parallel as cp
 from sparse_jax import patterns as P
 from sparse_jax.ops.attention import DECODE_MAX_QUERIES
 from sparse_jax.patterns.metadata import _compact  # the one compaction of block flags
@@ -379,7 +380,20 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
     `nsa_select` kernels from the cmp branch's lse (`compressed_branch_lse`,
     `select_from_lse`; `p_cmp` None); otherwise (`impl="xla"`, TPU) from the `compressed`
     op's group probabilities through `selection_scores` and `select_blocks`.
+    Under a mesh with a sequence axis > 1 it runs split over it (`sparse_jax.context_parallel`).
     """
+    if cp.applies(q.shape[1], k_slc.shape[1], k_win.shape[1]) and not (
+            cfg.selection == "query_block" and (q.shape[1] // cp.context_size()) % cfg.query_block):
+        split, tok, pos = cp.Split, cp.TOKENS, cp.POSITIONS
+        everything, halo = dict(gather=True), dict(halo=cfg.window - 1)
+        return cp.attention(
+            nsa_branches, NSABranches(tok, tok, tok, tok, cp.HEAD_MAJOR), q=split(q),
+            q_positions=split(q_positions, pos),
+            k_cmp=split(k_cmp, **everything), v_cmp=split(v_cmp, **everything),
+            cmp_positions=split(cmp_positions, pos, **everything), k_slc=split(k_slc, **everything),
+            v_slc=split(v_slc, **everything), slc_positions=split(slc_positions, pos, **everything),
+            k_win=split(k_win, **halo), v_win=split(v_win, **halo), win_positions=split(win_positions, pos, **halo),
+            cfg=cfg, impl=impl, interpret=interpret)
     ns = -(-k_slc.shape[1] // cfg.sel_block)
     if selects_on_kernels(impl, interpret, cfg):
         o_cmp, lse = compressed_branch_lse(q, k_cmp, v_cmp, q_positions, cmp_positions,
