@@ -1,4 +1,5 @@
-"""Shared pieces of every kernel op: argument checks, the masked-softmax reference, dispatch.
+"""Shared pieces of every kernel op: argument checks, the masked-softmax reference, and the
+one backend resolver (`resolve`) every `api.py` calls.
 
 Arrays in, arrays out: nothing here knows of Flax, configs or models. Layout is
 `[batch, seq, heads, head_dim]`; GQA/MQA when `num_kv_heads` divides `num_heads`.
@@ -7,6 +8,7 @@ Arrays in, arrays out: nothing here knows of Flax, configs or models. Layout is
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Callable, NamedTuple
 
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLS = ("auto", "xla", "triton", "mosaic_tpu", "mosaic_gpu")
+logger = logging.getLogger("pallas_kernels")
 
 
 class AttentionOutput(NamedTuple):
@@ -80,11 +83,36 @@ def check_softcap(softcap):
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
 
 
+def check_scale(scale, head_dim: int) -> float:
+    """The logit scale: default `1/sqrt(head_dim)`; else a finite number > 0 (0 would make
+    every row uniform and a negative scale reverses the ranking: both are mistakes, refused
+    by every op)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    try:
+        value = None if isinstance(scale, bool) else float(scale)
+    except TypeError:                      # not a number, or traced (ConcretizationTypeError)
+        value = None
+    if value is None or not math.isfinite(value) or not value > 0:
+        raise ValueError(f"scale must be a concrete finite number > 0 or None (default "
+                         f"1/sqrt(head_dim)), got {scale!r}")
+    return value
+
+
+def check_mask_fn(mask_fn):
+    """`mask_fn` must be None or a callable predicate `(q_pos, kv_pos, q_seg, kv_seg) -> bool`
+    (e.g. `sparse_jax.patterns.Causal()`); a string such as "causal" is not one."""
+    if mask_fn is not None and not callable(mask_fn):
+        raise ValueError(f"mask_fn must be None or a callable predicate (q_pos, kv_pos, q_seg, kv_seg) "
+                         f"-> bool such as sparse_jax.patterns.Causal(), got {mask_fn!r}")
+
+
 def check_attention_args(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_ids,
                          kv_segment_ids, sink_logits, softcap, scale) -> dict:
     """The checks every attention op shares; returns the normalised keyword arguments
     (positions defaulted to `arange`, scale to `1/sqrt(D)`)."""
     b, tq, tk, h, _, d = check_qkv(q, k, v)
+    check_mask_fn(mask_fn)
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids must be given together")
     if mask_fn is not None and getattr(mask_fn, "needs_segments", False) and q_segment_ids is None:
@@ -98,7 +126,7 @@ def check_attention_args(q, k, v, *, mask_fn, q_positions, kv_positions, q_segme
         kv_segment_ids=check_optional("kv_segment_ids", kv_segment_ids, (b, tk), integer=True),
         sink_logits=check_optional("sink_logits", sink_logits, (h,)),
         softcap=softcap,
-        scale=1.0 / math.sqrt(d) if scale is None else float(scale))
+        scale=check_scale(scale, d))
 
 
 def masked_attention(q, k, v, mask, *, scale: float, sink_logits=None, softcap=None):
@@ -141,23 +169,108 @@ def masked_attention(q, k, v, mask, *, scale: float, sink_logits=None, softcap=N
     return out, probs, lse.reshape(b, h, tq)
 
 
-def dispatch(op: str, impl: str, table: dict[str, Callable], interpret) -> Callable:
-    """Pick the implementation of `op` from `table` (keys among IMPLS, "xla" always present).
+class Device(NamedTuple):
+    """What `impl="auto"` looks at: the default backend's platform ("cpu" | "gpu" | "tpu")
+    and, on GPU, the first device's compute capability ("9.0" on Hopper, else "")."""
 
-    `auto`: the platform's kernel when one exists (triton on GPU, mosaic_tpu on TPU), else
-    the XLA reference; on CPU with `interpret` set, the first kernel in interpret mode.
-    Kernels receive `interpret=`; the reference does not.
+    platform: str
+    compute_capability: str = ""
+
+
+def current_device() -> Device:
+    """The device `impl="auto"` resolves for (tests monkeypatch this to fake a GPU)."""
+    platform = jax.default_backend()
+    cc = str(getattr(jax.devices()[0], "compute_capability", "")) if platform == "gpu" else ""
+    return Device(platform, cc)
+
+
+def platform_reason(name: str, device: Device, interpret) -> str | None:
+    """Why backend `name` cannot run on `device` (None: it can). Only `impl="auto"` asks:
+    an explicit impl is trusted to target a device (e.g. lowering for CUDA from a CPU host).
+    With `interpret`, the Triton and Mosaic TPU kernels run anywhere (interpret mode)."""
+    if name == "xla":
+        return None
+    if name == "mosaic_gpu":
+        if interpret:
+            return "no interpret mode (compiles for Hopper only)"
+        if device.platform != "gpu":
+            return f"needs a Hopper GPU, the platform is {device.platform}"
+        if not device.compute_capability.startswith("9."):
+            return f"needs Hopper (compute capability 9.x), the GPU has {device.compute_capability!r}"
+        return None
+    if interpret:
+        return None
+    need = {"triton": "gpu", "mosaic_tpu": "tpu"}[name]
+    if device.platform != need:
+        return f"needs a {need.upper()} or interpret=True, the platform is {device.platform}"
+    return None
+
+
+def config_reason(config, config_type) -> str | None:
+    """Why a backend whose tiles are `config_type` (None: no tiles) cannot take `config`."""
+    if config is None or (config_type is not None and isinstance(config, config_type)):
+        return None
+    want = "no tile config" if config_type is None else f"config={config_type.__name__}(...)"
+    return f"takes {want}, got config={type(config).__name__}"
+
+
+def choose(op: str, impl: str, backends: dict, call: dict, *, interpret=False,
+           config=None) -> tuple[str | None, dict[str, str | None]]:
+    """The backend of `op` that runs `call`, and why each backend would or would not.
+
+    backends: `{name: backend module}` in order of preference (`impl="auto"` takes the
+      first that can run the call). Each module declares `CONFIG` (its tile dataclass, or
+      None) and, where it covers less than the api accepts, `supports(**call) -> str | None`
+      (None, or a short reason why not: dtype, mask, shape, ...).
+    call: the api's normalised arguments, passed to `supports`.
+    Returns `(name or None, {name: reason or None})`; an explicit `impl` is checked against
+    its own declaration only (not the platform).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        platform = jax.default_backend()
-        preferred = {"gpu": ("triton",), "tpu": ("mosaic_tpu",)}.get(platform, ())
-        if interpret:
-            preferred = ("triton", "mosaic_tpu")
-        impl = next((name for name in preferred if name in table), "xla")
-    if impl not in table:
-        raise ValueError(f"{op}: impl={impl!r} is not implemented yet; available: {sorted(table)}")
-    if impl == "xla":
+    if impl != "auto" and impl not in backends:
+        raise ValueError(f"{op}: impl={impl!r} is not implemented; available: {sorted(backends)}")
+    device = current_device()
+    reasons = {}
+    for name in ([impl] if impl != "auto" else list(backends)):
+        module = backends[name]
+        reason = platform_reason(name, device, interpret) if impl == "auto" else None
+        reason = reason or config_reason(config, getattr(module, "CONFIG", None))
+        if reason is None and hasattr(module, "supports"):
+            reason = module.supports(**call, interpret=interpret, config=config)
+        reasons[name] = reason
+        if reason is None:
+            return name, reasons
+    return None, reasons
+
+
+def explanation(op: str, impl: str, name: str | None, reasons: dict) -> str:
+    """One line: which backend runs `op` and why the ones before it were skipped."""
+    skipped = "; ".join(f"{n}: {r}" for n, r in reasons.items() if r is not None)
+    ran = f"runs {name!r}" if name else "no backend can run this call"
+    return f"{op} impl={impl!r}: {ran}" + (f" (skipped {skipped})" if skipped else "")
+
+
+def resolve(op: str, impl: str, backends: dict, table: dict[str, Callable], call: dict, *,
+            interpret=False, config=None, explain=False) -> Callable:
+    """The one place an op's backend is chosen (`choose`); returns the function to call.
+
+    table: `{name: function}` (the api's `IMPLEMENTATIONS`). Kernels receive `interpret=`
+    and, when given, `config=`; the XLA reference receives neither. Logs the choice at
+    debug level (logger "pallas_kernels"); `explain=True` also prints it. An explicit
+    `impl` that cannot run the call, or a call no backend runs, raises ValueError with the
+    reasons.
+    """
+    name, reasons = choose(op, impl, backends, call, interpret=interpret, config=config)
+    line = explanation(op, impl, name, reasons)
+    logger.debug(line)
+    if explain:
+        print(line)
+    if name is None:
+        if impl == "auto":
+            raise ValueError(line)
+        raise ValueError(f"{op}: impl={impl!r} cannot run this call: {reasons[impl]}")
+    if name == "xla":
         return table["xla"]
-    return functools.partial(table[impl], interpret=interpret)
+    kw = {"interpret": interpret} if config is None else {"interpret": interpret, "config": config}
+    return functools.partial(table[name], **kw)

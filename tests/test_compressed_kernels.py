@@ -119,7 +119,7 @@ def test_compressed_tpu_score_tiles():
 
 def test_compressed_auto_picks_mosaic_on_tpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    fn = common.dispatch("compressed", "auto", api.IMPLEMENTATIONS, False)
+    fn = common.resolve("compressed", "auto", api.BACKENDS, api.IMPLEMENTATIONS, {}, interpret=False)
     assert fn.func is compressed_tpu
 
 

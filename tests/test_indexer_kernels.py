@@ -24,6 +24,13 @@ def ascending(idx):
     return np.where(srt == big, -1, srt)
 
 
+def best_first(q, w, k, qp, kp, kk):
+    """The reference selection, best first: `lax.top_k` over the whole `[B, T, S]` score
+    matrix (lower slot first among ties), -1 where fewer keys are visible."""
+    vals, idx = jax.lax.top_k(chunk_scores_reference(q, w, k, qp, kp), kk)
+    return np.where(np.isfinite(vals), idx, -1)
+
+
 def make(seed, b=2, t=37, s=150, h=3, d=24, integer=False):
     """Ragged inputs: batch 0 offset queries over a full cache; batch 1 padded queries
     (positions -1) and empty slots. `integer`: small integers, so scores are exact and
@@ -65,10 +72,10 @@ def test_triton_bf16_inputs_small_tiles():
 @pytest.mark.parametrize("impl", sorted(KERNELS))
 def test_topk_exact_ties_chunked(impl):
     """Integer inputs: exact scores with many ties, so the kernels must pick the very same
-    set (lower slot first among ties) as `sparse_jax.ops.dsa`'s reference (best first), in
+    set (lower slot first among ties) as `lax.top_k` over all scores (best first), in
     ascending slot order, over several query chunks with T not a multiple of the chunk."""
     q, w, k, qp, kp = make(2, integer=True)
-    ref = dsa.indexer_topk(q, w, k, qp, kp, k=16, query_chunk=16)
+    ref = best_first(q, w, k, qp, kp, 16)
     got = indexer_topk(q, w, k, k=16, q_positions=qp, kv_positions=kp, query_chunk=16, impl=impl,
                        interpret=True)
     assert got.shape == ref.shape == (2, 37, 16) and got.dtype == jnp.int32

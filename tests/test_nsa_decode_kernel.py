@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.nsa_decode import nsa_decode, resolved_impl
+from pallas_kernels.nsa_decode import nsa_decode, which_backend
 from pallas_kernels.nsa_decode.triton import TritonConfig, nsa_decode_triton
 from sparse_jax.ops.nsa import NSAConfig, cmp_block_end, num_cmp_blocks
 from gpu_testing import has_gpu
@@ -151,8 +151,8 @@ def test_bad_arguments():
     odd = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=12, num_selected=4, window=16)
     with pytest.raises(ValueError, match="power of two"):
         nsa_decode(q, q_pos, cfg=odd, impl="triton", interpret=True, **kw)
-    assert resolved_impl("auto", True, cfg) == "triton" and resolved_impl("auto", True, odd) == "xla"
-    assert resolved_impl("auto", False, cfg) == ("triton" if has_gpu() else "xla")
+    assert which_backend("auto", True, cfg) == "triton" and which_backend("auto", True, odd) == "xla"
+    assert which_backend("auto", False, cfg) == ("triton" if has_gpu() else "xla")
 
 
 def _lowered_triton_modules(config, ctx, monkeypatch):

@@ -38,3 +38,8 @@ def block_sparse_reference(q, k, v, metadata, *, mask_fn, q_positions, kv_positi
     out, _, lse = masked_attention(q, k, v, mask, scale=scale, sink_logits=sink_logits,
                                    softcap=softcap)
     return AttentionOutput(out, lse) if return_lse else out
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: the XLA reference runs every call
+# the api accepts, on any platform, and takes no tile config.
+CONFIG = None

@@ -352,3 +352,8 @@ def block_sparse_tpu(q, k, v, metadata, *, mask_fn, q_positions, kv_positions, q
                          kv_positions=kv_positions, q_segment_ids=q_segment_ids,
                          kv_segment_ids=kv_segment_ids, sink_logits=sink_logits,
                          return_lse=return_lse, geo=plan.geometry(metadata, q, k))
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a TPU (or interpret mode); every call the api
+# accepts; tiles none.
+CONFIG = None

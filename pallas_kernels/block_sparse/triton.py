@@ -263,3 +263,8 @@ def block_sparse_triton(q, k, v, metadata, *, mask_fn, q_positions, kv_positions
                kv_positions=kv_positions, q_segment_ids=q_segment_ids,
                kv_segment_ids=kv_segment_ids, sink_logits=sink_logits, return_lse=return_lse,
                geo=geo)
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a GPU (or interpret mode); every call the api
+# accepts; tiles `TritonConfig`.
+CONFIG = TritonConfig

@@ -20,16 +20,18 @@ the kernels in interpret mode.
 from __future__ import annotations
 
 from pallas_kernels import common
+from pallas_kernels.compressed import reference, tpu, triton
 from pallas_kernels.compressed.reference import compressed_reference
 from pallas_kernels.compressed.tpu import compressed_tpu
 from pallas_kernels.compressed.triton import compressed_triton
 
+BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": compressed_reference, "triton": compressed_triton,
                    "mosaic_tpu": compressed_tpu}
 
 
 def compressed_attention(q, k, v, *, q_positions=None, kv_positions=None, scale=None, impl="auto",
-                         interpret=False):
+                         interpret=False, config=None, explain=False):
     """Attention over compressed keys and the group-summed probabilities.
 
     Args:
@@ -37,7 +39,11 @@ def compressed_attention(q, k, v, *, q_positions=None, kv_positions=None, scale=
       q_positions: int `[B, T]`, default `arange(T)`; negative = padding query.
       kv_positions: int `[B, N]`, each compressed key's last-token position, default
         `arange(N)`; negative = empty slot.
-      scale: default `1/sqrt(D)`.
+      scale: default `1/sqrt(D)` (> 0).
+      impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run a
+        Pallas kernel in interpret mode (CPU tests).
+      config: the chosen kernel's tiles (`triton.TritonConfig`, `tpu.TpuConfig`); None: its defaults.
+      explain: print which backend runs and why the others were skipped.
     Returns:
       `(out [B, T, H, Dv] in q's dtype, p_group [B, Hkv, T, N] float32)`; rows that see
       nothing give zeros in both.
@@ -45,6 +51,8 @@ def compressed_attention(q, k, v, *, q_positions=None, kv_positions=None, scale=
     args = common.check_attention_args(
         q, k, v, mask_fn=None, q_positions=q_positions, kv_positions=kv_positions,
         q_segment_ids=None, kv_segment_ids=None, sink_logits=None, softcap=None, scale=scale)
-    fn = common.dispatch("compressed", impl, IMPLEMENTATIONS, interpret)
+    call = dict(q=q, k=k, v=v, **args)
+    fn = common.resolve("compressed", impl, BACKENDS, IMPLEMENTATIONS, call, interpret=interpret,
+                        config=config, explain=explain)
     return fn(q, k, v, q_positions=args["q_positions"], kv_positions=args["kv_positions"],
               scale=args["scale"])

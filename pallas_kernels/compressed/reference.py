@@ -20,3 +20,8 @@ def compressed_reference(q, k, v, *, q_positions, kv_positions, scale):
     mask = compressed_mask(q_positions, kv_positions)
     out, probs, _ = masked_attention(q, k, v, mask, scale=scale)        # probs [B, Hkv, G, T, N]
     return out, jax.lax.stop_gradient(probs.sum(axis=2).astype(jnp.float32))
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: the XLA reference runs every call
+# the api accepts, on any platform, and takes no tile config.
+CONFIG = None

@@ -155,3 +155,8 @@ def compressed_tpu(q, k, v, *, q_positions, kv_positions, scale, interpret=False
     p = group_probabilities(sg(q), sg(k), sg(res.lse), q_positions, kv_positions, scale=scale,
                             interpret=interpret or False, config=config)
     return res.out, p
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a TPU (or interpret mode); every call the api
+# accepts; tiles `TpuConfig`.
+CONFIG = TpuConfig

@@ -106,3 +106,8 @@ def compressed_triton(q, k, v, *, q_positions, kv_positions, scale, interpret=Fa
     p = group_probabilities(sg(q), sg(k), sg(res.lse), q_positions, kv_positions, scale=scale,
                             interpret=interpret, config=config)
     return res.out, p
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a GPU (or interpret mode); every call the api
+# accepts; tiles `TritonConfig`.
+CONFIG = TritonConfig

@@ -30,17 +30,17 @@ interpret mode on CPU.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.decode import layout
+from pallas_kernels.decode import layout, reference, tpu, triton
 from pallas_kernels.decode.reference import decode_reference
 from pallas_kernels.decode.tpu import decode_tpu
 from pallas_kernels.decode.triton import decode_triton
 
+BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": decode_reference, "triton": decode_triton, "mosaic_tpu": decode_tpu}
 
 
@@ -58,7 +58,8 @@ def _concrete(x):
 def decode_attention(q, k_cache, v_cache, *, lengths=None, kv_positions=None, q_positions=None,
                      page_table=None, block_indices=None, block_counts=None, block_size=None,
                      sink_logits=None, softcap=None, scale=None, mask_fn=None, return_lse=False,
-                     num_splits=None, impl="auto", interpret=False):
+                     num_splits=None, impl="auto", interpret=False, config=None,
+                     explain=False):
     """Attention of a few new tokens over a KV cache (contiguous, paged or selected blocks).
 
     Args:
@@ -86,6 +87,10 @@ def decode_attention(q, k_cache, v_cache, *, lengths=None, kv_positions=None, q_
       return_lse: also return the log-sum-exp `[B, H, Tq]` (float32, -inf on empty rows).
       num_splits: cache chunks per (batch, kv head) for the kernels (split-K); None picks
         one from the shape. The reference ignores it.
+      impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run a
+        Pallas kernel in interpret mode (CPU tests).
+      config: the chosen kernel's tiles (`triton.DecodeTritonConfig`, `tpu.DecodeTpuConfig`); None: its defaults.
+      explain: print which backend runs and why the others were skipped.
     Returns:
       `out [B, Tq, H, Dv]` in q's dtype, or `AttentionOutput(out, lse)` with `return_lse`.
       Rows that see nothing (length 0, padding query) are zeros.
@@ -165,12 +170,16 @@ def decode_attention(q, k_cache, v_cache, *, lengths=None, kv_positions=None, q_
     q_positions = _check_int("q_positions", q_positions, (b, tq))
     sink_logits = common.check_optional("sink_logits", sink_logits, (h,))
     common.check_softcap(softcap)
+    common.check_mask_fn(mask_fn)
     if mask_fn is not None and getattr(mask_fn, "needs_segments", False):
         raise ValueError(f"mask_fn {mask_fn!r} reads segment ids, which decode does not take")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be an int >= 1 or None, got {num_splits!r}")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    fn = common.dispatch("decode", impl, IMPLEMENTATIONS, interpret)
+    scale = common.check_scale(scale, d)
+    call = dict(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table,
+                block_indices=block_indices, mask_fn=mask_fn)
+    fn = common.resolve("decode", impl, BACKENDS, IMPLEMENTATIONS, call, interpret=interpret,
+                        config=config, explain=explain)
     return fn(q, k_cache, v_cache, lengths=lengths, kv_positions=kv_positions,
               q_positions=q_positions, page_table=page_table, block_indices=block_indices,
               block_counts=block_counts, block_size=block_size, sink_logits=sink_logits,

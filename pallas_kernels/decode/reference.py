@@ -49,3 +49,8 @@ def decode_reference(q, k_cache, v_cache, *, lengths, kv_positions, q_positions,
     out, _, lse = masked_attention(q, k, v, mask, scale=scale, sink_logits=sink_logits,
                                    softcap=softcap)
     return AttentionOutput(out, lse) if return_lse else out
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: the XLA reference runs every call
+# the api accepts, on any platform, and takes no tile config.
+CONFIG = None

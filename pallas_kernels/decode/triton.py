@@ -192,3 +192,8 @@ def decode_triton(q, k_cache, v_cache, *, lengths, kv_positions, q_positions, pa
     out, lse = layout.combine(o_part, lse_part, sink_logits=sink_logits, tq=tq, num_heads=h,
                               dv=v_cache.shape[3], dtype=q.dtype)
     return AttentionOutput(out, lse) if return_lse else out
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a GPU (or interpret mode); every call the api
+# accepts; tiles `DecodeTritonConfig`.
+CONFIG = DecodeTritonConfig

@@ -9,21 +9,23 @@ and HySparse's block-max scores (arXiv: HySparse, Alg. 1) are options.
 
 `impl`: "auto" (on a Hopper GPU the Mosaic GPU kernel where it applies, else Triton; on
 TPU Mosaic; the XLA reference on CPU), "xla", "triton", "mosaic_tpu", "mosaic_gpu"
-(Hopper: causal or full attention on default positions; see `mosaic_gpu.py`).
+(Hopper: causal or full attention on default positions; see `mosaic_gpu.py`), resolved by
+`common.resolve` from what each backend module declares (`CONFIG`, `supports`).
 `interpret=True` runs a Pallas kernel in interpret mode on CPU.
 """
 
 from __future__ import annotations
 
-import jax
-
 from pallas_kernels import common
-from pallas_kernels.flash import mosaic_gpu
+from pallas_kernels.flash import mosaic_gpu, reference, tpu, triton
 from pallas_kernels.flash.mosaic_gpu import flash_mosaic_gpu
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.tpu import flash_tpu
 from pallas_kernels.flash.triton import flash_triton
 
+# Order of preference for impl="auto": Mosaic GPU (Hopper, where it covers the call),
+# Triton (GPU), Mosaic TPU (TPU), the XLA reference.
+BACKENDS = {"mosaic_gpu": mosaic_gpu, "triton": triton, "mosaic_tpu": tpu, "xla": reference}
 IMPLEMENTATIONS = {"xla": flash_reference, "triton": flash_triton, "mosaic_tpu": flash_tpu,
                    "mosaic_gpu": flash_mosaic_gpu}
 
@@ -31,7 +33,8 @@ IMPLEMENTATIONS = {"xla": flash_reference, "triton": flash_triton, "mosaic_tpu":
 def flash_attention(q, k, v, *, mask_fn=None, q_positions=None, kv_positions=None,
                     q_segment_ids=None, kv_segment_ids=None, sink_logits=None, softcap=None,
                     scale=None, return_lse=False, block_score_size=None,
-                    block_score_reduce_gqa=False, impl="auto", interpret=False):
+                    block_score_reduce_gqa=False, impl="auto", interpret=False, config=None,
+                    explain=False):
     """Dense attention with an element predicate.
 
     Args:
@@ -44,11 +47,16 @@ def flash_attention(q, k, v, *, mask_fn=None, q_positions=None, kv_positions=Non
         of another segment are never visible, whatever `mask_fn`.
       sink_logits: optional float `[H]` per-head sink logit (denominator only).
       softcap: optional logit soft-cap (> 0).
-      scale: logit scale, default `1/sqrt(D)`.
+      scale: logit scale (> 0), default `1/sqrt(D)`.
       return_lse: also return the log-sum-exp `[B, H, Tq]` (float32).
       block_score_size: if set, also return `S [B, H, Tq, ceil(Tk/size)]`, the max
         attention probability per KV block (HySparse Alg. 1);
         `block_score_reduce_gqa=True` takes the max over each GQA group: `[B, Hkv, Tq, nK]`.
+      impl: "auto" | "xla" | "triton" | "mosaic_tpu" | "mosaic_gpu" (`common.resolve`).
+      interpret: run a Pallas kernel in interpret mode (CPU tests).
+      config: the chosen kernel's tiles (`triton.TritonConfig`, `tpu.TpuConfig`,
+        `mosaic_gpu.MosaicGPUConfig`); None: its defaults.
+      explain: print which backend runs and why the others were skipped.
     Returns:
       `out [B, Tq, H, Dv]` in q's dtype, or `AttentionOutput(out, lse, block_scores)`
       when lse or block scores are requested. Rows that see nothing are zeros.
@@ -59,25 +67,8 @@ def flash_attention(q, k, v, *, mask_fn=None, q_positions=None, kv_positions=Non
         softcap=softcap, scale=scale)
     if block_score_size is not None and (not isinstance(block_score_size, int) or block_score_size < 1):
         raise ValueError(f"block_score_size must be an int >= 1 or None, got {block_score_size!r}")
-    if impl == "auto" and not interpret and _mosaic_gpu_applies(q, k, v, args, block_score_size):
-        impl = "mosaic_gpu"
-    fn = common.dispatch("flash", impl, IMPLEMENTATIONS, interpret)
+    call = dict(q=q, k=k, v=v, **args, block_score_size=block_score_size)
+    fn = common.resolve("flash", impl, BACKENDS, IMPLEMENTATIONS, call, interpret=interpret,
+                        config=config, explain=explain)
     return fn(q, k, v, **args, return_lse=return_lse, block_score_size=block_score_size,
               block_score_reduce_gqa=block_score_reduce_gqa)
-
-
-def _mosaic_gpu_applies(q, k, v, args, block_score_size) -> bool:
-    """True on a Hopper GPU (compute capability 9.x) when the Mosaic GPU kernel supports
-    the call (its own check); it is faster than the Triton forward there (BENCHMARKS.md)."""
-    if jax.default_backend() != "gpu":
-        return False
-    if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9."):
-        return False
-    try:
-        mosaic_gpu.check_supported(q, k, v, **{n: args[n] for n in (
-            "mask_fn", "q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids",
-            "sink_logits", "softcap")}, block_score_size=block_score_size, interpret=False,
-            config=mosaic_gpu.MosaicGPUConfig())
-    except ValueError:
-        return False
-    return True

@@ -328,3 +328,20 @@ def flash_mosaic_gpu(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_i
                               kv_segment_ids=None, return_lse=return_lse)
 
 
+# Backend declaration for `pallas_kernels.common.resolve`: Hopper only; the calls
+# `check_supported` accepts; tiles `MosaicGPUConfig`.
+CONFIG = MosaicGPUConfig
+
+
+def supports(*, q, k, v, mask_fn, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+             sink_logits, softcap, block_score_size, interpret, config, **_) -> str | None:
+    """None when the kernel covers the call, else `check_supported`'s reason."""
+    try:
+        check_supported(q, k, v, mask_fn=mask_fn, q_positions=q_positions,
+                        kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+                        kv_segment_ids=kv_segment_ids, sink_logits=sink_logits, softcap=softcap,
+                        block_score_size=block_score_size, interpret=interpret,
+                        config=config or MosaicGPUConfig())
+    except ValueError as e:
+        return str(e)
+    return None

@@ -48,3 +48,8 @@ def flash_reference(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_id
     if block_score_size is not None:
         scores = block_max_scores(probs, block_score_size, block_score_reduce_gqa)
     return AttentionOutput(out, lse if return_lse else None, scores)
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: the XLA reference runs every call
+# the api accepts, on any platform, and takes no tile config.
+CONFIG = None

@@ -459,3 +459,8 @@ def flash_tpu(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_ids, kv_
     return autodiff.attention(st, q, k, v, sink_logits=sink_logits, q_positions=q_positions,
                               kv_positions=kv_positions, q_segment_ids=q_segment_ids,
                               kv_segment_ids=kv_segment_ids, return_lse=return_lse)
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a TPU (or interpret mode); every
+# call the api accepts; tiles `TpuConfig`.
+CONFIG = TpuConfig

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
+from pallas_kernels.indexer import reference, tpu, triton
 from pallas_kernels.indexer.reference import chunk_scores_reference
 from pallas_kernels.indexer.select import sorted_top_k, topk_select
 from pallas_kernels.indexer.tpu import chunk_scores_tpu
@@ -38,10 +39,12 @@ def chunk_topk_xla(q_index, weights, k_index, q_positions, kv_positions, *, k: i
     return sorted_top_k(chunk_scores_reference(q_index, weights, k_index, q_positions, kv_positions), k)
 
 
-def chunk_topk_triton(q_index, weights, k_index, q_positions, kv_positions, *, k: int, interpret=False):
-    """`chunk_topk_xla`'s contract: the Triton score kernel, then the radix select kernel
-    on the chunk's `[B * C, S]` score rows."""
-    scores = chunk_scores_triton(q_index, weights, k_index, q_positions, kv_positions, interpret=interpret)
+def chunk_topk_triton(q_index, weights, k_index, q_positions, kv_positions, *, k: int, interpret=False,
+                      config=None):
+    """`chunk_topk_xla`'s contract: the Triton score kernel (tiles `config`, an
+    `IndexerTritonConfig`), then the radix select kernel on the chunk's `[B * C, S]` score rows."""
+    scores = chunk_scores_triton(q_index, weights, k_index, q_positions, kv_positions, interpret=interpret,
+                                 config=config)
     b, c, s = scores.shape
     vals, slots = topk_select(scores.reshape(b * c, s), k, interpret=interpret)
     return vals.reshape(b, c, -1), slots.reshape(b, c, -1)
@@ -53,6 +56,7 @@ def chunk_topk_tpu(q_index, weights, k_index, q_positions, kv_positions, *, k: i
                                          interpret=interpret), k)
 
 
+BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": chunk_topk_xla, "triton": chunk_topk_triton, "mosaic_tpu": chunk_topk_tpu}
 
 
@@ -67,6 +71,9 @@ def _check(q_index, weights, k_index, k, query_chunk):
     for name, x in (("q_index", q_index), ("weights", weights), ("k_index", k_index)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if q_index.dtype != k_index.dtype:
+        raise ValueError(f"q_index and k_index must share a dtype (cast the keys explicitly), got "
+                         f"q_index {q_index.dtype}, k_index {k_index.dtype}")
     for name, val in (("k", k), ("query_chunk", query_chunk)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name} must be an int >= 1, got {val!r}")
@@ -74,7 +81,7 @@ def _check(q_index, weights, k_index, k, query_chunk):
 
 def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_positions=None,
                  query_chunk: int = 512, return_scores: bool = False, impl: str = "auto",
-                 interpret=False):
+                 interpret=False, config=None, explain=False):
     """Top-k key slots per query from the lightning indexer.
 
     Args:
@@ -85,6 +92,11 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
       kv_positions: int `[B, S]`, default `arange(S)`; negative = empty slot / padding.
       query_chunk: queries per chunk (the working set is `B x query_chunk x S` float32).
       return_scores: also return the selected scores.
+      impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run the
+        kernels in interpret mode (CPU tests).
+      config: the Triton score kernel's tiles (`triton.IndexerTritonConfig`); the other
+        backends take none.
+      explain: print which backend runs and why the others were skipped.
     Returns:
       `token_indices [B, T, min(k, S)]` int32: the selected slots in ascending order, -1
       padded last; with `return_scores` also their `scores [B, T, min(k, S)]` float32
@@ -96,7 +108,9 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
     prefix = q_positions is None and kv_positions is None
     q_positions = common.check_positions("q_positions", q_positions, b, t)
     kv_positions = common.check_positions("kv_positions", kv_positions, b, s)
-    fn = common.dispatch("indexer", impl, IMPLEMENTATIONS, interpret)
+    call = dict(q_index=q_index, weights=weights, k_index=k_index, k=k)
+    fn = common.resolve("indexer", impl, BACKENDS, IMPLEMENTATIONS, call, interpret=interpret,
+                        config=config, explain=explain)
     q_index, weights, k_index = (jax.lax.stop_gradient(a) for a in (q_index, weights, k_index))
     q_positions, kv_positions = jnp.asarray(q_positions), jnp.asarray(kv_positions)
 

@@ -18,3 +18,8 @@ def chunk_scores_reference(q_index, weights, k_index, q_positions, kv_positions)
     qp, kp = q_positions[:, :, None], kv_positions[:, None, :]
     vis = (qp >= 0) & (kp >= 0) & (kp <= qp)
     return jnp.where(vis, scores, -jnp.inf)
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: the XLA reference runs every call
+# the api accepts, on any platform, and takes no tile config.
+CONFIG = None

@@ -54,3 +54,8 @@ def chunk_scores_tpu(q_index, weights, k_index, q_positions, kv_positions, *, in
         name="indexer_scores_tpu",
     )(qp, kp, q, w, k)
     return out[:, :c, :s]
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a TPU (or interpret mode); every call the api
+# accepts; tiles none.
+CONFIG = None

@@ -84,3 +84,8 @@ def chunk_scores_triton(q_index, weights, k_index, q_positions, kv_positions, *,
         name="indexer_scores",
     )(qp, kp, q, w, k)
     return out[:, :c, :s]
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a GPU (or interpret mode); every call the api
+# accepts; tiles `IndexerTritonConfig` (the score kernel).
+CONFIG = IndexerTritonConfig

@@ -30,10 +30,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
+from pallas_kernels.mla_decode import reference, tpu, triton
 from pallas_kernels.mla_decode.reference import mla_decode_reference
 from pallas_kernels.mla_decode.tpu import mla_decode_tpu
 from pallas_kernels.mla_decode.triton import mla_decode_triton
 
+BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": mla_decode_reference, "triton": mla_decode_triton,
                    "mosaic_tpu": mla_decode_tpu}
 
@@ -81,15 +83,17 @@ def check_args(q_abs, c_kv, k_rope, indices, q_positions, kv_positions, scale, n
         last = jnp.max(kv_positions, axis=1) + 1
         q_positions = last[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None]
     q_positions = _check_int("q_positions", q_positions, (b, t))
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number (MLA: 1/sqrt(d_nope + d_rope)), got {scale!r}")
+    if scale is None:
+        raise ValueError("scale is required (MLA: 1/sqrt(d_nope + d_rope)), got None")
+    scale = common.check_scale(scale, width)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be an int >= 1 or None, got {num_splits!r}")
     return indices, q_positions, kv_positions, float(scale)
 
 
 def mla_decode(q_abs, c_kv, k_rope, *, indices=None, q_positions=None, kv_positions=None, scale,
-               return_lse=False, num_splits=None, impl="auto", interpret=False):
+               return_lse=False, num_splits=None, impl="auto", interpret=False, config=None,
+               explain=False):
     """Absorbed MLA attention of a few new tokens over the latent cache.
 
     Args:
@@ -105,15 +109,21 @@ def mla_decode(q_abs, c_kv, k_rope, *, indices=None, q_positions=None, kv_positi
       scale: logit scale (MLA: `1/sqrt(qk_nope_head_dim + qk_rope_head_dim)`), required.
       return_lse: also return the log-sum-exp `[B, H, T]` (float32, -inf on empty rows).
       num_splits: token shares per query row for the kernels (split-K); None: from the shape.
+      impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run a
+        Pallas kernel in interpret mode (CPU tests).
+      config: the chosen kernel's tiles (`triton.MlaDecodeTritonConfig`, `tpu.MlaDecodeTpuConfig`); None: its defaults.
+      explain: print which backend runs and why the others were skipped.
     Returns:
       the latent output `[B, T, H, Dc]` in q's dtype (apply `W_uv` after), or
       `AttentionOutput(out, lse)` with `return_lse`. Rows that see nothing are zeros.
     """
     indices, q_positions, kv_positions, scale = check_args(
         q_abs, c_kv, k_rope, indices, q_positions, kv_positions, scale, num_splits)
-    fn = common.dispatch("mla_decode", impl, IMPLEMENTATIONS, interpret)
+    call = dict(q_abs=q_abs, c_kv=c_kv, k_rope=k_rope, indices=indices)
+    fn = common.resolve("mla_decode", impl, BACKENDS, IMPLEMENTATIONS, call, interpret=interpret,
+                        config=config, explain=explain)
     kw = dict(scale=scale, return_lse=return_lse, num_splits=num_splits)
-    if fn is mla_decode_reference:
+    if fn is IMPLEMENTATIONS["xla"]:
         return fn(q_abs, c_kv, k_rope, indices=indices, q_positions=q_positions,
                   kv_positions=kv_positions, **kw)
     return _with_reference_vjp(fn, tuple(sorted(kw.items())), q_abs, c_kv, k_rope, indices,

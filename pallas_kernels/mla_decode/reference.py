@@ -61,3 +61,8 @@ def mla_decode_reference(q_abs, c_kv, k_rope, *, indices, q_positions, kv_positi
         values = c_sel
     out, lse = softmax_out(s, mask, values, q_abs.dtype)
     return AttentionOutput(out, lse) if return_lse else out
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: the XLA reference runs every call
+# the api accepts, on any platform, and takes no tile config.
+CONFIG = None

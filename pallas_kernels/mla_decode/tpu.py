@@ -177,3 +177,8 @@ def mla_decode_tpu(q_abs, c_kv, k_rope, *, indices, q_positions, kv_positions, s
     )(n_tiles, q_positions.reshape(-1), idx, q_abs, c_kv, k_rope, kv_positions[:, None, :])
     out, lse = merge(o_part, lse_part[..., 0], t=t, h=h, dc=dc, dtype=q_abs.dtype)
     return AttentionOutput(out, lse) if return_lse else out
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a TPU (or interpret mode); every call the api
+# accepts; tiles `MlaDecodeTpuConfig`.
+CONFIG = MlaDecodeTpuConfig

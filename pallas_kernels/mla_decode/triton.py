@@ -245,3 +245,8 @@ def mla_decode_triton(q_abs, c_kv, k_rope, *, indices, q_positions, kv_positions
                                 float(scale), bool(interpret))
     out, lse = merge(o_part, lse_part, t=geo.t, h=geo.h, dc=c_kv.shape[2], dtype=q_abs.dtype)
     return AttentionOutput(out, lse) if return_lse else out
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a GPU (or interpret mode); every call the api
+# accepts; tiles `MlaDecodeTritonConfig`.
+CONFIG = MlaDecodeTritonConfig

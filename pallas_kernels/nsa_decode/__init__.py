@@ -1,3 +1,3 @@
-from pallas_kernels.nsa_decode.api import nsa_decode, resolved_impl, supports
+from pallas_kernels.nsa_decode.api import nsa_decode, which_backend
 
-__all__ = ["nsa_decode", "resolved_impl", "supports"]
+__all__ = ["nsa_decode", "which_backend"]

@@ -20,18 +20,19 @@ selected tokens and the window.
 
 Forward only (decode needs no gradient; the kernel defines no VJP).
 
-`impl`: "auto" ("triton" on GPU where `supports(cfg)`, else "xla"; `resolved_impl`) | "xla"
-| "triton"; `interpret=True` runs the kernels in interpret mode (and makes "auto" pick them).
+`impl`: "auto" ("triton" on GPU where `triton.supports(cfg=cfg)`, else "xla"; resolved by
+`common.resolve`, `which_backend` tells the outcome without running) | "xla" | "triton";
+`interpret=True` runs the kernels in interpret mode (and makes "auto" pick them).
 """
 
 from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
+from pallas_kernels.nsa_decode import reference, triton
 from pallas_kernels.nsa_decode.reference import nsa_decode_reference
 from pallas_kernels.nsa_decode.triton import nsa_decode_triton
 
@@ -41,22 +42,20 @@ def _reference(q, q_positions, *, scale, **kw):
     return nsa_decode_reference(q, q_positions, **kw)
 
 
+BACKENDS = {"triton": triton, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": _reference, "triton": nsa_decode_triton}
+MAX_QUERIES = 4     # queries per row a decode step takes (= sparse_jax.ops.attention.DECODE_MAX_QUERIES)
+CFG_FIELDS = ("selection", "cmp_block", "cmp_stride", "sel_block", "num_selected", "num_initial",
+              "num_local", "window")
 
 
-def supports(cfg) -> bool:
-    """Whether the Triton kernel covers `cfg`: token-mode selection, `l'/d` a power of two."""
-    r = cfg.sel_block // cfg.cmp_stride
-    return cfg.selection == "token" and r & (r - 1) == 0
-
-
-def resolved_impl(impl: str, interpret, cfg) -> str:
-    """The implementation `nsa_decode(impl=...)` runs here: "auto" is "triton" on GPU (or
-    CPU with `interpret`) where `supports(cfg)`, else "xla"."""
-    if impl != "auto":
-        return impl
-    on_kernels = bool(interpret) or jax.default_backend() == "gpu"
-    return "triton" if on_kernels and supports(cfg) else "xla"
+def which_backend(impl: str, interpret, cfg, config=None) -> str | None:
+    """The backend `nsa_decode(impl=...)` runs for `cfg` here ("triton" or "xla"), or None
+    where `impl` is not one of this op's or cannot run it (`common.choose`)."""
+    if impl not in ("auto", *BACKENDS):
+        return None
+    return common.choose("nsa_decode", impl, BACKENDS, dict(cfg=cfg), interpret=interpret,
+                         config=config)[0]
 
 
 def _check_keys(name, k, v, pos, b, hkv, d):
@@ -74,33 +73,37 @@ def _check_keys(name, k, v, pos, b, hkv, d):
 
 
 def nsa_decode(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, slc_positions,
-               k_win, v_win, win_positions, cfg, impl="auto", interpret=False):
+               k_win, v_win, win_positions, cfg, impl="auto", interpret=False, config=None,
+               explain=False):
     """NSA's three branches and token-mode selection for a few queries against the cache.
 
     Args:
-      q: `[B, T, H, D]`, `T <= DECODE_MAX_QUERIES`; q_positions: int `[B, T]` (-1 padding).
+      q: `[B, T, H, D]`, `T <= MAX_QUERIES`; q_positions: int `[B, T]` (-1 padding).
       k_cmp, v_cmp: `[B, N, Hkv, D]`, slot i = compressed block i; cmp_positions int
         `[B, N]`: block i's last token `i*d + l - 1`, -1 while empty.
       k_slc, v_slc: `[B, S, Hkv, D]` position-indexed (slot s holds position s or -1),
         slc_positions int `[B, S]`.
       k_win, v_win: `[B, W, Hkv, D]` in any slot order (rolling), win_positions `[B, W]`.
-      cfg: `sparse_jax.ops.nsa.NSAConfig` with `selection="token"`.
+      cfg: NSA's hyperparameters (`sparse_jax.ops.nsa.NSAConfig`, or any object with the
+        fields `CFG_FIELDS`) with `selection="token"`.
+      impl: "auto" | "xla" | "triton"; interpret: run the kernels in interpret mode.
+      config: the Triton kernel's tiles (`triton.TritonConfig`); the reference takes none.
+      explain: print which backend runs and why the others were skipped.
     Returns:
       `(o_cmp, o_slc, o_win [B, T, H, D] in q's dtype, block_indices [B, T, Hkv, min(n, Ns)]
       int32)`, `Ns = ceil(S / l')`, -1 for unused entries; padded queries give zeros.
     """
-    from sparse_jax.ops.attention import DECODE_MAX_QUERIES   # sparse_jax.ops.nsa imports this op
-    from sparse_jax.ops.nsa import NSAConfig
-
-    if not isinstance(cfg, NSAConfig):
-        raise ValueError(f"cfg must be an NSAConfig, got {type(cfg).__name__}")
+    missing = [name for name in CFG_FIELDS if not hasattr(cfg, name)]
+    if missing:
+        raise ValueError(f"cfg must carry NSA's hyperparameters (an NSAConfig), got "
+                         f"{type(cfg).__name__} without {missing}")
     if cfg.selection != "token":
         raise ValueError(f"nsa_decode covers selection='token' only, got cfg.selection={cfg.selection!r}")
     if q.ndim != 4 or not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"q must be float [batch, queries, heads, head_dim], got {q.dtype}{list(q.shape)}")
     b, t, h, d = q.shape
-    if not 1 <= t <= DECODE_MAX_QUERIES:
-        raise ValueError(f"nsa_decode takes 1 to {DECODE_MAX_QUERIES} queries, got T={t}")
+    if not 1 <= t <= MAX_QUERIES:
+        raise ValueError(f"nsa_decode takes 1 to {MAX_QUERIES} queries, got T={t}")
     hkv = k_cmp.shape[2] if k_cmp.ndim == 4 else -1
     if hkv < 1 or h % hkv:
         raise ValueError(f"num_heads ({h}) must be a multiple of k_cmp's kv heads ({hkv})")
@@ -112,7 +115,8 @@ def nsa_decode(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, slc
     if not (q.dtype == k_cmp.dtype == k_slc.dtype == k_win.dtype):
         raise ValueError(f"q and the branch keys must share a dtype, got {q.dtype}, {k_cmp.dtype}, "
                          f"{k_slc.dtype}, {k_win.dtype}")
-    fn = common.dispatch("nsa_decode", resolved_impl(impl, interpret, cfg), IMPLEMENTATIONS, interpret)
+    fn = common.resolve("nsa_decode", impl, BACKENDS, IMPLEMENTATIONS, dict(cfg=cfg),
+                        interpret=interpret, config=config, explain=explain)
     return fn(q, q_positions, k_cmp=k_cmp, v_cmp=v_cmp, cmp_positions=cmp_positions, k_slc=k_slc,
               v_slc=v_slc, slc_positions=slc_positions, k_win=k_win, v_win=v_win,
               win_positions=win_positions, cfg=cfg, scale=1.0 / math.sqrt(d))

@@ -33,3 +33,8 @@ def nsa_decode_reference(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, 
     o_win = decode_attention(q, k_win, v_win, kv_positions=win_positions, q_positions=q_positions,
                              mask_fn=P.causal_window(cfg.window), impl="xla")
     return o_cmp, jnp.concatenate(o_slc, axis=1), o_win, block_indices
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: the XLA reference runs every call
+# the api accepts, on any platform, and takes no tile config.
+CONFIG = None

@@ -515,3 +515,19 @@ def nsa_decode_triton(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_s
             o_slc, o_win = (_merge(o, lse).astype(q.dtype) for o, lse in ((o_slc, outs[4]), (o_win, outs[5])))
     unpack = lambda o: o[..., :g, :d].reshape(b, t, h, d)                  # noqa: E731
     return unpack(o_cmp), unpack(o_slc), unpack(o_win), idx[..., :pn.n_out]
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a GPU (or interpret mode);
+# token-mode selection with `l'/d` a power of two (`supports`); tiles `TritonConfig`.
+CONFIG = TritonConfig
+
+
+def supports(*, cfg, **_) -> str | None:
+    """None when the kernel covers `cfg` (NSA's hyperparameters), else why not."""
+    if cfg.selection != "token":
+        return f"covers selection='token' only, got cfg.selection={cfg.selection!r}"
+    r = cfg.sel_block // cfg.cmp_stride
+    if r < 1 or r & (r - 1):
+        return (f"needs sel_block / cmp_stride (l'/d) a power of two, got {cfg.sel_block} / "
+                f"{cfg.cmp_stride} = {r}")
+    return None

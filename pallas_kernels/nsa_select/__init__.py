@@ -1,4 +1,3 @@
-from pallas_kernels.nsa_select.api import nsa_select, selection_impl
-from pallas_kernels.nsa_select.triton import supports
+from pallas_kernels.nsa_select.api import nsa_select, which_backend
 
-__all__ = ["nsa_select", "selection_impl", "supports"]
+__all__ = ["nsa_select", "which_backend"]

@@ -17,34 +17,32 @@ set.
 Discrete output: no gradient (the inputs are `stop_gradient`-ed).
 
 `impl`: "auto" (GPU: "triton" where `l'/d` is a power of two, else "xla"; TPU and CPU:
-"xla", the composite) | "xla" | "triton"; `interpret=True` runs the kernels in interpret
-mode on CPU.
+"xla", the composite) | "xla" | "triton", resolved by `common.resolve` from the backends'
+declarations (`which_backend` tells the outcome without running); `interpret=True` runs the
+kernels in interpret mode on CPU.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.nsa_select import triton as triton_kernels
+from pallas_kernels.nsa_select import reference, triton
 from pallas_kernels.nsa_select.reference import nsa_select_reference
 
-IMPLEMENTATIONS = {"xla": nsa_select_reference, "triton": triton_kernels.nsa_select_triton}
+BACKENDS = {"triton": triton, "xla": reference}   # impl="auto" order
+IMPLEMENTATIONS = {"xla": nsa_select_reference, "triton": triton.nsa_select_triton}
 
 
-def selection_impl(impl: str, interpret=False, *, cmp_block: int, cmp_stride: int,
-                   sel_block: int) -> str:
-    """The implementation `nsa_select(impl=...)` runs here: "triton" or "xla"."""
-    fn = common.dispatch("nsa_select", impl, IMPLEMENTATIONS, interpret)
-    if fn is IMPLEMENTATIONS["xla"]:
-        return "xla"
-    ok = triton_kernels.supports(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block)
-    if impl == "auto" and not ok:
-        return "xla"
-    return "triton"
+def which_backend(impl: str, interpret=False, *, cmp_block: int, cmp_stride: int, sel_block: int,
+                  config=None) -> str | None:
+    """The backend `nsa_select(impl=...)` runs for this geometry here ("triton" or "xla"),
+    or None where `impl` is not one of this op's or cannot run it (`common.choose`)."""
+    if impl not in ("auto", *BACKENDS):
+        return None
+    call = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block)
+    return common.choose("nsa_select", impl, BACKENDS, call, interpret=interpret, config=config)[0]
 
 
 def _check(q, k_cmp, lse, q_positions, cmp_positions, ints):
@@ -73,7 +71,8 @@ def _check(q, k_cmp, lse, q_positions, cmp_positions, ints):
 
 def nsa_select(q, k_cmp, lse, q_positions, cmp_positions, *, num_sel_blocks: int, cmp_block: int,
                cmp_stride: int, sel_block: int, num_selected: int, num_initial: int = 1,
-               num_local: int = 2, scale=None, impl: str = "auto", interpret=False):
+               num_local: int = 2, scale=None, impl: str = "auto", interpret=False, config=None,
+               explain=False):
     """Selected blocks per query and KV head.
 
     Args:
@@ -85,7 +84,10 @@ def nsa_select(q, k_cmp, lse, q_positions, cmp_positions, *, num_sel_blocks: int
       num_sel_blocks: Ns, selection blocks of `sel_block` (l') tokens (the slc keys').
       cmp_block, cmp_stride: l, d. num_selected, num_initial, num_local: n and the forced
         first / most recent blocks.
-      scale: logit scale, default `1/sqrt(D)`.
+      scale: logit scale (> 0), default `1/sqrt(D)`.
+      impl: "auto" | "xla" | "triton"; interpret: run the kernels in interpret mode.
+      config: the Triton kernels' tiles (`triton.TritonConfig`); the reference takes none.
+      explain: print which backend runs and why the others were skipped.
     Returns:
       `block_indices [B, T, Hkv, min(num_selected, num_sel_blocks)]` int32 (-1 unused).
     """
@@ -93,10 +95,9 @@ def nsa_select(q, k_cmp, lse, q_positions, cmp_positions, *, num_sel_blocks: int
                 sel_block=sel_block, num_selected=num_selected, num_initial=num_initial,
                 num_local=num_local)
     _check(q, k_cmp, lse, q_positions, cmp_positions, ints)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    which = selection_impl(impl, interpret, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                           sel_block=sel_block)
-    fn = common.dispatch("nsa_select", which, IMPLEMENTATIONS, interpret)
+    scale = common.check_scale(scale, q.shape[-1])
+    fn = common.resolve("nsa_select", impl, BACKENDS, IMPLEMENTATIONS, ints, interpret=interpret,
+                        config=config, explain=explain)
     sg = jax.lax.stop_gradient
     return fn(sg(q), sg(k_cmp), sg(lse), jnp.asarray(q_positions, jnp.int32),
               jnp.asarray(cmp_positions, jnp.int32), scale=scale, **ints)

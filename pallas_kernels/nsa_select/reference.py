@@ -86,3 +86,8 @@ def nsa_select_reference(q, k, lse, q_positions, kv_positions, *, num_sel_blocks
                             sel_block=sel_block)
     return top_blocks(scores, q_positions, sel_block=sel_block, num_selected=num_selected,
                       num_initial=num_initial, num_local=num_local)
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: the XLA reference runs every call
+# the api accepts, on any platform, and takes no tile config.
+CONFIG = None

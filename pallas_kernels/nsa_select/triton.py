@@ -111,17 +111,10 @@ class TritonConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
 
 
-def supports(*, cmp_block: int, cmp_stride: int, sel_block: int) -> bool:
-    """Whether the kernels take this configuration: `l'/d` a power of two."""
-    del cmp_block
-    r = sel_block // cmp_stride
-    return r >= 1 and r & (r - 1) == 0
-
-
 def check_supported(*, cmp_block: int, cmp_stride: int, sel_block: int):
-    if not supports(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block):
-        raise ValueError(f"nsa_select impl='triton' needs sel_block / cmp_stride (l'/d) a power of "
-                         f"two, got {sel_block} / {cmp_stride}; use impl='xla' (or 'auto')")
+    reason = supports(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block)
+    if reason is not None:
+        raise ValueError(f"nsa_select impl='triton' {reason}; use impl='xla' (or 'auto')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,3 +334,16 @@ def nsa_select_triton(q, k, lse, q_positions, kv_positions, *, num_sel_blocks: i
     qpos = blocks.pad_axis(q_positions, imp.shape[2], 1, -1)
     idx = top_n(imp, qpos, num_sel_blocks=num_sel_blocks, interpret=interpret, config=cfg, **pick)
     return idx[:, :t, :, :min(num_selected, num_sel_blocks)]
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a GPU (or interpret mode); `l'/d`
+# a power of two (`supports`); tiles `TritonConfig`.
+CONFIG = TritonConfig
+
+
+def supports(*, cmp_stride: int, sel_block: int, **_) -> str | None:
+    """None when the kernels take this geometry (`l'/d` a power of two), else why not."""
+    r = sel_block // cmp_stride
+    if r >= 1 and r & (r - 1) == 0:
+        return None
+    return f"needs sel_block / cmp_stride (l'/d) a power of two, got {sel_block} / {cmp_stride}"

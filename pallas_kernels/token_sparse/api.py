@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
+from pallas_kernels.token_sparse import reference, tpu, triton
 from pallas_kernels.token_sparse.reference import token_sparse_reference
 from pallas_kernels.token_sparse.tpu import token_sparse_tpu
 from pallas_kernels.token_sparse.triton import token_sparse_triton
 
+BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": token_sparse_reference, "triton": token_sparse_triton,
                    "mosaic_tpu": token_sparse_tpu}
 
@@ -51,7 +53,8 @@ def check_indices(indices, b: int, t: int, hkv: int, num_blocks: int):
 
 def token_sparse_attention(q, k, v, indices, *, block_size=1, q_positions=None,
                            kv_positions=None, causal=True, sink_logits=None, softcap=None,
-                           scale=None, return_lse=False, impl="auto", interpret=False):
+                           scale=None, return_lse=False, impl="auto", interpret=False, config=None,
+                           explain=False):
     """Attention over per-query gathered KV tokens (or blocks).
 
     Args:
@@ -65,6 +68,10 @@ def token_sparse_attention(q, k, v, indices, *, block_size=1, q_positions=None,
       sink_logits: optional float `[H]` learned sink logit (denominator only).
       softcap: optional logit soft-cap `c * tanh(s / c)`; scale: default `1/sqrt(D)`.
       return_lse: also return the log-sum-exp `[B, H, T]` (float32, -inf on empty rows).
+      impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run a
+        Pallas kernel in interpret mode (CPU tests).
+      config: the chosen kernel's tiles (`triton.TritonConfig`, `tpu.TpuConfig`); None: its defaults.
+      explain: print which backend runs and why the others were skipped.
     Returns:
       `out [B, T, H, Dv]` in q's dtype, or `AttentionOutput(out, lse)` with `return_lse`.
       A query that sees no key gives zeros (and finite gradients).
@@ -79,7 +86,9 @@ def token_sparse_attention(q, k, v, indices, *, block_size=1, q_positions=None,
         raise ValueError(f"causal must be a bool, got {causal!r}")
     b, t, s, hkv = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
     indices = check_indices(indices, b, t, hkv, -(-s // block_size))
-    fn = common.dispatch("token_sparse", impl, IMPLEMENTATIONS, interpret)
+    call = dict(q=q, k=k, v=v, indices=indices, block_size=block_size, causal=causal, **args)
+    fn = common.resolve("token_sparse", impl, BACKENDS, IMPLEMENTATIONS, call, interpret=interpret,
+                        config=config, explain=explain)
     return fn(q, k, v, indices, block_size=block_size, q_positions=args["q_positions"],
               kv_positions=args["kv_positions"], causal=causal, sink_logits=args["sink_logits"],
               softcap=softcap, scale=args["scale"], return_lse=return_lse)

@@ -37,3 +37,8 @@ def token_sparse_reference(q, k, v, indices, *, block_size, q_positions, kv_posi
     out, _, lse = masked_attention(q, k, v, mask, scale=scale, sink_logits=sink_logits,
                                    softcap=softcap)
     return AttentionOutput(out, lse) if return_lse else out
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: the XLA reference runs every call
+# the api accepts, on any platform, and takes no tile config.
+CONFIG = None

@@ -327,3 +327,8 @@ def token_sparse_tpu(q, k, v, indices, *, block_size, q_positions, kv_positions,
     return autodiff.attention(st, q, k, v, sink_logits=sink_logits, q_positions=q_positions,
                               kv_positions=kv_positions, q_segment_ids=None, kv_segment_ids=None,
                               return_lse=return_lse, aux=(indices,))
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a TPU (or interpret mode); every call the api
+# accepts; tiles `TpuConfig`.
+CONFIG = TpuConfig

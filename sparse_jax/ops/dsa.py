@@ -5,10 +5,10 @@
   `k_I [B, S, D_I]` per token (`indexer_scores`); keys invisible to a query (later
   position, empty slot, padding) score -inf.
 * Top-k token selection per query (`indexer_topk`, k=2048 in the paper), causal; ties go
-  to the lower slot; `-1` pads when fewer keys are visible. Chunked over queries so the
-  `T x S` score matrix is never built whole; `impl` "xla" is this file's reference,
-  "auto" / "triton" / "mosaic_tpu" route to the fused `pallas_kernels.indexer` op (the
-  same set, in ascending slot order rather than best first; consumers treat it as a set).
+  to the lower slot; `-1` pads when fewer keys are visible: the `pallas_kernels.indexer`
+  op for every `impl` (its XLA reference on "xla" and on CPU), chunked over queries so the
+  `T x S` score matrix is never built whole; the selected set comes in ascending slot
+  order, -1 padding last (consumers treat it as a set).
 * Main attention over the selected tokens only (`selected_attention`), MLA in MQA form
   (`sparse_jax.ops.mla`: absorbed queries against the latent cache) through the
   `token_sparse` op, or at decode the `mla_decode` op over the cache as stored (their XLA
@@ -27,6 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import IMPLS
 from pallas_kernels.indexer import api as indexer_op
 from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.token_sparse import token_sparse_attention
@@ -34,7 +35,6 @@ from sparse_jax.ops.attention import DECODE_MAX_QUERIES
 from sparse_jax.ops.mla import latent_kv
 
 STAGES = ("warmup", "sparse")
-INDEXER_IMPLS = ("xla", "auto", "triton", "mosaic_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,8 @@ class DSAConfig:
     without a cache; for training, run the model under `nnx.capture` (a sow outside it
     would accumulate in the module). index_dtype: dtype of the indexer keys in the cache (None: compute
     dtype; e.g. bfloat16 / float8_e4m3fn for low precision). query_chunk: queries per
-    chunk of the top-k. impl: indexer implementation (INDEXER_IMPLS).
+    chunk of the top-k. impl: the `indexer` op's backend (`pallas_kernels.common.IMPLS`;
+    the layer's attention keeps `AttentionConfig.impl`).
     """
 
     index_heads: int = 64
@@ -69,8 +70,8 @@ class DSAConfig:
             raise ValueError(f"index_head_dim must be even (RoPE), got {self.index_head_dim}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.impl not in INDEXER_IMPLS:
-            raise ValueError(f"impl must be one of {INDEXER_IMPLS}, got {self.impl!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
 
 
 def visible(q_positions, kv_positions):
@@ -86,36 +87,16 @@ def indexer_scores(q_index, weights, k_index, q_positions, kv_positions):
     return jnp.where(visible(q_positions, kv_positions), scores, -jnp.inf)
 
 
-def topk_from_scores(scores, k: int):
-    """Top-`min(k, S)` slots per row of `scores [..., S]` (-inf = not a candidate), -1 padded.
-    `lax.top_k` keeps the lower index first among ties."""
-    vals, idx = jax.lax.top_k(scores, min(k, scores.shape[-1]))
-    return jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
-
-
 def indexer_topk(q_index, weights, k_index, q_positions, kv_positions, *, k: int,
                  query_chunk: int = 512, impl: str = "xla"):
-    """Top-k slots per query: `[B, T, min(k, S)]` int32, -1 padded; no gradient.
-
-    Queries are processed `query_chunk` at a time (`lax.map`), so at most
-    `B x query_chunk x S` scores exist at once. `impl` other than "xla": the fused
-    `pallas_kernels.indexer` op (the same set, in ascending slot order; "xla" is best first)."""
-    if impl not in INDEXER_IMPLS:
-        raise ValueError(f"impl must be one of {INDEXER_IMPLS}, got {impl!r}")
-    if impl != "xla":
-        return indexer_op.indexer_topk(q_index, weights, k_index, k=k, q_positions=q_positions,
-                                       kv_positions=kv_positions, query_chunk=query_chunk, impl=impl)
-    q_index, weights, k_index = (jax.lax.stop_gradient(a) for a in (q_index, weights, k_index))
-    b, t = q_positions.shape
-    if t <= query_chunk:
-        return topk_from_scores(indexer_scores(q_index, weights, k_index, q_positions, kv_positions), k)
-    n = -(-t // query_chunk)
-    pad = n * query_chunk - t
-    padt = lambda a, fill=0: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
-    chunks = lambda a: jnp.moveaxis(a.reshape((b, n, query_chunk) + a.shape[2:]), 1, 0)
-    xs = (chunks(padt(q_index)), chunks(padt(weights)), chunks(padt(q_positions, -1)))
-    out = jax.lax.map(lambda c: topk_from_scores(indexer_scores(c[0], c[1], k_index, c[2], kv_positions), k), xs)
-    return jnp.moveaxis(out, 0, 1).reshape(b, n * query_chunk, -1)[:, :t]
+    """Top-k slots per query: `[B, T, min(k, S)]` int32, the selected set in ascending slot
+    order, -1 padded last; no gradient. The `pallas_kernels.indexer` op (`impl` is its
+    backend), `query_chunk` queries at a time, so at most `B x query_chunk x S` scores exist
+    at once. Keys stored at lower precision (`DSAConfig.index_dtype`) are cast to the
+    queries' dtype first, as the kernels compute."""
+    return indexer_op.indexer_topk(q_index, weights, k_index.astype(q_index.dtype), k=k,
+                                   q_positions=q_positions, kv_positions=kv_positions,
+                                   query_chunk=query_chunk, impl=impl)
 
 
 def selected_mask(token_indices, num_slots: int):

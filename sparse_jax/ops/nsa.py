@@ -70,8 +70,8 @@ from pallas_kernels.compressed import compressed_attention as compressed_op
 from pallas_kernels.compressed.triton import causal as cmp_causal
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
-from pallas_kernels.nsa_decode import nsa_decode, resolved_impl as nsa_decode_impl
-from pallas_kernels.nsa_select import nsa_select, selection_impl, supports
+from pallas_kernels.nsa_decode import nsa_decode, which_backend as nsa_decode_backend
+from pallas_kernels.nsa_select import nsa_select, which_backend as nsa_select_backend
 from pallas_kernels.nsa_select.reference import overlap_scores, top_blocks
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import context_parallel as cp
@@ -254,32 +254,31 @@ def select_blocks(scores, q_positions, cfg: NSAConfig):
 
 
 def selects_on_kernels(impl: str, interpret, cfg: NSAConfig) -> bool:
-    """Whether `nsa_branches` takes the fused selection (`nsa_select` kernels): `impl`
-    "auto" or "triton" resolving to the Triton kernels (GPU, or CPU with `interpret`) and
-    a configuration they support (`l'/d` a power of two)."""
+    """Whether `nsa_branches` takes the fused selection: the `nsa_select` op resolves `impl`
+    to its Triton kernels here (GPU, or CPU with `interpret`; `l'/d` a power of two)."""
     geo = dict(cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride, sel_block=cfg.sel_block)
-    return (impl in ("auto", "triton") and supports(**geo)
-            and selection_impl(impl, interpret, **geo) == "triton")
+    return nsa_select_backend(impl, interpret, **geo) == "triton"
 
 
-def compressed_branch_lse(q, k_cmp, v_cmp, q_positions, cmp_positions, *, interpret=False):
+def compressed_branch_lse(q, k_cmp, v_cmp, q_positions, cmp_positions, *, impl: str = "auto",
+                          interpret=False):
     """cmp branch of the kernel path: flash (Triton) over the compressed keys, `(out [B, T,
     H, D], lse [B, H, T])`; the output is the `compressed` op's (same kernel and mask)."""
     res = flash_attention(q, k_cmp, v_cmp, mask_fn=cmp_causal, q_positions=q_positions,
-                          kv_positions=cmp_positions, return_lse=True, impl="triton",
+                          kv_positions=cmp_positions, return_lse=True, impl=impl,
                           interpret=interpret)
     return res.out, res.lse
 
 
 def select_from_lse(q, k_cmp, lse, q_positions, cmp_positions, num_sel_blocks: int, cfg: NSAConfig, *,
-                    interpret=False):
+                    impl: str = "auto", interpret=False):
     """Selection of the kernel path: `nsa_select` (Triton) from the cmp branch's q, keys and
     lse; the group probabilities never reach HBM. `[B, T, Hkv, min(n, Ns)]`, as sets equal to
     `select_blocks(selection_scores(p_cmp))`."""
     return nsa_select(q, k_cmp, lse, q_positions, cmp_positions, num_sel_blocks=num_sel_blocks,
                       cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride, sel_block=cfg.sel_block,
                       num_selected=cfg.num_selected, num_initial=cfg.num_initial,
-                      num_local=cfg.num_local, impl="triton", interpret=interpret)
+                      num_local=cfg.num_local, impl=impl, interpret=interpret)
 
 
 def selected_block_mask(block_indices, num_sel_blocks: int):
@@ -397,9 +396,9 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
     ns = -(-k_slc.shape[1] // cfg.sel_block)
     if selects_on_kernels(impl, interpret, cfg):
         o_cmp, lse = compressed_branch_lse(q, k_cmp, v_cmp, q_positions, cmp_positions,
-                                           interpret=interpret)
+                                           impl=impl, interpret=interpret)
         block_indices = select_from_lse(q, k_cmp, lse, q_positions, cmp_positions, ns, cfg,
-                                        interpret=interpret)
+                                        impl=impl, interpret=interpret)
         p_cmp = None
     else:
         o_cmp, p_cmp = compressed_branch(q, k_cmp, v_cmp, q_positions, cmp_positions, impl=impl,
@@ -453,11 +452,11 @@ def nsa_decode_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v
     if not decodes(t, cfg):
         raise ValueError(f"nsa_decode_branches takes at most {DECODE_MAX_QUERIES} queries (and in "
                          f"query_block mode at most query_block={cfg.query_block}), got T={t}")
-    if cfg.selection == "token" and nsa_decode_impl(impl, interpret, cfg) == "triton":
+    if cfg.selection == "token" and nsa_decode_backend(impl, interpret, cfg) == "triton":
         o_cmp, o_slc, o_win, block_indices = nsa_decode(         # the fused decode kernel
             q, q_positions, k_cmp=k_cmp, v_cmp=v_cmp, cmp_positions=cmp_positions, k_slc=k_slc,
             v_slc=v_slc, slc_positions=slc_positions, k_win=k_win, v_win=v_win,
-            win_positions=win_positions, cfg=cfg, impl="triton", interpret=interpret)
+            win_positions=win_positions, cfg=cfg, impl=impl, interpret=interpret)
         return NSABranches(o_cmp, o_slc, o_win, block_indices, None)
     o_cmp, p_cmp = compressed_branch(q, k_cmp, v_cmp, q_positions, cmp_positions, impl=impl,
                                      interpret=interpret)
