@@ -90,7 +90,7 @@ def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     try:
-        value = None if isinstance(scale, bool) else float(scale)
+        value = None if isinstance(scale, (bool, str)) else float(scale)
     except TypeError:                      # not a number, or traced (ConcretizationTypeError)
         value = None
     if value is None or not math.isfinite(value) or not value > 0:
