@@ -35,9 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from pallas_kernels.decode.layout import default_num_splits, form_of
-from pallas_kernels.decode.reference import decode_reference
-from pallas_kernels.decode.triton import DecodeTritonConfig, decode_triton
+from pallas_kernels.decode.api import DecodeTritonConfig, decode_attention, layout
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "bench_decode.json", "where to write the JSON results")
@@ -114,7 +112,8 @@ def ours(kw, cfg, num_splits):
     kw = {n: x for n, x in kw.items() if not n.startswith("_")}
 
     def f(q, k, v, **over):
-        return decode_triton(q, k, v, **{**kw, **over}, num_splits=num_splits, config=cfg)
+        return decode_attention(q, k, v, **{**kw, **over}, num_splits=num_splits, impl="triton",
+                                config=cfg)
     return f
 
 
@@ -155,7 +154,7 @@ def check(f, qs, k, v, kw, form, rows=2):
     cut = ("lengths", "q_positions", "page_table", "block_indices", "block_counts")
     sub = {n: (x[:rows] if n in cut and x is not None else x) for n, x in kw.items()}
     kc, vc = (k, v) if form == "paged" else (k[:rows], v[:rows])
-    ref = decode_reference(qs[0][:rows], kc, vc, **sub, num_splits=None)
+    ref = decode_attention(qs[0][:rows], kc, vc, **sub, num_splits=None, impl="xla")
     return rel(out[:rows], ref)
 
 
@@ -173,9 +172,9 @@ def timed(f, qs, k, v, kw):
 def bench(form, b, t, copy_bw, t_start, dense_ms):
     qs, k, v, kw, nbytes = make(form, b, t)
     base = DecodeTritonConfig()
-    f_form = form_of(k, page_table=kw["page_table"], block_indices=kw["block_indices"],
+    f_form = layout.form_of(k, page_table=kw["page_table"], block_indices=kw["block_indices"],
                      block_size=kw["block_size"], kv_positions=None, block_k=base.block_k)
-    auto = default_num_splits(b, FLAGS.kv_heads, f_form)
+    auto = layout.default_num_splits(b, FLAGS.kv_heads, f_form)
     row = dict(form=form, batch=b, context=t, bytes=nbytes, default_splits=auto,
                err_ref=check(ours(kw, base, None), qs, k, v,
                              {n: x for n, x in kw.items() if not n.startswith("_")}, form))

@@ -51,12 +51,9 @@ from absl import flags
 from experiments.bench_decode import copy_bandwidth, median_time, rel, repeated
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
-from pallas_kernels.indexer import indexer_topk
-from pallas_kernels.indexer.reference import chunk_scores_reference
-from pallas_kernels.indexer.triton import chunk_scores_triton
-from pallas_kernels.mla_decode.reference import mla_decode_reference
-from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, mla_decode_triton
-from pallas_kernels.mla_decode.triton import geometry as mla_geometry
+from pallas_kernels.indexer.api import chunk_scores_reference, chunk_scores_triton, indexer_topk
+from pallas_kernels.mla_decode.api import MlaDecodeTritonConfig, mla_decode
+from pallas_kernels.mla_decode.triton import geometry as mla_geometry   # the launch plan, reported
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import patterns as P
 
@@ -235,8 +232,8 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
 
     def mla(num_splits=None, config=None):
         def f(q, c, r, idx=None):
-            return mla_decode_triton(q, c, r, indices=idx, q_positions=qpos, kv_positions=kvpos, scale=scale,
-                                     return_lse=False, num_splits=num_splits, interpret=small, config=config)
+            return mla_decode(q, c, r, indices=idx, q_positions=qpos, kv_positions=kvpos, scale=scale,
+                              num_splits=num_splits, impl="triton", interpret=small, config=config)
         return f
 
     def timed(f, *args, sels_=None):
@@ -249,9 +246,9 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
     ref_kw = dict(q_positions=qpos[:2], kv_positions=kvpos[:2], scale=scale, return_lse=False, num_splits=None)
     args2 = (qs[0][:2], c_kv[:2], k_rope[:2])
     row["sparse_err"] = rel(jax.jit(mla())(qs[0], c_kv, k_rope, sels[0])[:2],
-                            mla_decode_reference(*args2, indices=sels[0][:2], **ref_kw))
+                            mla_decode(*args2, indices=sels[0][:2], **ref_kw, impl="xla"))
     row["dense_err"] = rel(jax.jit(mla())(qs[0], c_kv, k_rope)[:2],
-                           mla_decode_reference(*args2, indices=None, **ref_kw))
+                           mla_decode(*args2, indices=None, **ref_kw, impl="xla"))
     geo = mla_geometry(qs[0], c_kv, k_rope, sels[0], MlaDecodeTritonConfig(), None)
     auto = geo.num_splits
     sp = timed(mla(), c_kv, k_rope, sels_=sels)
@@ -283,8 +280,8 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
                speedup_vs_dense_mla=de / best)
 
     def dense_xla(q, c, r):     # XLA's two matmuls over the latent, no concatenation
-        return mla_decode_reference(q, c, r, indices=None, q_positions=qpos, kv_positions=kvpos,
-                                    scale=scale, return_lse=False, num_splits=None)
+        return mla_decode(q, c, r, indices=None, q_positions=qpos, kv_positions=kvpos,
+                          scale=scale, impl="xla")
     try:
         dx = timed(dense_xla, c_kv, k_rope)
         row.update(dense_xla_us=dx * 1e6, speedup_vs_dense_xla=dx / best)

@@ -40,12 +40,9 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from pallas_kernels.block_sparse import BlockSparseMetadata
-from pallas_kernels.block_sparse.reference import block_sparse_reference
-from pallas_kernels.block_sparse.triton import TritonConfig as TritonConfigBS
-from pallas_kernels.block_sparse.triton import block_sparse_triton
-from pallas_kernels.flash.reference import flash_reference
-from pallas_kernels.flash.triton import TritonConfig, flash_triton
+from pallas_kernels.block_sparse.api import BlockSparseMetadata, block_sparse_attention
+from pallas_kernels.block_sparse.api import TritonConfig as TritonConfigBS
+from pallas_kernels.flash.api import MosaicGPUConfig, TritonConfig, flash_attention
 from sparse_jax import patterns as P
 
 FLAGS = flags.FLAGS
@@ -123,10 +120,8 @@ def ours(cfg):
     def f(q, k, v):
         t = q.shape[1]
         pos = jnp.arange(t, dtype=jnp.int32)[None]
-        return flash_triton(q, k, v, mask_fn=P.Causal(), q_positions=pos, kv_positions=pos,
-                            q_segment_ids=None, kv_segment_ids=None, sink_logits=None,
-                            softcap=None, scale=q.shape[-1] ** -0.5, return_lse=False,
-                            block_score_size=None, block_score_reduce_gqa=False, config=cfg)
+        return flash_attention(q, k, v, mask_fn=P.Causal(), q_positions=pos, kv_positions=pos,
+                               scale=q.shape[-1] ** -0.5, impl="triton", config=cfg)
     return f
 
 
@@ -152,12 +147,10 @@ def check(f, q, k, v, do, rows=256):
     t = q.shape[1]
     out = jax.jit(f)(q, k, v)
     qs = q[:, t - rows:]
-    ref = flash_reference(qs, k, v, mask_fn=P.Causal(),
+    ref = flash_attention(qs, k, v, mask_fn=P.Causal(),
                           q_positions=jnp.arange(t - rows, t, dtype=jnp.int32)[None],
-                          kv_positions=jnp.arange(t, dtype=jnp.int32)[None], q_segment_ids=None,
-                          kv_segment_ids=None, sink_logits=None, softcap=None,
-                          scale=q.shape[-1] ** -0.5, return_lse=False, block_score_size=None,
-                          block_score_reduce_gqa=False)
+                          kv_positions=jnp.arange(t, dtype=jnp.int32)[None],
+                          scale=q.shape[-1] ** -0.5, impl="xla")
     res = dict(err_ref=rel(out[:, t - rows:], ref), err_cudnn=rel(out, jax.jit(cudnn)(q, k, v)))
     if t <= 16384 and FLAGS.backward:
         g1, g2 = fwd_bwd(f)(q, k, v, do), fwd_bwd(cudnn)(q, k, v, do)
@@ -189,10 +182,9 @@ def ours_scores(cfg, size, reduce_gqa):
     def f(q, k, v):
         t = q.shape[1]
         pos = jnp.arange(t, dtype=jnp.int32)[None]
-        res = flash_triton(q, k, v, mask_fn=P.Causal(), q_positions=pos, kv_positions=pos,
-                           q_segment_ids=None, kv_segment_ids=None, sink_logits=None,
-                           softcap=None, scale=q.shape[-1] ** -0.5, return_lse=False,
-                           block_score_size=size, block_score_reduce_gqa=reduce_gqa, config=cfg)
+        res = flash_attention(q, k, v, mask_fn=P.Causal(), q_positions=pos, kv_positions=pos,
+                              scale=q.shape[-1] ** -0.5, block_score_size=size,
+                              block_score_reduce_gqa=reduce_gqa, impl="triton", config=cfg)
         return res.out, res.block_scores
     return f
 
@@ -213,12 +205,11 @@ def bench_scores(cfg, h, hkv, t, d, iters):
     for size in (int(x) for x in FLAGS.score_blocks):
         f = jax.jit(ours_scores(cfg, size, reduce_gqa))
         out, sc = f(q, k, v)
-        ref = flash_reference(q[:, t - rows_chk:], k, v, mask_fn=P.Causal(),
+        ref = flash_attention(q[:, t - rows_chk:], k, v, mask_fn=P.Causal(),
                               q_positions=jnp.arange(t - rows_chk, t, dtype=jnp.int32)[None],
-                              kv_positions=jnp.arange(t, dtype=jnp.int32)[None], q_segment_ids=None,
-                              kv_segment_ids=None, sink_logits=None, softcap=None,
-                              scale=d ** -0.5, return_lse=False, block_score_size=size,
-                              block_score_reduce_gqa=reduce_gqa)
+                              kv_positions=jnp.arange(t, dtype=jnp.int32)[None],
+                              scale=d ** -0.5, block_score_size=size,
+                              block_score_reduce_gqa=reduce_gqa, impl="xla")
         row[f"s{size}_err_scores"] = rel(sc[:, :, t - rows_chk:], ref.block_scores)
         row[f"s{size}_err_out"] = rel(out[:, t - rows_chk:], ref.out)
         del out, sc, ref
@@ -273,8 +264,8 @@ def bs_args(t, mask_fn):
 def bs_kernel(mask_fn, config=None):
     """block_sparse Triton kernel with the metadata as a jit argument (tables built inside)."""
     def f(q, k, v, meta):
-        return block_sparse_triton(q, k, v, meta, scale=q.shape[-1] ** -0.5, config=config,
-                                   **bs_args(q.shape[1], mask_fn))
+        return block_sparse_attention(q, k, v, meta, scale=q.shape[-1] ** -0.5, impl="triton",
+                                      config=config, **bs_args(q.shape[1], mask_fn))
     return f
 
 
@@ -287,8 +278,7 @@ def bs_fwd_bwd(f):
 
 def dense_flash(q, k, v):
     t = q.shape[1]
-    return flash_triton(q, k, v, scale=q.shape[-1] ** -0.5, block_score_size=None,
-                        block_score_reduce_gqa=False, **bs_args(t, None))
+    return flash_attention(q, k, v, scale=q.shape[-1] ** -0.5, impl="triton", **bs_args(t, None))
 
 
 def cudnn_full(q, k, v):
@@ -315,8 +305,8 @@ def bs_check(f, q, k, v, meta, mask_fn, rows=256):
                              meta.kv_block_full[:, :, -nb:], block, meta.block_kv)
     args = bs_args(t, mask_fn)
     args["q_positions"] = args["q_positions"][:, t - rows:]
-    ref = jax.jit(lambda q_, k_, v_, m_: block_sparse_reference(
-        q_, k_, v_, m_, scale=q.shape[-1] ** -0.5, **args))(q[:, t - rows:], k, v, sl)
+    ref = jax.jit(lambda q_, k_, v_, m_: block_sparse_attention(
+        q_, k_, v_, m_, scale=q.shape[-1] ** -0.5, impl="xla", **args))(q[:, t - rows:], k, v, sl)
     return rel(out[:, t - rows:], ref)
 
 
@@ -416,21 +406,14 @@ def sweep(base, iters):
 
 
 def ours_mosaic(cfg):
-    from pallas_kernels.flash.mosaic_gpu import flash_mosaic_gpu  # noqa: PLC0415
-
-    def f(q, k, v):
-        pos = np.arange(q.shape[1], dtype=np.int32)[None]   # concrete: the kernel needs arange
-        return flash_mosaic_gpu(q, k, v, mask_fn=P.Causal(), q_positions=pos, kv_positions=pos,
-                                q_segment_ids=None, kv_segment_ids=None, sink_logits=None,
-                                softcap=None, scale=q.shape[-1] ** -0.5, return_lse=False,
-                                block_score_size=None, block_score_reduce_gqa=False, config=cfg)
+    def f(q, k, v):        # default positions: concrete arange, which the kernel needs
+        return flash_attention(q, k, v, mask_fn=P.Causal(), scale=q.shape[-1] ** -0.5,
+                               impl="mosaic_gpu", config=cfg)
     return f
 
 
 def main_mosaic_gpu(cfg, info, log):
     """Causal forward, bf16: Triton, Mosaic GPU (per --mosaic_stages) and cuDNN, one process."""
-    from pallas_kernels.flash.mosaic_gpu import MosaicGPUConfig  # noqa: PLC0415
-
     rows = []
     for h, hkv, t in shapes("mosaic_gpu"):
         q, k, v, do = make(h, hkv, t, FLAGS.head_dim)

@@ -56,8 +56,8 @@ from absl import flags
 from experiments.bench_kernels import median_time, rel
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.decode import decode_attention
-from pallas_kernels.nsa_decode.triton import TritonConfig as NsaDecodeConfig, nsa_decode_triton
-from pallas_kernels.nsa_select import triton as nsa_select_kernels
+from pallas_kernels.nsa_decode.api import TritonConfig as NsaDecodeConfig, nsa_decode
+from pallas_kernels.nsa_select.api import TritonConfig as NsaSelectConfig, nsa_select
 from sparse_jax import patterns as P
 from sparse_jax.ops import nsa as ops
 from sparse_jax.ops.nsa import NSAConfig
@@ -199,12 +199,12 @@ def sweep_selection(s: Setup, cfg, sel_args, pos, cpos, ns, iters, row, prefix):
     """Time `nsa_select`'s kernels under each --select_configs entry (tile sizes to tune)."""
     for spec in FLAGS.select_configs:
         bq, bk, warps, topn = (int(v) for v in spec.split(":"))
-        kc = nsa_select_kernels.TritonConfig(block_q=bq, block_k=bk, num_warps=warps, topn_elements=topn)
-        f = jax.jit(lambda q, k, lse, kc=kc: nsa_select_kernels.nsa_select_triton(
+        kc = NsaSelectConfig(block_q=bq, block_k=bk, num_warps=warps, topn_elements=topn)
+        f = jax.jit(lambda q, k, lse, kc=kc: nsa_select(
             q, k, lse, pos, cpos, num_sel_blocks=ns, cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
             sel_block=cfg.sel_block, num_selected=cfg.num_selected, num_initial=cfg.num_initial,
-            num_local=cfg.num_local, scale=sel_args[0].shape[-1] ** -0.5, interpret=s.interpret,
-            config=kc))
+            num_local=cfg.num_local, scale=sel_args[0].shape[-1] ** -0.5, impl="triton",
+            interpret=s.interpret, config=kc))
         try:
             row[f"{prefix}selection_{spec}_fwd_ms"] = 1e3 * median_time(f, *sel_args, iters=iters)
         except Exception as e:  # noqa: BLE001 - a config that does not compile: report, go on
@@ -258,8 +258,8 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
                 outs = (out.cmp, out.slc, out.win)
             else:
                 kw.pop("cfg")
-                outs = nsa_decode_triton(q, qpos, cfg=cfg, scale=s.d ** -0.5, config=config,
-                                         interpret=interpret, **kw)[:3]
+                outs = nsa_decode(q, qpos, cfg=cfg, impl="triton", config=config,   # scale 1/sqrt(d)
+                                  interpret=interpret, **kw)[:3]
             return (outs[0].astype(jnp.float32) + outs[1] + outs[2]).astype(q.dtype)
         return jax.jit(f)
 

@@ -42,8 +42,7 @@ import jax.numpy as jnp
 from absl import flags
 
 from experiments.bench_kernels import fwd_bwd, median_time, rel
-from pallas_kernels.token_sparse.reference import token_sparse_reference
-from pallas_kernels.token_sparse.triton import TritonConfig, token_sparse_triton
+from pallas_kernels.token_sparse.api import TritonConfig, token_sparse_attention
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("small", False, "CPU smoke run: tiny shapes, interpret mode, no cuDNN")
@@ -119,10 +118,9 @@ def ours(shape: Shape, idx, cfg, interpret):
     def f(q, k, v):
         t = q.shape[1]
         pos = jnp.arange(t, dtype=jnp.int32)[None]
-        return token_sparse_triton(q, k, v, idx, block_size=shape.block_size, q_positions=pos,
-                                   kv_positions=pos, causal=True, sink_logits=None, softcap=None,
-                                   scale=q.shape[-1] ** -0.5, return_lse=False,
-                                   interpret=interpret, config=cfg)
+        return token_sparse_attention(q, k, v, idx, block_size=shape.block_size, q_positions=pos,
+                                      kv_positions=pos, causal=True, scale=q.shape[-1] ** -0.5,
+                                      impl="triton", interpret=interpret, config=cfg)
     return f
 
 
@@ -134,11 +132,11 @@ def check(f, shape: Shape, q, k, v, idx, rows: int) -> float:
     """Max relative error of the last `rows` query rows against the dense-mask reference."""
     t = q.shape[1]
     out = jax.jit(f)(q, k, v)[:, t - rows:]
-    ref = token_sparse_reference(
+    ref = token_sparse_attention(
         q[:, t - rows:], k, v, idx[:, t - rows:], block_size=shape.block_size,
         q_positions=jnp.arange(t - rows, t, dtype=jnp.int32)[None],
-        kv_positions=jnp.arange(t, dtype=jnp.int32)[None], causal=True, sink_logits=None,
-        softcap=None, scale=q.shape[-1] ** -0.5, return_lse=False)
+        kv_positions=jnp.arange(t, dtype=jnp.int32)[None], causal=True,
+        scale=q.shape[-1] ** -0.5, impl="xla")
     return rel(out, ref)
 
 

@@ -15,7 +15,7 @@ from pallas_kernels.block_sparse import reference, tpu, triton
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.block_sparse.reference import block_sparse_reference
 from pallas_kernels.block_sparse.tpu import block_sparse_tpu
-from pallas_kernels.block_sparse.triton import block_sparse_triton
+from pallas_kernels.block_sparse.triton import TritonConfig, block_sparse_triton
 
 BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": block_sparse_reference, "triton": block_sparse_triton,
@@ -37,7 +37,8 @@ def block_sparse_attention(q, k, v, metadata: BlockSparseMetadata, *, mask_fn=No
       Other arguments as `flash_attention`.
       impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run a
         Pallas kernel in interpret mode (CPU tests).
-      config: the chosen kernel's tiles (`triton.TritonConfig`; the TPU kernel takes none); None: its defaults.
+      config: the chosen kernel's tiles (`TritonConfig`, importable from here; the TPU kernel takes
+        none); None: its defaults.
       explain: print which backend runs and why the others were skipped.
     Returns:
       `out [B, Tq, H, Dv]`, or `AttentionOutput(out, lse)` with `return_lse`.

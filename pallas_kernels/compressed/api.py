@@ -22,8 +22,8 @@ from __future__ import annotations
 from pallas_kernels import common
 from pallas_kernels.compressed import reference, tpu, triton
 from pallas_kernels.compressed.reference import compressed_reference
-from pallas_kernels.compressed.tpu import compressed_tpu
-from pallas_kernels.compressed.triton import compressed_triton
+from pallas_kernels.compressed.tpu import TpuConfig, compressed_tpu
+from pallas_kernels.compressed.triton import TritonConfig, compressed_triton
 
 BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": compressed_reference, "triton": compressed_triton,
@@ -42,7 +42,7 @@ def compressed_attention(q, k, v, *, q_positions=None, kv_positions=None, scale=
       scale: default `1/sqrt(D)` (> 0).
       impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run a
         Pallas kernel in interpret mode (CPU tests).
-      config: the chosen kernel's tiles (`triton.TritonConfig`, `tpu.TpuConfig`); None: its defaults.
+      config: the chosen kernel's tiles (`TritonConfig`, `TpuConfig`, importable from here); None: its defaults.
       explain: print which backend runs and why the others were skipped.
     Returns:
       `(out [B, T, H, Dv] in q's dtype, p_group [B, Hkv, T, N] float32)`; rows that see

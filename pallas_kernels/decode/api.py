@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from pallas_kernels import common
 from pallas_kernels.decode import layout, reference, tpu, triton
 from pallas_kernels.decode.reference import decode_reference
-from pallas_kernels.decode.tpu import decode_tpu
-from pallas_kernels.decode.triton import decode_triton
+from pallas_kernels.decode.tpu import DecodeTpuConfig, decode_tpu
+from pallas_kernels.decode.triton import DecodeTritonConfig, decode_triton
 
 BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": decode_reference, "triton": decode_triton, "mosaic_tpu": decode_tpu}
@@ -89,7 +89,8 @@ def decode_attention(q, k_cache, v_cache, *, lengths=None, kv_positions=None, q_
         one from the shape. The reference ignores it.
       impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run a
         Pallas kernel in interpret mode (CPU tests).
-      config: the chosen kernel's tiles (`triton.DecodeTritonConfig`, `tpu.DecodeTpuConfig`); None: its defaults.
+      config: the chosen kernel's tiles (`DecodeTritonConfig`, `DecodeTpuConfig`, importable from
+        here); None: its defaults.
       explain: print which backend runs and why the others were skipped.
     Returns:
       `out [B, Tq, H, Dv]` in q's dtype, or `AttentionOutput(out, lse)` with `return_lse`.

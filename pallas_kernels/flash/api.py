@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from pallas_kernels import common
 from pallas_kernels.flash import mosaic_gpu, reference, tpu, triton
-from pallas_kernels.flash.mosaic_gpu import flash_mosaic_gpu
+from pallas_kernels.flash.mosaic_gpu import MosaicGPUConfig, flash_mosaic_gpu
 from pallas_kernels.flash.reference import flash_reference
-from pallas_kernels.flash.tpu import flash_tpu
-from pallas_kernels.flash.triton import flash_triton
+from pallas_kernels.flash.tpu import TpuConfig, flash_tpu
+from pallas_kernels.flash.triton import TritonConfig, flash_triton
 
 # Order of preference for impl="auto": Mosaic GPU (Hopper, where it covers the call),
 # Triton (GPU), Mosaic TPU (TPU), the XLA reference.
@@ -54,8 +54,8 @@ def flash_attention(q, k, v, *, mask_fn=None, q_positions=None, kv_positions=Non
         `block_score_reduce_gqa=True` takes the max over each GQA group: `[B, Hkv, Tq, nK]`.
       impl: "auto" | "xla" | "triton" | "mosaic_tpu" | "mosaic_gpu" (`common.resolve`).
       interpret: run a Pallas kernel in interpret mode (CPU tests).
-      config: the chosen kernel's tiles (`triton.TritonConfig`, `tpu.TpuConfig`,
-        `mosaic_gpu.MosaicGPUConfig`); None: its defaults.
+      config: the chosen kernel's tiles (`TritonConfig`, `TpuConfig`, `MosaicGPUConfig`,
+        importable from here); None: its defaults.
       explain: print which backend runs and why the others were skipped.
     Returns:
       `out [B, Tq, H, Dv]` in q's dtype, or `AttentionOutput(out, lse, block_scores)`

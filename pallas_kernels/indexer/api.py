@@ -31,7 +31,7 @@ from pallas_kernels.indexer import reference, tpu, triton
 from pallas_kernels.indexer.reference import chunk_scores_reference
 from pallas_kernels.indexer.select import sorted_top_k, topk_select
 from pallas_kernels.indexer.tpu import chunk_scores_tpu
-from pallas_kernels.indexer.triton import chunk_scores_triton
+from pallas_kernels.indexer.triton import IndexerTritonConfig, chunk_scores_triton
 
 
 def chunk_topk_xla(q_index, weights, k_index, q_positions, kv_positions, *, k: int):
@@ -94,7 +94,7 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
       return_scores: also return the selected scores.
       impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run the
         kernels in interpret mode (CPU tests).
-      config: the Triton score kernel's tiles (`triton.IndexerTritonConfig`); the other
+      config: the Triton score kernel's tiles (`IndexerTritonConfig`, importable from here); the other
         backends take none.
       explain: print which backend runs and why the others were skipped.
     Returns:

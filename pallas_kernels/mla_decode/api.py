@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from pallas_kernels import common
 from pallas_kernels.mla_decode import reference, tpu, triton
 from pallas_kernels.mla_decode.reference import mla_decode_reference
-from pallas_kernels.mla_decode.tpu import mla_decode_tpu
-from pallas_kernels.mla_decode.triton import mla_decode_triton
+from pallas_kernels.mla_decode.tpu import MlaDecodeTpuConfig, mla_decode_tpu
+from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, mla_decode_triton
 
 BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": mla_decode_reference, "triton": mla_decode_triton,
@@ -111,7 +111,8 @@ def mla_decode(q_abs, c_kv, k_rope, *, indices=None, q_positions=None, kv_positi
       num_splits: token shares per query row for the kernels (split-K); None: from the shape.
       impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run a
         Pallas kernel in interpret mode (CPU tests).
-      config: the chosen kernel's tiles (`triton.MlaDecodeTritonConfig`, `tpu.MlaDecodeTpuConfig`); None: its defaults.
+      config: the chosen kernel's tiles (`MlaDecodeTritonConfig`, `MlaDecodeTpuConfig`,
+        importable from here); None: its defaults.
       explain: print which backend runs and why the others were skipped.
     Returns:
       the latent output `[B, T, H, Dc]` in q's dtype (apply `W_uv` after), or

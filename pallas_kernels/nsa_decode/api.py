@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from pallas_kernels import common
 from pallas_kernels.nsa_decode import reference, triton
 from pallas_kernels.nsa_decode.reference import nsa_decode_reference
-from pallas_kernels.nsa_decode.triton import nsa_decode_triton
+from pallas_kernels.nsa_decode.triton import TritonConfig, nsa_decode_triton
 
 
 def _reference(q, q_positions, *, scale, **kw):
@@ -87,7 +87,7 @@ def nsa_decode(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, slc
       cfg: NSA's hyperparameters (`sparse_jax.ops.nsa.NSAConfig`, or any object with the
         fields `CFG_FIELDS`) with `selection="token"`.
       impl: "auto" | "xla" | "triton"; interpret: run the kernels in interpret mode.
-      config: the Triton kernel's tiles (`triton.TritonConfig`); the reference takes none.
+      config: the Triton kernel's tiles (`TritonConfig`, importable from here); the reference takes none.
       explain: print which backend runs and why the others were skipped.
     Returns:
       `(o_cmp, o_slc, o_win [B, T, H, D] in q's dtype, block_indices [B, T, Hkv, min(n, Ns)]

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from pallas_kernels import common
 from pallas_kernels.nsa_select import reference, triton
 from pallas_kernels.nsa_select.reference import nsa_select_reference
+from pallas_kernels.nsa_select.triton import TritonConfig
 
 BACKENDS = {"triton": triton, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": nsa_select_reference, "triton": triton.nsa_select_triton}
@@ -86,7 +87,7 @@ def nsa_select(q, k_cmp, lse, q_positions, cmp_positions, *, num_sel_blocks: int
         first / most recent blocks.
       scale: logit scale (> 0), default `1/sqrt(D)`.
       impl: "auto" | "xla" | "triton"; interpret: run the kernels in interpret mode.
-      config: the Triton kernels' tiles (`triton.TritonConfig`); the reference takes none.
+      config: the Triton kernels' tiles (`TritonConfig`, importable from here); the reference takes none.
       explain: print which backend runs and why the others were skipped.
     Returns:
       `block_indices [B, T, Hkv, min(num_selected, num_sel_blocks)]` int32 (-1 unused).

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from pallas_kernels import common
 from pallas_kernels.token_sparse import reference, tpu, triton
 from pallas_kernels.token_sparse.reference import token_sparse_reference
-from pallas_kernels.token_sparse.tpu import token_sparse_tpu
-from pallas_kernels.token_sparse.triton import token_sparse_triton
+from pallas_kernels.token_sparse.tpu import TpuConfig, token_sparse_tpu
+from pallas_kernels.token_sparse.triton import TritonConfig, token_sparse_triton
 
 BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": token_sparse_reference, "triton": token_sparse_triton,
@@ -70,7 +70,7 @@ def token_sparse_attention(q, k, v, indices, *, block_size=1, q_positions=None,
       return_lse: also return the log-sum-exp `[B, H, T]` (float32, -inf on empty rows).
       impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run a
         Pallas kernel in interpret mode (CPU tests).
-      config: the chosen kernel's tiles (`triton.TritonConfig`, `tpu.TpuConfig`); None: its defaults.
+      config: the chosen kernel's tiles (`TritonConfig`, `TpuConfig`, importable from here); None: its defaults.
       explain: print which backend runs and why the others were skipped.
     Returns:
       `out [B, T, H, Dv]` in q's dtype, or `AttentionOutput(out, lse)` with `return_lse`.
