@@ -164,3 +164,32 @@ def test_kernels_mask_scores_by_where(op, impl, interpret):
     bk[0, pos[0] == BAD_AT] = np.inf
     got = fn(jnp.asarray(q), jnp.asarray(bk), jnp.asarray(v), impl, interpret)
     assert_isolated(got, clean, pos)
+
+
+# ----------------------------------------------------------------------------- a layer on the kernels
+
+
+@pytest.mark.slow
+def test_nsa_layer_on_triton_kernels_isolates_nan():
+    """NSA's compressed, selection and window branches on the Triton kernels (interpret):
+    NaN in padded tokens and at one real position stays away from earlier outputs."""
+    import dataclasses
+
+    from flax import nnx
+
+    from layer_conformance import NAN_AT, ragged_inputs, tiny_config
+    from sparse_jax.layers.nsa import NSAAttention
+
+    cfg = tiny_config("N")
+    layer = NSAAttention(dataclasses.replace(cfg.attention, impl="triton"),
+                         dataclasses.replace(cfg.nsa, query_block=16), interpret=True, rngs=nnx.Rngs(0))
+    x, pos = ragged_inputs()
+    clean = np.asarray(layer(jnp.asarray(x), jnp.asarray(pos))[0])
+    bad = x.copy()
+    bad[pos < 0] = np.nan
+    bad[0, pos[0] == NAN_AT] = np.nan
+    got = np.asarray(layer(jnp.asarray(bad), jnp.asarray(pos))[0])
+    keep = pos >= 0
+    keep[0, pos[0] >= NAN_AT] = False
+    assert np.isfinite(got[keep]).all()
+    np.testing.assert_allclose(got[keep], clean[keep], atol=1e-6, rtol=1e-6)
