@@ -193,3 +193,32 @@ def test_nsa_layer_on_triton_kernels_isolates_nan():
     keep[0, pos[0] >= NAN_AT] = False
     assert np.isfinite(got[keep]).all()
     np.testing.assert_allclose(got[keep], clean[keep], atol=1e-6, rtol=1e-6)
+
+
+def test_dsa_indexer_loss_ignores_padding_and_keeps_a_real_nan():
+    """The indexer KL (warm-up stage): NaN in padded inputs changes nothing; NaN at a real
+    position makes it NaN (it used to drop non-finite scores as if invisible: a silent value)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from layer_conformance import NAN_AT, ragged_inputs, tiny_config
+    from sparse_jax.layers.dsa import total_indexer_loss
+    from sparse_jax.models.lm import make_attention
+
+    cfg = tiny_config("D")
+    cfg = dataclasses.replace(cfg, dsa=dataclasses.replace(cfg.dsa, stage="warmup", indexer_loss=True))
+    layer = make_attention("D", cfg, nnx.Rngs(0))
+    x, pos = ragged_inputs()
+
+    def loss(x):
+        _, inter = nnx.capture(lambda l: l(jnp.asarray(x), jnp.asarray(pos)), nnx.Intermediate)(layer)
+        return float(total_indexer_loss(inter))
+
+    clean = loss(x)
+    padded, real = x.copy(), x.copy()
+    padded[pos < 0] = np.nan
+    real[0, pos[0] == NAN_AT] = np.nan
+    assert np.isfinite(clean) and clean > 0
+    assert loss(padded) == clean
+    assert np.isnan(loss(real))
