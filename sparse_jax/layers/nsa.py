@@ -118,9 +118,11 @@ class NSAAttention(nnx.Module):
         x = x.astype(c.dtype)
         b, t = positions.shape
         q = self._rope(self._proj(x, self.wq), positions)
-        k_cmp, v_cmp = guard_kv(self._proj(x, self.wk_cmp), self._proj(x, self.wv_cmp), positions)
-        k_slc, v_slc = guard_kv(self._rope(self._proj(x, self.wk_slc), positions), self._proj(x, self.wv_slc), positions)
-        k_win, v_win = guard_kv(self._rope(self._proj(x, self.wk_win), positions), self._proj(x, self.wv_win), positions)
+        k_cmp, v_cmp = self._proj(x, self.wk_cmp), self._proj(x, self.wv_cmp)
+        k_slc, v_slc = self._rope(self._proj(x, self.wk_slc), positions), self._proj(x, self.wv_slc)
+        k_win, v_win = self._rope(self._proj(x, self.wk_win), positions), self._proj(x, self.wv_win)
+        (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = (      # padding / non-finite tokens: ops.masking
+            guard_kv(k, v, positions) for k, v in ((k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win)))
         if cache is None:
             slc = FullKVCache.init(b, t, c.num_kv_heads, c.head_dim, dtype=c.dtype)
             slc_k, slc_v, slc_pos, _ = slc.update(k_slc, v_slc, positions)
