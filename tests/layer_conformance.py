@@ -23,7 +23,6 @@ Inputs: a batch of two ragged rows, row 0 left-padded (`PAD` entries of -1, then
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
