@@ -18,7 +18,8 @@ Inputs: a batch of two ragged rows, row 0 left-padded (`PAD` entries of -1, then
 * `cache.nbytes()` equals the bytes of the cache's arrays, empty and after a call;
 * NaN isolation (issue 17): NaN in a padded token's input leaves every valid output
   unchanged; NaN in row 0 at position p leaves row 0's outputs at positions < p and all of
-  row 1 unchanged (outputs that attend to p may be NaN).
+  row 1 unchanged (outputs that attend to p may be NaN); the same through the caches of a
+  chunked prefill whose padded entries are NaN.
 """
 
 from __future__ import annotations
@@ -145,18 +146,16 @@ class LayerConformance:
             np.testing.assert_allclose(y[row, valid], np.asarray(alone)[0], atol=self.atol, rtol=self.atol,
                                        err_msg=f"{self.spec}: row {row} in a ragged batch vs alone")
 
-    def test_chunked_prefill_equals_prefill(self):
-        x, _, _ = self.prefill
-        lengths = [sum(s) for s in SCHEDULE]
+    def chunked(self, stack, x, fill=0.0):
+        """Outputs `[2, T, D]` of the chunked prefill of `x` per SCHEDULE (each call padded
+        to CHUNK entries whose inputs are `fill`), and the positions `[2, T]` it covers."""
         pos = np.full((2, T), -1, np.int32)
-        for b, n in enumerate(lengths):
-            pos[b, :n] = np.arange(n)
-        stack = self.build()
-        y, _ = _call(stack, jnp.asarray(x), jnp.asarray(pos), None)
+        for b, sched in enumerate(SCHEDULE):
+            pos[b, :sum(sched)] = np.arange(sum(sched))
         caches = stack.init_cache(2, T)
         got, done = np.full((2, T, D_MODEL), np.nan, np.float32), [0, 0]
         for step in range(len(SCHEDULE[0])):
-            xc = np.zeros((2, CHUNK, D_MODEL), np.float32)
+            xc = np.full((2, CHUNK, D_MODEL), fill, np.float32)
             pc = np.full((2, CHUNK), -1, np.int32)
             for b, sched in enumerate(SCHEDULE):
                 n = sched[step]
@@ -165,7 +164,27 @@ class LayerConformance:
             for b, sched in enumerate(SCHEDULE):
                 got[b, done[b]:done[b] + sched[step]] = np.asarray(out)[b, :sched[step]]
                 done[b] += sched[step]
+        return got, pos
+
+    def test_chunked_prefill_equals_prefill(self):
+        x, _, _ = self.prefill
+        stack = self.build()
+        got, pos = self.chunked(stack, x)
+        y, _ = _call(stack, jnp.asarray(x), jnp.asarray(pos), None)
         self.assert_valid_close(got, np.asarray(y), pos, "chunked prefill vs prefill")
+
+    def test_nan_in_chunks_reaches_only_later_positions(self):
+        """Through the caches: NaN in every padded entry of every call and at row 0's NAN_AT
+        (inside a call, after positions of the same call)."""
+        x, _, _ = self.prefill
+        stack = self.build()
+        clean, pos = self.chunked(stack, x)
+        bad = x.copy()
+        bad[0, NAN_AT] = np.nan                      # row 0 has no padding here: slot = position
+        got, _ = self.chunked(stack, bad, fill=np.nan)
+        earlier = pos.copy()
+        earlier[0, pos[0] >= NAN_AT] = -1
+        self.assert_valid_close(got, clean, earlier, f"NaN in chunks and at position {NAN_AT}", atol=1e-6)
 
     def test_gradients_finite(self):
         x, pos, _ = self.prefill
