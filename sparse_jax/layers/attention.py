@@ -28,6 +28,7 @@ from flax import nnx
 from sparse_jax import patterns as P
 from sparse_jax.cache import FullKVCache, RollingKVCache
 from sparse_jax.ops import attention as ops
+from sparse_jax.ops.masking import guard_kv
 from sparse_jax.ops.rope import RopeScaling, apply_rope
 from sparse_jax.sharding import param
 
@@ -145,6 +146,7 @@ class AttentionBase(nnx.Module):
             k = apply_rope(k, positions, c.rope_theta, c.rope_scaling)
         else:
             q = q_raw
+        k, v = guard_kv(k, v, positions)      # padding and non-finite tokens cannot reach masked outputs
         sinks = None if self.sink_logits is None else self.sink_logits[...]
         if hasattr(cache, "update_and_attend"):     # a cache that needs the queries (kv_policies)
             o, cache = cache.update_and_attend(q, k, v, positions, layer=self, sink_logits=sinks, q_raw=q_raw)

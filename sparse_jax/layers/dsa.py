@@ -34,6 +34,7 @@ from sparse_jax.ops import dsa as dops
 from sparse_jax.ops import mla as mops
 from sparse_jax.ops.dsa import DSAConfig
 from sparse_jax.ops.mla import MLAConfig
+from sparse_jax.ops.masking import guard_kv
 from sparse_jax.ops.rope import apply_rope
 from sparse_jax.sharding import param
 
@@ -81,6 +82,7 @@ class DSAAttention(MLAAttention):
             raise ValueError(f"cache must be a DSACache from init_cache, got {type(cache).__name__}")
         x = x.astype(c.dtype)
         q_nope, q_rope, c_kv, k_rope = self.project(x, positions)
+        k_rope, c_kv = guard_kv(k_rope, c_kv, positions)
         q_i, w_i, k_i = self.indexer(x, positions)
         kv_positions = positions
         if cache is not None:

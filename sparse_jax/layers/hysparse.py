@@ -40,6 +40,7 @@ from sparse_jax.layers.attention import AttentionBase, AttentionConfig, output_p
 from sparse_jax.ops import attention as attn_ops
 from sparse_jax.ops import hysparse as ops
 from sparse_jax.ops.hysparse import HySparseShared
+from sparse_jax.ops.masking import guard_kv
 from sparse_jax.ops.rope import apply_rope
 from sparse_jax.sharding import param
 
@@ -112,6 +113,7 @@ class HySparseFullAttention(AttentionBase):
         q, k, v = proj(self.wq), proj(self.wk), proj(self.wv)
         if c.rope_theta is not None:
             q, k = apply_rope(q, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta)
+        k, v = guard_kv(k, v, positions)
         store = (FullKVCache.init(x.shape[0], x.shape[1], c.num_kv_heads, c.head_dim, dtype=c.dtype)
                  if cache is None else cache)
         keys, values, kv_positions, new_cache = store.update(k, v, positions)
@@ -209,7 +211,7 @@ class HySparseSparseAttention(nnx.Module):
             if self.wk_swa is None:                                   # ablation: the full layer's KV
                 keys, values, kv_pos = shared.k, shared.v, shared.kv_positions
             else:
-                k, v = rope(proj(self.wk_swa)), proj(self.wv_swa)
+                k, v = guard_kv(rope(proj(self.wk_swa)), proj(self.wv_swa), positions)
                 if cache is None:
                     keys, values, kv_pos = k, v, positions
                 else:

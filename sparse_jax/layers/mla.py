@@ -23,6 +23,7 @@ from sparse_jax.cache_mla import MLACache
 from sparse_jax.layers.attention import AttentionConfig, output_params
 from sparse_jax.layers.attention import _out_init as _init_2in  # noqa: F401 (csa.py imports it from here)
 from sparse_jax.ops import mla as ops
+from sparse_jax.ops.masking import guard_kv
 from sparse_jax.ops.mla import MLAConfig
 from sparse_jax.ops.rope import apply_rope
 from sparse_jax.sharding import param
@@ -110,6 +111,7 @@ class MLAAttention(nnx.Module):
         if cache is not None and not isinstance(cache, MLACache):
             raise ValueError(f"cache must be an MLACache from init_cache, got {type(cache).__name__}")
         q_nope, q_rope, c_kv, k_rope = self.project(x.astype(c.dtype), positions)
+        k_rope, c_kv = guard_kv(k_rope, c_kv, positions)      # the latent is the value: zeroed, the key NaN
         kv_positions = positions
         if cache is not None:
             c_kv, k_rope, kv_positions, cache = cache.update(c_kv, k_rope, positions)

@@ -30,6 +30,7 @@ from sparse_jax.cache import FullKVCache
 from sparse_jax.cache_nsa import CompressedKV, NSACache
 from sparse_jax.layers.attention import AttentionConfig, output_params
 from sparse_jax.ops import nsa as ops
+from sparse_jax.ops.masking import guard_kv
 from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.ops.rope import apply_rope
 from sparse_jax.sharding import param
@@ -120,6 +121,8 @@ class NSAAttention(nnx.Module):
         k_cmp, v_cmp = self._proj(x, self.wk_cmp), self._proj(x, self.wv_cmp)
         k_slc, v_slc = self._rope(self._proj(x, self.wk_slc), positions), self._proj(x, self.wv_slc)
         k_win, v_win = self._rope(self._proj(x, self.wk_win), positions), self._proj(x, self.wv_win)
+        (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = (      # padding / non-finite tokens: ops.masking
+            guard_kv(k, v, positions) for k, v in ((k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win)))
         if cache is None:
             slc = FullKVCache.init(b, t, c.num_kv_heads, c.head_dim, dtype=c.dtype)
             slc_k, slc_v, slc_pos, _ = slc.update(k_slc, v_slc, positions)

@@ -37,6 +37,7 @@ from pallas_kernels.flash import flash_attention
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import patterns as P
 from sparse_jax.ops.attention import merge_attention
+from sparse_jax.ops.masking import guard_shared_kv
 from sparse_jax.ops.mla import rms_norm
 
 SWA_CACHE_STRATEGIES = ("full", "periodic", "none")
@@ -188,17 +189,17 @@ def attention_with_window(q, records, rec_positions, q_positions, *, win_kv=None
     q `[B, T, H, D]` (RoPE'd trailing channels); records `[B, N, D]`, rec_positions
     `[B, N]`; win_kv `[B, S, D]`, win_positions `[B, S]`. Returns `[B, T, H, D]`.
     """
-    k = records[:, :, None]
+    k, v = guard_shared_kv(records[:, :, None], rec_positions)      # key = value: NaN key, zero value
     if token_indices is None:
-        rec = flash_attention(q, k, k, mask_fn=P.Causal(), q_positions=q_positions, kv_positions=rec_positions,
+        rec = flash_attention(q, k, v, mask_fn=P.Causal(), q_positions=q_positions, kv_positions=rec_positions,
                               scale=scale, return_lse=True, impl=impl)
     else:
-        rec = token_sparse_attention(q, k, k, token_indices[:, :, None], q_positions=q_positions,
+        rec = token_sparse_attention(q, k, v, token_indices[:, :, None], q_positions=q_positions,
                                      kv_positions=rec_positions, scale=scale, return_lse=True, impl=impl)
     outs, lses = [rec.out], [rec.lse]
     if window:
-        wk = win_kv[:, :, None]
-        win = flash_attention(q, wk, wk, mask_fn=P.causal_window(window), q_positions=q_positions,
+        wk, wv = guard_shared_kv(win_kv[:, :, None], win_positions)
+        win = flash_attention(q, wk, wv, mask_fn=P.causal_window(window), q_positions=q_positions,
                               kv_positions=win_positions, scale=scale, return_lse=True, impl=impl)
         outs.append(win.out)
         lses.append(win.lse)

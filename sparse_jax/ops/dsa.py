@@ -147,11 +147,11 @@ def dsa_indexer_loss(index_scores, target, q_positions, token_indices=None):
     indexer's gradient); target: `[B, T, S]` from `indexer_target`. With `token_indices`
     (sparse stage) the indexer softmax runs over the selected set only.
     """
-    mask = jnp.isfinite(index_scores)
+    mask = index_scores != -jnp.inf         # invisible; a NaN score stays in (and makes the loss NaN)
     if token_indices is not None:
         mask = mask & selected_mask(token_indices, index_scores.shape[-1])
     logq = jax.nn.log_softmax(jnp.where(mask, index_scores, -1e30), axis=-1)   # finite: no NaN grads
     p = jax.lax.stop_gradient(target)
-    kl = jnp.where(mask & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0).sum(-1)
+    kl = jnp.where(mask & (p != 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - logq), 0.0).sum(-1)
     valid = (q_positions >= 0) & mask.any(-1)
     return (kl * valid).sum() / jnp.maximum(valid.sum(), 1)
