@@ -19,7 +19,7 @@ from pallas_kernels import common
 from pallas_kernels.compressed import api, compressed_attention
 from pallas_kernels.compressed.reference import compressed_reference
 from pallas_kernels.compressed.tpu import TpuConfig, compressed_tpu
-from pallas_kernels.compressed.triton import causal
+from pallas_kernels.tiles_common import causal
 from pallas_kernels.flash import blocks
 from sparse_jax.ops import nsa as ops
 from gpu_testing import has_gpu

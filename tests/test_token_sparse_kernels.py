@@ -26,7 +26,8 @@ from pallas_kernels.token_sparse import api, token_sparse_attention
 from pallas_kernels.token_sparse.reference import token_sparse_reference
 from pallas_kernels.token_sparse.tpu import TpuConfig, token_sparse_tpu
 from pallas_kernels.token_sparse.triton import TritonConfig, geometry, token_sparse_triton
-from pallas_kernels.token_sparse.triton_vjp import dkdv_chunks, inverted_index
+from pallas_kernels.token_sparse.layout import inverted_index
+from pallas_kernels.token_sparse.triton_vjp import dkdv_chunks
 from gpu_testing import has_gpu
 
 

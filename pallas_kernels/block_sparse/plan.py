@@ -150,3 +150,11 @@ def run(st_factory, q, k, v, metadata, *, q_positions, kv_positions, q_segment_i
                               q_positions=q_positions, kv_positions=kv_positions,
                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                               return_lse=return_lse, aux=tuple(tabs))
+
+
+def masked_visible(mode, mask_fn, qp, kp, qs, ks):
+    """Visibility of a tile by loop mode: None (full block), "pad" (full, with padding),
+    "mask" (partial: the element predicate)."""
+    if mode == "pad":
+        return blocks.visible(None, qp, kp, None, None)
+    return blocks.visible(mask_fn, qp, kp, qs, ks)

@@ -29,17 +29,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse import plan
-from pallas_kernels.block_sparse.triton import masked_visible
+from pallas_kernels.block_sparse.plan import masked_visible
 from pallas_kernels.flash import autodiff, blocks
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.flash.triton import logits2
-
-_NT = (((1,), (1,)), ((), ()))
-_NN = (((1,), (0,)), ((), ()))
-
-
-def _dot(a, b, dims):
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+from pallas_kernels.tiles_common import NN, NT, logits2
+from pallas_kernels.tiles_tpu import dot
 
 
 def _seg(ref):
@@ -100,7 +94,7 @@ def _fwd_kernel(idx_ref, cnt_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_r
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     def step(mode):
-        s, _ = logits2(_dot(_stack(q_ref[...], g), k_ref[...], _NT), scale, softcap)
+        s, _ = logits2(dot(_stack(q_ref[...], g), k_ref[...], NT), scale, softcap)
         if mode:
             vis = masked_visible(mode, mask_fn, _repeat_rows(qpos_ref[...], g), kpos_ref[...],
                                  None if qseg_ref is None else _repeat_rows(qseg_ref[...], g),
@@ -115,7 +109,7 @@ def _fwd_kernel(idx_ref, cnt_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_r
         m_sc[...] = m_new
         l_sc[...] = l_sc[...] * alpha + p.sum(axis=-1, keepdims=True)
         v = v_ref[...]
-        acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v.dtype), v, _NN)
+        acc_sc[...] = acc_sc[...] * alpha + dot(p.astype(v.dtype), v, NN)
 
     _when_full_or_partial(cnt_ref, row, m, step)
 
@@ -210,17 +204,17 @@ def _dq_kernel(idx_ref, cnt_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, 
 
     def step(mode):
         k = k_ref[...]
-        s, t = logits2(_dot(_stack(q_ref[...], g), k, _NT), scale, softcap)
+        s, t = logits2(dot(_stack(q_ref[...], g), k, NT), scale, softcap)
         p = jnp.exp2(s - _stack(lse_ref[...], g))
         if mode:
             vis = masked_visible(mode, mask_fn, _repeat_rows(qpos_ref[...], g), kpos_ref[...],
                                  None if qseg_ref is None else _repeat_rows(qseg_ref[...], g),
                                  _seg(kseg_ref))
             p = jnp.where(vis, p, 0.0)
-        ds = p * (_dot(_stack(do_ref[...], g), v_ref[...], _NT) - _stack(delta_ref[...], g))
+        ds = p * (dot(_stack(do_ref[...], g), v_ref[...], NT) - _stack(delta_ref[...], g))
         if t is not None:
             ds = ds * (1.0 - t * t)
-        dq_sc[...] += _dot(ds.astype(k.dtype), k, _NN)
+        dq_sc[...] += dot(ds.astype(k.dtype), k, NN)
 
     _when_full_or_partial(cnt_ref, row, m, step)
 
@@ -242,17 +236,17 @@ def _dkv_kernel(idx_ref, cnt_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref,
 
     def step(mode):
         q, do = q_ref[...], do_ref[...]
-        s_t, t = logits2(_dot(k_ref[...], q, _NT), scale, softcap)            # [bk, bq]
+        s_t, t = logits2(dot(k_ref[...], q, NT), scale, softcap)            # [bk, bq]
         p_t = jnp.exp2(s_t - lse_ref[...])
         if mode:
             vis = masked_visible(mode, mask_fn, qpos_ref[...], kpos_ref[...], _seg(qseg_ref),
                                  _seg(kseg_ref))
             p_t = jnp.where(vis, p_t, 0.0)
-        dv_sc[...] += _dot(p_t.astype(do.dtype), do, _NN)
-        ds_t = p_t * (_dot(v_ref[...], do, _NT) - delta_ref[...])
+        dv_sc[...] += dot(p_t.astype(do.dtype), do, NN)
+        ds_t = p_t * (dot(v_ref[...], do, NT) - delta_ref[...])
         if t is not None:
             ds_t = ds_t * (1.0 - t * t)
-        dk_sc[...] += _dot(ds_t.astype(q.dtype), q, _NN)
+        dk_sc[...] += dot(ds_t.astype(q.dtype), q, NN)
 
     _when_full_or_partial(cnt_ref, row, i, step)
 

@@ -27,9 +27,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.block_sparse import plan
+from pallas_kernels.block_sparse.plan import masked_visible
 from pallas_kernels.flash import autodiff, blocks
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.flash.triton import logits2, qk_dims
+from pallas_kernels.tiles_common import NT, logits2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,14 +118,6 @@ def runs(cnt_ref, row):
     return (0,) + tuple(cnt_ref[row * 3 + c] for c in range(3))
 
 
-def masked_visible(mode, mask_fn, qp, kp, qs, ks):
-    """Visibility of a tile by loop mode: None (full block), "pad" (full, with padding),
-    "mask" (partial: the element predicate)."""
-    if mode == "pad":
-        return blocks.visible(None, qp, kp, None, None)
-    return blocks.visible(mask_fn, qp, kp, qs, ks)
-
-
 def three_loops(step, bounds, sub, carry):
     """Run `step(t, carry, mode)` over the full, padded-full and partial runs of a row."""
     for mode, lo, hi in zip((None, "pad", "mask"), bounds[:-1], bounds[1:]):
@@ -168,7 +161,7 @@ def _fwd_kernel(idx_ref, cnt_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_r
     def step(t, carry, mode):
         m, l, acc = carry
         sl = kv_slice(idx_ref, base, t, sub, geo.block_kv, block_k)
-        s = lax.dot_general(q, k_ref[sl, :], qk_dims(), preferred_element_type=jnp.float32)
+        s = lax.dot_general(q, k_ref[sl, :], NT, preferred_element_type=jnp.float32)
         if softcap is None:
             c = scale * LOG2E
         else:

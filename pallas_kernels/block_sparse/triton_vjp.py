@@ -26,8 +26,8 @@ from pallas_kernels.block_sparse.triton import (head_dim, head_view, kv_slice, m
                                                 meta_row, pad_inputs, q_tiles, row_column, runs,
                                                 stack_rows, three_loops)
 from pallas_kernels.flash import blocks
-from pallas_kernels.flash.triton import qk_dims
-from pallas_kernels.flash.triton_vjp import NN, recompute_probs
+from pallas_kernels.tiles_common import NN, NT
+from pallas_kernels.tiles_triton import recompute_probs
 
 
 def _dq_kernel(idx_ref, cnt_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref,
@@ -52,7 +52,7 @@ def _dq_kernel(idx_ref, cnt_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, 
             ks = None if kseg_ref is None else kseg_ref[sl][None, :]
             vis = masked_visible(mode, mask_fn, qp, kpos_ref[sl][None, :], qs, ks)
         p, t_ = recompute_probs(q, k, lse2, scale, softcap, vis)
-        dp = lax.dot_general(do, v, qk_dims(), preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
         ds = p * (dp - delta)
         if t_ is not None:
             ds = ds * (1.0 - t_ * t_)
@@ -86,7 +86,7 @@ def _dkv_kernel(idx_ref, cnt_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref,
             vis = masked_visible(mode, mask_fn, qpos_ref[sl][None, :], kp, qs, ks)
         p_t, t_ = recompute_probs(k, q, lse_ref[g, sl][None, :], scale, softcap, vis)     # [bk, bq]
         dv = dv + lax.dot_general(p_t.astype(do.dtype), do, NN, preferred_element_type=jnp.float32)
-        dp_t = lax.dot_general(v, do, qk_dims(), preferred_element_type=jnp.float32)
+        dp_t = lax.dot_general(v, do, NT, preferred_element_type=jnp.float32)
         ds_t = p_t * (dp_t - delta_ref[g, sl][None, :])
         if t_ is not None:
             ds_t = ds_t * (1.0 - t_ * t_)

@@ -3,7 +3,7 @@ probabilities from a Pallas Mosaic score kernel (NSA's compressed branch, arXiv 
 
 Output, lse and the output's gradient: `flash_attention(..., mask_fn=causal,
 return_lse=True, impl="mosaic_tpu")` with the compressed-branch predicate
-(`kv_pos <= q_pos`, `triton.causal`).
+(`kv_pos <= q_pos`, `tiles_common.causal`).
 
 Score kernel: grid `(B * Hkv, nQ, nK)`, every axis "parallel" (each output tile is written
 once). A step loads the key tile `[bk, D]` once and loops over the G query heads of the
@@ -39,10 +39,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.compressed.triton import causal
 from pallas_kernels.flash import blocks, flash_attention
 from pallas_kernels.flash.blocks import LOG2E
-from pallas_kernels.flash.tpu import _NT, _dot
+from pallas_kernels.tiles_common import NT, causal
+from pallas_kernels.tiles_tpu import dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _score_kernel(tab_ref, qpos_ref, kpos_ref, lse_ref, q_ref, k_ref, p_ref, acc
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
         def head(g, carry):
-            s = _dot(q_ref[g], k, _NT) * scale2                           # [bq, bk]
+            s = dot(q_ref[g], k, NT) * scale2                           # [bq, bk]
             acc_sc[...] += jnp.exp2(s - lse_ref[g])                       # lse2 [bq, 1]
             return carry
 

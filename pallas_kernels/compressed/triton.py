@@ -21,17 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import blocks, flash_attention
+from pallas_kernels.tiles_common import NT, causal
 
 BIG = 2**30
-NT = (((1,), (1,)), ((), ()))     # a @ b^T
-
-
-def causal(q_pos, kv_pos, q_seg, kv_seg):
-    """The compressed branch's predicate: the key's block ends at or before the query."""
-    del q_seg, kv_seg
-    return kv_pos <= q_pos
-
-
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
     block_q: int = 64

@@ -29,9 +29,8 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.common import AttentionOutput
 from pallas_kernels.decode import layout
 from pallas_kernels.flash.blocks import MASK_VALUE
-from pallas_kernels.flash.tpu import _dot, _logits2, fold_tile, write_normalized
-
-_NT = (((1,), (1,)), ((), ()))
+from pallas_kernels.tiles_common import NT, logits2
+from pallas_kernels.tiles_tpu import dot, fold_tile, write_normalized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +77,7 @@ def _kernel(len_ref, tab_ref, cnt_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, 
         else:
             pos = start + r
             valid = in_axis & (pos < len_ref[b])
-        s_, _ = _logits2(_dot(q_ref[...], k_ref[...], _NT), scale, softcap)
+        s_, _ = logits2(dot(q_ref[...], k_ref[...], NT), scale, softcap)
         vis = valid & layout.visible(mask_fn, qpos_ref[...], pos)
         s_ = jnp.where(vis, s_, MASK_VALUE)
         v = v_ref[...]

@@ -32,9 +32,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.common import AttentionOutput
 from pallas_kernels.decode import layout
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE, pl_next_pow2
-from pallas_kernels.flash.triton import logits2, qk_dims
-
-_NN = (((1,), (0,)), ((), ()))
+from pallas_kernels.tiles_common import NN, NT, logits2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +99,7 @@ def _kernel(len_ref, tab_ref, cnt_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, 
         else:
             valid = in_rows & (pos < length)
         k = load(k_ref, k_sel(cols_k), d, d_p, in_rows)
-        s = lax.dot_general(q, k, qk_dims(), preferred_element_type=jnp.float32)
+        s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32)
         s, _ = logits2(s, scale, softcap)
         vis = valid[None, :] & layout.visible(mask_fn, qp, pos[None, :])
         s = jnp.where(vis, s, MASK_VALUE)
@@ -110,7 +108,7 @@ def _kernel(len_ref, tab_ref, cnt_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, 
         p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
         l = l * alpha + p.sum(axis=-1)
         v = load(v_ref, k_sel(cols_v), dv, dv_p, in_rows)
-        pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+        pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
         return m_new, l, acc * alpha[:, None] + pv
 
     mrows = q.shape[0]

@@ -11,7 +11,8 @@ completion) and a "consumed" barrier (both consumers arrived). GQA reads KV head
 `h // G` by index (KV never repeated in memory).
 
 Scope (explicit opt-in; everything else raises ValueError in `flash_mosaic_gpu`):
-`mask_fn` None or `Causal()` on the default positions (`arange`: query t sees keys
+`mask_fn` None or a plain causal mask (an `is_causal = True` attribute, as
+`sparse_jax.patterns.Causal()` has) on the default positions (`arange`: query t sees keys
 s <= t), no segment ids, no sinks, no soft-cap, no block scores, bf16/fp16,
 head_dim == value head_dim in {64, 128}, Tq a multiple of 2 * block_q and Tk a multiple
 of block_kv. Positions are not read by the kernel: leave them at the api's default
@@ -275,15 +276,13 @@ def check_supported(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_id
                     kv_segment_ids, sink_logits, softcap, block_score_size, interpret,
                     config: MosaicGPUConfig):
     """Raise ValueError for anything the Mosaic GPU kernel does not cover (no compiling)."""
-    from sparse_jax.patterns.masks import Causal  # noqa: PLC0415
-
     def no(what):
         raise ValueError(f"flash impl='mosaic_gpu' does not support {what}; use impl='triton'")
 
     if interpret:
         no("interpret=True (Mosaic GPU compiles for Hopper only)")
-    if mask_fn is not None and not isinstance(mask_fn, Causal):
-        no(f"mask_fn={mask_fn!r} (only None or Causal())")
+    if mask_fn is not None and not getattr(mask_fn, "is_causal", False):
+        no(f"mask_fn={mask_fn!r} (only None or a plain causal mask, `is_causal` True: Causal())")
     if q_segment_ids is not None or kv_segment_ids is not None:
         no("segment ids")
     if sink_logits is not None:

@@ -31,9 +31,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash import autodiff, blocks, scores
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-
-_NT = (((1,), (1,)), ((), ()))
-_NN = (((1,), (0,)), ((), ()))
+from pallas_kernels.tiles_common import NN, NT, logits2
+from pallas_kernels.tiles_tpu import dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,40 +43,6 @@ class TpuConfig:
     block_k_dq: int = 128
     block_q_dkv: int = 128
     block_k_dkv: int = 128
-
-
-def _logits2(s, scale, softcap):
-    if softcap is None:
-        return s * (scale * LOG2E), None
-    t = jnp.tanh(s * (scale / softcap))
-    return t * (softcap * LOG2E), t
-
-
-def _dot(a, b, dims):
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def fold_tile(m_sc, l_sc, acc_sc, s, vis, v):
-    """One FlashAttention-2 online-softmax step in base 2: fold the logits `s [M, N]`
-    (`log2 e`-scaled, hidden entries `MASK_VALUE`, `vis` bool) and values `v [N, Dv]` into the
-    running max `m_sc [M, 1]`, sum `l_sc [M, 1]` and accumulator `acc_sc [M, Dv]` (float32)."""
-    m_old = m_sc[...]
-    m_new = jnp.maximum(m_old, s.max(axis=-1, keepdims=True))
-    alpha = jnp.exp2(m_old - m_new)
-    p = jnp.where(vis, jnp.exp2(s - m_new), 0.0)
-    m_sc[...] = m_new
-    l_sc[...] = l_sc[...] * alpha + p.sum(axis=-1, keepdims=True)
-    acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v.dtype), v, _NN)
-
-
-def write_normalized(m_sc, l_sc, acc_sc, o_ref, lse_ref):
-    """`o_ref = acc / l` (in o_ref's dtype; zeros where a row saw nothing) and `lse_ref` the
-    natural log-sum-exp (-inf on empty rows), from `fold_tile`'s scratch."""
-    l = l_sc[...]
-    seen = l > 0.0
-    l_safe = jnp.where(seen, l, 1.0)
-    o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, (m_sc[...] + jnp.log2(l_safe)) * (1.0 / LOG2E), -jnp.inf)
 
 
 def _seg(ref):
@@ -133,7 +98,7 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
         sc_ref[:, pl.ds(w, 128)] = jnp.where(lane == col - w, jnp.maximum(win, val), win)
 
     def step(masked):
-        s, _ = _logits2(_dot(q_ref[...], k_ref[...], _NT), scale, softcap)
+        s, _ = logits2(dot(q_ref[...], k_ref[...], NT), scale, softcap)
         if masked:
             vis = blocks.visible(mask_fn, qpos_ref[...], kpos_ref[...], _seg(qseg_ref), _seg(kseg_ref))
             s = jnp.where(vis, s, MASK_VALUE)
@@ -154,7 +119,7 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
         m_sc[...] = m_new
         l_sc[...] = l_sc[...] * alpha + p.sum(axis=-1, keepdims=True)
         v = v_ref[...]
-        acc_sc[...] = acc_sc[...] * alpha + _dot(p.astype(v.dtype), v, _NN)
+        acc_sc[...] = acc_sc[...] * alpha + dot(p.astype(v.dtype), v, NN)
 
     unmasked, masked = _run_and_full(j, lo, flo, fhi, hi)
     pl.when(unmasked)(lambda: step(False))
@@ -302,15 +267,15 @@ def _dq_kernel(tab_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_
 
     def step(masked):
         k = k_ref[...]
-        s, t = _logits2(_dot(q_ref[...], k, _NT), scale, softcap)
+        s, t = logits2(dot(q_ref[...], k, NT), scale, softcap)
         p = jnp.exp2(s - lse_ref[...])
         if masked:
             vis = blocks.visible(mask_fn, qpos_ref[...], kpos_ref[...], _seg(qseg_ref), _seg(kseg_ref))
             p = jnp.where(vis, p, 0.0)
-        ds = p * (_dot(do_ref[...], v_ref[...], _NT) - delta_ref[...])
+        ds = p * (dot(do_ref[...], v_ref[...], NT) - delta_ref[...])
         if t is not None:
             ds = ds * (1.0 - t * t)
-        dq_sc[...] += _dot(ds.astype(k.dtype), k, _NN)
+        dq_sc[...] += dot(ds.astype(k.dtype), k, NN)
 
     unmasked, masked = _run_and_full(j, lo, flo, fhi, hi)
     pl.when(unmasked)(lambda: step(False))
@@ -333,16 +298,16 @@ def _dkv_kernel(tab_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v
 
     def step(masked):
         q, do = q_ref[...], do_ref[...]
-        s_t, t = _logits2(_dot(k_ref[...], q, _NT), scale, softcap)            # [bk, bq]
+        s_t, t = logits2(dot(k_ref[...], q, NT), scale, softcap)            # [bk, bq]
         p_t = jnp.exp2(s_t - lse_ref[...])
         if masked:
             vis = blocks.visible(mask_fn, qpos_ref[...], kpos_ref[...], _seg(qseg_ref), _seg(kseg_ref))
             p_t = jnp.where(vis, p_t, 0.0)
-        dv_sc[...] += _dot(p_t.astype(do.dtype), do, _NN)
-        ds_t = p_t * (_dot(v_ref[...], do, _NT) - delta_ref[...])
+        dv_sc[...] += dot(p_t.astype(do.dtype), do, NN)
+        ds_t = p_t * (dot(v_ref[...], do, NT) - delta_ref[...])
         if t is not None:
             ds_t = ds_t * (1.0 - t * t)
-        dk_sc[...] += _dot(ds_t.astype(q.dtype), q, _NN)
+        dk_sc[...] += dot(ds_t.astype(q.dtype), q, NN)
 
     unmasked, masked = _run_and_full(i, lo, flo, fhi, hi)
     pl.when(unmasked)(lambda: step(False))

@@ -27,6 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import autodiff, blocks, scores
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
+from pallas_kernels.tiles_common import NT, logits2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,18 +47,6 @@ class TritonConfig:
     # Block scores with a score block smaller than block_k: 0 shrinks the KV tile to the
     # score block; 1 keeps the tile and takes each sub-block's max by a masked reduction.
     score_split: int = 0
-
-
-def qk_dims():
-    return (((1,), (1,)), ((), ()))
-
-
-def logits2(s, scale, softcap):
-    """Raw `q . k` (float32) -> logits in base-2 units, and tanh (for the softcap grad)."""
-    if softcap is None:
-        return s * (scale * LOG2E), None
-    t = jnp.tanh(s * (scale / softcap))
-    return t * (softcap * LOG2E), t
 
 
 def padded_sizes(cfg: TritonConfig, tq: int, tk: int, d: int):
@@ -111,7 +100,7 @@ def _fwd_kernel(tab_ref, sink_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref
         m, l, acc, *bm = carry
         sl = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         k = k_ref[sl, :]
-        s = lax.dot_general(q, k, qk_dims(), preferred_element_type=jnp.float32)
+        s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32)
         if softcap is None:
             c = scale * LOG2E        # scale folded into one FMA: exp2(s * c - m)
         else:

@@ -23,19 +23,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import blocks
-from pallas_kernels.flash.triton import TritonConfig, fit_block, logits2, pad_all, qk_dims
-
-NN = (((1,), (0,)), ((), ()))   # dot_general dims of a plain a @ b
-
-
-def recompute_probs(q_or_k, k_or_q, lse2_row_or_col, scale, softcap, vis):
-    """P (or P^T) recomputed from the logits and the base-2 lse; tanh for the softcap."""
-    s, t = logits2(lax.dot_general(q_or_k, k_or_q, qk_dims(), preferred_element_type=jnp.float32),
-                   scale, softcap)
-    p = jnp.exp2(s - lse2_row_or_col)
-    if vis is not None:
-        p = jnp.where(vis, p, 0.0)
-    return p, t
+from pallas_kernels.flash.triton import TritonConfig, fit_block, pad_all
+from pallas_kernels.tiles_common import NN, NT
+from pallas_kernels.tiles_triton import recompute_probs
 
 
 def _dq_kernel(tab_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
@@ -58,7 +48,7 @@ def _dq_kernel(tab_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_
             ks = None if kseg_ref is None else kseg_ref[sl][None, :]
             vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], qs, ks)
         p, t = recompute_probs(q, k, lse2, scale, softcap, vis)
-        dp = lax.dot_general(do, v, qk_dims(), preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
         ds = p * (dp - delta)
         if t is not None:
             ds = ds * (1.0 - t * t)
@@ -91,7 +81,7 @@ def _dkv_kernel(tab_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v
             vis = blocks.visible(mask_fn, qpos_ref[sl][None, :], kp, qs, ks)
         p_t, t = recompute_probs(k, q, lse_ref[g, sl][None, :], scale, softcap, vis)   # [bk, bq]
         dv = dv + lax.dot_general(p_t.astype(do.dtype), do, NN, preferred_element_type=jnp.float32)
-        dp_t = lax.dot_general(v, do, qk_dims(), preferred_element_type=jnp.float32)
+        dp_t = lax.dot_general(v, do, NT, preferred_element_type=jnp.float32)
         ds_t = p_t * (dp_t - delta_ref[g, sl][None, :])
         if t is not None:
             ds_t = ds_t * (1.0 - t * t)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-NT = (((1,), (1,)), ((), ()))     # a @ b^T
+from pallas_kernels.tiles_common import NT
 
 
 def tile_scores(q_head, w_head, k, num_heads: int, qp_col, kp_row):

@@ -35,10 +35,9 @@ from pallas_kernels.common import AttentionOutput
 from pallas_kernels.decode import layout
 from pallas_kernels.flash import blocks
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.flash.tpu import _dot, fold_tile, write_normalized
-from pallas_kernels.mla_decode.triton import merge, row_tiles
-
-_NT = (((1,), (1,)), ((), ()))
+from pallas_kernels.mla_decode.layout import merge, row_tiles
+from pallas_kernels.tiles_common import NT
+from pallas_kernels.tiles_tpu import dot, fold_tile, write_normalized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +121,7 @@ def _kernel(nt_ref, qpos_ref, idx_ref, q_ref, c_hbm, r_hbm, kpos_hbm, o_ref, lse
         vis = fresh & (kp >= 0) & (kp <= q_pos) & (q_pos >= 0)
         q = q_ref[...]
         c = cbuf[...]
-        s = _dot(q[:, :geo.dc], c, _NT) + _dot(q[:, geo.dc:], rbuf[...], _NT)
+        s = dot(q[:, :geo.dc], c, NT) + dot(q[:, geo.dc:], rbuf[...], NT)
         s = jnp.where(vis, s * (scale * LOG2E), MASK_VALUE)
         fold_tile(m_sc, l_sc, acc_sc, s, vis, c)
 

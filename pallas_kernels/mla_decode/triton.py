@@ -39,8 +39,9 @@ from pallas_kernels.common import AttentionOutput
 from pallas_kernels.decode import layout
 from pallas_kernels.flash import blocks
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.flash.triton import qk_dims
-from pallas_kernels.token_sparse.triton import NN, pieces, row_split
+from pallas_kernels.mla_decode.layout import merge, row_tiles
+from pallas_kernels.tiles_common import NN, NT
+from pallas_kernels.tiles_triton import pieces, row_split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,19 +118,6 @@ def geometry(q_abs, c_kv, k_rope, indices, cfg: MlaDecodeTritonConfig, num_split
                     num_splits=min(int(num_splits), max_tiles))
 
 
-def row_tiles(indices, q_positions, kv_positions, block_k: int):
-    """Tiles of `block_k` each query row must visit, int32 `[B * T]`: up to its last listed
-    entry (sparse) or its last visible slot (dense: a partly filled cache is not read whole).
-    Shared with the TPU kernel."""
-    if indices is not None:
-        n, ok = indices.shape[2], (indices >= 0) & (indices < kv_positions.shape[1])
-    else:
-        qp, kp = q_positions[:, :, None], kv_positions[:, None, :]
-        n, ok = kv_positions.shape[1], (kp >= 0) & (kp <= qp) & (qp >= 0)
-    last = jnp.max(jnp.where(ok, jnp.arange(1, n + 1, dtype=jnp.int32), 0), -1)
-    return layout.cdiv(last, block_k).reshape(-1)
-
-
 def _kernel(nt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, c_ref, r_ref, o_ref, lse_ref, *,
             geo: Geometry, scale):
     sp, b, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -157,7 +145,7 @@ def _kernel(nt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, c_ref, r_ref, o_ref, lse
         cs = [c_ref[rows, pl.ds(st, w)] for st, w in geo.c_pieces]
         s = None
         for a, kk in zip(qcs + qrs, cs + [r_ref[rows, pl.ds(st, w)] for st, w in geo.r_pieces]):
-            part = lax.dot_general(a, kk, qk_dims(), preferred_element_type=jnp.float32)
+            part = lax.dot_general(a, kk, NT, preferred_element_type=jnp.float32)
             s = part if s is None else s + part
         s = jnp.where(vis, s * c2, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -223,17 +211,6 @@ def partials(geo: Geometry, cfg: MlaDecodeTritonConfig, q_abs, c_kv, k_rope, ind
         interpret=interpret,
         name="mla_decode_sparse" if geo.sparse else "mla_decode_dense",
     )(n_tiles, q_positions.reshape(-1), idx, kv_positions, q, c_kv, k_rope)
-
-
-def merge(o_part, lse_part, *, t: int, h: int, dc: int, dtype):
-    """Per-split partials `[B, splits, T, H_p, Dc_p]` -> `(out [B, T, H, Dc], lse [B, H, T])`
-    through `decode.layout.combine` (one latent head, rows `t * H + h`). Shared with TPU."""
-    b, n = o_part.shape[:2]
-    if n == 1:
-        return o_part[:, 0, :, :h, :dc].astype(dtype), lse_part[:, 0, :, :h].transpose(0, 2, 1)
-    o = o_part[:, :, :, :h].reshape(b, 1, n, t * h, o_part.shape[-1])
-    lse = lse_part[:, :, :, :h].reshape(b, 1, n, t * h)
-    return layout.combine(o, lse, sink_logits=None, tq=t, num_heads=h, dv=dc, dtype=dtype)
 
 
 def mla_decode_triton(q_abs, c_kv, k_rope, *, indices, q_positions, kv_positions, scale, return_lse,

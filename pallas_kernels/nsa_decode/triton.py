@@ -59,9 +59,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE, pl_next_pow2
+from pallas_kernels.tiles_common import NN, NT
 
-NT = (((1,), (1,)), ((), ()))     # a @ b^T
-NN = (((1,), (0,)), ((), ()))     # a @ b
 BIG = 2**30
 
 

@@ -76,12 +76,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.compressed.triton import NT
 from pallas_kernels.flash import blocks
 from pallas_kernels.nsa_select.reference import top_blocks
-
-NN = (((1,), (0,)), ((), ()))     # a @ b
-LOG2E = 1.4426950408889634
+from pallas_kernels.tiles_common import LOG2E, NN, NT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,11 +47,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash import autodiff, blocks
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.flash.tpu import _dot, _logits2, fold_tile, write_normalized
+from pallas_kernels.tiles_common import NN, NT, logits2
+from pallas_kernels.tiles_tpu import dot, fold_tile, write_normalized
 from pallas_kernels.token_sparse import tpu_vjp
 
-_NT = (((1,), (1,)), ((), ()))
-_NN = (((1,), (0,)), ((), ()))
 TABLE_ROWS = tpu_vjp.TABLE_ROWS
 BACKWARDS = ("auto", "mosaic", "xla")
 
@@ -177,7 +176,7 @@ def _fwd_kernel(tab_ref, sink_ref, q_ref, k_hbm, v_hbm, kpos_hbm, o_ref, lse_ref
     def _step():
         _gather(geo, row, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf, pbuf, sem)
         vis = _visible(geo, q_pos, pbuf[...])
-        s, _ = _logits2(_dot(q_ref[...], kbuf[...], _NT), scale, softcap)
+        s, _ = logits2(dot(q_ref[...], kbuf[...], NT), scale, softcap)
         s = jnp.where(vis, s, MASK_VALUE)
         fold_tile(m_sc, l_sc, acc_sc, s, vis, vbuf[...])
 
@@ -201,12 +200,12 @@ def _dq_kernel(tab_ref, q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, kpos_hb
         _gather(geo, row, b, h, c, k_hbm, v_hbm, kpos_hbm, kbuf, vbuf, pbuf, sem)
         vis = _visible(geo, q_pos, pbuf[...])
         k = kbuf[...]
-        s2, tanh = _logits2(_dot(q_ref[...], k, _NT), scale, softcap)
+        s2, tanh = logits2(dot(q_ref[...], k, NT), scale, softcap)
         p = jnp.where(vis, jnp.exp2(s2 - lse_ref[...]), 0.0)                  # [G, R]
-        ds = p * (_dot(do_ref[...], vbuf[...], _NT) - delta_ref[...])
+        ds = p * (dot(do_ref[...], vbuf[...], NT) - delta_ref[...])
         if tanh is not None:
             ds = ds * (1.0 - tanh * tanh)
-        dq_sc[...] += _dot(ds.astype(k.dtype), k, _NN)
+        dq_sc[...] += dot(ds.astype(k.dtype), k, NN)
 
     @pl.when(c == pl.num_programs(3) - 1)
     def _finish():

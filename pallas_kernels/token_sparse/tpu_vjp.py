@@ -43,23 +43,22 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash import blocks
-from pallas_kernels.flash.tpu import _dot, _logits2
-from pallas_kernels.token_sparse.triton_vjp import inverted_index
+from pallas_kernels.tiles_common import NT, TN, logits2
+from pallas_kernels.tiles_tpu import dot
+from pallas_kernels.token_sparse.layout import inverted_index
 
-_NT = (((1,), (1,)), ((), ()))
-_TN = (((0,), (0,)), ((), ()))
 TABLE_ROWS = 8     # rows per SMEM block of a table (a block of one row breaks the TPU
                    # lowering's (8, 128) block-shape rule)
 
 
 def _rows_dot(a, b, dims):
-    """`_dot` of query rows `[R, .]` with the block's keys: on the MXU, or for a one-row
+    """`dot` of query rows `[R, .]` with the block's keys: on the MXU, or for a one-row
     block (block_size 1) as a float32 multiply-reduce on the VPU (Pallas' TPU lowering
     rejects a bf16 matmul with a unit dimension; checked by lowering on CPU)."""
-    if dims == _TN and a.shape[1] > 1 or dims == _NT and b.shape[0] > 1:
-        return _dot(a, b, dims)
+    if dims == TN and a.shape[1] > 1 or dims == NT and b.shape[0] > 1:
+        return dot(a, b, dims)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    if dims == _NT:                                        # [R, W] x [1, W] -> [R, 1]
+    if dims == NT:                                        # [R, W] x [1, W] -> [R, 1]
         return jnp.sum(f32(a) * f32(b), axis=1, keepdims=True)
     return jnp.sum(f32(a) * f32(b), axis=0, keepdims=True)  # [R, 1]^T x [R, W] -> [1, W]
 
@@ -156,13 +155,13 @@ def _dkdv_kernel(tab_ref, q_hbm, do_hbm, stats_hbm, k_hbm, v_hbm, kpos_hbm, dk_h
         vis = (kp >= 0) & (qp >= 0)                                        # [pairs * G, bs]
         if geo.causal:
             vis = vis & (kp <= qp)
-        s2, tanh = _logits2(_rows_dot(q, kblk[...], _NT), scale, softcap)
+        s2, tanh = logits2(_rows_dot(q, kblk[...], NT), scale, softcap)
         p = jnp.where(vis, jnp.exp2(s2 - sbuf[:, 0:1]), 0.0)
-        dv_sc[...] += _rows_dot(p.astype(do.dtype), do, _TN)
-        ds = p * (_rows_dot(do, vblk[...], _NT) - sbuf[:, 1:2])
+        dv_sc[...] += _rows_dot(p.astype(do.dtype), do, TN)
+        ds = p * (_rows_dot(do, vblk[...], NT) - sbuf[:, 1:2])
         if tanh is not None:
             ds = ds * (1.0 - tanh * tanh)
-        dk_sc[...] += _rows_dot(ds.astype(q.dtype), q, _TN)
+        dk_sc[...] += _rows_dot(ds.astype(q.dtype), q, TN)
 
     @pl.when(last == 1)
     def _write():
@@ -261,7 +260,7 @@ def xla_backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, i
         dk, dv_ = carry
         qc, doc, l2, dl, sl, vi = xs
         kg, vg = kf[bi, sl, hi], vf[bi, sl, hi]                                  # [B, C, Hkv, M, D]
-        s2, tanh = _logits2(jnp.einsum("bchgd,bchmd->bchgm", qc, kg), st.scale, st.softcap)
+        s2, tanh = logits2(jnp.einsum("bchgd,bchmd->bchgm", qc, kg), st.scale, st.softcap)
         p = jnp.where(vi[:, :, :, None], jnp.exp2(s2 - l2[..., None]), 0.0)
         ds = p * (jnp.einsum("bchgd,bchmd->bchgm", doc, vg) - dl[..., None])
         if tanh is not None:

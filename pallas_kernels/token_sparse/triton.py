@@ -35,10 +35,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import autodiff, blocks
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.flash.triton import logits2, qk_dims
-
-NN = (((1,), (0,)), ((), ()))     # a @ b
-TN = (((0,), (0,)), ((), ()))     # a^T @ b
+from pallas_kernels.tiles_common import NN, NT, logits2
+from pallas_kernels.tiles_triton import pieces, row_split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,26 +102,6 @@ class Geometry:
     k_p: int                  # padded entries per row
     nblk: int                 # number of KV blocks of the unpadded keys
     causal: bool
-
-
-def pieces(width: int) -> tuple:
-    """Power-of-two `(start, width)` pieces of `width` (a multiple of 16), largest first."""
-    out, start = [], 0
-    while start < width:
-        w = 1 << ((width - start).bit_length() - 1)
-        out.append((start, w))
-        start += w
-    return tuple(out)
-
-
-def row_split(group_p: int, width: int, max_rows: int) -> int:
-    """Rows per program: `max_rows` if set, else the most (>= 16) whose q tile and
-    accumulator, `rows * (D_p + Dv_p)` elements, stay under 40K (DSA's 64 heads x
-    (576 + 512) -> 32 rows, two programs per token; NSA's 16 x 256 -> one)."""
-    rows = group_p
-    while rows > 16 and (rows > max_rows if max_rows else rows * width > 40960):
-        rows //= 2
-    return rows
 
 
 def warps(requested: int, geo: "Geometry", *, backward: bool = False) -> int:
@@ -211,7 +189,7 @@ def load_pieces(ref, rows, dims):
 def qk(q_pieces, k_pieces):
     s = None
     for a, b in zip(q_pieces, k_pieces):
-        part = lax.dot_general(a, b, qk_dims(), preferred_element_type=jnp.float32)
+        part = lax.dot_general(a, b, NT, preferred_element_type=jnp.float32)
         s = part if s is None else s + part
     return s
 

@@ -37,9 +37,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import blocks
-from pallas_kernels.flash.triton import logits2
-from pallas_kernels.token_sparse.triton import (NN, TN, geometry, group_view, load_pieces, prepare,
-                                                qk, specs, tile, warps)
+from pallas_kernels.tiles_common import NN, TN, logits2
+from pallas_kernels.token_sparse.layout import inverted_index
+from pallas_kernels.token_sparse.triton import (geometry, group_view, load_pieces, prepare, qk, specs,
+                                                tile, warps)
 
 
 def _scatter_add(ref, rows, listed, start, width, val, interpret):
@@ -90,28 +91,6 @@ def _query_kernel(cnt_ref, qpos_ref, idx_ref, kpos_ref, q_ref, k_ref, v_ref, do_
     dq = lax.fori_loop(0, n_iter, step, dq0)
     for (start, w), a in zip(geo.d_pieces, dq):
         dq_ref[:, pl.ds(start, w)] = (a * scale).astype(dq_ref.dtype)
-
-
-def inverted_index(indices, q_pos, nblk: int):
-    """For each (batch, kv head, KV block) the query tokens that list it.
-
-    Args: `indices [B, T, Hkv, K]` (padded entries negative or >= nblk), `q_pos [B, T]`
-    (negative: padding query, left out).
-    Returns: `(tokens [B * T * Hkv * K] int32, start [B * Hkv * nblk], count [B * Hkv * nblk])`:
-    the tokens of block `(b * Hkv + h) * nblk + j` are `tokens[start : start + count]`,
-    ascending (the stable sort keeps token order); the tail of `tokens` is padding.
-    """
-    b, t, hkv, n = indices.shape
-    nseg = b * hkv * nblk
-    valid = (indices >= 0) & (indices < nblk) & (q_pos >= 0)[:, :, None, None]
-    seg = ((jnp.arange(b)[:, None, None, None] * hkv + jnp.arange(hkv)[None, None, :, None])
-           * nblk + indices)
-    seg = jnp.where(valid, seg, nseg).astype(jnp.int32).reshape(-1)
-    tok = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :, None, None], indices.shape)
-    _, tokens = lax.sort((seg, tok.reshape(-1)), num_keys=1, is_stable=True)
-    count = jnp.bincount(seg, length=nseg + 1)[:nseg].astype(jnp.int32)
-    start = (jnp.cumsum(count) - count).astype(jnp.int32)
-    return tokens, start, count
 
 
 def dkdv_chunks(start, count, b: int, hkv: int, nblk: int, entries: int, cap: int):

@@ -43,6 +43,9 @@ class Pattern:
 
     #: True when the predicate reads segment ids.
     needs_segments: bool = False
+    #: True only for the plain causal predicate `s <= t` (kernels that hard-code
+    #: causality, e.g. `pallas_kernels.flash.mosaic_gpu`, read it instead of the class).
+    is_causal: bool = False
 
     def __call__(self, q_pos: Array, kv_pos: Array, q_seg: Array | None = None,
                  kv_seg: Array | None = None) -> Array:
@@ -123,6 +126,8 @@ class Full(Pattern):
 @dataclasses.dataclass(frozen=True)
 class Causal(Pattern):
     """Key s visible to query t iff s <= t."""
+
+    is_causal = True   # a class attribute, not a dataclass field
 
     def _visible(self, q, k, qs, ks):
         return k <= q

@@ -1,0 +1,34 @@
+"""Tile helpers that every backend's kernels share (Pallas Triton, Mosaic TPU, Mosaic GPU).
+
+Plain jnp on one tile: the `dot_general` dimension numbers of the three matmul forms, the
+logits in base-2 units with the optional soft-cap (FlashAttention-2's `exp2` online softmax,
+arXiv 2307.08691; Gemma 2's logit soft-cap, arXiv 2408.00118) and the causal predicate on
+positions. Backend-specific helpers live in `tiles_triton.py` / `tiles_tpu.py`; this module
+imports nothing from `pallas_kernels`, so any kernel file may import it.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+LOG2E = 1.4426950408889634     # log2(e): logits are kept in base 2 (`exp2` is cheaper)
+
+NT = (((1,), (1,)), ((), ()))  # dot_general dims of a @ b^T
+NN = (((1,), (0,)), ((), ()))  # a @ b
+TN = (((0,), (0,)), ((), ()))  # a^T @ b
+
+
+def logits2(s, scale, softcap):
+    """Raw `q . k` (float32) -> logits in base-2 units, and tanh (for the softcap grad)."""
+    if softcap is None:
+        return s * (scale * LOG2E), None
+    t = jnp.tanh(s * (scale / softcap))
+    return t * (softcap * LOG2E), t
+
+
+def causal(q_pos, kv_pos, q_seg, kv_seg):
+    """Kernel-level causal predicate `kv_pos <= q_pos` (a plain hashable function, the
+    `mask_fn` form the kernels take); e.g. the compressed branch's keys carry the position
+    of their block's last token."""
+    del q_seg, kv_seg
+    return kv_pos <= q_pos
