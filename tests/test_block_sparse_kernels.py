@@ -22,28 +22,17 @@ from pallas_kernels.block_sparse.tpu import block_sparse_tpu
 from pallas_kernels.block_sparse.triton import TritonConfig, block_sparse_triton
 from sparse_jax import patterns as P
 from gpu_testing import has_gpu
+import kernel_testing
+from kernel_testing import (assert_close_tf32, assert_matches_reference, qkv_and_positions, rel_err,
+                            run_vjp, sinks_and_cotangent)
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    name: str
-    b: int = 1
-    tq: int = 64
-    tk: int = 64
-    h: int = 2
-    hkv: int = 2
-    d: int = 16
+class Case(kernel_testing.Case):
     block_q: int = 16
     block_kv: int = 16
     pattern: object = P.Causal()       # builds the metadata; None: random top-k metadata
-    mask_fn: object = P.Causal()       # the element predicate of partial blocks
     per_head: bool = False             # metadata [B, Hkv, ...] instead of [1, 1, ...]
-    pad_q: int = 0                     # leading query rows marked padding in batch 0
-    pad_k: int = 0                     # trailing keys marked padding in the last batch
-    sinks: bool = False
-    softcap: float | None = None
-    segments: bool = False             # random sorted segment ids (packed sequences)
-    seed: int = 0
 
 
 CASES = [
@@ -87,13 +76,7 @@ def random_topk_metadata(rng, b, hkv, nq, nk, block_q, block_kv, max_blocks):
 
 def make_inputs(c: Case, dtype=jnp.float32):
     rng = np.random.default_rng(2000 + c.seed)
-    normal = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)  # noqa: E731
-    q, k, v = normal(c.b, c.tq, c.h, c.d), normal(c.b, c.tk, c.hkv, c.d), normal(c.b, c.tk, c.hkv, c.d)
-    q_pos = np.broadcast_to(np.arange(c.tq) + (c.tk - c.tq), (c.b, c.tq)).copy()
-    kv_pos = np.broadcast_to(np.arange(c.tk), (c.b, c.tk)).copy()
-    q_pos[0, :c.pad_q] = -1
-    if c.pad_k:
-        kv_pos[-1, -c.pad_k:] = -1
+    normal, (q, k, v), q_pos, kv_pos = qkv_and_positions(c, rng, dtype, c.tk - c.tq)
     q_pos, kv_pos = jnp.asarray(q_pos, jnp.int32), jnp.asarray(kv_pos, jnp.int32)
     q_seg = kv_seg = None
     if c.segments:      # self-attention layout: segment of a position, shared by q and kv
@@ -110,46 +93,14 @@ def make_inputs(c: Case, dtype=jnp.float32):
     kw = dict(mask_fn=c.mask_fn, q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg,
               kv_segment_ids=kv_seg, sink_logits=None, softcap=c.softcap, scale=c.d ** -0.5,
               return_lse=True)
-    sinks = normal(c.h).astype(jnp.float32) if c.sinks else None
-    cot = (normal(c.b, c.tq, c.h, c.d), jnp.asarray(rng.standard_normal((c.b, c.h, c.tq)), jnp.float32))
+    sinks, cot = sinks_and_cotangent(c, normal, rng)
     return (q, k, v, sinks), meta, kw, cot
-
-
-def run_vjp(fn, args, meta, kw, cot):
-    def f(q, k, v, sinks, meta):
-        res = fn(q, k, v, meta, **{**kw, "sink_logits": sinks})
-        return res.out, res.lse
-
-    def both(q, k, v, sinks, meta, cot):
-        (out, lse), vjp = jax.vjp(lambda *a: f(*a, meta), q, k, v, sinks)
-        return out, lse, vjp(cot)
-
-    return jax.jit(both)(*args, meta, cot)     # one program: interpret mode compiles once
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def check_against_reference(kernel, c: Case):
     args, meta, kw, cot = make_inputs(c)
-    out, lse, grads = run_vjp(kernel, args, meta, kw, cot)
-    r_out, r_lse, r_grads = run_vjp(block_sparse_reference, args, meta, kw, cot)
-    np.testing.assert_allclose(out, r_out, rtol=1e-5, atol=1e-5)
-    assert np.array_equal(np.isinf(lse), np.isinf(r_lse)), "empty rows must get lse = -inf"
-    fin = np.isfinite(r_lse)
-    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(r_lse)[fin], rtol=1e-5, atol=1e-5)
-    empty = ~np.asarray(fin).transpose(0, 2, 1)                  # [B, Tq, H]
-    assert np.all(np.asarray(out)[empty] == 0), "rows that see nothing must be zeros"
-    for name, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, r_grads):
-        if r is None:
-            assert g is None
-            continue
-        assert np.all(np.isfinite(g)), f"{name} not finite"
-        assert rel_err(g, r) < 2e-5, f"{name}: rel err {rel_err(g, r):.2e}"
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()), err_msg=name)
-    return fin
+    return assert_matches_reference(run_vjp(kernel, args, kw, cot, meta),
+                                    run_vjp(block_sparse_reference, args, kw, cot, meta))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -211,14 +162,7 @@ def test_triton_compiled_on_gpu(case, config):
     with jax.default_device(jax.devices("gpu")[0]):
         args, meta, kw, cot = make_inputs(case)
         fn = lambda *a, **k_: block_sparse_triton(*a, **k_, config=config)  # noqa: E731
-        out, lse, grads = run_vjp(fn, args, meta, kw, cot)
+        got = run_vjp(fn, args, kw, cot, meta)
         with jax.default_matmul_precision("highest"):
-            r_out, r_lse, r_grads = run_vjp(block_sparse_reference, args, meta, kw, cot)
-        assert rel_err(out, r_out) < 3e-3
-        fin = np.isfinite(r_lse)
-        assert np.array_equal(np.isfinite(lse), fin)
-        assert rel_err(np.asarray(lse)[fin], np.asarray(r_lse)[fin]) < 1e-3
-        for g, r in zip(grads, r_grads):
-            assert (g is None) == (r is None)
-            if r is not None:
-                assert np.all(np.isfinite(g)) and rel_err(g, r) < 5e-3
+            want = run_vjp(block_sparse_reference, args, kw, cot, meta)
+        assert_close_tf32(got, want)

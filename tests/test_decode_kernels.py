@@ -22,10 +22,11 @@ from pallas_kernels.decode.tpu import DecodeTpuConfig, decode_tpu
 from pallas_kernels.decode.triton import DecodeTritonConfig, decode_triton
 from sparse_jax import patterns as P
 from gpu_testing import has_gpu
+from kernel_testing import rel_err
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class DecodeCase:
     name: str
     form: str = "lengths"           # lengths | positions | paged | selected
     b: int = 2
@@ -49,19 +50,19 @@ class Case:
 
 
 CASES = [
-    Case("lengths_gqa1_zero_len", b=3, h=2, hkv=2, d=32, lengths=(0, 37, 100), num_splits=3, seed=1),
-    Case("positions_gqa4_tq3_window_sinks_softcap", form="positions", s=77, h=8, hkv=2, tq=3,
+    DecodeCase("lengths_gqa1_zero_len", b=3, h=2, hkv=2, d=32, lengths=(0, 37, 100), num_splits=3, seed=1),
+    DecodeCase("positions_gqa4_tq3_window_sinks_softcap", form="positions", s=77, h=8, hkv=2, tq=3,
          mask_fn=P.causal_window(20, num_sinks=2), sinks=True, softcap=5.0, lengths=(37, 60),
          seed=2),
-    Case("paged_gqa8_tq2", form="paged", b=3, s=12 * 16, h=8, hkv=1, d=32, tq=2,
+    DecodeCase("paged_gqa8_tq2", form="paged", b=3, s=12 * 16, h=8, hkv=1, d=32, tq=2,
          lengths=(0, 23, 70), max_pages=5, softcap=3.0, num_splits=2, seed=3),
-    Case("paged_page24_d24_dv8", form="paged", s=10 * 24, page=24, max_pages=4, d=24, dv=8,
+    DecodeCase("paged_page24_d24_dv8", form="paged", s=10 * 24, page=24, max_pages=4, d=24, dv=8,
          lengths=(5, 90), sinks=True, seed=4),
-    Case("selected_gqa4_ragged_tail", form="selected", h=8, hkv=2, block_size=16, max_sel=4,
+    DecodeCase("selected_gqa4_ragged_tail", form="selected", h=8, hkv=2, block_size=16, max_sel=4,
          counts=((0, 3), (4, 2)), lengths=(100, 61), sinks=True, num_splits=3, seed=5),
-    Case("selected_positions_block20_tq2", form="selected", s=90, h=4, hkv=1, tq=2,
+    DecodeCase("selected_positions_block20_tq2", form="selected", s=90, h=4, hkv=1, tq=2,
          block_size=20, max_sel=3, counts=((3,), (1,)), lengths=(90, 41), seed=6),
-    Case("lengths_gqa16_window", b=2, s=70, h=16, hkv=1, tq=2, mask_fn=P.causal_window(30),
+    DecodeCase("lengths_gqa16_window", b=2, s=70, h=16, hkv=1, tq=2, mask_fn=P.causal_window(30),
          lengths=(70, 33), sinks=True, seed=7),
 ]
 TPU_CASES = [c for c in CASES if c.name != "paged_page24_d24_dv8"]   # TPU tiles: multiples of 8
@@ -70,7 +71,7 @@ SMALL_TRITON = DecodeTritonConfig(block_k=16, num_warps=4, num_stages=2)
 SMALL_TPU = DecodeTpuConfig(block_k=16)
 
 
-def make_inputs(c: Case, dtype=jnp.float32):
+def make_inputs(c: DecodeCase, dtype=jnp.float32):
     rng = np.random.default_rng(2000 + c.seed)
     normal = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)  # noqa: E731
     dv = c.dv or c.d
@@ -115,12 +116,7 @@ def make_inputs(c: Case, dtype=jnp.float32):
     return q, k, v, kw
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
-def check(kernel, c: Case, tol=1e-5):
+def check(kernel, c: DecodeCase, tol=1e-5):
     q, k, v, kw = make_inputs(c)
     got = kernel(q, k, v, **kw)
     ref = decode_reference(q, k, v, **kw)
@@ -147,7 +143,7 @@ def test_tpu_interpret_matches_reference(case):
 def test_reference_matches_flash_reference_on_dense_view():
     """Contiguous decode with lengths == dense causal attention of the last Tq rows."""
     from pallas_kernels.flash.api import flash_attention
-    c = Case("dense", b=1, s=40, h=4, hkv=1, tq=3, lengths=(40,))
+    c = DecodeCase("dense", b=1, s=40, h=4, hkv=1, tq=3, lengths=(40,))
     q, k, v, kw = make_inputs(c)
     out = decode_reference(q, k, v, **kw).out
     ref = flash_attention(q, k, v, mask_fn=P.Causal(), q_positions=kw["q_positions"], impl="xla")
@@ -157,7 +153,7 @@ def test_reference_matches_flash_reference_on_dense_view():
 @pytest.mark.parametrize("impl", ["triton", "mosaic_tpu"])
 def test_api_bf16_default_splits(impl):
     """The public entry point, default tiles and split count, bf16, GQA 4, ragged lengths."""
-    c = Case("bf16", b=2, s=300, h=8, hkv=2, d=32, lengths=(300, 129), seed=7)
+    c = DecodeCase("bf16", b=2, s=300, h=8, hkv=2, d=32, lengths=(300, 129), seed=7)
     q, k, v, _ = make_inputs(c, jnp.bfloat16)
     lengths = jnp.asarray(c.lengths, jnp.int32)
     out = api.decode_attention(q, k, v, lengths=lengths, impl=impl, interpret=True)
@@ -168,7 +164,7 @@ def test_api_bf16_default_splits(impl):
 
 def test_sink_only_rows_and_splits_invariance():
     """Length-0 rows with a sink: zeros and lse = sink; the split count changes nothing."""
-    c = Case("sinks", b=2, s=64, h=4, hkv=2, lengths=(0, 64), sinks=True)
+    c = DecodeCase("sinks", b=2, s=64, h=4, hkv=2, lengths=(0, 64), sinks=True)
     q, k, v, kw = make_inputs(c)
     outs = [decode_triton(q, k, v, **{**kw, "num_splits": n}, interpret=True, config=SMALL_TRITON)
             for n in (1, 4)]

@@ -20,25 +20,14 @@ from pallas_kernels.flash.tpu import TpuConfig, flash_tpu
 from pallas_kernels.flash.triton import TritonConfig, flash_triton
 from sparse_jax import patterns as P
 from gpu_testing import has_gpu
+import kernel_testing
+from kernel_testing import (assert_close_tf32, assert_matches_reference, qkv_and_positions, rel_err, run_vjp,
+                            sinks_and_cotangent)
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    name: str
-    b: int = 1
-    tq: int = 64
-    tk: int = 64
-    h: int = 2
-    hkv: int = 2
-    d: int = 16
-    mask_fn: object = P.Causal()
+class Case(kernel_testing.Case):
     q_offset: int = 0            # q positions start at tk - tq + ... (decode-like chunk)
-    pad_q: int = 0               # leading query rows marked padding (-1) in batch 0
-    pad_k: int = 0               # trailing keys marked padding in the last batch
-    segments: bool = False
-    sinks: bool = False
-    softcap: float | None = None
-    seed: int = 0
 
 
 CASES = [
@@ -64,13 +53,7 @@ SMALL_TPU = TpuConfig(32, 16, 16, 32, 32, 16)
 
 def make_inputs(c: Case, dtype=jnp.float32):
     rng = np.random.default_rng(1000 + c.seed)
-    normal = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)  # noqa: E731
-    q, k, v = normal(c.b, c.tq, c.h, c.d), normal(c.b, c.tk, c.hkv, c.d), normal(c.b, c.tk, c.hkv, c.d)
-    q_pos = np.broadcast_to(np.arange(c.tq) + c.q_offset, (c.b, c.tq)).copy()
-    kv_pos = np.broadcast_to(np.arange(c.tk), (c.b, c.tk)).copy()
-    q_pos[0, :c.pad_q] = -1
-    if c.pad_k:
-        kv_pos[-1, -c.pad_k:] = -1
+    normal, (q, k, v), q_pos, kv_pos = qkv_and_positions(c, rng, dtype, c.q_offset)
     kw = dict(mask_fn=c.mask_fn, q_positions=jnp.asarray(q_pos, jnp.int32),
               kv_positions=jnp.asarray(kv_pos, jnp.int32), q_segment_ids=None,
               kv_segment_ids=None, sink_logits=None, softcap=c.softcap, scale=c.d ** -0.5,
@@ -78,48 +61,13 @@ def make_inputs(c: Case, dtype=jnp.float32):
     if c.segments:
         kw["q_segment_ids"] = jnp.asarray(np.sort(rng.integers(0, 3, (c.b, c.tq)), -1), jnp.int32)
         kw["kv_segment_ids"] = jnp.asarray(np.sort(rng.integers(0, 3, (c.b, c.tk)), -1), jnp.int32)
-    sinks = normal(c.h).astype(jnp.float32) if c.sinks else None
-    cot = (normal(c.b, c.tq, c.h, c.d), jnp.asarray(rng.standard_normal((c.b, c.h, c.tq)), jnp.float32))
+    sinks, cot = sinks_and_cotangent(c, normal, rng)
     return (q, k, v, sinks), kw, cot
-
-
-def run_vjp(fn, args, kw, cot):
-    q, k, v, sinks = args
-
-    def f(q, k, v, sinks):
-        res = fn(q, k, v, **{**kw, "sink_logits": sinks})
-        return res.out, res.lse
-
-    def both(q, k, v, sinks, cot):
-        (out, lse), vjp = jax.vjp(f, q, k, v, sinks)
-        return out, lse, vjp(cot)
-
-    return jax.jit(both)(q, k, v, sinks, cot)   # one program: interpret mode compiles once
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def check_against_reference(kernel, c: Case):
     args, kw, cot = make_inputs(c)
-    out, lse, grads = run_vjp(kernel, args, kw, cot)
-    r_out, r_lse, r_grads = run_vjp(flash_reference, args, kw, cot)
-    np.testing.assert_allclose(out, r_out, rtol=1e-5, atol=1e-5)
-    assert np.array_equal(np.isinf(lse), np.isinf(r_lse)), "empty rows must get lse = -inf"
-    fin = np.isfinite(r_lse)
-    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(r_lse)[fin], rtol=1e-5, atol=1e-5)
-    empty = ~np.asarray(fin).transpose(0, 2, 1)                  # [B, Tq, H]
-    assert np.all(np.asarray(out)[empty] == 0), "rows that see nothing must be zeros"
-    names = ("dq", "dk", "dv", "dsinks")
-    for name, g, r in zip(names, grads, r_grads):
-        if r is None:
-            assert g is None
-            continue
-        assert np.all(np.isfinite(g)), f"{name} not finite"
-        assert rel_err(g, r) < 2e-5, f"{name}: rel err {rel_err(g, r):.2e}"
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()), err_msg=name)
+    assert_matches_reference(run_vjp(kernel, args, kw, cot), run_vjp(flash_reference, args, kw, cot))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -178,17 +126,10 @@ def test_triton_compiled_on_gpu(case):
     # reference alike: compare against a float32-exact reference with TF32 tolerances.
     with jax.default_device(jax.devices("gpu")[0]):
         args, kw, cot = make_inputs(case)
-        out, lse, grads = run_vjp(flash_triton, args, kw, cot)
+        got = run_vjp(flash_triton, args, kw, cot)
         with jax.default_matmul_precision("highest"):
-            r_out, r_lse, r_grads = run_vjp(flash_reference, args, kw, cot)
-        assert rel_err(out, r_out) < 3e-3
-        fin = np.isfinite(r_lse)
-        assert np.array_equal(np.isfinite(lse), fin)
-        assert rel_err(np.asarray(lse)[fin], np.asarray(r_lse)[fin]) < 1e-3
-        for g, r in zip(grads, r_grads):
-            assert (g is None) == (r is None)
-            if r is not None:
-                assert np.all(np.isfinite(g)) and rel_err(g, r) < 5e-3
+            want = run_vjp(flash_reference, args, kw, cot)
+        assert_close_tf32(got, want)
         c = dataclasses.replace(case, tq=300, tk=300 if case.tq == case.tk else 333, d=64)
         args, kw, _ = make_inputs(c, jnp.bfloat16)
         out = flash_triton(*args[:3], **{**kw, "sink_logits": args[3]})

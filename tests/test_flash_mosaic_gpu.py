@@ -16,6 +16,7 @@ import pytest
 from pallas_kernels.flash.api import flash_attention
 from pallas_kernels.flash.reference import flash_reference
 from sparse_jax import patterns as P
+from kernel_testing import rel_err
 
 
 def _hopper():
@@ -35,11 +36,6 @@ def _inputs(b, t, h, hkv, d, dtype, seed=0):
     v = jax.random.normal(ks[2], (b, t, hkv, d), dtype)
     do = jax.random.normal(ks[3], (b, t, h, d), dtype)
     return q, k, v, do
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _ref(q, k, v, mask_fn):
@@ -68,7 +64,7 @@ def test_mosaic_gpu_forward_compiled(causal, group, t, d, dtype):
         ref = _ref(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask_fn)
         assert res.out.dtype == dtype and res.out.shape == q.shape
         assert np.all(np.isfinite(np.asarray(res.out, np.float32)))
-        assert _rel(res.out, ref.out) < 1e-2            # bf16 P and output, fp32 accumulation
+        assert rel_err(res.out, ref.out) < 1e-2            # bf16 P and output, fp32 accumulation
         np.testing.assert_allclose(np.asarray(res.lse), np.asarray(ref.lse), atol=2e-2, rtol=1e-3)
 
 
@@ -85,7 +81,7 @@ def test_mosaic_gpu_gradients_use_triton_backward():
             return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
         for g, r in zip(grads("mosaic_gpu"), grads("triton")):
-            assert _rel(g, r) < 2e-2
+            assert rel_err(g, r) < 2e-2
 
 
 def test_mosaic_gpu_refuses_unsupported_without_compiling():
@@ -149,6 +145,6 @@ def test_auto_prefers_mosaic_gpu_where_it_applies(monkeypatch):
     q, k, v, _ = _inputs(1, 256, 4, 2, 128, jnp.bfloat16)
     out = jax.jit(lambda q, k, v: flash_attention(q, k, v, mask_fn=P.Causal()))(q, k, v)
     assert calls == ["mosaic_gpu"]
-    assert _rel(out, _ref(q, k, v, P.Causal()).out) < 2e-2
+    assert rel_err(out, _ref(q, k, v, P.Causal()).out) < 2e-2
     flash_attention(q, k, v, mask_fn=P.Causal(), sink_logits=jnp.zeros((4,), jnp.float32))
     assert calls == ["mosaic_gpu", "triton"]

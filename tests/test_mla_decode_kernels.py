@@ -24,12 +24,13 @@ from pallas_kernels.mla_decode.reference import mla_decode_reference
 from pallas_kernels.mla_decode.tpu import MlaDecodeTpuConfig, mla_decode_tpu
 from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, geometry, mla_decode_triton
 from gpu_testing import has_gpu
+from kernel_testing import max_rel_err
 
 SCALE = 0.15
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class MlaCase:
     name: str
     b: int = 2
     t: int = 1
@@ -43,14 +44,14 @@ class Case:
 
 
 CASES = [
-    Case("sparse_t2_ragged", t=2, s=45, k=20, num_splits=2, seed=1),
-    Case("sparse_t1_one_split", t=1, s=37, k=40, num_splits=1, seed=2),
-    Case("dense_t2_ragged", t=2, s=45, k=None, num_splits=2, seed=3),
-    Case("dense_t1_auto_splits", t=1, s=70, k=None, seed=4),
+    MlaCase("sparse_t2_ragged", t=2, s=45, k=20, num_splits=2, seed=1),
+    MlaCase("sparse_t1_one_split", t=1, s=37, k=40, num_splits=1, seed=2),
+    MlaCase("dense_t2_ragged", t=2, s=45, k=None, num_splits=2, seed=3),
+    MlaCase("dense_t1_auto_splits", t=1, s=70, k=None, seed=4),
 ]
 
 
-def make_inputs(c: Case, dtype=jnp.float32):
+def make_inputs(c: MlaCase, dtype=jnp.float32):
     """Random q / cache. The last batch row is ragged (slots from 30 on empty, position -1)
     and its query 0 is padding (position -1: zeros). Queries sit a few positions before the
     end of their row, so listed slots can be in their future (masked). Sparse: random
@@ -95,13 +96,8 @@ def dense_mask_attention(q, c_kv, k_rope, *, indices, q_positions, kv_positions,
     return out, lse
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 def assert_matches(got, want, tol=1e-5):
-    assert rel_err(got[0], want[0]) < tol
+    assert max_rel_err(got[0], want[0]) < tol
     fin = np.isfinite(np.asarray(want[1]))
     np.testing.assert_array_equal(np.isfinite(np.asarray(got[1])), fin)
     np.testing.assert_allclose(np.asarray(got[1])[fin], np.asarray(want[1])[fin], atol=1e-5, rtol=1e-5)
@@ -145,11 +141,11 @@ def test_tpu_matches_reference(case):
 
 def test_triton_odd_widths_and_rows_split_over_programs():
     """Dc=10, Dr=4 (padded to 16 inside), H=3; then H=32 forced to 16 heads per program."""
-    case = Case("odd", t=2, h=3, dc=10, dr=4, s=23, k=9, num_splits=3, seed=5)
+    case = MlaCase("odd", t=2, h=3, dc=10, dr=4, s=23, k=9, num_splits=3, seed=5)
     args, kw = make_inputs(case)
     got = run(mla_decode_triton, args, kw, interpret=True)
     assert_matches(got, mla_decode_reference(*args, **kw))
-    case = Case("parts", t=1, h=32, s=40, k=None, num_splits=2, seed=6)
+    case = MlaCase("parts", t=1, h=32, s=40, k=None, num_splits=2, seed=6)
     args, kw = make_inputs(case)
     cfg = MlaDecodeTritonConfig(block_k=16, max_rows=16)
     assert geometry(args[0], args[1], args[2], None, cfg, 2).parts == 2
@@ -160,7 +156,7 @@ def test_triton_odd_widths_and_rows_split_over_programs():
 @pytest.mark.parametrize("impl", ["triton", "mosaic_tpu"])
 def test_real_widths_tiny_cache(impl):
     """DeepSeek's Dc=512, Dr=64 (Triton: one 512 piece + one 64 piece); H=16, S=24, K=12."""
-    case = Case("real", b=2, t=1, h=16, dc=512, dr=64, s=24, k=12, num_splits=2, seed=7)
+    case = MlaCase("real", b=2, t=1, h=16, dc=512, dr=64, s=24, k=12, num_splits=2, seed=7)
     args, kw = make_inputs(case)
     got = run(mla_decode, args, kw, impl=impl, interpret=True)
     assert_matches(got, mla_decode_reference(*args, **kw), tol=2e-5)
@@ -169,11 +165,11 @@ def test_real_widths_tiny_cache(impl):
 def test_bf16_partials_triton():
     """bf16 inputs: bf16 partials over 3 splits, merged in float32, vs the reference (which
     rounds only the output) within bf16 rounding."""
-    case = Case("bf16", t=1, s=60, k=None, num_splits=3, seed=12)
+    case = MlaCase("bf16", t=1, s=60, k=None, num_splits=3, seed=12)
     args, kw = make_inputs(case, jnp.bfloat16)
     got = run(mla_decode_triton, args, kw, interpret=True, config=MlaDecodeTritonConfig(block_k=16))
     assert got.out.dtype == jnp.bfloat16
-    assert rel_err(got.out, mla_decode_reference(*args, **kw).out) < 1.5e-2
+    assert max_rel_err(got.out, mla_decode_reference(*args, **kw).out) < 1.5e-2
 
 
 def test_gradient_is_the_references():
@@ -229,16 +225,16 @@ def test_bad_arguments_raise():
 def test_triton_compiled_on_gpu(k):
     """The compiled kernel at DeepSeek's sizes (TF32 dots in float32, then bf16) against the
     float32-exact reference."""
-    case = Case("gpu", b=2, t=2, h=64, dc=512, dr=64, s=4096, k=k, seed=9)
+    case = MlaCase("gpu", b=2, t=2, h=64, dc=512, dr=64, s=4096, k=k, seed=9)
     with jax.default_device(jax.devices("gpu")[0]):
         args, kw = make_inputs(case)
         got = mla_decode(*args, **kw, impl="triton")
         with jax.default_matmul_precision("highest"):
             want = mla_decode_reference(*args, **kw)
-        assert rel_err(got.out, want.out) < 3e-3
+        assert max_rel_err(got.out, want.out) < 3e-3
         args16 = tuple(a.astype(jnp.bfloat16) for a in args)
         got = mla_decode(*args16, **kw, impl="triton")
-        assert rel_err(got.out, mla_decode_reference(*args16, **kw).out) < 2e-2
+        assert max_rel_err(got.out, mla_decode_reference(*args16, **kw).out) < 2e-2
 
 
 def _ops_inputs(seed, t=2, s=21):

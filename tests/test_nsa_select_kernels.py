@@ -30,7 +30,7 @@ HEAD_DIM = 8
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class SelectCase:
     t: int
     h: int
     hkv: int
@@ -48,7 +48,7 @@ class Case:
                     num_selected=self.n, num_initial=1, num_local=2)
 
 
-def inputs(case: Case, seed: int, b: int = 2, constant_keys=False, dtype=jnp.float32, d_head=HEAD_DIM):
+def inputs(case: SelectCase, seed: int, b: int = 2, constant_keys=False, dtype=jnp.float32, d_head=HEAD_DIM):
     rng = np.random.default_rng(seed)
     nb = max(1, (case.t - case.l) // case.d + 1)
     q = jnp.asarray(rng.normal(size=(b, case.t, case.h, d_head)), dtype)
@@ -67,13 +67,13 @@ def inputs(case: Case, seed: int, b: int = 2, constant_keys=False, dtype=jnp.flo
     return q, k, lse, qpos, kpos
 
 
-def candidates(case: Case, qpos):
+def candidates(case: SelectCase, qpos):
     """bool `[B, 1, T, Ns]`: block j is a candidate of query t (`j*l' <= t`)."""
     t = np.asarray(qpos)[:, None, :, None]
     return (t >= 0) & (np.arange(case.ns) * case.ls <= t)
 
 
-def run_both(case: Case, q, k, lse, qpos, kpos, config=None):
+def run_both(case: SelectCase, q, k, lse, qpos, kpos, config=None):
     """(kernel indices, reference indices, kernel importance, reference importance): the two
     kernels as `nsa_select_triton` chains them (one interpret compile each)."""
     kw = case.kw()
@@ -102,12 +102,12 @@ TWO_TILES = kernels.TritonConfig(block_q=16, block_k=64)    # 64 keys: 64 / (l'/
 
 
 @pytest.mark.parametrize("case,config", [
-    (Case(t=37, h=8, hkv=2, l=8, d=4, ls=16, n=3), None),       # paper-shaped (l=2d, l'=4d), GQA 4
-    (Case(t=45, h=16, hkv=1, l=4, d=4, ls=4, n=5), None),       # l = l' = d (no halo), GQA 16
-    (Case(t=5, h=2, hkv=2, l=8, d=4, ls=16, n=3), None),        # T < l < l': no block; n > candidates
-    (Case(t=300, h=4, hkv=1, l=8, d=4, ls=16, n=5), TWO_TILES),  # 19 selection blocks: two tiles
-    (Case(t=300, h=4, hkv=2, l=16, d=4, ls=8, n=4), TWO_TILES),  # l > l': halo 2 blocks deep, two tiles
-], ids=lambda c: f"t{c.t}-g{c.h // c.hkv}-l{c.l}d{c.d}s{c.ls}" if isinstance(c, Case) else str(bool(c)))
+    (SelectCase(t=37, h=8, hkv=2, l=8, d=4, ls=16, n=3), None),       # paper-shaped (l=2d, l'=4d), GQA 4
+    (SelectCase(t=45, h=16, hkv=1, l=4, d=4, ls=4, n=5), None),       # l = l' = d (no halo), GQA 16
+    (SelectCase(t=5, h=2, hkv=2, l=8, d=4, ls=16, n=3), None),        # T < l < l': no block; n > candidates
+    (SelectCase(t=300, h=4, hkv=1, l=8, d=4, ls=16, n=5), TWO_TILES),  # 19 selection blocks: two tiles
+    (SelectCase(t=300, h=4, hkv=2, l=16, d=4, ls=8, n=4), TWO_TILES),  # l > l': halo 2 blocks deep, two tiles
+], ids=lambda c: f"t{c.t}-g{c.h // c.hkv}-l{c.l}d{c.d}s{c.ls}" if isinstance(c, SelectCase) else str(bool(c)))
 def test_kernels_match_composite(case, config):
     q, k, lse, qpos, kpos = inputs(case, seed=case.t + case.hkv)
     got, want, imp, ref = run_both(case, q, k, lse, qpos, kpos, config)
@@ -129,7 +129,7 @@ def test_ties_go_to_the_lower_block_across_key_tiles():
     """Constant keys: every fully visible block has the same importance, bit for bit, in
     both key tiles (the kernel adds in the reference's order), so the free picks are the
     lowest candidate blocks, as `top_k` gives them."""
-    case = Case(t=300, h=1, hkv=1, l=8, d=4, ls=16, n=5)
+    case = SelectCase(t=300, h=1, hkv=1, l=8, d=4, ls=16, n=5)
     q, k, lse, qpos, kpos = inputs(case, seed=1, b=1, constant_keys=True)
     got, want, imp, _ = run_both(case, q, k, lse, qpos, kpos, TWO_TILES)
     assert_same_sets(got, want)
@@ -139,8 +139,8 @@ def test_ties_go_to_the_lower_block_across_key_tiles():
     assert sorted(got[0, t, 0].tolist()) == [0, 1, 2, t // case.ls - 1, t // case.ls]
 
 
-@pytest.mark.parametrize("case", [Case(t=300, h=4, hkv=1, l=8, d=4, ls=16, n=5),
-                                  Case(t=300, h=4, hkv=2, l=16, d=4, ls=8, n=4)],
+@pytest.mark.parametrize("case", [SelectCase(t=300, h=4, hkv=1, l=8, d=4, ls=16, n=5),
+                                  SelectCase(t=300, h=4, hkv=2, l=16, d=4, ls=8, n=4)],
                          ids=["l<l'", "l>l'"])
 def test_importance_does_not_depend_on_the_tiling(case):
     """The default tiles (64 queries, one key tile here) and `TWO_TILES` (16 queries, two key
@@ -168,7 +168,7 @@ def test_importance_does_not_depend_on_the_tiling(case):
 
 
 def test_nsa_select_triton_above_the_register_cap_uses_xla_top_k():
-    case = Case(t=300, h=1, hkv=1, l=8, d=4, ls=16, n=5)
+    case = SelectCase(t=300, h=1, hkv=1, l=8, d=4, ls=16, n=5)
     q, k, lse, qpos, kpos = inputs(case, seed=3)
     cfg = kernels.TritonConfig(max_sel_blocks=16)                 # Ns_p = 32 > 16
 
@@ -183,7 +183,7 @@ def test_nsa_select_triton_above_the_register_cap_uses_xla_top_k():
 
 
 def test_bad_input_raises():
-    case = Case(t=20, h=4, hkv=2, l=8, d=4, ls=16, n=3)
+    case = SelectCase(t=20, h=4, hkv=2, l=8, d=4, ls=16, n=3)
     q, k, lse, qpos, kpos = inputs(case, seed=0)
     kw = case.kw()
     with pytest.raises(ValueError, match="lse"):
@@ -290,7 +290,7 @@ def test_nsa_select_compiled_on_gpu():
     """T=2048, HQ=16, HKV=4, D=128, bf16, paper l/d/l'/n: compiled kernels vs the XLA
     composite at highest matmul precision. Sets equal except where the reference's own
     importances of the swapped blocks lie within 1e-4 (relative) of each other."""
-    case = Case(t=2048, h=16, hkv=4, l=32, d=16, ls=64, n=16)
+    case = SelectCase(t=2048, h=16, hkv=4, l=32, d=16, ls=64, n=16)
     with jax.default_device(jax.devices("gpu")[0]):
         q, k, lse, qpos, kpos = inputs(case, seed=0, dtype=jnp.bfloat16, d_head=128)
         scale = 128 ** -0.5

@@ -29,10 +29,11 @@ from pallas_kernels.token_sparse.triton import TritonConfig, geometry, token_spa
 from pallas_kernels.token_sparse.layout import inverted_index
 from pallas_kernels.token_sparse.triton_vjp import dkdv_chunks
 from gpu_testing import has_gpu
+from kernel_testing import max_rel_err
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
+class TokenSparseCase:
     name: str
     b: int = 1
     t: int = 8
@@ -52,17 +53,17 @@ class Case:
 
 
 CASES = [
-    Case("tokens_gqa4_mqa_ragged_sinks", t=13, s=29, h=4, hkv=1, d=48, dv=16, k=20, sinks=True,
+    TokenSparseCase("tokens_gqa4_mqa_ragged_sinks", t=13, s=29, h=4, hkv=1, d=48, dv=16, k=20, sinks=True,
          pad_k=4, pad_q=True, seed=1),                          # 20 tokens: two tiles of 16
-    Case("blocks16_gqa1_softcap_batch2", b=2, t=11, s=45, h=2, hkv=2, d=16, dv=32, k=2,
+    TokenSparseCase("blocks16_gqa1_softcap_batch2", b=2, t=11, s=45, h=2, hkv=2, d=16, dv=32, k=2,
          block_size=16, softcap=4.0, pad_k=5, seed=2),
-    Case("blocks6_gqa16_noncausal", t=7, s=40, h=16, hkv=1, d=16, dv=16, k=3, block_size=6,
+    TokenSparseCase("blocks6_gqa16_noncausal", t=7, s=40, h=16, hkv=1, d=16, dv=16, k=3, block_size=6,
          causal=False, seed=3),
 ]
 TPU_CASES = [
-    Case("tpu_tokens_gqa4_ragged_sinks", t=6, s=19, h=4, hkv=1, d=16, dv=8, k=3, sinks=True,
+    TokenSparseCase("tpu_tokens_gqa4_ragged_sinks", t=6, s=19, h=4, hkv=1, d=16, dv=8, k=3, sinks=True,
          pad_k=3, pad_q=True, seed=4),
-    Case("tpu_blocks8_gqa1_softcap", b=1, t=5, s=30, h=2, hkv=2, d=8, dv=16, k=2, block_size=8,
+    TokenSparseCase("tpu_blocks8_gqa1_softcap", b=1, t=5, s=30, h=2, hkv=2, d=8, dv=16, k=2, block_size=8,
          softcap=3.0, seed=5),
 ]
 
@@ -71,7 +72,7 @@ TPU_SMALL_CHUNKS = functools.partial(token_sparse_tpu,
                                      config=TpuConfig(block_k=2, backward_budget=336))
 
 
-def make_inputs(c: Case, dtype=jnp.float32):
+def make_inputs(c: TokenSparseCase, dtype=jnp.float32):
     rng = np.random.default_rng(c.seed)
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
     q, k, v = normal(c.b, c.t, c.h, c.d), normal(c.b, c.s, c.hkv, c.d), normal(c.b, c.s, c.hkv, c.dv)
@@ -115,22 +116,17 @@ def run_vjp(impl, args, idx, kw, cot, interpret=True):
     return out_lse_grads(q, k, v, sinks)
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
-
-
 def assert_matches(got, want, tol=2e-5):
     out, lse, grads = got
     r_out, r_lse, r_grads = want
-    assert rel_err(out, r_out) < tol
+    assert max_rel_err(out, r_out, floor=1e-6) < tol
     fin = np.isfinite(r_lse)
     assert np.array_equal(np.isfinite(lse), fin)
-    assert rel_err(np.asarray(lse)[fin], np.asarray(r_lse)[fin]) < tol
+    assert max_rel_err(np.asarray(lse)[fin], np.asarray(r_lse)[fin], floor=1e-6) < tol
     for g, r in zip(grads, r_grads):
         assert (g is None) == (r is None)
         if r is not None:
-            assert np.all(np.isfinite(g)) and rel_err(g, r) < 10 * tol
+            assert np.all(np.isfinite(g)) and max_rel_err(g, r, floor=1e-6) < 10 * tol
 
 
 @pytest.mark.parametrize("impl,case", [("triton", c) for c in CASES]
@@ -150,7 +146,7 @@ def test_kernel_matches_reference(impl, case):
 
 def test_triton_rows_split_over_programs():
     """G = 32 query heads of one kv head on two programs of 16 rows (`max_rows=16`)."""
-    c = Case("split", t=5, s=12, h=32, hkv=1, d=16, dv=16, k=3, sinks=True, seed=9)
+    c = TokenSparseCase("split", t=5, s=12, h=32, hkv=1, d=16, dv=16, k=3, sinks=True, seed=9)
     args, idx, kw, cot = make_inputs(c)
     cfg = TritonConfig(max_rows=16, block_k=16)
     assert geometry(*args[:3], idx, 1, True, cfg.block_k, cfg.max_rows).split == 2
@@ -164,15 +160,15 @@ def test_triton_rows_split_over_programs():
 # with GQA 4 over two batch rows (ragged keys, a padded query, KV blocks no query lists),
 # GQA 16 split over two programs, token indices (block_size 1); atomics on blocks.
 DKDV_CASES = [
-    ("inverted", TritonConfig(), Case("inv_blocks8_gqa4_batch2", b=2, t=6, s=61, h=8, hkv=2,
+    ("inverted", TritonConfig(), TokenSparseCase("inv_blocks8_gqa4_batch2", b=2, t=6, s=61, h=8, hkv=2,
                                       d=16, dv=24, k=2, block_size=8, pad_k=3, pad_q=True,
                                       sinks=True, seed=11)),
-    ("inverted", TritonConfig(max_rows=16), Case("inv_blocks5_gqa32_split", t=4, s=48, h=32,
+    ("inverted", TritonConfig(max_rows=16), TokenSparseCase("inv_blocks5_gqa32_split", t=4, s=48, h=32,
                                                  hkv=1, d=16, dv=16, k=2, block_size=5,
                                                  softcap=3.0, seed=12)),
-    ("inverted", TritonConfig(block_k=16), Case("inv_tokens_gqa1", t=5, s=17, h=2, hkv=2,
+    ("inverted", TritonConfig(block_k=16), TokenSparseCase("inv_tokens_gqa1", t=5, s=17, h=2, hkv=2,
                                                 d=16, dv=16, k=3, causal=False, seed=13)),
-    ("atomic", TritonConfig(), Case("atomic_blocks8_gqa4", t=3, s=45, h=4, hkv=1, d=16, dv=16,
+    ("atomic", TritonConfig(), TokenSparseCase("atomic_blocks8_gqa4", t=3, s=45, h=4, hkv=1, d=16, dv=16,
                                     k=2, block_size=8, pad_k=2, seed=14)),
 ]
 
@@ -198,7 +194,7 @@ def test_triton_dkdv_hot_block_split_into_chunks():
     """Block 0 listed by every query (NSA's forced block) with `dkdv_chunk=4`: its 11-13
     tokens per (batch, kv head) run as 3-4 chunk programs whose partials `_sum_kernel` adds;
     other blocks take one or two chunks. Ragged keys, a padded query, GQA 4, two batch rows."""
-    case = Case("hot_block0", b=2, t=13, s=40, h=8, hkv=2, d=16, dv=24, k=3, block_size=4,
+    case = TokenSparseCase("hot_block0", b=2, t=13, s=40, h=8, hkv=2, d=16, dv=24, k=3, block_size=4,
                 pad_k=3, pad_q=True, sinks=True, seed=16)
     args, idx, kw, cot = make_inputs(case)
     idx = np.asarray(idx).copy()
@@ -259,7 +255,7 @@ def test_inverted_index_lists_each_selection_once():
         assert list(tokens[start[seg]:start[seg] + count[seg]]) == want
 
 
-def dense_mask_numpy(c: Case, idx, q_pos, kv_pos):
+def dense_mask_numpy(c: TokenSparseCase, idx, q_pos, kv_pos):
     """bool `[B, H, T, S]` by plain loops: the semantics, spelled out once more."""
     idx, q_pos, kv_pos = np.asarray(idx), np.asarray(q_pos), np.asarray(kv_pos)
     mask = np.zeros((c.b, c.h, c.t, c.s), bool)
@@ -323,7 +319,7 @@ def test_bf16_forward_triton():
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref = attn(f32(q), f32(k), f32(v), f32(sinks), "xla")
     assert out.dtype == jnp.bfloat16
-    assert rel_err(out, ref) < 2e-2
+    assert max_rel_err(out, ref, floor=1e-6) < 2e-2
 
 
 def test_bad_arguments_raise():
@@ -389,10 +385,10 @@ def test_triton_lowers_at_nsa_paper_shape():
 
 
 GPU_CASES = [
-    Case("dsa_mqa_latent", t=300, s=700, h=16, hkv=1, d=576, dv=512, k=64, seed=6),
-    Case("nsa_blocks64_gqa16", b=2, t=200, s=1000, h=32, hkv=2, d=128, dv=128, k=8,
+    TokenSparseCase("dsa_mqa_latent", t=300, s=700, h=16, hkv=1, d=576, dv=512, k=64, seed=6),
+    TokenSparseCase("nsa_blocks64_gqa16", b=2, t=200, s=1000, h=32, hkv=2, d=128, dv=128, k=8,
          block_size=64, pad_k=37, pad_q=True, sinks=True, seed=7),
-    Case("tokens_gqa1_softcap", t=100, s=333, h=4, hkv=4, d=64, dv=64, k=40, softcap=20.0,
+    TokenSparseCase("tokens_gqa1_softcap", t=100, s=333, h=4, hkv=4, d=64, dv=64, k=40, softcap=20.0,
          seed=8),
 ]
 
