@@ -1,14 +1,16 @@
 """Tile helpers shared by the Pallas Triton kernels of several ops (`*/triton*.py`).
 
 How a head dimension is cut into power-of-two pieces (Triton tiles are powers of two), how
-many GQA rows one program holds, and the backward's recomputation of the probabilities
-from the saved base-2 log-sum-exp (FlashAttention-2, arXiv 2307.08691, Alg. 2).
+many GQA rows one program holds, the backward's recomputation of the probabilities from
+the saved base-2 log-sum-exp (FlashAttention-2, arXiv 2307.08691, Alg. 2) and the block
+specs of its dK/dV pass.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 from pallas_kernels.tiles_common import NT, logits2
 
@@ -41,3 +43,26 @@ def recompute_probs(q_or_k, k_or_q, lse2_row_or_col, scale, softcap, vis):
     if vis is not None:
         p = jnp.where(vis, p, 0.0)
     return p, t
+
+
+def dkv_block_specs(tq_p: int, bk: int, group: int, d_p: int, dv_p: int, segments: bool):
+    """BlockSpecs of a dK/dV `pallas_call` on the grid (KV tiles, B, KV heads), after the
+    caller's own table operands: `(in_specs, out_specs)` for the operands `q_pos [B, Tq_p]`,
+    `kv_pos [B, Tk_p]`, the two segment-id rows (None without `segments`), `q`, `k`, `v`,
+    `dO` (q and dO grouped `[B, Tq_p, Hkv, G, D]`), the base-2 lse and delta `[B, Hkv, G,
+    Tq_p]`; out dk `[B, Tk_p, Hkv, D_p]` and dv. Every query row is read whole; keys in
+    tiles of `bk`."""
+    row_q = pl.BlockSpec((None, tq_p), lambda j, b_, h_: (b_, 0))
+    row_k = pl.BlockSpec((None, bk), lambda j, b_, h_: (b_, j))
+    in_specs = [
+        row_q, row_k, row_q if segments else None, row_k if segments else None,
+        pl.BlockSpec((None, tq_p, None, group, d_p), lambda j, b_, h_: (b_, 0, h_, 0, 0)),
+        pl.BlockSpec((None, bk, None, d_p), lambda j, b_, h_: (b_, j, h_, 0)),
+        pl.BlockSpec((None, bk, None, dv_p), lambda j, b_, h_: (b_, j, h_, 0)),
+        pl.BlockSpec((None, tq_p, None, group, dv_p), lambda j, b_, h_: (b_, 0, h_, 0, 0)),
+        pl.BlockSpec((None, None, group, tq_p), lambda j, b_, h_: (b_, h_, 0, 0)),
+        pl.BlockSpec((None, None, group, tq_p), lambda j, b_, h_: (b_, h_, 0, 0)),
+    ]
+    out_specs = [pl.BlockSpec((None, bk, None, d_p), lambda j, b_, h_: (b_, j, h_, 0)),
+                 pl.BlockSpec((None, bk, None, dv_p), lambda j, b_, h_: (b_, j, h_, 0))]
+    return in_specs, out_specs

@@ -27,7 +27,7 @@ from pallas_kernels.block_sparse.triton import (head_dim, head_view, kv_slice, m
                                                 stack_rows, three_loops)
 from pallas_kernels.flash import blocks
 from pallas_kernels.tiles_common import NN, NT
-from pallas_kernels.tiles_triton import recompute_probs
+from pallas_kernels.tiles_triton import dkv_block_specs, recompute_probs
 
 
 def _dq_kernel(idx_ref, cnt_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref,
@@ -145,25 +145,14 @@ def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta, kv_id
     # dK, dV: grid (KV tiles, B, KV heads), transposed metadata
     bq = plan.pow2_tile(cfg.block_q_dkv, geo.block_q, "block_q", 16)
     bk = plan.pow2_tile(cfg.block_k_dkv, geo.block_kv, "block_kv", 16)
-    row_q = pl.BlockSpec((None, tq_p), lambda j, b_, hk: (b_, 0))
-    row_k = pl.BlockSpec((None, bk), lambda j, b_, hk: (b_, j))
     grouped = lambda x: x.reshape(b, tq_p, hkv, g, x.shape[-1])  # noqa: E731
     per_head = lambda x: x.reshape(b, hkv, g, tq_p)  # noqa: E731
+    in_specs, out_specs = dkv_block_specs(tq_p, bk, g, d_p, dv_p, segs)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, block_q=bq, k_per_meta=geo.block_kv // bk, **common),
         grid=(tk_p // bk, b, hkv),
-        in_specs=[
-            pl.BlockSpec(), pl.BlockSpec(), row_q, row_k, row_q if segs else None,
-            row_k if segs else None,
-            pl.BlockSpec((None, tq_p, None, g, d_p), lambda j, b_, hk: (b_, 0, hk, 0, 0)),
-            pl.BlockSpec((None, bk, None, d_p), lambda j, b_, hk: (b_, j, hk, 0)),
-            pl.BlockSpec((None, bk, None, dv_p), lambda j, b_, hk: (b_, j, hk, 0)),
-            pl.BlockSpec((None, tq_p, None, g, dv_p), lambda j, b_, hk: (b_, 0, hk, 0, 0)),
-            pl.BlockSpec((None, None, g, tq_p), lambda j, b_, hk: (b_, hk, 0, 0)),
-            pl.BlockSpec((None, None, g, tq_p), lambda j, b_, hk: (b_, hk, 0, 0)),
-        ],
-        out_specs=[pl.BlockSpec((None, bk, None, d_p), lambda j, b_, hk: (b_, j, hk, 0)),
-                   pl.BlockSpec((None, bk, None, dv_p), lambda j, b_, hk: (b_, j, hk, 0))],
+        in_specs=[pl.BlockSpec(), pl.BlockSpec(), *in_specs],
+        out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
         compiler_params=params, interpret=st.interpret, name="block_sparse_bwd_dkv",
     )(q_idx.reshape(-1), q_cnt.reshape(-1), q_pos_p, kv_pos_p, q_seg_p, kv_seg_p, grouped(qp), kp,

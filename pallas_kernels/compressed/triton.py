@@ -21,9 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import blocks, flash_attention
-from pallas_kernels.tiles_common import NT, causal
+from pallas_kernels.tiles_common import BIG, NT, causal
 
-BIG = 2**30
+
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
     block_q: int = 64

@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.flash import blocks
 from pallas_kernels.flash.triton import TritonConfig, fit_block, pad_all
 from pallas_kernels.tiles_common import NN, NT
-from pallas_kernels.tiles_triton import recompute_probs
+from pallas_kernels.tiles_triton import dkv_block_specs, recompute_probs
 
 
 def _dq_kernel(tab_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
@@ -144,24 +144,14 @@ def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta):
     nk = tk_p // bk
     tab_t = blocks.tables(st.mask_fn, q_pos_p, kv_pos_p, q_seg_p, kv_seg_p, bq, bk,
                           transpose=True).reshape(-1)
-    row_q = pl.BlockSpec((None, tq_p), lambda j, b_, h_: (b_, 0))
-    row_k = pl.BlockSpec((None, bk), lambda j, b_, h_: (b_, j))
     grouped = lambda x: x.reshape(b, tq_p, hkv, group, x.shape[-1])  # noqa: E731
     per_head = lambda x: x.reshape(b, hkv, group, tq_p)  # noqa: E731
+    in_specs, out_specs = dkv_block_specs(tq_p, bk, group, d_p, dv_p, segs)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, block_q=bq, num_k_blocks=nk, group=group, **common),
         grid=(nk, b, hkv),
-        in_specs=[
-            pl.BlockSpec(), row_q, row_k, row_q if segs else None, row_k if segs else None,
-            pl.BlockSpec((None, tq_p, None, group, d_p), lambda j, b_, h_: (b_, 0, h_, 0, 0)),
-            pl.BlockSpec((None, bk, None, d_p), lambda j, b_, h_: (b_, j, h_, 0)),
-            pl.BlockSpec((None, bk, None, dv_p), lambda j, b_, h_: (b_, j, h_, 0)),
-            pl.BlockSpec((None, tq_p, None, group, dv_p), lambda j, b_, h_: (b_, 0, h_, 0, 0)),
-            pl.BlockSpec((None, None, group, tq_p), lambda j, b_, h_: (b_, h_, 0, 0)),
-            pl.BlockSpec((None, None, group, tq_p), lambda j, b_, h_: (b_, h_, 0, 0)),
-        ],
-        out_specs=[pl.BlockSpec((None, bk, None, d_p), lambda j, b_, h_: (b_, j, h_, 0)),
-                   pl.BlockSpec((None, bk, None, dv_p), lambda j, b_, h_: (b_, j, h_, 0))],
+        in_specs=[pl.BlockSpec(), *in_specs],
+        out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
         compiler_params=params, interpret=st.interpret, name="flash_bwd_dkv",
     )(tab_t, q_pos_p, kv_pos_p, q_seg_p, kv_seg_p, grouped(qp), kp, vp, grouped(do),

@@ -19,8 +19,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import blocks
 from pallas_kernels.indexer.common_tile import tile_scores
-
-BIG = 2**30
+from pallas_kernels.tiles_common import BIG
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,9 +59,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE, pl_next_pow2
-from pallas_kernels.tiles_common import NN, NT
-
-BIG = 2**30
+from pallas_kernels.tiles_common import BIG, NN, NT
 
 
 @dataclasses.dataclass(frozen=True)

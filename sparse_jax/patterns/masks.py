@@ -24,6 +24,7 @@ and splash attention's `LogicalOr` / `LogicalAnd`. Papers:
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import jax
@@ -68,8 +69,8 @@ class Pattern:
 
 
 @dataclasses.dataclass(frozen=True)
-class Union(Pattern):
-    """Visible if any member pattern makes it visible."""
+class _Combination(Pattern):
+    """Member patterns folded left to right with `combine` (`|` or `&`)."""
 
     parts: tuple[Pattern, ...]
 
@@ -80,25 +81,22 @@ class Union(Pattern):
     def _visible(self, q, k, qs, ks):
         out = self.parts[0](q, k, qs, ks)
         for p in self.parts[1:]:
-            out = out | p(q, k, qs, ks)
+            out = self.combine(out, p(q, k, qs, ks))
         return out
 
 
 @dataclasses.dataclass(frozen=True)
-class Intersection(Pattern):
+class Union(_Combination):
+    """Visible if any member pattern makes it visible."""
+
+    combine = staticmethod(operator.or_)
+
+
+@dataclasses.dataclass(frozen=True)
+class Intersection(_Combination):
     """Visible only if every member pattern makes it visible."""
 
-    parts: tuple[Pattern, ...]
-
-    @property
-    def needs_segments(self) -> bool:
-        return any(p.needs_segments for p in self.parts)
-
-    def _visible(self, q, k, qs, ks):
-        out = self.parts[0](q, k, qs, ks)
-        for p in self.parts[1:]:
-            out = out & p(q, k, qs, ks)
-        return out
+    combine = staticmethod(operator.and_)
 
 
 @dataclasses.dataclass(frozen=True)
