@@ -130,6 +130,30 @@ def test_mosaic_gpu_refuses_traced_positions_but_not_the_default_under_jit():
         jax.jit(traced)(jnp.asarray(default))                # traced, even if equal: refused
 
 
+def test_mosaic_gpu_takes_causal_masks_by_their_is_causal_attribute():
+    """The kernel-level check reads `mask_fn.is_causal` (pallas_kernels imports no mask class
+    from sparse_jax): `Causal()` and any predicate declaring it pass; a window, a union
+    holding `Causal()`, or a plain function do not."""
+    from pallas_kernels.flash.mosaic_gpu import MosaicGPUConfig, check_supported
+
+    class KernelCausal:
+        is_causal = True
+
+        def __call__(self, q_pos, kv_pos, q_seg=None, kv_seg=None):
+            return kv_pos <= q_pos
+
+    q, k, v, _ = _inputs(1, 256, 4, 2, 128, jnp.bfloat16)
+    pos = np.broadcast_to(np.arange(256, dtype=np.int32), (1, 256))
+    kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=None, kv_segment_ids=None,
+              sink_logits=None, softcap=None, block_score_size=None, interpret=False,
+              config=MosaicGPUConfig())
+    for mask_fn in (None, P.Causal(), KernelCausal()):
+        check_supported(q, k, v, mask_fn=mask_fn, **kw)
+    for mask_fn in (P.causal_window(64), P.Causal() | P.Sinks(4), lambda qp, kp, qs, ks: kp <= qp):
+        with pytest.raises(ValueError, match="mask_fn"):
+            check_supported(q, k, v, mask_fn=mask_fn, **kw)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
 def test_auto_prefers_mosaic_gpu_where_it_applies(monkeypatch):
