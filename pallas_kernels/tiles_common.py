@@ -3,7 +3,7 @@
 Plain jnp on one tile: the `dot_general` dimension numbers of the three matmul forms, the
 logits in base-2 units with the optional soft-cap (FlashAttention-2's `exp2` online softmax,
 arXiv 2307.08691; Gemma 2's logit soft-cap, arXiv 2408.00118), the causal predicate on
-positions and `BIG`, a bound above any position. Backend-specific helpers live in
+positions, the masked-logit value and `BIG`, a bound above any position. Backend-specific helpers live in
 `tiles_triton.py` / `tiles_tpu.py`; this module imports nothing from `pallas_kernels`, so
 any kernel file may import it.
 """
@@ -13,6 +13,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 LOG2E = 1.4426950408889634     # log2(e): logits are kept in base 2 (`exp2` is cheaper)
+# Finite "minus infinity" for masked logits: exp2(MASK - m) == 0 for any real m and
+# MASK - MASK stays finite (no NaN on rows that have seen nothing yet); small enough in
+# magnitude to be multiplied by a logit scale without overflowing to -inf.
+MASK_VALUE = -1e30
 BIG = 2**30                    # above any position: the neutral element of a min over them
 
 NT = (((1,), (1,)), ((), ()))  # dot_general dims of a @ b^T

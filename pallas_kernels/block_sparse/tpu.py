@@ -31,8 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.block_sparse import plan
 from pallas_kernels.block_sparse.plan import masked_visible
 from pallas_kernels.flash import autodiff, blocks
-from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.tiles_common import NN, NT, logits2
+from pallas_kernels.tiles_common import LOG2E, MASK_VALUE, NN, NT, logits2
 from pallas_kernels.tiles_tpu import dot
 
 

@@ -29,8 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.block_sparse import plan
 from pallas_kernels.block_sparse.plan import masked_visible
 from pallas_kernels.flash import autodiff, blocks
-from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.tiles_common import NT, logits2
+from pallas_kernels.tiles_common import LOG2E, MASK_VALUE, NT, logits2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,8 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash import blocks, flash_attention
-from pallas_kernels.flash.blocks import LOG2E
-from pallas_kernels.tiles_common import NT, causal
+from pallas_kernels.tiles_common import LOG2E, NT, causal
 from pallas_kernels.tiles_tpu import dot
 
 

@@ -28,8 +28,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import AttentionOutput
 from pallas_kernels.decode import layout
-from pallas_kernels.flash.blocks import MASK_VALUE
-from pallas_kernels.tiles_common import NT, logits2
+from pallas_kernels.tiles_common import MASK_VALUE, NT, logits2
 from pallas_kernels.tiles_tpu import dot, fold_tile, write_normalized
 
 

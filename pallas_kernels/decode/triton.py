@@ -31,8 +31,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import AttentionOutput
 from pallas_kernels.decode import layout
-from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE, pl_next_pow2
-from pallas_kernels.tiles_common import NN, NT, logits2
+from pallas_kernels.flash.blocks import pl_next_pow2
+from pallas_kernels.tiles_common import LOG2E, MASK_VALUE, NN, NT, logits2
 
 
 @dataclasses.dataclass(frozen=True)

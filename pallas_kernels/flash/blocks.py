@@ -25,13 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.tiles_common import LOG2E  # noqa: F401 - re-exported: the kernels import it from here
-
-# Finite "minus infinity" for masked logits: exp2(MASK - m) == 0 for any real m and
-# MASK - MASK stays finite (no NaN on rows that have seen nothing yet); small enough in
-# magnitude to be multiplied by a logit scale without overflowing to -inf.
-MASK_VALUE = -1e30
-
 
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m

@@ -34,8 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.flash import autodiff
-from pallas_kernels.flash.blocks import LOG2E
 from pallas_kernels.flash.triton import TritonConfig
+from pallas_kernels.tiles_common import LOG2E
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import AttentionOutput
 from pallas_kernels.flash import autodiff
-from pallas_kernels.flash.blocks import LOG2E
+from pallas_kernels.tiles_common import LOG2E
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,8 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash import autodiff, blocks, scores
-from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.tiles_common import NN, NT, logits2
+from pallas_kernels.tiles_common import LOG2E, MASK_VALUE, NN, NT, logits2
 from pallas_kernels.tiles_tpu import dot
 
 

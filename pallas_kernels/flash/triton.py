@@ -26,8 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import autodiff, blocks, scores
-from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.tiles_common import NT, logits2
+from pallas_kernels.tiles_common import LOG2E, MASK_VALUE, NT, logits2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,9 +34,8 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.common import AttentionOutput
 from pallas_kernels.decode import layout
 from pallas_kernels.flash import blocks
-from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
 from pallas_kernels.mla_decode.layout import merge, row_tiles
-from pallas_kernels.tiles_common import NT
+from pallas_kernels.tiles_common import LOG2E, MASK_VALUE, NT
 from pallas_kernels.tiles_tpu import dot, fold_tile, write_normalized
 
 

@@ -58,8 +58,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE, pl_next_pow2
-from pallas_kernels.tiles_common import BIG, NN, NT
+from pallas_kernels.flash.blocks import pl_next_pow2
+from pallas_kernels.tiles_common import BIG, LOG2E, MASK_VALUE, NN, NT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,8 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import autodiff, blocks
-from pallas_kernels.flash.blocks import LOG2E, MASK_VALUE
-from pallas_kernels.tiles_common import NN, NT, logits2
+from pallas_kernels.tiles_common import LOG2E, MASK_VALUE, NN, NT, logits2
 from pallas_kernels.tiles_triton import pieces, row_split
 
 
