@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparse_jax import patterns as P
-from sparse_jax.cache import FullKVCache, RollingKVCache
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 from sparse_jax.layers import (AttentionConfig, FullAttention, PatternAttention,
                                SlidingWindowAttention, StreamingLLMAttention)
 

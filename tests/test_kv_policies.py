@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from pallas_kernels.common import masked_attention
-from sparse_jax.cache import FullKVCache
+from sparse_jax.cache.kv import FullKVCache
 from sparse_jax.kv_policies import (H2O, AdaKV, DuoAttention, Observation, PolicyPrefill, PyramidKV,
                                     Quest, SnapKV, StreamingLLM, TopP, policy_caches, select)
-from sparse_jax.kv_policies.cache import compress
+from sparse_jax.cache.pooled import compress
 from sparse_jax.kv_policies.duo import calibrate, gates_from_losses, streaming_loss
 from sparse_jax.layers import AttentionConfig, FullAttention
 from sparse_jax.models.lm import LMConfig, SparseLM

@@ -12,7 +12,7 @@ layer gets its own `init_cache`. The model code is untouched: the caches speak t
 
 from __future__ import annotations
 
-from sparse_jax.kv_policies.cache import DenseOracleCache, PolicyPrefill
+from sparse_jax.cache.pooled import DenseOracleCache, PolicyPrefill
 from sparse_jax.kv_policies.policies import KVPolicy
 from sparse_jax.layers.attention import LocalAttention
 

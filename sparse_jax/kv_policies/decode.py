@@ -1,6 +1,6 @@
 """Query-aware decode policies over a full cache: Quest (top-k pages) and top-p pages.
 
-Nothing is evicted: the cache is a `sparse_jax.cache_quest.QuestKVCache` (full KV plus
+Nothing is evicted: the cache is a `sparse_jax.cache.quest.QuestKVCache` (full KV plus
 per-page key bounds). The prompt is attended densely; each decode call (at most
 `DECODE_MAX_QUERIES` queries) scores the pages by Quest's bound
 (`sparse_jax.ops.quest.quest_page_scores`), selects pages, and attends to exactly those
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode.api import decode_attention
-from sparse_jax.cache_quest import QuestKVCache
+from sparse_jax.cache.quest import QuestKVCache
 from sparse_jax.ops.attention import DECODE_MAX_QUERIES
 from sparse_jax.ops.quest import (num_pages, quest_page_scores, select_top_p, select_top_pages,
                                   valid_pages)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_jax import patterns as P
-from sparse_jax.cache import FullKVCache, RollingKVCache
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 from sparse_jax.ops import attention as ops
 from sparse_jax.ops.rope import RopeScaling, apply_rope
 from sparse_jax.sharding import param

@@ -7,7 +7,7 @@ last `window` tokens, in one softmax. `CSAConfig.top_k` set: CSA, a lightning in
 over compressed indexer keys picks the records (its input detached; no indexer loss is
 computed here, the DSA warm-up recipe of `layers.dsa` would apply); `top_k=None`: HCA,
 dense over the records. Queries: `x W_q` with RoPE on the trailing `rope_dim` channels.
-The cache is `sparse_jax.cache_csa.CSACache`.
+The cache is `sparse_jax.cache.csa.CSACache`.
 
 Without a cache, each row's valid positions must be consecutive (padding anywhere, -1).
 """
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax.cache_csa import CSACache
+from sparse_jax.cache.csa import CSACache
 from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.mla import _init, _init_2in, check_config, check_inputs
 from sparse_jax.ops import csa as ops

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax.cache import FullKVCache, RollingKVCache
+from sparse_jax.cache.hysparse import HySparseSparseCache
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 from sparse_jax.layers.attention import AttentionBase, AttentionConfig, output_params
 from sparse_jax.ops import attention as attn_ops
 from sparse_jax.ops import hysparse as ops
@@ -134,18 +135,6 @@ class HySparseFullAttention(AttentionBase):
         c = self.config
         return FullKVCache.init(batch, max_len, c.num_kv_heads, c.head_dim,
                                 dtype=c.dtype if dtype is None else dtype)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class HySparseSparseCache:
-    """The sparse layer's cache: its SWA branch's own KV (`RollingKVCache` / `FullKVCache`)
-    or None (no own KV)."""
-
-    swa: object = None
-
-    def nbytes(self) -> int:
-        return 0 if self.swa is None else self.swa.nbytes()
 
 
 class HySparseSparseAttention(nnx.Module):

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.cache import FullKVCache
+from sparse_jax.cache.kv import FullKVCache
 
 
 def latent_cache(batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype) -> FullKVCache:

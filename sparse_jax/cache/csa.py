@@ -21,7 +21,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.cache import FullKVCache, RollingKVCache, _nbytes
+from sparse_jax.cache.base import nbytes_of
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 from sparse_jax.ops.csa import SWA_CACHE_STRATEGIES, gather_windows
 
 
@@ -61,7 +62,7 @@ class SWACache:
 
     def nbytes(self) -> int:
         extra = () if self.snapshots is None else (self.snapshots, self.snapshot_positions)
-        return self.kv.nbytes() + _nbytes(*extra)
+        return self.kv.nbytes() + nbytes_of(*extra)
 
     def update(self, k, positions):
         """Write keys `k [B, T, D]`; return `(keys [B, S', D], positions [B, S'], new cache)`

@@ -1,6 +1,6 @@
 """The KV cache of Quest (arXiv 2406.10774): a full cache plus per-page key bounds.
 
-`QuestKVCache` holds a `sparse_jax.cache.FullKVCache` (slot = position) and, per page of
+`QuestKVCache` holds a `sparse_jax.cache.kv.FullKVCache` (slot = position) and, per page of
 `page_size` slots and kv head, the elementwise min and max of the keys written so far,
 `kmin, kmax [B, P, Hkv, D]` (empty pages: `+inf` / `-inf`, as `sparse_jax.ops.quest.
 page_bounds`). `update` recomputes the bounds of the pages it writes only (a decode step
@@ -15,7 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.cache import FullKVCache, _nbytes
+from sparse_jax.cache.base import nbytes_of
+from sparse_jax.cache.kv import FullKVCache
 from sparse_jax.ops.quest import num_pages, page_bounds
 
 
@@ -55,7 +56,7 @@ class QuestKVCache:
         return self.kmin, self.kmax
 
     def nbytes(self) -> int:
-        return self.full.nbytes() + _nbytes(self.kmin, self.kmax)
+        return self.full.nbytes() + nbytes_of(self.kmin, self.kmax)
 
     def update(self, k, v, positions):
         """Write `k, v [B, T, ...]` at slots `positions [B, T]` (-1: padding, not written),

@@ -24,7 +24,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.cache import FullKVCache, RollingKVCache, _nbytes
+from sparse_jax.cache.base import nbytes_of
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 
 
 @jax.tree_util.register_dataclass
@@ -45,7 +46,7 @@ class CompressedKV:
                    jnp.full((batch, n), -1, jnp.int32))
 
     def nbytes(self) -> int:
-        return _nbytes(self.k, self.v, self.positions)
+        return nbytes_of(self.k, self.v, self.positions)
 
     def write(self, block_ids, k, v, positions) -> "CompressedKV":
         """Store blocks `block_ids [B, K]` (-1: none) with `k, v [B, K, Hkv, D]` and their

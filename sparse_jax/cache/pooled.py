@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import masked_attention
-from sparse_jax.cache import FullKVCache, _check_new, _nbytes
-from sparse_jax.kv_policies.policies import KVPolicy, Observation, select
+from sparse_jax.cache.base import check_new_kv, nbytes_of
+from sparse_jax.cache.kv import FullKVCache
 
 
 def _scale(layer) -> float:
@@ -54,7 +54,7 @@ class PooledKVCache:
     num_kept: int = dataclasses.field(metadata=dict(static=True))
 
     def nbytes(self) -> int:
-        return _nbytes(self.k, self.v, self.positions, self.heads, self.num_decoded)
+        return nbytes_of(self.k, self.v, self.positions, self.heads, self.num_decoded)
 
     def kept_mask(self, length: int):
         """bool `[B, Hkv, length]`: which positions `0..length-1` each kv head holds."""
@@ -106,6 +106,8 @@ def pooled_attention(q, cache: PooledKVCache, q_positions, *, scale, sink_logits
 def compress(policy: KVPolicy, obs: Observation, v, *, layer: int, num_layers: int, max_new: int):
     """Apply `policy` to one layer's prompt keys `obs.k [B, S, Hkv, D]` and values
     `v [B, S, Hkv, Dv]` -> `PooledKVCache` with room for `max_new` decoded tokens."""
+    from sparse_jax.kv_policies.policies import select   # here: that package imports the layers
+
     b, _, hkv, _ = obs.k.shape
     slot, head = select(policy, obs, layer, num_layers)                                     # [B, N]
     rows = jnp.arange(b)[:, None]
@@ -133,6 +135,8 @@ class PolicyPrefill:
 
     def update_and_attend(self, q, k, v, positions, *, layer, sink_logits, q_raw=None):
         out = layer.attend(q, k, v, positions, positions, sink_logits=sink_logits, q_raw=q_raw, decoding=False)
+        from sparse_jax.kv_policies.policies import Observation   # here: that package imports the layers
+
         obs = Observation(q, k, positions, positions, softcap=layer.config.softcap, sink_logits=sink_logits)
         return out, compress(self.policy, obs, v, layer=self.layer, num_layers=self.num_layers,
                              max_new=self.max_new)
@@ -156,7 +160,7 @@ class DenseOracleCache:
         return self.full.nbytes()
 
     def update_and_attend(self, q, k, v, positions, *, layer, sink_logits, q_raw=None):
-        _check_new("DenseOracleCache", self.full.k, k, v, positions)
+        check_new_kv("DenseOracleCache", self.full.k, k, v, positions)
         keys, values, kv_pos, full = self.full.update(k, v, positions)
         out = layer.attend(q, keys, values, positions, kv_pos, sink_logits=sink_logits, q_raw=q_raw,
                            decoding=True)
