@@ -1,9 +1,12 @@
-"""What every KV cache shares: the contract (`Cache`) and the helpers of its updates.
-
-The contract is written in `Cache`'s docstring; every cache of `sparse_jax.cache` follows it.
+"""What every KV cache shares: the contract (`Cache`), what a cache may read of the
+queries (`Queries`) and restrict the attention to (`Selection`), and the helpers of its
+updates. The contract is written in `Cache`'s docstring; every cache of
+`sparse_jax.cache` follows it.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,36 +15,80 @@ import numpy as np
 
 class Cache:
     """Base of every KV-cache pytree (frozen dataclasses registered with
-    `jax.tree_util.register_dataclass`).
+    `jax.tree_util.register_dataclass`). The contract between layers and caches:
 
-    Contract (one for every layer and cache; see DESIGN.md "One attention interface"):
-
+    * A layer is called `y, cache = layer(x, positions, cache=None, shared=None)` and gets
+      its empty cache from `layer.init_cache(batch, max_len, dtype)`
+      (`sparse_jax.layers.base.AttentionLayer`).
     * `update(...)` writes this call's entries and returns what the layer attends over,
-      the new cache last: `(keys, values, positions, new_cache)` for the plain KV caches,
-      the family's arrays for the others (MLA: latent and RoPE key; CSA: records). A
-      cache never calls back into a layer: what it needs from the queries comes in as
-      data (`queries=`, a `Queries`), and where it also chooses what each kv head reads,
-      a `Selection` comes before the new cache.
-    * `nbytes()`: bytes held (every array, from its shape and dtype).
-    * `overflowed()`: bool `[B]`, True for a row that was asked to write past the
-      cache's capacity (`max_len` of a full cache, `max_new` of a pooled one). Eagerly,
-      `update` raises ValueError instead; under `jit` the entry is dropped (never
-      written), `update` adds a `jax.experimental.checkify.debug_check` (a no-op unless
-      the caller wraps the function with `checkify.checkify`), and the flag stays set in
-      the returned cache, so a caller checks it after a step at no per-step cost
-      (`sparse_jax.models.lm.SparseLM.check_caches`). Rolling caches are bounded by
-      design and never overflow.
-
-    A layer returns `(y, cache)`; what it hands to later layers goes through
-    `share()` of the layer (`sparse_jax.layers.attention.Shares`), never through the cache.
+      the new cache last. The KV caches of the standard layers
+      (`sparse_jax.layers.attention.AttentionBase`: full, window, sinks, pattern, MoBA)
+      take `update(k, v, positions, *, queries=None)` and return
+      `(keys, values, kv_positions, new_cache)`, or
+      `(keys, values, kv_positions, selection, new_cache)` where the cache also chooses
+      what each kv head reads (`Selection`: Quest / top-p pages, the pooled layout of
+      the eviction policies, a prompt attended as without a cache). Other families
+      return their own arrays in the same order (MLA: latent, RoPE key, positions;
+      DSA: plus indexer keys; CSA's SWA store: keys, positions). A compound cache
+      (NSA's, CSA's, a HySparse sparse layer's) is a record of such stores, each updated
+      by its layer.
+    * A cache never calls back into a layer: what it needs of the queries comes in as
+      data (`queries`, a `Queries`: rotated queries, sink logits, soft-cap), and the
+      layer does the attention. Caches that do not read queries ignore them.
+    * `nbytes()`: bytes held by the slots (keys, values, positions, summaries and the
+      counters that place entries), from shapes and dtypes.
+    * Capacity: a write past it (a position >= `max_len` of a full cache, more than
+      `max_new` decoded tokens in a pooled one) raises ValueError when the positions
+      are concrete. Under `jit` the entry is dropped (never written) and `update` runs a
+      `jax.experimental.checkify.debug_check`: a no-op unless the caller wraps the
+      function with `checkify.checkify`, which then returns the error (`err.throw()`
+      raises it). The full cache's state cannot show it afterwards (its slots are the
+      positions; a dropped write leaves no trace), a pooled cache's can
+      (`PooledKVCache.overflowed()`: its counter keeps counting). Rolling caches are
+      bounded by design and never overflow.
+    * What a layer hands to later layers (HySparse's full layer: its KV and selected
+      blocks) never goes through a cache: `layer.forward(...)` returns it
+      (`sparse_jax.layers.base.AttentionLayer.forward`).
     """
 
     def nbytes(self) -> int:
         raise NotImplementedError
 
-    def overflowed(self):
-        """bool `[B]`: rows asked to write past capacity (False: bounded by design)."""
-        raise NotImplementedError
+
+@dataclasses.dataclass(frozen=True)
+class Queries:
+    """What a cache may read of a call's queries: rotated `q [B, T, H, D]`, the layer's
+    `sink_logits [H]` (or None) and logit `softcap` (or None)."""
+
+    q: jax.Array
+    sink_logits: jax.Array | None = None
+    softcap: float | None = None
+
+    @property
+    def scale(self) -> float:
+        """The softmax scale `1 / sqrt(D)`."""
+        return 1.0 / float(np.sqrt(self.q.shape[-1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """What each kv head reads of the keys an `update` returned (the default: all of them,
+    as the cache's contents).
+
+    * `block_indices [B, Hkv, n]` int32 with `block_counts [B, Hkv]`: blocks of
+      `block_size` slots (the `decode` op's selected-block form; a decode call of at
+      most `sparse_jax.ops.attention.DECODE_MAX_QUERIES` queries).
+    * `slot_heads [B, S]` int32: the pooled layout, keys `[B, S, D]` and values
+      `[B, S, Dv]` of all kv heads in one store, slot s read by kv head
+      `slot_heads[b, s]` only.
+    * `prefill=True`: the keys are this call's own tokens; attend as without a cache.
+    """
+
+    block_indices: jax.Array | None = None
+    block_counts: jax.Array | None = None
+    block_size: int = 1
+    slot_heads: jax.Array | None = None
+    prefill: bool = False
 
 
 def check_new_kv(name, cache_k, k, v, positions):

@@ -10,10 +10,12 @@ import dataclasses
 
 import jax
 
+from sparse_jax.cache.base import Cache
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class HySparseSparseCache:
+class HySparseSparseCache(Cache):
     """The sparse layer's cache: its SWA branch's own KV (`RollingKVCache` / `FullKVCache`)
     or None (no own KV)."""
 

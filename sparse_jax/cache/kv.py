@@ -11,8 +11,9 @@ share one code path.
   window + sinks.
 
 `update(k, v, positions)` returns the keys/values/positions the new queries attend to and
-the new cache. Positions of one call must be distinct per row and continue the sequence
-(each row may be ragged: -1 marks padding, which is neither written nor attended).
+the new cache (the contract of `sparse_jax.cache.base.Cache`). Positions of one call must
+be distinct per row and continue the sequence (each row may be ragged: -1 marks padding,
+which is neither written nor attended).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from sparse_jax.cache.base import Cache, batch_index, check_new_kv, nbytes_of
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class FullKVCache:
+class FullKVCache(Cache):
     """`k [B, max_len, Hkv, D]`, `v [B, max_len, Hkv, Dv]`, `positions [B, max_len]`."""
 
     k: jax.Array
@@ -52,8 +54,14 @@ class FullKVCache:
     def nbytes(self) -> int:
         return nbytes_of(self.k, self.v, self.positions)
 
-    def update(self, k, v, positions):
-        """Write `k, v [B, T, ...]` at slots `positions [B, T]`; attend over the whole cache."""
+    def update(self, k, v, positions, *, queries=None):
+        """Write `k, v [B, T, ...]` at slots `positions [B, T]`; attend over the whole cache.
+
+        A position >= max_len raises ValueError when `positions` is concrete; under `jit`
+        its entry is dropped and a `checkify.debug_check` fails (reported to callers that
+        wrap the function with `checkify.checkify`). `queries` is not read.
+        """
+        del queries
         check_new_kv("FullKVCache.update", self.k, k, v, positions)
         if k.shape[1] > self.max_len:
             raise ValueError(f"positions: {k.shape[1]} new tokens do not fit a cache of max_len={self.max_len}")
@@ -61,6 +69,8 @@ class FullKVCache:
             top = int(np.max(positions)) if positions.size else -1
             if top >= self.max_len:
                 raise ValueError(f"positions: position {top} is beyond the cache (max_len={self.max_len})")
+        checkify.debug_check((positions < self.max_len).all(),
+                             f"positions: a position is beyond the cache (max_len={self.max_len})")
         slot = jnp.where(positions >= 0, positions, self.max_len)     # out of range -> dropped
         b = batch_index(positions)
         new = FullKVCache(self.k.at[b, slot].set(k, mode="drop"),
@@ -71,7 +81,7 @@ class FullKVCache:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class RollingKVCache:
+class RollingKVCache(Cache):
     """Sinks + rolling window: `k [B, num_sinks + window, Hkv, D]`, ..., `positions [B, S+W]`."""
 
     k: jax.Array
@@ -96,13 +106,14 @@ class RollingKVCache:
     def nbytes(self) -> int:
         return nbytes_of(self.k, self.v, self.positions)
 
-    def update(self, k, v, positions):
+    def update(self, k, v, positions, *, queries=None):
         """Attend over (old cache ++ new tokens); keep sinks and the last `window` tokens.
 
         The queries of this call see the old cache and all new tokens (the mask, a
         predicate on positions, keeps only what the window allows), so a chunk longer than
         the window is exact too.
         """
+        del queries
         check_new_kv("RollingKVCache.update", self.k, k, v, positions)
         s, w = self.num_sinks, self.window
         keys = jnp.concatenate([self.k, k], axis=1)

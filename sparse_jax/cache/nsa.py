@@ -24,13 +24,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.cache.base import nbytes_of
+from sparse_jax.cache.base import Cache, nbytes_of
 from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class CompressedKV:
+class CompressedKV(Cache):
     """`k [B, N, Hkv, D]`, `v [B, N, Hkv, D]`, `positions [B, N]` (block's last token, -1 empty)."""
 
     k: jax.Array
@@ -63,7 +63,7 @@ class CompressedKV:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class NSACache:
+class NSACache(Cache):
     slc: FullKVCache
     win: FullKVCache | RollingKVCache
     tail: RollingKVCache

@@ -22,6 +22,7 @@ from flax import nnx
 
 from sparse_jax.cache.csa import CSACache
 from sparse_jax.layers.attention import AttentionConfig
+from sparse_jax.layers.base import AttentionLayer
 from sparse_jax.layers.mla import _init, _init_2in, check_config, check_inputs
 from sparse_jax.ops import csa as ops
 from sparse_jax.ops import dsa as dops
@@ -33,7 +34,7 @@ from sparse_jax.sharding import param
 _init_2in_parts = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2)
 
 
-class CompressedAttention(nnx.Module):
+class CompressedAttention(AttentionLayer):
     """CSA / HCA layer: `CompressedAttention(attention_config, csa_config, rngs=...)`."""
 
     def __init__(self, config: AttentionConfig, csa: CSAConfig = CSAConfig(), *, rngs: nnx.Rngs):

@@ -21,6 +21,7 @@ from flax import nnx
 
 from sparse_jax.cache.mla import MLACache
 from sparse_jax.layers.attention import AttentionConfig, output_params
+from sparse_jax.layers.base import AttentionLayer
 from sparse_jax.layers.attention import _out_init as _init_2in  # noqa: F401 (csa.py imports it from here)
 from sparse_jax.ops import mla as ops
 from sparse_jax.ops.mla import MLAConfig
@@ -53,7 +54,7 @@ def check_config(config: AttentionConfig, name: str):
             raise ValueError(f"{flag}={getattr(config, flag)!r} is not supported by {name}")
 
 
-class MLAAttention(nnx.Module):
+class MLAAttention(AttentionLayer):
     """MLA layer: `MLAAttention(attention_config, mla_config, rngs=...)`."""
 
     def __init__(self, config: AttentionConfig, mla: MLAConfig = MLAConfig(), *, rngs: nnx.Rngs):

@@ -29,6 +29,7 @@ from flax import nnx
 from sparse_jax.cache.kv import FullKVCache
 from sparse_jax.cache.nsa import CompressedKV, NSACache
 from sparse_jax.layers.attention import AttentionConfig, output_params
+from sparse_jax.layers.base import AttentionLayer
 from sparse_jax.ops import nsa as ops
 from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.ops.rope import apply_rope
@@ -57,7 +58,7 @@ class Compressor(nnx.Module):
                             self.b2[...])
 
 
-class NSAAttention(nnx.Module):
+class NSAAttention(AttentionLayer):
     """NSA layer: `NSAAttention(attention_config, nsa_config, rngs=...)`.
 
     Supports GQA/MQA, RoPE and the output gate of `AttentionConfig`; learned sinks and
