@@ -46,13 +46,15 @@ from sparse_jax.sharding import param
 
 @dataclasses.dataclass(frozen=True)
 class LayerKind:
-    """One letter of `LMConfig.layer_spec`: a readable `name`, the layer class and
+    """One letter of `LMConfig.layer_spec`: a readable `name`, the layer class,
     `options(config) -> dict`, the keyword arguments (besides `config.attention` and
-    `rngs`) the class is built with from an `LMConfig`."""
+    `rngs`) the class is built with from an `LMConfig`, and `needs`: the `(field, type)`
+    pairs of `LMConfig` those options read, checked when a layer spec holds the letter."""
 
     name: str
     layer: type
     options: Callable[["LMConfig"], dict] = lambda config: {}
+    needs: tuple = ()
 
 
 # The registry: a new variant is one entry here (plus its config field on LMConfig).
@@ -61,16 +63,18 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "W": LayerKind("sliding window", SlidingWindowAttention, lambda c: dict(window=c.window)),
     "S": LayerKind("StreamingLLM", StreamingLLMAttention, lambda c: dict(window=c.window, num_sinks=c.num_sinks)),
     "P": LayerKind("static pattern", PatternAttention,
-                   lambda c: dict(pattern=c.pattern, block_size=c.pattern_block)),
-    "N": LayerKind("native sparse attention", NSAAttention, lambda c: dict(nsa=c.nsa)),
-    "H": LayerKind("HySparse full", HySparseFullAttention, lambda c: dict(hysparse=c.hysparse)),
-    "Y": LayerKind("HySparse sparse", HySparseSparseAttention, lambda c: dict(hysparse=c.hysparse)),
+                   lambda c: dict(pattern=c.pattern, block_size=c.pattern_block), (("pattern", P.Pattern),)),
+    "N": LayerKind("native sparse attention", NSAAttention, lambda c: dict(nsa=c.nsa), (("nsa", NSAConfig),)),
+    "H": LayerKind("HySparse full", HySparseFullAttention, lambda c: dict(hysparse=c.hysparse),
+                   (("hysparse", HySparseConfig),)),
+    "Y": LayerKind("HySparse sparse", HySparseSparseAttention, lambda c: dict(hysparse=c.hysparse),
+                   (("hysparse", HySparseConfig),)),
     "M": LayerKind("MoBA", MoBAAttention, lambda c: dict(block_size=c.moba_block, top_k=c.moba_top_k,
                                                          query_block=c.moba_query_block)),
-    "L": LayerKind("MLA", MLAAttention, lambda c: dict(mla=c.mla)),
-    "D": LayerKind("DSA", DSAAttention, lambda c: dict(mla=c.mla, dsa=c.dsa)),
-    "C": LayerKind("CSA", CompressedAttention, lambda c: dict(csa=c.csa)),
-    "R": LayerKind("HCA", CompressedAttention, lambda c: dict(csa=c.hca)),
+    "L": LayerKind("MLA", MLAAttention, lambda c: dict(mla=c.mla), (("mla", MLAConfig),)),
+    "D": LayerKind("DSA", DSAAttention, lambda c: dict(mla=c.mla, dsa=c.dsa), (("mla", MLAConfig), ("dsa", DSAConfig))),
+    "C": LayerKind("CSA", CompressedAttention, lambda c: dict(csa=c.csa), (("csa", CSAConfig),)),
+    "R": LayerKind("HCA", CompressedAttention, lambda c: dict(csa=c.hca), (("hca", CSAConfig),)),
 }
 LAYER_TYPES = {letter: kind.name for letter, kind in LAYER_KINDS.items()}
 
@@ -129,23 +133,14 @@ class LMConfig:
     def __post_init__(self):
         if not self.layer_spec or set(self.layer_spec) - set(LAYER_TYPES):
             raise ValueError(f"layer_spec must be letters from {sorted(LAYER_TYPES)}, got {self.layer_spec!r}")
-        if "P" in self.layer_spec and self.pattern is None:
-            raise ValueError("layer_spec has 'P' layers but pattern is None")
-        if "N" in self.layer_spec and not isinstance(self.nsa, NSAConfig):
-            raise ValueError(f"layer_spec has 'N' layers but nsa is {self.nsa!r}, not an NSAConfig")
-        if set("LD") & set(self.layer_spec) and not isinstance(self.mla, MLAConfig):
-            raise ValueError(f"layer_spec has 'L'/'D' layers but mla is {self.mla!r}, not an MLAConfig")
-        if "D" in self.layer_spec and not isinstance(self.dsa, DSAConfig):
-            raise ValueError(f"layer_spec has 'D' layers but dsa is {self.dsa!r}, not a DSAConfig")
-        for letter, name in (("C", "csa"), ("R", "hca")):
-            if letter in self.layer_spec and not isinstance(getattr(self, name), CSAConfig):
-                raise ValueError(f"layer_spec has {letter!r} layers but {name} is {getattr(self, name)!r}, "
-                                 "not a CSAConfig")
+        for letter in sorted(set(self.layer_spec)):
+            for name, kind in LAYER_KINDS[letter].needs:
+                if not isinstance(getattr(self, name), kind):
+                    raise ValueError(f"layer_spec has {letter!r} layers but {name} is {getattr(self, name)!r}, "
+                                     f"not a {kind.__name__}")
         if "Y" in self.layer_spec and "H" not in self.layer_spec[:self.layer_spec.index("Y")]:
             raise ValueError(f"layer_spec {self.layer_spec!r}: every 'Y' (HySparse sparse) layer needs an "
                              "'H' (HySparse full) layer before it")
-        if ("H" in self.layer_spec or "Y" in self.layer_spec) and not isinstance(self.hysparse, HySparseConfig):
-            raise ValueError(f"hysparse must be a HySparseConfig, got {self.hysparse!r}")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.window < 1:
