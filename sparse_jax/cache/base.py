@@ -55,6 +55,7 @@ class Cache:
         raise NotImplementedError
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Queries:
     """What a cache may read of a call's queries: rotated `q [B, T, H, D]`, the layer's
@@ -62,7 +63,7 @@ class Queries:
 
     q: jax.Array
     sink_logits: jax.Array | None = None
-    softcap: float | None = None
+    softcap: float | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def scale(self) -> float:
@@ -70,6 +71,7 @@ class Queries:
         return 1.0 / float(np.sqrt(self.q.shape[-1]))
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """What each kv head reads of the keys an `update` returned (the default: all of them,
@@ -86,9 +88,9 @@ class Selection:
 
     block_indices: jax.Array | None = None
     block_counts: jax.Array | None = None
-    block_size: int = 1
+    block_size: int = dataclasses.field(default=1, metadata=dict(static=True))
     slot_heads: jax.Array | None = None
-    prefill: bool = False
+    prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def check_new_kv(name, cache_k, k, v, positions):

@@ -15,6 +15,9 @@
   e.g. `"WW" + "CR" * 3`.
 
 e.g. `"WWWF"` is "global every 4th layer, local otherwise" (Gemma 3 is 5:1, gpt-oss 1:1).
+`LAYER_KINDS` maps each letter to its layer class and the options it takes from the
+`LMConfig` (a new variant is one entry). Every layer is called through its `forward`
+(`sparse_jax.layers.base.AttentionLayer`), which hands the latest `shared` on.
 Pre-norm blocks: RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU -> residual.
 The model's cache is the list of its layers' caches.
 """
