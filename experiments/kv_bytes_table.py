@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from sparse_jax.cache import FullKVCache, RollingKVCache
-from sparse_jax.cache_csa import CSACache
-from sparse_jax.cache_mla import DSACache, MLACache
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
+from sparse_jax.cache.csa import CSACache
+from sparse_jax.cache.mla import DSACache, MLACache
 from sparse_jax.ops.csa import HCA_V4, CSAConfig
 
 FLAGS = flags.FLAGS

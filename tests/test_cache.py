@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparse_jax import patterns as P
-from sparse_jax.cache import FullKVCache, RollingKVCache
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 from sparse_jax.layers import (AttentionConfig, FullAttention, PatternAttention,
                                SlidingWindowAttention, StreamingLLMAttention)
 
@@ -315,3 +315,95 @@ def test_rolling_cache_never_grows_over_many_decode_steps(kind, layers):
         held = sorted(int(p) for p in np.asarray(cache.positions[b]) if p >= 0)
         assert held == sorted(set(range(sinks)) | set(range(last - window + 1, last + 1)))
     assert (np.asarray(cache.positions[2]) == -1).all()
+
+
+# ----------------------------------------------------------------------------- capacity (overflow)
+
+
+def test_full_cache_overflow_is_an_error_eagerly_and_under_checkify():
+    """Eager: ValueError. Under jit: the entry is dropped (as before) and a checkify
+    debug_check reports it to a caller that wraps the step with `checkify.checkify`;
+    a step that fits reports nothing."""
+    from jax.experimental import checkify
+
+    cache = FullKVCache.init(1, 4, HKV, D, v_head_dim=DV)
+    with pytest.raises(ValueError, match="beyond the cache"):
+        cache.update(*new_tokens(np.array([[3, 4]])))
+    step = jax.jit(lambda c, k, v, p: c.update(k, v, p)[3])
+    err, new = checkify.checkify(step)(cache, *new_tokens(np.array([[3, 4]])))
+    assert "beyond the cache (max_len=4)" in str(err.get())
+    assert np.asarray(new.positions).tolist() == [[-1, -1, -1, 3]]
+    with pytest.raises(checkify.JaxRuntimeError, match="beyond the cache"):
+        err.throw()
+    err, _ = checkify.checkify(step)(cache, *new_tokens(np.array([[2, 3]])))
+    assert err.get() is None
+
+
+def test_rolling_cache_never_overflows():
+    """A rolling buffer is bounded by design: 12 decode steps into 2 + 3 slots report no error."""
+    from jax.experimental import checkify
+
+    cache = RollingKVCache.init(1, 3, HKV, D, num_sinks=2, v_head_dim=DV)
+    step = checkify.checkify(jax.jit(lambda c, k, v, p: c.update(k, v, p)[3]))
+    for t in range(12):
+        err, cache = step(cache, *new_tokens(np.array([[t]])))
+        assert err.get() is None
+
+
+def test_pooled_cache_overflow_is_flagged_in_its_state():
+    """A pooled cache made for `max_new=1` decoded token: eagerly a second token raises;
+    under jit it is not stored, `overflowed()` turns True and checkify reports it."""
+    from jax.experimental import checkify
+
+    from sparse_jax.cache.pooled import PooledKVCache
+
+    b, hkv, kept = 2, HKV, 3
+    cache = PooledKVCache(k=jnp.zeros((b, kept + hkv, D)), v=jnp.zeros((b, kept + hkv, DV)),
+                          positions=jnp.asarray(np.r_[np.arange(kept), [-1] * hkv][None].repeat(b, 0), jnp.int32),
+                          heads=jnp.zeros((b, kept + hkv), jnp.int32), num_decoded=jnp.zeros((b,), jnp.int32),
+                          num_kv_heads=hkv, num_kept=kept)
+    assert cache.max_new == 1
+    k, v, _ = new_tokens(np.array([[3], [3]]))
+    one = cache.update(k, v, jnp.asarray([[3], [-1]], jnp.int32))[-1]               # row 1: padding
+    assert np.asarray(one.overflowed()).tolist() == [False, False]
+    with pytest.raises(ValueError, match="max_new"):
+        one.update(k, v, jnp.asarray([[4], [3]], jnp.int32))
+    step = jax.jit(lambda c, k, v, p: c.update(k, v, p)[-1])
+    err, two = checkify.checkify(step)(one, k, v, jnp.asarray([[4], [3]], jnp.int32))
+    assert "max_new=1" in str(err.get())
+    assert np.asarray(two.overflowed()).tolist() == [True, False]
+    assert np.asarray(two.positions).tolist() == [[0, 1, 2, 3, 3], [0, 1, 2, 3, 3]]
+
+
+# ----------------------------------------------------------------------------- the one contract
+
+
+def test_every_cache_lives_in_the_cache_package_and_follows_the_contract():
+    """Every cache class is in `sparse_jax.cache`, subclasses `Cache` and has `nbytes`; an
+    `update` never takes the layer (no callback), and no `update_and_attend` is left."""
+    import importlib
+    import inspect
+    import pathlib
+    import pkgutil
+
+    import sparse_jax
+    import sparse_jax.cache as cache_pkg
+    from sparse_jax.cache.base import Cache
+
+    classes = []
+    for info in pkgutil.iter_modules(cache_pkg.__path__):
+        mod = importlib.import_module(f"sparse_jax.cache.{info.name}")
+        classes += [c for _, c in inspect.getmembers(mod, inspect.isclass)
+                    if c.__module__ == mod.__name__ and c is not Cache and c.__name__.endswith(("Cache", "KV"))]
+    names = {c.__name__ for c in classes}
+    assert {"FullKVCache", "RollingKVCache", "NSACache", "CompressedKV", "MLACache", "DSACache", "CSACache",
+            "SWACache", "QuestKVCache", "PageSelectCache", "PooledKVCache", "DenseOracleCache",
+            "HySparseSparseCache"} <= names
+    for c in classes:
+        assert issubclass(c, Cache) and c.nbytes is not Cache.nbytes, c.__name__
+        if hasattr(c, "update"):
+            assert "layer" not in inspect.signature(c.update).parameters, c.__name__
+    root = pathlib.Path(sparse_jax.__file__).parent
+    assert not list(root.glob("cache_*.py")) and not (root / "kv_policies" / "cache.py").exists()
+    for path in root.rglob("*.py"):
+        assert "update_and_attend" not in path.read_text(), path

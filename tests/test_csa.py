@@ -12,7 +12,7 @@ from flax import nnx
 
 from pallas_kernels.flash import flash_attention
 from sparse_jax import patterns as P
-from sparse_jax.cache_csa import SWACache
+from sparse_jax.cache.csa import SWACache
 from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.csa import CompressedAttention
 from sparse_jax.models.lm import LMConfig

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_jax.cache_mla import DSACache
+from sparse_jax.cache.mla import DSACache
 from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.dsa import DSAAttention, indexer_filter, total_indexer_loss
 from sparse_jax.layers.mla import MLAAttention

@@ -10,9 +10,9 @@ from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.common import masked_attention
 from pallas_kernels.flash import flash_attention
 from sparse_jax import patterns as P
+from sparse_jax.cache.hysparse import HySparseSparseCache
 from sparse_jax.layers.attention import AttentionConfig, FullAttention
-from sparse_jax.layers.hysparse import (HySparseConfig, HySparseFullAttention, HySparseSparseAttention,
-                                        HySparseSparseCache)
+from sparse_jax.layers.hysparse import HySparseConfig, HySparseFullAttention, HySparseSparseAttention
 from sparse_jax.layers.moba import MoBAAttention
 from sparse_jax.models.lm import LMConfig, SparseLM
 from sparse_jax.ops import hysparse as hops

@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from pallas_kernels.common import masked_attention
-from sparse_jax.cache import FullKVCache
+from sparse_jax.cache.kv import FullKVCache
 from sparse_jax.kv_policies import (H2O, AdaKV, DuoAttention, Observation, PolicyPrefill, PyramidKV,
                                     Quest, SnapKV, StreamingLLM, TopP, policy_caches, select)
-from sparse_jax.kv_policies.cache import compress
+from sparse_jax.cache.pooled import compress
 from sparse_jax.kv_policies.duo import calibrate, gates_from_losses, streaming_loss
 from sparse_jax.layers import AttentionConfig, FullAttention
 from sparse_jax.models.lm import LMConfig, SparseLM
@@ -243,10 +243,10 @@ def test_quest_and_top_p_pick_the_page_holding_the_needle():
     pos = jnp.arange(n, dtype=jnp.int32)[None]
     for policy, pages in ((Quest(12, page_size=4), [{0, 1, 3}, {0, 2, 3}]), (TopP(0.9, page_size=4), [{1}, {2}])):
         cache = policy.make_cache(layer, 0, 1, 1, n, None)
-        _, cache = cache.update_and_attend(jnp.asarray(q[:, :-1]), jnp.asarray(k[:, :-1]), jnp.asarray(v[:, :-1]),
-                                           pos[:, :-1], layer=layer, sink_logits=None)
-        out, cache = cache.update_and_attend(jnp.asarray(q[:, -1:]), jnp.asarray(k[:, -1:]), jnp.asarray(v[:, -1:]),
-                                             pos[:, -1:], layer=layer, sink_logits=None)
+        _, cache = layer.attend_cached(jnp.asarray(q[:, :-1]), jnp.asarray(k[:, :-1]), jnp.asarray(v[:, :-1]),
+                                       pos[:, :-1], cache, sink_logits=None)
+        out, cache = layer.attend_cached(jnp.asarray(q[:, -1:]), jnp.asarray(k[:, -1:]), jnp.asarray(v[:, -1:]),
+                                         pos[:, -1:], cache, sink_logits=None)
         assert [set(np.flatnonzero(s).tolist()) for s in np.asarray(cache.selected)[0]] == pages
         mask = np.asarray(cache.kept_mask(n))[:, :, None]                        # [1, Hkv, 1, n]
         want, _, _ = masked_attention(jnp.asarray(q[:, -1:]), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
@@ -267,7 +267,7 @@ def test_pooled_decode_matches_masked_reference():
     obs = Observation(q[:, :S], k[:, :S], pos[:, :S], pos[:, :S])
     for policy in (H2O(5), AdaKV(SnapKV(5, window=2, kernel=1), floor=0.0)):
         cache = compress(policy, obs, v[:, :S], layer=0, num_layers=1, max_new=1)
-        out, cache = cache.update_and_attend(q[:, S:], k[:, S:], v[:, S:], pos[:, S:], layer=layer, sink_logits=None)
+        out, cache = layer.attend_cached(q[:, S:], k[:, S:], v[:, S:], pos[:, S:], cache, sink_logits=None)
         held = np.asarray(cache.kept_mask(S + 1))                                # [B, Hkv, S+1] by position
         by_slot = np.take_along_axis(held, np.maximum(np.asarray(pos), 0)[:, None], axis=2) & (np.asarray(pos) >= 0)[:, None]
         assert np.all(held.sum(-1)[0] <= 6) and held.sum() == 2 * (2 * 5 + 2)   # budget + new token per head

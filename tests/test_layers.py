@@ -29,7 +29,7 @@ import pytest
 from flax import nnx
 
 from sparse_jax import patterns as P
-from sparse_jax.cache import FullKVCache, RollingKVCache
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 from sparse_jax.layers import (AttentionConfig, FullAttention, PatternAttention,
                                SlidingWindowAttention, StreamingLLMAttention)
 from sparse_jax.ops import attention as ops

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_jax.cache_mla import MLACache
+from sparse_jax.cache.mla import MLACache
 from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.mla import MLAAttention
 from sparse_jax.ops.mla import MLAConfig, rms_norm

@@ -206,3 +206,58 @@ def test_train_step_unchanged_without_dsa():
         np.testing.assert_allclose(float(metrics.loss), float(plain_step(ref, ref_opt, *batch)), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(ref, nnx.Param))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_registry_builds_every_letter():
+    """`LAYER_KINDS` is the one map from letter to layer: `make_attention` builds its class
+    with its options for every letter, and every layer has the one interface
+    (`AttentionLayer`: `__call__`, `init_cache`, `forward`)."""
+    from sparse_jax.layers.base import AttentionLayer
+    from sparse_jax.models.lm import LAYER_KINDS, LAYER_TYPES, make_attention
+
+    assert set(LAYER_TYPES) == set(LAYER_KINDS)
+    cfg = small_config("F")
+    for letter, kind in LAYER_KINDS.items():
+        layer = make_attention(letter, cfg, nnx.Rngs(0))
+        assert type(layer) is kind.layer and isinstance(layer, AttentionLayer), letter
+    with pytest.raises(ValueError, match="unknown layer type"):
+        make_attention("X", cfg, nnx.Rngs(0))
+
+
+def test_shared_goes_through_forward_of_every_layer():
+    """A layer that shares nothing passes `shared` through `forward`; HySparse's full layer
+    returns its own (the one way a layer hands something to later layers)."""
+    from sparse_jax.layers.hysparse import HySparseConfig
+
+    hysparse = HySparseConfig(block_size=4, top_k_tokens=8, window=6)
+    model = SparseLM(small_config("HWY", hysparse=hysparse), rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 8, 32))
+    pos = jnp.arange(8, dtype=jnp.int32)[None]
+    marker = object()
+    _, _, passed = model.blocks[1].attn.forward(x, pos, None, marker)
+    assert passed is marker
+    _, _, made = model.blocks[0].attn.forward(x, pos, None, marker)
+    assert made is not marker and made.block_indices.shape[:3] == (1, 2, 8)
+
+
+def test_jit_decode_past_max_len_is_reported_by_checkify():
+    """A jitted decode step past the caches' max_len: without checkify nothing raises (the
+    token is dropped); wrapped with `checkify.checkify` the error comes back."""
+    from jax.experimental import checkify
+
+    model = SparseLM(small_config("FW"), rngs=nnx.Rngs(0))
+    graph, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, tokens, positions, caches):
+        return nnx.merge(graph, state)(tokens, positions, caches)
+
+    caches = model.init_cache(1, 4)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    _, caches = step(state, tokens, jnp.arange(4, dtype=jnp.int32)[None], caches)
+    err, _ = checkify.checkify(step)(state, tokens[:, :1], jnp.asarray([[3]], jnp.int32), caches)
+    assert err.get() is None
+    err, _ = checkify.checkify(step)(state, tokens[:, :1], jnp.asarray([[4]], jnp.int32), caches)
+    assert "beyond the cache (max_len=4)" in str(err.get())
+    with pytest.raises(ValueError, match="beyond the cache"):
+        model(tokens[:, :1], jnp.asarray([[4]], jnp.int32), caches)

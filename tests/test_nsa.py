@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparse_jax.cache_nsa import NSACache
+from sparse_jax.cache.nsa import NSACache
 from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.nsa import NSAAttention
 from sparse_jax.ops import nsa as ops

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.decode.api import decode_attention
-from sparse_jax.cache_quest import QuestKVCache
+from sparse_jax.cache.quest import QuestKVCache
 from sparse_jax.ops import quest as Q
 
 

@@ -5,9 +5,10 @@ DuoAttention; query-aware decode over the full cache (`decode`): Quest, top-p. G
 model through `policy_caches`; see `apply`.
 """
 
+from sparse_jax.cache.pooled import DenseOracleCache, PolicyPrefill, PooledKVCache
+from sparse_jax.cache.quest import PageSelectCache
 from sparse_jax.kv_policies.apply import managed_layers, oracle_caches, policy_caches
-from sparse_jax.kv_policies.decode import PageSelectCache, Quest, TopP
-from sparse_jax.kv_policies.cache import DenseOracleCache, PolicyPrefill, PooledKVCache
+from sparse_jax.kv_policies.decode import Quest, TopP
 from sparse_jax.kv_policies.policies import (H2O, AdaKV, DuoAttention, KVPolicy, Observation,
                                              PyramidKV, SnapKV, StreamingLLM, select)
 

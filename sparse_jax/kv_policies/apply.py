@@ -6,13 +6,13 @@
 
 Policies manage the full-attention layers (`LocalAttention` without a window, RoPE at text
 positions: `SparseLM`'s 'F' layers and the layers of imported checkpoints); every other
-layer gets its own `init_cache`. The model code is untouched: the caches speak the
-`update_and_attend` protocol of `AttentionBase`.
+layer gets its own `init_cache`. The model code is untouched: the caches follow the one
+cache contract (`sparse_jax.cache.base.Cache`; `AttentionBase.attend_cached` attends).
 """
 
 from __future__ import annotations
 
-from sparse_jax.kv_policies.cache import DenseOracleCache, PolicyPrefill
+from sparse_jax.cache.pooled import DenseOracleCache, PolicyPrefill
 from sparse_jax.kv_policies.policies import KVPolicy
 from sparse_jax.layers.attention import LocalAttention
 

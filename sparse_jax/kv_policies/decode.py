@@ -1,7 +1,7 @@
 """Query-aware decode policies over a full cache: Quest (top-k pages) and top-p pages.
 
-Nothing is evicted: the cache is a `sparse_jax.cache_quest.QuestKVCache` (full KV plus
-per-page key bounds). The prompt is attended densely; each decode call (at most
+Nothing is evicted: the cache is a `sparse_jax.cache.quest.PageSelectCache` (a
+`QuestKVCache`: full KV plus per-page key bounds). The prompt is attended densely; each decode call (at most
 `DECODE_MAX_QUERIES` queries) scores the pages by Quest's bound
 (`sparse_jax.ops.quest.quest_page_scores`), selects pages, and attends to exactly those
 through the `decode` op's selected-block path. What a decode step reads shrinks, not
@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode.api import decode_attention
-from sparse_jax.cache_quest import QuestKVCache
-from sparse_jax.ops.attention import DECODE_MAX_QUERIES
-from sparse_jax.ops.quest import (num_pages, quest_page_scores, select_top_p, select_top_pages,
-                                  valid_pages)
+from sparse_jax.cache.quest import PageSelectCache, QuestKVCache
+from sparse_jax.ops.quest import num_pages, select_top_p, select_top_pages
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,43 +72,3 @@ class TopP(_PagePolicy):
 
     def select(self, scores, valid):
         return select_top_p(scores, self.p, valid)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PageSelectCache:
-    """`quest: QuestKVCache`; `selected [B, Hkv, P]` bool, the pages the last call read."""
-
-    quest: QuestKVCache
-    selected: jax.Array
-    policy: _PagePolicy = dataclasses.field(metadata=dict(static=True))
-    dense: bool = dataclasses.field(metadata=dict(static=True))
-
-    def nbytes(self) -> int:
-        return self.quest.nbytes()
-
-    def kept_mask(self, length: int):
-        """bool `[B, Hkv, length]`: positions `0..length-1` in the pages the last call read."""
-        ps = self.policy.page_size
-        return jnp.repeat(self.selected, ps, axis=-1)[..., :length] & (self.quest.positions[:, None, :length] >= 0)
-
-    def update_and_attend(self, q, k, v, positions, *, layer, sink_logits, q_raw=None):
-        keys, values, kv_pos, quest = self.quest.update(k, v, positions)
-        ps = self.policy.page_size
-        valid = valid_pages(kv_pos, ps, positions)                                 # [B, P]
-        if self.dense or q.shape[1] > DECODE_MAX_QUERIES:
-            out = layer.attend(q, keys, values, positions, kv_pos, sink_logits=sink_logits,
-                               q_raw=q_raw, decoding=True)
-            selected = jnp.broadcast_to(valid[:, None], self.selected.shape)
-            return out, PageSelectCache(quest, selected, self.policy, self.dense)
-        scores = quest_page_scores(q, quest.kmin, quest.kmax)
-        idx, cnt = self.policy.select(scores, valid)
-        out = decode_attention(q, keys, values, kv_positions=kv_pos, q_positions=positions, block_indices=idx,
-                               block_counts=cnt, block_size=ps, sink_logits=sink_logits,
-                               softcap=layer.config.softcap, impl=layer.config.impl)
-        chosen = jnp.arange(idx.shape[-1]) < cnt[..., None]                          # [B, Hkv, k]
-        p = self.selected.shape[-1]
-        selected = (jax.nn.one_hot(jnp.where(chosen, idx, p), p + 1, dtype=bool).any(axis=2))[..., :p]
-        return out, PageSelectCache(quest, selected, self.policy, self.dense)
-
-

@@ -26,7 +26,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_jax import patterns as P
-from sparse_jax.cache import FullKVCache, RollingKVCache
+from sparse_jax.cache.base import Queries, Selection
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
+from sparse_jax.cache.pooled import pooled_attention
+from sparse_jax.cache.quest import page_attention
+from sparse_jax.layers.base import AttentionLayer
 from sparse_jax.ops import attention as ops
 from sparse_jax.ops.masking import guard_kv
 from sparse_jax.ops.rope import RopeScaling, apply_rope
@@ -107,8 +111,14 @@ def output_params(rngs: nnx.Rngs, config: AttentionConfig, *, value_dim: int | N
     return wo, sinks, wg
 
 
-class AttentionBase(nnx.Module):
-    """Projections, RoPE, sinks, gate; subclasses supply `attend` and `init_cache`."""
+class AttentionBase(AttentionLayer):
+    """Projections, RoPE, sinks, gate; subclasses supply `attend` and `init_cache`.
+
+    With a cache, `attend_cached` writes the call's keys and values through the cache's
+    `update(k, v, positions, queries=...)` and attends over what it returns (the contract
+    of `sparse_jax.cache.base.Cache`), so the full and rolling caches, Quest / top-p pages
+    and the eviction policies' caches (`sparse_jax.kv_policies`) all go one way.
+    """
 
     def __init__(self, config: AttentionConfig, *, rngs: nnx.Rngs):
         c = self.config = config
@@ -148,19 +158,35 @@ class AttentionBase(nnx.Module):
             q = q_raw
         k, v = guard_kv(k, v, positions)      # padding and non-finite tokens cannot reach masked outputs
         sinks = None if self.sink_logits is None else self.sink_logits[...]
-        if hasattr(cache, "update_and_attend"):     # a cache that needs the queries (kv_policies)
-            o, cache = cache.update_and_attend(q, k, v, positions, layer=self, sink_logits=sinks, q_raw=q_raw)
-        else:
-            if cache is None:
-                keys, values, kv_positions = k, v, positions
-            else:
-                keys, values, kv_positions, cache = cache.update(k, v, positions)
-            o = self.attend(q, keys, values, positions, kv_positions, sink_logits=sinks, q_raw=q_raw,
-                            decoding=cache is not None)
+        o, cache = self.attend_cached(q, k, v, positions, cache, sink_logits=sinks, q_raw=q_raw)
         if self.wg is not None:
             o = o * jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.wg[...].astype(c.dtype)))
         y = jnp.einsum("bthk,hkd->btd", o.astype(c.dtype), self.wo[...].astype(c.dtype))
         return y, cache
+
+    def attend_cached(self, q, k, v, positions, cache=None, *, sink_logits=None, q_raw=None):
+        """Write this call's rotated `k, v [B, T, Hkv, D]` into `cache` and attend the rotated
+        `q [B, T, H, D]` (`q_raw`: before RoPE; default `q`) over what its `update` returns
+        -> `(o [B, T, H, D], new cache)`. Without a cache: over `k, v` themselves."""
+        q_raw = q if q_raw is None else q_raw
+        if cache is None:
+            return self.attend(q, k, v, positions, positions, sink_logits=sink_logits, q_raw=q_raw,
+                               decoding=False), None
+        queries = Queries(q, sink_logits, self.config.softcap)
+        keys, values, kv_positions, *selection, cache = cache.update(k, v, positions, queries=queries)
+        sel = selection[0] if selection else Selection()
+        c = self.config
+        if sel.slot_heads is not None:
+            o = pooled_attention(q, keys, values, kv_positions, sel.slot_heads, positions,
+                                 num_kv_heads=c.num_kv_heads, scale=queries.scale, sink_logits=sink_logits,
+                                 softcap=c.softcap)
+        elif sel.block_indices is not None:
+            o = page_attention(q, keys, values, kv_positions, positions, sel, sink_logits=sink_logits,
+                               softcap=c.softcap, impl=c.impl)
+        else:
+            o = self.attend(q, keys, values, positions, kv_positions, sink_logits=sink_logits, q_raw=q_raw,
+                            decoding=not sel.prefill)
+        return o, cache
 
     def attend(self, q, k, v, q_positions, kv_positions, *, sink_logits, q_raw, decoding):
         """Attention of rotated `q [B, Tq, H, D]` over `k, v` (cache contents when

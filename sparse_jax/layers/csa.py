@@ -7,7 +7,7 @@ last `window` tokens, in one softmax. `CSAConfig.top_k` set: CSA, a lightning in
 over compressed indexer keys picks the records (its input detached; no indexer loss is
 computed here, the DSA warm-up recipe of `layers.dsa` would apply); `top_k=None`: HCA,
 dense over the records. Queries: `x W_q` with RoPE on the trailing `rope_dim` channels.
-The cache is `sparse_jax.cache_csa.CSACache`.
+The cache is `sparse_jax.cache.csa.CSACache`.
 
 Without a cache, each row's valid positions must be consecutive (padding anywhere, -1).
 """
@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax.cache_csa import CSACache
+from sparse_jax.cache.csa import CSACache
 from sparse_jax.layers.attention import AttentionConfig
+from sparse_jax.layers.base import AttentionLayer
 from sparse_jax.layers.mla import _init, _init_2in, check_config, check_inputs
 from sparse_jax.ops import csa as ops
 from sparse_jax.ops import dsa as dops
@@ -33,7 +34,7 @@ from sparse_jax.sharding import param
 _init_2in_parts = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2)
 
 
-class CompressedAttention(nnx.Module):
+class CompressedAttention(AttentionLayer):
     """CSA / HCA layer: `CompressedAttention(attention_config, csa_config, rngs=...)`."""
 
     def __init__(self, config: AttentionConfig, csa: CSAConfig = CSAConfig(), *, rngs: nnx.Rngs):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax.cache_mla import DSACache
+from sparse_jax.cache.mla import DSACache
 from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.mla import MLAAttention, _init, check_inputs
 from sparse_jax.ops import dsa as dops

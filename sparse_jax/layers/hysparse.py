@@ -5,11 +5,12 @@ to the N sparse layers after it.
 
 The contract for `shared` (pure, no state on the module):
 
-* `HySparseFullAttention` has `produces_shared = True` and a method
-  `y, cache, shared = layer.forward(x, positions, cache=None)`; `__call__` is `forward`
-  without the third output (so the layer also works as a plain full layer). A model
-  (`sparse_jax.models.lm.SparseLM`) calls `forward` on producers and passes the latest
-  `shared` to every later layer's `__call__`.
+* Every layer has `y, cache, shared = layer.forward(x, positions, cache=None,
+  shared=None)` (`sparse_jax.layers.base.AttentionLayer`), the one way to hand something
+  to later layers. `HySparseFullAttention.forward` returns its own `shared`; `__call__`
+  is `forward` without the third output (so the layer also works as a plain full layer).
+  A model (`sparse_jax.models.lm.SparseLM`) calls `forward` on every layer, so each
+  layer receives the latest `shared`.
 * `shared` is a `sparse_jax.ops.hysparse.HySparseShared`: the full layer's RoPE'd keys,
   values and their positions (position-indexed slots; the whole cache when decoding) and
   `block_indices [B, Hkv, T, k]` for this call's queries.
@@ -35,8 +36,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax.cache import FullKVCache, RollingKVCache
+from sparse_jax.cache.hysparse import HySparseSparseCache
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 from sparse_jax.layers.attention import AttentionBase, AttentionConfig, output_params
+from sparse_jax.layers.base import AttentionLayer
 from sparse_jax.ops import attention as attn_ops
 from sparse_jax.ops import hysparse as ops
 from sparse_jax.ops.hysparse import HySparseShared
@@ -94,8 +97,6 @@ def _check_inputs(c: AttentionConfig, x, positions):
 class HySparseFullAttention(AttentionBase):
     """Causal full attention that also selects the top-k KV blocks per query token."""
 
-    produces_shared = True
-
     def __init__(self, config: AttentionConfig, hysparse: HySparseConfig = HySparseConfig(), *,
                  rngs: nnx.Rngs):
         if not isinstance(hysparse, HySparseConfig):
@@ -103,8 +104,9 @@ class HySparseFullAttention(AttentionBase):
         super().__init__(config, rngs=rngs)
         self.hysparse = hysparse
 
-    def forward(self, x, positions, cache=None):
-        """-> `(y [B, T, d_model], new cache, HySparseShared)`."""
+    def forward(self, x, positions, cache=None, shared=None):
+        """-> `(y [B, T, d_model], new cache, HySparseShared)`: its own `shared` replaces the one given."""
+        del shared
         c, hs = self.config, self.hysparse
         x, positions = _check_inputs(c, x, positions)
         if cache is not None and not isinstance(cache, FullKVCache):
@@ -138,26 +140,12 @@ class HySparseFullAttention(AttentionBase):
                                 dtype=c.dtype if dtype is None else dtype)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class HySparseSparseCache:
-    """The sparse layer's cache: its SWA branch's own KV (`RollingKVCache` / `FullKVCache`)
-    or None (no own KV)."""
-
-    swa: object = None
-
-    def nbytes(self) -> int:
-        return 0 if self.swa is None else self.swa.nbytes()
-
-
-class HySparseSparseAttention(nnx.Module):
+class HySparseSparseAttention(AttentionLayer):
     """Block-sparse branch over the shared KV + SWA branch, fused by sigmoid gates.
 
     Uses `num_heads`, `num_kv_heads` (must match the full layer's), `head_dim`,
     `rope_theta`, `output_gate`, `softcap`, `impl` of `AttentionConfig`.
     """
-
-    consumes_shared = True
 
     def __init__(self, config: AttentionConfig, hysparse: HySparseConfig = HySparseConfig(), *,
                  rngs: nnx.Rngs):

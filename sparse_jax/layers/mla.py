@@ -5,7 +5,7 @@
 Queries through a low-rank latent (`c_q = RMSNorm(x W_dq)`, `q = c_q W_uq`; or directly
 `x W_q` when `q_lora_rank` is None), split into a content part and a RoPE part per head.
 Keys and values from one latent per token `c_kv = RMSNorm(x W_dkv)` plus a RoPE key
-`k_rope = RoPE(x W_kr)` shared by all heads. The cache (`sparse_jax.cache_mla.MLACache`)
+`k_rope = RoPE(x W_kr)` shared by all heads. The cache (`sparse_jax.cache.mla.MLACache`)
 holds `c_kv` and `k_rope` only; the absorbed form attends over it directly (MQA over
 576-wide keys at the paper's sizes). Math: `sparse_jax.ops.mla`.
 
@@ -19,8 +19,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax.cache_mla import MLACache
+from sparse_jax.cache.mla import MLACache
 from sparse_jax.layers.attention import AttentionConfig, output_params
+from sparse_jax.layers.base import AttentionLayer
 from sparse_jax.layers.attention import _out_init as _init_2in  # noqa: F401 (csa.py imports it from here)
 from sparse_jax.ops import mla as ops
 from sparse_jax.ops.masking import guard_kv
@@ -54,7 +55,7 @@ def check_config(config: AttentionConfig, name: str):
             raise ValueError(f"{flag}={getattr(config, flag)!r} is not supported by {name}")
 
 
-class MLAAttention(nnx.Module):
+class MLAAttention(AttentionLayer):
     """MLA layer: `MLAAttention(attention_config, mla_config, rngs=...)`."""
 
     def __init__(self, config: AttentionConfig, mla: MLAConfig = MLAConfig(), *, rngs: nnx.Rngs):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from sparse_jax.cache import FullKVCache
+from sparse_jax.cache.kv import FullKVCache
 from sparse_jax.layers.attention import AttentionBase, AttentionConfig
 from sparse_jax.ops import moba as ops
 

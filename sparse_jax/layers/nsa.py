@@ -5,7 +5,7 @@
 One shared query projection, separate K/V projections per branch (cmp, slc, win), the
 compression MLPs phi (keys and values), a sigmoid gate per branch and head
 (`g = sigmoid(x W_g + b_g)`, one linear layer as the MLP), the output projection. The math
-lives in `sparse_jax.ops.nsa`; the cache is `sparse_jax.cache_nsa.NSACache`.
+lives in `sparse_jax.ops.nsa`; the cache is `sparse_jax.cache.nsa.NSACache`.
 
 RoPE (when `rope_theta` is set): the query and the slc / win keys are rotated at their
 text positions. The cmp keys are compressed from *unrotated* keys (phi sees content plus
@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax.cache import FullKVCache
-from sparse_jax.cache_nsa import CompressedKV, NSACache
+from sparse_jax.cache.kv import FullKVCache
+from sparse_jax.cache.nsa import CompressedKV, NSACache
 from sparse_jax.layers.attention import AttentionConfig, output_params
+from sparse_jax.layers.base import AttentionLayer
 from sparse_jax.ops import nsa as ops
 from sparse_jax.ops.masking import guard_kv
 from sparse_jax.ops.nsa import NSAConfig
@@ -58,7 +59,7 @@ class Compressor(nnx.Module):
                             self.b2[...])
 
 
-class NSAAttention(nnx.Module):
+class NSAAttention(AttentionLayer):
     """NSA layer: `NSAAttention(attention_config, nsa_config, rngs=...)`.
 
     Supports GQA/MQA, RoPE and the output gate of `AttentionConfig`; learned sinks and

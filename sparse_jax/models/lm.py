@@ -15,6 +15,9 @@
   e.g. `"WW" + "CR" * 3`.
 
 e.g. `"WWWF"` is "global every 4th layer, local otherwise" (Gemma 3 is 5:1, gpt-oss 1:1).
+`LAYER_KINDS` maps each letter to its layer class and the options it takes from the
+`LMConfig` (a new variant is one entry). Every layer is called through its `forward`
+(`sparse_jax.layers.base.AttentionLayer`), which hands the latest `shared` on.
 Pre-norm blocks: RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU -> residual.
 The model's cache is the list of its layers' caches.
 """
@@ -22,6 +25,7 @@ The model's cache is the list of its layers' caches.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +47,39 @@ from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.ops.rope import RopeScaling
 from sparse_jax.sharding import param
 
-LAYER_TYPES = {"F": "full", "W": "sliding window", "S": "StreamingLLM", "P": "static pattern",
-               "N": "native sparse attention",
-               "H": "HySparse full", "Y": "HySparse sparse", "M": "MoBA",
-               "L": "MLA", "D": "DSA", "C": "CSA", "R": "HCA"}
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """One letter of `LMConfig.layer_spec`: a readable `name`, the layer class,
+    `options(config) -> dict`, the keyword arguments (besides `config.attention` and
+    `rngs`) the class is built with from an `LMConfig`, and `needs`: the `(field, type)`
+    pairs of `LMConfig` those options read, checked when a layer spec holds the letter."""
+
+    name: str
+    layer: type
+    options: Callable[["LMConfig"], dict] = lambda config: {}
+    needs: tuple = ()
+
+
+# The registry: a new variant is one entry here (plus its config field on LMConfig).
+LAYER_KINDS: dict[str, LayerKind] = {
+    "F": LayerKind("full", FullAttention),
+    "W": LayerKind("sliding window", SlidingWindowAttention, lambda c: dict(window=c.window)),
+    "S": LayerKind("StreamingLLM", StreamingLLMAttention, lambda c: dict(window=c.window, num_sinks=c.num_sinks)),
+    "P": LayerKind("static pattern", PatternAttention,
+                   lambda c: dict(pattern=c.pattern, block_size=c.pattern_block), (("pattern", P.Pattern),)),
+    "N": LayerKind("native sparse attention", NSAAttention, lambda c: dict(nsa=c.nsa), (("nsa", NSAConfig),)),
+    "H": LayerKind("HySparse full", HySparseFullAttention, lambda c: dict(hysparse=c.hysparse),
+                   (("hysparse", HySparseConfig),)),
+    "Y": LayerKind("HySparse sparse", HySparseSparseAttention, lambda c: dict(hysparse=c.hysparse),
+                   (("hysparse", HySparseConfig),)),
+    "M": LayerKind("MoBA", MoBAAttention, lambda c: dict(block_size=c.moba_block, top_k=c.moba_top_k,
+                                                         query_block=c.moba_query_block)),
+    "L": LayerKind("MLA", MLAAttention, lambda c: dict(mla=c.mla), (("mla", MLAConfig),)),
+    "D": LayerKind("DSA", DSAAttention, lambda c: dict(mla=c.mla, dsa=c.dsa), (("mla", MLAConfig), ("dsa", DSAConfig))),
+    "C": LayerKind("CSA", CompressedAttention, lambda c: dict(csa=c.csa), (("csa", CSAConfig),)),
+    "R": LayerKind("HCA", CompressedAttention, lambda c: dict(csa=c.hca), (("hca", CSAConfig),)),
+}
+LAYER_TYPES = {letter: kind.name for letter, kind in LAYER_KINDS.items()}
 
 
 def hybrid_spec(num_layers: int, global_every: int) -> str:
@@ -103,23 +136,14 @@ class LMConfig:
     def __post_init__(self):
         if not self.layer_spec or set(self.layer_spec) - set(LAYER_TYPES):
             raise ValueError(f"layer_spec must be letters from {sorted(LAYER_TYPES)}, got {self.layer_spec!r}")
-        if "P" in self.layer_spec and self.pattern is None:
-            raise ValueError("layer_spec has 'P' layers but pattern is None")
-        if "N" in self.layer_spec and not isinstance(self.nsa, NSAConfig):
-            raise ValueError(f"layer_spec has 'N' layers but nsa is {self.nsa!r}, not an NSAConfig")
-        if set("LD") & set(self.layer_spec) and not isinstance(self.mla, MLAConfig):
-            raise ValueError(f"layer_spec has 'L'/'D' layers but mla is {self.mla!r}, not an MLAConfig")
-        if "D" in self.layer_spec and not isinstance(self.dsa, DSAConfig):
-            raise ValueError(f"layer_spec has 'D' layers but dsa is {self.dsa!r}, not a DSAConfig")
-        for letter, name in (("C", "csa"), ("R", "hca")):
-            if letter in self.layer_spec and not isinstance(getattr(self, name), CSAConfig):
-                raise ValueError(f"layer_spec has {letter!r} layers but {name} is {getattr(self, name)!r}, "
-                                 "not a CSAConfig")
+        for letter in sorted(set(self.layer_spec)):
+            for name, kind in LAYER_KINDS[letter].needs:
+                if not isinstance(getattr(self, name), kind):
+                    raise ValueError(f"layer_spec has {letter!r} layers but {name} is {getattr(self, name)!r}, "
+                                     f"not a {kind.__name__}")
         if "Y" in self.layer_spec and "H" not in self.layer_spec[:self.layer_spec.index("Y")]:
             raise ValueError(f"layer_spec {self.layer_spec!r}: every 'Y' (HySparse sparse) layer needs an "
                              "'H' (HySparse full) layer before it")
-        if ("H" in self.layer_spec or "Y" in self.layer_spec) and not isinstance(self.hysparse, HySparseConfig):
-            raise ValueError(f"hysparse must be a HySparseConfig, got {self.hysparse!r}")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.window < 1:
@@ -143,33 +167,11 @@ class LMConfig:
 
 
 def make_attention(kind: str, config: LMConfig, rngs: nnx.Rngs):
-    a = config.attention
-    if kind == "F":
-        return FullAttention(a, rngs=rngs)
-    if kind == "W":
-        return SlidingWindowAttention(a, window=config.window, rngs=rngs)
-    if kind == "S":
-        return StreamingLLMAttention(a, window=config.window, num_sinks=config.num_sinks, rngs=rngs)
-    if kind == "P":
-        return PatternAttention(a, pattern=config.pattern, block_size=config.pattern_block, rngs=rngs)
-    if kind == "N":
-        return NSAAttention(a, config.nsa, rngs=rngs)
-    if kind == "H":
-        return HySparseFullAttention(a, config.hysparse, rngs=rngs)
-    if kind == "Y":
-        return HySparseSparseAttention(a, config.hysparse, rngs=rngs)
-    if kind == "M":
-        return MoBAAttention(a, block_size=config.moba_block, top_k=config.moba_top_k,
-                             query_block=config.moba_query_block, rngs=rngs)
-    if kind == "L":
-        return MLAAttention(a, config.mla, rngs=rngs)
-    if kind == "D":
-        return DSAAttention(a, config.mla, config.dsa, rngs=rngs)
-    if kind == "C":
-        return CompressedAttention(a, config.csa, rngs=rngs)
-    if kind == "R":
-        return CompressedAttention(a, config.hca, rngs=rngs)
-    raise ValueError(f"unknown layer type {kind!r}; known: {sorted(LAYER_TYPES)}")
+    """The attention layer of layer-spec letter `kind` (see `LAYER_KINDS`)."""
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"unknown layer type {kind!r}; known: {sorted(LAYER_KINDS)}")
+    entry = LAYER_KINDS[kind]
+    return entry.layer(config.attention, **entry.options(config), rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -209,12 +211,9 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache
 
     def forward(self, x, positions, cache=None, shared=None):
-        """Like `__call__`, also returning the `shared` for later layers: a producer's
-        (`attn.produces_shared`, the HySparse full layer) new one, else the one passed in."""
-        if getattr(self.attn, "produces_shared", False):
-            h, cache, shared = self.attn.forward(self.attn_norm(x), positions, cache)
-        else:
-            h, cache = self.attn(self.attn_norm(x), positions, cache, shared)
+        """Like `__call__`, also returning the `shared` for later layers (the attention's
+        `forward`: a producer's new one, e.g. the HySparse full layer's, else the one given)."""
+        h, cache, shared = self.attn.forward(self.attn_norm(x), positions, cache, shared)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache, shared
 

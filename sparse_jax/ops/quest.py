@@ -1,7 +1,7 @@
 """Query-aware page selection for decode over a full KV cache: Quest and top-p.
 
 Quest (Tang et al., arXiv 2406.10774): the cache is cut into pages of `page_size` slots
-(slot = position, as in `sparse_jax.cache.FullKVCache`); per page and kv head the
+(slot = position, as in `sparse_jax.cache.kv.FullKVCache`); per page and kv head the
 elementwise min and max of its keys, `kmin, kmax [B, P, Hkv, D]`, bound every logit of
 the page from above:
 

@@ -11,8 +11,9 @@ share one code path.
   window + sinks.
 
 `update(k, v, positions)` returns the keys/values/positions the new queries attend to and
-the new cache. Positions of one call must be distinct per row and continue the sequence
-(each row may be ragged: -1 marks padding, which is neither written nor attended).
+the new cache (the contract of `sparse_jax.cache.base.Cache`). Positions of one call must
+be distinct per row and continue the sequence (each row may be ragged: -1 marks padding,
+which is neither written nor attended).
 """
 
 from __future__ import annotations
@@ -22,31 +23,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
-
-def _check_new(name, cache_k, k, v, positions):
-    if k.ndim != 4 or k.shape[0] != cache_k.shape[0] or k.shape[2:] != cache_k.shape[2:]:
-        raise ValueError(f"{name}: new keys must be [B={cache_k.shape[0]}, T, {cache_k.shape[2]}, "
-                         f"{cache_k.shape[3]}], got {k.shape}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{name}: new values {v.shape} do not match keys {k.shape}")
-    if k.dtype != cache_k.dtype:
-        raise ValueError(f"{name}: new keys have dtype {k.dtype}, the cache holds {cache_k.dtype}")
-    if positions.shape != k.shape[:2]:
-        raise ValueError(f"{name}: positions must be [B, T] = {k.shape[:2]}, got {positions.shape}")
-
-
-def _batch_index(positions):
-    return jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
-
-
-def _nbytes(*arrays) -> int:
-    return int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays))
+from sparse_jax.cache.base import Cache, batch_index, check_new_kv, nbytes_of
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class FullKVCache:
+class FullKVCache(Cache):
     """`k [B, max_len, Hkv, D]`, `v [B, max_len, Hkv, Dv]`, `positions [B, max_len]`."""
 
     k: jax.Array
@@ -68,19 +52,27 @@ class FullKVCache:
         return self.k.shape[1]
 
     def nbytes(self) -> int:
-        return _nbytes(self.k, self.v, self.positions)
+        return nbytes_of(self.k, self.v, self.positions)
 
-    def update(self, k, v, positions):
-        """Write `k, v [B, T, ...]` at slots `positions [B, T]`; attend over the whole cache."""
-        _check_new("FullKVCache.update", self.k, k, v, positions)
+    def update(self, k, v, positions, *, queries=None):
+        """Write `k, v [B, T, ...]` at slots `positions [B, T]`; attend over the whole cache.
+
+        A position >= max_len raises ValueError when `positions` is concrete; under `jit`
+        its entry is dropped and a `checkify.debug_check` fails (reported to callers that
+        wrap the function with `checkify.checkify`). `queries` is not read.
+        """
+        del queries
+        check_new_kv("FullKVCache.update", self.k, k, v, positions)
         if k.shape[1] > self.max_len:
             raise ValueError(f"positions: {k.shape[1]} new tokens do not fit a cache of max_len={self.max_len}")
         if not isinstance(positions, jax.core.Tracer):
             top = int(np.max(positions)) if positions.size else -1
             if top >= self.max_len:
                 raise ValueError(f"positions: position {top} is beyond the cache (max_len={self.max_len})")
+        checkify.debug_check((positions < self.max_len).all(),
+                             f"positions: a position is beyond the cache (max_len={self.max_len})")
         slot = jnp.where(positions >= 0, positions, self.max_len)     # out of range -> dropped
-        b = _batch_index(positions)
+        b = batch_index(positions)
         new = FullKVCache(self.k.at[b, slot].set(k, mode="drop"),
                           self.v.at[b, slot].set(v, mode="drop"),
                           self.positions.at[b, slot].set(positions, mode="drop"))
@@ -89,7 +81,7 @@ class FullKVCache:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class RollingKVCache:
+class RollingKVCache(Cache):
     """Sinks + rolling window: `k [B, num_sinks + window, Hkv, D]`, ..., `positions [B, S+W]`."""
 
     k: jax.Array
@@ -112,16 +104,17 @@ class RollingKVCache:
                    jnp.full((batch, size), -1, jnp.int32), window, num_sinks)
 
     def nbytes(self) -> int:
-        return _nbytes(self.k, self.v, self.positions)
+        return nbytes_of(self.k, self.v, self.positions)
 
-    def update(self, k, v, positions):
+    def update(self, k, v, positions, *, queries=None):
         """Attend over (old cache ++ new tokens); keep sinks and the last `window` tokens.
 
         The queries of this call see the old cache and all new tokens (the mask, a
         predicate on positions, keeps only what the window allows), so a chunk longer than
         the window is exact too.
         """
-        _check_new("RollingKVCache.update", self.k, k, v, positions)
+        del queries
+        check_new_kv("RollingKVCache.update", self.k, k, v, positions)
         s, w = self.num_sinks, self.window
         keys = jnp.concatenate([self.k, k], axis=1)
         values = jnp.concatenate([self.v, v], axis=1)
@@ -130,7 +123,7 @@ class RollingKVCache:
         keep = (positions >= 0) & ((positions < s) | (positions > newest - w))
         slot = jnp.where(positions < s, positions, s + (positions - s) % w)
         slot = jnp.where(keep, slot, s + w)                                # dropped
-        b = _batch_index(positions)
+        b = batch_index(positions)
         new = RollingKVCache(self.k.at[b, slot].set(k, mode="drop"),
                              self.v.at[b, slot].set(v, mode="drop"),
                              self.positions.at[b, slot].set(positions, mode="drop"), w, s)

@@ -15,7 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.cache import FullKVCache
+from sparse_jax.cache.base import Cache
+from sparse_jax.cache.kv import FullKVCache
 
 
 def latent_cache(batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype) -> FullKVCache:
@@ -24,7 +25,7 @@ def latent_cache(batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dty
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MLACache:
+class MLACache(Cache):
     latent: FullKVCache
 
     @classmethod
@@ -43,7 +44,7 @@ class MLACache:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class DSACache:
+class DSACache(Cache):
     latent: FullKVCache
     index_keys: FullKVCache
 

@@ -21,7 +21,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.cache import FullKVCache, RollingKVCache, _nbytes
+from sparse_jax.cache.base import Cache, nbytes_of
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 from sparse_jax.ops.csa import SWA_CACHE_STRATEGIES, gather_windows
 
 
@@ -31,7 +32,7 @@ def _empty_v(k):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SWACache:
+class SWACache(Cache):
     """SWA keys `[B, S, 1, D]` (`kv`), plus `snapshots [B, n, window, D]` with their
     positions `[B, n, window]` for the "periodic" strategy (snapshot c = the window after
     token `(c + 1) p - 1`)."""
@@ -61,7 +62,7 @@ class SWACache:
 
     def nbytes(self) -> int:
         extra = () if self.snapshots is None else (self.snapshots, self.snapshot_positions)
-        return self.kv.nbytes() + _nbytes(*extra)
+        return self.kv.nbytes() + nbytes_of(*extra)
 
     def update(self, k, positions):
         """Write keys `k [B, T, D]`; return `(keys [B, S', D], positions [B, S'], new cache)`
@@ -105,7 +106,7 @@ class SWACache:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class CSACache:
+class CSACache(Cache):
     records: FullKVCache
     tail: RollingKVCache
     swa: SWACache | None

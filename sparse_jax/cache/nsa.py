@@ -24,12 +24,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.cache import FullKVCache, RollingKVCache, _nbytes
+from sparse_jax.cache.base import Cache, nbytes_of
+from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class CompressedKV:
+class CompressedKV(Cache):
     """`k [B, N, Hkv, D]`, `v [B, N, Hkv, D]`, `positions [B, N]` (block's last token, -1 empty)."""
 
     k: jax.Array
@@ -45,7 +46,7 @@ class CompressedKV:
                    jnp.full((batch, n), -1, jnp.int32))
 
     def nbytes(self) -> int:
-        return _nbytes(self.k, self.v, self.positions)
+        return nbytes_of(self.k, self.v, self.positions)
 
     def write(self, block_ids, k, v, positions) -> "CompressedKV":
         """Store blocks `block_ids [B, K]` (-1: none) with `k, v [B, K, Hkv, D]` and their
@@ -62,7 +63,7 @@ class CompressedKV:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class NSACache:
+class NSACache(Cache):
     slc: FullKVCache
     win: FullKVCache | RollingKVCache
     tail: RollingKVCache
