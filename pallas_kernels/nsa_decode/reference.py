@@ -20,13 +20,14 @@ def nsa_decode_reference(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, 
     """`(o_cmp, o_slc, o_win [B, T, H, D], block_indices [B, T, Hkv, min(n, Ns)])`."""
     from sparse_jax import patterns as P
     from sparse_jax.ops import nsa as ops
+    from sparse_jax.ops.selection import block_lists
 
     o_cmp, p_cmp = ops.compressed_branch(q, k_cmp, v_cmp, q_positions, cmp_positions, impl="xla")
     ns = -(-k_slc.shape[1] // cfg.sel_block)
     block_indices = ops.select_blocks(ops.selection_scores(p_cmp, ns, cfg), q_positions, cfg)
     o_slc = []
     for i in range(q.shape[1]):
-        idx, counts = ops.union_blocks(block_indices[:, i:i + 1], ns)
+        idx, counts = block_lists(block_indices[:, i:i + 1], ns)
         o_slc.append(decode_attention(q[:, i:i + 1], k_slc, v_slc, kv_positions=slc_positions,
                                       q_positions=q_positions[:, i:i + 1], block_indices=idx,
                                       block_counts=counts, block_size=cfg.sel_block, impl="xla"))
