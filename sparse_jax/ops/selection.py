@@ -92,12 +92,16 @@ def selected_mask(block_indices, num_blocks: int):
 
 
 def _query_block_union(block_indices, query_block: int, num_blocks: int):
-    """bool `[B, Hkv, nQ, num_blocks]`: blocks selected by any query of each query block."""
+    """bool `[B, Hkv, nQ, num_blocks]`: blocks selected by any query of each query block
+    (scattered straight into the query-block grid: never a `[B, T, Hkv, nK]` mask)."""
     b, t, hkv, _ = block_indices.shape
     nq = -(-t // query_block)
-    hit = selected_mask(block_indices, num_blocks)                                 # [B, T, Hkv, nK]
-    hit = jnp.pad(hit, ((0, 0), (0, nq * query_block - t), (0, 0), (0, 0)))
-    return jnp.moveaxis(hit.reshape(b, nq, query_block, hkv, num_blocks).any(2), 2, 1)
+    rows = jnp.arange(b)[:, None, None, None]
+    heads = jnp.arange(hkv)[None, None, :, None]
+    qblock = (jnp.arange(t) // query_block)[None, :, None, None]
+    slot = jnp.where(block_indices >= 0, block_indices, num_blocks)
+    grid = jnp.zeros((b, hkv, nq, num_blocks + 1), bool)
+    return grid.at[rows, heads, qblock, slot].set(True)[..., :num_blocks]
 
 
 def _block_extent(positions, block_size: int):
