@@ -209,8 +209,8 @@ def two_layers(full_layer, sparse_layer, x, positions):
 
 x = jax.random.normal(jax.random.key(1), (2, SEQ, D_MODEL))
 z, shared = two_layers(full_layer, sparse_layer, x, positions)
-print("selected KV blocks per (batch, kv head, query):", shared.block_indices.shape)
-print("query 30 of row 0, kv head 0 attends to blocks", np.asarray(shared.block_indices[0, 0, min(30, SEQ - 1)]))
+print("selected KV blocks per (batch, query, kv head):", shared.block_indices.shape)
+print("query 30 of row 0, kv head 0 attends to blocks", np.asarray(shared.block_indices[0, min(30, SEQ - 1), 0]))
 print("sparse layer output", z.shape)'''),
     new_markdown_cell("""\
 ## 4. Every pattern

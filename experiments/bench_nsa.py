@@ -60,6 +60,7 @@ from pallas_kernels.nsa_decode.api import TritonConfig as NsaDecodeConfig, nsa_d
 from pallas_kernels.nsa_select.api import TritonConfig as NsaSelectConfig, nsa_select
 from sparse_jax import patterns as P
 from sparse_jax.ops import nsa as ops
+from sparse_jax.ops import selection
 from sparse_jax.ops.nsa import NSAConfig
 
 FLAGS = flags.FLAGS
@@ -180,7 +181,8 @@ def time_branches(s: Setup, cfg, x, iters, row, prefix):
     if cfg.selection == "token":
         slc = lambda q, k, v: ops.selected_attention_sparse(q, k, v, pos, pos, idx, cfg, **kw)  # noqa: E731
     else:
-        meta = jax.jit(lambda i: ops.selection_metadata(i, pos, pos, cfg))(idx)
+        meta = jax.jit(lambda i: selection.union_metadata(i, pos, pos, block_size=cfg.sel_block,
+                                                            query_block=cfg.query_block))(idx)
         slc = lambda q, k, v: block_sparse_attention(q, k, v, meta, mask_fn=P.Causal(), q_positions=pos,  # noqa: E731
                                                      kv_positions=pos, **kw)
     win = lambda q, k, v: ops.window_attention(q, k, v, pos, pos, window=cfg.window, **kw)  # noqa: E731

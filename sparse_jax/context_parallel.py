@@ -4,7 +4,7 @@ KV it needs, written with `jax.shard_map` and `jax.lax` collectives.
 
 One entry: `attention(op, out_axes, **args)`. The attention ops (`ops.attention.
 local_attention`, `ops.nsa.nsa_branches`, `ops.hysparse.hysparse_full_attention` and
-`selected_block_attention`) call it themselves when `applies(...)` (a mesh set with
+`ops.selection.selected_block_attention`) call it themselves when `applies(...)` (a mesh set with
 `jax.set_mesh` whose sequence axis is > 1, training / prefill shapes); they pass
 themselves as `op`, which inside the shard_map runs its plain path (the axis is manual
 there, so `active()` is False). Layers only call ops. This module imports no op (no
@@ -80,7 +80,7 @@ from sparse_jax import sharding
 TOKENS = ("batch", "seq", "heads", None)          # q / k / v / outputs `[B, T, H, D]`
 POSITIONS = ("batch", "seq")                      # `[B, T]`
 HEADS = ("heads",)                                # sink logits `[H]`
-HEAD_MAJOR = ("batch", "heads", "seq", None)      # per-token block lists `[B, Hkv, T, k]`
+HEAD_MAJOR = ("batch", "heads", "seq", None)      # head-major per-token arrays (NSA's p_cmp `[B, Hkv, T, N]`)
 
 
 def seq_axis(mesh=None) -> str | None:

@@ -33,6 +33,7 @@ from sparse_jax.ops import attention as attn_ops
 from sparse_jax.ops import hysparse as hs_ops
 from sparse_jax.ops import moba as moba_ops
 from sparse_jax.ops import nsa as nsa_ops
+from sparse_jax.ops import selection
 from sparse_jax.sharding import LOGICAL_AXIS_RULES, make_mesh, use_axis_rules
 from sparse_jax.train import make_sharded_train_step, train_step
 
@@ -152,7 +153,7 @@ def test_hysparse_full_and_sparse(mesh_name):
     def fn(q, k, v, q2, sinks):
         out, idx = hs_ops.hysparse_full_attention(q, k, v, pos, pos, block_size=HS_BLOCK, top_k_blocks=3,
                                                   sink_logits=sinks)
-        o2 = hs_ops.selected_block_attention(q2, k, v, pos, pos, idx, block_size=HS_BLOCK, sink_logits=sinks)
+        o2 = selection.selected_block_attention(q2, k, v, pos, pos, idx, block_size=HS_BLOCK, sink_logits=sinks)
         return out, idx, o2
 
     args = (_rand(0, B, T, H, D), _rand(1, B, T, HKV, D), _rand(2, B, T, HKV, D), _rand(3, B, T, H, D),

@@ -17,6 +17,7 @@ from sparse_jax.layers.moba import MoBAAttention
 from sparse_jax.models.lm import LMConfig, SparseLM
 from sparse_jax.ops import hysparse as hops
 from sparse_jax.ops import moba as mops
+from sparse_jax.ops import selection as sel
 from sparse_jax.ops.rope import apply_rope
 from gpu_testing import has_gpu
 
@@ -42,7 +43,7 @@ def test_sparse_layer_with_all_blocks_and_full_window_equals_full_attention():
     sp.sink_swa[...] = jnp.array([-0.3, 1.0, 0.2, 0.0])
     x, pos = _inputs(t=t)
     y_full, none, shared = full.forward(x, pos)
-    assert none is None and shared.block_indices.shape == (2, 2, t, 3)
+    assert none is None and shared.block_indices.shape == (2, t, 2, 3)
     np.testing.assert_allclose(full(x, pos)[0], y_full, atol=1e-6)
     o_sparse, o_swa, gates, _ = sp.branches(x, pos, shared=shared)
     q = _q(sp, x, pos)
@@ -68,11 +69,11 @@ def test_sparse_branch_matches_dense_block_mask_reference():
     _, _, shared = full.forward(x, pos)
     idx = shared.block_indices
     # per token: <= 2 blocks, all causal-visible, ascending, -1 only at the end
-    assert idx.shape == (b, 2, t, 2)
-    assert bool(jnp.all((idx == -1) | (idx * bs <= pos[:, None, :, None])))
-    assert bool(jnp.all(idx[:, :, 8:] >= 0)) and bool(jnp.all(idx[:, :, :8, 1] == -1))
+    assert idx.shape == (b, t, 2, 2)
+    assert bool(jnp.all((idx == -1) | (idx * bs <= pos[:, :, None, None])))
+    assert bool(jnp.all(idx[:, 8:] >= 0)) and bool(jnp.all(idx[:, :8, :, 1] == -1))
     o_sparse, _, _, _ = sp.branches(x, pos, shared=shared)
-    mask = hops.selected_block_mask(pos, shared.kv_positions, idx, bs)
+    mask = sel.selected_block_dense_mask(pos, shared.kv_positions, idx, bs)
     ref, _, _ = masked_attention(_q(sp, x, pos), shared.k, shared.v, mask, scale=CFG.head_dim ** -0.5,
                                  sink_logits=sp.sink_sparse[...])
     np.testing.assert_allclose(o_sparse, ref, atol=1e-5, rtol=1e-5)
@@ -99,15 +100,15 @@ def test_block_indices_from_kernel_equal_reference_scores():
     for tq in range(t):
         nvis = tq // bs + 1
         want = sorted(np.argsort(-s[0, :, tq, :nvis], kind="stable", axis=-1)[:, :2].tolist()[0]) if nvis else []
-        got = [i for i in np.asarray(idx_x[0, 0, tq]).tolist() if i >= 0]
+        got = [i for i in np.asarray(idx_x[0, tq, 0]).tolist() if i >= 0]
         assert got == want, (tq, got, want)
 
 
 def test_select_top_blocks_ties_go_to_lower_index():
-    scores = jnp.array([[0.5, 0.5, 0.5, 0.9]])
+    scores = jnp.array([[0.5, 0.5, 0.5, 0.9]])[None, None]                     # [B, Hkv, T, nK]
     vis = jnp.array([[True, True, True, False]])
-    np.testing.assert_array_equal(hops.select_top_blocks(scores, vis, 2), [[0, 1]])
-    np.testing.assert_array_equal(hops.select_top_blocks(scores, vis, 4), [[0, 1, 2, -1]])
+    np.testing.assert_array_equal(sel.select_top_k(scores, vis, 2)[0, 0], [[0, 1]])
+    np.testing.assert_array_equal(sel.select_top_k(scores, vis, 4)[0, 0], [[0, 1, 2, -1]])
 
 
 def _lm(spec, **kw):
@@ -168,7 +169,7 @@ def test_moba_selection_is_own_block_plus_top_past_blocks():
     kmean = np.asarray(k).reshape(b, t // bs, bs, hkv, d).mean(2)
     for tq in range(t):
         own = tq // bs
-        got = [i for i in idx[0, 0, tq].tolist() if i >= 0]
+        got = [i for i in idx[0, tq, 0].tolist() if i >= 0]
         if own == 0:
             assert got == [0]
             continue
@@ -218,10 +219,10 @@ def test_bad_configs_raise():
 def _union_mask(idx, bs, qb, pos, kv_pos, tk):
     """Dense reference of the query-block union: token t sees every block listed by any
     token of its query block, causally."""
-    b, hkv, tq, k = idx.shape
+    b, tq, hkv, k = idx.shape
     per_tok = np.zeros((b, hkv, tq, -(-tk // bs)), bool)
-    for bi, hi, ti, ki in zip(*np.nonzero(np.asarray(idx) >= 0)):
-        per_tok[bi, hi, ti, idx[bi, hi, ti, ki]] = True
+    for bi, ti, hi, ki in zip(*np.nonzero(np.asarray(idx) >= 0)):
+        per_tok[bi, hi, ti, idx[bi, ti, hi, ki]] = True
     union = np.zeros_like(per_tok)
     for t0 in range(0, tq, qb):
         union[:, :, t0:t0 + qb] = per_tok[:, :, t0:t0 + qb].any(2, keepdims=True)
@@ -240,8 +241,8 @@ def test_query_block_union_matches_dense_reference(impl, interpret, qb):
     pos = jnp.arange(t, dtype=jnp.int32)[None]
     _, idx = hops.hysparse_full_attention(q, k, v, pos, pos, block_size=bs, top_k_blocks=1, impl="xla")
     sinks = jnp.array([0.3, -0.2])
-    out = hops.selected_block_attention(q, k, v, pos, pos, idx, block_size=bs, query_block=qb,
-                                        sink_logits=sinks, impl=impl, interpret=interpret)
+    out = sel.selected_block_attention(q, k, v, pos, pos, idx, block_size=bs, query_block=qb,
+                                       sink_logits=sinks, impl=impl, interpret=interpret)
     ref, _, _ = masked_attention(q, k, v, _union_mask(idx, bs, qb, pos, pos, t), scale=d ** -0.5,
                                  sink_logits=sinks)
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
@@ -280,7 +281,7 @@ def _per_token_case(select: str, seed: int = 7):
     else:                                                      # HySparse: top-2 of random scores
         bmin = hops.block_min_positions(pos, bs)
         visible = (bmin[:, None, :] <= pos[:, :, None]) & (pos[:, :, None] >= 0)
-        idx = hops.select_top_blocks(jax.random.normal(ks, (b, hkv, t, 3)), visible[:, None], 2)
+        idx = sel.ascending(sel.select_top_k(jax.random.normal(ks, (b, hkv, t, 3)), visible[:, None], 2))
     return q, k, v, pos, idx, bs
 
 
@@ -294,11 +295,12 @@ def test_per_token_token_sparse_kernel_equals_block_sparse_xla_path(select):
     valid = (pos >= 0)[:, None, :]
 
     def new(q, k, v, s):
-        return hops.selected_block_attention(q, k, v, pos, pos, idx, block_size=bs, sink_logits=s,
-                                             return_lse=True, impl="triton", interpret=True)
+        return sel.selected_block_attention(q, k, v, pos, pos, idx, block_size=bs, sink_logits=s,
+                                            return_lse=True, impl="triton", interpret=True)
 
     def old(q, k, v, s):
-        return block_sparse_attention(q, k, v, hops.token_block_metadata(idx, bs), mask_fn=P.Causal(),
+        meta = sel.union_metadata(idx, pos, pos, block_size=bs, query_block=1)
+        return block_sparse_attention(q, k, v, meta, mask_fn=P.Causal(),
                                       q_positions=pos, kv_positions=pos, sink_logits=s,
                                       return_lse=True, impl="xla")
 

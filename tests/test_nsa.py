@@ -25,6 +25,7 @@ from sparse_jax.cache.nsa import NSACache
 from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.nsa import NSAAttention
 from sparse_jax.ops import nsa as ops
+from sparse_jax.ops import selection
 from sparse_jax.ops.nsa import NSAConfig
 from gpu_testing import has_gpu
 
@@ -467,7 +468,7 @@ def test_token_by_token_decode_matches_prefill(kv):
 
 def test_union_blocks():
     idx = jnp.asarray([[[[3, 0, -1]], [[0, 5, 2]]]])                      # [B=1, T=2, Hkv=1, n=3]
-    sel, counts = ops.union_blocks(idx, 7)
+    sel, counts = selection.block_lists(idx, 7)
     assert sel.shape == (1, 1, 6) and counts.tolist() == [[4]]
     assert np.asarray(sel)[0, 0, :4].tolist() == [0, 2, 3, 5]
 

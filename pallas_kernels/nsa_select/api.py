@@ -11,7 +11,7 @@ over each GQA group) and `lse [B, H, T]` is the cmp branch's log-sum-exp
 (`j < num_initial`, `j > t // l' - num_local`) first, ascending, then the best causal
 blocks (`j*l' <= t`) by descending importance, ties to the lower block; -1 for unused
 entries (few candidates, padded query). The kernels give the same order up to rounding
-of near-equal importances; consumers (`token_sparse`, `selection_metadata`) only need the
+of near-equal importances; consumers (`token_sparse`, `selection.union_metadata`) only need the
 set.
 
 Discrete output: no gradient (the inputs are `stop_gradient`-ed).

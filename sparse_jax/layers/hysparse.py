@@ -13,7 +13,7 @@ The contract for `shared` (pure, no state on the module):
   layer receives the latest `shared`.
 * `shared` is a `sparse_jax.ops.hysparse.HySparseShared`: the full layer's RoPE'd keys,
   values and their positions (position-indexed slots; the whole cache when decoding) and
-  `block_indices [B, Hkv, T, k]` for this call's queries.
+  `block_indices [B, T, Hkv, k]` for this call's queries.
 * `HySparseSparseAttention` requires `shared` (ValueError otherwise); it has no KV for its
   sparse branch. Its cache is a `HySparseSparseCache` holding only the SWA branch's own
   rolling KV (or nothing: with `swa_branch=False` or `swa_shares_kv=True` it is empty,
@@ -42,6 +42,7 @@ from sparse_jax.layers.attention import AttentionBase, AttentionConfig, output_p
 from sparse_jax.layers.base import AttentionLayer
 from sparse_jax.ops import attention as attn_ops
 from sparse_jax.ops import hysparse as ops
+from sparse_jax.ops import selection
 from sparse_jax.ops.hysparse import HySparseShared
 from sparse_jax.ops.masking import guard_kv
 from sparse_jax.ops.rope import apply_rope
@@ -182,7 +183,7 @@ class HySparseSparseAttention(AttentionLayer):
             raise ValueError("HySparseSparseAttention needs shared=HySparseShared from a preceding "
                              f"HySparseFullAttention, got {type(shared).__name__}")
         b, t = positions.shape
-        if shared.block_indices.shape[:3] != (b, c.num_kv_heads, t) or shared.k.shape[2] != c.num_kv_heads:
+        if shared.block_indices.shape[:3] != (b, t, c.num_kv_heads) or shared.k.shape[2] != c.num_kv_heads:
             raise ValueError(f"shared block_indices {shared.block_indices.shape} / keys {shared.k.shape} "
                              f"do not fit batch={b}, num_kv_heads={c.num_kv_heads}, T={t}")
         if cache is not None and not isinstance(cache, HySparseSparseCache):
@@ -190,7 +191,7 @@ class HySparseSparseAttention(AttentionLayer):
         proj = lambda w: jnp.einsum("btd,dhk->bthk", x, w[...].astype(c.dtype))
         rope = (lambda a: a) if c.rope_theta is None else (lambda a: apply_rope(a, positions, c.rope_theta))
         q = rope(proj(self.wq))
-        o_sparse = ops.selected_block_attention(
+        o_sparse = selection.selected_block_attention(
             q, shared.k, shared.v, positions, shared.kv_positions, shared.block_indices,
             block_size=shared.block_size, query_block=hs.query_block, sink_logits=self.sink_sparse[...],
             softcap=c.softcap, impl=c.impl)

@@ -32,6 +32,7 @@ from pallas_kernels.indexer import api as indexer_op
 from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax.ops.attention import DECODE_MAX_QUERIES
+from sparse_jax.ops import selection
 from sparse_jax.ops.mla import latent_kv
 
 STAGES = ("warmup", "sparse")
@@ -100,12 +101,9 @@ def indexer_topk(q_index, weights, k_index, q_positions, kv_positions, *, k: int
 
 
 def selected_mask(token_indices, num_slots: int):
-    """`[B, T, K]` slots (-1 = none) -> bool `[B, T, S]`."""
-    b, t, _ = token_indices.shape
-    slot = jnp.where(token_indices >= 0, token_indices, num_slots)
-    rows = jnp.arange(b)[:, None, None]
-    cols = jnp.arange(t)[None, :, None]
-    return jnp.zeros((b, t, num_slots + 1), bool).at[rows, cols, slot].set(True)[..., :num_slots]
+    """`[B, T, K]` slots (-1 = none) -> bool `[B, T, S]` (`selection.selected_mask`, one
+    shared latent head, blocks of one token)."""
+    return selection.selected_mask(token_indices[:, :, None], num_slots)[:, :, 0]
 
 
 def selected_attention(q_abs, c_kv, k_rope, token_indices, q_positions, kv_positions, *, scale: float,

@@ -29,11 +29,13 @@ branch with its own keys and values (the layer `sparse_jax.layers.nsa` projects 
   q, the compressed keys and the cmp branch's log-sum-exp, never writing `p_cmp`.
   `select_blocks` takes the top `num_selected` causal blocks per query, always including
   the first `num_initial` blocks and the `num_local` most recent ones (the query's own
-  block and the one before). Two granularities:
-    - "token" (the paper): each query attends to its own blocks (`selected_attention`);
+  block and the one before), through `sparse_jax.ops.selection.select_top_k`. Two
+  granularities, both `selection.selected_block_attention`:
+    - "token" (the paper): each query attends to its own blocks (`token_sparse` op;
+      `selected_attention` is its dense-mask reference);
     - "query_block": the union of the top-n of `query_block` consecutive queries (one
       query block of the call) is shared by all of them, so the branch runs on the
-      `block_sparse` op at full tile efficiency (`selection_metadata`). Query blocks are
+      `block_sparse` op at full tile efficiency (`selection.union_metadata`). Query blocks are
       blocks of the call's query axis, so a query's selection depends on the later
       queries of its block (not causal inside a block), and a decode step (one query)
       equals the prefill only when the calls cover whole query blocks (or query_block=1).
@@ -63,8 +65,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse import block_sparse_attention
-from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.common import masked_attention
 from pallas_kernels.compressed import compressed_attention as compressed_op
 from pallas_kernels.compressed.triton import causal as cmp_causal
@@ -72,12 +72,11 @@ from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
 from pallas_kernels.nsa_decode import nsa_decode, which_backend as nsa_decode_backend
 from pallas_kernels.nsa_select import nsa_select, which_backend as nsa_select_backend
-from pallas_kernels.nsa_select.reference import overlap_scores, top_blocks
-from pallas_kernels.token_sparse import token_sparse_attention
+from pallas_kernels.nsa_select.reference import overlap_scores
 from sparse_jax import context_parallel as cp
 from sparse_jax import patterns as P
+from sparse_jax.ops import selection
 from sparse_jax.ops.attention import DECODE_MAX_QUERIES
-from sparse_jax.patterns.metadata import _compact  # the one compaction of block flags
 
 SELECTION_MODES = ("token", "query_block")
 
@@ -246,11 +245,15 @@ def select_blocks(scores, q_positions, cfg: NSAConfig):
     scores: `[B, Hkv, T, Ns]` (one selection per KV head); q_positions `[B, T]`.
     Returns `block_indices [B, T, Hkv, min(n, Ns)] int32`, -1 for unused entries (few
     causal blocks, or a padded query). Candidates: blocks j with `j*l' <= t`; forced:
-    `j < num_initial` or `j > t // l' - num_local`. Ties go to the lower block index
-    (`pallas_kernels.nsa_select.reference.top_blocks`).
+    `j < num_initial` or `j > t // l' - num_local`. Order and ties: `selection.select_top_k`'s
+    (forced first, then by score, ties to the lower block index), the order of the
+    `nsa_select` kernels and of their reference `pallas_kernels.nsa_select.reference.top_blocks`.
     """
-    return top_blocks(scores, q_positions, sel_block=cfg.sel_block, num_selected=cfg.num_selected,
-                      num_initial=cfg.num_initial, num_local=cfg.num_local)
+    t = q_positions[:, None, :, None]                                        # [B, 1, T, 1]
+    j = jnp.arange(scores.shape[-1])
+    causal = (t >= 0) & (j * cfg.sel_block <= t)
+    forced = (j < cfg.num_initial) | (j > t // cfg.sel_block - cfg.num_local)
+    return selection.select_top_k(scores, causal, cfg.num_selected, forced=forced)
 
 
 def selects_on_kernels(impl: str, interpret, cfg: NSAConfig) -> bool:
@@ -281,68 +284,30 @@ def select_from_lse(q, k_cmp, lse, q_positions, cmp_positions, num_sel_blocks: i
                       num_local=cfg.num_local, impl=impl, interpret=interpret)
 
 
-def selected_block_mask(block_indices, num_sel_blocks: int):
-    """`[B, T, Hkv, n]` indices -> bool `[B, Hkv, T, Ns]` (True = selected)."""
-    hit = block_indices[..., None] == jnp.arange(num_sel_blocks)
-    return jnp.transpose(hit.any(-2), (0, 2, 1, 3))
-
-
 def selected_attention(q, k, v, q_positions, kv_positions, block_indices, cfg: NSAConfig, *,
                        scale=None):
     """slc branch, exact per-token selection: query t sees key s iff `s // l'` is one of its
-    selected blocks and `s <= t`. Dense-mask reference of `selected_attention_sparse`.
+    selected blocks and `s <= t` (keys position-indexed). Dense-mask reference of the
+    `token_sparse` path (`selection.selected_block_attention`).
 
     q `[B, T, H, D]`; k, v `[B, S, Hkv, D]` with `kv_positions [B, S]`; block_indices from
     `select_blocks`. Returns `[B, T, H, D]`.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s_len = k.shape[1]
-    ns = -(-s_len // cfg.sel_block)
-    sel = selected_block_mask(block_indices, ns)                             # [B, Hkv, T, Ns]
-    key_block = jnp.clip(kv_positions // cfg.sel_block, 0, ns - 1)           # [B, S]
-    idx = jnp.broadcast_to(key_block[:, None, None, :], sel.shape[:3] + (s_len,))
-    mask = jnp.take_along_axis(sel, idx, axis=-1)                            # [B, Hkv, T, S]
-    qp, kp = q_positions[:, None, :, None], kv_positions[:, None, None, :]
-    mask = mask & (qp >= 0) & (kp >= 0) & (kp <= qp)
+    mask = selection.selected_block_dense_mask(q_positions, kv_positions, block_indices, cfg.sel_block)
     out, _, _ = masked_attention(q, k, v, mask, scale=scale)
     return out
 
 
 def selected_attention_sparse(q, k, v, q_positions, kv_positions, block_indices, cfg: NSAConfig, *,
                               impl: str = "auto", interpret=False):
-    """`selected_attention` on the `token_sparse` op (block_size = l'): the Triton kernel
-    on GPU reads only the selected blocks, once per GQA group. Keys position-indexed."""
-    return token_sparse_attention(q, k, v, block_indices, block_size=cfg.sel_block,
-                                  q_positions=q_positions, kv_positions=kv_positions, causal=True,
-                                  impl=impl, interpret=interpret)
-
-
-def selection_metadata(block_indices, q_positions, kv_positions, cfg: NSAConfig) -> BlockSparseMetadata:
-    """Query-block-shared selection: the union of the selected blocks of `query_block`
-    consecutive queries (of this call), as `BlockSparseMetadata` over position-indexed keys
-    (`block_kv = l'`). A block is flagged full when every query of the query block is
-    valid and at or after the block's last token and the block's keys are all present.
-    """
-    b, t, hkv, n = block_indices.shape
-    bq, ls = cfg.query_block, cfg.sel_block
-    s_len = kv_positions.shape[1]
-    ns, nq = -(-s_len // ls), -(-t // bq)
-    pad = nq * bq - t
-    idx = jnp.pad(block_indices, [(0, 0), (0, pad), (0, 0), (0, 0)], constant_values=-1)
-    qblock = jnp.broadcast_to((jnp.arange(nq * bq) // bq)[None, :, None, None], idx.shape)
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None, None, None], idx.shape)
-    heads = jnp.broadcast_to(jnp.arange(hkv)[None, None, :, None], idx.shape)
-    present = jnp.zeros((b, hkv, nq, ns + 1), bool).at[
-        rows, heads, qblock, jnp.where(idx >= 0, idx, ns)].set(True)[..., :ns]
-    qpos = jnp.pad(q_positions, [(0, 0), (0, pad)], constant_values=-1).reshape(b, nq, bq)
-    q_first = jnp.where((qpos >= 0).all(-1), qpos.min(-1), -1)               # [B, nQ]
-    kpos = jnp.pad(kv_positions, [(0, 0), (0, ns * ls - s_len)], constant_values=-1)
-    kv_ok = (kpos.reshape(b, ns, ls) >= 0).all(-1)                           # [B, Ns]
-    block_last = (jnp.arange(ns) + 1) * ls - 1
-    full = (block_last <= q_first[:, :, None]) & kv_ok[:, None, :]           # [B, nQ, Ns]
-    full = present & full[:, None]
-    indices, counts, flags = _compact(present, full, min(n * bq, ns))
-    return BlockSparseMetadata(indices, counts, flags, block_q=bq, block_kv=ls)
+    """slc branch on the kernels: `selection.selected_block_attention` with block l' and the
+    configured granularity (exact on `token_sparse` in "token" mode, the union over
+    `query_block` queries on `block_sparse` in "query_block" mode). Keys position-indexed."""
+    query_block = 1 if cfg.selection == "token" else cfg.query_block
+    return selection.selected_block_attention(q, k, v, q_positions, kv_positions, block_indices,
+                                              block_size=cfg.sel_block, query_block=query_block,
+                                              impl=impl, interpret=interpret)
 
 
 def window_attention(q, k, v, q_positions, kv_positions, *, window: int, impl: str = "auto",
@@ -404,14 +369,8 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
         o_cmp, p_cmp = compressed_branch(q, k_cmp, v_cmp, q_positions, cmp_positions, impl=impl,
                                          interpret=interpret)
         block_indices = select_blocks(selection_scores(p_cmp, ns, cfg), q_positions, cfg)
-    if cfg.selection == "token":
-        o_slc = selected_attention_sparse(q, k_slc, v_slc, q_positions, slc_positions, block_indices,
-                                          cfg, impl=impl, interpret=interpret)
-    else:
-        meta = selection_metadata(block_indices, q_positions, slc_positions, cfg)
-        o_slc = block_sparse_attention(q, k_slc, v_slc, meta, mask_fn=P.Causal(),
-                                       q_positions=q_positions, kv_positions=slc_positions, impl=impl,
-                                       interpret=interpret)
+    o_slc = selected_attention_sparse(q, k_slc, v_slc, q_positions, slc_positions, block_indices, cfg,
+                                      impl=impl, interpret=interpret)
     o_win = window_attention(q, k_win, v_win, q_positions, win_positions, window=cfg.window, impl=impl,
                              interpret=interpret)
     return NSABranches(o_cmp, o_slc, o_win, block_indices, p_cmp)
@@ -423,19 +382,6 @@ def decodes(num_queries: int, cfg: NSAConfig) -> bool:
     selection)."""
     cap = DECODE_MAX_QUERIES if cfg.selection == "token" else min(DECODE_MAX_QUERIES, cfg.query_block)
     return num_queries <= cap
-
-
-def union_blocks(block_indices, num_sel_blocks: int):
-    """Distinct selected blocks of several queries: `[B, T, Hkv, n]` (-1 unused) ->
-    `(indices [B, Hkv, min(T*n, Ns)], counts [B, Hkv])`, the first `counts` entries valid
-    (ascending), the rest in range but ignored (the `decode` op's selected-block form)."""
-    b, t, hkv, n = block_indices.shape
-    idx = jnp.transpose(block_indices, (0, 2, 1, 3)).reshape(b, hkv, t * n)
-    present = jnp.zeros((b, hkv, num_sel_blocks + 1), bool).at[
-        jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None],
-        jnp.where(idx >= 0, idx, num_sel_blocks)].set(True)[..., :num_sel_blocks]
-    order = jnp.argsort(~present, axis=-1, stable=True)[..., :min(t * n, num_sel_blocks)]
-    return order.astype(jnp.int32), present.sum(-1).astype(jnp.int32)
 
 
 def nsa_decode_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, slc_positions,
@@ -466,7 +412,7 @@ def nsa_decode_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v
     spans = [(i, i + 1) for i in range(t)] if cfg.selection == "token" else [(0, t)]
     o_slc = []
     for lo, hi in spans:
-        idx, counts = union_blocks(block_indices[:, lo:hi], ns)
+        idx, counts = selection.block_lists(block_indices[:, lo:hi], ns)
         o_slc.append(decode_attention(q[:, lo:hi], k_slc, v_slc, kv_positions=slc_positions,
                                       q_positions=q_positions[:, lo:hi], block_indices=idx,
                                       block_counts=counts, block_size=cfg.sel_block, impl=impl,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode.api import decode_attention
+from sparse_jax.ops import selection
 
 ALWAYS_OPTIONS = ("first", "last")
 
@@ -124,17 +125,6 @@ def _check_scores(scores, valid_pages_):
         raise ValueError(f"valid_pages must be bool [{b}, {p}], got shape {jnp.shape(valid_pages_)}")
 
 
-def _pack(order, counts):
-    """Indices `[..., k]` whose first `counts` are chosen -> ascending chosen first, padding
-    entries repeating the last chosen one (in range, ignored by the kernel)."""
-    big = jnp.iinfo(jnp.int32).max
-    slot = jnp.arange(order.shape[-1])
-    idx = jnp.sort(jnp.where(slot < counts[..., None], order, big), axis=-1)
-    last = jnp.take_along_axis(idx, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-    idx = jnp.where(slot < counts[..., None], idx, jnp.where(counts[..., None] > 0, last, 0))
-    return idx.astype(jnp.int32), counts.astype(jnp.int32)
-
-
 def _forced(valid, always):
     """bool `[B, P]`: the pages `always` names (first / last valid page)."""
     for a in always:
@@ -168,12 +158,9 @@ def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIO
     _check_scores(scores, valid_pages)
     if not isinstance(budget_pages, int) or budget_pages < 1:
         raise ValueError(f"budget_pages must be an int >= 1, got {budget_pages!r}")
-    k = min(budget_pages, scores.shape[-1])
-    s = jnp.where(valid_pages[:, None], scores.astype(jnp.float32), -jnp.inf)
-    s = jnp.where(_forced(valid_pages, tuple(always))[:, None], jnp.inf, s)
-    _, order = jax.lax.top_k(s, k)
-    counts = jnp.minimum(valid_pages.sum(-1), k)[:, None] * jnp.ones(s.shape[:2], jnp.int32)
-    return _pack(order, counts)
+    forced = _forced(valid_pages, tuple(always))[:, None, None]
+    pages = selection.select_top_k(scores[:, :, None], valid_pages[:, None, None], budget_pages, forced=forced)
+    return selection.block_lists(pages, scores.shape[-1])
 
 
 def select_top_p(scores, p: float, valid_pages, max_pages: int | None = None):
@@ -203,7 +190,9 @@ def select_top_p(scores, p: float, valid_pages, max_pages: int | None = None):
     mass = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-30)
     before = jnp.cumsum(mass, -1) - mass                            # mass of the better pages
     counts = ((before < p) & (w > 0)).sum(-1)
-    return _pack(order[..., :width], jnp.minimum(counts, width))
+    slot = jnp.arange(width)
+    pages = jnp.where(slot < jnp.minimum(counts, width)[..., None], order[..., :width], -1)
+    return selection.block_lists(pages[:, None], scores.shape[-1])
 
 
 def quest_decode(q, k_cache, v_cache, kv_positions, *, page_size: int, budget_pages: int | None = None,

@@ -39,7 +39,8 @@ import numpy as np
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from sparse_jax import patterns as P
-from sparse_jax.patterns.metadata import _compact
+from sparse_jax.ops import selection
+from sparse_jax.patterns.metadata import compact_blocks
 
 PATTERNS = ("a_shape", "vertical_slash", "block_sparse")
 
@@ -174,10 +175,12 @@ def lines_to_blocks(columns, diagonals, block_size: int):
 
 
 def take_top(scores, count: int):
-    """bool mask of the top-`count` entries of `scores [..., N]` (ties to the lower index)."""
-    count = min(count, scores.shape[-1])
-    _, idx = jax.lax.top_k(scores, count)
-    return jnp.put_along_axis(jnp.zeros(scores.shape, bool), idx, True, axis=-1, inplace=False)
+    """bool mask of the top-`count` entries of `scores [..., N]` (-inf = not a candidate;
+    ties to the lower index: `selection.select_top_k` on the rows)."""
+    n = scores.shape[-1]
+    rows = scores.reshape(1, 1, -1, n)
+    idx = selection.select_top_k(rows, rows > -jnp.inf, count)                   # [1, rows, 1, k]
+    return selection.selected_mask(idx, n).reshape(scores.shape)
 
 
 def pooled_block_scores(q, k, positions, block_size: int, scale):
@@ -206,7 +209,7 @@ def blocks_to_metadata(head_blocks, positions, block_size: int, num_kv_heads: in
     present = (union | jnp.eye(n, dtype=bool)) & reach
     full = (reach & (hi[:, None, :] <= lo[:, :, None])[:, None]
             & ~pad[:, None, :, None] & ~pad[:, None, None, :])
-    idx, cnt, flags = _compact(present, full, n if max_blocks is None else int(max_blocks))
+    idx, cnt, flags = compact_blocks(present, full, n if max_blocks is None else int(max_blocks))
     return BlockSparseMetadata(idx, cnt, flags, block_size, block_size)
 
 
@@ -240,7 +243,7 @@ def block_sparse_blocks(q, k, positions, budget: MInferenceBudget, scale=None):
     """Block-sparse mask `[B, H, nQ, nK]`: top `top_blocks` per query block by pooled scores."""
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     s = pooled_block_scores(q, k, positions, budget.block_size, _scale(q, scale))
-    return take_top(s, budget.top_blocks) & jnp.isfinite(s)
+    return take_top(s, budget.top_blocks)
 
 
 PATTERN_BLOCKS = {

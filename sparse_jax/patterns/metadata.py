@@ -53,8 +53,14 @@ def _block_flags(pattern, q_pos, kv_pos, q_seg, kv_seg, block_q, block_kv):
 _PAD = np.iinfo(np.int32).min
 
 
-def _compact(present, full, max_blocks):
-    """[..., nK] flags -> (indices, counts, full flags) with `max_blocks` slots."""
+def compact_blocks(present, full, max_blocks):
+    """Block flags `[..., nK]` -> `(indices, counts, full flags)` with `max_blocks` slots.
+
+    The present blocks in ascending order; slots past `counts` repeat the last present
+    block (0 where none), so they stay in range and a kernel that reads them loads nothing
+    new; their flags are False. The one compaction of block flags (patterns' metadata and
+    `sparse_jax.ops.selection`).
+    """
     order = jnp.argsort(~present, axis=-1, stable=True).astype(jnp.int32)
     order = order[..., :max_blocks]
     if order.shape[-1] < max_blocks:   # more slots than KV blocks: padding entries
@@ -111,7 +117,7 @@ def block_metadata(pattern: Pattern, q_positions, kv_positions, block_q: int, bl
         worst = int(counts_needed.max()) if counts_needed.size else 0
         if worst > max_blocks:
             raise ValueError(f"max_blocks={max_blocks} but a query block needs {worst} KV blocks")
-    indices, counts, flags = _compact(present, full, max_blocks)
+    indices, counts, flags = compact_blocks(present, full, max_blocks)
     shape = (indices.shape[0], num_kv_heads) + indices.shape[1:]
     return BlockSparseMetadata(
         kv_block_indices=jnp.broadcast_to(indices[:, None], shape),
@@ -141,7 +147,7 @@ def _static_metadata(pattern, q_len, kv_len, block_q, block_kv, num_kv_heads, ma
         max_blocks = max(needed, 1) if max_blocks is None else max_blocks
         if needed > max_blocks:
             raise ValueError(f"max_blocks={max_blocks} but a query block needs {needed} KV blocks")
-        indices, counts, flags = (np.asarray(a) for a in _compact(present, full, max_blocks))
+        indices, counts, flags = (np.asarray(a) for a in compact_blocks(present, full, max_blocks))
     shape = (1, num_kv_heads) + indices.shape[1:]
     return BlockSparseMetadata(
         kv_block_indices=np.broadcast_to(indices[:, None], shape),
