@@ -16,10 +16,9 @@ import types
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytest.importorskip("nbformat")        # build_notebooks imports it (the `test` extra)
 sys.path.insert(0, str(ROOT / "colab"))
 import build_notebooks  # noqa: E402
-
-pytest.importorskip("nbformat")
 
 
 def run_setup(monkeypatch, cwd, git_url=None):

@@ -89,8 +89,8 @@ class AttentionConfig:
             raise ValueError(f"softcap must be > 0 or None, got {self.softcap}")
 
 
-_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-_out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+fan_in_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+out_proj_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
 
 
 def output_params(rngs: nnx.Rngs, config: AttentionConfig, *, value_dim: int | None = None,
@@ -105,9 +105,9 @@ def output_params(rngs: nnx.Rngs, config: AttentionConfig, *, value_dim: int | N
     """
     h, d, pd = config.num_heads, config.d_model, config.param_dtype
     dv = config.head_dim if value_dim is None else value_dim
-    wo = param(rngs, _out_init, (h, dv, d), ("heads", "head_dim", "embed"), pd)
+    wo = param(rngs, out_proj_init, (h, dv, d), ("heads", "head_dim", "embed"), pd)
     sinks = param(rngs, nnx.initializers.zeros_init(), (h,), ("heads",), pd) if learned_sinks else None
-    wg = param(rngs, _init, (d, h, dv), ("embed", "heads", "head_dim"), pd) if config.output_gate else None
+    wg = param(rngs, fan_in_init, (d, h, dv), ("embed", "heads", "head_dim"), pd) if config.output_gate else None
     return wo, sinks, wg
 
 
@@ -124,9 +124,9 @@ class AttentionBase(AttentionLayer):
         c = self.config = config
         h, hkv, hd, d = c.num_heads, c.num_kv_heads, c.head_dim, c.d_model
         pd = c.param_dtype
-        self.wq = param(rngs, _init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
-        self.wk = param(rngs, _init, (d, hkv, hd), ("embed", "kv_heads", "head_dim"), pd)
-        self.wv = param(rngs, _init, (d, hkv, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.wq = param(rngs, fan_in_init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
+        self.wk = param(rngs, fan_in_init, (d, hkv, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.wv = param(rngs, fan_in_init, (d, hkv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.wo, self.sink_logits, self.wg = output_params(rngs, c, learned_sinks=c.learned_sinks)
         zeros = nnx.initializers.zeros_init()
         self.bq, self.bk, self.bv = (

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_jax.cache.csa import CSACache
-from sparse_jax.layers.attention import AttentionConfig
+from sparse_jax.layers.attention import AttentionConfig, fan_in_init, out_proj_init
 from sparse_jax.layers.base import AttentionLayer
-from sparse_jax.layers.mla import _init, _init_2in, check_config, check_inputs
+from sparse_jax.layers.mla import check_config, check_inputs
 from sparse_jax.ops import csa as ops
 from sparse_jax.ops import dsa as dops
 from sparse_jax.ops.csa import CSAConfig
@@ -44,22 +44,22 @@ class CompressedAttention(AttentionLayer):
         self.config, self.csa = config, csa
         d, h, dh, pd = config.d_model, config.num_heads, csa.head_dim, config.param_dtype
         w, parts = csa.record_window, csa.parts
-        self.wq = param(rngs, _init, (d, h, dh), ("embed", "heads", "head_dim"), pd)
+        self.wq = param(rngs, fan_in_init, (d, h, dh), ("embed", "heads", "head_dim"), pd)
         self.cmp_state = param(rngs, _init_2in_parts, (parts, d, dh), (None, "embed", "head_dim"), pd)
         self.cmp_score = param(rngs, _init_2in_parts, (parts, d, dh), (None, "embed", "head_dim"), pd)
         self.cmp_ape = param(rngs, nnx.initializers.zeros_init(), (w, dh), (None, "head_dim"), pd)
         self.cmp_norm = param(rngs, nnx.initializers.ones_init(), (dh,), ("norm",), pd)
         if csa.window:
-            self.win_kv = param(rngs, _init, (d, dh), ("embed", "head_dim"), pd)
+            self.win_kv = param(rngs, fan_in_init, (d, dh), ("embed", "head_dim"), pd)
             self.win_norm = param(rngs, nnx.initializers.ones_init(), (dh,), ("norm",), pd)
         if csa.top_k is not None:
             hi, di = csa.index_heads, csa.index_head_dim
-            self.index_wq = param(rngs, _init, (d, hi, di), ("embed", "index_heads", "index_dim"), pd)
-            self.index_ww = param(rngs, _init, (d, hi), ("embed", "index_heads"), pd)
+            self.index_wq = param(rngs, fan_in_init, (d, hi, di), ("embed", "index_heads", "index_dim"), pd)
+            self.index_ww = param(rngs, fan_in_init, (d, hi), ("embed", "index_heads"), pd)
             self.index_state = param(rngs, _init_2in_parts, (parts, d, di), (None, "embed", "index_dim"), pd)
             self.index_score = param(rngs, _init_2in_parts, (parts, d, di), (None, "embed", "index_dim"), pd)
             self.index_ape = param(rngs, nnx.initializers.zeros_init(), (w, di), (None, "index_dim"), pd)
-        self.wo = param(rngs, _init_2in, (h, dh, d), ("heads", "head_dim", "embed"), pd)
+        self.wo = param(rngs, out_proj_init, (h, dh, d), ("heads", "head_dim", "embed"), pd)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> CSACache:
         c, s = self.config, self.csa

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_jax.cache.mla import DSACache
-from sparse_jax.layers.attention import AttentionConfig
-from sparse_jax.layers.mla import MLAAttention, _init, check_inputs
+from sparse_jax.layers.attention import AttentionConfig, fan_in_init
+from sparse_jax.layers.mla import MLAAttention, check_inputs
 from sparse_jax.ops import dsa as dops
 from sparse_jax.ops import mla as mops
 from sparse_jax.ops.dsa import DSAConfig
@@ -54,9 +54,9 @@ class DSAAttention(MLAAttention):
             raise ValueError(f"dsa must be a DSAConfig, got {type(dsa).__name__}")
         self.dsa = dsa
         d, hi, di, pd = config.d_model, dsa.index_heads, dsa.index_head_dim, config.param_dtype
-        self.index_wq = param(rngs, _init, (d, hi, di), ("embed", "index_heads", "index_dim"), pd)
-        self.index_wk = param(rngs, _init, (d, di), ("embed", "index_dim"), pd)
-        self.index_ww = param(rngs, _init, (d, hi), ("embed", "index_heads"), pd)
+        self.index_wq = param(rngs, fan_in_init, (d, hi, di), ("embed", "index_heads", "index_dim"), pd)
+        self.index_wk = param(rngs, fan_in_init, (d, di), ("embed", "index_dim"), pd)
+        self.index_ww = param(rngs, fan_in_init, (d, hi), ("embed", "index_heads"), pd)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> DSACache:
         m = self.mla

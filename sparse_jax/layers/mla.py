@@ -20,16 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_jax.cache.mla import MLACache
-from sparse_jax.layers.attention import AttentionConfig, output_params
+from sparse_jax.layers.attention import AttentionConfig, fan_in_init, output_params
 from sparse_jax.layers.base import AttentionLayer
-from sparse_jax.layers.attention import _out_init as _init_2in  # noqa: F401 (csa.py imports it from here)
 from sparse_jax.ops import mla as ops
 from sparse_jax.ops.masking import guard_kv
 from sparse_jax.ops.mla import MLAConfig
 from sparse_jax.ops.rope import apply_rope
 from sparse_jax.sharding import param
 
-_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
 def check_inputs(config: AttentionConfig, x, positions):
@@ -66,16 +64,16 @@ class MLAAttention(AttentionLayer):
         d, h, pd = config.d_model, config.num_heads, config.param_dtype
         dc, dn, dr, dv = mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
         if mla.q_lora_rank is None:
-            self.wq = param(rngs, _init, (d, h, dn + dr), ("embed", "heads", "head_dim"), pd)
+            self.wq = param(rngs, fan_in_init, (d, h, dn + dr), ("embed", "heads", "head_dim"), pd)
         else:
             rq = mla.q_lora_rank
-            self.wq_a = param(rngs, _init, (d, rq), ("embed", "q_lora"), pd)
+            self.wq_a = param(rngs, fan_in_init, (d, rq), ("embed", "q_lora"), pd)
             self.q_norm = param(rngs, nnx.initializers.ones_init(), (rq,), ("norm",), pd)
-            self.wq = param(rngs, _init, (rq, h, dn + dr), ("q_lora", "heads", "head_dim"), pd)
-        self.wkv_a = param(rngs, _init, (d, dc + dr), ("embed", "kv_lora"), pd)
+            self.wq = param(rngs, fan_in_init, (rq, h, dn + dr), ("q_lora", "heads", "head_dim"), pd)
+        self.wkv_a = param(rngs, fan_in_init, (d, dc + dr), ("embed", "kv_lora"), pd)
         self.kv_norm = param(rngs, nnx.initializers.ones_init(), (dc,), ("norm",), pd)
-        self.w_uk = param(rngs, _init, (dc, h, dn), ("kv_lora", "heads", "head_dim"), pd)
-        self.w_uv = param(rngs, _init, (dc, h, dv), ("kv_lora", "heads", "head_dim"), pd)
+        self.w_uk = param(rngs, fan_in_init, (dc, h, dn), ("kv_lora", "heads", "head_dim"), pd)
+        self.w_uv = param(rngs, fan_in_init, (dc, h, dv), ("kv_lora", "heads", "head_dim"), pd)
         self.wo, _, _ = output_params(rngs, config, value_dim=dv)     # no gate (check_config)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> MLACache:

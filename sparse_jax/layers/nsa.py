@@ -28,7 +28,7 @@ from flax import nnx
 
 from sparse_jax.cache.kv import FullKVCache
 from sparse_jax.cache.nsa import CompressedKV, NSACache
-from sparse_jax.layers.attention import AttentionConfig, output_params
+from sparse_jax.layers.attention import AttentionConfig, fan_in_init, output_params
 from sparse_jax.layers.base import AttentionLayer
 from sparse_jax.ops import nsa as ops
 from sparse_jax.ops.masking import guard_kv
@@ -36,7 +36,6 @@ from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.ops.rope import apply_rope
 from sparse_jax.sharding import param
 
-_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 BRANCHES = ("cmp", "slc", "win")
 
 
@@ -51,7 +50,7 @@ class Compressor(nnx.Module):
                              ("cmp_block", "kv_heads", "head_dim"), param_dtype)
         self.w1 = param(rngs, w1_init, (l, hd, hidden), ("cmp_block", "head_dim", "cmp_mlp"), param_dtype)
         self.b1 = param(rngs, nnx.initializers.zeros_init(), (hidden,), ("cmp_mlp",), param_dtype)
-        self.w2 = param(rngs, _init, (hidden, hd), ("cmp_mlp", "head_dim"), param_dtype)
+        self.w2 = param(rngs, fan_in_init, (hidden, hd), ("cmp_mlp", "head_dim"), param_dtype)
         self.b2 = param(rngs, nnx.initializers.zeros_init(), (hd,), ("head_dim",), param_dtype)
 
     def __call__(self, blocks):
@@ -80,14 +79,14 @@ class NSAAttention(AttentionLayer):
         self.config, self.nsa, self.interpret = config, nsa, interpret
         c = config
         h, hkv, hd, d, pd = c.num_heads, c.num_kv_heads, c.head_dim, c.d_model, c.param_dtype
-        self.wq = param(rngs, _init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
+        self.wq = param(rngs, fan_in_init, (d, h, hd), ("embed", "heads", "head_dim"), pd)
         for name in BRANCHES:
-            setattr(self, f"wk_{name}", param(rngs, _init, (d, hkv, hd), ("embed", "kv_heads", "head_dim"), pd))
-            setattr(self, f"wv_{name}", param(rngs, _init, (d, hkv, hd), ("embed", "kv_heads", "head_dim"), pd))
+            setattr(self, f"wk_{name}", param(rngs, fan_in_init, (d, hkv, hd), ("embed", "kv_heads", "head_dim"), pd))
+            setattr(self, f"wv_{name}", param(rngs, fan_in_init, (d, hkv, hd), ("embed", "kv_heads", "head_dim"), pd))
         hidden = nsa.cmp_mlp_dim or 2 * hd
         self.phi_k = Compressor(nsa.cmp_block, hkv, hd, hidden, param_dtype=pd, rngs=rngs)
         self.phi_v = Compressor(nsa.cmp_block, hkv, hd, hidden, param_dtype=pd, rngs=rngs)
-        self.w_gate = param(rngs, _init, (d, h, 3), ("embed", "heads", None), pd)
+        self.w_gate = param(rngs, fan_in_init, (d, h, 3), ("embed", "heads", None), pd)
         self.b_gate = param(rngs, nnx.initializers.zeros_init(), (h, 3), ("heads", None), pd)
         self.wo, _, self.wg = output_params(rngs, c)
 

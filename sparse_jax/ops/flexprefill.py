@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from sparse_jax import patterns as P
-from sparse_jax.ops.sparse_prefill import (_blocks_of, _scale, block_extents, blocks_to_metadata,
+from sparse_jax.ops.sparse_prefill import (blocks_of, logit_scale, block_extents, blocks_to_metadata,
                                            causal_probs, check_prefill_args, group_heads, last_queries, lines_to_blocks,
                                            pooled_block_scores, vertical_slash_scores)
 
@@ -92,11 +92,11 @@ def flexprefill_blocks(q, k, positions=None, config: FlexPrefillConfig = FlexPre
     """Per-query-head block masks `[B, H, nQ, nK]` and the choice `query_aware [B, H]`."""
     positions = check_prefill_args(q, k, positions)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    bs, sc = config.block_size, _scale(q, scale)
+    bs, sc = config.block_size, logit_scale(q, scale)
     q_last, slots, pos = last_queries(q, positions, config.num_last)
     probs = causal_probs(q_last, pos, k, positions, sc)                           # [B, H, n, T]
     nvalid = jnp.maximum((pos >= 0).sum(-1), 1)[:, None, None]
-    a_bar = _blocks_of(jnp.moveaxis(probs.sum(2), 2, 1), bs, 0.0).sum(2)          # [B, nK, H]
+    a_bar = blocks_of(jnp.moveaxis(probs.sum(2), 2, 1), bs, 0.0).sum(2)          # [B, nK, H]
     a_bar = jnp.moveaxis(a_bar, 1, 2) / nvalid                                     # [B, H, nK]
     qmask = (pos >= 0)[:, :, None, None]
     pooled_q = (q_last.astype(jnp.float32) * qmask).sum(1, keepdims=True) / nvalid[..., None]
@@ -117,8 +117,8 @@ def flexprefill_blocks(q, k, positions=None, config: FlexPrefillConfig = FlexPre
 
 def _pooled_row(pooled_q, k, positions, block_size, scale):
     """`pooled_q [B, 1, H, D]` times every mean-pooled key block: `[B, H, nK]`."""
-    valid = _blocks_of(positions >= 0, block_size, False)[..., None, None]
-    kb = _blocks_of(group_heads(k, pooled_q.shape[2]).astype(jnp.float32), block_size, 0.0)
+    valid = blocks_of(positions >= 0, block_size, False)[..., None, None]
+    kb = blocks_of(group_heads(k, pooled_q.shape[2]).astype(jnp.float32), block_size, 0.0)
     pk = (kb * valid).sum(2) / jnp.maximum(valid.sum(2), 1)                        # [B, nK, H, D]
     return jnp.einsum("bhd,bjhd->bhj", pooled_q[:, 0], pk) * scale
 

@@ -93,7 +93,7 @@ def _check_block_size(block_size):
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
 
 
-def _blocks_of(x, block_size, fill):
+def blocks_of(x, block_size, fill):
     """`[B, T, ...] -> [B, n, block_size, ...]`, padded with `fill`."""
     t = x.shape[1]
     n = -(-t // block_size)
@@ -106,7 +106,7 @@ def block_extents(positions, block_size: int):
     """Per block `[B, n]`: smallest and largest valid position (big / -1 when none) and
     whether the block holds any padding (negative position or past the end)."""
     big = jnp.iinfo(jnp.int32).max
-    pos = _blocks_of(positions, block_size, -1)
+    pos = blocks_of(positions, block_size, -1)
     lo = jnp.where(pos >= 0, pos, big).min(-1)
     hi = pos.max(-1)
     return lo, hi, (pos < 0).any(-1)
@@ -161,10 +161,10 @@ def lines_to_blocks(columns, diagonals, block_size: int):
     `[B, H, nQ, nK]` (`nQ = nK`) of every block containing a chosen element (a superset)."""
     b, h, t = columns.shape
     n = -(-t // block_size)
-    col = _blocks_of(jnp.moveaxis(columns, 2, 1), block_size, False).any(2)       # [B, n, H]
+    col = blocks_of(jnp.moveaxis(columns, 2, 1), block_size, False).any(2)       # [B, n, H]
     col = jnp.moveaxis(col, 1, 2)                                                 # [B, H, n]
     # offset o = m * bs + r covers block diagonals m (and m + 1 when r > 0).
-    diag = _blocks_of(jnp.moveaxis(diagonals, 2, 1), block_size, False)          # [B, n, bs, H]
+    diag = blocks_of(jnp.moveaxis(diagonals, 2, 1), block_size, False)          # [B, n, bs, H]
     on_m = diag.any(2)
     on_next = diag[:, :, 1:].any(2)
     band = on_m | jnp.pad(on_next, ((0, 0), (1, 0), (0, 0)))[:, :n]
@@ -186,10 +186,10 @@ def take_top(scores, count: int):
 def pooled_block_scores(q, k, positions, block_size: int, scale):
     """Mean-pooled query block times mean-pooled key block, `[B, H, nQ, nK]` float32,
     -inf where the KV block is not reachable from the query block."""
-    valid = _blocks_of(positions >= 0, block_size, False)[..., None, None]        # [B, n, bs, 1, 1]
+    valid = blocks_of(positions >= 0, block_size, False)[..., None, None]        # [B, n, bs, 1, 1]
 
     def pool(x):
-        xb = _blocks_of(x.astype(jnp.float32), block_size, 0.0)
+        xb = blocks_of(x.astype(jnp.float32), block_size, 0.0)
         return (xb * valid).sum(2) / jnp.maximum(valid.sum(2), 1)
 
     s = jnp.einsum("bihd,bjhd->bhij", pool(q), pool(group_heads(k, q.shape[2]))) * scale
@@ -213,7 +213,7 @@ def blocks_to_metadata(head_blocks, positions, block_size: int, num_kv_heads: in
     return BlockSparseMetadata(idx, cnt, flags, block_size, block_size)
 
 
-def _scale(q, scale):
+def logit_scale(q, scale):
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
@@ -233,7 +233,7 @@ def vertical_slash_blocks(q, k, positions, budget: MInferenceBudget, scale=None)
     """Vertical-slash block mask `[B, H, nQ, nK]` estimated from the last `last_q` queries."""
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     q_last, slots, pos = last_queries(q, positions, budget.last_q)
-    probs = causal_probs(q_last, pos, k, positions, _scale(q, scale))
+    probs = causal_probs(q_last, pos, k, positions, logit_scale(q, scale))
     vertical, slash = vertical_slash_scores(probs, slots)
     return lines_to_blocks(take_top(vertical, budget.num_vertical), take_top(slash, budget.num_slash),
                            budget.block_size)
@@ -242,7 +242,7 @@ def vertical_slash_blocks(q, k, positions, budget: MInferenceBudget, scale=None)
 def block_sparse_blocks(q, k, positions, budget: MInferenceBudget, scale=None):
     """Block-sparse mask `[B, H, nQ, nK]`: top `top_blocks` per query block by pooled scores."""
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    s = pooled_block_scores(q, k, positions, budget.block_size, _scale(q, scale))
+    s = pooled_block_scores(q, k, positions, budget.block_size, logit_scale(q, scale))
     return take_top(s, budget.top_blocks)
 
 
@@ -306,7 +306,7 @@ def block_mask_recall(q, k, head_blocks, block_size: int, positions=None, scale=
     averaged over batch rows and valid queries), `[H]`. Dense `T x T`: calibration sizes."""
     positions = check_prefill_args(q, k, positions)
     t = q.shape[1]
-    probs = causal_probs(q, positions, k, positions, _scale(q, scale))          # [B, H, T, T]
+    probs = causal_probs(q, positions, k, positions, logit_scale(q, scale))          # [B, H, T, T]
     inside = jnp.repeat(jnp.repeat(head_blocks, block_size, 2), block_size, 3)[:, :, :t, :t]
     mass = jnp.where(inside, probs, 0.0).sum(-1)                                 # [B, H, T]
     valid = (positions >= 0)[:, None]
