@@ -419,3 +419,26 @@ def test_triton_dkdv_chunks_compiled_on_gpu():
         with jax.default_matmul_precision("highest"):
             want = run_vjp("xla", args, idx, kw, cot)
         assert_matches(got, want, tol=3e-3)
+
+
+def test_out_of_range_indices_under_jit_are_reported_by_checkify():
+    """Issue 17 item 10: concrete out-of-range indices raise; under `jit` an out-of-range entry
+    attends nothing (like -1 padding) and `checkify` reports it."""
+    from jax.experimental import checkify
+
+    from pallas_kernels.token_sparse.api import token_sparse_attention
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+               for s in ((1, 4, 2, 8), (1, 6, 1, 8), (1, 6, 1, 8)))
+    good = jnp.asarray([[[[0, -1]], [[0, 1]], [[2, 1]], [[3, 0]]]], jnp.int32)
+    bad = good.at[0, 3, 0, 1].set(6)                 # 6 keys: index 6 is out of range
+    with pytest.raises(ValueError, match="indices must be < 6"):
+        token_sparse_attention(q, k, v, bad, impl="xla")
+    fn = jax.jit(lambda idx: token_sparse_attention(q, k, v, idx, impl="xla"))
+    padded = good.at[0, 3, 0, 1].set(-1)
+    np.testing.assert_allclose(fn(bad), fn(padded), rtol=0, atol=0)
+    err, _ = checkify.checkify(fn)(bad)
+    with pytest.raises(checkify.JaxRuntimeError, match="indices must be < 6"):
+        err.throw()
+    err, _ = checkify.checkify(fn)(good)
+    assert err.get() is None

@@ -20,6 +20,7 @@ reference takes the union; a kernel would count a repeated block twice).
 from __future__ import annotations
 
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
 
 from pallas_kernels import common
@@ -34,7 +35,10 @@ IMPLEMENTATIONS = {"xla": token_sparse_reference, "triton": token_sparse_triton,
 
 
 def check_indices(indices, b: int, t: int, hkv: int, num_blocks: int):
-    """`indices` must be int `[B, T, Hkv, K >= 1]`; concrete entries must be < num_blocks."""
+    """`indices` must be int `[B, T, Hkv, K >= 1]` with entries < num_blocks: checked here
+    when concrete (ValueError); under `jit` an out-of-range entry attends nothing (as -1
+    padding) and a `checkify.debug_check` fails, reported to callers that wrap the function
+    with `jax.experimental.checkify.checkify`."""
     shape = jnp.shape(indices)
     if len(shape) != 4 or shape[:3] != (b, t, hkv) or shape[3] < 1:
         raise ValueError(f"indices must be int [{b}, {t}, {hkv}, K >= 1] (batch, query, kv head, "
@@ -42,7 +46,11 @@ def check_indices(indices, b: int, t: int, hkv: int, num_blocks: int):
     indices = jnp.asarray(indices)
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise ValueError(f"indices must be integer, got {indices.dtype}")
-    if not isinstance(indices, jax.core.Tracer):
+    if isinstance(indices, jax.core.Tracer):
+        checkify.debug_check(jnp.all(indices < num_blocks),
+                             f"token_sparse: indices must be < {num_blocks} (the number of KV "
+                             "blocks: ceil(S / block_size))")
+    else:
         with jax.ensure_compile_time_eval():        # a device-side max: one scalar to host
             top = int(jnp.max(indices))
         if top >= num_blocks:
