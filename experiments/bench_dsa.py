@@ -52,8 +52,7 @@ from experiments.bench_decode import copy_bandwidth, median_time, rel, repeated
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
 from pallas_kernels.indexer.api import chunk_scores_reference, chunk_scores_triton, indexer_topk
-from pallas_kernels.mla_decode.api import MlaDecodeTritonConfig, mla_decode
-from pallas_kernels.mla_decode.triton import geometry as mla_geometry   # the launch plan, reported
+from pallas_kernels.mla_decode.api import MlaDecodeTritonConfig, mla_decode, triton_launch_plan
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import patterns as P
 
@@ -249,7 +248,7 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
                             mla_decode(*args2, indices=sels[0][:2], **ref_kw, impl="xla"))
     row["dense_err"] = rel(jax.jit(mla())(qs[0], c_kv, k_rope)[:2],
                            mla_decode(*args2, indices=None, **ref_kw, impl="xla"))
-    geo = mla_geometry(qs[0], c_kv, k_rope, sels[0], MlaDecodeTritonConfig(), None)
+    geo = triton_launch_plan(qs[0], c_kv, k_rope, sels[0])
     auto = geo.num_splits
     sp = timed(mla(), c_kv, k_rope, sels_=sels)
     row.update(sparse_auto_splits=auto, sparse_auto_us=sp * 1e6, row_parts=geo.parts)

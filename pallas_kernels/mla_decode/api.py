@@ -153,3 +153,9 @@ def _bwd(fn, kw, res, cot):
 
 
 _with_reference_vjp.defvjp(_fwd, _bwd)
+
+
+def triton_launch_plan(q_abs, c_kv, k_rope, indices=None, *, config=None, num_splits=None):
+    """The Triton backend's launch plan for a call (row tiles, KV block, splits: its
+    `Geometry`), what the benchmarks report beside their timings. Shapes as `mla_decode`."""
+    return triton.geometry(q_abs, c_kv, k_rope, indices, config or MlaDecodeTritonConfig(), num_splits)
