@@ -62,7 +62,8 @@ def tiny_config(spec: str, dtype=jnp.float32) -> LMConfig:
 
 class Stack(nnx.Module):
     """The layers of a spec, each called on the same input; returns the last one's output.
-    A layer that produces `shared` (HySparse's full layer) hands it to the ones after it."""
+    Every layer is called through `forward`, which hands `shared` on (HySparse's full layer
+    returns its own: `sparse_jax.layers.base.AttentionLayer`)."""
 
     def __init__(self, spec: str, dtype, seed: int = 0):
         config, rngs = tiny_config(spec, dtype), nnx.Rngs(seed)
@@ -75,10 +76,7 @@ class Stack(nnx.Module):
         shared, new = None, []
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
-            if getattr(layer, "produces_shared", False):
-                y, cache, shared = layer.forward(x, positions, cache)
-            else:
-                y, cache = layer(x, positions, cache, shared)
+            y, cache, shared = layer.forward(x, positions, cache, shared)
             new.append(cache)
         return y, (None if caches is None else new)
 

@@ -237,7 +237,7 @@ def test_shared_goes_through_forward_of_every_layer():
     _, _, passed = model.blocks[1].attn.forward(x, pos, None, marker)
     assert passed is marker
     _, _, made = model.blocks[0].attn.forward(x, pos, None, marker)
-    assert made is not marker and made.block_indices.shape[:3] == (1, 2, 8)
+    assert made is not marker and made.block_indices.shape[:3] == (1, 8, 2)     # [B, T, Hkv, k]
 
 
 def test_jit_decode_past_max_len_is_reported_by_checkify():
