@@ -16,9 +16,10 @@ block_sparse (random block metadata at --densities, and causal) vs density x den
 and cuDNN (non-causal), H=16/16 and 16/4:
   PYTHONPATH=. python experiments/bench_kernels.py --block_sparse --heads 16:16,16:4 \
       --seq_lens 16384,65536 --out /tmp/bench_block_sparse.json
-Mosaic GPU forward (impl='mosaic_gpu', Hopper) beside Triton and cuDNN, causal, H=16:
-  PYTHONPATH=. python experiments/bench_kernels.py --mosaic_gpu --heads 16:16 --nobackward \
-      --seq_lens 16384,65536 --mosaic_stages 2,3 --out /tmp/bench_mosaic_gpu.json
+Mosaic GPU forward and forward+backward (impl='mosaic_gpu', Hopper; also with the Triton
+backward) beside Triton, cuDNN and tokamax's Mosaic GPU kernel (when importable), causal:
+  PYTHONPATH=. python experiments/bench_kernels.py --mosaic_gpu --heads 16:16,16:4,64:4 \
+      --seq_lens 16384,65536 --out /tmp/bench_mosaic_gpu.json
 
 Besides `--out` (all rows, the settings and the device, one JSON), each row goes as it is
 measured to `<out>.jsonl` (`--out` with `.jsonl` for `.json`), and its timings, ratios and
@@ -412,9 +413,23 @@ def ours_mosaic(cfg):
     return f
 
 
+def tokamax_peer():
+    """tokamax's Mosaic GPU attention (a peer row) when the package imports, else None."""
+    try:
+        import tokamax  # noqa: PLC0415 - optional peer, carried as a wheel to the GPU machine
+    except Exception as e:  # noqa: BLE001 - any import failure means "no peer row"
+        print(f"tokamax peer skipped: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+    return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True,
+                                                         implementation="mosaic")
+
+
 def main_mosaic_gpu(cfg, info, log):
-    """Causal forward, bf16: Triton, Mosaic GPU (per --mosaic_stages) and cuDNN, one process."""
+    """Causal forward (and with --backward forward+backward), bf16, one process: Triton,
+    Mosaic GPU (per --mosaic_stages; its own backward, and with the Triton backward), cuDNN,
+    and tokamax's Mosaic GPU kernel when importable."""
     rows = []
+    peer = tokamax_peer()
     for h, hkv, t in shapes("mosaic_gpu"):
         q, k, v, do = make(h, hkv, t, FLAGS.head_dim)
         flops = 2.0 * h * t * t * FLAGS.head_dim
@@ -422,18 +437,30 @@ def main_mosaic_gpu(cfg, info, log):
         fns = [("triton", ours(cfg)), ("cudnn", cudnn)]
         fns += [(f"mosaic_s{s}", ours_mosaic(MosaicGPUConfig(max_concurrent_steps=int(s))))
                 for s in FLAGS.mosaic_stages]
+        if FLAGS.backward:
+            fns.append(("mosaic_tritonbwd", ours_mosaic(MosaicGPUConfig(backward=cfg))))
+        if peer is not None:
+            fns.append(("tokamax", peer))
         for name, f in fns:
             try:
                 if name != "cudnn":
-                    row[f"{name}_err_ref"] = check(f, q, k, v, do)["err_ref"]
+                    chk = check(f, q, k, v, do)
+                    row[f"{name}_err_ref"] = chk["err_ref"]
+                    if "err_grad_cudnn" in chk:
+                        row[f"{name}_err_grad_cudnn"] = chk["err_grad_cudnn"]
                 row[f"{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, k, v, iters=FLAGS.iters)
                 row[f"{name}_tflops"] = flops / row[f"{name}_fwd_ms"] / 1e9
+                if FLAGS.backward:
+                    row[f"{name}_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd(f), q, k, v, do,
+                                                                 iters=FLAGS.iters)
             except Exception as e:  # noqa: BLE001 - report and go on
                 row[f"{name}_error"] = str(e)[:2000]
                 print(f"{name} H={h}/{hkv} T={t} failed: {str(e)[:2000]}", flush=True)
         for name, _ in fns:
             if f"{name}_fwd_ms" in row and "cudnn_fwd_ms" in row:
                 row[f"{name}_ratio"] = row["cudnn_fwd_ms"] / row[f"{name}_fwd_ms"]
+            if f"{name}_fwdbwd_ms" in row and "cudnn_fwdbwd_ms" in row:
+                row[f"{name}_fwdbwd_ratio"] = row["cudnn_fwdbwd_ms"] / row[f"{name}_fwdbwd_ms"]
         print(json.dumps(row), flush=True)
         rows.append(row)
         log_row(log, "mosaic_gpu", row)
@@ -445,6 +472,12 @@ def main_mosaic_gpu(cfg, info, log):
                  f"err {r.get(n[:-7] + '_err_ref', float('nan')):.1e})"
                  for n in r if n.endswith("_fwd_ms")]
         print(f"H={r['h']}/{r['hkv']} T={r['t']}: " + " | ".join(cells))
+    if FLAGS.backward:
+        print("causal forward+backward: ms (ratio = cuDNN time / time)")
+        for r in rows:
+            cells = [f"{n[:-10]} {r[n]:.3f} ({r.get(n[:-10] + '_fwdbwd_ratio', float('nan')):.2f}x)"
+                     for n in r if n.endswith("_fwdbwd_ms")]
+            print(f"H={r['h']}/{r['hkv']} T={r['t']}: " + " | ".join(cells))
 
 
 def main(argv):

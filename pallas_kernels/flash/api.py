@@ -19,6 +19,7 @@ from __future__ import annotations
 from pallas_kernels import common
 from pallas_kernels.flash import mosaic_gpu, reference, tpu, triton
 from pallas_kernels.flash.mosaic_gpu import MosaicGPUConfig, flash_mosaic_gpu
+from pallas_kernels.flash.mosaic_gpu_vjp import MosaicGPUBackwardConfig
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.tpu import TpuConfig, flash_tpu
 from pallas_kernels.flash.triton import TritonConfig, flash_triton

@@ -11,16 +11,18 @@ completion) and a "consumed" barrier (both consumers arrived). GQA reads KV head
 `h // G` by index (KV never repeated in memory).
 
 Scope (explicit opt-in; everything else raises ValueError in `flash_mosaic_gpu`):
-`mask_fn` None or a plain causal mask (an `is_causal = True` attribute, as
-`sparse_jax.patterns.Causal()` has) on the default positions (`arange`: query t sees keys
-s <= t), no segment ids, no sinks, no soft-cap, no block scores, bf16/fp16,
+`mask_fn` None, a plain causal mask (an `is_causal = True` attribute, as
+`sparse_jax.patterns.Causal()` has) or a causal sliding window (a `causal_window_size`
+attribute, as `causal_window(w)` has) on the default positions (`arange`: query t sees keys
+s <= t), learned sink logits, no segment ids, no soft-cap, no block scores, bf16/fp16,
 head_dim == value head_dim in {64, 128}, Tq a multiple of 2 * block_q and Tk a multiple
 of block_kv. Positions are not read by the kernel: leave them at the api's default
 (a concrete `arange`, also under `jit`) or pass concrete `arange` arrays; traced
 positions are refused with a ValueError rather than assumed.
 
-The backward pass reuses the Triton kernels (`triton_vjp.backward`) through
-`autodiff`: they consume the same `(out, lse)` residuals.
+The backward pass (through `autodiff`, on the same `(out, lse)` residuals) is the Mosaic GPU
+backward of `mosaic_gpu_vjp` by default, or the Triton one (`triton_vjp`) when
+`config.backward` is a `TritonConfig`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import autodiff
+from pallas_kernels.flash import autodiff, mosaic_gpu_vjp
+from pallas_kernels.flash.mosaic_gpu_vjp import MosaicGPUBackwardConfig
 from pallas_kernels.flash.triton import TritonConfig
 from pallas_kernels.tiles_common import LOG2E
 
@@ -41,14 +44,15 @@ from pallas_kernels.tiles_common import LOG2E
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUConfig:
     """Tiles of the Mosaic GPU forward (each consumer warpgroup owns `block_q` rows, so a
-    CTA covers `2 * block_q` queries) and the Triton config of the backward. At D=128,
+    CTA covers `2 * block_q` queries) and the backward's: a `MosaicGPUBackwardConfig`
+    (the Mosaic GPU backward, default) or a `TritonConfig` (the Triton backward). At D=128,
     3 stages need 232568 B of SMEM, just over the H200's 232448 B: keep 2."""
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
     use_schedule_barrier: bool = True
-    backward: TritonConfig = TritonConfig()
+    backward: MosaicGPUBackwardConfig | TritonConfig = MosaicGPUBackwardConfig()
 
     def __post_init__(self):
         if self.block_q != 64:
@@ -63,8 +67,11 @@ _COMPUTE_WGS = 2
 
 
 def _forward_kernel_call(q, k, v, *, causal: bool, scale: float, cfg: MosaicGPUConfig,
-                         interpret=None):
-    """q `[B, Tq, H, D]`, k/v `[B, Tk, Hkv, D]` -> out `[B, Tq, H, D]`, lse `[B, H, Tq]`."""
+                         window: int | None = None, interpret=None):
+    """q `[B, Tq, H, D]`, k/v `[B, Tk, Hkv, D]` -> out `[B, Tq, H, D]`, lse `[B, H, Tq]`.
+
+    `window`: the causal sliding window `t - window < s <= t` (implies causal): the KV
+    tiles before the CTA's window are never loaded and every tile is masked."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
 
     b, tq, h, d = q.shape
@@ -89,6 +96,10 @@ def _forward_kernel_call(q, k, v, *, causal: bool, scale: float, cfg: MosaicGPUC
         if causal:   # KV tiles any row of this CTA sees
             n_steps_cta = jnp.minimum(
                 pl.cdiv((tile + 1) * (_COMPUTE_WGS * bq), jnp.int32(bk)), jnp.int32(nk))
+        j_lo = 0                      # first KV tile any row of this CTA sees
+        if window is not None:
+            j_lo = lax.div(jnp.maximum(tile * (_COMPUTE_WGS * bq) - (window - 1), 0),
+                           jnp.int32(bk))
 
         def sched_sync():
             if cfg.use_schedule_barrier:
@@ -102,18 +113,20 @@ def _forward_kernel_call(q, k, v, *, causal: bool, scale: float, cfg: MosaicGPUC
             lse_smem = lse_smem2.at[wg]
             row0 = tile * (_COMPUTE_WGS * bq) + wg * bq
             n_steps = n_steps_cta
-            if causal:
+            if causal and window is None:
                 n_steps = jnp.minimum(pl.cdiv(row0 + bq, jnp.int32(bk)), jnp.int32(nk))
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, bq), hi], qo_smem, q_loaded.at[wg])
             plgpu.barrier_wait(q_loaded.at[wg])
 
-            m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32),
+            # a window's first tile may hide every key of a row: start m finite then
+            m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf if window is None else -1e30,
+                                           jnp.float32),
                                   plgpu.Layout.WGMMA.reduce(1))
             l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32),
                                   plgpu.Layout.WGMMA.reduce(1))
             acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-            @pl.when(n_steps > 0)
+            @pl.when(n_steps > j_lo)
             def _():
                 plgpu.barrier_wait(k_loaded.at[0])
 
@@ -121,7 +134,7 @@ def _forward_kernel_call(q, k, v, *, causal: bool, scale: float, cfg: MosaicGPUC
 
             def step(j, carry, masked):
                 acc, m, l = carry
-                slot = lax.rem(j, jnp.int32(stages))
+                slot = lax.rem(j - j_lo, jnp.int32(stages))
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -133,7 +146,10 @@ def _forward_kernel_call(q, k, v, *, causal: bool, scale: float, cfg: MosaicGPUC
                 if masked:
                     rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
                     cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
-                    s = jnp.where(rows + row0 >= cols + j * bk, s, -jnp.inf)
+                    vis = rows + row0 >= cols + j * bk
+                    if window is not None:
+                        vis = vis & (rows + row0 - (cols + j * bk) < window)
+                    s = jnp.where(vis, s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1) * c)
                 alpha = jnp.exp2(m - m_new)
                 p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -153,14 +169,23 @@ def _forward_kernel_call(q, k, v, *, causal: bool, scale: float, cfg: MosaicGPUC
 
                     @pl.when(nxt < n_steps)
                     def _():
-                        plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, jnp.int32(stages))])
+                        plgpu.barrier_wait(k_loaded.at[lax.rem(nxt - j_lo, jnp.int32(stages))])
 
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_new, l
 
             carry = (acc, m, l)
-            if causal:
+            if window is not None:    # both consumers run the CTA's tiles; the edges masked
+                row_cta = tile * (_COMPUTE_WGS * bq)
+                j_full_hi = lax.div(row_cta, jnp.int32(bk))    # below the diagonal for all rows
+                j_full_lo = jnp.minimum(jnp.maximum(     # inside every row's window
+                    pl.cdiv(jnp.maximum(row_cta + _COMPUTE_WGS * bq - window, 0), jnp.int32(bk)),
+                    j_lo), j_full_hi)
+                carry = lax.fori_loop(j_lo, j_full_lo, lambda j, cr: step(j, cr, True), carry)
+                carry = lax.fori_loop(j_full_lo, j_full_hi, lambda j, cr: step(j, cr, False), carry)
+                acc, m, l = lax.fori_loop(j_full_hi, n_steps, lambda j, cr: step(j, cr, True), carry)
+            elif causal:
                 n_full = lax.div(row0, jnp.int32(bk))     # tiles wholly below the diagonal
                 carry = lax.fori_loop(0, n_full, lambda j, cr: step(j, cr, False), carry)
                 acc, m, l = lax.fori_loop(n_full, n_steps, lambda j, cr: step(j, cr, True), carry)
@@ -198,16 +223,16 @@ def _forward_kernel_call(q, k, v, *, causal: bool, scale: float, cfg: MosaicGPUC
 
             for s in range(stages):     # causal: the first CTA may need fewer than `stages`
                 if causal:
-                    pl.when(s < n_steps_cta)(lambda s=s: load(s, s))
+                    pl.when(j_lo + s < n_steps_cta)(lambda s=s: load(j_lo + s, s))
                 else:
                     load(s, s)
 
-            n_rest = jnp.maximum(n_steps_cta - stages, 0) if causal else nk - stages
+            n_rest = jnp.maximum(n_steps_cta - j_lo - stages, 0) if causal else nk - stages
 
             @pl.loop(0, n_rest)
             def _(j):
                 slot = lax.rem(j, jnp.int32(stages))
-                sl = (bi, pl.ds((j + stages) * bk, bk), kv_head)
+                sl = (bi, pl.ds((j_lo + j + stages) * bk, bk), kv_head)
                 plgpu.barrier_wait(k_consumed.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_loaded.at[slot])
                 plgpu.barrier_wait(v_consumed.at[slot])
@@ -249,17 +274,30 @@ def _forward_kernel_call(q, k, v, *, causal: bool, scale: float, cfg: MosaicGPUC
 
 
 def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
-    """`autodiff` forward: unpadded `[B, T, H, D]` in, `(out, lse [B, H, Tq])` out."""
-    del sinks, q_pos, kv_pos, q_seg, kv_seg   # checked away by flash_mosaic_gpu
-    return _forward_kernel_call(q, k, v, causal=st.mask_fn is not None, scale=st.scale,
-                                cfg=st.config)
+    """`autodiff` forward: unpadded `[B, T, H, D]` in, `(out, lse [B, H, Tq])` out.
+
+    Learned sinks join only the denominator, so they are folded in after the kernel:
+    `lse' = logaddexp(lse, sink)`, `out' = out * exp(lse - lse')` (one elementwise pass);
+    the backward then sees the sink through `lse'` (and `autodiff` gives d sink)."""
+    del q_pos, kv_pos, q_seg, kv_seg   # checked away by flash_mosaic_gpu
+    causal, window = mosaic_gpu_vjp.mask_kind(st.mask_fn)
+    out, lse = _forward_kernel_call(q, k, v, causal=causal, window=window, scale=st.scale,
+                                    cfg=st.config)
+    if sinks is not None:
+        lse_all = jnp.logaddexp(lse, sinks.astype(jnp.float32)[None, :, None])
+        ratio = jnp.exp(lse - lse_all).transpose(0, 2, 1)[..., None]     # [B, Tq, H, 1]
+        out = (out.astype(jnp.float32) * ratio).astype(out.dtype)
+        lse = lse_all
+    return out, lse
 
 
 def backward(st, *args):
-    """The Triton backward on the same residuals (its own tiles: `config.backward`)."""
-    from pallas_kernels.flash import triton_vjp  # noqa: PLC0415
+    """The backward on the same residuals: Mosaic GPU, or Triton for a `TritonConfig`."""
+    if isinstance(st.config.backward, TritonConfig):
+        from pallas_kernels.flash import triton_vjp  # noqa: PLC0415
 
-    return triton_vjp.backward(dataclasses.replace(st, config=st.config.backward), *args)
+        return triton_vjp.backward(dataclasses.replace(st, config=st.config.backward), *args)
+    return mosaic_gpu_vjp.backward(st, *args)
 
 
 def _is_arange(pos, length: int) -> bool:
@@ -281,12 +319,11 @@ def check_supported(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_id
 
     if interpret:
         no("interpret=True (Mosaic GPU compiles for Hopper only)")
-    if mask_fn is not None and not getattr(mask_fn, "is_causal", False):
-        no(f"mask_fn={mask_fn!r} (only None or a plain causal mask, `is_causal` True: Causal())")
+    if mask_fn is not None and mosaic_gpu_vjp.mask_kind(mask_fn) is None:
+        no(f"mask_fn={mask_fn!r} (only None, a plain causal mask (`is_causal` True: Causal()) "
+           "or a causal sliding window (`causal_window_size` set: causal_window(w)))")
     if q_segment_ids is not None or kv_segment_ids is not None:
         no("segment ids")
-    if sink_logits is not None:
-        no("sink_logits")
     if softcap is not None:
         no("softcap")
     if block_score_size is not None:
@@ -300,6 +337,10 @@ def check_supported(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_id
     q_tile = _COMPUTE_WGS * config.block_q
     if tq % q_tile or tk % config.block_kv:
         no(f"lengths Tq={tq}, Tk={tk} (Tq a multiple of {q_tile}, Tk of {config.block_kv})")
+    if isinstance(config.backward, MosaicGPUBackwardConfig):
+        reason = mosaic_gpu_vjp.check_lengths(tq, tk, config.backward)
+        if reason:
+            no(f"lengths {reason} for the Mosaic GPU backward; or config.backward=TritonConfig()")
     if not (_is_arange(q_positions, tq) and _is_arange(kv_positions, tk)):
         no("non-default positions (arange only)")
 
@@ -320,9 +361,9 @@ def flash_mosaic_gpu(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_i
                     kv_segment_ids=kv_segment_ids, sink_logits=sink_logits, softcap=softcap,
                     block_score_size=block_score_size, interpret=interpret, config=config)
     st = autodiff.Static(forward=forward, backward=backward, mask_fn=mask_fn,
-                         scale=float(scale), softcap=None, has_sinks=False, config=config,
-                         interpret=False)
-    return autodiff.attention(st, q, k, v, sink_logits=None, q_positions=q_positions,
+                         scale=float(scale), softcap=None, has_sinks=sink_logits is not None,
+                         config=config, interpret=False)
+    return autodiff.attention(st, q, k, v, sink_logits=sink_logits, q_positions=q_positions,
                               kv_positions=kv_positions, q_segment_ids=None,
                               kv_segment_ids=None, return_lse=return_lse)
 

@@ -48,6 +48,12 @@ class Pattern:
     #: causality, e.g. `pallas_kernels.flash.mosaic_gpu`, read it instead of the class).
     is_causal: bool = False
 
+    @property
+    def causal_window_size(self) -> int | None:
+        """`w` when this predicate is exactly the causal sliding window `t - w < s <= t`
+        (`causal_window(w)`), else None; kernels that hard-code the window read it."""
+        return None
+
     def __call__(self, q_pos: Array, kv_pos: Array, q_seg: Array | None = None,
                  kv_seg: Array | None = None) -> Array:
         """Element predicate on broadcastable position (and segment id) arrays."""
@@ -98,6 +104,15 @@ class Intersection(_Combination):
 
     combine = staticmethod(operator.and_)
 
+    @property
+    def causal_window_size(self) -> int | None:
+        if len(self.parts) == 2:
+            a, b = self.parts
+            for x, y in ((a, b), (b, a)):
+                if x.is_causal and y.causal_window_size is not None:
+                    return y.causal_window_size
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Not(Pattern):
@@ -145,6 +160,10 @@ class SlidingWindow(Pattern):
     def __post_init__(self):
         _check_positive("window (left)", self.left)
         _check_positive("window right", self.right, minimum=0)
+
+    @property
+    def causal_window_size(self) -> int | None:
+        return self.left if self.right == 0 else None
 
     def _visible(self, q, k, qs, ks):
         return (q - k < self.left) & (k - q <= self.right)

@@ -1,0 +1,425 @@
+"""`flash` backward on Hopper: Pallas with the Mosaic GPU lowering (`wgmma`, TMA, warp
+specialisation), the FlashAttention-2 backward (arXiv 2307.08691, Alg. 2) in two kernels
+so that nothing needs atomics, each with two consumer warpgroups and one producer
+warpgroup that streams tiles by TMA through a `stages`-deep SMEM ring (a "loaded" barrier
+per slot for TMA completion, a "consumed" barrier per slot that both consumers arrive at):
+
+* dQ: one CTA per (head, pair of 64-row query tiles, batch). Each consumer keeps its
+  `q, dO [64, D]`, `lse2, delta [64]` in SMEM and `dq [64, D]` in float32 registers and
+  loops over the KV tiles its rows see: `S = Q K^T`, `P = exp2(S c - lse2)`,
+  `dP = dO V^T`, `dS = P (dP - delta)`, `dQ += dS K`.
+* dK/dV: one CTA per (KV head, pair of 64-row KV tiles, batch). Each consumer keeps its
+  `k, v [64, D]` in SMEM and `dk, dv [64, D]` in float32 registers; the producer streams
+  `q, dO, lse2, delta` of every query head of the GQA group and every query tile that sees
+  the KV rows (the group's gradients are summed on chip; KV is never repeated):
+  `S^T = K Q^T`, `P^T = exp2(S^T c - lse2)`, `dV += P^T dO`, `dP^T = V dO^T`,
+  `dS^T = P^T (dP^T - delta)`, `dK += dS^T Q`.
+
+Causal: tiles above the diagonal are never loaded; only tiles the diagonal crosses
+evaluate the element mask. A causal window `t - w < s <= t` also skips the tiles before
+the window and masks every tile it loads. `lse2` (base-2 log-sum-exp) and `delta = rowsum(dO * O) -
+dlse` come from `autodiff` (the cotangent of the lse output is folded into `delta`).
+Scope: the forward's (`mosaic_gpu.check_supported`): default positions, full, causal or a
+causal window, no segment ids / soft-cap, bf16 / fp16, D in {64, 128}, Tq a multiple of 128 and Tk of
+128. Sink logits only add to the denominator, so they live in `lse2` and `autodiff`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.tiles_common import LOG2E
+
+COMPUTE_WGS = 2
+TILE = 64          # rows of one wgmma M tile: each consumer owns 64 query (dQ) or KV (dK/dV) rows
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGPUBackwardConfig:
+    """Tiles of the Mosaic GPU backward: `block_kv_dq` KV columns per dQ step,
+    `block_q_dkv` query columns per dK/dV step (multiples of 64), `stages` ring depth."""
+
+    block_kv_dq: int = 64
+    block_q_dkv: int = 64
+    stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_kv_dq", "block_q_dkv"):
+            val = getattr(self, name)
+            if val < 64 or val % 64:
+                raise ValueError(f"{name} must be a positive multiple of 64, got {val}")
+        if self.stages < 2:
+            raise ValueError(f"stages must be >= 2, got {self.stages}")
+
+
+def _transforms(plgpu, d, dtype):
+    swizzle = 128 if d * jnp.dtype(dtype).itemsize >= 128 else 64
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+
+def _dq_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, scale: float,
+             cfg: MosaicGPUBackwardConfig):
+    """dq `[B, Tq, H, D]` (q's dtype)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    b, tq, h, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = h // hkv
+    dtype = q.dtype
+    bq, bk = TILE, cfg.block_kv_dq
+    nk = tk // bk
+    stages = min(cfg.stages, nk)
+    nq = tq // (COMPUTE_WGS * bq)
+    c = float(scale) * LOG2E
+    layout_row = plgpu.Layout.WGMMA.reduce(1)
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, scoped):
+        (q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem), loaded, consumed = scoped
+        k_loaded, v_loaded, q_loaded, do_loaded, lse_loaded, delta_loaded = loaded
+        k_consumed, v_consumed = consumed
+        bi = lax.axis_index("batch")
+        hi = lax.axis_index("heads")
+        wg = lax.axis_index("wg")
+        tile = nq - 1 - lax.axis_index("q_seq")       # heaviest (causal) tiles first
+        row_cta = tile * (COMPUTE_WGS * bq)
+        n_steps = nk
+        if causal:   # KV tiles any row of this CTA sees (both consumers run them all)
+            n_steps = jnp.minimum(pl.cdiv(row_cta + COMPUTE_WGS * bq, jnp.int32(bk)),
+                                  jnp.int32(nk))
+        j_lo = 0
+        if window is not None:
+            j_lo = lax.div(jnp.maximum(row_cta - (window - 1), 0), jnp.int32(bk))
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
+            row0 = row_cta + wg * bq
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, bq), hi], q_smem, q_loaded.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[bi, pl.ds(row0, bq), hi], do_smem, do_loaded.at[wg])
+            plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, pl.ds(row0, bq)], lse_smem,
+                                    lse_loaded.at[wg])
+            plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, pl.ds(row0, bq)], delta_smem,
+                                    delta_loaded.at[wg])
+            for bar in (q_loaded, do_loaded, lse_loaded, delta_loaded):
+                plgpu.barrier_wait(bar.at[wg])
+            lse = plgpu.load(lse_smem, layout=layout_row)
+            dlt = plgpu.load(delta_smem, layout=layout_row)
+            dq = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+            def step(j, dq, masked):
+                slot = lax.rem(j - j_lo, jnp.int32(stages))
+                plgpu.barrier_wait(k_loaded.at[slot])
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(lse, s.shape, [0]))
+                if masked:
+                    rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
+                    cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
+                    vis = rows + row0 >= cols + j * bk
+                    if window is not None:
+                        vis = vis & (rows + row0 - (cols + j * bk) < window)
+                    p = jnp.where(vis, p, 0.0)
+                plgpu.barrier_wait(v_loaded.at[slot])
+
+                def dov(acc_ref):
+                    plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
+
+                dp = pl.run_scoped(dov, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                ds = (p * (dp - lax.broadcast_in_dim(dlt, dp.shape, [0]))).astype(dtype)
+
+                def dsk(acc_ref):
+                    plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
+
+                dq = pl.run_state(dsk)(plgpu.ACC.init(dq))
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                return dq
+
+            if window is not None:    # masked: the tiles at the window's edge and the diagonal
+                j_full_hi = lax.div(row_cta, jnp.int32(bk))
+                j_full_lo = jnp.minimum(jnp.maximum(
+                    pl.cdiv(jnp.maximum(row_cta + COMPUTE_WGS * bq - window, 0), jnp.int32(bk)),
+                    j_lo), j_full_hi)
+                dq = lax.fori_loop(j_lo, j_full_lo, lambda j, a: step(j, a, True), dq)
+                dq = lax.fori_loop(j_full_lo, j_full_hi, lambda j, a: step(j, a, False), dq)
+                dq = lax.fori_loop(j_full_hi, n_steps, lambda j, a: step(j, a, True), dq)
+            elif causal:
+                n_full = lax.div(row_cta, jnp.int32(bk))     # tiles wholly below the diagonal
+                dq = lax.fori_loop(0, n_full, lambda j, a: step(j, a, False), dq)
+                dq = lax.fori_loop(n_full, n_steps, lambda j, a: step(j, a, True), dq)
+            else:
+                dq = lax.fori_loop(0, n_steps, lambda j, a: step(j, a, False), dq)
+            q_smem[...] = (dq * scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, pl.ds(row0, bq), hi])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WGS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(hi, jnp.int32(group))
+
+            @pl.loop(j_lo, n_steps)
+            def _(j):
+                slot = lax.rem(j - j_lo, jnp.int32(stages))
+                sl = (bi, pl.ds(j * bk, bk), kv_head)
+
+                @pl.when(j - j_lo >= stages)
+                def _():
+                    plgpu.barrier_wait(k_consumed.at[slot])
+
+                plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_loaded.at[slot])
+
+                @pl.when(j - j_lo >= stages)
+                def _():
+                    plgpu.barrier_wait(v_consumed.at[slot])
+
+                plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_loaded.at[slot])
+
+    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
+        tr = _transforms(plgpu, d, dtype)
+        scratch = (
+            plgpu.SMEM((COMPUTE_WGS, bq, d), dtype, transforms=tr),
+            plgpu.SMEM((COMPUTE_WGS, bq, d), dtype, transforms=tr),
+            plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+            plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+            plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
+            plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
+        )
+        pl.run_scoped(
+            lambda *a: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, a),
+            scratch,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages))
+            + (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 4,
+            (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=(h, nq, b),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name="flash_bwd_dq_mosaic_gpu",
+    )(q, k, v, do, lse2, delta)
+
+
+def _dkv_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, scale: float,
+              cfg: MosaicGPUBackwardConfig):
+    """dk, dv `[B, Tk, Hkv, D]` (k's dtype), the GQA group's query heads summed on chip."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    b, tq, h, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = h // hkv
+    dtype = q.dtype
+    bk, bq = TILE, cfg.block_q_dkv
+    nq = tq // bq
+    nkt = tk // (COMPUTE_WGS * bk)
+    stages = cfg.stages
+    c = float(scale) * LOG2E
+    layout_col = plgpu.Layout.WGMMA.reduce(0)
+    # query tiles from the first one the diagonal crosses to the first one wholly below it
+    n_diag = -(-(COMPUTE_WGS * bk - 1) // bq) if causal else 0
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped):
+        (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), loaded, consumed = scoped
+        k_loaded, v_loaded, q_loaded, do_loaded, lse_loaded, delta_loaded = loaded
+        bi = lax.axis_index("batch")
+        hk = lax.axis_index("heads")
+        wg = lax.axis_index("wg")
+        tile = lax.axis_index("kv_seq")
+        kv_cta = tile * (COMPUTE_WGS * bk)
+        i_lo = jnp.minimum(lax.div(kv_cta, jnp.int32(bq)), nq) if causal else 0
+        i_hi = nq                                          # query tiles [i_lo, i_hi) see the CTA
+        if window is not None:     # queries t <= last KV row + window - 1
+            i_hi = jnp.minimum(lax.div(kv_cta + COMPUTE_WGS * bk + window - 2, jnp.int32(bq)) + 1,
+                               jnp.int32(nq))
+        n_vis = i_hi - i_lo                                # query tiles per head
+        i_mask_end = jnp.minimum(i_lo + n_diag, nq) if causal else nq   # first unmasked tile
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            kv0 = kv_cta + wg * bk
+            plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(kv0, bk), hk], k_smem, k_loaded.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(kv0, bk), hk], v_smem, v_loaded.at[wg])
+            plgpu.barrier_wait(k_loaded.at[wg])
+            plgpu.barrier_wait(v_loaded.at[wg])
+            zeros = plgpu.layout_cast(jnp.full((bk, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+            def step(s, i, carry, masked):
+                dk, dv = carry
+                slot = lax.rem(s, jnp.int32(stages))
+                plgpu.barrier_wait(q_loaded.at[slot])
+
+                def kq(acc_ref):
+                    plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
+
+                st = pl.run_scoped(kq, plgpu.ACC((bk, bq), jnp.float32))
+                plgpu.barrier_wait(lse_loaded.at[slot])
+                lse = plgpu.load(lse_smem.at[slot], layout=layout_col)
+                pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse, st.shape, [1]))
+                if masked:
+                    rows = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
+                    cols = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
+                    vis = cols + i * bq >= rows + kv0
+                    if window is not None:
+                        vis = vis & (cols + i * bq - (rows + kv0) < window)
+                    pt = jnp.where(vis, pt, 0.0)
+                plgpu.barrier_wait(do_loaded.at[slot])
+
+                def dv_and_dpt(refs):
+                    dv_ref, dpt_ref = refs
+                    plgpu.wgmma(dv_ref, pt.astype(dtype), do_smem.at[slot])
+                    plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
+
+                zeros_t = plgpu.layout_cast(jnp.full((bk, bq), 0.0, jnp.float32),
+                                            plgpu.Layout.WGMMA)
+                dv, dpt = pl.run_state(dv_and_dpt)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros_t)))
+                plgpu.barrier_wait(delta_loaded.at[slot])
+                dlt = plgpu.load(delta_smem.at[slot], layout=layout_col)
+                dst = (pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))).astype(dtype)
+
+                def dsq(acc_ref):
+                    plgpu.wgmma(acc_ref, dst, q_smem.at[slot])
+
+                dk = pl.run_state(dsq)(plgpu.ACC.init(dk))
+                plgpu.barrier_arrive(consumed.at[slot])
+                return dk, dv
+
+            def head(g, carry):
+                s0 = g * n_vis - i_lo          # step counter = s0 + i
+                if window is not None:    # masked: the diagonal and the window's far edge
+                    i_me = jnp.minimum(i_mask_end, i_hi)
+                    i_full_hi = jnp.maximum(jnp.minimum(
+                        lax.div(kv_cta + window, jnp.int32(bq)), i_hi), i_me)
+                    carry = lax.fori_loop(i_lo, i_me,
+                                          lambda i, cr: step(s0 + i, i, cr, True), carry)
+                    carry = lax.fori_loop(i_me, i_full_hi,
+                                          lambda i, cr: step(s0 + i, i, cr, False), carry)
+                    return lax.fori_loop(i_full_hi, i_hi,
+                                         lambda i, cr: step(s0 + i, i, cr, True), carry)
+                if causal:
+                    carry = lax.fori_loop(i_lo, i_mask_end,
+                                          lambda i, cr: step(s0 + i, i, cr, True), carry)
+                    return lax.fori_loop(i_mask_end, nq,
+                                         lambda i, cr: step(s0 + i, i, cr, False), carry)
+                return lax.fori_loop(0, nq, lambda i, cr: step(s0 + i, i, cr, False), carry)
+
+            dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+            k_smem[...] = (dk * scale).astype(dtype)
+            v_smem[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, pl.ds(kv0, bk), hk], commit_group=False)
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, pl.ds(kv0, bk), hk], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WGS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, group * n_vis)
+            def _(s):
+                slot = lax.rem(s, jnp.int32(stages))
+                qh = hk * group + lax.div(s, n_vis)
+                i = i_lo + lax.rem(s, n_vis)
+                rows = pl.ds(i * bq, bq)
+
+                @pl.when(s >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, qh], q_smem.at[slot], q_loaded.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[bi, qh, rows], lse_smem.at[slot],
+                                        lse_loaded.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, qh], do_smem.at[slot],
+                                        do_loaded.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[bi, qh, rows], delta_smem.at[slot],
+                                        delta_loaded.at[slot])
+
+    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
+        tr = _transforms(plgpu, d, dtype)
+        scratch = (
+            plgpu.SMEM((COMPUTE_WGS, bk, d), dtype, transforms=tr),
+            plgpu.SMEM((COMPUTE_WGS, bk, d), dtype, transforms=tr),
+            plgpu.SMEM((stages, bq, d), dtype, transforms=tr),
+            plgpu.SMEM((stages, bq, d), dtype, transforms=tr),
+            plgpu.SMEM((stages, bq), jnp.float32),
+            plgpu.SMEM((stages, bq), jnp.float32),
+        )
+        pl.run_scoped(
+            lambda *a: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, a),
+            scratch,
+            (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2
+            + (plgpu.Barrier(num_barriers=stages),) * 4,
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+            collective_axes="wg",
+        )
+
+    kv_shape = jax.ShapeDtypeStruct(k.shape, k.dtype)
+    return plgpu.kernel(
+        entry,
+        out_type=(kv_shape, kv_shape),
+        grid=(hkv, nkt, b),
+        grid_names=("heads", "kv_seq", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name="flash_bwd_dkv_mosaic_gpu",
+    )(q, k, v, do, lse2, delta)
+
+
+def mask_kind(mask_fn) -> tuple[bool, int | None] | None:
+    """`(causal, window)` of the masks the Mosaic GPU kernels hard-code, read by attribute
+    (pallas_kernels imports no mask class): None -> full; `is_causal` -> causal;
+    `causal_window_size = w` -> the causal window `t - w < s <= t`; anything else -> None."""
+    if mask_fn is None:
+        return False, None
+    if getattr(mask_fn, "is_causal", False):
+        return True, None
+    window = getattr(mask_fn, "causal_window_size", None)
+    if isinstance(window, int) and window >= 1:
+        return True, window
+    return None
+
+
+def check_lengths(tq: int, tk: int, cfg: MosaicGPUBackwardConfig) -> str | None:
+    """None when the backward's tiles divide the lengths, else the reason."""
+    if tq % (COMPUTE_WGS * TILE) or tq % cfg.block_q_dkv:
+        return f"Tq={tq} (a multiple of {COMPUTE_WGS * TILE} and of block_q_dkv={cfg.block_q_dkv})"
+    if tk % (COMPUTE_WGS * TILE) or tk % cfg.block_kv_dq:
+        return f"Tk={tk} (a multiple of {COMPUTE_WGS * TILE} and of block_kv_dq={cfg.block_kv_dq})"
+    return None
+
+
+def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta):
+    """`autodiff` backward: `(dq, dk, dv)` from the residuals (`st.config.backward` tiles)."""
+    del q_pos, kv_pos, q_seg, kv_seg      # default positions, no segments (checked upstream)
+    cfg = st.config.backward
+    causal, window = mask_kind(st.mask_fn)
+    dout = dout.astype(q.dtype)
+    dq = _dq_call(q, k, v, dout, lse2, delta, causal=causal, window=window, scale=st.scale,
+                  cfg=cfg)
+    dk, dv = _dkv_call(q, k, v, dout, lse2, delta, causal=causal, window=window,
+                       scale=st.scale, cfg=cfg)
+    return dq, dk, dv
