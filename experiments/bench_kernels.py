@@ -413,23 +413,14 @@ def ours_mosaic(cfg):
     return f
 
 
-def tokamax_peer():
-    """tokamax's Mosaic GPU attention (a peer row) when the package imports, else None."""
-    try:
-        import tokamax  # noqa: PLC0415 - optional peer, carried as a wheel to the GPU machine
-    except Exception as e:  # noqa: BLE001 - any import failure means "no peer row"
-        print(f"tokamax peer skipped: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        return None
-    return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True,
-                                                         implementation="mosaic")
-
-
 def main_mosaic_gpu(cfg, info, log):
     """Causal forward (and with --backward forward+backward), bf16, one process: Triton,
     Mosaic GPU (per --mosaic_stages; its own backward, and with the Triton backward), cuDNN,
     and tokamax's Mosaic GPU kernel when importable."""
     rows = []
-    peer = tokamax_peer()
+    from peers import tokamax_attention  # noqa: PLC0415 (experiments/ is on the path as a script)
+
+    peer = tokamax_attention()
     for h, hkv, t in shapes("mosaic_gpu"):
         q, k, v, do = make(h, hkv, t, FLAGS.head_dim)
         flops = 2.0 * h * t * t * FLAGS.head_dim

@@ -17,7 +17,9 @@ shared per 64 queries on `block_sparse`):
   differ between the two paths: near-ties only); selected (slc branch on precomputed
   indices), window (`flash`, w=512);
 * cuDNN dense causal (`jax.nn.dot_product_attention(..., implementation="cudnn")`) with
-  the same heads in the same run; ratio = cuDNN time / NSA time.
+  the same heads in the same run; ratio = cuDNN time / NSA time;
+* fla-core's Triton NSA (`parallel_nsa`, PyTorch; same heads, l'=64, n=16, w=512, its own
+  selection) when importable (`experiments/peers.py`), columns `fla_fwd_ms` / `fla_fwdbwd_ms`.
 
 Decode: batch --decode_batch at --decode_context tokens of context, one query per row: the
 NSA decode step (`nsa_decode_branches`: compressed entries + n*l' selected tokens + w
@@ -238,6 +240,13 @@ def bench_prefill(s: Setup, t: int, iters: int):
         except Exception as e:  # noqa: BLE001 - report and go on with the other modes
             row[f"{p}error"] = str(e)[:1000]
             print(f"NSA {mode} T={t} failed: {str(e)[:1000]}", flush=True)
+    if not FLAGS.small:
+        from peers import fla_parallel_nsa_ms  # noqa: PLC0415 (experiments/ is on the path)
+
+        peer = fla_parallel_nsa_ms(t, s.h, s.hkv, s.d, block_size=s.cfg.sel_block,
+                                   block_counts=s.cfg.num_selected, window=s.cfg.window,
+                                   iters=iters, backward=FLAGS.backward)
+        row.update(peer or {})
     print(json.dumps(row), flush=True)
     return row
 
@@ -294,8 +303,9 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
 def table(rows) -> str:
     fmt = lambda r, k, spec=".2f": format(r[k], spec) if k in r else "n/a"  # noqa: E731
     lines = ["| T | mode | fwd ms | cuDNN fwd ms | fwd ratio | f+b ms | cuDNN f+b ms | f+b ratio | "
-             "cmp / sel / slc / win fwd ms | sel XLA fwd ms | cmp / slc / win f+b ms | err ref |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "cmp / sel / slc / win fwd ms | sel XLA fwd ms | cmp / slc / win f+b ms | err ref | "
+             "fla-core fwd / f+b ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "decode":
             continue
@@ -307,7 +317,8 @@ def table(rows) -> str:
                          f"{fmt(r, p + 'fwd_ratio')} | {fmt(r, p + 'fwdbwd_ms')} | "
                          f"{fmt(r, 'dense_fwdbwd_ms')} | {fmt(r, p + 'fwdbwd_ratio')} | {br} | "
                          f"{fmt(r, p + 'selection_xla_fwd_ms')} | {bb} | "
-                         f"{fmt(r, p + 'err_ref', '.1e')} |")
+                         f"{fmt(r, p + 'err_ref', '.1e')} | "
+                         f"{fmt(r, 'fla_fwd_ms')} / {fmt(r, 'fla_fwdbwd_ms')} |")
     dec = [r for r in rows if r["kind"] == "decode"]
     if dec:
         lines += ["", "| decode batch | context | NSA step ms | dense step ms | ratio | tokens read NSA / dense "

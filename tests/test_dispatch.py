@@ -69,19 +69,22 @@ def qkv(t=256, h=4, hkv=2, d=128, dtype=jnp.bfloat16, seed=0):
 # ---------------------------------------------------------------- flash: the Hopper choice
 
 def test_flash_auto_on_faked_hopper_prefers_mosaic_gpu_where_it_applies(monkeypatch):
-    """As the `-m gpu` test on an H100: Mosaic GPU for bf16 causal (also under jit with
-    default positions), Triton for what it does not cover (sinks, float32, a window)."""
+    """As the `-m gpu` test on an H100: Mosaic GPU for bf16 causal, full, a causal window
+    and learned sinks (also under jit with default positions), Triton for what it does not
+    cover (float32, window + sink tokens, shifted positions, a soft-cap)."""
     fake_device(monkeypatch, HOPPER)
     calls = record(monkeypatch, flash_api)
     q, k, v = qkv()
     jax.jit(lambda q, k, v: flash_api.flash_attention(q, k, v, mask_fn=P.Causal()))(q, k, v)
     flash_api.flash_attention(q, k, v)                                           # full attention
     flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), sink_logits=jnp.zeros((4,), jnp.float32))
-    flash_api.flash_attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask_fn=P.Causal())
     flash_api.flash_attention(q, k, v, mask_fn=P.causal_window(64))
+    flash_api.flash_attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask_fn=P.Causal())
+    flash_api.flash_attention(q, k, v, mask_fn=P.causal_window(64, num_sinks=4))
     flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), q_positions=jnp.arange(256)[None] + 3,
                               kv_positions=jnp.arange(256)[None] + 3)
-    assert [c[0] for c in calls] == ["mosaic_gpu", "mosaic_gpu", "triton", "triton", "triton", "triton"]
+    flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), softcap=30.0)
+    assert [c[0] for c in calls] == ["mosaic_gpu"] * 4 + ["triton"] * 4
 
 
 def test_flash_auto_on_other_devices(monkeypatch):
@@ -245,8 +248,8 @@ def test_explain_says_which_ran_and_why_others_were_skipped(monkeypatch, capsys,
 
 def test_explicit_impl_that_cannot_run_says_why():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="impl='mosaic_gpu' cannot run this call.*sink_logits"):
-        flash_api.flash_attention(q, k, v, sink_logits=jnp.zeros((4,), jnp.float32), impl="mosaic_gpu")
+    with pytest.raises(ValueError, match="impl='mosaic_gpu' cannot run this call.*softcap"):
+        flash_api.flash_attention(q, k, v, softcap=30.0, impl="mosaic_gpu")
     with pytest.raises(ValueError, match="impl must be one of"):
         flash_api.flash_attention(q, k, v, impl="cuda")
     with pytest.raises(ValueError, match="not implemented.*available"):

@@ -30,9 +30,9 @@ HELP = {
 }
 
 
-# every runnable script of experiments/ (script_io.py is their shared module)
+# every runnable script of experiments/ (script_io.py and peers.py are shared modules)
 SCRIPTS = sorted(name for name in os.listdir(EXPERIMENTS)
-                 if name.endswith(".py") and name != "script_io.py") + ["bench_all.sh"]
+                 if name.endswith(".py") and name not in ("script_io.py", "peers.py")) + ["bench_all.sh"]
 TINY_TRAIN = ["--steps=2", "--batch=2", "--seq_len=32", "--d_model=16", "--heads=1", "--window=4"]
 
 
