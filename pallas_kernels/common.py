@@ -129,7 +129,7 @@ def check_attention_args(q, k, v, *, mask_fn, q_positions, kv_positions, q_segme
         scale=check_scale(scale, d))
 
 
-def masked_attention(q, k, v, mask, *, scale: float, sink_logits=None, softcap=None):
+def masked_attention(q, k, v, mask, *, scale: float, sink_logits=None, softcap=None, bias=None):
     """Plain-jnp masked softmax attention, float32 inside: the ground truth of every kernel.
 
     Args:
@@ -138,6 +138,8 @@ def masked_attention(q, k, v, mask, *, scale: float, sink_logits=None, softcap=N
       sink_logits: optional `[H]` learned sink logit per head (gpt-oss): joins the softmax
         denominator only.
       softcap: optional logit soft-cap c: `s -> c * tanh(s / c)`.
+      bias: optional additive logit bias `[B, Hkv, Tk]` float (after the soft-cap; a key of
+        log-weight w counts as e^w copies of itself: cluster sizes, sampling weights).
     Returns:
       out `[B, Tq, H, Dv]` in q's dtype, probs `[B, Hkv, G, Tq, Tk]` float32 (normalised,
       sink included in the denominator), lse `[B, H, Tq]` float32. Rows that see nothing
@@ -150,6 +152,8 @@ def masked_attention(q, k, v, mask, *, scale: float, sink_logits=None, softcap=N
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) * scale
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)[:, :, None, None, :]
     mask = mask[:, None, None] if mask.ndim == 3 else mask[:, :, None]
     s = jnp.where(mask, s, -jnp.inf)
     m = s.max(-1)

@@ -407,3 +407,26 @@ def test_every_cache_lives_in_the_cache_package_and_follows_the_contract():
     assert not list(root.glob("cache_*.py")) and not (root / "kv_policies" / "cache.py").exists()
     for path in root.rglob("*.py"):
         assert "update_and_attend" not in path.read_text(), path
+
+
+def test_weighted_attention_counts_a_slot_of_log_weight_w_as_e_w_copies():
+    """A slot of log-weight log(3) attends as three copies of itself; -inf hides a slot."""
+    from pallas_kernels.common import masked_attention
+    from sparse_jax.cache.base import weighted_attention
+
+    rng = np.random.default_rng(0)
+    b, s, hkv, g, d = 2, 5, 2, 2, 8
+    q = jnp.asarray(rng.normal(size=(b, 1, hkv * g, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, s, hkv, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, s, hkv, d)), jnp.float32)
+    kv_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    q_pos = jnp.full((b, 1), s - 1)
+    log_w = jnp.zeros((b, hkv, s)).at[:, :, 1].set(jnp.log(3.0)).at[:, 0, 4].set(-jnp.inf)
+    got = weighted_attention(q, k, v, kv_pos, q_pos, log_w, scale=d ** -0.5)
+    copies = [0, 1, 1, 1, 2, 3, 4]                      # slot 1 three times
+    kc, vc = k[:, copies], v[:, copies]
+    visible = jnp.ones((b, hkv, 1, len(copies)), bool).at[:, 0, :, -1].set(False)
+    want, _, _ = masked_attention(q, kc, vc, visible, scale=d ** -0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="log_weights"):
+        weighted_attention(q, k, v, kv_pos, q_pos, log_w[:, :1], scale=1.0)

@@ -83,6 +83,10 @@ class Selection:
     * `slot_heads [B, S]` int32: the pooled layout, keys `[B, S, D]` and values
       `[B, S, Dv]` of all kv heads in one store, slot s read by kv head
       `slot_heads[b, s]` only.
+    * `log_weights [B, Hkv, S]` float32: additive logit of each slot for each kv head
+      (a slot of log-weight w counts as e^w keys: Double-P's cluster centroids, the
+      inverse sampling probability of verified attention); -inf hides a slot from that
+      head. Attended by `weighted_attention` (plain jnp).
     * `prefill=True`: the keys are this call's own tokens; attend as without a cache.
     """
 
@@ -90,6 +94,7 @@ class Selection:
     block_counts: jax.Array | None = None
     block_size: int = dataclasses.field(default=1, metadata=dict(static=True))
     slot_heads: jax.Array | None = None
+    log_weights: jax.Array | None = None
     prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
@@ -115,3 +120,22 @@ def batch_index(positions):
 def nbytes_of(*arrays) -> int:
     """Total bytes of `arrays` (from shape and dtype; abstract arrays too)."""
     return int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays))
+
+
+def weighted_attention(q, k, v, kv_positions, q_positions, log_weights, *, scale, sink_logits=None,
+                       softcap=None):
+    """Causal attention of `q [B, Tq, H, D]` over `k [B, S, Hkv, D]`, `v [B, S, Hkv, Dv]`
+    with each slot's logit raised by `log_weights [B, Hkv, S]` (`Selection.log_weights`):
+    query head h sees the slots of kv head `h // G` whose position is valid and `<=` its
+    own. Plain jnp -> `[B, Tq, H, Dv]`."""
+    from pallas_kernels.common import masked_attention
+
+    b, s = k.shape[:2]
+    if log_weights.shape != (b, k.shape[2], s):
+        raise ValueError(f"log_weights must be [B, Hkv, S] = {[b, k.shape[2], s]}, got {list(log_weights.shape)}")
+    visible = ((kv_positions[:, None, :] <= q_positions[:, :, None]) & (kv_positions[:, None, :] >= 0)
+               & (q_positions[:, :, None] >= 0))                                             # [B, Tq, S]
+    visible = visible[:, None] & jnp.isfinite(log_weights)[:, :, None, :]                    # [B, Hkv, Tq, S]
+    out, _, _ = masked_attention(q, k, v, visible, scale=scale, sink_logits=sink_logits, softcap=softcap,
+                                 bias=jnp.where(jnp.isfinite(log_weights), log_weights, 0.0))
+    return out

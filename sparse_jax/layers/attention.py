@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_jax import patterns as P
-from sparse_jax.cache.base import Queries, Selection
+from sparse_jax.cache.base import Queries, Selection, weighted_attention
 from sparse_jax.cache.kv import FullKVCache, RollingKVCache
 from sparse_jax.cache.pooled import pooled_attention
 from sparse_jax.cache.quest import page_attention
@@ -180,6 +180,9 @@ class AttentionBase(AttentionLayer):
             o = pooled_attention(q, keys, values, kv_positions, sel.slot_heads, positions,
                                  num_kv_heads=c.num_kv_heads, scale=queries.scale, sink_logits=sink_logits,
                                  softcap=c.softcap)
+        elif sel.log_weights is not None:
+            o = weighted_attention(q, keys, values, kv_positions, positions, sel.log_weights,
+                                   scale=queries.scale, sink_logits=sink_logits, softcap=c.softcap)
         elif sel.block_indices is not None:
             o = page_attention(q, keys, values, kv_positions, positions, sel, sink_logits=sink_logits,
                                softcap=c.softcap, impl=c.impl)
