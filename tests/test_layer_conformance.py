@@ -53,6 +53,14 @@ class TestHCA(LayerConformance):
     spec = "R"
 
 
+class TestEntmax(LayerConformance):
+    spec = "E"
+
+
+class TestASEntmax(LayerConformance):
+    spec = "A"
+
+
 def test_every_letter_has_a_conformance_class():
     covered = {cls.spec[-1] for cls in LayerConformance.__subclasses__()}
     assert covered == set(LAYER_TYPES), f"letters without a conformance class: {set(LAYER_TYPES) - covered}"

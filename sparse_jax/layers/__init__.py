@@ -5,12 +5,14 @@ from sparse_jax.layers.attention import (
     SlidingWindowAttention, StreamingLLMAttention)
 from sparse_jax.layers.csa import CompressedAttention
 from sparse_jax.layers.dsa import DSAAttention
+from sparse_jax.layers.entmax import ASEntmaxAttention, EntmaxAttention
 from sparse_jax.layers.hysparse import HySparseFullAttention, HySparseSparseAttention
 from sparse_jax.layers.mla import MLAAttention
 from sparse_jax.layers.moba import MoBAAttention
 from sparse_jax.layers.nsa import NSAAttention
 
-__all__ = ["AttentionBase", "AttentionConfig", "CompressedAttention", "DSAAttention", "FullAttention",
+__all__ = ["ASEntmaxAttention", "AttentionBase", "AttentionConfig", "CompressedAttention", "DSAAttention",
+           "EntmaxAttention", "FullAttention",
            "HySparseFullAttention", "HySparseSparseAttention", "LocalAttention", "MLAAttention",
            "MoBAAttention", "NSAAttention",
            "PatternAttention", "SlidingWindowAttention", "StreamingLLMAttention"]

@@ -112,7 +112,8 @@ def output_params(rngs: nnx.Rngs, config: AttentionConfig, *, value_dim: int | N
 
 
 class AttentionBase(AttentionLayer):
-    """Projections, RoPE, sinks, gate; subclasses supply `attend` and `init_cache`.
+    """Projections, RoPE, sinks, gate; subclasses supply `attend` and `init_cache`, and may
+    rescale the rotated queries per position (`scale_queries`).
 
     With a cache, `attend_cached` writes the call's keys and values through the cache's
     `update(k, v, positions, queries=...)` and attends over what it returns (the contract
@@ -156,6 +157,7 @@ class AttentionBase(AttentionLayer):
             k = apply_rope(k, positions, c.rope_theta, c.rope_scaling)
         else:
             q = q_raw
+        q = self.scale_queries(q, positions)
         k, v = guard_kv(k, v, positions)      # padding and non-finite tokens cannot reach masked outputs
         sinks = None if self.sink_logits is None else self.sink_logits[...]
         o, cache = self.attend_cached(q, k, v, positions, cache, sink_logits=sinks, q_raw=q_raw)
@@ -163,6 +165,13 @@ class AttentionBase(AttentionLayer):
             o = o * jax.nn.sigmoid(jnp.einsum("btd,dhk->bthk", x, self.wg[...].astype(c.dtype)))
         y = jnp.einsum("bthk,hkd->btd", o.astype(c.dtype), self.wo[...].astype(c.dtype))
         return y, cache
+
+    def scale_queries(self, q, positions):
+        """Rotated queries `q [B, T, H, D]` at `positions [B, T]` -> the queries the layer
+        attends with (same shape and dtype). Here unchanged; ASEntmax's length-scaled
+        temperature overrides it (`sparse_jax.layers.entmax.ASEntmaxAttention`)."""
+        del positions
+        return q
 
     def attend_cached(self, q, k, v, positions, cache=None, *, sink_logits=None, q_raw=None):
         """Write this call's rotated `k, v [B, T, Hkv, D]` into `cache` and attend the rotated

@@ -13,6 +13,9 @@
 * `C` CSA, `R` HCA (DeepSeek-V4; `LMConfig.csa`, `LMConfig.hca`): compressed records
   (top-k / dense) plus an SWA branch; V4 interleaves them after two pure SWA layers,
   e.g. `"WW" + "CR" * 3`.
+* `E` alpha-entmax attention (`LMConfig.entmax_alpha`; arXiv 1905.05702), `A` ASEntmax:
+  entmax with a learnable length-scaled query temperature (`LMConfig.entmax_alpha`,
+  `asentmax_delta`, `asentmax_learn_gamma`; arXiv 2506.16640).
 
 e.g. `"WWWF"` is "global every 4th layer, local otherwise" (Gemma 3 is 5:1, gpt-oss 1:1).
 `LAYER_KINDS` maps each letter to its layer class and the options it takes from the
@@ -37,11 +40,13 @@ from sparse_jax.layers import (AttentionConfig, FullAttention, PatternAttention,
 from sparse_jax.layers.hysparse import HySparseConfig, HySparseFullAttention, HySparseSparseAttention
 from sparse_jax.layers.csa import CompressedAttention
 from sparse_jax.layers.dsa import DSAAttention
+from sparse_jax.layers.entmax import ASEntmaxAttention, EntmaxAttention
 from sparse_jax.layers.mla import MLAAttention
 from sparse_jax.layers.moba import MoBAAttention
 from sparse_jax.layers.nsa import NSAAttention
 from sparse_jax.ops.csa import CSAConfig
 from sparse_jax.ops.dsa import DSAConfig
+from sparse_jax.ops.entmax import check_alpha
 from sparse_jax.ops.mla import MLAConfig
 from sparse_jax.ops.nsa import NSAConfig
 from sparse_jax.ops.rope import RopeScaling
@@ -78,6 +83,9 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "D": LayerKind("DSA", DSAAttention, lambda c: dict(mla=c.mla, dsa=c.dsa), (("mla", MLAConfig), ("dsa", DSAConfig))),
     "C": LayerKind("CSA", CompressedAttention, lambda c: dict(csa=c.csa), (("csa", CSAConfig),)),
     "R": LayerKind("HCA", CompressedAttention, lambda c: dict(csa=c.hca), (("hca", CSAConfig),)),
+    "E": LayerKind("alpha-entmax", EntmaxAttention, lambda c: dict(alpha=c.entmax_alpha)),
+    "A": LayerKind("ASEntmax", ASEntmaxAttention,
+                   lambda c: dict(alpha=c.entmax_alpha, delta=c.asentmax_delta, learn_gamma=c.asentmax_learn_gamma)),
 }
 LAYER_TYPES = {letter: kind.name for letter, kind in LAYER_KINDS.items()}
 
@@ -119,6 +127,11 @@ class LMConfig:
     csa: CSAConfig = CSAConfig(ratio=4, head_dim=32, rope_dim=8, top_k=16, index_heads=4,
                                index_head_dim=16, window=16)
     hca: CSAConfig = CSAConfig(ratio=16, overlap=False, head_dim=32, rope_dim=8, top_k=None, window=16)
+    # alpha-entmax ('E') and ASEntmax ('A'): alpha in [1, 2] (1 softmax, 2 sparsemax); ASEntmax's
+    # query temperature delta + beta_h log(t+2)^gamma_h (learn_gamma=False: beta_h log(t+2))
+    entmax_alpha: float = 1.5
+    asentmax_delta: float = 1.0
+    asentmax_learn_gamma: bool = True
     rope_theta: float = 10000.0
     learned_sinks: bool = False
     output_gate: bool = False
@@ -126,8 +139,8 @@ class LMConfig:
     impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     # imported checkpoints (sparse_jax.models.hf): per-head width (None: d_model // num_heads),
-    # q/k/v biases (Qwen2; layers F, W, S, P, M only), RMSNorm epsilon, RoPE frequency scaling
-    # (Llama 3.x, YaRN, ...; layers F, W, S, P, M only)
+    # q/k/v biases (Qwen2; layers F, W, S, P, M, E, A only), RMSNorm epsilon, RoPE frequency scaling
+    # (Llama 3.x, YaRN, ...; layers F, W, S, P, M, E, A only)
     head_dim: int | None = None
     qkv_bias: bool = False
     norm_eps: float = 1e-6
@@ -144,14 +157,19 @@ class LMConfig:
         if "Y" in self.layer_spec and "H" not in self.layer_spec[:self.layer_spec.index("Y")]:
             raise ValueError(f"layer_spec {self.layer_spec!r}: every 'Y' (HySparse sparse) layer needs an "
                              "'H' (HySparse full) layer before it")
+        if set(self.layer_spec) & set("EA"):
+            try:
+                check_alpha(self.entmax_alpha)
+            except ValueError as e:
+                raise ValueError(f"layer_spec {self.layer_spec!r} has entmax layers: entmax_alpha: {e}") from None
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.qkv_bias and set(self.layer_spec) - set("FWSPM"):
-            raise ValueError(f"qkv_bias is supported by layers F, W, S, P, M only, layer_spec is {self.layer_spec!r}")
-        if self.rope_scaling is not None and set(self.layer_spec) - set("FWSPM"):
-            raise ValueError(f"rope_scaling is supported by layers F, W, S, P, M only, layer_spec is {self.layer_spec!r}")
+        if self.qkv_bias and set(self.layer_spec) - set("FWSPMEA"):
+            raise ValueError(f"qkv_bias is supported by layers F, W, S, P, M, E, A only, layer_spec is {self.layer_spec!r}")
+        if self.rope_scaling is not None and set(self.layer_spec) - set("FWSPMEA"):
+            raise ValueError(f"rope_scaling is supported by layers F, W, S, P, M, E, A only, layer_spec is {self.layer_spec!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         _ = self.attention  # validates heads, head_dim and the other attention settings now
