@@ -5,14 +5,14 @@ A small-scale check of the claim of "Long-Context Generalization with Sparse Att
 at many times the training length when their attention is alpha-entmax with ASEntmax's
 length-scaled temperature, where softmax attention disperses.
 
-Task: associative recall in a haystack (`recall_batch`, generated in-process with the
-`sparse_jax.tasks` vocabulary): `--needles` facts `key = value` of distinct keys among
-noise words, then `--queries` questions `QUERY key ANS value`, each answer scored
-(teacher-forced, one loss token per question). Every model (`--models`, each `--layers`
-deep, `SparseLM` layer letters) sees the same data stream at `--train_len`, then is
-evaluated on fresh rows at `--train_len` times each of `--eval_mults`: the same number of
-facts, drawn anywhere in a longer haystack. Metric: answer accuracy (per question), and
-the fraction of rows with every answer right.
+Task: multi-query associative recall in a haystack (`recall_batch`, generated in-process
+with the `sparse_jax.tasks` vocabulary): `--needles` pairs `key value` of distinct keys
+among noise words, then `QUERY` and `--queries` of the keys, each followed by its value;
+every asked key is scored on predicting its value (teacher-forced). Every model
+(`--models`, each `--layers` deep, `SparseLM` layer letters) sees the same data stream at
+`--train_len`, then is evaluated on fresh rows at `--train_len` times each of
+`--eval_mults`: the same number of pairs, drawn anywhere in a longer haystack. Metric:
+answer accuracy (per asked key), and the fraction of rows with every answer right.
 
     softmax   F * L  (full causal softmax attention)
     entmax    E * L  (alpha-entmax, `--alpha`)
@@ -58,68 +58,82 @@ flags.DEFINE_integer("layers", 2, "Layers per model.")
 flags.DEFINE_integer("d_model", 64, "Model width.")
 flags.DEFINE_integer("heads", 4, "Attention heads.")
 flags.DEFINE_float("alpha", 1.5, "alpha of the entmax layers (E, A).")
-flags.DEFINE_float("rope_theta", 10000.0, "RoPE base.")
-flags.DEFINE_integer("needles", 4, "Facts per sequence.")
+flags.DEFINE_float("rope_theta", 1e6, "RoPE base (large: content matching barely rotates over 64x the training length).")
+flags.DEFINE_integer("needles", 4, "Key-value facts per sequence.")
+flags.DEFINE_integer("fact_tokens", 1, "Tokens per fact: 1 (one id per (key, value) pair) or 2 (`key value`).")
 flags.DEFINE_integer("queries", 4, "Keys asked per sequence (distinct needles; each answer is scored).")
-flags.DEFINE_integer("keys", 16, "Keys in the vocabulary.")
-flags.DEFINE_integer("values", 16, "Values in the vocabulary.")
+flags.DEFINE_integer("keys", 8, "Keys in the vocabulary.")
+flags.DEFINE_integer("values", 8, "Values in the vocabulary.")
 flags.DEFINE_integer("words", 16, "Haystack words in the vocabulary.")
 flags.DEFINE_integer("train_len", 64, "Training sequence length.")
 flags.DEFINE_list("eval_mults", ["1", "2", "4", "8", "16", "32", "64"],
                   "Evaluation lengths as multiples of --train_len.")
-flags.DEFINE_integer("steps", 3000, "Training steps per model.")
+flags.DEFINE_integer("steps", 800, "Training steps per model.")
 flags.DEFINE_integer("batch", 32, "Sequences per step.")
 flags.DEFINE_float("lr", 3e-3, "Peak learning rate (AdamW, warmup + cosine).")
 flags.DEFINE_float("max_minutes", 12.0, "Stop a model's training after this many minutes (logged).")
-flags.DEFINE_integer("eval_rows", 128, "Evaluation rows per length.")
-flags.DEFINE_integer("eval_tokens", 16384, "Tokens per evaluation call (rows per call = this / length, >= 1).")
+flags.DEFINE_integer("eval_rows", 48, "Evaluation rows per length.")
+flags.DEFINE_integer("eval_tokens", 8192, "Tokens per evaluation call (rows per call = this / length, >= 1).")
 flags.DEFINE_integer("eval_chunk", 512, "Queries per prefill call at evaluation lengths above it.")
 flags.DEFINE_integer("seed", 0, "Seed of data and parameters.")
-flags.DEFINE_integer("log_every", 100, "Log the training loss and accuracy every this many steps.")
+flags.DEFINE_integer("log_every", 50, "Log the training loss and accuracy every this many steps.")
 flags.DEFINE_string("out_dir", "/tmp/entmax_extrapolation", "Where results.jsonl and metrics.jsonl go.")
 flags.DEFINE_string("json", None, "The combined JSON (default <out_dir>/entmax_extrapolation.json).")
 flags.DEFINE_string("plot", None, "The plot (default <out_dir>/entmax_extrapolation.png).")
+flags.DEFINE_list("merge", None, "Train nothing: write --json and --plot from these results.jsonl files "
+                  "(e.g. of models trained in separate runs).")
 
 
 def vocab() -> Vocab:
     return Vocab(num_keys=FLAGS.keys, num_values=FLAGS.values, num_words=FLAGS.words)
 
 
-def recall_batch(rng: np.random.Generator, batch: int, seq_len: int, needles: int, queries: int):
-    """Associative recall in a haystack: tokens, targets `[B, T]` int32, loss_mask `[B, T]`.
-
-    Row layout: `context[n] | QUERY k_1 ANS v_1 ... QUERY k_Q ANS` (`n = T - 4Q + 1`): the
-    context is haystack words (`Vocab.words`) holding `needles` facts `k EQ v` of distinct
-    keys at uniform non-overlapping places; the `Q` asked keys are distinct needles in
-    random order; the target at each ANS is the asked key's value. The same token ids as
-    `sparse_jax.tasks` (one `Vocab`).
-    """
+def vocab_size() -> int:
+    """`Vocab.size`, plus one id per (key, value) pair with `--fact_tokens=1`."""
     v = vocab()
-    n = seq_len - 4 * queries + 1
-    if n < 3 * needles + 1 or not 1 <= queries <= needles <= v.num_keys:
+    return v.size + (v.num_keys * v.num_values if FLAGS.fact_tokens == 1 else 0)
+
+
+def recall_batch(rng: np.random.Generator, batch: int, seq_len: int, needles: int, queries: int):
+    """Multi-query associative recall (MQAR, Arora et al. 2023, arXiv 2312.04927) in a
+    haystack: tokens, targets `[B, T]` int32, loss_mask `[B, T]` float32.
+
+    Row layout: `context[n] | QUERY k_1 v_1 k_2 v_2 ... k_Q` (`n = T - 2Q`): the context is
+    haystack words (`Vocab.words`) holding `needles` facts of distinct keys at uniform
+    non-overlapping places; a fact is the two tokens `k v` (`--fact_tokens=2`) or one token
+    naming the pair (`--fact_tokens=1`, ids after `Vocab.size`). The `Q` asked keys are
+    distinct needles in random order; the target at each asked key is its value
+    (next-token prediction, teacher-forced). Token ids are those of `sparse_jax.tasks.Vocab`.
+    """
+    v, width = vocab(), FLAGS.fact_tokens
+    n = seq_len - 2 * queries
+    if n < width * needles + 1 or not 1 <= queries <= needles <= v.num_keys:
         raise ValueError(f"seq_len={seq_len} with {needles} needles and {queries} queries does not fit")
     tokens = np.zeros((batch, seq_len), np.int32)
     targets = np.zeros((batch, seq_len), np.int32)
     mask = np.zeros((batch, seq_len), np.float32)
     for b in range(batch):
-        keys = rng.choice(v.keys, size=needles, replace=False)
-        values = rng.choice(v.values, size=needles)
+        key_ids = rng.choice(v.num_keys, size=needles, replace=False)
+        value_ids = rng.integers(v.num_values, size=needles)
+        keys, values = v.keys[key_ids], v.values[value_ids]
         context = rng.choice(v.words, size=n)
-        starts = np.sort(rng.choice(n - 2 * needles, size=needles, replace=False)) + 2 * np.arange(needles)
-        for s, key, value in zip(starts, keys, values):
-            context[s:s + 3] = (key, Vocab.EQ, value)
+        starts = np.sort(rng.choice(n - (width - 1) * needles, size=needles, replace=False))
+        starts = starts + (width - 1) * np.arange(needles)
+        if width == 2:
+            context[starts], context[starts + 1] = keys, values
+        else:
+            context[starts] = v.size + key_ids * v.num_values + value_ids
         asked = rng.choice(needles, size=queries, replace=False)
-        suffix = np.stack([np.full(queries, Vocab.QUERY), keys[asked], np.full(queries, Vocab.ANS),
-                           values[asked]], axis=1).reshape(-1)[:-1]
-        tokens[b] = np.concatenate([context, suffix])
-        ans = n + 2 + 4 * np.arange(queries)
-        targets[b, ans], mask[b, ans] = values[asked], 1.0
+        pairs = np.stack([keys[asked], values[asked]], axis=1).reshape(-1)[:-1]
+        tokens[b] = np.concatenate([context, [Vocab.QUERY], pairs])
+        at = n + 1 + 2 * np.arange(queries)
+        targets[b, at], mask[b, at] = values[asked], 1.0
     return tokens, targets, mask
 
 
 def lm_config(letter: str) -> LMConfig:
     entmax = dict(entmax_alpha=FLAGS.alpha) if letter in "EA" else {}
-    return LMConfig(vocab_size=vocab().size, layer_spec=letter * FLAGS.layers, d_model=FLAGS.d_model,
+    return LMConfig(vocab_size=vocab_size(), layer_spec=letter * FLAGS.layers, d_model=FLAGS.d_model,
                     num_heads=FLAGS.heads, rope_theta=FLAGS.rope_theta, **entmax)
 
 
@@ -161,7 +175,8 @@ def evaluate(model, seq_len: int, seed: int) -> tuple[float, float]:
 
 
 def settings() -> dict:
-    keys = ("layers", "d_model", "heads", "alpha", "rope_theta", "needles", "queries", "keys", "values", "words",
+    keys = ("layers", "d_model", "heads", "alpha", "rope_theta", "needles", "queries", "fact_tokens", "keys", "values",
+            "words",
             "train_len", "steps", "batch", "lr", "seed", "eval_rows")
     return {k: getattr(FLAGS, k) for k in keys}
 
@@ -231,18 +246,29 @@ def main(argv):
         raise app.UsageError(f"--models {sorted(missing)}: their layer letters are not in LAYER_KINDS")
     if not FLAGS.eval_mults or any(not m.isdigit() or int(m) < 1 for m in FLAGS.eval_mults):
         raise app.UsageError(f"--eval_mults must be integers >= 1, got {FLAGS.eval_mults}")
+    if FLAGS.fact_tokens not in (1, 2):
+        raise app.UsageError(f"--fact_tokens must be 1 or 2, got {FLAGS.fact_tokens}")
     if FLAGS.eval_chunk < 1 or FLAGS.eval_rows < 1:
         raise app.UsageError("--eval_chunk and --eval_rows must be >= 1")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     results_path = os.path.join(FLAGS.out_dir, "results.jsonl")
+    if FLAGS.merge:
+        rows = [json.loads(line) for path in FLAGS.merge for line in open(path) if line.strip()]
+        if not rows:
+            raise app.UsageError(f"no rows in --merge files {FLAGS.merge}")
+        return write_outputs(rows, [])
     print(f"settings: {settings()}; models {FLAGS.models}; devices {jax.devices()}", flush=True)
     for name in FLAGS.models:
         with MetricsLog(os.path.join(FLAGS.out_dir, f"metrics_{name}.jsonl"),
                         tb_dir=os.path.join(FLAGS.out_dir, "tb", name)) as log:
             row = run_model(name, log)
-            old = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
-            rows = [r for r in old if r["model"] != name] + [row]
-            write_atomic(results_path, "".join(json.dumps(r) + "\n" for r in rows))
+        old = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
+        rows = [r for r in old if r["model"] != name] + [row]
+        write_atomic(results_path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_outputs(rows, [results_path])
+
+
+def write_outputs(rows, written):
     rows = sorted(rows, key=lambda r: list(MODELS).index(r["model"]))
     json_path = FLAGS.json or os.path.join(FLAGS.out_dir, "entmax_extrapolation.json")
     plot_path = FLAGS.plot or os.path.join(FLAGS.out_dir, "entmax_extrapolation.png")
@@ -253,7 +279,7 @@ def main(argv):
     for r in rows:
         print(f"| {r['model']} | {r['train_curve'][-1]['accuracy']:.2f} | "
               + " | ".join(f"{r['acc'].get(str(t), float('nan')):.2f}" for t in lens) + " |")
-    print(f"wrote {results_path}, {json_path}, {plot_path}")
+    print(f"wrote {', '.join(written + [json_path, plot_path])}")
 
 
 if __name__ == "__main__":
