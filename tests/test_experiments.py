@@ -224,3 +224,24 @@ def test_compare_hybrids_tiny_run_writes_results_and_metrics(tmp_path):
     tags = {tag for tag, _, _ in scalars}
     assert {"train/loss", "train/accuracy", "eval_T12/single_needle", "eval_T16/mean"} <= tags
     assert [s for tag, s, _ in scalars if tag == "train/loss"] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_entmax_extrapolation_tiny_run_writes_json_and_plot(tmp_path):
+    """Two models at toy size; the longer evaluation length runs as a chunked prefill
+    (`--eval_chunk` below it); then `--merge` rebuilds the JSON from results.jsonl."""
+    out = tmp_path / "extrap"
+    args = [f"--out_dir={out}", "--layers=1", "--d_model=16", "--heads=2", "--train_len=24", "--eval_mults=1,2",
+            "--steps=3", "--batch=2", "--eval_rows=3", "--eval_tokens=48", "--eval_chunk=20", "--log_every=2"]
+    done = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "entmax_extrapolation.py"),
+                           "--models=softmax,asentmax", *args], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"results.jsonl", "entmax_extrapolation.json", "entmax_extrapolation.png"} <= set(os.listdir(out))
+    rows = json.load(open(out / "entmax_extrapolation.json"))["models"]
+    assert [r["model"] for r in rows] == ["softmax", "asentmax"] and rows[1]["spec"] == "A"
+    assert all(set(r["acc"]) == {"24", "48"} and 0 <= r["acc"]["48"] <= 1 for r in rows)
+    merged = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "entmax_extrapolation.py"),
+                             f"--out_dir={tmp_path / 'merged'}", f"--merge={out / 'results.jsonl'}"],
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert json.load(open(tmp_path / "merged" / "entmax_extrapolation.json"))["models"] == rows
