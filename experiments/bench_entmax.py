@@ -58,6 +58,10 @@ flags.DEFINE_integer("iters", 10, "timed calls per figure (median)")
 flags.DEFINE_bool("backward", True, "also time forward+backward")
 flags.DEFINE_integer("check_rows", 64, "query rows checked against the reference")
 flags.DEFINE_string("config", "", "EntmaxTritonConfig overrides, e.g. block_q=128,num_passes=3")
+flags.DEFINE_list("sweep", [], "extra EntmaxTritonConfig overrides to time beside --config, each "
+                  "'key=value/key=value' (e.g. block_q=128/num_warps=8,num_candidates=1); their rows "
+                  "carry the overrides under 'config'")
+flags.DEFINE_bool("breakdown", True, "also time the stats kernel and stats + threshold alone")
 flags.DEFINE_bool("adasplash", True, "time adasplash when importable")
 flags.DEFINE_bool("interpret", False, "Pallas interpret mode (a CPU smoke test of the script)")
 
@@ -162,12 +166,31 @@ def check(q, k, v, alpha, cfg, rows: int):
     return err, zeros, float(live), float(lower)
 
 
-def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward):
+def breakdown_ms(q, k, alpha, cfg, iters):
+    """Forward stages alone: the stats kernel, and stats + threshold passes (the rest of the
+    forward is the output pass and the live-tile bookkeeping)."""
+    st = entmax_triton.Static(alpha=alpha, causal=True, scale=q.shape[-1] ** -0.5, config=cfg,
+                              interpret=FLAGS.interpret)
+    pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+
+    def stages(q, k, upto):
+        bq, bk = entmax_triton.tiles(st, q.shape[1], k.shape[1])
+        qp, kp, _, qpp, kpp = entmax_triton.pad_inputs(st, q, k, k[..., :1], pos, pos)
+        m, n, tmax = entmax_triton.run_stats(st, qp, kp, qpp, kpp, bq, bk)
+        if upto == "stats":
+            return m, tmax
+        return entmax_triton.run_tau(st, qp, kp, qpp, kpp, m, n, tmax, bq, bk)
+
+    return dict(stats_ms=median_ms(jax.jit(lambda q, k: stages(q, k, "stats")), q, k, iters=iters),
+                stats_tau_ms=median_ms(jax.jit(lambda q, k: stages(q, k, "tau")), q, k, iters=iters))
+
+
+def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward, label="", peers=True):
     q, k, v = make_inputs(kind, t, h, hkv, d)
     do = jax.random.normal(jax.random.key(9), (1, t, h, d), jnp.bfloat16)
     err, zeros, live, lower = check(q, k, v, alpha, cfg, FLAGS.check_rows)
-    row = dict(inputs=kind, t=t, h=h, hkv=hkv, d=d, alpha=alpha, err_ref=err, zero_frac=zeros,
-               live_tiles=live, live_tiles_lower_bound=lower)
+    row = dict(inputs=kind, t=t, h=h, hkv=hkv, d=d, alpha=alpha, config=label, err_ref=err,
+               zero_frac=zeros, live_tiles=live, live_tiles_lower_bound=lower)
     print(json.dumps(row), flush=True)
     ours = lambda q, k, v: entmax_api.entmax_attention(  # noqa: E731
         q, k, v, alpha=alpha, impl="triton", config=cfg, interpret=FLAGS.interpret)
@@ -180,13 +203,15 @@ def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward):
         return jax.jit(f)
 
     row["ours_fwd_ms"] = median_ms(jax.jit(ours), q, k, v, iters=iters)
+    if FLAGS.breakdown:
+        row.update(breakdown_ms(q, k, alpha, cfg, iters))
     row["flash_fwd_ms"] = median_ms(jax.jit(soft), q, k, v, iters=iters)
     row["fwd_speedup_vs_flash"] = row["flash_fwd_ms"] / row["ours_fwd_ms"]
     if backward:
         row["ours_fwdbwd_ms"] = median_ms(fwdbwd(ours), q, k, v, do, iters=iters)
         row["flash_fwdbwd_ms"] = median_ms(fwdbwd(soft), q, k, v, do, iters=iters)
         row["fwdbwd_speedup_vs_flash"] = row["flash_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
-    if FLAGS.adasplash:
+    if FLAGS.adasplash and peers:
         peer = adasplash_ms(q, k, v, alpha, iters, backward)
         if peer:
             row.update(peer)
@@ -197,10 +222,12 @@ def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward):
 def main(argv):
     del argv
     entmax_api.check_alpha(FLAGS.alpha)
-    cfg = EntmaxTritonConfig()
-    if FLAGS.config:
-        over = dict(kv.split("=") for kv in FLAGS.config.split(","))
-        cfg = dataclasses.replace(cfg, **{k_: int(v_) for k_, v_ in over.items()})
+    def parse(text, sep):
+        over = dict(kv.split("=") for kv in text.split(sep) if kv)
+        return {k_: int(v_) for k_, v_ in over.items()}
+
+    cfg = dataclasses.replace(EntmaxTritonConfig(), **parse(FLAGS.config, ","))
+    variants = [("", cfg)] + [(text, dataclasses.replace(cfg, **parse(text, "/"))) for text in FLAGS.sweep]
     h, hkv = (int(x) for x in FLAGS.heads.split(":"))
     info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"), config=dataclasses.asdict(cfg),
@@ -212,26 +239,33 @@ def main(argv):
     tb_dir = os.path.join(os.path.dirname(os.path.abspath(stem)), "tb", os.path.basename(stem))
     rows = []
     with MetricsLog(stem + ".jsonl", tb_dir) as log:
-        for kind in FLAGS.inputs:
-            for t in (int(x) for x in FLAGS.seq_lens):
+        for kind, t, (label, var) in ((kind, int(t), v) for kind in FLAGS.inputs
+                                      for t in FLAGS.seq_lens for v in variants):
                 try:
-                    rows.append(bench(kind, t, h, hkv, FLAGS.head_dim, FLAGS.alpha, cfg, FLAGS.iters,
-                                      FLAGS.backward))
-                    log.write(rows[-1], step=t, tag=f"entmax/{kind}",
+                    rows.append(bench(kind, t, h, hkv, FLAGS.head_dim, FLAGS.alpha, var, FLAGS.iters,
+                                      FLAGS.backward, label, peers=not label))
+                except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
+                    print(f"inputs={kind} T={t} {label} failed: {type(e).__name__}: {str(e)[:800]}",
+                          flush=True)
+                    continue
+                try:   # the JSONL line is written first; TensorBoard needs tensorboardX
+                    log.write(rows[-1], step=t, tag=f"entmax/{kind}" + (f"/{label}" if label else ""),
                               keys=[k_ for k_, v_ in rows[-1].items()
                                     if isinstance(v_, float) and k_ != "alpha"])
-                except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
-                    print(f"inputs={kind} T={t} failed: {type(e).__name__}: {str(e)[:800]}", flush=True)
+                except ImportError as e:
+                    print(f"no TensorBoard scalars ({e}); the JSONL has the row", flush=True)
     with open(FLAGS.out, "w") as fh:
         json.dump(dict(info=info, rows=rows), fh, indent=1)
     print(f"\n{info}")
     nan = float("nan")
-    print(f"{'inputs':>7} {'T':>6} | {'zeros':>6} {'live':>5} {'live0':>5} | {'fwd ms':>8} {'flash':>8} "
-          f"{'x':>5} | {'f+b ms':>8} {'flash':>8} {'x':>5} | {'ada fwd':>8} {'ada f+b':>8} | {'err':>7}")
+    print(f"{'inputs':>7} {'T':>6} {'config':>12} | {'zeros':>6} {'live':>5} {'live0':>5} | {'fwd ms':>8} {'flash':>8} "
+          f"{'x':>5} | {'stats':>7} {'+tau':>7} | {'f+b ms':>8} {'flash':>8} {'x':>5} | {'ada fwd':>8} "
+          f"{'ada f+b':>8} | {'err':>7}")
     for r in rows:
-        print(f"{r['inputs']:>7} {r['t']:>6} | {r['zero_frac']:6.3f} {r['live_tiles']:5.2f} "
+        print(f"{r['inputs']:>7} {r['t']:>6} {r['config'][:12]:>12} | {r['zero_frac']:6.3f} {r['live_tiles']:5.2f} "
               f"{r['live_tiles_lower_bound']:5.2f} | {r['ours_fwd_ms']:8.3f} {r['flash_fwd_ms']:8.3f} "
-              f"{r['fwd_speedup_vs_flash']:5.2f} | {r.get('ours_fwdbwd_ms', nan):8.3f} "
+              f"{r['fwd_speedup_vs_flash']:5.2f} | {r.get('stats_ms', nan):7.3f} {r.get('stats_tau_ms', nan):7.3f} | "
+              f"{r.get('ours_fwdbwd_ms', nan):8.3f} "
               f"{r.get('flash_fwdbwd_ms', nan):8.3f} {r.get('fwdbwd_speedup_vs_flash', nan):5.2f} | "
               f"{r.get('adasplash_fwd_ms', nan):8.3f} {r.get('adasplash_fwdbwd_ms', nan):8.3f} | "
               f"{r['err_ref']:7.1e}")

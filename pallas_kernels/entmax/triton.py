@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -67,9 +66,6 @@ class EntmaxTritonConfig:
     num_stages_bwd: int = 2
     num_passes: int | None = None
     num_candidates: int = 3
-    # How the stats kernel writes a tile's max: one scalar store, or (fallback) a row of 16
-    # copies (a `[1, 16]` store, the form flash's block scores use).
-    scalar_tile_store: bool = os.environ.get("PALLAS_ENTMAX_SCALAR_STORE", "1") == "1"
 
     def passes(self, alpha: float) -> int:
         if self.num_passes is not None:
@@ -124,7 +120,7 @@ def scores(q, k, zscale, vis):
 
 
 def _stats_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, m_ref, n_ref, tmax_ref, *,
-                  mask_fn, zscale, block_k, num_q_blocks, scalar_store):
+                  mask_fn, zscale, block_k, num_q_blocks):
     i = num_q_blocks - 1 - pl.program_id(0)
     b = pl.program_id(1)
     base = (b * num_q_blocks + i) * 4
@@ -138,10 +134,7 @@ def _stats_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, m_ref, n_ref, tmax_
         vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None) if masked else None
         z = scores(q, k_ref[sl, :], zscale, vis)
         row = z.max(axis=-1)
-        if scalar_store:
-            tmax_ref[j] = jnp.max(row)
-        else:
-            tmax_ref[pl.ds(j, 1), :] = jnp.full((1, 16), jnp.max(row), jnp.float32)
+        tmax_ref[j] = jnp.max(row)              # one scalar per tile pair
         cnt = vis.astype(jnp.float32).sum(axis=-1) if masked else jnp.float32(block_k)
         return jnp.maximum(m, row), n + cnt
 
@@ -346,12 +339,9 @@ def run_stats(st: Static, qp, kp, q_pos_p, kv_pos_p, bq, bk):
     nq, nk = tq_p // bq, tk_p // bk
     tab = blocks.tables(st.mask_fn, q_pos_p, kv_pos_p, None, None, bq, bk)        # [B, nQ, 4]
     rev = lambda i: nq - 1 - i  # noqa: E731
-    scalar = cfg.scalar_tile_store
-    tile_spec = (pl.BlockSpec((None, None, None, nk), lambda i, b_, h_: (b_, h_, rev(i), 0)) if scalar
-                 else pl.BlockSpec((None, None, None, nk, 16), lambda i, b_, h_: (b_, h_, rev(i), 0, 0)))
     m, n, tmax = pl.pallas_call(
         functools.partial(_stats_kernel, mask_fn=st.mask_fn, zscale=st.zscale, block_k=bk,
-                          num_q_blocks=nq, scalar_store=scalar),
+                          num_q_blocks=nq),
         grid=(nq, b, h),
         in_specs=[
             pl.BlockSpec(),
@@ -363,16 +353,14 @@ def run_stats(st: Static, qp, kp, q_pos_p, kv_pos_p, bq, bk):
         out_specs=[
             pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, rev(i))),
             pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, rev(i))),
-            tile_spec,
+            pl.BlockSpec((None, None, None, nk), lambda i, b_, h_: (b_, h_, rev(i), 0)),
         ],
         out_shape=[jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32),
                    jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32),
-                   jax.ShapeDtypeStruct((b, h, nq, nk) if scalar else (b, h, nq, nk, 16), jnp.float32)],
+                   jax.ShapeDtypeStruct((b, h, nq, nk), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=st.interpret, name="entmax_stats",
     )(tab.reshape(-1), q_pos_p, kv_pos_p, qp, kp)
-    if not scalar:
-        tmax = tmax[..., 0]
     j = jnp.arange(nk, dtype=jnp.int32)
     visited = (j >= tab[:, :, 0:1]) & (j < tab[:, :, 3:4])                          # [B, nQ, nK]
     tmax = jnp.where(visited[:, None], tmax, NEG)
