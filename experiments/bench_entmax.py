@@ -17,8 +17,23 @@ Inputs (`--inputs`):
   the keys of its topic, so whole KV tiles fall below the threshold (local, clustered
   attention, the case AdaSplash's block masks are built for).
 
+Measured (H100 80GB, jax 0.11.2, 2026-12-06, commit 516d7bd + the dispatch test; `--seq_lens
+4096,16384 --iters 5 --check_rows 32`; flash = impl "auto", i.e. Mosaic GPU; adasplash not
+installed there; ms, x = flash time / ours):
+
+  inputs     T | zeros  live tiles (lower bound) | fwd  ours / flash      x | f+b  ours / flash     x
+  random  4096 | 0.990  1.00 (1.00)             |      2.167 / 0.266  0.12 |      2.899 / 0.783  0.27
+  random 16384 | 0.997  1.00 (1.00)             |     26.013 / 1.813  0.07 |     34.385 / 7.334  0.21
+  topics  4096 | 0.978  0.16 (0.17)             |      0.836 / 0.257  0.31 |      1.060 / 0.783  0.74
+  topics 16384 | 0.994  0.05 (0.07)             |      4.575 / 1.765  0.39 |      5.540 / 7.296  1.32
+
+(relative error against the reference on 32 rows: 2.2e-3 to 2.5e-3, bf16.) 64K was not run.
+
 Run on a GPU machine:
   PYTHONPATH=. python experiments/bench_entmax.py --out /tmp/bench_entmax.json
+Tile / search sweep (one extra row per entry, same inputs):
+  PYTHONPATH=. python experiments/bench_entmax.py --seq_lens 16384 \
+      --sweep num_candidates=1/num_passes=5,block_q=128/num_warps=8,num_candidates=2
 Besides `--out` (all rows, the settings and the device), each row goes as it is measured
 to `<out>.jsonl` and its figures to TensorBoard scalars `entmax/<inputs>/<name>` at step = T.
 """
