@@ -16,12 +16,15 @@ from __future__ import annotations
 import math
 
 from pallas_kernels import common
-from pallas_kernels.entmax import reference
+from pallas_kernels.entmax import reference, triton
 from pallas_kernels.entmax.reference import entmax_reference
+from pallas_kernels.entmax.triton import EntmaxTritonConfig, entmax_triton
 
-# Order of preference for impl="auto" (the Triton kernel joins first in the next commit).
-BACKENDS = {"xla": reference}
-IMPLEMENTATIONS = {"xla": entmax_reference}
+# Order of preference for impl="auto": Triton (GPU), the XLA reference (CPU, TPU).
+BACKENDS = {"triton": triton, "xla": reference}
+IMPLEMENTATIONS = {"xla": entmax_reference, "triton": entmax_triton}
+
+__all__ = ["BACKENDS", "EntmaxTritonConfig", "IMPLEMENTATIONS", "check_alpha", "entmax_attention"]
 
 
 def check_alpha(alpha) -> float:
