@@ -23,13 +23,15 @@ interpret mode on CPU.
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
 from pallas_kernels.indexer import reference, tpu, triton
 from pallas_kernels.indexer.reference import chunk_scores_reference
-from pallas_kernels.indexer.select import sorted_top_k, topk_select
+from pallas_kernels.indexer.select import TopkSelectConfig, sorted_top_k, topk_select
 from pallas_kernels.indexer.tpu import chunk_scores_tpu
 from pallas_kernels.indexer.triton import IndexerTritonConfig, chunk_scores_triton
 
@@ -58,6 +60,35 @@ def chunk_topk_tpu(q_index, weights, k_index, q_positions, kv_positions, *, k: i
 
 BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": chunk_topk_xla, "triton": chunk_topk_triton, "mosaic_tpu": chunk_topk_tpu}
+
+
+TOPK_BACKENDS = {"triton": types.SimpleNamespace(CONFIG=TopkSelectConfig),   # impl="auto" order
+                 "xla": types.SimpleNamespace(CONFIG=None)}
+TOPK_IMPLEMENTATIONS = {"xla": sorted_top_k, "triton": topk_select}
+
+
+def top_k_set(scores, k: int, *, impl: str = "auto", interpret=False, config=None, explain=False):
+    """The set of the `min(k, S)` largest scores of each row, as the indexer selects.
+
+    Args:
+      scores: `[R, S]` float32; -inf = not a candidate, +inf = taken first; no NaN.
+      k: int >= 1.
+      impl: "auto" | "xla" (`lax.top_k`, slots sorted) | "triton" (the radix select
+        kernel, `select.topk_select`); interpret: the kernel in interpret mode (CPU tests);
+        config: the kernel's `TopkSelectConfig`.
+    Returns:
+      `(values [R, k'], slots [R, k'])` (`k' = min(k, S)`): the slots `lax.top_k` picks
+      (lower slot first among equal scores) in ascending slot order, -inf / -1 padded last
+      where a row has fewer than k' candidates. Every impl returns the same arrays.
+    """
+    if getattr(scores, "ndim", None) != 2 or scores.dtype != jnp.float32:
+        raise ValueError(f"scores must be float32 [R, S], got {getattr(scores, 'dtype', type(scores))}"
+                         f"{list(getattr(scores, 'shape', ()))}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    fn = common.resolve("top_k_set", impl, TOPK_BACKENDS, TOPK_IMPLEMENTATIONS, dict(scores=scores, k=k),
+                        interpret=interpret, config=config, explain=explain)
+    return fn(jax.lax.stop_gradient(scores), k)
 
 
 def _check(q_index, weights, k_index, k, query_chunk):
