@@ -357,9 +357,11 @@ def test_top_k_set_runs_the_radix_select_on_a_gpu(monkeypatch, device, want):
             calls.append(_name)
             return indexer_api.sorted_top_k(*a)
         monkeypatch.setitem(indexer_api.TOPK_IMPLEMENTATIONS, name, fn)
-    scores = jax.random.normal(jax.random.key(0), (3, 40))
+    scores = jax.random.normal(jax.random.key(0), (64, 40))
     vals, slots = indexer_api.top_k_set(scores, 5)
-    assert calls == [want] and slots.shape == (3, 5)
+    assert calls == [want] and slots.shape == (64, 5)
+    indexer_api.top_k_set(scores[:63], 5)                    # too few rows for one program each
+    assert calls[-1] == "xla"
     with pytest.raises(ValueError, match="float32"):
         indexer_api.top_k_set(scores.astype(jnp.bfloat16), 5)
     with pytest.raises(ValueError, match="k must"):
