@@ -24,6 +24,7 @@ from pallas_kernels.block_sparse import api as block_sparse_api
 from pallas_kernels.block_sparse.metadata import BlockSparseMetadata
 from pallas_kernels.compressed import api as compressed_api
 from pallas_kernels.decode import api as decode_api
+from pallas_kernels.entmax import api as entmax_api
 from pallas_kernels.flash import api as flash_api
 from pallas_kernels.flash.mosaic_gpu import MosaicGPUConfig
 from pallas_kernels.flash.tpu import TpuConfig
@@ -161,6 +162,23 @@ def test_auto_per_device(op, monkeypatch):
     call(api, impl="triton")
     assert [c[0] for c in calls] == ["triton", "triton", "mosaic_tpu", "xla", "triton", "mosaic_tpu",
                                      "triton"]
+
+
+def test_entmax_auto_per_device(monkeypatch):
+    """`entmax` has Triton and the XLA reference only: Triton on any GPU, the reference on
+    TPU and CPU, Triton in interpret mode when asked; mosaic_tpu is refused by name."""
+    q, k, v = qkv(t=32, d=16, dtype=jnp.float32)
+    calls = record(monkeypatch, entmax_api)
+    for device in (HOPPER, AMPERE, TPU, CPU):
+        fake_device(monkeypatch, device)
+        entmax_api.entmax_attention(q, k, v, alpha=1.5)
+    entmax_api.entmax_attention(q, k, v, alpha=2.0, interpret=True)
+    entmax_api.entmax_attention(q, k, v, impl="triton", config=entmax_api.EntmaxTritonConfig())
+    assert [c[0] for c in calls] == ["triton", "triton", "xla", "xla", "triton", "triton"]
+    with pytest.raises(ValueError, match="not implemented"):
+        entmax_api.entmax_attention(q, k, v, impl="mosaic_tpu")
+    with pytest.raises(ValueError, match="takes config=EntmaxTritonConfig"):
+        entmax_api.entmax_attention(q, k, v, impl="triton", config=TritonConfig())
 
 
 def test_nsa_ops_choose_triton_where_their_kernels_cover_the_geometry(monkeypatch):

@@ -1,0 +1,291 @@
+"""Benchmark the alpha-entmax attention kernel (`pallas_kernels.entmax`) against our softmax
+`flash` (impl="auto") and AdaSplash (PyTorch/Triton, arXiv 2502.12082, when importable),
+side by side in one process (BENCHMARKING.md), causal, bf16, B=1, H/Hkv=16/16, D=128.
+
+For each `--inputs` kind and length: correctness first (relative error of our output
+against the plain-jnp reference on `--check_rows` query rows spread over the sequence),
+the measured fraction of exact zeros among the visible probabilities on those rows, the
+fraction of visited (query tile, KV tile) pairs that stay live (after the lower bound
+`max - 1` and after the final threshold: block skipping), then the median of `--iters`
+timed calls of the forward and of forward+backward, each in `jax.block_until_ready`.
+
+Inputs (`--inputs`):
+* `random`: q, k, v ~ N(0, 1). Probabilities are >99% zero at long T, yet nearly every tile
+  holds some row's support: block skipping cannot trigger.
+* `topics`: keys and queries in runs of `--run` tokens, each run one of `--topics`
+  orthogonal topic directions (gain `--gain`, plus N(0, `--noise`)); a query aligns with
+  the keys of its topic, so whole KV tiles fall below the threshold (local, clustered
+  attention, the case AdaSplash's block masks are built for).
+
+Measured (H100 80GB, jax 0.11.2, 2026-12-06, commit 516d7bd + the dispatch test; `--seq_lens
+4096,16384 --iters 5 --check_rows 32`; flash = impl "auto", i.e. Mosaic GPU; adasplash not
+installed there; ms, x = flash time / ours):
+
+  inputs     T | zeros  live tiles (lower bound) | fwd  ours / flash      x | f+b  ours / flash     x
+  random  4096 | 0.990  1.00 (1.00)             |      2.167 / 0.266  0.12 |      2.899 / 0.783  0.27
+  random 16384 | 0.997  1.00 (1.00)             |     26.013 / 1.813  0.07 |     34.385 / 7.334  0.21
+  topics  4096 | 0.978  0.16 (0.17)             |      0.836 / 0.257  0.31 |      1.060 / 0.783  0.74
+  topics 16384 | 0.994  0.05 (0.07)             |      4.575 / 1.765  0.39 |      5.540 / 7.296  1.32
+
+(relative error against the reference on 32 rows: 2.2e-3 to 2.5e-3, bf16.) 64K was not run.
+
+Run on a GPU machine:
+  PYTHONPATH=. python experiments/bench_entmax.py --out /tmp/bench_entmax.json
+Tile / search sweep (one extra row per entry, same inputs):
+  PYTHONPATH=. python experiments/bench_entmax.py --seq_lens 16384 \
+      --sweep num_candidates=1/num_passes=5,block_q=128/num_warps=8,num_candidates=2
+Besides `--out` (all rows, the settings and the device), each row goes as it is measured
+to `<out>.jsonl` and its figures to TensorBoard scalars `entmax/<inputs>/<name>` at step = T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from pallas_kernels.entmax import api as entmax_api
+from pallas_kernels.entmax import reference as entmax_ref
+from pallas_kernels.entmax import triton as entmax_triton
+from pallas_kernels.entmax.triton import EntmaxTritonConfig
+from pallas_kernels.flash.api import flash_attention
+from sparse_jax import patterns as P
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "bench_entmax.json", "where to write the JSON results")
+flags.DEFINE_list("seq_lens", ["4096", "16384", "65536"], "sequence lengths")
+flags.DEFINE_string("heads", "16:16", "num_heads:num_kv_heads")
+flags.DEFINE_integer("head_dim", 128, "head dim")
+flags.DEFINE_float("alpha", 1.5, "entmax alpha in (1, 2]")
+flags.DEFINE_list("inputs", ["random", "topics"], "input kinds: random, topics")
+flags.DEFINE_integer("run", 512, "topics: tokens per run")
+flags.DEFINE_integer("topics", 32, "topics: number of orthogonal topic directions")
+flags.DEFINE_float("gain", 7.0, "topics: norm of a topic direction")
+flags.DEFINE_float("noise", 0.5, "topics: std of the N(0, s^2) noise added to q and k")
+flags.DEFINE_integer("iters", 10, "timed calls per figure (median)")
+flags.DEFINE_bool("backward", True, "also time forward+backward")
+flags.DEFINE_integer("check_rows", 64, "query rows checked against the reference")
+flags.DEFINE_string("config", "", "EntmaxTritonConfig overrides, e.g. block_q=128,num_passes=3")
+flags.DEFINE_list("sweep", [], "extra EntmaxTritonConfig overrides to time beside --config, each "
+                  "'key=value/key=value' (e.g. block_q=128/num_warps=8,num_candidates=1); their rows "
+                  "carry the overrides under 'config'")
+flags.DEFINE_bool("breakdown", True, "also time the stats kernel and stats + threshold alone")
+flags.DEFINE_bool("adasplash", True, "time adasplash when importable")
+flags.DEFINE_bool("interpret", False, "Pallas interpret mode (a CPU smoke test of the script)")
+
+
+def median_ms(fn, *args, iters):
+    jax.block_until_ready(fn(*args))                     # compile + warm-up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def make_inputs(kind: str, t: int, h: int, hkv: int, d: int, seed: int = 0):
+    """bf16 `q [1, T, H, D]`, `k, v [1, T, Hkv, D]` of the kind (see the module docstring)."""
+    ks = jax.random.split(jax.random.key(seed), 4)
+    v = jax.random.normal(ks[2], (1, t, hkv, d), jnp.bfloat16)
+    if kind == "random":
+        return (jax.random.normal(ks[0], (1, t, h, d), jnp.bfloat16),
+                jax.random.normal(ks[1], (1, t, hkv, d), jnp.bfloat16), v)
+    if kind != "topics":
+        raise ValueError(f"--inputs: unknown kind {kind!r} (random, topics)")
+    if FLAGS.topics > d:
+        raise ValueError(f"--topics ({FLAGS.topics}) must be <= head_dim ({d}) (orthogonal)")
+    basis = jnp.linalg.qr(jax.random.normal(ks[3], (d, d)))[0][:FLAGS.topics] * FLAGS.gain
+    topic = basis[(jnp.arange(t) // FLAGS.run) % FLAGS.topics]                       # [T, D]
+    q = topic[None, :, None] + FLAGS.noise * jax.random.normal(ks[0], (1, t, h, d))
+    k = topic[None, :, None] + FLAGS.noise * jax.random.normal(ks[1], (1, t, hkv, d))
+    return q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v
+
+
+def adasplash_ms(q, k, v, alpha: float, iters: int, backward: bool):
+    """AdaSplash (block-mask version) on the same inputs, `[B, H, T, D]` torch tensors,
+    timed over CUDA events; None (and why) when torch / adasplash / CUDA are missing."""
+    try:
+        import torch  # noqa: PLC0415 - optional peer
+        from adasplash import adasplash  # noqa: PLC0415
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device for torch")
+    except Exception as e:  # noqa: BLE001 - any import failure: no peer row
+        print(f"adasplash peer skipped: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+    g = q.shape[2] // k.shape[2]
+    conv = lambda x: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(torch.bfloat16)  # noqa: E731
+    tq, tk, tv = (conv(x).transpose(1, 2).contiguous() for x in (q, jnp.repeat(k, g, 2), jnp.repeat(v, g, 2)))
+    tq.requires_grad_(), tk.requires_grad_(), tv.requires_grad_()
+    do = torch.randn_like(tq)
+
+    def fwd():
+        return adasplash(tq, tk, tv, alpha=alpha, niter=10, is_causal=True, varlen=None)
+
+    def fwdbwd():
+        torch.autograd.backward(fwd(), do)
+
+    def med(fn):
+        fn(), fn()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    try:
+        with torch.no_grad():
+            res = {"adasplash_fwd_ms": med(fwd)}
+        if backward:
+            res["adasplash_fwdbwd_ms"] = med(fwdbwd)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: report, go on
+        print(f"adasplash failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+    return res
+
+
+def check(q, k, v, alpha, cfg, rows: int):
+    """(relative error of our output vs the reference, zero fraction, live tiles after the
+    threshold, live tiles after the lower bound) on `rows` query rows spread over T."""
+    t = q.shape[1]
+    sel = jnp.linspace(0, t - 1, rows).astype(jnp.int32)
+    qs = q[:, sel]
+    pos_q = sel[None]
+    pos_k = jnp.arange(t, dtype=jnp.int32)[None]
+    ours = entmax_api.entmax_attention(qs, k, v, alpha=alpha, q_positions=pos_q, kv_positions=pos_k,
+                                       impl="triton", config=cfg, interpret=FLAGS.interpret)
+    with jax.default_matmul_precision("highest"):
+        ref = entmax_api.entmax_attention(qs, k, v, alpha=alpha, q_positions=pos_q,
+                                          kv_positions=pos_k, impl="xla")
+        p, vis = entmax_ref.entmax_probabilities(qs, k, alpha=alpha, q_positions=pos_q,
+                                                 kv_positions=pos_k, causal=True,
+                                                 scale=q.shape[-1] ** -0.5)
+    err = float(jnp.linalg.norm((ours - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
+    zeros = float((((p == 0) & vis[:, None]).sum()) / (vis.sum() * q.shape[2]))
+    st = entmax_triton.Static(alpha=alpha, causal=True, scale=q.shape[-1] ** -0.5, config=cfg,
+                              interpret=FLAGS.interpret)
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    live, lower = jax.jit(lambda q, k: entmax_triton.tile_statistics(st, q, k, pos, pos))(q, k)
+    return err, zeros, float(live), float(lower)
+
+
+def breakdown_ms(q, k, alpha, cfg, iters):
+    """Forward stages alone: the stats kernel, and stats + threshold passes (the rest of the
+    forward is the output pass and the live-tile bookkeeping)."""
+    st = entmax_triton.Static(alpha=alpha, causal=True, scale=q.shape[-1] ** -0.5, config=cfg,
+                              interpret=FLAGS.interpret)
+    pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+
+    def stages(q, k, upto):
+        bq, bk = entmax_triton.tiles(st, q.shape[1], k.shape[1])
+        qp, kp, _, qpp, kpp = entmax_triton.pad_inputs(st, q, k, k[..., :1], pos, pos)
+        m, n, tmax = entmax_triton.run_stats(st, qp, kp, qpp, kpp, bq, bk)
+        if upto == "stats":
+            return m, tmax
+        return entmax_triton.run_tau(st, qp, kp, qpp, kpp, m, n, tmax, bq, bk)
+
+    return dict(stats_ms=median_ms(jax.jit(lambda q, k: stages(q, k, "stats")), q, k, iters=iters),
+                stats_tau_ms=median_ms(jax.jit(lambda q, k: stages(q, k, "tau")), q, k, iters=iters))
+
+
+def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward, label="", peers=True):
+    q, k, v = make_inputs(kind, t, h, hkv, d)
+    do = jax.random.normal(jax.random.key(9), (1, t, h, d), jnp.bfloat16)
+    err, zeros, live, lower = check(q, k, v, alpha, cfg, FLAGS.check_rows)
+    row = dict(inputs=kind, t=t, h=h, hkv=hkv, d=d, alpha=alpha, config=label, err_ref=err,
+               zero_frac=zeros, live_tiles=live, live_tiles_lower_bound=lower)
+    print(json.dumps(row), flush=True)
+    ours = lambda q, k, v: entmax_api.entmax_attention(  # noqa: E731
+        q, k, v, alpha=alpha, impl="triton", config=cfg, interpret=FLAGS.interpret)
+    soft = lambda q, k, v: flash_attention(q, k, v, mask_fn=P.Causal(), interpret=FLAGS.interpret)  # noqa: E731
+
+    def fwdbwd(fn):
+        def f(q, k, v, do):
+            out, vjp = jax.vjp(fn, q, k, v)
+            return vjp(do)
+        return jax.jit(f)
+
+    row["ours_fwd_ms"] = median_ms(jax.jit(ours), q, k, v, iters=iters)
+    if FLAGS.breakdown:
+        row.update(breakdown_ms(q, k, alpha, cfg, iters))
+    row["flash_fwd_ms"] = median_ms(jax.jit(soft), q, k, v, iters=iters)
+    row["fwd_speedup_vs_flash"] = row["flash_fwd_ms"] / row["ours_fwd_ms"]
+    if backward:
+        row["ours_fwdbwd_ms"] = median_ms(fwdbwd(ours), q, k, v, do, iters=iters)
+        row["flash_fwdbwd_ms"] = median_ms(fwdbwd(soft), q, k, v, do, iters=iters)
+        row["fwdbwd_speedup_vs_flash"] = row["flash_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+    if FLAGS.adasplash and peers:
+        peer = adasplash_ms(q, k, v, alpha, iters, backward)
+        if peer:
+            row.update(peer)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv):
+    del argv
+    entmax_api.check_alpha(FLAGS.alpha)
+    def parse(text, sep):
+        over = dict(kv.split("=") for kv in text.split(sep) if kv)
+        return {k_: int(v_) for k_, v_ in over.items()}
+
+    cfg = dataclasses.replace(EntmaxTritonConfig(), **parse(FLAGS.config, ","))
+    variants = [("", cfg)] + [(text, dataclasses.replace(cfg, **parse(text, "/"))) for text in FLAGS.sweep]
+    h, hkv = (int(x) for x in FLAGS.heads.split(":"))
+    info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), config=dataclasses.asdict(cfg),
+                flags={n: FLAGS[n].value for n in ("alpha", "inputs", "run", "topics", "gain", "noise",
+                                                   "iters", "heads", "head_dim")})
+    print("config:", cfg, flush=True)
+    from script_io import MetricsLog  # noqa: PLC0415 (experiments/ is on the path when run as a script)
+    stem = os.path.splitext(FLAGS.out)[0]
+    tb_dir = os.path.join(os.path.dirname(os.path.abspath(stem)), "tb", os.path.basename(stem))
+    rows = []
+    with MetricsLog(stem + ".jsonl", tb_dir) as log:
+        for kind, t, (label, var) in ((kind, int(t), v) for kind in FLAGS.inputs
+                                      for t in FLAGS.seq_lens for v in variants):
+                try:
+                    rows.append(bench(kind, t, h, hkv, FLAGS.head_dim, FLAGS.alpha, var, FLAGS.iters,
+                                      FLAGS.backward, label, peers=not label))
+                except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
+                    print(f"inputs={kind} T={t} {label} failed: {type(e).__name__}: {str(e)[:800]}",
+                          flush=True)
+                    continue
+                try:   # the JSONL line is written first; TensorBoard needs tensorboardX
+                    log.write(rows[-1], step=t, tag=f"entmax/{kind}" + (f"/{label}" if label else ""),
+                              keys=[k_ for k_, v_ in rows[-1].items()
+                                    if isinstance(v_, float) and k_ != "alpha"])
+                except ImportError as e:
+                    print(f"no TensorBoard scalars ({e}); the JSONL has the row", flush=True)
+    with open(FLAGS.out, "w") as fh:
+        json.dump(dict(info=info, rows=rows), fh, indent=1)
+    print(f"\n{info}")
+    nan = float("nan")
+    print(f"{'inputs':>7} {'T':>6} {'config':>12} | {'zeros':>6} {'live':>5} {'live0':>5} | {'fwd ms':>8} {'flash':>8} "
+          f"{'x':>5} | {'stats':>7} {'+tau':>7} | {'f+b ms':>8} {'flash':>8} {'x':>5} | {'ada fwd':>8} "
+          f"{'ada f+b':>8} | {'err':>7}")
+    for r in rows:
+        print(f"{r['inputs']:>7} {r['t']:>6} {r['config'][:12]:>12} | {r['zero_frac']:6.3f} {r['live_tiles']:5.2f} "
+              f"{r['live_tiles_lower_bound']:5.2f} | {r['ours_fwd_ms']:8.3f} {r['flash_fwd_ms']:8.3f} "
+              f"{r['fwd_speedup_vs_flash']:5.2f} | {r.get('stats_ms', nan):7.3f} {r.get('stats_tau_ms', nan):7.3f} | "
+              f"{r.get('ours_fwdbwd_ms', nan):8.3f} "
+              f"{r.get('flash_fwdbwd_ms', nan):8.3f} {r.get('fwdbwd_speedup_vs_flash', nan):5.2f} | "
+              f"{r.get('adasplash_fwd_ms', nan):8.3f} {r.get('adasplash_fwdbwd_ms', nan):8.3f} | "
+              f"{r['err_ref']:7.1e}")
+
+
+if __name__ == "__main__":
+    from script_io import run  # noqa: PLC0415
+    run(main)

@@ -1,0 +1,528 @@
+"""`entmax` forward on GPU: Pallas with the Triton lowering.
+
+alpha-entmax attention (Peters et al. 2019, arXiv 1905.05702) in three kernels, each one
+program per (query tile, batch, head), GQA reading KV head `h // G` in place; lengths padded
+to whole tiles (positions -1) and sliced back. Scores are kept in `z = (alpha-1) * scale *
+q . k` units, where `p = [z - tau]_+^(1/(alpha-1))`.
+
+1. `stats`: one pass over the visible KV tiles (causal tiles skipped, `flash.blocks`
+   tables) for each row's max `m` and visible count `n`, and each (query tile, KV tile)'s
+   max score `tmax` (one scalar per tile pair).
+2. `tau`: the threshold lies in `[m - 1, m - (1/n)^(alpha-1)]`. A tile whose `tmax` is at
+   most `min_rows(m) - 1` can hold no support and is skipped from here on (block
+   skipping, AdaSplash, arXiv 2502.12082). Each of `num_passes` passes over the live tiles
+   evaluates, at the row's lower bound `lo` and at `num_candidates` points spread over
+   `(lo, hi)`: `f(t) = sum [z - t]_+^k` (`k = 1/(alpha-1)`), `sum [z - t]_+^(k-1)` (for
+   Newton), the support's size and its smallest score. With `a` the highest point where
+   `f >= 1` and `b` the lowest where `f < 1`: `lo` rises to Newton's step from `a` (a
+   lower bound, `f` being convex and decreasing), `hi` falls to the secant root of
+   `(a, b)` (an upper bound). For alpha in {1.5, 2} the root of the polynomial that `f` is
+   over the support at `a` (the sort-based formula of Peters et al.; for sparsemax
+   Michelot's step) is exact when no score lies between `a` and it: that row is done. A
+   query tile whose rows are all done skips the remaining passes. The threshold is the
+   final `lo` (2-3 passes make N(0, 1) rows exact; see the tests).
+3. `out`: one pass over the tiles live under the final thresholds (`tmax > min_rows tau`),
+   `p = [z - tau]_+^k`, `o = sum p v / sum p` (the division removes what inexactness the
+   threshold has left; 1 up to rounding when exact). For the backward it also keeps
+   `l = sum p` and `vbar = sum g v / sum g` (`g = r^(k-1)`, entmax's Jacobian weights).
+
+The backward kernels are in `triton_vjp.py`.
+
+Performance (H100, B=1, H=16/16, D=128, causal, bf16, alpha=1.5, default tiles 64x64;
+`experiments/bench_entmax.py`, 2026-12-06): correct (the `gpu` tests pass), but the
+threshold passes are ALU-bound (per element and pass: 4 points x (subtract, clamp, power,
+four row reductions) against flash's ~6 ops), so on N(0, 1) inputs, where every tile stays
+live, the forward is 8x (4K) to 14x (16K) slower than our softmax `flash` (Mosaic GPU on
+Hopper) and forward+backward 3.7x to 4.7x slower. On topic-structured inputs (5% of tiles
+live at 16K) forward+backward is 1.32x faster than `flash` at 16K (0.74x at 4K), the
+forward still 2.6x slower. Emulating the passes on whole N(0, 1) rows (D=128): with
+3 candidates 98% of rows are exact after 3 passes and every 64-row tile after 4, at 4K to
+64K; with 1 candidate, after 5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash import blocks
+from pallas_kernels.tiles_common import NN, NT, causal as causal_predicate
+
+NEG = -1e30        # masked z
+BIG = 1e30         # threshold of a row that sees nothing (exp: p = 0 everywhere)
+
+
+@dataclasses.dataclass(frozen=True)
+class EntmaxTritonConfig:
+    """Tiles and search effort. One `(block_q, block_k)` tiling serves every kernel (the
+    live-tile table is shared by the forward and the backward).
+
+    num_passes: threshold passes over the live tiles (None: 4). For alpha in {1.5, 2} a
+      query tile stops as soon as all its rows are exact (on N(0, 1) inputs: after 2-3).
+    num_candidates: points besides `lo` at which each pass evaluates `f` (and its
+      Newton / exactness statistics).
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
+    num_passes: int | None = None
+    num_candidates: int = 3
+
+    def passes(self, alpha: float) -> int:
+        if self.num_passes is not None:
+            return self.num_passes
+        return 4
+
+
+# ----------------------------------------------------------------------------- tile math
+
+
+def pow_p(r, alpha: float):
+    """`r^(1/(alpha-1))` for `r >= 0` (the unnormalised probability)."""
+    if alpha == 2.0:
+        return r
+    if alpha == 1.5:
+        return r * r
+    pos = r > 0
+    return jnp.where(pos, jnp.exp2(jnp.log2(jnp.where(pos, r, 1.0)) * (1.0 / (alpha - 1.0))), 0.0)
+
+
+def pow_g(r, alpha: float):
+    """`r^((2-alpha)/(alpha-1))` on the support, else 0: entmax's Jacobian weight
+    `p^(2-alpha)` (unnormalised) and, times `1/(alpha-1)`, `-f'` of the threshold
+    equation."""
+    if alpha == 2.0:
+        return jnp.where(r > 0, 1.0, 0.0)
+    if alpha == 1.5:
+        return r
+    pos = r > 0
+    e = (2.0 - alpha) / (alpha - 1.0)
+    return jnp.where(pos, jnp.exp2(jnp.log2(jnp.where(pos, r, 1.0)) * e), 0.0)
+
+
+def g_norm(l, alpha: float):
+    """`l^-(2-alpha)`: turns `pow_g` of unnormalised `r` into `p_hat^(2-alpha)` with
+    `p_hat = r^k / l`."""
+    if alpha == 2.0:
+        return jnp.ones_like(l)
+    safe = jnp.where(l > 0, l, 1.0)
+    if alpha == 1.5:
+        return lax.rsqrt(safe)
+    return jnp.exp2(jnp.log2(safe) * (alpha - 2.0))
+
+
+def scores(q, k, zscale, vis):
+    """`z = zscale * q k^T` (float32), `NEG` where not visible."""
+    z = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * zscale
+    return z if vis is None else jnp.where(vis, z, NEG)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _stats_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, m_ref, n_ref, tmax_ref, *,
+                  mask_fn, zscale, block_k, num_q_blocks):
+    i = num_q_blocks - 1 - pl.program_id(0)
+    b = pl.program_id(1)
+    base = (b * num_q_blocks + i) * 4
+    lo, flo, fhi, hi = (tab_ref[base + c] for c in range(4))
+    q = q_ref[...]
+    qp = qpos_ref[...][:, None]
+
+    def step(j, carry, masked):
+        m, n = carry
+        sl = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+        vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None) if masked else None
+        z = scores(q, k_ref[sl, :], zscale, vis)
+        row = z.max(axis=-1)
+        tmax_ref[j] = jnp.max(row)              # one scalar per tile pair
+        cnt = vis.astype(jnp.float32).sum(axis=-1) if masked else jnp.float32(block_k)
+        return jnp.maximum(m, row), n + cnt
+
+    block_q = q.shape[0]
+    carry = (jnp.full((block_q,), NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+    carry = lax.fori_loop(lo, flo, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(flo, fhi, functools.partial(step, masked=False), carry)
+    m, n = lax.fori_loop(fhi, hi, functools.partial(step, masked=True), carry)
+    m_ref[...] = m
+    n_ref[...] = n
+
+
+def _tau_kernel(list_ref, cnt_ref, qpos_ref, kpos_ref, m_ref, n_ref, q_ref, k_ref, tau_ref, *,
+                mask_fn, zscale, alpha, block_k, num_q_blocks, num_heads, list_len, num_passes,
+                num_candidates):
+    i = num_q_blocks - 1 - pl.program_id(0)
+    b, h = pl.program_id(1), pl.program_id(2)
+    row = (b * num_heads + h) * num_q_blocks + i
+    count = cnt_ref[row]
+    q = q_ref[...]
+    qp = qpos_ref[...][:, None]
+    m, n = m_ref[...], n_ref[...]
+    empty = n <= 0
+    kinv = 1.0 / (alpha - 1.0)
+    exact_kind = alpha in (1.5, 2.0)
+    n_safe = jnp.maximum(n, 1.0)
+    if alpha == 2.0:
+        width = 1.0 / n_safe
+    elif alpha == 1.5:
+        width = lax.rsqrt(n_safe)
+    else:
+        width = jnp.exp2(jnp.log2(n_safe) * (1.0 - alpha))
+    lo0 = jnp.where(empty, BIG, m - 1.0)
+    hi0 = jnp.where(empty, BIG, m - width)
+    cands = [(c + 1.0) / (num_candidates + 1.0) for c in range(num_candidates)]
+
+    def one_pass(_, state):
+        lo, hi, done = state
+        ts = [lo] + [lo + w * (hi - lo) for w in cands]      # t_0 = lo: f(lo) >= 1
+
+        def step(t, acc):
+            j = list_ref[row * list_len + t]
+            sl = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+            vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None)
+            z = scores(q, k_ref[sl, :], zscale, vis)
+            out = []
+            for (f, g, cnt, zmin), t_ in zip(acc, ts):
+                r = jnp.maximum(z - t_[:, None], 0.0)
+                f = f + pow_p(r, alpha).sum(axis=-1)
+                g = g + pow_g(r, alpha).sum(axis=-1)
+                if alpha == 1.5:
+                    cnt = cnt + jnp.where(r > 0, 1.0, 0.0).sum(axis=-1)
+                if exact_kind:
+                    zmin = jnp.minimum(zmin, jnp.where(r > 0, z, BIG).min(axis=-1))
+                out.append((f, g, cnt, zmin))
+            return tuple(out)
+
+        live = jnp.where(jnp.min(done) > 0, 0, count)
+        zero = jnp.zeros_like(lo)
+        acc = lax.fori_loop(0, live, step, tuple((zero, zero, zero, zero + BIG) for _ in ts))
+        # a: the highest point with f >= 1 (a lower bound); b: the lowest with f < 1.
+        ta, (fa, ga, na, za) = ts[0], acc[0]
+        for t_, (f, g, cnt, zmin) in zip(ts[1:], acc[1:]):
+            up = f >= 1.0
+            ta, fa, ga, na, za = (jnp.where(up, x, y) for x, y in
+                                  ((t_, ta), (f, fa), (g, ga), (cnt, na), (zmin, za)))
+        tb, fb, known = hi, zero, zero > 0
+        for t_, (f, *_) in reversed(list(zip(ts[1:], acc[1:]))):
+            down = f < 1.0
+            tb, fb, known = jnp.where(down, t_, tb), jnp.where(down, f, fb), down | known
+        ga_safe = jnp.where(ga > 0, ga, 1.0)
+        new_lo = jnp.maximum(ta, ta + (fa - 1.0) / (kinv * ga_safe))     # Newton (convex f)
+        chord = ta + (fa - 1.0) * (tb - ta) / jnp.where(fa > fb, fa - fb, 1.0)
+        new_hi = jnp.where(known, jnp.minimum(tb, chord), tb)            # secant: above
+        exact = zero > 0
+        if exact_kind:
+            if alpha == 2.0:                 # Michelot's step: the Newton step itself
+                root, ok = ta + (fa - 1.0) / ga_safe, ga > 0
+            else:                            # the quadratic over the support at a
+                disc = ga * ga - na * (fa - 1.0)
+                ok = (disc >= 0) & (na > 0)
+                root = ta + (ga - jnp.sqrt(jnp.maximum(disc, 0.0))) / jnp.where(na > 0, na, 1.0)
+                new_hi = jnp.where(ok, jnp.minimum(new_hi, root), new_hi)
+            exact = ok & (root <= za)
+            new_lo = jnp.where(exact, root, new_lo)
+            new_hi = jnp.where(exact, root, new_hi)
+        new_lo = jnp.minimum(new_lo, new_hi)
+        keep = done > 0
+        done = jnp.where(keep | exact, 1.0, 0.0)
+        return jnp.where(keep, lo, new_lo), jnp.where(keep, hi, new_hi), done
+
+    done0 = jnp.where(empty, 1.0, 0.0)
+    lo, _, _ = lax.fori_loop(0, num_passes, one_pass, (lo0, hi0, done0))
+    tau_ref[...] = lo
+
+
+def _out_kernel(list_ref, cnt_ref, qpos_ref, kpos_ref, tau_ref, q_ref, k_ref, v_ref, o_ref,
+                l_ref=None, vbar_ref=None, *, mask_fn, zscale, alpha, block_k, num_q_blocks,
+                num_heads, list_len):
+    i = num_q_blocks - 1 - pl.program_id(0)
+    b, h = pl.program_id(1), pl.program_id(2)
+    row = (b * num_heads + h) * num_q_blocks + i
+    count = cnt_ref[row]
+    q = q_ref[...]
+    qp = qpos_ref[...][:, None]
+    tau = tau_ref[...][:, None]
+    residual = l_ref is not None
+
+    def step(t, carry):
+        j = list_ref[row * list_len + t]
+        sl = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+        vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None)
+        r = jnp.maximum(scores(q, k_ref[sl, :], zscale, vis) - tau, 0.0)
+        p = pow_p(r, alpha)
+        v = v_ref[sl, :]
+        l, acc, *rest = carry
+        l = l + p.sum(axis=-1)
+        acc = acc + lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)
+        if residual:
+            gw = pow_g(r, alpha)
+            gs, u = rest
+            rest = [gs + gw.sum(axis=-1),
+                    u + lax.dot_general(gw.astype(v.dtype), v, NN, preferred_element_type=jnp.float32)]
+        return (l, acc, *rest)
+
+    block_q = q.shape[0]
+    zero_row = jnp.zeros((block_q,), jnp.float32)
+    zero_acc = jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32)
+    carry = (zero_row, zero_acc) + ((zero_row, zero_acc) if residual else ())
+    l, acc, *rest = lax.fori_loop(0, count, step, carry)
+    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+    if residual:
+        gs, u = rest
+        l_ref[...] = l
+        vbar_ref[...] = u / jnp.where(gs > 0, gs, 1.0)[:, None]
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """Everything static about one call (hashable; a custom_vjp nondiff argument)."""
+
+    alpha: float
+    causal: bool
+    scale: float
+    config: EntmaxTritonConfig
+    interpret: bool
+    shapes: tuple = ()       # unpadded (q, k, v) shapes, for the backward's slicing
+
+    @property
+    def mask_fn(self):
+        return causal_predicate if self.causal else None
+
+    @property
+    def zscale(self) -> float:
+        return (self.alpha - 1.0) * self.scale
+
+
+def tiles(st: Static, tq: int, tk: int) -> tuple[int, int]:
+    return (blocks.pow2_block(st.config.block_q, tq), blocks.pow2_block(st.config.block_k, tk))
+
+
+def pad_inputs(st: Static, q, k, v, q_pos, kv_pos):
+    """Sequence axes to whole tiles (positions -1), head dims to a power of two (>= 16)."""
+    bq, bk = tiles(st, q.shape[1], k.shape[1])
+    tq_p, tk_p = blocks.round_up(q.shape[1], bq), blocks.round_up(k.shape[1], bk)
+    d_p = max(16, blocks.pl_next_pow2(q.shape[3]))
+    dv_p = max(16, blocks.pl_next_pow2(v.shape[3]))
+    q = blocks.pad_axis(blocks.pad_axis(q, tq_p, 1), d_p, 3)
+    k = blocks.pad_axis(blocks.pad_axis(k, tk_p, 1), d_p, 3)
+    v = blocks.pad_axis(blocks.pad_axis(v, tk_p, 1), dv_p, 3)
+    return q, k, v, blocks.pad_axis(q_pos, tq_p, 1, -1), blocks.pad_axis(kv_pos, tk_p, 1, -1)
+
+
+def compact(live):
+    """`live [..., n]` bool -> (`idx [..., n]` int32: the live indices first, ascending;
+    `count [...]` int32)."""
+    n = live.shape[-1]
+    flat = live.reshape(-1, n)
+    pos = jnp.where(flat, jnp.cumsum(flat, axis=-1) - 1, n)
+    rows = jnp.arange(flat.shape[0])[:, None]
+    idx = jnp.zeros((flat.shape[0], n + 1), jnp.int32).at[rows, pos].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), flat.shape))[:, :n]
+    return idx.reshape(live.shape), flat.sum(-1).astype(jnp.int32).reshape(live.shape[:-1])
+
+
+def row_min_per_tile(x, valid, bq: int):
+    """min over each query tile's valid rows of `x [B, H, Tq_p]` -> `[B, H, nQ, 1]` (BIG
+    where no row is valid)."""
+    b, h, tq_p = x.shape
+    x = jnp.where(valid, x, BIG).reshape(b, h, tq_p // bq, bq)
+    return x.min(-1)[..., None]
+
+
+def run_stats(st: Static, qp, kp, q_pos_p, kv_pos_p, bq, bk):
+    cfg = st.config
+    b, tq_p, h, d_p = qp.shape
+    tk_p, hkv = kp.shape[1], kp.shape[2]
+    group = h // hkv
+    nq, nk = tq_p // bq, tk_p // bk
+    tab = blocks.tables(st.mask_fn, q_pos_p, kv_pos_p, None, None, bq, bk)        # [B, nQ, 4]
+    rev = lambda i: nq - 1 - i  # noqa: E731
+    m, n, tmax = pl.pallas_call(
+        functools.partial(_stats_kernel, mask_fn=st.mask_fn, zscale=st.zscale, block_k=bk,
+                          num_q_blocks=nq),
+        grid=(nq, b, h),
+        in_specs=[
+            pl.BlockSpec(),
+            pl.BlockSpec((None, bq), lambda i, b_, h_: (b_, rev(i))),
+            pl.BlockSpec((None, tk_p), lambda i, b_, h_: (b_, 0)),
+            pl.BlockSpec((None, bq, None, d_p), lambda i, b_, h_: (b_, rev(i), h_, 0)),
+            pl.BlockSpec((None, tk_p, None, d_p), lambda i, b_, h_: (b_, 0, h_ // group, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, rev(i))),
+            pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, rev(i))),
+            pl.BlockSpec((None, None, None, nk), lambda i, b_, h_: (b_, h_, rev(i), 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, nq, nk), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=st.interpret, name="entmax_stats",
+    )(tab.reshape(-1), q_pos_p, kv_pos_p, qp, kp)
+    j = jnp.arange(nk, dtype=jnp.int32)
+    visited = (j >= tab[:, :, 0:1]) & (j < tab[:, :, 3:4])                          # [B, nQ, nK]
+    tmax = jnp.where(visited[:, None], tmax, NEG)
+    return m, n, tmax
+
+
+def row_specs(bq, nq):
+    rev = lambda i: nq - 1 - i  # noqa: E731
+    return pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, rev(i)))
+
+
+def run_tau(st: Static, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, bq, bk):
+    cfg = st.config
+    b, tq_p, h, d_p = qp.shape
+    tk_p, hkv = kp.shape[1], kp.shape[2]
+    group = h // hkv
+    nq, nk = tq_p // bq, tk_p // bk
+    lower = row_min_per_tile(m - 1.0, n > 0, bq)                                   # [B, H, nQ, 1]
+    idx, count = compact(tmax > lower)
+    rev = lambda i: nq - 1 - i  # noqa: E731
+    kernel = functools.partial(
+        _tau_kernel, mask_fn=st.mask_fn, zscale=st.zscale, alpha=st.alpha, block_k=bk,
+        num_q_blocks=nq, num_heads=h, list_len=nk, num_passes=cfg.passes(st.alpha),
+        num_candidates=cfg.num_candidates)
+    return pl.pallas_call(
+        kernel,
+        grid=(nq, b, h),
+        in_specs=[
+            pl.BlockSpec(), pl.BlockSpec(),
+            pl.BlockSpec((None, bq), lambda i, b_, h_: (b_, rev(i))),
+            pl.BlockSpec((None, tk_p), lambda i, b_, h_: (b_, 0)),
+            row_specs(bq, nq), row_specs(bq, nq),
+            pl.BlockSpec((None, bq, None, d_p), lambda i, b_, h_: (b_, rev(i), h_, 0)),
+            pl.BlockSpec((None, tk_p, None, d_p), lambda i, b_, h_: (b_, 0, h_ // group, 0)),
+        ],
+        out_specs=row_specs(bq, nq),
+        out_shape=jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=st.interpret, name="entmax_tau",
+    )(idx.reshape(-1), count.reshape(-1), q_pos_p, kv_pos_p, m, n, qp, kp)
+
+
+def live_tiles(tmax, tau, bq):
+    """`[B, H, nQ, nK]` bool: tiles holding a score above some row's threshold."""
+    return tmax > row_min_per_tile(tau, tau < BIG / 2, bq)
+
+
+def run_out(st: Static, qp, kp, vp, q_pos_p, kv_pos_p, tau, live, bq, bk, residual: bool):
+    cfg = st.config
+    b, tq_p, h, d_p = qp.shape
+    tk_p, hkv, dv_p = kp.shape[1], kp.shape[2], vp.shape[3]
+    group = h // hkv
+    nq, nk = tq_p // bq, tk_p // bk
+    idx, count = compact(live)
+    rev = lambda i: nq - 1 - i  # noqa: E731
+    o_spec = pl.BlockSpec((None, bq, None, dv_p), lambda i, b_, h_: (b_, rev(i), h_, 0))
+    out_specs = [o_spec]
+    out_shape = [jax.ShapeDtypeStruct((b, tq_p, h, dv_p), qp.dtype)]
+    if residual:
+        out_specs += [row_specs(bq, nq), o_spec]
+        out_shape += [jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32),
+                      jax.ShapeDtypeStruct((b, tq_p, h, dv_p), jnp.float32)]
+    kernel = functools.partial(_out_kernel, mask_fn=st.mask_fn, zscale=st.zscale, alpha=st.alpha,
+                               block_k=bk, num_q_blocks=nq, num_heads=h, list_len=nk)
+    res = pl.pallas_call(
+        kernel,
+        grid=(nq, b, h),
+        in_specs=[
+            pl.BlockSpec(), pl.BlockSpec(),
+            pl.BlockSpec((None, bq), lambda i, b_, h_: (b_, rev(i))),
+            pl.BlockSpec((None, tk_p), lambda i, b_, h_: (b_, 0)),
+            row_specs(bq, nq),
+            pl.BlockSpec((None, bq, None, d_p), lambda i, b_, h_: (b_, rev(i), h_, 0)),
+            pl.BlockSpec((None, tk_p, None, d_p), lambda i, b_, h_: (b_, 0, h_ // group, 0)),
+            pl.BlockSpec((None, tk_p, None, dv_p), lambda i, b_, h_: (b_, 0, h_ // group, 0)),
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=st.interpret, name="entmax_out_res" if residual else "entmax_out",
+    )(idx.reshape(-1), count.reshape(-1), q_pos_p, kv_pos_p, tau, qp, kp, vp)
+    return res if residual else (res[0],)
+
+
+def forward_padded(st: Static, q, k, v, q_pos, kv_pos, residual: bool):
+    """Returns `(out [B, Tq, H, Dv], tau [B, H, Tq], extras)`; `extras` (with `residual`)
+    holds what `triton_vjp.backward` needs."""
+    b, tq, h, _ = q.shape
+    dv = v.shape[3]
+    bq, bk = tiles(st, tq, k.shape[1])
+    qp, kp, vp, q_pos_p, kv_pos_p = pad_inputs(st, q, k, v, q_pos, kv_pos)
+    m, n, tmax = run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk)
+    tau = run_tau(st, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, bq, bk)
+    live = live_tiles(tmax, tau, bq)
+    res = run_out(st, qp, kp, vp, q_pos_p, kv_pos_p, tau, live, bq, bk, residual)
+    out = res[0][:, :tq, :, :dv]
+    tau_out = jnp.where(tau < BIG / 2, tau, jnp.inf)[:, :, :tq]
+    extras = None
+    if residual:
+        extras = dict(qp=qp, kp=kp, vp=vp, q_pos_p=q_pos_p, kv_pos_p=kv_pos_p, tau=tau,
+                      live=live, l=res[1], vbar=res[2])
+    return out, tau_out, extras
+
+
+def tile_statistics(st: Static, q, k, q_pos, kv_pos):
+    """For benchmarks: `(live fraction of the visited tile pairs after the threshold,
+    visited tile pairs)` as floats (jnp scalars)."""
+    bq, bk = tiles(st, q.shape[1], k.shape[1])
+    v = k[..., :1]
+    qp, kp, _, q_pos_p, kv_pos_p = pad_inputs(st, q, k, v, q_pos, kv_pos)
+    m, n, tmax = run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk)
+    tau = run_tau(st, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, bq, bk)
+    visited = tmax > NEG / 2
+    live = live_tiles(tmax, tau, bq) & visited
+    lower_live = (tmax > row_min_per_tile(m - 1.0, n > 0, bq)) & visited
+    return live.sum() / visited.sum(), lower_live.sum() / visited.sum()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _entmax(st: Static, q, k, v, q_pos, kv_pos):
+    out, tau, _ = forward_padded(st, q, k, v, q_pos, kv_pos, residual=False)
+    return out, tau
+
+
+def _entmax_fwd(st, q, k, v, q_pos, kv_pos):
+    out, tau, extras = forward_padded(st, q, k, v, q_pos, kv_pos, residual=True)
+    return (out, tau), extras
+
+
+def _entmax_bwd(st, extras, cts):
+    from pallas_kernels.entmax import triton_vjp  # noqa: PLC0415 - keeps the fwd file standalone
+
+    dout, _ = cts                                  # tau is not differentiated
+    dq, dk, dv = triton_vjp.backward(st, extras, dout)
+    return dq, dk, dv, None, None
+
+
+_entmax.defvjp(_entmax_fwd, _entmax_bwd)
+
+
+def entmax_triton(q, k, v, *, alpha, q_positions, kv_positions, causal, scale, return_tau,
+                  interpret=False, config: EntmaxTritonConfig | None = None):
+    """`entmax_reference`'s contract on the Triton kernels (`interpret=True`: CPU)."""
+    st = Static(alpha=float(alpha), causal=bool(causal), scale=float(scale),
+                config=config or EntmaxTritonConfig(), interpret=bool(interpret),
+                shapes=(tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+    out, tau = _entmax(st, q, k, v, jnp.asarray(q_positions, jnp.int32),
+                       jnp.asarray(kv_positions, jnp.int32))
+    return (out, tau) if return_tau else out
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: a GPU (or interpret mode); every
+# call the api accepts; tiles `EntmaxTritonConfig`.
+CONFIG = EntmaxTritonConfig

@@ -1,0 +1,286 @@
+"""`entmax` op: the plain-jnp reference (sort-based exact threshold vs bisection, the
+sparse-Jacobian backward vs autodiff through the sort) and the Pallas Triton kernel
+against it in `interpret=True` (forward, tau and gradients; fp32 and bf16; ragged lengths,
+Tq shorter than a block, GQA 1/4/16, alpha in {1.25, 1.5, 2}, causal and not, padding and
+rows that see nothing). A `gpu`-marked test compiles the real kernels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dataclasses
+
+from pallas_kernels.entmax import api, entmax_attention
+from pallas_kernels.entmax import reference as R
+from pallas_kernels.entmax import triton as T
+from pallas_kernels.entmax.triton import EntmaxTritonConfig
+from gpu_testing import has_gpu
+from kernel_testing import rel_err
+
+
+def masked_rows(rng, shape, p_visible=0.7):
+    z = jnp.asarray(rng.standard_normal(shape) * 1.5, jnp.float32)
+    mask = rng.random(shape) < p_visible
+    mask[0] = False                      # a row that sees nothing
+    mask[1] = False
+    mask[1, 3] = True                    # a row that sees one key
+    return z, jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_sort_threshold_is_exact_and_matches_bisection(alpha):
+    rng = np.random.default_rng(int(alpha * 10))
+    z, mask = masked_rows(rng, (24, 53))
+    tau = R.threshold_sort(z, mask, alpha)
+    np.testing.assert_allclose(tau[2:], R.threshold_bisect(z, mask, alpha)[2:], atol=2e-6, rtol=0)
+    assert np.isinf(tau[0]) and np.isfinite(tau[1:]).all()
+    # exact: the unnormalised probabilities already sum to one
+    r = jnp.where(mask, jnp.maximum(z - jnp.where(jnp.isfinite(tau), tau, 0.0)[:, None], 0.0), 0.0)
+    p = r if alpha == 2.0 else r * r
+    np.testing.assert_allclose(p.sum(-1)[1:], 1.0, atol=2e-6)
+    assert (p.sum(-1)[0] == 0) and (p[1, 3] == 1.0)
+    assert (p == 0).mean() > 0.3              # sparse: many exact zeros
+
+
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+def test_reference_backward_is_the_entmax_jacobian(alpha):
+    """The custom_vjp (sparse Jacobian) equals autodiff through the threshold: through the
+    sort (alpha 1.5, 2) or through the converged bisection's fixed point via finite
+    differences (1.25)."""
+    rng = np.random.default_rng(7)
+    z, mask = masked_rows(rng, (6, 19), 0.8)
+    s = z / (alpha - 1.0)
+    w = jnp.asarray(rng.standard_normal((6, 19)), jnp.float32)
+    loss = lambda s: (R.entmax(s, mask, alpha)[0] * w).sum()  # noqa: E731
+    got = jax.grad(loss)(s)
+    assert np.isfinite(got).all()
+    if alpha in (1.5, 2.0):
+        def plain(s):
+            zz = jnp.where(mask, (alpha - 1.0) * s, R.NEG)
+            return (R.probabilities(zz, mask, R.threshold_sort(zz, mask, alpha), alpha) * w).sum()
+        np.testing.assert_allclose(got, jax.grad(plain)(s), atol=2e-5)
+    else:
+        eps = 1e-2
+        idx = [(2, 0), (3, 5), (5, 18)]
+        for i, j in idx:
+            fd = (loss(s.at[i, j].add(eps)) - loss(s.at[i, j].add(-eps))) / (2 * eps)
+            np.testing.assert_allclose(got[i, j], fd, atol=2e-3)
+    np.testing.assert_array_equal(got[0], 0.0)
+
+
+def test_reference_attention_matches_a_dense_loop():
+    """out = sum_j p_j v_j with p from the row's own entmax; GQA heads read their kv head;
+    causal and padding (negative positions) hide keys; a padded query returns zeros."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((1, 5, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 7, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, 7, 2, 8)), jnp.float32)
+    qp = jnp.array([[2, 3, -1, 5, 6]])
+    kp = jnp.array([[0, 1, 2, 3, 4, -1, 6]])
+    o, tau = entmax_attention(q, k, v, alpha=1.5, q_positions=qp, kv_positions=kp, return_tau=True)
+    for t in range(5):
+        for h in range(4):
+            vis = (np.array(kp[0]) >= 0) & (np.array(kp[0]) <= int(qp[0, t])) & (int(qp[0, t]) >= 0)
+            if not vis.any():
+                np.testing.assert_array_equal(o[0, t, h], 0.0)
+                assert np.isinf(tau[0, h, t])
+                continue
+            s = np.array(k[0, :, h // 2] @ q[0, t, h]) / np.sqrt(8)
+            z = jnp.asarray(0.5 * s)
+            tt = float(R.threshold_sort(z[None], jnp.asarray(vis)[None], 1.5)[0])
+            p = np.where(vis, np.maximum(0.5 * s - tt, 0.0) ** 2, 0.0)
+            np.testing.assert_allclose(p.sum(), 1.0, atol=1e-5)
+            np.testing.assert_allclose(o[0, t, h], p @ np.array(v[0, :, h // 2]), atol=1e-5)
+            np.testing.assert_allclose(tau[0, h, t], tt, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(alpha=1.0), "alpha=1 is softmax"),
+    (dict(alpha=2.5), r"alpha must be in \(1, 2\]"),
+    (dict(alpha=0.5), r"alpha must be in \(1, 2\]"),
+    (dict(alpha="1.5"), "alpha must be a concrete"),
+    (dict(scale=-1.0), "scale must be"),
+    (dict(causal="yes"), "causal must be a bool"),
+    (dict(impl="mosaic_tpu"), "not implemented"),
+    (dict(q_positions=jnp.zeros((1, 3), jnp.int32)), "q_positions must be int"),
+])
+def test_bad_arguments_raise_value_error(bad, match):
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match=match):
+        entmax_attention(q, q, q, **bad)
+
+
+def test_traced_alpha_is_refused():
+    q = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="alpha must be a concrete"):
+        jax.jit(lambda a: entmax_attention(q, q, q, alpha=a))(1.5)
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+SMALL = EntmaxTritonConfig(block_q=16, block_k=16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    alpha: float
+    causal: bool = True
+    b: int = 1
+    tq: int = 37
+    tk: int = 45
+    h: int = 4
+    hkv: int = 2
+    d: int = 16
+    q_offset: int = 8          # queries at positions q_offset + arange(tq)
+    pad_q: int = 0             # leading query rows of batch 0 marked padding (rows see nothing)
+    pad_k: int = 0             # trailing keys of the last batch marked padding
+    q_gain: float = 2.0        # larger logits: sparser rows
+    seed: int = 0
+
+
+CASES = [
+    Case("alpha1.5_causal_gqa2_ragged_padding", 1.5, b=2, pad_q=3, pad_k=5, seed=1),
+    Case("sparsemax_bidirectional_gqa4_tq_below_block", 2.0, causal=False, tq=9, tk=50, hkv=1,
+         pad_k=7, seed=2),
+    Case("alpha1.25_causal_gqa1", 1.25, tq=30, tk=30, h=2, hkv=2, q_offset=0, seed=3),
+    Case("alpha1.5_bidirectional_gqa16", 1.5, causal=False, tq=20, tk=27, h=16, hkv=1, seed=4),
+]
+
+
+def make_inputs(c: Case, dtype=jnp.float32):
+    rng = np.random.default_rng(100 + c.seed)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    q = (normal(c.b, c.tq, c.h, c.d) * c.q_gain).astype(dtype)
+    k, v = normal(c.b, c.tk, c.hkv, c.d).astype(dtype), normal(c.b, c.tk, c.hkv, c.d).astype(dtype)
+    q_pos = np.broadcast_to(np.arange(c.tq) + c.q_offset, (c.b, c.tq)).copy()
+    kv_pos = np.broadcast_to(np.arange(c.tk), (c.b, c.tk)).copy()
+    q_pos[0, :c.pad_q] = -1
+    if c.pad_k:
+        kv_pos[-1, -c.pad_k:] = -1
+    kw = dict(alpha=c.alpha, causal=c.causal, q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(kv_pos))
+    return (q, k, v), kw, normal(c.b, c.tq, c.h, c.d).astype(dtype)
+
+
+def run(impl, qkv, kw, cot, config=None):
+    """`(out, tau, (dq, dk, dv))` under one jit (interpret mode compiles once)."""
+    def both(q, k, v, cot):
+        def f(q, k, v):
+            return entmax_attention(q, k, v, **kw, impl=impl, interpret=True, config=config,
+                                    return_tau=True)
+        (out, tau), vjp = jax.vjp(f, q, k, v)
+        return out, tau, vjp((cot, jnp.zeros_like(tau)))
+    return jax.jit(both)(*qkv, cot)
+
+
+@pytest.mark.parametrize("case", [CASES[0]] + [pytest.param(c, marks=pytest.mark.slow) for c in CASES[1:]],
+                         ids=lambda c: c.name)
+def test_triton_interpret_matches_reference_fp32(case):
+    qkv, kw, cot = make_inputs(case)
+    out, tau, grads = run("triton", qkv, kw, cot, SMALL)
+    r_out, r_tau, r_grads = run("xla", qkv, kw, cot)
+    np.testing.assert_allclose(out, r_out, atol=2e-5, rtol=1e-4)
+    assert np.array_equal(np.isinf(tau), np.isinf(r_tau)), "rows that see nothing: tau = inf"
+    fin = np.isfinite(np.asarray(r_tau))
+    np.testing.assert_allclose(np.asarray(tau)[fin], np.asarray(r_tau)[fin], atol=2e-5)
+    empty = ~fin.transpose(0, 2, 1)                                        # [B, Tq, H]
+    assert case.pad_q == 0 or empty.any()
+    assert np.all(np.asarray(out)[empty] == 0)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, r_grads):
+        assert np.all(np.isfinite(g)), name
+        assert rel_err(g, r) < 1e-4, f"{name}: rel err {rel_err(g, r):.2e}"
+    # the case is sparse (else it would not test the support's edges)
+    p, vis = R.entmax_probabilities(qkv[0], qkv[1], scale=case.d ** -0.5, **kw)
+    assert 0.2 < float(((p == 0) & vis[:, None]).sum() / vis.sum() / case.h) < 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: c.name)
+def test_triton_interpret_matches_reference_bf16(case):
+    qkv, kw, cot = make_inputs(case, jnp.bfloat16)
+    out, tau, grads = run("triton", qkv, kw, cot, SMALL)
+    r_out, r_tau, r_grads = run("xla", qkv, kw, cot)
+    assert out.dtype == jnp.bfloat16 and grads[0].dtype == jnp.bfloat16
+    assert rel_err(out, r_out) < 1e-2
+    fin = np.isfinite(np.asarray(r_tau))
+    np.testing.assert_allclose(np.asarray(tau)[fin], np.asarray(r_tau)[fin], atol=1e-4)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, r_grads):
+        assert rel_err(g, r) < 2e-2, f"{name}: rel err {rel_err(g, r):.2e}"
+
+
+def structured(rng, b, t, h, d, num_topics=4, gain=4.0, dtype=jnp.float32):
+    """Queries and keys in runs of orthogonal topics (a query of topic c aligns with the
+    keys of topic c): each query tile's support sits in the few KV tiles of its topic, so
+    whole tiles fall below the threshold (random N(0, 1) inputs never do that)."""
+    topics = np.linalg.qr(rng.standard_normal((d, d)))[0][:num_topics] * gain
+    runs = np.sort(rng.integers(0, num_topics, (b, t)), axis=1)       # locality: runs
+    k = topics[runs][:, :, None] + 0.1 * rng.standard_normal((b, t, h, d))
+    q = topics[runs][:, :, None] + 0.1 * rng.standard_normal((b, t, h, d))
+    v = rng.standard_normal((b, t, h, d))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def test_block_skipping_triggers_on_structured_inputs_and_stays_exact():
+    """On topic-structured keys most (query tile, KV tile) pairs are dead after the
+    threshold (skipped by the output pass and the backward) and the result still equals
+    the reference; on N(0, 1) inputs every visited tile stays live."""
+    rng = np.random.default_rng(11)
+    q, k, v = structured(rng, 1, 96, 2, 16)
+    kw = dict(alpha=1.5, causal=False)
+    st = T.Static(alpha=1.5, causal=False, scale=0.25, config=SMALL, interpret=True)
+    pos = jnp.arange(96)[None]
+    live, lower_live = jax.jit(lambda q, k: T.tile_statistics(st, q, k, pos, pos))(q, k)
+    assert float(live) <= 0.6 and float(lower_live) < 1.0
+    cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    out, tau, grads = run("triton", (q, k, v), {**kw, "scale": 0.25}, cot, SMALL)
+    r_out, r_tau, r_grads = run("xla", (q, k, v), {**kw, "scale": 0.25}, cot)
+    np.testing.assert_allclose(out, r_out, atol=2e-5, rtol=1e-4)
+    for g, r in zip(grads, r_grads):
+        assert rel_err(g, r) < 1e-4
+    qn, kn, _ = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k, v))
+    live_n, _ = jax.jit(lambda q, k: T.tile_statistics(st, q, k, pos, pos))(qn, kn)
+    assert float(live_n) == 1.0
+
+
+@pytest.mark.slow
+def test_threshold_passes_trade_accuracy():
+    """Fewer threshold passes than needed leave rows inexact (the renormalised output is
+    then off); the default is exact on this case."""
+    case = dataclasses.replace(CASES[1], tk=64, tq=16)
+    qkv, kw, _ = make_inputs(case)
+    ref = entmax_attention(*qkv, **kw, impl="xla")
+    fn = jax.jit(lambda q, k, v, cfg: entmax_attention(q, k, v, **kw, impl="triton", interpret=True,
+                                                       config=cfg), static_argnums=3)
+    one = fn(*qkv, dataclasses.replace(SMALL, num_passes=1, num_candidates=1))
+    default = fn(*qkv, SMALL)
+    np.testing.assert_allclose(default, ref, atol=2e-5)
+    assert float(jnp.abs(one - ref).max()) > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_triton_compiled_on_gpu(case):
+    """The real kernels. float32 dots run as TF32 in Triton: the support's edge moves with
+    the scores, so tolerances are TF32-sized; bf16 on a larger ragged shape."""
+    with jax.default_device(jax.devices("gpu")[0]):
+        qkv, kw, cot = make_inputs(case)
+        out, tau, grads = run("triton", qkv, kw, cot)
+        with jax.default_matmul_precision("highest"):
+            r_out, r_tau, r_grads = run("xla", qkv, kw, cot)
+        assert rel_err(out, r_out) < 5e-3
+        fin = np.isfinite(np.asarray(r_tau))
+        assert np.array_equal(np.isfinite(np.asarray(tau)), fin)
+        for g, r in zip(grads, r_grads):
+            assert np.all(np.isfinite(g)) and rel_err(g, r) < 2e-2
+        c = dataclasses.replace(case, tq=300, tk=300 if case.causal else 333, d=64)
+        qkv, kw, cot = make_inputs(c, jnp.bfloat16)
+        out, tau, grads = run("triton", qkv, kw, cot)
+        r_out, r_tau, r_grads = run("xla", qkv, kw, cot)
+        assert rel_err(out, r_out) < 2e-2
+        for g, r in zip(grads, r_grads):
+            assert np.all(np.isfinite(np.asarray(g, np.float32))) and rel_err(g, r) < 5e-2
