@@ -319,13 +319,15 @@ class OffloadKVCache(Cache):
         idx = top_blocks(block_scores(q, self.rep_k, valid, positions), valid, top)          # [B, top]
         src = jnp.maximum(idx, 0)
         got_k, got_v = [], []
-        for row in range(b):
+        for row in range(b):                 # one host -> device block copy each (slice, then move)
             for i in range(top):
                 at = (row, src[row, i], 0, 0, 0)
-                got_k.append(lax.dynamic_slice(self.host_k, at, (1, 1) + self.host_k.shape[2:]))
-                got_v.append(lax.dynamic_slice(self.host_v, at, (1, 1) + self.host_v.shape[2:]))
-        ret_k = _to_device(jnp.concatenate(got_k, 1).reshape((b, top * bs) + self.host_k.shape[3:]), self.memory_kind)
-        ret_v = _to_device(jnp.concatenate(got_v, 1).reshape((b, top * bs) + self.host_v.shape[3:]), self.memory_kind)
+                got_k.append(_to_device(lax.dynamic_slice(self.host_k, at, (1, 1) + self.host_k.shape[2:]),
+                                        self.memory_kind))
+                got_v.append(_to_device(lax.dynamic_slice(self.host_v, at, (1, 1) + self.host_v.shape[2:]),
+                                        self.memory_kind))
+        ret_k = jnp.concatenate(got_k, 1).reshape((b, top * bs) + self.host_k.shape[3:])
+        ret_v = jnp.concatenate(got_v, 1).reshape((b, top * bs) + self.host_v.shape[3:])
         ret_pos = jnp.where(idx[..., None] >= 0, s0 + idx[..., None] * bs + jnp.arange(bs), -1).reshape(b, top * bs)
         # reads before writes: the store is updated in place after the blocks are fetched
         ret_k, ret_v, host_k, host_v = lax.optimization_barrier((ret_k, ret_v, self.host_k, self.host_v))
@@ -344,10 +346,10 @@ class OffloadKVCache(Cache):
                                       num_repr=self.num_repr, num_heads=h)[:, 0]
             target = jnp.where(fresh, j, nb)                                                 # nb: scratch
             rep_k = rep_k.at[jnp.arange(b), target].set(rep, mode="drop")
-            kh, vh = _to_host(kb, self.memory_kind), _to_host(vb, self.memory_kind)
-            for row in range(b):
-                host_k = lax.dynamic_update_slice(host_k, kh[row][None, None], (row, target[row], 0, 0, 0))
-                host_v = lax.dynamic_update_slice(host_v, vh[row][None, None], (row, target[row], 0, 0, 0))
+            for row in range(b):             # one device -> host block copy each (move, then write)
+                at = (row, target[row], 0, 0, 0)
+                host_k = lax.dynamic_update_slice(host_k, _to_host(kb[row][None, None], self.memory_kind), at)
+                host_v = lax.dynamic_update_slice(host_v, _to_host(vb[row][None, None], self.memory_kind), at)
         new = dataclasses.replace(new, ring_score=ring_score, rep_k=rep_k, host_k=host_k, host_v=host_v)
         # what the queries read: sinks, retrieved blocks, ring tokens of blocks not final before the call
         ring_vis = jnp.where(new.ring_pos >= s0 + final_old[:, None] * bs, new.ring_pos, -1)
