@@ -233,3 +233,31 @@ def test_full_cache_update_under_jit_and_scan():
 
     out, _ = jax.lax.scan(body, c, jnp.arange(4, dtype=jnp.int32))
     assert out.positions[0, :5].tolist() == [0, 1, 2, 3, -1]
+
+
+@pytest.mark.slow
+def test_model_decode_under_the_policy_jitted_equals_the_dense_model():
+    """`policy_caches(model, InfLLM(...))` on a SparseLM (F and W layers): prompt, then
+    jitted decode steps with the caches donated, every block retrieved -> the dense
+    model's logits; the block store stays in host memory."""
+    from flax import nnx
+
+    from sparse_jax.kv_policies import policy_caches
+    from sparse_jax.models.lm import LMConfig, SparseLM
+
+    model = SparseLM(LMConfig(vocab_size=32, layer_spec="FW", d_model=32, num_heads=4, num_kv_heads=2, window=4),
+                     rngs=nnx.Rngs(0))
+    t, new = 12, 5
+    tokens = jax.random.randint(jax.random.key(1), (1, t + new), 0, 32)
+    pos = jnp.arange(t + new, dtype=jnp.int32)[None]
+    caches = policy_caches(model, InfLLM(window=3, block_size=2, num_sinks=2, num_repr=1, top_blocks=64),
+                           batch=1, prompt_len=t, max_new=new)
+    step = jax.jit(lambda c, x, p: model(x, p, c), donate_argnums=0)
+    _, caches = step(caches, tokens[:, :t], pos[:, :t])
+    got = []
+    for i in range(t, t + new):
+        logits, caches = step(caches, tokens[:, i:i + 1], pos[:, i:i + 1])
+        got.append(logits)
+    want, _ = model(tokens)
+    np.testing.assert_allclose(jnp.concatenate(got, 1), want[:, t:], atol=2e-5, rtol=2e-5)
+    assert caches[0].host_k.sharding.memory_kind == host_memory_kind()
