@@ -195,6 +195,8 @@ def test_bad_input_raises():
         c.update(k, v, pos, queries=Queries(q[:, :, :2]))
     with pytest.raises(ValueError, match="beyond the cache"):
         c.update(k[:, :1], v[:, :1], jnp.array([[20]], jnp.int32), queries=Queries(q[:, :1]))
+    with pytest.raises(ValueError, match="holds positions 0 .. 5"):
+        c.update(k, v, pos + 1, queries=Queries(q))
     full = _prefill(c, q, k, v, pos)
     with pytest.raises(ValueError, match="empty cache"):
         full.update(k, v, pos + 6, queries=Queries(q))

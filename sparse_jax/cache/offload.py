@@ -277,11 +277,13 @@ class OffloadKVCache(Cache):
                              "needs an empty cache (one prefill call, then decode calls)")
         checkify.debug_check((self.newest < 0).all(), "OffloadKVCache: a prompt call needs an empty cache")
         b, t, hkv, d = k.shape
+        if _concrete(positions) and int(np.max(positions)) >= t:
+            raise ValueError(f"positions: a prompt of {t} tokens on an empty cache holds positions 0 .. {t - 1}, "
+                             f"got {int(np.max(positions))}")
         s0, bs, h = self.num_sinks, self.block_size, self.rep_k.shape[2]
         # the prompt by position (its positions are 0 .. n - 1 of each row; slot = position)
         rows = batch_index(positions)
-        slot = jnp.where(positions < t, positions, -1)
-        slot = jnp.where(slot >= 0, slot, t)
+        slot = jnp.where((positions >= 0) & (positions < t), positions, t)          # t: dropped
         pos_full = jnp.full((b, t), -1, jnp.int32).at[rows, slot].set(positions, mode="drop")
         k_full = jnp.zeros_like(k).at[rows, slot].set(k, mode="drop")
         v_full = jnp.zeros_like(v).at[rows, slot].set(v, mode="drop")
