@@ -29,7 +29,7 @@ ALL_POLICIES = {
     "duo": DuoAttention(16, retrieval=((True, False), (False, False)), num_sinks=2),
     "quest": Quest(16, page_size=4),
     "top_p": TopP(1.0, page_size=4),
-    "infllm": InfLLM(window=3, block_size=2, num_sinks=2, num_repr=1, top_blocks=64),
+    "infllm": InfLLM(window=3, block_size=4, num_sinks=2, num_repr=2, top_blocks=8),
 }
 
 

@@ -245,10 +245,16 @@ class OffloadKVCache(Cache):
                              f"(max_len={self.max_len})")
         checkify.debug_check((positions < self.max_len).all(),
                              f"positions: a position is beyond the cache (max_len={self.max_len})")
-        positions = jnp.where(positions < self.max_len, positions, -1)
         if k.shape[1] > DECODE_MAX_QUERIES:
-            return self._prefill(k, v, positions, queries.q)
-        return self._decode(k, v, positions, queries.q)
+            if _concrete(self.newest) and bool((self.newest >= 0).any()):
+                raise ValueError("OffloadKVCache: a call of more than DECODE_MAX_QUERIES tokens is a prompt and "
+                                 "needs an empty cache (one prefill call, then decode calls)")
+            if _concrete(positions) and int(np.max(positions)) >= k.shape[1]:
+                raise ValueError(f"positions: a prompt of {k.shape[1]} tokens on an empty cache holds positions "
+                                 f"0 .. {k.shape[1] - 1}, got {int(np.max(positions))}")
+            checkify.debug_check((self.newest < 0).all(), "OffloadKVCache: a prompt call needs an empty cache")
+            return _prefill(self, k, v, positions, queries.q)
+        return _decode(self, k, v, positions, queries.q)
 
     def _write_local(self, k, v, positions, scores=None):
         """Sinks and ring after writing `k, v, positions [B, T]` (ring scores reset, or set to
@@ -272,14 +278,8 @@ class OffloadKVCache(Cache):
             newest=newest)
 
     def _prefill(self, k, v, positions, q):
-        if _concrete(self.newest) and bool((self.newest >= 0).any()):
-            raise ValueError("OffloadKVCache: a call of more than DECODE_MAX_QUERIES tokens is a prompt and "
-                             "needs an empty cache (one prefill call, then decode calls)")
-        checkify.debug_check((self.newest < 0).all(), "OffloadKVCache: a prompt call needs an empty cache")
+        positions = jnp.where(positions < self.max_len, positions, -1)
         b, t, hkv, d = k.shape
-        if _concrete(positions) and int(np.max(positions)) >= t:
-            raise ValueError(f"positions: a prompt of {t} tokens on an empty cache holds positions 0 .. {t - 1}, "
-                             f"got {int(np.max(positions))}")
         s0, bs, h = self.num_sinks, self.block_size, self.rep_k.shape[2]
         # the prompt by position (its positions are 0 .. n - 1 of each row; slot = position)
         rows = batch_index(positions)
@@ -308,6 +308,7 @@ class OffloadKVCache(Cache):
         return k, v, positions, Selection(prefill=True), new
 
     def _decode(self, k, v, positions, q):
+        positions = jnp.where(positions < self.max_len, positions, -1)
         b = k.shape[0]
         s0, bs, h = self.num_sinks, self.block_size, self.rep_k.shape[2]
         r, nb, top = self.ring_pos.shape[1], self.num_blocks, self.num_retrieved
@@ -359,3 +360,8 @@ class OffloadKVCache(Cache):
         values = jnp.concatenate([new.sink_v, ret_v, new.ring_v], axis=1)
         kv_pos = jnp.concatenate([new.sink_pos, ret_pos, ring_vis], axis=1)
         return keys, values, kv_pos, new
+
+
+# One program per call shape, also when `update` runs eagerly (inlined under an outer jit).
+_prefill = jax.jit(OffloadKVCache._prefill)
+_decode = jax.jit(OffloadKVCache._decode)
