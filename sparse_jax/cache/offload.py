@@ -40,7 +40,11 @@ Calls:
 XLA and host memory: the host store is read (retrieval) and written (finalised blocks) in
 one program; a `lax.optimization_barrier` orders the reads before the writes (a previous
 attempt saw XLA copy the whole host store twice per step without it) and the step should
-donate the cache (`jax.jit(..., donate_argnums=...)`), else the write copies the store.
+donate the cache (`jax.jit(..., donate_argnums=...)`), else the write copies the store, and
+may pin its outputs where its inputs live (`out_shardings=jax.tree.map(lambda x: x.sharding,
+cache)`, as `experiments/offload_decode.py` does). XLA's `HostMemoryTransferAsyncifier` makes
+a dynamic-slice from host into device memory and a dynamic-update-slice of device data into
+a host buffer async copies of the slice alone. Checked on CPU only.
 
 Platforms: on GPU the store is "pinned_host" (page-locked host RAM, DMA by the copy
 engines). On CPU jax 0.11.2 also offers "pinned_host", which is the same RAM as "device":
