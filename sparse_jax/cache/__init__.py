@@ -6,6 +6,7 @@
 * `csa`: `CSACache`, `SWACache` (DeepSeek-V4's compressed records, tail and SWA keys);
 * `quest`: `QuestKVCache` (full KV + per-page key bounds);
 * `pooled`: `PooledKVCache`, `PolicyPrefill`, `DenseOracleCache` (training-free policies);
+* `offload`: `OffloadKVCache` (InfLLM: sinks + window on device, blocks in host memory);
 * `hysparse`: `HySparseSparseCache` (a HySparse sparse layer's own SWA KV).
 """
 
