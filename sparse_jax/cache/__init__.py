@@ -6,6 +6,7 @@
 * `csa`: `CSACache`, `SWACache` (DeepSeek-V4's compressed records, tail and SWA keys);
 * `quest`: `QuestKVCache` (full KV + per-page key bounds);
 * `pooled`: `PooledKVCache`, `PolicyPrefill`, `DenseOracleCache` (training-free policies);
+* `doublep`: `DoublePCache`, `DoublePPrefill` (full KV + the prompt's k-means clusters);
 * `hysparse`: `HySparseSparseCache` (a HySparse sparse layer's own SWA KV).
 """
 
