@@ -196,6 +196,22 @@ def test_small_p_reads_fewer_tokens_and_stays_close():
     assert np.abs(np.asarray(dropped)[..., 1, :] - want[..., 1, :]).max() > 5 * err
 
 
+def test_gqa_keeps_each_query_heads_top_p():
+    """Two query heads of one kv head peaked on different clusters: both clusters are
+    exact (the union of the heads' top-p sets, not the top-p of their mean)."""
+    _, k, v, pos, qpos = _structured([True])
+    q = np.zeros((1, 1, 2, 16), np.float32)
+    q[0, 0, 0, 0] = 6.0
+    q[0, 0, 1, 3] = 3.0            # 0.58 of head 1's mass on cluster 3; the heads' mean: 0.49 on 0, 0.29 on 3
+    assign, cent, log_sizes, mean_v = cluster_prompt(k, v, pos, num_clusters=8)
+    out, exact = doublep_attention(jnp.asarray(q), k, v, pos, qpos, assign, cent, log_sizes, mean_v,
+                                   jnp.full((1, 8), 63), top_p=0.45)
+    read = np.flatnonzero(np.asarray(exact)[0, 0])
+    assert set(read // 8) == {0, 3} and len(read) == 16, read          # the mean's top-0.45 is {0} alone
+    want = np.asarray(_dense(jnp.asarray(q), k, v, pos, qpos))
+    assert np.abs(np.asarray(out) - want).max() / np.abs(want).max() < 0.05
+
+
 def test_cache_matches_reference_and_appends_decoded_tokens():
     """DoublePPrefill -> DoublePCache: a decode step returns token + centroid slots whose
     weighted attention equals `doublep_attention` over the same cache; the decoded token
@@ -235,7 +251,7 @@ def test_bad_config_and_input_raise():
     with pytest.raises(ValueError, match="valid"):
         dp.kmeans(x, jnp.ones((1, 5), bool), 2)
     with pytest.raises(ValueError, match="top_p"):
-        dp.select_clusters(jnp.ones((1, 1, 2)), 0.0)
+        dp.select_clusters(jnp.ones((1, 1, 1, 2)), 0.0)
     q, k, v, pos, _ = _setup(10, b=1, s=6)
     _, _, _, _, cache = DoublePPrefill(DoubleP(), 8).update(k, v, pos, queries=None)
     with pytest.raises(ValueError, match="queries"):

@@ -9,9 +9,12 @@ decode:
 
 1. estimated mass (`cluster_mass`): cluster i's logit is `q . c_i * scale + log s_i` (a
    cluster of s_i keys near c_i weighs about s_i times one key at c_i); the softmax over
-   clusters is the estimated share of the attention that falls in each cluster;
-2. top-p (`select_clusters`): the fewest clusters whose estimated mass reaches `top_p`
-   are *exact*: their member tokens are attended one by one;
+   clusters is the estimated share of the attention that falls in each cluster, per
+   query head and query;
+2. top-p (`select_clusters`): for each query head and query, the fewest clusters whose
+   estimated mass reaches `top_p`; their union over the query heads of a kv head (GQA)
+   and the queries of the call is *exact*: the member tokens are attended one by one
+   (every query head keeps at least `top_p` of its estimated mass exact);
 3. every other cluster is *approximated*: one slot with key `c_i`, value `v_i` and
    log-weight `log s_i` (it counts as s_i keys, `Selection.log_weights`).
 
@@ -154,14 +157,14 @@ def cluster_prompt(k, v, positions, *, num_clusters: int, iters: int = 4):
 
 
 def cluster_mass(q, centroids, log_sizes, *, q_valid=None, scale=None, softcap=None):
-    """Estimated attention mass of each cluster: softmax over clusters of
-    `softcap(q . c_i * scale) + log s_i`, averaged over the query heads of each kv head
-    and over the valid queries.
+    """Estimated attention mass of each cluster for each query head and query: softmax
+    over clusters of `softcap(q . c_i * scale) + log s_i`.
 
     Args: q `[B, Tq, H, D]`, centroids `[B, C, Hkv, D]`, log_sizes `[B, Hkv, C]` (-inf:
       empty), q_valid bool `[B, Tq]` (default all), scale (default 1/sqrt(D)), softcap.
-    Returns: `[B, Hkv, C]` float32, each row summing to 1 (0 where no query is valid or
-      every cluster is empty).
+    Returns: `[B, Hkv, G * Tq, C]` float32 (G = H / Hkv query heads of each kv head, g
+      major), each row summing to 1 (all 0 for an invalid query or when every cluster is
+      empty).
     """
     b, tq, h, d = q.shape
     hkv = centroids.shape[2]
@@ -174,22 +177,26 @@ def cluster_mass(q, centroids, log_sizes, *, q_valid=None, scale=None, softcap=N
     top = jnp.max(s, -1, keepdims=True)
     w = jnp.where(jnp.isfinite(s), jnp.exp(s - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
     p = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-30)                      # [B, Hkv, G, Tq, C]
-    q_valid = jnp.ones((b, tq), bool) if q_valid is None else q_valid
-    wq = q_valid.astype(jnp.float32)[:, None, None, :, None]
-    return (p * wq).sum((2, 3)) / jnp.maximum(wq.sum((2, 3)) * (h // hkv), 1.0)
+    if q_valid is not None:
+        p = jnp.where(q_valid[:, None, None, :, None], p, 0.0)
+    return p.reshape(b, hkv, (h // hkv) * tq, -1)
 
 
 def select_clusters(mass, top_p: float):
-    """The fewest clusters whose estimated `mass [B, Hkv, C]` reaches `top_p` -> bool
-    `[B, Hkv, C]` (`sparse_jax.ops.quest.select_top_p` on log-mass; at least one
-    cluster of positive mass; `top_p >= 1`: every cluster of positive mass)."""
+    """Per row r of `mass [B, Hkv, R, C]` (`cluster_mass`), the fewest clusters whose
+    estimated mass reaches `top_p` (`sparse_jax.ops.quest.select_top_p` on log-mass: at
+    least one cluster of positive mass; `top_p >= 1`: every cluster of positive mass);
+    their union over r -> bool `[B, Hkv, C]`."""
     _check("select_clusters", 0.0 < top_p <= 1.0, f"top_p must lie in (0, 1], got {top_p!r}")
+    _check("select_clusters", mass.ndim == 4, f"mass must be [B, Hkv, R, C], got {mass.shape}")
     if top_p >= 1.0:
-        return mass > 0
-    b, hkv, c = mass.shape
-    idx, cnt = select_top_p(jnp.log(mass), top_p, jnp.ones((b, c), bool))   # log 0 = -inf: never taken
-    chosen = jnp.arange(idx.shape[-1]) < cnt[..., None]
-    return jax.nn.one_hot(jnp.where(chosen, idx, c), c + 1, dtype=bool).any(axis=2)[..., :c]
+        return (mass > 0).any(axis=2)
+    b, hkv, r, c = mass.shape
+    idx, cnt = select_top_p(jnp.log(mass.reshape(b, hkv * r, c)), top_p,     # log 0 = -inf: never taken
+                            jnp.ones((b, c), bool))
+    chosen = jnp.arange(idx.shape[-1]) < cnt[..., None]                     # [B, Hkv * R, C]
+    picked = jax.nn.one_hot(jnp.where(chosen, idx, c), c + 1, dtype=bool).any(axis=2)[..., :c]
+    return picked.reshape(b, hkv, r, c).any(axis=2)
 
 
 def exact_tokens(assign, selected):
