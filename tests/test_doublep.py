@@ -305,3 +305,29 @@ def test_sparse_lm_decode_jitted(model):
     c = end[0]
     b, s, hkv, d, nc = 2, T + NEW, 2, 8, 4
     assert c.nbytes() == 4 * (2 * b * s * hkv * d + b * s + b * s * hkv + 2 * b * nc * hkv * d + b * hkv * nc + b * nc)
+
+
+def test_imported_checkpoint_decode():
+    """An imported transformers checkpoint (the golden tiny Qwen2: q/k/v biases, GQA, row 1
+    left-padded): prompt + jitted Double-P decode with top_p = 1 gives transformers'
+    logits."""
+    import pathlib
+
+    from sparse_jax.models.hf import load_pretrained
+
+    folder = pathlib.Path(__file__).resolve().parent / "golden" / "hf" / "qwen2"
+    model = load_pretrained(folder)
+    g = np.load(folder / "logits.npz")
+    tokens, positions = jnp.asarray(g["tokens"]), jnp.asarray(g["positions"])
+    b, t = tokens.shape
+    prompt = t - 3
+    caches = policy_caches(model, DoubleP(1.0, cluster_size=4), batch=b, prompt_len=prompt, max_new=t - prompt)
+    fwd = nnx.jit(lambda m, x, p, c: m(x, p, c))
+    logits, caches = fwd(model, tokens[:, :prompt], positions[:, :prompt], caches)
+    outs = [logits]
+    for i in range(prompt, t):
+        logits, caches = fwd(model, tokens[:, i:i + 1], positions[:, i:i + 1], caches)
+        outs.append(logits)
+    got = np.asarray(jnp.concatenate(outs, axis=1))
+    assert isinstance(caches[0], DoublePCache)
+    assert np.abs(got - g["logits"])[g["positions"] >= 0].max() < 1e-4
