@@ -27,7 +27,7 @@ FlexPrefill prefill, each against its dense baseline in the same process.
 
 (c) Double-P decode (arXiv 2602.05191; off unless `--doublep`), bf16, H / Hkv / D as (a),
     `--doublep_batches` x `--doublep_contexts`: prompt keys drawn around T / `--doublep_cluster`
-    prototypes (so the attention is clustered, as on real text; random keys would make it
+    prototypes (so the attention concentrates on a few clusters; random keys would make it
     flat), clusters of `--doublep_cluster` tokens on average, top-p `--doublep_p`. Timed: the
     prefill clustering (`cluster_prompt`, `--doublep_iters` Lloyd iterations, once per
     prompt), one decode step on the XLA path (cluster mass + top-p + `weighted_attention`
