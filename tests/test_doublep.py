@@ -19,6 +19,7 @@ from sparse_jax.ops import doublep as dp
 
 cluster_prompt = jax.jit(dp.cluster_prompt, static_argnames=("num_clusters", "iters"))
 doublep_attention = jax.jit(dp.doublep_attention, static_argnames=("top_p",))
+prefill = jax.jit(lambda cache, k, v, pos: cache.update(k, v, pos, queries=None))
 
 
 def _np_kmeans(x, valid, c, iters):
@@ -219,7 +220,7 @@ def test_cache_matches_reference_and_appends_decoded_tokens():
     q, k, v, pos, _ = _setup(8, b=2, s=21, hkv=2, group=2)
     policy = DoubleP(0.5, cluster_size=4)
     max_len = 24
-    _, _, _, sel, cache = DoublePPrefill(policy, max_len).update(k, v, pos, queries=None)
+    _, _, _, sel, cache = prefill(DoublePPrefill(policy, max_len), k, v, pos)
     assert sel.prefill and isinstance(cache, DoublePCache) and cache.num_clusters == 6
     nk, nv = jax.random.normal(jax.random.key(9), (2, 2, 1, 2, 8))
     npos = pos.max(1, keepdims=True) + 1
@@ -253,7 +254,7 @@ def test_bad_config_and_input_raise():
     with pytest.raises(ValueError, match="top_p"):
         dp.select_clusters(jnp.ones((1, 1, 1, 2)), 0.0)
     q, k, v, pos, _ = _setup(10, b=1, s=6)
-    _, _, _, _, cache = DoublePPrefill(DoubleP(), 8).update(k, v, pos, queries=None)
+    _, _, _, _, cache = prefill(DoublePPrefill(DoubleP(), 8), k, v, pos)
     with pytest.raises(ValueError, match="queries"):
         cache.update(k[:, :1], v[:, :1], jnp.full((1, 1), 6, jnp.int32))
     with pytest.raises(ValueError, match="max_len"):                    # past capacity (concrete)
