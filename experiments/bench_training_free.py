@@ -87,7 +87,8 @@ flags.DEFINE_list("doublep_batches", ["1", "8"], "Double-P batch sizes")
 flags.DEFINE_list("doublep_contexts", ["32768"], "Double-P prompt lengths")
 flags.DEFINE_integer("doublep_cluster", 64, "Double-P: prompt tokens per cluster (on average)")
 flags.DEFINE_integer("doublep_iters", 4, "Double-P: Lloyd iterations")
-flags.DEFINE_float("doublep_p", 0.9, "Double-P: top-p over clusters")
+flags.DEFINE_float("doublep_p", 0.9, "Double-P: top-p over clusters (read token by token)")
+flags.DEFINE_float("doublep_keep_p", 1.0, "Double-P: clusters past this top-p share dropped (1: none)")
 
 
 # ----------------------------------------------------------------------------- (a) Quest decode
@@ -234,17 +235,17 @@ def bench_prefill(t, h, hkv, dense_ms, kind):
 # ----------------------------------------------------------------------------- (c) Double-P decode
 
 
-def doublep_step(top_p, select_only=False):
+def doublep_step(top_p, select_only=False, keep_p=1.0):
     """One Double-P decode step over `c = (k, v, pos, assign, centroids, log_sizes,
     mean_values, centroid_positions)`: estimate, select, attend (XLA path)."""
     def f(q, c, _v=None):
         k, v, pos, assign, cent, log_sizes, mean_v, cpos = c
         qpos = pos.max(axis=1, keepdims=True) + 1
         mass = DP.cluster_mass(q, cent, log_sizes, scale=q.shape[-1] ** -0.5)
-        selected = DP.select_clusters(mass, top_p)
-        if select_only:
-            return selected
-        keys, values, kpos, lw = DP.doublep_slots(k, v, pos, assign, cent, log_sizes, mean_v, selected, cpos)
+        selected, kept = DP.choose_clusters(mass, top_p, keep_p)
+        if select_only:                     # [2, B, Hkv, C]: exact, attended at all
+            return jnp.stack([selected, jnp.ones_like(selected) if kept is None else kept])
+        keys, values, kpos, lw = DP.doublep_slots(k, v, pos, assign, cent, log_sizes, mean_v, selected, cpos, kept)
         return weighted_attention(q, keys, values, kpos, qpos, lw, scale=q.shape[-1] ** -0.5)
     return f
 
@@ -266,15 +267,16 @@ def bench_doublep(b, t):
     assign, cent, log_sizes, mean_v = cluster(k, v, pos)
     cache = (k, v, pos, assign, cent.astype(k.dtype), log_sizes, mean_v.astype(v.dtype),
              jnp.full((b, nc), t - 1, jnp.int32))
-    row = dict(batch=b, context=t, clusters=nc, top_p=FLAGS.doublep_p, heads=h, kv_heads=hkv)
+    row = dict(batch=b, context=t, clusters=nc, top_p=FLAGS.doublep_p, keep_p=FLAGS.doublep_keep_p, heads=h,
+               kv_heads=hkv)
     row["cluster_ms"] = 1e3 * median_time(cluster, k, v, pos, iters=max(1, FLAGS.iters // 3))
-    step = doublep_step(FLAGS.doublep_p)
+    step = doublep_step(FLAGS.doublep_p, keep_p=FLAGS.doublep_keep_p)
     out = jax.jit(step)(qs[0], cache)
     dense = jax.jit(lambda q, c: decode_attention(q, c[0], c[1], kv_positions=c[2]))
     row["err_dense"] = rel(out, dense(qs[0], cache))
-    selected = jax.jit(doublep_step(FLAGS.doublep_p, select_only=True))(qs[0], cache)
+    selected, kept = jax.jit(doublep_step(FLAGS.doublep_p, True, FLAGS.doublep_keep_p))(qs[0], cache)
     exact = DP.exact_tokens(assign, selected).sum(-1)                                  # [B, Hkv]
-    cents = (jnp.isfinite(log_sizes) & ~selected).sum(-1)
+    cents = (jnp.isfinite(log_sizes) & kept & ~selected).sum(-1)
     row["read_fraction"] = float(((exact + cents) / t).mean())
     row["exact_fraction_min_max"] = [float((exact / t).min()), float((exact / t).max())]
 
@@ -283,7 +285,7 @@ def bench_doublep(b, t):
                                  iters=FLAGS.iters) / FLAGS.reps
 
     row["step_us"] = amortised(step, cache)
-    row["select_us"] = amortised(doublep_step(FLAGS.doublep_p, select_only=True), cache)
+    row["select_us"] = amortised(doublep_step(FLAGS.doublep_p, True, FLAGS.doublep_keep_p), cache)
     row["dense_us"] = amortised(lambda q, c: decode_attention(q, c[0], c[1], kv_positions=c[2]), cache)
     row["speedup"] = row["dense_us"] / row["step_us"]
     print(json.dumps(row), flush=True)

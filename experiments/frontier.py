@@ -78,6 +78,8 @@ flags.DEFINE_list("top_p", ["0.5", "0.8", "0.9", "0.95", "0.99"], "Top-p thresho
 flags.DEFINE_list("doublep_p", ["0.5", "0.8", "0.9", "0.95", "0.99"], "Double-P: top-p thresholds over clusters.")
 flags.DEFINE_integer("doublep_cluster", 8, "Double-P: prompt tokens per k-means cluster (on average).")
 flags.DEFINE_integer("doublep_iters", 4, "Double-P: Lloyd iterations.")
+flags.DEFINE_float("doublep_keep_p", 1.0, "Double-P: clusters past this top-p share are dropped (1: none; "
+                   "settings with p above it are skipped).")
 flags.DEFINE_list("duo_fractions", ["0", "0.25", "0.5", "0.75"], "DuoAttention retrieval-head fractions.")
 flags.DEFINE_integer("duo_streaming", 8, "DuoAttention: tokens of a streaming head (sinks included).")
 flags.DEFINE_integer("num_sinks", 2, "Sinks of StreamingLLM and DuoAttention.")
@@ -163,8 +165,9 @@ def policies(model, calib_tokens):
         elif method == "top_p":
             out += [(method, float(p), kvp.TopP(float(p), page_size=FLAGS.page_size)) for p in FLAGS.top_p]
         elif method == "doublep":      # Double-P: top-p over k-means clusters (arXiv 2602.05191)
-            out += [(method, float(p), kvp.DoubleP(float(p), cluster_size=FLAGS.doublep_cluster,
-                                                   iters=FLAGS.doublep_iters)) for p in FLAGS.doublep_p]
+            out += [(method, float(p), kvp.DoubleP(float(p), keep_p=FLAGS.doublep_keep_p,
+                                                   cluster_size=FLAGS.doublep_cluster, iters=FLAGS.doublep_iters))
+                    for p in FLAGS.doublep_p if float(p) <= FLAGS.doublep_keep_p]
         elif method == "duo":
             for f in FLAGS.duo_fractions:
                 gates = calibrate(model, calib_tokens, fraction=float(f), num_sinks=s,

@@ -18,7 +18,7 @@ from sparse_jax.ops import doublep as dp
 
 
 cluster_prompt = jax.jit(dp.cluster_prompt, static_argnames=("num_clusters", "iters"))
-doublep_attention = jax.jit(dp.doublep_attention, static_argnames=("top_p",))
+doublep_attention = jax.jit(dp.doublep_attention, static_argnames=("top_p", "keep_p"))
 prefill = jax.jit(lambda cache, k, v, pos: cache.update(k, v, pos, queries=None))
 
 
@@ -195,6 +195,11 @@ def test_small_p_reads_fewer_tokens_and_stays_close():
     keep = jnp.where(exact, 0.0, -jnp.inf)
     dropped = weighted_attention(q, k, v, pos, qpos, keep, scale=q.shape[-1] ** -0.5)
     assert np.abs(np.asarray(dropped)[..., 1, :] - want[..., 1, :]).max() > 5 * err
+    # keep_p = top_p: the approximated clusters are dropped instead (the paper's first-stage cut)
+    out_cut, exact_cut = doublep_attention(q, k, v, pos, qpos, assign, cent, log_sizes, mean_v,
+                                           jnp.full((1, 8), 63), top_p=0.7, keep_p=0.7)
+    np.testing.assert_allclose(out_cut, dropped, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(exact_cut, exact)
 
 
 def test_gqa_keeps_each_query_heads_top_p():
@@ -242,7 +247,8 @@ def test_cache_matches_reference_and_appends_decoded_tokens():
 
 
 def test_bad_config_and_input_raise():
-    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(top_p=True), dict(cluster_size=0), dict(iters=-1),
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(top_p=True), dict(top_p=0.9, keep_p=0.5), dict(keep_p=1.5),
+                dict(cluster_size=0), dict(iters=-1),
                 dict(dense_layers=-1), dict(cluster_size=2.0)):
         with pytest.raises(ValueError):
             DoubleP(**bad)
@@ -253,6 +259,8 @@ def test_bad_config_and_input_raise():
         dp.kmeans(x, jnp.ones((1, 5), bool), 2)
     with pytest.raises(ValueError, match="top_p"):
         dp.select_clusters(jnp.ones((1, 1, 1, 2)), 0.0)
+    with pytest.raises(ValueError, match="keep_p"):
+        dp.choose_clusters(jnp.ones((1, 1, 1, 2)), 0.9, 0.5)
     q, k, v, pos, _ = _setup(10, b=1, s=6)
     _, _, _, _, cache = prefill(DoublePPrefill(DoubleP(), 8), k, v, pos)
     with pytest.raises(ValueError, match="queries"):

@@ -9,7 +9,8 @@
   `centroid_positions [B, C]`. Each `update` estimates the clusters' mass from the
   call's queries, keeps the top-p clusters exact and returns the tokens and the
   centroids side by side with `Selection(log_weights=...)` (exact tokens 0, approximated
-  centroids `log size`, the rest -inf), which `AttentionBase.attend_cached` attends with
+  centroids `log size`, the rest -inf; with `keep_p < 1` the clusters past the top `keep_p`
+  are dropped), which `AttentionBase.attend_cached` attends with
   `weighted_attention`.
 
 Nothing is evicted: `nbytes()` is the full cache plus the clusters; what shrinks is what a
@@ -39,8 +40,9 @@ def _need_queries(name, queries):
 @dataclasses.dataclass(frozen=True)
 class DoublePCache(Cache):
     """Full KV + the prompt's k-means clusters (see the module docstring). `selected
-    [B, Hkv, C]` bool: the clusters the last call read exactly. `policy` (static) has
-    `top_p`."""
+    [B, Hkv, C]` bool: the clusters the last call read exactly; `kept [B, Hkv, C]`:
+    those it attended at all (exactly or through the centroid). `policy` (static) has
+    `top_p` and `keep_p`."""
 
     full: FullKVCache
     assign: jax.Array
@@ -49,6 +51,7 @@ class DoublePCache(Cache):
     log_sizes: jax.Array
     centroid_positions: jax.Array
     selected: jax.Array
+    kept: jax.Array
     policy: object = dataclasses.field(metadata=dict(static=True))
 
     @property
@@ -65,8 +68,8 @@ class DoublePCache(Cache):
         return exact[..., :length]
 
     def num_centroids(self):
-        """int32 `[B, Hkv]`: cluster slots the last call read (non-empty, approximated)."""
-        return (jnp.isfinite(self.log_sizes) & ~self.selected).sum(-1).astype(jnp.int32)
+        """int32 `[B, Hkv]`: cluster slots the last call read (non-empty, kept, approximated)."""
+        return (jnp.isfinite(self.log_sizes) & self.kept & ~self.selected).sum(-1).astype(jnp.int32)
 
     def update(self, k, v, positions, *, queries=None):
         """Write `k, v [B, T, Hkv, ...]` at slots `positions [B, T]` (in no cluster), select
@@ -80,10 +83,11 @@ class DoublePCache(Cache):
         assign = self.assign.at[batch_index(positions), slot].set(-1, mode="drop")
         mass = ops.cluster_mass(queries.q, self.centroids, self.log_sizes, q_valid=positions >= 0,
                                 scale=queries.scale, softcap=queries.softcap)
-        selected = ops.select_clusters(mass, self.policy.top_p)
+        selected, kept = ops.choose_clusters(mass, self.policy.top_p, self.policy.keep_p)
         keys, values, kv_pos, lw = ops.doublep_slots(keys, values, kv_pos, assign, self.centroids, self.log_sizes,
-                                                     self.mean_values, selected, self.centroid_positions)
-        new = dataclasses.replace(self, full=full, assign=assign, selected=selected)
+                                                     self.mean_values, selected, self.centroid_positions, kept)
+        kept = jnp.ones_like(selected) if kept is None else kept
+        new = dataclasses.replace(self, full=full, assign=assign, selected=selected, kept=kept)
         return keys, values, kv_pos, Selection(log_weights=lw), new
 
 
@@ -120,5 +124,5 @@ class DoublePPrefill(Cache):
         last = jnp.maximum(positions.max(axis=1), 0)                                 # newest prompt position
         new = DoublePCache(full, assign, centroids.astype(dtype), mean_values.astype(dtype), log_sizes,
                            jnp.broadcast_to(last[:, None], (b, c)).astype(jnp.int32),
-                           jnp.zeros((b, hkv, c), bool), self.policy)
+                           jnp.zeros((b, hkv, c), bool), jnp.ones((b, hkv, c), bool), self.policy)
         return k, v, positions, Selection(prefill=True), new

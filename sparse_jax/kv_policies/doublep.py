@@ -17,11 +17,14 @@ from sparse_jax.cache.doublep import DoublePPrefill
 
 @dataclasses.dataclass(frozen=True)
 class DoubleP:
-    """top_p in (0, 1] (1: every cluster exact, the dense result); cluster_size >= 1
-    (prompt tokens per cluster on average: `C = ceil(T / cluster_size)`); iters >= 0
-    Lloyd iterations; dense_layers >= 0."""
+    """top_p in (0, 1]: the clusters carrying the top `top_p` of the estimated mass are
+    read token by token (1: every cluster, the dense result); keep_p in [top_p, 1]: the
+    clusters past the top `keep_p` are dropped, the others approximated by their
+    centroid (1: none dropped); cluster_size >= 1 (prompt tokens per cluster on average:
+    `C = ceil(T / cluster_size)`); iters >= 0 Lloyd iterations; dense_layers >= 0."""
 
     top_p: float = 0.9
+    keep_p: float = 1.0
     cluster_size: int = 16
     iters: int = 4
     dense_layers: int = 0
@@ -29,6 +32,9 @@ class DoubleP:
     def __post_init__(self):
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if (isinstance(self.keep_p, bool) or not isinstance(self.keep_p, (int, float))
+                or not self.top_p <= self.keep_p <= 1.0):
+            raise ValueError(f"keep_p must lie in [top_p, 1] = [{self.top_p}, 1], got {self.keep_p!r}")
         for name in ("cluster_size", "iters", "dense_layers"):
             lo = 1 if name == "cluster_size" else 0
             x = getattr(self, name)

@@ -16,15 +16,17 @@ decode:
    and the queries of the call is *exact*: the member tokens are attended one by one
    (every query head keeps at least `top_p` of its estimated mass exact);
 3. every other cluster is *approximated*: one slot with key `c_i`, value `v_i` and
-   log-weight `log s_i` (it counts as s_i keys, `Selection.log_weights`).
+   log-weight `log s_i` (it counts as s_i keys, `Selection.log_weights`); optionally
+   (`keep_p < 1`) only those among the top `keep_p` clusters of estimated mass, the
+   tail beyond being dropped.
 
 The number of exact tokens follows the attention's spread, per kv head and per step (a
 peaked head reads one cluster, a flat head many). `doublep_slots` lays the tokens and
 the centroids side by side with their log-weights; `doublep_attention` is the reference
 (`sparse_jax.cache.base.weighted_attention`, the dense masked softmax, over those
-slots). The paper's second top-p stage, which decides among the selected clusters which
-are worth token-level attention, is folded into the one threshold here (see
-docs/methods/doublep.md).
+slots). The paper's two thresholds map onto `keep_p` (clusters attended at all, exactly or
+through their centroid) and `top_p` (clusters refined to token level); see
+docs/methods/doublep.md for what is and is not the paper's.
 
 Shapes: keys `k [B, S, Hkv, D]`, values `v [B, S, Hkv, Dv]`, queries `q [B, Tq, H, D]`
 (query head h reads kv head `h // (H / Hkv)`), `C` clusters per (row, kv head).
@@ -199,6 +201,17 @@ def select_clusters(mass, top_p: float):
     return picked.reshape(b, hkv, r, c).any(axis=2)
 
 
+def choose_clusters(mass, top_p: float, keep_p: float = 1.0):
+    """Double-P's two thresholds on `mass [B, Hkv, R, C]` -> `(selected, kept)`, bool
+    `[B, Hkv, C]` each: `selected`, the clusters read token by token (`select_clusters`
+    at `top_p`); `kept`, those attended at all (at `keep_p >= top_p`, union `selected`;
+    None when `keep_p = 1`: every cluster)."""
+    _check("choose_clusters", 0.0 < keep_p <= 1.0 and keep_p >= top_p,
+           f"keep_p must lie in [top_p, 1] = [{top_p}, 1], got {keep_p!r}")
+    selected = select_clusters(mass, top_p)
+    return selected, (None if keep_p >= 1.0 else select_clusters(mass, keep_p) | selected)
+
+
 def exact_tokens(assign, selected):
     """bool `[B, Hkv, S]`: the slots read one by one: members of a `selected [B, Hkv, C]`
     cluster, and every slot in no cluster (`assign [B, S, Hkv]` = -1: decoded tokens)."""
@@ -207,21 +220,24 @@ def exact_tokens(assign, selected):
     return (a < 0) | member
 
 
-def doublep_slots(k, v, kv_positions, assign, centroids, log_sizes, mean_values, selected, centroid_positions):
+def doublep_slots(k, v, kv_positions, assign, centroids, log_sizes, mean_values, selected, centroid_positions,
+                  kept=None):
     """Tokens and cluster slots side by side, with the log-weights that make the
     attention over them Double-P's.
 
     Args: k `[B, S, Hkv, D]`, v `[B, S, Hkv, Dv]`, kv_positions `[B, S]`, assign
       `[B, S, Hkv]` (-1: exact always), centroids `[B, C, Hkv, D]`, log_sizes `[B, Hkv, C]`,
       mean_values `[B, C, Hkv, Dv]`, selected bool `[B, Hkv, C]` (exact clusters),
-      centroid_positions `[B, C]` (a position every decode query may see).
+      centroid_positions `[B, C]` (a position every decode query may see), kept bool
+      `[B, Hkv, C]` or None (all): the clusters attended at all (exactly or not).
     Returns: keys `[B, S + C, Hkv, D]`, values `[B, S + C, Hkv, Dv]` (k's dtype),
       positions `[B, S + C]`, log_weights `[B, Hkv, S + C]` float32: 0 on the exact
-      tokens, `log s_i` on the centroids of the approximated clusters, -inf elsewhere.
+      tokens, `log s_i` on the centroids of the kept approximated clusters, -inf
+      elsewhere.
     """
     exact = exact_tokens(assign, selected)
     lw_tokens = jnp.where(exact, 0.0, -jnp.inf)
-    lw_clusters = jnp.where(selected, -jnp.inf, log_sizes)
+    lw_clusters = jnp.where(selected | (False if kept is None else ~kept), -jnp.inf, log_sizes)
     keys = jnp.concatenate([k, centroids.astype(k.dtype)], axis=1)
     values = jnp.concatenate([v, mean_values.astype(v.dtype)], axis=1)
     positions = jnp.concatenate([kv_positions, centroid_positions.astype(kv_positions.dtype)], axis=1)
@@ -229,19 +245,20 @@ def doublep_slots(k, v, kv_positions, assign, centroids, log_sizes, mean_values,
 
 
 def doublep_attention(q, k, v, kv_positions, q_positions, assign, centroids, log_sizes, mean_values,
-                      centroid_positions, *, top_p: float, sink_logits=None, softcap=None):
+                      centroid_positions, *, top_p: float, keep_p: float = 1.0, sink_logits=None, softcap=None):
     """Reference Double-P decode: estimate, select, attend (`weighted_attention` over
     `doublep_slots`).
 
     Args: q `[B, Tq, H, D]`, q_positions `[B, Tq]`, the rest as `doublep_slots`; top_p in
-      (0, 1]; sink_logits `[H]` or None; softcap or None.
+      (0, 1], keep_p in [top_p, 1] (`choose_clusters`); sink_logits `[H]` or None;
+      softcap or None.
     Returns: out `[B, Tq, H, Dv]` (q's dtype), exact bool `[B, Hkv, S]` (the tokens read).
     """
     scale = q.shape[-1] ** -0.5
     mass = cluster_mass(q, centroids, log_sizes, q_valid=q_positions >= 0, scale=scale, softcap=softcap)
-    selected = select_clusters(mass, top_p)
+    selected, kept = choose_clusters(mass, top_p, keep_p)
     keys, values, pos, lw = doublep_slots(k, v, kv_positions, assign, centroids, log_sizes, mean_values,
-                                          selected, centroid_positions)
+                                          selected, centroid_positions, kept)
     out = weighted_attention(q, keys, values, pos, q_positions, lw, scale=scale, sink_logits=sink_logits,
                              softcap=softcap)
     return out, exact_tokens(assign, selected) & (kv_positions >= 0)[:, None]
