@@ -25,15 +25,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.cache.base import Cache, Queries, Selection, batch_index, check_new_kv, nbytes_of
+from sparse_jax.cache.base import Cache, Selection, batch_index, check_new_kv, nbytes_of, need_queries
 from sparse_jax.cache.kv import FullKVCache
 from sparse_jax.ops import doublep as ops
-
-
-def _need_queries(name, queries):
-    if not isinstance(queries, Queries):
-        raise ValueError(f"{name}.update needs queries=Queries(...) (the call's rotated queries), "
-                         f"got {type(queries).__name__}")
 
 
 @jax.tree_util.register_dataclass
@@ -76,7 +70,7 @@ class DoublePCache(Cache):
         clusters by the rotated `queries.q` (needed) -> `(keys [B, max_len + C, Hkv, D],
         values, positions [B, max_len + C], Selection(log_weights [B, Hkv, max_len + C]),
         new cache)`. Positions past `max_len` raise as `FullKVCache.update`."""
-        _need_queries("DoublePCache", queries)
+        need_queries("DoublePCache.update", queries)
         check_new_kv("DoublePCache", self.full.k, k, v, positions)
         keys, values, kv_pos, full = self.full.update(k, v, positions)
         slot = jnp.where(positions >= 0, positions, full.max_len)
