@@ -7,6 +7,7 @@
 * `quest`: `QuestKVCache` (full KV + per-page key bounds);
 * `pooled`: `PooledKVCache`, `PolicyPrefill`, `DenseOracleCache` (training-free policies);
 * `offload`: `OffloadKVCache` (InfLLM: sinks + window on device, blocks in host memory);
+* `doublep`: `DoublePCache`, `DoublePPrefill` (full KV + the prompt's k-means clusters);
 * `hysparse`: `HySparseSparseCache` (a HySparse sparse layer's own SWA KV).
 """
 
