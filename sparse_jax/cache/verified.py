@@ -11,8 +11,9 @@ returns it as `Selection(log_weights=...)`, which the layer attends with
 replayed step draws the same keys and two steps draw independent ones; each managed layer
 gets its own key (`sparse_jax.kv_policies.verified.VAttention.make_cache`).
 
-`read [B, Hkv, S]` (bool, the slots the last call read) and `budget [B, Hkv]` (its sample
-sizes) are what the last call chose, kept for reports (`kept_mask`), not for attention.
+`read [B, Hkv, S]` (bool, the slots the last call read), `budget [B, Hkv]` (its sample
+sizes) and `n_rest [B, Hkv]` (its residual counts) are what the last call chose, kept for
+reports (`kept_mask`), not for attention.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ from sparse_jax.ops.verified import verified_selection
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class VerifiedKVCache(Cache):
-    """`full: FullKVCache`; `key [2]` uint32 (raw PRNG key data); `read [B, Hkv, S]` bool and
-    `budget [B, Hkv]` int32 (the last call's choice); `policy` (static: a `VAttention`, whose
-    `selection_kwargs()` are `verified_selection`'s); `dense` (static): read every slot."""
+    """`full: FullKVCache`; `key [2]` uint32 (raw PRNG key data); `read [B, Hkv, S]` bool,
+    `budget`, `n_rest [B, Hkv]` int32 (the last call's choice); `policy` (static: a
+    `VAttention`, whose `selection_kwargs()` are `verified_selection`'s); `dense` (static):
+    read every slot."""
 
     full: FullKVCache
     key: jax.Array
     read: jax.Array
     budget: jax.Array
+    n_rest: jax.Array
     policy: object = dataclasses.field(metadata=dict(static=True))
     dense: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
@@ -51,8 +54,8 @@ class VerifiedKVCache(Cache):
             raise ValueError(f"seed must be an int and layer an int >= 0, got {seed!r}, {layer!r}")
         full = FullKVCache.init(batch, max_len, num_kv_heads, head_dim, v_head_dim, dtype)
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), layer))
-        return cls(full, key, jnp.zeros((batch, num_kv_heads, max_len), bool),
-                   jnp.zeros((batch, num_kv_heads), jnp.int32), policy, dense)
+        counts = jnp.zeros((batch, num_kv_heads), jnp.int32)
+        return cls(full, key, jnp.zeros((batch, num_kv_heads, max_len), bool), counts, counts, policy, dense)
 
     @property
     def positions(self):
@@ -73,8 +76,9 @@ class VerifiedKVCache(Cache):
         keys, values, kv_pos, full = self.full.update(k, v, positions)
         if self.dense or k.shape[1] > DECODE_MAX_QUERIES:
             read = jnp.broadcast_to((kv_pos >= 0)[:, None], self.read.shape)
-            return keys, values, kv_pos, Selection(), dataclasses.replace(self, full=full, read=read,
-                                                                          budget=jnp.zeros_like(self.budget))
+            zero = jnp.zeros_like(self.budget)
+            return keys, values, kv_pos, Selection(), dataclasses.replace(self, full=full, read=read, budget=zero,
+                                                                          n_rest=zero)
         if not isinstance(queries, Queries):
             raise ValueError(f"VerifiedKVCache.update needs queries=Queries(...) to choose keys, "
                              f"got {type(queries).__name__}")
@@ -83,4 +87,5 @@ class VerifiedKVCache(Cache):
                                  sink_logits=queries.sink_logits, softcap=queries.softcap,
                                  **self.policy.selection_kwargs())
         return (keys, values, kv_pos, Selection(log_weights=sel.log_weights),
-                dataclasses.replace(self, full=full, read=sel.deterministic | sel.sampled, budget=sel.budget))
+                dataclasses.replace(self, full=full, read=sel.deterministic | sel.sampled, budget=sel.budget,
+                                    n_rest=sel.n_rest))
