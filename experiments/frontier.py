@@ -95,6 +95,8 @@ flags.DEFINE_list("vattention_epsilons", ["0.05", "0.2", "0.5", "0.9"], "vAttent
 flags.DEFINE_float("vattention_delta", 0.05, "vAttention: delta of the stated bound.")
 flags.DEFINE_integer("vattention_window", 8, "vAttention: local window (tokens).")
 flags.DEFINE_integer("vattention_top_k", 8, "vAttention: top-k keys (by q.k) read exactly.")
+flags.DEFINE_enum("vattention_mode", "output", ["output", "denominator"], "vAttention: what the bound "
+                  "covers (the attention output, or the paper's cheaper denominator-only relaxation).")
 NAMES["vattention"] = "vAttention"
 
 
@@ -102,7 +104,8 @@ def vattention_policies():
     """(method, epsilon, policy) of the vAttention sweep."""
     return [("vattention", float(e), kvp.VAttention(epsilon=float(e), delta=FLAGS.vattention_delta,
                                                      num_sinks=FLAGS.num_sinks, window=FLAGS.vattention_window,
-                                                     top_k=FLAGS.vattention_top_k, seed=FLAGS.seed))
+                                                     top_k=FLAGS.vattention_top_k, mode=FLAGS.vattention_mode,
+                                                     seed=FLAGS.seed))
             for e in FLAGS.vattention_epsilons]
 # ---- end vAttention ----------------------------------------------------------------------
 
