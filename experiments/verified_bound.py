@@ -16,7 +16,9 @@ Per (estimate, epsilon, delta): the fraction of (layer, row, head, step) within 
 (the bound asks >= 1 - delta), the observed `1 - delta` quantile and maximum of the error,
 the mean sample size over the mean residual, the share of the visible keys read (tokens
 read: sinks + window + top-k + sample, per kv head), and exact-match accuracy. The table
-and the command go to `docs/RESULTS.md` under "## Verified sparse attention (issue 16)".
+and the command go to `docs/RESULTS.md` under "## Verified sparse attention (issue 16)";
+each setting's row to `--bound_jsonl` (default `<workdir>/verified_bound.jsonl`) and as
+TensorBoard scalars `bound/<mode>/<estimate>/*` (`tensorboard --logdir <workdir>/tb`).
 
     python experiments/verified_bound.py        # trains into /work/ckpt/verified_model once
     python experiments/verified_bound.py --epsilons=0.1,0.2 --deltas=0.1 --estimates=exact
