@@ -70,7 +70,7 @@ flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
 flags.DEFINE_integer("seed", 0, "Seed of parameters and the training stream.")
 flags.DEFINE_integer("log_every", 25, "Log the training loss and accuracy every this many steps.")
 flags.DEFINE_list("methods", ["streaming", "h2o", "snapkv", "pyramidkv", "ada_snapkv", "duo", "quest", "top_p",
-                               "doublep"],
+                               "doublep", "vattention"],
                   "Policies to sweep.")
 flags.DEFINE_list("budgets", ["4", "8", "16", "32", "64"], "Tokens per kv head per layer.")
 flags.DEFINE_list("top_p", ["0.5", "0.8", "0.9", "0.95", "0.99"], "Top-p thresholds.")
@@ -97,6 +97,27 @@ SECTION = "## Sparse frontier (issue 8)"
 NAMES = {"streaming": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
          "ada_snapkv": "Ada-SnapKV", "duo": "DuoAttention", "quest": "Quest", "top_p": "top-p",
          "doublep": "Double-P"}
+
+# ---- vAttention (verified sparse attention, arXiv 2510.05688; issue 16 item 3) ----------
+# Swept over its stated relative error epsilon (delta fixed): sinks (--num_sinks), window and
+# oracle top-k read exactly, plus the weighted uniform sample the (epsilon, delta) budget asks.
+flags.DEFINE_list("vattention_epsilons", ["0.05", "0.2", "0.5", "0.9"], "vAttention: epsilons swept.")
+flags.DEFINE_float("vattention_delta", 0.05, "vAttention: delta of the stated bound.")
+flags.DEFINE_integer("vattention_window", 8, "vAttention: local window (tokens).")
+flags.DEFINE_integer("vattention_top_k", 8, "vAttention: top-k keys (by q.k) read exactly.")
+flags.DEFINE_enum("vattention_mode", "output", ["output", "denominator"], "vAttention: what the bound "
+                  "covers (the attention output, or the paper's cheaper denominator-only relaxation).")
+NAMES["vattention"] = "vAttention"
+
+
+def vattention_policies():
+    """(method, epsilon, policy) of the vAttention sweep."""
+    return [("vattention", float(e), kvp.VAttention(epsilon=float(e), delta=FLAGS.vattention_delta,
+                                                     num_sinks=FLAGS.num_sinks, window=FLAGS.vattention_window,
+                                                     top_k=FLAGS.vattention_top_k, mode=FLAGS.vattention_mode,
+                                                     seed=FLAGS.seed))
+            for e in FLAGS.vattention_epsilons]
+# ---- end vAttention ----------------------------------------------------------------------
 
 
 def build_model() -> SparseLM:
@@ -168,6 +189,8 @@ def policies(model, calib_tokens):
             out += [(method, float(p), kvp.DoubleP(float(p), keep_p=FLAGS.doublep_keep_p,
                                                    cluster_size=FLAGS.doublep_cluster, iters=FLAGS.doublep_iters))
                     for p in FLAGS.doublep_p if float(p) <= FLAGS.doublep_keep_p]
+        elif method == "vattention":
+            out += vattention_policies()
         elif method == "duo":
             for f in FLAGS.duo_fractions:
                 gates = calibrate(model, calib_tokens, fraction=float(f), num_sinks=s,

@@ -25,6 +25,8 @@ HELP = {
     "compare_hybrids.py": ["--preset", "--models", "--tasks", "--out_dir", "--log_every", "--merge",
                            "python experiments/compare_hybrids.py"],
     "frontier.py": ["--workdir", "--methods", "--budgets", "--jsonl", "--log_every", "python experiments/frontier.py"],
+    "verified_bound.py": ["--workdir", "--epsilons", "--deltas", "--estimates",
+                          "python experiments/verified_bound.py"],
     "bench_kernels.py": ["--out", "--seq_lens", "--heads", "--block_sparse", "--scores", "--mosaic_gpu",
                          "python experiments/bench_kernels.py"],
 }

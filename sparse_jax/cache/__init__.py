@@ -8,7 +8,8 @@
 * `pooled`: `PooledKVCache`, `PolicyPrefill`, `DenseOracleCache` (training-free policies);
 * `offload`: `OffloadKVCache` (InfLLM: sinks + window on device, blocks in host memory);
 * `doublep`: `DoublePCache`, `DoublePPrefill` (full KV + the prompt's k-means clusters);
-* `hysparse`: `HySparseSparseCache` (a HySparse sparse layer's own SWA KV).
+* `hysparse`: `HySparseSparseCache` (a HySparse sparse layer's own SWA KV);
+* `verified`: `VerifiedKVCache` (full KV + a PRNG key: vAttention's weighted samples).
 """
 
 from sparse_jax.cache.base import Cache
