@@ -19,6 +19,13 @@ on the XLA path (`sparse_jax.ops.dsa.indexer_scores`), not through this op.
 
 `impl`: "auto" | "xla" | "triton" | "mosaic_tpu"; `interpret=True` runs a kernel in
 interpret mode on CPU.
+
+`score_dtype`: "bfloat16" (default) scores the inputs as given (bf16 in production, float32
+stays float32); "float8_e4m3fn" rotates q and k (Hadamard), rounds them to e4m3 with one
+scale per token row, and dots them in e4m3 with a float32 accumulate (`fp8.py`, DeepSeek-V3.2's
+FP8 indexer) on "xla" and "triton" ("mosaic_tpu" declines it). The selection then runs on
+those scores: the set differs from the float32 one near the k-th score (measured in
+`experiments/dsa_warmup.py --fp8_overlap`, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -27,31 +34,38 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.indexer import reference, tpu, triton
+from pallas_kernels.indexer import fp8, reference, tpu, triton
+from pallas_kernels.indexer.fp8 import chunk_scores_fp8, quantize_indexer
 from pallas_kernels.indexer.reference import chunk_scores_reference
 from pallas_kernels.indexer.select import sorted_top_k, topk_select
 from pallas_kernels.indexer.tpu import chunk_scores_tpu
 from pallas_kernels.indexer.triton import IndexerTritonConfig, chunk_scores_triton
 
 
-def chunk_topk_xla(q_index, weights, k_index, q_positions, kv_positions, *, k: int):
-    """One chunk's `(values, slots)` `[B, C, min(k, S)]`: reference scores, `lax.top_k`."""
+def chunk_topk_xla(q_index, weights, k_index, q_positions, kv_positions, *, k: int, k_scale=None):
+    """One chunk's `(values, slots)` `[B, C, min(k, S)]`: reference scores, `lax.top_k`.
+    With `k_scale [B, S]` the operands are `fp8.quantize_indexer`'s (FP8 scores)."""
+    if k_scale is not None:
+        return sorted_top_k(chunk_scores_fp8(q_index, weights, k_index, k_scale, q_positions, kv_positions), k)
     return sorted_top_k(chunk_scores_reference(q_index, weights, k_index, q_positions, kv_positions), k)
 
 
-def chunk_topk_triton(q_index, weights, k_index, q_positions, kv_positions, *, k: int, interpret=False,
-                      config=None):
+def chunk_topk_triton(q_index, weights, k_index, q_positions, kv_positions, *, k: int, k_scale=None,
+                      interpret=False, config=None):
     """`chunk_topk_xla`'s contract: the Triton score kernel (tiles `config`, an
     `IndexerTritonConfig`), then the radix select kernel on the chunk's `[B * C, S]` score rows."""
-    scores = chunk_scores_triton(q_index, weights, k_index, q_positions, kv_positions, interpret=interpret,
-                                 config=config)
+    scores = chunk_scores_triton(q_index, weights, k_index, q_positions, kv_positions, k_scale=k_scale,
+                                 interpret=interpret, config=config)
     b, c, s = scores.shape
     vals, slots = topk_select(scores.reshape(b * c, s), k, interpret=interpret)
     return vals.reshape(b, c, -1), slots.reshape(b, c, -1)
 
 
-def chunk_topk_tpu(q_index, weights, k_index, q_positions, kv_positions, *, k: int, interpret=False):
-    """`chunk_topk_xla`'s contract: the Mosaic TPU score kernel, then `lax.top_k`."""
+def chunk_topk_tpu(q_index, weights, k_index, q_positions, kv_positions, *, k: int, k_scale=None,
+                   interpret=False):
+    """`chunk_topk_xla`'s contract: the Mosaic TPU score kernel, then `lax.top_k` (no FP8
+    scores: `tpu.supports` declines them)."""
+    assert k_scale is None
     return sorted_top_k(chunk_scores_tpu(q_index, weights, k_index, q_positions, kv_positions,
                                          interpret=interpret), k)
 
@@ -81,7 +95,7 @@ def _check(q_index, weights, k_index, k, query_chunk):
 
 def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_positions=None,
                  query_chunk: int = 512, return_scores: bool = False, impl: str = "auto",
-                 interpret=False, config=None, explain=False):
+                 score_dtype: str = "bfloat16", interpret=False, config=None, explain=False):
     """Top-k key slots per query from the lightning indexer.
 
     Args:
@@ -96,6 +110,8 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
         kernels in interpret mode (CPU tests).
       config: the Triton score kernel's tiles (`IndexerTritonConfig`, importable from here); the other
         backends take none.
+      score_dtype: "bfloat16" (the scores of the inputs as given) or "float8_e4m3fn"
+        (Hadamard-rotated e4m3 q and k, per-row scales, float32 accumulate: `fp8.py`).
       explain: print which backend runs and why the others were skipped.
     Returns:
       `token_indices [B, T, min(k, S)]` int32: the selected slots in ascending order, -1
@@ -103,22 +119,26 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
       (column for column; -inf where padded).
     """
     _check(q_index, weights, k_index, k, query_chunk)
+    fp8.check_score_dtype(score_dtype)
     b, t = q_index.shape[:2]
     s = k_index.shape[1]
     prefix = q_positions is None and kv_positions is None
     q_positions = common.check_positions("q_positions", q_positions, b, t)
     kv_positions = common.check_positions("kv_positions", kv_positions, b, s)
-    call = dict(q_index=q_index, weights=weights, k_index=k_index, k=k)
+    call = dict(q_index=q_index, weights=weights, k_index=k_index, k=k, score_dtype=score_dtype)
     fn = common.resolve("indexer", impl, BACKENDS, IMPLEMENTATIONS, call, interpret=interpret,
                         config=config, explain=explain)
     q_index, weights, k_index = (jax.lax.stop_gradient(a) for a in (q_index, weights, k_index))
     q_positions, kv_positions = jnp.asarray(q_positions), jnp.asarray(kv_positions)
+    k_scale = None
+    if score_dtype == "float8_e4m3fn":      # quantised once; the chunks see e4m3 q and k
+        q_index, weights, k_index, k_scale = quantize_indexer(q_index, weights, k_index)
 
     def chunk(qi, w, qp):
-        return fn(qi, w, k_index, qp, kv_positions, k=k)
+        return fn(qi, w, k_index, qp, kv_positions, k=k, k_scale=k_scale)
 
     if prefix and t > query_chunk:
-        return _causal_prefix_chunks(fn, q_index, weights, k_index, k, query_chunk, return_scores)
+        return _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk, return_scores)
     if t <= query_chunk:
         vals, idx = chunk(q_index, weights, q_positions)
     else:
@@ -134,7 +154,7 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
     return (idx, vals) if return_scores else idx
 
 
-def _causal_prefix_chunks(fn, q_index, weights, k_index, k, query_chunk, return_scores):
+def _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk, return_scores):
     """Default positions: chunk i (queries `[i * c, (i + 1) * c)`) scores only the keys
     `[0, min(S, (i + 1) * c))`, the rest being invisible to all of its queries; the result is
     identical to the full-width path (invisible keys are never selected)."""
@@ -151,7 +171,8 @@ def _causal_prefix_chunks(fn, q_index, weights, k_index, k, query_chunk, return_
             v = jnp.full((b, hi - lo, 0), -jnp.inf, jnp.float32)
             i = jnp.zeros((b, hi - lo, 0), jnp.int32)
         else:
-            v, i = fn(q_index[:, lo:hi], weights[:, lo:hi], k_index[:, :keys], qpos, kpos, k=k)
+            v, i = fn(q_index[:, lo:hi], weights[:, lo:hi], k_index[:, :keys], qpos, kpos, k=k,
+                      k_scale=None if k_scale is None else k_scale[:, :keys])
         pad = [(0, 0), (0, 0), (0, width - v.shape[-1])]
         vals.append(jnp.pad(v, pad, constant_values=-jnp.inf))
         idx.append(jnp.pad(i, pad, constant_values=-1))
