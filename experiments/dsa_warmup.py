@@ -170,27 +170,31 @@ def indexer_operands(model, tokens):
 
 def selection_stats(ref, picks, k):
     """ref `[N, S]` float32 scores (-inf invisible), picks `[N, k]` slots of the rows with more
-    than k visible keys: overlap with float32 `lax.top_k`'s set, tie-aware overlap, missed
-    share of the top-k's softmax mass, float32 rank of the misses / of the wrong picks
-    (rank / k: 1.0 is the boundary)."""
+    than k visible keys: overlap with float32 `lax.top_k`'s set, tie-aware overlap (picks
+    scoring at least the k-th), rows whose set is exact, the missed share of the top-k's
+    softmax(I) mass, and on the rows without a float32 tie at the boundary (k-th > (k+1)-th:
+    N(0, 1) rows whose head weights are all negative tie at 0) the float32 rank of the misses
+    and of the wrong picks (rank / k: 1.0 is the boundary)."""
     order = np.argsort(-ref, -1, kind="stable")
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(ref.shape[-1])[None], -1)
     want = order[:, :k]
     kth = np.take_along_axis(ref, want[:, -1:], -1)
+    untied = (kth > np.take_along_axis(ref, order[:, k:k + 1], -1))[:, 0]
     p = np.exp(ref - ref.max(-1, keepdims=True))
     in_ref = np.zeros(ref.shape, bool)
     np.put_along_axis(in_ref, want, True, -1)
     in_got = np.zeros(ref.shape, bool)
     np.put_along_axis(in_got, picks, True, -1)
     missed, wrong = in_ref & ~in_got, in_got & ~in_ref
-    top_mass = (p * in_ref).sum(-1)
-    r_missed, r_wrong = (rank[missed] + 1) / k, (rank[wrong] + 1) / k
-    return dict(rows=int(ref.shape[0]), overlap=float(1 - missed.sum() / (k * ref.shape[0])),
+    mass = (p * missed).sum(-1) / (p * in_ref).sum(-1)
+    r_missed = (rank[missed & untied[:, None]] + 1) / k
+    r_wrong = (rank[wrong & untied[:, None]] + 1) / k
+    return dict(rows=int(ref.shape[0]), tied_rows=float(1 - untied.mean()),
+                overlap=float(1 - missed.sum() / (k * ref.shape[0])),
                 tie_aware=float((np.take_along_axis(ref, picks, -1) >= kth).mean()),
                 rows_exact=float((missed.sum(-1) == 0).mean()),
-                missed_mass=float(((p * missed).sum(-1) / top_mass).mean()),
-                missed_mass_max=float(((p * missed).sum(-1) / top_mass).max()),
+                missed_mass=float(mass.mean()), missed_mass_max=float(mass.max()),
                 missed_rank_min=float(r_missed.min()) if r_missed.size else None,
                 missed_rank_median=float(np.median(r_missed)) if r_missed.size else None,
                 wrong_rank_max=float(r_wrong.max()) if r_wrong.size else None)
@@ -245,7 +249,7 @@ def fp8_overlap_report(model, task, rng):
                                        jax.random.normal(ks[2], (1, s, 64)), FLAGS.fp8_random_k)
     print(f"\nFP8 vs float32 selected sets (top_k={k}; random_long: top-{FLAGS.fp8_random_k} of {s} keys, 4 x 64)")
     print("| data | variant | overlap | tie-aware | rows exact | missed softmax mass (mean / max) | "
-          "missed rank/k (min / median) | worst wrong pick rank/k |")
+          "missed rank/k, untied rows (min / median) | worst wrong pick rank/k |")
     print("|---|---|---|---|---|---|---|---|")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for data, res in report.items():

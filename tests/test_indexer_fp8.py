@@ -119,6 +119,10 @@ def test_selection_overlap_random_and_misses_near_the_boundary():
     assert 0.93 <= overlap < 1.0, overlap
     bound = score_bound(q, w, k).reshape(t, s).max(-1)
     assert worst <= 2 * bound.max(), (worst, bound.max())
+    reranked = indexer_topk(q, w, k, k=kk, q_positions=qp, kv_positions=kp, impl="xla", score_dtype=FP8,
+                            fp8_rerank=1.5)
+    rr, _ = selection_report(ref, reranked, kk)
+    assert rr >= 0.99 and rr > overlap, (rr, overlap)
 
 
 @pytest.mark.parametrize("fp8_dot", [True, False])
@@ -163,6 +167,23 @@ def test_default_positions_short_t_and_returned_scores():
     assert int(idx[0, 0, 0]) == 0 and (idx[0, 0, 1:] == -1).all()
 
 
+def test_rerank_over_all_keys_is_the_float32_set_with_ties():
+    """With `fp8_rerank` large enough that every visible key is a candidate, the re-scored set
+    is float32 `lax.top_k`'s exactly: integer inputs (exact scores, many ties: lower slot
+    first), ragged positions, several query chunks; the returned scores are float32's."""
+    q, w, k, qp, kp = make(17, t=21, s=40, integer=True)
+    kk = 6
+    vals_ref, idx_ref = jax.lax.top_k(chunk_scores_reference(q, w, k, qp, kp), kk)
+    want = np.where(np.isfinite(vals_ref), idx_ref, -1)
+    idx, vals = indexer_topk(q, w, k, k=kk, q_positions=qp, kv_positions=kp, query_chunk=8, impl="xla",
+                             score_dtype=FP8, fp8_rerank=40 / kk, return_scores=True)
+    np.testing.assert_array_equal(idx, ascending(want))
+    full = np.asarray(chunk_scores_reference(q, w, k, qp, kp))
+    picked = np.where(np.asarray(idx) >= 0, np.take_along_axis(full, np.maximum(np.asarray(idx), 0), -1), -np.inf)
+    np.testing.assert_array_equal(vals, picked)
+    assert (np.asarray(idx) == -1).any()
+
+
 def test_bad_score_dtype_raises():
     q, w, k, qp, kp = make(14, b=1, t=8, s=8)
     for bad in ("float16", "fp8", jnp.float8_e4m3fn, None):
@@ -170,6 +191,15 @@ def test_bad_score_dtype_raises():
             indexer_topk(q, w, k, k=4, score_dtype=bad)
         with pytest.raises(ValueError, match="score_dtype"):
             dsa.DSAConfig(score_dtype=bad)
+    for bad in (0.5, True, "2"):
+        with pytest.raises(ValueError, match="fp8_rerank"):
+            indexer_topk(q, w, k, k=4, score_dtype=FP8, fp8_rerank=bad)
+        with pytest.raises(ValueError, match="fp8_rerank"):
+            dsa.DSAConfig(score_dtype=FP8, fp8_rerank=bad)
+    with pytest.raises(ValueError, match="fp8_rerank needs score_dtype"):
+        indexer_topk(q, w, k, k=4, fp8_rerank=1.5)
+    with pytest.raises(ValueError, match="fp8_rerank needs score_dtype"):
+        dsa.DSAConfig(fp8_rerank=1.5)
     with pytest.raises(ValueError, match="score_dtype='float8_e4m3fn' is not implemented on Mosaic TPU"):
         indexer_topk(q, w, k, k=4, impl="mosaic_tpu", score_dtype=FP8)
     assert api.BACKENDS["mosaic_tpu"].supports(score_dtype="bfloat16") is None
@@ -178,10 +208,10 @@ def test_bad_score_dtype_raises():
 def test_dsa_config_threads_score_dtype(monkeypatch):
     """`DSAConfig(score_dtype=...)` reaches the op through `ops.dsa.indexer_topk` (same sets as
     the op called directly), which the DSA layer's sparse stage calls with it."""
-    q, w, k, qp, kp = make(15, integer=False)
-    got = dsa.indexer_topk(q, w, k, qp, kp, k=8, query_chunk=16, score_dtype=FP8)
+    q, w, k, qp, kp = make(15, t=12, s=30)
+    got = dsa.indexer_topk(q, w, k, qp, kp, k=8, query_chunk=16, score_dtype=FP8, fp8_rerank=1.25)
     want = indexer_topk(q, w, k, k=8, q_positions=qp, kv_positions=kp, query_chunk=16, impl="xla",
-                        score_dtype=FP8)
+                        score_dtype=FP8, fp8_rerank=1.25)
     np.testing.assert_array_equal(got, want)
 
     from flax import nnx
@@ -194,18 +224,20 @@ def test_dsa_config_threads_score_dtype(monkeypatch):
         pass
 
     def spy(*args, **kwargs):                # records the call, skips the rest of the layer
-        seen.append(kwargs.get("score_dtype"))
+        seen.append((kwargs.get("score_dtype"), kwargs.get("fp8_rerank")))
         raise Reached
 
     monkeypatch.setattr(dsa_layer.dops, "indexer_topk", spy)
     cfg = AttentionConfig(d_model=16, num_heads=2)
     mla = MLAConfig(kv_lora_rank=8, q_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4)
-    for score_dtype in ("bfloat16", FP8):
+    cases = [("bfloat16", None), (FP8, None), (FP8, 1.25)]
+    for score_dtype, rerank in cases:
         layer = dsa_layer.DSAAttention(cfg, mla, dsa.DSAConfig(index_heads=2, index_head_dim=8, top_k=4,
-                                                               score_dtype=score_dtype), rngs=nnx.Rngs(0))
+                                                               score_dtype=score_dtype, fp8_rerank=rerank),
+                                       rngs=nnx.Rngs(0))
         with pytest.raises(Reached):
             layer(jax.random.normal(jax.random.key(3), (1, 12, 16)), jnp.arange(12)[None])
-    assert seen == ["bfloat16", FP8]
+    assert seen == cases
 
 
 @pytest.mark.gpu

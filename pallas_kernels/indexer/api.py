@@ -25,10 +25,14 @@ stays float32); "float8_e4m3fn" rotates q and k (Hadamard), rounds them to e4m3 
 scale per token row, and dots them in e4m3 with a float32 accumulate (`fp8.py`, DeepSeek-V3.2's
 FP8 indexer) on "xla" and "triton" ("mosaic_tpu" declines it). The selection then runs on
 those scores: the set differs from the float32 one near the k-th score (measured in
-`experiments/dsa_warmup.py --fp8_overlap`, docs/BENCHMARKS.md).
+`experiments/dsa_warmup.py --fp8_overlap`, docs/BENCHMARKS.md: 96-98% overlap). `fp8_rerank=m`
+lets the FP8 scores pick `ceil(m * k)` candidates and the float32 scores of those (recomputed
+from the unquantised q and k, gathered, in XLA) pick the k: 99.7-99.9% overlap at m = 1.25.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +99,8 @@ def _check(q_index, weights, k_index, k, query_chunk):
 
 def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_positions=None,
                  query_chunk: int = 512, return_scores: bool = False, impl: str = "auto",
-                 score_dtype: str = "bfloat16", interpret=False, config=None, explain=False):
+                 score_dtype: str = "bfloat16", fp8_rerank: float | None = None, interpret=False,
+                 config=None, explain=False):
     """Top-k key slots per query from the lightning indexer.
 
     Args:
@@ -112,14 +117,22 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
         backends take none.
       score_dtype: "bfloat16" (the scores of the inputs as given) or "float8_e4m3fn"
         (Hadamard-rotated e4m3 q and k, per-row scales, float32 accumulate: `fp8.py`).
+      fp8_rerank: None, or m >= 1 (FP8 scores only): the FP8 scores select `ceil(m * k)`
+        candidates, whose float32 scores from the unquantised operands then pick the `k`
+        (a gather of `ceil(m * k)` keys per query, in XLA; the returned scores are those).
       explain: print which backend runs and why the others were skipped.
     Returns:
       `token_indices [B, T, min(k, S)]` int32: the selected slots in ascending order, -1
       padded last; with `return_scores` also their `scores [B, T, min(k, S)]` float32
-      (column for column; -inf where padded).
+      (column for column; -inf where padded; the FP8 scores with `score_dtype` FP8).
     """
     _check(q_index, weights, k_index, k, query_chunk)
     fp8.check_score_dtype(score_dtype)
+    if fp8_rerank is not None:
+        if score_dtype != "float8_e4m3fn":
+            raise ValueError(f"fp8_rerank needs score_dtype='float8_e4m3fn', got score_dtype={score_dtype!r}")
+        if isinstance(fp8_rerank, bool) or not isinstance(fp8_rerank, (int, float)) or not fp8_rerank >= 1:
+            raise ValueError(f"fp8_rerank must be None or a number >= 1, got {fp8_rerank!r}")
     b, t = q_index.shape[:2]
     s = k_index.shape[1]
     prefix = q_positions is None and kv_positions is None
@@ -130,31 +143,64 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
                         config=config, explain=explain)
     q_index, weights, k_index = (jax.lax.stop_gradient(a) for a in (q_index, weights, k_index))
     q_positions, kv_positions = jnp.asarray(q_positions), jnp.asarray(kv_positions)
-    k_scale = None
+    ops, k_scale = (q_index, weights, k_index), None
     if score_dtype == "float8_e4m3fn":      # quantised once; the chunks see e4m3 q and k
-        q_index, weights, k_index, k_scale = quantize_indexer(q_index, weights, k_index)
+        *ops, k_scale = quantize_indexer(q_index, weights, k_index)
+    width = k if fp8_rerank is None else max(k, math.ceil(fp8_rerank * k))
+    vals, idx = _select(fn, *ops, k_scale, q_positions, kv_positions, width, query_chunk, prefix)
+    if fp8_rerank is not None:
+        vals, idx = _rerank(q_index, weights, k_index, idx, min(k, s), query_chunk)
+    return (idx, vals) if return_scores else idx
+
+
+def _select(fn, q_index, weights, k_index, k_scale, q_positions, kv_positions, k, query_chunk, prefix):
+    """`(values, slots) [B, T, min(k, S)]` of backend `fn`, query chunk by query chunk."""
+    b, t = q_index.shape[:2]
 
     def chunk(qi, w, qp):
         return fn(qi, w, k_index, qp, kv_positions, k=k, k_scale=k_scale)
 
     if prefix and t > query_chunk:
-        return _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk, return_scores)
+        return _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk)
     if t <= query_chunk:
-        vals, idx = chunk(q_index, weights, q_positions)
-    else:
-        n = -(-t // query_chunk)
-        pad = n * query_chunk - t
-        padt = lambda a, fill=0: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),  # noqa: E731
-                                         constant_values=fill)
-        split = lambda a: jnp.moveaxis(a.reshape((b, n, query_chunk) + a.shape[2:]), 1, 0)  # noqa: E731
-        vals, idx = jax.lax.map(lambda c: chunk(*c), (split(padt(q_index)), split(padt(weights)),
-                                                      split(padt(q_positions, -1))))
-        join = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n * query_chunk, -1)[:, :t]  # noqa: E731
-        vals, idx = join(vals), join(idx)
-    return (idx, vals) if return_scores else idx
+        return chunk(q_index, weights, q_positions)
+    return _map_query_chunks(chunk, (q_index, 0), (weights, 0), (q_positions, -1), query_chunk=query_chunk)
 
 
-def _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk, return_scores):
+def _map_query_chunks(f, *arrays_and_fills, query_chunk):
+    """`f` over `query_chunk`-query chunks (`lax.map`) of `[B, T, ...]` arrays (each padded
+    along T with its fill), its `[B, chunk, n]` outputs joined back to `[B, T, n]`."""
+    b, t = arrays_and_fills[0][0].shape[:2]
+    n = -(-t // query_chunk)
+    pad = n * query_chunk - t
+
+    def split(a, fill):
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(a.reshape((b, n, query_chunk) + a.shape[2:]), 1, 0)
+
+    outs = jax.lax.map(lambda c: f(*c), tuple(split(a, fill) for a, fill in arrays_and_fills))
+    return tuple(jnp.moveaxis(o, 0, 1).reshape(b, n * query_chunk, -1)[:, :t] for o in outs)
+
+
+def _rerank(q_index, weights, k_index, candidates, k, query_chunk):
+    """The `k` of the `candidates [B, T, M]` (ascending slots, -1 padded last; M >= k) with the
+    largest scores recomputed from the unquantised operands (`chunk_scores_reference`'s
+    arithmetic: float32, `lax.top_k`'s lower-slot-first tie rule), as `(values, slots)`
+    `[B, T, k]` in ascending slot order, -1 / -inf padded last."""
+    def chunk(qi, w, cand):
+        keys = jax.vmap(lambda kb, cb: kb[jnp.maximum(cb, 0)])(k_index, cand)            # [B, C, M, D]
+        dots = jnp.einsum("bcjd,bcmd->bcjm", qi.astype(jnp.float32), keys.astype(jnp.float32),
+                          precision="highest")
+        sc = jnp.einsum("bcj,bcjm->bcm", w.astype(jnp.float32), jax.nn.relu(dots), precision="highest")
+        vals, pos = sorted_top_k(jnp.where(cand >= 0, sc, -jnp.inf), k)       # ascending positions
+        return vals, jnp.where(pos >= 0, jnp.take_along_axis(cand, jnp.maximum(pos, 0), -1), -1)
+
+    if q_index.shape[1] <= query_chunk:
+        return chunk(q_index, weights, candidates)
+    return _map_query_chunks(chunk, (q_index, 0), (weights, 0), (candidates, -1), query_chunk=query_chunk)
+
+
+def _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk):
     """Default positions: chunk i (queries `[i * c, (i + 1) * c)`) scores only the keys
     `[0, min(S, (i + 1) * c))`, the rest being invisible to all of its queries; the result is
     identical to the full-width path (invisible keys are never selected)."""
@@ -176,5 +222,4 @@ def _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk
         pad = [(0, 0), (0, 0), (0, width - v.shape[-1])]
         vals.append(jnp.pad(v, pad, constant_values=-jnp.inf))
         idx.append(jnp.pad(i, pad, constant_values=-1))
-    vals, idx = jnp.concatenate(vals, 1), jnp.concatenate(idx, 1)
-    return (idx, vals) if return_scores else idx
+    return jnp.concatenate(vals, 1), jnp.concatenate(idx, 1)
