@@ -174,7 +174,8 @@ def selection_stats(ref, picks, k):
     scoring at least the k-th), rows whose set is exact, the missed share of the top-k's
     softmax(I) mass, and on the rows without a float32 tie at the boundary (k-th > (k+1)-th:
     N(0, 1) rows whose head weights are all negative tie at 0) the float32 rank of the misses
-    and of the wrong picks (rank / k: 1.0 is the boundary)."""
+    and of the wrong picks (rank / k: 1.0 is the boundary); on all rows the largest distance
+    of a missed item above, and of a wrong pick below, the k-th float32 score, in row stds."""
     order = np.argsort(-ref, -1, kind="stable")
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(ref.shape[-1])[None], -1)
@@ -190,6 +191,11 @@ def selection_stats(ref, picks, k):
     mass = (p * missed).sum(-1) / (p * in_ref).sum(-1)
     r_missed = (rank[missed & untied[:, None]] + 1) / k
     r_wrong = (rank[wrong & untied[:, None]] + 1) / k
+    fin = np.isfinite(ref)
+    std = np.sqrt((np.where(fin, ref - np.where(fin, ref, 0).sum(-1, keepdims=True) / fin.sum(-1, keepdims=True),
+                            0) ** 2).sum(-1, keepdims=True) / fin.sum(-1, keepdims=True))
+    gap = np.broadcast_to((ref - kth) / np.maximum(std, 1e-30), ref.shape)   # float32 score - k-th, in row stds
+    g_missed, g_wrong = gap[missed], -gap[wrong]
     return dict(rows=int(ref.shape[0]), tied_rows=float(1 - untied.mean()),
                 overlap=float(1 - missed.sum() / (k * ref.shape[0])),
                 tie_aware=float((np.take_along_axis(ref, picks, -1) >= kth).mean()),
@@ -197,7 +203,9 @@ def selection_stats(ref, picks, k):
                 missed_mass=float(mass.mean()), missed_mass_max=float(mass.max()),
                 missed_rank_min=float(r_missed.min()) if r_missed.size else None,
                 missed_rank_median=float(np.median(r_missed)) if r_missed.size else None,
-                wrong_rank_max=float(r_wrong.max()) if r_wrong.size else None)
+                wrong_rank_max=float(r_wrong.max()) if r_wrong.size else None,
+                missed_gap_max=float(g_missed.max()) if g_missed.size else None,
+                wrong_gap_max=float(g_wrong.max()) if g_wrong.size else None)
 
 
 def overlap_of(q, w, kk, k):
@@ -223,11 +231,10 @@ def overlap_of(q, w, kk, k):
             sc = np.where(vis, np.asarray(fp8_scores.quantized_scores(q, w, kk, **kw)), -np.inf)
             picks = np.argsort(-sc[rows], -1, kind="stable")[:, :k]
         out[name] = selection_stats(ref_r, picks, k)
-    q8 = np.where(vis, np.asarray(fp8_scores.quantized_scores(q, w, kk)), -np.inf)[rows]
-    for m in (1.25, 1.5):                      # FP8 top-(m k), then float32 scores of those
-        cand = np.argsort(-q8, -1, kind="stable")[:, :int(m * k)]
-        best = np.argsort(-np.take_along_axis(ref_r, cand, -1), -1, kind="stable")[:, :k]
-        out[f"fp8_rerank_{m}k"] = selection_stats(ref_r, np.take_along_axis(cand, best, -1), k)
+    for m in (1.25, 1.5):                      # the op's FP8 top-(m k), then float32 scores of those
+        picks = np.asarray(indexer_topk(q, w, kk, k=k, q_positions=qp, kv_positions=kp, impl="xla",
+                                        score_dtype=FP8, fp8_rerank=m))[rows]
+        out[f"fp8_rerank_{m}k"] = selection_stats(ref_r, picks, k)
     return out
 
 
@@ -249,8 +256,9 @@ def fp8_overlap_report(model, task, rng):
                                        jax.random.normal(ks[2], (1, s, 64)), FLAGS.fp8_random_k)
     print(f"\nFP8 vs float32 selected sets (top_k={k}; random_long: top-{FLAGS.fp8_random_k} of {s} keys, 4 x 64)")
     print("| data | variant | overlap | tie-aware | rows exact | missed softmax mass (mean / max) | "
-          "missed rank/k, untied rows (min / median) | worst wrong pick rank/k |")
-    print("|---|---|---|---|---|---|---|---|")
+          "missed rank/k, untied rows (min / median) | worst wrong pick rank/k | max gap to k-th, missed / wrong "
+          "(row stds) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for data, res in report.items():
         for name, st in res.items():
@@ -258,7 +266,8 @@ def fp8_overlap_report(model, task, rng):
                 continue
             print(f"| {data} | {name} | {st['overlap']:.4f} | {st['tie_aware']:.4f} | {st['rows_exact']:.3f} | "
                   f"{st['missed_mass']:.2e} / {st['missed_mass_max']:.2e} | {fmt(st['missed_rank_min'])} / "
-                  f"{fmt(st['missed_rank_median'])} | {fmt(st['wrong_rank_max'])} |")
+                  f"{fmt(st['missed_rank_median'])} | {fmt(st['wrong_rank_max'])} | {fmt(st['missed_gap_max'])} / "
+                  f"{fmt(st['wrong_gap_max'])} |")
     return report
 
 
