@@ -189,8 +189,8 @@ def _rerank(q_index, weights, k_index, candidates, k, query_chunk):
     `[B, T, k]` in ascending slot order, -1 / -inf padded last."""
     def chunk(qi, w, cand):
         keys = jax.vmap(lambda kb, cb: kb[jnp.maximum(cb, 0)])(k_index, cand)            # [B, C, M, D]
-        dots = jnp.einsum("bcjd,bcmd->bcjm", qi.astype(jnp.float32), keys.astype(jnp.float32),
-                          precision="highest")
+        dots = jnp.einsum("bcjd,bcmd->bcjm", qi, keys, precision="highest",   # exact products (bf16 / f32)
+                          preferred_element_type=jnp.float32)
         sc = jnp.einsum("bcj,bcjm->bcm", w.astype(jnp.float32), jax.nn.relu(dots), precision="highest")
         vals, pos = sorted_top_k(jnp.where(cand >= 0, sc, -jnp.inf), k)       # ascending positions
         return vals, jnp.where(pos >= 0, jnp.take_along_axis(cand, jnp.maximum(pos, 0), -1), -1)
