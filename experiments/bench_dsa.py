@@ -189,6 +189,7 @@ def bench_indexer(t, matmul, iters, small):
                 if rerank is None:
                     c8 = median_time(jax.jit(scores_only_fn(chunk, small, cfg)), qi, w, ki, iters=iters)
                     row.update({f"{name}_scores_ms": c8 * 1e3, f"{name}_scores_speedup": sc / c8})
+                print(json.dumps({key: v for key, v in row.items() if key.startswith(name + "_")}), flush=True)
             except Exception as e:  # noqa: BLE001 - a variant that does not compile must not lose the row
                 row[f"{name}_error"] = str(e)[:300]
     return row
