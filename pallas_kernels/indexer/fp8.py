@@ -121,6 +121,8 @@ def quantized_scores(q_index, weights, k_index, *, block: int | None = None, rot
     "float8_e4m3fn" (both operands e4m3) or "bfloat16" (queries rounded to bf16, keys e4m3).
     Per-group scales are applied per group partial dot (`sum_g sq_g sk_g (q8_g . k8_g)`).
     """
+    if q_dtype not in SCORE_DTYPES:
+        raise ValueError(f"q_dtype must be one of {SCORE_DTYPES}, got {q_dtype!r}")
     q = hadamard(q_index) if rotate else q_index.astype(jnp.float32)
     k = hadamard(k_index) if rotate else k_index.astype(jnp.float32)
     d = q.shape[-1]
