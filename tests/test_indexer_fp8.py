@@ -230,7 +230,8 @@ def test_dsa_config_threads_score_dtype(monkeypatch):
     monkeypatch.setattr(dsa_layer.dops, "indexer_topk", spy)
     cfg = AttentionConfig(d_model=16, num_heads=2)
     mla = MLAConfig(kv_lora_rank=8, q_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4)
-    cases = [("bfloat16", None), (FP8, None), (FP8, 1.25)]
+    assert (dsa.DSAConfig().score_dtype, dsa.DSAConfig().fp8_rerank) == ("bfloat16", None)
+    cases = [(FP8, 1.25)]
     for score_dtype, rerank in cases:
         layer = dsa_layer.DSAAttention(cfg, mla, dsa.DSAConfig(index_heads=2, index_head_dim=8, top_k=4,
                                                                score_dtype=score_dtype, fp8_rerank=rerank),
