@@ -370,8 +370,9 @@ def table(rows, copy_bw) -> str:
                     only = (f" (scores only {r[name + '_scores_ms']:.2f})" if name + "_scores_ms" in r else "")
                     ratio = (f" (scores {r[name + '_scores_speedup']:.2f}x)" if name + "_scores_ms" in r else "")
                     lines.append(f"| indexer {name} | T={r['T']} | {r[name + '_ms']:.2f} ms{only} | bf16 "
-                                 f"{r['ms']:.2f} ms (scores {r['scores_ms']:.2f}) | {r[name + '_speedup']:.2f}x{ratio}, "
-                                 f"{r[name + '_frac_of_matmul']:.2f} of matmul, overlap {r[name + '_overlap']:.4f} |")
+                                 f"{r['ms']:.2f} ms (scores {r['scores_ms']:.2f}) | "
+                                 f"{r[name + '_speedup']:.2f}x{ratio}, {r[name + '_frac_of_matmul']:.2f} of matmul, "
+                                 f"overlap {r[name + '_overlap']:.4f} |")
         elif r["part"] == "forward":
             base = ", ".join(f"{n} {r[n]:.1f} ms" for n in ("cudnn_mla192", "cudnn_sameflops", "flash_mqa576")
                              if n in r)

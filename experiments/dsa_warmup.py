@@ -248,8 +248,8 @@ def fp8_overlap_report(model, task, rng):
         q, w, kk = (jnp.concatenate([b[li][i] for b in layers]) for i in range(3))
         report[f"trained_layer{li}"] = overlap_of(q, w, kk, k)
         ks = jax.random.split(jax.random.key(FLAGS.seed + li), 3)
-        report[f"random_layer{li}_shapes"] = overlap_of(jax.random.normal(ks[0], q.shape), jax.random.normal(ks[1], w.shape),
-                                                        jax.random.normal(ks[2], kk.shape), k)
+        rand = [jax.random.normal(key, a.shape) for key, a in zip(ks, (q, w, kk))]
+        report[f"random_layer{li}_shapes"] = overlap_of(*rand, k)
     ks = jax.random.split(jax.random.key(FLAGS.seed + 99), 3)
     s, t = FLAGS.fp8_random_keys, 64
     report["random_long"] = overlap_of(jax.random.normal(ks[0], (1, t, 4, 64)), jax.random.normal(ks[1], (1, t, 4)),
