@@ -7,6 +7,9 @@
     in the same run; the score kernel alone (top-k replaced by a row max) is reported beside it.
     Correctness: the last `--check_rows` queries' selections against the float32 reference
     scores (tie-aware: the reference scores of the picked slots vs the reference's sorted top-k).
+    `--fp8`: also the FP8 indexer (`score_dtype="float8_e4m3fn"`, quantisation included) with
+    the e4m3 dot (`fp8`) and widened to bf16 in the kernel (`fp8_widened`), end to end and
+    scores only, and its set overlap with the float32 top-k on the checked rows.
 (b) DSA attention forward = indexer + top-k + `token_sparse` attention (MLA in MQA form: H=64
     query heads over one latent head, D = 576 = 512 + 64 rope, Dv = 512, k = 2048) against
     dense causal attention. cuDNN cannot take D=576 / Dv=512 (D <= 256), so two stand-ins:
@@ -52,6 +55,8 @@ from experiments.bench_decode import copy_bandwidth, median_time, rel, repeated
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
 from pallas_kernels.indexer.api import chunk_scores_reference, chunk_scores_triton, indexer_topk
+from pallas_kernels.indexer.fp8 import quantize_indexer
+from pallas_kernels.indexer.triton import IndexerTritonConfig
 from pallas_kernels.mla_decode.api import MlaDecodeTritonConfig, mla_decode, triton_launch_plan
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import patterns as P
@@ -66,6 +71,8 @@ flags.DEFINE_integer("index_dim", 64, "indexer head dim D_I")
 flags.DEFINE_integer("top_k", 2048, "selected tokens per query")
 flags.DEFINE_integer("query_chunk", 2048, "indexer queries per chunk (chunk x S float32 scores)")
 flags.DEFINE_integer("check_rows", 64, "query rows checked against the reference")
+flags.DEFINE_bool("fp8", False, "(a) also time the FP8 indexer (e4m3 dot, widened to bf16, reranked)")
+flags.DEFINE_list("fp8_variants", ["fp8", "fp8_widened", "fp8_rerank1.25"], "with --fp8: which variants")
 flags.DEFINE_integer("decode_batch", 16, "(c) batch")
 flags.DEFINE_integer("decode_context", 131072, "(c) cache length")
 FLAGS.set_default("out", "bench_dsa.json")
@@ -87,34 +94,63 @@ def indexer_inputs(t, seed=0):
     return qi, w, ki
 
 
-def indexer_fn(k, chunk, interpret):
+FP8_VARIANTS = {                # name -> (score kernel tiles, fp8_rerank)
+    "fp8": (IndexerTritonConfig(), None),
+    "fp8_widened": (IndexerTritonConfig(fp8_dot=False), None),
+    "fp8_rerank1.25": (IndexerTritonConfig(), 1.25),
+}
+
+
+def indexer_fn(k, chunk, interpret, score_dtype="bfloat16", config=None, fp8_rerank=None):
     return lambda qi, w, ki: indexer_topk(qi, w, ki, k=k, query_chunk=chunk, impl="triton",
-                                          interpret=interpret)
+                                          interpret=interpret, score_dtype=score_dtype, config=config,
+                                          fp8_rerank=fp8_rerank)
 
 
-def scores_only_fn(chunk, interpret):
+def scores_only_fn(chunk, interpret, config=None):
     """The score kernel over the chunks' causal key prefixes (as `indexer_topk` runs it with
-    default positions), each chunk reduced to its row max instead of the top-k."""
+    default positions), each chunk reduced to its row max instead of the top-k; with
+    `config` the FP8 kernel after `quantize_indexer` (timed with it)."""
     def f(qi, w, ki):
         t = qi.shape[1]
+        ks = None
+        if config is not None:
+            qi, w, ki, ks = quantize_indexer(qi, w, ki)
         outs = []
         for lo in range(0, t, chunk):
             hi = min(t, lo + chunk)
             qpos, kpos = jnp.arange(lo, hi, dtype=jnp.int32)[None], jnp.arange(hi, dtype=jnp.int32)[None]
             outs.append(chunk_scores_triton(qi[:, lo:hi], w[:, lo:hi], ki[:, :hi], qpos, kpos,
-                                            interpret=interpret).max(-1))
+                                            k_scale=None if ks is None else ks[:, :hi],
+                                            interpret=interpret, config=config).max(-1))
         return jnp.concatenate(outs, 1)
     return f
+
+
+def reference_rows(qi, w, ki, rows):
+    """float32 reference scores `[rows, T]` of the last `rows` queries."""
+    t = qi.shape[1]
+    ref = chunk_scores_reference(qi[:, t - rows:], w[:, t - rows:], ki,
+                                 jnp.arange(t - rows, t, dtype=jnp.int32)[None],
+                                 jnp.arange(t, dtype=jnp.int32)[None])
+    return np.asarray(ref)[0]
+
+
+def set_overlap(idx, ref):
+    """Mean share of the float32 top-k set (`ref [rows, S]`) in the selected slots of the
+    last `rows` queries of `idx [1, T, k]`, over rows with at least k visible keys."""
+    sel = np.asarray(idx)[0, -ref.shape[0]:]
+    kk = sel.shape[-1]
+    keep = np.isfinite(ref).sum(-1) >= kk
+    want = np.argsort(-ref[keep], -1, kind="stable")[:, :kk]
+    return float(np.mean([np.isin(a, b).mean() for a, b in zip(want, sel[keep])])) if keep.any() else None
 
 
 def check_selection(idx, qi, w, ki, rows):
     """Worst gap between the reference scores of the picked slots and the reference's own
     sorted top-k on the last `rows` queries, relative to the row's largest |score|."""
     t = qi.shape[1]
-    ref = chunk_scores_reference(qi[:, t - rows:], w[:, t - rows:], ki,
-                                 jnp.arange(t - rows, t, dtype=jnp.int32)[None],
-                                 jnp.arange(t, dtype=jnp.int32)[None])
-    ref = np.asarray(ref)[0]
+    ref = reference_rows(qi, w, ki, rows)
     sel = np.asarray(idx)[0, t - rows:]
     kk = sel.shape[-1]
     best = -np.sort(-ref, -1)[:, :kk]
@@ -140,6 +176,22 @@ def bench_indexer(t, matmul, iters, small):
     row.update(ms=sec * 1e3, tflops=flops / sec / 1e12, scores_ms=sc * 1e3, scores_tflops=flops / sc / 1e12,
                matmul_tflops=matmul, frac_of_matmul=flops / sec / 1e12 / matmul,
                scores_frac_of_matmul=flops / sc / 1e12 / matmul)
+    if FLAGS.fp8:
+        ref = reference_rows(qi, w, ki, min(FLAGS.check_rows, t))
+        for name in FLAGS.fp8_variants:
+            cfg, rerank = FP8_VARIANTS[name]
+            try:
+                g = jax.jit(indexer_fn(FLAGS.top_k, chunk, small, "float8_e4m3fn", cfg, rerank))
+                row[f"{name}_overlap"] = set_overlap(g(qi, w, ki), ref)
+                s8 = median_time(g, qi, w, ki, iters=iters)
+                row.update({f"{name}_ms": s8 * 1e3, f"{name}_frac_of_matmul": flops / s8 / 1e12 / matmul,
+                            f"{name}_speedup": sec / s8})
+                if rerank is None:
+                    c8 = median_time(jax.jit(scores_only_fn(chunk, small, cfg)), qi, w, ki, iters=iters)
+                    row.update({f"{name}_scores_ms": c8 * 1e3, f"{name}_scores_speedup": sc / c8})
+                print(json.dumps({key: v for key, v in row.items() if key.startswith(name + "_")}), flush=True)
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile must not lose the row
+                row[f"{name}_error"] = str(e)[:300]
     return row
 
 
@@ -313,6 +365,14 @@ def table(rows, copy_bw) -> str:
                          f"{r['ms']:.2f} ms, {r['tflops']:.0f} TFLOP/s (scores only {r['scores_tflops']:.0f}) "
                          f"| matmul {r['matmul_tflops']:.0f} TFLOP/s | {r['frac_of_matmul']:.2f} "
                          f"(scores {r['scores_frac_of_matmul']:.2f}), sel_err {r['sel_err']:.1e} |")
+            for name in FP8_VARIANTS:
+                if f"{name}_ms" in r:
+                    only = (f" (scores only {r[name + '_scores_ms']:.2f})" if name + "_scores_ms" in r else "")
+                    ratio = (f" (scores {r[name + '_scores_speedup']:.2f}x)" if name + "_scores_ms" in r else "")
+                    lines.append(f"| indexer {name} | T={r['T']} | {r[name + '_ms']:.2f} ms{only} | bf16 "
+                                 f"{r['ms']:.2f} ms (scores {r['scores_ms']:.2f}) | "
+                                 f"{r[name + '_speedup']:.2f}x{ratio}, {r[name + '_frac_of_matmul']:.2f} of matmul, "
+                                 f"overlap {r[name + '_overlap']:.4f} |")
         elif r["part"] == "forward":
             base = ", ".join(f"{n} {r[n]:.1f} ms" for n in ("cudnn_mla192", "cudnn_sameflops", "flash_mqa576")
                              if n in r)

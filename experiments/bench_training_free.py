@@ -25,12 +25,25 @@ FlexPrefill prefill, each against its dense baseline in the same process.
     on random inputs the attention is nearly uniform, so its density is high (it adapts
     to the input; the figure says what the estimation costs, not what real text gives).
 
+(c) Double-P decode (arXiv 2602.05191; off unless `--doublep`), bf16, H / Hkv / D as (a),
+    `--doublep_batches` x `--doublep_contexts`: prompt keys drawn around T / `--doublep_cluster`
+    prototypes (so the attention concentrates on a few clusters; random keys would make it
+    flat), clusters of `--doublep_cluster` tokens on average, top-p `--doublep_p`. Timed: the
+    prefill clustering (`cluster_prompt`, `--doublep_iters` Lloyd iterations, once per
+    prompt), one decode step on the XLA path (cluster mass + top-p + `weighted_attention`
+    over the tokens and the centroids: plain jnp, it still reads every slot, masked), the
+    estimation + selection alone, and dense `decode_attention` of the same cache. Reported:
+    the share of slots a step reads (exact tokens + centroids, per kv head, / T) and the
+    error against dense. No kernel yet: the XLA step is no faster than dense; the read share
+    is what a gathering kernel could save.
+
 Correctness first: Quest against `quest_decode(impl="xla")` on two batch rows; prefill
 against the `block_sparse` XLA reference on the last `--check_rows` queries (max error
 relative to max |ref|).
 
     PYTHONPATH=. python experiments/bench_training_free.py --out /tmp/training_free.json
     PYTHONPATH=. python experiments/bench_training_free.py --small       # CPU: tiny sizes
+    PYTHONPATH=. python experiments/bench_training_free.py --doublep --noquest --noprefill
 """
 
 from __future__ import annotations
@@ -50,6 +63,8 @@ from experiments.bench_decode import median_time, rel, repeated
 from pallas_kernels.block_sparse import BlockSparseMetadata, block_sparse_attention
 from pallas_kernels.decode.api import decode_attention
 from sparse_jax import patterns as P
+from sparse_jax.cache.base import weighted_attention
+from sparse_jax.ops import doublep as DP
 from sparse_jax.ops import flexprefill as F
 from sparse_jax.ops import quest as Q
 from sparse_jax.ops import sparse_prefill as S
@@ -67,6 +82,13 @@ flags.DEFINE_integer("check_rows", 256, "query rows checked against the referenc
 flags.DEFINE_bool("quest", True, "run (a)")
 flags.DEFINE_bool("prefill", True, "run (b)")
 flags.DEFINE_bool("small", False, "tiny sizes (CPU smoke run)")
+flags.DEFINE_bool("doublep", False, "run (c), Double-P decode")
+flags.DEFINE_list("doublep_batches", ["1", "8"], "Double-P batch sizes")
+flags.DEFINE_list("doublep_contexts", ["32768"], "Double-P prompt lengths")
+flags.DEFINE_integer("doublep_cluster", 64, "Double-P: prompt tokens per cluster (on average)")
+flags.DEFINE_integer("doublep_iters", 4, "Double-P: Lloyd iterations")
+flags.DEFINE_float("doublep_p", 0.9, "Double-P: top-p over clusters (read token by token)")
+flags.DEFINE_float("doublep_keep_p", 1.0, "Double-P: clusters past this top-p share dropped (1: none)")
 
 
 # ----------------------------------------------------------------------------- (a) Quest decode
@@ -210,6 +232,66 @@ def bench_prefill(t, h, hkv, dense_ms, kind):
     return row
 
 
+# ----------------------------------------------------------------------------- (c) Double-P decode
+
+
+def doublep_step(top_p, select_only=False, keep_p=1.0):
+    """One Double-P decode step over `c = (k, v, pos, assign, centroids, log_sizes,
+    mean_values, centroid_positions)`: estimate, select, attend (XLA path)."""
+    def f(q, c, _v=None):
+        k, v, pos, assign, cent, log_sizes, mean_v, cpos = c
+        qpos = pos.max(axis=1, keepdims=True) + 1
+        mass = DP.cluster_mass(q, cent, log_sizes, scale=q.shape[-1] ** -0.5)
+        selected, kept = DP.choose_clusters(mass, top_p, keep_p)
+        if select_only:                     # [2, B, Hkv, C]: exact, attended at all
+            return jnp.stack([selected, jnp.ones_like(selected) if kept is None else kept])
+        keys, values, kpos, lw = DP.doublep_slots(k, v, pos, assign, cent, log_sizes, mean_v, selected, cpos, kept)
+        return weighted_attention(q, keys, values, kpos, qpos, lw, scale=q.shape[-1] ** -0.5)
+    return f
+
+
+def bench_doublep(b, t):
+    h, hkv, d, cs = FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim, FLAGS.doublep_cluster
+    ks = jax.random.split(jax.random.key(2), 5)
+    protos = jax.random.normal(ks[0], (b, max(1, t // cs), hkv, d), jnp.float32)
+    label = jax.random.randint(ks[1], (b, t, hkv), 0, protos.shape[1])
+    k = (jnp.take_along_axis(protos, label[..., None], axis=1) + 0.3 * jax.random.normal(ks[2], (b, t, hkv, d))).astype(
+        jnp.bfloat16)
+    v = jax.random.normal(ks[3], (b, t, hkv, d), jnp.bfloat16)
+    pick = jax.random.randint(ks[4], (FLAGS.reps, b, 1, h), 0, protos.shape[1])
+    kv_of = jnp.arange(h) // (h // hkv)
+    qs = (2.0 * protos[jnp.arange(b)[None, :, None, None], pick, kv_of]).astype(jnp.bfloat16)   # [reps, B, 1, H, D]
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    nc = -(-t // cs)
+    cluster = jax.jit(lambda k_, v_, p_: DP.cluster_prompt(k_, v_, p_, num_clusters=nc, iters=FLAGS.doublep_iters))
+    assign, cent, log_sizes, mean_v = cluster(k, v, pos)
+    cache = (k, v, pos, assign, cent.astype(k.dtype), log_sizes, mean_v.astype(v.dtype),
+             jnp.full((b, nc), t - 1, jnp.int32))
+    row = dict(batch=b, context=t, clusters=nc, top_p=FLAGS.doublep_p, keep_p=FLAGS.doublep_keep_p, heads=h,
+               kv_heads=hkv)
+    row["cluster_ms"] = 1e3 * median_time(cluster, k, v, pos, iters=max(1, FLAGS.iters // 3))
+    step = doublep_step(FLAGS.doublep_p, keep_p=FLAGS.doublep_keep_p)
+    out = jax.jit(step)(qs[0], cache)
+    dense = jax.jit(lambda q, c: decode_attention(q, c[0], c[1], kv_positions=c[2]))
+    row["err_dense"] = rel(out, dense(qs[0], cache))
+    selected, kept = jax.jit(doublep_step(FLAGS.doublep_p, True, FLAGS.doublep_keep_p))(qs[0], cache)
+    exact = DP.exact_tokens(assign, selected).sum(-1)                                  # [B, Hkv]
+    cents = (jnp.isfinite(log_sizes) & kept & ~selected).sum(-1)
+    row["read_fraction"] = float(((exact + cents) / t).mean())
+    row["exact_fraction_min_max"] = [float((exact / t).min()), float((exact / t).max())]
+
+    def amortised(f, c):
+        return 1e6 * median_time(repeated(lambda q, c_, _v: f(q, c_), {}), qs, c, None, None,
+                                 iters=FLAGS.iters) / FLAGS.reps
+
+    row["step_us"] = amortised(step, cache)
+    row["select_us"] = amortised(doublep_step(FLAGS.doublep_p, True, FLAGS.doublep_keep_p), cache)
+    row["dense_us"] = amortised(lambda q, c: decode_attention(q, c[0], c[1], kv_positions=c[2]), cache)
+    row["speedup"] = row["dense_us"] / row["step_us"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -218,13 +300,14 @@ def main(_):
         FLAGS.batches, FLAGS.contexts, FLAGS.quest_pages = ["1", "2"], ["2048"], ["16"]
         FLAGS.prefill_lens, FLAGS.flex_lens, FLAGS.prefill_heads = ["1024"], ["1024"], "4:2"
         FLAGS.iters, FLAGS.reps, FLAGS.check_rows = 2, 2, 128
+        FLAGS.doublep_batches, FLAGS.doublep_contexts, FLAGS.doublep_cluster = ["2"], ["1024"], 16
     info = dict(device=str(jax.devices()[0]), jax=jax.__version__)
     print(json.dumps(info), flush=True)
-    quest, prefill = [], []
+    quest, prefill, doublep = [], [], []
 
     def save():            # after every row, so a run cut by a time limit keeps what it measured
         with open(FLAGS.out, "w") as fh:
-            json.dump(dict(info=info, quest=quest, prefill=prefill), fh, indent=1)
+            json.dump(dict(info=info, quest=quest, prefill=prefill, doublep=doublep), fh, indent=1)
 
     if FLAGS.quest:
         for t in map(int, FLAGS.contexts):
@@ -248,6 +331,15 @@ def main(_):
                 prefill.append(dict(t=t, pattern=kind, error=str(e)[:500]))
                 print(json.dumps(prefill[-1]), flush=True)
             save()
+    if FLAGS.doublep:
+        for t in map(int, FLAGS.doublep_contexts):
+            for b in map(int, FLAGS.doublep_batches):
+                try:
+                    doublep.append(bench_doublep(b, t))
+                except Exception as e:  # noqa: BLE001
+                    doublep.append(dict(batch=b, context=t, error=str(e)[:500]))
+                    print(json.dumps(doublep[-1]), flush=True)
+                save()
     save()
     print(f"\n{info['device']}, jax {info['jax']}")
     print("\nQuest decode (per step, us; speedup = dense / step; target >= 8x at B=16, 128K, 1/16)")
@@ -273,6 +365,20 @@ def main(_):
         print(f"| {r['t'] // 1024}K | {r['pattern']} | {r['density']:.3f} | {r['estimate_ms']:.2f} | "
               f"{r['attention_ms']:.2f} | {r['total_ms']:.2f} | {r['dense_ms']:.2f} | {r['speedup']:.2f}x | "
               f"{r['speedup_attention_only']:.2f}x | {r['err_ref']:.1e} |")
+
+    if doublep:
+        print("\nDouble-P decode, XLA path (per step, us; read = exact tokens + centroids per kv head / T)")
+        print("| B | context | clusters | top-p | read | exact min-max | cluster (ms) | step | select | dense | "
+              "speedup | err vs dense |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in doublep:
+            if "error" in r:
+                print(f"| {r['batch']} | {r['context']} | error: {r['error'][:150]} |")
+                continue
+            lo, hi = r["exact_fraction_min_max"]
+            print(f"| {r['batch']} | {r['context'] // 1024}K | {r['clusters']} | {r['top_p']} | "
+                  f"{r['read_fraction']:.3f} | {lo:.3f}-{hi:.3f} | {r['cluster_ms']:.1f} | {r['step_us']:.1f} | "
+                  f"{r['select_us']:.1f} | {r['dense_us']:.1f} | {r['speedup']:.2f}x | {r['err_dense']:.1e} |")
 
 
 if __name__ == "__main__":

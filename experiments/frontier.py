@@ -6,11 +6,13 @@ Frontier, arXiv 2504.17768) on a small full-attention model trained by this libr
 2. For each task, prefill the context and the question densely, then generate the answer
    token by token (teacher-forced) under each policy of `sparse_jax.kv_policies` at each
    budget: eviction after prefill (StreamingLLM, H2O, SnapKV, PyramidKV, Ada-SnapKV,
-   DuoAttention) or query-aware page selection at decode (Quest, top-p).
+   DuoAttention) or query-aware page selection at decode (Quest, top-p), or Double-P's
+   top-p over k-means clusters of the prompt keys (exact members + weighted centroids).
 3. Record per (method, budget, task): exact-match accuracy; the attention-mass recall of the
    first answer query (the share of the dense model's attention, layer by layer, that falls
    on the entries the policy let it read); the fraction of prompt KV entries it read
-   ("density", 1 / compression); and the KV bytes held (`nbytes()` of all caches).
+   ("density", 1 / compression; Double-P's centroid slots count as entries read); and the
+   KV bytes held (`nbytes()` of all caches).
 4. Write JSONL, a PNG of accuracy and recall against density (one curve per method), and
    the table with the command into `docs/RESULTS.md` under "## Sparse frontier (issue 8)".
 
@@ -28,7 +30,8 @@ On 2 shared CPU cores, training 1000 steps took ~20 min and the default sweep ~1
 second run with the same --workdir loads the model and only sweeps.
 
 Budgets are tokens per kv head per layer (Quest: rounded up to pages); top-p sweeps
-`--top_p`, DuoAttention sweeps the fraction of retrieval heads (`--duo_fractions`) with
+`--top_p`, Double-P sweeps `--doublep_p` (clusters of `--doublep_cluster` tokens on
+average), DuoAttention sweeps the fraction of retrieval heads (`--duo_fractions`) with
 streaming heads of `--duo_streaming` tokens, calibrated on training-distribution prompts.
 """
 
@@ -66,10 +69,17 @@ flags.DEFINE_integer("batch", 32, "Training sequences per step.")
 flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
 flags.DEFINE_integer("seed", 0, "Seed of parameters and the training stream.")
 flags.DEFINE_integer("log_every", 25, "Log the training loss and accuracy every this many steps.")
-flags.DEFINE_list("methods", ["streaming", "h2o", "snapkv", "pyramidkv", "ada_snapkv", "duo", "quest", "top_p"],
+flags.DEFINE_list("methods", ["streaming", "h2o", "snapkv", "pyramidkv", "ada_snapkv", "duo", "quest", "top_p",
+                               "doublep", "vattention"],
                   "Policies to sweep.")
 flags.DEFINE_list("budgets", ["4", "8", "16", "32", "64"], "Tokens per kv head per layer.")
 flags.DEFINE_list("top_p", ["0.5", "0.8", "0.9", "0.95", "0.99"], "Top-p thresholds.")
+# Double-P (arXiv 2602.05191)
+flags.DEFINE_list("doublep_p", ["0.5", "0.8", "0.9", "0.95", "0.99"], "Double-P: top-p thresholds over clusters.")
+flags.DEFINE_integer("doublep_cluster", 8, "Double-P: prompt tokens per k-means cluster (on average).")
+flags.DEFINE_integer("doublep_iters", 4, "Double-P: Lloyd iterations.")
+flags.DEFINE_float("doublep_keep_p", 1.0, "Double-P: clusters past this top-p share are dropped (1: none; "
+                   "settings with p above it are skipped).")
 flags.DEFINE_list("duo_fractions", ["0", "0.25", "0.5", "0.75"], "DuoAttention retrieval-head fractions.")
 flags.DEFINE_integer("duo_streaming", 8, "DuoAttention: tokens of a streaming head (sinks included).")
 flags.DEFINE_integer("num_sinks", 2, "Sinks of StreamingLLM and DuoAttention.")
@@ -85,7 +95,29 @@ flags.DEFINE_string("results_md", "docs/RESULTS.md", "Markdown file whose '## Sp
 
 SECTION = "## Sparse frontier (issue 8)"
 NAMES = {"streaming": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
-         "ada_snapkv": "Ada-SnapKV", "duo": "DuoAttention", "quest": "Quest", "top_p": "top-p"}
+         "ada_snapkv": "Ada-SnapKV", "duo": "DuoAttention", "quest": "Quest", "top_p": "top-p",
+         "doublep": "Double-P"}
+
+# ---- vAttention (verified sparse attention, arXiv 2510.05688; issue 16 item 3) ----------
+# Swept over its stated relative error epsilon (delta fixed): sinks (--num_sinks), window and
+# oracle top-k read exactly, plus the weighted uniform sample the (epsilon, delta) budget asks.
+flags.DEFINE_list("vattention_epsilons", ["0.05", "0.2", "0.5", "0.9"], "vAttention: epsilons swept.")
+flags.DEFINE_float("vattention_delta", 0.05, "vAttention: delta of the stated bound.")
+flags.DEFINE_integer("vattention_window", 8, "vAttention: local window (tokens).")
+flags.DEFINE_integer("vattention_top_k", 8, "vAttention: top-k keys (by q.k) read exactly.")
+flags.DEFINE_enum("vattention_mode", "output", ["output", "denominator"], "vAttention: what the bound "
+                  "covers (the attention output, or the paper's cheaper denominator-only relaxation).")
+NAMES["vattention"] = "vAttention"
+
+
+def vattention_policies():
+    """(method, epsilon, policy) of the vAttention sweep."""
+    return [("vattention", float(e), kvp.VAttention(epsilon=float(e), delta=FLAGS.vattention_delta,
+                                                     num_sinks=FLAGS.num_sinks, window=FLAGS.vattention_window,
+                                                     top_k=FLAGS.vattention_top_k, mode=FLAGS.vattention_mode,
+                                                     seed=FLAGS.seed))
+            for e in FLAGS.vattention_epsilons]
+# ---- end vAttention ----------------------------------------------------------------------
 
 
 def build_model() -> SparseLM:
@@ -153,6 +185,12 @@ def policies(model, calib_tokens):
             out += [(method, b, make[method](b)) for b in budgets]
         elif method == "top_p":
             out += [(method, float(p), kvp.TopP(float(p), page_size=FLAGS.page_size)) for p in FLAGS.top_p]
+        elif method == "doublep":      # Double-P: top-p over k-means clusters (arXiv 2602.05191)
+            out += [(method, float(p), kvp.DoubleP(float(p), keep_p=FLAGS.doublep_keep_p,
+                                                   cluster_size=FLAGS.doublep_cluster, iters=FLAGS.doublep_iters))
+                    for p in FLAGS.doublep_p if float(p) <= FLAGS.doublep_keep_p]
+        elif method == "vattention":
+            out += vattention_policies()
         elif method == "duo":
             for f in FLAGS.duo_fractions:
                 gates = calibrate(model, calib_tokens, fraction=float(f), num_sinks=s,
@@ -176,7 +214,9 @@ def recall_and_density(model, oracle, caches, length):
             kept = np.ones(oracle[i].probs[..., :length].shape, bool)
         probs = np.asarray(oracle[i].probs)[..., :length]
         recalls.append((probs * kept).sum(-1).mean())
-        densities.append(kept.sum(-1).mean() / length)
+        # Double-P also reads one slot per approximated cluster (its recall counts exact tokens only)
+        extra = np.repeat(np.asarray(c.num_centroids()), g, axis=1) if hasattr(c, "num_centroids") else 0
+        densities.append((kept.sum(-1) + extra).mean() / length)
     return float(np.mean(recalls)), float(np.mean(densities))
 
 
@@ -254,7 +294,8 @@ def write_section(summary, dense, command, path):
              "share of the dense model's attention (first answer query, mean over layers and heads) on "
              "the entries read. Density: share of prompt KV entries read (compression = 1 / density). "
              "KV bytes: `nbytes()` of all caches at the end (Quest / top-p hold the full cache plus page "
-             "bounds; they only read less).", "",
+             "bounds, Double-P the full cache plus its clusters; they only read less). Double-P's density "
+             "counts its centroid slots; its recall, the exact tokens only.", "",
              "Command:", "", "```", command, "```", "",
              "![frontier](frontier.png)", "",
              "| method | budget / p / retrieval frac. | density | accuracy | recall | KV bytes vs dense |",

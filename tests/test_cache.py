@@ -398,7 +398,7 @@ def test_every_cache_lives_in_the_cache_package_and_follows_the_contract():
     names = {c.__name__ for c in classes}
     assert {"FullKVCache", "RollingKVCache", "NSACache", "CompressedKV", "MLACache", "DSACache", "CSACache",
             "SWACache", "QuestKVCache", "PageSelectCache", "PooledKVCache", "DenseOracleCache",
-            "HySparseSparseCache"} <= names
+            "HySparseSparseCache", "OffloadKVCache"} <= names
     for c in classes:
         assert issubclass(c, Cache) and c.nbytes is not Cache.nbytes, c.__name__
         if hasattr(c, "update"):

@@ -362,3 +362,25 @@ def test_backends_chosen_only_in_common_resolve():
         text = path.read_text()
         assert 'impl="triton"' not in text and "default_backend" not in text, path.name
     assert nsa_decode_api.MAX_QUERIES == DECODE_MAX_QUERIES
+
+
+@pytest.mark.parametrize("device,want", [(HOPPER, "triton"), (AMPERE, "triton"), (TPU, "xla"), (CPU, "xla")])
+def test_top_k_set_runs_the_radix_select_on_a_gpu(monkeypatch, device, want):
+    """`indexer.top_k_set` (Quest's page selection, the indexer's select): the radix kernel
+    on any GPU, `lax.top_k` elsewhere; a bad call names what is wrong."""
+    fake_device(monkeypatch, device)
+    calls = []
+    for name in indexer_api.TOPK_IMPLEMENTATIONS:
+        def fn(*a, _name=name, **kw):
+            calls.append(_name)
+            return indexer_api.sorted_top_k(*a)
+        monkeypatch.setitem(indexer_api.TOPK_IMPLEMENTATIONS, name, fn)
+    scores = jax.random.normal(jax.random.key(0), (64, 40))
+    vals, slots = indexer_api.top_k_set(scores, 5)
+    assert calls == [want] and slots.shape == (64, 5)
+    indexer_api.top_k_set(scores[:63], 5)                    # too few rows for one program each
+    assert calls[-1] == "xla"
+    with pytest.raises(ValueError, match="float32"):
+        indexer_api.top_k_set(scores.astype(jnp.bfloat16), 5)
+    with pytest.raises(ValueError, match="k must"):
+        indexer_api.top_k_set(scores, 0)

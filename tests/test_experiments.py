@@ -25,6 +25,8 @@ HELP = {
     "compare_hybrids.py": ["--preset", "--models", "--tasks", "--out_dir", "--log_every", "--merge",
                            "python experiments/compare_hybrids.py"],
     "frontier.py": ["--workdir", "--methods", "--budgets", "--jsonl", "--log_every", "python experiments/frontier.py"],
+    "verified_bound.py": ["--workdir", "--epsilons", "--deltas", "--estimates",
+                          "python experiments/verified_bound.py"],
     "bench_kernels.py": ["--out", "--seq_lens", "--heads", "--block_sparse", "--scores", "--mosaic_gpu",
                          "python experiments/bench_kernels.py"],
 }
@@ -224,6 +226,22 @@ def test_compare_hybrids_tiny_run_writes_results_and_metrics(tmp_path):
     tags = {tag for tag, _, _ in scalars}
     assert {"train/loss", "train/accuracy", "eval_T12/single_needle", "eval_T16/mean"} <= tags
     assert [s for tag, s, _ in scalars if tag == "train/loss"] == [1, 2, 3]
+
+
+def test_offload_decode_tiny_run_reports_bytes_and_keeps_the_store_on_the_host(tmp_path):
+    """`offload_decode.py` in tiny form: offload and device variants agree, the offload one
+    reports the bytes it moves, keeps the block store in host memory, and a dense variant over
+    the share is skipped with its reason."""
+    out = tmp_path / "offload.json"
+    res = _run("offload_decode.py", "--context=600", "--heads=2", "--kv_heads=1", "--head_dim=8", "--window=64",
+               "--block=16", "--sinks=4", "--top_blocks=2", "--steps=1", "--warmup=1", "--device_share_gib=0.00001",
+               "--force=false", "--variants=offload,dense", f"--out={out}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    off, dense = data["results"]
+    assert off["variant"] == "offload" and off["store_memory_kind_after"] == off["memory_kind"] == "pinned_host"
+    assert off["h2d_bytes_per_step"] == 2 * 16 * 1 * 8 * 2 * 2 and off["host_bytes"] > off["device_bytes"] > 0
+    assert dense["variant"] == "dense" and "device memory > share" in dense["skipped"]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from flax import nnx
 
 from pallas_kernels.common import masked_attention
 from sparse_jax.cache.kv import FullKVCache
-from sparse_jax.kv_policies import (H2O, AdaKV, DuoAttention, Observation, PolicyPrefill, PyramidKV,
+from sparse_jax.kv_policies import (H2O, AdaKV, DuoAttention, InfLLM, Observation, PolicyPrefill, PyramidKV,
                                     Quest, SnapKV, StreamingLLM, TopP, policy_caches, select)
 from sparse_jax.cache.pooled import compress
 from sparse_jax.kv_policies.duo import calibrate, gates_from_losses, streaming_loss
@@ -29,6 +29,7 @@ ALL_POLICIES = {
     "duo": DuoAttention(16, retrieval=((True, False), (False, False)), num_sinks=2),
     "quest": Quest(16, page_size=4),
     "top_p": TopP(1.0, page_size=4),
+    "infllm": InfLLM(window=3, block_size=4, num_sinks=2, num_repr=2, top_blocks=8),
 }
 
 

@@ -74,6 +74,22 @@ def test_select_top_pages_hand_built():
         Q.select_top_pages(scores, 2, valid[:, :3])
 
 
+def test_select_top_pages_radix_kernel_equals_lax_top_k():
+    """The GPU path (radix select, interpret mode) picks the very pages `lax.top_k` does:
+    ragged valid pages, forced first / last pages, tied scores, budget over the valid count."""
+    rng = np.random.default_rng(3)
+    b, hkv, p = 3, 4, 37
+    scores = jnp.asarray(np.round(rng.normal(size=(b, hkv, p)), 1), jnp.float32)   # many ties
+    lengths = np.array([37, 11, 2])
+    valid = jnp.asarray(np.arange(p)[None] < lengths[:, None])
+    for budget in (1, 5, 16):
+        want = Q.select_top_pages(scores, budget, valid, impl="xla")
+        got = Q.select_top_pages(scores, budget, valid, impl="triton", interpret=True)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        assert int(want[1][2, 0]) == min(budget, 2)
+
+
 def test_select_top_p_hand_built():
     lg = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     scores = jnp.asarray(lg[[2, 0, 3, 1]])[None, None]                        # masses .15 .5 .05 .3

@@ -19,45 +19,107 @@ on the XLA path (`sparse_jax.ops.dsa.indexer_scores`), not through this op.
 
 `impl`: "auto" | "xla" | "triton" | "mosaic_tpu"; `interpret=True` runs a kernel in
 interpret mode on CPU.
+
+`score_dtype`: "bfloat16" (default) scores the inputs as given (bf16 in production, float32
+stays float32); "float8_e4m3fn" rotates q and k (Hadamard), rounds them to e4m3 with one
+scale per token row, and dots them in e4m3 with a float32 accumulate (`fp8.py`, DeepSeek-V3.2's
+FP8 indexer) on "xla" and "triton" ("mosaic_tpu" declines it). The selection then runs on
+those scores: the set differs from the float32 one near the k-th score (measured in
+`experiments/dsa_warmup.py --fp8_overlap`, docs/BENCHMARKS.md: 96-98% overlap). `fp8_rerank=m`
+lets the FP8 scores pick `ceil(m * k)` candidates and the float32 scores of those (recomputed
+from the unquantised q and k, gathered, in XLA) pick the k: 99.7-99.9% overlap at m = 1.25.
 """
 
 from __future__ import annotations
+
+import math
+import types
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.indexer import reference, tpu, triton
+from pallas_kernels.indexer import fp8, reference, tpu, triton
+from pallas_kernels.indexer.fp8 import chunk_scores_fp8, quantize_indexer
 from pallas_kernels.indexer.reference import chunk_scores_reference
-from pallas_kernels.indexer.select import sorted_top_k, topk_select
+from pallas_kernels.indexer.select import TopkSelectConfig, sorted_top_k, topk_select
 from pallas_kernels.indexer.tpu import chunk_scores_tpu
 from pallas_kernels.indexer.triton import IndexerTritonConfig, chunk_scores_triton
 
 
-def chunk_topk_xla(q_index, weights, k_index, q_positions, kv_positions, *, k: int):
-    """One chunk's `(values, slots)` `[B, C, min(k, S)]`: reference scores, `lax.top_k`."""
+def chunk_topk_xla(q_index, weights, k_index, q_positions, kv_positions, *, k: int, k_scale=None):
+    """One chunk's `(values, slots)` `[B, C, min(k, S)]`: reference scores, `lax.top_k`.
+    With `k_scale [B, S]` the operands are `fp8.quantize_indexer`'s (FP8 scores)."""
+    if k_scale is not None:
+        return sorted_top_k(chunk_scores_fp8(q_index, weights, k_index, k_scale, q_positions, kv_positions), k)
     return sorted_top_k(chunk_scores_reference(q_index, weights, k_index, q_positions, kv_positions), k)
 
 
-def chunk_topk_triton(q_index, weights, k_index, q_positions, kv_positions, *, k: int, interpret=False,
-                      config=None):
+def chunk_topk_triton(q_index, weights, k_index, q_positions, kv_positions, *, k: int, k_scale=None,
+                      interpret=False, config=None):
     """`chunk_topk_xla`'s contract: the Triton score kernel (tiles `config`, an
     `IndexerTritonConfig`), then the radix select kernel on the chunk's `[B * C, S]` score rows."""
-    scores = chunk_scores_triton(q_index, weights, k_index, q_positions, kv_positions, interpret=interpret,
-                                 config=config)
+    scores = chunk_scores_triton(q_index, weights, k_index, q_positions, kv_positions, k_scale=k_scale,
+                                 interpret=interpret, config=config)
     b, c, s = scores.shape
     vals, slots = topk_select(scores.reshape(b * c, s), k, interpret=interpret)
     return vals.reshape(b, c, -1), slots.reshape(b, c, -1)
 
 
-def chunk_topk_tpu(q_index, weights, k_index, q_positions, kv_positions, *, k: int, interpret=False):
-    """`chunk_topk_xla`'s contract: the Mosaic TPU score kernel, then `lax.top_k`."""
+def chunk_topk_tpu(q_index, weights, k_index, q_positions, kv_positions, *, k: int, k_scale=None,
+                   interpret=False):
+    """`chunk_topk_xla`'s contract: the Mosaic TPU score kernel, then `lax.top_k` (no FP8
+    scores: `tpu.supports` declines them)."""
+    assert k_scale is None
     return sorted_top_k(chunk_scores_tpu(q_index, weights, k_index, q_positions, kv_positions,
                                          interpret=interpret), k)
 
 
 BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
 IMPLEMENTATIONS = {"xla": chunk_topk_xla, "triton": chunk_topk_triton, "mosaic_tpu": chunk_topk_tpu}
+
+
+TOPK_MIN_ROWS = 64
+
+
+def _topk_triton_supports(scores, k, *, interpret=False, config=None):
+    """The radix select runs one program per row: with few rows the GPU idles through its
+    serial passes. H100, Quest decode at 128K, pages of 16, k 512: batch 1 (8 rows) took
+    170 us a step with it, 110 us with `lax.top_k` (an earlier run); batch 16 (128 rows)
+    588 us with it, 627 us with `lax.top_k`."""
+    del k, config
+    if not interpret and scores.shape[0] < TOPK_MIN_ROWS:
+        return f"{scores.shape[0]} rows < {TOPK_MIN_ROWS}: one program per row, lax.top_k is faster"
+    return None
+
+
+TOPK_BACKENDS = {"triton": types.SimpleNamespace(CONFIG=TopkSelectConfig, supports=_topk_triton_supports),
+                 "xla": types.SimpleNamespace(CONFIG=None)}                 # impl="auto" order
+TOPK_IMPLEMENTATIONS = {"xla": sorted_top_k, "triton": topk_select}
+
+
+def top_k_set(scores, k: int, *, impl: str = "auto", interpret=False, config=None, explain=False):
+    """The set of the `min(k, S)` largest scores of each row, as the indexer selects.
+
+    Args:
+      scores: `[R, S]` float32; -inf = not a candidate, +inf = taken first; no NaN.
+      k: int >= 1.
+      impl: "auto" | "xla" (`lax.top_k`, slots sorted) | "triton" (the radix select
+        kernel, `select.topk_select`); interpret: the kernel in interpret mode (CPU tests);
+        config: the kernel's `TopkSelectConfig`.
+    Returns:
+      `(values [R, k'], slots [R, k'])` (`k' = min(k, S)`): the slots `lax.top_k` picks
+      (lower slot first among equal scores) in ascending slot order, -inf / -1 padded last
+      where a row has fewer than k' candidates. Every impl returns the same arrays.
+    """
+    if getattr(scores, "ndim", None) != 2 or scores.dtype != jnp.float32:
+        raise ValueError(f"scores must be float32 [R, S], got {getattr(scores, 'dtype', type(scores))}"
+                         f"{list(getattr(scores, 'shape', ()))}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    fn = common.resolve("top_k_set", impl, TOPK_BACKENDS, TOPK_IMPLEMENTATIONS, dict(scores=scores, k=k),
+                        interpret=interpret, config=config, explain=explain)
+    return fn(jax.lax.stop_gradient(scores), k)
 
 
 def _check(q_index, weights, k_index, k, query_chunk):
@@ -81,7 +143,8 @@ def _check(q_index, weights, k_index, k, query_chunk):
 
 def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_positions=None,
                  query_chunk: int = 512, return_scores: bool = False, impl: str = "auto",
-                 interpret=False, config=None, explain=False):
+                 score_dtype: str = "bfloat16", fp8_rerank: float | None = None, interpret=False,
+                 config=None, explain=False):
     """Top-k key slots per query from the lightning indexer.
 
     Args:
@@ -96,45 +159,92 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
         kernels in interpret mode (CPU tests).
       config: the Triton score kernel's tiles (`IndexerTritonConfig`, importable from here); the other
         backends take none.
+      score_dtype: "bfloat16" (the scores of the inputs as given) or "float8_e4m3fn"
+        (Hadamard-rotated e4m3 q and k, per-row scales, float32 accumulate: `fp8.py`).
+      fp8_rerank: None, or m >= 1 (FP8 scores only): the FP8 scores select `ceil(m * k)`
+        candidates, whose float32 scores from the unquantised operands then pick the `k`
+        (a gather of `ceil(m * k)` keys per query, in XLA; the returned scores are those).
       explain: print which backend runs and why the others were skipped.
     Returns:
       `token_indices [B, T, min(k, S)]` int32: the selected slots in ascending order, -1
       padded last; with `return_scores` also their `scores [B, T, min(k, S)]` float32
-      (column for column; -inf where padded).
+      (column for column; -inf where padded; the FP8 scores with `score_dtype` FP8).
     """
     _check(q_index, weights, k_index, k, query_chunk)
+    fp8.check_score_dtype(score_dtype)
+    if fp8_rerank is not None:
+        if score_dtype != "float8_e4m3fn":
+            raise ValueError(f"fp8_rerank needs score_dtype='float8_e4m3fn', got score_dtype={score_dtype!r}")
+        if isinstance(fp8_rerank, bool) or not isinstance(fp8_rerank, (int, float)) or not fp8_rerank >= 1:
+            raise ValueError(f"fp8_rerank must be None or a number >= 1, got {fp8_rerank!r}")
     b, t = q_index.shape[:2]
     s = k_index.shape[1]
     prefix = q_positions is None and kv_positions is None
     q_positions = common.check_positions("q_positions", q_positions, b, t)
     kv_positions = common.check_positions("kv_positions", kv_positions, b, s)
-    call = dict(q_index=q_index, weights=weights, k_index=k_index, k=k)
+    call = dict(q_index=q_index, weights=weights, k_index=k_index, k=k, score_dtype=score_dtype)
     fn = common.resolve("indexer", impl, BACKENDS, IMPLEMENTATIONS, call, interpret=interpret,
                         config=config, explain=explain)
     q_index, weights, k_index = (jax.lax.stop_gradient(a) for a in (q_index, weights, k_index))
     q_positions, kv_positions = jnp.asarray(q_positions), jnp.asarray(kv_positions)
-
-    def chunk(qi, w, qp):
-        return fn(qi, w, k_index, qp, kv_positions, k=k)
-
-    if prefix and t > query_chunk:
-        return _causal_prefix_chunks(fn, q_index, weights, k_index, k, query_chunk, return_scores)
-    if t <= query_chunk:
-        vals, idx = chunk(q_index, weights, q_positions)
-    else:
-        n = -(-t // query_chunk)
-        pad = n * query_chunk - t
-        padt = lambda a, fill=0: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),  # noqa: E731
-                                         constant_values=fill)
-        split = lambda a: jnp.moveaxis(a.reshape((b, n, query_chunk) + a.shape[2:]), 1, 0)  # noqa: E731
-        vals, idx = jax.lax.map(lambda c: chunk(*c), (split(padt(q_index)), split(padt(weights)),
-                                                      split(padt(q_positions, -1))))
-        join = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, n * query_chunk, -1)[:, :t]  # noqa: E731
-        vals, idx = join(vals), join(idx)
+    ops, k_scale = (q_index, weights, k_index), None
+    if score_dtype == "float8_e4m3fn":      # quantised once; the chunks see e4m3 q and k
+        *ops, k_scale = quantize_indexer(q_index, weights, k_index)
+    width = k if fp8_rerank is None else max(k, math.ceil(fp8_rerank * k))
+    vals, idx = _select(fn, *ops, k_scale, q_positions, kv_positions, width, query_chunk, prefix)
+    if fp8_rerank is not None:
+        vals, idx = _rerank(q_index, weights, k_index, idx, min(k, s), query_chunk)
     return (idx, vals) if return_scores else idx
 
 
-def _causal_prefix_chunks(fn, q_index, weights, k_index, k, query_chunk, return_scores):
+def _select(fn, q_index, weights, k_index, k_scale, q_positions, kv_positions, k, query_chunk, prefix):
+    """`(values, slots) [B, T, min(k, S)]` of backend `fn`, query chunk by query chunk."""
+    b, t = q_index.shape[:2]
+
+    def chunk(qi, w, qp):
+        return fn(qi, w, k_index, qp, kv_positions, k=k, k_scale=k_scale)
+
+    if prefix and t > query_chunk:
+        return _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk)
+    if t <= query_chunk:
+        return chunk(q_index, weights, q_positions)
+    return _map_query_chunks(chunk, (q_index, 0), (weights, 0), (q_positions, -1), query_chunk=query_chunk)
+
+
+def _map_query_chunks(f, *arrays_and_fills, query_chunk):
+    """`f` over `query_chunk`-query chunks (`lax.map`) of `[B, T, ...]` arrays (each padded
+    along T with its fill), its `[B, chunk, n]` outputs joined back to `[B, T, n]`."""
+    b, t = arrays_and_fills[0][0].shape[:2]
+    n = -(-t // query_chunk)
+    pad = n * query_chunk - t
+
+    def split(a, fill):
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(a.reshape((b, n, query_chunk) + a.shape[2:]), 1, 0)
+
+    outs = jax.lax.map(lambda c: f(*c), tuple(split(a, fill) for a, fill in arrays_and_fills))
+    return tuple(jnp.moveaxis(o, 0, 1).reshape(b, n * query_chunk, -1)[:, :t] for o in outs)
+
+
+def _rerank(q_index, weights, k_index, candidates, k, query_chunk):
+    """The `k` of the `candidates [B, T, M]` (ascending slots, -1 padded last; M >= k) with the
+    largest scores recomputed from the unquantised operands (`chunk_scores_reference`'s
+    arithmetic: float32, `lax.top_k`'s lower-slot-first tie rule), as `(values, slots)`
+    `[B, T, k]` in ascending slot order, -1 / -inf padded last."""
+    def chunk(qi, w, cand):
+        keys = jax.vmap(lambda kb, cb: kb[jnp.maximum(cb, 0)])(k_index, cand)            # [B, C, M, D]
+        dots = jnp.einsum("bcjd,bcmd->bcjm", qi, keys, precision="highest",   # exact products (bf16 / f32)
+                          preferred_element_type=jnp.float32)
+        sc = jnp.einsum("bcj,bcjm->bcm", w.astype(jnp.float32), jax.nn.relu(dots), precision="highest")
+        vals, pos = sorted_top_k(jnp.where(cand >= 0, sc, -jnp.inf), k)       # ascending positions
+        return vals, jnp.where(pos >= 0, jnp.take_along_axis(cand, jnp.maximum(pos, 0), -1), -1)
+
+    if q_index.shape[1] <= query_chunk:
+        return chunk(q_index, weights, candidates)
+    return _map_query_chunks(chunk, (q_index, 0), (weights, 0), (candidates, -1), query_chunk=query_chunk)
+
+
+def _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk):
     """Default positions: chunk i (queries `[i * c, (i + 1) * c)`) scores only the keys
     `[0, min(S, (i + 1) * c))`, the rest being invisible to all of its queries; the result is
     identical to the full-width path (invisible keys are never selected)."""
@@ -151,9 +261,9 @@ def _causal_prefix_chunks(fn, q_index, weights, k_index, k, query_chunk, return_
             v = jnp.full((b, hi - lo, 0), -jnp.inf, jnp.float32)
             i = jnp.zeros((b, hi - lo, 0), jnp.int32)
         else:
-            v, i = fn(q_index[:, lo:hi], weights[:, lo:hi], k_index[:, :keys], qpos, kpos, k=k)
+            v, i = fn(q_index[:, lo:hi], weights[:, lo:hi], k_index[:, :keys], qpos, kpos, k=k,
+                      k_scale=None if k_scale is None else k_scale[:, :keys])
         pad = [(0, 0), (0, 0), (0, width - v.shape[-1])]
         vals.append(jnp.pad(v, pad, constant_values=-jnp.inf))
         idx.append(jnp.pad(i, pad, constant_values=-1))
-    vals, idx = jnp.concatenate(vals, 1), jnp.concatenate(idx, 1)
-    return (idx, vals) if return_scores else idx
+    return jnp.concatenate(vals, 1), jnp.concatenate(idx, 1)

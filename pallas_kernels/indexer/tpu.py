@@ -57,5 +57,12 @@ def chunk_scores_tpu(q_index, weights, k_index, q_positions, kv_positions, *, in
 
 
 # Backend declaration for `pallas_kernels.common.resolve`: a TPU (or interpret mode); every call the api
-# accepts; tiles none.
+# accepts but FP8 scores; tiles none.
 CONFIG = None
+
+
+def supports(*, score_dtype="bfloat16", **_):
+    """None, or why this backend cannot run the call (FP8 scores are not implemented here)."""
+    if score_dtype != "bfloat16":
+        return f"score_dtype={score_dtype!r} is not implemented on Mosaic TPU"
+    return None

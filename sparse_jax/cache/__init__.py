@@ -6,7 +6,10 @@
 * `csa`: `CSACache`, `SWACache` (DeepSeek-V4's compressed records, tail and SWA keys);
 * `quest`: `QuestKVCache` (full KV + per-page key bounds);
 * `pooled`: `PooledKVCache`, `PolicyPrefill`, `DenseOracleCache` (training-free policies);
-* `hysparse`: `HySparseSparseCache` (a HySparse sparse layer's own SWA KV).
+* `offload`: `OffloadKVCache` (InfLLM: sinks + window on device, blocks in host memory);
+* `doublep`: `DoublePCache`, `DoublePPrefill` (full KV + the prompt's k-means clusters);
+* `hysparse`: `HySparseSparseCache` (a HySparse sparse layer's own SWA KV);
+* `verified`: `VerifiedKVCache` (full KV + a PRNG key: vAttention's weighted samples).
 """
 
 from sparse_jax.cache.base import Cache

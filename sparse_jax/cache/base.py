@@ -98,6 +98,14 @@ class Selection:
     prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
+def need_queries(name, queries):
+    """ValueError unless `queries` is a `Queries` (for the caches that read the queries;
+    `name`: the method, e.g. "DoublePCache.update")."""
+    if not isinstance(queries, Queries):
+        raise ValueError(f"{name} needs queries=Queries(...) (the call's rotated queries), "
+                         f"got {type(queries).__name__}")
+
+
 def check_new_kv(name, cache_k, k, v, positions):
     """ValueError unless `k [B, T, Hkv, D]`, `v [B, T, Hkv, Dv]`, `positions [B, T]` fit
     a cache holding `cache_k [B, S, Hkv, D]`."""

@@ -27,14 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from pallas_kernels.common import masked_attention
-from sparse_jax.cache.base import Cache, Queries, Selection, check_new_kv, nbytes_of
+from sparse_jax.cache.base import Cache, Selection, check_new_kv, nbytes_of, need_queries
 from sparse_jax.cache.kv import FullKVCache
-
-
-def _need_queries(name, queries):
-    if not isinstance(queries, Queries):
-        raise ValueError(f"{name}.update needs queries=Queries(...) (the call's rotated queries), "
-                         f"got {type(queries).__name__}")
 
 
 @jax.tree_util.register_dataclass
@@ -157,7 +151,7 @@ class PolicyPrefill(Cache):
         `(k, v, positions, Selection(prefill=True), PooledKVCache)`."""
         from sparse_jax.kv_policies.policies import Observation   # here: that package imports the layers
 
-        _need_queries("PolicyPrefill", queries)
+        need_queries("PolicyPrefill.update", queries)
         obs = Observation(queries.q, k, positions, positions, softcap=queries.softcap,
                           sink_logits=queries.sink_logits)
         new = compress(self.policy, obs, v, layer=self.layer, num_layers=self.num_layers, max_new=self.max_new)
@@ -184,7 +178,7 @@ class DenseOracleCache(Cache):
     def update(self, k, v, positions, *, queries=None):
         """As `FullKVCache.update`; records the attention probabilities of the last of the
         rotated `queries` (needed) over the whole cache."""
-        _need_queries("DenseOracleCache", queries)
+        need_queries("DenseOracleCache.update", queries)
         check_new_kv("DenseOracleCache", self.full.k, k, v, positions)
         keys, values, kv_pos, full = self.full.update(k, v, positions)
         last = queries.q[:, -1:]

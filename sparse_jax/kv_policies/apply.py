@@ -26,7 +26,7 @@ def managed_layers(model) -> list[int]:
 
 def policy_caches(model, policy, *, batch: int, prompt_len: int, max_new: int, dtype=None) -> list:
     """Caches of `model` (a `SparseLM`-like module with `.blocks[i].attn`) under `policy`:
-    a `KVPolicy` (eviction after prefill) or a decode-time policy (`Quest`, `TopP`:
+    a `KVPolicy` (eviction after prefill) or a decode-time policy (`Quest`, `TopP`, `DoubleP`:
     anything with `make_cache`). `max_new`: tokens decoded after the prompt."""
     if not isinstance(prompt_len, int) or prompt_len < 1 or not isinstance(max_new, int) or max_new < 0:
         raise ValueError(f"prompt_len must be an int >= 1 and max_new an int >= 0, got {prompt_len}, {max_new}")

@@ -13,6 +13,11 @@ what is held (`nbytes()` is the full cache plus the bounds).
   estimated mass (softmax of the bounds) reaches `p`.
 
 `dense_layers`: the first managed layers stay dense (the paper skips two).
+
+* `InfLLM(...)` (arXiv 2402.04617): not a full cache but a `sparse_jax.cache.offload.
+  OffloadKVCache`: sinks + local window on the device, older blocks in host memory with
+  representative keys on the device; each decode call retrieves the `top_blocks` best
+  blocks. What is *held on the device* shrinks; the prompt is attended densely.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from sparse_jax.cache.offload import OffloadKVCache
 from sparse_jax.cache.quest import PageSelectCache, QuestKVCache
 from sparse_jax.ops.quest import num_pages, select_top_p, select_top_pages
 
@@ -72,3 +78,36 @@ class TopP(_PagePolicy):
 
     def select(self, scores, valid):
         return select_top_p(scores, self.p, valid)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InfLLM:
+    """InfLLM's context memory over host-offloaded KV (`OffloadKVCache`; defaults: the
+    paper's Mistral setting, check): `num_sinks` initial tokens, a local `window`, memory
+    blocks of `block_size` tokens each represented by the mean of its `num_repr` most
+    attended keys, `top_blocks` blocks retrieved per decode call. `memory_kind`:
+    "pinned_host", "device" (no offload), None: host memory where the device has it."""
+
+    window: int = 4096
+    block_size: int = 128
+    num_sinks: int = 128
+    num_repr: int = 4
+    top_blocks: int = 16
+    memory_kind: str | None = None
+
+    def __post_init__(self):
+        for name in ("window", "block_size", "num_repr", "top_blocks"):
+            x = getattr(self, name)
+            if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {x!r}")
+        if not isinstance(self.num_sinks, int) or self.num_sinks < 0:
+            raise ValueError(f"num_sinks must be an int >= 0, got {self.num_sinks!r}")
+        if self.memory_kind not in (None, "pinned_host", "device"):
+            raise ValueError(f"memory_kind must be None, 'pinned_host' or 'device', got {self.memory_kind!r}")
+
+    def make_cache(self, attn, layer: int, num_layers: int, batch: int, max_len: int, dtype=None):
+        c = attn.config
+        return OffloadKVCache.init(batch, max_len, c.num_kv_heads, c.head_dim, num_heads=c.num_heads,
+                                   window=self.window, block_size=self.block_size, num_sinks=self.num_sinks,
+                                   num_repr=self.num_repr, top_blocks=self.top_blocks,
+                                   dtype=c.dtype if dtype is None else dtype, memory_kind=self.memory_kind)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import IMPLS
 from pallas_kernels.indexer import api as indexer_op
+from pallas_kernels.indexer.fp8 import SCORE_DTYPES
 from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax.ops.attention import DECODE_MAX_QUERIES
@@ -50,7 +51,12 @@ class DSAConfig:
     would accumulate in the module). index_dtype: dtype of the indexer keys in the cache (None: compute
     dtype; e.g. bfloat16 / float8_e4m3fn for low precision). query_chunk: queries per
     chunk of the top-k. impl: the `indexer` op's backend (`pallas_kernels.common.IMPLS`;
-    the layer's attention keeps `AttentionConfig.impl`).
+    the layer's attention keeps `AttentionConfig.impl`). score_dtype: the selection's scores,
+    "bfloat16" (as the indexer computes them) or "float8_e4m3fn" (V3.2's FP8 indexer:
+    Hadamard-rotated e4m3 q and k with per-token scales, `pallas_kernels/indexer/fp8.py`);
+    the indexer loss always uses the unquantised scores. fp8_rerank: None, or m >= 1 with
+    FP8 scores: they pick `ceil(m * top_k)` candidates, re-scored in float32 from the
+    unquantised operands (the op's `fp8_rerank`).
     """
 
     index_heads: int = 64
@@ -61,6 +67,8 @@ class DSAConfig:
     index_dtype: jnp.dtype | None = None
     query_chunk: int = 512
     impl: str = "xla"
+    score_dtype: str = "bfloat16"
+    fp8_rerank: float | None = None
 
     def __post_init__(self):
         for name in ("index_heads", "index_head_dim", "top_k", "query_chunk"):
@@ -73,6 +81,14 @@ class DSAConfig:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if not isinstance(self.score_dtype, str) or self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
+        if self.fp8_rerank is not None:
+            if self.score_dtype != "float8_e4m3fn":
+                raise ValueError(f"fp8_rerank needs score_dtype='float8_e4m3fn', got {self.score_dtype!r}")
+            if isinstance(self.fp8_rerank, bool) or not isinstance(self.fp8_rerank, (int, float)) \
+                    or not self.fp8_rerank >= 1:
+                raise ValueError(f"fp8_rerank must be None or a number >= 1, got {self.fp8_rerank!r}")
 
 
 def visible(q_positions, kv_positions):
@@ -89,15 +105,18 @@ def indexer_scores(q_index, weights, k_index, q_positions, kv_positions):
 
 
 def indexer_topk(q_index, weights, k_index, q_positions, kv_positions, *, k: int,
-                 query_chunk: int = 512, impl: str = "xla"):
+                 query_chunk: int = 512, impl: str = "xla", score_dtype: str = "bfloat16",
+                 fp8_rerank: float | None = None):
     """Top-k slots per query: `[B, T, min(k, S)]` int32, the selected set in ascending slot
     order, -1 padded last; no gradient. The `pallas_kernels.indexer` op (`impl` is its
-    backend), `query_chunk` queries at a time, so at most `B x query_chunk x S` scores exist
-    at once. Keys stored at lower precision (`DSAConfig.index_dtype`) are cast to the
-    queries' dtype first, as the kernels compute."""
+    backend, `score_dtype` / `fp8_rerank` its score precision, `DSAConfig`'s), `query_chunk`
+    queries at a time, so at most `B x query_chunk x S` scores exist at once. Keys stored at
+    lower precision (`DSAConfig.index_dtype`) are cast to the queries' dtype first, as the
+    kernels compute."""
     return indexer_op.indexer_topk(q_index, weights, k_index.astype(q_index.dtype), k=k,
                                    q_positions=q_positions, kv_positions=kv_positions,
-                                   query_chunk=query_chunk, impl=impl)
+                                   query_chunk=query_chunk, impl=impl, score_dtype=score_dtype,
+                                   fp8_rerank=fp8_rerank)
 
 
 def selected_mask(token_indices, num_slots: int):

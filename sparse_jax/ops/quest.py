@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode.api import decode_attention
+from pallas_kernels.indexer import top_k_set
 from sparse_jax.ops import selection
 
 ALWAYS_OPTIONS = ("first", "last")
@@ -142,7 +143,8 @@ def _forced(valid, always):
     return out & valid
 
 
-def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIONS):
+def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIONS, *, impl: str = "auto",
+                     interpret=False):
     """Top-`budget_pages` valid pages per (batch, kv head), in the decode kernel's format.
 
     Args:
@@ -150,6 +152,9 @@ def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIO
       valid_pages: bool `[B, P]`; always: options among ("first", "last"): the first valid
         page (attention sinks) and the last valid page (the newest tokens) are taken
         whatever their score, within the budget.
+      impl: the top-k's backend (`pallas_kernels.indexer.top_k_set`: on a GPU the radix
+        select kernel, elsewhere `lax.top_k`; the same set either way); interpret: its
+        kernel in interpret mode.
     Returns:
       `block_indices [B, Hkv, k]` int32 (`k = min(budget_pages, P)`; the chosen ones
       ascending, then padding repeating the last), `block_counts [B, Hkv]` = number of
@@ -158,9 +163,12 @@ def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIO
     _check_scores(scores, valid_pages)
     if not isinstance(budget_pages, int) or budget_pages < 1:
         raise ValueError(f"budget_pages must be an int >= 1, got {budget_pages!r}")
-    forced = _forced(valid_pages, tuple(always))[:, None, None]
-    pages = selection.select_top_k(scores[:, :, None], valid_pages[:, None, None], budget_pages, forced=forced)
-    return selection.block_lists(pages, scores.shape[-1])
+    b, hkv, p = scores.shape
+    forced = _forced(valid_pages, tuple(always))[:, None]
+    s = jnp.where(valid_pages[:, None], jax.lax.stop_gradient(scores).astype(jnp.float32), -jnp.inf)
+    s = jnp.where(forced, jnp.inf, s)
+    _, pages = top_k_set(s.reshape(b * hkv, p), budget_pages, impl=impl, interpret=interpret)
+    return selection.block_lists(pages.reshape(b, 1, hkv, -1), p)
 
 
 def select_top_p(scores, p: float, valid_pages, max_pages: int | None = None):
@@ -220,7 +228,8 @@ def quest_decode(q, k_cache, v_cache, kv_positions, *, page_size: int, budget_pa
     scores = quest_page_scores(q, kmin, kmax, scale=scale)
     valid = valid_pages(kv_positions, page_size, q_positions)
     if budget_pages is not None:
-        idx, cnt = select_top_pages(scores, budget_pages, valid, always)
+        topk_impl = impl if impl in ("xla", "triton") else "auto"
+        idx, cnt = select_top_pages(scores, budget_pages, valid, always, impl=topk_impl, interpret=interpret)
     else:
         idx, cnt = select_top_p(scores, top_p, valid)
     return decode_attention(q, k_cache, v_cache, kv_positions=kv_positions, q_positions=q_positions,
