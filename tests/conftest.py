@@ -1,10 +1,11 @@
 """Test-wide setup: the JAX platform (CPU with 8 fake devices, or the GPU for `-m gpu`),
-hypothesis profiles.
+XLA's optimisations off for the CPU suite, the longest test files first, hypothesis profiles.
 
 The environment variables must be set before jax is imported anywhere: `pytest_configure`
 runs before any test module is collected (and imported), in every xdist worker too.
 
-    pytest tests                          # CPU: JAX_PLATFORMS=cpu, 8 fake CPU devices
+    pytest tests                          # CPU: JAX_PLATFORMS=cpu, 8 fake CPU devices,
+                                          # JAX_DISABLE_MOST_OPTIMIZATIONS=1
     pytest -m gpu tests                   # GPU machine: JAX picks the GPU; no preallocation,
     pytest -m gpu -n 4 tests              # so xdist workers can share it
 """
@@ -28,17 +29,43 @@ def platform_env(markexpr: str, environ) -> dict[str, str]:
     expression `markexpr`: 8 fake CPU devices always (they only shape the CPU backend);
     CPU only (JAX_PLATFORMS=cpu) unless GPU tests are selected, in which case the platform is
     left to JAX (its GPU when present) and XLA_PYTHON_CLIENT_PREALLOCATE=false, so that each
-    xdist worker takes GPU memory as it needs it rather than 75% of it at start."""
+    xdist worker takes GPU memory as it needs it rather than 75% of it at start.
+
+    The CPU suite also sets JAX_DISABLE_MOST_OPTIMIZATIONS=1 (XLA backend optimisation level
+    0, no expensive LLVM passes): it is compile-bound (interpret-mode kernels, hundreds of
+    small programs), and XLA's CPU optimisations cost more than they save there; the
+    semantics, and so every assertion, are the same. Subprocesses inherit it; the
+    training-bound notebooks set it back to 0 (tests/test_notebooks.py)."""
     wanted = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     if selects_gpu_tests(markexpr):
         wanted["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     else:
         wanted["JAX_PLATFORMS"] = "cpu"
+        wanted["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     return {k: v for k, v in wanted.items() if k not in environ}
 
 
 def pytest_configure(config):
     os.environ.update(platform_env(config.getoption("markexpr", "") or "", os.environ))
+
+
+# Approximate CPU seconds of the test files that take longest (measured 2026-12-06; the rest
+# and new files count as DEFAULT_FILE_CPU_S). `make test` runs `-n 2 --dist loadscope --no-loadscope-reorder`: each
+# file (each class of test_layer_conformance) runs whole on one worker, in collection order,
+# so sorting the files longest first keeps a long file from starting last (the suite's wall
+# time is the busier worker's).
+FILE_CPU_S = {
+}
+DEFAULT_FILE_CPU_S = 20
+
+
+def pytest_collection_modifyitems(config, items):
+    """The test files longest first (by FILE_CPU_S), each file's tests in their order."""
+    weight = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        weight.setdefault(path, FILE_CPU_S.get(path.rsplit("/", 1)[-1], DEFAULT_FILE_CPU_S))
+    items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])     # stable: order within a file
 
 
 # No `jax_default_matmul_precision` override: on the CPU backend float32 matmuls already run
