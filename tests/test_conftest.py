@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import platform_env, selects_gpu_tests
+from conftest import FILE_CPU_S, platform_env, pytest_collection_modifyitems, selects_gpu_tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
@@ -42,6 +42,23 @@ def test_this_cpu_run_is_on_cpu():
         assert jax.default_backend() == "cpu"
         if os.environ.get("XLA_FLAGS") == CPU["XLA_FLAGS"]:
             assert jax.device_count() == 8
+        if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") == "1":
+            assert jax.config.read("jax_disable_most_optimizations")
+
+
+def test_longest_files_first():
+    """The collection is ordered by FILE_CPU_S, longest first; unknown files after the listed
+    ones above the default; the order within a file (and among equals) kept."""
+    class Item:
+        def __init__(self, nodeid):
+            self.nodeid = nodeid
+
+    longest = max(FILE_CPU_S, key=FILE_CPU_S.get)
+    ids = ["tests/test_new.py::a", f"tests/{longest}::b", "tests/test_new.py::c[1]", "tests/test_other.py::d",
+           f"tests/{longest}::Cls::e"]
+    items = [Item(i) for i in ids]
+    pytest_collection_modifyitems(None, items)
+    assert [i.nodeid for i in items] == [ids[1], ids[4], ids[0], ids[2], ids[3]]
 
 
 @pytest.mark.gpu
