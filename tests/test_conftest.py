@@ -47,8 +47,8 @@ def test_this_cpu_run_is_on_cpu():
 
 
 def test_longest_files_first():
-    """The collection is ordered by FILE_CPU_S, longest first; unknown files after the listed
-    ones above the default; the order within a file (and among equals) kept."""
+    """The collection is ordered by FILE_CPU_S, longest first, a file not listed counting
+    DEFAULT_FILE_CPU_S; the order within a file (and among equals) kept."""
     class Item:
         def __init__(self, nodeid):
             self.nodeid = nodeid
