@@ -17,9 +17,11 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/python experiments/retrieval_demo.py
 
-# The whole CPU test suite (Pallas kernels in interpret mode).
+# The whole CPU test suite (Pallas kernels in interpret mode). Each test file runs whole on
+# one worker (loadscope; each class of a file with classes), longest first (the order of
+# tests/conftest.py FILE_CPU_S, kept by --no-loadscope-reorder).
 test: venv
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV)

@@ -11,10 +11,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import platform_env, selects_gpu_tests
+from conftest import FILE_CPU_S, platform_env, pytest_collection_modifyitems, selects_gpu_tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+CPU = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+       "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 GPU = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 
@@ -31,7 +32,7 @@ def test_platform_env():
     assert platform_env("gpu", {}) == GPU              # no JAX_PLATFORMS: JAX picks the GPU
     # what the user set is kept
     assert platform_env("gpu", {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}) == {k: GPU[k] for k in ["XLA_FLAGS"]}
-    assert platform_env("not gpu", {"JAX_PLATFORMS": "cuda"}) == {k: CPU[k] for k in ["XLA_FLAGS"]}
+    assert platform_env("not gpu", {"JAX_PLATFORMS": "cuda"}) == {k: CPU[k] for k in CPU if k != "JAX_PLATFORMS"}
 
 
 def test_this_cpu_run_is_on_cpu():
@@ -41,6 +42,23 @@ def test_this_cpu_run_is_on_cpu():
         assert jax.default_backend() == "cpu"
         if os.environ.get("XLA_FLAGS") == CPU["XLA_FLAGS"]:
             assert jax.device_count() == 8
+        if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") == "1":
+            assert jax.config.read("jax_disable_most_optimizations")
+
+
+def test_longest_files_first():
+    """The collection is ordered by FILE_CPU_S, longest first, a file not listed counting
+    DEFAULT_FILE_CPU_S; the order within a file (and among equals) kept."""
+    class Item:
+        def __init__(self, nodeid):
+            self.nodeid = nodeid
+
+    longest = max(FILE_CPU_S, key=FILE_CPU_S.get)
+    ids = ["tests/test_new.py::a", f"tests/{longest}::b", "tests/test_new.py::c[1]", "tests/test_other.py::d",
+           f"tests/{longest}::Cls::e"]
+    items = [Item(i) for i in ids]
+    pytest_collection_modifyitems(None, items)
+    assert [i.nodeid for i in items] == [ids[1], ids[4], ids[0], ids[2], ids[3]]
 
 
 @pytest.mark.gpu
@@ -55,7 +73,8 @@ def test_pytest_m_gpu_sets_the_gpu_environment():
     """A real `pytest -m gpu` (in a subprocess, from an environment without the variables)
     runs the GPU-marked test above with the GPU settings and JAX_PLATFORMS unset."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS", "PYTEST_XDIST_WORKER")}
+           if k not in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS", "PYTEST_XDIST_WORKER",
+                        "JAX_DISABLE_MOST_OPTIMIZATIONS")}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-m", "gpu",
                            "tests/test_conftest.py::test_gpu_run_environment"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

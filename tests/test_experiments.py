@@ -78,26 +78,77 @@ def read_events(folder):
     return scalars, purges
 
 
-@pytest.mark.parametrize("pythonpath", [False, True], ids=["no_PYTHONPATH", "PYTHONPATH"])
-def test_every_script_help_exits_0_and_prints_usage(pythonpath):
-    """Every script of experiments/, run from the repo root: `--help` prints its docstring
-    and exits 0, without starting any work (four imported `experiments.` and crashed without
-    PYTHONPATH; several exited 1; bench_all.sh started the whole benchmark run). The scripts
-    of HELP show their main flags, a command to run and where the metrics go."""
-    todo, failures = list(SCRIPTS), []
-    while todo:                         # two at a time: imports dominate, the machine has 2 cores
-        batch, todo = todo[:2], todo[2:]
-        procs = {name: subprocess.Popen(_command(name, "--help"), cwd=ROOT, env=_env(pythonpath),
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for name in batch}
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=300)
-            if proc.returncode != 0 or len(out.strip().splitlines()) < 2:
-                failures.append((name, proc.returncode, err[-1500:]))
-            elif name in HELP:
-                missing = [w for w in HELP[name] if w not in out]
-                if missing or not ("TensorBoard" in out or "tensorboard" in out):   # where the metrics go
-                    failures.append((name, "--help lacks", missing))
+# Runs each script's `--help` as `python experiments/<name> --help` would, in a child forked
+# from one interpreter that has imported the heavy modules once (each script's imports took
+# ~2 CPU-s; 28 fresh interpreters were ~45 CPU-s of the suite). Per child: `sys.path` is the
+# script's folder, then the repo root only with PYTHONPATH, then the interpreter's own path
+# (the working folder of `-c` left out, as `python script.py` has it); `sys.argv`, `__main__`
+# and `__file__` as for the real command. Prints one JSON line: [[name, pythonpath, exit
+# status, stdout, stderr], ...].
+HELP_RUNNER = r"""
+import json, os, runpy, signal, sys, tempfile, traceback
+root, names = sys.argv[1], sys.argv[2:]
+base = sys.path[1:]                       # without `-c`'s working folder
+import numpy, jax, jax.numpy, flax.nnx, optax, absl.app, absl.flags, absl.logging, tqdm, tensorboardX
+import orbax.checkpoint, sparse_jax, sparse_jax.models.lm, sparse_jax.train, sparse_jax.checkpoint
+assert "experiments" not in sys.modules and "script_io" not in sys.modules
+results = []
+for pythonpath in (False, True):
+    for name in names:
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        sys.stdout.flush(); sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(300)
+            os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+            sys.path[:] = [os.path.join(root, "experiments")] + ([root] if pythonpath else []) + base
+            if pythonpath:
+                os.environ["PYTHONPATH"] = root
+            sys.argv = [os.path.join("experiments", name), "--help"]
+            code = 0
+            try:
+                runpy.run_path(os.path.join("experiments", name), run_name="__main__")
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr); code = 1
+            except BaseException:
+                traceback.print_exc(); code = 1
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        out.seek(0); err.seek(0)
+        results.append([name, pythonpath, os.waitstatus_to_exitcode(status), out.read(), err.read()])
+print(json.dumps(results))
+"""
+
+
+def test_every_script_help_exits_0_and_prints_usage():
+    """Every script of experiments/, run from the repo root with and without the repo root on
+    PYTHONPATH: `--help` prints its docstring and exits 0, without starting any work (four
+    imported `experiments.` and crashed without PYTHONPATH; several exited 1; bench_all.sh
+    started the whole benchmark run). The scripts of HELP show their main flags, a command
+    to run and where the metrics go. The Python scripts run in children of one interpreter
+    (HELP_RUNNER); bench_all.sh in bash."""
+    python = [name for name in SCRIPTS if name.endswith(".py")]
+    done = subprocess.run([sys.executable, "-c", HELP_RUNNER, ROOT, *python], cwd=ROOT, env=_env(False),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [tuple(r) for r in json.loads(done.stdout.strip().splitlines()[-1])]
+    assert sorted((name, pp) for name, pp, *_ in runs) == sorted((n, pp) for n in python for pp in (False, True))
+    for pythonpath in (False, True):
+        shell = subprocess.run(_command("bench_all.sh", "--help"), cwd=ROOT, env=_env(pythonpath),
+                               capture_output=True, text=True, timeout=300)
+        runs.append(("bench_all.sh", pythonpath, shell.returncode, shell.stdout, shell.stderr))
+    failures = []
+    for name, pythonpath, code, out, err in runs:
+        if code != 0 or len(out.strip().splitlines()) < 2:
+            failures.append((name, pythonpath, code, err[-1500:]))
+        elif name in HELP:
+            missing = [w for w in HELP[name] if w not in out]
+            if missing or not ("TensorBoard" in out or "tensorboard" in out):   # where the metrics go
+                failures.append((name, pythonpath, "--help lacks", missing))
     assert not failures
 
 

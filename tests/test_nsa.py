@@ -410,7 +410,7 @@ def test_gradients_finite_and_match_reference():
             total = total + (y * cot[b, :n]).sum()
         return total
 
-    want_p, want_x = jax.grad(loss, argnums=(0, 1))(jax.tree.map(jnp.asarray, prm), jnp.asarray(x))
+    want_p, want_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(jax.tree.map(jnp.asarray, prm), jnp.asarray(x))
     assert_close(g_x, want_x, 1e-4, "dx")
     for path, want in jax.tree_util.tree_leaves_with_path(want_p):
         got = functools.reduce(lambda t, k: t[k.key], path, g_state)
