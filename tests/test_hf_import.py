@@ -293,7 +293,7 @@ def test_unsupported_rope_config_raises(change, match):
 def test_rope_scaling_only_where_applied():
     """Layers with their own RoPE (NSA, MLA, ...) would ignore the scaling: refused."""
     scaling = RopeScaling("linear", 2.0)
-    with pytest.raises(ValueError, match="rope_scaling is supported by layers F, W, S, P, M only"):
+    with pytest.raises(ValueError, match="rope_scaling is supported by layers F, W, S, P, M, E, A only"):
         LMConfig(vocab_size=32, layer_spec="FN", rope_scaling=scaling)
     with pytest.raises(ValueError, match="rope_scaling must be a RopeScaling with rope_theta set"):
         AttentionConfig(d_model=32, num_heads=2, rope_theta=None, rope_scaling=scaling)
