@@ -48,7 +48,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags
 
 from pallas_kernels.entmax import api as entmax_api
@@ -108,52 +107,6 @@ def make_inputs(kind: str, t: int, h: int, hkv: int, d: int, seed: int = 0):
     q = topic[None, :, None] + FLAGS.noise * jax.random.normal(ks[0], (1, t, h, d))
     k = topic[None, :, None] + FLAGS.noise * jax.random.normal(ks[1], (1, t, hkv, d))
     return q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v
-
-
-def adasplash_ms(q, k, v, alpha: float, iters: int, backward: bool):
-    """AdaSplash (block-mask version) on the same inputs, `[B, H, T, D]` torch tensors,
-    timed over CUDA events; None (and why) when torch / adasplash / CUDA are missing."""
-    try:
-        import torch  # noqa: PLC0415 - optional peer
-        from adasplash import adasplash  # noqa: PLC0415
-        if not torch.cuda.is_available():
-            raise RuntimeError("no CUDA device for torch")
-    except Exception as e:  # noqa: BLE001 - any import failure: no peer row
-        print(f"adasplash peer skipped: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        return None
-    g = q.shape[2] // k.shape[2]
-    conv = lambda x: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(torch.bfloat16)  # noqa: E731
-    tq, tk, tv = (conv(x).transpose(1, 2).contiguous() for x in (q, jnp.repeat(k, g, 2), jnp.repeat(v, g, 2)))
-    tq.requires_grad_(), tk.requires_grad_(), tv.requires_grad_()
-    do = torch.randn_like(tq)
-
-    def fwd():
-        return adasplash(tq, tk, tv, alpha=alpha, niter=10, is_causal=True, varlen=None)
-
-    def fwdbwd():
-        torch.autograd.backward(fwd(), do)
-
-    def med(fn):
-        fn(), fn()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
-    try:
-        with torch.no_grad():
-            res = {"adasplash_fwd_ms": med(fwd)}
-        if backward:
-            res["adasplash_fwdbwd_ms"] = med(fwdbwd)
-    except Exception as e:  # noqa: BLE001 - e.g. out of memory: report, go on
-        print(f"adasplash failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        return None
-    return res
 
 
 def check(q, k, v, alpha, cfg, rows: int):
@@ -227,7 +180,9 @@ def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward, label="", peers=True)
         row["flash_fwdbwd_ms"] = median_ms(fwdbwd(soft), q, k, v, do, iters=iters)
         row["fwdbwd_speedup_vs_flash"] = row["flash_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
     if FLAGS.adasplash and peers:
-        peer = adasplash_ms(q, k, v, alpha, iters, backward)
+        from peers import adasplash_ms  # noqa: PLC0415 (experiments/ is on the path)
+
+        peer = adasplash_ms(q, k, v, alpha=alpha, iters=iters, backward=backward)
         if peer:
             row.update(peer)
     print(json.dumps(row), flush=True)

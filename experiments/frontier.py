@@ -53,7 +53,7 @@ from sparse_jax.models.lm import LMConfig, SparseLM
 from sparse_jax.tasks import TASKS, VOCAB_SIZE, exact_match, mixed_batch
 from sparse_jax.train import make_optimizer, train_step
 
-from script_io import MetricsLog, run as run_script  # experiments/script_io.py
+from script_io import MetricsLog, replace_section, run as run_script  # experiments/script_io.py
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/sparse_jax_frontier", "Trained model cache (checkpoints/) and results.")
@@ -305,16 +305,7 @@ def write_section(summary, dense, command, path):
         if r["method"] != "dense":
             lines.append(f"| {NAMES[r['method']]} | {r['setting']} | {r['density']:.3f} | {r['accuracy']:.3f} | "
                          f"{r['recall']:.3f} | {r['kv_bytes'] / dense['kv_bytes']:.2f} |")
-    section = "\n".join(lines) + "\n"
-    text = open(path).read() if os.path.exists(path) else "# Results\n"
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
+    replace_section(path, SECTION, "\n".join(lines) + "\n")
 
 
 def main(argv):

@@ -6,6 +6,7 @@ the function returns None and says why, and the benchmark goes on without the ro
 * `tokamax_attention()`: tokamax's Mosaic GPU flash attention (JAX), causal.
 * `fla_parallel_nsa_ms(...)`: fla-core's Triton NSA (`fla.ops.nsa.parallel_nsa`, PyTorch),
   forward and forward+backward times in ms over CUDA events (median of `iters`).
+* `adasplash_ms(...)`: AdaSplash's alpha-entmax attention (Triton, PyTorch), the same.
 """
 
 from __future__ import annotations
@@ -75,8 +76,41 @@ def fla_parallel_nsa_ms(t: int, hq: int, hkv: int, d: int, *, block_size: int,
         return parallel_nsa(q, k, v, *gates, block_counts=block_counts, block_size=block_size,
                             window_size=window)
 
-    def fwdbwd():
-        torch.autograd.backward(fwd(), do)
+    res = torch_times_ms("fla", "fla-core", fwd, do, iters=iters, backward=backward)
+    return None if res is None else {**res, "fla_window": window}
+
+
+def adasplash_ms(q, k, v, *, alpha: float, iters: int, backward: bool):
+    """AdaSplash (Triton, PyTorch; block-mask version, `niter=10`, causal) on the same
+    `q [B, T, H, D]`, `k, v [B, T, Hkv, D]` (jax arrays; kv heads repeated for it):
+    `{"adasplash_fwd_ms": ..., "adasplash_fwdbwd_ms": ...}`, or None when torch /
+    adasplash / CUDA are missing."""
+    try:
+        import torch  # noqa: PLC0415 - optional peer
+        from adasplash import adasplash  # noqa: PLC0415
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device for torch")
+    except Exception as e:  # noqa: BLE001 - any import failure: no peer row
+        return _skip("adasplash", e)
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    g = q.shape[2] // k.shape[2]
+    conv = lambda x: torch.from_numpy(np.array(x.astype(jnp.float32))).cuda().to(torch.bfloat16)  # noqa: E731
+    tq, tk, tv = (conv(x).transpose(1, 2).contiguous() for x in (q, jnp.repeat(k, g, 2), jnp.repeat(v, g, 2)))
+    tq.requires_grad_(), tk.requires_grad_(), tv.requires_grad_()
+
+    def fwd():
+        return adasplash(tq, tk, tv, alpha=alpha, niter=10, is_causal=True, varlen=None)
+
+    return torch_times_ms("adasplash", "adasplash", fwd, torch.randn_like(tq), iters=iters, backward=backward)
+
+
+def torch_times_ms(prefix: str, name: str, fwd, out_grad, *, iters: int, backward: bool):
+    """Median over `iters` CUDA-event timings (after two warm-up calls) of `fwd()` under
+    `no_grad` and, with `backward`, of `fwd()` + its backward from `out_grad`:
+    `{prefix_fwd_ms, prefix_fwdbwd_ms}`, or None (and why) when a call fails (e.g. out of
+    memory at long lengths)."""
+    import torch  # noqa: PLC0415 - optional peer
 
     def median_ms(fn):
         fn(), fn()
@@ -92,9 +126,9 @@ def fla_parallel_nsa_ms(t: int, hq: int, hkv: int, d: int, *, block_size: int,
 
     try:
         with torch.no_grad():
-            res = {"fla_fwd_ms": median_ms(fwd), "fla_window": window}
+            res = {f"{prefix}_fwd_ms": median_ms(fwd)}
         if backward:
-            res["fla_fwdbwd_ms"] = median_ms(fwdbwd)
-    except Exception as e:  # noqa: BLE001 - e.g. out of memory at 128K: report, go on
-        return _skip("fla-core", e)
+            res[f"{prefix}_fwdbwd_ms"] = median_ms(lambda: torch.autograd.backward(fwd(), out_grad))
+    except Exception as e:  # noqa: BLE001 - report, go on without the row
+        return _skip(name, e)
     return res

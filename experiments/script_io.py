@@ -99,6 +99,20 @@ def write_atomic(path: str, text: str):
     os.replace(path + ".tmp", path)
 
 
+def replace_section(path: str, heading: str, section: str):
+    """Put `section` (markdown that starts with the line `heading`, a `## ` title) into the
+    file at `path`: in place of the section under `heading` (up to the next `## ` title), or
+    appended where there is none; a missing file starts as `# Results`."""
+    text = open(path).read() if os.path.exists(path) else "# Results\n"
+    if heading in text:
+        head, rest = text.split(heading, 1)
+        nxt = rest.find("\n## ")
+        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    write_atomic(path, text)
+
+
 def run(main):
     """`absl.app.run(main)`, except that `--help` (`-h`, `--helpshort`; `--helpfull` for every
     module's flags) prints the module docstring and the script's own flags to stdout and exits

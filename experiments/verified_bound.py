@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import frontier  # experiments/frontier.py: the model flags, build_model, train_or_load, _forward
-from script_io import MetricsLog, run as run_script
+from script_io import MetricsLog, replace_section, run as run_script
 from sparse_jax import kv_policies as kvp
 from pallas_kernels.common import masked_attention
 from sparse_jax.cache.verified import VerifiedKVCache
@@ -156,16 +156,7 @@ def write_section(rows, command, path):
                      f"{r['within']:.4f} | {r['quantile']:.2e} | {r['max_error']:.4f} | {r['output_within']:.4f} | "
                      f"{r['mean_output_error']:.2e} | {r['budget_share']:.3f} | {r['read']:.3f} | "
                      f"{r['accuracy']:.3f} |")
-    section = "\n".join(lines) + "\n"
-    text = open(path).read() if os.path.exists(path) else "# Results\n"
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
+    replace_section(path, SECTION, "\n".join(lines) + "\n")
 
 
 def main(argv):

@@ -13,7 +13,7 @@ from pallas_kernels.common import masked_attention
 from sparse_jax.cache.base import Queries, weighted_attention
 from sparse_jax.cache.doublep import DoublePCache, DoublePPrefill
 from sparse_jax.kv_policies import DoubleP, policy_caches
-from sparse_jax.models.lm import LMConfig, SparseLM
+from policy_testing import generate, policy_model, ragged_batch
 from sparse_jax.ops import doublep as dp
 
 
@@ -276,28 +276,7 @@ T, NEW = 11, 3
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = LMConfig(vocab_size=32, layer_spec="FWF", d_model=32, num_heads=4, num_kv_heads=2, window=4,
-                   softcap=30.0, learned_sinks=True)
-    m = SparseLM(cfg, rngs=nnx.Rngs(0))
-    for block in m.blocks:
-        block.attn.sink_logits[...] = jnp.linspace(-1.0, 1.0, 4)
-    return m
-
-
-def _generate(model, caches):
-    tokens = jax.random.randint(jax.random.key(1), (2, T + NEW), 0, 32)
-    positions = np.full((2, T + NEW), -1, np.int32)
-    for row, n in enumerate((T, T - 3)):
-        positions[row, :n] = np.arange(n)
-        positions[row, T:] = n + np.arange(NEW)
-    positions = jnp.asarray(positions)
-    fwd = nnx.jit(lambda m, t, p, c: m(t, p, c))
-    logits, caches = fwd(model, tokens[:, :T], positions[:, :T], caches)
-    outs = [logits]
-    for i in range(T, T + NEW):
-        logits, caches = fwd(model, tokens[:, i:i + 1], positions[:, i:i + 1], caches)
-        outs.append(logits)
-    return tokens, jnp.concatenate(outs, axis=1), caches
+    return policy_model()
 
 
 def test_sparse_lm_decode_jitted(model):
@@ -306,7 +285,8 @@ def test_sparse_lm_decode_jitted(model):
     caches = policy_caches(model, DoubleP(1.0, cluster_size=3), batch=2, prompt_len=T, max_new=NEW)
     assert isinstance(caches[0], DoublePPrefill) and caches[0].nbytes() == 0
     assert not isinstance(caches[1], DoublePPrefill)
-    tokens, got, end = _generate(model, caches)
+    tokens, positions = ragged_batch(T, NEW, (T, T - 3))
+    got, end = generate(nnx.jit(lambda m, t, p, c: m(t, p, c)), model, caches, tokens, positions, T)
     for row, n in enumerate((T, T - 3)):
         keep = np.concatenate([np.arange(n), np.arange(T, T + NEW)])
         want, _ = model(tokens[row:row + 1, keep])

@@ -4,7 +4,6 @@ pooled decode against a masked reference, DuoAttention calibration."""
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +17,8 @@ from sparse_jax.cache.pooled import compress
 from sparse_jax.kv_policies.duo import calibrate, gates_from_losses, streaming_loss
 from sparse_jax.layers import AttentionConfig, FullAttention
 from sparse_jax.models.lm import LMConfig, SparseLM
+
+from policy_testing import generate, policy_model, ragged_batch
 
 T, NEW = 11, 2
 ALL_POLICIES = {
@@ -35,35 +36,17 @@ ALL_POLICIES = {
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = LMConfig(vocab_size=32, layer_spec="FWF", d_model=32, num_heads=4, num_kv_heads=2, window=4,
-                   softcap=30.0, learned_sinks=True)
-    m = SparseLM(cfg, rngs=nnx.Rngs(0))
-    for block in m.blocks:      # non-zero learned sinks, so the sink path is exercised
-        block.attn.sink_logits[...] = jnp.linspace(-1.0, 1.0, 4)
-    return m
-
-
-def _generate(model, caches, tokens, positions, prompt_len):
-    logits, caches = model(tokens[:, :prompt_len], positions[:, :prompt_len], caches)
-    outs = [logits]
-    for i in range(prompt_len, tokens.shape[1]):
-        logits, caches = model(tokens[:, i:i + 1], positions[:, i:i + 1], caches)
-        outs.append(logits)
-    return jnp.concatenate(outs, axis=1), caches
+    return policy_model()
 
 
 @pytest.mark.parametrize("name", sorted(ALL_POLICIES))
 def test_budget_covering_prompt_is_dense(model, name):
     """Prefill + decode under each policy with budget >= T equals the dense model, on a
     ragged batch (row 1's prompt is 3 tokens shorter: padding at -1, decode continues)."""
-    tokens = jax.random.randint(jax.random.key(1), (2, T + NEW), 0, 32)
     lengths = (T, T - 3)
-    positions = np.full((2, T + NEW), -1, np.int32)
-    for row, n in enumerate(lengths):
-        positions[row, :n] = np.arange(n)
-        positions[row, T:] = n + np.arange(NEW)
+    tokens, positions = ragged_batch(T, NEW, lengths)
     caches = policy_caches(model, ALL_POLICIES[name], batch=2, prompt_len=T, max_new=NEW)
-    got, _ = _generate(model, caches, tokens, jnp.asarray(positions), T)
+    got, _ = generate(lambda m, *a: m(*a), model, caches, tokens, positions, T)   # eager
     for row, n in enumerate(lengths):
         keep = np.concatenate([np.arange(n), np.arange(T, T + NEW)])
         want, _ = model(tokens[row:row + 1, keep])

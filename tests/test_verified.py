@@ -12,7 +12,7 @@ from flax import nnx
 from sparse_jax.cache.base import Queries
 from sparse_jax.cache.verified import VerifiedKVCache
 from sparse_jax.kv_policies import VAttention, policy_caches
-from sparse_jax.models.lm import LMConfig, SparseLM
+from policy_testing import generate, policy_model, ragged_batch
 from sparse_jax.ops import verified as V
 
 
@@ -159,12 +159,7 @@ def test_observed_error_within_epsilon_with_frequency_at_least_one_minus_delta(e
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = LMConfig(vocab_size=32, layer_spec="FWF", d_model=32, num_heads=4, num_kv_heads=2, window=4,
-                   softcap=30.0, learned_sinks=True)
-    m = SparseLM(cfg, rngs=nnx.Rngs(0))
-    for block in m.blocks:
-        block.attn.sink_logits[...] = jnp.linspace(-1.0, 1.0, 4)
-    return m
+    return policy_model()
 
 
 @nnx.jit
@@ -177,28 +172,19 @@ def test_decode_through_sparselm_jitted(model):
     epsilon > 0 reads less (kept_mask), stays finite and near the dense logits, and is
     reproducible for a seed."""
     t, new = 40, 3
-    tokens = jax.random.randint(jax.random.key(1), (2, t + new), 0, 32)
-    positions = np.full((2, t + new), -1, np.int32)
-    for row, n in enumerate((t, t - 9)):
-        positions[row, :n] = np.arange(n)
-        positions[row, t:] = n + np.arange(new)
-    positions = jnp.asarray(positions)
+    tokens, positions = ragged_batch(t, new, (t, t - 9))
 
-    def generate(policy):
+    def generate_decode(policy):
         caches = policy_caches(model, policy, batch=2, prompt_len=t, max_new=new)
-        outs = []
-        logits, caches = _forward(model, tokens[:, :t], positions[:, :t], caches)
-        for i in range(t, t + new):
-            logits, caches = _forward(model, tokens[:, i:i + 1], positions[:, i:i + 1], caches)
-            outs.append(logits)
-        return jnp.concatenate(outs, axis=1), caches
+        logits, caches = generate(_forward, model, caches, tokens, positions, t)
+        return logits[:, t:], caches
 
     dense, _ = _forward(model, tokens, positions, None)
-    exact, _ = generate(VAttention(epsilon=0.0, num_sinks=1, window=2, top_k=2))
+    exact, _ = generate_decode(VAttention(epsilon=0.0, num_sinks=1, window=2, top_k=2))
     np.testing.assert_allclose(exact, dense[:, t:], atol=2e-5, rtol=2e-5)
     policy = VAttention(epsilon=0.2, delta=0.2, num_sinks=1, window=2, top_k=2, seed=3, mode="denominator")
-    approx, caches = generate(policy)
-    again, _ = generate(policy)
+    approx, caches = generate_decode(policy)
+    again, _ = generate_decode(policy)
     np.testing.assert_array_equal(approx, again)
     assert np.all(np.isfinite(approx)) and np.abs(np.asarray(approx - dense[:, t:])).max() < 1.0
     cache = caches[0]

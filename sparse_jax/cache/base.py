@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.common import masked_attention
+
 
 class Cache:
     """Base of every KV-cache pytree (frozen dataclasses registered with
@@ -136,8 +138,6 @@ def weighted_attention(q, k, v, kv_positions, q_positions, log_weights, *, scale
     with each slot's logit raised by `log_weights [B, Hkv, S]` (`Selection.log_weights`):
     query head h sees the slots of kv head `h // G` whose position is valid and `<=` its
     own. Plain jnp -> `[B, Tq, H, Dv]`."""
-    from pallas_kernels.common import masked_attention
-
     b, s = k.shape[:2]
     if log_weights.shape != (b, k.shape[2], s):
         raise ValueError(f"log_weights must be [B, Hkv, S] = {[b, k.shape[2], s]}, got {list(log_weights.shape)}")

@@ -165,7 +165,7 @@ def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIO
         raise ValueError(f"budget_pages must be an int >= 1, got {budget_pages!r}")
     b, hkv, p = scores.shape
     forced = _forced(valid_pages, tuple(always))[:, None]
-    s = jnp.where(valid_pages[:, None], jax.lax.stop_gradient(scores).astype(jnp.float32), -jnp.inf)
+    s = jnp.where(valid_pages[:, None], scores.astype(jnp.float32), -jnp.inf)
     s = jnp.where(forced, jnp.inf, s)
     _, pages = top_k_set(s.reshape(b * hkv, p), budget_pages, impl=impl, interpret=interpret)
     return selection.block_lists(pages.reshape(b, 1, hkv, -1), p)
