@@ -64,14 +64,15 @@ class DSAAttention(MLAAttention):
                              self.config.dtype if dtype is None else dtype, self.dsa.index_dtype)
 
     def indexer(self, x, positions):
-        """Detached input -> `q_I [B,T,H_I,D_I]`, `w [B,T,H_I]`, `k_I [B,T,D_I]` (index dtype)."""
+        """Detached input -> `q_I [B,T,H_I,D_I]`, `w [B,T,H_I]`, `k_I [B,T,D_I]` (compute dtype,
+        rounded as the cache in `index_dtype` keeps them)."""
         c, s = self.config, self.dsa
         x = jax.lax.stop_gradient(x)
         dt = c.dtype
         q_i = apply_rope(jnp.einsum("btd,dhk->bthk", x, self.index_wq[...].astype(dt)), positions, c.rope_theta)
         k_i = apply_rope((x @ self.index_wk[...].astype(dt))[:, :, None], positions, c.rope_theta)[:, :, 0]
         w = (x @ self.index_ww[...].astype(dt)) / math.sqrt(s.index_heads * s.index_head_dim)
-        return q_i, w, k_i.astype(s.index_dtype or dt)
+        return q_i, w, dops.round_index_keys(k_i, s.index_dtype or dt)
 
     def __call__(self, x, positions, cache=None, shared=None):
         """x: `[B, T, d_model]`, positions: int `[B, T]` -> (`[B, T, d_model]`, new cache)."""

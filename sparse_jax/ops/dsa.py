@@ -26,6 +26,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.common import IMPLS
 from pallas_kernels.indexer import api as indexer_op
@@ -49,7 +50,8 @@ class DSAConfig:
     indexer_loss: compute the KL (sown as `nnx.Intermediate` `indexer_loss`) in calls
     without a cache; for training, run the model under `nnx.capture` (a sow outside it
     would accumulate in the module). index_dtype: dtype of the indexer keys in the cache (None: compute
-    dtype; e.g. bfloat16 / float8_e4m3fn for low precision). query_chunk: queries per
+    dtype; e.g. bfloat16, or float8_e4m3fn / float8_e5m2 with a per-token power-of-two scale:
+    `index_key_codes`); the layer rounds its keys the same way without a cache. query_chunk: queries per
     chunk of the top-k. impl: the `indexer` op's backend (`pallas_kernels.common.IMPLS`;
     the layer's attention keeps `AttentionConfig.impl`). score_dtype: the selection's scores,
     "bfloat16" (as the indexer computes them) or "float8_e4m3fn" (V3.2's FP8 indexer:
@@ -117,6 +119,47 @@ def indexer_topk(q_index, weights, k_index, q_positions, kv_positions, *, k: int
                                    q_positions=q_positions, kv_positions=kv_positions,
                                    query_chunk=query_chunk, impl=impl, score_dtype=score_dtype,
                                    fp8_rerank=fp8_rerank)
+
+
+def is_float8(dtype) -> bool:
+    """Whether `dtype` is one of JAX's 8-bit float types (1 byte, floating)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1
+
+
+def index_key_codes(k_index, dtype):
+    """Indexer keys `[..., D_I]` as the cache stores them in `dtype`: `(codes [..., D_I],
+    scale [..., 1])`, both in `dtype`, `codes * scale ~= k_index`.
+
+    float8 dtypes get one power-of-two scale per token (V3.2 keeps its FP8 indexer keys with a
+    per-token scale): `2^ceil(log2(amax / fmax))`, its exponent clipped to the powers of two
+    the float8 type holds exactly, and the codes saturate at `fmax` (a plain cast would turn
+    |k| > 448 into NaN in e4m3fn and flush small keys to 0). Other dtypes: a plain cast and a
+    width-0 scale."""
+    dtype = jnp.dtype(dtype)
+    if not is_float8(dtype):
+        return k_index.astype(dtype), jnp.zeros(k_index.shape[:-1] + (0,), dtype)
+    info = jnp.finfo(dtype)
+    k = k_index.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(k), axis=-1, keepdims=True)
+    lo, hi = int(np.log2(float(info.smallest_subnormal))), int(np.floor(np.log2(float(info.max))))
+    exponent = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(amax, float(info.tiny)) / float(info.max))), lo, hi)
+    scale = jnp.exp2(exponent)
+    codes = jnp.clip(k / scale, -float(info.max), float(info.max))
+    return codes.astype(dtype), scale.astype(dtype)
+
+
+def index_keys_from_codes(codes, scale, dtype):
+    """`index_key_codes`'s inverse, in `dtype`: `codes * scale` (float8), else `codes`."""
+    if scale.shape[-1] == 0:
+        return codes.astype(dtype)
+    return (codes.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
+
+
+def round_index_keys(k_index, dtype):
+    """The indexer keys `[..., D_I]` as a cache in `dtype` gives them back, in k's dtype (the
+    layer applies it without a cache too, so prefill and decode select the same tokens)."""
+    return index_keys_from_codes(*index_key_codes(k_index, dtype), k_index.dtype)
 
 
 def selected_mask(token_indices, num_slots: int):
