@@ -144,10 +144,10 @@ def breakdown_ms(q, k, alpha, cfg, iters):
     def stages(q, k, upto):
         bq, bk = entmax_triton.tiles(st, q.shape[1], k.shape[1])
         qp, kp, _, qpp, kpp = entmax_triton.pad_inputs(st, q, k, k[..., :1], pos, pos)
-        m, n, tmax = entmax_triton.run_stats(st, qp, kp, qpp, kpp, bq, bk)
+        m, n, tmax, full = entmax_triton.run_stats(st, qp, kp, qpp, kpp, bq, bk)
         if upto == "stats":
             return m, tmax
-        return entmax_triton.run_tau(st, qp, kp, qpp, kpp, m, n, tmax, bq, bk)
+        return entmax_triton.run_tau(st, qp, kp, qpp, kpp, m, n, tmax, full, bq, bk)
 
     return dict(stats_ms=median_ms(jax.jit(lambda q, k: stages(q, k, "stats")), q, k, iters=iters),
                 stats_tau_ms=median_ms(jax.jit(lambda q, k: stages(q, k, "tau")), q, k, iters=iters))

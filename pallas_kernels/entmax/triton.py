@@ -60,13 +60,27 @@ BIG = 1e30         # threshold of a row that sees nothing (exp: p = 0 everywhere
 
 @dataclasses.dataclass(frozen=True)
 class EntmaxTritonConfig:
-    """Tiles and search effort. One `(block_q, block_k)` tiling serves every kernel (the
-    live-tile table is shared by the forward and the backward).
+    """Tiles and search effort. One `(block_q, block_k)` tiling serves the threshold,
+    output and backward kernels (the live-tile table is shared by the forward and the
+    backward); the stats kernel has its own, coarser tiles.
 
+    block_q, block_k: query / KV tile of the threshold, output and backward kernels (powers
+      of two >= 16).
+    num_warps, num_stages: their Triton launch parameters (forward); `num_warps_bwd`,
+      `num_stages_bwd` for the backward kernels.
     num_passes: threshold passes over the live tiles (None: 4). For alpha in {1.5, 2} a
       query tile stops as soon as all its rows are exact (on N(0, 1) inputs: after 2-3).
     num_candidates: points besides `lo` at which each pass evaluates `f` (and its
       Newton / exactness statistics).
+    stats_block_q, stats_block_k: tiles of the stats kernel (row max, per-tile max), a
+      pass over every visible tile that is tensor-core bound: large tiles pay. Multiples of
+      `block_q` / `block_k` (powers of two); its per-tile maxima bound the maxima of the
+      fine tiles inside (a coarser bound: a fine tile is skipped only where its whole
+      coarse tile is below the threshold).
+    stats_num_warps, stats_num_stages: the stats kernel's Triton launch parameters.
+    recheck_tiles: each threshold pass skips the arithmetic of a listed tile whose max is
+      at or below the lowest lower bound of the tile's rows not yet exact (the bounds rise
+      pass by pass; the tile list itself is fixed by the first bound `max - 1`). bool.
     """
 
     block_q: int = 64
@@ -77,6 +91,34 @@ class EntmaxTritonConfig:
     num_stages_bwd: int = 2
     num_passes: int | None = None
     num_candidates: int = 3
+    stats_block_q: int = 128
+    stats_block_k: int = 128
+    stats_num_warps: int = 8
+    stats_num_stages: int = 3
+    recheck_tiles: bool = True
+
+    def __post_init__(self):
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        for name in ("block_q", "block_k", "stats_block_q", "stats_block_k"):
+            x = getattr(self, name)
+            if not (is_int(x) and x >= 16 and x & (x - 1) == 0):
+                raise ValueError(f"EntmaxTritonConfig.{name} must be a power of two >= 16, got {x!r}")
+        for name in ("num_warps", "num_stages", "num_warps_bwd", "num_stages_bwd",
+                     "num_candidates", "stats_num_warps", "stats_num_stages"):
+            x = getattr(self, name)
+            if not (is_int(x) and x >= 1):
+                raise ValueError(f"EntmaxTritonConfig.{name} must be an int >= 1, got {x!r}")
+        if self.num_passes is not None and not (is_int(self.num_passes) and self.num_passes >= 1):
+            raise ValueError(f"EntmaxTritonConfig.num_passes must be None or an int >= 1, "
+                             f"got {self.num_passes!r}")
+        if self.recheck_tiles not in (True, False):           # 0 / 1 too (command-line ints)
+            raise ValueError(f"EntmaxTritonConfig.recheck_tiles must be a bool, got {self.recheck_tiles!r}")
+        if self.stats_block_q < self.block_q or self.stats_block_k < self.block_k:
+            raise ValueError(
+                f"EntmaxTritonConfig: the stats tiles ({self.stats_block_q}, {self.stats_block_k}) "
+                f"must be multiples of (block_q, block_k) = ({self.block_q}, {self.block_k})")
 
     def passes(self, alpha: float) -> int:
         if self.num_passes is not None:
@@ -158,13 +200,13 @@ def _stats_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, m_ref, n_ref, tmax_
     n_ref[...] = n
 
 
-def _tau_kernel(list_ref, cnt_ref, qpos_ref, kpos_ref, m_ref, n_ref, q_ref, k_ref, tau_ref, *,
-                mask_fn, zscale, alpha, block_k, num_q_blocks, num_heads, list_len, num_passes,
-                num_candidates):
+def _tau_kernel(list_ref, cnt_ref, tmax_ref, qpos_ref, kpos_ref, m_ref, n_ref, q_ref, k_ref,
+                tau_ref, *, mask_fn, zscale, alpha, block_k, num_q_blocks, num_heads, list_len,
+                num_passes, num_candidates, recheck_tiles):
     i = num_q_blocks - 1 - pl.program_id(0)
     b, h = pl.program_id(1), pl.program_id(2)
     row = (b * num_heads + h) * num_q_blocks + i
-    count = cnt_ref[row]
+    num_full, count = cnt_ref[2 * row], cnt_ref[2 * row + 1]
     q = q_ref[...]
     qp = qpos_ref[...][:, None]
     m, n = m_ref[...], n_ref[...]
@@ -185,27 +227,40 @@ def _tau_kernel(list_ref, cnt_ref, qpos_ref, kpos_ref, m_ref, n_ref, q_ref, k_re
     def one_pass(_, state):
         lo, hi, done = state
         ts = [lo] + [lo + w * (hi - lo) for w in cands]      # t_0 = lo: f(lo) >= 1
+        # Rows not yet exact see nothing at or below `floor` (every point is >= their lo).
+        floor = jnp.min(jnp.where(done > 0, BIG, lo))
 
-        def step(t, acc):
+        def step(t, acc, masked):
             j = list_ref[row * list_len + t]
             sl = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-            vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None)
+            vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None) if masked else None
             z = scores(q, k_ref[sl, :], zscale, vis)
-            out = []
-            for (f, g, cnt, zmin), t_ in zip(acc, ts):
-                r = jnp.maximum(z - t_[:, None], 0.0)
-                f = f + pow_p(r, alpha).sum(axis=-1)
-                g = g + pow_g(r, alpha).sum(axis=-1)
-                if alpha == 1.5:
-                    cnt = cnt + jnp.where(r > 0, 1.0, 0.0).sum(axis=-1)
-                if exact_kind:
-                    zmin = jnp.minimum(zmin, jnp.where(r > 0, z, BIG).min(axis=-1))
-                out.append((f, g, cnt, zmin))
-            return tuple(out)
 
-        live = jnp.where(jnp.min(done) > 0, 0, count)
+            def update(acc):
+                out = []
+                for (f, g, cnt, zmin), t_ in zip(acc, ts):
+                    r = jnp.maximum(z - t_[:, None], 0.0)
+                    f = f + pow_p(r, alpha).sum(axis=-1)
+                    g = g + pow_g(r, alpha).sum(axis=-1)
+                    if alpha == 1.5:
+                        cnt = cnt + jnp.where(r > 0, 1.0, 0.0).sum(axis=-1)
+                    if exact_kind:
+                        zmin = jnp.minimum(zmin, jnp.where(r > 0, z, BIG).min(axis=-1))
+                    out.append((f, g, cnt, zmin))
+                return tuple(out)
+
+            if not recheck_tiles:
+                return update(acc)
+            # the tile is dead for this pass: skip the arithmetic (the loads and the dot
+            # stay outside the branch, where the pipeliner keeps them)
+            return lax.cond(tmax_ref[row * list_len + j] > floor, update, lambda a: a, acc)
+
+        stop = jnp.min(done) > 0                  # every row of the tile is exact
+        n_full, n_live = jnp.where(stop, 0, num_full), jnp.where(stop, 0, count)
         zero = jnp.zeros_like(lo)
-        acc = lax.fori_loop(0, live, step, tuple((zero, zero, zero, zero + BIG) for _ in ts))
+        acc = tuple((zero, zero, zero, zero + BIG) for _ in ts)
+        acc = lax.fori_loop(0, n_full, functools.partial(step, masked=False), acc)
+        acc = lax.fori_loop(n_full, n_live, functools.partial(step, masked=True), acc)
         # a: the highest point with f >= 1 (a lower bound); b: the lowest with f < 1.
         ta, (fa, ga, na, za) = ts[0], acc[0]
         for t_, (f, g, cnt, zmin) in zip(ts[1:], acc[1:]):
@@ -248,16 +303,16 @@ def _out_kernel(list_ref, cnt_ref, qpos_ref, kpos_ref, tau_ref, q_ref, k_ref, v_
     i = num_q_blocks - 1 - pl.program_id(0)
     b, h = pl.program_id(1), pl.program_id(2)
     row = (b * num_heads + h) * num_q_blocks + i
-    count = cnt_ref[row]
+    num_full, count = cnt_ref[2 * row], cnt_ref[2 * row + 1]
     q = q_ref[...]
     qp = qpos_ref[...][:, None]
     tau = tau_ref[...][:, None]
     residual = l_ref is not None
 
-    def step(t, carry):
+    def step(t, carry, masked):
         j = list_ref[row * list_len + t]
         sl = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-        vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None)
+        vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None) if masked else None
         r = jnp.maximum(scores(q, k_ref[sl, :], zscale, vis) - tau, 0.0)
         p = pow_p(r, alpha)
         v = v_ref[sl, :]
@@ -275,7 +330,8 @@ def _out_kernel(list_ref, cnt_ref, qpos_ref, kpos_ref, tau_ref, q_ref, k_ref, v_
     zero_row = jnp.zeros((block_q,), jnp.float32)
     zero_acc = jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32)
     carry = (zero_row, zero_acc) + ((zero_row, zero_acc) if residual else ())
-    l, acc, *rest = lax.fori_loop(0, count, step, carry)
+    carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), carry)
+    l, acc, *rest = lax.fori_loop(num_full, count, functools.partial(step, masked=True), carry)
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
     if residual:
         gs, u = rest
@@ -307,13 +363,23 @@ class Static:
 
 
 def tiles(st: Static, tq: int, tk: int) -> tuple[int, int]:
+    """`(block_q, block_k)` of the threshold, output and backward kernels for lengths
+    `tq`, `tk` (capped to the next power of two of the length)."""
     return (blocks.pow2_block(st.config.block_q, tq), blocks.pow2_block(st.config.block_k, tk))
 
 
+def stats_tiles(st: Static, tq: int, tk: int) -> tuple[int, int]:
+    """The stats kernel's tiles: multiples of `tiles(...)` (both powers of two, the
+    config's stats tiles no smaller than its tiles)."""
+    return (blocks.pow2_block(st.config.stats_block_q, tq),
+            blocks.pow2_block(st.config.stats_block_k, tk))
+
+
 def pad_inputs(st: Static, q, k, v, q_pos, kv_pos):
-    """Sequence axes to whole tiles (positions -1), head dims to a power of two (>= 16)."""
-    bq, bk = tiles(st, q.shape[1], k.shape[1])
-    tq_p, tk_p = blocks.round_up(q.shape[1], bq), blocks.round_up(k.shape[1], bk)
+    """Sequence axes to whole stats tiles (so whole tiles too; positions -1), head dims to
+    a power of two (>= 16)."""
+    sbq, sbk = stats_tiles(st, q.shape[1], k.shape[1])
+    tq_p, tk_p = blocks.round_up(q.shape[1], sbq), blocks.round_up(k.shape[1], sbk)
     d_p = max(16, blocks.pl_next_pow2(q.shape[3]))
     dv_p = max(16, blocks.pl_next_pow2(v.shape[3]))
     q = blocks.pad_axis(blocks.pad_axis(q, tq_p, 1), d_p, 3)
@@ -322,16 +388,24 @@ def pad_inputs(st: Static, q, k, v, q_pos, kv_pos):
     return q, k, v, blocks.pad_axis(q_pos, tq_p, 1, -1), blocks.pad_axis(kv_pos, tk_p, 1, -1)
 
 
-def compact(live):
-    """`live [..., n]` bool -> (`idx [..., n]` int32: the live indices first, ascending;
-    `count [...]` int32)."""
+def compact(live, full):
+    """The kernels' tile lists. `live [..., n]` bool, `full` (broadcastable to it) bool:
+    tiles every element of which is visible (no element mask needed) ->
+    (`idx [..., n]` int32: the live full tiles ascending, then the other live tiles
+    ascending, then padding; `counts [..., 2]` int32: (live full tiles, live tiles))."""
     n = live.shape[-1]
-    flat = live.reshape(-1, n)
-    pos = jnp.where(flat, jnp.cumsum(flat, axis=-1) - 1, n)
-    rows = jnp.arange(flat.shape[0])[:, None]
-    idx = jnp.zeros((flat.shape[0], n + 1), jnp.int32).at[rows, pos].set(
-        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), flat.shape))[:, :n]
-    return idx.reshape(live.shape), flat.sum(-1).astype(jnp.int32).reshape(live.shape[:-1])
+    full = jnp.broadcast_to(full, live.shape)
+    first = (live & full).reshape(-1, n).astype(jnp.int32)
+    second = (live & ~full).reshape(-1, n).astype(jnp.int32)
+    n_first = first.sum(-1)
+    n_live = n_first + second.sum(-1)
+    pos = jnp.where(first > 0, jnp.cumsum(first, axis=-1) - 1,
+                    jnp.where(second > 0, n_first[:, None] + jnp.cumsum(second, axis=-1) - 1, n))
+    rows = jnp.arange(first.shape[0])[:, None]
+    idx = jnp.zeros((first.shape[0], n + 1), jnp.int32).at[rows, pos].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), first.shape))[:, :n]
+    counts = jnp.stack([n_first, n_live], -1).astype(jnp.int32)
+    return idx.reshape(live.shape), counts.reshape(live.shape[:-1] + (2,))
 
 
 def row_min_per_tile(x, valid, bq: int):
@@ -343,39 +417,46 @@ def row_min_per_tile(x, valid, bq: int):
 
 
 def run_stats(st: Static, qp, kp, q_pos_p, kv_pos_p, bq, bk):
+    """Row max `m`, visible count `n` (`[B, H, Tq_p]`), the per-tile max `tmax [B, H, nQ,
+    nK]` on the `(bq, bk)` tiles (an upper bound: the max of the stats tile holding it;
+    `NEG` where nothing is visible) and `full [B, nQ, nK]` bool (every element visible)."""
     cfg = st.config
     b, tq_p, h, d_p = qp.shape
     tk_p, hkv = kp.shape[1], kp.shape[2]
     group = h // hkv
-    nq, nk = tq_p // bq, tk_p // bk
-    tab = blocks.tables(st.mask_fn, q_pos_p, kv_pos_p, None, None, bq, bk)        # [B, nQ, 4]
+    sbq, sbk = stats_tiles(st, tq_p, tk_p)
+    nq, nk = tq_p // sbq, tk_p // sbk
+    tab = blocks.tables(st.mask_fn, q_pos_p, kv_pos_p, None, None, sbq, sbk)      # [B, nQ, 4]
     rev = lambda i: nq - 1 - i  # noqa: E731
     m, n, tmax = pl.pallas_call(
-        functools.partial(_stats_kernel, mask_fn=st.mask_fn, zscale=st.zscale, block_k=bk,
+        functools.partial(_stats_kernel, mask_fn=st.mask_fn, zscale=st.zscale, block_k=sbk,
                           num_q_blocks=nq),
         grid=(nq, b, h),
         in_specs=[
             pl.BlockSpec(),
-            pl.BlockSpec((None, bq), lambda i, b_, h_: (b_, rev(i))),
+            pl.BlockSpec((None, sbq), lambda i, b_, h_: (b_, rev(i))),
             pl.BlockSpec((None, tk_p), lambda i, b_, h_: (b_, 0)),
-            pl.BlockSpec((None, bq, None, d_p), lambda i, b_, h_: (b_, rev(i), h_, 0)),
+            pl.BlockSpec((None, sbq, None, d_p), lambda i, b_, h_: (b_, rev(i), h_, 0)),
             pl.BlockSpec((None, tk_p, None, d_p), lambda i, b_, h_: (b_, 0, h_ // group, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, rev(i))),
-            pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, rev(i))),
+            pl.BlockSpec((None, None, sbq), lambda i, b_, h_: (b_, h_, rev(i))),
+            pl.BlockSpec((None, None, sbq), lambda i, b_, h_: (b_, h_, rev(i))),
             pl.BlockSpec((None, None, None, nk), lambda i, b_, h_: (b_, h_, rev(i), 0)),
         ],
         out_shape=[jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32),
                    jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32),
                    jax.ShapeDtypeStruct((b, h, nq, nk), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.stats_num_warps,
+                                             num_stages=cfg.stats_num_stages),
         interpret=st.interpret, name="entmax_stats",
     )(tab.reshape(-1), q_pos_p, kv_pos_p, qp, kp)
     j = jnp.arange(nk, dtype=jnp.int32)
     visited = (j >= tab[:, :, 0:1]) & (j < tab[:, :, 3:4])                          # [B, nQ, nK]
     tmax = jnp.where(visited[:, None], tmax, NEG)
-    return m, n, tmax
+    tmax = jnp.repeat(jnp.repeat(tmax, sbq // bq, axis=2), sbk // bk, axis=3)     # fine tiles
+    present, full = blocks.block_tables(st.mask_fn, q_pos_p, kv_pos_p, None, None, bq, bk)
+    return m, n, jnp.where(present[:, None], tmax, NEG), full
 
 
 def row_specs(bq, nq):
@@ -383,24 +464,24 @@ def row_specs(bq, nq):
     return pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, rev(i)))
 
 
-def run_tau(st: Static, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, bq, bk):
+def run_tau(st: Static, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, full, bq, bk):
     cfg = st.config
     b, tq_p, h, d_p = qp.shape
     tk_p, hkv = kp.shape[1], kp.shape[2]
     group = h // hkv
     nq, nk = tq_p // bq, tk_p // bk
     lower = row_min_per_tile(m - 1.0, n > 0, bq)                                   # [B, H, nQ, 1]
-    idx, count = compact(tmax > lower)
+    idx, count = compact(tmax > lower, full[:, None])
     rev = lambda i: nq - 1 - i  # noqa: E731
     kernel = functools.partial(
         _tau_kernel, mask_fn=st.mask_fn, zscale=st.zscale, alpha=st.alpha, block_k=bk,
         num_q_blocks=nq, num_heads=h, list_len=nk, num_passes=cfg.passes(st.alpha),
-        num_candidates=cfg.num_candidates)
+        num_candidates=cfg.num_candidates, recheck_tiles=bool(cfg.recheck_tiles))
     return pl.pallas_call(
         kernel,
         grid=(nq, b, h),
         in_specs=[
-            pl.BlockSpec(), pl.BlockSpec(),
+            pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec(),
             pl.BlockSpec((None, bq), lambda i, b_, h_: (b_, rev(i))),
             pl.BlockSpec((None, tk_p), lambda i, b_, h_: (b_, 0)),
             row_specs(bq, nq), row_specs(bq, nq),
@@ -411,7 +492,7 @@ def run_tau(st: Static, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, bq, bk):
         out_shape=jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=st.interpret, name="entmax_tau",
-    )(idx.reshape(-1), count.reshape(-1), q_pos_p, kv_pos_p, m, n, qp, kp)
+    )(idx.reshape(-1), count.reshape(-1), tmax.reshape(-1), q_pos_p, kv_pos_p, m, n, qp, kp)
 
 
 def live_tiles(tmax, tau, bq):
@@ -419,13 +500,15 @@ def live_tiles(tmax, tau, bq):
     return tmax > row_min_per_tile(tau, tau < BIG / 2, bq)
 
 
-def run_out(st: Static, qp, kp, vp, q_pos_p, kv_pos_p, tau, live, bq, bk, residual: bool):
+def run_out(st: Static, qp, kp, vp, q_pos_p, kv_pos_p, tau, tile_list, bq, bk, residual: bool):
+    """The output pass over `tile_list = compact(live, full)`'s tiles (the backward's dq
+    kernel reuses the list)."""
     cfg = st.config
     b, tq_p, h, d_p = qp.shape
     tk_p, hkv, dv_p = kp.shape[1], kp.shape[2], vp.shape[3]
     group = h // hkv
     nq, nk = tq_p // bq, tk_p // bk
-    idx, count = compact(live)
+    idx, count = tile_list
     rev = lambda i: nq - 1 - i  # noqa: E731
     o_spec = pl.BlockSpec((None, bq, None, dv_p), lambda i, b_, h_: (b_, rev(i), h_, 0))
     out_specs = [o_spec]
@@ -463,16 +546,17 @@ def forward_padded(st: Static, q, k, v, q_pos, kv_pos, residual: bool):
     dv = v.shape[3]
     bq, bk = tiles(st, tq, k.shape[1])
     qp, kp, vp, q_pos_p, kv_pos_p = pad_inputs(st, q, k, v, q_pos, kv_pos)
-    m, n, tmax = run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk)
-    tau = run_tau(st, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, bq, bk)
+    m, n, tmax, full = run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk)
+    tau = run_tau(st, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, full, bq, bk)
     live = live_tiles(tmax, tau, bq)
-    res = run_out(st, qp, kp, vp, q_pos_p, kv_pos_p, tau, live, bq, bk, residual)
+    tile_list = compact(live, full[:, None])
+    res = run_out(st, qp, kp, vp, q_pos_p, kv_pos_p, tau, tile_list, bq, bk, residual)
     out = res[0][:, :tq, :, :dv]
     tau_out = jnp.where(tau < BIG / 2, tau, jnp.inf)[:, :, :tq]
     extras = None
     if residual:
         extras = dict(qp=qp, kp=kp, vp=vp, q_pos_p=q_pos_p, kv_pos_p=kv_pos_p, tau=tau,
-                      live=live, l=res[1], vbar=res[2])
+                      live=live, full=full, tile_list=tile_list, l=res[1], vbar=res[2])
     return out, tau_out, extras
 
 
@@ -482,8 +566,8 @@ def tile_statistics(st: Static, q, k, q_pos, kv_pos):
     bq, bk = tiles(st, q.shape[1], k.shape[1])
     v = k[..., :1]
     qp, kp, _, q_pos_p, kv_pos_p = pad_inputs(st, q, k, v, q_pos, kv_pos)
-    m, n, tmax = run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk)
-    tau = run_tau(st, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, bq, bk)
+    m, n, tmax, full = run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk)
+    tau = run_tau(st, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, full, bq, bk)
     visited = tmax > NEG / 2
     live = live_tiles(tmax, tau, bq) & visited
     lower_live = (tmax > row_min_per_tile(m - 1.0, n > 0, bq)) & visited
