@@ -6,8 +6,11 @@ to whole tiles (positions -1) and sliced back. Scores are kept in `z = (alpha-1)
 q . k` units, where `p = [z - tau]_+^(1/(alpha-1))`.
 
 1. `stats`: one pass over the visible KV tiles (causal tiles skipped, `flash.blocks`
-   tables) for each row's max `m` and visible count `n`, and each (query tile, KV tile)'s
-   max score `tmax` (one scalar per tile pair).
+   tables) for each row's max `m` and visible count `n`, and each tile pair's max score
+   `tmax` (one scalar per pair). It is the one pass over every visible tile and does no
+   more than `q k^T` and a max (tensor-core bound), so it runs on its own larger tiles
+   (`stats_block_q x stats_block_k`, default 128x128, 8 warps); a fine tile of the other
+   kernels takes the max of the stats tile holding it (an upper bound).
 2. `tau`: the threshold lies in `[m - 1, m - (1/n)^(alpha-1)]`. A tile whose `tmax` is at
    most `min_rows(m) - 1` can hold no support and is skipped from here on (block
    skipping, AdaSplash, arXiv 2502.12082). Each of `num_passes` passes over the live tiles
@@ -19,25 +22,34 @@ q . k` units, where `p = [z - tau]_+^(1/(alpha-1))`.
    `(a, b)` (an upper bound). For alpha in {1.5, 2} the root of the polynomial that `f` is
    over the support at `a` (the sort-based formula of Peters et al.; for sparsemax
    Michelot's step) is exact when no score lies between `a` and it: that row is done. A
-   query tile whose rows are all done skips the remaining passes. The threshold is the
-   final `lo` (2-3 passes make N(0, 1) rows exact; see the tests).
+   query tile whose rows are all done skips the remaining passes; within a pass a tile
+   whose `tmax` is at or below the lowest `lo` of the rows still searching is skipped
+   (`recheck_tiles`). The threshold is the final `lo`.
 3. `out`: one pass over the tiles live under the final thresholds (`tmax > min_rows tau`),
    `p = [z - tau]_+^k`, `o = sum p v / sum p` (the division removes what inexactness the
    threshold has left; 1 up to rounding when exact). For the backward it also keeps
    `l = sum p` and `vbar = sum g v / sum g` (`g = r^(k-1)`, entmax's Jacobian weights).
 
-The backward kernels are in `triton_vjp.py`.
+Every kernel after `stats` walks a per-(query tile, head) list of live tiles (`compact`):
+the tiles whose every element is visible first (no element mask computed), then the
+partial ones (the causal diagonal, padding). The backward kernels are in `triton_vjp.py`.
 
-Performance (H100, B=1, H=16/16, D=128, causal, bf16, alpha=1.5, default tiles 64x64;
-`experiments/bench_entmax.py`, 2026-12-06): correct (the `gpu` tests pass), but the
-threshold passes are ALU-bound (per element and pass: 4 points x (subtract, clamp, power,
-four row reductions) against flash's ~6 ops), so on N(0, 1) inputs, where every tile stays
-live, the forward is 8x (4K) to 14x (16K) slower than our softmax `flash` (Mosaic GPU on
-Hopper) and forward+backward 3.7x to 4.7x slower. On topic-structured inputs (5% of tiles
-live at 16K) forward+backward is 1.32x faster than `flash` at 16K (0.74x at 4K), the
-forward still 2.6x slower. Emulating the passes on whole N(0, 1) rows (D=128): with
-3 candidates 98% of rows are exact after 3 passes and every 64-row tile after 4, at 4K to
-64K; with 1 candidate, after 5.
+Search effort (emulating the passes on whole N(0, 1) rows, D=128, 4K to 64K, alpha 1.5):
+a 64-row tile is exact after 4 passes with 2 candidates as with 3 (rows: 1-2% exact after
+pass 1, 20-40% after 2, 84-93% after 3), i.e. 12 point evaluations per score instead of
+16; with 1 candidate after 5-6 passes. Placing the points near the secant bound, or more
+points in the first pass, did not help.
+
+Performance (H100, B=1, H=16/16, D=128, causal, bf16, alpha=1.5; previous kernels: one
+64x64 tiling, 3 candidates; `experiments/bench_entmax.py`, 2026-12-06): the threshold
+passes are ALU-bound (per score, pass and point: subtract, clamp, square, four row
+reductions, about 9 operations, against flash's ~6 per score in all), so on N(0, 1)
+inputs, where every tile stays live, the forward was 8x (4K) to 14x (16K) slower than our
+softmax `flash` (Mosaic GPU on Hopper) and forward+backward 3.7x to 4.7x slower. On
+topic-structured inputs (5% of tiles live at 16K) forward+backward was 1.32x faster than
+`flash` at 16K (0.74x at 4K), the forward 2.6x slower. A floor on N(0, 1) inputs for any
+such multi-pass design: stats, >= 2 threshold passes and the output pass are >= 4 `q k^T`
+products plus one `p v` over every tile, against flash's two products.
 """
 
 from __future__ import annotations
@@ -90,7 +102,7 @@ class EntmaxTritonConfig:
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
     num_passes: int | None = None
-    num_candidates: int = 3
+    num_candidates: int = 2
     stats_block_q: int = 128
     stats_block_k: int = 128
     stats_num_warps: int = 8
