@@ -31,7 +31,8 @@ installed there; ms, x = flash time / ours):
 
 Run on a GPU machine:
   PYTHONPATH=. python experiments/bench_entmax.py --out /tmp/bench_entmax.json
-Tile / search sweep (one extra row per entry, same inputs):
+Tile / search sweep (one extra row per entry, same inputs; flash is timed once, on the
+base row, and its figures reused):
   PYTHONPATH=. python experiments/bench_entmax.py --seq_lens 16384 \
       --sweep num_candidates=1/num_passes=5,block_q=128/num_warps=8,num_candidates=2
 Besides `--out` (all rows, the settings and the device), each row goes as it is measured
@@ -153,7 +154,9 @@ def breakdown_ms(q, k, alpha, cfg, iters):
                 stats_tau_ms=median_ms(jax.jit(lambda q, k: stages(q, k, "tau")), q, k, iters=iters))
 
 
-def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward, label="", peers=True):
+def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward, label="", peers=True, flash=None):
+    """One row. `flash`: the flash figures already timed on these inputs (a sweep row
+    reuses its base row's), else None: time them here."""
     q, k, v = make_inputs(kind, t, h, hkv, d)
     do = jax.random.normal(jax.random.key(9), (1, t, h, d), jnp.bfloat16)
     err, zeros, live, lower = check(q, k, v, alpha, cfg, FLAGS.check_rows)
@@ -173,11 +176,13 @@ def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward, label="", peers=True)
     row["ours_fwd_ms"] = median_ms(jax.jit(ours), q, k, v, iters=iters)
     if FLAGS.breakdown:
         row.update(breakdown_ms(q, k, alpha, cfg, iters))
-    row["flash_fwd_ms"] = median_ms(jax.jit(soft), q, k, v, iters=iters)
+    flash = flash or {}
+    row["flash_fwd_ms"] = flash.get("flash_fwd_ms") or median_ms(jax.jit(soft), q, k, v, iters=iters)
     row["fwd_speedup_vs_flash"] = row["flash_fwd_ms"] / row["ours_fwd_ms"]
     if backward:
         row["ours_fwdbwd_ms"] = median_ms(fwdbwd(ours), q, k, v, do, iters=iters)
-        row["flash_fwdbwd_ms"] = median_ms(fwdbwd(soft), q, k, v, do, iters=iters)
+        row["flash_fwdbwd_ms"] = (flash.get("flash_fwdbwd_ms")
+                                  or median_ms(fwdbwd(soft), q, k, v, do, iters=iters))
         row["fwdbwd_speedup_vs_flash"] = row["flash_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
     if FLAGS.adasplash and peers:
         from peers import adasplash_ms  # noqa: PLC0415 (experiments/ is on the path)
@@ -211,9 +216,11 @@ def main(argv):
     with MetricsLog(stem + ".jsonl", tb_dir) as log:
         for kind, t, (label, var) in ((kind, int(t), v) for kind in FLAGS.inputs
                                       for t in FLAGS.seq_lens for v in variants):
+                base = [r for r in rows if r["inputs"] == kind and r["t"] == t and not r["config"]]
+                flash = {k_: v_ for k_, v_ in base[0].items() if k_.startswith("flash_")} if base else None
                 try:
                     rows.append(bench(kind, t, h, hkv, FLAGS.head_dim, FLAGS.alpha, var, FLAGS.iters,
-                                      FLAGS.backward, label, peers=not label))
+                                      FLAGS.backward, label, peers=not label, flash=flash))
                 except Exception as e:  # noqa: BLE001 - report and go on with the other shapes
                     print(f"inputs={kind} T={t} {label} failed: {type(e).__name__}: {str(e)[:800]}",
                           flush=True)
