@@ -259,6 +259,7 @@ def test_block_skipping_triggers_on_structured_inputs_and_stays_exact():
     (dict(stats_num_warps=0), "stats_num_warps must be an int"),
     (dict(num_candidates=0), "num_candidates must be an int"),
     (dict(num_passes=0), "num_passes must be None or an int"),
+    (dict(finish_passes=-1), "finish_passes must be None or an int"),
     (dict(recheck_tiles=2), "recheck_tiles must be a bool"),
 ])
 def test_config_validation(bad, match):
@@ -285,7 +286,7 @@ def test_threshold_passes_trade_accuracy():
     ref = entmax_attention(*qkv, **kw, impl="xla")
     fn = jax.jit(lambda q, k, v, cfg: entmax_attention(q, k, v, **kw, impl="triton", interpret=True,
                                                        config=cfg), static_argnums=3)
-    one = fn(*qkv, dataclasses.replace(SMALL, num_passes=1, num_candidates=1))
+    one = fn(*qkv, dataclasses.replace(SMALL, num_passes=1, finish_passes=0, num_candidates=1))
     default = fn(*qkv, SMALL)
     np.testing.assert_allclose(default, ref, atol=2e-5)
     assert float(jnp.abs(one - ref).max()) > 1e-3

@@ -24,7 +24,9 @@ q . k` units, where `p = [z - tau]_+^(1/(alpha-1))`.
    Michelot's step) is exact when no score lies between `a` and it: that row is done. A
    query tile whose rows are all done skips the remaining passes; within a pass a tile
    whose `tmax` is at or below the lowest `lo` of the rows still searching is skipped
-   (`recheck_tiles`). The threshold is the final `lo`.
+   (`recheck_tiles`). After `num_passes` such passes, up to `finish_passes` more evaluate
+   at `lo` alone (the bracket is narrow by then: the exact root at `lo` nearly always
+   holds). The threshold is the final `lo`.
 3. `out`: one pass over the tiles live under the final thresholds (`tmax > min_rows tau`),
    `p = [z - tau]_+^k`, `o = sum p v / sum p` (the division removes what inexactness the
    threshold has left; 1 up to rounding when exact). For the backward it also keeps
@@ -37,8 +39,11 @@ partial ones (the causal diagonal, padding). The backward kernels are in `triton
 Search effort (emulating the passes on whole N(0, 1) rows, D=128, 4K to 64K, alpha 1.5):
 a 64-row tile is exact after 4 passes with 2 candidates as with 3 (rows: 1-2% exact after
 pass 1, 20-40% after 2, 84-93% after 3), i.e. 12 point evaluations per score instead of
-16; with 1 candidate after 5-6 passes. Placing the points near the secant bound, or more
-points in the first pass, did not help.
+16; with 1 candidate after 5-6 passes. After 2 such passes, the root at `lo` alone holds
+for 60-80% of the rows, and after a third for all: 2 passes of 3 points and 2 (4K, 16K)
+or 3 (64K) finishing passes of one make every tile exact with 8-9 point evaluations per
+score. Placing the points near the secant bound, or more points in the first pass, did
+not help.
 
 Performance (H100, B=1, H=16/16, D=128, causal, bf16, alpha=1.5; previous kernels: one
 64x64 tiling, 3 candidates; `experiments/bench_entmax.py`, 2026-12-06): the threshold
@@ -80,10 +85,15 @@ class EntmaxTritonConfig:
       of two >= 16).
     num_warps, num_stages: their Triton launch parameters (forward); `num_warps_bwd`,
       `num_stages_bwd` for the backward kernels.
-    num_passes: threshold passes over the live tiles (None: 4). For alpha in {1.5, 2} a
-      query tile stops as soon as all its rows are exact (on N(0, 1) inputs: after 2-3).
-    num_candidates: points besides `lo` at which each pass evaluates `f` (and its
-      Newton / exactness statistics).
+    num_passes: threshold passes over the live tiles at `lo` and `num_candidates` more
+      points (None: 2 for alpha in {1.5, 2}, else 4). For alpha in {1.5, 2} a query tile
+      stops as soon as all its rows are exact.
+    finish_passes: passes after those at `lo` alone (a third of the arithmetic: one
+      point), once the bracket is narrow (None: 3 for alpha in {1.5, 2}, where the
+      exact root at `lo` ends the search, else 0). On N(0, 1) rows at 4K-64K 2 + 2-3 make
+      every tile exact (8-9 point evaluations per score; 4 passes of 3 points: 12).
+    num_candidates: points besides `lo` at which each of the `num_passes` passes evaluates
+      `f` (and its Newton / exactness statistics).
     stats_block_q, stats_block_k: tiles of the stats kernel (row max, per-tile max), a
       pass over every visible tile that is tensor-core bound: large tiles pay. Multiples of
       `block_q` / `block_k` (powers of two); its per-tile maxima bound the maxima of the
@@ -102,6 +112,7 @@ class EntmaxTritonConfig:
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
     num_passes: int | None = None
+    finish_passes: int | None = None
     num_candidates: int = 2
     stats_block_q: int = 128
     stats_block_k: int = 128
@@ -125,6 +136,9 @@ class EntmaxTritonConfig:
         if self.num_passes is not None and not (is_int(self.num_passes) and self.num_passes >= 1):
             raise ValueError(f"EntmaxTritonConfig.num_passes must be None or an int >= 1, "
                              f"got {self.num_passes!r}")
+        if self.finish_passes is not None and not (is_int(self.finish_passes) and self.finish_passes >= 0):
+            raise ValueError(f"EntmaxTritonConfig.finish_passes must be None or an int >= 0, "
+                             f"got {self.finish_passes!r}")
         if self.recheck_tiles not in (True, False):           # 0 / 1 too (command-line ints)
             raise ValueError(f"EntmaxTritonConfig.recheck_tiles must be a bool, got {self.recheck_tiles!r}")
         if self.stats_block_q < self.block_q or self.stats_block_k < self.block_k:
@@ -135,7 +149,12 @@ class EntmaxTritonConfig:
     def passes(self, alpha: float) -> int:
         if self.num_passes is not None:
             return self.num_passes
-        return 4
+        return 2 if alpha in (1.5, 2.0) else 4
+
+    def finishing_passes(self, alpha: float) -> int:
+        if self.finish_passes is not None:
+            return self.finish_passes
+        return 3 if alpha in (1.5, 2.0) else 0
 
 
 # ----------------------------------------------------------------------------- tile math
@@ -214,7 +233,7 @@ def _stats_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, m_ref, n_ref, tmax_
 
 def _tau_kernel(list_ref, cnt_ref, tmax_ref, qpos_ref, kpos_ref, m_ref, n_ref, q_ref, k_ref,
                 tau_ref, *, mask_fn, zscale, alpha, block_k, num_q_blocks, num_heads, list_len,
-                num_passes, num_candidates, recheck_tiles):
+                num_passes, finish_passes, num_candidates, recheck_tiles):
     i = num_q_blocks - 1 - pl.program_id(0)
     b, h = pl.program_id(1), pl.program_id(2)
     row = (b * num_heads + h) * num_q_blocks + i
@@ -234,9 +253,9 @@ def _tau_kernel(list_ref, cnt_ref, tmax_ref, qpos_ref, kpos_ref, m_ref, n_ref, q
         width = jnp.exp2(jnp.log2(n_safe) * (1.0 - alpha))
     lo0 = jnp.where(empty, BIG, m - 1.0)
     hi0 = jnp.where(empty, BIG, m - width)
-    cands = [(c + 1.0) / (num_candidates + 1.0) for c in range(num_candidates)]
+    spread = [(c + 1.0) / (num_candidates + 1.0) for c in range(num_candidates)]
 
-    def one_pass(_, state):
+    def one_pass(_, state, cands):
         lo, hi, done = state
         ts = [lo] + [lo + w * (hi - lo) for w in cands]      # t_0 = lo: f(lo) >= 1
         # Rows not yet exact see nothing at or below `floor` (every point is >= their lo).
@@ -305,7 +324,10 @@ def _tau_kernel(list_ref, cnt_ref, tmax_ref, qpos_ref, kpos_ref, m_ref, n_ref, q
         return jnp.where(keep, lo, new_lo), jnp.where(keep, hi, new_hi), done
 
     done0 = jnp.where(empty, 1.0, 0.0)
-    lo, _, _ = lax.fori_loop(0, num_passes, one_pass, (lo0, hi0, done0))
+    state = lax.fori_loop(0, num_passes, functools.partial(one_pass, cands=spread),
+                          (lo0, hi0, done0))
+    # finishing passes: at lo alone (Newton's step, or the exact root)
+    lo, _, _ = lax.fori_loop(0, finish_passes, functools.partial(one_pass, cands=[]), state)
     tau_ref[...] = lo
 
 
@@ -488,7 +510,8 @@ def run_tau(st: Static, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, full, bq, bk):
     kernel = functools.partial(
         _tau_kernel, mask_fn=st.mask_fn, zscale=st.zscale, alpha=st.alpha, block_k=bk,
         num_q_blocks=nq, num_heads=h, list_len=nk, num_passes=cfg.passes(st.alpha),
-        num_candidates=cfg.num_candidates, recheck_tiles=bool(cfg.recheck_tiles))
+        finish_passes=cfg.finishing_passes(st.alpha), num_candidates=cfg.num_candidates,
+        recheck_tiles=bool(cfg.recheck_tiles))
     return pl.pallas_call(
         kernel,
         grid=(nq, b, h),
