@@ -34,7 +34,7 @@ Run on a GPU machine:
 Tile / search sweep (one extra row per entry, same inputs; flash is timed once, on the
 base row, and its figures reused):
   PYTHONPATH=. python experiments/bench_entmax.py --seq_lens 16384 \
-      --sweep num_candidates=1/num_passes=5,block_q=128/num_warps=8,num_candidates=2
+      --sweep recheck_tiles=0,block_q=128/num_warps=8,num_candidates=3/num_passes=4/finish_passes=0
 Besides `--out` (all rows, the settings and the device), each row goes as it is measured
 to `<out>.jsonl` and its figures to TensorBoard scalars `entmax/<inputs>/<name>` at step = T.
 """
