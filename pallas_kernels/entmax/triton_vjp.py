@@ -113,7 +113,7 @@ def backward(st: Static, extras: dict, dout):
     kw = dict(mask_fn=st.mask_fn, zscale=st.zscale, scale=st.scale, alpha=st.alpha)
 
     # dQ
-    idx, count = extras["tile_list"]                                           # the output pass's
+    idx, count = extras["tile_list"]                     # the output pass's list: same tiles
     rev = lambda i: nq - 1 - i  # noqa: E731
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_k=bk, num_q_blocks=nq, num_heads=h, list_len=nk, **kw),
