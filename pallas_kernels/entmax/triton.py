@@ -217,9 +217,12 @@ def _stats_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, m_ref, n_ref, tmax_
     def step(j, carry, masked):
         m, n = carry
         sl = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-        vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None) if masked else None
-        z = scores(q, k_ref[sl, :], zscale, vis)
-        row = z.max(axis=-1)
+        if masked:
+            vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None)
+            row = scores(q, k_ref[sl, :], zscale, vis).max(axis=-1)
+        else:                                   # zscale > 0: scale the row maxima only
+            row = lax.dot_general(q, k_ref[sl, :], NT,
+                                  preferred_element_type=jnp.float32).max(axis=-1) * zscale
         tmax_ref[j] = jnp.max(row)              # one scalar per tile pair
         cnt = vis.astype(jnp.float32).sum(axis=-1) if masked else jnp.float32(block_k)
         return jnp.maximum(m, row), n + cnt
