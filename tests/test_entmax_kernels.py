@@ -237,6 +237,10 @@ def test_block_skipping_triggers_on_structured_inputs_and_stays_exact():
     pos = jnp.arange(96)[None]
     live, lower_live = jax.jit(lambda q, k: T.tile_statistics(st, q, k, pos, pos))(q, k)
     assert float(live) <= 0.6 and float(lower_live) < 1.0
+    # taller stats tiles keep each 16-row part's max: the same live tiles
+    tall = dataclasses.replace(st, config=dataclasses.replace(cfg, stats_block_q=32))
+    live_tall, lower_tall = jax.jit(lambda q, k: T.tile_statistics(tall, q, k, pos, pos))(q, k)
+    assert float(live_tall) == float(live) and float(lower_tall) == float(lower_live)
     cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     out, tau, grads = run("triton", (q, k, v), {**kw, "scale": 0.25}, cot, cfg)
     r_out, r_tau, r_grads = run("xla", (q, k, v), {**kw, "scale": 0.25}, cot)

@@ -8,9 +8,10 @@ q . k` units, where `p = [z - tau]_+^(1/(alpha-1))`.
 1. `stats`: one pass over the visible KV tiles (causal tiles skipped, `flash.blocks`
    tables) for each row's max `m` and visible count `n`, and each tile pair's max score
    `tmax` (one scalar per pair). It is the one pass over every visible tile and does no
-   more than `q k^T` and a max (tensor-core bound), so it runs on its own larger tiles
-   (`stats_block_q x stats_block_k`, default 128x128, 8 warps); a fine tile of the other
-   kernels takes the max of the stats tile holding it (an upper bound).
+   more than `q k^T` and a max, so it runs on its own taller tiles (`stats_block_q x
+   stats_block_k`, default 128x64, 8 warps: half the K traffic of 64-row tiles, which at
+   64K is ~140 GB from L2) and writes the max of each 64-row half (the tiles of the other
+   kernels) from its row maxima.
 2. `tau`: the threshold lies in `[m - 1, m - (1/n)^(alpha-1)]`. A tile whose `tmax` is at
    most `min_rows(m) - 1` can hold no support and is skipped from here on (block
    skipping, AdaSplash, arXiv 2502.12082). Each of `num_passes` passes over the live tiles
@@ -97,10 +98,12 @@ class EntmaxTritonConfig:
     num_candidates: points besides `lo` at which each of the `num_passes` passes evaluates
       `f` (and its Newton / exactness statistics).
     stats_block_q, stats_block_k: tiles of the stats kernel (row max, per-tile max), a
-      pass over every visible tile that is tensor-core bound: large tiles pay. Multiples of
-      `block_q` / `block_k` (powers of two); its per-tile maxima bound the maxima of the
-      fine tiles inside (a coarser bound: a fine tile is skipped only where its whole
-      coarse tile is below the threshold).
+      pass over every visible tile with no more than `q k^T` and a max: 128 query rows
+      halve the K traffic of 64. Multiples of `block_q` / `block_k` (powers of two). The
+      kernel keeps the max of each `block_q` rows of its tile (a select on the row maxima,
+      not per score); a `stats_block_k` above `block_k` gives each fine tile the max of
+      the wider tile (an upper bound: fewer tiles skipped; at 16K on topic inputs 128
+      made 10% of the tile pairs live at the lower bound instead of 7%).
     stats_num_warps, stats_num_stages: the stats kernel's Triton launch parameters.
     recheck_tiles: each threshold pass skips the arithmetic of a listed tile whose max is
       at or below the lowest lower bound of the tile's rows not yet exact (the bounds rise
@@ -117,7 +120,7 @@ class EntmaxTritonConfig:
     finish_passes: int | None = None
     num_candidates: int = 2
     stats_block_q: int = 128
-    stats_block_k: int = 128
+    stats_block_k: int = 64
     stats_num_warps: int = 8
     stats_num_stages: int = 3
     recheck_tiles: bool = True
@@ -206,13 +209,16 @@ def scores(q, k, zscale, vis):
 
 
 def _stats_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, m_ref, n_ref, tmax_ref, *,
-                  mask_fn, zscale, block_k, num_q_blocks):
+                  mask_fn, zscale, block_k, num_q_blocks, num_k_blocks, split_q):
+    """`tmax_ref [split_q * num_k_blocks]`: the max of each row part (`split_q` parts of
+    the query tile, the other kernels' query tiles) x KV tile."""
     i = num_q_blocks - 1 - pl.program_id(0)
     b = pl.program_id(1)
     base = (b * num_q_blocks + i) * 4
     lo, flo, fhi, hi = (tab_ref[base + c] for c in range(4))
     q = q_ref[...]
     qp = qpos_ref[...][:, None]
+    part = lax.broadcasted_iota(jnp.int32, (q.shape[0],), 0) // (q.shape[0] // split_q)
 
     def step(j, carry, masked):
         m, n = carry
@@ -223,7 +229,9 @@ def _stats_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, m_ref, n_ref, tmax_
         else:                                   # zscale > 0: scale the row maxima only
             row = lax.dot_general(q, k_ref[sl, :], NT,
                                   preferred_element_type=jnp.float32).max(axis=-1) * zscale
-        tmax_ref[j] = jnp.max(row)              # one scalar per tile pair
+        for r in range(split_q):                # one scalar per (row part, KV tile)
+            tmax_ref[r * num_k_blocks + j] = jnp.max(row if split_q == 1 else
+                                                     jnp.where(part == r, row, NEG))
         cnt = vis.astype(jnp.float32).sum(axis=-1) if masked else jnp.float32(block_k)
         return jnp.maximum(m, row), n + cnt
 
@@ -465,19 +473,21 @@ def row_min_per_tile(x, valid, bq: int):
 
 def run_stats(st: Static, qp, kp, q_pos_p, kv_pos_p, bq, bk):
     """Row max `m`, visible count `n` (`[B, H, Tq_p]`), the per-tile max `tmax [B, H, nQ,
-    nK]` on the `(bq, bk)` tiles (an upper bound: the max of the stats tile holding it;
-    `NEG` where nothing is visible) and `full [B, nQ, nK]` bool (every element visible)."""
+    nK]` on the `(bq, bk)` tiles (exact where `stats_block_k == bk`, else the max over the
+    stats tile's `bq` rows: an upper bound; `NEG` where nothing is visible) and
+    `full [B, nQ, nK]` bool (every element visible)."""
     cfg = st.config
     b, tq_p, h, d_p = qp.shape
     tk_p, hkv = kp.shape[1], kp.shape[2]
     group = h // hkv
     sbq, sbk = stats_tiles(st, tq_p, tk_p)
     nq, nk = tq_p // sbq, tk_p // sbk
+    split = sbq // bq                           # the tile max of each (bq)-row part
     tab = blocks.tables(st.mask_fn, q_pos_p, kv_pos_p, None, None, sbq, sbk)      # [B, nQ, 4]
     rev = lambda i: nq - 1 - i  # noqa: E731
     m, n, tmax = pl.pallas_call(
         functools.partial(_stats_kernel, mask_fn=st.mask_fn, zscale=st.zscale, block_k=sbk,
-                          num_q_blocks=nq),
+                          num_q_blocks=nq, num_k_blocks=nk, split_q=split),
         grid=(nq, b, h),
         in_specs=[
             pl.BlockSpec(),
@@ -489,19 +499,19 @@ def run_stats(st: Static, qp, kp, q_pos_p, kv_pos_p, bq, bk):
         out_specs=[
             pl.BlockSpec((None, None, sbq), lambda i, b_, h_: (b_, h_, rev(i))),
             pl.BlockSpec((None, None, sbq), lambda i, b_, h_: (b_, h_, rev(i))),
-            pl.BlockSpec((None, None, None, nk), lambda i, b_, h_: (b_, h_, rev(i), 0)),
+            pl.BlockSpec((None, None, None, split * nk), lambda i, b_, h_: (b_, h_, rev(i), 0)),
         ],
         out_shape=[jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32),
                    jax.ShapeDtypeStruct((b, h, tq_p), jnp.float32),
-                   jax.ShapeDtypeStruct((b, h, nq, nk), jnp.float32)],
+                   jax.ShapeDtypeStruct((b, h, nq, split * nk), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=cfg.stats_num_warps,
                                              num_stages=cfg.stats_num_stages),
         interpret=st.interpret, name="entmax_stats",
     )(tab.reshape(-1), q_pos_p, kv_pos_p, qp, kp)
     j = jnp.arange(nk, dtype=jnp.int32)
     visited = (j >= tab[:, :, 0:1]) & (j < tab[:, :, 3:4])                          # [B, nQ, nK]
-    tmax = jnp.where(visited[:, None], tmax, NEG)
-    tmax = jnp.repeat(jnp.repeat(tmax, sbq // bq, axis=2), sbk // bk, axis=3)     # fine tiles
+    tmax = jnp.where(visited[:, None, :, None], tmax.reshape(b, h, nq, split, nk), NEG)
+    tmax = jnp.repeat(tmax.reshape(b, h, nq * split, nk), sbk // bk, axis=3)     # fine tiles
     present, full = blocks.block_tables(st.mask_fn, q_pos_p, kv_pos_p, None, None, bq, bk)
     return m, n, jnp.where(present[:, None], tmax, NEG), full
 
