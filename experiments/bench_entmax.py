@@ -17,17 +17,21 @@ Inputs (`--inputs`):
   the keys of its topic, so whole KV tiles fall below the threshold (local, clustered
   attention, the case AdaSplash's block masks are built for).
 
-Measured (H100 80GB, jax 0.11.2, 2026-12-06, commit 516d7bd + the dispatch test; `--seq_lens
-4096,16384 --iters 5 --check_rows 32`; flash = impl "auto", i.e. Mosaic GPU; adasplash not
-installed there; ms, x = flash time / ours):
+Measured (H100 80GB, jax 0.11.2, 2026-12-06 ~20:30 UTC, code of cf662ea (stats on 128x128
+tiles); `--seq_lens 4096,16384,65536 --iters 5 --check_rows 32 --noadasplash --inputs
+topics,random`, cut at 150 s before random 64K; flash = impl "auto", i.e. Mosaic GPU; ms,
+x = flash time / ours):
 
   inputs     T | zeros  live tiles (lower bound) | fwd  ours / flash      x | f+b  ours / flash     x
-  random  4096 | 0.990  1.00 (1.00)             |      2.167 / 0.266  0.12 |      2.899 / 0.783  0.27
-  random 16384 | 0.997  1.00 (1.00)             |     26.013 / 1.813  0.07 |     34.385 / 7.334  0.21
-  topics  4096 | 0.978  0.16 (0.17)             |      0.836 / 0.257  0.31 |      1.060 / 0.783  0.74
-  topics 16384 | 0.994  0.05 (0.07)             |      4.575 / 1.765  0.39 |      5.540 / 7.296  1.32
+  topics  4096 | 0.978  0.17 (0.20)             |      0.707 / 0.280  0.40 |      0.927 / 0.916  0.99
+  topics 16384 | 0.994  0.06 (0.10)             |      3.421 / 1.926  0.56 |      4.549 / 7.607  1.67
+  topics 65536 | 0.998  0.03 (0.04)             |     27.701 / 28.659 1.03 |     34.065 / 120.70 3.54
+  random  4096 | 0.990  1.00 (1.00)             |      1.368 / 0.303  0.22 |      2.162 / 0.891  0.41
+  random 16384 | 0.997  1.00 (1.00)             |     14.141 / 1.851  0.13 |     21.985 / 7.625  0.35
 
-(relative error against the reference on 32 rows: 2.2e-3 to 2.5e-3, bf16.) 64K was not run.
+(relative error against the reference on 32 rows: 2.1e-3 to 2.5e-3, bf16.) The previous
+kernels (commit 516d7bd, same flags at 4K/16K): topics 16K 4.575 / 5.540 ms, random 16K
+26.01 / 34.39 ms.
 
 Run on a GPU machine:
   PYTHONPATH=. python experiments/bench_entmax.py --out /tmp/bench_entmax.json

@@ -48,16 +48,27 @@ skip the exactness statistics (about 5 operations per score and point instead of
 pass and 108-144 for the previous 4 passes of 4 points. Placing the points near the
 secant bound, or more points in the first pass, did not help.
 
-Performance (H100, B=1, H=16/16, D=128, causal, bf16, alpha=1.5; previous kernels: one
-64x64 tiling, 3 candidates; `experiments/bench_entmax.py`, 2026-12-06): the threshold
-passes are ALU-bound (per score, pass and point: subtract, clamp, square, four row
-reductions, about 9 operations, against flash's ~6 per score in all), so on N(0, 1)
-inputs, where every tile stays live, the forward was 8x (4K) to 14x (16K) slower than our
-softmax `flash` (Mosaic GPU on Hopper) and forward+backward 3.7x to 4.7x slower. On
-topic-structured inputs (5% of tiles live at 16K) forward+backward was 1.32x faster than
-`flash` at 16K (0.74x at 4K), the forward 2.6x slower. A floor on N(0, 1) inputs for any
-such multi-pass design: stats, >= 2 threshold passes and the output pass are >= 4 `q k^T`
-products plus one `p v` over every tile, against flash's two products.
+Performance (H100 80GB, B=1, H=16/16, D=128, causal, bf16, alpha=1.5, flash = our softmax
+`flash` impl "auto" (Mosaic GPU); `experiments/bench_entmax.py --iters 5`, 2026-12-06
+~20:30 UTC, code of cf662ea, i.e. these kernels with 128x128 stats tiles; ms, ratio =
+flash / ours):
+
+  inputs    T | live (lower bound) | fwd ours / flash    x | stats  +tau | f+b ours / flash     x
+  topics   4K | 0.17 (0.20)        |   0.707 / 0.280  0.40 | 0.300 0.545 |   0.927 / 0.916   0.99
+  topics  16K | 0.06 (0.10)        |   3.421 / 1.926  0.56 | 1.530 2.947 |   4.549 / 7.607   1.67
+  topics  64K | 0.03 (0.04)        |  27.70 / 28.66   1.03 | 18.57 25.68 |  34.07 / 120.70   3.54
+  random   4K | 1.00 (1.00)        |   1.368 / 0.303  0.22 | 0.263 1.120 |   2.162 / 0.891   0.41
+  random  16K | 1.00 (1.00)        |  14.14 / 1.851   0.13 | 1.527 11.37 |  21.99 / 7.625    0.35
+
+(the previous kernels, same bench, earlier run: topics 16K fwd 4.57 / f+b 5.54 ms, random
+16K 26.0 / 34.4 ms; in this run's 16K sweep, their settings took 4.575 ms on topics against
+3.434.) Where the time goes: on topic inputs the stats pass, a `q k^T` over every visible
+tile (18.6 of 27.7 ms at 64K, ~470 TFLOP/s); on N(0, 1) inputs the threshold passes (~2 ms
+each at 16K, about as much as a whole flash forward: each recomputes `q k^T` on 64x64
+tiles) and the output pass (~2.8 ms). A floor on N(0, 1) inputs for any such multi-pass
+design: stats, >= 2 threshold passes and the output pass are >= 4 `q k^T` products plus
+one `p v` over every tile, against flash's two products, so the forward cannot reach
+flash there.
 """
 
 from __future__ import annotations
