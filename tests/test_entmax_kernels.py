@@ -122,7 +122,8 @@ def test_traced_alpha_is_refused():
 
 # ----------------------------------------------------------------------------- the kernel
 
-SMALL = EntmaxTritonConfig(block_q=16, block_k=16)
+# stats tiles coarser than the others: the fine tiles' maxima are the coarse ones
+SMALL = EntmaxTritonConfig(block_q=16, block_k=16, stats_block_q=32, stats_block_k=32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,11 +167,11 @@ def make_inputs(c: Case, dtype=jnp.float32):
     return (q, k, v), kw, normal(c.b, c.tq, c.h, c.d).astype(dtype)
 
 
-def run(impl, qkv, kw, cot, config=None):
+def run(impl, qkv, kw, cot, config=None, interpret=True):
     """`(out, tau, (dq, dk, dv))` under one jit (interpret mode compiles once)."""
     def both(q, k, v, cot):
         def f(q, k, v):
-            return entmax_attention(q, k, v, **kw, impl=impl, interpret=True, config=config,
+            return entmax_attention(q, k, v, **kw, impl=impl, interpret=interpret, config=config,
                                     return_tau=True)
         (out, tau), vjp = jax.vjp(f, q, k, v)
         return out, tau, vjp((cot, jnp.zeros_like(tau)))
@@ -231,19 +232,53 @@ def test_block_skipping_triggers_on_structured_inputs_and_stays_exact():
     rng = np.random.default_rng(11)
     q, k, v = structured(rng, 1, 96, 2, 16)
     kw = dict(alpha=1.5, causal=False)
-    st = T.Static(alpha=1.5, causal=False, scale=0.25, config=SMALL, interpret=True)
+    cfg = dataclasses.replace(SMALL, stats_block_q=16, stats_block_k=16)
+    st = T.Static(alpha=1.5, causal=False, scale=0.25, config=cfg, interpret=True)
     pos = jnp.arange(96)[None]
     live, lower_live = jax.jit(lambda q, k: T.tile_statistics(st, q, k, pos, pos))(q, k)
     assert float(live) <= 0.6 and float(lower_live) < 1.0
+    # taller stats tiles keep each 16-row part's max: the same live tiles
+    tall = dataclasses.replace(st, config=dataclasses.replace(cfg, stats_block_q=32))
+    live_tall, lower_tall = jax.jit(lambda q, k: T.tile_statistics(tall, q, k, pos, pos))(q, k)
+    assert float(live_tall) == float(live) and float(lower_tall) == float(lower_live)
     cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    out, tau, grads = run("triton", (q, k, v), {**kw, "scale": 0.25}, cot, SMALL)
+    out, tau, grads = run("triton", (q, k, v), {**kw, "scale": 0.25}, cot, cfg)
     r_out, r_tau, r_grads = run("xla", (q, k, v), {**kw, "scale": 0.25}, cot)
     np.testing.assert_allclose(out, r_out, atol=2e-5, rtol=1e-4)
     for g, r in zip(grads, r_grads):
         assert rel_err(g, r) < 1e-4
+    # skipping dead tiles pass by pass changes no threshold
+    _, tau_all, _ = run("triton", (q, k, v), {**kw, "scale": 0.25}, cot,
+                        dataclasses.replace(cfg, recheck_tiles=False))
+    np.testing.assert_allclose(tau, tau_all, atol=1e-6)
     qn, kn, _ = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k, v))
     live_n, _ = jax.jit(lambda q, k: T.tile_statistics(st, q, k, pos, pos))(qn, kn)
     assert float(live_n) == 1.0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(block_q=48), "block_q must be a power of two"),
+    (dict(block_k=8), "block_k must be a power of two"),
+    (dict(stats_block_q=32), "must be multiples of"),
+    (dict(stats_num_warps=0), "stats_num_warps must be an int"),
+    (dict(num_candidates=0), "num_candidates must be an int"),
+    (dict(num_passes=0), "num_passes must be None or an int"),
+    (dict(finish_passes=-1), "finish_passes must be None or an int"),
+    (dict(recheck_tiles=2), "recheck_tiles must be a bool"),
+])
+def test_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        EntmaxTritonConfig(**{"block_q": 64, **bad})
+
+
+def test_compact_lists_full_tiles_first():
+    """The kernels' tile lists: live tiles needing no element mask first, then the masked
+    ones, each ascending; counts (full, all)."""
+    live = jnp.array([[True, False, True, True, True, False]])
+    full = jnp.array([[True, True, False, True, False, True]])
+    idx, counts = T.compact(live, full)
+    np.testing.assert_array_equal(idx[0, :4], [0, 3, 2, 4])
+    np.testing.assert_array_equal(counts[0], [2, 4])
 
 
 @pytest.mark.slow
@@ -255,7 +290,7 @@ def test_threshold_passes_trade_accuracy():
     ref = entmax_attention(*qkv, **kw, impl="xla")
     fn = jax.jit(lambda q, k, v, cfg: entmax_attention(q, k, v, **kw, impl="triton", interpret=True,
                                                        config=cfg), static_argnums=3)
-    one = fn(*qkv, dataclasses.replace(SMALL, num_passes=1, num_candidates=1))
+    one = fn(*qkv, dataclasses.replace(SMALL, num_passes=1, finish_passes=0, num_candidates=1))
     default = fn(*qkv, SMALL)
     np.testing.assert_allclose(default, ref, atol=2e-5)
     assert float(jnp.abs(one - ref).max()) > 1e-3
@@ -269,7 +304,7 @@ def test_triton_compiled_on_gpu(case):
     the scores, so tolerances are TF32-sized; bf16 on a larger ragged shape."""
     with jax.default_device(jax.devices("gpu")[0]):
         qkv, kw, cot = make_inputs(case)
-        out, tau, grads = run("triton", qkv, kw, cot)
+        out, tau, grads = run("triton", qkv, kw, cot, interpret=False)
         with jax.default_matmul_precision("highest"):
             r_out, r_tau, r_grads = run("xla", qkv, kw, cot)
         assert rel_err(out, r_out) < 5e-3
@@ -279,7 +314,7 @@ def test_triton_compiled_on_gpu(case):
             assert np.all(np.isfinite(g)) and rel_err(g, r) < 2e-2
         c = dataclasses.replace(case, tq=300, tk=300 if case.causal else 333, d=64)
         qkv, kw, cot = make_inputs(c, jnp.bfloat16)
-        out, tau, grads = run("triton", qkv, kw, cot)
+        out, tau, grads = run("triton", qkv, kw, cot, interpret=False)
         r_out, r_tau, r_grads = run("xla", qkv, kw, cot)
         assert rel_err(out, r_out) < 2e-2
         for g, r in zip(grads, r_grads):

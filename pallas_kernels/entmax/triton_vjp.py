@@ -36,24 +36,26 @@ def _dq_kernel(list_ref, cnt_ref, qpos_ref, kpos_ref, tau_ref, l_ref, c_ref, q_r
     i = num_q_blocks - 1 - pl.program_id(0)
     b, h = pl.program_id(1), pl.program_id(2)
     row = (b * num_heads + h) * num_q_blocks + i
-    count = cnt_ref[row]
+    num_full, count = cnt_ref[2 * row], cnt_ref[2 * row + 1]
     q, do = q_ref[...], do_ref[...]
     qp = qpos_ref[...][:, None]
     tau = tau_ref[...][:, None]
     gscale = g_norm(l_ref[...], alpha)[:, None]
     c = c_ref[...][:, None]
 
-    def step(t, dq):
+    def step(t, dq, masked):
         j = list_ref[row * list_len + t]
         sl = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         k, v = k_ref[sl, :], v_ref[sl, :]
-        vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None)
+        vis = blocks.visible(mask_fn, qp, kpos_ref[sl][None, :], None, None) if masked else None
         r = jnp.maximum(scores(q, k, zscale, vis) - tau, 0.0)
         dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
         ds = pow_g(r, alpha) * gscale * (dp - c)
         return dq + lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=jnp.float32)
 
-    dq = lax.fori_loop(0, count, step, jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(0, num_full, functools.partial(step, masked=False),
+                       jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(num_full, count, functools.partial(step, masked=True), dq)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -66,14 +68,14 @@ def _dkv_kernel(list_ref, cnt_ref, qpos_ref, kpos_ref, tau_ref, l_ref, c_ref, q_
 
     def head(g, carry):
         row = (b * num_heads + hk * group + g) * num_k_blocks + j
-        count = cnt_ref[row]
+        num_full, count = cnt_ref[2 * row], cnt_ref[2 * row + 1]
 
-        def step(t, carry):
+        def step(t, carry, masked):
             dk, dv = carry
             i = list_ref[row * list_len + t]
             sl = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
             q, do = q_ref[sl, g, :], do_ref[sl, g, :]
-            vis = blocks.visible(mask_fn, qpos_ref[sl][None, :], kp, None, None)
+            vis = blocks.visible(mask_fn, qpos_ref[sl][None, :], kp, None, None) if masked else None
             r_t = jnp.maximum(scores(k, q, zscale, vis) - tau_ref[g, sl][None, :], 0.0)  # [bk, bq]
             l = l_ref[g, sl]
             p_t = pow_p(r_t, alpha) * (1.0 / jnp.where(l > 0, l, 1.0))[None, :]
@@ -83,7 +85,8 @@ def _dkv_kernel(list_ref, cnt_ref, qpos_ref, kpos_ref, tau_ref, l_ref, c_ref, q_
             dk = dk + lax.dot_general(ds_t.astype(q.dtype), q, NN, preferred_element_type=jnp.float32)
             return dk, dv
 
-        return lax.fori_loop(0, count, step, carry)
+        carry = lax.fori_loop(0, num_full, functools.partial(step, masked=False), carry)
+        return lax.fori_loop(num_full, count, functools.partial(step, masked=True), carry)
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = head(0, carry) if group == 1 else lax.fori_loop(0, group, head, carry)
@@ -98,6 +101,7 @@ def backward(st: Static, extras: dict, dout):
     qp, kp, vp = extras["qp"], extras["kp"], extras["vp"]
     q_pos_p, kv_pos_p = extras["q_pos_p"], extras["kv_pos_p"]
     tau, l, vbar, live = extras["tau"], extras["l"], extras["vbar"], extras["live"]
+    full = extras["full"]                                                      # [B, nQ, nK]
     b, tq_p, h, d_p = qp.shape
     tk_p, hkv, dv_p = kp.shape[1], kp.shape[2], vp.shape[3]
     group = h // hkv
@@ -109,7 +113,7 @@ def backward(st: Static, extras: dict, dout):
     kw = dict(mask_fn=st.mask_fn, zscale=st.zscale, scale=st.scale, alpha=st.alpha)
 
     # dQ
-    idx, count = compact(live)
+    idx, count = extras["tile_list"]                     # the output pass's list: same tiles
     rev = lambda i: nq - 1 - i  # noqa: E731
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_k=bk, num_q_blocks=nq, num_heads=h, list_len=nk, **kw),
@@ -130,7 +134,7 @@ def backward(st: Static, extras: dict, dout):
     )(idx.reshape(-1), count.reshape(-1), q_pos_p, kv_pos_p, tau, l, c, qp, kp, vp, do)
 
     # dK, dV
-    idx_t, count_t = compact(live.swapaxes(2, 3))                              # [B, H, nK, nQ]
+    idx_t, count_t = compact(live.swapaxes(2, 3), full.swapaxes(1, 2)[:, None])  # [B, H, nK, nQ]
     grouped = lambda x: x.reshape(b, tq_p, hkv, group, x.shape[-1])  # noqa: E731
     per_head = lambda x: x.reshape(b, hkv, group, tq_p)  # noqa: E731
     stat = pl.BlockSpec((None, None, group, tq_p), lambda j, b_, h_: (b_, h_, 0, 0))
