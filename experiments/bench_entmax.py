@@ -229,12 +229,9 @@ def main(argv):
                     print(f"inputs={kind} T={t} {label} failed: {type(e).__name__}: {str(e)[:800]}",
                           flush=True)
                     continue
-                try:   # the JSONL line is written first; TensorBoard needs tensorboardX
-                    log.write(rows[-1], step=t, tag=f"entmax/{kind}" + (f"/{label}" if label else ""),
-                              keys=[k_ for k_, v_ in rows[-1].items()
-                                    if isinstance(v_, float) and k_ != "alpha"])
-                except ImportError as e:
-                    print(f"no TensorBoard scalars ({e}); the JSONL has the row", flush=True)
+                log.write(rows[-1], step=t, tag=f"entmax/{kind}" + (f"/{label}" if label else ""),
+                          keys=[k_ for k_, v_ in rows[-1].items()
+                                if isinstance(v_, float) and k_ != "alpha"])
     with open(FLAGS.out, "w") as fh:
         json.dump(dict(info=info, rows=rows), fh, indent=1)
     print(f"\n{info}")

@@ -40,6 +40,13 @@ class MetricsLog:
         self.resume_from = resume_from
         if resume_from is not None:
             _truncate_jsonl(jsonl_path, resume_from)
+        try:      # at the start, not at the first write after minutes of work
+            from tensorboardX import SummaryWriter  # noqa: PLC0415
+        except ImportError as e:
+            raise ImportError("the experiment scripts log TensorBoard scalars through tensorboardX "
+                              "(a dependency in pyproject.toml): pip install tensorboardX, or on a "
+                              "machine without a registry carry its wheel") from e
+        self._summary_writer = SummaryWriter
         self._file = open(jsonl_path, "w" if resume_from is None else "a")
         self._writers = {}
 
@@ -59,10 +66,9 @@ class MetricsLog:
 
     def _writer(self, run: str | None):
         if run not in self._writers:
-            from tensorboardX import SummaryWriter
             logdir = self.tb_dir if run is None else os.path.join(self.tb_dir, run)
             purge = None if self.resume_from is None else self.resume_from + 1
-            self._writers[run] = SummaryWriter(logdir, purge_step=purge)
+            self._writers[run] = self._summary_writer(logdir, purge_step=purge)
         return self._writers[run]
 
     def close(self):

@@ -258,6 +258,15 @@ def test_metrics_log_writes_jsonl_and_tensorboard(tmp_path):
         MetricsLog(str(path), resume_from=-1)
 
 
+def test_metrics_log_without_tensorboardx_fails_at_the_start(tmp_path, monkeypatch):
+    """A missing tensorboardX is an error when the log opens (before any work), not at the
+    first write after minutes of training; no JSONL is left behind."""
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)      # import -> ImportError
+    with pytest.raises(ImportError, match="pip install tensorboardX"):
+        MetricsLog(str(tmp_path / "m.jsonl"))
+    assert not (tmp_path / "m.jsonl").exists()
+
+
 def test_compare_hybrids_tiny_run_writes_results_and_metrics(tmp_path):
     out = tmp_path / "hybrids"
     done = subprocess.run(
