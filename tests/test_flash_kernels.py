@@ -121,7 +121,7 @@ def test_block_tables_skip_causal_upper_triangle():
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: c.name)
 def test_triton_compiled_on_gpu(case):
-    """The real Triton kernels (float32 dots run as IEEE fp32 in the Triton lowering)."""
+    """The real Triton kernels (float32 dots run as TF32 in the Triton lowering)."""
     # float32 dots run as TF32 on GPU, in the kernel (Triton's default) and in XLA's
     # reference alike: compare against a float32-exact reference with TF32 tolerances.
     with jax.default_device(jax.devices("gpu")[0]):

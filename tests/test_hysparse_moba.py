@@ -1,5 +1,8 @@
 """HySparse (full + sparse layers, shared KV and block selection) and MoBA."""
 
+import logging
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -323,9 +326,11 @@ def test_per_token_token_sparse_kernel_equals_block_sparse_xla_path(select):
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("spec", ["HYM", "HYYHM"])
-def test_hysparse_moba_model_compiles_on_gpu_with_auto(spec):
+def test_hysparse_moba_model_compiles_on_gpu_with_auto(spec, caplog):
     """impl="auto" on a GPU: per-token MoBA and HySparse (query_block=1) run the Triton
-    `token_sparse` kernel; forward and gradient equal the XLA model."""
+    `token_sparse` kernel (checked in the dispatch log: an "auto" that fell back to the XLA
+    reference would compare the XLA model with itself); forward and gradient equal the XLA
+    model."""
     kw = dict(vocab_size=64, layer_spec=spec, d_model=64, num_heads=4, num_kv_heads=2,
               hysparse=HySparseConfig(block_size=16, top_k_tokens=32, window=16), moba_block=16,
               moba_top_k=2)
@@ -340,7 +345,12 @@ def test_hysparse_moba_model_compiles_on_gpu_with_auto(spec):
 
         return step(model)
 
-    (l_auto, g_auto), (l_xla, g_xla) = run("auto"), run("xla")
+    with caplog.at_level(logging.DEBUG, logger="pallas_kernels"):
+        l_auto, g_auto = run("auto")
+    chosen = set(re.findall(r"(\w+) impl='auto': runs '(\w+)'", caplog.text))
+    assert ("token_sparse", "triton") in chosen and "flash" in {op for op, _ in chosen}, chosen
+    assert not {op for op, name in chosen if name == "xla"}, chosen
+    l_xla, g_xla = run("xla")
     np.testing.assert_allclose(l_auto, l_xla, atol=1e-3, rtol=1e-3)
     for a, e in zip(jax.tree.leaves(g_auto), jax.tree.leaves(g_xla)):   # TF32 dots: relative norm
         assert float(jnp.linalg.norm(a - e)) <= 2e-2 * float(jnp.linalg.norm(e)) + 1e-6
