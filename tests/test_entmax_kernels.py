@@ -46,6 +46,24 @@ def test_sort_threshold_is_exact_and_matches_bisection(alpha):
     assert (p == 0).mean() > 0.3              # sparse: many exact zeros
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_sort_threshold_over_the_top_candidates_equals_the_full_sort(alpha):
+    """Long rows search their top `candidates` first: the same tau as the full sort, for
+    sparse rows (support < candidates) and for rows whose support is larger (near-uniform
+    scores: redone by the full sort), masked and empty rows included."""
+    rng = np.random.default_rng(11)
+    z, mask = masked_rows(rng, (16, 300), 0.9)
+    z = z.at[5].set(1e-3 * z[5]).at[6].set(0.0)          # supports of ~all visible keys
+    full = R.threshold_sort(z, mask, alpha, candidates=None)
+    for c in (8, 64, 299):
+        got = R.threshold_sort(z, mask, alpha, candidates=c)
+        np.testing.assert_allclose(got, full, atol=1e-6, rtol=0)
+    sparse = R.threshold_sort(z[7:], mask[7:], alpha, candidates=64)    # no row redone
+    np.testing.assert_allclose(sparse, full[7:], atol=1e-6, rtol=0)
+    support = ((z[5] > full[5]) & mask[5]).sum()
+    assert support > 64                                   # the redo path really ran
+
+
 @pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
 def test_reference_backward_is_the_entmax_jacobian(alpha):
     """The custom_vjp (sparse Jacobian) equals autodiff through the threshold: through the
