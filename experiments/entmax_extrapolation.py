@@ -226,7 +226,7 @@ def plot(rows, path: str):
     for r in rows:
         lens = sorted(int(t) for t in r["acc"])
         ax.plot(lens, [r["acc"][str(t)] for t in lens], marker="o",
-                label=f"{r['model']} ({r['spec']}, {r['steps_run']} steps)")
+                label=f"{r['model']} ({r['spec']}, {r['steps_run']} steps, seed {r['settings']['seed']})")
     s = rows[0]["settings"]
     ax.axvline(s["train_len"], color="gray", ls=":", lw=1)
     ax.set_xscale("log", base=2)
