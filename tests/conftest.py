@@ -49,6 +49,23 @@ def pytest_configure(config):
     os.environ.update(platform_env(config.getoption("markexpr", "") or "", os.environ))
 
 
+GPU_OPTIONAL = "SPARSE_JAX_GPU_OPTIONAL"
+
+
+def pytest_sessionstart(session):
+    """`-m gpu` where JAX sees no GPU (no CUDA plugin, a wrong JAX_PLATFORMS) stops with a
+    usage error instead of reporting every GPU test as skipped; `SPARSE_JAX_GPU_OPTIONAL=1`
+    lets them skip (e.g. checking the GPU run's setup on a CPU machine)."""
+    if not selects_gpu_tests(session.config.getoption("markexpr", "") or "") or os.environ.get(GPU_OPTIONAL) == "1":
+        return
+    import pytest
+    from gpu_testing import has_gpu
+    if not has_gpu():
+        pytest.exit(f"-m gpu selects the GPU tests, but JAX sees no GPU (is its CUDA plugin installed? "
+                    f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS')}); set {GPU_OPTIONAL}=1 to let them skip",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 # CPU seconds of each test file (setup + tests, 2026-12-06, with the settings above, `make
 # test` on the 2-core machine; files under 5 s left out). Only the order matters: `make test`
 # runs `-n 2 --dist loadscope --no-loadscope-reorder`, so each file (each class of

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from gpu_testing import has_gpu
 from conftest import FILE_CPU_S, platform_env, pytest_collection_modifyitems, selects_gpu_tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +78,13 @@ def test_pytest_m_gpu_sets_the_gpu_environment():
                         "JAX_DISABLE_MOST_OPTIMIZATIONS")}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-m", "gpu",
                            "tests/test_conftest.py::test_gpu_run_environment"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env={**env, "SPARSE_JAX_GPU_OPTIONAL": "1"}, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:]
     assert "JAX_PLATFORMS=None" in done.stdout
+    if not has_gpu():        # this CPU machine: without the opt-in, `-m gpu` is a usage error
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                               "tests/test_conftest.py::test_gpu_run_environment"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout[-3000:]
+        assert "JAX sees no GPU" in done.stdout + done.stderr
