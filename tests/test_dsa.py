@@ -14,7 +14,6 @@ from sparse_jax.cache.mla import DSACache
 from sparse_jax.layers.attention import AttentionConfig
 from sparse_jax.layers.dsa import DSAAttention, indexer_filter, total_indexer_loss
 from sparse_jax.layers.mla import MLAAttention
-from sparse_jax.ops import dsa as dops
 from sparse_jax.models.lm import LMConfig
 from sparse_jax.ops import dsa as D
 from sparse_jax.ops import mla as M
@@ -98,21 +97,31 @@ def test_topk_attention_and_gradients_against_dense_mask():
     assert float(jnp.abs(g["index_wq"][...]).max()) == 0.0       # no gradient through top-k
 
 
+def prefill_then_decode(layer, x, pos, cache, *, prefill):
+    """Outputs `[B, T, d]` of a prefill of the first `prefill` tokens, then one token a step."""
+    y, cache = step(layer, x[:, :prefill], pos[:, :prefill], cache)
+    outs = [y]
+    for i in range(prefill, x.shape[1]):
+        y, cache = step(layer, x[:, i:i + 1], pos[:, i:i + 1], cache)
+        outs.append(y)
+    return jnp.concatenate(outs, 1)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
 def test_float8_index_keys_scaled_per_token(dtype):
     """Keys far above the float8 range and far below it round-trip within float8's relative
     precision (a plain cast gives NaN above 448 in e4m3fn and 0 for tiny keys)."""
     rng = np.random.default_rng(0)
     k = rng.normal(size=(2, 5, 8)).astype(np.float32) * np.array([1e-4, 1.0, 3e3, 5e4, 0.0])[None, :, None]
-    codes, scale = dops.index_key_codes(jnp.asarray(k), dtype)
+    codes, scale = D.index_key_codes(jnp.asarray(k), dtype)
     assert codes.dtype == dtype and scale.dtype == dtype and scale.shape == (2, 5, 1)
-    back = np.asarray(dops.index_keys_from_codes(codes, scale, jnp.float32))
+    back = np.asarray(D.index_keys_from_codes(codes, scale, jnp.float32))
     assert np.isfinite(back).all()
     rel = 2.0 ** -3 if dtype == jnp.float8_e4m3fn else 2.0 ** -2   # half an ulp, mantissa bits 3 / 2
     amax = np.abs(k).max(-1, keepdims=True)
     assert (np.abs(back - k) <= rel * amax + 1e-30).all()
     assert np.log2(np.asarray(scale, np.float32)).round().tolist() == np.log2(np.asarray(scale, np.float32)).tolist()
-    np.testing.assert_array_equal(dops.round_index_keys(jnp.asarray(back), dtype), back)   # idempotent
+    np.testing.assert_array_equal(D.round_index_keys(jnp.asarray(back), dtype), back)   # idempotent
 
 
 def test_decode_equals_prefill_float8_index_keys():
@@ -125,12 +134,8 @@ def test_decode_equals_prefill_float8_index_keys():
     assert np.isfinite(np.asarray(y_full)).all()
     cache = layer.init_cache(2, 12)
     assert cache.index_keys.k.dtype == jnp.float8_e4m3fn and cache.index_keys.v.shape == (2, 12, 1, 1)
-    y_pre, cache = step(layer, x[:, :6], pos[:, :6], cache)
-    outs = [y_pre]
-    for i in range(6, t):
-        y, cache = step(layer, x[:, i:i + 1], pos[:, i:i + 1], cache)
-        outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), y_full, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(prefill_then_decode(layer, x, pos, cache, prefill=6), y_full,
+                               atol=2e-5, rtol=1e-5)
 
 
 def test_decode_equals_prefill_ragged_low_precision_index_keys():
@@ -142,12 +147,8 @@ def test_decode_equals_prefill_ragged_low_precision_index_keys():
     cache = layer.init_cache(2, 12)
     assert isinstance(cache, DSACache) and cache.index_keys.k.dtype == jnp.bfloat16
     assert cache.nbytes() == 2 * 12 * ((10 + 4) * 4 + 4) + 2 * 12 * (4 * 2 + 4)
-    y_pre, cache = step(layer, x[:, :6], pos[:, :6], cache)
-    outs = [y_pre]
-    for i in range(6, t):
-        y, cache = step(layer, x[:, i:i + 1], pos[:, i:i + 1], cache)
-        outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), y_full, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(prefill_then_decode(layer, x, pos, cache, prefill=6), y_full,
+                               atol=2e-5, rtol=1e-5)
 
 
 def test_indexer_loss_value_against_numpy():
