@@ -72,7 +72,13 @@ class TritonConfig:
     Not swept on a GPU yet: num_stages=3 as the `decode` op's H200 sweep found for its
     similar streaming loop. At B=16, Hkv=4, T=1, 64K context the defaults give C = P = 4
     (256 programs per kernel); offline (Triton 3.9, sm_90) the cmp kernel then takes 255
-    registers without spills and 84 KB of shared memory at 4 warps: two programs per SM."""
+    registers without spills and 84 KB of shared memory at 4 warps: two programs per SM.
+
+    `select_kernel=True` picks the three-kernel plan (see the module docstring; any
+    `cmp_splits`, 1 included): the cmp programs also take the window tiles, the selection
+    runs once per (b, hkv, query) in `nsa_decode_select`, and `tail_splits` parts (default:
+    two selected blocks each) read its indices in `nsa_decode_slc`. Never compiled on a
+    GPU yet."""
 
     block_cmp: int = 64
     block_win: int = 64
@@ -81,8 +87,11 @@ class TritonConfig:
     target_programs: int = 264          # two per H200 SM
     num_warps: int = 4
     num_stages: int = 3
+    select_kernel: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.select_kernel, bool):
+            raise ValueError(f"select_kernel must be a bool, got {self.select_kernel!r}")
         for name in ("block_cmp", "block_win", "target_programs", "num_warps", "num_stages"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < 1:
@@ -110,8 +119,10 @@ class Plan:
     bs_p: int           # bs padded (>= 16) for the split plan's per-head score dots
     r: int              # l' / d
     u: int              # l / d
-    splits: int         # C programs per (b, hkv, t) in the cmp pass (1 = fused kernel)
-    tail_splits: int    # programs per (b, hkv, t) for selection + slc + win (1 when fused)
+    splits: int         # C programs per (b, hkv, t) in the cmp pass (1 = fused kernel unless select_kernel)
+    tail_splits: int    # programs per (b, hkv, t) for selection + slc + win (1 when fused); slc only
+                        # with select_kernel
+    select_kernel: bool  # three-kernel plan: cmp + win, selection once, slc parts
     per: int            # cmp tiles (= score rows) per split; rows = splits * per when split
     rows: int           # score rows R (power of two)
     ns: int             # selection blocks of the slc cache
@@ -153,15 +164,20 @@ def make_plan(q, k_cmp, k_slc, k_win, cfg, config: TritonConfig, scale: float) -
     floor2 = lambda x: pl_next_pow2(x + 1) // 2                  # noqa: E731  largest pow2 <= x
     fill = floor2(_cdiv(config.target_programs, b * hkv * t))
     splits = max(1, min(fill if config.cmp_splits is None else config.cmp_splits, floor2(max_tiles)))
-    tail = fill if config.tail_splits is None else config.tail_splits
-    tail = 1 if splits == 1 else max(1, min(tail, floor2(max(n_out, 1))))
-    if splits == 1:
+    sel = config.select_kernel
+    if config.tail_splits is not None:
+        tail = config.tail_splits
+    else:                       # a select_kernel part only streams blocks: two selected blocks each
+        tail = max(1, floor2(max(n_out, 1)) // 2) if sel else fill
+    tail = 1 if splits == 1 and not sel else max(1, min(tail, floor2(max(n_out, 1))))
+    if splits == 1 and not sel:
         per, rows = max_tiles, pl_next_pow2(_cdiv(ns, bs))
     else:
         per = pl_next_pow2(max(_cdiv(max_tiles, splits), _cdiv(_cdiv(ns, bs), splits)))
         rows = splits * per
     return Plan(t=t, g=h // hkv, rows_p=_p2(h // hkv), d=d, d_p=_p2(d), n_cmp=n_cmp, s_slc=s_slc,
-                s_win=s_win, bc=bc, bs=bs, bs_p=_p2(bs), r=r, u=u, splits=splits, tail_splits=tail, per=per, rows=rows, ns=ns,
+                s_win=s_win, bc=bc, bs=bs, bs_p=_p2(bs), r=r, u=u, splits=splits, tail_splits=tail,
+                select_kernel=sel, per=per, rows=rows, ns=ns,
                 n_out=n_out, n_p=pl_next_pow2(n_out), ls=cfg.sel_block, ls_p=_p2(cfg.sel_block),
                 bw=_p2(min(config.block_win, s_win)), l=cfg.cmp_block, stride=cfg.cmp_stride,
                 window=cfg.window, num_initial=cfg.num_initial, num_local=cfg.num_local,
@@ -302,16 +318,34 @@ class _Program:
                 jnp.zeros((1, pn.bs), jnp.float32))
         return lax.fori_loop(lo, hi, body, init)
 
-    def select(self, scores):
+    def select(self, scores, argmax=False):
         """Step 3 on `scores [rows, width >= bs]` (columns >= bs unused): `[n_p]` int32
-        selected blocks in score order, -1 unused."""
+        selected blocks in score order, -1 unused. A round takes the max and the lowest
+        block at it (two block-wide reductions), or with `argmax` one (value, index)
+        reduction over the flattened candidates (lowest flat index at the max = lowest
+        block, as `width` rows of the same row order), round k picking iff k < the number
+        of causal candidates (they are finite or +inf, the rest -inf)."""
         pn = self.plan
-        col = jnp.arange(scores.shape[1], dtype=jnp.int32)[None, :]
+        width = scores.shape[1]
+        col = jnp.arange(width, dtype=jnp.int32)[None, :]
         blk = jnp.arange(pn.rows, dtype=jnp.int32)[:, None] * pn.bs + col
         causal = self.live & (col < pn.bs) & (blk < pn.ns) & (blk * pn.ls <= self.tt)
         forced = causal & ((blk < pn.num_initial) | (blk > self.tt // pn.ls - pn.num_local))
         cand = jnp.where(forced, jnp.inf, jnp.where(causal, scores, -jnp.inf))
         slot = jnp.arange(pn.n_p, dtype=jnp.int32)
+        if argmax:
+            count = causal.astype(jnp.int32).sum()
+            flat_id = jnp.arange(pn.rows * width, dtype=jnp.int32)
+
+            def one_reduction(k, carry):
+                flat, picked = carry
+                f = jnp.argmax(flat).astype(jnp.int32)
+                idx = (f // width) * pn.bs + f % width
+                picked = jnp.where(slot == k, jnp.where(k < count, idx, -1), picked)
+                return jnp.where(flat_id == f, -jnp.inf, flat), picked
+
+            init = (cand.reshape(pn.rows * width), jnp.full((pn.n_p,), -1, jnp.int32))
+            return lax.fori_loop(0, pn.n_out, one_reduction, init)[1]
 
         def body(k, carry):
             cand, picked = carry
@@ -336,17 +370,18 @@ class _Program:
 
         return lax.fori_loop(0, _cdiv(pn.n_out, pn.tail_splits), body, self.empty())
 
-    def win(self, refs, part):
-        """Step 5: the window slots, `t - w < pos <= t`, tiles `part, part + P, ...`."""
+    def win(self, refs, part, parts):
+        """Step 5: the window slots, `t - w < pos <= t`, tiles `part, part + parts, ...`.
+        Unnormalised carry."""
         pn = self.plan
 
         def body(i2, att):
-            start = (i2 * pn.tail_splits + part) * pn.bw
+            start = (i2 * parts + part) * pn.bw
             k, v, pos = self.tile(*refs, start, pn.bw, pn.bw, pn.s_win)
             vis = self.live & (pos >= 0) & (pos <= self.t) & (pos > self.t - pn.window)
             return self.online(att, self.logits(k, vis), vis, v)
 
-        tiles = _cdiv(_cdiv(pn.s_win, pn.bw), pn.tail_splits)
+        tiles = _cdiv(_cdiv(pn.s_win, pn.bw), parts)
         return lax.fori_loop(0, tiles, body, self.empty())
 
     def finish(self, scores, slc_refs, win_refs, out_refs, lse_refs, idx_ref, part=0):
@@ -354,11 +389,18 @@ class _Program:
         with their base-2 lse when the tail is split) to `out_refs` / `lse_refs`."""
         picked = self.select(scores)
         idx_ref[...] = picked
-        atts = (self.slc(slc_refs, picked, part), self.win(win_refs, part))
-        for (m, l, acc), o_ref, lse_ref in zip(atts, out_refs, lse_refs):
-            o_ref[...] = self.normalised((m, l, acc)).astype(o_ref.dtype)
-            if lse_ref is not None:
-                lse_ref[...] = jnp.where(l > 0.0, _lse(m, l), -jnp.inf)
+        atts = (self.slc(slc_refs, picked, part), self.win(win_refs, part, self.plan.tail_splits))
+        for att, o_ref, lse_ref in zip(atts, out_refs, lse_refs):
+            _write(att, o_ref, lse_ref)
+
+
+def _write(att, o_ref, lse_ref):
+    """An online-softmax carry -> its normalised output and, for a part of a split tail,
+    its base-2 lse (-inf where it saw no key)."""
+    m, l, _ = att
+    o_ref[...] = _Program.normalised(att).astype(o_ref.dtype)
+    if lse_ref is not None:
+        lse_ref[...] = jnp.where(l > 0.0, _lse(m, l), -jnp.inf)
 
 
 def _lse(m, l):
@@ -387,28 +429,41 @@ def _split_program(plan: Plan, qpos_ref, q_ref):
     return prog, lo, jnp.minimum(lo + plan.per, prog.cmp_tiles), (z % plan.splits) * plan.per
 
 
-def _cmp_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref,
-                *, plan: Plan):
-    """Split plan, steps 1-2 in one pass over this split's cmp tiles (K and V read once)."""
+def _cmp_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, *refs, plan: Plan):
+    """Split plan, steps 1-2 in one pass over this split's cmp tiles (K and V read once).
+    refs: `(m, l, acc, st, mt, spill)` outputs; with `plan.select_kernel` the window's K,
+    V, positions first and its `(m, l, acc)` last: the split also runs step 5 on window
+    tiles `split, split + C, ...` (no dependence on the selection, so off its path)."""
     prog, lo, hi, base = _split_program(plan, qpos_ref, q_ref)
+    win_refs, refs = (refs[:3], refs[3:]) if plan.select_kernel else (None, refs)
+    m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref = refs[:6]
     (m, l, acc), spill = prog.cmp_one_pass((kc_ref, vc_ref, cpos_ref), lo, hi, base, st_ref, mt_ref)
     m_ref[...], l_ref[...], acc_ref[...], spill_ref[...] = m, l, acc, spill
+    if plan.select_kernel:
+        mw_ref, lw_ref, accw_ref = refs[6:]
+        mw_ref[...], lw_ref[...], accw_ref[...] = prog.win(win_refs, pl.program_id(2) % plan.splits,
+                                                           plan.splits)
 
 
-def _finish_kernel(qpos_ref, q_ref, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref, ks_ref, vs_ref, spos_ref,
-                   kw_ref, vw_ref, wpos_ref, oc_ref, os_ref, ow_ref, idx_ref, *lse_refs, plan: Plan):
-    """Split plan: the splits' softmax states -> lse and o_cmp; per-head tile scores and
-    spills -> group scores `[rows, bs_p]`; then steps 3-5. Every part of a (b, hkv, query)
-    writes the same o_cmp and indices."""
-    b, h, z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    prog = _Program(plan, q_ref[...], h, qpos_ref[b * plan.t + z // plan.tail_splits])
-    m_s, l_s = m_ref[...], l_ref[...]                                       # [C, rows_p]
+def _combine(plan: Plan, m_ref, l_ref, acc_ref):
+    """The splits' online-softmax states `m, l [C, rows_p]`, `acc [C, rows_p, d_p]` (each
+    relative to its own m) -> `(lse [rows_p] base 2, normalised output [rows_p, d_p])`;
+    zeros where no split saw a key."""
+    m_s, l_s = m_ref[...], l_ref[...]
     m = m_s.max(axis=0)
-    lse = _lse(m, (l_s * jnp.exp2(m_s - m[None, :])).sum(axis=0))           # [rows_p]
+    lse = _lse(m, (l_s * jnp.exp2(m_s - m[None, :])).sum(axis=0))
     w_s = jnp.exp2(m_s - lse[None, :])                                      # [C, rows_p]
-    oc_ref[...] = lax.fori_loop(
+    o = lax.fori_loop(
         0, plan.splits, lambda c, o: o + jnp.where(jnp.arange(plan.splits)[:, None] == c, w_s, 0.0).sum(
-            axis=0)[:, None] * acc_ref[c], jnp.zeros((plan.rows_p, plan.d_p), jnp.float32)).astype(oc_ref.dtype)
+            axis=0)[:, None] * acc_ref[c], jnp.zeros((plan.rows_p, plan.d_p), jnp.float32))
+    return lse, o
+
+
+def _group_scores(plan: Plan, prog, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref, oc_ref):
+    """Split plan: the splits' cmp states -> lse and o_cmp (to `oc_ref`); per-head tile
+    scores and spills -> the group's selection scores `[rows, bs_p]`."""
+    lse, o = _combine(plan, m_ref, l_ref, acc_ref)
+    oc_ref[...] = o.astype(oc_ref.dtype)
     head_id = jnp.arange(plan.rows_p, dtype=jnp.int32)
 
     def head(g, sc):                 # sum over the group's heads of exp2(s - lse) per block
@@ -427,9 +482,38 @@ def _finish_kernel(qpos_ref, q_ref, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill
         add = jnp.where(row_ok, w * spill_ref[c], 0.0).sum(axis=0)[None, :]
         return jnp.where((row_id == hi) & (lo < hi), sc + add, sc)
 
-    scores = lax.fori_loop(0, plan.splits, spill, scores)
+    return lax.fori_loop(0, plan.splits, spill, scores)
+
+
+def _finish_kernel(qpos_ref, q_ref, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref, ks_ref, vs_ref, spos_ref,
+                   kw_ref, vw_ref, wpos_ref, oc_ref, os_ref, ow_ref, idx_ref, *lse_refs, plan: Plan):
+    """Split plan: `_group_scores`, then steps 3-5. Every part of a (b, hkv, query) writes
+    the same o_cmp and indices."""
+    b, h, z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    prog = _Program(plan, q_ref[...], h, qpos_ref[b * plan.t + z // plan.tail_splits])
+    scores = _group_scores(plan, prog, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref, oc_ref)
     prog.finish(scores, (ks_ref, vs_ref, spos_ref), (kw_ref, vw_ref, wpos_ref), (os_ref, ow_ref),
                 lse_refs or (None, None), idx_ref, part=z % plan.tail_splits)
+
+
+def _select_kernel(qpos_ref, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref, mw_ref, lw_ref, accw_ref,
+                   oc_ref, ow_ref, idx_ref, *, plan: Plan):
+    """Three-kernel plan, once per (b, hkv, query): o_cmp and the selection
+    (`_group_scores`, one-reduction rounds), o_win from the cmp splits' window states."""
+    b, h, z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    prog = _Program(plan, None, h, qpos_ref[b * plan.t + z])                # no q: no logits here
+    scores = _group_scores(plan, prog, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref, oc_ref)
+    ow_ref[...] = _combine(plan, mw_ref, lw_ref, accw_ref)[1].astype(ow_ref.dtype)
+    idx_ref[...] = prog.select(scores, argmax=True)
+
+
+def _slc_kernel(qpos_ref, q_ref, idx_ref, ks_ref, vs_ref, spos_ref, os_ref, *lse_ref, plan: Plan):
+    """Three-kernel plan, step 4 on part `z % P` of the selected blocks (`P = tail_splits`):
+    one small load of the indices, then blocks `part, part + P, ...`."""
+    b, h, z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    prog = _Program(plan, q_ref[...], h, qpos_ref[b * plan.t + z // plan.tail_splits])
+    att = prog.slc((ks_ref, vs_ref, spos_ref), idx_ref[...], z % plan.tail_splits)
+    _write(att, os_ref, lse_ref[0] if lse_ref else None)
 
 
 def _merge(o, lse):
@@ -476,41 +560,66 @@ def nsa_decode_triton(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_s
                   kv_spec(v_win), pos_spec(win_positions)]
     shape = lambda *tail, dtype=jnp.float32: jax.ShapeDtypeStruct((b, t, hkv) + tail, dtype)   # noqa: E731
     rows, rd = pn.rows_p, (pn.rows_p, pn.d_p)
-    if c == 1:
+    sel = pn.select_kernel
+    if c == 1 and not sel:
         o_cmp, o_slc, o_win, idx = call(
             functools.partial(_fused_kernel, plan=pn), grid=(b, hkv, t), name="nsa_decode",
             in_specs=[whole, spec(*rd), *cmp_specs, *tail_specs],
             out_specs=[spec(*rd)] * 3 + [spec(pn.n_p)],
             out_shape=[shape(*rd, dtype=q.dtype)] * 3 + [shape(pn.n_p, dtype=jnp.int32)],
         )(qpos, qr, *cmp_in, *tail_in)
-    else:
-        part = functools.partial(spec, parts=c, part_axis=True)
-        m_s, l_s, acc, st, mt, spill = call(
-            functools.partial(_cmp_kernel, plan=pn), grid=(b, hkv, t * c), name="nsa_decode_cmp",
-            in_specs=[whole, spec(*rd, parts=c), *cmp_specs],
-            out_specs=[part(rows)] * 2 + [part(*rd), part(pn.per, rows, pn.bs_p), part(pn.per, rows),
-                                          part(rows, pn.bs_p)],
-            out_shape=[shape(c, rows)] * 2 + [shape(c, *rd), shape(c, pn.per, rows, pn.bs_p),
-                                              shape(c, pn.per, rows), shape(c, rows, pn.bs_p)],
-        )(qpos, qr, *cmp_in)
-        st = st.reshape(b, t, hkv, pn.rows, rows, pn.bs_p)                 # free: splits are row blocks
-        mt = mt.reshape(b, t, hkv, pn.rows, rows)
-        tail = functools.partial(spec, parts=p, part_axis=True)
-        o_dtype = q.dtype if p == 1 else jnp.float32
+        return _unpack(pn, o_cmp, o_slc, o_win, idx, b, t, h)
+    part = functools.partial(spec, parts=c, part_axis=True)
+    state_specs, state_shapes = [part(rows)] * 2 + [part(*rd)], [shape(c, rows)] * 2 + [shape(c, *rd)]
+    outs = call(                     # (m, l, acc, st, mt, spill) + the window's (m, l, acc) with sel
+        functools.partial(_cmp_kernel, plan=pn), grid=(b, hkv, t * c), name="nsa_decode_cmp",
+        in_specs=[whole, spec(*rd, parts=c), *cmp_specs, *(tail_specs[3:] if sel else ())],
+        out_specs=state_specs + [part(pn.per, rows, pn.bs_p), part(pn.per, rows), part(rows, pn.bs_p)]
+        + (state_specs if sel else []),
+        out_shape=state_shapes + [shape(c, pn.per, rows, pn.bs_p), shape(c, pn.per, rows),
+                                  shape(c, rows, pn.bs_p)] + (state_shapes if sel else []),
+    )(qpos, qr, *cmp_in, *(tail_in[3:] if sel else ()))
+    st = outs[3].reshape(b, t, hkv, pn.rows, rows, pn.bs_p)                # free: splits are row blocks
+    mt = outs[4].reshape(b, t, hkv, pn.rows, rows)
+    cmp_out = (*outs[:3], st, mt, outs[5])
+    tail = functools.partial(spec, parts=p, part_axis=True)
+    # A tail of P > 1 parts writes each part's normalised output and lse, merged below.
+    part_specs = lambda n: [spec(*rd)] * n if p == 1 else [tail(*rd)] * n + [tail(rows)] * n   # noqa: E731
+    part_shapes = lambda n: ([shape(*rd, dtype=q.dtype)] * n if p == 1 else            # noqa: E731
+                             [shape(p, *rd)] * n + [shape(p, rows)] * n)
+    state_in = lambda parts: [*[spec(c, rows, parts=parts)] * 2, spec(c, *rd, parts=parts)]  # noqa: E731
+    score_in = lambda parts: [spec(pn.rows, rows, pn.bs_p, parts=parts), spec(pn.rows, rows, parts=parts),  # noqa: E731
+                              spec(c, rows, pn.bs_p, parts=parts)]
+    if not sel:
         outs = call(
             functools.partial(_finish_kernel, plan=pn), grid=(b, hkv, t * p), name="nsa_decode_finish",
-            in_specs=[whole, spec(*rd, parts=p), *[spec(c, rows, parts=p)] * 2, spec(c, *rd, parts=p),
-                      spec(pn.rows, rows, pn.bs_p, parts=p), spec(pn.rows, rows, parts=p),
-                      spec(c, rows, pn.bs_p, parts=p), *tail_specs],
-            out_specs=[spec(*rd, parts=p)] + ([spec(*rd)] * 2 if p == 1 else [tail(*rd)] * 2)
-            + [spec(pn.n_p, parts=p)] + ([] if p == 1 else [tail(rows)] * 2),
-            out_shape=[shape(*rd, dtype=q.dtype)] + [shape(*((p,) if p > 1 else ()), *rd, dtype=o_dtype)] * 2
-            + [shape(pn.n_p, dtype=jnp.int32)] + ([] if p == 1 else [shape(p, rows)] * 2),
-        )(qpos, qr, m_s, l_s, acc, st, mt, spill, *tail_in)
+            in_specs=[whole, spec(*rd, parts=p), *state_in(p), *score_in(p), *tail_specs],
+            out_specs=[spec(*rd, parts=p)] + part_specs(2)[:2] + [spec(pn.n_p, parts=p)] + part_specs(2)[2:],
+            out_shape=[shape(*rd, dtype=q.dtype)] + part_shapes(2)[:2] + [shape(pn.n_p, dtype=jnp.int32)]
+            + part_shapes(2)[2:],
+        )(qpos, qr, *cmp_out, *tail_in)
         o_cmp, o_slc, o_win, idx = outs[:4]
         if p > 1:
             o_slc, o_win = (_merge(o, lse).astype(q.dtype) for o, lse in ((o_slc, outs[4]), (o_win, outs[5])))
-    unpack = lambda o: o[..., :g, :d].reshape(b, t, h, d)                  # noqa: E731
+        return _unpack(pn, o_cmp, o_slc, o_win, idx, b, t, h)
+    o_cmp, o_win, idx = call(
+        functools.partial(_select_kernel, plan=pn), grid=(b, hkv, t), name="nsa_decode_select",
+        in_specs=[whole, *state_in(1), *score_in(1), *state_in(1)],
+        out_specs=[spec(*rd)] * 2 + [spec(pn.n_p)],
+        out_shape=[shape(*rd, dtype=q.dtype)] * 2 + [shape(pn.n_p, dtype=jnp.int32)],
+    )(qpos, *cmp_out, *outs[6:])
+    o_slc = call(
+        functools.partial(_slc_kernel, plan=pn), grid=(b, hkv, t * p), name="nsa_decode_slc",
+        in_specs=[whole, spec(*rd, parts=p), spec(pn.n_p, parts=p), *tail_specs[:3]],
+        out_specs=part_specs(1), out_shape=part_shapes(1),
+    )(qpos, qr, idx, *tail_in[:3])
+    o_slc = o_slc[0] if p == 1 else _merge(*o_slc).astype(q.dtype)
+    return _unpack(pn, o_cmp, o_slc, o_win, idx, b, t, h)
+
+
+def _unpack(pn: Plan, o_cmp, o_slc, o_win, idx, b, t, h):
+    """Kernel outputs `[B, T, Hkv, rows_p, d_p]` -> `[B, T, H, D]`; indices `[..., n_out]`."""
+    unpack = lambda o: o[..., :pn.g, :pn.d].reshape(b, t, h, pn.d)        # noqa: E731
     return unpack(o_cmp), unpack(o_slc), unpack(o_win), idx[..., :pn.n_out]
 
 
