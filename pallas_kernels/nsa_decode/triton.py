@@ -358,12 +358,15 @@ class _Program:
 
     def slc(self, refs, picked, part):
         """Step 4: attention over the picked blocks' rows (slot axis, position-masked), the
-        blocks `part, part + P, ...` of the `P = tail_splits` parts. Unnormalised carry."""
+        blocks `part, part + P, ...` of the `P = tail_splits` parts. `picked`: the `[n_p]`
+        selection in registers, or its ref (`nsa_decode_slc`: one scalar load a block, no
+        reduction). Unnormalised carry."""
         pn = self.plan
         slot = jnp.arange(pn.n_p, dtype=jnp.int32)
 
         def body(k2, att):
-            idx = jnp.where(slot == k2 * pn.tail_splits + part, picked, -1).max()
+            k = k2 * pn.tail_splits + part                     # < n_p: P divides n_p
+            idx = picked[k] if isinstance(picked, jax.Ref) else jnp.where(slot == k, picked, -1).max()
             kk, v, pos = self.tile(*refs, jnp.maximum(idx, 0) * pn.ls, pn.ls, pn.ls_p, pn.s_slc)
             vis = (idx >= 0) & (pos >= 0) & (pos <= self.t)
             return self.online(att, self.logits(kk, vis), vis, v)
@@ -512,7 +515,7 @@ def _slc_kernel(qpos_ref, q_ref, idx_ref, ks_ref, vs_ref, spos_ref, os_ref, *lse
     one small load of the indices, then blocks `part, part + P, ...`."""
     b, h, z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     prog = _Program(plan, q_ref[...], h, qpos_ref[b * plan.t + z // plan.tail_splits])
-    att = prog.slc((ks_ref, vs_ref, spos_ref), idx_ref[...], z % plan.tail_splits)
+    att = prog.slc((ks_ref, vs_ref, spos_ref), idx_ref, z % plan.tail_splits)
     _write(att, os_ref, lse_ref[0] if lse_ref else None)
 
 
