@@ -97,6 +97,54 @@ def test_kernel_matches_reference(case):
     check(got, want, q_pos, 2e-5)
 
 
+@pytest.mark.parametrize("case", [
+    # GQA 4, T=2, 5 cmp tiles on 4 splits, 2 slc parts (default: two selected blocks each),
+    # rows shorter than n blocks, a padded first query, an empty row.
+    dict(cfg=SMALL, lengths=(300, 151, 6, 1, 0), max_len=300, h=8, hkv=2, d=8, t=2, splits=(4, None)),
+    # GQA 1, one cmp split (still the three kernels), slc on one part (no merge).
+    dict(cfg=dict(cmp_block=16, cmp_stride=8, sel_block=32, num_selected=6, window=24),
+         lengths=(260, 97, 33), max_len=260, h=2, hkv=2, d=16, t=1, splits=(1, 1)),
+    # GQA 16, D=12 and l'=12, l > l' with 2 initial + 1 local forced blocks, 4 slc parts.
+    dict(cfg=dict(cmp_block=12, cmp_stride=3, sel_block=6, num_selected=5, num_initial=2, num_local=1,
+                  window=10), lengths=(130, 23), max_len=131, h=16, hkv=1, d=12, t=2, splits=(2, 4)),
+    # Contexts shorter than one selection block (and than one cmp block: no cmp key).
+    dict(cfg=SMALL, lengths=(11, 5, 3), max_len=11, h=8, hkv=2, d=8, t=1, splits=(None, None)),
+])
+def test_select_kernel_plan_matches_reference(case):
+    """The three-kernel plan (cmp + window splits, selection once, slc parts) against the
+    reference, float32."""
+    case = dict(case)
+    cfg = NSAConfig(**case.pop("cfg"))
+    cmp_splits, tail_splits = case.pop("splits")
+    config = TritonConfig(block_cmp=16, block_win=8, cmp_splits=cmp_splits, tail_splits=tail_splits,
+                          select_kernel=True)
+    q, q_pos, kw = make_case(cfg, seed=len(case["lengths"]) + case["h"], **case)
+    got, want = run_both(cfg, q, q_pos, kw, config)
+    check(got, want, q_pos, 2e-5)
+
+
+def test_select_kernel_plan_bf16_and_ties():
+    """bf16: the three-kernel plan selects exactly what the default split plan selects (the
+    same cmp pass and scores; one-reduction rounds vs two) and the reference's sets; its
+    outputs within bf16 rounding of the reference. Then ties everywhere (q = 0: uniform
+    cmp probabilities, equal scores for all interior blocks; exactly equal in the kernel too
+    under the suite's JAX_DISABLE_MOST_OPTIMIZATIONS, not with XLA's CPU optimisations on):
+    the lowest free block, as the reference picks it."""
+    cfg = NSAConfig(**SMALL)
+    q, q_pos, kw = make_case(cfg, lengths=(300, 87), max_len=300, h=8, hkv=2, d=8, t=2, seed=11,
+                             dtype=jnp.bfloat16)
+    new = TritonConfig(block_cmp=16, block_win=8, cmp_splits=4, tail_splits=4, select_kernel=True)
+    got, want = run_both(cfg, q, q_pos, kw, new)
+    old = run_both(cfg, q, q_pos, kw, TritonConfig(block_cmp=16, block_win=8, cmp_splits=4, tail_splits=4))[0]
+    np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(old[3]))
+    check(got, want, q_pos, 2e-2)
+    q = jnp.zeros_like(q, jnp.float32)
+    kw = {k: v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v for k, v in kw.items()}
+    got, want = run_both(cfg, q, q_pos, kw, new)
+    check(got, want, q_pos, 2e-5)
+    assert sorted(np.asarray(got[3])[0, 0, 0].tolist()) == [0, 1, 17, 18]   # forced 0, 17, 18; free: 1
+
+
 def test_spill_across_splits_decides_the_selection():
     """Crafted cmp logits: slot 31 (10) and slot 41 (9), the rest 0. With 16-key tiles on 2
     splits, block 31 is the first split's last and spreads onto selection blocks 7 and 8,
@@ -109,9 +157,11 @@ def test_spill_across_splits_decides_the_selection():
     k_cmp = np.zeros(kw["k_cmp"].shape, np.float32)
     k_cmp[0, 31], k_cmp[0, 41] = 10 / np.sqrt(8), 9 / np.sqrt(8)
     kw["k_cmp"] = jnp.asarray(k_cmp)
-    got, want = run_both(cfg, q, q_pos, kw, TritonConfig(block_cmp=16, cmp_splits=2, tail_splits=1))
-    check(got, want, q_pos, 2e-5)
-    assert sorted(np.asarray(got[3])[0, 0, 0].tolist()) == [0, 7, 8, 11, 12]
+    for select_kernel in (False, True):
+        got, want = run_both(cfg, q, q_pos, kw, TritonConfig(block_cmp=16, cmp_splits=2, tail_splits=1,
+                                                             select_kernel=select_kernel))
+        check(got, want, q_pos, 2e-5)
+        assert sorted(np.asarray(got[3])[0, 0, 0].tolist()) == [0, 7, 8, 11, 12]
 
 
 def test_default_tiles_and_l_equals_l_prime():
@@ -152,6 +202,8 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="power of two"):
         nsa_decode(q, q_pos, cfg=odd, impl="triton", interpret=True, **kw)
     assert which_backend("auto", True, cfg) == "triton" and which_backend("auto", True, odd) == "xla"
+    with pytest.raises(ValueError, match="select_kernel"):
+        TritonConfig(select_kernel=1)
     assert which_backend("auto", False, cfg) == ("triton" if has_gpu() else "xla")
 
 
@@ -191,6 +243,7 @@ def _lowered_triton_modules(config, ctx, monkeypatch):
 @pytest.mark.parametrize("config, kernels", [
     (TritonConfig(), {"nsa_decode_cmp", "nsa_decode_finish"}),       # split: C=4, P=4 here
     (TritonConfig(cmp_splits=1), {"nsa_decode"}),
+    (TritonConfig(select_kernel=True), {"nsa_decode_cmp", "nsa_decode_select", "nsa_decode_slc"}),
 ])
 def test_lowers_for_h200_with_ir_independent_of_context(config, kernels, monkeypatch):
     """The kernels lower for an H200 at B=16, 64K context, and their Triton IR is small and
@@ -208,11 +261,11 @@ def test_lowers_for_h200_with_ir_independent_of_context(config, kernels, monkeyp
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 3e-3), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("cmp_splits", [1, None])                   # fused; split (default here)
-def test_compiled_on_gpu(dtype, tol, cmp_splits):
+@pytest.mark.parametrize("config", [TritonConfig(cmp_splits=1), TritonConfig(), TritonConfig(select_kernel=True)],
+                         ids=["fused", "split", "select_kernel"])                # split: the default here
+def test_compiled_on_gpu(dtype, tol, config):
     """Paper config, HQ=64, HKV=4, D=128, context 8192 (one row shorter), B=2, T=1 and 2."""
     cfg = NSAConfig()
-    config = TritonConfig(cmp_splits=cmp_splits)
     with jax.default_device(jax.devices("gpu")[0]):
         for t in (1, 2):
             q, q_pos, kw = make_case(cfg, lengths=(8192, 5000), max_len=8192, h=64, hkv=4, d=128, t=t,
