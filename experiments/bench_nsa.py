@@ -34,9 +34,10 @@ Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --ite
 Tile sweep of the selection kernels (rows `<mode>_selection_<cfg>_fwd_ms`):
   PYTHONPATH=. python experiments/bench_nsa.py --seq_lens 65536 --modes token --nobackward \
       --select_configs 64:128:4:4096,64:128:8:4096,64:64:4:4096,128:64:8:4096
-Launch plans of the fused decode kernel (rows `nsa_<cfg>_ms` of the decode row):
+Launch plans of the fused decode kernel (rows `nsa_<cfg>_ms` of the decode row; a sixth
+field `sel` picks the three-kernel plan, `TritonConfig(select_kernel=True)`):
   PYTHONPATH=. python experiments/bench_nsa.py --seq_lens= --decode_configs \
-      4:4:64:3:4,2:4:64:3:4,8:4:64:3:4,1:1:64:3:4
+      4:4:64:3:4,2:4:64:3:4,8:4:64:3:4,1:1:64:3:4,4:8:64:3:4:sel
 CPU smoke run (tiny shapes and config, kernels in interpret mode, XLA dense baseline):
   PYTHONPATH=. python experiments/bench_nsa.py --small --out /tmp/nsa_small.json
 """
@@ -73,8 +74,8 @@ flags.DEFINE_integer("decode_batch", 16, "decode batch")
 flags.DEFINE_integer("decode_context", 65536, "decode context length")
 flags.DEFINE_bool("branches", True, "also time each branch on its own")
 flags.DEFINE_list("decode_configs", [], "nsa_decode Triton launch plans to time in the decode row, each "
-                  "cmp_splits:tail_splits:block_cmp:num_stages:num_warps (1:1:... = one fused kernel); "
-                  "rows nsa_<cfg>_ms")
+                  "cmp_splits:tail_splits:block_cmp:num_stages:num_warps[:sel] (1:1:... = one fused kernel; "
+                  "sel = the three-kernel plan: cmp + window, selection once, slc parts); rows nsa_<cfg>_ms")
 flags.DEFINE_list("select_configs", [], "nsa_select Triton configs to sweep on the kernel path, each "
                   "block_q:block_k:num_warps:topn_elements (e.g. 64:128:8:16384); rows "
                   "<mode>_selection_<cfg>_fwd_ms")
@@ -260,10 +261,13 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
     w = cfg.window
     win_k, win_v, win_pos = x["k_win"][:, -w:], x["v_win"][:, -w:], x["pos"][:, -w:]   # rolling window
 
-    def step(impl, interpret, config=None):     # positions are arguments: no HLO constants
+    def step(impl, interpret, config=None, indices_only=False):   # positions are arguments: no HLO constants
         def f(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, qpos, cpos, pos, win_pos):
             kw = dict(k_cmp=k_cmp, v_cmp=v_cmp, cmp_positions=cpos, k_slc=k_slc, v_slc=v_slc,
                       slc_positions=pos, k_win=k_win, v_win=v_win, win_positions=win_pos, cfg=cfg)
+            if indices_only:                    # the selected block indices of a Triton plan
+                kw.pop("cfg")
+                return nsa_decode(q, qpos, cfg=cfg, impl="triton", config=config, interpret=interpret, **kw)[3]
             if config is None:
                 out = ops.nsa_decode_branches(q, qpos, impl=impl, interpret=interpret, **kw)
                 outs = (out.cmp, out.slc, out.win)
@@ -274,6 +278,7 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
             return (outs[0].astype(jnp.float32) + outs[1] + outs[2]).astype(q.dtype)
         return jax.jit(f)
 
+    indices = lambda config: step(s.impl, s.interpret, config, indices_only=True)   # noqa: E731
     args = (q, x["k_cmp"], x["v_cmp"], x["k_slc"], x["v_slc"], win_k, win_v, qpos, x["cmp_positions"],
             x["pos"], win_pos)
     row = dict(kind="decode", batch=b, context=ctx, h=s.h, hkv=s.hkv, d=s.d)
@@ -281,11 +286,18 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
     row["err_ref"] = rel(step(s.impl, s.interpret)(*args), want)
     row["nsa_ms"] = 1e3 * median_time(step(s.impl, s.interpret), *args, iters=iters)
     for spec in FLAGS.decode_configs:       # nsa_decode Triton launch plans
-        c, p, bc, st, nw = (int(v) for v in spec.split(":"))
-        conf = NsaDecodeConfig(cmp_splits=c, tail_splits=p, block_cmp=bc, num_stages=st, num_warps=nw)
         try:
+            fields = spec.split(":")
+            if len(fields) not in (5, 6) or fields[5:] not in ([], ["sel"]):
+                raise ValueError(f"decode config {spec!r}: want c:p:block_cmp:stages:warps[:sel]")
+            c, p, bc, st, nw = (int(v) for v in fields[:5])
+            conf = NsaDecodeConfig(cmp_splits=c, tail_splits=p, block_cmp=bc, num_stages=st, num_warps=nw,
+                                   select_kernel=fields[5:] == ["sel"])
             f = step(s.impl, s.interpret, conf)
             row[f"nsa_{spec}_err_ref"] = rel(f(*args), want)
+            # (b, kv head) rows whose selected set equals the default plan's (near-ties aside: 1.0)
+            same = jnp.sort(indices(conf)(*args), -1) == jnp.sort(indices(NsaDecodeConfig())(*args), -1)
+            row[f"nsa_{spec}_same_selection"] = float(same.all(-1).mean())
             row[f"nsa_{spec}_ms"] = 1e3 * median_time(f, *args, iters=iters)
         except Exception as e:  # noqa: BLE001 - a plan that fails is reported, not fatal
             row[f"nsa_{spec}_error"] = str(e)[:300]
@@ -327,6 +339,15 @@ def table(rows) -> str:
             lines.append(f"| {r['batch']} | {r['context']} | {r['nsa_ms']:.3f} | {r['dense_ms']:.3f} | "
                          f"{r['ratio']:.2f} | {r['nsa_tokens_read']} / {r['dense_tokens_read']} | "
                          f"{r['err_ref']:.1e} |")
+        plans = [k[4:-3] for k in dec[0] if k.startswith("nsa_") and k.endswith("_ms") and k != "nsa_ms"]
+        plans += [k[4:-6] for k in dec[0] if k.startswith("nsa_") and k.endswith("_error")]
+        if plans:
+            lines += ["", "| decode plan (--decode_configs) | ms | err ref | same selection as default |",
+                      "|---|---|---|---|"]
+            for r in dec:
+                for p in plans:
+                    lines.append(f"| {p} | {fmt(r, f'nsa_{p}_ms', '.4f')} | {fmt(r, f'nsa_{p}_err_ref', '.1e')} | "
+                                 f"{fmt(r, f'nsa_{p}_same_selection', '.3f')} {r.get(f'nsa_{p}_error', '')} |")
     return "\n".join(lines)
 
 
