@@ -60,6 +60,7 @@ from experiments.bench_kernels import median_time, rel
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.nsa_decode.api import TritonConfig as NsaDecodeConfig, nsa_decode
+from pallas_kernels.nsa_decode.triton import nsa_decode_triton
 from pallas_kernels.nsa_select.api import TritonConfig as NsaSelectConfig, nsa_select
 from sparse_jax import patterns as P
 from sparse_jax.ops import nsa as ops
@@ -78,6 +79,8 @@ flags.DEFINE_list("decode_configs", [], "nsa_decode Triton launch plans to time 
                   "sel = the three-kernel plan: cmp + window, selection once, slc parts); rows nsa_<cfg>_ms")
 flags.DEFINE_integer("decode_reps", 8, "decode steps per jitted program for the amortised decode times "
                      "(*_amortised_ms; 0: off)")
+flags.DEFINE_bool("decode_stages", False, "also time each --decode_configs plan cut after its first one and "
+                  "two launches (amortised; rows nsa_<cfg>_k1_ms / _k12_ms)")
 flags.DEFINE_list("select_configs", [], "nsa_select Triton configs to sweep on the kernel path, each "
                   "block_q:block_k:num_warps:topn_elements (e.g. 64:128:8:16384); rows "
                   "<mode>_selection_<cfg>_fwd_ms")
@@ -262,13 +265,12 @@ def amortised_ms(f, args, iters: int) -> float:
     reps, q = FLAGS.decode_reps, args[0]
     qs = jax.random.normal(jax.random.key(1), (reps, *q.shape), q.dtype)
 
-    def run(qs, *rest):
-        prev, outs = None, []
+    def run(qs, *rest):              # the last output: the barriers keep every step live
+        prev = None
         for i in range(reps):
             qi = qs[i] if prev is None else jax.lax.optimization_barrier((qs[i], prev))[0]
             prev = f(qi, *rest)
-            outs.append(prev)
-        return jnp.stack(outs)
+        return prev
 
     return 1e3 * median_time(jax.jit(run), qs, *args[1:], iters=iters) / reps
 
@@ -300,6 +302,14 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
         return jax.jit(f)
 
     indices = lambda config: step(s.impl, s.interpret, config, indices_only=True)   # noqa: E731
+
+    def first_launches(config, k):              # the plan's first k kernels only (per-kernel timing)
+        def f(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, qpos, cpos, pos, win_pos):
+            return nsa_decode_triton(q, qpos, k_cmp=k_cmp, v_cmp=v_cmp, cmp_positions=cpos, k_slc=k_slc,
+                                     v_slc=v_slc, slc_positions=pos, k_win=k_win, v_win=v_win,
+                                     win_positions=win_pos, cfg=cfg, scale=q.shape[-1] ** -0.5,
+                                     interpret=s.interpret, config=config, stop_after=k)
+        return jax.jit(f)
     args = (q, x["k_cmp"], x["v_cmp"], x["k_slc"], x["v_slc"], win_k, win_v, qpos, x["cmp_positions"],
             x["pos"], win_pos)
     row = dict(kind="decode", batch=b, context=ctx, h=s.h, hkv=s.hkv, d=s.d)
@@ -324,6 +334,8 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
             row[f"nsa_{spec}_ms"] = 1e3 * median_time(f, *args, iters=iters)
             if FLAGS.decode_reps:
                 row[f"nsa_{spec}_amortised_ms"] = amortised_ms(f, args, iters)
+            for k in (1, 2) if FLAGS.decode_stages and FLAGS.decode_reps and (c > 1 or conf.select_kernel) else ():
+                row[f"nsa_{spec}_k{'12'[:k]}_ms"] = amortised_ms(first_launches(conf, k), args, iters)
         except Exception as e:  # noqa: BLE001 - a plan that fails is reported, not fatal
             row[f"nsa_{spec}_error"] = str(e)[:300]
     dense_step = jax.jit(lambda q, k, v, pos, qpos: decode_attention(q, k, v, kv_positions=pos, q_positions=qpos,
@@ -371,14 +383,15 @@ def table(rows) -> str:
                          f"{fmt(r, 'dense_amortised_ms', '.4f')} | {fmt(r, 'ratio_amortised')} | "
                          f"{r['nsa_tokens_read']} / {r['dense_tokens_read']} | {r['err_ref']:.1e} |")
         plans = [k[4:-3] for k in dec[0] if k.startswith("nsa_") and k.endswith("_ms") and k != "nsa_ms"
-                 and not k.endswith("amortised_ms")]
+                 and not k.endswith(("amortised_ms", "_k1_ms", "_k12_ms"))]
         plans += [k[4:-6] for k in dec[0] if k.startswith("nsa_") and k.endswith("_error")]
         if plans:
-            lines += ["", "| decode plan (--decode_configs) | ms | amortised ms | err ref | same selection as "
-                      "default |", "|---|---|---|---|---|"]
+            lines += ["", "| decode plan (--decode_configs) | ms | amortised ms | amortised: first kernel / "
+                      "first two | err ref | same selection as default |", "|---|---|---|---|---|---|"]
             for r in dec:
                 for p in plans:
                     lines.append(f"| {p} | {fmt(r, f'nsa_{p}_ms', '.4f')} | {fmt(r, f'nsa_{p}_amortised_ms', '.4f')} | "
+                                 f"{fmt(r, f'nsa_{p}_k1_ms', '.4f')} / {fmt(r, f'nsa_{p}_k12_ms', '.4f')} | "
                                  f"{fmt(r, f'nsa_{p}_err_ref', '.1e')} | "
                                  f"{fmt(r, f'nsa_{p}_same_selection', '.3f')} {r.get(f'nsa_{p}_error', '')} |")
     return "\n".join(lines)

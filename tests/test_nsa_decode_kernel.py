@@ -204,6 +204,8 @@ def test_bad_arguments():
     assert which_backend("auto", True, cfg) == "triton" and which_backend("auto", True, odd) == "xla"
     with pytest.raises(ValueError, match="select_kernel"):
         TritonConfig(select_kernel=1)
+    with pytest.raises(ValueError, match="stop_after"):
+        nsa_decode_triton(q, q_pos, cfg=cfg, scale=1.0, interpret=True, stop_after=3, **kw)
     assert which_backend("auto", False, cfg) == ("triton" if has_gpu() else "xla")
 
 

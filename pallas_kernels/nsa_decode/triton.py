@@ -533,10 +533,16 @@ def _merge(o, lse):
 
 def nsa_decode_triton(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, slc_positions,
                       k_win, v_win, win_positions, cfg, scale, interpret=False,
-                      config: TritonConfig | None = None):
-    """`nsa_decode_reference`'s contract on the Triton kernels (`interpret=True`: CPU)."""
+                      config: TritonConfig | None = None, stop_after: int | None = None):
+    """`nsa_decode_reference`'s contract on the Triton kernels (`interpret=True`: CPU).
+
+    `stop_after=k` (1 or 2, split and three-kernel plans) returns the raw outputs of the
+    first k launches instead, for per-kernel timing (`experiments/bench_nsa.py
+    --decode_stages`)."""
     config = config or TritonConfig()
     pn = make_plan(q, k_cmp, k_slc, k_win, cfg, config, scale)
+    if stop_after not in (None, 1, 2) or (stop_after and pn.splits == 1 and not pn.select_kernel):
+        raise ValueError(f"stop_after must be None, or 1 or 2 for a plan of several launches, got {stop_after!r}")
     b, t, h, d = q.shape
     hkv, g, c, p = k_cmp.shape[2], pn.g, pn.splits, pn.tail_splits
     qr = jnp.pad(q.reshape(b, t, hkv, g, d), ((0, 0),) * 3 + ((0, pn.rows_p - g), (0, pn.d_p - d)))
@@ -582,6 +588,8 @@ def nsa_decode_triton(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_s
         out_shape=state_shapes + [shape(c, pn.per, rows, pn.bs_p), shape(c, pn.per, rows),
                                   shape(c, rows, pn.bs_p)] + (state_shapes if sel else []),
     )(qpos, qr, *cmp_in, *(tail_in[3:] if sel else ()))
+    if stop_after == 1:
+        return outs
     st = outs[3].reshape(b, t, hkv, pn.rows, rows, pn.bs_p)                # free: splits are row blocks
     mt = outs[4].reshape(b, t, hkv, pn.rows, rows)
     cmp_out = (*outs[:3], st, mt, outs[5])
@@ -601,6 +609,8 @@ def nsa_decode_triton(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_s
             out_shape=[shape(*rd, dtype=q.dtype)] + part_shapes(2)[:2] + [shape(pn.n_p, dtype=jnp.int32)]
             + part_shapes(2)[2:],
         )(qpos, qr, *cmp_out, *tail_in)
+        if stop_after == 2:
+            return outs
         o_cmp, o_slc, o_win, idx = outs[:4]
         if p > 1:
             o_slc, o_win = (_merge(o, lse).astype(q.dtype) for o, lse in ((o_slc, outs[4]), (o_win, outs[5])))
@@ -611,6 +621,8 @@ def nsa_decode_triton(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_s
         out_specs=[spec(*rd)] * 2 + [spec(pn.n_p)],
         out_shape=[shape(*rd, dtype=q.dtype)] * 2 + [shape(pn.n_p, dtype=jnp.int32)],
     )(qpos, *cmp_out, *outs[6:])
+    if stop_after == 2:
+        return o_cmp, o_win, idx
     o_slc = call(
         functools.partial(_slc_kernel, plan=pn), grid=(b, hkv, t * p), name="nsa_decode_slc",
         in_specs=[whole, spec(*rd, parts=p), spec(pn.n_p, parts=p), *tail_specs[:3]],
