@@ -21,7 +21,7 @@ once per group. The step:
    positions, -1 empty).
 5. win: every slot of the window cache, visible iff `t - w < pos <= t`.
 
-Two launch plans (`TritonConfig.cmp_splits` / `tail_splits`):
+Launch plans (`TritonConfig.cmp_splits` / `tail_splits` / `select_kernel`):
 
 * fused (`cmp_splits=1`): all five steps in one kernel, grid (B, Hkv, T);
 * split (`cmp_splits=C > 1`, the default where B * Hkv * T programs are few): 64 programs
@@ -36,6 +36,24 @@ Two launch plans (`TritonConfig.cmp_splits` / `tail_splits`):
   P = `tail_splits` parts recomputes the selection (registers only) and runs steps 4-5
   on every P-th selected block and window tile; for P > 1 a small XLA merge combines the
   parts by their lse. Two launches (+ the merge).
+
+Three-kernel plan (`select_kernel=True`, any C; never compiled on a GPU yet). In the
+split plan every finish part sits on one serial chain after the cmp pass: combine, the
+16-head score sum, n selection rounds (four block-wide reductions each), then its slc
+blocks, whose addresses exist only after the selection, and its window tiles; all P
+parts repeat the first three. Here:
+
+* `nsa_decode_cmp` (grid B, Hkv, T * C) also runs step 5 on window tiles `c, c + C, ...`
+  (the window does not depend on the selection) to a second `(m, l, acc)` per split;
+* `nsa_decode_select` (grid B, Hkv, T), once per (b, hkv, t): o_cmp, o_win (both
+  combined from the splits' states) and the selection, each round one (value, index)
+  argmax reduction over the flattened scores;
+* `nsa_decode_slc` (grid B, Hkv, T * P): part p loads its blocks `p, p + P, ...` of the
+  indices (one scalar load each) and runs step 4; the XLA merge of the P parts.
+
+At B=16, Hkv=4, T=1, 64K, C=4, P=8 (the default here: two selected blocks a part): 256
+cmp programs of 16 cmp tiles + 2 window tiles (576 KB each), 64 select programs (the
+combine, 64 KB of per-head scores from L2, 16 rounds), 512 slc programs of 64 KB.
 
 The fused plan reads the cmp keys twice (steps 1 and 2: the group-summed scores need the
 exact lse) and the cmp values once; the split plan reads both once and writes
