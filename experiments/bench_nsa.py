@@ -318,6 +318,7 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
     row["nsa_ms"] = 1e3 * median_time(step(s.impl, s.interpret), *args, iters=iters)
     if FLAGS.decode_reps:
         row["nsa_amortised_ms"] = amortised_ms(step(s.impl, s.interpret), args, iters)
+    default_idx = None
     for spec in FLAGS.decode_configs:       # nsa_decode Triton launch plans
         try:
             fields = spec.split(":")
@@ -329,7 +330,8 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
             f = step(s.impl, s.interpret, conf)
             row[f"nsa_{spec}_err_ref"] = rel(f(*args), want)
             # (b, kv head) rows whose selected set equals the default plan's (near-ties aside: 1.0)
-            same = jnp.sort(indices(conf)(*args), -1) == jnp.sort(indices(NsaDecodeConfig())(*args), -1)
+            default_idx = default_idx if default_idx is not None else jnp.sort(indices(NsaDecodeConfig())(*args), -1)
+            same = jnp.sort(indices(conf)(*args), -1) == default_idx
             row[f"nsa_{spec}_same_selection"] = float(same.all(-1).mean())
             row[f"nsa_{spec}_ms"] = 1e3 * median_time(f, *args, iters=iters)
             if FLAGS.decode_reps:
