@@ -310,6 +310,7 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
                                      win_positions=win_pos, cfg=cfg, scale=q.shape[-1] ** -0.5,
                                      interpret=s.interpret, config=config, stop_after=k)
         return jax.jit(f)
+
     args = (q, x["k_cmp"], x["v_cmp"], x["k_slc"], x["v_slc"], win_k, win_v, qpos, x["cmp_positions"],
             x["pos"], win_pos)
     row = dict(kind="decode", batch=b, context=ctx, h=s.h, hkv=s.hkv, d=s.d)
@@ -318,6 +319,15 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
     row["nsa_ms"] = 1e3 * median_time(step(s.impl, s.interpret), *args, iters=iters)
     if FLAGS.decode_reps:
         row["nsa_amortised_ms"] = amortised_ms(step(s.impl, s.interpret), args, iters)
+    dense_step = jax.jit(lambda q, k, v, pos, qpos: decode_attention(q, k, v, kv_positions=pos, q_positions=qpos,
+                                                                    impl=s.impl, interpret=s.interpret))
+    dense_args = (q, x["k_slc"], x["v_slc"], x["pos"], qpos)
+    row["dense_ms"] = 1e3 * median_time(dense_step, *dense_args, iters=iters)
+    row["ratio"] = row["dense_ms"] / row["nsa_ms"]
+    if FLAGS.decode_reps:
+        row["dense_amortised_ms"] = amortised_ms(dense_step, dense_args, iters)
+        row["ratio_amortised"] = row["dense_amortised_ms"] / row["nsa_amortised_ms"]
+    print(json.dumps(row), flush=True)                 # progress: default plan and dense
     default_idx = None
     for spec in FLAGS.decode_configs:       # nsa_decode Triton launch plans
         try:
@@ -340,14 +350,7 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
                 row[f"nsa_{spec}_k{'12'[:k]}_ms"] = amortised_ms(first_launches(conf, k), args, iters)
         except Exception as e:  # noqa: BLE001 - a plan that fails is reported, not fatal
             row[f"nsa_{spec}_error"] = str(e)[:300]
-    dense_step = jax.jit(lambda q, k, v, pos, qpos: decode_attention(q, k, v, kv_positions=pos, q_positions=qpos,
-                                                                    impl=s.impl, interpret=s.interpret))
-    dense_args = (q, x["k_slc"], x["v_slc"], x["pos"], qpos)
-    row["dense_ms"] = 1e3 * median_time(dense_step, *dense_args, iters=iters)
-    row["ratio"] = row["dense_ms"] / row["nsa_ms"]
-    if FLAGS.decode_reps:
-        row["dense_amortised_ms"] = amortised_ms(dense_step, dense_args, iters)
-        row["ratio_amortised"] = row["dense_amortised_ms"] / row["nsa_amortised_ms"]
+        print(json.dumps({k: v for k, v in row.items() if k.startswith(f"nsa_{spec}_")}), flush=True)  # progress
     n_cmp = x["k_cmp"].shape[1]
     row["nsa_tokens_read"] = n_cmp + cfg.num_selected * cfg.sel_block + w
     row["dense_tokens_read"] = ctx
