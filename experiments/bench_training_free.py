@@ -7,7 +7,8 @@ FlexPrefill prefill, each against its dense baseline in the same process.
     *step* is what a serving loop runs per token with a `QuestKVCache`: page scores from
     the kept per-page bounds (`kmin`/`kmax`, read once: `2 / page` of the key bytes) +
     top-k page selection + the `decode` kernel over the selected pages. Also timed: the
-    scoring + selection alone, the selected decode alone, and dense `decode_attention` of
+    scoring + selection alone, and its two parts alone (the page scores; the top-k pages
+    of given scores), the selected decode alone, and dense `decode_attention` of
     the same cache (the faster of the `lengths` and `kv_positions` forms is the baseline).
     Bytes ceiling of the speedup: `t / (pages + kept * page)` (the bounds of every page are
     read each step): 8x at pages of 16 and a 1/16 budget, 12.8x at pages of 64.
@@ -136,6 +137,18 @@ def bench_quest(b, t, page):
 
     row["step_us"] = amortised(step, cache)
     row["select_us"] = amortised(quest_select(page, budget), cache)
+    # The selection's two parts alone: the page scores (reads the bounds, writes [B, Hkv, P]
+    # float32) and the top-k over given scores (each step its own scores).
+    row["score_us"] = amortised(lambda q, c: Q.quest_page_scores(q, c[3], c[4]), cache)
+    score = jax.jit(lambda q, c: Q.quest_page_scores(q, c[3], c[4]))
+    scores = jnp.stack([score(qs[i], cache) for i in range(FLAGS.reps)])
+
+    def top_pages(q, c, _v, s):
+        idx, cnt = Q.select_top_pages(s, budget, Q.valid_pages(c, page))
+        return jnp.concatenate([idx, cnt[..., None]], -1)
+
+    row["topk_us"] = 1e6 * median_time(repeated(top_pages, {}), qs, pos, None, scores,
+                                       iters=FLAGS.iters) / FLAGS.reps
     select = jax.jit(quest_select(page, budget))
     sels = jnp.stack([select(qs[i], cache) for i in range(FLAGS.reps)])    # each step its own pages
 
@@ -344,8 +357,8 @@ def main(_):
     print(f"\n{info['device']}, jax {info['jax']}")
     print("\nQuest decode (per step, us; speedup = dense / step; target >= 8x at B=16, 128K, 1/16)")
     print("| B | context | page | pages kept | step | select | selected decode | dense | speedup | "
-          "bytes ceiling | decode-only speedup | err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "bytes ceiling | decode-only speedup | err | scores alone | top-k alone |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in quest:
         if "error" in r:
             print(f"| {r['batch']} | {r['context']} | {r['page']} | error: {r['error'][:150]} |")
@@ -354,7 +367,7 @@ def main(_):
               f"{r['step_us']:.1f} | {r['select_us']:.1f} | {r['selected_decode_us']:.1f} | "
               f"{r['dense_us']:.1f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.1f}x | "
               f"{r['speedup_decode_only']:.2f}x | "
-              f"{r['err_ref']:.1e} |")
+              f"{r['err_ref']:.1e} | {r['score_us']:.1f} | {r['topk_us']:.1f} |")
     print("\nSparse prefill (ms; dense = cuDNN causal; target MInference >= 5x at 128K, 10% density)")
     print("| T | pattern | density | estimate | attention | total | dense | speedup | attention-only | err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
