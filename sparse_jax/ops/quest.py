@@ -166,7 +166,7 @@ def quest_page_scores(q, kmin, kmax, *, scale=None, bound_scale=None):
         raise ValueError(f"float8 bounds need bound_scale [B, P, Hkv, 1] (bound_codes), other bounds none; got "
                          f"bounds {kmin.dtype}, bound_scale {None if bound_scale is None else bound_scale.shape}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    empty = kmax[..., 0] < kmin[..., 0]                                          # [B, P, Hkv]
+    empty = kmax[..., 0].astype(jnp.float32) < kmin[..., 0].astype(jnp.float32)  # [B, P, Hkv]
     if coded:                                         # finite codes: widened inside the dots, no zeroing
         lo, hi = kmin, kmax
     else:
