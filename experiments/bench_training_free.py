@@ -8,7 +8,8 @@ FlexPrefill prefill, each against its dense baseline in the same process.
     the kept per-page bounds (`kmin`/`kmax`, read once: `2 / page` of the key bytes) +
     top-k page selection + the `decode` kernel over the selected pages. Also timed: the
     scoring + selection alone, and its two parts alone (the page scores; the top-k pages
-    of given scores), the selected decode alone, and dense `decode_attention` of
+    of given scores), the page scores by the Triton kernel (`impl="triton"`, error against
+    the XLA scores), the selected decode alone, and dense `decode_attention` of
     the same cache (the faster of the `lengths` and `kv_positions` forms is the baseline).
     Bytes ceiling of the speedup: `t / (pages + kept * page)` (the bounds of every page are
     read each step): 8x at pages of 16 and a 1/16 budget, 12.8x at pages of 64.
@@ -154,6 +155,12 @@ def bench_quest(b, t, page, bounds_dtype, dense):
     # The selection's two parts alone: the page scores (reads the bounds, writes [B, Hkv, P]
     # float32) and the top-k over given scores (each step its own scores).
     row["score_us"] = amortised(quest_scores, cache)
+    try:    # the page-score kernel (pallas_kernels.page_scores; its first GPU compile is this run)
+        kernel = lambda q, c: Q.quest_page_scores(q, c[3], c[4], bound_scale=c[5], impl="triton")  # noqa: E731
+        row["score_triton_err"] = rel(jax.jit(kernel)(qs[0], cache), jax.jit(quest_scores)(qs[0], cache))
+        row["score_triton_us"] = amortised(kernel, cache)
+    except Exception as e:  # noqa: BLE001 - keep the row
+        row["score_triton_error"] = str(e)[:300]
     scores = jnp.stack([jax.jit(quest_scores)(qs[i], cache) for i in range(FLAGS.reps)])
 
     def top_pages(q, c, _v, s):
@@ -376,8 +383,8 @@ def main(_):
     print("\nQuest decode (per step, us; speedup = dense / step; target >= 8x at B=16, 128K, 1/16)")
     print("| B | context | page | pages kept | step | select | selected decode | dense | speedup | "
           "bytes ceiling | decode-only speedup | err | scores alone | top-k alone | bounds | bounds MB | "
-          "overlap with exact-bound pages |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "overlap with exact-bound pages | scores, triton kernel |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in quest:
         if "error" in r:
             print(f"| {r['batch']} | {r['context']} | {r['page']} | {r['bounds']} error: {r['error'][:150]} |")
@@ -387,7 +394,9 @@ def main(_):
               f"{r['dense_us']:.1f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.1f}x | "
               f"{r['speedup_decode_only']:.2f}x | "
               f"{r['err_ref']:.1e} | {r['score_us']:.1f} | {r['topk_us']:.1f} | {r['bounds']} | "
-              f"{r['bounds_bytes'] / 1e6:.1f} | {r.get('overlap_exact', 1.0):.3f} |")
+              f"{r['bounds_bytes'] / 1e6:.1f} | {r.get('overlap_exact', 1.0):.3f} | "
+              + (f"{r['score_triton_us']:.1f} (err {r['score_triton_err']:.1e}) |" if "score_triton_us" in r
+                 else f"error: {r.get('score_triton_error', '')[:100]} |"))
     print("\nSparse prefill (ms; dense = cuDNN causal; target MInference >= 5x at 128K, 10% density)")
     print("| T | pattern | density | estimate | attention | total | dense | speedup | attention-only | err |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -297,3 +297,21 @@ def test_bounds_dtype_checks():
         Q.quest_page_scores(jnp.ones((1, 1, 2, 4)), lo, hi)
     with pytest.raises(ValueError, match="bound_scale"):
         Q.quest_page_scores(jnp.ones((1, 1, 2, 4)), kmin, kmax, bound_scale=sc)
+
+
+@pytest.mark.parametrize("bounds_dtype", [None, "float8_e4m3fn"])
+def test_page_scores_kernel_equals_the_xla_scores(bounds_dtype):
+    """The Triton page-score kernel (interpret mode) against the XLA scores: GQA 2 x Tq 3
+    (6 query rows, padded to 8), ragged rows with empty pages, P = 12 (blocks of 4 pages)."""
+    k, _, pos = _cache(b=2, s=45, hkv=2, d=8, seed=3, lengths=(45, 17))
+    q = jax.random.normal(jax.random.key(4), (2, 3, 4, 8))
+    kmin, kmax = Q.page_bounds(k, pos, 4)                                           # P = 12
+    lo, hi, sc = Q.bound_codes(kmin, kmax, kmin.dtype if bounds_dtype is None else bounds_dtype)
+    want = Q.quest_page_scores(q, lo, hi, bound_scale=sc)
+    got = Q.quest_page_scores(q, lo, hi, bound_scale=sc, impl="triton", interpret=True)
+    assert np.isinf(np.asarray(want)).sum() == 2 * 7                                # row 1: pages 5..11 empty
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="impl"):
+        Q.quest_page_scores(q, lo, hi, bound_scale=sc, impl="cuda")
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        Q.quest_page_scores(q[..., :6], lo[..., :6], hi[..., :6], bound_scale=sc, impl="triton", interpret=True)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.decode.api import decode_attention
 from pallas_kernels.indexer import top_k_set
+from pallas_kernels.page_scores import page_scores_triton
 from sparse_jax.ops import selection
 from sparse_jax.ops.dsa import power_of_two_scale
 
@@ -135,7 +136,7 @@ def valid_pages(kv_positions, page_size: int, q_positions=None):
     return jnp.pad(ok, ((0, 0), (0, p * page_size - s))).reshape(b, p, page_size).any(-1)
 
 
-def quest_page_scores(q, kmin, kmax, *, scale=None, bound_scale=None):
+def quest_page_scores(q, kmin, kmax, *, scale=None, bound_scale=None, impl: str = "xla", interpret: bool = False):
     """Quest upper bound of the logits of each page, `[B, Hkv, P]` float32.
 
     Per query head and token: `scale * sum_i max(q_i kmax_i, q_i kmin_i)`. GQA and Tq > 1:
@@ -150,6 +151,9 @@ def quest_page_scores(q, kmin, kmax, *, scale=None, bound_scale=None):
         of the scores is a mass estimate); bound_scale: `[B, P, Hkv, 1]` (`bound_codes`, the
         bounds are `kmin * bound_scale`, `kmax * bound_scale`; needed with float8 codes),
         None or width 0: none.
+      impl: "xla" (two batched dots) or "triton" (`pallas_kernels.page_scores`, one pass
+        over the bounds in their stored layout; NEVER COMPILED ON A GPU yet, tested in
+        interpret mode); interpret: the kernel in interpret mode.
     """
     if q.ndim != 4 or kmin.ndim != 4 or kmin.shape != kmax.shape:
         raise ValueError(f"q must be [B, Tq, H, D] and kmin/kmax equal [B, P, Hkv, D]; got "
@@ -165,6 +169,10 @@ def quest_page_scores(q, kmin, kmax, *, scale=None, bound_scale=None):
     if coded != (bound_scale is not None) or (coded and bound_scale.shape != kmin.shape[:-1] + (1,)):
         raise ValueError(f"float8 bounds need bound_scale [B, P, Hkv, 1] (bound_codes), other bounds none; got "
                          f"bounds {kmin.dtype}, bound_scale {None if bound_scale is None else bound_scale.shape}")
+    if impl not in ("xla", "triton"):
+        raise ValueError(f"impl must be 'xla' or 'triton', got {impl!r}")
+    if impl == "triton":
+        return page_scores_triton(q, kmin, kmax, bound_scale, scale=scale, interpret=interpret)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     empty = kmax[..., 0].astype(jnp.float32) < kmin[..., 0].astype(jnp.float32)  # [B, P, Hkv]
     if coded:                                         # finite codes: widened inside the dots, no zeroing
