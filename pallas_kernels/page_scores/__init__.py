@@ -1,3 +1,3 @@
-from pallas_kernels.page_scores.triton import PageScoresConfig, page_scores_triton
+from pallas_kernels.page_scores.api import page_scores
 
-__all__ = ["PageScoresConfig", "page_scores_triton"]
+__all__ = ["page_scores"]

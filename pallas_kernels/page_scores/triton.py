@@ -3,8 +3,8 @@
 NEVER COMPILED ON A GPU (written on a CPU-only machine, tested in interpret mode only): the
 first GPU run is its first compile.
 
-`page_scores_triton(q, kmin, kmax, bound_scale)` computes what
-`sparse_jax.ops.quest.quest_page_scores` computes (`[B, Hkv, P]` float32: per page and kv
+`page_scores_triton(q, kmin, kmax, bound_scale)` computes what the XLA reference
+(`reference.page_scores_reference`) computes (`[B, Hkv, P]` float32: per page and kv
 head the max over the group's query rows of `sum_d max(q_d kmax_d, q_d kmin_d)`, times the
 logit scale and the page's `bound_scale`; empty pages -inf), reading the bounds once in
 their stored layout `[B, P, Hkv, D]` (bfloat16 / float32, or the float8 codes of
@@ -65,22 +65,33 @@ def _kernel(q_ref, lo_ref, hi_ref, *rest, rows, scale):
     o_ref[...] = jnp.where(empty, -jnp.inf, s)
 
 
+MAX_ROWS = 64          # query rows per kv head (Tq * H / Hkv): unrolled multiply-adds past that
+
+
+def supports(q, kmin, kmax, bound_scale, *, interpret=False, config=None):
+    """None where the kernel covers the call, else why not."""
+    del kmax, bound_scale, interpret, config
+    d = q.shape[-1]
+    if d & (d - 1):
+        return f"head_dim {d} is not a power of two"
+    rows = q.shape[1] * (q.shape[2] // kmin.shape[2])
+    if rows > MAX_ROWS:
+        return f"{rows} query rows per kv head > {MAX_ROWS}"
+    return None
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "config"))
-def page_scores_triton(q, kmin, kmax, bound_scale=None, *, scale: float | None = None, interpret=False,
+def page_scores_triton(q, kmin, kmax, bound_scale=None, *, scale: float, interpret=False,
                        config: PageScoresConfig | None = None):
-    """Quest page scores, `[B, Hkv, P]` float32 (`quest_page_scores`' contract).
+    """Quest page scores, `[B, Hkv, P]` float32 (`api.page_scores`' contract; `supports`).
 
     Args:
-      q: `[B, Tq, H, D]`, D a power of two, `Tq * H / Hkv <= 64`; kmin, kmax: `[B, P, Hkv, D]`;
-      bound_scale: `[B, P, Hkv, 1]` or None; scale: default `1/sqrt(D)`.
+      q: `[B, Tq, H, D]`; kmin, kmax: `[B, P, Hkv, D]`; bound_scale: `[B, P, Hkv, 1]` or None;
+      scale: the logit scale.
     """
     cfg = config or PageScoresConfig()
     b, tq, h, d = q.shape
     _, p, hkv, _ = kmin.shape
-    if d & (d - 1) or h % hkv or tq * (h // hkv) > 64:
-        raise ValueError(f"page_scores_triton needs a power-of-two head_dim and Tq * H / Hkv <= 64, got q {q.shape}, "
-                         f"bounds {kmin.shape}")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     r = tq * (h // hkv)
     rp = pl.next_power_of_2(r)
     qg = jnp.moveaxis(q.reshape(b, tq, hkv, h // hkv, d), 1, 2).reshape(b, hkv, r, d)
@@ -102,3 +113,6 @@ def page_scores_triton(q, kmin, kmax, bound_scale=None, *, scale: float | None =
         interpret=interpret,
         name="quest_page_scores",
     )(*args)
+
+
+CONFIG = PageScoresConfig

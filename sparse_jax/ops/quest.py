@@ -29,14 +29,12 @@ halves the bytes the scoring reads (`D + 2` bytes per bound pair and page / head
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode.api import decode_attention
 from pallas_kernels.indexer import top_k_set
-from pallas_kernels.page_scores import page_scores_triton
+from pallas_kernels.page_scores import page_scores
 from sparse_jax.ops import selection
 from sparse_jax.ops.dsa import power_of_two_scale
 
@@ -151,9 +149,10 @@ def quest_page_scores(q, kmin, kmax, *, scale=None, bound_scale=None, impl: str 
         of the scores is a mass estimate); bound_scale: `[B, P, Hkv, 1]` (`bound_codes`, the
         bounds are `kmin * bound_scale`, `kmax * bound_scale`; needed with float8 codes),
         None or width 0: none.
-      impl: "xla" (two batched dots) or "triton" (`pallas_kernels.page_scores`, one pass
-        over the bounds in their stored layout; NEVER COMPILED ON A GPU yet, tested in
-        interpret mode); interpret: the kernel in interpret mode.
+      impl: the `pallas_kernels.page_scores` op's backend: "xla" (two batched dots; the
+        default until the Triton kernel, NEVER COMPILED ON A GPU when written, has been
+        checked on one), "triton" (one pass over the bounds in their stored layout), "auto";
+        interpret: the kernel in interpret mode.
     """
     if q.ndim != 4 or kmin.ndim != 4 or kmin.shape != kmax.shape:
         raise ValueError(f"q must be [B, Tq, H, D] and kmin/kmax equal [B, P, Hkv, D]; got "
@@ -169,28 +168,7 @@ def quest_page_scores(q, kmin, kmax, *, scale=None, bound_scale=None, impl: str 
     if coded != (bound_scale is not None) or (coded and bound_scale.shape != kmin.shape[:-1] + (1,)):
         raise ValueError(f"float8 bounds need bound_scale [B, P, Hkv, 1] (bound_codes), other bounds none; got "
                          f"bounds {kmin.dtype}, bound_scale {None if bound_scale is None else bound_scale.shape}")
-    if impl not in ("xla", "triton"):
-        raise ValueError(f"impl must be 'xla' or 'triton', got {impl!r}")
-    if impl == "triton":
-        return page_scores_triton(q, kmin, kmax, bound_scale, scale=scale, interpret=interpret)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    empty = kmax[..., 0].astype(jnp.float32) < kmin[..., 0].astype(jnp.float32)  # [B, P, Hkv]
-    if coded:                                         # finite codes: widened inside the dots, no zeroing
-        lo, hi = kmin, kmax
-    else:
-        lo = jnp.where(empty[..., None], 0, kmin)
-        hi = jnp.where(empty[..., None], 0, kmax)
-    # max(q_i kmax_i, q_i kmin_i) = relu(q_i) kmax_i + min(q_i, 0) kmin_i since kmax >= kmin:
-    # two matmuls over the bounds (empty pages zeroed first, so no 0 * inf), never the
-    # [B, Tq, H, P, D] products of the elementwise form.
-    qg = q.reshape(b, tq, hkv, h // hkv, d)
-    dot = lambda x, bound: jnp.einsum("btkgd,bpkd->btkgp", x, bound.astype(q.dtype),
-                                      preferred_element_type=jnp.float32)
-    s = dot(jnp.maximum(qg, 0), hi) + dot(jnp.minimum(qg, 0), lo)             # [B, Tq, Hkv, G, P]
-    s = s.max(axis=(1, 3)) * scale                                               # [B, Hkv, P]
-    if coded:                                        # a positive factor per page and head: after the max
-        s = s * jnp.swapaxes(bound_scale[..., 0], 1, 2).astype(jnp.float32)
-    return jnp.where(jnp.swapaxes(empty, 1, 2), -jnp.inf, s)
+    return page_scores(q, kmin, kmax, bound_scale, scale=scale, impl=impl, interpret=interpret)
 
 
 def _check_scores(scores, valid_pages_):
