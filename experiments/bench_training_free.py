@@ -13,7 +13,8 @@ FlexPrefill prefill, each against its dense baseline in the same process.
     the same cache (the faster of the `lengths` and `kv_positions` forms is the baseline).
     Bytes ceiling of the speedup: `t / (pages + kept * page)` (the bounds of every page are
     read each step): 8x at pages of 16 and a 1/16 budget, 12.8x at pages of 64.
-    Each figure is the median of `--iters` timed calls of one jitted program running
+    `--quest_hlo` prints the compiled XLA score program (fusions, copies: is a widened or
+    transposed copy of the bounds written first?). Each figure is the median of `--iters` timed calls of one jitted program running
     `--reps` steps on distinct queries (bench_decode's `repeated`: optimization barriers
     between steps), divided by `--reps`.
 (b) MInference-style prefill (arXiv 2407.02490): causal, bf16, B=1, `--prefill_heads`,
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: `experiments.` imports
@@ -76,6 +78,8 @@ flags.DEFINE_list("quest_pages", ["16", "64"], "Quest page sizes")
 flags.DEFINE_float("quest_fraction", 1 / 16, "Quest page budget as a fraction of the pages")
 flags.DEFINE_list("quest_bounds", ["bfloat16"], "Quest bounds dtypes, one row each (bfloat16: the cache's; "
                   "float8_e4m3fn: codes + a scale per page and head)")
+flags.DEFINE_bool("quest_hlo", False, "print the fusions / custom calls of the compiled XLA page-score program "
+                  "(whether the bounds are read in place or copied, widened, first)")
 flags.DEFINE_list("prefill_lens", ["131072", "32768"], "prefill lengths (the target's 128K first)")
 flags.DEFINE_list("flex_lens", ["32768"], "FlexPrefill lengths")
 flags.DEFINE_string("prefill_heads", "16:16", "prefill num_heads:num_kv_heads")
@@ -155,6 +159,10 @@ def bench_quest(b, t, page, bounds_dtype, dense):
     # The selection's two parts alone: the page scores (reads the bounds, writes [B, Hkv, P]
     # float32) and the top-k over given scores (each step its own scores).
     row["score_us"] = amortised(quest_scores, cache)
+    if FLAGS.quest_hlo:
+        entry = jax.jit(quest_scores).lower(qs[0], cache).compile().as_text().split("\nENTRY ")[-1]
+        print("\n".join(re.sub(r", metadata=.*", "", line.strip())[:200] for line in entry.splitlines()
+                        if " = " in line and "parameter(" not in line)[:4000], flush=True)
     try:    # the page-score kernel (pallas_kernels.page_scores; its first GPU compile is this run)
         kernel = lambda q, c: Q.quest_page_scores(q, c[3], c[4], bound_scale=c[5], impl="triton")  # noqa: E731
         row["score_triton_err"] = rel(jax.jit(kernel)(qs[0], cache), jax.jit(quest_scores)(qs[0], cache))
