@@ -13,8 +13,10 @@ FlexPrefill prefill, each against its dense baseline in the same process.
     the same cache (the faster of the `lengths` and `kv_positions` forms is the baseline).
     Bytes ceiling of the speedup: `t / (pages + kept * page)` (the bounds of every page are
     read each step): 8x at pages of 16 and a 1/16 budget, 12.8x at pages of 64.
-    `--quest_hlo` prints the compiled XLA score program (fusions, copies: is a widened or
-    transposed copy of the bounds written first?). Each figure is the median of `--iters` timed calls of one jitted program running
+    With `--quest_bounds bfloat16,float8_e4m3fn`, a row per bounds dtype (float8 codes: the
+    bytes ceiling counts (D + 2) / 2D of a token per page). `--quest_hlo` prints the compiled
+    XLA score program (is a widened or transposed copy of the bounds written first?).
+    Each figure is the median of `--iters` timed calls of one jitted program running
     `--reps` steps on distinct queries (bench_decode's `repeated`: optimization barriers
     between steps), divided by `--reps`.
 (b) MInference-style prefill (arXiv 2407.02490): causal, bf16, B=1, `--prefill_heads`,
