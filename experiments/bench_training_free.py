@@ -9,7 +9,9 @@ FlexPrefill prefill, each against its dense baseline in the same process.
     top-k page selection + the `decode` kernel over the selected pages. Also timed: the
     scoring + selection alone, and its two parts alone (the page scores; the top-k pages
     of given scores), the page scores by the Triton kernel (`impl="triton"`, error against
-    the XLA scores), the selected decode alone, and dense `decode_attention` of
+    the XLA scores), the general `selection.block_lists` (union grid + sort over every
+    page) that the top-k's lists went through before `sorted_block_lists`, the selected
+    decode alone, and dense `decode_attention` of
     the same cache (the faster of the `lengths` and `kv_positions` forms is the baseline).
     Bytes ceiling of the speedup: `t / (pages + kept * page)` (the bounds of every page are
     read each step): 8x at pages of 16 and a 1/16 budget, 12.8x at pages of 64.
@@ -73,6 +75,7 @@ from sparse_jax.cache.base import weighted_attention
 from sparse_jax.ops import doublep as DP
 from sparse_jax.ops import flexprefill as F
 from sparse_jax.ops import quest as Q
+from sparse_jax.ops import selection
 from sparse_jax.ops import sparse_prefill as S
 
 FLAGS = flags.FLAGS      # --out --batches --contexts --heads --kv_heads --head_dim --iters --reps: bench_decode's
@@ -180,6 +183,12 @@ def bench_quest(b, t, page, bounds_dtype, dense):
     row["topk_us"] = 1e6 * median_time(repeated(top_pages, {}), qs, pos, None, scores,
                                        iters=FLAGS.iters) / FLAGS.reps
     sels = jnp.stack([select(qs[i], cache) for i in range(FLAGS.reps)])    # each step its own pages
+
+    def general_lists(q, c, _v, sel):     # what the top-k's lists cost before `sorted_block_lists`
+        return selection.block_lists(sel[:, None, :, :-1], pages)[0]
+
+    row["old_lists_us"] = 1e6 * median_time(repeated(general_lists, {}), qs, pos, None, sels,
+                                            iters=FLAGS.iters) / FLAGS.reps
 
     def selected(q, c, _v, sel):
         return decode_attention(q, c[0], c[1], kv_positions=c[2], block_indices=sel[..., :-1],
@@ -393,8 +402,8 @@ def main(_):
     print("\nQuest decode (per step, us; speedup = dense / step; target >= 8x at B=16, 128K, 1/16)")
     print("| B | context | page | pages kept | step | select | selected decode | dense | speedup | "
           "bytes ceiling | decode-only speedup | err | scores alone | top-k alone | bounds | bounds MB | "
-          "overlap with exact-bound pages | scores, triton kernel |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "overlap with exact-bound pages | scores, triton kernel | old lists (sort) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in quest:
         if "error" in r:
             print(f"| {r['batch']} | {r['context']} | {r['page']} | {r['bounds']} error: {r['error'][:150]} |")
@@ -406,7 +415,7 @@ def main(_):
               f"{r['err_ref']:.1e} | {r['score_us']:.1f} | {r['topk_us']:.1f} | {r['bounds']} | "
               f"{r['bounds_bytes'] / 1e6:.1f} | {r.get('overlap_exact', 1.0):.3f} | "
               + (f"{r['score_triton_us']:.1f} (err {r['score_triton_err']:.1e}) |" if "score_triton_us" in r
-                 else f"error: {r.get('score_triton_error', '')[:100]} |"))
+                 else f"error: {r.get('score_triton_error', '')[:100]} |") + f" {r['old_lists_us']:.1f} |")
     print("\nSparse prefill (ms; dense = cuDNN causal; target MInference >= 5x at 128K, 10% density)")
     print("| T | pattern | density | estimate | attention | total | dense | speedup | attention-only | err |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -74,6 +74,25 @@ def test_select_top_pages_hand_built():
         Q.select_top_pages(scores, 2, valid[:, :3])
 
 
+def test_select_top_pages_lists_equal_the_general_block_lists():
+    """The sort-free lists of `top_k_set`'s ascending output equal `selection.block_lists`
+    of the same pages: ragged rows, a row with no valid page (counts 0, indices 0)."""
+    from pallas_kernels.indexer import top_k_set
+    from sparse_jax.ops import selection
+
+    rng = np.random.default_rng(5)
+    scores = jnp.asarray(rng.normal(size=(3, 2, 40)), jnp.float32)
+    valid = jnp.asarray(np.arange(40)[None] < np.array([[40], [3], [0]]))
+    for budget in (1, 6, 50):
+        got = Q.select_top_pages(scores, budget, valid, always=())
+        s = jnp.where(valid[:, None], scores, -jnp.inf)
+        _, pages = top_k_set(s.reshape(6, 40), budget)
+        want = selection.block_lists(pages.reshape(3, 1, 2, -1), 40)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert got[1][2].tolist() == [0, 0] and got[1][1].tolist() == [min(budget, 3)] * 2
+
+
 def test_select_top_pages_radix_kernel_equals_lax_top_k():
     """The GPU path (radix select, interpret mode) picks the very pages `lax.top_k` does:
     ragged valid pages, forced first / last pages, tied scores, budget over the valid count."""

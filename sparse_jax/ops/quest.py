@@ -221,7 +221,7 @@ def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIO
     s = jnp.where(valid_pages[:, None], scores.astype(jnp.float32), -jnp.inf)
     s = jnp.where(forced, jnp.inf, s)
     _, pages = top_k_set(s.reshape(b * hkv, p), budget_pages, impl=impl, interpret=interpret)
-    return selection.block_lists(pages.reshape(b, 1, hkv, -1), p)
+    return selection.sorted_block_lists(pages.reshape(b, hkv, -1))           # ascending, -1 padded last
 
 
 def select_top_p(scores, p: float, valid_pages, max_pages: int | None = None):
