@@ -137,8 +137,9 @@ class PageSelectCache(Cache):
         scores = quest_page_scores(queries.q, quest.kmin, quest.kmax, bound_scale=quest.bound_scale)
         idx, cnt = self.policy.select(scores, valid)
         chosen = jnp.arange(idx.shape[-1]) < cnt[..., None]                          # [B, Hkv, k]
-        p = self.selected.shape[-1]
-        selected = (jax.nn.one_hot(jnp.where(chosen, idx, p), p + 1, dtype=bool).any(axis=2))[..., :p]
+        b, hkv, p = self.selected.shape
+        rows, heads = jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None]   # a scatter, not [B, Hkv, k, P]
+        selected = jnp.zeros((b, hkv, p + 1), bool).at[rows, heads, jnp.where(chosen, idx, p)].set(True)[..., :p]
         return (keys, values, kv_pos, Selection(block_indices=idx, block_counts=cnt, block_size=self.policy.page_size),
                 PageSelectCache(quest, selected, self.policy, self.dense))
 
