@@ -47,10 +47,18 @@ class PageScoresConfig:
             raise ValueError(f"num_warps and num_stages must be >= 1, got {self.num_warps}, {self.num_stages}")
 
 
+def _widen(x):
+    """float32; float8 through bfloat16 (exact both ways; the fp8 -> bf16 conversion is the
+    one the indexer's widened FP8 kernel already ran on an H100)."""
+    if x.dtype.itemsize == 1:
+        x = x.astype(jnp.bfloat16)
+    return x.astype(jnp.float32)
+
+
 def _kernel(q_ref, lo_ref, hi_ref, *rest, rows, scale):
     sc_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
-    lo = lo_ref[...].astype(jnp.float32)                                    # [bp, D]
-    hi = hi_ref[...].astype(jnp.float32)
+    lo = _widen(lo_ref[...])                                                # [bp, D]
+    hi = _widen(hi_ref[...])
     empty = jnp.max(lo - hi, axis=1) > 0                                    # [bp]
     lo = jnp.where(empty[:, None], 0.0, lo)                                 # no 0 * inf below
     hi = jnp.where(empty[:, None], 0.0, hi)
