@@ -7,10 +7,17 @@ FlexPrefill prefill, each against its dense baseline in the same process.
     *step* is what a serving loop runs per token with a `QuestKVCache`: page scores from
     the kept per-page bounds (`kmin`/`kmax`, read once: `2 / page` of the key bytes) +
     top-k page selection + the `decode` kernel over the selected pages. Also timed: the
-    scoring + selection alone, the selected decode alone, and dense `decode_attention` of
+    scoring + selection alone, and its two parts alone (the page scores; the top-k pages
+    of given scores), the page scores by the Triton kernel (`impl="triton"`, error against
+    the XLA scores), the general `selection.block_lists` (union grid + sort over every
+    page) that the top-k's lists went through before `sorted_block_lists`, the selected
+    decode alone, and dense `decode_attention` of
     the same cache (the faster of the `lengths` and `kv_positions` forms is the baseline).
     Bytes ceiling of the speedup: `t / (pages + kept * page)` (the bounds of every page are
     read each step): 8x at pages of 16 and a 1/16 budget, 12.8x at pages of 64.
+    With `--quest_bounds bfloat16,float8_e4m3fn`, a row per bounds dtype (float8 codes: the
+    bytes ceiling counts (D + 2) / 2D of a token per page). `--quest_hlo` prints the compiled
+    XLA score program (is a widened or transposed copy of the bounds written first?).
     Each figure is the median of `--iters` timed calls of one jitted program running
     `--reps` steps on distinct queries (bench_decode's `repeated`: optimization barriers
     between steps), divided by `--reps`.
@@ -50,6 +57,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: `experiments.` imports
@@ -67,11 +75,16 @@ from sparse_jax.cache.base import weighted_attention
 from sparse_jax.ops import doublep as DP
 from sparse_jax.ops import flexprefill as F
 from sparse_jax.ops import quest as Q
+from sparse_jax.ops import selection
 from sparse_jax.ops import sparse_prefill as S
 
 FLAGS = flags.FLAGS      # --out --batches --contexts --heads --kv_heads --head_dim --iters --reps: bench_decode's
 flags.DEFINE_list("quest_pages", ["16", "64"], "Quest page sizes")
 flags.DEFINE_float("quest_fraction", 1 / 16, "Quest page budget as a fraction of the pages")
+flags.DEFINE_list("quest_bounds", ["bfloat16"], "Quest bounds dtypes, one row each (bfloat16: the cache's; "
+                  "float8_e4m3fn: codes + a scale per page and head)")
+flags.DEFINE_bool("quest_hlo", False, "print the fusions / custom calls of the compiled XLA page-score program "
+                  "(whether the bounds are read in place or copied, widened, first)")
 flags.DEFINE_list("prefill_lens", ["131072", "32768"], "prefill lengths (the target's 128K first)")
 flags.DEFINE_list("flex_lens", ["32768"], "FlexPrefill lengths")
 flags.DEFINE_string("prefill_heads", "16:16", "prefill num_heads:num_kv_heads")
@@ -95,40 +108,52 @@ flags.DEFINE_float("doublep_keep_p", 1.0, "Double-P: clusters past this top-p sh
 
 
 def quest_step(page, budget):
-    """One Quest step on a cache `c = (k, v, kv_positions, kmin, kmax)`."""
+    """One Quest step on a cache `c = (k, v, kv_positions, kmin, kmax, bound_scale)`."""
     def f(q, c, _v=None):
-        k, v, pos, kmin, kmax = c
-        return Q.quest_decode(q, k, v, pos, page_size=page, budget_pages=budget, bounds=(kmin, kmax))
+        k, v, pos = c[:3]
+        return Q.quest_decode(q, k, v, pos, page_size=page, budget_pages=budget, bounds=c[3:])
     return f
+
+
+def quest_scores(q, c):
+    return Q.quest_page_scores(q, c[3], c[4], bound_scale=c[5])
 
 
 def quest_select(page, budget):
     """Scores + selection, packed in one array `[B, Hkv, budget + 1]` (counts last)."""
     def f(q, c, _v=None):
-        _, _, pos, kmin, kmax = c
-        valid = Q.valid_pages(pos, page)
-        idx, cnt = Q.select_top_pages(Q.quest_page_scores(q, kmin, kmax), budget, valid)
+        valid = Q.valid_pages(c[2], page)
+        idx, cnt = Q.select_top_pages(quest_scores(q, c), budget, valid)
         return jnp.concatenate([idx, cnt[..., None]], -1)
     return f
 
 
-def bench_quest(b, t, page):
+def bench_quest(b, t, page, bounds_dtype, dense):
+    """One row; `bounds_dtype`: the bounds' dtype (`bfloat16`: the cache's, or float8 codes);
+    `dense`: the dense figures by (b, t), timed once for the rows sharing them."""
     h, hkv, d = FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim
     ks = jax.random.split(jax.random.key(0), 3)
     qs = jax.random.normal(ks[0], (FLAGS.reps, b, 1, h, d), jnp.bfloat16)
     k = jax.random.normal(ks[1], (b, t, hkv, d), jnp.bfloat16)
     v = jax.random.normal(ks[2], (b, t, hkv, d), jnp.bfloat16)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    kmin, kmax = jax.jit(Q.page_bounds, static_argnums=2)(k, pos, page)
+    exact = jax.jit(Q.page_bounds, static_argnums=2)(k, pos, page)
+    bounds = jax.jit(Q.bound_codes, static_argnums=2)(*exact, bounds_dtype)
     pages = Q.num_pages(t, page)
     budget = max(1, round(FLAGS.quest_fraction * pages))
-    cache = (k, v, pos, kmin, kmax)
-    row = dict(batch=b, context=t, page=page, budget_pages=budget, pages=pages, heads=h, kv_heads=hkv)
+    cache = (k, v, pos) + bounds
+    row = dict(batch=b, context=t, page=page, budget_pages=budget, pages=pages, heads=h, kv_heads=hkv,
+               bounds=bounds_dtype)
     step = quest_step(page, budget)
     sub = tuple(x[:2] for x in cache)
     ref = jax.jit(lambda q, c: Q.quest_decode(q, c[0], c[1], c[2], page_size=page, budget_pages=budget,
-                                              bounds=(c[3], c[4]), impl="xla"))(qs[0][:2], sub)
+                                              bounds=c[3:], impl="xla"))(qs[0][:2], sub)
     row["err_ref"] = rel(jax.jit(step)(qs[0], cache)[:2], ref)
+    select = jax.jit(quest_select(page, budget))
+    if bounds[0].dtype != exact[0].dtype:      # share of the pages the exact bounds choose (first query)
+        a, e = (np.asarray(select(qs[0], c))[..., :-1] for c in (cache, (k, v, pos) + exact + (bounds[2][..., :0],)))
+        row["overlap_exact"] = float(np.mean([len(set(x) & set(y)) / budget for x, y in
+                                              zip(a.reshape(-1, budget).tolist(), e.reshape(-1, budget).tolist())]))
 
     def amortised(f, c):
         return 1e6 * median_time(repeated(lambda q, c_, _v: f(q, c_), {}), qs, c, None, None,
@@ -136,8 +161,34 @@ def bench_quest(b, t, page):
 
     row["step_us"] = amortised(step, cache)
     row["select_us"] = amortised(quest_select(page, budget), cache)
-    select = jax.jit(quest_select(page, budget))
+    # The selection's two parts alone: the page scores (reads the bounds, writes [B, Hkv, P]
+    # float32) and the top-k over given scores (each step its own scores).
+    row["score_us"] = amortised(quest_scores, cache)
+    if FLAGS.quest_hlo:
+        entry = jax.jit(quest_scores).lower(qs[0], cache).compile().as_text().split("\nENTRY ")[-1]
+        print("\n".join(re.sub(r", metadata=.*", "", line.strip())[:200] for line in entry.splitlines()
+                        if " = " in line and "parameter(" not in line)[:4000], flush=True)
+    try:    # the page-score kernel (pallas_kernels.page_scores; its first GPU compile is this run)
+        kernel = lambda q, c: Q.quest_page_scores(q, c[3], c[4], bound_scale=c[5], impl="triton")  # noqa: E731
+        row["score_triton_err"] = rel(jax.jit(kernel)(qs[0], cache), jax.jit(quest_scores)(qs[0], cache))
+        row["score_triton_us"] = amortised(kernel, cache)
+    except Exception as e:  # noqa: BLE001 - keep the row
+        row["score_triton_error"] = str(e)[:300]
+    scores = jnp.stack([jax.jit(quest_scores)(qs[i], cache) for i in range(FLAGS.reps)])
+
+    def top_pages(q, c, _v, s):
+        idx, cnt = Q.select_top_pages(s, budget, Q.valid_pages(c, page))
+        return jnp.concatenate([idx, cnt[..., None]], -1)
+
+    row["topk_us"] = 1e6 * median_time(repeated(top_pages, {}), qs, pos, None, scores,
+                                       iters=FLAGS.iters) / FLAGS.reps
     sels = jnp.stack([select(qs[i], cache) for i in range(FLAGS.reps)])    # each step its own pages
+
+    def general_lists(q, c, _v, sel):     # what the top-k's lists cost before `sorted_block_lists`
+        return selection.block_lists(sel[:, None, :, :-1], pages)[0]
+
+    row["old_lists_us"] = 1e6 * median_time(repeated(general_lists, {}), qs, pos, None, sels,
+                                            iters=FLAGS.iters) / FLAGS.reps
 
     def selected(q, c, _v, sel):
         return decode_attention(q, c[0], c[1], kv_positions=c[2], block_indices=sel[..., :-1],
@@ -145,17 +196,21 @@ def bench_quest(b, t, page):
 
     row["selected_decode_us"] = 1e6 * median_time(repeated(selected, {}), qs, (k, v, pos), None, sels,
                                                   iters=FLAGS.iters) / FLAGS.reps
-    lengths = jnp.full((b,), t, jnp.int32)
-    row["dense_lengths_us"] = amortised(lambda q, c: decode_attention(q, c[0], c[1], lengths=c[2]),
-                                        (k, v, lengths))
-    row["dense_positions_us"] = amortised(lambda q, c: decode_attention(q, c[0], c[1], kv_positions=c[2]),
-                                          (k, v, pos))
+    if (b, t) not in dense:
+        lengths = jnp.full((b,), t, jnp.int32)
+        dense[b, t] = dict(
+            dense_lengths_us=amortised(lambda q, c: decode_attention(q, c[0], c[1], lengths=c[2]), (k, v, lengths)),
+            dense_positions_us=amortised(lambda q, c: decode_attention(q, c[0], c[1], kv_positions=c[2]), (k, v, pos)))
+    row.update(dense[b, t])
     row["dense_us"] = min(row["dense_lengths_us"], row["dense_positions_us"])
     row["speedup"] = row["dense_us"] / row["step_us"]
     row["speedup_decode_only"] = row["dense_us"] / row["selected_decode_us"]
-    # Bytes ceiling: dense reads K+V of t tokens; a step reads kmin+kmax of every page and K+V
-    # of the kept pages (same bytes per slot), so at most t / (pages + kept * page) faster.
-    row["ideal_speedup"] = t / (pages + budget * page)
+    # Bytes ceiling: dense reads K+V of t tokens; a step reads the bounds of every page (codes +
+    # scale: `f` token slots of K+V each, 1 for bf16 bounds, (D + 2) / 2D for float8) and K+V
+    # of the kept pages, so at most t / (f * pages + kept * page) faster.
+    row["bounds_bytes"] = sum(x.size * x.dtype.itemsize for x in bounds)
+    f = row["bounds_bytes"] / (pages * (k.size // t) * 2 * k.dtype.itemsize)
+    row["ideal_speedup"] = t / (f * pages + budget * page)
     print(json.dumps(row), flush=True)
     return row
 
@@ -310,15 +365,17 @@ def main(_):
             json.dump(dict(info=info, quest=quest, prefill=prefill, doublep=doublep), fh, indent=1)
 
     if FLAGS.quest:
+        dense = {}
         for t in map(int, FLAGS.contexts):
             for b in sorted(map(int, FLAGS.batches), reverse=True):       # the target's batch 16 first
                 for page in map(int, FLAGS.quest_pages):
-                    try:
-                        quest.append(bench_quest(b, t, page))
-                    except Exception as e:  # noqa: BLE001 - keep the other shapes
-                        quest.append(dict(batch=b, context=t, page=page, error=str(e)[:500]))
-                        print(json.dumps(quest[-1]), flush=True)
-                    save()
+                    for bounds in FLAGS.quest_bounds:
+                        try:
+                            quest.append(bench_quest(b, t, page, bounds, dense))
+                        except Exception as e:  # noqa: BLE001 - keep the other shapes
+                            quest.append(dict(batch=b, context=t, page=page, bounds=bounds, error=str(e)[:500]))
+                            print(json.dumps(quest[-1]), flush=True)
+                        save()
     if FLAGS.prefill:
         h, hkv = (int(x) for x in FLAGS.prefill_heads.split(":"))
         dense = {}
@@ -344,17 +401,21 @@ def main(_):
     print(f"\n{info['device']}, jax {info['jax']}")
     print("\nQuest decode (per step, us; speedup = dense / step; target >= 8x at B=16, 128K, 1/16)")
     print("| B | context | page | pages kept | step | select | selected decode | dense | speedup | "
-          "bytes ceiling | decode-only speedup | err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "bytes ceiling | decode-only speedup | err | scores alone | top-k alone | bounds | bounds MB | "
+          "overlap with exact-bound pages | scores, triton kernel | old lists (sort) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in quest:
         if "error" in r:
-            print(f"| {r['batch']} | {r['context']} | {r['page']} | error: {r['error'][:150]} |")
+            print(f"| {r['batch']} | {r['context']} | {r['page']} | {r['bounds']} error: {r['error'][:150]} |")
             continue
         print(f"| {r['batch']} | {r['context'] // 1024}K | {r['page']} | {r['budget_pages']}/{r['pages']} | "
               f"{r['step_us']:.1f} | {r['select_us']:.1f} | {r['selected_decode_us']:.1f} | "
               f"{r['dense_us']:.1f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.1f}x | "
               f"{r['speedup_decode_only']:.2f}x | "
-              f"{r['err_ref']:.1e} |")
+              f"{r['err_ref']:.1e} | {r['score_us']:.1f} | {r['topk_us']:.1f} | {r['bounds']} | "
+              f"{r['bounds_bytes'] / 1e6:.1f} | {r.get('overlap_exact', 1.0):.3f} | "
+              + (f"{r['score_triton_us']:.1f} (err {r['score_triton_err']:.1e}) |" if "score_triton_us" in r
+                 else f"error: {r.get('score_triton_error', '')[:100]} |") + f" {r['old_lists_us']:.1f} |")
     print("\nSparse prefill (ms; dense = cuDNN causal; target MInference >= 5x at 128K, 10% density)")
     print("| T | pattern | density | estimate | attention | total | dense | speedup | attention-only | err |")
     print("|---|---|---|---|---|---|---|---|---|---|")

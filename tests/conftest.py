@@ -100,7 +100,7 @@ FILE_CPU_S = {
     "test_csa.py": 26,
     "test_sparse_prefill.py": 23,
     "test_mla_decode_kernels.py": 23,
-    "test_quest.py": 19,
+    "test_quest.py": 28,
     "test_readme.py": 16,
     "test_dsa.py": 16,
     "test_hf_import.py": 15,

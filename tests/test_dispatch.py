@@ -33,6 +33,7 @@ from pallas_kernels.indexer import api as indexer_api
 from pallas_kernels.mla_decode import api as mla_decode_api
 from pallas_kernels.nsa_decode import api as nsa_decode_api
 from pallas_kernels.nsa_select import api as nsa_select_api
+from pallas_kernels.page_scores import api as page_scores_api
 from pallas_kernels.token_sparse import api as token_sparse_api
 from sparse_jax import patterns as P
 
@@ -179,6 +180,22 @@ def test_entmax_auto_per_device(monkeypatch):
         entmax_api.entmax_attention(q, k, v, impl="mosaic_tpu")
     with pytest.raises(ValueError, match="takes config=EntmaxTritonConfig"):
         entmax_api.entmax_attention(q, k, v, impl="triton", config=TritonConfig())
+
+
+def test_page_scores_auto_per_device(monkeypatch):
+    """`page_scores` (Quest): Triton on any GPU where the kernel covers the call (a
+    power-of-two head_dim), the reference elsewhere; the reason when it does not."""
+    q = jax.random.normal(jax.random.key(0), (1, 1, 4, 16))
+    kmin = jax.random.normal(jax.random.key(1), (1, 8, 2, 16))
+    calls = record(monkeypatch, page_scores_api)
+    for device in (HOPPER, AMPERE, TPU, CPU):
+        fake_device(monkeypatch, device)
+        page_scores_api.page_scores(q, kmin, kmin + 1)
+    fake_device(monkeypatch, HOPPER)
+    page_scores_api.page_scores(q[..., :12], kmin[..., :12], kmin[..., :12] + 1)
+    assert [c[0] for c in calls] == ["triton", "triton", "xla", "xla", "xla"]
+    with pytest.raises(ValueError, match="head_dim 12 is not a power of two"):
+        page_scores_api.page_scores(q[..., :12], kmin[..., :12], kmin[..., :12] + 1, impl="triton")
 
 
 def test_nsa_ops_choose_triton_where_their_kernels_cover_the_geometry(monkeypatch):

@@ -29,6 +29,7 @@ ALL_POLICIES = {
     "ada_snapkv": AdaKV(SnapKV(16, window=4)),
     "duo": DuoAttention(16, retrieval=((True, False), (False, False)), num_sinks=2),
     "quest": Quest(16, page_size=4),
+    "quest_fp8_bounds": Quest(16, page_size=4, bounds_dtype="float8_e4m3fn"),
     "top_p": TopP(1.0, page_size=4),
     "infllm": InfLLM(window=3, block_size=4, num_sinks=2, num_repr=2, top_blocks=8),
 }
@@ -225,7 +226,9 @@ def test_quest_and_top_p_pick_the_page_holding_the_needle():
     q = np.zeros((1, n, 2, D), np.float32)
     q[..., 0] = 1.0
     pos = jnp.arange(n, dtype=jnp.int32)[None]
-    for policy, pages in ((Quest(12, page_size=4), [{0, 1, 3}, {0, 2, 3}]), (TopP(0.9, page_size=4), [{1}, {2}])):
+    for policy, pages in ((Quest(12, page_size=4), [{0, 1, 3}, {0, 2, 3}]),
+                          (Quest(12, page_size=4, bounds_dtype="float8_e4m3fn"), [{0, 1, 3}, {0, 2, 3}]),
+                          (TopP(0.9, page_size=4), [{1}, {2}])):
         cache = policy.make_cache(layer, 0, 1, 1, n, None)
         _, cache = layer.attend_cached(jnp.asarray(q[:, :-1]), jnp.asarray(k[:, :-1]), jnp.asarray(v[:, :-1]),
                                        pos[:, :-1], cache, sink_logits=None)
@@ -298,6 +301,8 @@ def test_bad_arguments_raise():
         DuoAttention(4, retrieval=())
     with pytest.raises(ValueError, match="p must"):
         TopP(0.0)
+    with pytest.raises(ValueError, match="bounds_dtype"):
+        Quest(16, bounds_dtype="int8")
     with pytest.raises(ValueError, match="policy"):
         policy_caches(SparseLM(LMConfig(vocab_size=8, layer_spec="F", d_model=8, num_heads=2),
                                rngs=nnx.Rngs(0)), "snapkv", batch=1, prompt_len=4, max_new=1)

@@ -5,7 +5,10 @@
 `kmin, kmax [B, P, Hkv, D]` (empty pages: `+inf` / `-inf`, as `sparse_jax.ops.quest.
 page_bounds`). `update` recomputes the bounds of the pages it writes only (a decode step
 touches one page per row), so a decode step reads `2 / page_size` of the key bytes for the
-bounds instead of every key.
+bounds instead of every key. `bounds_dtype="float8_e4m3fn"` (or e5m2) keeps them as float8
+codes with a power-of-two `bound_scale [B, P, Hkv, 1]` per page and head, rounded outwards
+(`sparse_jax.ops.quest.bound_codes`): the scores stay upper bounds, the bytes they read halve
+for a bfloat16 cache.
 
 `PageSelectCache` is the cache of the query-aware decode policies (`sparse_jax.kv_policies.
 decode`: Quest, top-p): a `QuestKVCache` whose `update` also scores the pages by the
@@ -24,27 +27,33 @@ from pallas_kernels.decode.api import decode_attention
 from sparse_jax.cache.base import Cache, Queries, Selection, nbytes_of
 from sparse_jax.cache.kv import FullKVCache
 from sparse_jax.ops.attention import DECODE_MAX_QUERIES
-from sparse_jax.ops.quest import num_pages, page_bounds, quest_page_scores, valid_pages
+from sparse_jax.ops.quest import bound_codes, check_bounds_dtype, num_pages, page_bounds, quest_page_scores, valid_pages
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuestKVCache(Cache):
-    """`full: FullKVCache`, `kmin, kmax [B, P, Hkv, D]` (cache dtype), `page_size` static."""
+    """`full: FullKVCache`, `kmin, kmax [B, P, Hkv, D]` (cache dtype, or float8 codes),
+    `bound_scale [B, P, Hkv, 1]` (float8 codes; else width 0), `page_size` static."""
 
     full: FullKVCache
     kmin: jax.Array
     kmax: jax.Array
+    bound_scale: jax.Array
     page_size: int = dataclasses.field(metadata=dict(static=True))
 
     @classmethod
     def init(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, page_size: int = 16,
-             v_head_dim: int | None = None, dtype=jnp.float32) -> "QuestKVCache":
+             v_head_dim: int | None = None, dtype=jnp.float32, bounds_dtype=None) -> "QuestKVCache":
+        """`bounds_dtype`: None (the cache `dtype`) or one of `sparse_jax.ops.quest.
+        BOUND_CODE_DTYPES` (ValueError otherwise)."""
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        bounds_dtype = check_bounds_dtype(bounds_dtype, dtype)
         full = FullKVCache.init(batch, max_len, num_kv_heads, head_dim, v_head_dim, dtype)
         shape = (batch, num_pages(max_len, page_size), num_kv_heads, head_dim)
-        return cls(full, jnp.full(shape, jnp.inf, dtype), jnp.full(shape, -jnp.inf, dtype), page_size)
+        bounds = bound_codes(jnp.full(shape, jnp.inf, dtype), jnp.full(shape, -jnp.inf, dtype), bounds_dtype)
+        return cls(full, *bounds, page_size)
 
     @property
     def k(self):
@@ -60,10 +69,11 @@ class QuestKVCache(Cache):
 
     @property
     def bounds(self):
-        return self.kmin, self.kmax
+        """`(kmin, kmax, bound_scale)`, as `quest_decode(bounds=...)` takes them."""
+        return self.kmin, self.kmax, self.bound_scale
 
     def nbytes(self) -> int:
-        return self.full.nbytes() + nbytes_of(self.kmin, self.kmax)
+        return self.full.nbytes() + nbytes_of(self.kmin, self.kmax, self.bound_scale)
 
     def update(self, k, v, positions, *, queries=None):
         """Write `k, v [B, T, ...]` at slots `positions [B, T]` (-1: padding, not written),
@@ -74,8 +84,8 @@ class QuestKVCache(Cache):
         b, t = positions.shape
         ps, p = self.page_size, self.kmin.shape[1]
         if t * ps >= full.max_len:                       # cheaper to refresh every page
-            kmin, kmax = page_bounds(keys, kv_pos, ps)
-            return keys, values, kv_pos, QuestKVCache(full, kmin, kmax, ps)
+            bounds = bound_codes(*page_bounds(keys, kv_pos, ps), self.kmin.dtype)
+            return keys, values, kv_pos, QuestKVCache(full, *bounds, ps)
         page = jnp.where(positions >= 0, positions // ps, p)                     # [B, T]; p = dropped
         slots = jnp.minimum(page, p - 1)[..., None] * ps + jnp.arange(ps)        # [B, T, ps]
         inside = slots < full.max_len
@@ -83,12 +93,12 @@ class QuestKVCache(Cache):
         rows = jnp.arange(b)[:, None, None]
         pk = keys[rows, slots]                                                   # [B, T, ps, Hkv, D]
         ok = (inside & (kv_pos[rows, slots] >= 0))[..., None, None]
-        new_min = jnp.where(ok, pk, jnp.inf).min(2).astype(self.kmin.dtype)      # [B, T, Hkv, D]
-        new_max = jnp.where(ok, pk, -jnp.inf).max(2).astype(self.kmax.dtype)
+        new = bound_codes(jnp.where(ok, pk, jnp.inf).min(2), jnp.where(ok, pk, -jnp.inf).max(2),   # [B, T, Hkv, D]
+                          self.kmin.dtype)
         rb = jnp.arange(b)[:, None]
-        kmin = self.kmin.at[rb, page].set(new_min, mode="drop")
-        kmax = self.kmax.at[rb, page].set(new_max, mode="drop")
-        return keys, values, kv_pos, QuestKVCache(full, kmin, kmax, ps)
+        kmin, kmax, bound_scale = (x.at[rb, page].set(n, mode="drop")
+                                   for x, n in zip((self.kmin, self.kmax, self.bound_scale), new))
+        return keys, values, kv_pos, QuestKVCache(full, kmin, kmax, bound_scale, ps)
 
 
 @jax.tree_util.register_dataclass
@@ -124,11 +134,12 @@ class PageSelectCache(Cache):
         if not isinstance(queries, Queries):
             raise ValueError(f"PageSelectCache.update needs queries=Queries(...) to choose pages, "
                              f"got {type(queries).__name__}")
-        scores = quest_page_scores(queries.q, quest.kmin, quest.kmax)
+        scores = quest_page_scores(queries.q, quest.kmin, quest.kmax, bound_scale=quest.bound_scale)
         idx, cnt = self.policy.select(scores, valid)
         chosen = jnp.arange(idx.shape[-1]) < cnt[..., None]                          # [B, Hkv, k]
-        p = self.selected.shape[-1]
-        selected = (jax.nn.one_hot(jnp.where(chosen, idx, p), p + 1, dtype=bool).any(axis=2))[..., :p]
+        b, hkv, p = self.selected.shape
+        rows, heads = jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None]   # a scatter, not [B, Hkv, k, P]
+        selected = jnp.zeros((b, hkv, p + 1), bool).at[rows, heads, jnp.where(chosen, idx, p)].set(True)[..., :p]
         return (keys, values, kv_pos, Selection(block_indices=idx, block_counts=cnt, block_size=self.policy.page_size),
                 PageSelectCache(quest, selected, self.policy, self.dense))
 

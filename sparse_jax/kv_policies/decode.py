@@ -12,7 +12,9 @@ what is held (`nbytes()` is the full cache plus the bounds).
 * `TopP(p, page_size)` (Twilight, arXiv 2502.02770): the smallest set of pages whose
   estimated mass (softmax of the bounds) reaches `p`.
 
-`dense_layers`: the first managed layers stay dense (the paper skips two).
+`dense_layers`: the first managed layers stay dense (the paper skips two). `bounds_dtype`:
+the page bounds' dtype (`QuestKVCache.init`; None: the cache's, "float8_e4m3fn": half the
+bytes the scoring reads, scores still upper bounds).
 
 * `InfLLM(...)` (arXiv 2402.04617): not a full cache but a `sparse_jax.cache.offload.
   OffloadKVCache`: sinks + local window on the device, older blocks in host memory with
@@ -28,24 +30,28 @@ import jax.numpy as jnp
 
 from sparse_jax.cache.offload import OffloadKVCache
 from sparse_jax.cache.quest import PageSelectCache, QuestKVCache
-from sparse_jax.ops.quest import num_pages, select_top_p, select_top_pages
+from sparse_jax.ops.quest import BOUND_CODE_DTYPES, num_pages, select_top_p, select_top_pages
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _PagePolicy:
     page_size: int = 16
     dense_layers: int = 0
+    bounds_dtype: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.page_size, int) or self.page_size < 1:
             raise ValueError(f"page_size must be an int >= 1, got {self.page_size!r}")
         if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
             raise ValueError(f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
+        if self.bounds_dtype is not None and self.bounds_dtype not in BOUND_CODE_DTYPES:
+            raise ValueError(f"bounds_dtype must be None or one of {BOUND_CODE_DTYPES}, got {self.bounds_dtype!r}")
 
     def make_cache(self, attn, layer: int, num_layers: int, batch: int, max_len: int, dtype=None):
         c = attn.config
         dtype = c.dtype if dtype is None else dtype
-        quest = QuestKVCache.init(batch, max_len, c.num_kv_heads, c.head_dim, page_size=self.page_size, dtype=dtype)
+        quest = QuestKVCache.init(batch, max_len, c.num_kv_heads, c.head_dim, page_size=self.page_size, dtype=dtype,
+                                  bounds_dtype=self.bounds_dtype)
         selected = jnp.zeros((batch, c.num_kv_heads, num_pages(max_len, self.page_size)), bool)
         return PageSelectCache(quest, selected, self, layer < self.dense_layers)
 

@@ -127,6 +127,14 @@ def is_float8(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1
 
 
+def power_of_two_scale(amax, fmax: float, min_exponent: int, max_exponent: int):
+    """float32 `2^e`, `e` the least integer with `amax / 2^e <= fmax` (so `x / 2^e` fits a
+    type whose largest finite value is `fmax`), clipped to `[min_exponent, max_exponent]`."""
+    e = jnp.ceil(jnp.log2(amax.astype(jnp.float32) / fmax))
+    e = jnp.where(amax > fmax * jnp.exp2(e), e + 1, e)            # log2 rounded below a power of two
+    return jnp.exp2(jnp.clip(e, min_exponent, max_exponent))
+
+
 def index_key_codes(k_index, dtype):
     """Indexer keys `[..., D_I]` as the cache stores them in `dtype`: `(codes [..., D_I],
     scale [..., 1])`, both in `dtype`, `codes * scale ~= k_index`.
@@ -143,8 +151,7 @@ def index_key_codes(k_index, dtype):
     k = k_index.astype(jnp.float32)
     amax = jnp.max(jnp.abs(k), axis=-1, keepdims=True)
     lo, hi = int(np.log2(float(info.smallest_subnormal))), int(np.floor(np.log2(float(info.max))))
-    exponent = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(amax, float(info.tiny)) / float(info.max))), lo, hi)
-    scale = jnp.exp2(exponent)
+    scale = power_of_two_scale(jnp.maximum(amax, float(info.tiny)), float(info.max), lo, hi)
     codes = jnp.clip(k / scale, -float(info.max), float(info.max))
     return codes.astype(dtype), scale.astype(dtype)
 

@@ -19,20 +19,27 @@ ranking-plus-stopping rule, not a guarantee that the true mass reaches `p`.
 
 Empty pages (no slot with position >= 0) have `kmin = +inf`, `kmax = -inf` (the identities
 of min / max, so a cache can fold new keys in) and score `-inf`.
+
+FP8 bounds (`bound_codes`): a cache may keep the bounds as float8 codes with one power-of-two
+scale per (page, kv head), `kmin >= lo * scale`, `kmax <= hi * scale` (kmin rounded down, kmax
+up in the scaled grid), so the score stays an upper bound of every logit of the page; it
+halves the bytes the scoring reads (`D + 2` bytes per bound pair and page / head instead of
+`2 D`). Empty pages are `lo = fmax > hi = -fmax`: a page is empty where `kmax < kmin`.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode.api import decode_attention
 from pallas_kernels.indexer import top_k_set
+from pallas_kernels.page_scores import page_scores
 from sparse_jax.ops import selection
+from sparse_jax.ops.dsa import power_of_two_scale
 
 ALWAYS_OPTIONS = ("first", "last")
+BOUND_CODE_DTYPES = ("float8_e4m3fn", "float8_e5m2")     # sign-magnitude with -0: `_round_up`'s bit step
 
 
 def _check_page_size(page_size):
@@ -70,6 +77,51 @@ def page_bounds(k, kv_positions, page_size: int):
     return kmin.astype(k.dtype), kmax.astype(k.dtype)
 
 
+def check_bounds_dtype(bounds_dtype, cache_dtype):
+    """The dtype a cache keeps its page bounds in: `cache_dtype` for None (or `cache_dtype`
+    itself), else one of `BOUND_CODE_DTYPES`; anything else: ValueError."""
+    if bounds_dtype is None or jnp.dtype(bounds_dtype) == jnp.dtype(cache_dtype):
+        return jnp.dtype(cache_dtype)
+    if jnp.dtype(bounds_dtype).name not in BOUND_CODE_DTYPES:
+        raise ValueError(f"bounds_dtype must be None (the cache dtype, {jnp.dtype(cache_dtype).name}) or one of "
+                         f"{BOUND_CODE_DTYPES}, got {bounds_dtype!r}")
+    return jnp.dtype(bounds_dtype)
+
+
+def _round_up(x, dtype):
+    """The least value of float8 `dtype` >= `x` (float32, |x| <= the type's max): round to
+    nearest, then one step up the (sign-magnitude) bit pattern where that fell below x."""
+    c = x.astype(dtype)
+    cf = c.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(c, jnp.uint8)
+    step = jnp.where(cf > 0, bits + 1, jnp.where(cf < 0, bits - 1, jnp.uint8(1)))   # +-0 -> least subnormal
+    return jnp.where(cf < x, jax.lax.bitcast_convert_type(step.astype(jnp.uint8), dtype), c)
+
+
+def bound_codes(kmin, kmax, dtype):
+    """Page bounds `kmin, kmax [..., D]` as a cache keeps them in `dtype`: `(lo, hi, scale)`.
+
+    float8 `dtype` (`BOUND_CODE_DTYPES`): `lo, hi [..., D]` in `dtype` and `scale [..., 1]`
+    bfloat16, the least power of two with `max|bounds| / scale <= fmax` (`dsa.
+    power_of_two_scale`; exponents of bfloat16's normal range, exact), `lo = kmin / scale`
+    rounded down, `hi = kmax / scale` rounded up, so `lo * scale <= kmin`, `hi * scale >= kmax`
+    and the Quest bound from `(lo, hi)` is at least the one from `(kmin, kmax)`. Empty
+    entries (`kmax < kmin`, i.e. +-inf) become `lo = fmax`, `hi = -fmax`, scale 1.
+    `dtype == kmin.dtype`: the bounds themselves and a width-0 scale.
+    """
+    dtype = check_bounds_dtype(dtype, kmin.dtype)
+    if dtype == kmin.dtype:
+        return kmin, kmax, jnp.zeros(kmin.shape[:-1] + (0,), dtype)
+    fmax = float(jnp.finfo(dtype).max)
+    lo, hi = kmin.astype(jnp.float32), kmax.astype(jnp.float32)
+    empty = hi[..., :1] < lo[..., :1]
+    amax = jnp.where(empty, 1.0, jnp.maximum(jnp.abs(lo), jnp.abs(hi)).max(-1, keepdims=True))
+    scale = power_of_two_scale(amax, fmax, -126, 127)
+    lo = jnp.where(empty, jnp.asarray(fmax, dtype), -_round_up(-lo / scale, dtype))
+    hi = jnp.where(empty, jnp.asarray(-fmax, dtype), _round_up(hi / scale, dtype))
+    return lo, hi, scale.astype(jnp.bfloat16)
+
+
 def valid_pages(kv_positions, page_size: int, q_positions=None):
     """bool `[B, P]`: pages holding at least one key (visible to some query of
     `q_positions [B, Tq]`, i.e. position <= the newest query's, when given)."""
@@ -82,18 +134,25 @@ def valid_pages(kv_positions, page_size: int, q_positions=None):
     return jnp.pad(ok, ((0, 0), (0, p * page_size - s))).reshape(b, p, page_size).any(-1)
 
 
-def quest_page_scores(q, kmin, kmax, *, scale=None):
+def quest_page_scores(q, kmin, kmax, *, scale=None, bound_scale=None, impl: str = "xla", interpret: bool = False):
     """Quest upper bound of the logits of each page, `[B, Hkv, P]` float32.
 
     Per query head and token: `scale * sum_i max(q_i kmax_i, q_i kmin_i)`. GQA and Tq > 1:
     the *max* over the group's `H / Hkv` heads and the Tq tokens, so the kv head's score is
     still an upper bound of every logit any of its queries can reach in the page (the
     group then shares one selection, as the decode kernel's block lists are per kv head).
-    Empty pages (`kmax = -inf`) score -inf.
+    Empty pages (`kmax < kmin`: `page_bounds`' -inf / +inf) score -inf.
 
     Args:
-      q: `[B, Tq, H, D]`; kmin, kmax: `[B, P, Hkv, D]` (`page_bounds`); scale: default
-        `1/sqrt(D)` (the attention logit scale, so `softmax` of the scores is a mass estimate).
+      q: `[B, Tq, H, D]`; kmin, kmax: `[B, P, Hkv, D]` (`page_bounds`, or float8 codes of
+        `bound_codes`); scale: default `1/sqrt(D)` (the attention logit scale, so `softmax`
+        of the scores is a mass estimate); bound_scale: `[B, P, Hkv, 1]` (`bound_codes`, the
+        bounds are `kmin * bound_scale`, `kmax * bound_scale`; needed with float8 codes),
+        None or width 0: none.
+      impl: the `pallas_kernels.page_scores` op's backend: "xla" (two batched dots; the
+        default until the Triton kernel, NEVER COMPILED ON A GPU when written, has been
+        checked on one), "triton" (one pass over the bounds in their stored layout), "auto";
+        interpret: the kernel in interpret mode.
     """
     if q.ndim != 4 or kmin.ndim != 4 or kmin.shape != kmax.shape:
         raise ValueError(f"q must be [B, Tq, H, D] and kmin/kmax equal [B, P, Hkv, D]; got "
@@ -103,19 +162,13 @@ def quest_page_scores(q, kmin, kmax, *, scale=None):
     if kmin.shape[0] != b or kmin.shape[3] != d or h % hkv:
         raise ValueError(f"q {q.shape} does not fit kmin/kmax {kmin.shape} (batch, head_dim, "
                          f"num_heads a multiple of num_kv_heads)")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    empty = kmax[..., 0] == -jnp.inf                                             # [B, P, Hkv]
-    lo = jnp.where(empty[..., None], 0, kmin)
-    hi = jnp.where(empty[..., None], 0, kmax)
-    # max(q_i kmax_i, q_i kmin_i) = relu(q_i) kmax_i + min(q_i, 0) kmin_i since kmax >= kmin:
-    # two matmuls over the bounds (empty pages zeroed first, so no 0 * inf), never the
-    # [B, Tq, H, P, D] products of the elementwise form.
-    qg = q.reshape(b, tq, hkv, h // hkv, d)
-    dot = lambda x, bound: jnp.einsum("btkgd,bpkd->btkgp", x, bound.astype(q.dtype),
-                                      preferred_element_type=jnp.float32)
-    s = dot(jnp.maximum(qg, 0), hi) + dot(jnp.minimum(qg, 0), lo)             # [B, Tq, Hkv, G, P]
-    s = s.max(axis=(1, 3)) * scale                                               # [B, Hkv, P]
-    return jnp.where(jnp.swapaxes(empty, 1, 2), -jnp.inf, s)
+    coded = jnp.dtype(kmin.dtype).name in BOUND_CODE_DTYPES
+    if bound_scale is not None and bound_scale.shape[-1] == 0:
+        bound_scale = None
+    if coded != (bound_scale is not None) or (coded and bound_scale.shape != kmin.shape[:-1] + (1,)):
+        raise ValueError(f"float8 bounds need bound_scale [B, P, Hkv, 1] (bound_codes), other bounds none; got "
+                         f"bounds {kmin.dtype}, bound_scale {None if bound_scale is None else bound_scale.shape}")
+    return page_scores(q, kmin, kmax, bound_scale, scale=scale, impl=impl, interpret=interpret)
 
 
 def _check_scores(scores, valid_pages_):
@@ -168,7 +221,7 @@ def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIO
     s = jnp.where(valid_pages[:, None], scores.astype(jnp.float32), -jnp.inf)
     s = jnp.where(forced, jnp.inf, s)
     _, pages = top_k_set(s.reshape(b * hkv, p), budget_pages, impl=impl, interpret=interpret)
-    return selection.block_lists(pages.reshape(b, 1, hkv, -1), p)
+    return selection.sorted_block_lists(pages.reshape(b, hkv, -1))           # ascending, -1 padded last
 
 
 def select_top_p(scores, p: float, valid_pages, max_pages: int | None = None):
@@ -212,8 +265,8 @@ def quest_decode(q, k_cache, v_cache, kv_positions, *, page_size: int, budget_pa
       q: `[B, Tq, H, D]` new queries (already written to the cache);
       k_cache, v_cache: `[B, S, Hkv, D]` slot-indexed cache; kv_positions: int `[B, S]`;
       page_size: slots per page (the decode kernel's `block_size`);
-      budget_pages / top_p: exactly one; bounds: optional `(kmin, kmax)` kept by
-        `QuestKVCache` (else computed here from the whole cache);
+      budget_pages / top_p: exactly one; bounds: optional `(kmin, kmax)` or `(kmin, kmax,
+        bound_scale)` kept by `QuestKVCache` (else computed here from the whole cache);
       q_positions: int `[B, Tq]` (default: after the newest key); always: see
         `select_top_pages` (top-k only).
     Returns:
@@ -221,11 +274,12 @@ def quest_decode(q, k_cache, v_cache, kv_positions, *, page_size: int, budget_pa
     """
     if (budget_pages is None) == (top_p is None):
         raise ValueError("pass exactly one of budget_pages and top_p")
-    kmin, kmax = page_bounds(k_cache, kv_positions, page_size) if bounds is None else bounds
+    bounds = page_bounds(k_cache, kv_positions, page_size) if bounds is None else tuple(bounds)
+    kmin, kmax, bound_scale = bounds if len(bounds) == 3 else bounds + (None,)
     if q_positions is None:
         q_positions = (jnp.max(kv_positions, axis=1)[:, None] + 1 - q.shape[1]
                        + jnp.arange(q.shape[1], dtype=jnp.int32)[None])
-    scores = quest_page_scores(q, kmin, kmax, scale=scale)
+    scores = quest_page_scores(q, kmin, kmax, scale=scale, bound_scale=bound_scale)
     valid = valid_pages(kv_positions, page_size, q_positions)
     if budget_pages is not None:
         topk_impl = impl if impl in ("xla", "triton") else "auto"

@@ -155,6 +155,17 @@ def block_lists(block_indices, num_blocks: int):
     return indices, counts
 
 
+def sorted_block_lists(indices):
+    """`block_lists` of one query's lists that are already distinct and ascending, -1
+    padded last (`top_k_set`'s output): `indices [B, Hkv, k]` -> the same `(indices, counts)`
+    without the union grid and its sort over every block (at Quest's 8192 pages a sort
+    of each row's 8192 flags for 512 entries)."""
+    counts = (indices >= 0).sum(-1).astype(jnp.int32)
+    last = jnp.take_along_axis(indices, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    pad = jnp.where(counts[..., None] > 0, last, 0)
+    return jnp.where(indices >= 0, indices, pad).astype(jnp.int32), counts
+
+
 def selected_block_attention(q, k, v, q_positions, kv_positions, block_indices, *, block_size: int,
                              query_block: int = 1, sink_logits=None, softcap=None, scale=None,
                              return_lse: bool = False, impl: str = "auto", interpret=False):
