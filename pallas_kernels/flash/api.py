@@ -9,7 +9,9 @@ and HySparse's block-max scores (arXiv: HySparse, Alg. 1) are options.
 
 `impl`: "auto" (on a Hopper GPU the Mosaic GPU kernel where it applies, else Triton; on
 TPU Mosaic; the XLA reference on CPU), "xla", "triton", "mosaic_tpu", "mosaic_gpu"
-(Hopper: causal or full attention on default positions; see `mosaic_gpu.py`), resolved by
+(Hopper: full, causal or causal-window attention, queries at `arange` and keys at
+`stride * arange + offset` (NSA's compressed keys), concrete positions; see
+`mosaic_gpu.py`), resolved by
 `common.resolve` from what each backend module declares (`CONFIG`, `supports`).
 `interpret=True` runs a Pallas kernel in interpret mode on CPU.
 """
