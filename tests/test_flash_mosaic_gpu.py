@@ -391,6 +391,7 @@ def _affine_ref(q, k, v, mask_fn, kv_positions):
     (1, 300, 4, 4, 140, 0, 2, 3, None),         # GQA 1, stride 2
     (1, 700, 8, 2, 40, 0, 16, 31, 100),         # a causal window over the compressed keys
     (1, 2048, 16, 4, 127, 0, 16, 31, None),     # several KV tiles, split dK/dV grid
+    (1, 1000, 8, 2, 1000, 0, 1, 0, None),       # default positions, ragged (padded) lengths
 ])
 def test_mosaic_gpu_compressed_keys_match_the_reference(b, tq, h, hkv, n, n_pad, stride, offset,
                                                        window):
