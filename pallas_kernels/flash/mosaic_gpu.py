@@ -43,7 +43,7 @@ from pallas_kernels.common import AttentionOutput
 from pallas_kernels.flash import autodiff, mosaic_gpu_vjp
 from pallas_kernels.flash.blocks import pad_axis, round_up
 from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec
-from pallas_kernels.flash.mosaic_gpu_vjp import MosaicGPUBackwardConfig
+from pallas_kernels.flash.mosaic_gpu_vjp import MosaicGPUBackwardConfig, accumulate, mma
 from pallas_kernels.flash.triton import TritonConfig
 from pallas_kernels.tiles_common import LOG2E
 
@@ -73,8 +73,10 @@ class MosaicGPUConfig:
 _COMPUTE_WGS = 2
 
 
-def _forward_kernel_call(q, k, v, *, spec: MaskSpec, scale: float, cfg: MosaicGPUConfig):
+def _forward_kernel_call(q, k, v, *, spec: MaskSpec, scale: float, cfg: MosaicGPUConfig,
+                         interpret=None):
     """q `[B, Tq, H, D]`, k/v `[B, Tk, Hkv, D]` -> out `[B, Tq, H, D]`, lse `[B, H, Tq]`.
+    `interpret`: None (compiled) or `InterpretGPUParams` (GPU interpret mode, CPU).
 
     `spec` (`mosaic_gpu_mask.MaskSpec`): the static mask. The producer streams the KV tiles
     any row of the CTA sees; each consumer masks the tiles outside its mask-free run and
@@ -161,14 +163,14 @@ def _forward_kernel_call(q, k, v, *, spec: MaskSpec, scale: float, cfg: MosaicGP
                     plgpu.barrier_wait(sched)            # tensor cores free
 
                 def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    mma(acc_ref, p16, v_smem.at[slot])
                     nxt = j + 1
 
                     @pl.when(nxt < n_steps)
                     def _():
                         plgpu.barrier_wait(k_loaded.at[lax.rem(nxt - j_lo, jnp.int32(stages))])
 
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                acc = accumulate(pv, acc, interpret=interpret)
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_new, l
 
@@ -250,6 +252,7 @@ def _forward_kernel_call(q, k, v, *, spec: MaskSpec, scale: float, cfg: MosaicGP
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         kernel_name="flash_fwd_mosaic_gpu",
+        interpret=interpret,
     )(q, k, v)
     return out, lse
 

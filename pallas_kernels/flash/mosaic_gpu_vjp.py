@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.ref import AbstractRef
 
 from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec
 from pallas_kernels.tiles_common import LOG2E
@@ -73,6 +74,43 @@ def dkv_head_split(group: int, ctas: int, min_ctas: int) -> int:
     return group
 
 
+class _ValueAcc:
+    """A wgmma accumulator held as a value: `accumulate`'s stand-in for an accumulator ref
+    under GPU interpret mode."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def accumulate(body, init, *, interpret):
+    """Runs `body(acc_refs)` on wgmma accumulators (a float32 `[M, N]` array, or a tuple of
+    them) initialised to `init`, and returns their final values; `body` issues its matmuls
+    with `mma`. Compiled: `pl.run_state(body)(plgpu.ACC.init(init))`. Under GPU interpret
+    mode (`interpret` an `InterpretGPUParams`) the accumulators are plain values and `mma`
+    a float32 `jnp.dot`: JAX 0.11.2's interpreter runs neither `run_state` nor a `wgmma`
+    whose left operand is a register array."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    if not interpret:
+        return pl.run_state(body)(jax.tree.map(plgpu.ACC.init, init))
+    accs = jax.tree.map(_ValueAcc, init)
+    body(accs)
+    return jax.tree.map(lambda a: a.value, accs, is_leaf=lambda x: isinstance(x, _ValueAcc))
+
+
+def mma(acc_ref, a, b):
+    """`acc_ref += a @ b` inside an `accumulate` body: `plgpu.wgmma` (a: SMEM ref or
+    register array `[M, K]`, b: SMEM ref `[K, N]`), or its interpret-mode value."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    if not isinstance(acc_ref, _ValueAcc):
+        plgpu.wgmma(acc_ref, a, b)
+        return
+    if not isinstance(a, jax.Array) or isinstance(jax.typeof(a), AbstractRef):
+        a = a[...]
+    acc_ref.value = acc_ref.value + jnp.dot(a, b[...], preferred_element_type=jnp.float32)
+
+
 def _transforms(plgpu, d, dtype):
     swizzle = 128 if d * jnp.dtype(dtype).itemsize >= 128 else 64
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
@@ -80,8 +118,8 @@ def _transforms(plgpu, d, dtype):
 
 
 def _dq_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
-             cfg: MosaicGPUBackwardConfig):
-    """dq `[B, Tq, H, D]` (q's dtype)."""
+             cfg: MosaicGPUBackwardConfig, interpret=None):
+    """dq `[B, Tq, H, D]` (q's dtype). `interpret`: None (compiled) or `InterpretGPUParams`."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
 
     b, tq, h, d = q.shape
@@ -150,9 +188,9 @@ def _dq_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                 ds = (p * (dp - lax.broadcast_in_dim(dlt, dp.shape, [0]))).astype(dtype)
 
                 def dsk(acc_ref):
-                    plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
+                    mma(acc_ref, ds, k_smem.at[slot])
 
-                dq = pl.run_state(dsk)(plgpu.ACC.init(dq))
+                dq = accumulate(dsk, dq, interpret=interpret)
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 return dq
 
@@ -214,13 +252,15 @@ def _dq_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         kernel_name="flash_bwd_dq_mosaic_gpu",
+        interpret=interpret,
     )(q, k, v, do, lse2, delta)
 
 
 def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
-              cfg: MosaicGPUBackwardConfig):
+              cfg: MosaicGPUBackwardConfig, interpret=None):
     """dk, dv `[B, Tk, Hkv, D]` (k's dtype): the GQA group's query heads summed on chip, or,
-    split over `dkv_head_split` CTAs, each part's sum in k's dtype, added in float32 here."""
+    split over `dkv_head_split` CTAs, each part's sum in k's dtype, added in float32 here.
+    `interpret`: None (compiled) or `InterpretGPUParams`."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
 
     b, tq, h, d = q.shape
@@ -282,20 +322,20 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
 
                 def dv_and_dpt(refs):
                     dv_ref, dpt_ref = refs
-                    plgpu.wgmma(dv_ref, pt.astype(dtype), do_smem.at[slot])
-                    plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
+                    mma(dv_ref, pt.astype(dtype), do_smem.at[slot])
+                    mma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
 
                 zeros_t = plgpu.layout_cast(jnp.full((bk, bq), 0.0, jnp.float32),
                                             plgpu.Layout.WGMMA)
-                dv, dpt = pl.run_state(dv_and_dpt)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros_t)))
+                dv, dpt = accumulate(dv_and_dpt, (dv, zeros_t), interpret=interpret)
                 plgpu.barrier_wait(delta_loaded.at[slot])
                 dlt = plgpu.load(delta_smem.at[slot], layout=layout_col)
                 dst = (pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))).astype(dtype)
 
                 def dsq(acc_ref):
-                    plgpu.wgmma(acc_ref, dst, q_smem.at[slot])
+                    mma(acc_ref, dst, q_smem.at[slot])
 
-                dk = pl.run_state(dsq)(plgpu.ACC.init(dk))
+                dk = accumulate(dsq, dk, interpret=interpret)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk, dv
 
@@ -371,6 +411,7 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         kernel_name="flash_bwd_dkv_mosaic_gpu",
+        interpret=interpret,
     )(q, k, v, do, lse2, delta)
     if split == 1:
         return dk, dv
@@ -397,6 +438,7 @@ def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta):
     del q_pos, kv_pos, q_seg, kv_seg      # static in st.kernel_mask, no segments
     cfg = st.config.backward
     dout = dout.astype(q.dtype)
-    dq = _dq_call(q, k, v, dout, lse2, delta, spec=st.kernel_mask, scale=st.scale, cfg=cfg)
-    dk, dv = _dkv_call(q, k, v, dout, lse2, delta, spec=st.kernel_mask, scale=st.scale, cfg=cfg)
+    kw = dict(spec=st.kernel_mask, scale=st.scale, cfg=cfg, interpret=st.interpret or None)
+    dq = _dq_call(q, k, v, dout, lse2, delta, **kw)
+    dk, dv = _dkv_call(q, k, v, dout, lse2, delta, **kw)
     return dq, dk, dv
