@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import AttentionOutput
+from pallas_kernels.common import AttentionOutput, is_gpu_interpret
 from pallas_kernels.flash import autodiff, mosaic_gpu_vjp
 from pallas_kernels.flash.blocks import pad_axis, round_up
 from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec
@@ -264,7 +264,8 @@ def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
     `lse' = logaddexp(lse, sink)`, `out' = out * exp(lse - lse')` (one elementwise pass);
     the backward then sees the sink through `lse'` (and `autodiff` gives d sink)."""
     del q_pos, kv_pos, q_seg, kv_seg   # static in st.kernel_mask (checked by flash_mosaic_gpu)
-    out, lse = _forward_kernel_call(q, k, v, spec=st.kernel_mask, scale=st.scale, cfg=st.config)
+    out, lse = _forward_kernel_call(q, k, v, spec=st.kernel_mask, scale=st.scale, cfg=st.config,
+                                    interpret=st.interpret or None)
     if sinks is not None:
         lse_all = jnp.logaddexp(lse, sinks.astype(jnp.float32)[None, :, None])
         ratio = jnp.exp(lse - lse_all).transpose(0, 2, 1)[..., None]     # [B, Tq, H, 1]
@@ -274,11 +275,13 @@ def forward(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
 
 
 def backward(st, *args):
-    """The backward on the same residuals: Mosaic GPU, or Triton for a `TritonConfig`."""
+    """The backward on the same residuals: Mosaic GPU, or Triton for a `TritonConfig` (in
+    Triton's interpret mode when the forward runs in GPU interpret mode)."""
     if isinstance(st.config.backward, TritonConfig):
         from pallas_kernels.flash import triton_vjp  # noqa: PLC0415
 
-        return triton_vjp.backward(dataclasses.replace(st, config=st.config.backward), *args)
+        return triton_vjp.backward(dataclasses.replace(st, config=st.config.backward,
+                                                       interpret=bool(st.interpret)), *args)
     return mosaic_gpu_vjp.backward(st, *args)
 
 
@@ -322,8 +325,9 @@ def check_supported(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_id
     def no(what):
         raise ValueError(f"flash impl='mosaic_gpu' does not support {what}; use impl='triton'")
 
-    if interpret:
-        no("interpret=True (Mosaic GPU compiles for Hopper only)")
+    if interpret and not is_gpu_interpret(interpret):
+        no(f"interpret={interpret!r} (the Triton interpreter); Mosaic GPU's interpret mode is "
+           "interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()")
     kind = mosaic_gpu_vjp.mask_kind(mask_fn)
     if kind is None:
         no(f"mask_fn={mask_fn!r} (only None, a plain causal mask (`is_causal` True: Causal()) "
@@ -354,7 +358,8 @@ def flash_mosaic_gpu(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_i
                      kv_segment_ids, sink_logits, softcap, scale, return_lse, block_score_size,
                      block_score_reduce_gqa, interpret=False,
                      config: MosaicGPUConfig | None = None):
-    """`flash_reference`'s contract, restricted (see the module docstring), on Hopper.
+    """`flash_reference`'s contract, restricted (see the module docstring), on Hopper, or on
+    the CPU in GPU interpret mode (`interpret=plgpu.InterpretGPUParams()`; tests).
 
     Positions must be concrete (the default `arange`, or arrays known at trace time):
     queries at `arange(Tq)`, keys at `stride * arange(Tk) + offset`; traced positions
@@ -376,7 +381,7 @@ def flash_mosaic_gpu(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_i
                              (b, tk_p))
     st = autodiff.Static(forward=forward, backward=backward, mask_fn=mask_fn,
                          scale=float(scale), softcap=None, has_sinks=sink_logits is not None,
-                         config=config, interpret=False, kernel_mask=spec)
+                         config=config, interpret=interpret or False, kernel_mask=spec)
     out, lse = autodiff.attention(
         st, pad_axis(q, tq_p, 1), pad_axis(k, tk_p, 1), pad_axis(v, tk_p, 1),
         sink_logits=sink_logits, q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=None,
