@@ -43,7 +43,8 @@ from pallas_kernels.common import AttentionOutput, is_gpu_interpret
 from pallas_kernels.flash import autodiff, mosaic_gpu_vjp
 from pallas_kernels.flash.blocks import pad_axis, round_up
 from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec
-from pallas_kernels.flash.mosaic_gpu_vjp import MosaicGPUBackwardConfig, accumulate, mma
+from pallas_kernels.flash.mosaic_gpu_vjp import (MosaicGPUBackwardConfig, accumulate, mma,
+                                                 observe_last_phases)
 from pallas_kernels.flash.triton import TritonConfig
 from pallas_kernels.tiles_common import LOG2E
 
@@ -180,6 +181,9 @@ def _forward_kernel_call(q, k, v, *, spec: MaskSpec, scale: float, cfg: MosaicGP
 
             def drain(j, _):   # release the tiles the other consumer still needs
                 slot = lax.rem(j - j_lo, jnp.int32(stages))
+                if interpret:      # see `observe_last_phases`: observe their loads too
+                    plgpu.barrier_wait(k_loaded.at[slot])
+                    plgpu.barrier_wait(v_loaded.at[slot])
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 sched_sync()
@@ -221,6 +225,9 @@ def _forward_kernel_call(q, k, v, *, spec: MaskSpec, scale: float, cfg: MosaicGP
                 plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_loaded.at[slot])
                 plgpu.barrier_wait(v_consumed.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_loaded.at[slot])
+
+            observe_last_phases((k_consumed, v_consumed), n_steps_cta - j_lo, stages,
+                                interpret=interpret)
 
     def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
         swizzle = 128 if d * jnp.dtype(dtype).itemsize >= 128 else 64
