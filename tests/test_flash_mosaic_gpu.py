@@ -12,6 +12,8 @@ ValueError before anything is compiled.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -455,3 +457,61 @@ def test_auto_runs_nsa_compressed_branch_on_mosaic_gpu(monkeypatch):
         ref_out, ref_lse = nsa.compressed_branch_lse(q, k, v, qpos, cpos, impl="xla")
         assert rel_err(out, ref_out) < 2e-2
         np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-2, rtol=1e-3)
+
+
+# Mosaic GPU's interpret mode (`plgpu.InterpretGPUParams`) runs each warpgroup as its own CPU
+# program blocked in barrier callbacks: it needs as many XLA CPU pool threads (conftest sets
+# PJRT_NPROC), else it hangs.
+_GPU_INTERPRET_POOL = int(os.environ.get("PJRT_NPROC") or os.cpu_count() or 1) >= 4
+
+
+@pytest.mark.skipif(not _GPU_INTERPRET_POOL, reason="GPU interpret mode needs PJRT_NPROC >= 4")
+@pytest.mark.parametrize("tq,h,hkv,n,n_pad,stride,offset,mask,backward", [
+    (200, 2, 2, 200, 0, 1, 0, "causal", "mosaic128"),   # GQA 1, ragged, 128-wide bwd tiles
+    (200, 4, 1, 200, 0, 1, 0, "full", "unsplit"),       # GQA 4 summed on chip (one dK/dV CTA)
+    (300, 2, 2, 300, 0, 1, 0, "window64", "mosaic64"),  # GQA 1, a causal window
+    (300, 4, 1, 17, 0, 16, 31, "causal", "mosaic64"),   # NSA's compressed keys (d=16, l=32)
+    (300, 4, 1, 17, 2, 16, 31, "window100", "mosaic64"),  # ... padded key slots, a window
+], ids=["causal", "full-gqa4", "window", "nsa-cmp", "nsa-cmp-window-padded"])
+def test_mosaic_gpu_kernels_in_gpu_interpret_mode(tq, h, hkv, n, n_pad, stride, offset, mask,
+                                                  backward):
+    """The Mosaic GPU forward and backward kernels run on the CPU in GPU interpret mode
+    (`interpret=plgpu.InterpretGPUParams()`: simulated SMEM, TMA, barriers, warpgroups) on
+    the smallest shapes they take: out, lse and dq, dk, dv (with an lse cotangent) against
+    the float32 reference; rows that see no key (t < offset) give out 0, lse -inf, dq 0."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig
+
+    mask_fn = {"causal": P.Causal(), "full": None, "window64": P.causal_window(64),
+               "window100": P.causal_window(100)}[mask]
+    bwd = {"mosaic64": MosaicGPUBackwardConfig(),
+           "mosaic128": MosaicGPUBackwardConfig(block_kv_dq=128, block_q_dkv=128),
+           "unsplit": MosaicGPUBackwardConfig(dkv_min_ctas=1)}[backward]
+    kv_pos = _compressed_positions(1, n, stride, offset, n_pad)
+    q, _, _, do = _inputs(1, tq, h, hkv, 64, jnp.bfloat16, seed=tq + n)
+    _, k, v, _ = _inputs(1, n + n_pad, h, hkv, 64, jnp.bfloat16, seed=n)
+
+    def loss(q, k, v, interpret):
+        r = (flash_attention(q, k, v, mask_fn=mask_fn, kv_positions=kv_pos, return_lse=True,
+                             impl="mosaic_gpu", interpret=interpret,
+                             config=MosaicGPUConfig(backward=bwd))
+             if interpret else _affine_ref(q, k, v, mask_fn, kv_pos))
+        lse = jnp.where(jnp.isfinite(r.lse), r.lse, 0.0)
+        return (r.out.astype(jnp.float32) * do.astype(jnp.float32)).sum() + 0.37 * lse.sum(), r
+
+    grad = lambda interpret, *a: jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(*a, interpret)  # noqa: E731
+    got, res = grad(plgpu.InterpretGPUParams(), q, k, v)
+    want, ref = grad(None, *(x.astype(jnp.float32) for x in (q, k, v)))
+    assert res.out.dtype == jnp.bfloat16 and res.out.shape == q.shape
+    assert rel_err(res.out, ref.out) < 1e-2
+    np.testing.assert_array_equal(np.isneginf(np.asarray(res.lse)), np.isneginf(np.asarray(ref.lse)))
+    seen = np.isfinite(np.asarray(ref.lse))
+    np.testing.assert_allclose(np.asarray(res.lse)[seen], np.asarray(ref.lse)[seen], atol=1e-4)
+    blind = slice(0, offset)
+    assert np.all(np.asarray(res.out[:, blind], np.float32) == 0)
+    for g, r, name in zip(got, want, "qkv"):
+        assert g.dtype == jnp.bfloat16
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+        assert rel_err(g, r) < 1e-2, (name, rel_err(g, r))
+    assert np.all(np.asarray(got[0][:, blind], np.float32) == 0)
