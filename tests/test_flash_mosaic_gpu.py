@@ -115,7 +115,7 @@ def test_mosaic_gpu_gradients_match_the_reference(mask, b, t, h, hkv, d, backwar
 
         def loss(q, k, v):
             r = flash_attention(q, k, v, mask_fn=mask_fn, return_lse=True, impl="mosaic_gpu",
-                                config=MosaicGPUConfig(backward=bwd))
+                                config=config)
             return (r.out.astype(jnp.float32) * do.astype(jnp.float32)).sum() + 0.37 * r.lse.sum()
 
         got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
@@ -466,15 +466,16 @@ _GPU_INTERPRET_POOL = int(os.environ.get("PJRT_NPROC") or os.cpu_count() or 1) >
 
 
 @pytest.mark.skipif(not _GPU_INTERPRET_POOL, reason="GPU interpret mode needs PJRT_NPROC >= 4")
-@pytest.mark.parametrize("tq,h,hkv,n,n_pad,stride,offset,mask,backward", [
-    (200, 2, 2, 200, 0, 1, 0, "causal", "mosaic128"),   # GQA 1, ragged, 128-wide bwd tiles
+@pytest.mark.parametrize("tq,h,hkv,n,n_pad,stride,offset,mask,tiles", [
+    (200, 2, 2, 200, 0, 1, 0, "causal", "kv64-bwd128"),  # GQA 1, ragged; the two consumers
+                                                         # of a CTA see different KV tiles
     (200, 4, 1, 200, 0, 1, 0, "full", "unsplit"),       # GQA 4 summed on chip (one dK/dV CTA)
     (300, 2, 2, 300, 0, 1, 0, "window64", "mosaic64"),  # GQA 1, a causal window
     (300, 4, 1, 17, 0, 16, 31, "causal", "mosaic64"),   # NSA's compressed keys (d=16, l=32)
     (300, 4, 1, 17, 2, 16, 31, "window100", "mosaic64"),  # ... padded key slots, a window
 ], ids=["causal", "full-gqa4", "window", "nsa-cmp", "nsa-cmp-window-padded"])
 def test_mosaic_gpu_kernels_in_gpu_interpret_mode(tq, h, hkv, n, n_pad, stride, offset, mask,
-                                                  backward):
+                                                  tiles):
     """The Mosaic GPU forward and backward kernels run on the CPU in GPU interpret mode
     (`interpret=plgpu.InterpretGPUParams()`: simulated SMEM, TMA, barriers, warpgroups) on
     the smallest shapes they take: out, lse and dq, dk, dv (with an lse cotangent) against
@@ -485,9 +486,10 @@ def test_mosaic_gpu_kernels_in_gpu_interpret_mode(tq, h, hkv, n, n_pad, stride, 
 
     mask_fn = {"causal": P.Causal(), "full": None, "window64": P.causal_window(64),
                "window100": P.causal_window(100)}[mask]
-    bwd = {"mosaic64": MosaicGPUBackwardConfig(),
-           "mosaic128": MosaicGPUBackwardConfig(block_kv_dq=128, block_q_dkv=128),
-           "unsplit": MosaicGPUBackwardConfig(dkv_min_ctas=1)}[backward]
+    config = {"mosaic64": MosaicGPUConfig(),
+              "kv64-bwd128": MosaicGPUConfig(block_kv=64, backward=MosaicGPUBackwardConfig(
+                  block_kv_dq=128, block_q_dkv=128)),
+              "unsplit": MosaicGPUConfig(backward=MosaicGPUBackwardConfig(dkv_min_ctas=1))}[tiles]
     kv_pos = _compressed_positions(1, n, stride, offset, n_pad)
     q, _, _, do = _inputs(1, tq, h, hkv, 64, jnp.bfloat16, seed=tq + n)
     _, k, v, _ = _inputs(1, n + n_pad, h, hkv, 64, jnp.bfloat16, seed=n)
@@ -495,7 +497,7 @@ def test_mosaic_gpu_kernels_in_gpu_interpret_mode(tq, h, hkv, n, n_pad, stride, 
     def loss(q, k, v, interpret):
         r = (flash_attention(q, k, v, mask_fn=mask_fn, kv_positions=kv_pos, return_lse=True,
                              impl="mosaic_gpu", interpret=interpret,
-                             config=MosaicGPUConfig(backward=bwd))
+                             config=config)
              if interpret else _affine_ref(q, k, v, mask_fn, kv_pos))
         lse = jnp.where(jnp.isfinite(r.lse), r.lse, 0.0)
         return (r.out.astype(jnp.float32) * do.astype(jnp.float32)).sum() + 0.37 * lse.sum(), r
