@@ -123,6 +123,24 @@ def test_flash_auto_on_other_devices(monkeypatch):
     assert [c[0] for c in calls] == ["triton", "mosaic_tpu", "xla", "triton", "triton"]
 
 
+def test_flash_auto_in_gpu_interpret_mode(monkeypatch):
+    """`interpret=plgpu.InterpretGPUParams()` (Mosaic GPU's interpret mode): impl='auto' takes
+    Mosaic GPU on any device where it covers the call, else the XLA reference (never Triton
+    with the GPU interpreter's params); an explicit mosaic_gpu refuses interpret=True."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    calls = record(monkeypatch, flash_api)
+    q, k, v = qkv()
+    gpu_interpret = plgpu.InterpretGPUParams()
+    for device in (CPU, HOPPER):
+        fake_device(monkeypatch, device)
+        flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), interpret=gpu_interpret)
+    flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), softcap=30.0, interpret=gpu_interpret)
+    assert [c[0] for c in calls] == ["mosaic_gpu", "mosaic_gpu", "xla"]
+    with pytest.raises(ValueError, match="interpret=True.*InterpretGPUParams"):
+        flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), impl="mosaic_gpu", interpret=True)
+
+
 # ---------------------------------------------------------------- every other op
 
 def block_sparse_call(api, **kw):

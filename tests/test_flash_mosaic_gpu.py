@@ -2,9 +2,10 @@
 
 Forward and backward (`mosaic_gpu_vjp`): full, causal, causal sliding window, learned
 sinks, keys at `stride * j + offset` (NSA's compressed keys), ragged lengths (padded in the
-api). Mosaic GPU kernels are not run on the CPU here (its GPU interpret mode does not cover
-`wgmma` accumulators in this jax), so the kernel itself is tested only under `-m gpu`
-on a Hopper GPU, against `flash_reference`. On the CPU: the mask arithmetic
+api). Under `-m gpu` on a Hopper GPU, the compiled kernels against `flash_reference`. On
+the CPU: the kernels in Mosaic GPU's interpret mode (`interpret=plgpu.InterpretGPUParams()`,
+small shapes, forward and gradients against the float32 reference; the wgmma accumulate
+steps there are float32 `jnp.dot`s, see `mosaic_gpu_vjp.accumulate`), the mask arithmetic
 (`mosaic_gpu_mask`) against the reference mask, the kernels lowered for CUDA (Pallas to
 Mosaic GPU, no compile), and that everything the kernel does not cover is refused with a
 ValueError before anything is compiled.

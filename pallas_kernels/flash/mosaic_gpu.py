@@ -23,6 +23,12 @@ ranges it skips to): positions are not read by the kernels, so they must be conc
 (the api's default `arange` is, also under `jit`); traced positions are refused with a
 ValueError rather than assumed. Rows that see no key give zeros and lse -inf.
 
+`interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()` runs the kernels on the
+CPU in JAX's GPU interpret mode (tests): the same kernels, except that the wgmma
+accumulate steps are float32 values (`mosaic_gpu_vjp.accumulate`) and that ring phases the
+compiled kernels leave unobserved are waited for (`observe_last_phases`), as the
+interpreter requires. `interpret=True` (the Triton interpreter) is refused.
+
 The backward pass (through `autodiff`, on the same `(out, lse)` residuals) is the Mosaic GPU
 backward of `mosaic_gpu_vjp` by default, or the Triton one (`triton_vjp`) when
 `config.backward` is a `TritonConfig`.
@@ -226,8 +232,8 @@ def _forward_kernel_call(q, k, v, *, spec: MaskSpec, scale: float, cfg: MosaicGP
                 plgpu.barrier_wait(v_consumed.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_loaded.at[slot])
 
-            observe_last_phases((k_consumed, v_consumed), n_steps_cta - j_lo, stages,
-                                interpret=interpret)
+            if interpret:
+                observe_last_phases((k_consumed, v_consumed), n_steps_cta - j_lo, stages)
 
     def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
         swizzle = 128 if d * jnp.dtype(dtype).itemsize >= 128 else 64

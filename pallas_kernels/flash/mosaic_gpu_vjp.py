@@ -111,17 +111,15 @@ def mma(acc_ref, a, b):
     acc_ref.value = acc_ref.value + jnp.dot(a, b[...], preferred_element_type=jnp.float32)
 
 
-def observe_last_phases(barriers, n, stages: int, *, interpret):
-    """GPU interpret mode only (else nothing): wait on `barriers` (each `[stages]`, one per
-    ring slot) for the phases of a ring's last `min(n, stages)` steps (`n` steps in all, step
-    `s` in slot `s % stages`), which the producer never waits for. JAX's GPU interpreter
-    requires a thread that waits on a barrier to observe every phase it completes (Mosaic
-    GPU tracks phase parity per thread: a skipped phase derails the next wait); compiled,
-    these waits are skipped, as no wait follows them."""
+def observe_last_phases(barriers, n, stages: int):
+    """For GPU interpret mode only (the kernels call it there alone): wait on `barriers`
+    (each `[stages]`, one per ring slot) for the phases of a ring's last `min(n, stages)`
+    steps (`n` steps in all, step `s` in slot `s % stages`), which the producer never waits
+    for. JAX's GPU interpreter requires a thread that waits on a barrier to observe every
+    phase it completes (Mosaic GPU tracks phase parity per thread: a skipped phase derails
+    the next wait); compiled kernels skip these waits, as no wait follows them."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
 
-    if not interpret:
-        return
     for slot in range(stages):
         @pl.when(slot < n)
         def _(slot=slot):
@@ -242,8 +240,8 @@ def _dq_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
 
                 plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_loaded.at[slot])
 
-            observe_last_phases((k_consumed, v_consumed), n_steps - j_lo, stages,
-                                interpret=interpret)
+            if interpret:
+                observe_last_phases((k_consumed, v_consumed), n_steps - j_lo, stages)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
         tr = _transforms(plgpu, d, dtype)
@@ -403,7 +401,8 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                 plgpu.copy_gmem_to_smem(delta_ref.at[bi, qh, rows], delta_smem.at[slot],
                                         delta_loaded.at[slot])
 
-            observe_last_phases((consumed,), heads * n_vis, stages, interpret=interpret)
+            if interpret:
+                observe_last_phases((consumed,), heads * n_vis, stages)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
         tr = _transforms(plgpu, d, dtype)
