@@ -474,23 +474,26 @@ _GPU_INTERPRET_POOL = int(os.environ.get("PJRT_NPROC") or os.cpu_count() or 1) >
     (300, 2, 2, 300, 0, 1, 0, "window64", "mosaic64"),  # GQA 1, a causal window
     (300, 4, 1, 17, 0, 16, 31, "causal", "mosaic64"),   # NSA's compressed keys (d=16, l=32)
     (300, 4, 1, 17, 2, 16, 31, "window100", "mosaic64"),  # ... padded key slots, a window
-], ids=["causal", "full-gqa4", "window", "nsa-cmp", "nsa-cmp-window-padded"])
+    (200, 2, 1, 12, 0, 16, 31, "causal", "triton-bwd"),  # the Triton backward (its interpreter)
+], ids=["causal", "full-gqa4", "window", "nsa-cmp", "nsa-cmp-window-padded", "triton-bwd"])
 def test_mosaic_gpu_kernels_in_gpu_interpret_mode(tq, h, hkv, n, n_pad, stride, offset, mask,
                                                   tiles):
     """The Mosaic GPU forward and backward kernels run on the CPU in GPU interpret mode
     (`interpret=plgpu.InterpretGPUParams()`: simulated SMEM, TMA, barriers, warpgroups) on
     the smallest shapes they take: out, lse and dq, dk, dv (with an lse cotangent) against
-    the float32 reference; rows that see no key (t < offset) give out 0, lse -inf, dq 0."""
+    the float32 reference; rows that see no key (t < offset) give out 0, lse -inf, dq 0.
+    (One case takes the Triton backward behind the Mosaic forward: Triton's interpreter.)"""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig
+    from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig, TritonConfig
 
     mask_fn = {"causal": P.Causal(), "full": None, "window64": P.causal_window(64),
                "window100": P.causal_window(100)}[mask]
     config = {"mosaic64": MosaicGPUConfig(),
               "kv64-bwd128": MosaicGPUConfig(block_kv=64, backward=MosaicGPUBackwardConfig(
                   block_kv_dq=128, block_q_dkv=128)),
-              "unsplit": MosaicGPUConfig(backward=MosaicGPUBackwardConfig(dkv_min_ctas=1))}[tiles]
+              "unsplit": MosaicGPUConfig(backward=MosaicGPUBackwardConfig(dkv_min_ctas=1)),
+              "triton-bwd": MosaicGPUConfig(backward=TritonConfig())}[tiles]
     kv_pos = _compressed_positions(1, n, stride, offset, n_pad)
     q, _, _, do = _inputs(1, tq, h, hkv, 64, jnp.bfloat16, seed=tq + n)
     _, k, v, _ = _inputs(1, n + n_pad, h, hkv, 64, jnp.bfloat16, seed=n)
