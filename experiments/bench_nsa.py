@@ -28,6 +28,9 @@ window tokens) vs `decode_attention` over the whole raw cache of the same size.
 Correctness first: the last --check_rows queries of the NSA forward against the XLA
 references of every branch (`impl="xla"`), and the decode step against its XLA reference.
 
+--cmp_triton also times the compressed branch on Triton (rows `<mode>_compressed_triton_*`),
+the path `impl="auto"` took before Mosaic GPU covered it.
+
 Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --iters /
 --backward flags (defaults changed here). On a GPU machine, repo root:
   PYTHONPATH=. python experiments/bench_nsa.py --out /tmp/bench_nsa.json
@@ -74,6 +77,9 @@ flags.DEFINE_integer("check_rows", 64, "query rows checked against the XLA refer
 flags.DEFINE_integer("decode_batch", 16, "decode batch")
 flags.DEFINE_integer("decode_context", 65536, "decode context length")
 flags.DEFINE_bool("branches", True, "also time each branch on its own")
+flags.DEFINE_bool("cmp_triton", False, "with --branches on the kernel path: also time the compressed "
+                  "branch on Triton (impl='triton'; on Hopper 'auto' takes Mosaic GPU), rows "
+                  "<mode>_compressed_triton_fwd_ms / _fwdbwd_ms")
 flags.DEFINE_list("decode_configs", [], "nsa_decode Triton launch plans to time in the decode row, each "
                   "cmp_splits:tail_splits:block_cmp:num_stages:num_warps[:sel] (1:1:... = one fused kernel; "
                   "sel = the three-kernel plan: cmp + window, selection once, slc parts); rows nsa_<cfg>_ms")
@@ -197,8 +203,13 @@ def time_branches(s: Setup, cfg, x, iters, row, prefix):
     row[f"{prefix}selection_fwd_ms"] = 1e3 * median_time(select, *sel_args, iters=iters)
     if ops.selects_on_kernels(s.impl, s.interpret, cfg):
         sweep_selection(s, cfg, sel_args, pos, cpos, ns, iters, row, prefix)
-    for name, f, k, v in (("compressed", lambda *a: cmp(*a)[0], "k_cmp", "v_cmp"),
-                          ("selected", slc, "k_slc", "v_slc"), ("window", win, "k_win", "v_win")):
+    timed = [("compressed", lambda *a: cmp(*a)[0], "k_cmp", "v_cmp"),
+             ("selected", slc, "k_slc", "v_slc"), ("window", win, "k_win", "v_win")]
+    if FLAGS.cmp_triton and ops.selects_on_kernels(s.impl, s.interpret, cfg):
+        cmp_triton = lambda q, k, v: ops.compressed_branch_lse(q, k, v, pos, cpos, impl="triton",  # noqa: E731
+                                                               interpret=s.interpret)[0]
+        timed.append(("compressed_triton", cmp_triton, "k_cmp", "v_cmp"))
+    for name, f, k, v in timed:
         row[f"{prefix}{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, x[k], x[v], iters=iters)
         if FLAGS.backward:
             row[f"{prefix}{name}_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, x[k], x[v],

@@ -188,15 +188,29 @@ def current_device() -> Device:
     return Device(platform, cc)
 
 
+def is_gpu_interpret(interpret) -> bool:
+    """`interpret` asks for Mosaic GPU's interpret mode (a `plgpu.InterpretGPUParams`;
+    `interpret=True` is the Triton / Mosaic TPU interpreters)."""
+    if not interpret or interpret is True:
+        return False
+    from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams  # noqa: PLC0415
+
+    return isinstance(interpret, InterpretGPUParams)
+
+
 def platform_reason(name: str, device: Device, interpret) -> str | None:
     """Why backend `name` cannot run on `device` (None: it can). Only `impl="auto"` asks:
     an explicit impl is trusted to target a device (e.g. lowering for CUDA from a CPU host).
-    With `interpret`, the Triton and Mosaic TPU kernels run anywhere (interpret mode)."""
+    With `interpret=True`, the Triton and Mosaic TPU kernels run anywhere (interpret mode);
+    with `interpret=plgpu.InterpretGPUParams()`, the Mosaic GPU kernels (GPU interpret mode)."""
     if name == "xla":
         return None
+    if is_gpu_interpret(interpret):
+        return None if name == "mosaic_gpu" else "interpret=InterpretGPUParams is Mosaic GPU's"
     if name == "mosaic_gpu":
         if interpret:
-            return "no interpret mode (compiles for Hopper only)"
+            return ("interpret=True is the Triton interpreter (Mosaic GPU: "
+                    "interpret=plgpu.InterpretGPUParams())")
         if device.platform != "gpu":
             return f"needs a Hopper GPU, the platform is {device.platform}"
         if not device.compute_capability.startswith("9."):

@@ -24,6 +24,9 @@ def selects_gpu_tests(markexpr: str) -> bool:
     return Expression.compile(markexpr).evaluate(lambda name, /, **kwargs: name == "gpu" and not kwargs)
 
 
+GPU_INTERPRET_THREADS = 4
+
+
 def platform_env(markexpr: str, environ) -> dict[str, str]:
     """The variables to set (those not already in `environ`) for a run with the `-m`
     expression `markexpr`: 8 fake CPU devices always (they only shape the CPU backend);
@@ -35,13 +38,20 @@ def platform_env(markexpr: str, environ) -> dict[str, str]:
     0, no expensive LLVM passes): it is compile-bound (interpret-mode kernels, hundreds of
     small programs), and XLA's CPU optimisations cost more than they save there; the
     semantics, and so every assertion, are the same. Subprocesses inherit it; the
-    training-bound notebooks set it back to 0 (tests/test_notebooks.py)."""
+    training-bound notebooks set it back to 0 (tests/test_notebooks.py).
+
+    And PJRT_NPROC (the XLA CPU client's thread pools, default: the core count) to at least
+    4: Mosaic GPU's interpret mode runs each warpgroup of a CTA as its own CPU program,
+    blocked in barrier callbacks until the others arrive, beside the program looping over
+    the grid; with fewer pool threads than that (2 on a 2-core machine) the flash kernels
+    (3 warpgroups) hang (tests/test_flash_mosaic_gpu.py)."""
     wanted = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     if selects_gpu_tests(markexpr):
         wanted["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     else:
         wanted["JAX_PLATFORMS"] = "cpu"
         wanted["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+        wanted["PJRT_NPROC"] = str(max(os.cpu_count() or 1, GPU_INTERPRET_THREADS))
     return {k: v for k, v in wanted.items() if k not in environ}
 
 
@@ -85,6 +95,7 @@ FILE_CPU_S = {
     "test_layer_conformance.py": 57,
     "test_block_sparse_kernels.py": 54,
     "test_experiments.py": 49,
+    "test_flash_mosaic_gpu.py": 45,   # the kernels in GPU interpret mode (measured on its own)
     "test_kv_policies.py": 43,
     "test_layers.py": 42,
     "test_token_sparse_kernels.py": 40,

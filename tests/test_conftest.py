@@ -12,11 +12,12 @@ import sys
 
 import pytest
 from gpu_testing import has_gpu
-from conftest import FILE_CPU_S, platform_env, pytest_collection_modifyitems, selects_gpu_tests
+from conftest import (FILE_CPU_S, GPU_INTERPRET_THREADS, platform_env, pytest_collection_modifyitems,
+                      selects_gpu_tests)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-       "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+       "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "PJRT_NPROC": str(max(os.cpu_count() or 1, GPU_INTERPRET_THREADS))}
 GPU = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 

@@ -89,6 +89,28 @@ def test_flash_auto_on_faked_hopper_prefers_mosaic_gpu_where_it_applies(monkeypa
     assert [c[0] for c in calls] == ["mosaic_gpu"] * 4 + ["triton"] * 4
 
 
+def test_nsa_compressed_branch_on_faked_hopper_runs_mosaic_gpu(monkeypatch):
+    """NSA's compressed branch (`compressed_branch_lse`: flash over keys at `d * j + l - 1`)
+    takes Mosaic GPU on Hopper with concrete positions (also with ragged lengths and padded
+    key slots), Triton when the positions are traced (jit arguments: the kernels never read
+    positions, so they are never assumed)."""
+    from sparse_jax.ops import nsa as ops
+
+    fake_device(monkeypatch, HOPPER)
+    calls = record(monkeypatch, flash_api)
+    cfg = ops.NSAConfig()
+    t = 1000
+    n = ops.num_cmp_blocks(t, cfg)
+    q, k, v = qkv(t=t, h=16, hkv=1)
+    k, v = k[:, :n + 3], v[:, :n + 3]
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, t))
+    cmp_pos = ops.cmp_block_end(jnp.arange(n + 3, dtype=jnp.int32), cfg)
+    cmp_pos = jnp.where(jnp.arange(n + 3) < n, cmp_pos, -1)[None]
+    jax.jit(lambda q, k, v: ops.compressed_branch_lse(q, k, v, pos, cmp_pos))(q, k, v)
+    jax.jit(lambda q, k, v, p, c: ops.compressed_branch_lse(q, k, v, p, c))(q, k, v, pos, cmp_pos)
+    assert [c[0] for c in calls] == ["mosaic_gpu", "triton"]
+
+
 def test_flash_auto_on_other_devices(monkeypatch):
     calls = record(monkeypatch, flash_api)
     q, k, v = qkv()
@@ -100,6 +122,24 @@ def test_flash_auto_on_other_devices(monkeypatch):
     fake_device(monkeypatch, HOPPER)
     flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), interpret=True)     # no Mosaic GPU interpret
     assert [c[0] for c in calls] == ["triton", "mosaic_tpu", "xla", "triton", "triton"]
+
+
+def test_flash_auto_in_gpu_interpret_mode(monkeypatch):
+    """`interpret=plgpu.InterpretGPUParams()` (Mosaic GPU's interpret mode): impl='auto' takes
+    Mosaic GPU on any device where it covers the call, else the XLA reference (never Triton
+    with the GPU interpreter's params); an explicit mosaic_gpu refuses interpret=True."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    calls = record(monkeypatch, flash_api)
+    q, k, v = qkv()
+    gpu_interpret = plgpu.InterpretGPUParams()
+    for device in (CPU, HOPPER):
+        fake_device(monkeypatch, device)
+        flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), interpret=gpu_interpret)
+    flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), softcap=30.0, interpret=gpu_interpret)
+    assert [c[0] for c in calls] == ["mosaic_gpu", "mosaic_gpu", "xla"]
+    with pytest.raises(ValueError, match="interpret=True.*InterpretGPUParams"):
+        flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), impl="mosaic_gpu", interpret=True)
 
 
 # ---------------------------------------------------------------- every other op

@@ -9,9 +9,14 @@ and HySparse's block-max scores (arXiv: HySparse, Alg. 1) are options.
 
 `impl`: "auto" (on a Hopper GPU the Mosaic GPU kernel where it applies, else Triton; on
 TPU Mosaic; the XLA reference on CPU), "xla", "triton", "mosaic_tpu", "mosaic_gpu"
-(Hopper: causal or full attention on default positions; see `mosaic_gpu.py`), resolved by
+(Hopper: full, causal or causal-window attention, queries at `arange` and keys at
+`stride * arange + offset` (NSA's compressed keys), concrete positions; see
+`mosaic_gpu.py`), resolved by
 `common.resolve` from what each backend module declares (`CONFIG`, `supports`).
-`interpret=True` runs a Pallas kernel in interpret mode on CPU.
+`interpret=True` runs a Pallas kernel in interpret mode on CPU (Triton, Mosaic TPU);
+`interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()` runs the Mosaic GPU
+kernels in JAX's GPU interpret mode (`impl="auto"` then takes Mosaic GPU where it covers the
+call, else the XLA reference).
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ def flash_attention(q, k, v, *, mask_fn=None, q_positions=None, kv_positions=Non
         attention probability per KV block (HySparse Alg. 1);
         `block_score_reduce_gqa=True` takes the max over each GQA group: `[B, Hkv, Tq, nK]`.
       impl: "auto" | "xla" | "triton" | "mosaic_tpu" | "mosaic_gpu" (`common.resolve`).
-      interpret: run a Pallas kernel in interpret mode (CPU tests).
+      interpret: run a Pallas kernel in interpret mode (CPU tests): True (Triton, Mosaic
+        TPU) or a `plgpu.InterpretGPUParams` (Mosaic GPU).
       config: the chosen kernel's tiles (`TritonConfig`, `TpuConfig`, `MosaicGPUConfig`,
         importable from here); None: its defaults.
       explain: print which backend runs and why the others were skipped.

@@ -41,6 +41,7 @@ class Static:
     has_sinks: bool
     config: Any
     interpret: Any
+    kernel_mask: Any = None    # a backend's static form of the mask (Mosaic GPU: `MaskSpec`)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -15,13 +15,13 @@ per slot for TMA completion, a "consumed" barrier per slot that both consumers a
   `S^T = K Q^T`, `P^T = exp2(S^T c - lse2)`, `dV += P^T dO`, `dP^T = V dO^T`,
   `dS^T = P^T (dP^T - delta)`, `dK += dS^T Q`.
 
-Causal: tiles above the diagonal are never loaded; only tiles the diagonal crosses
-evaluate the element mask. A causal window `t - w < s <= t` also skips the tiles before
-the window and masks every tile it loads. `lse2` (base-2 log-sum-exp) and `delta = rowsum(dO * O) -
+The mask is the forward's static `mosaic_gpu_mask.MaskSpec` (causal, window, keys at
+`stride * j + offset`, padded keys): tiles no element of which is visible are never
+loaded, and only tiles not wholly visible evaluate the element mask. `lse2` (base-2
+log-sum-exp; huge where a row sees nothing, so P = 0 there) and `delta = rowsum(dO * O) -
 dlse` come from `autodiff` (the cotangent of the lse output is folded into `delta`).
-Scope: the forward's (`mosaic_gpu.check_supported`): default positions, full, causal or a
-causal window, no segment ids / soft-cap, bf16 / fp16, D in {64, 128}, Tq a multiple of 128 and Tk of
-128. Sink logits only add to the denominator, so they live in `lse2` and `autodiff`.
+Scope: the forward's (`mosaic_gpu.check_supported`, lengths padded there to 128 and the
+tiles). Sink logits only add to the denominator, so they live in `lse2` and `autodiff`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.ref import AbstractRef
 
+from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec
 from pallas_kernels.tiles_common import LOG2E
 
 COMPUTE_WGS = 2
@@ -42,11 +44,15 @@ TILE = 64          # rows of one wgmma M tile: each consumer owns 64 query (dQ) 
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUBackwardConfig:
     """Tiles of the Mosaic GPU backward: `block_kv_dq` KV columns per dQ step,
-    `block_q_dkv` query columns per dK/dV step (multiples of 64), `stages` ring depth."""
+    `block_q_dkv` query columns per dK/dV step (multiples of 64), `stages` ring depth.
+    `dkv_min_ctas`: when the dK/dV grid (kv heads x KV tiles of 128 x batch) is smaller,
+    each GQA group's query heads are split over several CTAs per KV tile (`dkv_head_split`;
+    short key axes such as NSA's compressed keys), their partial sums added in float32."""
 
     block_kv_dq: int = 64
     block_q_dkv: int = 64
     stages: int = 2
+    dkv_min_ctas: int = 264          # two waves of an H100 / H200's 132 SMs
 
     def __post_init__(self):
         for name in ("block_kv_dq", "block_q_dkv"):
@@ -55,6 +61,70 @@ class MosaicGPUBackwardConfig:
                 raise ValueError(f"{name} must be a positive multiple of 64, got {val}")
         if self.stages < 2:
             raise ValueError(f"stages must be >= 2, got {self.stages}")
+        if self.dkv_min_ctas < 1:
+            raise ValueError(f"dkv_min_ctas must be >= 1, got {self.dkv_min_ctas}")
+
+
+def dkv_head_split(group: int, ctas: int, min_ctas: int) -> int:
+    """CTAs per (KV tile, kv head) of the dK/dV kernel: the smallest divisor of the GQA
+    group `group` that brings `ctas` (the unsplit grid) to `min_ctas`, else `group`."""
+    for split in range(1, group + 1):
+        if group % split == 0 and ctas * split >= min_ctas:
+            return split
+    return group
+
+
+class _ValueAcc:
+    """A wgmma accumulator held as a value: `accumulate`'s stand-in for an accumulator ref
+    under GPU interpret mode."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def accumulate(body, init, *, interpret):
+    """Runs `body(acc_refs)` on wgmma accumulators (a float32 `[M, N]` array, or a tuple of
+    them) initialised to `init`, and returns their final values; `body` issues its matmuls
+    with `mma`. Compiled: `pl.run_state(body)(plgpu.ACC.init(init))`. Under GPU interpret
+    mode (`interpret` an `InterpretGPUParams`) the accumulators are plain values and `mma`
+    a float32 `jnp.dot`: JAX 0.11.2's interpreter runs neither `run_state` nor a `wgmma`
+    whose left operand is a register array."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    if not interpret:
+        return pl.run_state(body)(jax.tree.map(plgpu.ACC.init, init))
+    accs = jax.tree.map(_ValueAcc, init)
+    body(accs)
+    return jax.tree.map(lambda a: a.value, accs, is_leaf=lambda x: isinstance(x, _ValueAcc))
+
+
+def mma(acc_ref, a, b):
+    """`acc_ref += a @ b` inside an `accumulate` body: `plgpu.wgmma` (a: SMEM ref or
+    register array `[M, K]`, b: SMEM ref `[K, N]`), or its interpret-mode value."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    if not isinstance(acc_ref, _ValueAcc):
+        plgpu.wgmma(acc_ref, a, b)
+        return
+    if not isinstance(a, jax.Array) or isinstance(jax.typeof(a), AbstractRef):
+        a = a[...]
+    acc_ref.value = acc_ref.value + jnp.dot(a, b[...], preferred_element_type=jnp.float32)
+
+
+def observe_last_phases(barriers, n, stages: int):
+    """For GPU interpret mode only (the kernels call it there alone): wait on `barriers`
+    (each `[stages]`, one per ring slot) for the phases of a ring's last `min(n, stages)`
+    steps (`n` steps in all, step `s` in slot `s % stages`), which the producer never waits
+    for. JAX's GPU interpreter requires a thread that waits on a barrier to observe every
+    phase it completes (Mosaic GPU tracks phase parity per thread: a skipped phase derails
+    the next wait); compiled kernels skip these waits, as no wait follows them."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    for slot in range(stages):
+        @pl.when(slot < n)
+        def _(slot=slot):
+            for bar in barriers:
+                plgpu.barrier_wait(bar.at[slot])
 
 
 def _transforms(plgpu, d, dtype):
@@ -63,9 +133,9 @@ def _transforms(plgpu, d, dtype):
             plgpu.SwizzleTransform(swizzle))
 
 
-def _dq_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, scale: float,
-             cfg: MosaicGPUBackwardConfig):
-    """dq `[B, Tq, H, D]` (q's dtype)."""
+def _dq_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
+             cfg: MosaicGPUBackwardConfig, interpret=None):
+    """dq `[B, Tq, H, D]` (q's dtype). `interpret`: None (compiled) or `InterpretGPUParams`."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
 
     b, tq, h, d = q.shape
@@ -88,13 +158,8 @@ def _dq_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, scal
         wg = lax.axis_index("wg")
         tile = nq - 1 - lax.axis_index("q_seq")       # heaviest (causal) tiles first
         row_cta = tile * (COMPUTE_WGS * bq)
-        n_steps = nk
-        if causal:   # KV tiles any row of this CTA sees (both consumers run them all)
-            n_steps = jnp.minimum(pl.cdiv(row_cta + COMPUTE_WGS * bq, jnp.int32(bk)),
-                                  jnp.int32(nk))
-        j_lo = 0
-        if window is not None:
-            j_lo = lax.div(jnp.maximum(row_cta - (window - 1), 0), jnp.int32(bk))
+        # KV tiles any row of this CTA sees (both consumers run them all), mask-free inside
+        j_lo, j_full_lo, j_full_hi, n_steps = spec.kv_tiles(row_cta, COMPUTE_WGS * bq, bk)
 
         @pl.when(wg < COMPUTE_WGS)
         def _consumer():
@@ -127,10 +192,7 @@ def _dq_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, scal
                 if masked:
                     rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
                     cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
-                    vis = rows + row0 >= cols + j * bk
-                    if window is not None:
-                        vis = vis & (rows + row0 - (cols + j * bk) < window)
-                    p = jnp.where(vis, p, 0.0)
+                    p = jnp.where(spec.visible(rows + row0, cols + j * bk), p, 0.0)
                 plgpu.barrier_wait(v_loaded.at[slot])
 
                 def dov(acc_ref):
@@ -142,26 +204,15 @@ def _dq_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, scal
                 ds = (p * (dp - lax.broadcast_in_dim(dlt, dp.shape, [0]))).astype(dtype)
 
                 def dsk(acc_ref):
-                    plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
+                    mma(acc_ref, ds, k_smem.at[slot])
 
-                dq = pl.run_state(dsk)(plgpu.ACC.init(dq))
+                dq = accumulate(dsk, dq, interpret=interpret)
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 return dq
 
-            if window is not None:    # masked: the tiles at the window's edge and the diagonal
-                j_full_hi = lax.div(row_cta, jnp.int32(bk))
-                j_full_lo = jnp.minimum(jnp.maximum(
-                    pl.cdiv(jnp.maximum(row_cta + COMPUTE_WGS * bq - window, 0), jnp.int32(bk)),
-                    j_lo), j_full_hi)
-                dq = lax.fori_loop(j_lo, j_full_lo, lambda j, a: step(j, a, True), dq)
-                dq = lax.fori_loop(j_full_lo, j_full_hi, lambda j, a: step(j, a, False), dq)
-                dq = lax.fori_loop(j_full_hi, n_steps, lambda j, a: step(j, a, True), dq)
-            elif causal:
-                n_full = lax.div(row_cta, jnp.int32(bk))     # tiles wholly below the diagonal
-                dq = lax.fori_loop(0, n_full, lambda j, a: step(j, a, False), dq)
-                dq = lax.fori_loop(n_full, n_steps, lambda j, a: step(j, a, True), dq)
-            else:
-                dq = lax.fori_loop(0, n_steps, lambda j, a: step(j, a, False), dq)
+            dq = lax.fori_loop(j_lo, j_full_lo, lambda j, a: step(j, a, True), dq)
+            dq = lax.fori_loop(j_full_lo, j_full_hi, lambda j, a: step(j, a, False), dq)
+            dq = lax.fori_loop(j_full_hi, n_steps, lambda j, a: step(j, a, True), dq)
             q_smem[...] = (dq * scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, pl.ds(row0, bq), hi])
@@ -188,6 +239,9 @@ def _dq_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, scal
                     plgpu.barrier_wait(v_consumed.at[slot])
 
                 plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_loaded.at[slot])
+
+            if interpret:
+                observe_last_phases((k_consumed, v_consumed), n_steps - j_lo, stages)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref):
         tr = _transforms(plgpu, d, dtype)
@@ -217,12 +271,15 @@ def _dq_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, scal
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         kernel_name="flash_bwd_dq_mosaic_gpu",
+        interpret=interpret,
     )(q, k, v, do, lse2, delta)
 
 
-def _dkv_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, scale: float,
-              cfg: MosaicGPUBackwardConfig):
-    """dk, dv `[B, Tk, Hkv, D]` (k's dtype), the GQA group's query heads summed on chip."""
+def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
+              cfg: MosaicGPUBackwardConfig, interpret=None):
+    """dk, dv `[B, Tk, Hkv, D]` (k's dtype): the GQA group's query heads summed on chip, or,
+    split over `dkv_head_split` CTAs, each part's sum in k's dtype, added in float32 here.
+    `interpret`: None (compiled) or `InterpretGPUParams`."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
 
     b, tq, h, d = q.shape
@@ -233,26 +290,24 @@ def _dkv_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, sca
     nq = tq // bq
     nkt = tk // (COMPUTE_WGS * bk)
     stages = cfg.stages
+    split = dkv_head_split(group, hkv * nkt * b, cfg.dkv_min_ctas)
+    heads = group // split                 # query heads per CTA
     c = float(scale) * LOG2E
     layout_col = plgpu.Layout.WGMMA.reduce(0)
-    # query tiles from the first one the diagonal crosses to the first one wholly below it
-    n_diag = -(-(COMPUTE_WGS * bk - 1) // bq) if causal else 0
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped):
         (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), loaded, consumed = scoped
         k_loaded, v_loaded, q_loaded, do_loaded, lse_loaded, delta_loaded = loaded
         bi = lax.axis_index("batch")
-        hk = lax.axis_index("heads")
+        hk = lax.div(lax.axis_index("heads"), jnp.int32(split))
+        part = lax.rem(lax.axis_index("heads"), jnp.int32(split))     # of the GQA group
+        out_row = part * b + bi                                      # of dk / dv [split*B, ...]
         wg = lax.axis_index("wg")
         tile = lax.axis_index("kv_seq")
         kv_cta = tile * (COMPUTE_WGS * bk)
-        i_lo = jnp.minimum(lax.div(kv_cta, jnp.int32(bq)), nq) if causal else 0
-        i_hi = nq                                          # query tiles [i_lo, i_hi) see the CTA
-        if window is not None:     # queries t <= last KV row + window - 1
-            i_hi = jnp.minimum(lax.div(kv_cta + COMPUTE_WGS * bk + window - 2, jnp.int32(bq)) + 1,
-                               jnp.int32(nq))
+        # query tiles [i_lo, i_hi) see the CTA's keys, [i_full_lo, i_full_hi) mask-free
+        i_lo, i_full_lo, i_full_hi, i_hi = spec.q_tiles(kv_cta, COMPUTE_WGS * bk, bq, nq)
         n_vis = i_hi - i_lo                                # query tiles per head
-        i_mask_end = jnp.minimum(i_lo + n_diag, nq) if causal else nq   # first unmasked tile
 
         @pl.when(wg < COMPUTE_WGS)
         def _consumer():
@@ -281,56 +336,45 @@ def _dkv_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, sca
                 if masked:
                     rows = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
                     cols = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
-                    vis = cols + i * bq >= rows + kv0
-                    if window is not None:
-                        vis = vis & (cols + i * bq - (rows + kv0) < window)
-                    pt = jnp.where(vis, pt, 0.0)
+                    pt = jnp.where(spec.visible(cols + i * bq, rows + kv0), pt, 0.0)
                 plgpu.barrier_wait(do_loaded.at[slot])
 
                 def dv_and_dpt(refs):
                     dv_ref, dpt_ref = refs
-                    plgpu.wgmma(dv_ref, pt.astype(dtype), do_smem.at[slot])
-                    plgpu.wgmma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
+                    mma(dv_ref, pt.astype(dtype), do_smem.at[slot])
+                    mma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
 
                 zeros_t = plgpu.layout_cast(jnp.full((bk, bq), 0.0, jnp.float32),
                                             plgpu.Layout.WGMMA)
-                dv, dpt = pl.run_state(dv_and_dpt)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros_t)))
+                dv, dpt = accumulate(dv_and_dpt, (dv, zeros_t), interpret=interpret)
                 plgpu.barrier_wait(delta_loaded.at[slot])
                 dlt = plgpu.load(delta_smem.at[slot], layout=layout_col)
                 dst = (pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))).astype(dtype)
 
                 def dsq(acc_ref):
-                    plgpu.wgmma(acc_ref, dst, q_smem.at[slot])
+                    mma(acc_ref, dst, q_smem.at[slot])
 
-                dk = pl.run_state(dsq)(plgpu.ACC.init(dk))
+                dk = accumulate(dsq, dk, interpret=interpret)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk, dv
 
             def head(g, carry):
                 s0 = g * n_vis - i_lo          # step counter = s0 + i
-                if window is not None:    # masked: the diagonal and the window's far edge
-                    i_me = jnp.minimum(i_mask_end, i_hi)
-                    i_full_hi = jnp.maximum(jnp.minimum(
-                        lax.div(kv_cta + window, jnp.int32(bq)), i_hi), i_me)
-                    carry = lax.fori_loop(i_lo, i_me,
-                                          lambda i, cr: step(s0 + i, i, cr, True), carry)
-                    carry = lax.fori_loop(i_me, i_full_hi,
-                                          lambda i, cr: step(s0 + i, i, cr, False), carry)
-                    return lax.fori_loop(i_full_hi, i_hi,
-                                         lambda i, cr: step(s0 + i, i, cr, True), carry)
-                if causal:
-                    carry = lax.fori_loop(i_lo, i_mask_end,
-                                          lambda i, cr: step(s0 + i, i, cr, True), carry)
-                    return lax.fori_loop(i_mask_end, nq,
-                                         lambda i, cr: step(s0 + i, i, cr, False), carry)
-                return lax.fori_loop(0, nq, lambda i, cr: step(s0 + i, i, cr, False), carry)
+                carry = lax.fori_loop(i_lo, i_full_lo,
+                                      lambda i, cr: step(s0 + i, i, cr, True), carry)
+                carry = lax.fori_loop(i_full_lo, i_full_hi,
+                                      lambda i, cr: step(s0 + i, i, cr, False), carry)
+                return lax.fori_loop(i_full_hi, i_hi,
+                                     lambda i, cr: step(s0 + i, i, cr, True), carry)
 
-            dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+            dk, dv = lax.fori_loop(0, heads, head, (zeros, zeros))
             k_smem[...] = (dk * scale).astype(dtype)
             v_smem[...] = dv.astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, pl.ds(kv0, bk), hk], commit_group=False)
-            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, pl.ds(kv0, bk), hk], commit_group=False)
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[out_row, pl.ds(kv0, bk), hk],
+                                    commit_group=False)
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out_row, pl.ds(kv0, bk), hk],
+                                    commit_group=False)
             plgpu.commit_smem_to_gmem_group()
             plgpu.wait_smem_to_gmem(0)
 
@@ -338,10 +382,10 @@ def _dkv_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, sca
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
 
-            @pl.loop(0, group * n_vis)
+            @pl.loop(0, heads * n_vis)
             def _(s):
                 slot = lax.rem(s, jnp.int32(stages))
-                qh = hk * group + lax.div(s, n_vis)
+                qh = hk * group + part * heads + lax.div(s, n_vis)
                 i = i_lo + lax.rem(s, n_vis)
                 rows = pl.ds(i * bq, bq)
 
@@ -356,6 +400,9 @@ def _dkv_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, sca
                                         do_loaded.at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[bi, qh, rows], delta_smem.at[slot],
                                         delta_loaded.at[slot])
+
+            if interpret:
+                observe_last_phases((consumed,), heads * n_vis, stages)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
         tr = _transforms(plgpu, d, dtype)
@@ -376,17 +423,22 @@ def _dkv_call(q, k, v, do, lse2, delta, *, causal: bool, window: int | None, sca
             collective_axes="wg",
         )
 
-    kv_shape = jax.ShapeDtypeStruct(k.shape, k.dtype)
-    return plgpu.kernel(
+    kv_shape = jax.ShapeDtypeStruct((split * b,) + k.shape[1:], k.dtype)
+    dk, dv = plgpu.kernel(
         entry,
         out_type=(kv_shape, kv_shape),
-        grid=(hkv, nkt, b),
+        grid=(hkv * split, nkt, b),
         grid_names=("heads", "kv_seq", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         kernel_name="flash_bwd_dkv_mosaic_gpu",
+        interpret=interpret,
     )(q, k, v, do, lse2, delta)
+    if split == 1:
+        return dk, dv
+    parts = lambda x: x.reshape((split,) + k.shape).astype(jnp.float32).sum(0).astype(k.dtype)  # noqa: E731
+    return parts(dk), parts(dv)
 
 
 def mask_kind(mask_fn) -> tuple[bool, int | None] | None:
@@ -403,23 +455,12 @@ def mask_kind(mask_fn) -> tuple[bool, int | None] | None:
     return None
 
 
-def check_lengths(tq: int, tk: int, cfg: MosaicGPUBackwardConfig) -> str | None:
-    """None when the backward's tiles divide the lengths, else the reason."""
-    if tq % (COMPUTE_WGS * TILE) or tq % cfg.block_q_dkv:
-        return f"Tq={tq} (a multiple of {COMPUTE_WGS * TILE} and of block_q_dkv={cfg.block_q_dkv})"
-    if tk % (COMPUTE_WGS * TILE) or tk % cfg.block_kv_dq:
-        return f"Tk={tk} (a multiple of {COMPUTE_WGS * TILE} and of block_kv_dq={cfg.block_kv_dq})"
-    return None
-
-
 def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta):
     """`autodiff` backward: `(dq, dk, dv)` from the residuals (`st.config.backward` tiles)."""
-    del q_pos, kv_pos, q_seg, kv_seg      # default positions, no segments (checked upstream)
+    del q_pos, kv_pos, q_seg, kv_seg      # static in st.kernel_mask, no segments
     cfg = st.config.backward
-    causal, window = mask_kind(st.mask_fn)
     dout = dout.astype(q.dtype)
-    dq = _dq_call(q, k, v, dout, lse2, delta, causal=causal, window=window, scale=st.scale,
-                  cfg=cfg)
-    dk, dv = _dkv_call(q, k, v, dout, lse2, delta, causal=causal, window=window,
-                       scale=st.scale, cfg=cfg)
+    kw = dict(spec=st.kernel_mask, scale=st.scale, cfg=cfg, interpret=st.interpret or None)
+    dq = _dq_call(q, k, v, dout, lse2, delta, **kw)
+    dk, dv = _dkv_call(q, k, v, dout, lse2, delta, **kw)
     return dq, dk, dv

@@ -67,7 +67,6 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import masked_attention
 from pallas_kernels.compressed import compressed_attention as compressed_op
-from pallas_kernels.compressed.triton import causal as cmp_causal
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
 from pallas_kernels.nsa_decode import nsa_decode, which_backend as nsa_decode_backend
@@ -265,9 +264,12 @@ def selects_on_kernels(impl: str, interpret, cfg: NSAConfig) -> bool:
 
 def compressed_branch_lse(q, k_cmp, v_cmp, q_positions, cmp_positions, *, impl: str = "auto",
                           interpret=False):
-    """cmp branch of the kernel path: flash (Triton) over the compressed keys, `(out [B, T,
-    H, D], lse [B, H, T])`; the output is the `compressed` op's (same kernel and mask)."""
-    res = flash_attention(q, k_cmp, v_cmp, mask_fn=cmp_causal, q_positions=q_positions,
+    """cmp branch of the kernel path: flash over the compressed keys (causal on positions:
+    key j at its block's last token), `(out [B, T, H, D], lse [B, H, T])`, the `compressed`
+    op's output. With `impl="auto"` on Hopper and concrete positions (queries at `arange`,
+    keys at `d * arange + l - 1`) the Mosaic GPU kernels run it (`flash.mosaic_gpu`), else
+    Triton."""
+    res = flash_attention(q, k_cmp, v_cmp, mask_fn=P.Causal(), q_positions=q_positions,
                           kv_positions=cmp_positions, return_lse=True, impl=impl,
                           interpret=interpret)
     return res.out, res.lse
