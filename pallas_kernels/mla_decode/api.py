@@ -13,13 +13,17 @@ same loaded `c_kv` rows as keys and values.
 * dense (`indices=None`): every slot (absorbed MLA decode).
 
 Both are causal on positions: a slot is visible iff its position is >= 0 and <= the query's
-(and the query's position is >= 0). Kernels (`triton`, `mosaic_tpu`) are split-K
-flash-decoding: partial softmaxes over shares of the tokens, merged by
+(and the query's position is >= 0). Kernels (`triton`, `mosaic_tpu`, `mosaic_gpu`) are
+split-K flash-decoding: partial softmaxes over shares of the tokens, merged by
 `pallas_kernels.decode.layout.combine`. Forward kernels only; a gradient (never needed at
 decode) is the reference's, by a custom VJP that recomputes it.
 
-`impl`: "auto" | "xla" | "triton" | "mosaic_tpu"; `interpret=True` runs a Pallas kernel in
-interpret mode on CPU.
+`impl`: "auto" | "xla" | "triton" | "mosaic_tpu" | "mosaic_gpu"; `interpret=True` runs a
+Triton / Mosaic TPU kernel in interpret mode on CPU, `interpret=plgpu.InterpretGPUParams()`
+the Mosaic GPU one (GPU interpret mode). `mosaic_gpu` (Hopper wgmma + TMA, FlashMLA's
+layout: dense only, bf16 / fp16, H a multiple of 64) runs only when asked for
+(`impl="mosaic_gpu"`): `impl="auto"` keeps choosing Triton on a GPU until a GPU run shows
+the Mosaic GPU kernel faster (it has not been timed yet).
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.mla_decode import reference, tpu, triton
+from pallas_kernels.mla_decode import mosaic_gpu, reference, tpu, triton
+from pallas_kernels.mla_decode.mosaic_gpu import MlaDecodeMosaicGpuConfig, mla_decode_mosaic_gpu
 from pallas_kernels.mla_decode.reference import mla_decode_reference
 from pallas_kernels.mla_decode.tpu import MlaDecodeTpuConfig, mla_decode_tpu
 from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, mla_decode_triton
 
-BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
+# impl="auto" order: Triton before Mosaic GPU on a GPU (Mosaic GPU is not yet timed there)
+BACKENDS = {"triton": triton, "mosaic_gpu": mosaic_gpu, "mosaic_tpu": tpu, "xla": reference}
 IMPLEMENTATIONS = {"xla": mla_decode_reference, "triton": mla_decode_triton,
-                   "mosaic_tpu": mla_decode_tpu}
+                   "mosaic_tpu": mla_decode_tpu, "mosaic_gpu": mla_decode_mosaic_gpu}
 
 
 def _check_int(name, x, shape):
@@ -109,10 +115,11 @@ def mla_decode(q_abs, c_kv, k_rope, *, indices=None, q_positions=None, kv_positi
       scale: logit scale (MLA: `1/sqrt(qk_nope_head_dim + qk_rope_head_dim)`), required.
       return_lse: also return the log-sum-exp `[B, H, T]` (float32, -inf on empty rows).
       num_splits: token shares per query row for the kernels (split-K); None: from the shape.
-      impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run a
-        Pallas kernel in interpret mode (CPU tests).
+      impl: "auto" | "xla" | "triton" | "mosaic_tpu" | "mosaic_gpu" (`common.resolve`);
+        interpret: run a Pallas kernel in interpret mode (CPU tests; Mosaic GPU:
+        `plgpu.InterpretGPUParams()`).
       config: the chosen kernel's tiles (`MlaDecodeTritonConfig`, `MlaDecodeTpuConfig`,
-        importable from here); None: its defaults.
+        `MlaDecodeMosaicGpuConfig`, importable from here); None: its defaults.
       explain: print which backend runs and why the others were skipped.
     Returns:
       the latent output `[B, T, H, Dc]` in q's dtype (apply `W_uv` after), or

@@ -1,0 +1,330 @@
+"""`mla_decode` on Hopper: Pallas with the Mosaic GPU lowering (`impl="mosaic_gpu"`), dense only.
+
+FlashMLA's layout (github.com/deepseek-ai/FlashMLA): the 64 absorbed query heads of one
+query token are the wgmma M dimension (one latent KV head serves them all, MQA), so the
+cache tiles are read once per query token and multiplied on the tensor cores instead of
+32-row fp32 dots. One CTA per (split, query token x 64-head group, batch), three
+warpgroups:
+
+* warpgroup 2, the producer (small register budget, `setmaxnreg`), loads the CTA's query
+  tile `[64, Dc + Dr]` once, then streams its share of the cache by TMA through a
+  `max_concurrent_steps`-deep SMEM ring: per tile of `block_k` slots, `c_kv` as two halves
+  `[block_k, Dc / 2]`, `k_rope [block_k, Dr]` and the tile's additive mask (float32 0 /
+  -inf, `[block_k]`); each ring slot has a "loaded" barrier (TMA completion, four copies)
+  and a "consumed" barrier (both consumers arrived);
+* warpgroups 0 and 1, the consumers, each compute the tile's scores `S = q_c c^T + q_r r^T`
+  (`[64, block_k]`, three wgmmas; both compute the same S, so no softmax statistics are
+  exchanged) and the online softmax in base 2, and accumulate `P c[:, half]` into their own
+  half of the output (`[64, Dc / 2]` fp32 in registers): the values are the `c_kv` halves
+  already in SMEM, so each token's `Dc + Dr` values are read once.
+
+Split-K (flash-decoding): split `sp` walks tiles `[sp * per, (sp + 1) * per)` of the cache
+and writes a partial `(out, lse)`; `mla_decode.layout.merge` combines them
+(`decode.layout.combine`), as for the Triton kernel. Tile `j` reads slots
+`[min(j * block_k, S - block_k), ...)`: the last tile is moved back to end at slot S
+instead of reading past the cache (its slots before `j * block_k`, read already by tile
+`j - 1`, are masked), so the cache is read in place; only a cache shorter than one tile is
+padded (an O(block_k) copy). The mask rows `[B, T, tiles * block_k]` (visibility from
+`q_positions` / `kv_positions`, built in XLA: 4 bytes per slot and query token beside the
+slot's `2 (Dc + Dr)`) are what the kernel reads of the positions.
+
+Scope (everything else raises ValueError, nothing compiled): dense (`indices=None`; the
+sparse mode is Triton's), bf16 / fp16, H a multiple of 64 (the wgmma M tile), Dc a multiple
+of 128 up to 512 (two 64-aligned halves; 512 fills a consumer's registers), Dr a multiple of
+64; the SMEM ring must fit 227 KB (DeepSeek's Dc=512, Dr=64: block_k=64 and 2 stages, 217
+KB). Every CTA walks its whole share of the cache: unlike the Triton kernel it does not stop
+at a row's last visible slot (a partly filled cache is read whole, masked).
+
+`impl="auto"` keeps choosing Triton: this kernel has not yet been timed on a GPU (nor
+compiled on one: it is verified on the CPU in GPU interpret mode,
+`interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()`, where the wgmma
+accumulate steps are float32 values (`mosaic_gpu_vjp.accumulate`) and the ring phases the
+compiled kernel leaves unobserved are waited for (`observe_last_phases`)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import AttentionOutput, is_gpu_interpret
+from pallas_kernels.decode import layout
+from pallas_kernels.flash.blocks import pad_axis
+from pallas_kernels.flash.mosaic_gpu_vjp import _transforms, accumulate, mma, observe_last_phases
+from pallas_kernels.mla_decode.layout import merge
+from pallas_kernels.tiles_common import LOG2E
+
+ROWS = 64                 # query heads per CTA: the wgmma M tile
+_COMPUTE_WGS = 2          # consumer warpgroups, each owning half of the Dc output columns
+_SMEM_BYTES = 232448      # Hopper's largest dynamic SMEM per CTA (227 KB)
+
+
+@dataclasses.dataclass(frozen=True)
+class MlaDecodeMosaicGpuConfig:
+    """`block_k`: cache slots per ring stage (a multiple of 64); `max_concurrent_steps`:
+    ring stages (>= 2; at Dc=512, Dr=64 a stage is 72 KB beside the 72 KB query tile, so
+    block_k=64 allows 2); `split_target`: CTAs the split heuristic aims for (132 SMs on an
+    H100); `min_tokens_per_split`: the fewest cache slots a split gets from the heuristic."""
+
+    block_k: int = 64
+    max_concurrent_steps: int = 2
+    split_target: int = 132
+    min_tokens_per_split: int = 512
+
+    def __post_init__(self):
+        if self.block_k < 64 or self.block_k % 64:
+            raise ValueError(f"block_k must be a positive multiple of 64, got {self.block_k}")
+        if self.max_concurrent_steps < 2:
+            raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
+        if self.split_target < 1 or self.min_tokens_per_split < 1:
+            raise ValueError("split_target and min_tokens_per_split must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Static sizes of one call (hashable)."""
+
+    s: int              # cache slots, padded to one tile when shorter
+    dc: int
+    dr: int
+    block_k: int
+    stages: int
+    tiles: int          # cache tiles of block_k
+    per_split: int      # tiles per split (the last split may have fewer, never none)
+    num_splits: int
+
+
+def smem_bytes(dc: int, dr: int, block_k: int, stages: int, itemsize: int) -> int:
+    """SMEM of one CTA: the query tile, the ring (c_kv, k_rope, mask) and the lse row."""
+    return (ROWS * (dc + dr) * itemsize + stages * block_k * ((dc + dr) * itemsize + 4)
+            + ROWS * 4)
+
+
+def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits) -> Geometry:
+    b, t, h, _ = q_abs.shape
+    s = max(c_kv.shape[1], cfg.block_k)
+    tiles = layout.cdiv(s, cfg.block_k)
+    if num_splits is None:
+        want = layout.cdiv(cfg.split_target, b * t * (h // ROWS))
+        num_splits = max(1, min(want, layout.cdiv(tiles, layout.cdiv(cfg.min_tokens_per_split,
+                                                                       cfg.block_k))))
+    per = layout.cdiv(tiles, min(int(num_splits), tiles))
+    return Geometry(s=s, dc=c_kv.shape[2], dr=k_rope.shape[2], block_k=cfg.block_k,
+                    stages=min(cfg.max_concurrent_steps, per), tiles=tiles, per_split=per,
+                    num_splits=layout.cdiv(tiles, per))
+
+
+def tile_mask(q_positions, kv_positions, geo: Geometry):
+    """float32 `[B, T, tiles * block_k]`: 0 where slot `i` of tile `j` (slot
+    `min(j * block_k, S - block_k) + i`) is visible to the query and not read already by
+    tile `j - 1`, else -inf."""
+    bk = geo.block_k
+    j = jnp.arange(geo.tiles * bk, dtype=jnp.int32) // bk
+    first = j * bk
+    slot = jnp.minimum(first, geo.s - bk) + jnp.arange(geo.tiles * bk, dtype=jnp.int32) % bk
+    kp, qp = kv_positions[:, slot][:, None, :], q_positions[:, :, None]
+    vis = (slot >= first)[None, None] & (kp >= 0) & (kp <= qp) & (qp >= 0)
+    return jnp.where(vis, 0.0, -jnp.inf).astype(jnp.float32)
+
+
+def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpret):
+    """q `[B, T, H, Dc + Dr]`, cache `[B, S, Dc]` / `[B, S, Dr]`, mask `[B, T, tiles * bk]`
+    -> partials `(o [B, splits, T, H, Dc]` in q's dtype, `lse [B, splits, T, H]` float32)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    b, t, h, _ = q.shape
+    dtype = q.dtype
+    dc, dr, bk, stages = geo.dc, geo.dr, geo.block_k, geo.stages
+    half = dc // _COMPUTE_WGS
+    groups = h // ROWS
+    c2 = float(scale) * LOG2E          # logits in base-2 units
+
+    def body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, scoped):
+        (qc_smem, qr_smem, c_smem, r_smem, mask_smem, lse_smem), q_loaded, loaded, consumed, done = scoped
+        sp, row, bi = lax.axis_index("split"), lax.axis_index("row"), lax.axis_index("batch")
+        ti, hg = lax.div(row, jnp.int32(groups)), lax.rem(row, jnp.int32(groups))
+        heads = pl.ds(hg * ROWS, ROWS)
+        lo = sp * geo.per_split
+        n = jnp.minimum(lo + geo.per_split, geo.tiles) - lo         # >= 1 (geometry)
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < _COMPUTE_WGS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            m = plgpu.layout_cast(jnp.full((ROWS,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((ROWS, half), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            plgpu.barrier_wait(q_loaded)
+
+            def step(i, carry):
+                acc, m, l = carry
+                slot = lax.rem(i, jnp.int32(stages))
+                plgpu.barrier_wait(loaded.at[slot])
+
+                def qk(s_ref):
+                    for part in range(_COMPUTE_WGS):
+                        plgpu.wgmma(s_ref, qc_smem.at[part], c_smem.at[slot, part].transpose((1, 0)))
+                    plgpu.wgmma(s_ref, qr_smem, r_smem.at[slot].transpose((1, 0)))
+                    return s_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
+                bias = plgpu.load(mask_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                s = s * c2 + lax.broadcast_in_dim(bias, s.shape, [1])
+                m_new = jnp.maximum(m, s.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l = l * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+
+                def pv(acc_ref):
+                    mma(acc_ref, p16, c_smem.at[slot, wg])
+
+                acc = accumulate(pv, acc, interpret=interpret)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return acc, m_new, l
+
+            acc, m, l = lax.fori_loop(0, n, step, (acc, m, l))
+            # both consumers are done reading the query tile: its c halves take the output
+            plgpu.barrier_arrive(done)
+            plgpu.barrier_wait(done)
+            # l >= 1 wherever a slot is visible; rows that see none: acc = 0, l = 0
+            inv = 1.0 / jnp.maximum(l, 1e-30)
+            qc_smem.at[wg][...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+
+            @pl.when(wg == 0)
+            def _():
+                lse_smem[...] = (m + jnp.log2(l)) * (1.0 / LOG2E)     # -inf where l = 0
+
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qc_smem.at[wg], o_ref.at[bi, sp, ti, heads, pl.ds(wg * half, half)])
+
+            @pl.when(wg == 0)
+            def _():
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, sp, ti, heads])
+
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == _COMPUTE_WGS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            for part in range(_COMPUTE_WGS):
+                plgpu.copy_gmem_to_smem(q_ref.at[bi, ti, heads, pl.ds(part * half, half)],
+                                        qc_smem.at[part], q_loaded)
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, ti, heads, pl.ds(dc, dr)], qr_smem, q_loaded)
+
+            def load(i, slot):
+                j = lo + i
+                rows = pl.ds(jnp.minimum(j * bk, geo.s - bk), bk)
+                for part in range(_COMPUTE_WGS):
+                    plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, pl.ds(part * half, half)],
+                                            c_smem.at[slot, part], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(r_ref.at[bi, rows], r_smem.at[slot], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(mask_ref.at[bi, ti, pl.ds(j * bk, bk)], mask_smem.at[slot],
+                                        loaded.at[slot])
+
+            for slot in range(stages):      # a split may have fewer than `stages` tiles
+                pl.when(slot < n)(lambda slot=slot: load(slot, slot))
+
+            @pl.loop(0, jnp.maximum(n - stages, 0))
+            def _(i):
+                slot = lax.rem(i, jnp.int32(stages))
+                plgpu.barrier_wait(consumed.at[slot])
+                load(i + stages, slot)
+
+            if interpret:
+                observe_last_phases((consumed,), n, stages)
+
+    def entry(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref):
+        tr_c, tr_r = _transforms(plgpu, half, dtype), _transforms(plgpu, dr, dtype)
+        scratch = (
+            plgpu.SMEM((_COMPUTE_WGS, ROWS, half), dtype, transforms=tr_c),
+            plgpu.SMEM((ROWS, dr), dtype, transforms=tr_r),
+            plgpu.SMEM((stages, _COMPUTE_WGS, bk, half), dtype, transforms=tr_c),
+            plgpu.SMEM((stages, bk, dr), dtype, transforms=tr_r),
+            plgpu.SMEM((stages, bk), jnp.float32),
+            plgpu.SMEM((ROWS,), jnp.float32),
+        )
+        pl.run_scoped(
+            lambda *a: body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, a),
+            scratch,
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS + 1),                       # q: 3 copies
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS + 2, num_barriers=stages),  # 4 copies a tile
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((b, geo.num_splits, t, h, dc), dtype),
+                  jax.ShapeDtypeStruct((b, geo.num_splits, t, h), jnp.float32)),
+        grid=(geo.num_splits, t * groups, b),
+        grid_names=("split", "row", "batch"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name="mla_decode_dense_mosaic_gpu",
+        interpret=interpret,
+    )(q, c_kv, k_rope, mask)
+
+
+def check_supported(q_abs, c_kv, k_rope, indices, interpret, config: MlaDecodeMosaicGpuConfig):
+    """ValueError for anything the kernel does not cover (nothing is compiled)."""
+    def no(what):
+        raise ValueError(f"mla_decode impl='mosaic_gpu' does not support {what}; use impl='triton'")
+
+    if interpret and not is_gpu_interpret(interpret):
+        no(f"interpret={interpret!r} (the Triton interpreter); Mosaic GPU's interpret mode is "
+           "interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()")
+    if indices is not None:
+        no("indices (the sparse mode; dense only)")
+    if jnp.dtype(q_abs.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        no(f"dtype {q_abs.dtype} (bf16 / fp16 only)")
+    h, dc, dr = q_abs.shape[2], c_kv.shape[2], k_rope.shape[2]
+    if h % ROWS:
+        no(f"H={h} heads (a multiple of {ROWS}, the wgmma M tile)")
+    if dc % 128 or dc > 512:
+        no(f"Dc={dc} (a multiple of 128 up to 512)")
+    if dr % 64:
+        no(f"Dr={dr} (a multiple of 64)")
+    need = smem_bytes(dc, dr, config.block_k, config.max_concurrent_steps, q_abs.dtype.itemsize)
+    if need > _SMEM_BYTES:
+        no(f"block_k={config.block_k} x {config.max_concurrent_steps} stages at Dc={dc}, Dr={dr} "
+           f"({need} B of SMEM > {_SMEM_BYTES})")
+
+
+def mla_decode_mosaic_gpu(q_abs, c_kv, k_rope, *, indices, q_positions, kv_positions, scale,
+                          return_lse, num_splits, interpret=False,
+                          config: MlaDecodeMosaicGpuConfig | None = None):
+    """`mla_decode_reference`'s contract (dense; see the module docstring's scope) on Hopper,
+    or on the CPU in GPU interpret mode (`interpret=plgpu.InterpretGPUParams()`). Forward."""
+    cfg = config or MlaDecodeMosaicGpuConfig()
+    check_supported(q_abs, c_kv, k_rope, indices, interpret, cfg)
+    geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits)
+    c_kv, k_rope = pad_axis(c_kv, geo.s, 1), pad_axis(k_rope, geo.s, 1)   # no-ops unless S < block_k
+    kv_positions = pad_axis(kv_positions, geo.s, 1, -1)
+    mask = tile_mask(q_positions, kv_positions, geo)
+    o_part, lse_part = _kernel_call(q_abs, c_kv, k_rope, mask, geo=geo, scale=float(scale),
+                                    interpret=interpret or None)
+    out, lse = merge(o_part, lse_part, t=q_abs.shape[1], h=q_abs.shape[2], dc=geo.dc,
+                     dtype=q_abs.dtype)
+    return AttentionOutput(out, lse) if return_lse else out
+
+
+# Backend declaration for `pallas_kernels.common.resolve`: Hopper only; the calls
+# `check_supported` accepts; tiles `MlaDecodeMosaicGpuConfig`.
+CONFIG = MlaDecodeMosaicGpuConfig
+
+
+def supports(*, q_abs, c_kv, k_rope, indices, interpret, config, **_) -> str | None:
+    """None when the kernel covers the call, else `check_supported`'s reason."""
+    try:
+        check_supported(q_abs, c_kv, k_rope, indices, interpret, config or MlaDecodeMosaicGpuConfig())
+    except ValueError as e:
+        return str(e)
+    return None
