@@ -20,11 +20,13 @@ warpgroups:
 
 Split-K (flash-decoding): split `sp` walks tiles `[sp * per, (sp + 1) * per)` of the cache
 and writes a partial `(out, lse)`; `mla_decode.layout.merge` combines them
-(`decode.layout.combine`), as for the Triton kernel. Tile `j` reads slots
-`[min(j * block_k, S - block_k), ...)`: the last tile is moved back to end at slot S
-instead of reading past the cache (its slots before `j * block_k`, read already by tile
-`j - 1`, are masked), so the cache is read in place; only a cache shorter than one tile is
-padded (an O(block_k) copy). The mask rows `[B, T, tiles * block_k]` (visibility from
+(`decode.layout.combine`), as for the Triton kernel. The cache is read in place: a last
+tile that runs past slot S is zero-filled by the TMA (its default out-of-bounds mode) and
+masked (Mosaic GPU's TMA must start tiled copies at provable multiples of the tile, so
+moving the last tile back to end at S does not lower). Mosaic GPU's TMA also needs the
+cache's slot count to be a multiple of 8 (the SMEM tile's rows) or below one tile: other
+caches are padded here, a copy of the whole cache (caches are usually allocated at round
+sizes; a padded one is read in place). The mask rows `[B, T, tiles * block_k]` (visibility from
 `q_positions` / `kv_positions`, built in XLA: 4 bytes per slot and query token beside the
 slot's `2 (Dc + Dr)`) are what the kernel reads of the positions.
 
@@ -53,7 +55,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import AttentionOutput, is_gpu_interpret
 from pallas_kernels.decode import layout
-from pallas_kernels.flash.blocks import pad_axis
+from pallas_kernels.flash.blocks import pad_axis, round_up
 from pallas_kernels.flash.mosaic_gpu_vjp import _transforms, accumulate, mma, observe_last_phases
 from pallas_kernels.mla_decode.layout import merge
 from pallas_kernels.tiles_common import LOG2E
@@ -88,7 +90,7 @@ class MlaDecodeMosaicGpuConfig:
 class Geometry:
     """Static sizes of one call (hashable)."""
 
-    s: int              # cache slots, padded to one tile when shorter
+    s: int              # cache slots, padded to a multiple of 8 (TMA) and to one tile
     dc: int
     dr: int
     block_k: int
@@ -106,7 +108,7 @@ def smem_bytes(dc: int, dr: int, block_k: int, stages: int, itemsize: int) -> in
 
 def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits) -> Geometry:
     b, t, h, _ = q_abs.shape
-    s = max(c_kv.shape[1], cfg.block_k)
+    s = max(round_up(c_kv.shape[1], 8), cfg.block_k)
     tiles = layout.cdiv(s, cfg.block_k)
     if num_splits is None:
         want = layout.cdiv(cfg.split_target, b * t * (h // ROWS))
@@ -119,16 +121,11 @@ def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits) -> 
 
 
 def tile_mask(q_positions, kv_positions, geo: Geometry):
-    """float32 `[B, T, tiles * block_k]`: 0 where slot `i` of tile `j` (slot
-    `min(j * block_k, S - block_k) + i`) is visible to the query and not read already by
-    tile `j - 1`, else -inf."""
-    bk = geo.block_k
-    j = jnp.arange(geo.tiles * bk, dtype=jnp.int32) // bk
-    first = j * bk
-    slot = jnp.minimum(first, geo.s - bk) + jnp.arange(geo.tiles * bk, dtype=jnp.int32) % bk
-    kp, qp = kv_positions[:, slot][:, None, :], q_positions[:, :, None]
-    vis = (slot >= first)[None, None] & (kp >= 0) & (kp <= qp) & (qp >= 0)
-    return jnp.where(vis, 0.0, -jnp.inf).astype(jnp.float32)
+    """float32 `[B, T, tiles * block_k]`: 0 where the slot is visible to the query, else
+    -inf (slots past the cache too)."""
+    kp = pad_axis(kv_positions, geo.tiles * geo.block_k, 1, -1)[:, None, :]
+    qp = q_positions[:, :, None]
+    return jnp.where((kp >= 0) & (kp <= qp) & (qp >= 0), 0.0, -jnp.inf).astype(jnp.float32)
 
 
 def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpret):
@@ -219,7 +216,7 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
 
             def load(i, slot):
                 j = lo + i
-                rows = pl.ds(jnp.minimum(j * bk, geo.s - bk), bk)
+                rows = pl.ds(j * bk, bk)      # past slot S: zero-filled (TMA), masked
                 for part in range(_COMPUTE_WGS):
                     plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, pl.ds(part * half, half)],
                                             c_smem.at[slot, part], loaded.at[slot])
@@ -306,8 +303,7 @@ def mla_decode_mosaic_gpu(q_abs, c_kv, k_rope, *, indices, q_positions, kv_posit
     cfg = config or MlaDecodeMosaicGpuConfig()
     check_supported(q_abs, c_kv, k_rope, indices, interpret, cfg)
     geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits)
-    c_kv, k_rope = pad_axis(c_kv, geo.s, 1), pad_axis(k_rope, geo.s, 1)   # no-ops unless S < block_k
-    kv_positions = pad_axis(kv_positions, geo.s, 1, -1)
+    c_kv, k_rope = pad_axis(c_kv, geo.s, 1), pad_axis(k_rope, geo.s, 1)   # no-ops unless S % 8 or S < block_k
     mask = tile_mask(q_positions, kv_positions, geo)
     o_part, lse_part = _kernel_call(q_abs, c_kv, k_rope, mask, geo=geo, scale=float(scale),
                                     interpret=interpret or None)
