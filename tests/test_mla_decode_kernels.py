@@ -2,16 +2,19 @@
 `mla_decode_reference`, and the reference against an independent dense-mask attention over
 the concatenated keys `[c_kv | k_rope]` (mask built in numpy loops): output and lse in
 float32 on fresh random inputs. Triton in `interpret=True`, Mosaic TPU in
-`pltpu.InterpretParams()`. Sparse (K with -1 padding, slots of future positions listed) and
-dense modes, ragged cache rows (positions -1), a padded query, a query that sees nothing,
+`pltpu.InterpretParams()`, Mosaic GPU (dense, bf16, H a multiple of 64) in GPU interpret
+mode (`plgpu.InterpretGPUParams()`) and lowered for CUDA. Sparse (K with -1 padding, slots
+of future positions listed) and dense modes, ragged cache rows (positions -1), a padded query, a query that sees nothing,
 T = 1 and 2, one and several splits, widths that are not multiples of 16, the real widths
-(Dc=512, Dr=64); the reference VJP of the kernels; argument errors. A `gpu`-marked test
-compiles the Triton kernel at H=64, Dc=512, Dr=64, S=4096, K=256.
+(Dc=512, Dr=64); the reference VJP of the kernels; argument errors. `gpu`-marked tests
+compile the Triton kernel at H=64, Dc=512, Dr=64, S=4096, K=256, and the Mosaic GPU one
+(dense, S=4096 and 4100).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,7 @@ import pytest
 
 from pallas_kernels.common import masked_attention
 from pallas_kernels.mla_decode import mla_decode
+from pallas_kernels.mla_decode.api import MlaDecodeMosaicGpuConfig
 from pallas_kernels.mla_decode.reference import mla_decode_reference
 from pallas_kernels.mla_decode.tpu import MlaDecodeTpuConfig, mla_decode_tpu
 from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, geometry, mla_decode_triton
@@ -235,6 +239,102 @@ def test_triton_compiled_on_gpu(k):
         args16 = tuple(a.astype(jnp.bfloat16) for a in args)
         got = mla_decode(*args16, **kw, impl="triton")
         assert max_rel_err(got.out, mla_decode_reference(*args16, **kw).out) < 2e-2
+
+
+# Mosaic GPU's interpret mode runs each warpgroup as its own CPU program blocked in barrier
+# callbacks: it needs as many XLA CPU pool threads (conftest sets PJRT_NPROC), else it hangs.
+_GPU_INTERPRET_POOL = int(os.environ.get("PJRT_NPROC") or os.cpu_count() or 1) >= 4
+
+
+@pytest.mark.skipif(not _GPU_INTERPRET_POOL, reason="GPU interpret mode needs PJRT_NPROC >= 4")
+@pytest.mark.parametrize("case", [
+    MlaCase("t2_two_splits", t=2, h=64, dc=128, dr=64, s=100, k=None, num_splits=2, seed=13),
+    MlaCase("t1_auto_splits", t=1, h=64, dc=128, dr=64, s=200, k=None, seed=14),
+    MlaCase("t1_ring_refill", t=1, h=64, dc=128, dr=64, s=420, k=None, num_splits=3, seed=15),
+    MlaCase("t2_h128_one_tile", b=1, t=2, h=128, dc=128, dr=64, s=40, k=None, seed=16),
+], ids=lambda c: c.name)
+def test_mosaic_gpu_dense_in_gpu_interpret_mode(case):
+    """The Mosaic GPU kernel on the CPU in GPU interpret mode (simulated SMEM, TMA, barriers,
+    warpgroups), bf16, against the float32 reference: S=100 (padded to 104 for the TMA, its
+    last tile zero-filled past the cache), S=200 (in place, last tile past the cache),
+    S=420 over 3 splits of 3, 3 and 1 tiles (the producer refills the 2-stage ring; the last
+    split has fewer tiles than stages), S=40 (< one tile) with two 64-head groups; ragged
+    cache rows, a padded query (zeros, lse -inf)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    args, kw = make_inputs(case, jnp.bfloat16)
+    got = run(mla_decode, args, kw, impl="mosaic_gpu", interpret=plgpu.InterpretGPUParams())
+    want = mla_decode_reference(*(a.astype(jnp.float32) for a in args), **kw)
+    assert got.out.dtype == jnp.bfloat16 and got.out.shape == want.out.shape
+    assert max_rel_err(got.out, want.out) < 1e-2
+    fin = np.isfinite(np.asarray(want.lse))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(got.lse)), fin)
+    np.testing.assert_allclose(np.asarray(got.lse)[fin], np.asarray(want.lse)[fin], atol=1e-4)
+    check_zero_rows(got.out, kw)
+
+
+def test_mosaic_gpu_lowers_for_cuda_on_the_cpu():
+    """At DeepSeek's sizes (H=128: two head groups, Dc=512, Dr=64; S=4100: padded to a
+    multiple of 8, last tile past the cache) the kernel lowers to Mosaic GPU for CUDA (Pallas
+    to Mosaic GPU, its layout inference included; nothing compiled)."""
+    q = jax.ShapeDtypeStruct((2, 2, 128, 576), jnp.bfloat16)
+    c, r = jax.ShapeDtypeStruct((2, 4100, 512), jnp.bfloat16), jax.ShapeDtypeStruct((2, 4100, 64), jnp.bfloat16)
+    f = jax.jit(lambda q, c, r: mla_decode(q, c, r, scale=SCALE, impl="mosaic_gpu", return_lse=True))
+    assert "mla_decode_dense_mosaic_gpu" in f.trace(q, c, r).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_mosaic_gpu_refuses_unsupported_and_auto_keeps_triton(monkeypatch):
+    """impl="mosaic_gpu" raises ValueError (nothing compiled) for what it does not cover;
+    on a Hopper GPU impl="auto" still picks Triton (the Mosaic kernel is not yet timed)."""
+    from pallas_kernels import common
+    from pallas_kernels.mla_decode import api
+
+    case = MlaCase("refuse", t=1, h=64, dc=128, dr=64, s=64, k=8)
+    (q, c_kv, k_rope), kw = make_inputs(case, jnp.bfloat16)
+    kw = {n: kw[n] for n in ("q_positions", "kv_positions", "scale")}
+    idx = make_inputs(case)[1]["indices"]
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    bad = [
+        ((q, c_kv, k_rope), dict(indices=idx), {}, "indices"),
+        ((f32(q), f32(c_kv), f32(k_rope)), {}, {}, "dtype float32"),
+        ((q[:, :, :32], c_kv, k_rope), {}, {}, "H=32"),
+        ((q[..., 64:], c_kv[..., 64:], k_rope), {}, {}, "Dc=64"),
+        ((jnp.concatenate([q[..., :128], q[..., 128:160]], -1), c_kv, k_rope[..., :32]), {}, {}, "Dr=32"),
+        ((q, c_kv, k_rope), {}, dict(interpret=True), "Triton interpreter"),
+    ]
+    for args, extra, call, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            mla_decode(*args, **kw, **extra, impl="mosaic_gpu", **call)
+    big = MlaDecodeMosaicGpuConfig(block_k=128)
+    q5, c5, r5 = jnp.zeros((1, 1, 64, 576), jnp.bfloat16), jnp.zeros((1, 64, 512), jnp.bfloat16), jnp.zeros((1, 64, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="SMEM"):
+        mla_decode(q5, c5, r5, scale=SCALE, impl="mosaic_gpu", config=big)
+    for over, msg in ((dict(block_k=96), "block_k"), (dict(max_concurrent_steps=1), "max_concurrent_steps")):
+        with pytest.raises(ValueError, match=msg):
+            MlaDecodeMosaicGpuConfig(**over)
+    monkeypatch.setattr(common, "current_device", lambda: common.Device("gpu", "9.0"))
+    call = dict(q_abs=q, c_kv=c_kv, k_rope=k_rope, indices=None)
+    assert common.choose("mla_decode", "auto", api.BACKENDS, call)[0] == "triton"
+    assert common.choose("mla_decode", "mosaic_gpu", api.BACKENDS, call)[0] == "mosaic_gpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("s", [4096, 4100])
+def test_mosaic_gpu_compiled_on_gpu(s):
+    """The compiled Mosaic GPU kernel (Hopper) at DeepSeek's sizes, dense, bf16, against the
+    float32 reference (S=4100: padded to 4104, its last tile past the cache)."""
+    case = MlaCase("gpu", b=2, t=2, h=64, dc=512, dr=64, s=s, k=None, seed=9)
+    with jax.default_device(jax.devices("gpu")[0]):
+        args, kw = make_inputs(case, jnp.bfloat16)
+        got = mla_decode(*args, **kw, impl="mosaic_gpu")
+        with jax.default_matmul_precision("highest"):
+            want = mla_decode_reference(*(a.astype(jnp.float32) for a in args), **kw)
+        assert max_rel_err(got.out, want.out) < 2e-2
+        fin = np.isfinite(np.asarray(want.lse))
+        np.testing.assert_array_equal(np.isfinite(np.asarray(got.lse)), fin)
+        np.testing.assert_allclose(np.asarray(got.lse)[fin], np.asarray(want.lse)[fin], atol=2e-3)
+        check_zero_rows(got.out, kw)
 
 
 def _ops_inputs(seed, t=2, s=21):

@@ -169,7 +169,7 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
                     return s_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
-                bias = plgpu.load(mask_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                bias = plgpu.load(mask_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 s = s * c2 + lax.broadcast_in_dim(bias, s.shape, [1])
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
