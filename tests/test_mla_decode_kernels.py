@@ -2,13 +2,13 @@
 `mla_decode_reference`, and the reference against an independent dense-mask attention over
 the concatenated keys `[c_kv | k_rope]` (mask built in numpy loops): output and lse in
 float32 on fresh random inputs. Triton in `interpret=True`, Mosaic TPU in
-`pltpu.InterpretParams()`, Mosaic GPU (dense, bf16, H a multiple of 64) in GPU interpret
-mode (`plgpu.InterpretGPUParams()`) and lowered for CUDA. Sparse (K with -1 padding, slots
-of future positions listed) and dense modes, ragged cache rows (positions -1), a padded query, a query that sees nothing,
-T = 1 and 2, one and several splits, widths that are not multiples of 16, the real widths
-(Dc=512, Dr=64); the reference VJP of the kernels; argument errors. `gpu`-marked tests
-compile the Triton kernel at H=64, Dc=512, Dr=64, S=4096, K=256, and the Mosaic GPU one
-(dense, S=4096 and 4100).
+`pltpu.InterpretParams()`, Mosaic GPU (bf16, H a multiple of 64; sparse over gathered rows)
+in GPU interpret mode (`plgpu.InterpretGPUParams()`) and lowered for CUDA. Sparse (K with -1
+padding, slots of future positions listed) and dense modes, ragged cache rows (positions
+-1), a padded query, a query that sees nothing, T = 1 and 2, one and several splits, widths
+that are not multiples of 16, the real widths (Dc=512, Dr=64); the reference VJP of the
+kernels; argument errors. `gpu`-marked tests compile the Triton kernel at H=64, Dc=512,
+Dr=64, S=4096, K=256, and the Mosaic GPU one (dense at S=4096 and 4100, sparse K=300).
 """
 
 from __future__ import annotations
@@ -252,14 +252,18 @@ _GPU_INTERPRET_POOL = int(os.environ.get("PJRT_NPROC") or os.cpu_count() or 1) >
     MlaCase("t1_auto_splits", t=1, h=64, dc=128, dr=64, s=200, k=None, seed=14),
     MlaCase("t1_ring_refill", t=1, h=64, dc=128, dr=64, s=420, k=None, num_splits=3, seed=15),
     MlaCase("t2_h128_one_tile", b=1, t=2, h=128, dc=128, dr=64, s=40, k=None, seed=16),
+    MlaCase("sparse_t2_k20", t=2, h=64, dc=128, dr=64, s=100, k=20, num_splits=2, seed=17),
+    MlaCase("sparse_t2_k200_splits", t=2, h=64, dc=128, dr=64, s=420, k=200, num_splits=3, seed=18),
 ], ids=lambda c: c.name)
-def test_mosaic_gpu_dense_in_gpu_interpret_mode(case):
+def test_mosaic_gpu_in_gpu_interpret_mode(case):
     """The Mosaic GPU kernel on the CPU in GPU interpret mode (simulated SMEM, TMA, barriers,
-    warpgroups), bf16, against the float32 reference: S=100 (padded to 104 for the TMA, its
-    last tile zero-filled past the cache), S=200 (in place, last tile past the cache),
-    S=420 over 3 splits of 3, 3 and 1 tiles (the producer refills the 2-stage ring; the last
-    split has fewer tiles than stages), S=40 (< one tile) with two 64-head groups; ragged
-    cache rows, a padded query (zeros, lse -inf)."""
+    warpgroups), bf16, against the float32 reference. Dense: S=100 (padded to 104 for the
+    TMA, its last tile zero-filled past the cache), S=200 (in place, last tile past the
+    cache), S=420 over 3 splits of 3, 3 and 1 tiles (the producer refills the 2-stage ring;
+    the last split has fewer tiles than stages), S=40 (< one tile) with two 64-head groups.
+    Sparse (gathered rows): K=20 (< one tile), K=200 over 3 splits; -1 padding, listed
+    future slots, a query whose listed slots are all in its future. Ragged cache rows, a
+    padded query (zeros, lse -inf)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     args, kw = make_inputs(case, jnp.bfloat16)
@@ -276,11 +280,13 @@ def test_mosaic_gpu_dense_in_gpu_interpret_mode(case):
 def test_mosaic_gpu_lowers_for_cuda_on_the_cpu():
     """At DeepSeek's sizes (H=128: two head groups, Dc=512, Dr=64; S=4100: padded to a
     multiple of 8, last tile past the cache) the kernel lowers to Mosaic GPU for CUDA (Pallas
-    to Mosaic GPU, its layout inference included; nothing compiled)."""
+    to Mosaic GPU, its layout inference included; nothing compiled), dense and sparse."""
     q = jax.ShapeDtypeStruct((2, 2, 128, 576), jnp.bfloat16)
     c, r = jax.ShapeDtypeStruct((2, 4100, 512), jnp.bfloat16), jax.ShapeDtypeStruct((2, 4100, 64), jnp.bfloat16)
-    f = jax.jit(lambda q, c, r: mla_decode(q, c, r, scale=SCALE, impl="mosaic_gpu", return_lse=True))
-    assert "mla_decode_dense_mosaic_gpu" in f.trace(q, c, r).lower(lowering_platforms=("cuda",)).as_text()
+    idx = jax.ShapeDtypeStruct((2, 2, 2047), jnp.int32)
+    f = jax.jit(lambda q, c, r, i: mla_decode(q, c, r, indices=i, scale=SCALE, impl="mosaic_gpu", return_lse=True))
+    for i in (None, idx):
+        assert "mla_decode_mosaic_gpu" in f.trace(q, c, r, i).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_mosaic_gpu_refuses_unsupported_and_auto_keeps_triton(monkeypatch):
@@ -289,22 +295,20 @@ def test_mosaic_gpu_refuses_unsupported_and_auto_keeps_triton(monkeypatch):
     from pallas_kernels import common
     from pallas_kernels.mla_decode import api
 
-    case = MlaCase("refuse", t=1, h=64, dc=128, dr=64, s=64, k=8)
+    case = MlaCase("refuse", t=1, h=64, dc=128, dr=64, s=64, k=None)
     (q, c_kv, k_rope), kw = make_inputs(case, jnp.bfloat16)
     kw = {n: kw[n] for n in ("q_positions", "kv_positions", "scale")}
-    idx = make_inputs(case)[1]["indices"]
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     bad = [
-        ((q, c_kv, k_rope), dict(indices=idx), {}, "indices"),
-        ((f32(q), f32(c_kv), f32(k_rope)), {}, {}, "dtype float32"),
-        ((q[:, :, :32], c_kv, k_rope), {}, {}, "H=32"),
-        ((q[..., 64:], c_kv[..., 64:], k_rope), {}, {}, "Dc=64"),
-        ((jnp.concatenate([q[..., :128], q[..., 128:160]], -1), c_kv, k_rope[..., :32]), {}, {}, "Dr=32"),
-        ((q, c_kv, k_rope), {}, dict(interpret=True), "Triton interpreter"),
+        ((f32(q), f32(c_kv), f32(k_rope)), {}, "dtype float32"),
+        ((q[:, :, :32], c_kv, k_rope), {}, "H=32"),
+        ((q[..., 64:], c_kv[..., 64:], k_rope), {}, "Dc=64"),
+        ((jnp.concatenate([q[..., :128], q[..., 128:160]], -1), c_kv, k_rope[..., :32]), {}, "Dr=32"),
+        ((q, c_kv, k_rope), dict(interpret=True), "Triton interpreter"),
     ]
-    for args, extra, call, msg in bad:
+    for args, call, msg in bad:
         with pytest.raises(ValueError, match=msg):
-            mla_decode(*args, **kw, **extra, impl="mosaic_gpu", **call)
+            mla_decode(*args, **kw, impl="mosaic_gpu", **call)
     big = MlaDecodeMosaicGpuConfig(block_k=128)
     q5, c5, r5 = jnp.zeros((1, 1, 64, 576), jnp.bfloat16), jnp.zeros((1, 64, 512), jnp.bfloat16), jnp.zeros((1, 64, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="SMEM"):
@@ -320,11 +324,12 @@ def test_mosaic_gpu_refuses_unsupported_and_auto_keeps_triton(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
-@pytest.mark.parametrize("s", [4096, 4100])
-def test_mosaic_gpu_compiled_on_gpu(s):
-    """The compiled Mosaic GPU kernel (Hopper) at DeepSeek's sizes, dense, bf16, against the
-    float32 reference (S=4100: padded to 4104, its last tile past the cache)."""
-    case = MlaCase("gpu", b=2, t=2, h=64, dc=512, dr=64, s=s, k=None, seed=9)
+@pytest.mark.parametrize("s,k", [(4096, None), (4100, None), (4096, 300)],
+                         ids=["dense", "dense-ragged", "sparse"])
+def test_mosaic_gpu_compiled_on_gpu(s, k):
+    """The compiled Mosaic GPU kernel (Hopper) at DeepSeek's sizes, bf16, against the float32
+    reference: dense (S=4100: padded to 4104, its last tile past the cache) and sparse."""
+    case = MlaCase("gpu", b=2, t=2, h=64, dc=512, dr=64, s=s, k=k, seed=9)
     with jax.default_device(jax.devices("gpu")[0]):
         args, kw = make_inputs(case, jnp.bfloat16)
         got = mla_decode(*args, **kw, impl="mosaic_gpu")

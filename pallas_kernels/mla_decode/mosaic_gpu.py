@@ -1,4 +1,4 @@
-"""`mla_decode` on Hopper: Pallas with the Mosaic GPU lowering (`impl="mosaic_gpu"`), dense only.
+"""`mla_decode` on Hopper: Pallas with the Mosaic GPU lowering (`impl="mosaic_gpu"`).
 
 FlashMLA's layout (github.com/deepseek-ai/FlashMLA): the 64 absorbed query heads of one
 query token are the wgmma M dimension (one latent KV head serves them all, MQA), so the
@@ -30,8 +30,17 @@ sizes; a padded one is read in place). The mask rows `[B, T, tiles * block_k]` (
 `q_positions` / `kv_positions`, built in XLA: 4 bytes per slot and query token beside the
 slot's `2 (Dc + Dr)`) are what the kernel reads of the positions.
 
-Scope (everything else raises ValueError, nothing compiled): dense (`indices=None`; the
-sparse mode is Triton's), bf16 / fp16, H a multiple of 64 (the wgmma M tile), Dc a multiple
+Sparse mode (`indices [B, T, K]`): the listed rows are gathered by XLA first
+(`gather_selected`: `[B * T, K, Dc + Dr]`, -1 padding and unlisted slots at position -1)
+and the same kernel runs densely over them, one "batch row" per query token. This moves
+each selected row three times (gather read, gather write, kernel read) where the Triton
+kernel reads it once: Hopper's TMA has no row gather (`gather4` is Blackwell's), and
+Mosaic GPU (JAX 0.11.2) refuses TMA copies of single rows into the tiled, swizzled SMEM
+that wgmma reads ("slice start and size divisible by the tile size (8)"), so an in-kernel
+gather would need an untiled staging buffer and a register pass the 227 KB of SMEM has no
+room for at Dc=512 beside the 2-stage ring.
+
+Scope (everything else raises ValueError, nothing compiled): bf16 / fp16, H a multiple of 64 (the wgmma M tile), Dc a multiple
 of 128 up to 512 (two 64-aligned halves; 512 fills a consumer's registers), Dr a multiple of
 64; the SMEM ring must fit 227 KB (DeepSeek's Dc=512, Dr=64: block_k=64 and 2 stages, 217
 KB). Every CTA walks its whole share of the cache: unlike the Triton kernel it does not stop
@@ -265,7 +274,7 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name="mla_decode_dense_mosaic_gpu",
+        kernel_name="mla_decode_mosaic_gpu",
         interpret=interpret,
     )(q, c_kv, k_rope, mask)
 
@@ -278,8 +287,6 @@ def check_supported(q_abs, c_kv, k_rope, indices, interpret, config: MlaDecodeMo
     if interpret and not is_gpu_interpret(interpret):
         no(f"interpret={interpret!r} (the Triton interpreter); Mosaic GPU's interpret mode is "
            "interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()")
-    if indices is not None:
-        no("indices (the sparse mode; dense only)")
     if jnp.dtype(q_abs.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         no(f"dtype {q_abs.dtype} (bf16 / fp16 only)")
     h, dc, dr = q_abs.shape[2], c_kv.shape[2], k_rope.shape[2]
@@ -295,20 +302,43 @@ def check_supported(q_abs, c_kv, k_rope, indices, interpret, config: MlaDecodeMo
            f"({need} B of SMEM > {_SMEM_BYTES})")
 
 
+def gather_selected(q_abs, c_kv, k_rope, indices, q_positions, kv_positions, block_k: int):
+    """The sparse call as a dense one over per-query caches: `(q [B * T, 1, H, Dc + Dr],
+    c [B * T, N, Dc], r [B * T, N, Dr], q_positions [B * T, 1], kv_positions [B * T, N])`
+    with the listed rows of `indices [B, T, K]` (N: K rounded up to a multiple of 8 and to
+    `block_k`, so the kernel reads them in place); padding entries (-1) get position -1."""
+    b, t, k = indices.shape
+    n = max(round_up(k, 8), block_k)
+    idx = pad_axis(indices, n, 2, -1)
+    listed = (idx >= 0) & (idx < c_kv.shape[1])
+    slots = jnp.where(listed, idx, 0).reshape(b, t * n)
+    take = jax.vmap(lambda x, i: x[i])                                    # per batch row
+    rows = lambda x: take(x, slots).reshape(b * t, n, *x.shape[2:])  # noqa: E731
+    kp = jnp.where(listed.reshape(b, t * n), take(kv_positions, slots), -1).reshape(b * t, n)
+    return (q_abs.reshape(b * t, 1, *q_abs.shape[2:]), rows(c_kv), rows(k_rope),
+            q_positions.reshape(b * t, 1), kp)
+
+
 def mla_decode_mosaic_gpu(q_abs, c_kv, k_rope, *, indices, q_positions, kv_positions, scale,
                           return_lse, num_splits, interpret=False,
                           config: MlaDecodeMosaicGpuConfig | None = None):
-    """`mla_decode_reference`'s contract (dense; see the module docstring's scope) on Hopper,
-    or on the CPU in GPU interpret mode (`interpret=plgpu.InterpretGPUParams()`). Forward."""
+    """`mla_decode_reference`'s contract (see the module docstring's scope) on Hopper, or on
+    the CPU in GPU interpret mode (`interpret=plgpu.InterpretGPUParams()`). Forward. Sparse
+    calls run densely over their gathered rows (`gather_selected`)."""
     cfg = config or MlaDecodeMosaicGpuConfig()
     check_supported(q_abs, c_kv, k_rope, indices, interpret, cfg)
+    b, t, h, _ = q_abs.shape
+    if indices is not None:
+        q_abs, c_kv, k_rope, q_positions, kv_positions = gather_selected(
+            q_abs, c_kv, k_rope, indices, q_positions, kv_positions, cfg.block_k)
     geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits)
     c_kv, k_rope = pad_axis(c_kv, geo.s, 1), pad_axis(k_rope, geo.s, 1)   # no-ops unless S % 8 or S < block_k
     mask = tile_mask(q_positions, kv_positions, geo)
     o_part, lse_part = _kernel_call(q_abs, c_kv, k_rope, mask, geo=geo, scale=float(scale),
                                     interpret=interpret or None)
-    out, lse = merge(o_part, lse_part, t=q_abs.shape[1], h=q_abs.shape[2], dc=geo.dc,
-                     dtype=q_abs.dtype)
+    out, lse = merge(o_part, lse_part, t=q_abs.shape[1], h=h, dc=geo.dc, dtype=q_abs.dtype)
+    if indices is not None:             # [B * T, 1, ...] -> [B, T, ...]
+        out, lse = out.reshape(b, t, h, geo.dc), lse.reshape(b, t, h).transpose(0, 2, 1)
     return AttentionOutput(out, lse) if return_lse else out
 
 
