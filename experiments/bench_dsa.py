@@ -26,7 +26,9 @@
     plus the old sparse path (`token_sparse`, separate K / V). All amortised over `--reps`
     calls per program (bench_decode.py's `repeated`). Configurations: the automatic split
     count, 1/2/4/8 splits, block_k 16 / 64 (best reported, all in the JSON) and float32
-    partials. Bandwidth on the
+    partials (`--nodecode_sweep`: the automatic configuration only). `--mla_impls
+    triton,mosaic_gpu` also times the Mosaic GPU kernel (Hopper; default tiles; sparse over
+    XLA-gathered rows), sparse and dense, beside Triton's best. Bandwidth on the
     bytes it must read: 576 bf16 per visited token plus q read and out written, against the
     measured copy (bench_decode.py's `copy_bandwidth`, `x + 1` over 2 GiB, read + write).
 
@@ -75,6 +77,9 @@ flags.DEFINE_bool("fp8", False, "(a) also time the FP8 indexer (e4m3 dot, widene
 flags.DEFINE_list("fp8_variants", ["fp8", "fp8_widened", "fp8_rerank1.25"], "with --fp8: which variants")
 flags.DEFINE_integer("decode_batch", 16, "(c) batch")
 flags.DEFINE_integer("decode_context", 131072, "(c) cache length")
+flags.DEFINE_list("mla_impls", ["triton"], "(c) mla_decode backends: triton (always, the reference "
+                  "row) plus e.g. mosaic_gpu (Hopper; default tiles), timed sparse and dense beside it")
+flags.DEFINE_bool("decode_sweep", True, "(c) sweep Triton's split counts and tiles (off: auto only)")
 FLAGS.set_default("out", "bench_dsa.json")
 
 H, D, DV = 64, 576, 512          # MLA in MQA form: query heads, latent + rope, latent
@@ -296,19 +301,19 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
                dense_must_read_bytes=must_dense)
     ref_kw = dict(q_positions=qpos[:2], kv_positions=kvpos[:2], scale=scale, return_lse=False, num_splits=None)
     args2 = (qs[0][:2], c_kv[:2], k_rope[:2])
-    row["sparse_err"] = rel(jax.jit(mla())(qs[0], c_kv, k_rope, sels[0])[:2],
-                            mla_decode(*args2, indices=sels[0][:2], **ref_kw, impl="xla"))
-    row["dense_err"] = rel(jax.jit(mla())(qs[0], c_kv, k_rope)[:2],
-                           mla_decode(*args2, indices=None, **ref_kw, impl="xla"))
+    ref_sparse = mla_decode(*args2, indices=sels[0][:2], **ref_kw, impl="xla")
+    ref_dense = mla_decode(*args2, indices=None, **ref_kw, impl="xla")
+    row["sparse_err"] = rel(jax.jit(mla())(qs[0], c_kv, k_rope, sels[0])[:2], ref_sparse)
+    row["dense_err"] = rel(jax.jit(mla())(qs[0], c_kv, k_rope)[:2], ref_dense)
     geo = triton_launch_plan(qs[0], c_kv, k_rope, sels[0])
     auto = geo.num_splits
     sp = timed(mla(), c_kv, k_rope, sels_=sels)
     row.update(sparse_auto_splits=auto, sparse_auto_us=sp * 1e6, row_parts=geo.parts)
     sweep = {}
-    for ns in sorted({1, 2, 4, 8} - {auto}):
+    for ns in sorted({1, 2, 4, 8} - {auto}) if FLAGS.decode_sweep else ():
         if ns <= geo.max_tiles:
             sweep[f"splits{ns}"] = timed(mla(ns), c_kv, k_rope, sels_=sels)
-    sweep_cfgs = (("f32_partials", MlaDecodeTritonConfig(partial_dtype="float32")),
+    sweep_cfgs = () if not FLAGS.decode_sweep else (("f32_partials", MlaDecodeTritonConfig(partial_dtype="float32")),
                       ("block_k16", MlaDecodeTritonConfig(block_k=16)),
                       ("block_k64", MlaDecodeTritonConfig(block_k=64)),
                       ("block_k128", MlaDecodeTritonConfig(block_k=128)),
@@ -329,6 +334,23 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
     de = min(timed(mla(), c_kv, k_rope), timed(mla(None, best_cfg), c_kv, k_rope))
     row.update(dense_mla_us=de * 1e6, dense_mla_frac_of_copy=must_dense / de / copy_bw,
                speedup_vs_dense_mla=de / best)
+    for impl in FLAGS.mla_impls:
+        if impl == "triton":
+            continue
+
+        def other(q, c, r, idx=None, impl=impl):
+            return mla_decode(q, c, r, indices=idx, q_positions=qpos, kv_positions=kvpos, scale=scale,
+                              impl=impl)
+        try:
+            row[f"{impl}_sparse_err"] = rel(jax.jit(other)(qs[0], c_kv, k_rope, sels[0])[:2], ref_sparse)
+            row[f"{impl}_dense_err"] = rel(jax.jit(other)(qs[0], c_kv, k_rope)[:2], ref_dense)
+            ts, td = timed(other, c_kv, k_rope, sels_=sels), timed(other, c_kv, k_rope)
+            row.update({f"{impl}_sparse_us": ts * 1e6, f"{impl}_sparse_frac_of_copy": must_sparse / ts / copy_bw,
+                        f"{impl}_sparse_speedup_vs_triton": best / ts, f"{impl}_dense_us": td * 1e6,
+                        f"{impl}_dense_frac_of_copy": must_dense / td / copy_bw,
+                        f"{impl}_dense_speedup_vs_triton": de / td})
+        except Exception as e:  # noqa: BLE001 - report, keep the row
+            row[f"{impl}_error"] = str(e)[:300]
 
     def dense_xla(q, c, r):     # XLA's two matmuls over the latent, no concatenation
         return mla_decode(q, c, r, indices=None, q_positions=qpos, kv_positions=kvpos,
@@ -389,6 +411,15 @@ def table(rows, copy_bw) -> str:
                          f"{r['sparse_us']:.1f} us ({r['sparse_best']}), {r['sparse_gbps']:.0f} GB/s must-read, "
                          f"{r['sparse_frac_of_copy']:.2f} of copy | dense mla_decode {r['dense_mla_us']:.0f} us "
                          f"({r['dense_mla_frac_of_copy']:.2f} of copy), {old} | {ratio} |")
+            for impl in FLAGS.mla_impls:
+                if f"{impl}_sparse_us" in r:
+                    lines.append(f"| mla_decode {impl} | B={r['batch']} ctx={r['context']} k={r['top_k']} | "
+                                 f"sparse {r[impl + '_sparse_us']:.1f} us ({r[impl + '_sparse_frac_of_copy']:.2f} "
+                                 f"of copy), dense {r[impl + '_dense_us']:.0f} us "
+                                 f"({r[impl + '_dense_frac_of_copy']:.2f} of copy) | triton sparse "
+                                 f"{r['sparse_us']:.1f} us, dense {r['dense_mla_us']:.0f} us | "
+                                 f"{r[impl + '_sparse_speedup_vs_triton']:.2f}x, "
+                                 f"{r[impl + '_dense_speedup_vs_triton']:.2f}x |")
     return "\n".join(lines)
 
 
