@@ -27,8 +27,9 @@
     calls per program (bench_decode.py's `repeated`). Configurations: the automatic split
     count, 1/2/4/8 splits, block_k 16 / 64 (best reported, all in the JSON) and float32
     partials (`--nodecode_sweep`: the automatic configuration only). `--mla_impls
-    triton,mosaic_gpu` also times the Mosaic GPU kernel (Hopper; default tiles; sparse over
-    XLA-gathered rows), sparse and dense, beside Triton's best. Bandwidth on the
+    triton,mosaic_gpu` also times the Mosaic GPU kernel (Hopper; sparse over XLA-gathered
+    rows; 128 / 256 / 512 tokens per split at least, best reported), sparse and dense, beside
+    Triton's best. Bandwidth on the
     bytes it must read: 576 bf16 per visited token plus q read and out written, against the
     measured copy (bench_decode.py's `copy_bandwidth`, `x + 1` over 2 GiB, read + write).
 
@@ -59,7 +60,8 @@ from pallas_kernels.flash import flash_attention
 from pallas_kernels.indexer.api import chunk_scores_reference, chunk_scores_triton, indexer_topk
 from pallas_kernels.indexer.fp8 import quantize_indexer
 from pallas_kernels.indexer.triton import IndexerTritonConfig
-from pallas_kernels.mla_decode.api import MlaDecodeTritonConfig, mla_decode, triton_launch_plan
+from pallas_kernels.mla_decode.api import (MlaDecodeMosaicGpuConfig, MlaDecodeTritonConfig, mla_decode,
+                                           triton_launch_plan)
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import patterns as P
 
@@ -78,7 +80,7 @@ flags.DEFINE_list("fp8_variants", ["fp8", "fp8_widened", "fp8_rerank1.25"], "wit
 flags.DEFINE_integer("decode_batch", 16, "(c) batch")
 flags.DEFINE_integer("decode_context", 131072, "(c) cache length")
 flags.DEFINE_list("mla_impls", ["triton"], "(c) mla_decode backends: triton (always, the reference "
-                  "row) plus e.g. mosaic_gpu (Hopper; default tiles), timed sparse and dense beside it")
+                  "row) plus e.g. mosaic_gpu (Hopper), timed sparse and dense beside it")
 flags.DEFINE_bool("decode_sweep", True, "(c) sweep Triton's split counts and tiles (off: auto only)")
 FLAGS.set_default("out", "bench_dsa.json")
 
@@ -338,13 +340,22 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
         if impl == "triton":
             continue
 
-        def other(q, c, r, idx=None, impl=impl):
-            return mla_decode(q, c, r, indices=idx, q_positions=qpos, kv_positions=kvpos, scale=scale,
-                              impl=impl)
+        def other(config=None, impl=impl):
+            def f(q, c, r, idx=None):
+                return mla_decode(q, c, r, indices=idx, q_positions=qpos, kv_positions=kvpos, scale=scale,
+                                  impl=impl, config=config)
+            return f
+        # mosaic_gpu: the split heuristic's floor (tokens per split) swept, best reported
+        cfgs = [None] + ([MlaDecodeMosaicGpuConfig(min_tokens_per_split=n) for n in (128, 512)]
+                         if impl == "mosaic_gpu" else [])
         try:
-            row[f"{impl}_sparse_err"] = rel(jax.jit(other)(qs[0], c_kv, k_rope, sels[0])[:2], ref_sparse)
-            row[f"{impl}_dense_err"] = rel(jax.jit(other)(qs[0], c_kv, k_rope)[:2], ref_dense)
-            ts, td = timed(other, c_kv, k_rope, sels_=sels), timed(other, c_kv, k_rope)
+            row[f"{impl}_sparse_err"] = rel(jax.jit(other())(qs[0], c_kv, k_rope, sels[0])[:2], ref_sparse)
+            row[f"{impl}_dense_err"] = rel(jax.jit(other())(qs[0], c_kv, k_rope)[:2], ref_dense)
+            tss = [timed(other(cfg), c_kv, k_rope, sels_=sels) for cfg in cfgs]
+            tds = [timed(other(cfg), c_kv, k_rope) for cfg in cfgs]
+            row[f"{impl}_sweep_us"] = {("default" if cfg is None else f"min_tokens{cfg.min_tokens_per_split}"):
+                                      [a * 1e6, b_ * 1e6] for cfg, a, b_ in zip(cfgs, tss, tds)}  # sparse, dense
+            ts, td = min(tss), min(tds)
             row.update({f"{impl}_sparse_us": ts * 1e6, f"{impl}_sparse_frac_of_copy": must_sparse / ts / copy_bw,
                         f"{impl}_sparse_speedup_vs_triton": best / ts, f"{impl}_dense_us": td * 1e6,
                         f"{impl}_dense_frac_of_copy": must_dense / td / copy_bw,

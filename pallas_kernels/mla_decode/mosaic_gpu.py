@@ -79,12 +79,15 @@ class MlaDecodeMosaicGpuConfig:
     """`block_k`: cache slots per ring stage (a multiple of 64); `max_concurrent_steps`:
     ring stages (>= 2; at Dc=512, Dr=64 a stage is 72 KB beside the 72 KB query tile, so
     block_k=64 allows 2); `split_target`: CTAs the split heuristic aims for (132 SMs on an
-    H100); `min_tokens_per_split`: the fewest cache slots a split gets from the heuristic."""
+    H100); `min_tokens_per_split`: the fewest cache slots a split gets from the heuristic
+    (a split's partial, 64 x Dc values per head group, is written and read again: 256
+    slots of 1152 B against 64 KB of bf16 partials; at B=16, K=2048 it still gives 128
+    CTAs). Not yet tuned on a GPU."""
 
     block_k: int = 64
     max_concurrent_steps: int = 2
     split_target: int = 132
-    min_tokens_per_split: int = 512
+    min_tokens_per_split: int = 256
 
     def __post_init__(self):
         if self.block_k < 64 or self.block_k % 64:
