@@ -310,9 +310,10 @@ def test_mosaic_gpu_refuses_unsupported_and_auto_keeps_triton(monkeypatch):
         with pytest.raises(ValueError, match=msg):
             mla_decode(*args, **kw, impl="mosaic_gpu", **call)
     big = MlaDecodeMosaicGpuConfig(block_k=128)
-    q5, c5, r5 = jnp.zeros((1, 1, 64, 576), jnp.bfloat16), jnp.zeros((1, 64, 512), jnp.bfloat16), jnp.zeros((1, 64, 64), jnp.bfloat16)
-    with pytest.raises(ValueError, match="SMEM"):
-        mla_decode(q5, c5, r5, scale=SCALE, impl="mosaic_gpu", config=big)
+    zeros = lambda *shape: jnp.zeros(shape, jnp.bfloat16)  # noqa: E731
+    with pytest.raises(ValueError, match="SMEM"):      # Dc=512, Dr=64: 2 x 128-slot stages
+        mla_decode(zeros(1, 1, 64, 576), zeros(1, 64, 512), zeros(1, 64, 64), scale=SCALE,
+                   impl="mosaic_gpu", config=big)
     for over, msg in ((dict(block_k=96), "block_k"), (dict(max_concurrent_steps=1), "max_concurrent_steps")):
         with pytest.raises(ValueError, match=msg):
             MlaDecodeMosaicGpuConfig(**over)

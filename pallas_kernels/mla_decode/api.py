@@ -21,9 +21,9 @@ decode) is the reference's, by a custom VJP that recomputes it.
 `impl`: "auto" | "xla" | "triton" | "mosaic_tpu" | "mosaic_gpu"; `interpret=True` runs a
 Triton / Mosaic TPU kernel in interpret mode on CPU, `interpret=plgpu.InterpretGPUParams()`
 the Mosaic GPU one (GPU interpret mode). `mosaic_gpu` (Hopper wgmma + TMA, FlashMLA's
-layout: dense only, bf16 / fp16, H a multiple of 64) runs only when asked for
-(`impl="mosaic_gpu"`): `impl="auto"` keeps choosing Triton on a GPU until a GPU run shows
-the Mosaic GPU kernel faster (it has not been timed yet).
+layout; bf16 / fp16, H a multiple of 64; sparse calls over rows gathered by XLA first) runs
+only when asked for (`impl="mosaic_gpu"`): `impl="auto"` keeps choosing Triton on a GPU
+until a GPU run shows the Mosaic GPU kernel faster (it has not been timed yet).
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ masked (Mosaic GPU's TMA must start tiled copies at provable multiples of the ti
 moving the last tile back to end at S does not lower). Mosaic GPU's TMA also needs the
 cache's slot count to be a multiple of 8 (the SMEM tile's rows) or below one tile: other
 caches are padded here, a copy of the whole cache (caches are usually allocated at round
-sizes; a padded one is read in place). The mask rows `[B, T, tiles * block_k]` (visibility from
-`q_positions` / `kv_positions`, built in XLA: 4 bytes per slot and query token beside the
-slot's `2 (Dc + Dr)`) are what the kernel reads of the positions.
+sizes, and those are read in place). The mask rows `[B, T, tiles * block_k]` (visibility
+from `q_positions` / `kv_positions`, built in XLA: 4 bytes per slot and query token beside
+the slot's `2 (Dc + Dr)`) are what the kernel reads of the positions.
 
 Sparse mode (`indices [B, T, K]`): the listed rows are gathered by XLA first
 (`gather_selected`: `[B * T, K, Dc + Dr]`, -1 padding and unlisted slots at position -1)
@@ -37,20 +37,22 @@ each selected row three times (gather read, gather write, kernel read) where the
 kernel reads it once: Hopper's TMA has no row gather (`gather4` is Blackwell's), and
 Mosaic GPU (JAX 0.11.2) refuses TMA copies of single rows into the tiled, swizzled SMEM
 that wgmma reads ("slice start and size divisible by the tile size (8)"), so an in-kernel
-gather would need an untiled staging buffer and a register pass the 227 KB of SMEM has no
-room for at Dc=512 beside the 2-stage ring.
+gather would need an untiled staging buffer and a register pass, for which the 227 KB of
+SMEM has no room at Dc=512 beside the 2-stage ring.
 
-Scope (everything else raises ValueError, nothing compiled): bf16 / fp16, H a multiple of 64 (the wgmma M tile), Dc a multiple
-of 128 up to 512 (two 64-aligned halves; 512 fills a consumer's registers), Dr a multiple of
-64; the SMEM ring must fit 227 KB (DeepSeek's Dc=512, Dr=64: block_k=64 and 2 stages, 217
-KB). Every CTA walks its whole share of the cache: unlike the Triton kernel it does not stop
-at a row's last visible slot (a partly filled cache is read whole, masked).
+Scope (everything else raises ValueError, nothing compiled): bf16 / fp16, H a multiple of
+64 (the wgmma M tile), Dc a multiple of 128 up to 512 (two 64-aligned halves; 512 fills a
+consumer's registers), Dr a multiple of 64; the SMEM ring must fit 227 KB (DeepSeek's
+Dc=512, Dr=64: block_k=64 and 2 stages, 217 KB). Every CTA walks its whole share of the
+cache: unlike the Triton kernel it does not stop at a row's last visible slot (a partly
+filled cache is read whole, masked).
 
 `impl="auto"` keeps choosing Triton: this kernel has not yet been timed on a GPU (nor
-compiled on one: it is verified on the CPU in GPU interpret mode,
-`interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()`, where the wgmma
-accumulate steps are float32 values (`mosaic_gpu_vjp.accumulate`) and the ring phases the
-compiled kernel leaves unobserved are waited for (`observe_last_phases`)).
+compiled on one). It is lowered for CUDA on the CPU (tests) and run on the CPU in GPU
+interpret mode, `interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()`, where
+the `P c` wgmma (a register left operand) is a float32 dot (`mosaic_gpu_vjp.accumulate` /
+`mma`) and the ring phases the compiled kernel leaves unobserved are waited for
+(`observe_last_phases`).
 """
 
 from __future__ import annotations
