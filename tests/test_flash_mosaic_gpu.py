@@ -116,7 +116,7 @@ def test_mosaic_gpu_gradients_match_the_reference(mask, b, t, h, hkv, d, backwar
 
         def loss(q, k, v):
             r = flash_attention(q, k, v, mask_fn=mask_fn, return_lse=True, impl="mosaic_gpu",
-                                config=config)
+                                config=MosaicGPUConfig(backward=bwd))
             return (r.out.astype(jnp.float32) * do.astype(jnp.float32)).sum() + 0.37 * r.lse.sum()
 
         got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
