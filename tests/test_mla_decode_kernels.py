@@ -289,9 +289,10 @@ def test_mosaic_gpu_lowers_for_cuda_on_the_cpu():
         assert "mla_decode_mosaic_gpu" in f.trace(q, c, r, i).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_mosaic_gpu_refuses_unsupported_and_auto_keeps_triton(monkeypatch):
+def test_mosaic_gpu_refuses_unsupported_and_auto_prefers_it_on_hopper(monkeypatch):
     """impl="mosaic_gpu" raises ValueError (nothing compiled) for what it does not cover;
-    on a Hopper GPU impl="auto" still picks Triton (the Mosaic kernel is not yet timed)."""
+    impl="auto" picks it on a Hopper GPU, Triton where it does not apply (H=32, an Ampere
+    GPU, the Triton interpreter)."""
     from pallas_kernels import common
     from pallas_kernels.mla_decode import api
 
@@ -319,8 +320,13 @@ def test_mosaic_gpu_refuses_unsupported_and_auto_keeps_triton(monkeypatch):
             MlaDecodeMosaicGpuConfig(**over)
     monkeypatch.setattr(common, "current_device", lambda: common.Device("gpu", "9.0"))
     call = dict(q_abs=q, c_kv=c_kv, k_rope=k_rope, indices=None)
-    assert common.choose("mla_decode", "auto", api.BACKENDS, call)[0] == "triton"
+    assert common.choose("mla_decode", "auto", api.BACKENDS, call)[0] == "mosaic_gpu"
     assert common.choose("mla_decode", "mosaic_gpu", api.BACKENDS, call)[0] == "mosaic_gpu"
+    assert common.choose("mla_decode", "auto", api.BACKENDS, call, interpret=True)[0] == "triton"
+    narrow = dict(call, q_abs=q[:, :, :32])
+    assert common.choose("mla_decode", "auto", api.BACKENDS, narrow)[0] == "triton"
+    monkeypatch.setattr(common, "current_device", lambda: common.Device("gpu", "8.0"))
+    assert common.choose("mla_decode", "auto", api.BACKENDS, call)[0] == "triton"
 
 
 @pytest.mark.gpu
