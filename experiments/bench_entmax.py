@@ -189,6 +189,7 @@ def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward, label="", peers=True,
                                   or median_ms(fwdbwd(soft), q, k, v, do, iters=iters))
         row["fwdbwd_speedup_vs_flash"] = row["flash_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
     if FLAGS.adasplash and peers:
+        print(json.dumps(row), flush=True)   # ours and flash kept should the peer's autotuning run out of time
         from peers import adasplash_ms  # noqa: PLC0415 (experiments/ is on the path)
 
         peer = adasplash_ms(q, k, v, alpha=alpha, iters=iters, backward=backward)
