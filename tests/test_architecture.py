@@ -74,7 +74,7 @@ def underscore_imports(files: dict[str, tuple[str, str]]) -> list[str]:
 def backend(module: str) -> str | None:
     """GPU for Triton / Mosaic GPU files, TPU for Mosaic TPU files, None otherwise."""
     leaf = module.rsplit(".", 1)[-1]
-    if leaf.startswith(("triton", "mosaic_gpu")) or leaf == "tiles_triton":
+    if leaf.startswith(("triton", "mosaic_gpu")) or leaf in ("tiles_triton", "tiles_mosaic_gpu"):
         return GPU
     if leaf.startswith("tpu") or leaf == "tiles_tpu":
         return TPU

@@ -5,7 +5,7 @@ sinks, keys at `stride * j + offset` (NSA's compressed keys), ragged lengths (pa
 api). Under `-m gpu` on a Hopper GPU, the compiled kernels against `flash_reference`. On
 the CPU: the kernels in Mosaic GPU's interpret mode (`interpret=plgpu.InterpretGPUParams()`,
 small shapes, forward and gradients against the float32 reference; the wgmma accumulate
-steps there are float32 `jnp.dot`s, see `mosaic_gpu_vjp.accumulate`), the mask arithmetic
+steps there are float32 `jnp.dot`s, see `tiles_mosaic_gpu.accumulate`), the mask arithmetic
 (`mosaic_gpu_mask`) against the reference mask, the kernels lowered for CUDA (Pallas to
 Mosaic GPU, no compile), and that everything the kernel does not cover is refused with a
 ValueError before anything is compiled.

@@ -25,7 +25,7 @@ ValueError rather than assumed. Rows that see no key give zeros and lse -inf.
 
 `interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()` runs the kernels on the
 CPU in JAX's GPU interpret mode (tests): the same kernels, except that the wgmma
-accumulate steps are float32 values (`mosaic_gpu_vjp.accumulate`) and that ring phases the
+accumulate steps are float32 values (`tiles_mosaic_gpu.accumulate`) and that ring phases the
 compiled kernels leave unobserved are waited for (`observe_last_phases`), as the
 interpreter requires. `interpret=True` (the Triton interpreter) is refused.
 
@@ -49,10 +49,10 @@ from pallas_kernels.common import AttentionOutput, is_gpu_interpret
 from pallas_kernels.flash import autodiff, mosaic_gpu_vjp
 from pallas_kernels.flash.blocks import pad_axis, round_up
 from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec
-from pallas_kernels.flash.mosaic_gpu_vjp import (MosaicGPUBackwardConfig, accumulate, mma,
-                                                 observe_last_phases)
+from pallas_kernels.flash.mosaic_gpu_vjp import MosaicGPUBackwardConfig
 from pallas_kernels.flash.triton import TritonConfig
 from pallas_kernels.tiles_common import LOG2E
+from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,7 +50,7 @@ filled cache is read whole, masked).
 `impl="auto"` keeps choosing Triton: this kernel has not yet been timed on a GPU (nor
 compiled on one). It is lowered for CUDA on the CPU (tests) and run on the CPU in GPU
 interpret mode, `interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()`, where
-the `P c` wgmma (a register left operand) is a float32 dot (`mosaic_gpu_vjp.accumulate` /
+the `P c` wgmma (a register left operand) is a float32 dot (`tiles_mosaic_gpu.accumulate` /
 `mma`) and the ring phases the compiled kernel leaves unobserved are waited for
 (`observe_last_phases`).
 """
@@ -67,9 +67,9 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import AttentionOutput, is_gpu_interpret
 from pallas_kernels.decode import layout
 from pallas_kernels.flash.blocks import pad_axis, round_up
-from pallas_kernels.flash.mosaic_gpu_vjp import _transforms, accumulate, mma, observe_last_phases
 from pallas_kernels.mla_decode.layout import merge
 from pallas_kernels.tiles_common import LOG2E
+from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases, smem_transforms
 
 ROWS = 64                 # query heads per CTA: the wgmma M tile
 _COMPUTE_WGS = 2          # consumer warpgroups, each owning half of the Dc output columns
@@ -251,7 +251,7 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
                 observe_last_phases((consumed,), n, stages)
 
     def entry(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref):
-        tr_c, tr_r = _transforms(plgpu, half, dtype), _transforms(plgpu, dr, dtype)
+        tr_c, tr_r = smem_transforms(plgpu, half, dtype), smem_transforms(plgpu, dr, dtype)
         scratch = (
             plgpu.SMEM((_COMPUTE_WGS, ROWS, half), dtype, transforms=tr_c),
             plgpu.SMEM((ROWS, dr), dtype, transforms=tr_r),

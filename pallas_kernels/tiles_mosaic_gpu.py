@@ -1,0 +1,73 @@
+"""Helpers shared by the Pallas Mosaic GPU kernels of several ops (`*/mosaic_gpu*.py`).
+
+wgmma accumulation that also runs under JAX 0.11.2's GPU interpret mode (`accumulate`,
+`mma`), the barrier waits that interpreter requires and compiled kernels skip
+(`observe_last_phases`), and the SMEM layout of wgmma operand tiles (`smem_transforms`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.ref import AbstractRef
+
+
+class _ValueAcc:
+    """A wgmma accumulator held as a value: `accumulate`'s stand-in for an accumulator ref
+    under GPU interpret mode."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def accumulate(body, init, *, interpret):
+    """Runs `body(acc_refs)` on wgmma accumulators (a float32 `[M, N]` array, or a tuple of
+    them) initialised to `init`, and returns their final values; `body` issues its matmuls
+    with `mma`. Compiled: `pl.run_state(body)(plgpu.ACC.init(init))`. Under GPU interpret
+    mode (`interpret` an `InterpretGPUParams`) the accumulators are plain values and `mma`
+    a float32 `jnp.dot`: JAX 0.11.2's interpreter runs neither `run_state` nor a `wgmma`
+    whose left operand is a register array."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    if not interpret:
+        return pl.run_state(body)(jax.tree.map(plgpu.ACC.init, init))
+    accs = jax.tree.map(_ValueAcc, init)
+    body(accs)
+    return jax.tree.map(lambda a: a.value, accs, is_leaf=lambda x: isinstance(x, _ValueAcc))
+
+
+def mma(acc_ref, a, b):
+    """`acc_ref += a @ b` inside an `accumulate` body: `plgpu.wgmma` (a: SMEM ref or
+    register array `[M, K]`, b: SMEM ref `[K, N]`), or its interpret-mode value."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    if not isinstance(acc_ref, _ValueAcc):
+        plgpu.wgmma(acc_ref, a, b)
+        return
+    if not isinstance(a, jax.Array) or isinstance(jax.typeof(a), AbstractRef):
+        a = a[...]
+    acc_ref.value = acc_ref.value + jnp.dot(a, b[...], preferred_element_type=jnp.float32)
+
+
+def observe_last_phases(barriers, n, stages: int):
+    """For GPU interpret mode only (the kernels call it there alone): wait on `barriers`
+    (each `[stages]`, one per ring slot) for the phases of a ring's last `min(n, stages)`
+    steps (`n` steps in all, step `s` in slot `s % stages`), which the producer never waits
+    for. JAX's GPU interpreter requires a thread that waits on a barrier to observe every
+    phase it completes (Mosaic GPU tracks phase parity per thread: a skipped phase derails
+    the next wait); compiled kernels skip these waits, as no wait follows them."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
+
+    for slot in range(stages):
+        @pl.when(slot < n)
+        def _(slot=slot):
+            for bar in barriers:
+                plgpu.barrier_wait(bar.at[slot])
+
+
+def smem_transforms(plgpu, d, dtype):
+    """The SMEM tiling and swizzle for `[rows, d]` tiles of `dtype` that wgmma / TMA read."""
+    swizzle = 128 if d * jnp.dtype(dtype).itemsize >= 128 else 64
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
