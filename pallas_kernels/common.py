@@ -253,6 +253,9 @@ def choose(op: str, impl: str, backends: dict, call: dict, *, interpret=False,
     for name in ([impl] if impl != "auto" else list(backends)):
         module = backends[name]
         reason = platform_reason(name, device, interpret) if impl == "auto" else None
+        if impl != "auto" and name not in ("mosaic_gpu", "xla") and is_gpu_interpret(interpret):
+            reason = "interpret=InterpretGPUParams is Mosaic GPU's (the Triton / Mosaic TPU " \
+                     "interpreters take interpret=True)"
         reason = reason or config_reason(config, getattr(module, "CONFIG", None))
         if reason is None and hasattr(module, "supports"):
             reason = module.supports(**call, interpret=interpret, config=config)

@@ -127,7 +127,8 @@ def test_flash_auto_on_other_devices(monkeypatch):
 def test_flash_auto_in_gpu_interpret_mode(monkeypatch):
     """`interpret=plgpu.InterpretGPUParams()` (Mosaic GPU's interpret mode): impl='auto' takes
     Mosaic GPU on any device where it covers the call, else the XLA reference (never Triton
-    with the GPU interpreter's params); an explicit mosaic_gpu refuses interpret=True."""
+    with the GPU interpreter's params); an explicit mosaic_gpu refuses interpret=True, an explicit
+    triton / mosaic_tpu refuses the GPU interpreter's params."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     calls = record(monkeypatch, flash_api)
@@ -140,6 +141,9 @@ def test_flash_auto_in_gpu_interpret_mode(monkeypatch):
     assert [c[0] for c in calls] == ["mosaic_gpu", "mosaic_gpu", "xla"]
     with pytest.raises(ValueError, match="interpret=True.*InterpretGPUParams"):
         flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), impl="mosaic_gpu", interpret=True)
+    for impl in ("triton", "mosaic_tpu"):     # and the other kernels refuse the GPU interpreter's params
+        with pytest.raises(ValueError, match=f"impl='{impl}'.*InterpretGPUParams is Mosaic GPU's"):
+            flash_api.flash_attention(q, k, v, mask_fn=P.Causal(), impl=impl, interpret=gpu_interpret)
 
 
 # ---------------------------------------------------------------- every other op
