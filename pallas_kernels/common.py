@@ -198,25 +198,34 @@ def is_gpu_interpret(interpret) -> bool:
     return isinstance(interpret, InterpretGPUParams)
 
 
+def interpret_reason(name: str, interpret) -> str | None:
+    """Why `interpret` cannot drive backend `name` (None: it can): `interpret=True` is the
+    Triton and Mosaic TPU interpreters', a `plgpu.InterpretGPUParams` Mosaic GPU's."""
+    if name == "xla" or not interpret:
+        return None
+    if is_gpu_interpret(interpret):
+        return None if name == "mosaic_gpu" else (
+            "interpret=InterpretGPUParams is Mosaic GPU's (the Triton / Mosaic TPU "
+            "interpreters take interpret=True)")
+    if name == "mosaic_gpu":
+        return ("interpret=True is the Triton interpreter (Mosaic GPU's interpret mode: "
+                "interpret=plgpu.InterpretGPUParams())")
+    return None
+
+
 def platform_reason(name: str, device: Device, interpret) -> str | None:
     """Why backend `name` cannot run on `device` (None: it can). Only `impl="auto"` asks:
     an explicit impl is trusted to target a device (e.g. lowering for CUDA from a CPU host).
-    With `interpret=True`, the Triton and Mosaic TPU kernels run anywhere (interpret mode);
-    with `interpret=plgpu.InterpretGPUParams()`, the Mosaic GPU kernels (GPU interpret mode)."""
+    An interpreter that suits the backend (`interpret_reason`) runs it anywhere."""
     if name == "xla":
         return None
-    if is_gpu_interpret(interpret):
-        return None if name == "mosaic_gpu" else "interpret=InterpretGPUParams is Mosaic GPU's"
+    if interpret:
+        return interpret_reason(name, interpret)
     if name == "mosaic_gpu":
-        if interpret:
-            return ("interpret=True is the Triton interpreter (Mosaic GPU: "
-                    "interpret=plgpu.InterpretGPUParams())")
         if device.platform != "gpu":
             return f"needs a Hopper GPU, the platform is {device.platform}"
         if not device.compute_capability.startswith("9."):
             return f"needs Hopper (compute capability 9.x), the GPU has {device.compute_capability!r}"
-        return None
-    if interpret:
         return None
     need = {"triton": "gpu", "mosaic_tpu": "tpu"}[name]
     if device.platform != need:
@@ -252,10 +261,8 @@ def choose(op: str, impl: str, backends: dict, call: dict, *, interpret=False,
     reasons = {}
     for name in ([impl] if impl != "auto" else list(backends)):
         module = backends[name]
-        reason = platform_reason(name, device, interpret) if impl == "auto" else None
-        if impl != "auto" and name not in ("mosaic_gpu", "xla") and is_gpu_interpret(interpret):
-            reason = "interpret=InterpretGPUParams is Mosaic GPU's (the Triton / Mosaic TPU " \
-                     "interpreters take interpret=True)"
+        reason = (platform_reason(name, device, interpret) if impl == "auto"
+                  else interpret_reason(name, interpret))
         reason = reason or config_reason(config, getattr(module, "CONFIG", None))
         if reason is None and hasattr(module, "supports"):
             reason = module.supports(**call, interpret=interpret, config=config)

@@ -45,14 +45,14 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import AttentionOutput, is_gpu_interpret
+from pallas_kernels.common import AttentionOutput, interpret_reason
 from pallas_kernels.flash import autodiff, mosaic_gpu_vjp
 from pallas_kernels.flash.blocks import pad_axis, round_up
-from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec
+from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec, walk_tiles
 from pallas_kernels.flash.mosaic_gpu_vjp import MosaicGPUBackwardConfig
 from pallas_kernels.flash.triton import TritonConfig
 from pallas_kernels.tiles_common import LOG2E
-from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases
+from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases, smem_transforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +181,7 @@ def _forward_kernel_call(q, k, v, *, spec: MaskSpec, scale: float, cfg: MosaicGP
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_new, l
 
-            carry = lax.fori_loop(j_lo, j_full_lo, lambda j, cr: step(j, cr, True), (acc, m, l))
-            carry = lax.fori_loop(j_full_lo, j_full_hi, lambda j, cr: step(j, cr, False), carry)
-            acc, m, l = lax.fori_loop(j_full_hi, n_steps, lambda j, cr: step(j, cr, True), carry)
+            acc, m, l = walk_tiles((j_lo, j_full_lo, j_full_hi, n_steps), step, (acc, m, l))
 
             def drain(j, _):   # release the tiles the other consumer still needs
                 slot = lax.rem(j - j_lo, jnp.int32(stages))
@@ -236,9 +234,7 @@ def _forward_kernel_call(q, k, v, *, spec: MaskSpec, scale: float, cfg: MosaicGP
                 observe_last_phases((k_consumed, v_consumed), n_steps_cta - j_lo, stages)
 
     def entry(q_ref, k_ref, v_ref, out_ref, lse_ref):
-        swizzle = 128 if d * jnp.dtype(dtype).itemsize >= 128 else 64
-        tr = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-              plgpu.SwizzleTransform(swizzle))
+        tr = smem_transforms(plgpu, d, dtype)
         scratch = (
             plgpu.SMEM((_COMPUTE_WGS, bq, d), dtype, transforms=tr),
             plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
@@ -338,9 +334,9 @@ def check_supported(q, k, v, *, mask_fn, q_positions, kv_positions, q_segment_id
     def no(what):
         raise ValueError(f"flash impl='mosaic_gpu' does not support {what}; use impl='triton'")
 
-    if interpret and not is_gpu_interpret(interpret):
-        no(f"interpret={interpret!r} (the Triton interpreter); Mosaic GPU's interpret mode is "
-           "interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()")
+    reason = interpret_reason("mosaic_gpu", interpret)
+    if reason:
+        raise ValueError(f"flash impl='mosaic_gpu': {reason}")
     kind = mosaic_gpu_vjp.mask_kind(mask_fn)
     if kind is None:
         no(f"mask_fn={mask_fn!r} (only None, a plain causal mask (`is_causal` True: Causal()) "

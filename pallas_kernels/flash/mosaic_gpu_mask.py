@@ -130,3 +130,14 @@ class MaskSpec:
             full_hi = jnp.minimum(_div(pos0 + self.window, block), hi)
         full_hi = jnp.maximum(full_hi, full_lo)
         return lo, full_lo, full_hi, hi
+
+
+def walk_tiles(tiles, step, carry):
+    """`carry = step(j, carry, masked)` for the tiles `j` in `[lo, hi)` of `tiles = (lo,
+    full_lo, full_hi, hi)` (`MaskSpec.kv_tiles` / `q_tiles`), in order, with `masked` (a
+    Python bool: the element mask is traced only where needed) False on `[full_lo,
+    full_hi)`; returns the last carry."""
+    lo, full_lo, full_hi, hi = tiles
+    carry = lax.fori_loop(lo, full_lo, lambda j, cr: step(j, cr, True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, lambda j, cr: step(j, cr, False), carry)
+    return lax.fori_loop(full_hi, hi, lambda j, cr: step(j, cr, True), carry)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec
+from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec, walk_tiles
 from pallas_kernels.tiles_common import LOG2E
 from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases, smem_transforms
 
@@ -151,9 +151,7 @@ def _dq_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 return dq
 
-            dq = lax.fori_loop(j_lo, j_full_lo, lambda j, a: step(j, a, True), dq)
-            dq = lax.fori_loop(j_full_lo, j_full_hi, lambda j, a: step(j, a, False), dq)
-            dq = lax.fori_loop(j_full_hi, n_steps, lambda j, a: step(j, a, True), dq)
+            dq = walk_tiles((j_lo, j_full_lo, j_full_hi, n_steps), step, dq)
             q_smem[...] = (dq * scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, pl.ds(row0, bq), hi])
@@ -301,12 +299,8 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
 
             def head(g, carry):
                 s0 = g * n_vis - i_lo          # step counter = s0 + i
-                carry = lax.fori_loop(i_lo, i_full_lo,
-                                      lambda i, cr: step(s0 + i, i, cr, True), carry)
-                carry = lax.fori_loop(i_full_lo, i_full_hi,
-                                      lambda i, cr: step(s0 + i, i, cr, False), carry)
-                return lax.fori_loop(i_full_hi, i_hi,
-                                     lambda i, cr: step(s0 + i, i, cr, True), carry)
+                return walk_tiles((i_lo, i_full_lo, i_full_hi, i_hi),
+                                  lambda i, cr, masked: step(s0 + i, i, cr, masked), carry)
 
             dk, dv = lax.fori_loop(0, heads, head, (zeros, zeros))
             k_smem[...] = (dk * scale).astype(dtype)

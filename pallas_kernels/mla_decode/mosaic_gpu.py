@@ -64,7 +64,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import AttentionOutput, is_gpu_interpret
+from pallas_kernels.common import AttentionOutput, interpret_reason
 from pallas_kernels.decode import layout
 from pallas_kernels.flash.blocks import pad_axis, round_up
 from pallas_kernels.mla_decode.layout import merge
@@ -289,9 +289,9 @@ def check_supported(q_abs, c_kv, k_rope, indices, interpret, config: MlaDecodeMo
     def no(what):
         raise ValueError(f"mla_decode impl='mosaic_gpu' does not support {what}; use impl='triton'")
 
-    if interpret and not is_gpu_interpret(interpret):
-        no(f"interpret={interpret!r} (the Triton interpreter); Mosaic GPU's interpret mode is "
-           "interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()")
+    reason = interpret_reason("mosaic_gpu", interpret)
+    if reason:
+        raise ValueError(f"mla_decode impl='mosaic_gpu': {reason}")
     if jnp.dtype(q_abs.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         no(f"dtype {q_abs.dtype} (bf16 / fp16 only)")
     h, dc, dr = q_abs.shape[2], c_kv.shape[2], k_rope.shape[2]
