@@ -28,7 +28,7 @@
     count, 1/2/4/8 splits, block_k 16 / 64 (best reported, all in the JSON) and float32
     partials (`--nodecode_sweep`: the automatic configuration only). `--mla_impls
     triton,mosaic_gpu` also times the Mosaic GPU kernel (Hopper; sparse over XLA-gathered
-    rows; 128 / 256 / 512 tokens per split at least, best reported), sparse and dense, beside
+    rows; the default and the others of 128 / 256 / 512 tokens per split at least, best reported), sparse and dense, beside
     Triton's best. Bandwidth on the
     bytes it must read: 576 bf16 per visited token plus q read and out written, against the
     measured copy (bench_decode.py's `copy_bandwidth`, `x + 1` over 2 GiB, read + write).
@@ -346,7 +346,8 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
                                   impl=impl, config=config)
             return f
         # mosaic_gpu: the split heuristic's floor (tokens per split) swept, best reported
-        cfgs = [None] + ([MlaDecodeMosaicGpuConfig(min_tokens_per_split=n) for n in (128, 512)]
+        floor = MlaDecodeMosaicGpuConfig().min_tokens_per_split
+        cfgs = [None] + ([MlaDecodeMosaicGpuConfig(min_tokens_per_split=n) for n in (128, 256, 512) if n != floor]
                          if impl == "mosaic_gpu" else [])
         try:
             row[f"{impl}_sparse_err"] = rel(jax.jit(other())(qs[0], c_kv, k_rope, sels[0])[:2], ref_sparse)

@@ -168,7 +168,7 @@ def bench_quest(b, t, page, bounds_dtype, dense):
         entry = jax.jit(quest_scores).lower(qs[0], cache).compile().as_text().split("\nENTRY ")[-1]
         print("\n".join(re.sub(r", metadata=.*", "", line.strip())[:200] for line in entry.splitlines()
                         if " = " in line and "parameter(" not in line)[:4000], flush=True)
-    try:    # the page-score kernel (pallas_kernels.page_scores; its first GPU compile is this run)
+    try:    # the page-score Triton kernel (pallas_kernels.page_scores), beside the XLA scores
         kernel = lambda q, c: Q.quest_page_scores(q, c[3], c[4], bound_scale=c[5], impl="triton")  # noqa: E731
         row["score_triton_err"] = rel(jax.jit(kernel)(qs[0], cache), jax.jit(quest_scores)(qs[0], cache))
         row["score_triton_us"] = amortised(kernel, cache)

@@ -15,9 +15,9 @@ cache (`sparse_jax.cache_nsa.NSACache`), the three branch outputs and the per-qu
 On GPU it is one fused Triton kernel (one program per batch row, kv head and query; the
 GQA group's heads are its tile rows) or, where those programs are too few to fill the
 GPU, two kernels that split the cmp pass (one pass over the compressed K and V) and the
-slc / win tail, or (`TritonConfig(select_kernel=True)`, not yet compiled on a GPU) three:
-cmp + window, the selection once per (b, hkv, query), the selected blocks spread over
-parts (`triton.py`). A step reads only the compressed entries, the `n * l'`
+slc / win tail, or (`TritonConfig(select_kernel=True)`, opt-in, slower per call on an
+H200) three: cmp + window, the selection once per (b, hkv, query), the selected blocks
+spread over parts (`triton.py`). A step reads only the compressed entries, the `n * l'`
 selected tokens and the window.
 
 Forward only (decode needs no gradient; the kernel defines no VJP).

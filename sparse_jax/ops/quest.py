@@ -150,8 +150,7 @@ def quest_page_scores(q, kmin, kmax, *, scale=None, bound_scale=None, impl: str 
         bounds are `kmin * bound_scale`, `kmax * bound_scale`; needed with float8 codes),
         None or width 0: none.
       impl: the `pallas_kernels.page_scores` op's backend: "xla" (two batched dots; the
-        default until the Triton kernel, NEVER COMPILED ON A GPU when written, has been
-        checked on one), "triton" (one pass over the bounds in their stored layout), "auto";
+        default: the Triton kernel is correct on an H200 but no faster there), "triton" (one pass over the bounds in their stored layout), "auto";
         interpret: the kernel in interpret mode.
     """
     if q.ndim != 4 or kmin.ndim != 4 or kmin.shape != kmax.shape:
