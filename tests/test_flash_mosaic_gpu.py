@@ -13,8 +13,6 @@ ValueError before anything is compiled.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +22,7 @@ from pallas_kernels.flash.api import flash_attention
 from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec
 from pallas_kernels.flash.reference import element_mask, flash_reference
 from sparse_jax import patterns as P
+from gpu_testing import needs_gpu_interpret_pool
 from kernel_testing import rel_err
 
 
@@ -460,13 +459,7 @@ def test_auto_runs_nsa_compressed_branch_on_mosaic_gpu(monkeypatch):
         np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-2, rtol=1e-3)
 
 
-# Mosaic GPU's interpret mode (`plgpu.InterpretGPUParams`) runs each warpgroup as its own CPU
-# program blocked in barrier callbacks: it needs as many XLA CPU pool threads (conftest sets
-# PJRT_NPROC), else it hangs.
-_GPU_INTERPRET_POOL = int(os.environ.get("PJRT_NPROC") or os.cpu_count() or 1) >= 4
-
-
-@pytest.mark.skipif(not _GPU_INTERPRET_POOL, reason="GPU interpret mode needs PJRT_NPROC >= 4")
+@needs_gpu_interpret_pool
 @pytest.mark.parametrize("tq,h,hkv,n,n_pad,stride,offset,mask,tiles", [
     (200, 2, 2, 200, 0, 1, 0, "causal", "kv64-bwd128"),  # GQA 1, ragged; the two consumers
                                                          # of a CTA see different KV tiles

@@ -14,7 +14,6 @@ Dr=64, S=4096, K=256, and the Mosaic GPU one (dense at S=4096 and 4100, sparse K
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from pallas_kernels.mla_decode.api import MlaDecodeMosaicGpuConfig
 from pallas_kernels.mla_decode.reference import mla_decode_reference
 from pallas_kernels.mla_decode.tpu import MlaDecodeTpuConfig, mla_decode_tpu
 from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, geometry, mla_decode_triton
-from gpu_testing import has_gpu
+from gpu_testing import has_gpu, needs_gpu_interpret_pool
 from kernel_testing import max_rel_err
 
 SCALE = 0.15
@@ -241,12 +240,7 @@ def test_triton_compiled_on_gpu(k):
         assert max_rel_err(got.out, mla_decode_reference(*args16, **kw).out) < 2e-2
 
 
-# Mosaic GPU's interpret mode runs each warpgroup as its own CPU program blocked in barrier
-# callbacks: it needs as many XLA CPU pool threads (conftest sets PJRT_NPROC), else it hangs.
-_GPU_INTERPRET_POOL = int(os.environ.get("PJRT_NPROC") or os.cpu_count() or 1) >= 4
-
-
-@pytest.mark.skipif(not _GPU_INTERPRET_POOL, reason="GPU interpret mode needs PJRT_NPROC >= 4")
+@needs_gpu_interpret_pool
 @pytest.mark.parametrize("case", [
     MlaCase("t2_two_splits", t=2, h=64, dc=128, dr=64, s=100, k=None, num_splits=2, seed=13),
     MlaCase("t1_auto_splits", t=1, h=64, dc=128, dr=64, s=200, k=None, seed=14),
