@@ -230,16 +230,17 @@ def test_page_scores_auto_per_device(monkeypatch):
     """`page_scores` (Quest): Triton on any GPU where the kernel covers the call (a
     power-of-two head_dim), the reference elsewhere; the reason when it does not."""
     q = jax.random.normal(jax.random.key(0), (1, 1, 4, 16))
-    kmin = jax.random.normal(jax.random.key(1), (1, 8, 2, 16))
+    kmin = jax.random.normal(jax.random.key(1), (1, 2, 8, 16))                # [B, Hkv, P, D]
+    valid = jnp.ones((1, 8), bool)
     calls = record(monkeypatch, page_scores_api)
     for device in (HOPPER, AMPERE, TPU, CPU):
         fake_device(monkeypatch, device)
-        page_scores_api.page_scores(q, kmin, kmin + 1)
+        page_scores_api.page_scores(q, kmin, kmin + 1, valid)
     fake_device(monkeypatch, HOPPER)
-    page_scores_api.page_scores(q[..., :12], kmin[..., :12], kmin[..., :12] + 1)
+    page_scores_api.page_scores(q[..., :12], kmin[..., :12], kmin[..., :12] + 1, valid)
     assert [c[0] for c in calls] == ["triton", "triton", "xla", "xla", "xla"]
     with pytest.raises(ValueError, match="head_dim 12 is not a power of two"):
-        page_scores_api.page_scores(q[..., :12], kmin[..., :12], kmin[..., :12] + 1, impl="triton")
+        page_scores_api.page_scores(q[..., :12], kmin[..., :12], kmin[..., :12] + 1, valid, impl="triton")
 
 
 def test_nsa_ops_choose_triton_where_their_kernels_cover_the_geometry(monkeypatch):

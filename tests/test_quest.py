@@ -26,15 +26,15 @@ def test_page_bounds_match_numpy_loop_ragged_and_partial_last_page():
     kmin, kmax = Q.page_bounds(k, pos, 8)
     kn, pn = np.asarray(k), np.asarray(pos)
     b, s, hkv, d = kn.shape
-    assert kmin.shape == (b, 5, hkv, d)
+    assert kmin.shape == (b, hkv, 5, d)                                       # head-major
     for r in range(b):
         for p in range(5):
             sl = [i for i in range(p * 8, min(s, p * 8 + 8)) if pn[r, i] >= 0]
             if not sl:
-                assert np.all(np.asarray(kmin[r, p]) == np.inf) and np.all(np.asarray(kmax[r, p]) == -np.inf)
+                assert np.all(np.asarray(kmin[r, :, p]) == np.inf) and np.all(np.asarray(kmax[r, :, p]) == -np.inf)
                 continue
-            np.testing.assert_array_equal(kmin[r, p], kn[r, sl].min(0))
-            np.testing.assert_array_equal(kmax[r, p], kn[r, sl].max(0))
+            np.testing.assert_array_equal(kmin[r, :, p], kn[r, sl].min(0))
+            np.testing.assert_array_equal(kmax[r, :, p], kn[r, sl].max(0))
 
 
 @settings(max_examples=10)
@@ -43,7 +43,7 @@ def test_quest_bound_is_at_least_the_true_max_logit_of_every_page(seed, page):
     g, tq = 2, 2                                            # GQA group and Tq > 1: the max reduction
     k, _, pos = _cache(seed=seed, s=13, lengths=(13, 6))
     q = jax.random.normal(jax.random.key(seed + 1), (2, tq, 2 * g, 8))
-    scores = Q.quest_page_scores(q, *Q.page_bounds(k, pos, page))            # [B, Hkv, P]
+    scores = Q.quest_page_scores(q, *Q.page_bounds(k, pos, page), Q.valid_pages(pos, page))   # [B, Hkv, P]
     logits = np.einsum("btngd,bsnd->bnsgt", np.asarray(q).reshape(2, tq, 2, g, 8), np.asarray(k)) / np.sqrt(8)
     pn = np.asarray(pos)
     for r in range(2):
@@ -141,7 +141,8 @@ def test_quest_decode_finds_the_needle_page():
     k = k.at[0, 29, 0, 3].set(10.0)                                          # needle in page 3
     pos = jnp.arange(s, dtype=jnp.int32)[None]
     kmin, kmax = Q.page_bounds(k, pos, page)
-    idx, cnt = Q.select_top_pages(Q.quest_page_scores(q, kmin, kmax), 1, Q.valid_pages(pos, page), always=())
+    valid = Q.valid_pages(pos, page)
+    idx, cnt = Q.select_top_pages(Q.quest_page_scores(q, kmin, kmax, valid), 1, valid, always=())
     assert idx.tolist() == [[[3]]] and cnt.tolist() == [[1]]
     out = Q.quest_decode(q, k, v, pos, page_size=page, budget_pages=3, impl="xla")  # pages 0, 3, 7
     sel = jnp.concatenate([jnp.arange(0, 8), jnp.arange(24, 32), jnp.arange(56, 64)])
@@ -193,11 +194,11 @@ def test_jitted_bf16_scores_match_the_numpy_formula():
     q = jax.random.normal(jax.random.key(1), (2, 1, 8, 16), jnp.bfloat16)
     pos = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64))
     kmin, kmax = Q.page_bounds(k, pos, 8)
-    got = jax.jit(Q.quest_page_scores)(q, kmin, kmax)
-    qn = np.asarray(q, np.float32).reshape(2, 2, 4, 16)
-    lo, hi = np.asarray(kmin, np.float32), np.asarray(kmax, np.float32)
-    want = np.maximum(qn[:, None] * hi[:, :, :, None], qn[:, None] * lo[:, :, :, None]).sum(-1).max(-1) / 4
-    np.testing.assert_allclose(got, want.transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
+    got = jax.jit(Q.quest_page_scores)(q, kmin, kmax, Q.valid_pages(pos, 8))
+    qn = np.asarray(q, np.float32).reshape(2, 2, 1, 4, 16)                     # [B, Hkv, 1, G, D]
+    lo, hi = np.asarray(kmin, np.float32), np.asarray(kmax, np.float32)       # [B, Hkv, P, D]
+    want = np.maximum(qn * hi[:, :, :, None], qn * lo[:, :, :, None]).sum(-1).max(-1) / 4
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---- float8 page bounds (bound_codes): outward rounding keeps the scores upper bounds ----
@@ -250,17 +251,17 @@ def test_float8_bound_scores_stay_upper_bounds_of_every_logit():
     q = jnp.asarray(rng.normal(size=(b, tq, hkv * g, d)), jnp.float32)
     pos = jnp.asarray(np.where(np.arange(s)[None] < np.array([[s], [s - 13]]), np.arange(s)[None], -1), jnp.int32)
     kmin, kmax = Q.page_bounds(k, pos, page)
-    exact = np.asarray(Q.quest_page_scores(q, kmin, kmax))
+    valid = Q.valid_pages(pos, page)
+    exact = np.asarray(Q.quest_page_scores(q, kmin, kmax, valid))
     lo, hi, scale = Q.bound_codes(kmin, kmax, jnp.float8_e4m3fn)
-    got = np.asarray(jax.jit(Q.quest_page_scores)(q, lo, hi, bound_scale=scale))
+    got = np.asarray(jax.jit(Q.quest_page_scores)(q, lo, hi, valid, bound_scale=scale))
     assert np.array_equal(np.isinf(got), np.isinf(exact)) and np.isinf(exact).sum() == hkv   # one empty page
     fin = np.isfinite(exact)
     assert np.all(got[fin] >= exact[fin] * (1 - 1e-6) - 1e-6 * np.abs(exact[fin]))
     logits = np.einsum("btngd,bsnd->bnsgt", np.asarray(q, np.float64).reshape(b, tq, hkv, g, d),
                        np.asarray(k, np.float64)) / np.sqrt(d)
     true = logits.reshape(b, hkv, s // page, page, g * tq).max(axis=(3, 4))
-    valid = np.asarray(Q.valid_pages(pos, page))[:, None]
-    assert np.all((got >= true - 1e-5 * np.abs(true)) | ~valid)
+    assert np.all((got >= true - 1e-5 * np.abs(true)) | ~np.asarray(valid)[:, None])
 
 
 def _structured(seed, b=1, s=4096, hkv=2, d=64, page=16):
@@ -288,9 +289,9 @@ def test_float8_bounds_select_nearly_the_pages_of_bfloat16_bounds():
         q, k, pos, target = _structured(seed)
         kmin, kmax = Q.page_bounds(k, pos, page)
         valid = Q.valid_pages(pos, page)
-        want = Q.select_top_pages(Q.quest_page_scores(q, kmin, kmax), budget, valid, always=())[0]
+        want = Q.select_top_pages(Q.quest_page_scores(q, kmin, kmax, valid), budget, valid, always=())[0]
         lo, hi, sc = Q.bound_codes(kmin, kmax, "float8_e4m3fn")
-        got = Q.select_top_pages(Q.quest_page_scores(q, lo, hi, bound_scale=sc), budget, valid, always=())[0]
+        got = Q.select_top_pages(Q.quest_page_scores(q, lo, hi, valid, bound_scale=sc), budget, valid, always=())[0]
         for h, (w, g_) in enumerate(zip(np.asarray(want)[0], np.asarray(got)[0])):
             overlaps.append(len(set(w.tolist()) & set(g_.tolist())) / budget)
             assert target[h] in w and target[h] in g_
@@ -309,13 +310,17 @@ def test_bounds_dtype_checks():
     for bad in ("int8", "float16", "float8_e4m3fnuz", jnp.bfloat16):
         with pytest.raises(ValueError, match="bounds_dtype"):
             QuestKVCache.init(1, 8, 1, 4, page_size=4, bounds_dtype=bad)          # float32 cache
-    assert QuestKVCache.init(1, 8, 1, 4, page_size=4, bounds_dtype="float32").bound_scale.shape == (1, 2, 1, 0)
+    assert QuestKVCache.init(1, 8, 2, 4, page_size=4, bounds_dtype="float32").bound_scale.shape == (1, 2, 2, 0)
     kmin, kmax = Q.page_bounds(jnp.ones((1, 8, 1, 4)), jnp.arange(8, dtype=jnp.int32)[None], 4)
     lo, hi, sc = Q.bound_codes(kmin, kmax, "float8_e4m3fn")
+    valid = jnp.ones((1, 2), bool)
     with pytest.raises(ValueError, match="bound_scale"):
-        Q.quest_page_scores(jnp.ones((1, 1, 2, 4)), lo, hi)
+        Q.quest_page_scores(jnp.ones((1, 1, 2, 4)), lo, hi, valid)
     with pytest.raises(ValueError, match="bound_scale"):
-        Q.quest_page_scores(jnp.ones((1, 1, 2, 4)), kmin, kmax, bound_scale=sc)
+        Q.quest_page_scores(jnp.ones((1, 1, 2, 4)), kmin, kmax, valid, bound_scale=sc)
+    for bad in (valid[:, :1], valid.astype(jnp.int32)):
+        with pytest.raises(ValueError, match="valid_pages must be bool"):
+            Q.quest_page_scores(jnp.ones((1, 1, 2, 4)), kmin, kmax, bad)
 
 
 @pytest.mark.parametrize("bounds_dtype", [None, "float8_e4m3fn"])
@@ -326,11 +331,13 @@ def test_page_scores_kernel_equals_the_xla_scores(bounds_dtype):
     q = jax.random.normal(jax.random.key(4), (2, 3, 4, 8))
     kmin, kmax = Q.page_bounds(k, pos, 4)                                           # P = 12
     lo, hi, sc = Q.bound_codes(kmin, kmax, kmin.dtype if bounds_dtype is None else bounds_dtype)
-    want = Q.quest_page_scores(q, lo, hi, bound_scale=sc)
-    got = Q.quest_page_scores(q, lo, hi, bound_scale=sc, impl="triton", interpret=True)
+    valid = Q.valid_pages(pos, 4)
+    want = Q.quest_page_scores(q, lo, hi, valid, bound_scale=sc)
+    got = Q.quest_page_scores(q, lo, hi, valid, bound_scale=sc, impl="triton", interpret=True)
     assert np.isinf(np.asarray(want)).sum() == 2 * 7                                # row 1: pages 5..11 empty
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="impl"):
-        Q.quest_page_scores(q, lo, hi, bound_scale=sc, impl="cuda")
+        Q.quest_page_scores(q, lo, hi, valid, bound_scale=sc, impl="cuda")
     with pytest.raises(ValueError, match="not a power of two"):
-        Q.quest_page_scores(q[..., :6], lo[..., :6], hi[..., :6], bound_scale=sc, impl="triton", interpret=True)
+        Q.quest_page_scores(q[..., :6], lo[..., :6], hi[..., :6], valid, bound_scale=sc, impl="triton",
+                            interpret=True)

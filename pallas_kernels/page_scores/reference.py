@@ -5,28 +5,23 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def page_scores_reference(q, kmin, kmax, bound_scale=None, *, scale: float):
+def page_scores_reference(q, kmin, kmax, valid, bound_scale=None, *, scale: float):
     """`[B, Hkv, P]` float32 (`api.page_scores`' contract). `max(q_i kmax_i, q_i kmin_i) =
-    relu(q_i) kmax_i + min(q_i, 0) kmin_i` since kmax >= kmin: two matmuls over the bounds
-    (plain bounds of empty pages zeroed first, so no 0 * inf; float8 codes are finite and go
-    to the dots as they are), never the `[B, Tq, H, P, D]` products of the elementwise form;
-    the max over the group's rows, then the positive per-page `bound_scale`."""
+    relu(q_i) kmax_i + min(q_i, 0) kmin_i` since kmax >= kmin: two matmuls, batched over
+    (batch, kv head), the leading axes of the head-major bounds, so each dot streams its
+    bounds where they lie (never the `[B, Tq, H, P, D]` products of the elementwise form;
+    float8 codes go to the dots widened to q's dtype). Then the max over the group's rows,
+    the positive per-page `bound_scale`, and -inf at the invalid pages (whatever their
+    bounds gave: `0 * inf` is NaN there)."""
     b, tq, h, d = q.shape
-    hkv = kmin.shape[2]
-    empty = kmax[..., 0].astype(jnp.float32) < kmin[..., 0].astype(jnp.float32)   # [B, P, Hkv]
-    if bound_scale is None:
-        lo = jnp.where(empty[..., None], 0, kmin)
-        hi = jnp.where(empty[..., None], 0, kmax)
-    else:
-        lo, hi = kmin, kmax
-    qg = q.reshape(b, tq, hkv, h // hkv, d)
-    dot = lambda x, bound: jnp.einsum("btkgd,bpkd->btkgp", x, bound.astype(q.dtype),  # noqa: E731
+    hkv = kmin.shape[1]
+    qg = jnp.swapaxes(q.reshape(b, tq, hkv, h // hkv, d), 1, 2).reshape(b, hkv, tq * (h // hkv), d)
+    dot = lambda x, bound: jnp.einsum("bkrd,bkpd->bkpr", x, bound.astype(q.dtype),  # noqa: E731
                                       preferred_element_type=jnp.float32)
-    s = dot(jnp.maximum(qg, 0), hi) + dot(jnp.minimum(qg, 0), lo)             # [B, Tq, Hkv, G, P]
-    s = s.max(axis=(1, 3)) * scale                                               # [B, Hkv, P]
+    s = (dot(jnp.maximum(qg, 0), kmax) + dot(jnp.minimum(qg, 0), kmin)).max(-1) * scale   # [B, Hkv, P]
     if bound_scale is not None:
-        s = s * jnp.swapaxes(bound_scale[..., 0], 1, 2).astype(jnp.float32)
-    return jnp.where(jnp.swapaxes(empty, 1, 2), -jnp.inf, s)
+        s = s * bound_scale[..., 0].astype(jnp.float32)
+    return jnp.where(valid[:, None], s, -jnp.inf)
 
 
 CONFIG = None

@@ -3,19 +3,20 @@
 Compiled on an H200 (2026-12-06): error 2.6e-7 against the XLA scores, 343 us at B=16, 128K,
 pages of 16, no faster than XLA's 346 us (docs/BENCHMARKS.md), hence not the default.
 
-`page_scores_triton(q, kmin, kmax, bound_scale)` computes what the XLA reference
+(That run read the bounds page-major, `[B, P, Hkv, D]`; they are head-major now.)
+
+`page_scores_triton(q, kmin, kmax, valid, bound_scale)` computes what the XLA reference
 (`reference.page_scores_reference`) computes (`[B, Hkv, P]` float32: per page and kv
 head the max over the group's query rows of `sum_d max(q_d kmax_d, q_d kmin_d)`, times the
-logit scale and the page's `bound_scale`; empty pages -inf), reading the bounds once in
-their stored layout `[B, P, Hkv, D]` (bfloat16 / float32, or the float8 codes of
-`quest.bound_codes`, widened to float32 in registers), so no transposed or widened copy of
-them reaches HBM whatever XLA would have done with the two batched dots.
+logit scale and the page's `bound_scale`; pages not `valid` -inf), reading the bounds once in
+their stored layout `[B, Hkv, P, D]` (bfloat16 / float32, or the float8 codes of
+`quest.bound_codes`, widened to float32 in registers): each program's tiles are contiguous.
 
 One program per (batch, kv head, `block_pages` pages): the `[bp, D]` tiles of kmin and kmax,
 the group's `R = Tq * H / Hkv` query rows (padded to a power of two by repeating row 0, which
 leaves the max unchanged), `R` broadcast multiply-adds of `[bp, D]` on the CUDA cores (`R`
-is 4 at H 32 / Hkv 8: under the 16 rows a tensor-core dot needs) and a row sum each.
-Empty pages: `kmin > kmax` somewhere (`+inf` / `-inf`, or the codes `fmax` / `-fmax`).
+is 4 at H 32 / Hkv 8: under the 16 rows a tensor-core dot needs) and a row sum each; the
+`valid` flags of its pages pick -inf for the others (NaN from an empty page's +-inf bounds).
 """
 
 from __future__ import annotations
@@ -55,13 +56,10 @@ def _widen(x):
     return x.astype(jnp.float32)
 
 
-def _kernel(q_ref, lo_ref, hi_ref, *rest, rows, scale):
+def _kernel(q_ref, lo_ref, hi_ref, valid_ref, *rest, rows, scale):
     sc_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
     lo = _widen(lo_ref[...])                                                # [bp, D]
     hi = _widen(hi_ref[...])
-    empty = jnp.max(lo - hi, axis=1) > 0                                    # [bp]
-    lo = jnp.where(empty[:, None], 0.0, lo)                                 # no 0 * inf below
-    hi = jnp.where(empty[:, None], 0.0, hi)
     s = None
     for r in range(rows):
         qr = q_ref[r].astype(jnp.float32)                                   # [D]
@@ -70,47 +68,48 @@ def _kernel(q_ref, lo_ref, hi_ref, *rest, rows, scale):
     s = s * scale
     if sc_ref is not None:
         s = s * sc_ref[...].astype(jnp.float32)
-    o_ref[...] = jnp.where(empty, -jnp.inf, s)
+    o_ref[...] = jnp.where(valid_ref[...] != 0, s, -jnp.inf)
 
 
 MAX_ROWS = 64          # query rows per kv head (Tq * H / Hkv): unrolled multiply-adds past that
 
 
-def supports(q, kmin, kmax, bound_scale, *, interpret=False, config=None):
+def supports(q, kmin, kmax, valid, bound_scale, *, interpret=False, config=None):
     """None where the kernel covers the call, else why not."""
-    del kmax, bound_scale, interpret, config
+    del kmax, valid, bound_scale, interpret, config
     d = q.shape[-1]
     if d & (d - 1):
         return f"head_dim {d} is not a power of two"
-    rows = q.shape[1] * (q.shape[2] // kmin.shape[2])
+    rows = q.shape[1] * (q.shape[2] // kmin.shape[1])
     if rows > MAX_ROWS:
         return f"{rows} query rows per kv head > {MAX_ROWS}"
     return None
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "config"))
-def page_scores_triton(q, kmin, kmax, bound_scale=None, *, scale: float, interpret=False,
+def page_scores_triton(q, kmin, kmax, valid, bound_scale=None, *, scale: float, interpret=False,
                        config: PageScoresConfig | None = None):
     """Quest page scores, `[B, Hkv, P]` float32 (`api.page_scores`' contract; `supports`).
 
     Args:
-      q: `[B, Tq, H, D]`; kmin, kmax: `[B, P, Hkv, D]`; bound_scale: `[B, P, Hkv, 1]` or None;
-      scale: the logit scale.
+      q: `[B, Tq, H, D]`; kmin, kmax: `[B, Hkv, P, D]`; valid: bool `[B, P]`; bound_scale:
+      `[B, Hkv, P, 1]` or None; scale: the logit scale.
     """
     cfg = config or PageScoresConfig()
     b, tq, h, d = q.shape
-    _, p, hkv, _ = kmin.shape
+    _, hkv, p, _ = kmin.shape
     r = tq * (h // hkv)
     rp = pl.next_power_of_2(r)
     qg = jnp.moveaxis(q.reshape(b, tq, hkv, h // hkv, d), 1, 2).reshape(b, hkv, r, d)
     qg = jnp.concatenate([qg, jnp.broadcast_to(qg[:, :, :1], (b, hkv, rp - r, d))], axis=2)  # repeat row 0
     bp = math.gcd(cfg.block_pages, p & -p)                  # largest power of two <= block_pages dividing P
-    bounds_spec = pl.BlockSpec((None, bp, None, d), lambda b_, k_, j: (b_, j, k_, 0))
-    in_specs = [pl.BlockSpec((None, None, rp, d), lambda b_, k_, j: (b_, k_, 0, 0)), bounds_spec, bounds_spec]
-    args = [qg, kmin, kmax]
+    bounds_spec = pl.BlockSpec((None, None, bp, d), lambda b_, k_, j: (b_, k_, j, 0))
+    in_specs = [pl.BlockSpec((None, None, rp, d), lambda b_, k_, j: (b_, k_, 0, 0)), bounds_spec, bounds_spec,
+                pl.BlockSpec((None, bp), lambda b_, k_, j: (b_, j))]
+    args = [qg, kmin, kmax, valid.astype(jnp.int32)]
     if bound_scale is not None:
-        in_specs.append(pl.BlockSpec((None, bp, None), lambda b_, k_, j: (b_, j, k_)))
-        args.append(bound_scale.reshape(b, p, hkv))
+        in_specs.append(pl.BlockSpec((None, None, bp), lambda b_, k_, j: (b_, k_, j)))
+        args.append(bound_scale.reshape(b, hkv, p))
     return pl.pallas_call(
         functools.partial(_kernel, rows=rp, scale=scale),
         grid=(b, hkv, p // bp),

@@ -2,11 +2,11 @@
 
 `QuestKVCache` holds a `sparse_jax.cache.kv.FullKVCache` (slot = position) and, per page of
 `page_size` slots and kv head, the elementwise min and max of the keys written so far,
-`kmin, kmax [B, P, Hkv, D]` (empty pages: `+inf` / `-inf`, as `sparse_jax.ops.quest.
-page_bounds`). `update` recomputes the bounds of the pages it writes only (a decode step
-touches one page per row), so a decode step reads `2 / page_size` of the key bytes for the
-bounds instead of every key. `bounds_dtype="float8_e4m3fn"` (or e5m2) keeps them as float8
-codes with a power-of-two `bound_scale [B, P, Hkv, 1]` per page and head, rounded outwards
+`kmin, kmax [B, Hkv, P, D]` (head-major, as the scores stream them; empty pages: `+inf` /
+`-inf`, as `sparse_jax.ops.quest.page_bounds`). `update` recomputes the bounds of the pages
+it writes only (a decode step touches one page per row), so a decode step reads
+`2 / page_size` of the key bytes for the bounds instead of every key. `bounds_dtype="float8_e4m3fn"` (or e5m2) keeps them as float8
+codes with a power-of-two `bound_scale [B, Hkv, P, 1]` per page and head, rounded outwards
 (`sparse_jax.ops.quest.bound_codes`): the scores stay upper bounds, the bytes they read halve
 for a bfloat16 cache.
 
@@ -33,8 +33,8 @@ from sparse_jax.ops.quest import bound_codes, check_bounds_dtype, num_pages, pag
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuestKVCache(Cache):
-    """`full: FullKVCache`, `kmin, kmax [B, P, Hkv, D]` (cache dtype, or float8 codes),
-    `bound_scale [B, P, Hkv, 1]` (float8 codes; else width 0), `page_size` static."""
+    """`full: FullKVCache`, `kmin, kmax [B, Hkv, P, D]` (cache dtype, or float8 codes),
+    `bound_scale [B, Hkv, P, 1]` (float8 codes; else width 0), `page_size` static."""
 
     full: FullKVCache
     kmin: jax.Array
@@ -51,7 +51,7 @@ class QuestKVCache(Cache):
             raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
         bounds_dtype = check_bounds_dtype(bounds_dtype, dtype)
         full = FullKVCache.init(batch, max_len, num_kv_heads, head_dim, v_head_dim, dtype)
-        shape = (batch, num_pages(max_len, page_size), num_kv_heads, head_dim)
+        shape = (batch, num_kv_heads, num_pages(max_len, page_size), head_dim)
         bounds = bound_codes(jnp.full(shape, jnp.inf, dtype), jnp.full(shape, -jnp.inf, dtype), bounds_dtype)
         return cls(full, *bounds, page_size)
 
@@ -82,7 +82,7 @@ class QuestKVCache(Cache):
         del queries
         keys, values, kv_pos, full = self.full.update(k, v, positions)
         b, t = positions.shape
-        ps, p = self.page_size, self.kmin.shape[1]
+        ps, p = self.page_size, self.kmin.shape[2]
         if t * ps >= full.max_len:                       # cheaper to refresh every page
             bounds = bound_codes(*page_bounds(keys, kv_pos, ps), self.kmin.dtype)
             return keys, values, kv_pos, QuestKVCache(full, *bounds, ps)
@@ -95,8 +95,8 @@ class QuestKVCache(Cache):
         ok = (inside & (kv_pos[rows, slots] >= 0))[..., None, None]
         new = bound_codes(jnp.where(ok, pk, jnp.inf).min(2), jnp.where(ok, pk, -jnp.inf).max(2),   # [B, T, Hkv, D]
                           self.kmin.dtype)
-        rb = jnp.arange(b)[:, None]
-        kmin, kmax, bound_scale = (x.at[rb, page].set(n, mode="drop")
+        rb = jnp.arange(b)[:, None]       # x[rb, :, page]: numpy's advanced-index order, [B, T, Hkv, .] as `new`
+        kmin, kmax, bound_scale = (x.at[rb, :, page].set(n, mode="drop")
                                    for x, n in zip((self.kmin, self.kmax, self.bound_scale), new))
         return keys, values, kv_pos, QuestKVCache(full, kmin, kmax, bound_scale, ps)
 
@@ -134,7 +134,7 @@ class PageSelectCache(Cache):
         if not isinstance(queries, Queries):
             raise ValueError(f"PageSelectCache.update needs queries=Queries(...) to choose pages, "
                              f"got {type(queries).__name__}")
-        scores = quest_page_scores(queries.q, quest.kmin, quest.kmax, bound_scale=quest.bound_scale)
+        scores = quest_page_scores(queries.q, quest.kmin, quest.kmax, valid, bound_scale=quest.bound_scale)
         idx, cnt = self.policy.select(scores, valid)
         chosen = jnp.arange(idx.shape[-1]) < cnt[..., None]                          # [B, Hkv, k]
         b, hkv, p = self.selected.shape

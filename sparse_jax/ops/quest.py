@@ -2,8 +2,9 @@
 
 Quest (Tang et al., arXiv 2406.10774): the cache is cut into pages of `page_size` slots
 (slot = position, as in `sparse_jax.cache.kv.FullKVCache`); per page and kv head the
-elementwise min and max of its keys, `kmin, kmax [B, P, Hkv, D]`, bound every logit of
-the page from above:
+elementwise min and max of its keys, `kmin, kmax [B, Hkv, P, D]` (head-major: each kv
+head's bounds are one contiguous `[P, D]` matrix, so the scores' batched dots stream them
+in place, with no transposed copy first), bound every logit of the page from above:
 
     q . k  <=  sum_i max(q_i * kmax_i, q_i * kmin_i).
 
@@ -18,13 +19,15 @@ how many keys a page holds and overstates pages with spread-out keys), so it is 
 ranking-plus-stopping rule, not a guarantee that the true mass reaches `p`.
 
 Empty pages (no slot with position >= 0) have `kmin = +inf`, `kmax = -inf` (the identities
-of min / max, so a cache can fold new keys in) and score `-inf`.
+of min / max). The scores never test the bounds for that: `quest_page_scores` takes the
+valid pages (`valid_pages`, from the positions: 1/64 of the bounds' bytes) and writes -inf
+at the others, whatever their bounds give (NaN from `0 * inf`).
 
 FP8 bounds (`bound_codes`): a cache may keep the bounds as float8 codes with one power-of-two
 scale per (page, kv head), `kmin >= lo * scale`, `kmax <= hi * scale` (kmin rounded down, kmax
 up in the scaled grid), so the score stays an upper bound of every logit of the page; it
 halves the bytes the scoring reads (`D + 2` bytes per bound pair and page / head instead of
-`2 D`). Empty pages are `lo = fmax > hi = -fmax`: a page is empty where `kmax < kmin`.
+`2 D`). Empty pages are `lo = fmax > hi = -fmax`.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def page_bounds(k, kv_positions, page_size: int):
         slot (ignored); page_size: slots per page (S need not be a multiple: the last page is
         partial).
     Returns:
-      `(kmin, kmax)`, each `[B, P, Hkv, D]` in k's dtype, `P = ceil(S / page_size)`; empty
+      `(kmin, kmax)`, each `[B, Hkv, P, D]` in k's dtype, `P = ceil(S / page_size)`; empty
       pages hold `+inf` / `-inf`.
     """
     _check_page_size(page_size)
@@ -74,7 +77,7 @@ def page_bounds(k, kv_positions, page_size: int):
     kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
     kmin = jnp.where(valid, kp, jnp.inf).reshape(b, p, page_size, hkv, d).min(2)
     kmax = jnp.where(valid, kp, -jnp.inf).reshape(b, p, page_size, hkv, d).max(2)
-    return kmin.astype(k.dtype), kmax.astype(k.dtype)
+    return tuple(jnp.swapaxes(x, 1, 2).astype(k.dtype) for x in (kmin, kmax))
 
 
 def check_bounds_dtype(bounds_dtype, cache_dtype):
@@ -134,40 +137,45 @@ def valid_pages(kv_positions, page_size: int, q_positions=None):
     return jnp.pad(ok, ((0, 0), (0, p * page_size - s))).reshape(b, p, page_size).any(-1)
 
 
-def quest_page_scores(q, kmin, kmax, *, scale=None, bound_scale=None, impl: str = "xla", interpret: bool = False):
+def quest_page_scores(q, kmin, kmax, valid_pages, *, scale=None, bound_scale=None, impl: str = "xla",
+                      interpret: bool = False):
     """Quest upper bound of the logits of each page, `[B, Hkv, P]` float32.
 
     Per query head and token: `scale * sum_i max(q_i kmax_i, q_i kmin_i)`. GQA and Tq > 1:
     the *max* over the group's `H / Hkv` heads and the Tq tokens, so the kv head's score is
     still an upper bound of every logit any of its queries can reach in the page (the
     group then shares one selection, as the decode kernel's block lists are per kv head).
-    Empty pages (`kmax < kmin`: `page_bounds`' -inf / +inf) score -inf.
+    Pages not in `valid_pages` score -inf (their bounds are not read for it).
 
     Args:
-      q: `[B, Tq, H, D]`; kmin, kmax: `[B, P, Hkv, D]` (`page_bounds`, or float8 codes of
-        `bound_codes`); scale: default `1/sqrt(D)` (the attention logit scale, so `softmax`
-        of the scores is a mass estimate); bound_scale: `[B, P, Hkv, 1]` (`bound_codes`, the
-        bounds are `kmin * bound_scale`, `kmax * bound_scale`; needed with float8 codes),
-        None or width 0: none.
+      q: `[B, Tq, H, D]`; kmin, kmax: `[B, Hkv, P, D]` (`page_bounds`, or float8 codes of
+        `bound_codes`); valid_pages: bool `[B, P]` (`valid_pages`; a page marked valid must
+        hold a key: an empty page's +-inf bounds score NaN); scale: default `1/sqrt(D)` (the
+        attention logit scale, so `softmax` of the scores is a mass estimate); bound_scale:
+        `[B, Hkv, P, 1]` (`bound_codes`, the bounds are `kmin * bound_scale`, `kmax *
+        bound_scale`; needed with float8 codes), None or width 0: none.
       impl: the `pallas_kernels.page_scores` op's backend: "xla" (two batched dots; the
-        default: the Triton kernel is correct on an H200 but no faster there), "triton" (one pass over the bounds in their stored layout), "auto";
-        interpret: the kernel in interpret mode.
+        default: the Triton kernel is correct on an H200 but no faster there), "triton" (one
+        pass over the bounds), "auto"; interpret: the kernel in interpret mode.
     """
     if q.ndim != 4 or kmin.ndim != 4 or kmin.shape != kmax.shape:
-        raise ValueError(f"q must be [B, Tq, H, D] and kmin/kmax equal [B, P, Hkv, D]; got "
+        raise ValueError(f"q must be [B, Tq, H, D] and kmin/kmax equal [B, Hkv, P, D]; got "
                          f"{q.shape}, {kmin.shape}, {kmax.shape}")
     b, tq, h, d = q.shape
-    hkv = kmin.shape[2]
+    hkv = kmin.shape[1]
     if kmin.shape[0] != b or kmin.shape[3] != d or h % hkv:
         raise ValueError(f"q {q.shape} does not fit kmin/kmax {kmin.shape} (batch, head_dim, "
                          f"num_heads a multiple of num_kv_heads)")
+    if jnp.shape(valid_pages) != (b, kmin.shape[2]) or jnp.result_type(valid_pages) != jnp.bool_:
+        raise ValueError(f"valid_pages must be bool [{b}, {kmin.shape[2]}], got "
+                         f"{jnp.result_type(valid_pages)}{list(jnp.shape(valid_pages))}")
     coded = jnp.dtype(kmin.dtype).name in BOUND_CODE_DTYPES
     if bound_scale is not None and bound_scale.shape[-1] == 0:
         bound_scale = None
     if coded != (bound_scale is not None) or (coded and bound_scale.shape != kmin.shape[:-1] + (1,)):
-        raise ValueError(f"float8 bounds need bound_scale [B, P, Hkv, 1] (bound_codes), other bounds none; got "
+        raise ValueError(f"float8 bounds need bound_scale [B, Hkv, P, 1] (bound_codes), other bounds none; got "
                          f"bounds {kmin.dtype}, bound_scale {None if bound_scale is None else bound_scale.shape}")
-    return page_scores(q, kmin, kmax, bound_scale, scale=scale, impl=impl, interpret=interpret)
+    return page_scores(q, kmin, kmax, valid_pages, bound_scale, scale=scale, impl=impl, interpret=interpret)
 
 
 def _check_scores(scores, valid_pages_):
@@ -278,8 +286,8 @@ def quest_decode(q, k_cache, v_cache, kv_positions, *, page_size: int, budget_pa
     if q_positions is None:
         q_positions = (jnp.max(kv_positions, axis=1)[:, None] + 1 - q.shape[1]
                        + jnp.arange(q.shape[1], dtype=jnp.int32)[None])
-    scores = quest_page_scores(q, kmin, kmax, scale=scale, bound_scale=bound_scale)
     valid = valid_pages(kv_positions, page_size, q_positions)
+    scores = quest_page_scores(q, kmin, kmax, valid, scale=scale, bound_scale=bound_scale)
     if budget_pages is not None:
         topk_impl = impl if impl in ("xla", "triton") else "auto"
         idx, cnt = select_top_pages(scores, budget_pages, valid, always, impl=topk_impl, interpret=interpret)
