@@ -70,6 +70,8 @@ from absl import flags
 from experiments.bench_decode import median_time, rel, repeated
 from pallas_kernels.block_sparse import BlockSparseMetadata, block_sparse_attention
 from pallas_kernels.decode.api import decode_attention
+from pallas_kernels.indexer import top_k_set
+from pallas_kernels.indexer.select import TopkSelectConfig
 from sparse_jax import patterns as P
 from sparse_jax.cache.base import weighted_attention
 from sparse_jax.ops import doublep as DP
@@ -84,7 +86,12 @@ flags.DEFINE_float("quest_fraction", 1 / 16, "Quest page budget as a fraction of
 flags.DEFINE_list("quest_bounds", ["bfloat16"], "Quest bounds dtypes, one row each (bfloat16: the cache's; "
                   "float8_e4m3fn: codes + a scale per page and head)")
 flags.DEFINE_bool("quest_hlo", False, "print the fusions / custom calls of the compiled XLA page-score program "
-                  "(whether the bounds are read in place or copied, widened, first)")
+                  "and the bytes each reads and writes (whether the bounds are read in place or copied first)")
+flags.DEFINE_list("quest_topk", [], "top-k variants timed side by side on the same masked scores [B * Hkv, P] "
+                  "(each: us, share of the exact set found): xla (lax.top_k), radix[:BITS:FULL_PASSES:BLOCK_S] "
+                  "(the Triton radix select, TopkSelectConfig), approx:RECALL (lax.approx_max_k), "
+                  "chunked:CHUNK[:KEEP] (lax.top_k of KEEP per chunk of CHUNK pages, then of the candidates; "
+                  "KEEP default min(k, CHUNK): the exact set but for ties)")
 flags.DEFINE_list("prefill_lens", ["131072", "32768"], "prefill lengths (the target's 128K first)")
 flags.DEFINE_list("flex_lens", ["32768"], "FlexPrefill lengths")
 flags.DEFINE_string("prefill_heads", "16:16", "prefill num_heads:num_kv_heads")
@@ -115,17 +122,69 @@ def quest_step(page, budget):
     return f
 
 
-def quest_scores(q, c):
-    return Q.quest_page_scores(q, c[3], c[4], bound_scale=c[5])
+def quest_scores(page, impl="xla"):
+    """The page scores of a step (the valid pages from the positions, then the bounds)."""
+    def f(q, c, _v=None):
+        return Q.quest_page_scores(q, c[3], c[4], Q.valid_pages(c[2], page), bound_scale=c[5], impl=impl)
+    return f
 
 
 def quest_select(page, budget):
     """Scores + selection, packed in one array `[B, Hkv, budget + 1]` (counts last)."""
     def f(q, c, _v=None):
         valid = Q.valid_pages(c[2], page)
-        idx, cnt = Q.select_top_pages(quest_scores(q, c), budget, valid)
+        idx, cnt = Q.select_top_pages(quest_scores(page)(q, c), budget, valid)
         return jnp.concatenate([idx, cnt[..., None]], -1)
     return f
+
+
+HLO_INSTR = re.compile(r"\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][\w-]*)\((.*?)\)(?:,|$)")
+HLO_ARRAY = re.compile(r"\b(pred|[a-z]+(\d+)[a-z0-9]*)\[([\d,]*)\]")
+
+
+def hlo_traffic(text):
+    """Rows `(name, op, read bytes, written bytes)` of the ENTRY computation of a compiled
+    HLO text (`.compile().as_text()`), from the shapes of each instruction's operands and
+    result (an operand sliced inside a fusion counts whole: an upper bound); parameters,
+    constants, bitcasts and tuples move nothing and are left out."""
+    entry = text.split("\nENTRY ")[-1].split("\n}")[0]
+    size, rows = {}, []
+    for line in entry.splitlines()[1:]:
+        m = HLO_INSTR.match(line)
+        if not m:
+            continue
+        name, shape, op, args = m.groups()
+        size[name] = sum(int(np.prod([int(x) for x in dims.split(",") if x] or [1])) * int(bits or 8)
+                         // 8 for _, bits, dims in HLO_ARRAY.findall(shape))
+        if op not in ("parameter", "constant", "bitcast", "tuple", "get-tuple-element"):
+            rows.append((name, op, sum(size.get(a, 0) for a in re.findall(r"%([\w.-]+)", args)), size[name]))
+    return rows
+
+
+def topk_variant(name, k):
+    """`f(scores [R, P] float32) -> slots [R, k]` for one `--quest_topk` entry (ascending
+    slots for the exact ones; the set is what is compared)."""
+    kind, *arg = name.split(":")
+    if kind == "xla":
+        return lambda s: top_k_set(s, k, impl="xla")[1]
+    if kind == "radix":
+        cfg = TopkSelectConfig(**dict(zip(("bits_per_pass", "full_passes", "block_s"), map(int, arg))))
+        return lambda s: top_k_set(s, k, impl="triton", config=cfg)[1]
+    if kind == "approx":
+        return lambda s: jax.lax.approx_max_k(s, k, recall_target=float(arg[0]))[1]
+    if kind == "chunked":
+        chunk = int(arg[0])
+        keep = int(arg[1]) if len(arg) > 1 else min(k, chunk)
+
+        def two_stage(s):
+            r, p = s.shape
+            s = jnp.pad(s, ((0, 0), (0, -p % chunk)), constant_values=-jnp.inf)
+            v1, i1 = jax.lax.top_k(s.reshape(r, -1, chunk), keep)                     # [R, C, keep]
+            i1 = i1 + chunk * jnp.arange(i1.shape[1], dtype=i1.dtype)[:, None]
+            _, j = jax.lax.top_k(v1.reshape(r, -1), k)
+            return jnp.take_along_axis(i1.reshape(r, -1), j, axis=1)
+        return two_stage
+    raise ValueError(f"--quest_topk: unknown variant {name!r}")
 
 
 def bench_quest(b, t, page, bounds_dtype, dense):
@@ -163,18 +222,24 @@ def bench_quest(b, t, page, bounds_dtype, dense):
     row["select_us"] = amortised(quest_select(page, budget), cache)
     # The selection's two parts alone: the page scores (reads the bounds, writes [B, Hkv, P]
     # float32) and the top-k over given scores (each step its own scores).
-    row["score_us"] = amortised(quest_scores, cache)
+    scores_fn = quest_scores(page)
+    row["score_us"] = amortised(scores_fn, cache)
     if FLAGS.quest_hlo:
-        entry = jax.jit(quest_scores).lower(qs[0], cache).compile().as_text().split("\nENTRY ")[-1]
-        print("\n".join(re.sub(r", metadata=.*", "", line.strip())[:200] for line in entry.splitlines()
+        text = jax.jit(scores_fn).lower(qs[0], cache).compile().as_text()
+        print("\n".join(re.sub(r", metadata=.*", "", line.strip())[:200] for line in text.split("\nENTRY ")[-1].splitlines()
                         if " = " in line and "parameter(" not in line)[:4000], flush=True)
+        traffic = hlo_traffic(text)
+        for name, op, rd, wr in traffic:
+            print(f"  {name} ({op}): reads {rd / 1e6:.1f} MB, writes {wr / 1e6:.1f} MB", flush=True)
+        row["score_hlo_read_mb"] = sum(r[2] for r in traffic) / 1e6
+        row["score_hlo_written_mb"] = sum(r[3] for r in traffic) / 1e6
     try:    # the page-score Triton kernel (pallas_kernels.page_scores), beside the XLA scores
-        kernel = lambda q, c: Q.quest_page_scores(q, c[3], c[4], bound_scale=c[5], impl="triton")  # noqa: E731
-        row["score_triton_err"] = rel(jax.jit(kernel)(qs[0], cache), jax.jit(quest_scores)(qs[0], cache))
+        kernel = quest_scores(page, impl="triton")
+        row["score_triton_err"] = rel(jax.jit(kernel)(qs[0], cache), jax.jit(scores_fn)(qs[0], cache))
         row["score_triton_us"] = amortised(kernel, cache)
     except Exception as e:  # noqa: BLE001 - keep the row
         row["score_triton_error"] = str(e)[:300]
-    scores = jnp.stack([jax.jit(quest_scores)(qs[i], cache) for i in range(FLAGS.reps)])
+    scores = jnp.stack([jax.jit(scores_fn)(qs[i], cache) for i in range(FLAGS.reps)])
 
     def top_pages(q, c, _v, s):
         idx, cnt = Q.select_top_pages(s, budget, Q.valid_pages(c, page))
@@ -182,6 +247,18 @@ def bench_quest(b, t, page, bounds_dtype, dense):
 
     row["topk_us"] = 1e6 * median_time(repeated(top_pages, {}), qs, pos, None, scores,
                                        iters=FLAGS.iters) / FLAGS.reps
+    masked = jnp.where(Q.valid_pages(pos, page)[:, None], scores, -jnp.inf).reshape(FLAGS.reps, b * hkv, pages)
+    exact = np.asarray(jax.jit(topk_variant("xla", budget))(masked[0]))
+    for name in FLAGS.quest_topk:       # the top-k alone, variants side by side on the same scores
+        try:
+            fn = topk_variant(name, budget)
+            got = np.asarray(jax.jit(fn)(masked[0]))
+            found = np.mean([len(set(x) & set(y)) / budget for x, y in zip(got.tolist(), exact.tolist())])
+            us = 1e6 * median_time(repeated(lambda q, c, _v, s_: fn(s_), {}), qs, pos, None, masked,
+                                   iters=FLAGS.iters) / FLAGS.reps
+            row.setdefault("topk_variants", {})[name] = dict(us=us, found=float(found))
+        except Exception as e:  # noqa: BLE001 - keep the row
+            row.setdefault("topk_variants", {})[name] = dict(error=str(e)[:200])
     sels = jnp.stack([select(qs[i], cache) for i in range(FLAGS.reps)])    # each step its own pages
 
     def general_lists(q, c, _v, sel):     # what the top-k's lists cost before `sorted_block_lists`
@@ -416,6 +493,19 @@ def main(_):
               f"{r['bounds_bytes'] / 1e6:.1f} | {r.get('overlap_exact', 1.0):.3f} | "
               + (f"{r['score_triton_us']:.1f} (err {r['score_triton_err']:.1e}) |" if "score_triton_us" in r
                  else f"error: {r.get('score_triton_error', '')[:100]} |") + f" {r['old_lists_us']:.1f} |")
+    variants = [r for r in quest if "topk_variants" in r or "score_hlo_read_mb" in r]
+    if variants:
+        print("\nQuest selection parts: top-k variants alone (us; found = share of the exact set) and the compiled "
+              "XLA score program's traffic (MB, from its HLO shapes) against the bounds' bytes")
+        print("| B | page | bounds | bounds MB | score program reads / writes MB | top-k variant | us | found |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in variants:
+            hlo = (f"{r['score_hlo_read_mb']:.1f} / {r['score_hlo_written_mb']:.1f}" if "score_hlo_read_mb" in r
+                   else "")
+            for name, v in (r.get("topk_variants") or {"": {}}).items():
+                timing = (f"{v['us']:.1f} | {v['found']:.4f}" if "us" in v else f"error: {v.get('error', '')[:80]} |")
+                print(f"| {r['batch']} | {r['page']} | {r['bounds']} | {r['bounds_bytes'] / 1e6:.1f} | {hlo} | "
+                      f"{name} | {timing} |")
     print("\nSparse prefill (ms; dense = cuDNN causal; target MInference >= 5x at 128K, 10% density)")
     print("| T | pattern | density | estimate | attention | total | dense | speedup | attention-only | err |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -1,5 +1,7 @@
 """Quest page bounds / scores / selection, top-p, quest_decode and QuestKVCache."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,16 +191,31 @@ def test_quest_cache_bounds_after_token_by_token_writes_equal_page_bounds(bounds
 
 
 def test_jitted_bf16_scores_match_the_numpy_formula():
-    """GQA group 4, bf16, under jit (an earlier two-matmul form broke here on XLA:CPU)."""
-    k = jax.random.normal(jax.random.key(0), (2, 64, 2, 16), jnp.bfloat16)
-    q = jax.random.normal(jax.random.key(1), (2, 1, 8, 16), jnp.bfloat16)
-    pos = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64))
+    """GQA group 4, bf16, under jit, at a size where XLA:CPU's fused dots + max returned
+    inf (B 2 x Hkv 8, P 64, D 64) unless the reference keeps the max apart."""
+    k = jax.random.normal(jax.random.key(0), (2, 512, 8, 64), jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(1), (2, 1, 32, 64), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(512, dtype=jnp.int32), (2, 512))
     kmin, kmax = Q.page_bounds(k, pos, 8)
     got = jax.jit(Q.quest_page_scores)(q, kmin, kmax, Q.valid_pages(pos, 8))
-    qn = np.asarray(q, np.float32).reshape(2, 2, 1, 4, 16)                     # [B, Hkv, 1, G, D]
+    qn = np.asarray(q, np.float32).reshape(2, 8, 1, 4, 64)                     # [B, Hkv, 1, G, D]
     lo, hi = np.asarray(kmin, np.float32), np.asarray(kmax, np.float32)       # [B, Hkv, P, D]
-    want = np.maximum(qn * hi[:, :, :, None], qn * lo[:, :, :, None]).sum(-1).max(-1) / 4
+    want = np.maximum(qn * hi[:, :, :, None], qn * lo[:, :, :, None]).sum(-1).max(-1) / 8
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_scores_read_the_bounds_in_place():
+    """The compiled CPU score program (bf16 bounds, GQA 4) writes no buffer of the bounds'
+    size: no transposed, zeroed or widened copy of them (the page-major layout wrote two)."""
+    b, hkv, p, d = 2, 4, 64, 128
+    kmin = jnp.zeros((b, hkv, p, d), jnp.bfloat16)
+    args = (jnp.zeros((b, 1, 4 * hkv, d), jnp.bfloat16), kmin, kmin, jnp.ones((b, p), bool))
+    text = jax.jit(Q.quest_page_scores).lower(*args).compile().as_text()
+    entry = text.split("\nENTRY ")[-1].split("\n}")[0]
+    written = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?!parameter)[a-z][\w-]*\(", entry)
+    sizes = [np.prod([int(x) for x in dims.split(",") if x]) * (1 if dt == "pred" else int(re.search(r"\d+", dt)[0]) // 8)
+             for dt, dims in written]
+    assert written and max(sizes) <= kmin.nbytes / 8, written        # the dots' [B, Hkv, P, 4] float32
 
 
 # ---- float8 page bounds (bound_codes): outward rounding keeps the scores upper bounds ----

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -18,7 +19,11 @@ def page_scores_reference(q, kmin, kmax, valid, bound_scale=None, *, scale: floa
     qg = jnp.swapaxes(q.reshape(b, tq, hkv, h // hkv, d), 1, 2).reshape(b, hkv, tq * (h // hkv), d)
     dot = lambda x, bound: jnp.einsum("bkrd,bkpd->bkpr", x, bound.astype(q.dtype),  # noqa: E731
                                       preferred_element_type=jnp.float32)
-    s = (dot(jnp.maximum(qg, 0), kmax) + dot(jnp.minimum(qg, 0), kmin)).max(-1) * scale   # [B, Hkv, P]
+    s = dot(jnp.maximum(qg, 0), kmax) + dot(jnp.minimum(qg, 0), kmin)                    # [B, Hkv, P, R]
+    # XLA:CPU (jax 0.11.2) fuses the bf16 dots, the add and the max into one YNNPACK call that
+    # returns garbage (inf) from B * Hkv >= 8 and P >= 128 on; the barrier keeps the max out.
+    # A GPU writes the dots' output anyway (R = 4 float32 per page: 1/32 of bf16 bounds' bytes).
+    s = jax.lax.optimization_barrier(s).max(-1) * scale                                   # [B, Hkv, P]
     if bound_scale is not None:
         s = s * bound_scale[..., 0].astype(jnp.float32)
     return jnp.where(valid[:, None], s, -jnp.inf)
