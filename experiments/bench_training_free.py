@@ -72,6 +72,7 @@ from pallas_kernels.block_sparse import BlockSparseMetadata, block_sparse_attent
 from pallas_kernels.decode.api import decode_attention
 from pallas_kernels.indexer import top_k_set
 from pallas_kernels.indexer.select import TopkSelectConfig
+from pallas_kernels.page_scores.api import PageScoresConfig, page_scores
 from sparse_jax import patterns as P
 from sparse_jax.cache.base import weighted_attention
 from sparse_jax.ops import doublep as DP
@@ -87,6 +88,9 @@ flags.DEFINE_list("quest_bounds", ["bfloat16"], "Quest bounds dtypes, one row ea
                   "float8_e4m3fn: codes + a scale per page and head)")
 flags.DEFINE_bool("quest_hlo", False, "print the fusions / custom calls of the compiled XLA page-score program "
                   "and the bytes each reads and writes (whether the bounds are read in place or copied first)")
+flags.DEFINE_list("quest_score_forms", [], "page-score forms timed beside the default XLA dots (each: us, error "
+                  "against them): reduce (the elementwise products summed over D by one XLA reduction, no dot), "
+                  "triton:BLOCK_PAGES[:NUM_WARPS] (the Triton kernel, PageScoresConfig)")
 flags.DEFINE_list("quest_topk", [], "top-k variants timed side by side on the same masked scores [B * Hkv, P] "
                   "(each: us, share of the exact set found): xla (lax.top_k), radix[:BITS:FULL_PASSES:BLOCK_S] "
                   "(the Triton radix select, TopkSelectConfig), approx:RECALL (lax.approx_max_k), "
@@ -159,6 +163,29 @@ def hlo_traffic(text):
         if op not in ("parameter", "constant", "bitcast", "tuple", "get-tuple-element"):
             rows.append((name, op, sum(size.get(a, 0) for a in re.findall(r"%([\w.-]+)", args)), size[name]))
     return rows
+
+
+def score_form(name, page):
+    """`f(q, c) -> [B, Hkv, P]` for one `--quest_score_forms` entry."""
+    kind, *arg = name.split(":")
+    if kind == "reduce":
+        def reduce_form(q, c):
+            kmin, kmax, sc = c[3:]
+            b, _, h, d = q.shape
+            hkv = kmin.shape[1]
+            # q in float32: with bfloat16 q, XLA:CPU's YNNPACK fusion of this returned inf (jax 0.11.2)
+            qg = jnp.swapaxes(q.reshape(b, -1, hkv, h // hkv, d), 1, 2).reshape(b, hkv, 1, -1, d).astype(jnp.float32)
+            lo, hi = (x.astype(jnp.float32)[:, :, :, None] for x in (kmin, kmax))                 # [B, Hkv, P, 1, D]
+            s = (jnp.maximum(qg, 0) * hi + jnp.minimum(qg, 0) * lo).sum(-1).max(-1) / d ** 0.5     # [B, Hkv, P]
+            if sc.shape[-1]:
+                s = s * sc[..., 0].astype(jnp.float32)
+            return jnp.where(Q.valid_pages(c[2], page)[:, None], s, -jnp.inf)
+        return reduce_form
+    if kind == "triton":
+        cfg = PageScoresConfig(**dict(zip(("block_pages", "num_warps"), map(int, arg))))
+        return lambda q, c: page_scores(q, c[3], c[4], Q.valid_pages(c[2], page), c[5] if c[5].shape[-1] else None,
+                                        impl="triton", config=cfg)
+    raise ValueError(f"--quest_score_forms: unknown form {name!r}")
 
 
 def topk_variant(name, k):
@@ -239,6 +266,13 @@ def bench_quest(b, t, page, bounds_dtype, dense):
         row["score_triton_us"] = amortised(kernel, cache)
     except Exception as e:  # noqa: BLE001 - keep the row
         row["score_triton_error"] = str(e)[:300]
+    for name in FLAGS.quest_score_forms:
+        try:
+            fn = score_form(name, page)
+            form = dict(err=rel(jax.jit(fn)(qs[0], cache), jax.jit(scores_fn)(qs[0], cache)), us=amortised(fn, cache))
+        except Exception as e:  # noqa: BLE001 - keep the row
+            form = dict(error=str(e)[:200])
+        row.setdefault("score_forms", {})[name] = form
     scores = jnp.stack([jax.jit(scores_fn)(qs[i], cache) for i in range(FLAGS.reps)])
 
     def top_pages(q, c, _v, s):
@@ -493,6 +527,15 @@ def main(_):
               f"{r['bounds_bytes'] / 1e6:.1f} | {r.get('overlap_exact', 1.0):.3f} | "
               + (f"{r['score_triton_us']:.1f} (err {r['score_triton_err']:.1e}) |" if "score_triton_us" in r
                  else f"error: {r.get('score_triton_error', '')[:100]} |") + f" {r['old_lists_us']:.1f} |")
+    forms = [r for r in quest if "score_forms" in r]
+    if forms:
+        print("\nQuest page-score forms (us; err against the default XLA dots)")
+        print("| B | page | bounds | XLA dots | form | us | err |")
+        print("|---|---|---|---|---|---|---|")
+        for r in forms:
+            for name, v in r["score_forms"].items():
+                timing = f"{v['us']:.1f} | {v['err']:.1e}" if "us" in v else f"error: {v['error'][:80]} |"
+                print(f"| {r['batch']} | {r['page']} | {r['bounds']} | {r['score_us']:.1f} | {name} | {timing} |")
     variants = [r for r in quest if "topk_variants" in r or "score_hlo_read_mb" in r]
     if variants:
         print("\nQuest selection parts: top-k variants alone (us; found = share of the exact set) and the compiled "
