@@ -111,7 +111,7 @@ FILE_CPU_S = {
     "test_indexer_kernels.py": 27,
     "test_csa.py": 26,
     "test_sparse_prefill.py": 23,
-    "test_quest.py": 28,
+    "test_quest.py": 35,
     "test_readme.py": 16,
     "test_dsa.py": 16,
     "test_hf_import.py": 15,

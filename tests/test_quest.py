@@ -135,6 +135,67 @@ def test_quest_decode_with_every_page_equals_dense_decode(impl, interpret):
     np.testing.assert_allclose(out, dense, atol=2e-5, rtol=2e-5)
 
 
+def _numpy_quest(q, k, v, pos, page, budget):
+    """Quest decode from its definition, per row and kv head, straight from the keys: page
+    bounds over the slots a query sees, scores (max over the group's heads and tokens), the
+    first and last valid pages plus the best others up to `budget`, softmax over the keys of
+    those pages each query sees. Returns `(pages [B][Hkv] sets, out [B, Tq, H, D])`."""
+    q, k, v, pos = (np.asarray(x, np.float64) for x in (q, k, v, pos))
+    b, tq, h, d = q.shape
+    hkv, g = k.shape[2], h // k.shape[2]
+    qpos = pos.max(1)[:, None] + 1 - tq + np.arange(tq)[None]
+    out, chosen = np.zeros_like(q), []
+    for r in range(b):
+        chosen.append([])
+        for kh in range(hkv):
+            qs = q[r, :, kh * g:(kh + 1) * g].reshape(-1, d)
+            scores = {}
+            for p in range(-(-k.shape[1] // page)):
+                sl = [i for i in range(p * page, min(k.shape[1], p * page + page)) if 0 <= pos[r, i] <= qpos[r].max()]
+                if sl:
+                    lo, hi = k[r, sl, kh].min(0), k[r, sl, kh].max(0)
+                    scores[p] = np.max(np.maximum(qs * lo, qs * hi).sum(-1)) / np.sqrt(d)
+            valid = sorted(scores)
+            pages = {valid[0], valid[-1]}
+            for p in sorted(valid, key=lambda p: -scores[p]):
+                if len(pages) >= budget:
+                    break
+                pages.add(p)
+            chosen[r].append(pages)
+            for t in range(tq):
+                sl = [i for i in range(k.shape[1]) if i // page in pages and 0 <= pos[r, i] <= qpos[r, t]]
+                for hh in range(kh * g, (kh + 1) * g):
+                    lg = k[r, sl, kh] @ q[r, t, hh] / np.sqrt(d)
+                    w = np.exp(lg - lg.max())
+                    out[r, t, hh] = w @ v[r, sl, kh] / w.sum()
+    return chosen, out
+
+
+@pytest.mark.parametrize("b,tq", [(1, 1), (2, 1), (2, 2)])
+def test_quest_decode_equals_its_numpy_definition(b, tq):
+    """Selection and output of `quest_decode` (head-major bounds of the whole cache, and the
+    same bounds written token by token by `QuestKVCache`) against `_numpy_quest`: GQA 2,
+    ragged rows, partial last page, a budget under the valid pages."""
+    s, hkv, d, page, budget = 37, 2, 8, 4, 4
+    k, v, pos = _cache(b=b, s=s, hkv=hkv, d=d, seed=11, lengths=(37, 22)[:b])
+    q = jax.random.normal(jax.random.key(12), (b, tq, 2 * hkv, d))
+    want_pages, want = _numpy_quest(q, k, v, pos, page, budget)
+    out = Q.quest_decode(q, k, v, pos, page_size=page, budget_pages=budget, impl="xla")
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+    kmin, kmax = Q.page_bounds(k, pos, page)
+    qpos = jnp.max(pos, axis=1)[:, None] + 1 - tq + jnp.arange(tq)[None]
+    valid = Q.valid_pages(pos, page, qpos)
+    idx, cnt = Q.select_top_pages(Q.quest_page_scores(q, kmin, kmax, valid), budget, valid)
+    got = [[set(np.asarray(idx)[r, h, :int(cnt[r, h])].tolist()) for h in range(hkv)] for r in range(b)]
+    assert got == want_pages
+    cache = QuestKVCache.init(b, s, hkv, d, page_size=page)
+    step = jax.jit(lambda c, kk, vv, pp: c.update(kk, vv, pp)[3])
+    for t in range(s):                                                   # decode-step writes
+        cache = step(cache, k[:, t:t + 1], v[:, t:t + 1], pos[:, t:t + 1])
+    out = Q.quest_decode(q, k, v, pos, page_size=page, budget_pages=budget, bounds=cache.bounds, impl="xla")
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+
+
 def test_quest_decode_finds_the_needle_page():
     b, s, hkv, d, page = 1, 64, 1, 16, 8
     k = 0.1 * jax.random.normal(jax.random.key(0), (b, s, hkv, d))
