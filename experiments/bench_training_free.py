@@ -253,8 +253,10 @@ def bench_quest(b, t, page, bounds_dtype, dense):
     row["score_us"] = amortised(scores_fn, cache)
     if FLAGS.quest_hlo:
         text = jax.jit(scores_fn).lower(qs[0], cache).compile().as_text()
-        print("\n".join(re.sub(r", metadata=.*", "", line.strip())[:200] for line in text.split("\nENTRY ")[-1].splitlines()
-                        if " = " in line and "parameter(" not in line)[:4000], flush=True)
+        if b == max(map(int, FLAGS.batches)):               # the program's text once per page size / bounds
+            entry = text.split("\nENTRY ")[-1].splitlines()
+            print("\n".join(re.sub(r", metadata=.*", "", line.strip())[:200] for line in entry
+                            if " = " in line and "parameter(" not in line)[:3000], flush=True)
         traffic = hlo_traffic(text)
         for name, op, rd, wr in traffic:
             print(f"  {name} ({op}): reads {rd / 1e6:.1f} MB, writes {wr / 1e6:.1f} MB", flush=True)

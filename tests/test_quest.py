@@ -274,8 +274,8 @@ def test_compiled_scores_read_the_bounds_in_place():
     text = jax.jit(Q.quest_page_scores).lower(*args).compile().as_text()
     entry = text.split("\nENTRY ")[-1].split("\n}")[0]
     written = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?!parameter)[a-z][\w-]*\(", entry)
-    sizes = [np.prod([int(x) for x in dims.split(",") if x]) * (1 if dt == "pred" else int(re.search(r"\d+", dt)[0]) // 8)
-             for dt, dims in written]
+    bits = {dt: 8 if dt == "pred" else int(re.search(r"\d+", dt)[0]) for dt, _ in written}
+    sizes = [np.prod([int(x) for x in dims.split(",") if x]) * bits[dt] // 8 for dt, dims in written]
     assert written and max(sizes) <= kmin.nbytes / 8, written        # the dots' [B, Hkv, P, 4] float32
 
 

@@ -5,10 +5,10 @@
 `kmin, kmax [B, Hkv, P, D]` (head-major, as the scores stream them; empty pages: `+inf` /
 `-inf`, as `sparse_jax.ops.quest.page_bounds`). `update` recomputes the bounds of the pages
 it writes only (a decode step touches one page per row), so a decode step reads
-`2 / page_size` of the key bytes for the bounds instead of every key. `bounds_dtype="float8_e4m3fn"` (or e5m2) keeps them as float8
-codes with a power-of-two `bound_scale [B, Hkv, P, 1]` per page and head, rounded outwards
-(`sparse_jax.ops.quest.bound_codes`): the scores stay upper bounds, the bytes they read halve
-for a bfloat16 cache.
+`2 / page_size` of the key bytes for the bounds instead of every key.
+`bounds_dtype="float8_e4m3fn"` (or e5m2) keeps them as float8 codes with a power-of-two
+`bound_scale [B, Hkv, P, 1]` per page and head, rounded outwards (`sparse_jax.ops.quest.
+bound_codes`): the scores stay upper bounds, the bytes they read halve for a bfloat16 cache.
 
 `PageSelectCache` is the cache of the query-aware decode policies (`sparse_jax.kv_policies.
 decode`: Quest, top-p): a `QuestKVCache` whose `update` also scores the pages by the
