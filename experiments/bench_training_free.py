@@ -90,10 +90,12 @@ flags.DEFINE_bool("quest_hlo", False, "print the fusions / custom calls of the c
                   "and the bytes each reads and writes (whether the bounds are read in place or copied first)")
 flags.DEFINE_list("quest_score_forms", [], "page-score forms timed beside the default XLA dots (each: us, error "
                   "against them): reduce (the elementwise products summed over D by one XLA reduction, no dot), "
-                  "triton:BLOCK_PAGES[:NUM_WARPS] (the Triton kernel, PageScoresConfig)")
+                  "triton:BLOCK_PAGES[:NUM_WARPS][:dot] (the Triton kernel, PageScoresConfig; dot: its "
+                  "tensor-core form)")
 flags.DEFINE_list("quest_topk", [], "top-k variants timed side by side on the same masked scores [B * Hkv, P] "
-                  "(each: us, share of the exact set found): xla (lax.top_k), radix[:BITS:FULL_PASSES:BLOCK_S] "
-                  "(the Triton radix select, TopkSelectConfig), approx:RECALL (lax.approx_max_k), "
+                  "(each: us, share of the exact set found): xla (lax.top_k), "
+                  "radix[:BITS:FULL_PASSES:BLOCK_S[:NUM_WARPS]] (the Triton radix select, TopkSelectConfig; "
+                  "from 64 rows), approx:RECALL (lax.approx_max_k), "
                   "chunked:CHUNK[:KEEP] (lax.top_k of KEEP per chunk of CHUNK pages, then of the candidates; "
                   "KEEP default min(k, CHUNK): the exact set but for ties)")
 flags.DEFINE_list("prefill_lens", ["131072", "32768"], "prefill lengths (the target's 128K first)")
@@ -182,7 +184,8 @@ def score_form(name, page):
             return jnp.where(Q.valid_pages(c[2], page)[:, None], s, -jnp.inf)
         return reduce_form
     if kind == "triton":
-        cfg = PageScoresConfig(**dict(zip(("block_pages", "num_warps"), map(int, arg))))
+        dot = arg[-1:] == ["dot"]
+        cfg = PageScoresConfig(**dict(zip(("block_pages", "num_warps"), map(int, arg[:len(arg) - dot]))), dot=dot)
         return lambda q, c: page_scores(q, c[3], c[4], Q.valid_pages(c[2], page), c[5] if c[5].shape[-1] else None,
                                         impl="triton", config=cfg)
     raise ValueError(f"--quest_score_forms: unknown form {name!r}")
@@ -195,7 +198,7 @@ def topk_variant(name, k):
     if kind == "xla":
         return lambda s: top_k_set(s, k, impl="xla")[1]
     if kind == "radix":
-        cfg = TopkSelectConfig(**dict(zip(("bits_per_pass", "full_passes", "block_s"), map(int, arg))))
+        cfg = TopkSelectConfig(**dict(zip(("bits_per_pass", "full_passes", "block_s", "num_warps"), map(int, arg))))
         return lambda s: top_k_set(s, k, impl="triton", config=cfg)[1]
     if kind == "approx":
         return lambda s: jax.lax.approx_max_k(s, k, recall_target=float(arg[0]))[1]

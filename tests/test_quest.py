@@ -419,3 +419,27 @@ def test_page_scores_kernel_equals_the_xla_scores(bounds_dtype):
     with pytest.raises(ValueError, match="not a power of two"):
         Q.quest_page_scores(q[..., :6], lo[..., :6], hi[..., :6], valid, bound_scale=sc, impl="triton",
                             interpret=True)
+
+
+@pytest.mark.parametrize("bounds_dtype", [None, "float8_e4m3fn"])
+def test_page_scores_kernel_tensor_core_form_equals_the_xla_scores(bounds_dtype):
+    """`PageScoresConfig(dot=True)` (interpret mode): bf16 q and keys, GQA 4 x Tq 2 (8 rows,
+    padded to 16), ragged rows, P = 16 in one block; its limits raise."""
+    from pallas_kernels.page_scores.api import PageScoresConfig, page_scores
+
+    k, _, pos = _cache(b=2, s=61, hkv=2, d=16, seed=5, lengths=(61, 23))
+    k = k.astype(jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(6), (2, 2, 8, 16), jnp.bfloat16)
+    kmin, kmax = Q.page_bounds(k, pos, 4)                                           # P = 16
+    lo, hi, sc = Q.bound_codes(kmin, kmax, kmin.dtype if bounds_dtype is None else bounds_dtype)
+    sc = sc if sc.shape[-1] else None
+    valid = Q.valid_pages(pos, 4)
+    want = page_scores(q, lo, hi, valid, sc, impl="xla")
+    cfg = PageScoresConfig(block_pages=16, dot=True)
+    got = page_scores(q, lo, hi, valid, sc, impl="triton", interpret=True, config=cfg)
+    assert np.isinf(np.asarray(want)).sum() == 2 * 10                               # row 1: pages 6..15 empty
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="16-bit q"):
+        page_scores(q.astype(jnp.float32), lo, hi, valid, sc, impl="triton", interpret=True, config=cfg)
+    with pytest.raises(ValueError, match=">= 16 pages per program"):
+        page_scores(q, lo, hi, valid, sc, impl="triton", interpret=True, config=PageScoresConfig(block_pages=8, dot=True))

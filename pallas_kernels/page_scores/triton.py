@@ -17,6 +17,9 @@ the group's `R = Tq * H / Hkv` query rows (padded to a power of two by repeating
 leaves the max unchanged), `R` broadcast multiply-adds of `[bp, D]` on the CUDA cores (`R`
 is 4 at H 32 / Hkv 8: under the 16 rows a tensor-core dot needs) and a row sum each; the
 `valid` flags of its pages pick -inf for the others (NaN from an empty page's +-inf bounds).
+`PageScoresConfig(dot=True)` instead pads the rows to 16 (repeating row 0) and runs two
+tensor-core dots `[bp, D] x [D, 16]` in q's 16-bit dtype (float8 codes widened to
+bfloat16, exact), float32 accumulation: no widened tiles, no row sums (not yet timed).
 """
 
 from __future__ import annotations
@@ -27,18 +30,23 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.tiles_common import NT
 
 
 @dataclasses.dataclass(frozen=True)
 class PageScoresConfig:
     """block_pages: pages per program (a power of two; the largest power of two <= it that
-    divides P is used); num_warps, num_stages: Triton launch parameters. Not tuned."""
+    divides P is used); num_warps, num_stages: Triton launch parameters; dot: the tensor-core
+    form (16-bit q, >= 16 pages per program). Not tuned."""
 
     block_pages: int = 32
     num_warps: int = 4
     num_stages: int = 2
+    dot: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.block_pages, int) and self.block_pages >= 1
@@ -56,15 +64,21 @@ def _widen(x):
     return x.astype(jnp.float32)
 
 
-def _kernel(q_ref, lo_ref, hi_ref, valid_ref, *rest, rows, scale):
+def _kernel(q_ref, lo_ref, hi_ref, valid_ref, *rest, rows, scale, dot):
     sc_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
-    lo = _widen(lo_ref[...])                                                # [bp, D]
-    hi = _widen(hi_ref[...])
-    s = None
-    for r in range(rows):
-        qr = q_ref[r].astype(jnp.float32)                                   # [D]
-        sr = jnp.sum(jnp.maximum(qr, 0.0)[None, :] * hi + jnp.minimum(qr, 0.0)[None, :] * lo, axis=1)
-        s = sr if s is None else jnp.maximum(s, sr)
+    if dot:                                                                 # tensor cores, q's dtype
+        q = q_ref[...]                                                      # [rows >= 16, D]
+        lo, hi = (x[...].astype(q.dtype) for x in (lo_ref, hi_ref))         # [bp, D]
+        s = (lax.dot_general(hi, jnp.maximum(q, 0), NT, preferred_element_type=jnp.float32)
+             + lax.dot_general(lo, jnp.minimum(q, 0), NT, preferred_element_type=jnp.float32)).max(axis=1)
+    else:
+        lo = _widen(lo_ref[...])                                            # [bp, D]
+        hi = _widen(hi_ref[...])
+        s = None
+        for r in range(rows):
+            qr = q_ref[r].astype(jnp.float32)                               # [D]
+            sr = jnp.sum(jnp.maximum(qr, 0.0)[None, :] * hi + jnp.minimum(qr, 0.0)[None, :] * lo, axis=1)
+            s = sr if s is None else jnp.maximum(s, sr)
     s = s * scale
     if sc_ref is not None:
         s = s * sc_ref[...].astype(jnp.float32)
@@ -76,13 +90,18 @@ MAX_ROWS = 64          # query rows per kv head (Tq * H / Hkv): unrolled multipl
 
 def supports(q, kmin, kmax, valid, bound_scale, *, interpret=False, config=None):
     """None where the kernel covers the call, else why not."""
-    del kmax, valid, bound_scale, interpret, config
+    del kmax, valid, bound_scale, interpret
     d = q.shape[-1]
     if d & (d - 1):
         return f"head_dim {d} is not a power of two"
     rows = q.shape[1] * (q.shape[2] // kmin.shape[1])
     if rows > MAX_ROWS:
         return f"{rows} query rows per kv head > {MAX_ROWS}"
+    if config is not None and config.dot:
+        if q.dtype.itemsize != 2 or kmin.dtype.itemsize > 2:
+            return f"dot=True needs 16-bit q and 16-bit or float8 bounds, got q {q.dtype}, bounds {kmin.dtype}"
+        if math.gcd(config.block_pages, kmin.shape[2] & -kmin.shape[2]) < 16:
+            return f"dot=True needs >= 16 pages per program: block_pages {config.block_pages}, P {kmin.shape[2]}"
     return None
 
 
@@ -99,7 +118,7 @@ def page_scores_triton(q, kmin, kmax, valid, bound_scale=None, *, scale: float, 
     b, tq, h, d = q.shape
     _, hkv, p, _ = kmin.shape
     r = tq * (h // hkv)
-    rp = pl.next_power_of_2(r)
+    rp = max(16, pl.next_power_of_2(r)) if cfg.dot else pl.next_power_of_2(r)
     qg = jnp.moveaxis(q.reshape(b, tq, hkv, h // hkv, d), 1, 2).reshape(b, hkv, r, d)
     qg = jnp.concatenate([qg, jnp.broadcast_to(qg[:, :, :1], (b, hkv, rp - r, d))], axis=2)  # repeat row 0
     bp = math.gcd(cfg.block_pages, p & -p)                  # largest power of two <= block_pages dividing P
@@ -111,7 +130,7 @@ def page_scores_triton(q, kmin, kmax, valid, bound_scale=None, *, scale: float, 
         in_specs.append(pl.BlockSpec((None, None, bp), lambda b_, k_, j: (b_, k_, j)))
         args.append(bound_scale.reshape(b, hkv, p))
     return pl.pallas_call(
-        functools.partial(_kernel, rows=rp, scale=scale),
+        functools.partial(_kernel, rows=rp, scale=scale, dot=cfg.dot),
         grid=(b, hkv, p // bp),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, bp), lambda b_, k_, j: (b_, k_, j)),
