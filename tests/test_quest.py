@@ -442,4 +442,5 @@ def test_page_scores_kernel_tensor_core_form_equals_the_xla_scores(bounds_dtype)
     with pytest.raises(ValueError, match="16-bit q"):
         page_scores(q.astype(jnp.float32), lo, hi, valid, sc, impl="triton", interpret=True, config=cfg)
     with pytest.raises(ValueError, match=">= 16 pages per program"):
-        page_scores(q, lo, hi, valid, sc, impl="triton", interpret=True, config=PageScoresConfig(block_pages=8, dot=True))
+        page_scores(q, lo, hi, valid, sc, impl="triton", interpret=True,
+                    config=PageScoresConfig(block_pages=8, dot=True))
