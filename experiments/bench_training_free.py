@@ -17,7 +17,12 @@ FlexPrefill prefill, each against its dense baseline in the same process.
     read each step): 8x at pages of 16 and a 1/16 budget, 12.8x at pages of 64.
     With `--quest_bounds bfloat16,float8_e4m3fn`, a row per bounds dtype (float8 codes: the
     bytes ceiling counts (D + 2) / 2D of a token per page). `--quest_hlo` prints the compiled
-    XLA score program (is a widened or transposed copy of the bounds written first?).
+    XLA score program and the bytes each of its instructions reads and writes (is a widened or
+    transposed copy of the bounds written first? The bounds are head-major `[B, Hkv, P, D]`
+    since issue 14 item 4; page-major they were copied twice). `--quest_score_forms` times
+    other forms of the scores (one XLA reduction; the Triton kernel's configs, its tensor-core
+    form) and `--quest_topk` other top-k's (lax.top_k, radix select configs, approx_max_k,
+    a two-stage chunked top-k) beside the defaults, each with its error / share of the exact set.
     Each figure is the median of `--iters` timed calls of one jitted program running
     `--reps` steps on distinct queries (bench_decode's `repeated`: optimization barriers
     between steps), divided by `--reps`.
