@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.decode.api import decode_attention
+from gpu_testing import has_gpu
 from sparse_jax.cache.quest import QuestKVCache
 from sparse_jax.ops import quest as Q
 
@@ -265,18 +266,55 @@ def test_jitted_bf16_scores_match_the_numpy_formula():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _largest_written_buffer(fn, *args):
+    """Bytes of the largest array an instruction of the compiled ENTRY computation of
+    `jit(fn)(*args)` writes (parameters aside; a tuple result, e.g. a cuBLAS call's with its
+    workspace, is read through its get-tuple-elements), and the instructions written."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    entry = text.split("\nENTRY ")[-1].split("\n}")[0]
+    written = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?!parameter)[a-z][\w-]*\(", entry)
+    bits = {dt: 8 if dt == "pred" else int(re.search(r"\d+", dt)[0]) for dt, _ in written}
+    sizes = [np.prod([int(x) for x in dims.split(",") if x]) * bits[dt] // 8 for dt, dims in written]
+    return max(sizes), written
+
+
 def test_compiled_scores_read_the_bounds_in_place():
     """The compiled CPU score program (bf16 bounds, GQA 4) writes no buffer of the bounds'
     size: no transposed, zeroed or widened copy of them (the page-major layout wrote two)."""
     b, hkv, p, d = 2, 4, 64, 128
     kmin = jnp.zeros((b, hkv, p, d), jnp.bfloat16)
     args = (jnp.zeros((b, 1, 4 * hkv, d), jnp.bfloat16), kmin, kmin, jnp.ones((b, p), bool))
-    text = jax.jit(Q.quest_page_scores).lower(*args).compile().as_text()
-    entry = text.split("\nENTRY ")[-1].split("\n}")[0]
-    written = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?!parameter)[a-z][\w-]*\(", entry)
-    bits = {dt: 8 if dt == "pred" else int(re.search(r"\d+", dt)[0]) for dt, _ in written}
-    sizes = [np.prod([int(x) for x in dims.split(",") if x]) * bits[dt] // 8 for dt, dims in written]
-    assert written and max(sizes) <= kmin.nbytes / 8, written        # the dots' [B, Hkv, P, 4] float32
+    largest, written = _largest_written_buffer(Q.quest_page_scores, *args)
+    assert largest <= kmin.nbytes / 8, written                          # the dots' [B, Hkv, P, 4] float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+def test_compiled_on_gpu_scores_read_the_bounds_in_place_and_match():
+    """On the GPU at a decode shape (B 2, Hkv 8, 4096 pages, D 128, GQA 4, bf16, ragged): the
+    XLA score program writes no bounds-sized buffer, its scores match the float64 formula,
+    and the Triton kernel (default and tensor-core form) matches them."""
+    from pallas_kernels.page_scores.api import PageScoresConfig, page_scores
+
+    b, hkv, p, d, page = 2, 8, 4096, 128, 16
+    k = jax.random.normal(jax.random.key(0), (b, p * page, hkv, d), jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(1), (b, 1, 4 * hkv, d), jnp.bfloat16)
+    slots = jnp.arange(p * page, dtype=jnp.int32)[None]
+    pos = jnp.where(slots < jnp.array([[p * page], [1000 * page + 5]]), slots, -1)
+    kmin, kmax = Q.page_bounds(k, pos, page)
+    valid = Q.valid_pages(pos, page)
+    largest, written = _largest_written_buffer(Q.quest_page_scores, q, kmin, kmax, valid)
+    assert largest <= kmin.nbytes / 8, written
+    got = np.asarray(jax.jit(Q.quest_page_scores)(q, kmin, kmax, valid))
+    qn = np.asarray(q, np.float64).reshape(b, hkv, 1, 4, d)
+    lo, hi = (np.asarray(x, np.float64)[:, :, :, None] for x in (kmin, kmax))
+    with np.errstate(invalid="ignore"):                                 # 0 * inf at the empty pages
+        want = np.maximum(qn * hi, qn * lo).sum(-1).max(-1) / np.sqrt(d)
+    want = np.where(np.asarray(valid)[:, None], want, -np.inf)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for cfg in (None, PageScoresConfig(block_pages=64, dot=True)):
+        kernel = jax.jit(lambda *a, c=cfg: page_scores(*a, impl="triton", config=c))(q, kmin, kmax, valid)
+        np.testing.assert_allclose(kernel, got, rtol=1e-5, atol=1e-5)
 
 
 # ---- float8 page bounds (bound_codes): outward rounding keeps the scores upper bounds ----
