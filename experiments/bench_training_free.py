@@ -60,6 +60,7 @@ relative to max |ref|).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -76,7 +77,7 @@ from experiments.bench_decode import median_time, rel, repeated
 from pallas_kernels.block_sparse import BlockSparseMetadata, block_sparse_attention
 from pallas_kernels.decode.api import decode_attention
 from pallas_kernels.indexer import top_k_set
-from pallas_kernels.indexer.select import TopkSelectConfig
+from pallas_kernels.indexer.select import TopkSelectConfig, float_keys
 from pallas_kernels.page_scores.api import PageScoresConfig, page_scores
 from sparse_jax import patterns as P
 from sparse_jax.cache.base import weighted_attention
@@ -100,7 +101,8 @@ flags.DEFINE_list("quest_score_forms", [], "page-score forms timed beside the de
 flags.DEFINE_list("quest_topk", [], "top-k variants timed side by side on the same masked scores [B * Hkv, P] "
                   "(each: us, share of the exact set found): xla (lax.top_k), "
                   "radix[:BITS:FULL_PASSES:BLOCK_S[:NUM_WARPS]] (the Triton radix select, TopkSelectConfig; "
-                  "from 64 rows), approx:RECALL (lax.approx_max_k), "
+                  "from 64 rows), histogram[:BITS] (an exact radix select in plain XLA, all rows at once), "
+                  "approx:RECALL (lax.approx_max_k), "
                   "chunked:CHUNK[:KEEP] (lax.top_k of KEEP per chunk of CHUNK pages, then of the candidates; "
                   "KEEP default min(k, CHUNK): the exact set but for ties)")
 flags.DEFINE_list("prefill_lens", ["131072", "32768"], "prefill lengths (the target's 128K first)")
@@ -196,6 +198,33 @@ def score_form(name, page):
     raise ValueError(f"--quest_score_forms: unknown form {name!r}")
 
 
+def histogram_top_k(s, k, bits):
+    """The exact top-k set of `s [R, P]` (-inf counted as a value) in plain XLA, all rows at
+    once: the k-th largest key by `32 / bits` passes of `2**bits`-bucket histograms (one fused
+    compare-and-count each), then the slots above it plus the first of its ties in slot order,
+    compacted by a cumsum and a scatter. Slots `[R, k]`, ascending."""
+    r, p = s.shape
+    u = jax.lax.bitcast_convert_type(float_keys(s), jnp.uint32) ^ jnp.uint32(1 << 31)   # unsigned order
+    prefix, need = jnp.zeros((r,), jnp.uint32), jnp.full((r,), min(k, p), jnp.int32)
+    buckets = jnp.arange(2 ** bits, dtype=jnp.uint32)
+    for shift in range(32 - bits, -1, -bits):
+        high = jnp.uint32((0xFFFFFFFF << (shift + bits)) & 0xFFFFFFFF)
+        digit = (u >> shift) & jnp.uint32(2 ** bits - 1)
+        in_play = (u & high) == prefix[:, None]
+        hist = ((digit[..., None] == buckets) & in_play[..., None]).sum(1, dtype=jnp.int32)   # [R, 2**bits]
+        at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]                # in play with digit >= d
+        d = (at_least >= need[:, None]).sum(1) - 1                           # the k-th's digit
+        above = jnp.where(d + 1 < 2 ** bits, jnp.take_along_axis(at_least, jnp.minimum(d + 1, 2 ** bits - 1)[:, None],
+                                                                  axis=1)[:, 0], 0)
+        need = need - above
+        prefix = prefix | (d.astype(jnp.uint32) << shift)
+    equal = u == prefix[:, None]
+    take = (u > prefix[:, None]) | (equal & (jnp.cumsum(equal, axis=1, dtype=jnp.int32) <= need[:, None]))
+    col = jnp.where(take, jnp.cumsum(take, axis=1, dtype=jnp.int32) - 1, k)
+    slots = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (r, p))
+    return jnp.full((r, k), -1, jnp.int32).at[jnp.arange(r)[:, None], col].set(slots, mode="drop")
+
+
 def topk_variant(name, k):
     """`f(scores [R, P] float32) -> slots [R, k]` for one `--quest_topk` entry (ascending
     slots for the exact ones; the set is what is compared)."""
@@ -207,6 +236,8 @@ def topk_variant(name, k):
         return lambda s: top_k_set(s, k, impl="triton", config=cfg)[1]
     if kind == "approx":
         return lambda s: jax.lax.approx_max_k(s, k, recall_target=float(arg[0]))[1]
+    if kind == "histogram":
+        return functools.partial(histogram_top_k, k=k, bits=int(arg[0]) if arg else 4)
     if kind == "chunked":
         chunk = int(arg[0])
         keep = int(arg[1]) if len(arg) > 1 else min(k, chunk)
