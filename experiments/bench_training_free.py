@@ -307,6 +307,8 @@ def bench_quest(b, t, page, bounds_dtype, dense):
         row["score_triton_us"] = amortised(kernel, cache)
     except Exception as e:  # noqa: BLE001 - keep the row
         row["score_triton_error"] = str(e)[:300]
+    if FLAGS.quest_score_forms or FLAGS.quest_topk:     # what a time limit cutting the variants would lose
+        print(json.dumps(dict(partial=True, **row)), flush=True)
     for name in FLAGS.quest_score_forms:
         try:
             fn = score_form(name, page)
