@@ -307,15 +307,6 @@ def bench_quest(b, t, page, bounds_dtype, dense):
         row["score_triton_us"] = amortised(kernel, cache)
     except Exception as e:  # noqa: BLE001 - keep the row
         row["score_triton_error"] = str(e)[:300]
-    if FLAGS.quest_score_forms or FLAGS.quest_topk:     # what a time limit cutting the variants would lose
-        print(json.dumps(dict(partial=True, **row)), flush=True)
-    for name in FLAGS.quest_score_forms:
-        try:
-            fn = score_form(name, page)
-            form = dict(err=rel(jax.jit(fn)(qs[0], cache), jax.jit(scores_fn)(qs[0], cache)), us=amortised(fn, cache))
-        except Exception as e:  # noqa: BLE001 - keep the row
-            form = dict(error=str(e)[:200])
-        row.setdefault("score_forms", {})[name] = form
     scores = jnp.stack([jax.jit(scores_fn)(qs[i], cache) for i in range(FLAGS.reps)])
 
     def top_pages(q, c, _v, s):
@@ -324,18 +315,6 @@ def bench_quest(b, t, page, bounds_dtype, dense):
 
     row["topk_us"] = 1e6 * median_time(repeated(top_pages, {}), qs, pos, None, scores,
                                        iters=FLAGS.iters) / FLAGS.reps
-    masked = jnp.where(Q.valid_pages(pos, page)[:, None], scores, -jnp.inf).reshape(FLAGS.reps, b * hkv, pages)
-    exact = np.asarray(jax.jit(topk_variant("xla", budget))(masked[0]))
-    for name in FLAGS.quest_topk:       # the top-k alone, variants side by side on the same scores
-        try:
-            fn = topk_variant(name, budget)
-            got = np.asarray(jax.jit(fn)(masked[0]))
-            found = np.mean([len(set(x) & set(y)) / budget for x, y in zip(got.tolist(), exact.tolist())])
-            us = 1e6 * median_time(repeated(lambda q, c, _v, s_: fn(s_), {}), qs, pos, None, masked,
-                                   iters=FLAGS.iters) / FLAGS.reps
-            row.setdefault("topk_variants", {})[name] = dict(us=us, found=float(found))
-        except Exception as e:  # noqa: BLE001 - keep the row
-            row.setdefault("topk_variants", {})[name] = dict(error=str(e)[:200])
     sels = jnp.stack([select(qs[i], cache) for i in range(FLAGS.reps)])    # each step its own pages
 
     def general_lists(q, c, _v, sel):     # what the top-k's lists cost before `sorted_block_lists`
@@ -365,6 +344,27 @@ def bench_quest(b, t, page, bounds_dtype, dense):
     row["bounds_bytes"] = sum(x.size * x.dtype.itemsize for x in bounds)
     f = row["bounds_bytes"] / (pages * (k.size // t) * 2 * k.dtype.itemsize)
     row["ideal_speedup"] = t / (f * pages + budget * page)
+    if FLAGS.quest_score_forms or FLAGS.quest_topk:     # what a time limit cutting the variants would lose
+        print(json.dumps(dict(partial=True, **row)), flush=True)
+    for name in FLAGS.quest_score_forms:
+        try:
+            fn = score_form(name, page)
+            form = dict(err=rel(jax.jit(fn)(qs[0], cache), jax.jit(scores_fn)(qs[0], cache)), us=amortised(fn, cache))
+        except Exception as e:  # noqa: BLE001 - keep the row
+            form = dict(error=str(e)[:200])
+        row.setdefault("score_forms", {})[name] = form
+    masked = jnp.where(Q.valid_pages(pos, page)[:, None], scores, -jnp.inf).reshape(FLAGS.reps, b * hkv, pages)
+    exact = np.asarray(jax.jit(topk_variant("xla", budget))(masked[0]))
+    for name in FLAGS.quest_topk:       # the top-k alone, variants side by side on the same scores
+        try:
+            fn = topk_variant(name, budget)
+            got = np.asarray(jax.jit(fn)(masked[0]))
+            found = np.mean([len(set(x) & set(y)) / budget for x, y in zip(got.tolist(), exact.tolist())])
+            us = 1e6 * median_time(repeated(lambda q, c, _v, s_: fn(s_), {}), qs, pos, None, masked,
+                                   iters=FLAGS.iters) / FLAGS.reps
+            row.setdefault("topk_variants", {})[name] = dict(us=us, found=float(found))
+        except Exception as e:  # noqa: BLE001 - keep the row
+            row.setdefault("topk_variants", {})[name] = dict(error=str(e)[:200])
     print(json.dumps(row), flush=True)
     return row
 
