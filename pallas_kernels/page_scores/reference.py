@@ -21,9 +21,10 @@ def page_scores_reference(q, kmin, kmax, valid, bound_scale=None, *, scale: floa
                                       preferred_element_type=jnp.float32)
     s = dot(jnp.maximum(qg, 0), kmax) + dot(jnp.minimum(qg, 0), kmin)                    # [B, Hkv, P, R]
     # XLA:CPU (jax 0.11.2) fuses the bf16 dots, the add and the max into one YNNPACK call that
-    # returns garbage (inf) from B * Hkv >= 8 and P >= 128 on; the barrier keeps the max out.
-    # A GPU writes the dots' output anyway (R = 4 float32 per page: 1/32 of bf16 bounds' bytes).
-    s = jax.lax.optimization_barrier(s).max(-1) * scale                                   # [B, Hkv, P]
+    # returns garbage (inf) at B 2 x Hkv 8, P 64, D 64 and beyond; on the CPU only, a barrier
+    # keeps the max out of it (elsewhere the add and the max fuse after the dots as before).
+    s = jax.lax.platform_dependent(s, cpu=jax.lax.optimization_barrier, default=lambda x: x)
+    s = s.max(-1) * scale                                                                  # [B, Hkv, P]
     if bound_scale is not None:
         s = s * bound_scale[..., 0].astype(jnp.float32)
     return jnp.where(valid[:, None], s, -jnp.inf)
