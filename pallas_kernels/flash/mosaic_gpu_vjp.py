@@ -47,12 +47,15 @@ class MosaicGPUBackwardConfig:
     `block_q_dkv` query columns per dK/dV step (multiples of 64), `stages` ring depth.
     `dkv_min_ctas`: when the dK/dV grid (kv heads x KV tiles of 128 x batch) is smaller,
     each GQA group's query heads are split over several CTAs per KV tile (`dkv_head_split`;
-    short key axes such as NSA's compressed keys), their partial sums added in float32."""
+    short key axes such as NSA's compressed keys), their partial sums added in float32.
+    `fused_dq`: the one-kernel FlashAttention-3 plan (dQ reduce-added from the dK/dV
+    kernel; needs `block_q_dkv == 64` for SMEM) instead of the two-kernel one."""
 
     block_kv_dq: int = 64
     block_q_dkv: int = 64
     stages: int = 2
     dkv_min_ctas: int = 264          # two waves of an H100 / H200's 132 SMs
+    fused_dq: bool = False
 
     def __post_init__(self):
         for name in ("block_kv_dq", "block_q_dkv"):
@@ -63,6 +66,8 @@ class MosaicGPUBackwardConfig:
             raise ValueError(f"stages must be >= 2, got {self.stages}")
         if self.dkv_min_ctas < 1:
             raise ValueError(f"dkv_min_ctas must be >= 1, got {self.dkv_min_ctas}")
+        if self.fused_dq and self.block_q_dkv != TILE:
+            raise ValueError(f"fused_dq needs block_q_dkv == {TILE} (SMEM), got {self.block_q_dkv}")
 
 
 def dkv_head_split(group: int, ctas: int, min_ctas: int) -> int:
@@ -218,7 +223,11 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
               cfg: MosaicGPUBackwardConfig, interpret=None):
     """dk, dv `[B, Tk, Hkv, D]` (k's dtype): the GQA group's query heads summed on chip, or,
     split over `dkv_head_split` CTAs, each part's sum in k's dtype, added in float32 here.
-    `interpret`: None (compiled) or `InterpretGPUParams`."""
+    With `cfg.fused_dq`, also dq `[B, Tq, H, D]` (q's dtype): each consumer reduce-adds its
+    float32 `dS K` tiles into a zeroed `[B, Tq, H, D]` buffer (TMA `reduction_op="add"`),
+    scaled and cast here. `interpret`: None (compiled) or `InterpretGPUParams`; JAX 0.11.2's
+    interpreter has no TMA reduction, so there each (KV tile, consumer) stores its tiles
+    into its own copy of the buffer (`[2 * nkt * B, Tq, H, D]`, zeroed), summed here."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
 
     b, tq, h, d = q.shape
@@ -233,9 +242,12 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
     heads = group // split                 # query heads per CTA
     c = float(scale) * LOG2E
     layout_col = plgpu.Layout.WGMMA.reduce(0)
+    fused = cfg.fused_dq
+    dq_copies = COMPUTE_WGS * nkt if interpret else 1      # of the dq buffer (see above)
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, scoped):
-        (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem), loaded, consumed = scoped
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_acc, dk_ref, dv_ref, scoped):
+        (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, *dq_smem2), loaded, consumed = \
+            scoped
         k_loaded, v_loaded, q_loaded, do_loaded, lse_loaded, delta_loaded = loaded
         bi = lax.axis_index("batch")
         hk = lax.div(lax.axis_index("heads"), jnp.int32(split))
@@ -259,7 +271,25 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
             plgpu.barrier_wait(v_loaded.at[wg])
             zeros = plgpu.layout_cast(jnp.full((bk, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-            def step(s, i, carry, masked):
+            def dq_tile(dst, i, qh):
+                """Reduce-adds this consumer's `dS K` for query tile i, head qh into dq_acc."""
+                ds_smem, dq_smem = (x.at[wg] for x in dq_smem2)
+                ds_smem[...] = dst
+                plgpu.commit_smem()
+
+                def dsk(acc_ref):
+                    plgpu.wgmma(acc_ref, ds_smem.transpose((1, 0)), k_smem)
+                    return acc_ref[...]
+
+                dq = pl.run_scoped(dsk, plgpu.ACC((bq, d), jnp.float32))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)     # the last tile's read
+                dq_smem[...] = dq
+                plgpu.commit_smem()
+                copy = (tile * COMPUTE_WGS + wg) * b if interpret else 0
+                plgpu.copy_smem_to_gmem(dq_smem, dq_acc.at[copy + bi, pl.ds(i * bq, bq), qh],
+                                        reduction_op=None if interpret else "add")
+
+            def step(s, i, qh, carry, masked):
                 dk, dv = carry
                 slot = lax.rem(s, jnp.int32(stages))
                 plgpu.barrier_wait(q_loaded.at[slot])
@@ -295,12 +325,15 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
 
                 dk = accumulate(dsq, dk, interpret=interpret)
                 plgpu.barrier_arrive(consumed.at[slot])
+                if fused:
+                    dq_tile(dst, i, qh)
                 return dk, dv
 
             def head(g, carry):
                 s0 = g * n_vis - i_lo          # step counter = s0 + i
+                qh = hk * group + part * heads + g
                 return walk_tiles((i_lo, i_full_lo, i_full_hi, i_hi),
-                                  lambda i, cr, masked: step(s0 + i, i, cr, masked), carry)
+                                  lambda i, cr, masked: step(s0 + i, i, qh, cr, masked), carry)
 
             dk, dv = lax.fori_loop(0, heads, head, (zeros, zeros))
             k_smem[...] = (dk * scale).astype(dtype)
@@ -339,7 +372,7 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
             if interpret:
                 observe_last_phases((consumed,), heads * n_vis, stages)
 
-    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref):
+    def entry(*refs):
         tr = smem_transforms(plgpu, d, dtype)
         scratch = (
             plgpu.SMEM((COMPUTE_WGS, bk, d), dtype, transforms=tr),
@@ -349,8 +382,16 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
             plgpu.SMEM((stages, bq), jnp.float32),
             plgpu.SMEM((stages, bq), jnp.float32),
         )
+        if fused:      # dS^T (wgmma operand) and the float32 dQ tile of each consumer
+            scratch += (
+                plgpu.SMEM((COMPUTE_WGS, bk, bq), dtype, transforms=smem_transforms(plgpu, bq, dtype)),
+                plgpu.SMEM((COMPUTE_WGS, bq, d), jnp.float32,
+                           transforms=smem_transforms(plgpu, d, jnp.float32)),
+            )
+        else:
+            refs = refs[:6] + (None,) + refs[6:]
         pl.run_scoped(
-            lambda *a: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, a),
+            lambda *a: body(*refs, a),
             scratch,
             (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2
             + (plgpu.Barrier(num_barriers=stages),) * 4,
@@ -359,6 +400,7 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
         )
 
     kv_shape = jax.ShapeDtypeStruct((split * b,) + k.shape[1:], k.dtype)
+    dq_buf = (jax.new_ref(jnp.zeros((dq_copies * b, tq, h, d), jnp.float32)),) if fused else ()
     dk, dv = plgpu.kernel(
         entry,
         out_type=(kv_shape, kv_shape),
@@ -367,13 +409,16 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name="flash_bwd_dkv_mosaic_gpu",
+        kernel_name="flash_bwd_dkvq_mosaic_gpu" if fused else "flash_bwd_dkv_mosaic_gpu",
         interpret=interpret,
-    )(q, k, v, do, lse2, delta)
-    if split == 1:
+    )(q, k, v, do, lse2, delta, *dq_buf)
+    if split > 1:
+        parts = lambda x: x.reshape((split,) + k.shape).astype(jnp.float32).sum(0).astype(k.dtype)  # noqa: E731
+        dk, dv = parts(dk), parts(dv)
+    if not fused:
         return dk, dv
-    parts = lambda x: x.reshape((split,) + k.shape).astype(jnp.float32).sum(0).astype(k.dtype)  # noqa: E731
-    return parts(dk), parts(dv)
+    dq = dq_buf[0][...].reshape((dq_copies,) + q.shape).sum(0)
+    return dk, dv, (dq * scale).astype(dtype)
 
 
 def mask_kind(mask_fn) -> tuple[bool, int | None] | None:
@@ -396,6 +441,9 @@ def backward(st, q, k, v, dout, q_pos, kv_pos, q_seg, kv_seg, lse2, delta):
     cfg = st.config.backward
     dout = dout.astype(q.dtype)
     kw = dict(spec=st.kernel_mask, scale=st.scale, cfg=cfg, interpret=st.interpret or None)
+    if cfg.fused_dq:
+        dk, dv, dq = _dkv_call(q, k, v, dout, lse2, delta, **kw)
+        return dq, dk, dv
     dq = _dq_call(q, k, v, dout, lse2, delta, **kw)
     dk, dv = _dkv_call(q, k, v, dout, lse2, delta, **kw)
     return dq, dk, dv
