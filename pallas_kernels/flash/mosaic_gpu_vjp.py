@@ -244,9 +244,13 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
     layout_col = plgpu.Layout.WGMMA.reduce(0)
     fused = cfg.fused_dq
     dq_copies = COMPUTE_WGS * nkt if interpret else 1      # of the dq buffer (see above)
+    # fused dQ: consumer w computes dq columns [w * cols, (w + 1) * cols) from both consumers'
+    # dS and K when they split into whole swizzle tiles (64 columns), else its own full rows
+    col_split = d % (COMPUTE_WGS * 64) == 0
+    cols = d // COMPUTE_WGS if col_split else d
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_acc, dk_ref, dv_ref, scoped):
-        (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, *dq_smem2), loaded, consumed = \
+        (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, *dq_scratch), loaded, consumed = \
             scoped
         k_loaded, v_loaded, q_loaded, do_loaded, lse_loaded, delta_loaded = loaded
         bi = lax.axis_index("batch")
@@ -271,23 +275,37 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
             plgpu.barrier_wait(v_loaded.at[wg])
             zeros = plgpu.layout_cast(jnp.full((bk, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-            def dq_tile(dst, i, qh):
-                """Reduce-adds this consumer's `dS K` for query tile i, head qh into dq_acc."""
-                ds_smem, dq_smem = (x.at[wg] for x in dq_smem2)
-                ds_smem[...] = dst
-                plgpu.commit_smem()
+            def sync_consumers():
+                plgpu.barrier_arrive(dq_scratch[2])
+                plgpu.barrier_wait(dq_scratch[2])
+
+            def dq_tile(s, dst, i, qh):
+                """Reduce-adds this consumer's part of `dS K` (query tile i of head qh, step
+                s) into dq_acc: its columns of both consumers' (col_split), else its own."""
+                ds_smem2, dq_smem = dq_scratch[0].at[lax.rem(s, 2)], dq_scratch[1].at[wg]
+                ds_smem2.at[wg][...] = dst          # two buffers: the other consumer may
+                plgpu.commit_smem()                 # still read the last step's
+                if col_split:
+                    sync_consumers()                # both dS^T written
+                    pairs = [(ds_smem2.at[j], k_smem2.at[j, :, pl.ds(wg * cols, cols)])
+                             for j in range(COMPUTE_WGS)]
+                else:
+                    pairs = [(ds_smem2.at[wg], k_smem)]
 
                 def dsk(acc_ref):
-                    plgpu.wgmma(acc_ref, ds_smem.transpose((1, 0)), k_smem)
+                    for ds_smem, k_part in pairs:
+                        plgpu.wgmma(acc_ref, ds_smem.transpose((1, 0)), k_part)
                     return acc_ref[...]
 
-                dq = pl.run_scoped(dsk, plgpu.ACC((bq, d), jnp.float32))
+                dq = pl.run_scoped(dsk, plgpu.ACC((bq, cols), jnp.float32))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)     # the last tile's read
                 dq_smem[...] = dq
                 plgpu.commit_smem()
                 copy = (tile * COMPUTE_WGS + wg) * b if interpret else 0
-                plgpu.copy_smem_to_gmem(dq_smem, dq_acc.at[copy + bi, pl.ds(i * bq, bq), qh],
-                                        reduction_op=None if interpret else "add")
+                dst_cols = pl.ds(wg * cols, cols) if col_split else pl.ds(0, d)
+                plgpu.copy_smem_to_gmem(
+                    dq_smem, dq_acc.at[copy + bi, pl.ds(i * bq, bq), qh, dst_cols],
+                    reduction_op=None if interpret else "add")
 
             def step(s, i, qh, carry, masked):
                 dk, dv = carry
@@ -326,7 +344,7 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                 dk = accumulate(dsq, dk, interpret=interpret)
                 plgpu.barrier_arrive(consumed.at[slot])
                 if fused:
-                    dq_tile(dst, i, qh)
+                    dq_tile(s, dst, i, qh)
                 return dk, dv
 
             def head(g, carry):
@@ -336,6 +354,8 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                                   lambda i, cr, masked: step(s0 + i, i, qh, cr, masked), carry)
 
             dk, dv = lax.fori_loop(0, heads, head, (zeros, zeros))
+            if fused and col_split:
+                sync_consumers()                    # the other consumer's last read of k_smem
             k_smem[...] = (dk * scale).astype(dtype)
             v_smem[...] = dv.astype(dtype)
             plgpu.commit_smem()
@@ -382,11 +402,13 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
             plgpu.SMEM((stages, bq), jnp.float32),
             plgpu.SMEM((stages, bq), jnp.float32),
         )
-        if fused:      # dS^T (wgmma operand) and the float32 dQ tile of each consumer
+        if fused:      # dS^T (wgmma operand, two buffers), each consumer's float32 dQ tile
             scratch += (
-                plgpu.SMEM((COMPUTE_WGS, bk, bq), dtype, transforms=smem_transforms(plgpu, bq, dtype)),
-                plgpu.SMEM((COMPUTE_WGS, bq, d), jnp.float32,
-                           transforms=smem_transforms(plgpu, d, jnp.float32)),
+                plgpu.SMEM((2, COMPUTE_WGS, bk, bq), dtype,
+                           transforms=smem_transforms(plgpu, bq, dtype)),
+                plgpu.SMEM((COMPUTE_WGS, bq, cols), jnp.float32,
+                           transforms=smem_transforms(plgpu, cols, jnp.float32)),
+                plgpu.Barrier(num_arrivals=COMPUTE_WGS) if col_split else None,
             )
         else:
             refs = refs[:6] + (None,) + refs[6:]
