@@ -1,8 +1,11 @@
 """`flash` backward on Hopper: Pallas with the Mosaic GPU lowering (`wgmma`, TMA, warp
-specialisation), the FlashAttention-2 backward (arXiv 2307.08691, Alg. 2) in two kernels
-so that nothing needs atomics, each with two consumer warpgroups and one producer
-warpgroup that streams tiles by TMA through a `stages`-deep SMEM ring (a "loaded" barrier
-per slot for TMA completion, a "consumed" barrier per slot that both consumers arrive at):
+specialisation), in one of two plans (`MosaicGPUBackwardConfig.fused_dq`). Each kernel has
+two consumer warpgroups and one producer warpgroup that streams tiles by TMA through a
+`stages`-deep SMEM ring (a "loaded" barrier per slot for TMA completion, a "consumed"
+barrier per slot that both consumers arrive at).
+
+Two kernels (default), the FlashAttention-2 backward (arXiv 2307.08691, Alg. 2) with no
+atomics, 7 matmuls per (query tile, KV tile) pair:
 
 * dQ: one CTA per (head, pair of 64-row query tiles, batch). Each consumer keeps its
   `q, dO [64, D]`, `lse2, delta [64]` in SMEM and `dq [64, D]` in float32 registers and
@@ -15,6 +18,17 @@ per slot for TMA completion, a "consumed" barrier per slot that both consumers a
   `S^T = K Q^T`, `P^T = exp2(S^T c - lse2)`, `dV += P^T dO`, `dP^T = V dO^T`,
   `dS^T = P^T (dP^T - delta)`, `dK += dS^T Q`.
 
+One kernel (`fused_dq=True`), the FlashAttention-3 backward (arXiv 2407.08608), 5 matmuls
+per pair: the dK/dV kernel also writes `dS^T` (bf16) to SMEM and computes the CTA's
+float32 `dQ` tile `dS K [64, D]` for each query tile it visits, which the consumers
+reduce-add into a zeroed float32 `[B, Tq, H, D]` buffer in global memory by TMA
+(`copy_smem_to_gmem(..., reduction_op="add")`); every KV tile's (and, with
+`dkv_head_split`, every CTA's) contributions add there, then XLA scales and casts it. At
+D = 128 each consumer computes half of dQ's columns from both consumers' dS^T and K (a
+consumer barrier between the dS^T writes and the matmul; dS^T double-buffered), so a CTA
+reduce-adds one `[64, D]` tile per query tile; at D = 64 each consumer adds its own.
+SMEM at D = 128: 193 KiB with 2 stages (3 would not fit). Only `block_q_dkv = 64`.
+
 The mask is the forward's static `mosaic_gpu_mask.MaskSpec` (causal, window, keys at
 `stride * j + offset`, padded keys): tiles no element of which is visible are never
 loaded, and only tiles not wholly visible evaluate the element mask. `lse2` (base-2
@@ -22,6 +36,9 @@ log-sum-exp; huge where a row sees nothing, so P = 0 there) and `delta = rowsum(
 dlse` come from `autodiff` (the cotangent of the lse output is folded into `delta`).
 Scope: the forward's (`mosaic_gpu.check_supported`, lengths padded there to 128 and the
 tiles). Sink logits only add to the denominator, so they live in `lse2` and `autodiff`.
+Under GPU interpret mode (tests), which in JAX 0.11.2 has no TMA reduction, the fused plan
+stores each (KV tile, consumer)'s dQ tiles into its own zeroed copy of the buffer, and XLA
+sums the copies (`_dkv_call`); the compiled kernel is unchanged by this.
 """
 
 from __future__ import annotations
@@ -244,10 +261,11 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
     layout_col = plgpu.Layout.WGMMA.reduce(0)
     fused = cfg.fused_dq
     dq_copies = COMPUTE_WGS * nkt if interpret else 1      # of the dq buffer (see above)
-    # fused dQ: consumer w computes dq columns [w * cols, (w + 1) * cols) from both consumers'
-    # dS and K when they split into whole swizzle tiles (64 columns), else its own full rows
+    # fused dQ: consumer w computes dq columns [w * dq_cols, (w + 1) * dq_cols) from both
+    # consumers' dS and K when they split into whole swizzle tiles (64 columns), else its own
+    # full rows
     col_split = d % (COMPUTE_WGS * 64) == 0
-    cols = d // COMPUTE_WGS if col_split else d
+    dq_cols = d // COMPUTE_WGS if col_split else d
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_acc, dk_ref, dv_ref, scoped):
         (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, *dq_scratch), loaded, consumed = \
@@ -287,7 +305,7 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                 plgpu.commit_smem()                 # still read the last step's
                 if col_split:
                     sync_consumers()                # both dS^T written
-                    pairs = [(ds_smem2.at[j], k_smem2.at[j, :, pl.ds(wg * cols, cols)])
+                    pairs = [(ds_smem2.at[j], k_smem2.at[j, :, pl.ds(wg * dq_cols, dq_cols)])
                              for j in range(COMPUTE_WGS)]
                 else:
                     pairs = [(ds_smem2.at[wg], k_smem)]
@@ -297,12 +315,12 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                         plgpu.wgmma(acc_ref, ds_smem.transpose((1, 0)), k_part)
                     return acc_ref[...]
 
-                dq = pl.run_scoped(dsk, plgpu.ACC((bq, cols), jnp.float32))
+                dq = pl.run_scoped(dsk, plgpu.ACC((bq, dq_cols), jnp.float32))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)     # the last tile's read
                 dq_smem[...] = dq
                 plgpu.commit_smem()
                 copy = (tile * COMPUTE_WGS + wg) * b if interpret else 0
-                dst_cols = pl.ds(wg * cols, cols) if col_split else pl.ds(0, d)
+                dst_cols = pl.ds(wg * dq_cols if col_split else 0, dq_cols)
                 plgpu.copy_smem_to_gmem(
                     dq_smem, dq_acc.at[copy + bi, pl.ds(i * bq, bq), qh, dst_cols],
                     reduction_op=None if interpret else "add")
@@ -406,8 +424,8 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
             scratch += (
                 plgpu.SMEM((2, COMPUTE_WGS, bk, bq), dtype,
                            transforms=smem_transforms(plgpu, bq, dtype)),
-                plgpu.SMEM((COMPUTE_WGS, bq, cols), jnp.float32,
-                           transforms=smem_transforms(plgpu, cols, jnp.float32)),
+                plgpu.SMEM((COMPUTE_WGS, bq, dq_cols), jnp.float32,
+                           transforms=smem_transforms(plgpu, dq_cols, jnp.float32)),
                 plgpu.Barrier(num_arrivals=COMPUTE_WGS) if col_split else None,
             )
         else:
