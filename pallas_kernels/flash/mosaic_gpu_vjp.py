@@ -367,7 +367,7 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
 
             def head(g, carry):
                 s0 = g * n_vis - i_lo          # step counter = s0 + i
-                qh = hk * group + part * heads + g
+                qh = hk * group + part * heads + g if fused else None     # for dq_tile
                 return walk_tiles((i_lo, i_full_lo, i_full_hi, i_hi),
                                   lambda i, cr, masked: step(s0 + i, i, qh, cr, masked), carry)
 
