@@ -297,25 +297,26 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                 plgpu.barrier_arrive(dq_scratch[2])
                 plgpu.barrier_wait(dq_scratch[2])
 
-            def dq_tile(s, dst, i, qh):
-                """Reduce-adds this consumer's part of `dS K` (query tile i of head qh, step
-                s) into dq_acc: its columns of both consumers' (col_split), else its own."""
-                ds_smem2, dq_smem = dq_scratch[0].at[lax.rem(s, 2)], dq_scratch[1].at[wg]
+            def stage_ds(s, dst):
+                """Writes this consumer's dS^T (step s) to SMEM, returns its buffer pair."""
+                ds_smem2 = dq_scratch[0].at[lax.rem(s, 2)]
                 ds_smem2.at[wg][...] = dst          # two buffers: the other consumer may
                 plgpu.commit_smem()                 # still read the last step's
                 if col_split:
                     sync_consumers()                # both dS^T written
-                    pairs = [(ds_smem2.at[j], k_smem2.at[j, :, pl.ds(wg * dq_cols, dq_cols)])
-                             for j in range(COMPUTE_WGS)]
-                else:
-                    pairs = [(ds_smem2.at[wg], k_smem)]
+                return ds_smem2
 
-                def dsk(acc_ref):
-                    for ds_smem, k_part in pairs:
-                        plgpu.wgmma(acc_ref, ds_smem.transpose((1, 0)), k_part)
-                    return acc_ref[...]
+            def dq_mma(dq_ref, ds_smem2):
+                """dq_ref += this consumer's part of `dS K`: its columns of both consumers'
+                (col_split), else its own rows'."""
+                srcs = range(COMPUTE_WGS) if col_split else [wg]
+                for j in srcs:
+                    k_part = k_smem2.at[j, :, pl.ds(wg * dq_cols, dq_cols)] if col_split else k_smem
+                    mma(dq_ref, ds_smem2.at[j].transpose((1, 0)), k_part)
 
-                dq = pl.run_scoped(dsk, plgpu.ACC((bq, dq_cols), jnp.float32))
+            def reduce_dq(dq, i, qh):
+                """Reduce-adds this consumer's dQ part (query tile i of head qh) into dq_acc."""
+                dq_smem = dq_scratch[1].at[wg]
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)     # the last tile's read
                 dq_smem[...] = dq
                 plgpu.commit_smem()
@@ -356,18 +357,28 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                 dlt = plgpu.load(delta_smem.at[slot], layout=layout_col)
                 dst = (pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))).astype(dtype)
 
-                def dsq(acc_ref):
-                    mma(acc_ref, dst, q_smem.at[slot])
+                ds_smem2 = stage_ds(s, dst) if fused else None
 
-                dk = accumulate(dsq, dk, interpret=interpret)
+                def dsq(refs):      # and, fused, dQ's part: issued together, awaited once
+                    dk_ref, dq_ref = refs if fused else (refs, None)
+                    mma(dk_ref, dst, q_smem.at[slot])
+                    if fused:
+                        dq_mma(dq_ref, ds_smem2)
+
+                if fused:
+                    zeros_dq = plgpu.layout_cast(jnp.full((bq, dq_cols), 0.0, jnp.float32),
+                                                 plgpu.Layout.WGMMA)
+                    dk, dq = accumulate(dsq, (dk, zeros_dq), interpret=interpret)
+                else:
+                    dk = accumulate(dsq, dk, interpret=interpret)
                 plgpu.barrier_arrive(consumed.at[slot])
                 if fused:
-                    dq_tile(s, dst, i, qh)
+                    reduce_dq(dq, i, qh)
                 return dk, dv
 
             def head(g, carry):
                 s0 = g * n_vis - i_lo          # step counter = s0 + i
-                qh = hk * group + part * heads + g if fused else None     # for dq_tile
+                qh = hk * group + part * heads + g if fused else None     # for reduce_dq
                 return walk_tiles((i_lo, i_full_lo, i_full_hi, i_hi),
                                   lambda i, cr, masked: step(s0 + i, i, qh, cr, masked), carry)
 
