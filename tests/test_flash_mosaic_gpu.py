@@ -184,6 +184,12 @@ def test_mosaic_gpu_refuses_unsupported_without_compiling():
 
     with pytest.raises(ValueError, match="fused_dq"):
         MosaicGPUBackwardConfig(fused_dq=True, block_q_dkv=128)
+    from pallas_kernels.flash.api import MosaicGPUConfig
+
+    deep = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=True, stages=4))
+    loss = lambda q, k, v: call(q, k, v, mask_fn=P.Causal(), config=deep).astype(jnp.float32).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="SMEM"):        # at trace time, nothing lowered
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v)
     with pytest.raises(ValueError, match="head_dim"):
         call(q[..., :96], k[..., :96], v[..., :96])
     with pytest.raises(ValueError, match="dtype"):

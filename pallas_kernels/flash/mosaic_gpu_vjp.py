@@ -27,7 +27,7 @@ reduce-add into a zeroed float32 `[B, Tq, H, D]` buffer in global memory by TMA
 D = 128 each consumer computes half of dQ's columns from both consumers' dS^T and K (a
 consumer barrier between the dS^T writes and the matmul; dS^T double-buffered), so a CTA
 reduce-adds one `[64, D]` tile per query tile; at D = 64 each consumer adds its own.
-SMEM at D = 128: 193 KiB with 2 stages (3 would not fit). Only `block_q_dkv = 64`.
+SMEM at D = 128: 193 KiB with 2 stages, 225 KiB with 3 (of 227). Only `block_q_dkv = 64`.
 
 The mask is the forward's static `mosaic_gpu_mask.MaskSpec` (causal, window, keys at
 `stride * j + offset`, padded keys): tiles no element of which is visible are never
@@ -44,6 +44,7 @@ sums the copies (`_dkv_call`); the compiled kernel is unchanged by this.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,7 @@ from pallas_kernels.tiles_common import LOG2E
 from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases, smem_transforms
 
 COMPUTE_WGS = 2
+SMEM_BYTES = 232448      # the most SMEM a CTA may use on an H100 / H200 (227 KiB)
 TILE = 64          # rows of one wgmma M tile: each consumer owns 64 query (dQ) or KV (dK/dV) rows
 
 
@@ -268,8 +270,8 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
     dq_cols = d // COMPUTE_WGS if col_split else d
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_acc, dk_ref, dv_ref, scoped):
-        (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, *dq_scratch), loaded, consumed = \
-            scoped
+        (k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, *fused_smem), loaded, consumed, \
+            *sync = scoped
         k_loaded, v_loaded, q_loaded, do_loaded, lse_loaded, delta_loaded = loaded
         bi = lax.axis_index("batch")
         hk = lax.div(lax.axis_index("heads"), jnp.int32(split))
@@ -294,12 +296,12 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
             zeros = plgpu.layout_cast(jnp.full((bk, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
             def sync_consumers():
-                plgpu.barrier_arrive(dq_scratch[2])
-                plgpu.barrier_wait(dq_scratch[2])
+                plgpu.barrier_arrive(sync[0])
+                plgpu.barrier_wait(sync[0])
 
             def stage_ds(s, dst):
                 """Writes this consumer's dS^T (step s) to SMEM, returns its buffer pair."""
-                ds_smem2 = dq_scratch[0].at[lax.rem(s, 2)]
+                ds_smem2 = fused_smem[0].at[lax.rem(s, 2)]
                 ds_smem2.at[wg][...] = dst          # two buffers: the other consumer may
                 plgpu.commit_smem()                 # still read the last step's
                 if col_split:
@@ -316,14 +318,14 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
 
             def reduce_dq(dq, i, qh):
                 """Reduce-adds this consumer's dQ part (query tile i of head qh) into dq_acc."""
-                dq_smem = dq_scratch[1].at[wg]
+                dq_tile = fused_smem[1].at[wg]
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)     # the last tile's read
-                dq_smem[...] = dq
+                dq_tile[...] = dq
                 plgpu.commit_smem()
                 copy = (tile * COMPUTE_WGS + wg) * b if interpret else 0
                 dst_cols = pl.ds(wg * dq_cols if col_split else 0, dq_cols)
                 plgpu.copy_smem_to_gmem(
-                    dq_smem, dq_acc.at[copy + bi, pl.ds(i * bq, bq), qh, dst_cols],
+                    dq_tile, dq_acc.at[copy + bi, pl.ds(i * bq, bq), qh, dst_cols],
                     reduction_op=None if interpret else "add")
 
             def step(s, i, qh, carry, masked):
@@ -437,16 +439,20 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                            transforms=smem_transforms(plgpu, bq, dtype)),
                 plgpu.SMEM((COMPUTE_WGS, bq, dq_cols), jnp.float32,
                            transforms=smem_transforms(plgpu, dq_cols, jnp.float32)),
-                plgpu.Barrier(num_arrivals=COMPUTE_WGS) if col_split else None,
             )
         else:
             refs = refs[:6] + (None,) + refs[6:]
+        smem = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in scratch)  # data
+        if smem > SMEM_BYTES:
+            raise ValueError(f"the Mosaic GPU dK/dV kernel needs {smem} B of SMEM at D={d} "
+                             f"(> {SMEM_BYTES}): fewer stages or block_q_dkv ({cfg})")
         pl.run_scoped(
             lambda *a: body(*refs, a),
             scratch,
             (plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2
             + (plgpu.Barrier(num_barriers=stages),) * 4,
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+            *([plgpu.Barrier(num_arrivals=COMPUTE_WGS)] if fused and col_split else []),
             collective_axes="wg",
         )
 
