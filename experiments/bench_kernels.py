@@ -20,9 +20,10 @@ Mosaic GPU forward and forward+backward (impl='mosaic_gpu', Hopper; also with th
 backward) beside Triton, cuDNN and tokamax's Mosaic GPU kernel (when importable), causal:
   PYTHONPATH=. python experiments/bench_kernels.py --mosaic_gpu --heads 16:16,16:4,64:4 \
       --seq_lens 16384,65536 --out /tmp/bench_mosaic_gpu.json
-The Mosaic GPU backward's two plans (`--mosaic_bwd`: `split`, the two-kernel FA2 one, row
-`mosaic_s<stages>`; `fused`, the one-kernel FA3 one, row `mosaic_s<stages>_fused`) beside
-cuDNN only (`--mosaic_peers=` drops the Triton and tokamax rows):
+The Mosaic GPU backward's plans (`--mosaic_bwd`: `split`, the two-kernel FA2 one, row
+`mosaic_s<stages>`; `fused`, the one-kernel FA3 one, row `mosaic_s<stages>_fused`;
+`fused_rows`, the same without dQ's column split) beside cuDNN only (`--mosaic_peers=`
+drops the Triton and tokamax rows):
   PYTHONPATH=. python experiments/bench_kernels.py --mosaic_gpu --mosaic_bwd split,fused \
       --mosaic_peers= --heads 16:16,64:4 --seq_lens 16384,65536 --out /tmp/bench_fa3.json
 
@@ -74,7 +75,8 @@ flags.DEFINE_bool("mosaic_gpu", False, "instead of the flash table: causal forwa
                   "Mosaic GPU kernel (impl='mosaic_gpu') beside Triton and cuDNN")
 flags.DEFINE_list("mosaic_stages", ["2"], "--mosaic_gpu: max_concurrent_steps values to time")
 flags.DEFINE_list("mosaic_bwd", ["split"], "--mosaic_gpu: backward plans to time, of split "
-                  "(two kernels) and fused (one kernel, MosaicGPUBackwardConfig.fused_dq)")
+                  "(two kernels), fused (one kernel, MosaicGPUBackwardConfig.fused_dq) and "
+                  "fused_rows (the same, dq_col_split=False)")
 flags.DEFINE_list("mosaic_peers", ["triton", "tritonbwd", "tokamax"], "--mosaic_gpu: the rows "
                   "besides cuDNN and Mosaic GPU, of triton, tritonbwd (the Mosaic forward with "
                   "the Triton backward) and tokamax (when importable)")
@@ -430,7 +432,9 @@ def main_mosaic_gpu(cfg, info, log):
     Mosaic forward with the Triton backward and tokamax's Mosaic GPU kernel (when
     importable)."""
     rows = []
-    bad = set(FLAGS.mosaic_bwd) - {"split", "fused"} or set(FLAGS.mosaic_peers) - {
+    plans = {"split": MosaicGPUBackwardConfig(), "fused": MosaicGPUBackwardConfig(fused_dq=True),
+             "fused_rows": MosaicGPUBackwardConfig(fused_dq=True, dq_col_split=False)}
+    bad = set(FLAGS.mosaic_bwd) - set(plans) or set(FLAGS.mosaic_peers) - {
         "triton", "tritonbwd", "tokamax"}
     if bad:
         raise ValueError(f"--mosaic_bwd / --mosaic_peers: unknown {sorted(bad)}")
@@ -443,9 +447,8 @@ def main_mosaic_gpu(cfg, info, log):
         row = dict(h=h, hkv=hkv, t=t, d=FLAGS.head_dim)
         fns = [("triton", ours(cfg))] if "triton" in FLAGS.mosaic_peers else []
         fns.append(("cudnn", cudnn))
-        fns += [(f"mosaic_s{s}" + ("_fused" if plan == "fused" else ""),
-                 ours_mosaic(MosaicGPUConfig(max_concurrent_steps=int(s), backward=(
-                     MosaicGPUBackwardConfig(fused_dq=plan == "fused")))))
+        fns += [(f"mosaic_s{s}" + ("" if plan == "split" else f"_{plan}"),
+                 ours_mosaic(MosaicGPUConfig(max_concurrent_steps=int(s), backward=plans[plan])))
                 for s in FLAGS.mosaic_stages for plan in FLAGS.mosaic_bwd]
         if FLAGS.backward and "tritonbwd" in FLAGS.mosaic_peers:
             fns.append(("mosaic_tritonbwd", ours_mosaic(MosaicGPUConfig(backward=cfg))))

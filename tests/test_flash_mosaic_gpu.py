@@ -385,7 +385,7 @@ def _lowers_for_cuda(b, tq, h, hkv, d, tk, mask_fn, kv_positions, config=None):
 
 def test_mosaic_gpu_kernels_lower_for_cuda_on_the_cpu():
     """The kernels (forward, dQ, dK/dV with the GQA group split; the fused dK/dV/dQ kernel
-    at D = 128 and 64) lower to Mosaic GPU for NSA's compressed keys (ragged) and for a
+    at D = 128 (dQ's columns split or not) and 64) lower to Mosaic GPU for NSA's compressed keys (ragged) and for a
     window on default positions."""
     from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig
 
@@ -393,8 +393,9 @@ def test_mosaic_gpu_kernels_lower_for_cuda_on_the_cpu():
     for name in ("flash_fwd_mosaic_gpu", "flash_bwd_dq_mosaic_gpu", "flash_bwd_dkv_mosaic_gpu"):
         assert name in text
     _lowers_for_cuda(2, 300, 4, 2, 64, 300, P.causal_window(100), None)
-    fused = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=True))
-    for d in (128, 64):
+    for d, col_split in ((128, True), (128, False), (64, True)):
+        fused = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=True,
+                                                                 dq_col_split=col_split))
         text = _lowers_for_cuda(1, 1000, 16, 4, d, 61, P.Causal(),
                                 _compressed_positions(1, 61, 16, 31), fused)
         assert "flash_bwd_dkvq_mosaic_gpu" in text and "flash_bwd_dq_mosaic_gpu" not in text

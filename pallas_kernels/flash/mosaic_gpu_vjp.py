@@ -68,13 +68,17 @@ class MosaicGPUBackwardConfig:
     each GQA group's query heads are split over several CTAs per KV tile (`dkv_head_split`;
     short key axes such as NSA's compressed keys), their partial sums added in float32.
     `fused_dq`: the one-kernel FlashAttention-3 plan (dQ reduce-added from the dK/dV
-    kernel; needs `block_q_dkv == 64` for SMEM) instead of the two-kernel one."""
+    kernel; needs `block_q_dkv == 64` for SMEM) instead of the two-kernel one; with it,
+    `dq_col_split` (D=128 only): the consumers split dQ's columns (FA3's way: a consumer
+    barrier per step) rather than each reduce-adding its own keys' `dS K` (no barrier, twice
+    the reduce-adds and a [64, D] accumulator)."""
 
     block_kv_dq: int = 64
     block_q_dkv: int = 64
     stages: int = 2
     dkv_min_ctas: int = 264          # two waves of an H100 / H200's 132 SMs
     fused_dq: bool = False
+    dq_col_split: bool = True
 
     def __post_init__(self):
         for name in ("block_kv_dq", "block_q_dkv"):
@@ -266,7 +270,7 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
     # fused dQ: consumer w computes dq columns [w * dq_cols, (w + 1) * dq_cols) from both
     # consumers' dS and K when they split into whole swizzle tiles (64 columns), else its own
     # full rows
-    col_split = d % (COMPUTE_WGS * 64) == 0
+    col_split = cfg.dq_col_split and d % (COMPUTE_WGS * 64) == 0
     dq_cols = d // COMPUTE_WGS if col_split else d
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_acc, dk_ref, dv_ref, scoped):
