@@ -187,7 +187,9 @@ def test_mosaic_gpu_refuses_unsupported_without_compiling():
     from pallas_kernels.flash.api import MosaicGPUConfig
 
     deep = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=True, stages=4))
-    loss = lambda q, k, v: call(q, k, v, mask_fn=P.Causal(), config=deep).astype(jnp.float32).sum()  # noqa: E731
+    def loss(q, k, v):
+        return call(q, k, v, mask_fn=P.Causal(), config=deep).astype(jnp.float32).sum()
+
     with pytest.raises(ValueError, match="SMEM"):        # at trace time, nothing lowered
         jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v)
     with pytest.raises(ValueError, match="head_dim"):
@@ -385,8 +387,8 @@ def _lowers_for_cuda(b, tq, h, hkv, d, tk, mask_fn, kv_positions, config=None):
 
 def test_mosaic_gpu_kernels_lower_for_cuda_on_the_cpu():
     """The kernels (forward, dQ, dK/dV with the GQA group split; the fused dK/dV/dQ kernel
-    at D = 128 (dQ's columns split or not) and 64) lower to Mosaic GPU for NSA's compressed keys (ragged) and for a
-    window on default positions."""
+    at D = 128 (dQ's columns split or not) and 64) lower to Mosaic GPU for NSA's compressed
+    keys (ragged) and for a window on default positions."""
     from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig
 
     text = _lowers_for_cuda(1, 1000, 16, 1, 128, 61, P.Causal(), _compressed_positions(1, 61, 16, 31))
