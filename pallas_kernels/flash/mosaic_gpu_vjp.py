@@ -445,7 +445,7 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                            transforms=smem_transforms(plgpu, dq_cols, jnp.float32)),
             )
         else:
-            refs = refs[:6] + (None,) + refs[6:]
+            refs = refs[:6] + (None,) + refs[6:]        # no dq_acc
         smem = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in scratch)  # data
         if smem > SMEM_BYTES:
             raise ValueError(f"the Mosaic GPU dK/dV kernel needs {smem} B of SMEM at D={d} "
@@ -474,7 +474,9 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
         interpret=interpret,
     )(q, k, v, do, lse2, delta, *dq_buf)
     if split > 1:
-        parts = lambda x: x.reshape((split,) + k.shape).astype(jnp.float32).sum(0).astype(k.dtype)  # noqa: E731
+        def parts(x):
+            return x.reshape((split,) + k.shape).astype(jnp.float32).sum(0).astype(k.dtype)
+
         dk, dv = parts(dk), parts(dv)
     if not fused:
         return dk, dv
