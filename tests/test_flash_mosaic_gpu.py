@@ -98,12 +98,12 @@ def _ref_grads(q, k, v, do, mask_fn, sinks, lse_weight):
 @pytest.mark.parametrize("mask", ["causal", "full", "window200", "window128"])
 @pytest.mark.parametrize("b,t,h,hkv,d", [(1, 256, 4, 4, 128), (2, 768, 8, 2, 64),
                                           (1, 1024, 16, 1, 128)])
-@pytest.mark.parametrize("backward", ["mosaic64", "mosaic128", "fused", "triton"])
+@pytest.mark.parametrize("backward", ["mosaic64", "mosaic128", "fused", "fused2r", "triton"])
 def test_mosaic_gpu_gradients_match_the_reference(mask, b, t, h, hkv, d, backward):
     """dq, dk, dv of the Mosaic GPU backward (both tile shapes, the one-kernel `fused_dq`
-    plan; and the Triton backward behind the Mosaic forward) against float32 reference
-    gradients, GQA 1/4/16, with a cotangent on the lse output too (it enters through
-    `delta`)."""
+    plan, also with `dkv_two_rounds`; and the Triton backward behind the Mosaic forward)
+    against float32 reference gradients, GQA 1/4/16, with a cotangent on the lse output too
+    (it enters through `delta`)."""
     from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig, TritonConfig
 
     mask_fn = {"causal": P.Causal(), "full": None, "window200": P.causal_window(200),
@@ -111,6 +111,7 @@ def test_mosaic_gpu_gradients_match_the_reference(mask, b, t, h, hkv, d, backwar
     bwd = {"mosaic64": MosaicGPUBackwardConfig(),
            "mosaic128": MosaicGPUBackwardConfig(block_kv_dq=128, block_q_dkv=128),
            "fused": MosaicGPUBackwardConfig(fused_dq=True),
+           "fused2r": MosaicGPUBackwardConfig(fused_dq=True, dkv_two_rounds=True),
            "triton": TritonConfig()}[backward]
     with jax.default_device(_hopper()):
         q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=t + h)
@@ -387,20 +388,24 @@ def _lowers_for_cuda(b, tq, h, hkv, d, tk, mask_fn, kv_positions, config=None):
 
 def test_mosaic_gpu_kernels_lower_for_cuda_on_the_cpu():
     """The kernels (forward, dQ, dK/dV with the GQA group split; the fused dK/dV/dQ kernel
-    at D = 128 (dQ's columns split or not) and 64) lower to Mosaic GPU for NSA's compressed
-    keys (ragged) and for a window on default positions."""
+    at D = 128 (dQ's columns split or not) and 64; `dkv_two_rounds`) lower to Mosaic GPU for
+    NSA's compressed keys (ragged) and for a window on default positions."""
     from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig
 
     text = _lowers_for_cuda(1, 1000, 16, 1, 128, 61, P.Causal(), _compressed_positions(1, 61, 16, 31))
     for name in ("flash_fwd_mosaic_gpu", "flash_bwd_dq_mosaic_gpu", "flash_bwd_dkv_mosaic_gpu"):
         assert name in text
     _lowers_for_cuda(2, 300, 4, 2, 64, 300, P.causal_window(100), None)
-    for d, col_split in ((128, True), (128, False), (64, True)):
-        fused = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=True,
-                                                                 dq_col_split=col_split))
+    for d, col_split, two_rounds in ((128, True, False), (128, False, False), (64, True, False),
+                                     (128, True, True)):
+        fused = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(
+            fused_dq=True, dq_col_split=col_split, dkv_two_rounds=two_rounds))
         text = _lowers_for_cuda(1, 1000, 16, 4, d, 61, P.Causal(),
                                 _compressed_positions(1, 61, 16, 31), fused)
         assert "flash_bwd_dkvq_mosaic_gpu" in text and "flash_bwd_dq_mosaic_gpu" not in text
+    two_rounds = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(dkv_two_rounds=True))
+    assert "flash_bwd_dkv_mosaic_gpu" in _lowers_for_cuda(1, 256, 4, 4, 128, 256, P.Causal(), None,
+                                                          two_rounds)
 
 
 def _affine_ref(q, k, v, mask_fn, kv_positions):
@@ -504,9 +509,10 @@ def test_auto_runs_nsa_compressed_branch_on_mosaic_gpu(monkeypatch):
     # the one-kernel backward (fused_dq): D=128 splits dQ's columns over the consumers
     (200, 2, 2, 200, 0, 1, 0, "causal", "fused", 128),  # ragged, two KV tiles add into dq
     (200, 4, 1, 200, 0, 1, 0, "full", "fused", 64),     # GQA 4 split over CTAs, own dQ rows
+    (200, 4, 1, 200, 0, 1, 0, "causal", "fused-2rounds", 128),  # dkv_two_rounds, GQA 4
     (300, 4, 1, 17, 2, 16, 31, "window100", "fused", 128),  # NSA keys, padded slots, window
 ], ids=["causal", "full-gqa4", "window", "nsa-cmp", "nsa-cmp-window-padded", "triton-bwd",
-        "fused-causal", "fused-full-gqa4", "fused-nsa-cmp-window-padded"])
+        "fused-causal", "fused-full-gqa4", "fused-2rounds", "fused-nsa-cmp-window-padded"])
 def test_mosaic_gpu_kernels_in_gpu_interpret_mode(tq, h, hkv, n, n_pad, stride, offset, mask,
                                                   tiles, d):
     """The Mosaic GPU forward and backward kernels run on the CPU in GPU interpret mode
@@ -527,6 +533,8 @@ def test_mosaic_gpu_kernels_in_gpu_interpret_mode(tq, h, hkv, n, n_pad, stride, 
                   block_kv_dq=128, block_q_dkv=128)),
               "unsplit": MosaicGPUConfig(backward=MosaicGPUBackwardConfig(dkv_min_ctas=1)),
               "fused": MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=True)),
+              "fused-2rounds": MosaicGPUConfig(backward=MosaicGPUBackwardConfig(
+                  fused_dq=True, dkv_two_rounds=True)),
               "triton-bwd": MosaicGPUConfig(backward=TritonConfig())}[tiles]
     kv_pos = _compressed_positions(1, n, stride, offset, n_pad)
     q, _, _, do = _inputs(1, tq, h, hkv, d, jnp.bfloat16, seed=tq + n)

@@ -71,7 +71,9 @@ class MosaicGPUBackwardConfig:
     kernel; needs `block_q_dkv == 64` for SMEM) instead of the two-kernel one; with it,
     `dq_col_split` (D=128 only): the consumers split dQ's columns (FA3's way: a consumer
     barrier per step) rather than each reduce-adding its own keys' `dS K` (no barrier, twice
-    the reduce-adds and a [64, D] accumulator)."""
+    the reduce-adds and a [64, D] accumulator). `dkv_two_rounds`: the dK/dV kernel issues
+    `dP^T = V dO^T` with `S^T = K Q^T` and `dV += P^T dO` with `dK += dS^T Q` (and dQ's
+    part): two wgmma waits per step instead of three, more registers live."""
 
     block_kv_dq: int = 64
     block_q_dkv: int = 64
@@ -79,6 +81,7 @@ class MosaicGPUBackwardConfig:
     dkv_min_ctas: int = 264          # two waves of an H100 / H200's 132 SMs
     fused_dq: bool = False
     dq_col_split: bool = True
+    dkv_two_rounds: bool = False
 
     def __post_init__(self):
         for name in ("block_kv_dq", "block_q_dkv"):
@@ -271,6 +274,7 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
     # consumers' dS and K when they split into whole swizzle tiles (64 columns), else its own
     # full rows
     col_split = cfg.dq_col_split and d % (COMPUTE_WGS * 64) == 0
+    two_rounds = cfg.dkv_two_rounds
     dq_cols = d // COMPUTE_WGS if col_split else d
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_acc, dk_ref, dv_ref, scoped):
@@ -337,11 +341,25 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                 slot = lax.rem(s, jnp.int32(stages))
                 plgpu.barrier_wait(q_loaded.at[slot])
 
-                def kq(acc_ref):
-                    plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
-                    return acc_ref[...]
+                def zeros_t():
+                    return plgpu.layout_cast(jnp.full((bk, bq), 0.0, jnp.float32),
+                                             plgpu.Layout.WGMMA)
 
-                st = pl.run_scoped(kq, plgpu.ACC((bk, bq), jnp.float32))
+                if two_rounds:      # S^T and dP^T together
+                    plgpu.barrier_wait(do_loaded.at[slot])
+
+                    def kq_and_dpt(refs):
+                        st_ref, dpt_ref = refs
+                        mma(st_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
+                        mma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
+
+                    st, dpt = accumulate(kq_and_dpt, (zeros_t(), zeros_t()), interpret=interpret)
+                else:
+                    def kq(acc_ref):
+                        plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
+                        return acc_ref[...]
+
+                    st = pl.run_scoped(kq, plgpu.ACC((bk, bq), jnp.float32))
                 plgpu.barrier_wait(lse_loaded.at[slot])
                 lse = plgpu.load(lse_smem.at[slot], layout=layout_col)
                 pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse, st.shape, [1]))
@@ -349,32 +367,36 @@ def _dkv_call(q, k, v, do, lse2, delta, *, spec: MaskSpec, scale: float,
                     rows = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
                     cols = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
                     pt = jnp.where(spec.visible(cols + i * bq, rows + kv0), pt, 0.0)
-                plgpu.barrier_wait(do_loaded.at[slot])
+                if not two_rounds:
+                    plgpu.barrier_wait(do_loaded.at[slot])
 
-                def dv_and_dpt(refs):
-                    dv_ref, dpt_ref = refs
-                    mma(dv_ref, pt.astype(dtype), do_smem.at[slot])
-                    mma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
+                    def dv_and_dpt(refs):
+                        dv_ref, dpt_ref = refs
+                        mma(dv_ref, pt.astype(dtype), do_smem.at[slot])
+                        mma(dpt_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
 
-                zeros_t = plgpu.layout_cast(jnp.full((bk, bq), 0.0, jnp.float32),
-                                            plgpu.Layout.WGMMA)
-                dv, dpt = accumulate(dv_and_dpt, (dv, zeros_t), interpret=interpret)
+                    dv, dpt = accumulate(dv_and_dpt, (dv, zeros_t()), interpret=interpret)
                 plgpu.barrier_wait(delta_loaded.at[slot])
                 dlt = plgpu.load(delta_smem.at[slot], layout=layout_col)
                 dst = (pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))).astype(dtype)
 
                 ds_smem2 = stage_ds(s, dst) if fused else None
 
-                def dsq(refs):      # and, fused, dQ's part: issued together, awaited once
-                    dk_ref, dq_ref = refs if fused else (refs, None)
+                def dsq(refs):      # and, fused, dQ's part (two rounds: dV): issued together
+                    dk_ref, dq_ref, dv_ref = refs if fused or two_rounds else (refs, None, None)
                     mma(dk_ref, dst, q_smem.at[slot])
                     if fused:
                         dq_mma(dq_ref, ds_smem2)
+                    if two_rounds:
+                        mma(dv_ref, pt.astype(dtype), do_smem.at[slot])
 
-                if fused:
-                    zeros_dq = plgpu.layout_cast(jnp.full((bq, dq_cols), 0.0, jnp.float32),
-                                                 plgpu.Layout.WGMMA)
-                    dk, dq = accumulate(dsq, (dk, zeros_dq), interpret=interpret)
+                accs = [dk]
+                if fused or two_rounds:
+                    accs += [plgpu.layout_cast(jnp.full((bq, dq_cols), 0.0, jnp.float32),
+                                               plgpu.Layout.WGMMA) if fused else None,
+                             dv if two_rounds else None]
+                    dk, dq, dv2 = accumulate(dsq, accs, interpret=interpret)
+                    dv = dv2 if two_rounds else dv
                 else:
                     dk = accumulate(dsq, dk, interpret=interpret)
                 plgpu.barrier_arrive(consumed.at[slot])
