@@ -20,6 +20,12 @@ Mosaic GPU forward and forward+backward (impl='mosaic_gpu', Hopper; also with th
 backward) beside Triton, cuDNN and tokamax's Mosaic GPU kernel (when importable), causal:
   PYTHONPATH=. python experiments/bench_kernels.py --mosaic_gpu --heads 16:16,16:4,64:4 \
       --seq_lens 16384,65536 --out /tmp/bench_mosaic_gpu.json
+The Mosaic GPU backward's plans (`--mosaic_bwd`: `split`, the two-kernel FA2 one, row
+`mosaic_s<stages>`; `fused`, the one-kernel FA3 one, row `mosaic_s<stages>_fused`;
+`fused_rows`, the same without dQ's column split; `split_2r` / `fused_2r` with
+`dkv_two_rounds`) beside cuDNN only (`--mosaic_peers=` drops the Triton and tokamax rows):
+  PYTHONPATH=. python experiments/bench_kernels.py --mosaic_gpu --mosaic_bwd split,fused \
+      --mosaic_peers= --heads 16:16,64:4 --seq_lens 16384,65536 --out /tmp/bench_fa3.json
 
 Besides `--out` (all rows, the settings and the device, one JSON), each row goes as it is
 measured to `<out>.jsonl` (`--out` with `.jsonl` for `.json`), and its timings, ratios and
@@ -43,7 +49,8 @@ from tqdm import tqdm
 
 from pallas_kernels.block_sparse.api import BlockSparseMetadata, block_sparse_attention
 from pallas_kernels.block_sparse.api import TritonConfig as TritonConfigBS
-from pallas_kernels.flash.api import MosaicGPUConfig, TritonConfig, flash_attention
+from pallas_kernels.flash.api import (MosaicGPUBackwardConfig, MosaicGPUConfig, TritonConfig,
+                                      flash_attention)
 from sparse_jax import patterns as P
 
 FLAGS = flags.FLAGS
@@ -67,6 +74,13 @@ flags.DEFINE_bool("score_reduce_gqa", False, "--scores: max over each GQA group"
 flags.DEFINE_bool("mosaic_gpu", False, "instead of the flash table: causal forward of the "
                   "Mosaic GPU kernel (impl='mosaic_gpu') beside Triton and cuDNN")
 flags.DEFINE_list("mosaic_stages", ["2"], "--mosaic_gpu: max_concurrent_steps values to time")
+flags.DEFINE_list("mosaic_bwd", ["split"], "--mosaic_gpu: backward plans to time, of split "
+                  "(two kernels), fused (one kernel, MosaicGPUBackwardConfig.fused_dq), "
+                  "fused_rows (the same, dq_col_split=False), split_2r / fused_2r (split / "
+                  "fused with dkv_two_rounds)")
+flags.DEFINE_list("mosaic_peers", ["triton", "tritonbwd", "tokamax"], "--mosaic_gpu: the rows "
+                  "besides cuDNN and Mosaic GPU, of triton, tritonbwd (the Mosaic forward with "
+                  "the Triton backward) and tokamax (when importable)")
 
 FWD_SWEEP = [dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
              dict(block_q=128, block_k=64, num_warps=8, num_stages=5),
@@ -414,21 +428,32 @@ def ours_mosaic(cfg):
 
 
 def main_mosaic_gpu(cfg, info, log):
-    """Causal forward (and with --backward forward+backward), bf16, one process: Triton,
-    Mosaic GPU (per --mosaic_stages; its own backward, and with the Triton backward), cuDNN,
-    and tokamax's Mosaic GPU kernel when importable."""
+    """Causal forward (and with --backward forward+backward), bf16, one process: cuDNN,
+    Mosaic GPU (per --mosaic_stages and --mosaic_bwd), and per --mosaic_peers Triton, the
+    Mosaic forward with the Triton backward and tokamax's Mosaic GPU kernel (when
+    importable)."""
     rows = []
+    plans = {"split": MosaicGPUBackwardConfig(), "fused": MosaicGPUBackwardConfig(fused_dq=True),
+             "fused_rows": MosaicGPUBackwardConfig(fused_dq=True, dq_col_split=False),
+             "split_2r": MosaicGPUBackwardConfig(dkv_two_rounds=True),
+             "fused_2r": MosaicGPUBackwardConfig(fused_dq=True, dkv_two_rounds=True)}
+    bad = set(FLAGS.mosaic_bwd) - set(plans) or set(FLAGS.mosaic_peers) - {
+        "triton", "tritonbwd", "tokamax"}
+    if bad:
+        raise ValueError(f"--mosaic_bwd / --mosaic_peers: unknown {sorted(bad)}")
     from peers import tokamax_attention  # noqa: PLC0415 (experiments/ is on the path as a script)
 
-    peer = tokamax_attention()
+    peer = tokamax_attention() if "tokamax" in FLAGS.mosaic_peers else None
     for h, hkv, t in shapes("mosaic_gpu"):
         q, k, v, do = make(h, hkv, t, FLAGS.head_dim)
         flops = 2.0 * h * t * t * FLAGS.head_dim
         row = dict(h=h, hkv=hkv, t=t, d=FLAGS.head_dim)
-        fns = [("triton", ours(cfg)), ("cudnn", cudnn)]
-        fns += [(f"mosaic_s{s}", ours_mosaic(MosaicGPUConfig(max_concurrent_steps=int(s))))
-                for s in FLAGS.mosaic_stages]
-        if FLAGS.backward:
+        fns = [("triton", ours(cfg))] if "triton" in FLAGS.mosaic_peers else []
+        fns.append(("cudnn", cudnn))
+        fns += [(f"mosaic_s{s}" + ("" if plan == "split" else f"_{plan}"),
+                 ours_mosaic(MosaicGPUConfig(max_concurrent_steps=int(s), backward=plans[plan])))
+                for s in FLAGS.mosaic_stages for plan in FLAGS.mosaic_bwd]
+        if FLAGS.backward and "tritonbwd" in FLAGS.mosaic_peers:
             fns.append(("mosaic_tritonbwd", ours_mosaic(MosaicGPUConfig(backward=cfg))))
         if peer is not None:
             fns.append(("tokamax", peer))

@@ -98,17 +98,20 @@ def _ref_grads(q, k, v, do, mask_fn, sinks, lse_weight):
 @pytest.mark.parametrize("mask", ["causal", "full", "window200", "window128"])
 @pytest.mark.parametrize("b,t,h,hkv,d", [(1, 256, 4, 4, 128), (2, 768, 8, 2, 64),
                                           (1, 1024, 16, 1, 128)])
-@pytest.mark.parametrize("backward", ["mosaic64", "mosaic128", "triton"])
+@pytest.mark.parametrize("backward", ["mosaic64", "mosaic128", "fused", "fused2r", "triton"])
 def test_mosaic_gpu_gradients_match_the_reference(mask, b, t, h, hkv, d, backward):
-    """dq, dk, dv of the Mosaic GPU backward (both tile shapes; and the Triton backward
-    behind the Mosaic forward) against float32 reference gradients, GQA 1/4/16, with a
-    cotangent on the lse output too (it enters through `delta`)."""
+    """dq, dk, dv of the Mosaic GPU backward (both tile shapes, the one-kernel `fused_dq`
+    plan, also with `dkv_two_rounds`; and the Triton backward behind the Mosaic forward)
+    against float32 reference gradients, GQA 1/4/16, with a cotangent on the lse output too
+    (it enters through `delta`)."""
     from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig, TritonConfig
 
     mask_fn = {"causal": P.Causal(), "full": None, "window200": P.causal_window(200),
                "window128": P.causal_window(128)}[mask]
     bwd = {"mosaic64": MosaicGPUBackwardConfig(),
            "mosaic128": MosaicGPUBackwardConfig(block_kv_dq=128, block_q_dkv=128),
+           "fused": MosaicGPUBackwardConfig(fused_dq=True),
+           "fused2r": MosaicGPUBackwardConfig(fused_dq=True, dkv_two_rounds=True),
            "triton": TritonConfig()}[backward]
     with jax.default_device(_hopper()):
         q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=t + h)
@@ -127,17 +130,22 @@ def test_mosaic_gpu_gradients_match_the_reference(mask, b, t, h, hkv, d, backwar
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
 @pytest.mark.parametrize("mask", ["causal", "window96", "full"])
-def test_mosaic_gpu_learned_sinks_forward_and_gradients(mask):
-    """gpt-oss sinks on the Mosaic GPU path: output, lse and every gradient (d sinks too)."""
+def test_mosaic_gpu_learned_sinks_forward_and_gradients(mask, fused):
+    """gpt-oss sinks on the Mosaic GPU path: output, lse and every gradient (d sinks too),
+    with either backward plan."""
+    from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig
+
     mask_fn = {"causal": P.Causal(), "window96": P.causal_window(96), "full": None}[mask]
+    config = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=fused))
     with jax.default_device(_hopper()):
         q, k, v, do = _inputs(1, 512, 4, 2, 128, jnp.bfloat16, seed=3)
         sinks = jnp.array([0.5, -1.0, 2.0, 0.0], jnp.float32)
 
         def loss(q, k, v, s):
             r = flash_attention(q, k, v, mask_fn=mask_fn, sink_logits=s, return_lse=True,
-                                impl="mosaic_gpu")
+                                impl="mosaic_gpu", config=config)
             return (r.out.astype(jnp.float32) * do.astype(jnp.float32)).sum()
 
         got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, sinks)
@@ -173,6 +181,18 @@ def test_mosaic_gpu_refuses_unsupported_without_compiling():
     for kw in bad:
         with pytest.raises(ValueError, match="mosaic_gpu"):
             call(q, k, v, **kw)
+    from pallas_kernels.flash.api import MosaicGPUBackwardConfig
+
+    with pytest.raises(ValueError, match="fused_dq"):
+        MosaicGPUBackwardConfig(fused_dq=True, block_q_dkv=128)
+    from pallas_kernels.flash.api import MosaicGPUConfig
+
+    deep = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=True, stages=4))
+    def loss(q, k, v):
+        return call(q, k, v, mask_fn=P.Causal(), config=deep).astype(jnp.float32).sum()
+
+    with pytest.raises(ValueError, match="SMEM"):        # at trace time, nothing lowered
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v)
     with pytest.raises(ValueError, match="head_dim"):
         call(q[..., :96], k[..., :96], v[..., :96])
     with pytest.raises(ValueError, match="dtype"):
@@ -351,7 +371,7 @@ def test_mosaic_gpu_takes_affine_key_positions_and_pads_lengths():
     assert padded_lengths(1000, 61, MosaicGPUConfig(block_kv=192, backward=TritonConfig())) == (1024, 192)
 
 
-def _lowers_for_cuda(b, tq, h, hkv, d, tk, mask_fn, kv_positions):
+def _lowers_for_cuda(b, tq, h, hkv, d, tk, mask_fn, kv_positions, config=None):
     """Trace fwd + bwd through `impl="mosaic_gpu"` and lower them for CUDA (Pallas to Mosaic
     GPU; no GPU needed, nothing compiled)."""
     q = jax.ShapeDtypeStruct((b, tq, h, d), jnp.bfloat16)
@@ -359,7 +379,7 @@ def _lowers_for_cuda(b, tq, h, hkv, d, tk, mask_fn, kv_positions):
 
     def loss(q, k, v):
         r = flash_attention(q, k, v, mask_fn=mask_fn, kv_positions=kv_positions, return_lse=True,
-                            impl="mosaic_gpu")
+                            impl="mosaic_gpu", config=config)
         return r.out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(r.lse), r.lse, 0.0).sum()
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -367,12 +387,25 @@ def _lowers_for_cuda(b, tq, h, hkv, d, tk, mask_fn, kv_positions):
 
 
 def test_mosaic_gpu_kernels_lower_for_cuda_on_the_cpu():
-    """The three kernels (forward, dQ, dK/dV with the GQA group split) lower to Mosaic GPU
-    for NSA's compressed keys (ragged) and for a window on default positions."""
+    """The kernels (forward, dQ, dK/dV with the GQA group split; the fused dK/dV/dQ kernel
+    at D = 128 (dQ's columns split or not) and 64; `dkv_two_rounds`) lower to Mosaic GPU for
+    NSA's compressed keys (ragged) and for a window on default positions."""
+    from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig
+
     text = _lowers_for_cuda(1, 1000, 16, 1, 128, 61, P.Causal(), _compressed_positions(1, 61, 16, 31))
     for name in ("flash_fwd_mosaic_gpu", "flash_bwd_dq_mosaic_gpu", "flash_bwd_dkv_mosaic_gpu"):
         assert name in text
     _lowers_for_cuda(2, 300, 4, 2, 64, 300, P.causal_window(100), None)
+    for d, col_split, two_rounds in ((128, True, False), (128, False, False), (64, True, False),
+                                     (128, True, True)):
+        fused = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(
+            fused_dq=True, dq_col_split=col_split, dkv_two_rounds=two_rounds))
+        text = _lowers_for_cuda(1, 1000, 16, 4, d, 61, P.Causal(),
+                                _compressed_positions(1, 61, 16, 31), fused)
+        assert "flash_bwd_dkvq_mosaic_gpu" in text and "flash_bwd_dq_mosaic_gpu" not in text
+    two_rounds = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(dkv_two_rounds=True))
+    assert "flash_bwd_dkv_mosaic_gpu" in _lowers_for_cuda(1, 256, 4, 4, 128, 256, P.Causal(), None,
+                                                          two_rounds)
 
 
 def _affine_ref(q, k, v, mask_fn, kv_positions):
@@ -395,12 +428,16 @@ def _affine_ref(q, k, v, mask_fn, kv_positions):
     (1, 2048, 16, 4, 127, 0, 16, 31, None),     # several KV tiles, split dK/dV grid
     (1, 1000, 8, 2, 1000, 0, 1, 0, None),       # default positions, ragged (padded) lengths
 ])
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
 def test_mosaic_gpu_compressed_keys_match_the_reference(b, tq, h, hkv, n, n_pad, stride, offset,
-                                                       window):
+                                                       window, fused):
     """Keys at `stride * j + offset` (NSA's compressed branch): out, lse and dq, dk, dv
-    (with an lse cotangent) against the float32 reference on bf16 inputs; rows that see
-    no key give out 0, lse -inf and zero dq, never NaN."""
+    (with an lse cotangent, either backward plan) against the float32 reference on bf16
+    inputs; rows that see no key give out 0, lse -inf and zero dq, never NaN."""
+    from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig
+
     mask_fn = P.Causal() if window is None else P.causal_window(window)
+    config = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=fused))
     kv_pos = _compressed_positions(b, n, stride, offset, n_pad)
     with jax.default_device(_hopper()):
         q, _, _, do = _inputs(b, tq, h, hkv, 128, jnp.bfloat16, seed=tq + n)
@@ -418,7 +455,8 @@ def test_mosaic_gpu_compressed_keys_match_the_reference(b, tq, h, hkv, n, n_pad,
 
         def loss(q, k, v, impl):
             r = (flash_attention(q, k, v, mask_fn=mask_fn, kv_positions=kv_pos, return_lse=True,
-                                 impl=impl) if impl else _affine_ref(q, k, v, mask_fn, kv_pos))
+                                 impl=impl, config=config)
+                 if impl else _affine_ref(q, k, v, mask_fn, kv_pos))
             lse = jnp.where(jnp.isfinite(r.lse), r.lse, 0.0)
             return (r.out.astype(jnp.float32) * do.astype(jnp.float32)).sum() + 0.37 * lse.sum()
 
@@ -460,22 +498,30 @@ def test_auto_runs_nsa_compressed_branch_on_mosaic_gpu(monkeypatch):
 
 
 @needs_gpu_interpret_pool
-@pytest.mark.parametrize("tq,h,hkv,n,n_pad,stride,offset,mask,tiles", [
-    (200, 2, 2, 200, 0, 1, 0, "causal", "kv64-bwd128"),  # GQA 1, ragged; the two consumers
-                                                         # of a CTA see different KV tiles
-    (200, 4, 1, 200, 0, 1, 0, "full", "unsplit"),       # GQA 4 summed on chip (one dK/dV CTA)
-    (300, 2, 2, 300, 0, 1, 0, "window64", "mosaic64"),  # GQA 1, a causal window
-    (300, 4, 1, 17, 0, 16, 31, "causal", "mosaic64"),   # NSA's compressed keys (d=16, l=32)
-    (300, 4, 1, 17, 2, 16, 31, "window100", "mosaic64"),  # ... padded key slots, a window
-    (200, 2, 1, 12, 0, 16, 31, "causal", "triton-bwd"),  # the Triton backward (its interpreter)
-], ids=["causal", "full-gqa4", "window", "nsa-cmp", "nsa-cmp-window-padded", "triton-bwd"])
+@pytest.mark.parametrize("tq,h,hkv,n,n_pad,stride,offset,mask,tiles,d", [
+    (200, 2, 2, 200, 0, 1, 0, "causal", "kv64-bwd128", 64),  # GQA 1, ragged; the two consumers
+                                                             # of a CTA see different KV tiles
+    (200, 4, 1, 200, 0, 1, 0, "full", "unsplit", 64),   # GQA 4 summed on chip (one dK/dV CTA)
+    (300, 2, 2, 300, 0, 1, 0, "window64", "mosaic64", 64),  # GQA 1, a causal window
+    (300, 4, 1, 17, 0, 16, 31, "causal", "mosaic64", 64),   # NSA's compressed keys (d=16, l=32)
+    (300, 4, 1, 17, 2, 16, 31, "window100", "mosaic64", 64),  # ... padded key slots, a window
+    (200, 2, 1, 12, 0, 16, 31, "causal", "triton-bwd", 64),  # the Triton backward (its interpreter)
+    # the one-kernel backward (fused_dq): D=128 splits dQ's columns over the consumers
+    (200, 2, 2, 200, 0, 1, 0, "causal", "fused", 128),  # ragged, two KV tiles add into dq
+    (200, 4, 1, 200, 0, 1, 0, "full", "fused", 64),     # GQA 4 split over CTAs, own dQ rows
+    (200, 4, 1, 200, 0, 1, 0, "causal", "fused-2rounds", 128),  # dkv_two_rounds, GQA 4
+    (300, 4, 1, 17, 2, 16, 31, "window100", "fused", 128),  # NSA keys, padded slots, window
+], ids=["causal", "full-gqa4", "window", "nsa-cmp", "nsa-cmp-window-padded", "triton-bwd",
+        "fused-causal", "fused-full-gqa4", "fused-2rounds", "fused-nsa-cmp-window-padded"])
 def test_mosaic_gpu_kernels_in_gpu_interpret_mode(tq, h, hkv, n, n_pad, stride, offset, mask,
-                                                  tiles):
+                                                  tiles, d):
     """The Mosaic GPU forward and backward kernels run on the CPU in GPU interpret mode
     (`interpret=plgpu.InterpretGPUParams()`: simulated SMEM, TMA, barriers, warpgroups) on
     the smallest shapes they take: out, lse and dq, dk, dv (with an lse cotangent) against
     the float32 reference; rows that see no key (t < offset) give out 0, lse -inf, dq 0.
-    (One case takes the Triton backward behind the Mosaic forward: Triton's interpreter.)"""
+    (One case takes the Triton backward behind the Mosaic forward: Triton's interpreter;
+    the `fused` cases the one-kernel backward, whose TMA reduce-add the interpreter lacks:
+    see `mosaic_gpu_vjp`.)"""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig, TritonConfig
@@ -486,10 +532,13 @@ def test_mosaic_gpu_kernels_in_gpu_interpret_mode(tq, h, hkv, n, n_pad, stride, 
               "kv64-bwd128": MosaicGPUConfig(block_kv=64, backward=MosaicGPUBackwardConfig(
                   block_kv_dq=128, block_q_dkv=128)),
               "unsplit": MosaicGPUConfig(backward=MosaicGPUBackwardConfig(dkv_min_ctas=1)),
+              "fused": MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=True)),
+              "fused-2rounds": MosaicGPUConfig(backward=MosaicGPUBackwardConfig(
+                  fused_dq=True, dkv_two_rounds=True)),
               "triton-bwd": MosaicGPUConfig(backward=TritonConfig())}[tiles]
     kv_pos = _compressed_positions(1, n, stride, offset, n_pad)
-    q, _, _, do = _inputs(1, tq, h, hkv, 64, jnp.bfloat16, seed=tq + n)
-    _, k, v, _ = _inputs(1, n + n_pad, h, hkv, 64, jnp.bfloat16, seed=n)
+    q, _, _, do = _inputs(1, tq, h, hkv, d, jnp.bfloat16, seed=tq + n)
+    _, k, v, _ = _inputs(1, n + n_pad, h, hkv, d, jnp.bfloat16, seed=n)
 
     def loss(q, k, v, interpret):
         r = (flash_attention(q, k, v, mask_fn=mask_fn, kv_positions=kv_pos, return_lse=True,
