@@ -31,6 +31,11 @@ references of every branch (`impl="xla"`), and the decode step against its XLA r
 --cmp_triton also times the compressed branch on Triton (rows `<mode>_compressed_triton_*`),
 the path `impl="auto"` took before Mosaic GPU covered it.
 
+--slc_impls triton,mosaic_gpu times the selected branch ("token" mode) on each backend with
+the same selection, and TFLOP/s (rows `token_selected_<impl>_*`):
+  PYTHONPATH=. python experiments/bench_nsa.py --modes token --slc_impls triton,mosaic_gpu \
+      --decode_batch 0
+
 Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --iters /
 --backward flags (defaults changed here). On a GPU machine, repo root:
   PYTHONPATH=. python experiments/bench_nsa.py --out /tmp/bench_nsa.json
@@ -80,6 +85,11 @@ flags.DEFINE_bool("branches", True, "also time each branch on its own")
 flags.DEFINE_bool("cmp_triton", False, "with --branches on the kernel path: also time the compressed "
                   "branch on Triton (impl='triton'; on Hopper 'auto' takes Mosaic GPU), rows "
                   "<mode>_compressed_triton_fwd_ms / _fwdbwd_ms")
+flags.DEFINE_list("slc_impls", [], "token mode: also time the selected branch on these token_sparse impls "
+                  "(e.g. triton,mosaic_gpu; f+b through each one's backward: Triton's for both), rows "
+                  "token_selected_<impl>_fwd_ms / _fwdbwd_ms / _fwd_tflops / _fwdbwd_tflops; with mosaic_gpu "
+                  "also its XLA union build alone (token_selected_mosaic_gpu_union_ms) and the mean union "
+                  "size per chunk of 2 * 64 / G tokens (token_selected_mosaic_gpu_union_blocks)")
 flags.DEFINE_list("decode_configs", [], "nsa_decode Triton launch plans to time in the decode row, each "
                   "cmp_splits:tail_splits:block_cmp:num_stages:num_warps[:sel] (1:1:... = one fused kernel; "
                   "sel = the three-kernel plan: cmp + window, selection once, slc parts); rows nsa_<cfg>_ms")
@@ -214,6 +224,40 @@ def time_branches(s: Setup, cfg, x, iters, row, prefix):
         if FLAGS.backward:
             row[f"{prefix}{name}_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, x[k], x[v],
                                                                  x["do"], iters=iters)
+    if cfg.selection == "token" and FLAGS.slc_impls:
+        time_selected_impls(s, cfg, x, idx, iters, row, prefix)
+
+
+def time_selected_impls(s: Setup, cfg, x, idx, iters, row, prefix):
+    """The selected branch on each --slc_impls backend (same selection `idx`): fwd and f+b
+    ms and TFLOP/s, counting every listed key (`4 B T H n l' D` forward, 3.5x that for
+    f+b: 7 matmuls to 2; no causal discount, the convention of the issue's 137 TFLOP/s)."""
+    from pallas_kernels.token_sparse import layout  # noqa: PLC0415
+
+    q, pos = x["q"], x["pos"]
+    b, t, h, d = q.shape
+    fwd_flop = 4 * b * t * h * cfg.num_selected * cfg.sel_block * d
+    for impl in FLAGS.slc_impls:
+        p = f"{prefix}selected_{impl}_"
+        f = lambda q, k, v, impl=impl: ops.selected_attention_sparse(  # noqa: E731
+            q, k, v, pos, pos, idx, cfg, impl=impl, interpret=s.interpret)
+        try:
+            row[p + "fwd_ms"] = 1e3 * median_time(jax.jit(f), q, x["k_slc"], x["v_slc"], iters=iters)
+            row[p + "fwd_tflops"] = fwd_flop / row[p + "fwd_ms"] * 1e-9
+            if FLAGS.backward:
+                row[p + "fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, x["k_slc"], x["v_slc"],
+                                                         x["do"], iters=iters)
+                row[p + "fwdbwd_tflops"] = 3.5 * fwd_flop / row[p + "fwdbwd_ms"] * 1e-9
+        except Exception as e:  # noqa: BLE001 - an impl that cannot run: report, go on
+            row[p + "error"] = str(e)[:500]
+            print(f"selected branch impl={impl} T={t} failed: {str(e)[:500]}", flush=True)
+        if impl == "mosaic_gpu":
+            chunk = 2 * 64 // (h // s.hkv)
+            nblk = -(-x["k_slc"].shape[1] // cfg.sel_block)
+            union = jax.jit(lambda i: layout.union_blocks(i, pos[:, :i.shape[1]], nblk, chunk))
+            tp = t - t % chunk                  # whole chunks (the kernel pads T; timing only)
+            row[p + "union_ms"] = 1e3 * median_time(union, idx[:, :tp], iters=iters) if tp else 0.0
+            row[p + "union_blocks"] = float(jnp.mean(union(idx[:, :tp])[2])) if tp else 0.0
 
 
 def sweep_selection(s: Setup, cfg, sel_args, pos, cpos, ns, iters, row, prefix):
