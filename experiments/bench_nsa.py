@@ -35,6 +35,7 @@ the path `impl="auto"` took before Mosaic GPU covered it.
 the same selection, and TFLOP/s (rows `token_selected_<impl>_*`):
   PYTHONPATH=. python experiments/bench_nsa.py --modes token --slc_impls triton,mosaic_gpu \
       --decode_batch 0
+(--slc_only: that alone, the selection taken from one NSA forward.)
 
 Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --iters /
 --backward flags (defaults changed here). On a GPU machine, repo root:
@@ -87,9 +88,11 @@ flags.DEFINE_bool("cmp_triton", False, "with --branches on the kernel path: also
                   "<mode>_compressed_triton_fwd_ms / _fwdbwd_ms")
 flags.DEFINE_list("slc_impls", [], "token mode: also time the selected branch on these token_sparse impls "
                   "(e.g. triton,mosaic_gpu; f+b through each one's backward: Triton's for both), rows "
-                  "token_selected_<impl>_fwd_ms / _fwdbwd_ms / _fwd_tflops / _fwdbwd_tflops; with mosaic_gpu "
+                  "token_selected_<impl>_fwd_ms / _fwdbwd_ms / _fwd_tflops / _fwdbwd_tflops / _err_vs_<first>; with mosaic_gpu "
                   "also its XLA union build alone (token_selected_mosaic_gpu_union_ms) and the mean union "
                   "size per chunk of 2 * 64 / G tokens (token_selected_mosaic_gpu_union_blocks)")
+flags.DEFINE_bool("slc_only", False, "with --slc_impls: time only the selected branch per impl (its selection "
+                  "from one NSA forward), no dense / NSA / other-branch / peer figures")
 flags.DEFINE_list("decode_configs", [], "nsa_decode Triton launch plans to time in the decode row, each "
                   "cmp_splits:tail_splits:block_cmp:num_stages:num_warps[:sel] (1:1:... = one fused kernel; "
                   "sel = the three-kernel plan: cmp + window, selection once, slc parts); rows nsa_<cfg>_ms")
@@ -237,12 +240,18 @@ def time_selected_impls(s: Setup, cfg, x, idx, iters, row, prefix):
     q, pos = x["q"], x["pos"]
     b, t, h, d = q.shape
     fwd_flop = 4 * b * t * h * cfg.num_selected * cfg.sel_block * d
+    first = None                                  # the first impl's output: the others' check
     for impl in FLAGS.slc_impls:
         p = f"{prefix}selected_{impl}_"
         f = lambda q, k, v, impl=impl: ops.selected_attention_sparse(  # noqa: E731
             q, k, v, pos, pos, idx, cfg, impl=impl, interpret=s.interpret)
         try:
             row[p + "fwd_ms"] = 1e3 * median_time(jax.jit(f), q, x["k_slc"], x["v_slc"], iters=iters)
+            out = jax.jit(f)(q, x["k_slc"], x["v_slc"])
+            if first is None:
+                first = out
+            else:
+                row[p + f"err_vs_{FLAGS.slc_impls[0]}"] = rel(out, first)
             row[p + "fwd_tflops"] = fwd_flop / row[p + "fwd_ms"] * 1e-9
             if FLAGS.backward:
                 row[p + "fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, x["k_slc"], x["v_slc"],
@@ -280,6 +289,15 @@ def bench_prefill(s: Setup, t: int, iters: int):
     x = make_inputs(s, 1, t)
     args = [x["q"]] + [x[n] for n in KV]
     row = dict(kind="prefill", t=t, h=s.h, hkv=s.hkv, d=s.d, cfg=dataclasses.asdict(s.cfg))
+    if FLAGS.slc_only:
+        cfg = dataclasses.replace(s.cfg, selection="token")
+        sel = jax.jit(lambda *a: ops.nsa_branches(
+            a[0], x["pos"], k_cmp=a[1], v_cmp=a[2], cmp_positions=x["cmp_positions"], k_slc=a[3],
+            v_slc=a[4], slc_positions=x["pos"], k_win=a[5], v_win=a[6], win_positions=x["pos"], cfg=cfg,
+            impl=s.impl, interpret=s.interpret).block_indices)
+        time_selected_impls(s, cfg, x, sel(*args), iters, row, "token_")
+        print(json.dumps(row), flush=True)
+        return row
     f = dense(s)
     row["dense_fwd_ms"] = 1e3 * median_time(jax.jit(f), x["q"], x["k_slc"], x["v_slc"], iters=iters)
     if FLAGS.backward:
