@@ -89,8 +89,8 @@ flags.DEFINE_bool("cmp_triton", False, "with --branches on the kernel path: also
 flags.DEFINE_list("slc_impls", [], "token mode: also time the selected branch on these token_sparse impls "
                   "(e.g. triton,mosaic_gpu; f+b through each one's backward: Triton's for both), rows "
                   "token_selected_<impl>_fwd_ms / _fwdbwd_ms / _fwd_tflops / _fwdbwd_tflops / _err_vs_<first>; with mosaic_gpu "
-                  "also its XLA union build alone (token_selected_mosaic_gpu_union_ms) and the mean union "
-                  "size per chunk of 2 * 64 / G tokens (token_selected_mosaic_gpu_union_blocks)")
+                  "also its union build and size, and every impl's forward on chunk-shared selections "
+                  "(token_selected_shared_<impl>_fwd_ms; see time_selected_impls)")
 flags.DEFINE_bool("slc_only", False, "with --slc_impls: time only the selected branch per impl (its selection "
                   "from one NSA forward), no dense / NSA / other-branch / peer figures")
 flags.DEFINE_list("decode_configs", [], "nsa_decode Triton launch plans to time in the decode row, each "
@@ -234,39 +234,50 @@ def time_branches(s: Setup, cfg, x, iters, row, prefix):
 def time_selected_impls(s: Setup, cfg, x, idx, iters, row, prefix):
     """The selected branch on each --slc_impls backend (same selection `idx`): fwd and f+b
     ms and TFLOP/s, counting every listed key (`4 B T H n l' D` forward, 3.5x that for
-    f+b: 7 matmuls to 2; no causal discount, the convention of the issue's 137 TFLOP/s)."""
+    f+b: 7 matmuls to 2; no causal discount, the convention of the issue's 137 TFLOP/s).
+
+    With mosaic_gpu among them, also its XLA union build alone and the mean union size per
+    chunk of `2 * 64 / G` tokens (the blocks each of its 64-row tiles walks: 16 when the
+    chunk's tokens agree, up to `chunk * n` when they share nothing), and the forward of
+    every impl on the "shared" selection (each token takes the list of its chunk's first
+    token: unions of exactly n blocks, the Mosaic kernel's best case; rows
+    `<prefix>selected_shared_<impl>_fwd_ms` / `_fwd_tflops`)."""
     from pallas_kernels.token_sparse import layout  # noqa: PLC0415
 
     q, pos = x["q"], x["pos"]
     b, t, h, d = q.shape
     fwd_flop = 4 * b * t * h * cfg.num_selected * cfg.sel_block * d
-    first = None                                  # the first impl's output: the others' check
-    for impl in FLAGS.slc_impls:
-        p = f"{prefix}selected_{impl}_"
-        f = lambda q, k, v, impl=impl: ops.selected_attention_sparse(  # noqa: E731
-            q, k, v, pos, pos, idx, cfg, impl=impl, interpret=s.interpret)
-        try:
-            row[p + "fwd_ms"] = 1e3 * median_time(jax.jit(f), q, x["k_slc"], x["v_slc"], iters=iters)
-            out = jax.jit(f)(q, x["k_slc"], x["v_slc"])
-            if first is None:
-                first = out
-            else:
-                row[p + f"err_vs_{FLAGS.slc_impls[0]}"] = rel(out, first)
-            row[p + "fwd_tflops"] = fwd_flop / row[p + "fwd_ms"] * 1e-9
-            if FLAGS.backward:
-                row[p + "fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, x["k_slc"], x["v_slc"],
-                                                         x["do"], iters=iters)
-                row[p + "fwdbwd_tflops"] = 3.5 * fwd_flop / row[p + "fwdbwd_ms"] * 1e-9
-        except Exception as e:  # noqa: BLE001 - an impl that cannot run: report, go on
-            row[p + "error"] = str(e)[:500]
-            print(f"selected branch impl={impl} T={t} failed: {str(e)[:500]}", flush=True)
-        if impl == "mosaic_gpu":
-            chunk = 2 * 64 // (h // s.hkv)
-            nblk = -(-x["k_slc"].shape[1] // cfg.sel_block)
-            union = jax.jit(lambda i: layout.union_blocks(i, pos[:, :i.shape[1]], nblk, chunk))
-            tp = t - t % chunk                  # whole chunks (the kernel pads T; timing only)
-            row[p + "union_ms"] = 1e3 * median_time(union, idx[:, :tp], iters=iters) if tp else 0.0
-            row[p + "union_blocks"] = float(jnp.mean(union(idx[:, :tp])[2])) if tp else 0.0
+    chunk = 2 * 64 // max(1, h // s.hkv)
+    variants = [("", idx, FLAGS.backward)]
+    if "mosaic_gpu" in FLAGS.slc_impls:
+        variants.append(("shared_", idx[:, (jnp.arange(t) // chunk) * chunk], False))
+        nblk = -(-x["k_slc"].shape[1] // cfg.sel_block)
+        union = jax.jit(lambda i: layout.union_blocks(i, pos[:, :i.shape[1]], nblk, chunk))
+        tp = t - t % chunk                  # whole chunks (the kernel pads T; timing only)
+        if tp:
+            row[f"{prefix}selected_mosaic_gpu_union_ms"] = 1e3 * median_time(union, idx[:, :tp], iters=iters)
+            row[f"{prefix}selected_mosaic_gpu_union_blocks"] = float(jnp.mean(union(idx[:, :tp])[2]))
+    for variant, sel, backward in variants:
+        first = None                              # the first impl's output: the others' check
+        for impl in FLAGS.slc_impls:
+            p = f"{prefix}selected_{variant}{impl}_"
+            f = lambda q, k, v, impl=impl, sel=sel: ops.selected_attention_sparse(  # noqa: E731
+                q, k, v, pos, pos, sel, cfg, impl=impl, interpret=s.interpret)
+            try:
+                row[p + "fwd_ms"] = 1e3 * median_time(jax.jit(f), q, x["k_slc"], x["v_slc"], iters=iters)
+                row[p + "fwd_tflops"] = fwd_flop / row[p + "fwd_ms"] * 1e-9
+                out = jax.jit(f)(q, x["k_slc"], x["v_slc"])
+                if first is None:
+                    first = out
+                else:
+                    row[p + f"err_vs_{FLAGS.slc_impls[0]}"] = rel(out, first)
+                if backward:
+                    row[p + "fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, x["k_slc"], x["v_slc"],
+                                                             x["do"], iters=iters)
+                    row[p + "fwdbwd_tflops"] = 3.5 * fwd_flop / row[p + "fwdbwd_ms"] * 1e-9
+            except Exception as e:  # noqa: BLE001 - an impl that cannot run: report, go on
+                row[p + "error"] = str(e)[:500]
+                print(f"selected branch impl={impl} T={t} failed: {str(e)[:500]}", flush=True)
 
 
 def sweep_selection(s: Setup, cfg, sel_args, pos, cpos, ns, iters, row, prefix):
