@@ -71,16 +71,24 @@ _SMEM_BYTES = 232448       # Hopper's largest dynamic SMEM per CTA (227 KB)
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUConfig:
     """`max_concurrent_steps`: depth of the K/V ring (0: the most, up to 4, that fit in
-    SMEM: 4 at l' = 64, 2 at l' = 128 for D = 128); `use_schedule_barrier`: ping-pong the
-    two consumers; `backward`: the Triton backward's tiles (`TritonConfig`)."""
+    SMEM: 4 at l' = 64, 2 at l' = 128 for D = 128; even with `split_kv`);
+    `use_schedule_barrier`: ping-pong the two consumers; `split_kv`: both consumers hold
+    the same 64 rows (a CTA = R tokens, so unions of R tokens, not 2R) and take alternate
+    union blocks, their softmax states merged through SMEM at the end (fewer blocks per
+    token where the tokens of a chunk share few); `backward`: the Triton backward's tiles
+    (`TritonConfig`)."""
 
     max_concurrent_steps: int = 0
     use_schedule_barrier: bool = True
+    split_kv: bool = False
     backward: TritonConfig = TritonConfig()
 
     def __post_init__(self):
         if not (isinstance(self.max_concurrent_steps, int) and self.max_concurrent_steps in (0, 2, 3, 4)):
             raise ValueError(f"max_concurrent_steps must be 0 (auto), 2, 3 or 4, got {self.max_concurrent_steps!r}")
+        if self.split_kv and self.max_concurrent_steps == 3:
+            raise ValueError("split_kv needs an even max_concurrent_steps (each ring slot serves one "
+                             "consumer), got 3")
         if not isinstance(self.backward, TritonConfig):
             raise ValueError(f"backward must be a TritonConfig, got {type(self.backward).__name__}")
 
@@ -93,7 +101,8 @@ class Geometry:
     hkv: int
     group: int                # G
     tokens: int               # R = 64 / G tokens per consumer
-    chunk: int                # CT = 2R tokens per CTA
+    chunk: int                # CT tokens per CTA: 2R, or R with `split_kv`
+    split: bool               # `MosaicGPUConfig.split_kv`
     per_copy: int             # tokens per query TMA copy (1, or R: regrouped in XLA)
     d: int
     block_size: int
@@ -108,12 +117,19 @@ class Geometry:
         return 1 + 2 * self.union // _META_W
 
 
-def smem_bytes(d: int, block_size: int, union: int, stages: int, itemsize: int = 2) -> int:
-    """SMEM of one CTA: the two query / output tiles, the ring (K, V, key positions), the
-    metadata row, the lse and query-position rows."""
+def smem_bytes(d: int, block_size: int, union: int, stages: int, split: bool, itemsize: int = 2) -> int:
+    """SMEM of one CTA: the query / output tiles (one with `split`, plus the float32
+    accumulator, max and sum the second consumer hands over), the ring (K, V, key
+    positions), the metadata row, the lse and query-position rows."""
     meta = (1 + 2 * union // _META_W) * _META_W * 4
-    return (_COMPUTE_WGS * ROWS * d * itemsize + stages * (2 * block_size * d * itemsize + block_size * 4)
-            + meta + 2 * _COMPUTE_WGS * ROWS * 4)
+    tiles = ROWS * d * itemsize + (ROWS * d + 2 * ROWS) * 4 if split else _COMPUTE_WGS * ROWS * d * itemsize
+    return (tiles + stages * (2 * block_size * d * itemsize + block_size * 4) + meta
+            + 2 * _COMPUTE_WGS * ROWS * 4)
+
+
+def union_slots(group: int, entries: int, split: bool) -> int:
+    """U: a chunk's union slots, its tokens' entries rounded up to a metadata row."""
+    return blocks.round_up((1 if split else 2) * (ROWS // group) * entries, _META_W)
 
 
 def geometry(q, k, indices, block_size: int, causal: bool, cfg: MosaicGPUConfig) -> Geometry:
@@ -122,14 +138,15 @@ def geometry(q, k, indices, block_size: int, causal: bool, cfg: MosaicGPUConfig)
     g = h // hkv
     r = ROWS // g
     nblk = -(-s // block_size)
-    union = blocks.round_up(2 * r * indices.shape[3], _META_W)
+    union = union_slots(g, indices.shape[3], cfg.split_kv)
     stages = cfg.max_concurrent_steps
     if not stages:
-        stages = max([n for n in (2, 3, 4) if smem_bytes(d, block_size, union, n) <= _SMEM_BYTES],
-                     default=2)
-    return Geometry(t_p=blocks.round_up(t, 2 * r), hkv=hkv, group=g, tokens=r, chunk=2 * r,
-                    per_copy=1 if g % 8 == 0 else r, d=d, block_size=block_size, nblk=nblk,
-                    s_p=nblk * block_size, union=union, stages=stages, causal=causal)
+        stages = max([n for n in ((2, 4) if cfg.split_kv else (2, 3, 4))
+                      if smem_bytes(d, block_size, union, n, cfg.split_kv) <= _SMEM_BYTES], default=2)
+    chunk = r if cfg.split_kv else 2 * r
+    return Geometry(t_p=blocks.round_up(t, chunk), hkv=hkv, group=g, tokens=r, chunk=chunk,
+                    split=cfg.split_kv, per_copy=1 if g % 8 == 0 else r, d=d, block_size=block_size,
+                    nblk=nblk, s_p=nblk * block_size, union=union, stages=stages, causal=causal)
 
 
 def metadata(geo: Geometry, indices, q_pos):
@@ -147,25 +164,31 @@ def _kernel_call(q, k, v, kv_pos, q_rows, meta, *, geo: Geometry, scale: float,
                  cfg: MosaicGPUConfig, interpret=None):
     """q `[B, T_p / c, Hkv, c * G, D]` (c = `geo.per_copy`), k / v `[B, S_p, Hkv, D]`,
     kv_pos `[B, S_p]`, q_rows `[B, T_p * G]` (each row's query position), meta (`metadata`)
-    -> out like q, lse `[B, Hkv, T_p * G]` float32 (natural log)."""
+    -> out like q, lse `[B, Hkv, T_p * G]` float32 (natural log).
+
+    Union block u sits in ring slot `u % stages`; it is consumed by both consumers, or with
+    `geo.split` by consumer `u % 2` alone (stages even: a slot always serves the same one)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
 
     b, d, dtype = q.shape[0], geo.d, q.dtype
-    bs, stages, g, r = geo.block_size, geo.stages, geo.group, geo.tokens
+    bs, stages, g, r, split = geo.block_size, geo.stages, geo.group, geo.tokens, geo.split
     rows_copy = geo.per_copy * g
     n_copies = r // geo.per_copy
     n_chunks = geo.t_p // geo.chunk
+    n_tiles = 1 if split else _COMPUTE_WGS           # distinct 64-row tiles of a CTA
+    stride = _COMPUTE_WGS if split else 1            # a consumer's step between union blocks
     log2_g = g.bit_length() - 1
     ub = 1 + geo.union // _META_W          # first metadata row of the bits
     c2 = float(scale) * LOG2E
 
     def body(q_ref, k_ref, v_ref, kpos_ref, qrow_ref, meta_ref, out_ref, lse_ref, scoped):
-        ((qo_smem, k_smem, v_smem, kpos_smem, meta_smem, qpos_smem, lse_smem),
-         meta_loaded, q_loaded, loaded, consumed, sched) = scoped
+        ((qo_smem, k_smem, v_smem, kpos_smem, meta_smem, qpos_smem, lse_smem, *handover),
+         meta_loaded, q_loaded, loaded, consumed, sched, *merge) = scoped
         k_loaded, v_loaded = loaded
         k_consumed, v_consumed = consumed
         ci, hk, bi = lax.axis_index("chunk"), lax.axis_index("heads"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
+        tile_i = 0 if split else wg                  # this consumer's 64-row tile
 
         def sched_sync():
             if cfg.use_schedule_barrier:
@@ -178,37 +201,47 @@ def _kernel_call(q, k, v, kv_pos, q_rows, meta, *, geo: Geometry, scale: float,
         @pl.when(wg < _COMPUTE_WGS)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
-            tile = qo_smem.at[wg]
-            first = ci * (geo.chunk // geo.per_copy) + wg * n_copies
-            for i in range(n_copies):
-                plgpu.copy_gmem_to_smem(q_ref.at[bi, first + i, hk],
-                                        tile.at[pl.ds(i * rows_copy, rows_copy)], q_loaded.at[wg])
-            row0 = (ci * geo.chunk + wg * r) * g
-            plgpu.copy_gmem_to_smem(qrow_ref.at[bi, pl.ds(row0, ROWS)], qpos_smem.at[wg],
-                                    q_loaded.at[wg])
-            plgpu.barrier_wait(q_loaded.at[wg])
+            tile = qo_smem.at[tile_i]
+            first = ci * (geo.chunk // geo.per_copy) + tile_i * n_copies
+            row0 = (ci * geo.chunk + tile_i * r) * g
+
+            def load_tile():
+                for i in range(n_copies):
+                    plgpu.copy_gmem_to_smem(q_ref.at[bi, first + i, hk],
+                                            tile.at[pl.ds(i * rows_copy, rows_copy)], q_loaded.at[tile_i])
+                plgpu.copy_gmem_to_smem(qrow_ref.at[bi, pl.ds(row0, ROWS)], qpos_smem.at[tile_i],
+                                        q_loaded.at[tile_i])
+
+            if split:
+                pl.when(wg == 0)(load_tile)          # one tile, read by both
+            else:
+                load_tile()
+            plgpu.barrier_wait(q_loaded.at[tile_i])
             plgpu.barrier_wait(meta_loaded)
             n = meta_smem[0, 0]
+            u0 = wg if split else 0                  # this consumer's first union block
+            n_mine = lax.div(jnp.maximum(n - u0 + (stride - 1), 0), jnp.int32(stride))
 
-            q_pos = plgpu.load(qpos_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            q_pos = plgpu.load(qpos_smem.at[tile_i], layout=plgpu.Layout.WGMMA.reduce(1))
             if not geo.causal:      # every valid key: a row position above every key's
                 q_pos = jnp.where(q_pos >= 0, jnp.int32(2 ** 30), -1)
             row_iota = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,
                                               layout=plgpu.Layout.WGMMA.reduce(1))
-            shift = jnp.right_shift(row_iota, log2_g) + wg * r      # the row's token in the chunk
+            shift = jnp.right_shift(row_iota, log2_g) + tile_i * r   # the row's token in the chunk
 
             m = plgpu.layout_cast(jnp.full((ROWS,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             l = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc = plgpu.layout_cast(jnp.full((ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-            @pl.when(n > 0)
+            @pl.when(n > u0)
             def _():
-                plgpu.barrier_wait(k_loaded.at[0])
+                plgpu.barrier_wait(k_loaded.at[u0])
 
             pl.when(wg == 1)(sched_sync)     # offset the two consumers by one phase
 
-            def step(u, carry):
+            def step(i, carry):
                 acc, m, l = carry
+                u = u0 + i * stride
                 slot = lax.rem(u, jnp.int32(stages))
 
                 def qk(acc_ref):
@@ -240,27 +273,59 @@ def _kernel_call(q, k, v, kv_pos, q_rows, meta, *, geo: Geometry, scale: float,
                 def pv(acc_ref):
                     mma(acc_ref, p16, v_smem.at[slot])
 
-                    @pl.when(u + 1 < n)
+                    @pl.when(u + stride < n)
                     def _():
-                        plgpu.barrier_wait(k_loaded.at[lax.rem(u + 1, jnp.int32(stages))])
+                        plgpu.barrier_wait(k_loaded.at[lax.rem(u + stride, jnp.int32(stages))])
 
                 acc = accumulate(pv, acc, interpret=interpret)
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_new, l
 
-            acc, m, l = lax.fori_loop(0, n, step, (acc, m, l))
+            acc, m, l = lax.fori_loop(0, n_mine, step, (acc, m, l))
+            if split:       # consumer 1 ran one step fewer for an odd n: match the phases
+                @pl.when((wg == 1) & (lax.rem(n, jnp.int32(2)) == 1))
+                def _():
+                    sched_sync()
+                    sched_sync()
             pl.when(wg == 0)(sched_sync)
 
-            # l >= 1 wherever a key is visible; rows that see none: acc = 0, l = 0
-            inv = 1.0 / jnp.maximum(l, 1e-30)
-            tile[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-            lse_smem.at[wg][...] = (m + jnp.log2(l)) * (1.0 / LOG2E)      # -inf where l = 0
-            plgpu.commit_smem()
-            for i in range(n_copies):
-                plgpu.copy_smem_to_gmem(tile.at[pl.ds(i * rows_copy, rows_copy)],
-                                        out_ref.at[bi, first + i, hk])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hk, pl.ds(row0, ROWS)])
-            plgpu.wait_smem_to_gmem(0)
+            def finish(acc, m, l):
+                # l >= 1 wherever a key is visible; rows that see none: acc = 0, l = 0
+                inv = 1.0 / jnp.maximum(l, 1e-30)
+                tile[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+                lse_smem.at[tile_i][...] = (m + jnp.log2(l)) * (1.0 / LOG2E)      # -inf where l = 0
+                plgpu.commit_smem()
+                for i in range(n_copies):
+                    plgpu.copy_smem_to_gmem(tile.at[pl.ds(i * rows_copy, rows_copy)],
+                                            out_ref.at[bi, first + i, hk])
+                plgpu.copy_smem_to_gmem(lse_smem.at[tile_i], lse_ref.at[bi, hk, pl.ds(row0, ROWS)])
+                plgpu.wait_smem_to_gmem(0)
+
+            if not split:
+                finish(acc, m, l)
+                return
+            acc_smem, ml_smem = handover
+            (handed,) = merge
+
+            @pl.when(wg == 1)
+            def _():
+                acc_smem[...] = acc
+                ml_smem.at[0][...] = m
+                ml_smem.at[1][...] = l
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(handed)
+
+            @pl.when(wg == 0)
+            def _():
+                plgpu.barrier_wait(handed)
+                m1 = plgpu.load(ml_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1))
+                l1 = plgpu.load(ml_smem.at[1], layout=plgpu.Layout.WGMMA.reduce(1))
+                acc1 = plgpu.load(acc_smem, layout=plgpu.Layout.WGMMA)
+                m_all = jnp.maximum(m, m1)
+                a0, a1 = jnp.exp2(m - m_all), jnp.exp2(m1 - m_all)
+                acc_all = (acc * lax.broadcast_in_dim(a0, acc.shape, [0])
+                           + acc1 * lax.broadcast_in_dim(a1, acc.shape, [0]))
+                finish(acc_all, m_all, l * a0 + l1 * a1)
 
         @pl.when(wg == _COMPUTE_WGS)
         def _producer():
@@ -299,26 +364,30 @@ def _kernel_call(q, k, v, kv_pos, q_rows, meta, *, geo: Geometry, scale: float,
 
     def entry(q_ref, k_ref, v_ref, kpos_ref, qrow_ref, meta_ref, out_ref, lse_ref):
         tr = smem_transforms(plgpu, d, dtype)
-        scratch = (
-            plgpu.SMEM((_COMPUTE_WGS, ROWS, d), dtype, transforms=tr),
+        scratch = [
+            plgpu.SMEM((n_tiles, ROWS, d), dtype, transforms=tr),
             plgpu.SMEM((stages, bs, d), dtype, transforms=tr),
             plgpu.SMEM((stages, bs, d), dtype, transforms=tr),
             plgpu.SMEM((stages, bs), jnp.int32),
             plgpu.SMEM((geo.meta_rows, _META_W), jnp.int32),
-            plgpu.SMEM((_COMPUTE_WGS, ROWS), jnp.int32),
-            plgpu.SMEM((_COMPUTE_WGS, ROWS), jnp.float32),
-        )
+            plgpu.SMEM((n_tiles, ROWS), jnp.int32),
+            plgpu.SMEM((n_tiles, ROWS), jnp.float32),
+        ]
+        barriers = [
+            plgpu.Barrier(),                                                  # metadata
+            plgpu.Barrier(num_arrivals=n_copies + 1, num_barriers=n_tiles),   # q + positions
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),              # K + key positions
+             plgpu.Barrier(num_barriers=stages)),                             # V
+            (plgpu.Barrier(num_arrivals=1 if split else _COMPUTE_WGS, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+        ]
+        if split:           # consumer 1's accumulator, max and sum for consumer 0
+            scratch += [plgpu.SMEM((ROWS, d), jnp.float32, transforms=smem_transforms(plgpu, d, jnp.float32)),
+                        plgpu.SMEM((2, ROWS), jnp.float32)]
+            barriers.append(plgpu.Barrier())
         pl.run_scoped(
             lambda *a: body(q_ref, k_ref, v_ref, kpos_ref, qrow_ref, meta_ref, out_ref, lse_ref, a),
-            scratch,
-            plgpu.Barrier(),                                                      # metadata
-            plgpu.Barrier(num_arrivals=n_copies + 1, num_barriers=_COMPUTE_WGS),  # q + positions
-            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),                  # K + key positions
-             plgpu.Barrier(num_barriers=stages)),                                 # V
-            (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2,
-            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
-            collective_axes="wg",
-        )
+            tuple(scratch), *barriers, collective_axes="wg")
 
     out, lse = plgpu.kernel(
         entry,
@@ -394,12 +463,12 @@ def check_supported(q, k, v, indices, *, block_size, softcap, interpret, config:
            "2 * 64 / G <= 32 tokens per CTA)")
     if block_size not in (64, 128):
         no(f"block_size {block_size} (64 or 128)")
-    union = blocks.round_up(2 * (ROWS // g) * indices.shape[3], _META_W)
+    union = union_slots(g, indices.shape[3], config.split_kv)
     if 1 + 2 * union // _META_W > 256:
         no(f"{indices.shape[3]} entries per row with G={g} (the chunk's metadata row, one TMA "
            "copy, must stay within 256 rows of 64)")
     stages = config.max_concurrent_steps or 2
-    need = smem_bytes(d, block_size, union, stages)
+    need = smem_bytes(d, block_size, union, stages, config.split_kv)
     if need > _SMEM_BYTES:
         no(f"max_concurrent_steps={stages} with block_size {block_size}, head_dim {d} and "
            f"{indices.shape[3]} entries per row ({need} B of SMEM > {_SMEM_BYTES})")
