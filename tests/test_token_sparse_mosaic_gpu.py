@@ -12,6 +12,10 @@ GPU. Under `-m gpu` on a Hopper GPU: the compiled kernels against the reference.
 
 from __future__ import annotations
 
+import functools
+import itertools
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,16 +71,27 @@ def _f32(args):
     return tuple(None if a is None else a.astype(jnp.float32) for a in args)
 
 
+def _mosaic(config):
+    """`impl="mosaic_gpu"` with `config` (patched into the api's table)."""
+    return mock.patch.dict(api.IMPLEMENTATIONS, {"mosaic_gpu": functools.partial(
+        token_sparse_mosaic_gpu, config=config)})
+
+
 @needs_gpu_interpret_pool
-@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: c.name)
-def test_mosaic_gpu_in_gpu_interpret_mode(case):
+@pytest.mark.parametrize("case,config", [(c, MosaicGPUConfig()) for c in INTERPRET_CASES] + [
+    (INTERPRET_CASES[0], MosaicGPUConfig(split_kv=True, max_concurrent_steps=2)),
+    (INTERPRET_CASES[1], MosaicGPUConfig(split_kv=True))],
+    ids=[c.name for c in INTERPRET_CASES] + ["g16_ragged_sinks_split", "g4_ragged_split"])
+def test_mosaic_gpu_in_gpu_interpret_mode(case, config):
     """Out, lse and dq, dk, dv (d sinks) through the custom VJP (Mosaic GPU forward in GPU
     interpret mode, Triton backward in Triton's interpreter) against float32 references on
-    bf16 inputs; the empty list gives zeros."""
+    bf16 inputs; the empty list gives zeros. `split_kv`: unions of odd and even sizes (the
+    second consumer one step short, or not), 2 and 4 ring slots."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     args, idx, kw, cot = make_inputs(case, jnp.bfloat16)
-    out, lse, grads = run_vjp("mosaic_gpu", args, idx, kw, cot, interpret=plgpu.InterpretGPUParams())
+    with _mosaic(config):
+        out, lse, grads = run_vjp("mosaic_gpu", args, idx, kw, cot, interpret=plgpu.InterpretGPUParams())
     r_out, r_lse, r_grads = run_vjp("xla", _f32(args), idx, kw, (cot[0].astype(jnp.float32), cot[1]))
     assert out.dtype == jnp.bfloat16 and out.shape == r_out.shape
     assert max_rel_err(out, r_out) < 1e-2                      # bf16 P and output
@@ -91,7 +106,7 @@ def test_mosaic_gpu_in_gpu_interpret_mode(case):
             assert max_rel_err(g, r) < 1e-2
 
 
-def _lowers_for_cuda(t, h, hkv, d, k, block_size):
+def _lowers_for_cuda(t, h, hkv, d, k, block_size, config=None):
     """fwd + bwd of `token_sparse_mosaic_gpu` traced and lowered for CUDA on an abstract
     H100 (Pallas to Mosaic GPU and Triton; nothing compiled): the custom call targets."""
     import re
@@ -104,7 +119,7 @@ def _lowers_for_cuda(t, h, hkv, d, k, block_size):
     def loss(q, kk, v, idx, pos):
         r = token_sparse_mosaic_gpu(q, kk, v, idx, block_size=block_size, q_positions=pos,
                                     kv_positions=pos, causal=True, sink_logits=None, softcap=None,
-                                    scale=d ** -0.5, return_lse=True)
+                                    scale=d ** -0.5, return_lse=True, config=config)
         return r.out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(r.lse), r.lse, 0.0).sum()
 
     dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
@@ -116,9 +131,11 @@ def _lowers_for_cuda(t, h, hkv, d, k, block_size):
 
 def test_mosaic_gpu_kernel_lowers_for_cuda_on_the_cpu():
     """NSA's 64K shape (HQ 64, HKV 4, D 128, 16 blocks of 64: G=16), and G=4 with blocks of
-    128 (2 ring stages), ragged T: one Mosaic GPU forward, the three Triton backward kernels."""
-    for shape in ((65536, 64, 4, 128, 16, 64), (1000, 16, 4, 128, 16, 128)):
-        text, calls = _lowers_for_cuda(*shape)
+    128 (2 ring stages), ragged T, and `split_kv` at both: one Mosaic GPU forward, the three
+    Triton backward kernels."""
+    for shape, split in itertools.product(((65536, 64, 4, 128, 16, 64), (1000, 16, 4, 128, 16, 128)),
+                                          (False, True)):
+        text, calls = _lowers_for_cuda(*shape, config=MosaicGPUConfig(split_kv=split))
         assert "token_sparse_fwd_mosaic_gpu" in text
         assert calls.count("mosaic_gpu_v2") == 1 and calls.count("__gpu$xla.gpu.triton") == 3
 
@@ -145,6 +162,8 @@ def test_mosaic_gpu_refuses_unsupported_without_compiling():
         call(q[:, :, :2], k, v)
     with pytest.raises(ValueError, match="max_concurrent_steps"):
         MosaicGPUConfig(max_concurrent_steps=1)
+    with pytest.raises(ValueError, match="split_kv needs an even"):
+        MosaicGPUConfig(split_kv=True, max_concurrent_steps=3)
 
 
 def test_auto_does_not_take_mosaic_gpu_on_hopper_yet(monkeypatch):
@@ -185,11 +204,12 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
-def test_mosaic_gpu_compiled_matches_reference(case):
+@pytest.mark.parametrize("case,split", [(c, False) for c in GPU_CASES] + [(GPU_CASES[0], True)],
+                         ids=[c.name for c in GPU_CASES] + ["nsa_g16_split_kv"])
+def test_mosaic_gpu_compiled_matches_reference(case, split):
     """The compiled forward (and the Triton backward behind it) on bf16 inputs against the
     float32 reference: out, lse, gradients."""
-    with jax.default_device(_hopper()):
+    with jax.default_device(_hopper()), _mosaic(MosaicGPUConfig(split_kv=split)):
         args, idx, kw, cot = make_inputs(case, jnp.bfloat16)
         out, lse, grads = run_vjp("mosaic_gpu", args, idx, kw, cot, interpret=False)
         with jax.default_matmul_precision("highest"):
@@ -208,7 +228,8 @@ def test_mosaic_gpu_compiled_matches_reference(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
-def test_mosaic_gpu_matches_triton_at_nsa_shape():
+@pytest.mark.parametrize("split", [False, True], ids=["pair", "split_kv"])
+def test_mosaic_gpu_matches_triton_at_nsa_shape(split):
     """T=4096, HQ=64 / HKV=4, 16 blocks of 64 per token: block 0 and 15 blocks back from the
     token's own at a stride of 1-3 varying by token (neighbouring tokens share some blocks,
     as NSA's selections do; -1 past block 0): the Mosaic GPU forward against Triton's."""
@@ -221,8 +242,9 @@ def test_mosaic_gpu_matches_triton_at_nsa_shape():
         ks = jax.random.split(jax.random.key(0), 3)
         q = jax.random.normal(ks[0], (1, t, h, d), jnp.bfloat16)
         k, v = (jax.random.normal(kk, (1, t, hkv, d), jnp.bfloat16) for kk in ks[1:])
-        run = lambda impl: jax.jit(lambda q, k, v: token_sparse_attention(  # noqa: E731
-            q, k, v, jnp.asarray(idx), block_size=64, return_lse=True, impl=impl))(q, k, v)
-        got, want = run("mosaic_gpu"), run("triton")
+        run = lambda impl, **kw: jax.jit(lambda q, k, v: token_sparse_attention(  # noqa: E731
+            q, k, v, jnp.asarray(idx), block_size=64, return_lse=True, impl=impl, **kw))(q, k, v)
+        got = run("mosaic_gpu", config=MosaicGPUConfig(split_kv=split))
+        want = run("triton")
         assert max_rel_err(got.out, want.out) < 2e-2
         np.testing.assert_allclose(np.asarray(got.lse), np.asarray(want.lse), atol=2e-2, rtol=1e-3)
