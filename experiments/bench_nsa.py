@@ -87,7 +87,7 @@ flags.DEFINE_bool("cmp_triton", False, "with --branches on the kernel path: also
                   "branch on Triton (impl='triton'; on Hopper 'auto' takes Mosaic GPU), rows "
                   "<mode>_compressed_triton_fwd_ms / _fwdbwd_ms")
 flags.DEFINE_list("slc_impls", [], "token mode: also time the selected branch on these token_sparse impls "
-                  "(e.g. triton,mosaic_gpu; f+b through each one's backward: Triton's for both), rows "
+                  "(e.g. triton,mosaic_gpu,mosaic_gpu_split; f+b through each one's backward: Triton's for all), rows "
                   "token_selected_<impl>_fwd_ms / _fwdbwd_ms / _fwd_tflops / _fwdbwd_tflops / _err_vs_<first>; with mosaic_gpu "
                   "also its union build and size, and every impl's forward on chunk-shared selections "
                   "(token_selected_shared_<impl>_fwd_ms; see time_selected_impls)")
@@ -236,20 +236,23 @@ def time_selected_impls(s: Setup, cfg, x, idx, iters, row, prefix):
     ms and TFLOP/s, counting every listed key (`4 B T H n l' D` forward, 3.5x that for
     f+b: 7 matmuls to 2; no causal discount, the convention of the issue's 137 TFLOP/s).
 
-    With mosaic_gpu among them, also its XLA union build alone and the mean union size per
-    chunk of `2 * 64 / G` tokens (the blocks each of its 64-row tiles walks: 16 when the
-    chunk's tokens agree, up to `chunk * n` when they share nothing), and the forward of
-    every impl on the "shared" selection (each token takes the list of its chunk's first
+    "mosaic_gpu_split" is the Mosaic GPU forward with `MosaicGPUConfig(split_kv=True)`
+    (its backward is the same Triton one: forward only). With mosaic_gpu among them, also
+    its XLA union build alone and the mean union size per chunk of `2 * 64 / G` tokens (the
+    blocks each of its 64-row tiles walks: n when the chunk's tokens agree, up to `chunk *
+    n` when they share nothing; `_union_blocks_split`: chunks of `64 / G`), and the forward
+    of every impl on the "shared" selection (each token takes the list of its chunk's first
     token: unions of exactly n blocks, the Mosaic kernel's best case; rows
     `<prefix>selected_shared_<impl>_fwd_ms` / `_fwd_tflops`)."""
-    from pallas_kernels.token_sparse import layout  # noqa: PLC0415
+    from pallas_kernels.token_sparse import layout, token_sparse_attention  # noqa: PLC0415
+    from pallas_kernels.token_sparse.api import MosaicGPUConfig  # noqa: PLC0415
 
     q, pos = x["q"], x["pos"]
     b, t, h, d = q.shape
     fwd_flop = 4 * b * t * h * cfg.num_selected * cfg.sel_block * d
     chunk = 2 * 64 // max(1, h // s.hkv)
     variants = [("", idx, FLAGS.backward)]
-    if "mosaic_gpu" in FLAGS.slc_impls:
+    if {"mosaic_gpu", "mosaic_gpu_split"} & set(FLAGS.slc_impls):
         variants.append(("shared_", idx[:, (jnp.arange(t) // chunk) * chunk], False))
         nblk = -(-x["k_slc"].shape[1] // cfg.sel_block)
         union = jax.jit(lambda i: layout.union_blocks(i, pos[:, :i.shape[1]], nblk, chunk))
@@ -257,12 +260,21 @@ def time_selected_impls(s: Setup, cfg, x, idx, iters, row, prefix):
         if tp:
             row[f"{prefix}selected_mosaic_gpu_union_ms"] = 1e3 * median_time(union, idx[:, :tp], iters=iters)
             row[f"{prefix}selected_mosaic_gpu_union_blocks"] = float(jnp.mean(union(idx[:, :tp])[2]))
+            half = layout.union_blocks(idx[:, :tp], pos[:, :tp], nblk, chunk // 2)[2]
+            row[f"{prefix}selected_mosaic_gpu_union_blocks_split"] = float(jnp.mean(half))
+
+    def branch(impl, sel):
+        if impl == "mosaic_gpu_split":
+            return lambda q, k, v: token_sparse_attention(  # noqa: E731
+                q, k, v, sel, block_size=cfg.sel_block, q_positions=pos, kv_positions=pos, causal=True,
+                impl="mosaic_gpu", interpret=s.interpret, config=MosaicGPUConfig(split_kv=True))
+        return lambda q, k, v: ops.selected_attention_sparse(  # noqa: E731
+            q, k, v, pos, pos, sel, cfg, impl=impl, interpret=s.interpret)
     for variant, sel, backward in variants:
         first = None                              # the first impl's output: the others' check
         for impl in FLAGS.slc_impls:
             p = f"{prefix}selected_{variant}{impl}_"
-            f = lambda q, k, v, impl=impl, sel=sel: ops.selected_attention_sparse(  # noqa: E731
-                q, k, v, pos, pos, sel, cfg, impl=impl, interpret=s.interpret)
+            f = branch(impl, sel)
             try:
                 row[p + "fwd_ms"] = 1e3 * median_time(jax.jit(f), q, x["k_slc"], x["v_slc"], iters=iters)
                 row[p + "fwd_tflops"] = fwd_flop / row[p + "fwd_ms"] * 1e-9
@@ -271,7 +283,7 @@ def time_selected_impls(s: Setup, cfg, x, idx, iters, row, prefix):
                     first = out
                 else:
                     row[p + f"err_vs_{FLAGS.slc_impls[0]}"] = rel(out, first)
-                if backward:
+                if backward and impl != "mosaic_gpu_split":
                     row[p + "fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, x["k_slc"], x["v_slc"],
                                                              x["do"], iters=iters)
                     row[p + "fwdbwd_tflops"] = 3.5 * fwd_flop / row[p + "fwdbwd_ms"] * 1e-9
