@@ -86,11 +86,12 @@ flags.DEFINE_bool("branches", True, "also time each branch on its own")
 flags.DEFINE_bool("cmp_triton", False, "with --branches on the kernel path: also time the compressed "
                   "branch on Triton (impl='triton'; on Hopper 'auto' takes Mosaic GPU), rows "
                   "<mode>_compressed_triton_fwd_ms / _fwdbwd_ms")
-flags.DEFINE_list("slc_impls", [], "token mode: also time the selected branch on these token_sparse impls "
-                  "(e.g. triton,mosaic_gpu,mosaic_gpu_split; f+b through each one's backward: Triton's for all), rows "
-                  "token_selected_<impl>_fwd_ms / _fwdbwd_ms / _fwd_tflops / _fwdbwd_tflops / _err_vs_<first>; with mosaic_gpu "
-                  "also its union build and size, and every impl's forward on chunk-shared selections "
-                  "(token_selected_shared_<impl>_fwd_ms; see time_selected_impls)")
+flags.DEFINE_list("slc_impls", [], "token mode: also time the selected branch on these token_sparse "
+                  "impls (e.g. triton,mosaic_gpu,mosaic_gpu_split; f+b through each one's backward: "
+                  "Triton's for all), rows token_selected_<impl>_fwd_ms / _fwdbwd_ms / _fwd_tflops / "
+                  "_fwdbwd_tflops / _err_vs_<first>; with mosaic_gpu also its union build and size, and "
+                  "every impl's forward on chunk-shared selections (token_selected_shared_<impl>_fwd_ms; "
+                  "see time_selected_impls)")
 flags.DEFINE_bool("slc_only", False, "with --slc_impls: time only the selected branch per impl (its selection "
                   "from one NSA forward), no dense / NSA / other-branch / peer figures")
 flags.DEFINE_list("decode_configs", [], "nsa_decode Triton launch plans to time in the decode row, each "

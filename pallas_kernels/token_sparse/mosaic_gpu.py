@@ -6,8 +6,8 @@ heads attends its own `n` KV blocks of `l'` keys) on 64-row wgmma tiles. The Tri
 here a warpgroup holds `R = 64 / G` consecutive tokens of one kv head, all G heads of each:
 tile row `r` is token `t0 + r // G`, head `r % G` (G = 16: 4 tokens; G = 4: 16 tokens).
 
-Layout. One CTA per (chunk of `CT = 2R` tokens, kv head, batch), three warpgroups as in the
-flash forward (`flash/mosaic_gpu.py`, FlashAttention-3, arXiv 2407.08608):
+Layout. One CTA per (chunk of `CT = 2R` tokens (R with `split_kv`), kv head, batch), three
+warpgroups as in the flash forward (`flash/mosaic_gpu.py`, FlashAttention-3, arXiv 2407.08608):
 
 * XLA first builds, per chunk, the union of the blocks its tokens list (`layout.union_blocks`:
   deduplicated, ascending; a block several tokens list is loaded once) and, per union slot,
@@ -28,6 +28,17 @@ flash forward (`flash/mosaic_gpu.py`, FlashAttention-3, arXiv 2407.08608):
   the token did not list the block, is compared with the key positions (one int row
   vector per block; positions are read, so they may be traced).
 
+The price of the 64-row tile: every row walks the whole union, so a token costs `U / n`
+times its own blocks' FLOPs (U: the union of its chunk). With NSA's selection on random
+inputs (T=4096, 16 blocks a token) the chunks of 8 tokens list 30 blocks on average (49 in
+the last quarter of the sequence; 26 / 38 for chunks of 4); selections of a trained model,
+where neighbouring tokens agree more, would give less. `MosaicGPUConfig(split_kv=True)`
+halves the chunk: both consumers hold the same R tokens (one query tile) and take
+alternate union blocks (slot `u % stages`, stages even, serves consumer `u % 2` alone);
+consumer 1 hands its float32 accumulator, max and sum to consumer 0 through SMEM, which
+merges them and writes the tile (the second consumer runs one step fewer for an odd union:
+two extra schedule-barrier rounds keep the ping-pong's phases matched).
+
 The query tile: when 8 divides G, R TMA copies of `[G, D]` straight from `q [B, T, H, D]`
 (a token's G heads are contiguous); else (G = 4) XLA first regroups q into 64-row tiles
 (`[B, T / R, Hkv, 64, D]`, one copy; an extra pass over q and out). The kernel writes `out`
@@ -39,6 +50,9 @@ are folded in after the kernel (`lse' = logaddexp(lse, sink)`), as the flash for
 Scope (`check_supported`, ValueError otherwise): bf16 / fp16, D == Dv in {64, 128}, G a
 power of two in [4, 64], block_size in {64, 128}, no soft-cap; any T (padded to CT), any S
 (keys padded to whole blocks at position -1), traced or concrete positions and indices.
+
+`impl="auto"` does not take this kernel yet (Triton stays first): it has been lowered for
+CUDA and run in GPU interpret mode, not timed on a GPU.
 
 `interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()` runs the kernel on the
 CPU in JAX's GPU interpret mode (tests), with `tiles_mosaic_gpu`'s accommodations
@@ -85,7 +99,8 @@ class MosaicGPUConfig:
 
     def __post_init__(self):
         if not (isinstance(self.max_concurrent_steps, int) and self.max_concurrent_steps in (0, 2, 3, 4)):
-            raise ValueError(f"max_concurrent_steps must be 0 (auto), 2, 3 or 4, got {self.max_concurrent_steps!r}")
+            raise ValueError("max_concurrent_steps must be 0 (auto), 2, 3 or 4, got "
+                             f"{self.max_concurrent_steps!r}")
         if self.split_kv and self.max_concurrent_steps == 3:
             raise ValueError("split_kv needs an even max_concurrent_steps (each ring slot serves one "
                              "consumer), got 3")
