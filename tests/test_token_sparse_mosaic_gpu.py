@@ -65,6 +65,9 @@ INTERPRET_CASES = [
     TokenSparseCase("g16_short_noncausal", t=9, s=40, h=16, hkv=1, d=64, dv=64, k=2, block_size=64,
                     causal=False, seed=3),
 ]
+# unions of 9 and 10 blocks through a 3-slot ring (the producer waits for freed slots)
+RING_WRAP = TokenSparseCase("g16_ring_wrap", t=16, s=600, h=16, hkv=1, d=64, dv=64, k=6, block_size=64,
+                            pad_q=True, seed=5)
 
 
 def _f32(args):
@@ -80,13 +83,15 @@ def _mosaic(config):
 @needs_gpu_interpret_pool
 @pytest.mark.parametrize("case,config", [(c, MosaicGPUConfig()) for c in INTERPRET_CASES] + [
     (INTERPRET_CASES[0], MosaicGPUConfig(split_kv=True, max_concurrent_steps=2)),
-    (INTERPRET_CASES[1], MosaicGPUConfig(split_kv=True))],
-    ids=[c.name for c in INTERPRET_CASES] + ["g16_ragged_sinks_split", "g4_ragged_split"])
+    (INTERPRET_CASES[1], MosaicGPUConfig(split_kv=True)),
+    (RING_WRAP, MosaicGPUConfig(max_concurrent_steps=3))],
+    ids=[c.name for c in INTERPRET_CASES] + ["g16_ragged_sinks_split", "g4_ragged_split", "g16_ring_wrap"])
 def test_mosaic_gpu_in_gpu_interpret_mode(case, config):
     """Out, lse and dq, dk, dv (d sinks) through the custom VJP (Mosaic GPU forward in GPU
     interpret mode, Triton backward in Triton's interpreter) against float32 references on
     bf16 inputs; the empty list gives zeros. `split_kv`: unions of odd and even sizes (the
-    second consumer one step short, or not), 2 and 4 ring slots."""
+    second consumer one step short, or not), 2 and 4 ring slots (3 blocks through 2: the
+    ring wraps); unions longer than the ring without it too."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     args, idx, kw, cot = make_inputs(case, jnp.bfloat16)
