@@ -3,12 +3,12 @@
 On the CPU: the chunk unions (`layout.union_blocks`) against a Python loop; the kernel in
 Mosaic GPU's interpret mode (`interpret=plgpu.InterpretGPUParams()`; the Triton backward in
 Triton's interpreter) on bf16 inputs against the float32 reference, forward, lse and
-gradients (GQA 16 and 4, ragged T and S, T shorter than a block, -1 padded lists, blocks
-that several tokens of a chunk list, a padded query, an empty list, queries at shifted
-positions, learned sinks, non-causal); the kernel lowered for CUDA (NSA's 64K shape, no
-GPU); unsupported calls refused with a ValueError; `impl="auto"` does not take it on a
-GPU. Under `-m gpu` on a Hopper GPU: the compiled kernels against the reference.
-"""
+gradients (GQA 16, 8 and 4, ragged T and S, T and S shorter than a block, batch 2, -1
+padded lists, blocks that several tokens of a chunk list, a padded query, an empty list,
+queries at shifted positions, learned sinks, non-causal, unions longer than the ring, both
+CTA modes); the kernel lowered for CUDA (NSA's 64K shape, no GPU); unsupported calls
+refused with a ValueError; `impl="auto"` does not take it on a GPU. Under `-m gpu` on a
+Hopper GPU: the compiled kernels against the reference and against Triton."""
 
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ INTERPRET_CASES = [
     # G=4 (16 tokens a warpgroup: q regrouped in XLA), two kv heads, T=37, S=200
     TokenSparseCase("g4_ragged", t=37, s=200, h=8, hkv=2, d=64, dv=64, k=2, block_size=64,
                     pad_k=7, pad_q=True, seed=2),
-    # T=9 and S=40 shorter than one block, non-causal
-    TokenSparseCase("g16_short_noncausal", t=9, s=40, h=16, hkv=1, d=64, dv=64, k=2, block_size=64,
-                    causal=False, seed=3),
+    # G=8 (8-row copies), two batch rows, T=9 and S=40 shorter than one block of 128, non-causal
+    TokenSparseCase("g8_b2_short_noncausal", b=2, t=9, s=40, h=16, hkv=2, d=64, dv=64, k=2,
+                    block_size=128, causal=False, seed=3),
 ]
 # unions of 9 and 10 blocks through a 3-slot ring (the producer waits for freed slots)
 RING_WRAP = TokenSparseCase("g16_ring_wrap", t=16, s=600, h=16, hkv=1, d=64, dv=64, k=6, block_size=64,
