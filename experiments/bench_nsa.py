@@ -31,6 +31,12 @@ references of every branch (`impl="xla"`), and the decode step against its XLA r
 --cmp_triton also times the compressed branch on Triton (rows `<mode>_compressed_triton_*`),
 the path `impl="auto"` took before Mosaic GPU covered it.
 
+--slc_impls triton,mosaic_gpu times the selected branch ("token" mode) on each backend with
+the same selection, and TFLOP/s (rows `token_selected_<impl>_*`):
+  PYTHONPATH=. python experiments/bench_nsa.py --modes token --slc_impls triton,mosaic_gpu \
+      --decode_batch 0
+(--slc_only: that alone, the selection taken from one NSA forward.)
+
 Reuses `experiments/bench_kernels.py`'s timer and its --out / --seq_lens / --iters /
 --backward flags (defaults changed here). On a GPU machine, repo root:
   PYTHONPATH=. python experiments/bench_nsa.py --out /tmp/bench_nsa.json
@@ -80,6 +86,14 @@ flags.DEFINE_bool("branches", True, "also time each branch on its own")
 flags.DEFINE_bool("cmp_triton", False, "with --branches on the kernel path: also time the compressed "
                   "branch on Triton (impl='triton'; on Hopper 'auto' takes Mosaic GPU), rows "
                   "<mode>_compressed_triton_fwd_ms / _fwdbwd_ms")
+flags.DEFINE_list("slc_impls", [], "token mode: also time the selected branch on these token_sparse "
+                  "impls (e.g. triton,mosaic_gpu,mosaic_gpu_split; f+b through each one's backward: "
+                  "Triton's for all), rows token_selected_<impl>_fwd_ms / _fwdbwd_ms / _fwd_tflops / "
+                  "_fwdbwd_tflops / _err_vs_<first>; with mosaic_gpu also its union build and size, and "
+                  "every impl's forward on chunk-shared selections (token_selected_shared_<impl>_fwd_ms; "
+                  "see time_selected_impls)")
+flags.DEFINE_bool("slc_only", False, "with --slc_impls: time only the selected branch per impl (its selection "
+                  "from one NSA forward), no dense / NSA / other-branch / peer figures")
 flags.DEFINE_list("decode_configs", [], "nsa_decode Triton launch plans to time in the decode row, each "
                   "cmp_splits:tail_splits:block_cmp:num_stages:num_warps[:sel] (1:1:... = one fused kernel; "
                   "sel = the three-kernel plan: cmp + window, selection once, slc parts); rows nsa_<cfg>_ms")
@@ -214,6 +228,69 @@ def time_branches(s: Setup, cfg, x, iters, row, prefix):
         if FLAGS.backward:
             row[f"{prefix}{name}_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, x[k], x[v],
                                                                  x["do"], iters=iters)
+    if cfg.selection == "token" and FLAGS.slc_impls:
+        time_selected_impls(s, cfg, x, idx, iters, row, prefix)
+
+
+def time_selected_impls(s: Setup, cfg, x, idx, iters, row, prefix):
+    """The selected branch on each --slc_impls backend (same selection `idx`): fwd and f+b
+    ms and TFLOP/s, counting every listed key (`4 B T H n l' D` forward, 3.5x that for
+    f+b: 7 matmuls to 2; no causal discount, the convention of the issue's 137 TFLOP/s).
+
+    "mosaic_gpu_split" is the Mosaic GPU forward with `MosaicGPUConfig(split_kv=True)`
+    (its backward is the same Triton one: forward only). With mosaic_gpu among them, also
+    its XLA union build alone and the mean union size per chunk of `2 * 64 / G` tokens (the
+    blocks each of its 64-row tiles walks: n when the chunk's tokens agree, up to `chunk *
+    n` when they share nothing; `_union_blocks_split`: chunks of `64 / G`), and the forward
+    of every impl on the "shared" selection (each token takes the list of its chunk's first
+    token: unions of exactly n blocks, the Mosaic kernel's best case; rows
+    `<prefix>selected_shared_<impl>_fwd_ms` / `_fwd_tflops`)."""
+    from pallas_kernels.token_sparse import layout, token_sparse_attention  # noqa: PLC0415
+    from pallas_kernels.token_sparse.api import MosaicGPUConfig  # noqa: PLC0415
+
+    q, pos = x["q"], x["pos"]
+    b, t, h, d = q.shape
+    fwd_flop = 4 * b * t * h * cfg.num_selected * cfg.sel_block * d
+    chunk = 2 * 64 // max(1, h // s.hkv)
+    variants = [("", idx, FLAGS.backward)]
+    if {"mosaic_gpu", "mosaic_gpu_split"} & set(FLAGS.slc_impls):
+        variants.append(("shared_", idx[:, (jnp.arange(t) // chunk) * chunk], False))
+        nblk = -(-x["k_slc"].shape[1] // cfg.sel_block)
+        union = jax.jit(lambda i: layout.union_blocks(i, pos[:, :i.shape[1]], nblk, chunk))
+        tp = t - t % chunk                  # whole chunks (the kernel pads T; timing only)
+        if tp:
+            row[f"{prefix}selected_mosaic_gpu_union_ms"] = 1e3 * median_time(union, idx[:, :tp], iters=iters)
+            row[f"{prefix}selected_mosaic_gpu_union_blocks"] = float(jnp.mean(union(idx[:, :tp])[2]))
+            half = layout.union_blocks(idx[:, :tp], pos[:, :tp], nblk, chunk // 2)[2]
+            row[f"{prefix}selected_mosaic_gpu_union_blocks_split"] = float(jnp.mean(half))
+
+    def branch(impl, sel):
+        if impl == "mosaic_gpu_split":
+            return lambda q, k, v: token_sparse_attention(  # noqa: E731
+                q, k, v, sel, block_size=cfg.sel_block, q_positions=pos, kv_positions=pos, causal=True,
+                impl="mosaic_gpu", interpret=s.interpret, config=MosaicGPUConfig(split_kv=True))
+        return lambda q, k, v: ops.selected_attention_sparse(  # noqa: E731
+            q, k, v, pos, pos, sel, cfg, impl=impl, interpret=s.interpret)
+    for variant, sel, backward in variants:
+        first = None                              # the first impl's output: the others' check
+        for impl in FLAGS.slc_impls:
+            p = f"{prefix}selected_{variant}{impl}_"
+            f = branch(impl, sel)
+            try:
+                row[p + "fwd_ms"] = 1e3 * median_time(jax.jit(f), q, x["k_slc"], x["v_slc"], iters=iters)
+                row[p + "fwd_tflops"] = fwd_flop / row[p + "fwd_ms"] * 1e-9
+                out = jax.jit(f)(q, x["k_slc"], x["v_slc"])
+                if first is None:
+                    first = out
+                else:
+                    row[p + f"err_vs_{FLAGS.slc_impls[0]}"] = rel(out, first)
+                if backward and impl != "mosaic_gpu_split":
+                    row[p + "fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, x["k_slc"], x["v_slc"],
+                                                             x["do"], iters=iters)
+                    row[p + "fwdbwd_tflops"] = 3.5 * fwd_flop / row[p + "fwdbwd_ms"] * 1e-9
+            except Exception as e:  # noqa: BLE001 - an impl that cannot run: report, go on
+                row[p + "error"] = str(e)[:500]
+                print(f"selected branch impl={impl} T={t} failed: {str(e)[:500]}", flush=True)
 
 
 def sweep_selection(s: Setup, cfg, sel_args, pos, cpos, ns, iters, row, prefix):
@@ -236,6 +313,15 @@ def bench_prefill(s: Setup, t: int, iters: int):
     x = make_inputs(s, 1, t)
     args = [x["q"]] + [x[n] for n in KV]
     row = dict(kind="prefill", t=t, h=s.h, hkv=s.hkv, d=s.d, cfg=dataclasses.asdict(s.cfg))
+    if FLAGS.slc_only:
+        cfg = dataclasses.replace(s.cfg, selection="token")
+        sel = jax.jit(lambda *a: ops.nsa_branches(
+            a[0], x["pos"], k_cmp=a[1], v_cmp=a[2], cmp_positions=x["cmp_positions"], k_slc=a[3],
+            v_slc=a[4], slc_positions=x["pos"], k_win=a[5], v_win=a[6], win_positions=x["pos"], cfg=cfg,
+            impl=s.impl, interpret=s.interpret).block_indices)
+        time_selected_impls(s, cfg, x, sel(*args), iters, row, "token_")
+        print(json.dumps(row), flush=True)
+        return row
     f = dense(s)
     row["dense_fwd_ms"] = 1e3 * median_time(jax.jit(f), x["q"], x["k_slc"], x["v_slc"], iters=iters)
     if FLAGS.backward:

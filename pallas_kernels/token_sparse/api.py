@@ -12,8 +12,11 @@ block_size)`; `block_size=1`: the entries are token indices), further masked by 
   shared by each GQA group ("group-centric": one load of a block serves the group);
 * HySparse's per-token selection.
 
-`impl`: "auto" | "xla" | "triton" | "mosaic_tpu"; `interpret=True` runs a Pallas kernel in
-interpret mode on CPU. Kernels need the listed entries of a row to be distinct (the
+`impl`: "auto" | "xla" | "triton" | "mosaic_tpu" | "mosaic_gpu" (Hopper, the forward only:
+bf16 / fp16, D in {64, 128}, G in 4..64, blocks of 64 / 128; its gradients are the Triton
+backward's; not yet in "auto", not timed on a GPU; see `mosaic_gpu.py`); `interpret=True`
+runs a Pallas kernel in interpret mode on CPU (Triton, Mosaic TPU),
+`interpret=plgpu.InterpretGPUParams()` the Mosaic GPU kernel in GPU interpret mode. Kernels need the listed entries of a row to be distinct (the
 reference takes the union; a kernel would count a repeated block twice).
 """
 
@@ -24,14 +27,17 @@ from jax.experimental import checkify
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.token_sparse import reference, tpu, triton
+from pallas_kernels.token_sparse import mosaic_gpu, reference, tpu, triton
+from pallas_kernels.token_sparse.mosaic_gpu import MosaicGPUConfig, token_sparse_mosaic_gpu
 from pallas_kernels.token_sparse.reference import token_sparse_reference
 from pallas_kernels.token_sparse.tpu import TpuConfig, token_sparse_tpu
 from pallas_kernels.token_sparse.triton import TritonConfig, token_sparse_triton
 
-BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="auto" order
+# impl="auto" order; Mosaic GPU last but XLA: only an explicit impl (or GPU interpret mode,
+# which no other kernel takes) picks it until it has been timed against Triton on Hopper.
+BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "mosaic_gpu": mosaic_gpu, "xla": reference}
 IMPLEMENTATIONS = {"xla": token_sparse_reference, "triton": token_sparse_triton,
-                   "mosaic_tpu": token_sparse_tpu}
+                   "mosaic_tpu": token_sparse_tpu, "mosaic_gpu": token_sparse_mosaic_gpu}
 
 
 def check_indices(indices, b: int, t: int, hkv: int, num_blocks: int):
@@ -76,9 +82,11 @@ def token_sparse_attention(q, k, v, indices, *, block_size=1, q_positions=None,
       sink_logits: optional float `[H]` learned sink logit (denominator only).
       softcap: optional logit soft-cap `c * tanh(s / c)`; scale: default `1/sqrt(D)`.
       return_lse: also return the log-sum-exp `[B, H, T]` (float32, -inf on empty rows).
-      impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run a
-        Pallas kernel in interpret mode (CPU tests).
-      config: the chosen kernel's tiles (`TritonConfig`, `TpuConfig`, importable from here); None: its defaults.
+      impl: "auto" | "xla" | "triton" | "mosaic_tpu" | "mosaic_gpu" (`common.resolve`);
+        interpret: run a Pallas kernel in interpret mode (CPU tests): True (Triton, Mosaic
+        TPU) or a `plgpu.InterpretGPUParams` (Mosaic GPU).
+      config: the chosen kernel's tiles (`TritonConfig`, `TpuConfig`, `MosaicGPUConfig`,
+        importable from here); None: its defaults.
       explain: print which backend runs and why the others were skipped.
     Returns:
       `out [B, T, H, Dv]` in q's dtype, or `AttentionOutput(out, lse)` with `return_lse`.
