@@ -74,6 +74,7 @@ from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases
 ROWS = 64                 # query heads per CTA: the wgmma M tile
 _COMPUTE_WGS = 2          # consumer warpgroups, each owning half of the Dc output columns
 _SMEM_BYTES = 232448      # Hopper's largest dynamic SMEM per CTA (227 KB)
+_GATHER_COLS = 64         # columns per TMA row copy of the in-kernel gather: one 128-byte swizzle row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +121,12 @@ def smem_bytes(dc: int, dr: int, block_k: int, stages: int, itemsize: int) -> in
             + ROWS * 4)
 
 
-def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits) -> Geometry:
+def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits,
+             slots: int | None = None) -> Geometry:
+    """`slots`: the slots each query row walks (sparse, gathered in the kernel: K); default
+    the cache's."""
     b, t, h, _ = q_abs.shape
-    s = max(round_up(c_kv.shape[1], 8), cfg.block_k)
+    s = max(round_up(c_kv.shape[1] if slots is None else slots, 8), cfg.block_k)
     tiles = layout.cdiv(s, cfg.block_k)
     if num_splits is None:
         want = layout.cdiv(cfg.split_target, b * t * (h // ROWS))
@@ -136,15 +140,20 @@ def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits) -> 
 
 def tile_mask(q_positions, kv_positions, geo: Geometry):
     """float32 `[B, T, tiles * block_k]`: 0 where the slot is visible to the query, else
-    -inf (slots past the cache too)."""
-    kp = pad_axis(kv_positions, geo.tiles * geo.block_k, 1, -1)[:, None, :]
+    -inf (slots past the cache too). `kv_positions`: `[B, S]`, or `[B, T, K]` per query
+    (the listed slots' positions, sparse)."""
+    kp = kv_positions if kv_positions.ndim == 3 else kv_positions[:, None, :]
+    kp = pad_axis(kp, geo.tiles * geo.block_k, 2, -1)
     qp = q_positions[:, :, None]
     return jnp.where((kp >= 0) & (kp <= qp) & (qp >= 0), 0.0, -jnp.inf).astype(jnp.float32)
 
 
-def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpret):
+def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, interpret):
     """q `[B, T, H, Dc + Dr]`, cache `[B, S, Dc]` / `[B, S, Dr]`, mask `[B, T, tiles * bk]`
-    -> partials `(o [B, splits, T, H, Dc]` in q's dtype, `lse [B, splits, T, H]` float32)."""
+    -> partials `(o [B, splits, T, H, Dc]` in q's dtype, `lse [B, splits, T, H]` float32).
+    `slots`: None (dense: tile j is cache slots `[j * bk, (j + 1) * bk)`), or int32
+    `[B, T, splits * per_split, bk]` (sparse: tile j of query t is the listed cache slots
+    `slots[b, t, j]`, each in `[0, S)`, copied row by row into the ring)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
 
     b, t, h, _ = q.shape
@@ -153,9 +162,15 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
     half = dc // _COMPUTE_WGS
     groups = h // ROWS
     c2 = float(scale) * LOG2E          # logits in base-2 units
+    sparse = slots is not None
+    # copies (barrier arrivals) per ring tile: the two c halves, k_rope, the mask; sparse:
+    # one per row and 64-column chunk (c_kv's Dc / 64 and k_rope's Dr / 64) and the mask
+    per_tile = bk * (dc + dr) // _GATHER_COLS + 1 if sparse else _COMPUTE_WGS + 2
 
-    def body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, scoped):
-        (qc_smem, qr_smem, c_smem, r_smem, mask_smem, lse_smem), q_loaded, loaded, consumed, done = scoped
+    def body(q_ref, c_ref, r_ref, mask_ref, slots_ref, o_ref, lse_ref, smem, rows, bars):
+        qc_smem, qr_smem, slots_smem, mask_smem, lse_smem = smem
+        (c_smem, r_smem), row_views = rows
+        q_loaded, slots_loaded, loaded, consumed, done = bars
         sp, row, bi = lax.axis_index("split"), lax.axis_index("row"), lax.axis_index("batch")
         ti, hg = lax.div(row, jnp.int32(groups)), lax.rem(row, jnp.int32(groups))
         heads = pl.ds(hg * ROWS, ROWS)
@@ -220,6 +235,34 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
 
             plgpu.wait_smem_to_gmem(0)
 
+        def row_dst(ring, view, slot, r, col):
+            """Row `r`, columns `[col, col + 64)` of ring tile `slot` (`ring [stages, bk, d]`,
+            tiled (8, 64)) as a TMA destination: compiled, the same bytes through `view`
+            (`[stages, bk / 8, d / 64, 8, 64]`, swizzled, untiled: Mosaic GPU refuses a
+            one-row slice of a tiled ref); interpreted, `ring` itself (the interpreter keeps
+            logical arrays and does not alias `RefUnion` members)."""
+            if interpret:
+                return ring.at[slot, pl.ds(r, 1), pl.ds(col, _GATHER_COLS)]
+            return view.at[slot, lax.div(r, 8), col // _GATHER_COLS, pl.ds(lax.rem(r, 8), 1)]
+
+        def gather_tile(i, slot):
+            """Ring tile `slot` <- the listed rows of the split's tile `i`, one TMA copy per
+            row and 64 columns (Hopper's TMA has no row gather)."""
+            c_view, r_view = row_views
+
+            @pl.loop(0, bk)
+            def _(r):
+                src = pl.ds(slots_smem[i, r], 1)
+                for part in range(_COMPUTE_WGS):
+                    for col in range(0, half, _GATHER_COLS):
+                        view = None if c_view is None else c_view.at[:, part]
+                        dst = row_dst(c_smem.at[:, part], view, slot, r, col)
+                        plgpu.copy_gmem_to_smem(c_ref.at[bi, src, pl.ds(part * half + col, _GATHER_COLS)],
+                                                dst, loaded.at[slot])
+                for col in range(0, dr, _GATHER_COLS):
+                    plgpu.copy_gmem_to_smem(r_ref.at[bi, src, pl.ds(col, _GATHER_COLS)],
+                                            row_dst(r_smem, r_view, slot, r, col), loaded.at[slot])
+
         @pl.when(wg == _COMPUTE_WGS)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
@@ -227,14 +270,21 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
                 plgpu.copy_gmem_to_smem(q_ref.at[bi, ti, heads, pl.ds(part * half, half)],
                                         qc_smem.at[part], q_loaded)
             plgpu.copy_gmem_to_smem(q_ref.at[bi, ti, heads, pl.ds(dc, dr)], qr_smem, q_loaded)
+            if sparse:
+                plgpu.copy_gmem_to_smem(slots_ref.at[bi, ti, pl.ds(lo, geo.per_split)], slots_smem,
+                                        slots_loaded)
+                plgpu.barrier_wait(slots_loaded)
 
             def load(i, slot):
                 j = lo + i
-                rows = pl.ds(j * bk, bk)      # past slot S: zero-filled (TMA), masked
-                for part in range(_COMPUTE_WGS):
-                    plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, pl.ds(part * half, half)],
-                                            c_smem.at[slot, part], loaded.at[slot])
-                plgpu.copy_gmem_to_smem(r_ref.at[bi, rows], r_smem.at[slot], loaded.at[slot])
+                if sparse:
+                    gather_tile(i, slot)
+                else:
+                    rows = pl.ds(j * bk, bk)      # past slot S: zero-filled (TMA), masked
+                    for part in range(_COMPUTE_WGS):
+                        plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, pl.ds(part * half, half)],
+                                                c_smem.at[slot, part], loaded.at[slot])
+                    plgpu.copy_gmem_to_smem(r_ref.at[bi, rows], r_smem.at[slot], loaded.at[slot])
                 plgpu.copy_gmem_to_smem(mask_ref.at[bi, ti, pl.ds(j * bk, bk)], mask_smem.at[slot],
                                         loaded.at[slot])
 
@@ -250,21 +300,38 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
             if interpret:
                 observe_last_phases((consumed,), n, stages)
 
-    def entry(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref):
+    def entry(*refs):
+        q_ref, c_ref, r_ref, mask_ref, *slots_ref, o_ref, lse_ref = refs
+        slots_ref = slots_ref[0] if sparse else None
         tr_c, tr_r = smem_transforms(plgpu, half, dtype), smem_transforms(plgpu, dr, dtype)
-        scratch = (
+        smem = (
             plgpu.SMEM((_COMPUTE_WGS, ROWS, half), dtype, transforms=tr_c),
             plgpu.SMEM((ROWS, dr), dtype, transforms=tr_r),
-            plgpu.SMEM((stages, _COMPUTE_WGS, bk, half), dtype, transforms=tr_c),
-            plgpu.SMEM((stages, bk, dr), dtype, transforms=tr_r),
+            plgpu.SMEM((geo.per_split, bk) if sparse else (1,), jnp.int32),
             plgpu.SMEM((stages, bk), jnp.float32),
             plgpu.SMEM((ROWS,), jnp.float32),
         )
+        ring = (plgpu.SMEM((stages, _COMPUTE_WGS, bk, half), dtype, transforms=tr_c),
+                plgpu.SMEM((stages, bk, dr), dtype, transforms=tr_r))
+        if sparse and not interpret:
+            # the ring's bytes again, as 64-column row chunks: the gather's TMA destinations
+            swz = (plgpu.SwizzleTransform(tr_c[1].swizzle),)
+            views = (plgpu.SMEM((stages, _COMPUTE_WGS, bk // 8, half // _GATHER_COLS, 8, _GATHER_COLS),
+                                dtype, transforms=swz),
+                     plgpu.SMEM((stages, bk // 8, dr // _GATHER_COLS, 8, _GATHER_COLS), dtype,
+                                transforms=swz))
+            rows = plgpu.RefUnion(ring, views)
+        else:
+            rows = ring
         pl.run_scoped(
-            lambda *a: body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, a),
-            scratch,
+            lambda smem_refs, row_refs, *bars: body(
+                q_ref, c_ref, r_ref, mask_ref, slots_ref, o_ref, lse_ref, smem_refs,
+                row_refs if sparse and not interpret else (row_refs, (None, None)), bars),
+            smem,
+            rows,
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS + 1),                       # q: 3 copies
-            plgpu.Barrier(num_arrivals=_COMPUTE_WGS + 2, num_barriers=stages),  # 4 copies a tile
+            plgpu.Barrier(num_arrivals=1),                                      # the split's slots
+            plgpu.Barrier(num_arrivals=per_tile, num_barriers=stages),          # a tile's copies
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
             collective_axes="wg",
@@ -279,9 +346,9 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name="mla_decode_mosaic_gpu",
+        kernel_name="mla_decode_mosaic_gpu_gather" if sparse else "mla_decode_mosaic_gpu",
         interpret=interpret,
-    )(q, c_kv, k_rope, mask)
+    )(q, c_kv, k_rope, mask, *(() if slots is None else (slots,)))
 
 
 def check_supported(q_abs, c_kv, k_rope, indices, interpret, config: MlaDecodeMosaicGpuConfig):
@@ -324,25 +391,53 @@ def gather_selected(q_abs, c_kv, k_rope, indices, q_positions, kv_positions, blo
             q_positions.reshape(b * t, 1), kp)
 
 
+def selected_slots(indices, kv_positions, geo: Geometry):
+    """The in-kernel gather's inputs from `indices [B, T, K]`: `(slots, kv_positions)`,
+    int32 `[B, T, splits * per_split, block_k]` cache slots (unlisted entries and the
+    padding past K: slot 0, masked) and `[B, T, K]` the listed slots' positions (-1 where
+    unlisted)."""
+    b, t, k = indices.shape
+    listed = (indices >= 0) & (indices < kv_positions.shape[1])
+    slots = jnp.where(listed, indices, 0).astype(jnp.int32)
+    kp = jnp.where(listed, jax.vmap(lambda p, i: p[i])(kv_positions, slots), -1)
+    tiles = geo.num_splits * geo.per_split
+    return pad_axis(slots, tiles * geo.block_k, 2).reshape(b, t, tiles, geo.block_k), kp
+
+
+def gathers_in_kernel(geo: Geometry, itemsize: int) -> bool:
+    """Whether the kernel can gather a sparse call's rows itself: a split's slot list
+    (`[per_split, block_k]` int32, one TMA box of at most 256 rows) fits in SMEM beside the
+    ring; else the rows are gathered by XLA first (`gather_selected`)."""
+    need = smem_bytes(geo.dc, geo.dr, geo.block_k, geo.stages, itemsize) + geo.per_split * geo.block_k * 4
+    return geo.per_split <= 256 and need <= _SMEM_BYTES
+
+
 def mla_decode_mosaic_gpu(q_abs, c_kv, k_rope, *, indices, q_positions, kv_positions, scale,
                           return_lse, num_splits, interpret=False,
                           config: MlaDecodeMosaicGpuConfig | None = None):
     """`mla_decode_reference`'s contract (see the module docstring's scope) on Hopper, or on
     the CPU in GPU interpret mode (`interpret=plgpu.InterpretGPUParams()`). Forward. Sparse
-    calls run densely over their gathered rows (`gather_selected`)."""
+    calls gather their listed rows in the kernel (`gathers_in_kernel`), else run densely
+    over rows gathered by XLA (`gather_selected`)."""
     cfg = config or MlaDecodeMosaicGpuConfig()
     check_supported(q_abs, c_kv, k_rope, indices, interpret, cfg)
     b, t, h, _ = q_abs.shape
+    slots = None
     if indices is not None:
-        q_abs, c_kv, k_rope, q_positions, kv_positions = gather_selected(
-            q_abs, c_kv, k_rope, indices, q_positions, kv_positions, cfg.block_k)
-    geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits)
-    c_kv, k_rope = pad_axis(c_kv, geo.s, 1), pad_axis(k_rope, geo.s, 1)   # no-ops unless S % 8 or S < block_k
+        geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits, slots=indices.shape[2])
+        if gathers_in_kernel(geo, q_abs.dtype.itemsize):
+            slots, kv_positions = selected_slots(indices, kv_positions, geo)
+        else:
+            q_abs, c_kv, k_rope, q_positions, kv_positions = gather_selected(
+                q_abs, c_kv, k_rope, indices, q_positions, kv_positions, cfg.block_k)
+    if slots is None:
+        geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits)
+        c_kv, k_rope = pad_axis(c_kv, geo.s, 1), pad_axis(k_rope, geo.s, 1)   # no-ops unless S % 8 or S < block_k
     mask = tile_mask(q_positions, kv_positions, geo)
-    o_part, lse_part = _kernel_call(q_abs, c_kv, k_rope, mask, geo=geo, scale=float(scale),
+    o_part, lse_part = _kernel_call(q_abs, c_kv, k_rope, mask, slots, geo=geo, scale=float(scale),
                                     interpret=interpret or None)
     out, lse = merge(o_part, lse_part, t=q_abs.shape[1], h=h, dc=geo.dc, dtype=q_abs.dtype)
-    if indices is not None:             # [B * T, 1, ...] -> [B, T, ...]
+    if q_abs.shape[0] != b:             # gathered by XLA: [B * T, 1, ...] -> [B, T, ...]
         out, lse = out.reshape(b, t, h, geo.dc), lse.reshape(b, t, h).transpose(0, 2, 1)
     return AttentionOutput(out, lse) if return_lse else out
 
