@@ -30,15 +30,29 @@ sizes, and those are read in place). The mask rows `[B, T, tiles * block_k]` (vi
 from `q_positions` / `kv_positions`, built in XLA: 4 bytes per slot and query token beside
 the slot's `2 (Dc + Dr)`) are what the kernel reads of the positions.
 
-Sparse mode (`indices [B, T, K]`): the listed rows are gathered by XLA first
-(`gather_selected`: `[B * T, K, Dc + Dr]`, -1 padding and unlisted slots at position -1)
-and the same kernel runs densely over them, one "batch row" per query token. This moves
-each selected row three times (gather read, gather write, kernel read) where the Triton
-kernel reads it once: Hopper's TMA has no row gather (`gather4` is Blackwell's), and
-Mosaic GPU (JAX 0.11.2) refuses TMA copies of single rows into the tiled, swizzled SMEM
-that wgmma reads ("slice start and size divisible by the tile size (8)"), so an in-kernel
-gather would need an untiled staging buffer and a register pass, for which the 227 KB of
-SMEM has no room at Dc=512 beside the 2-stage ring.
+Sparse mode (`indices [B, T, K]`): each query token's CTAs walk its listed slots in tiles
+of `block_k` and the producer gathers the listed rows straight into the ring, so each
+selected row is read once (`gathers_in_kernel`, `selected_slots`): the split's slot list
+`[per_split, block_k]` is loaded once into SMEM, then per row one TMA copy per 64 columns
+(`Dc / 64 + Dr / 64` copies of 128 bytes, 9 at DeepSeek's widths), issued by the producer's
+four warps (`plgpu.warp_map`, rows `warp + 4 k`), all arriving on the tile's "loaded"
+barrier. Hopper's TMA has no row gather (`gather4` is Blackwell's), and Mosaic GPU (JAX
+0.11.2) refuses TMA copies of single rows into the tiled ring that wgmma reads ("slice start
+and size divisible by the tile size (8)"): the copies go through a second, untiled view of
+the same bytes, `[stages, block_k / 8, d / 64, 8, 64]` with the ring's 128-byte swizzle (a
+`RefUnion` of the ring and the view, both laid out from offset 0: the view's shape is the
+ring's physical tiled one). TMA swizzles by the absolute SMEM address, so a row written
+alone lands where a whole-tile copy would put it; the PTX ISA asks for 1024-byte-aligned
+destinations under the 128-byte swizzle, which rows 1-7 of an 8-row group are not (they are
+128-byte aligned): the compiled GPU tests check the hardware does what this relies on. The GPU interpreter keeps
+`RefUnion` members apart and keeps logical arrays, so interpreted the copies write the
+tiled ring itself. Unlisted entries (-1, out of range) and the padding past K load slot 0
+and are masked; a duplicated entry counts twice (the reference's gather semantics). The
+cache is read in place whatever its slot count. Where a split's slot list does not fit
+(more than 256 tiles, or SMEM) or `gather_in_kernel=False`, the listed rows are gathered by
+XLA first (`gather_selected`: `[B * T, K, Dc + Dr]`, -1 padding and unlisted slots at
+position -1) and the dense kernel runs over them, one "batch row" per query token, moving
+each selected row three times.
 
 Scope (everything else raises ValueError, nothing compiled): bf16 / fp16, H a multiple of
 64 (the wgmma M tile), Dc a multiple of 128 up to 512 (two 64-aligned halves; 512 fills a
@@ -47,12 +61,11 @@ Dc=512, Dr=64: block_k=64 and 2 stages, 217 KB). Every CTA walks its whole share
 cache: unlike the Triton kernel it does not stop at a row's last visible slot (a partly
 filled cache is read whole, masked).
 
-`impl="auto"` keeps choosing Triton: this kernel has not yet been timed on a GPU (nor
-compiled on one). It is lowered for CUDA on the CPU (tests) and run on the CPU in GPU
-interpret mode, `interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()`, where
-the `P c` wgmma (a register left operand) is a float32 dot (`tiles_mosaic_gpu.accumulate` /
-`mma`) and the ring phases the compiled kernel leaves unobserved are waited for
-(`observe_last_phases`).
+`impl="auto"` chooses this kernel on Hopper for the calls it covers (Triton elsewhere).
+On the CPU it is lowered for CUDA (tests) and run in GPU interpret mode,
+`interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()`, where the `P c` wgmma
+(a register left operand) is a float32 dot (`tiles_mosaic_gpu.accumulate` / `mma`) and the
+ring phases the compiled kernel leaves unobserved are waited for (`observe_last_phases`).
 """
 
 from __future__ import annotations
@@ -74,6 +87,7 @@ from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases
 ROWS = 64                 # query heads per CTA: the wgmma M tile
 _COMPUTE_WGS = 2          # consumer warpgroups, each owning half of the Dc output columns
 _SMEM_BYTES = 232448      # Hopper's largest dynamic SMEM per CTA (227 KB)
+_WARPS = 4                # warps of a warpgroup
 _GATHER_COLS = 64         # columns per TMA row copy of the in-kernel gather: one 128-byte swizzle row
 
 
@@ -85,12 +99,15 @@ class MlaDecodeMosaicGpuConfig:
     H100); `min_tokens_per_split`: the fewest cache slots a split gets from the heuristic
     (a split's partial, 64 x Dc values per head group, is written and read again). 128 from
     the first GPU sweep (H200, B=16, K=2048 sparse: 85 us at 128, 153 us at 256, 181 us at
-    512; dense over 128K: 1350-1384 us at all three)."""
+    512; dense over 128K: 1350-1384 us at all three). `gather_in_kernel`: sparse calls read
+    their listed rows in the kernel where a split's slot list fits (`gathers_in_kernel`);
+    False: always through XLA's gather first (`gather_selected`, the fallback)."""
 
     block_k: int = 64
     max_concurrent_steps: int = 2
     split_target: int = 132
     min_tokens_per_split: int = 128
+    gather_in_kernel: bool = True
 
     def __post_init__(self):
         if self.block_k < 64 or self.block_k % 64:
@@ -247,12 +264,12 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
 
         def gather_tile(i, slot):
             """Ring tile `slot` <- the listed rows of the split's tile `i`, one TMA copy per
-            row and 64 columns (Hopper's TMA has no row gather)."""
+            row and 64 columns (Hopper's TMA has no row gather), issued by the producer's
+            four warps (rows `warp + 4 k`)."""
             c_view, r_view = row_views
 
-            @pl.loop(0, bk)
-            def _(r):
-                src = pl.ds(slots_smem[i, r], 1)
+            def row(r, slot_of_r):
+                src = pl.ds(slot_of_r, 1)
                 for part in range(_COMPUTE_WGS):
                     for col in range(0, half, _GATHER_COLS):
                         view = None if c_view is None else c_view.at[:, part]
@@ -262,6 +279,18 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
                 for col in range(0, dr, _GATHER_COLS):
                     plgpu.copy_gmem_to_smem(r_ref.at[bi, src, pl.ds(col, _GATHER_COLS)],
                                             row_dst(r_smem, r_view, slot, r, col), loaded.at[slot])
+
+            @pl.loop(0, bk, step=_WARPS)
+            def _(r0):
+                # warp-level code loads no SMEM: each warp's slot is picked from four scalars
+                listed = [slots_smem[i, r0 + w] for w in range(_WARPS)]
+
+                @plgpu.warp_map
+                def _(warp):
+                    pick = listed[0]
+                    for w in range(1, _WARPS):
+                        pick = jnp.where(warp == w, listed[w], pick)
+                    row(r0 + warp, pick)
 
         @pl.when(wg == _COMPUTE_WGS)
         def _producer():
@@ -425,7 +454,7 @@ def mla_decode_mosaic_gpu(q_abs, c_kv, k_rope, *, indices, q_positions, kv_posit
     slots = None
     if indices is not None:
         geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits, slots=indices.shape[2])
-        if gathers_in_kernel(geo, q_abs.dtype.itemsize):
+        if cfg.gather_in_kernel and gathers_in_kernel(geo, q_abs.dtype.itemsize):
             slots, kv_positions = selected_slots(indices, kv_positions, geo)
         else:
             q_abs, c_kv, k_rope, q_positions, kv_positions = gather_selected(
