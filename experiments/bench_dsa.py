@@ -29,7 +29,7 @@
     partials (`--nodecode_sweep`: the automatic configuration only). `--mla_impls
     triton,mosaic_gpu` also times the Mosaic GPU kernel (Hopper; sparse with the rows gathered
     in the kernel; the default and the others of 128 / 256 / 512 tokens per split at least,
-    best reported), sparse and dense, beside Triton's best, and its sparse fallback over
+    best reported; `--nodecode_sweep`: the default only), sparse and dense, beside Triton's best, and its sparse fallback over
     XLA-gathered rows (`gather_in_kernel=False`, default split). Bandwidth on the
     bytes it must read: 576 bf16 per visited token plus q read and out written, against the
     measured copy (bench_decode.py's `copy_bandwidth`, `x + 1` over 2 GiB, read + write).
@@ -82,7 +82,8 @@ flags.DEFINE_integer("decode_batch", 16, "(c) batch")
 flags.DEFINE_integer("decode_context", 131072, "(c) cache length")
 flags.DEFINE_list("mla_impls", ["triton"], "(c) mla_decode backends: triton (always, the reference "
                   "row) plus e.g. mosaic_gpu (Hopper), timed sparse and dense beside it")
-flags.DEFINE_bool("decode_sweep", True, "(c) sweep Triton's split counts and tiles (off: auto only)")
+flags.DEFINE_bool("decode_sweep", True, "(c) sweep Triton's split counts and tiles and Mosaic GPU's split floors "
+                  "(off: the defaults only)")
 FLAGS.set_default("out", "bench_dsa.json")
 
 H, D, DV = 64, 576, 512          # MLA in MQA form: query heads, latent + rope, latent
@@ -349,7 +350,7 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
         # mosaic_gpu: the split heuristic's floor (tokens per split) swept, best reported
         floor = MlaDecodeMosaicGpuConfig().min_tokens_per_split
         cfgs = [None] + ([MlaDecodeMosaicGpuConfig(min_tokens_per_split=n) for n in (128, 256, 512) if n != floor]
-                         if impl == "mosaic_gpu" else [])
+                         if impl == "mosaic_gpu" and FLAGS.decode_sweep else [])
         try:
             row[f"{impl}_sparse_err"] = rel(jax.jit(other())(qs[0], c_kv, k_rope, sels[0])[:2], ref_sparse)
             row[f"{impl}_dense_err"] = rel(jax.jit(other())(qs[0], c_kv, k_rope)[:2], ref_dense)
