@@ -328,6 +328,19 @@ def test_mosaic_gpu_lowers_for_cuda_on_the_cpu():
         assert name in text and ("mla_decode_mosaic_gpu_gather" in text) == (i is not None)
 
 
+def test_mosaic_gpu_gathers_in_kernel_while_the_slot_list_fits_smem():
+    """One split at Dc=512, Dr=64: a slot list of 24 tiles (K=1536) fits SMEM beside the ring
+    and the kernel gathers (its lowering's own SMEM check passes); 25 tiles (K=1600) would
+    exceed 227 KB by 56 bytes (`smem_bytes` counts as Pallas lays SMEM out), so the rows
+    are gathered by XLA first."""
+    q = jax.ShapeDtypeStruct((1, 1, 64, 576), jnp.bfloat16)
+    c, r = jax.ShapeDtypeStruct((1, 4101, 512), jnp.bfloat16), jax.ShapeDtypeStruct((1, 4101, 64), jnp.bfloat16)
+    f = jax.jit(lambda q, c, r, i: mla_decode(q, c, r, indices=i, scale=SCALE, impl="mosaic_gpu", num_splits=1))
+    for k, gathers in ((1536, True), (1600, False)):
+        text = f.trace(q, c, r, jax.ShapeDtypeStruct((1, 1, k), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+        assert ("mla_decode_mosaic_gpu_gather" in text) == gathers
+
+
 def test_mosaic_gpu_refuses_unsupported_and_auto_prefers_it_on_hopper(monkeypatch):
     """impl="mosaic_gpu" raises ValueError (nothing compiled) for what it does not cover;
     impl="auto" picks it on a Hopper GPU, Triton where it does not apply (H=32, an Ampere
@@ -371,13 +384,14 @@ def test_mosaic_gpu_refuses_unsupported_and_auto_prefers_it_on_hopper(monkeypatc
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("s,k,splits", [(4096, None, None), (4100, None, None), (4096, 300, None),
-                                         (4101, 2047, None), (4101, 2047, 1)],
+                                         (4101, 2047, None), (4101, 1500, 1)],
                          ids=["dense", "dense-ragged", "sparse", "sparse-ragged", "sparse-one-split"])
 def test_mosaic_gpu_compiled_on_gpu(s, k, splits):
     """The compiled Mosaic GPU kernel (Hopper) at DeepSeek's sizes, bf16, against the float32
     reference: dense (S=4100: padded to 4104, its last tile past the cache) and sparse with
-    the rows gathered in the kernel (S=4101 read in place, K=300 and 2047: ragged last
-    tiles; duplicated entries; split by the heuristic and one split of 32 tiles)."""
+    the rows gathered in the kernel (S=4101 read in place, K=300, 2047 and 1500: ragged last
+    tiles; duplicated entries; split by the heuristic, and one split of 24 tiles: the
+    longest slot list that fits SMEM beside the ring)."""
     case = MlaCase("gpu", b=2, t=2, h=64, dc=512, dr=64, s=s, k=k, num_splits=splits, seed=9)
     with jax.default_device(jax.devices("gpu")[0]):
         args, kw = make_inputs(case, jnp.bfloat16)

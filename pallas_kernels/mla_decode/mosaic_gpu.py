@@ -57,7 +57,7 @@ each selected row three times.
 Scope (everything else raises ValueError, nothing compiled): bf16 / fp16, H a multiple of
 64 (the wgmma M tile), Dc a multiple of 128 up to 512 (two 64-aligned halves; 512 fills a
 consumer's registers), Dr a multiple of 64; the SMEM ring must fit 227 KB (DeepSeek's
-Dc=512, Dr=64: block_k=64 and 2 stages, 217 KB). Every CTA walks its whole share of the
+Dc=512, Dr=64: block_k=64 and 2 stages, 220 KB). Every CTA walks its whole share of the
 cache: unlike the Triton kernel it does not stop at a row's last visible slot (a partly
 filled cache is read whole, masked).
 
@@ -132,10 +132,15 @@ class Geometry:
     num_splits: int
 
 
-def smem_bytes(dc: int, dr: int, block_k: int, stages: int, itemsize: int) -> int:
-    """SMEM of one CTA: the query tile, the ring (c_kv, k_rope, mask) and the lse row."""
-    return (ROWS * (dc + dr) * itemsize + stages * block_k * ((dc + dr) * itemsize + 4)
-            + ROWS * 4)
+def smem_bytes(dc: int, dr: int, block_k: int, stages: int, itemsize: int, slot_tiles: int = 0) -> int:
+    """SMEM of one CTA as Pallas Mosaic GPU lays it out (each buffer aligned to 1 KB, 8 bytes a
+    barrier, its 2 KB reduction scratch): the query tile (`c` halves, `r`), the ring (`c_kv`,
+    `k_rope`, masks), the lse row and, gathering in the kernel, the split's slot list
+    (`slot_tiles` tiles of int32)."""
+    bufs = (ROWS * dc * itemsize, ROWS * dr * itemsize, stages * block_k * dc * itemsize,
+            stages * block_k * dr * itemsize, stages * block_k * 4, ROWS * 4, slot_tiles * block_k * 4)
+    barriers = 2 + 2 * stages + (slot_tiles > 0)
+    return sum(round_up(x, 1024) for x in bufs) + 8 * barriers + 2048
 
 
 def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits,
@@ -184,10 +189,10 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
     # one per row and 64-column chunk (c_kv's Dc / 64 and k_rope's Dr / 64) and the mask
     per_tile = bk * (dc + dr) // _GATHER_COLS + 1 if sparse else _COMPUTE_WGS + 2
 
-    def body(q_ref, c_ref, r_ref, mask_ref, slots_ref, o_ref, lse_ref, smem, rows, bars):
-        qc_smem, qr_smem, slots_smem, mask_smem, lse_smem = smem
-        (c_smem, r_smem), row_views = rows
-        q_loaded, slots_loaded, loaded, consumed, done = bars
+    def body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, smem, bars, gather):
+        """`gather`: sparse, `(slots_ref, slots_smem, slots_loaded, (c_view, r_view))`."""
+        qc_smem, qr_smem, c_smem, r_smem, mask_smem, lse_smem = smem
+        q_loaded, loaded, consumed, done = bars
         sp, row, bi = lax.axis_index("split"), lax.axis_index("row"), lax.axis_index("batch")
         ti, hg = lax.div(row, jnp.int32(groups)), lax.rem(row, jnp.int32(groups))
         heads = pl.ds(hg * ROWS, ROWS)
@@ -266,7 +271,7 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
             """Ring tile `slot` <- the listed rows of the split's tile `i`, one TMA copy per
             row and 64 columns (Hopper's TMA has no row gather), issued by the producer's
             four warps (rows `warp + 4 k`)."""
-            c_view, r_view = row_views
+            _, slots_smem, _, (c_view, r_view) = gather
 
             def row(r, slot_of_r):
                 src = pl.ds(slot_of_r, 1)
@@ -300,6 +305,7 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
                                         qc_smem.at[part], q_loaded)
             plgpu.copy_gmem_to_smem(q_ref.at[bi, ti, heads, pl.ds(dc, dr)], qr_smem, q_loaded)
             if sparse:
+                slots_ref, slots_smem, slots_loaded, _ = gather
                 plgpu.copy_gmem_to_smem(slots_ref.at[bi, ti, pl.ds(lo, geo.per_split)], slots_smem,
                                         slots_loaded)
                 plgpu.barrier_wait(slots_loaded)
@@ -331,15 +337,7 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
 
     def entry(*refs):
         q_ref, c_ref, r_ref, mask_ref, *slots_ref, o_ref, lse_ref = refs
-        slots_ref = slots_ref[0] if sparse else None
         tr_c, tr_r = smem_transforms(plgpu, half, dtype), smem_transforms(plgpu, dr, dtype)
-        smem = (
-            plgpu.SMEM((_COMPUTE_WGS, ROWS, half), dtype, transforms=tr_c),
-            plgpu.SMEM((ROWS, dr), dtype, transforms=tr_r),
-            plgpu.SMEM((geo.per_split, bk) if sparse else (1,), jnp.int32),
-            plgpu.SMEM((stages, bk), jnp.float32),
-            plgpu.SMEM((ROWS,), jnp.float32),
-        )
         ring = (plgpu.SMEM((stages, _COMPUTE_WGS, bk, half), dtype, transforms=tr_c),
                 plgpu.SMEM((stages, bk, dr), dtype, transforms=tr_r))
         if sparse and not interpret:
@@ -349,20 +347,36 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
                                 dtype, transforms=swz),
                      plgpu.SMEM((stages, bk // 8, dr // _GATHER_COLS, 8, _GATHER_COLS), dtype,
                                 transforms=swz))
-            rows = plgpu.RefUnion(ring, views)
-        else:
-            rows = ring
+            ring = (plgpu.RefUnion(ring, views),)
+        scratch = (
+            plgpu.SMEM((_COMPUTE_WGS, ROWS, half), dtype, transforms=tr_c),
+            plgpu.SMEM((ROWS, dr), dtype, transforms=tr_r),
+            *ring,
+            plgpu.SMEM((stages, bk), jnp.float32),
+            plgpu.SMEM((ROWS,), jnp.float32),
+        )
+        gather = (plgpu.SMEM((geo.per_split, bk), jnp.int32),                   # the split's slot list
+                  plgpu.Barrier(num_arrivals=1)) if sparse else ()
+
+        def scoped(smem, *bars):
+            gather = None
+            if sparse:
+                *bars, slots_smem, slots_loaded = bars
+                views = (None, None)
+                if not interpret:               # the RefUnion: (c, r) and their row views
+                    qc, qr, (ring, views), mask, lse = smem
+                    smem = (qc, qr, *ring, mask, lse)
+                gather = (slots_ref[0], slots_smem, slots_loaded, views)
+            body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, smem, bars, gather)
+
         pl.run_scoped(
-            lambda smem_refs, row_refs, *bars: body(
-                q_ref, c_ref, r_ref, mask_ref, slots_ref, o_ref, lse_ref, smem_refs,
-                row_refs if sparse and not interpret else (row_refs, (None, None)), bars),
-            smem,
-            rows,
+            scoped,
+            scratch,
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS + 1),                       # q: 3 copies
-            plgpu.Barrier(num_arrivals=1),                                      # the split's slots
             plgpu.Barrier(num_arrivals=per_tile, num_barriers=stages),          # a tile's copies
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+            *gather,
             collective_axes="wg",
         )
 
@@ -437,7 +451,7 @@ def gathers_in_kernel(geo: Geometry, itemsize: int) -> bool:
     """Whether the kernel can gather a sparse call's rows itself: a split's slot list
     (`[per_split, block_k]` int32, one TMA box of at most 256 rows) fits in SMEM beside the
     ring; else the rows are gathered by XLA first (`gather_selected`)."""
-    need = smem_bytes(geo.dc, geo.dr, geo.block_k, geo.stages, itemsize) + geo.per_split * geo.block_k * 4
+    need = smem_bytes(geo.dc, geo.dr, geo.block_k, geo.stages, itemsize, slot_tiles=geo.per_split)
     return geo.per_split <= 256 and need <= _SMEM_BYTES
 
 
