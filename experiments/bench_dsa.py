@@ -368,6 +368,8 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
                         f"{impl}_sparse_speedup_vs_triton": best / ts, f"{impl}_dense_us": td * 1e6,
                         f"{impl}_dense_frac_of_copy": must_dense / td / copy_bw,
                         f"{impl}_dense_speedup_vs_triton": de / td})
+            # as soon as timed (a short GPU slot may stop the run before its table)
+            print(json.dumps({key: v for key, v in row.items() if key.startswith(impl + "_")}), flush=True)
         except Exception as e:  # noqa: BLE001 - report, keep the row
             row[f"{impl}_error"] = str(e)[:300]
 
