@@ -27,9 +27,10 @@
     calls per program (bench_decode.py's `repeated`). Configurations: the automatic split
     count, 1/2/4/8 splits, block_k 16 / 64 (best reported, all in the JSON) and float32
     partials (`--nodecode_sweep`: the automatic configuration only). `--mla_impls
-    triton,mosaic_gpu` also times the Mosaic GPU kernel (Hopper; sparse over XLA-gathered
-    rows; the default and the others of 128 / 256 / 512 tokens per split at least, best reported), sparse and dense, beside
-    Triton's best. Bandwidth on the
+    triton,mosaic_gpu` also times the Mosaic GPU kernel (Hopper; sparse with the rows gathered
+    in the kernel; the default and the others of 128 / 256 / 512 tokens per split at least,
+    best reported; `--nodecode_sweep`: the default only), sparse and dense, beside Triton's best, and its sparse fallback over
+    XLA-gathered rows (`gather_in_kernel=False`, default split). Bandwidth on the
     bytes it must read: 576 bf16 per visited token plus q read and out written, against the
     measured copy (bench_decode.py's `copy_bandwidth`, `x + 1` over 2 GiB, read + write).
 
@@ -81,7 +82,8 @@ flags.DEFINE_integer("decode_batch", 16, "(c) batch")
 flags.DEFINE_integer("decode_context", 131072, "(c) cache length")
 flags.DEFINE_list("mla_impls", ["triton"], "(c) mla_decode backends: triton (always, the reference "
                   "row) plus e.g. mosaic_gpu (Hopper), timed sparse and dense beside it")
-flags.DEFINE_bool("decode_sweep", True, "(c) sweep Triton's split counts and tiles (off: auto only)")
+flags.DEFINE_bool("decode_sweep", True, "(c) sweep Triton's split counts and tiles and Mosaic GPU's split floors "
+                  "(off: the defaults only)")
 FLAGS.set_default("out", "bench_dsa.json")
 
 H, D, DV = 64, 576, 512          # MLA in MQA form: query heads, latent + rope, latent
@@ -348,7 +350,7 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
         # mosaic_gpu: the split heuristic's floor (tokens per split) swept, best reported
         floor = MlaDecodeMosaicGpuConfig().min_tokens_per_split
         cfgs = [None] + ([MlaDecodeMosaicGpuConfig(min_tokens_per_split=n) for n in (128, 256, 512) if n != floor]
-                         if impl == "mosaic_gpu" else [])
+                         if impl == "mosaic_gpu" and FLAGS.decode_sweep else [])
         try:
             row[f"{impl}_sparse_err"] = rel(jax.jit(other())(qs[0], c_kv, k_rope, sels[0])[:2], ref_sparse)
             row[f"{impl}_dense_err"] = rel(jax.jit(other())(qs[0], c_kv, k_rope)[:2], ref_dense)
@@ -357,10 +359,17 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
             row[f"{impl}_sweep_us"] = {("default" if cfg is None else f"min_tokens{cfg.min_tokens_per_split}"):
                                       [a * 1e6, b_ * 1e6] for cfg, a, b_ in zip(cfgs, tss, tds)}  # sparse, dense
             ts, td = min(tss), min(tds)
-            row.update({f"{impl}_sparse_us": ts * 1e6, f"{impl}_sparse_frac_of_copy": must_sparse / ts / copy_bw,
+            if impl == "mosaic_gpu":    # the sparse fallback (rows gathered by XLA first), same run
+                tx = timed(other(MlaDecodeMosaicGpuConfig(gather_in_kernel=False)), c_kv, k_rope, sels_=sels)
+                row.update(mosaic_gpu_sparse_xla_gather_us=tx * 1e6,
+                           mosaic_gpu_sparse_xla_gather_frac_of_copy=must_sparse / tx / copy_bw)
+            row.update({f"{impl}_sparse_us": ts * 1e6, f"{impl}_sparse_gbps": must_sparse / ts / 1e9,
+                        f"{impl}_sparse_frac_of_copy": must_sparse / ts / copy_bw,
                         f"{impl}_sparse_speedup_vs_triton": best / ts, f"{impl}_dense_us": td * 1e6,
                         f"{impl}_dense_frac_of_copy": must_dense / td / copy_bw,
                         f"{impl}_dense_speedup_vs_triton": de / td})
+            # as soon as timed (a short GPU slot may stop the run before its table)
+            print(json.dumps({key: v for key, v in row.items() if key.startswith(impl + "_")}), flush=True)
         except Exception as e:  # noqa: BLE001 - report, keep the row
             row[f"{impl}_error"] = str(e)[:300]
 
@@ -425,9 +434,13 @@ def table(rows, copy_bw) -> str:
                          f"({r['dense_mla_frac_of_copy']:.2f} of copy), {old} | {ratio} |")
             for impl in FLAGS.mla_impls:
                 if f"{impl}_sparse_us" in r:
+                    xla = r.get(impl + "_sparse_xla_gather_us")
+                    xla = "" if xla is None else (f", XLA-gathered {xla:.1f} us "
+                                                  f"({r[impl + '_sparse_xla_gather_frac_of_copy']:.2f} of copy)")
                     lines.append(f"| mla_decode {impl} | B={r['batch']} ctx={r['context']} k={r['top_k']} | "
-                                 f"sparse {r[impl + '_sparse_us']:.1f} us ({r[impl + '_sparse_frac_of_copy']:.2f} "
-                                 f"of copy), dense {r[impl + '_dense_us']:.0f} us "
+                                 f"sparse {r[impl + '_sparse_us']:.1f} us ({r[impl + '_sparse_gbps']:.0f} GB/s, "
+                                 f"{r[impl + '_sparse_frac_of_copy']:.2f} of copy){xla}, "
+                                 f"dense {r[impl + '_dense_us']:.0f} us "
                                  f"({r[impl + '_dense_frac_of_copy']:.2f} of copy) | triton sparse "
                                  f"{r['sparse_us']:.1f} us, dense {r['dense_mla_us']:.0f} us | "
                                  f"{r[impl + '_sparse_speedup_vs_triton']:.2f}x, "

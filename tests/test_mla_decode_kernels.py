@@ -2,13 +2,14 @@
 `mla_decode_reference`, and the reference against an independent dense-mask attention over
 the concatenated keys `[c_kv | k_rope]` (mask built in numpy loops): output and lse in
 float32 on fresh random inputs. Triton in `interpret=True`, Mosaic TPU in
-`pltpu.InterpretParams()`, Mosaic GPU (bf16, H a multiple of 64; sparse over gathered rows)
-in GPU interpret mode (`plgpu.InterpretGPUParams()`) and lowered for CUDA. Sparse (K with -1
+`pltpu.InterpretParams()`, Mosaic GPU (bf16, H a multiple of 64; sparse with the rows
+gathered in the kernel, and over XLA-gathered rows) in GPU interpret mode (`plgpu.InterpretGPUParams()`) and lowered for CUDA. Sparse (K with -1
 padding, slots of future positions listed) and dense modes, ragged cache rows (positions
 -1), a padded query, a query that sees nothing, T = 1 and 2, one and several splits, widths
 that are not multiples of 16, the real widths (Dc=512, Dr=64); the reference VJP of the
 kernels; argument errors. `gpu`-marked tests compile the Triton kernel at H=64, Dc=512,
-Dr=64, S=4096, K=256, and the Mosaic GPU one (dense at S=4096 and 4100, sparse K=300).
+Dr=64, S=4096, K=256, and the Mosaic GPU one (dense at S=4096 and 4100, sparse K=300 and
+2047 with duplicated entries, S=4101).
 """
 
 from __future__ import annotations
@@ -82,6 +83,20 @@ def make_inputs(c: MlaCase, dtype=jnp.float32):
     kw = dict(indices=idx, q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(kv_pos), scale=SCALE,
               return_lse=True, num_splits=c.num_splits)
     return (q, c_kv, k_rope), kw
+
+
+def with_duplicates(kw):
+    """`kw` with each query's first -1 padding entry (if any) listing its first entry again:
+    a slot listed twice counts twice (the reference's gather semantics)."""
+    idx = np.asarray(kw["indices"]).copy()
+    dups = 0
+    for row in np.ndindex(*idx.shape[:2]):
+        pad = np.flatnonzero(idx[row] < 0)
+        if len(pad) and idx[row][0] >= 0:
+            idx[row][pad[0]] = idx[row][0]
+            dups += 1
+    assert dups
+    return dict(kw, indices=jnp.asarray(idx))
 
 
 def dense_mask_attention(q, c_kv, k_rope, *, indices, q_positions, kv_positions, scale, **_):
@@ -247,7 +262,6 @@ def test_triton_compiled_on_gpu(k):
     MlaCase("t1_ring_refill", t=1, h=64, dc=128, dr=64, s=420, k=None, num_splits=3, seed=15),
     MlaCase("t2_h128_one_tile", b=1, t=2, h=128, dc=128, dr=64, s=40, k=None, seed=16),
     MlaCase("sparse_t2_k20", t=2, h=64, dc=128, dr=64, s=100, k=20, num_splits=2, seed=17),
-    MlaCase("sparse_t2_k200_splits", t=2, h=64, dc=128, dr=64, s=420, k=200, num_splits=3, seed=18),
 ], ids=lambda c: c.name)
 def test_mosaic_gpu_in_gpu_interpret_mode(case):
     """The Mosaic GPU kernel on the CPU in GPU interpret mode (simulated SMEM, TMA, barriers,
@@ -255,9 +269,10 @@ def test_mosaic_gpu_in_gpu_interpret_mode(case):
     TMA, its last tile zero-filled past the cache), S=200 (in place, last tile past the
     cache), S=420 over 3 splits of 3, 3 and 1 tiles (the producer refills the 2-stage ring;
     the last split has fewer tiles than stages), S=40 (< one tile) with two 64-head groups.
-    Sparse (gathered rows): K=20 (< one tile), K=200 over 3 splits; -1 padding, listed
-    future slots, a query whose listed slots are all in its future. Ragged cache rows, a
-    padded query (zeros, lse -inf)."""
+    Sparse (rows gathered in the kernel): K=20 (< one tile; more in
+    `test_mosaic_gpu_sparse_gather_in_gpu_interpret_mode`); -1 padding, listed future slots,
+    a query whose listed slots are all in its future. Ragged cache rows, a padded query
+    (zeros, lse -inf)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     args, kw = make_inputs(case, jnp.bfloat16)
@@ -271,16 +286,63 @@ def test_mosaic_gpu_in_gpu_interpret_mode(case):
     check_zero_rows(got.out, kw)
 
 
+@needs_gpu_interpret_pool
+@pytest.mark.parametrize("case,in_kernel", [
+    (MlaCase("t3_s101_k77_two_splits", t=3, h=64, dc=128, dr=64, s=101, k=77, num_splits=2, seed=19), True),
+    (MlaCase("t2_s203_k150_ring_refill", t=2, h=64, dc=128, dr=64, s=203, k=150, num_splits=1, seed=20), True),
+    (MlaCase("t3_s101_k77_xla_gather", t=3, h=64, dc=128, dr=64, s=101, k=77, num_splits=2, seed=19), False),
+], ids=lambda c: getattr(c, "name", str(c)))
+def test_mosaic_gpu_sparse_gather_in_gpu_interpret_mode(case, in_kernel):
+    """Sparse calls on the CPU in GPU interpret mode, bf16, against the float32 reference:
+    the rows gathered in the kernel (one TMA copy per row and 64 columns; `in_kernel`) and
+    the XLA-gather fallback (`gather_in_kernel=False`). A cache of S=101 and 203 slots (not
+    multiples of 8, read in place), K=77 (ragged: 2 tiles of 64, one per split) and K=150
+    (3 tiles in one split: the ring refills), T=3 and 2 queries; -1 padding, duplicated
+    entries, listed future slots, a query whose listed slots are all in its future, a padded
+    query."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    from pallas_kernels.mla_decode import mosaic_gpu
+
+    args, kw = make_inputs(case, jnp.bfloat16)
+    kw = with_duplicates(kw)
+    cfg = MlaDecodeMosaicGpuConfig(gather_in_kernel=in_kernel)
+    geo = mosaic_gpu.geometry(args[0], args[1], args[2], cfg, case.num_splits, slots=case.k)
+    assert mosaic_gpu.gathers_in_kernel(geo, 2) and geo.per_split == geo.tiles // geo.num_splits
+    got = run(mla_decode, args, kw, impl="mosaic_gpu", interpret=plgpu.InterpretGPUParams(), config=cfg)
+    want = mla_decode_reference(*(a.astype(jnp.float32) for a in args), **kw)
+    assert max_rel_err(got.out, want.out) < 1e-2
+    fin = np.isfinite(np.asarray(want.lse))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(got.lse)), fin)
+    np.testing.assert_allclose(np.asarray(got.lse)[fin], np.asarray(want.lse)[fin], atol=1e-4)
+    check_zero_rows(got.out, kw)
+
+
 def test_mosaic_gpu_lowers_for_cuda_on_the_cpu():
     """At DeepSeek's sizes (H=128: two head groups, Dc=512, Dr=64; S=4100: padded to a
     multiple of 8, last tile past the cache) the kernel lowers to Mosaic GPU for CUDA (Pallas
-    to Mosaic GPU, its layout inference included; nothing compiled), dense and sparse."""
+    to Mosaic GPU, its layout inference included; nothing compiled), dense and sparse (the
+    rows gathered in the kernel: its RefUnion views of the ring, warp-level TMA copies)."""
     q = jax.ShapeDtypeStruct((2, 2, 128, 576), jnp.bfloat16)
     c, r = jax.ShapeDtypeStruct((2, 4100, 512), jnp.bfloat16), jax.ShapeDtypeStruct((2, 4100, 64), jnp.bfloat16)
     idx = jax.ShapeDtypeStruct((2, 2, 2047), jnp.int32)
     f = jax.jit(lambda q, c, r, i: mla_decode(q, c, r, indices=i, scale=SCALE, impl="mosaic_gpu", return_lse=True))
-    for i in (None, idx):
-        assert "mla_decode_mosaic_gpu" in f.trace(q, c, r, i).lower(lowering_platforms=("cuda",)).as_text()
+    for i, name in ((None, "mla_decode_mosaic_gpu"), (idx, "mla_decode_mosaic_gpu_gather")):
+        text = f.trace(q, c, r, i).lower(lowering_platforms=("cuda",)).as_text()
+        assert name in text and ("mla_decode_mosaic_gpu_gather" in text) == (i is not None)
+
+
+def test_mosaic_gpu_gathers_in_kernel_while_the_slot_list_fits_smem():
+    """One split at Dc=512, Dr=64: a slot list of 24 tiles (K=1536) fits SMEM beside the ring
+    and the kernel gathers (its lowering's own SMEM check passes); 25 tiles (K=1600) would
+    exceed 227 KB by 56 bytes (`smem_bytes` counts as Pallas lays SMEM out), so the rows
+    are gathered by XLA first."""
+    q = jax.ShapeDtypeStruct((1, 1, 64, 576), jnp.bfloat16)
+    c, r = jax.ShapeDtypeStruct((1, 4101, 512), jnp.bfloat16), jax.ShapeDtypeStruct((1, 4101, 64), jnp.bfloat16)
+    f = jax.jit(lambda q, c, r, i: mla_decode(q, c, r, indices=i, scale=SCALE, impl="mosaic_gpu", num_splits=1))
+    for k, gathers in ((1536, True), (1600, False)):
+        text = f.trace(q, c, r, jax.ShapeDtypeStruct((1, 1, k), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+        assert ("mla_decode_mosaic_gpu_gather" in text) == gathers
 
 
 def test_mosaic_gpu_refuses_unsupported_and_auto_prefers_it_on_hopper(monkeypatch):
@@ -325,14 +387,20 @@ def test_mosaic_gpu_refuses_unsupported_and_auto_prefers_it_on_hopper(monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
-@pytest.mark.parametrize("s,k", [(4096, None), (4100, None), (4096, 300)],
-                         ids=["dense", "dense-ragged", "sparse"])
-def test_mosaic_gpu_compiled_on_gpu(s, k):
+@pytest.mark.parametrize("s,k,splits", [(4096, None, None), (4100, None, None), (4096, 300, None),
+                                         (4101, 2047, None), (4101, 1500, 1)],
+                         ids=["dense", "dense-ragged", "sparse", "sparse-ragged", "sparse-one-split"])
+def test_mosaic_gpu_compiled_on_gpu(s, k, splits):
     """The compiled Mosaic GPU kernel (Hopper) at DeepSeek's sizes, bf16, against the float32
-    reference: dense (S=4100: padded to 4104, its last tile past the cache) and sparse."""
-    case = MlaCase("gpu", b=2, t=2, h=64, dc=512, dr=64, s=s, k=k, seed=9)
+    reference: dense (S=4100: padded to 4104, its last tile past the cache) and sparse with
+    the rows gathered in the kernel (S=4101 read in place, K=300, 2047 and 1500: ragged last
+    tiles; duplicated entries; split by the heuristic, and one split of 24 tiles: the
+    longest slot list that fits SMEM beside the ring)."""
+    case = MlaCase("gpu", b=2, t=2, h=64, dc=512, dr=64, s=s, k=k, num_splits=splits, seed=9)
     with jax.default_device(jax.devices("gpu")[0]):
         args, kw = make_inputs(case, jnp.bfloat16)
+        if k is not None:
+            kw = with_duplicates(kw)
         got = mla_decode(*args, **kw, impl="mosaic_gpu")
         with jax.default_matmul_precision("highest"):
             want = mla_decode_reference(*(a.astype(jnp.float32) for a in args), **kw)

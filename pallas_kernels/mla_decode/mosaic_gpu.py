@@ -30,29 +30,42 @@ sizes, and those are read in place). The mask rows `[B, T, tiles * block_k]` (vi
 from `q_positions` / `kv_positions`, built in XLA: 4 bytes per slot and query token beside
 the slot's `2 (Dc + Dr)`) are what the kernel reads of the positions.
 
-Sparse mode (`indices [B, T, K]`): the listed rows are gathered by XLA first
-(`gather_selected`: `[B * T, K, Dc + Dr]`, -1 padding and unlisted slots at position -1)
-and the same kernel runs densely over them, one "batch row" per query token. This moves
-each selected row three times (gather read, gather write, kernel read) where the Triton
-kernel reads it once: Hopper's TMA has no row gather (`gather4` is Blackwell's), and
-Mosaic GPU (JAX 0.11.2) refuses TMA copies of single rows into the tiled, swizzled SMEM
-that wgmma reads ("slice start and size divisible by the tile size (8)"), so an in-kernel
-gather would need an untiled staging buffer and a register pass, for which the 227 KB of
-SMEM has no room at Dc=512 beside the 2-stage ring.
+Sparse mode (`indices [B, T, K]`): each query token's CTAs walk its listed slots in tiles
+of `block_k` and the producer gathers the listed rows straight into the ring, so each
+selected row is read once (`gathers_in_kernel`, `selected_slots`): the split's slot list
+`[per_split, block_k]` is loaded once into SMEM, then per row one TMA copy per 64 columns
+(`Dc / 64 + Dr / 64` copies of 128 bytes, 9 at DeepSeek's widths), issued by the producer's
+four warps (`plgpu.warp_map`, rows `warp + 4 k`), all arriving on the tile's "loaded"
+barrier. Hopper's TMA has no row gather (`gather4` is Blackwell's), and Mosaic GPU (JAX
+0.11.2) refuses TMA copies of single rows into the tiled ring that wgmma reads ("slice start
+and size divisible by the tile size (8)"): the copies go through a second, untiled view of
+the same bytes, `[stages, block_k / 8, d / 64, 8, 64]` with the ring's 128-byte swizzle (a
+`RefUnion` of the ring and the view, both laid out from offset 0: the view's shape is the
+ring's physical tiled one). TMA swizzles by the absolute SMEM address, so a row written
+alone lands where a whole-tile copy would put it; the PTX ISA asks for 1024-byte-aligned
+destinations under the 128-byte swizzle, which rows 1-7 of an 8-row group are not (they are
+128-byte aligned): the compiled GPU tests check the hardware does what this relies on. The GPU interpreter keeps
+`RefUnion` members apart and keeps logical arrays, so interpreted the copies write the
+tiled ring itself. Unlisted entries (-1, out of range) and the padding past K load slot 0
+and are masked; a duplicated entry counts twice (the reference's gather semantics). The
+cache is read in place whatever its slot count. Where a split's slot list does not fit
+(more than 256 tiles, or SMEM) or `gather_in_kernel=False`, the listed rows are gathered by
+XLA first (`gather_selected`: `[B * T, K, Dc + Dr]`, -1 padding and unlisted slots at
+position -1) and the dense kernel runs over them, one "batch row" per query token, moving
+each selected row three times.
 
 Scope (everything else raises ValueError, nothing compiled): bf16 / fp16, H a multiple of
 64 (the wgmma M tile), Dc a multiple of 128 up to 512 (two 64-aligned halves; 512 fills a
 consumer's registers), Dr a multiple of 64; the SMEM ring must fit 227 KB (DeepSeek's
-Dc=512, Dr=64: block_k=64 and 2 stages, 217 KB). Every CTA walks its whole share of the
+Dc=512, Dr=64: block_k=64 and 2 stages, 220 KB). Every CTA walks its whole share of the
 cache: unlike the Triton kernel it does not stop at a row's last visible slot (a partly
 filled cache is read whole, masked).
 
-`impl="auto"` keeps choosing Triton: this kernel has not yet been timed on a GPU (nor
-compiled on one). It is lowered for CUDA on the CPU (tests) and run on the CPU in GPU
-interpret mode, `interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()`, where
-the `P c` wgmma (a register left operand) is a float32 dot (`tiles_mosaic_gpu.accumulate` /
-`mma`) and the ring phases the compiled kernel leaves unobserved are waited for
-(`observe_last_phases`).
+`impl="auto"` chooses this kernel on Hopper for the calls it covers (Triton elsewhere).
+On the CPU it is lowered for CUDA (tests) and run in GPU interpret mode,
+`interpret=jax.experimental.pallas.mosaic_gpu.InterpretGPUParams()`, where the `P c` wgmma
+(a register left operand) is a float32 dot (`tiles_mosaic_gpu.accumulate` / `mma`) and the
+ring phases the compiled kernel leaves unobserved are waited for (`observe_last_phases`).
 """
 
 from __future__ import annotations
@@ -74,6 +87,8 @@ from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases
 ROWS = 64                 # query heads per CTA: the wgmma M tile
 _COMPUTE_WGS = 2          # consumer warpgroups, each owning half of the Dc output columns
 _SMEM_BYTES = 232448      # Hopper's largest dynamic SMEM per CTA (227 KB)
+_WARPS = 4                # warps of a warpgroup
+_GATHER_COLS = 64         # columns per TMA row copy of the in-kernel gather: one 128-byte swizzle row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +99,15 @@ class MlaDecodeMosaicGpuConfig:
     H100); `min_tokens_per_split`: the fewest cache slots a split gets from the heuristic
     (a split's partial, 64 x Dc values per head group, is written and read again). 128 from
     the first GPU sweep (H200, B=16, K=2048 sparse: 85 us at 128, 153 us at 256, 181 us at
-    512; dense over 128K: 1350-1384 us at all three)."""
+    512; dense over 128K: 1350-1384 us at all three). `gather_in_kernel`: sparse calls read
+    their listed rows in the kernel where a split's slot list fits (`gathers_in_kernel`);
+    False: always through XLA's gather first (`gather_selected`, the fallback)."""
 
     block_k: int = 64
     max_concurrent_steps: int = 2
     split_target: int = 132
     min_tokens_per_split: int = 128
+    gather_in_kernel: bool = True
 
     def __post_init__(self):
         if self.block_k < 64 or self.block_k % 64:
@@ -114,15 +132,23 @@ class Geometry:
     num_splits: int
 
 
-def smem_bytes(dc: int, dr: int, block_k: int, stages: int, itemsize: int) -> int:
-    """SMEM of one CTA: the query tile, the ring (c_kv, k_rope, mask) and the lse row."""
-    return (ROWS * (dc + dr) * itemsize + stages * block_k * ((dc + dr) * itemsize + 4)
-            + ROWS * 4)
+def smem_bytes(dc: int, dr: int, block_k: int, stages: int, itemsize: int, slot_tiles: int = 0) -> int:
+    """SMEM of one CTA as Pallas Mosaic GPU lays it out (each buffer aligned to 1 KB, 8 bytes a
+    barrier, its 2 KB reduction scratch): the query tile (`c` halves, `r`), the ring (`c_kv`,
+    `k_rope`, masks), the lse row and, gathering in the kernel, the split's slot list
+    (`slot_tiles` tiles of int32)."""
+    bufs = (ROWS * dc * itemsize, ROWS * dr * itemsize, stages * block_k * dc * itemsize,
+            stages * block_k * dr * itemsize, stages * block_k * 4, ROWS * 4, slot_tiles * block_k * 4)
+    barriers = 2 + 2 * stages + (slot_tiles > 0)
+    return sum(round_up(x, 1024) for x in bufs) + 8 * barriers + 2048
 
 
-def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits) -> Geometry:
+def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits,
+             slots: int | None = None) -> Geometry:
+    """`slots`: the slots each query row walks (sparse, gathered in the kernel: K); default
+    the cache's."""
     b, t, h, _ = q_abs.shape
-    s = max(round_up(c_kv.shape[1], 8), cfg.block_k)
+    s = max(round_up(c_kv.shape[1] if slots is None else slots, 8), cfg.block_k)
     tiles = layout.cdiv(s, cfg.block_k)
     if num_splits is None:
         want = layout.cdiv(cfg.split_target, b * t * (h // ROWS))
@@ -136,15 +162,20 @@ def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits) -> 
 
 def tile_mask(q_positions, kv_positions, geo: Geometry):
     """float32 `[B, T, tiles * block_k]`: 0 where the slot is visible to the query, else
-    -inf (slots past the cache too)."""
-    kp = pad_axis(kv_positions, geo.tiles * geo.block_k, 1, -1)[:, None, :]
+    -inf (slots past the cache too). `kv_positions`: `[B, S]`, or `[B, T, K]` per query
+    (the listed slots' positions, sparse)."""
+    kp = kv_positions if kv_positions.ndim == 3 else kv_positions[:, None, :]
+    kp = pad_axis(kp, geo.tiles * geo.block_k, 2, -1)
     qp = q_positions[:, :, None]
     return jnp.where((kp >= 0) & (kp <= qp) & (qp >= 0), 0.0, -jnp.inf).astype(jnp.float32)
 
 
-def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpret):
+def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, interpret):
     """q `[B, T, H, Dc + Dr]`, cache `[B, S, Dc]` / `[B, S, Dr]`, mask `[B, T, tiles * bk]`
-    -> partials `(o [B, splits, T, H, Dc]` in q's dtype, `lse [B, splits, T, H]` float32)."""
+    -> partials `(o [B, splits, T, H, Dc]` in q's dtype, `lse [B, splits, T, H]` float32).
+    `slots`: None (dense: tile j is cache slots `[j * bk, (j + 1) * bk)`), or int32
+    `[B, T, splits * per_split, bk]` (sparse: tile j of query t is the listed cache slots
+    `slots[b, t, j]`, each in `[0, S)`, copied row by row into the ring)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
 
     b, t, h, _ = q.shape
@@ -153,9 +184,15 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
     half = dc // _COMPUTE_WGS
     groups = h // ROWS
     c2 = float(scale) * LOG2E          # logits in base-2 units
+    sparse = slots is not None
+    # copies (barrier arrivals) per ring tile: the two c halves, k_rope, the mask; sparse:
+    # one per row and 64-column chunk (c_kv's Dc / 64 and k_rope's Dr / 64) and the mask
+    per_tile = bk * (dc + dr) // _GATHER_COLS + 1 if sparse else _COMPUTE_WGS + 2
 
-    def body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, scoped):
-        (qc_smem, qr_smem, c_smem, r_smem, mask_smem, lse_smem), q_loaded, loaded, consumed, done = scoped
+    def body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, smem, bars, gather):
+        """`gather`: sparse, `(slots_ref, slots_smem, slots_loaded, (c_view, r_view))`."""
+        qc_smem, qr_smem, c_smem, r_smem, mask_smem, lse_smem = smem
+        q_loaded, loaded, consumed, done = bars
         sp, row, bi = lax.axis_index("split"), lax.axis_index("row"), lax.axis_index("batch")
         ti, hg = lax.div(row, jnp.int32(groups)), lax.rem(row, jnp.int32(groups))
         heads = pl.ds(hg * ROWS, ROWS)
@@ -220,6 +257,46 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
 
             plgpu.wait_smem_to_gmem(0)
 
+        def row_dst(ring, view, slot, r, col):
+            """Row `r`, columns `[col, col + 64)` of ring tile `slot` (`ring [stages, bk, d]`,
+            tiled (8, 64)) as a TMA destination: compiled, the same bytes through `view`
+            (`[stages, bk / 8, d / 64, 8, 64]`, swizzled, untiled: Mosaic GPU refuses a
+            one-row slice of a tiled ref); interpreted, `ring` itself (the interpreter keeps
+            logical arrays and does not alias `RefUnion` members)."""
+            if interpret:
+                return ring.at[slot, pl.ds(r, 1), pl.ds(col, _GATHER_COLS)]
+            return view.at[slot, lax.div(r, 8), col // _GATHER_COLS, pl.ds(lax.rem(r, 8), 1)]
+
+        def gather_tile(i, slot):
+            """Ring tile `slot` <- the listed rows of the split's tile `i`, one TMA copy per
+            row and 64 columns (Hopper's TMA has no row gather), issued by the producer's
+            four warps (rows `warp + 4 k`)."""
+            _, slots_smem, _, (c_view, r_view) = gather
+
+            def row(r, slot_of_r):
+                src = pl.ds(slot_of_r, 1)
+                for part in range(_COMPUTE_WGS):
+                    for col in range(0, half, _GATHER_COLS):
+                        view = None if c_view is None else c_view.at[:, part]
+                        dst = row_dst(c_smem.at[:, part], view, slot, r, col)
+                        plgpu.copy_gmem_to_smem(c_ref.at[bi, src, pl.ds(part * half + col, _GATHER_COLS)],
+                                                dst, loaded.at[slot])
+                for col in range(0, dr, _GATHER_COLS):
+                    plgpu.copy_gmem_to_smem(r_ref.at[bi, src, pl.ds(col, _GATHER_COLS)],
+                                            row_dst(r_smem, r_view, slot, r, col), loaded.at[slot])
+
+            @pl.loop(0, bk, step=_WARPS)
+            def _(r0):
+                # warp-level code loads no SMEM: each warp's slot is picked from four scalars
+                listed = [slots_smem[i, r0 + w] for w in range(_WARPS)]
+
+                @plgpu.warp_map
+                def _(warp):
+                    pick = listed[0]
+                    for w in range(1, _WARPS):
+                        pick = jnp.where(warp == w, listed[w], pick)
+                    row(r0 + warp, pick)
+
         @pl.when(wg == _COMPUTE_WGS)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
@@ -227,14 +304,22 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
                 plgpu.copy_gmem_to_smem(q_ref.at[bi, ti, heads, pl.ds(part * half, half)],
                                         qc_smem.at[part], q_loaded)
             plgpu.copy_gmem_to_smem(q_ref.at[bi, ti, heads, pl.ds(dc, dr)], qr_smem, q_loaded)
+            if sparse:
+                slots_ref, slots_smem, slots_loaded, _ = gather
+                plgpu.copy_gmem_to_smem(slots_ref.at[bi, ti, pl.ds(lo, geo.per_split)], slots_smem,
+                                        slots_loaded)
+                plgpu.barrier_wait(slots_loaded)
 
             def load(i, slot):
                 j = lo + i
-                rows = pl.ds(j * bk, bk)      # past slot S: zero-filled (TMA), masked
-                for part in range(_COMPUTE_WGS):
-                    plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, pl.ds(part * half, half)],
-                                            c_smem.at[slot, part], loaded.at[slot])
-                plgpu.copy_gmem_to_smem(r_ref.at[bi, rows], r_smem.at[slot], loaded.at[slot])
+                if sparse:
+                    gather_tile(i, slot)
+                else:
+                    rows = pl.ds(j * bk, bk)      # past slot S: zero-filled (TMA), masked
+                    for part in range(_COMPUTE_WGS):
+                        plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, pl.ds(part * half, half)],
+                                                c_smem.at[slot, part], loaded.at[slot])
+                    plgpu.copy_gmem_to_smem(r_ref.at[bi, rows], r_smem.at[slot], loaded.at[slot])
                 plgpu.copy_gmem_to_smem(mask_ref.at[bi, ti, pl.ds(j * bk, bk)], mask_smem.at[slot],
                                         loaded.at[slot])
 
@@ -250,23 +335,48 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
             if interpret:
                 observe_last_phases((consumed,), n, stages)
 
-    def entry(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref):
+    def entry(*refs):
+        q_ref, c_ref, r_ref, mask_ref, *slots_ref, o_ref, lse_ref = refs
         tr_c, tr_r = smem_transforms(plgpu, half, dtype), smem_transforms(plgpu, dr, dtype)
+        ring = (plgpu.SMEM((stages, _COMPUTE_WGS, bk, half), dtype, transforms=tr_c),
+                plgpu.SMEM((stages, bk, dr), dtype, transforms=tr_r))
+        if sparse and not interpret:
+            # the ring's bytes again, as 64-column row chunks: the gather's TMA destinations
+            swz = (plgpu.SwizzleTransform(tr_c[1].swizzle),)
+            views = (plgpu.SMEM((stages, _COMPUTE_WGS, bk // 8, half // _GATHER_COLS, 8, _GATHER_COLS),
+                                dtype, transforms=swz),
+                     plgpu.SMEM((stages, bk // 8, dr // _GATHER_COLS, 8, _GATHER_COLS), dtype,
+                                transforms=swz))
+            ring = (plgpu.RefUnion(ring, views),)
         scratch = (
             plgpu.SMEM((_COMPUTE_WGS, ROWS, half), dtype, transforms=tr_c),
             plgpu.SMEM((ROWS, dr), dtype, transforms=tr_r),
-            plgpu.SMEM((stages, _COMPUTE_WGS, bk, half), dtype, transforms=tr_c),
-            plgpu.SMEM((stages, bk, dr), dtype, transforms=tr_r),
+            *ring,
             plgpu.SMEM((stages, bk), jnp.float32),
             plgpu.SMEM((ROWS,), jnp.float32),
         )
+        gather = (plgpu.SMEM((geo.per_split, bk), jnp.int32),                   # the split's slot list
+                  plgpu.Barrier(num_arrivals=1)) if sparse else ()
+
+        def scoped(smem, *bars):
+            gather = None
+            if sparse:
+                *bars, slots_smem, slots_loaded = bars
+                views = (None, None)
+                if not interpret:               # the RefUnion: (c, r) and their row views
+                    qc, qr, (ring, views), mask, lse = smem
+                    smem = (qc, qr, *ring, mask, lse)
+                gather = (slots_ref[0], slots_smem, slots_loaded, views)
+            body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, smem, bars, gather)
+
         pl.run_scoped(
-            lambda *a: body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, a),
+            scoped,
             scratch,
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS + 1),                       # q: 3 copies
-            plgpu.Barrier(num_arrivals=_COMPUTE_WGS + 2, num_barriers=stages),  # 4 copies a tile
+            plgpu.Barrier(num_arrivals=per_tile, num_barriers=stages),          # a tile's copies
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+            *gather,
             collective_axes="wg",
         )
 
@@ -279,9 +389,9 @@ def _kernel_call(q, c_kv, k_rope, mask, *, geo: Geometry, scale: float, interpre
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name="mla_decode_mosaic_gpu",
+        kernel_name="mla_decode_mosaic_gpu_gather" if sparse else "mla_decode_mosaic_gpu",
         interpret=interpret,
-    )(q, c_kv, k_rope, mask)
+    )(q, c_kv, k_rope, mask, *(() if slots is None else (slots,)))
 
 
 def check_supported(q_abs, c_kv, k_rope, indices, interpret, config: MlaDecodeMosaicGpuConfig):
@@ -324,25 +434,53 @@ def gather_selected(q_abs, c_kv, k_rope, indices, q_positions, kv_positions, blo
             q_positions.reshape(b * t, 1), kp)
 
 
+def selected_slots(indices, kv_positions, geo: Geometry):
+    """The in-kernel gather's inputs from `indices [B, T, K]`: `(slots, kv_positions)`,
+    int32 `[B, T, splits * per_split, block_k]` cache slots (unlisted entries and the
+    padding past K: slot 0, masked) and `[B, T, K]` the listed slots' positions (-1 where
+    unlisted)."""
+    b, t, k = indices.shape
+    listed = (indices >= 0) & (indices < kv_positions.shape[1])
+    slots = jnp.where(listed, indices, 0).astype(jnp.int32)
+    kp = jnp.where(listed, jax.vmap(lambda p, i: p[i])(kv_positions, slots), -1)
+    tiles = geo.num_splits * geo.per_split
+    return pad_axis(slots, tiles * geo.block_k, 2).reshape(b, t, tiles, geo.block_k), kp
+
+
+def gathers_in_kernel(geo: Geometry, itemsize: int) -> bool:
+    """Whether the kernel can gather a sparse call's rows itself: a split's slot list
+    (`[per_split, block_k]` int32, one TMA box of at most 256 rows) fits in SMEM beside the
+    ring; else the rows are gathered by XLA first (`gather_selected`)."""
+    need = smem_bytes(geo.dc, geo.dr, geo.block_k, geo.stages, itemsize, slot_tiles=geo.per_split)
+    return geo.per_split <= 256 and need <= _SMEM_BYTES
+
+
 def mla_decode_mosaic_gpu(q_abs, c_kv, k_rope, *, indices, q_positions, kv_positions, scale,
                           return_lse, num_splits, interpret=False,
                           config: MlaDecodeMosaicGpuConfig | None = None):
     """`mla_decode_reference`'s contract (see the module docstring's scope) on Hopper, or on
     the CPU in GPU interpret mode (`interpret=plgpu.InterpretGPUParams()`). Forward. Sparse
-    calls run densely over their gathered rows (`gather_selected`)."""
+    calls gather their listed rows in the kernel (`gathers_in_kernel`), else run densely
+    over rows gathered by XLA (`gather_selected`)."""
     cfg = config or MlaDecodeMosaicGpuConfig()
     check_supported(q_abs, c_kv, k_rope, indices, interpret, cfg)
     b, t, h, _ = q_abs.shape
+    slots = None
     if indices is not None:
-        q_abs, c_kv, k_rope, q_positions, kv_positions = gather_selected(
-            q_abs, c_kv, k_rope, indices, q_positions, kv_positions, cfg.block_k)
-    geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits)
-    c_kv, k_rope = pad_axis(c_kv, geo.s, 1), pad_axis(k_rope, geo.s, 1)   # no-ops unless S % 8 or S < block_k
+        geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits, slots=indices.shape[2])
+        if cfg.gather_in_kernel and gathers_in_kernel(geo, q_abs.dtype.itemsize):
+            slots, kv_positions = selected_slots(indices, kv_positions, geo)
+        else:
+            q_abs, c_kv, k_rope, q_positions, kv_positions = gather_selected(
+                q_abs, c_kv, k_rope, indices, q_positions, kv_positions, cfg.block_k)
+    if slots is None:
+        geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits)
+        c_kv, k_rope = pad_axis(c_kv, geo.s, 1), pad_axis(k_rope, geo.s, 1)   # no-ops unless S % 8 or S < block_k
     mask = tile_mask(q_positions, kv_positions, geo)
-    o_part, lse_part = _kernel_call(q_abs, c_kv, k_rope, mask, geo=geo, scale=float(scale),
+    o_part, lse_part = _kernel_call(q_abs, c_kv, k_rope, mask, slots, geo=geo, scale=float(scale),
                                     interpret=interpret or None)
     out, lse = merge(o_part, lse_part, t=q_abs.shape[1], h=h, dc=geo.dc, dtype=q_abs.dtype)
-    if indices is not None:             # [B * T, 1, ...] -> [B, T, ...]
+    if q_abs.shape[0] != b:             # gathered by XLA: [B * T, 1, ...] -> [B, T, ...]
         out, lse = out.reshape(b, t, h, geo.dc), lse.reshape(b, t, h).transpose(0, 2, 1)
     return AttentionOutput(out, lse) if return_lse else out
 
