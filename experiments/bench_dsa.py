@@ -28,9 +28,10 @@
     count, 1/2/4/8 splits, block_k 16 / 64 (best reported, all in the JSON) and float32
     partials (`--nodecode_sweep`: the automatic configuration only). `--mla_impls
     triton,mosaic_gpu` also times the Mosaic GPU kernel (Hopper; sparse with the rows gathered
-    in the kernel; the default and the others of 128 / 256 / 512 tokens per split at least,
-    best reported; `--nodecode_sweep`: the default only), sparse and dense, beside Triton's best, and its sparse fallback over
-    XLA-gathered rows (`gather_in_kernel=False`, default split). Bandwidth on the
+    first by XLA, the default; the default and the others of 128 / 256 / 512 tokens per split
+    at least, best reported; `--nodecode_sweep`: the default only), sparse and dense, beside
+    Triton's best, and its sparse rows gathered in the kernel (`gather_in_kernel=True`,
+    default split). Bandwidth on the
     bytes it must read: 576 bf16 per visited token plus q read and out written, against the
     measured copy (bench_decode.py's `copy_bandwidth`, `x + 1` over 2 GiB, read + write).
 
@@ -359,10 +360,13 @@ def bench_decode_part(b, s, copy_bw, iters, reps, small):
             row[f"{impl}_sweep_us"] = {("default" if cfg is None else f"min_tokens{cfg.min_tokens_per_split}"):
                                       [a * 1e6, b_ * 1e6] for cfg, a, b_ in zip(cfgs, tss, tds)}  # sparse, dense
             ts, td = min(tss), min(tds)
-            if impl == "mosaic_gpu":    # the sparse fallback (rows gathered by XLA first), same run
-                tx = timed(other(MlaDecodeMosaicGpuConfig(gather_in_kernel=False)), c_kv, k_rope, sels_=sels)
-                row.update(mosaic_gpu_sparse_xla_gather_us=tx * 1e6,
-                           mosaic_gpu_sparse_xla_gather_frac_of_copy=must_sparse / tx / copy_bw)
+            if impl == "mosaic_gpu":    # sparse with the rows gathered in the kernel (opt-in), same run
+                cfg_in = MlaDecodeMosaicGpuConfig(gather_in_kernel=True)
+                row["mosaic_gpu_sparse_in_kernel_gather_err"] = rel(
+                    jax.jit(other(cfg_in))(qs[0], c_kv, k_rope, sels[0])[:2], ref_sparse)
+                tx = timed(other(cfg_in), c_kv, k_rope, sels_=sels)
+                row.update(mosaic_gpu_sparse_in_kernel_gather_us=tx * 1e6,
+                           mosaic_gpu_sparse_in_kernel_gather_frac_of_copy=must_sparse / tx / copy_bw)
             row.update({f"{impl}_sparse_us": ts * 1e6, f"{impl}_sparse_gbps": must_sparse / ts / 1e9,
                         f"{impl}_sparse_frac_of_copy": must_sparse / ts / copy_bw,
                         f"{impl}_sparse_speedup_vs_triton": best / ts, f"{impl}_dense_us": td * 1e6,
@@ -434,9 +438,9 @@ def table(rows, copy_bw) -> str:
                          f"({r['dense_mla_frac_of_copy']:.2f} of copy), {old} | {ratio} |")
             for impl in FLAGS.mla_impls:
                 if f"{impl}_sparse_us" in r:
-                    xla = r.get(impl + "_sparse_xla_gather_us")
-                    xla = "" if xla is None else (f", XLA-gathered {xla:.1f} us "
-                                                  f"({r[impl + '_sparse_xla_gather_frac_of_copy']:.2f} of copy)")
+                    xla = r.get(impl + "_sparse_in_kernel_gather_us")
+                    xla = "" if xla is None else (f", gathered in the kernel {xla:.1f} us "
+                                                  f"({r[impl + '_sparse_in_kernel_gather_frac_of_copy']:.2f} of copy)")
                     lines.append(f"| mla_decode {impl} | B={r['batch']} ctx={r['context']} k={r['top_k']} | "
                                  f"sparse {r[impl + '_sparse_us']:.1f} us ({r[impl + '_sparse_gbps']:.0f} GB/s, "
                                  f"{r[impl + '_sparse_frac_of_copy']:.2f} of copy){xla}, "

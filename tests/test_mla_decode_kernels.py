@@ -326,7 +326,9 @@ def test_mosaic_gpu_lowers_for_cuda_on_the_cpu():
     q = jax.ShapeDtypeStruct((2, 2, 128, 576), jnp.bfloat16)
     c, r = jax.ShapeDtypeStruct((2, 4100, 512), jnp.bfloat16), jax.ShapeDtypeStruct((2, 4100, 64), jnp.bfloat16)
     idx = jax.ShapeDtypeStruct((2, 2, 2047), jnp.int32)
-    f = jax.jit(lambda q, c, r, i: mla_decode(q, c, r, indices=i, scale=SCALE, impl="mosaic_gpu", return_lse=True))
+    cfg = MlaDecodeMosaicGpuConfig(gather_in_kernel=True)
+    f = jax.jit(lambda q, c, r, i: mla_decode(q, c, r, indices=i, scale=SCALE, impl="mosaic_gpu", return_lse=True,
+                                              config=cfg))
     for i, name in ((None, "mla_decode_mosaic_gpu"), (idx, "mla_decode_mosaic_gpu_gather")):
         text = f.trace(q, c, r, i).lower(lowering_platforms=("cuda",)).as_text()
         assert name in text and ("mla_decode_mosaic_gpu_gather" in text) == (i is not None)
@@ -339,7 +341,9 @@ def test_mosaic_gpu_gathers_in_kernel_while_the_slot_list_fits_smem():
     are gathered by XLA first."""
     q = jax.ShapeDtypeStruct((1, 1, 64, 576), jnp.bfloat16)
     c, r = jax.ShapeDtypeStruct((1, 4101, 512), jnp.bfloat16), jax.ShapeDtypeStruct((1, 4101, 64), jnp.bfloat16)
-    f = jax.jit(lambda q, c, r, i: mla_decode(q, c, r, indices=i, scale=SCALE, impl="mosaic_gpu", num_splits=1))
+    cfg = MlaDecodeMosaicGpuConfig(gather_in_kernel=True)
+    f = jax.jit(lambda q, c, r, i: mla_decode(q, c, r, indices=i, scale=SCALE, impl="mosaic_gpu", num_splits=1,
+                                              config=cfg))
     for k, gathers in ((1536, True), (1600, False)):
         text = f.trace(q, c, r, jax.ShapeDtypeStruct((1, 1, k), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
         assert ("mla_decode_mosaic_gpu_gather" in text) == gathers
@@ -401,7 +405,7 @@ def test_mosaic_gpu_compiled_on_gpu(s, k, splits):
         args, kw = make_inputs(case, jnp.bfloat16)
         if k is not None:
             kw = with_duplicates(kw)
-        got = mla_decode(*args, **kw, impl="mosaic_gpu")
+        got = mla_decode(*args, **kw, impl="mosaic_gpu", config=MlaDecodeMosaicGpuConfig(gather_in_kernel=True))
         with jax.default_matmul_precision("highest"):
             want = mla_decode_reference(*(a.astype(jnp.float32) for a in args), **kw)
         assert max_rel_err(got.out, want.out) < 2e-2

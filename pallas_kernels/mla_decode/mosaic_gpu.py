@@ -49,7 +49,8 @@ destinations under the 128-byte swizzle, which rows 1-7 of an 8-row group are no
 tiled ring itself. Unlisted entries (-1, out of range) and the padding past K load slot 0
 and are masked; a duplicated entry counts twice (the reference's gather semantics). The
 cache is read in place whatever its slot count. Where a split's slot list does not fit
-(more than 256 tiles, or SMEM) or `gather_in_kernel=False`, the listed rows are gathered by
+(more than 256 tiles, or SMEM) or `gather_in_kernel=False` (the default until the compiled
+GPU tests have run), the listed rows are gathered by
 XLA first (`gather_selected`: `[B * T, K, Dc + Dr]`, -1 padding and unlisted slots at
 position -1) and the dense kernel runs over them, one "batch row" per query token, moving
 each selected row three times.
@@ -99,15 +100,18 @@ class MlaDecodeMosaicGpuConfig:
     H100); `min_tokens_per_split`: the fewest cache slots a split gets from the heuristic
     (a split's partial, 64 x Dc values per head group, is written and read again). 128 from
     the first GPU sweep (H200, B=16, K=2048 sparse: 85 us at 128, 153 us at 256, 181 us at
-    512; dense over 128K: 1350-1384 us at all three). `gather_in_kernel`: sparse calls read
-    their listed rows in the kernel where a split's slot list fits (`gathers_in_kernel`);
-    False: always through XLA's gather first (`gather_selected`, the fallback)."""
+    512; dense over 128K: 1350-1384 us at all three). `gather_in_kernel`: True: sparse calls
+    read their listed rows in the kernel where a split's slot list fits (`gathers_in_kernel`);
+    False (the default until a GPU has compiled and checked it: as of 2026-12-07 it is
+    verified in GPU interpret mode and lowered for CUDA only, and its single-row TMA writes
+    into the swizzled ring rely on hardware behaviour the interpreter cannot check): always
+    through XLA's gather first (`gather_selected`)."""
 
     block_k: int = 64
     max_concurrent_steps: int = 2
     split_target: int = 132
     min_tokens_per_split: int = 128
-    gather_in_kernel: bool = True
+    gather_in_kernel: bool = False
 
     def __post_init__(self):
         if self.block_k < 64 or self.block_k % 64:
