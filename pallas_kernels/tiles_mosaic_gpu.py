@@ -2,13 +2,15 @@
 
 wgmma accumulation that also runs under JAX 0.11.2's GPU interpret mode (`accumulate`,
 `mma`), the barrier waits that interpreter requires and compiled kernels skip
-(`observe_last_phases`), and the SMEM layout of wgmma operand tiles (`smem_transforms`).
+(`observe_last_phases`), the SMEM layout of wgmma operand tiles (`smem_transforms`), and
+the online-softmax step of the attention forwards (`softmax_step`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.ref import AbstractRef
 
@@ -71,3 +73,24 @@ def smem_transforms(plgpu, d, dtype):
     swizzle = 128 if d * jnp.dtype(dtype).itemsize >= 128 else 64
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
             plgpu.SwizzleTransform(swizzle))
+
+
+def softmax_step(s, m, l, acc, *, scale2: float, dtype):
+    """One online-softmax step in base 2 on a consumer's score tile, as the Mosaic GPU
+    attention forwards run it between their `Q K^T` and `P V` wgmmas.
+
+    Args:
+      s: float32 scores `[M, N]` (masked entries -inf); m, l: the running max (of `s *
+        scale2`) and sum, `[M]`; acc: float32 `[M, Dv]`; scale2: the logit scale times
+        log2(e); dtype: the dtype of `P` for the `P V` wgmma.
+    Returns:
+      `(acc, l, m_new, p)`: `acc` and `l` rescaled to the new max `m_new` (l with this tile's
+      row sums added), `p [M, N]` in `dtype`, behind an optimization barrier (the
+      rescale is done before the schedule barrier hands the tensor cores over).
+    """
+    m_new = jnp.maximum(m, s.max(axis=1) * scale2)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    l = l * alpha + p.sum(axis=1)
+    return lax.optimization_barrier((acc, l, m_new, p.astype(dtype)))

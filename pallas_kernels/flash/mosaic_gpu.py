@@ -52,7 +52,8 @@ from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec, walk_tiles
 from pallas_kernels.flash.mosaic_gpu_vjp import MosaicGPUBackwardConfig
 from pallas_kernels.flash.triton import TritonConfig
 from pallas_kernels.tiles_common import LOG2E
-from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases, smem_transforms
+from pallas_kernels.tiles_mosaic_gpu import (accumulate, mma, observe_last_phases, smem_transforms,
+                                              softmax_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,13 +157,7 @@ def _forward_kernel_call(q, k, v, *, spec: MaskSpec, scale: float, cfg: MosaicGP
                     rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
                     cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
                     s = jnp.where(spec.visible(rows + row0, cols + j * bk), s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=1) * c)
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l = l * alpha + p.sum(axis=1)
-                p16 = p.astype(dtype)
-                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                acc, l, m_new, p16 = softmax_step(s, m, l, acc, scale2=c, dtype=dtype)
                 if cfg.use_schedule_barrier:
                     plgpu.barrier_arrive(sched)          # softmax done
                 plgpu.barrier_wait(v_loaded.at[slot])

@@ -71,7 +71,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import interpret_reason
 from pallas_kernels.flash import autodiff, blocks
 from pallas_kernels.tiles_common import LOG2E
-from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases, smem_transforms
+from pallas_kernels.tiles_mosaic_gpu import (accumulate, mma, observe_last_phases, smem_transforms,
+                                              softmax_step)
 from pallas_kernels.token_sparse import triton as triton_fwd
 from pallas_kernels.token_sparse.layout import union_blocks
 from pallas_kernels.token_sparse.triton import TritonConfig
@@ -272,13 +273,7 @@ def _kernel_call(q, k, v, kv_pos, q_rows, meta, *, geo: Geometry, scale: float,
                 kp2 = lax.broadcast_in_dim(kp, s.shape, [1])
                 vis = (kp2 >= 0) & (kp2 <= lax.broadcast_in_dim(qp, s.shape, [0]))
                 s = jnp.where(vis, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=1) * c2)
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s * c2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l = l * alpha + p.sum(axis=1)
-                p16 = p.astype(dtype)
-                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                acc, l, m_new, p16 = softmax_step(s, m, l, acc, scale2=c2, dtype=dtype)
                 if cfg.use_schedule_barrier:
                     plgpu.barrier_arrive(sched)          # softmax done
                 plgpu.barrier_wait(v_loaded.at[slot])
