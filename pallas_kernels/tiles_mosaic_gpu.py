@@ -14,6 +14,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.ref import AbstractRef
 
+SMEM_BYTES = 232448      # the most dynamic SMEM a CTA may use on Hopper (H100 / H200: 227 KiB)
+
 
 class _ValueAcc:
     """A wgmma accumulator held as a value: `accumulate`'s stand-in for an accumulator ref

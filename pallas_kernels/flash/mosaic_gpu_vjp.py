@@ -53,10 +53,10 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec, walk_tiles
 from pallas_kernels.tiles_common import LOG2E
-from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases, smem_transforms
+from pallas_kernels.tiles_mosaic_gpu import (SMEM_BYTES, accumulate, mma, observe_last_phases,
+                                              smem_transforms)
 
 COMPUTE_WGS = 2
-SMEM_BYTES = 232448      # the most SMEM a CTA may use on an H100 / H200 (227 KiB)
 TILE = 64          # rows of one wgmma M tile: each consumer owns 64 query (dQ) or KV (dK/dV) rows
 
 

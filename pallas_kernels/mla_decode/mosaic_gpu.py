@@ -83,11 +83,11 @@ from pallas_kernels.decode import layout
 from pallas_kernels.flash.blocks import pad_axis, round_up
 from pallas_kernels.mla_decode.layout import merge
 from pallas_kernels.tiles_common import LOG2E
-from pallas_kernels.tiles_mosaic_gpu import accumulate, mma, observe_last_phases, smem_transforms
+from pallas_kernels.tiles_mosaic_gpu import (SMEM_BYTES, accumulate, mma, observe_last_phases,
+                                              smem_transforms)
 
 ROWS = 64                 # query heads per CTA: the wgmma M tile
 _COMPUTE_WGS = 2          # consumer warpgroups, each owning half of the Dc output columns
-_SMEM_BYTES = 232448      # Hopper's largest dynamic SMEM per CTA (227 KB)
 _WARPS = 4                # warps of a warpgroup
 _GATHER_COLS = 64         # columns per TMA row copy of the in-kernel gather: one 128-byte swizzle row
 
@@ -416,9 +416,9 @@ def check_supported(q_abs, c_kv, k_rope, indices, interpret, config: MlaDecodeMo
     if dr % 64:
         no(f"Dr={dr} (a multiple of 64)")
     need = smem_bytes(dc, dr, config.block_k, config.max_concurrent_steps, q_abs.dtype.itemsize)
-    if need > _SMEM_BYTES:
+    if need > SMEM_BYTES:
         no(f"block_k={config.block_k} x {config.max_concurrent_steps} stages at Dc={dc}, Dr={dr} "
-           f"({need} B of SMEM > {_SMEM_BYTES})")
+           f"({need} B of SMEM > {SMEM_BYTES})")
 
 
 def gather_selected(q_abs, c_kv, k_rope, indices, q_positions, kv_positions, block_k: int):
@@ -456,7 +456,7 @@ def gathers_in_kernel(geo: Geometry, itemsize: int) -> bool:
     (`[per_split, block_k]` int32, one TMA box of at most 256 rows) fits in SMEM beside the
     ring; else the rows are gathered by XLA first (`gather_selected`)."""
     need = smem_bytes(geo.dc, geo.dr, geo.block_k, geo.stages, itemsize, slot_tiles=geo.per_split)
-    return geo.per_split <= 256 and need <= _SMEM_BYTES
+    return geo.per_split <= 256 and need <= SMEM_BYTES
 
 
 def mla_decode_mosaic_gpu(q_abs, c_kv, k_rope, *, indices, q_positions, kv_positions, scale,

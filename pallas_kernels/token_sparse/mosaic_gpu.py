@@ -71,8 +71,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import interpret_reason
 from pallas_kernels.flash import autodiff, blocks
 from pallas_kernels.tiles_common import LOG2E
-from pallas_kernels.tiles_mosaic_gpu import (accumulate, mma, observe_last_phases, smem_transforms,
-                                              softmax_step)
+from pallas_kernels.tiles_mosaic_gpu import (SMEM_BYTES, accumulate, mma, observe_last_phases,
+                                              smem_transforms, softmax_step)
 from pallas_kernels.token_sparse import triton as triton_fwd
 from pallas_kernels.token_sparse.layout import union_blocks
 from pallas_kernels.token_sparse.triton import TritonConfig
@@ -80,7 +80,6 @@ from pallas_kernels.token_sparse.triton import TritonConfig
 ROWS = 64                  # rows of a consumer's tile (the wgmma M tile)
 _COMPUTE_WGS = 2
 _META_W = 64               # int32 per metadata row
-_SMEM_BYTES = 232448       # Hopper's largest dynamic SMEM per CTA (227 KB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +157,7 @@ def geometry(q, k, indices, block_size: int, causal: bool, cfg: MosaicGPUConfig)
     stages = cfg.max_concurrent_steps
     if not stages:
         stages = max([n for n in ((2, 4) if cfg.split_kv else (2, 3, 4))
-                      if smem_bytes(d, block_size, union, n, cfg.split_kv) <= _SMEM_BYTES], default=2)
+                      if smem_bytes(d, block_size, union, n, cfg.split_kv) <= SMEM_BYTES], default=2)
     chunk = r if cfg.split_kv else 2 * r
     return Geometry(t_p=blocks.round_up(t, chunk), hkv=hkv, group=g, tokens=r, chunk=chunk,
                     split=cfg.split_kv, per_copy=1 if g % 8 == 0 else r, d=d, block_size=block_size,
@@ -479,9 +478,9 @@ def check_supported(q, k, v, indices, *, block_size, softcap, interpret, config:
            "copy, must stay within 256 rows of 64)")
     stages = config.max_concurrent_steps or 2
     need = smem_bytes(d, block_size, union, stages, config.split_kv)
-    if need > _SMEM_BYTES:
+    if need > SMEM_BYTES:
         no(f"max_concurrent_steps={stages} with block_size {block_size}, head_dim {d} and "
-           f"{indices.shape[3]} entries per row ({need} B of SMEM > {_SMEM_BYTES})")
+           f"{indices.shape[3]} entries per row ({need} B of SMEM > {SMEM_BYTES})")
 
 
 def token_sparse_mosaic_gpu(q, k, v, indices, *, block_size, q_positions, kv_positions, causal,
