@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from pallas_kernels import common
 from pallas_kernels.indexer import fp8, reference, tpu, triton
 from pallas_kernels.indexer.fp8 import chunk_scores_fp8, quantize_indexer
+from pallas_kernels.indexer.fused import FusedIndexerConfig, chunk_topk_fused
 from pallas_kernels.indexer.reference import chunk_scores_reference
 from pallas_kernels.indexer.select import TopkSelectConfig, sorted_top_k, topk_select
 from pallas_kernels.indexer.tpu import chunk_scores_tpu
@@ -58,7 +59,11 @@ def chunk_topk_xla(q_index, weights, k_index, q_positions, kv_positions, *, k: i
 def chunk_topk_triton(q_index, weights, k_index, q_positions, kv_positions, *, k: int, k_scale=None,
                       interpret=False, config=None):
     """`chunk_topk_xla`'s contract: the Triton score kernel (tiles `config`, an
-    `IndexerTritonConfig`), then the radix select kernel on the chunk's `[B * C, S]` score rows."""
+    `IndexerTritonConfig`), then the radix select kernel on the chunk's `[B * C, S]` score rows;
+    with a `FusedIndexerConfig`, `fused.chunk_topk_fused` (no score rows written)."""
+    if isinstance(config, FusedIndexerConfig):
+        return chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, k=k, k_scale=k_scale,
+                                interpret=interpret, config=config)
     scores = chunk_scores_triton(q_index, weights, k_index, q_positions, kv_positions, k_scale=k_scale,
                                  interpret=interpret, config=config)
     b, c, s = scores.shape
@@ -157,8 +162,10 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
       return_scores: also return the selected scores.
       impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run the
         kernels in interpret mode (CPU tests).
-      config: the Triton score kernel's tiles (`IndexerTritonConfig`, importable from here); the other
-        backends take none.
+      config: the Triton score kernel's tiles (`IndexerTritonConfig`, importable from here); a
+        `FusedIndexerConfig` (its subclass) selects without writing the float32 score rows
+        (`fused.py`: sampled threshold, candidates kept by a recomputing kernel, select over
+        them); the other backends take none.
       score_dtype: "bfloat16" (the scores of the inputs as given) or "float8_e4m3fn"
         (Hadamard-rotated e4m3 q and k, per-row scales, float32 accumulate: `fp8.py`).
       fp8_rerank: None, or m >= 1 (FP8 scores only): the FP8 scores select `ceil(m * k)`

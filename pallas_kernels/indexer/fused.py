@@ -1,0 +1,210 @@
+"""Lightning-indexer top-k without the float32 score matrix: sampled threshold, fused candidates.
+
+DSA's indexer (arXiv 2512.02556) picks, per query, the k keys of largest score
+`I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s])`. The default Triton path (`api.chunk_topk_triton`
+with an `IndexerTritonConfig`) writes every float32 score of a query chunk (8.6 GB at T = S = 64K
+causal) and runs the exact radix select (`select.topk_select`, 6 passes of 2 bits over each row):
+H100, 64K, 4 heads x 64, k = 2048: 41.6 ms, of which the select ~32 ms. This path
+(`config=FusedIndexerConfig()`) never writes the score rows:
+
+1. Threshold estimate: the score kernel on every `sample_stride`-th key only (`m`; scores
+   `[B, C, S / m]`, 1/m of the bytes) and the radix select of its `r = ceil(oversample * k' / m)`
+   largest (`k' = min(k, S)`); `th` = the smallest of them (-inf where fewer than r sampled keys are
+   visible). About `m * r = oversample * k'` keys of the row score `>= th`; the count's spread
+   is ~`sqrt(m * oversample * k')` (222 at m = 8, k' = 2048, oversample 1.5: the margins to k'
+   and to the buffer, 1024 each, are 4.6 spreads for rows of exchangeable scores).
+2. Candidates (`_kernel`, Pallas Triton, one program per query tile, q and w resident in
+   registers): the tile's scores are recomputed key tile by key tile (the score kernel's
+   `tile_scores`), and the slots and float32 scores with `score >= th` are appended, in slot
+   order (an in-tile exclusive cumsum, as the select's compaction), to the row's buffer of
+   `cap = capacity * k'` columns (-inf after the last); the kernel also counts, per row, the
+   candidates (`count`, beyond `cap` too) and the visible keys.
+3. Exact set: the radix select on the `[B * C, cap]` buffers (`cap / S` of the old select's work:
+   1/16 at 64K, k' = 2048, capacity 2) gives the k' largest as buffer columns, ascending; the
+   slots are gathered from them (ascending, since the buffer is in slot order).
+
+Exactness: the buffer holds every key whose score is `>= th` (float order; -0.0 with +0.0,
+which only adds candidates), an up-closed set in `lax.top_k`'s order; if it holds at least k'
+keys (or every visible key) and fits in `cap`, the k' largest of the row and every key tied
+with the k'-th are in it, in slot order, so the select returns `lax.top_k`'s set with its
+lower-slot-first tie rule. The kernel checks both conditions for every row; when one fails
+(a skewed sample, mass ties such as ReLU zeros at the threshold), the chunk runs again with
+`th = -inf` and a buffer as wide as the chunk's keys (`lax.cond`; the old path's cost).
+Chunks with at most `cap` keys take that path directly (no sampling).
+
+Why not a fused histogram of the keys: a per-row histogram in registers costs one
+compare-add per bin and element (the radix select is bound by exactly these at 4 bins), and a
+useful first pass needs hundreds of bins (the top 8 key bits hold sign and exponent only);
+Pallas Triton offers no shared-memory atomics. The sample replaces the coarse passes by 1/m
+of the score work; what stays exact is a select over ~1.5 k' candidates instead of S.
+
+Cost model at 64K causal (2.15e9 scores; to be timed by `bench_dsa.py --fused`): sample scores
+1/8 of the score kernel (~1.2 ms), sample select 1/8 of the old select's elements (~4 ms),
+candidate kernel = the score dots and epilogue once more, without the 8.6 GB of writes
+(~3-5 ms), final select over 4096 columns per row (~4 ms): ~12-14 ms against 41.6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash import blocks
+from pallas_kernels.indexer.common_tile import tile_scores
+from pallas_kernels.indexer.select import TopkSelectConfig, topk_select
+from pallas_kernels.indexer.triton import IndexerTritonConfig, chunk_scores_triton
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedIndexerConfig(IndexerTritonConfig):
+    """`IndexerTritonConfig`'s tiles (the sample's score kernel and the candidate kernel) plus:
+    sample_stride: m, every m-th key scored for the threshold; oversample: the sample rank
+    `r = ceil(oversample * k' / m)` (> 1: most rows get more than k' candidates);
+    capacity: candidate columns per row, `cap = capacity * k'` (rounded up to block_k);
+    select: the radix select's tiles (sample and candidates)."""
+
+    sample_stride: int = 8
+    oversample: float = 1.5
+    capacity: float = 2.0
+    select: TopkSelectConfig | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.sample_stride, int) and self.sample_stride >= 1):
+            raise ValueError(f"sample_stride must be an int >= 1, got {self.sample_stride!r}")
+        if not self.oversample >= 1 or not self.capacity >= self.oversample:
+            raise ValueError(f"need 1 <= oversample <= capacity, got oversample={self.oversample!r}, "
+                             f"capacity={self.capacity!r}")
+
+
+def _kernel(qp_ref, th_ref, kp_ref, q_ref, w_ref, k_ref, *rest, num_heads, n_q_tiles, n_k_tiles,
+            block_q, block_k, cap, widen):
+    ks_ref = rest[0] if len(rest) == 5 else None
+    slots_ref, vals_ref, count_ref, nvis_ref = rest[-4:]
+    b, i = pl.program_id(0), pl.program_id(1)
+    r0 = (b * n_q_tiles + i) * block_q                       # first row of the flattened [B * Cp]
+    qp = qp_ref[pl.ds(r0, block_q)][:, None]
+    th = th_ref[pl.ds(r0, block_q)][:, None]
+    cast = (lambda x: x.astype(jnp.bfloat16)) if widen else (lambda x: x)  # noqa: E731
+    qs = [cast(q_ref[pl.ds(((b * num_heads + h) * n_q_tiles + i) * block_q, block_q), :])
+          for h in range(num_heads)]
+    ws = [w_ref[pl.ds(((b * num_heads + h) * n_q_tiles + i) * block_q, block_q)].astype(jnp.float32)[:, None]
+          for h in range(num_heads)]
+    rows_idx = jnp.broadcast_to((r0 + jnp.arange(block_q, dtype=jnp.int32))[:, None], (block_q, block_k))
+    col = jnp.arange(block_k, dtype=jnp.int32)[None, :]
+
+    def tile(j, carry):
+        n, nvis = carry
+        sl = pl.ds(pl.multiple_of(b * (n_k_tiles * block_k) + j * block_k, block_k), block_k)
+        sc = tile_scores(lambda h: qs[h], lambda h: ws[h], cast(k_ref[sl, :]), num_heads, qp,
+                         kp_ref[sl][None, :], None if ks_ref is None else ks_ref[sl][None, :])
+        vis = sc > -jnp.inf
+        take = vis & (sc >= th)
+        take_i = take.astype(jnp.int32)
+        pos = n[:, None] + jnp.cumsum(take_i, axis=1) - take_i
+        keep = take & (pos < cap)
+        plgpu.store(slots_ref.at[rows_idx, pos], j * block_k + col + jnp.zeros_like(pos), mask=keep)
+        plgpu.store(vals_ref.at[rows_idx, pos], sc, mask=keep)
+        return n + take_i.sum(axis=1), nvis + vis.astype(jnp.int32).sum(axis=1)
+
+    zero = jnp.zeros((block_q,), jnp.int32)
+    n, nvis = lax.fori_loop(0, n_k_tiles, tile, (zero, zero))
+
+    def pad(c, carry):                                       # columns [n, cap): -inf (disjoint)
+        cols = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
+        mask = c * block_k + col >= n[:, None]
+        plgpu.store(vals_ref.at[pl.ds(r0, block_q), cols], jnp.full((block_q, block_k), -jnp.inf, jnp.float32),
+                    mask=mask)
+        return carry
+
+    lax.fori_loop(0, cap // block_k, pad, 0)
+    count_ref[pl.ds(r0, block_q)] = n
+    nvis_ref[pl.ds(r0, block_q)] = nvis
+
+
+def chunk_candidates(q_index, weights, k_index, q_positions, kv_positions, threshold, *, cap: int,
+                     k_scale=None, interpret=False, config: IndexerTritonConfig | None = None):
+    """Every visible key with score `>= threshold`, per query, in slot order.
+
+    Args: `chunk_scores_triton`'s (q_index `[B, C, H_I, D_I]`, weights `[B, C, H_I]`, k_index
+      `[B, S, D_I]`, positions `[B, C]` / `[B, S]`, k_scale None or `[B, S]` for FP8 operands),
+      threshold `[B, C]` float32 (-inf: every visible key), cap: buffer columns, a multiple of
+      the key tile (`pow2_block(config.block_k, S)`).
+    Returns: `(slots [B, C, cap] int32, scores [B, C, cap] float32, count [B, C] int32,
+      n_visible [B, C] int32)`: the first `min(count, cap)` columns hold the candidates
+      (ascending slots, their scores), the other scores are -inf (their slots unset);
+      `count` = candidates in all (may exceed cap), `n_visible` = visible keys.
+    """
+    cfg = config or IndexerTritonConfig()
+    b, c, h, d = q_index.shape
+    s = k_index.shape[1]
+    fp8 = k_scale is not None
+    bq, bk = blocks.pow2_block(cfg.block_q, c), blocks.pow2_block(cfg.block_k, s)
+    if cap % bk or cap < bk:
+        raise ValueError(f"cap must be a positive multiple of the key tile {bk}, got {cap}")
+    cp, sp, dp = blocks.round_up(c, bq), blocks.round_up(s, bk), max(32 if fp8 else 16, blocks.pl_next_pow2(d))
+    q = jnp.pad(jnp.moveaxis(q_index, 2, 1), [(0, 0), (0, 0), (0, cp - c), (0, dp - d)])   # [B, H, Cp, D]
+    w = jnp.pad(jnp.moveaxis(weights, 2, 1), [(0, 0), (0, 0), (0, cp - c)])                # [B, H, Cp]
+    k = jnp.pad(k_index, [(0, 0), (0, sp - s), (0, dp - d)]).astype(q.dtype)
+    qp = jnp.pad(q_positions.astype(jnp.int32), [(0, 0), (0, cp - c)], constant_values=-1)
+    kp = jnp.pad(kv_positions.astype(jnp.int32), [(0, 0), (0, sp - s)], constant_values=-1)
+    th = jnp.pad(threshold.astype(jnp.float32), [(0, 0), (0, cp - c)])
+    args = [qp.reshape(-1), th.reshape(-1), kp.reshape(-1), q.reshape(-1, dp), w.reshape(-1), k.reshape(-1, dp)]
+    if fp8:
+        args.append(jnp.pad(k_scale.astype(jnp.float32), [(0, 0), (0, sp - s)]).reshape(-1))
+    rows = b * cp
+    slots, vals, count, nvis = pl.pallas_call(
+        functools.partial(_kernel, num_heads=h, n_q_tiles=cp // bq, n_k_tiles=sp // bk, block_q=bq,
+                          block_k=bk, cap=cap, widen=fp8 and not cfg.fp8_dot),
+        grid=(b, cp // bq),
+        out_shape=(jax.ShapeDtypeStruct((rows, cap), jnp.int32), jax.ShapeDtypeStruct((rows, cap), jnp.float32),
+                   jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32)),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="indexer_candidates_fp8" if fp8 else "indexer_candidates",
+    )(*args)
+    unflat = lambda x: x.reshape((b, cp) + x.shape[1:])[:, :c]   # noqa: E731
+    return unflat(slots), unflat(vals), unflat(count), unflat(nvis)
+
+
+def chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, *, k: int, k_scale=None,
+                     interpret=False, config: FusedIndexerConfig | None = None):
+    """`api.chunk_topk_xla`'s contract (`(values, slots) [B, C, min(k, S)]`, the set of
+    `lax.top_k` on the float32 scores, ascending slots, -inf / -1 padded last) by the
+    module's three steps; the float32 `[B, C, S]` scores are never written."""
+    cfg = config or FusedIndexerConfig()
+    b, c = q_index.shape[:2]
+    s = k_index.shape[1]
+    width = min(k, s)
+    bk = blocks.pow2_block(cfg.block_k, s)
+    full = blocks.round_up(s, bk)
+    cap = min(full, blocks.round_up(math.ceil(cfg.capacity * width), bk))
+    run = functools.partial(chunk_candidates, q_index, weights, k_index, q_positions, kv_positions,
+                            k_scale=k_scale, interpret=interpret, config=cfg)
+
+    def exact(threshold, cap):
+        slots, vals, count, nvis = run(threshold, cap=cap)
+        v, col = topk_select(vals.reshape(b * c, cap), width, interpret=interpret, config=cfg.select)
+        v, col = v.reshape(b, c, width), col.reshape(b, c, width)
+        picked = jnp.where(col >= 0, jnp.take_along_axis(slots, jnp.maximum(col, 0), -1), -1)
+        ok = jnp.all((count >= jnp.minimum(width, nvis)) & (count <= cap))
+        return (v, picked), ok
+
+    everything = jnp.full((b, c), -jnp.inf, jnp.float32)
+    if cap == full:                                          # the buffer holds every key
+        return exact(everything, full)[0]
+    m = cfg.sample_stride
+    sample = chunk_scores_triton(q_index, weights, k_index[:, ::m], q_positions, kv_positions[:, ::m],
+                                 k_scale=None if k_scale is None else k_scale[:, ::m], interpret=interpret,
+                                 config=cfg)
+    r = min(math.ceil(cfg.oversample * width / m), sample.shape[-1])
+    top, _ = topk_select(sample.reshape(b * c, -1), r, interpret=interpret, config=cfg.select)
+    result, ok = exact(top.min(-1).reshape(b, c), cap)
+    return lax.cond(ok, lambda: result, lambda: exact(everything, full)[0])
