@@ -1,0 +1,125 @@
+"""The fused indexer top-k (`pallas_kernels.indexer.fused`: sampled threshold, candidate
+kernel, radix select over the candidates) in interpret mode against `lax.top_k` on the float32
+reference scores: the candidate kernel alone, both branches of the op (sampled threshold and
+the exact fallback), ties, ragged / padded rows, k > visible keys, FP8 operands."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.indexer import indexer_topk
+from pallas_kernels.indexer.api import FusedIndexerConfig
+from pallas_kernels.indexer.fused import chunk_candidates
+from pallas_kernels.indexer.reference import chunk_scores_reference
+from pallas_kernels.indexer.triton import IndexerTritonConfig
+from gpu_testing import has_gpu
+from test_indexer_kernels import ascending, best_first, make
+
+# small tiles: C = 37 and S = 150 are not multiples of them; at k = 12, cap = 48 < S (a sample
+# of rank 12 out of every 2nd key; a tiny k needs wide margins)
+SMALL = FusedIndexerConfig(block_q=16, block_k=16, sample_stride=2, oversample=2.0, capacity=4.0)
+
+
+def sampled_path_taken(q, w, k, qp, kp, kk, cfg):
+    """Whether the op keeps its sampled threshold (else it falls back), predicted from the
+    reference scores: every row gets >= min(k', visible) candidates and at most cap."""
+    ref = np.asarray(chunk_scores_reference(q, w, k, qp, kp))
+    width = min(kk, ref.shape[-1])
+    m = cfg.sample_stride
+    r = min(-(-int(cfg.oversample * width) // m), ref[..., ::m].shape[-1])
+    th = -np.sort(-ref[..., ::m], -1)[..., r - 1:r]
+    count = (np.isfinite(ref) & (ref >= th)).sum(-1)
+    cap = -(-int(cfg.capacity * width) // cfg.block_k) * cfg.block_k
+    return bool(((count >= np.minimum(width, np.isfinite(ref).sum(-1))) & (count <= cap)).all())
+
+
+def test_candidate_kernel():
+    """Every visible key with score >= the row's threshold, in slot order, -inf after;
+    counts beyond cap; -inf thresholds keep every visible key; exact integer scores."""
+    q, w, k, qp, kp = make(11, integer=True)
+    ref = np.asarray(chunk_scores_reference(q, w, k, qp, kp))
+    th = np.where(np.arange(37) % 3 == 0, -np.inf, np.asarray(q[..., 0, 0]) * 3).astype(np.float32)
+    slots, vals, count, nvis = chunk_candidates(q, w, k, qp, kp, jnp.asarray(th), cap=48, interpret=True,
+                                                config=IndexerTritonConfig(block_q=16, block_k=16))
+    assert slots.shape == vals.shape == (2, 37, 48)
+    want = np.isfinite(ref) & (ref >= th[..., None])
+    np.testing.assert_array_equal(count, want.sum(-1))
+    np.testing.assert_array_equal(nvis, np.isfinite(ref).sum(-1))
+    assert (np.asarray(count) > 48).any() and (np.asarray(count) < 48).any()
+    for bi in range(2):
+        for t in range(37):
+            cand = np.flatnonzero(want[bi, t])[:48]
+            n = len(cand)
+            np.testing.assert_array_equal(slots[bi, t, :n], cand)
+            np.testing.assert_array_equal(vals[bi, t, :n], ref[bi, t, cand])
+            assert np.isneginf(np.asarray(vals[bi, t, n:])).all()
+
+
+@pytest.mark.parametrize("integer,kk,chunk", [(False, 12, 40), (True, 12, 16)])
+def test_matches_lax_top_k(integer, kk, chunk):
+    """Float inputs (the sampled threshold holds) and integer inputs (mass ties at the
+    threshold, ReLU zeros: the exact fallback runs): `lax.top_k`'s set (lower slot first
+    among ties) in ascending slot order, -1 where fewer keys are visible; padded queries and
+    keys; several chunks with T not a multiple of the chunk."""
+    q, w, k, qp, kp = make(12 + integer, integer=integer)
+    assert sampled_path_taken(q, w, k, qp, kp, kk, SMALL) != integer
+    got, vals = indexer_topk(q, w, k, k=kk, q_positions=qp, kv_positions=kp, query_chunk=chunk, impl="triton",
+                             interpret=True, config=SMALL, return_scores=True)
+    ref = ascending(best_first(q, w, k, qp, kp, kk))
+    assert got.shape == (2, 37, kk) and (ref == -1).any()
+    np.testing.assert_array_equal(got, ref)
+    full = np.asarray(chunk_scores_reference(q, w, k, qp, kp))
+    picked = np.where(ref >= 0, np.take_along_axis(full, np.maximum(ref, 0), -1), -np.inf)
+    np.testing.assert_allclose(vals, picked, rtol=1e-5, atol=1e-6)
+
+
+def test_default_positions_k_above_visible():
+    """Default positions (the causal prefix chunks: the first has no more keys than cap, the
+    second samples) with k larger than the early queries' visible keys."""
+    q, w, k, _, _ = make(14, b=1, t=64, s=64)
+    got = indexer_topk(q, w, k, k=8, query_chunk=32, impl="triton", interpret=True, config=SMALL)
+    pos = jnp.arange(64)[None]
+    np.testing.assert_array_equal(got, ascending(best_first(q, w, k, pos, pos, 8)))
+    assert (np.asarray(got[0, :7]) == -1).any()
+
+
+def test_fp8_scores():
+    """FP8 operands against the XLA FP8 path (the same quantised scores: equal selected
+    scores, up to float32 summation order); S = 40 <= cap: no sample."""
+    q, w, k, qp, kp = make(17, t=16, s=40)
+    args = dict(k=12, q_positions=qp, kv_positions=kp, score_dtype="float8_e4m3fn", return_scores=True)
+    idx, vals = indexer_topk(q, w, k, impl="triton", interpret=True, config=SMALL, **args)
+    ref_idx, ref_vals = indexer_topk(q, w, k, impl="xla", **args)
+    np.testing.assert_array_equal(idx == -1, ref_idx == -1)
+    np.testing.assert_allclose(np.sort(vals, -1), np.sort(ref_vals, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_config_raises():
+    for kw, name in ((dict(sample_stride=0), "sample_stride"), (dict(oversample=0.5), "oversample"),
+                     (dict(oversample=2.0, capacity=1.5), "capacity"), (dict(block_k=24), "block_k")):
+        with pytest.raises(ValueError, match=name):
+            FusedIndexerConfig(**kw)
+    q, w, k, qp, kp = make(15, b=1, t=8, s=40)
+    with pytest.raises(ValueError, match="cap"):
+        chunk_candidates(q, w, k, qp, kp, jnp.zeros((1, 8)), cap=24, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("integer", [False, True])
+def test_compiled_on_gpu(integer):
+    """The compiled path (bf16 inputs, default tiles, k = 256 of up to 4096 keys: the sampled
+    threshold, and integer inputs: the fallback too) returns exactly the radix-select path's
+    indices (the same tile arithmetic), and the float32 reference's best scores."""
+    with jax.default_device(jax.devices("gpu")[0]):
+        q, w, k, qp, kp = make(16, t=600, s=4096, h=4, d=64, integer=integer)
+        q, w, k = (a.astype(jnp.bfloat16) for a in (q, w, k))
+        args = dict(k=256, q_positions=qp, kv_positions=kp, query_chunk=512, impl="triton")
+        got = np.asarray(indexer_topk(q, w, k, config=FusedIndexerConfig(), **args))
+        radix = np.asarray(indexer_topk(q, w, k, **args))
+        np.testing.assert_array_equal(got, radix)
+        with jax.default_matmul_precision("highest"):
+            ref = np.asarray(chunk_scores_reference(q, w, k, qp, kp))
+        picked = np.where(got >= 0, np.take_along_axis(ref, np.maximum(got, 0), -1), -np.inf)
+        np.testing.assert_allclose(-np.sort(-picked, -1), -np.sort(-ref, -1)[..., :256], rtol=2e-2, atol=5e-2)
