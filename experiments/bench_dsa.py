@@ -10,6 +10,12 @@
     `--fp8`: also the FP8 indexer (`score_dtype="float8_e4m3fn"`, quantisation included) with
     the e4m3 dot (`fp8`) and widened to bf16 in the kernel (`fp8_widened`), end to end and
     scores only, and its set overlap with the float32 top-k on the checked rows.
+    `--fused`: also the fused top-k (`FusedIndexerConfig`, `pallas_kernels/indexer/fused.py`:
+    sampled threshold, candidates kept by a kernel that recomputes the scores, radix select
+    over them; no float32 score rows), end to end (its sel_err and the share of checked rows
+    whose set equals the radix path's), and its steps timed apart on the last query chunk
+    (sample scores, sample select, candidate kernel, final select) with the share of that
+    chunk's rows whose candidates passed (else the chunk falls back to the exact full path).
 (b) DSA attention forward = indexer + top-k + `token_sparse` attention (MLA in MQA form: H=64
     query heads over one latent head, D = 576 = 512 + 64 rope, Dv = 512, k = 2048) against
     dense causal attention. cuDNN cannot take D=576 / Dv=512 (D <= 256), so two stand-ins:
@@ -58,9 +64,12 @@ from absl import flags
 
 from experiments.bench_decode import copy_bandwidth, median_time, rel, repeated
 from pallas_kernels.decode import decode_attention
-from pallas_kernels.flash import flash_attention
-from pallas_kernels.indexer.api import chunk_scores_reference, chunk_scores_triton, indexer_topk
+from pallas_kernels.flash import blocks, flash_attention
+from pallas_kernels.indexer.api import (FusedIndexerConfig, chunk_scores_reference, chunk_scores_triton,
+                                        indexer_topk)
 from pallas_kernels.indexer.fp8 import quantize_indexer
+from pallas_kernels.indexer.fused import chunk_candidates
+from pallas_kernels.indexer.select import topk_select
 from pallas_kernels.indexer.triton import IndexerTritonConfig
 from pallas_kernels.mla_decode.api import (MlaDecodeMosaicGpuConfig, MlaDecodeTritonConfig, mla_decode,
                                            triton_launch_plan)
@@ -79,6 +88,9 @@ flags.DEFINE_integer("query_chunk", 2048, "indexer queries per chunk (chunk x S 
 flags.DEFINE_integer("check_rows", 64, "query rows checked against the reference")
 flags.DEFINE_bool("fp8", False, "(a) also time the FP8 indexer (e4m3 dot, widened to bf16, reranked)")
 flags.DEFINE_list("fp8_variants", ["fp8", "fp8_widened", "fp8_rerank1.25"], "with --fp8: which variants")
+flags.DEFINE_bool("fused", False, "(a) also time the fused top-k (FusedIndexerConfig) and its steps")
+flags.DEFINE_list("fused_variants", ["fused"], "with --fused: which of FUSED_VARIANTS")
+flags.DEFINE_bool("scores_only", True, "(a) also time the score kernel alone (one more compile per chunk)")
 flags.DEFINE_integer("decode_batch", 16, "(c) batch")
 flags.DEFINE_integer("decode_context", 131072, "(c) cache length")
 flags.DEFINE_list("mla_impls", ["triton"], "(c) mla_decode backends: triton (always, the reference "
@@ -108,6 +120,13 @@ FP8_VARIANTS = {                # name -> (score kernel tiles, fp8_rerank)
     "fp8": (IndexerTritonConfig(), None),
     "fp8_widened": (IndexerTritonConfig(fp8_dot=False), None),
     "fp8_rerank1.25": (IndexerTritonConfig(), 1.25),
+}
+
+
+FUSED_VARIANTS = {             # name -> FusedIndexerConfig
+    "fused": FusedIndexerConfig(),
+    "fused_m16": FusedIndexerConfig(sample_stride=16),
+    "fused_cap1.5": FusedIndexerConfig(oversample=1.25, capacity=1.5, sample_stride=4),
 }
 
 
@@ -172,6 +191,34 @@ def check_selection(idx, qi, w, ki, rows):
     return float((np.abs(np.where(fin, np.sort(picked, -1)[:, ::-1] - best, 0)) / scale).max())
 
 
+def fused_steps(qi, w, ki, chunk, cfg, iters, interpret):
+    """The fused path's steps on the last (widest) query chunk, timed apart (ms), and the
+    share of its rows whose candidates passed the checks (count >= min(k', visible), <= cap)."""
+    t = qi.shape[1]
+    lo, m, width = t - chunk, cfg.sample_stride, min(FLAGS.top_k, t)
+    qc, wc = qi[:, lo:], w[:, lo:]
+    qp, kp = jnp.arange(lo, t, dtype=jnp.int32)[None], jnp.arange(t, dtype=jnp.int32)[None]
+    bk = blocks.pow2_block(cfg.block_k, t)
+    cap = min(blocks.round_up(t, bk), blocks.round_up(int(np.ceil(cfg.capacity * width)), bk))
+    r = int(np.ceil(cfg.oversample * width / m))
+    sample = jax.jit(lambda q, w, k, qp, kp: chunk_scores_triton(q, w, k[:, ::m], qp, kp[:, ::m], config=cfg,
+                                                                 interpret=interpret))
+    thresh = jax.jit(lambda x: topk_select(x[0], min(r, x.shape[-1]), config=cfg.select,
+                                           interpret=interpret)[0].min(-1)[None])
+    cands = jax.jit(lambda q, w, k, qp, kp, th: chunk_candidates(q, w, k, qp, kp, th, cap=cap, config=cfg,
+                                                                 interpret=interpret))
+    final = jax.jit(lambda v: topk_select(v[0], width, config=cfg.select, interpret=interpret))
+    x = sample(qc, wc, ki, qp, kp)
+    th = thresh(x)
+    _, vals, count, nvis = cands(qc, wc, ki, qp, kp, th)
+    ok = (count >= jnp.minimum(width, nvis)) & (count <= cap)
+    return dict(sample_ms=median_time(sample, qc, wc, ki, qp, kp, iters=iters) * 1e3,
+                sample_select_ms=median_time(thresh, x, iters=iters) * 1e3,
+                candidates_ms=median_time(cands, qc, wc, ki, qp, kp, th, iters=iters) * 1e3,
+                final_select_ms=median_time(final, vals, iters=iters) * 1e3,
+                rows_ok=float(ok.mean()), mean_count=float(count.mean()), cap=cap, chunk_keys=t)
+
+
 def bench_indexer(t, matmul, iters, small):
     qi, w, ki = indexer_inputs(t)
     chunk = min(FLAGS.query_chunk, t)
@@ -182,10 +229,31 @@ def bench_indexer(t, matmul, iters, small):
                top_k=FLAGS.top_k, query_chunk=chunk,
                sel_err=check_selection(idx, qi, w, ki, min(FLAGS.check_rows, t)))
     sec = median_time(f, qi, w, ki, iters=iters)
-    sc = median_time(jax.jit(scores_only_fn(chunk, small)), qi, w, ki, iters=iters)
-    row.update(ms=sec * 1e3, tflops=flops / sec / 1e12, scores_ms=sc * 1e3, scores_tflops=flops / sc / 1e12,
-               matmul_tflops=matmul, frac_of_matmul=flops / sec / 1e12 / matmul,
-               scores_frac_of_matmul=flops / sc / 1e12 / matmul)
+    row.update(ms=sec * 1e3, tflops=flops / sec / 1e12, matmul_tflops=matmul, frac_of_matmul=flops / sec / 1e12 / matmul)
+    print(json.dumps(row), flush=True)
+    if FLAGS.scores_only:
+        sc = median_time(jax.jit(scores_only_fn(chunk, small)), qi, w, ki, iters=iters)
+        row.update(scores_ms=sc * 1e3, scores_tflops=flops / sc / 1e12, scores_frac_of_matmul=flops / sc / 1e12 / matmul)
+    if FLAGS.fused:
+        rows = min(FLAGS.check_rows, t)
+        for name in FLAGS.fused_variants:
+            cfg = FUSED_VARIANTS[name]
+            try:
+                g = jax.jit(indexer_fn(FLAGS.top_k, chunk, small, config=cfg))
+                got = g(qi, w, ki)
+                row[f"{name}_sel_err"] = check_selection(got, qi, w, ki, rows)
+                row[f"{name}_same_set"] = float(np.mean(np.all(np.asarray(got)[0, -rows:] == np.asarray(idx)[0, -rows:],
+                                                               -1)))
+                s2 = median_time(g, qi, w, ki, iters=iters)
+                row.update({f"{name}_ms": s2 * 1e3, f"{name}_frac_of_matmul": flops / s2 / 1e12 / matmul,
+                            f"{name}_speedup": sec / s2})
+                print(json.dumps({key: v for key, v in row.items() if key.startswith(name + "_")}), flush=True)
+                steps = fused_steps(qi, w, ki, chunk, cfg, iters, small)
+                row.update({f"{name}_last_chunk_{key}": v for key, v in steps.items()})
+                print(json.dumps({key: v for key, v in row.items() if key.startswith(name + "_last")}), flush=True)
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile must not lose the row
+                row[f"{name}_error"] = str(e)[:300]
+                print(f"{name}: {str(e)[:300]}", flush=True)
     if FLAGS.fp8:
         ref = reference_rows(qi, w, ki, min(FLAGS.check_rows, t))
         for name in FLAGS.fp8_variants:
@@ -196,7 +264,7 @@ def bench_indexer(t, matmul, iters, small):
                 s8 = median_time(g, qi, w, ki, iters=iters)
                 row.update({f"{name}_ms": s8 * 1e3, f"{name}_frac_of_matmul": flops / s8 / 1e12 / matmul,
                             f"{name}_speedup": sec / s8})
-                if rerank is None:
+                if rerank is None and FLAGS.scores_only:
                     c8 = median_time(jax.jit(scores_only_fn(chunk, small, cfg)), qi, w, ki, iters=iters)
                     row.update({f"{name}_scores_ms": c8 * 1e3, f"{name}_scores_speedup": sc / c8})
                 print(json.dumps({key: v for key, v in row.items() if key.startswith(name + "_")}), flush=True)
@@ -408,16 +476,24 @@ def table(rows, copy_bw) -> str:
              "|---|---|---|---|---|"]
     for r in rows:
         if r["part"] == "indexer":
+            only = (f" (scores only {r['scores_tflops']:.0f})", f" (scores {r['scores_frac_of_matmul']:.2f})") \
+                if "scores_ms" in r else ("", "")
             lines.append(f"| indexer | T={r['T']} H_I={r['index_heads']}x{r['index_dim']} k={r['top_k']} | "
-                         f"{r['ms']:.2f} ms, {r['tflops']:.0f} TFLOP/s (scores only {r['scores_tflops']:.0f}) "
-                         f"| matmul {r['matmul_tflops']:.0f} TFLOP/s | {r['frac_of_matmul']:.2f} "
-                         f"(scores {r['scores_frac_of_matmul']:.2f}), sel_err {r['sel_err']:.1e} |")
+                         f"{r['ms']:.2f} ms, {r['tflops']:.0f} TFLOP/s{only[0]} "
+                         f"| matmul {r['matmul_tflops']:.0f} TFLOP/s | {r['frac_of_matmul']:.2f}{only[1]}, "
+                         f"sel_err {r['sel_err']:.1e} |")
+            for name in FUSED_VARIANTS:
+                if f"{name}_ms" in r:
+                    lines.append(f"| indexer {name} | T={r['T']} | {r[name + '_ms']:.2f} ms | radix select "
+                                 f"{r['ms']:.2f} ms | {r[name + '_speedup']:.2f}x, "
+                                 f"{r[name + '_frac_of_matmul']:.2f} of matmul, sel_err {r[name + '_sel_err']:.1e}, "
+                                 f"same set {r[name + '_same_set']:.3f} |")
             for name in FP8_VARIANTS:
                 if f"{name}_ms" in r:
                     only = (f" (scores only {r[name + '_scores_ms']:.2f})" if name + "_scores_ms" in r else "")
                     ratio = (f" (scores {r[name + '_scores_speedup']:.2f}x)" if name + "_scores_ms" in r else "")
                     lines.append(f"| indexer {name} | T={r['T']} | {r[name + '_ms']:.2f} ms{only} | bf16 "
-                                 f"{r['ms']:.2f} ms (scores {r['scores_ms']:.2f}) | "
+                                 f"{r['ms']:.2f} ms (scores {r.get('scores_ms', float('nan')):.2f}) | "
                                  f"{r[name + '_speedup']:.2f}x{ratio}, {r[name + '_frac_of_matmul']:.2f} of matmul, "
                                  f"overlap {r[name + '_overlap']:.4f} |")
         elif r["part"] == "forward":
