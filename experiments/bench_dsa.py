@@ -90,6 +90,8 @@ flags.DEFINE_bool("fp8", False, "(a) also time the FP8 indexer (e4m3 dot, widene
 flags.DEFINE_list("fp8_variants", ["fp8", "fp8_widened", "fp8_rerank1.25"], "with --fp8: which variants")
 flags.DEFINE_bool("fused", False, "(a) also time the fused top-k (FusedIndexerConfig) and its steps")
 flags.DEFINE_list("fused_variants", ["fused"], "with --fused: which of FUSED_VARIANTS")
+flags.DEFINE_integer("fused_query_chunk", 0, "with --fused: its query chunk (0: T, one chunk; it keeps "
+                     "chunk x (S / sample_stride + 3 cap) x 4 bytes, no chunk x S scores)")
 flags.DEFINE_bool("scores_only", True, "(a) also time the score kernel alone (one more compile per chunk)")
 flags.DEFINE_integer("decode_batch", 16, "(c) batch")
 flags.DEFINE_integer("decode_context", 131072, "(c) cache length")
@@ -192,7 +194,7 @@ def check_selection(idx, qi, w, ki, rows):
 
 
 def fused_steps(qi, w, ki, chunk, cfg, iters, interpret):
-    """The fused path's steps on the last (widest) query chunk, timed apart (ms), and the
+    """The fused path's steps on the last (widest) query chunk (explicit positions), timed apart (ms), and the
     share of its rows whose candidates passed the checks (count >= min(k', visible), <= cap)."""
     t = qi.shape[1]
     lo, m, width = t - chunk, cfg.sample_stride, min(FLAGS.top_k, t)
@@ -236,10 +238,12 @@ def bench_indexer(t, matmul, iters, small):
         row.update(scores_ms=sc * 1e3, scores_tflops=flops / sc / 1e12, scores_frac_of_matmul=flops / sc / 1e12 / matmul)
     if FLAGS.fused:
         rows = min(FLAGS.check_rows, t)
+        fchunk = min(FLAGS.fused_query_chunk or t, t)
+        row["fused_query_chunk"] = fchunk
         for name in FLAGS.fused_variants:
             cfg = FUSED_VARIANTS[name]
             try:
-                g = jax.jit(indexer_fn(FLAGS.top_k, chunk, small, config=cfg))
+                g = jax.jit(indexer_fn(FLAGS.top_k, fchunk, small, config=cfg))
                 got = g(qi, w, ki)
                 row[f"{name}_sel_err"] = check_selection(got, qi, w, ki, rows)
                 row[f"{name}_same_set"] = float(np.mean(np.all(np.asarray(got)[0, -rows:] == np.asarray(idx)[0, -rows:],
@@ -248,7 +252,7 @@ def bench_indexer(t, matmul, iters, small):
                 row.update({f"{name}_ms": s2 * 1e3, f"{name}_frac_of_matmul": flops / s2 / 1e12 / matmul,
                             f"{name}_speedup": sec / s2})
                 print(json.dumps({key: v for key, v in row.items() if key.startswith(name + "_")}), flush=True)
-                steps = fused_steps(qi, w, ki, chunk, cfg, iters, small)
+                steps = fused_steps(qi, w, ki, fchunk, cfg, iters, small)
                 row.update({f"{name}_last_chunk_{key}": v for key, v in steps.items()})
                 print(json.dumps({key: v for key, v in row.items() if key.startswith(name + "_last")}), flush=True)
             except Exception as e:  # noqa: BLE001 - a variant that does not compile must not lose the row

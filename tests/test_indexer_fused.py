@@ -18,7 +18,8 @@ from test_indexer_kernels import ascending, best_first, make
 
 # small tiles: C = 37 and S = 150 are not multiples of them; at k = 12, cap = 48 < S (a sample
 # of rank 12 out of every 2nd key; a tiny k needs wide margins)
-SMALL = FusedIndexerConfig(block_q=16, block_k=16, sample_stride=2, oversample=2.0, capacity=4.0)
+SMALL = FusedIndexerConfig(block_q=16, block_k=16, sample_stride=2, oversample=2.0, capacity=4.0,
+                           fallback_rows=16)
 
 
 def sampled_path_taken(q, w, k, qp, kp, kk, cfg):
@@ -97,7 +98,8 @@ def test_fp8_scores():
 
 def test_bad_config_raises():
     for kw, name in ((dict(sample_stride=0), "sample_stride"), (dict(oversample=0.5), "oversample"),
-                     (dict(oversample=2.0, capacity=1.5), "capacity"), (dict(block_k=24), "block_k")):
+                     (dict(oversample=2.0, capacity=1.5), "capacity"), (dict(block_k=24), "block_k"),
+                     (dict(fallback_rows=0), "fallback_rows")):
         with pytest.raises(ValueError, match=name):
             FusedIndexerConfig(**kw)
     q, w, k, qp, kp = make(15, b=1, t=8, s=40)

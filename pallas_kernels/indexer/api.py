@@ -165,7 +165,8 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
       config: the Triton score kernel's tiles (`IndexerTritonConfig`, importable from here); a
         `FusedIndexerConfig` (its subclass) selects without writing the float32 score rows
         (`fused.py`: sampled threshold, candidates kept by a recomputing kernel, select over
-        them); the other backends take none.
+        them; it keeps `query_chunk x (S / sample_stride + 3 cap)` float32 / int32 per chunk, so
+        a large query_chunk, even T, fills the GPU best); the other backends take none.
       score_dtype: "bfloat16" (the scores of the inputs as given) or "float8_e4m3fn"
         (Hadamard-rotated e4m3 q and k, per-row scales, float32 accumulate: `fp8.py`).
       fp8_rerank: None, or m >= 1 (FP8 scores only): the FP8 scores select `ceil(m * k)`

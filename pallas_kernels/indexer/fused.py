@@ -14,8 +14,9 @@ H100, 64K, 4 heads x 64, k = 2048: 41.6 ms, of which the select ~32 ms. This pat
    is ~`sqrt(m * oversample * k')` (222 at m = 8, k' = 2048, oversample 1.5: the margins to k'
    and to the buffer, 1024 each, are 4.6 spreads for rows of exchangeable scores).
 2. Candidates (`_kernel`, Pallas Triton, one program per query tile, q and w resident in
-   registers): the tile's scores are recomputed key tile by key tile (the score kernel's
-   `tile_scores`), and the slots and float32 scores with `score >= th` are appended, in slot
+   registers, the longest (causal) tiles launched first): the tile's scores are recomputed key
+   tile by key tile up to the last tile holding a key visible to the query tile (the score
+   kernel's `tile_scores`), and the slots and float32 scores with `score >= th` are appended, in slot
    order (an in-tile exclusive cumsum, as the select's compaction), to the row's buffer of
    `cap = capacity * k'` columns (-inf after the last); the kernel also counts, per row, the
    candidates (`count`, beyond `cap` too) and the visible keys.
@@ -29,7 +30,8 @@ keys (or every visible key) and fits in `cap`, the k' largest of the row and eve
 with the k'-th are in it, in slot order, so the select returns `lax.top_k`'s set with its
 lower-slot-first tie rule. The kernel checks both conditions for every row; when one fails
 (a skewed sample, mass ties such as ReLU zeros at the threshold), the chunk runs again with
-`th = -inf` and a buffer as wide as the chunk's keys (`lax.cond`; the old path's cost).
+`th = -inf` and a buffer as wide as the chunk's keys, `fallback_rows` queries at a time
+(`lax.cond`; about the old path's cost).
 Chunks with at most `cap` keys take that path directly (no sampling).
 
 Why not a fused histogram of the keys: a per-row histogram in registers costs one
@@ -60,6 +62,7 @@ from pallas_kernels.flash import blocks
 from pallas_kernels.indexer.common_tile import tile_scores
 from pallas_kernels.indexer.select import TopkSelectConfig, topk_select
 from pallas_kernels.indexer.triton import IndexerTritonConfig, chunk_scores_triton
+from pallas_kernels.tiles_common import BIG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,27 +71,31 @@ class FusedIndexerConfig(IndexerTritonConfig):
     sample_stride: m, every m-th key scored for the threshold; oversample: the sample rank
     `r = ceil(oversample * k' / m)` (> 1: most rows get more than k' candidates);
     capacity: candidate columns per row, `cap = capacity * k'` (rounded up to block_k);
-    select: the radix select's tiles (sample and candidates)."""
+    select: the radix select's tiles (sample and candidates); fallback_rows: queries per
+    step of the exact fallback (its buffers are `fallback_rows x S`)."""
 
     sample_stride: int = 8
     oversample: float = 1.5
     capacity: float = 2.0
     select: TopkSelectConfig | None = None
+    fallback_rows: int = 1024
 
     def __post_init__(self):
         super().__post_init__()
-        if not (isinstance(self.sample_stride, int) and self.sample_stride >= 1):
-            raise ValueError(f"sample_stride must be an int >= 1, got {self.sample_stride!r}")
+        for name in ("sample_stride", "fallback_rows"):
+            val = getattr(self, name)
+            if not (isinstance(val, int) and val >= 1):
+                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
         if not self.oversample >= 1 or not self.capacity >= self.oversample:
             raise ValueError(f"need 1 <= oversample <= capacity, got oversample={self.oversample!r}, "
                              f"capacity={self.capacity!r}")
 
 
-def _kernel(qp_ref, th_ref, kp_ref, q_ref, w_ref, k_ref, *rest, num_heads, n_q_tiles, n_k_tiles,
+def _kernel(nt_ref, qp_ref, th_ref, kp_ref, q_ref, w_ref, k_ref, *rest, num_heads, n_q_tiles, n_k_tiles,
             block_q, block_k, cap, widen):
     ks_ref = rest[0] if len(rest) == 5 else None
     slots_ref, vals_ref, count_ref, nvis_ref = rest[-4:]
-    b, i = pl.program_id(0), pl.program_id(1)
+    b, i = pl.program_id(0), n_q_tiles - 1 - pl.program_id(1)    # causal: the longest tiles first
     r0 = (b * n_q_tiles + i) * block_q                       # first row of the flattened [B * Cp]
     qp = qp_ref[pl.ds(r0, block_q)][:, None]
     th = th_ref[pl.ds(r0, block_q)][:, None]
@@ -115,7 +122,7 @@ def _kernel(qp_ref, th_ref, kp_ref, q_ref, w_ref, k_ref, *rest, num_heads, n_q_t
         return n + take_i.sum(axis=1), nvis + vis.astype(jnp.int32).sum(axis=1)
 
     zero = jnp.zeros((block_q,), jnp.int32)
-    n, nvis = lax.fori_loop(0, n_k_tiles, tile, (zero, zero))
+    n, nvis = lax.fori_loop(0, nt_ref[b * n_q_tiles + i], tile, (zero, zero))
 
     def pad(c, carry):                                       # columns [n, cap): -inf (disjoint)
         cols = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
@@ -127,6 +134,17 @@ def _kernel(qp_ref, th_ref, kp_ref, q_ref, w_ref, k_ref, *rest, num_heads, n_q_t
     lax.fori_loop(0, cap // block_k, pad, 0)
     count_ref[pl.ds(r0, block_q)] = n
     nvis_ref[pl.ds(r0, block_q)] = nvis
+
+
+def _tiles_to_visit(qp, kp, bq, bk):
+    """`[B, Cp / bq]` int32: per query tile, 1 + the last key tile holding a key visible to one
+    of its queries (0: none), from the padded positions `qp [B, Cp]`, `kp [B, Sp]`; the
+    kernel's key loop stops there (causal prefill: the diagonal tile)."""
+    b = qp.shape[0]
+    kmin = jnp.min(jnp.where(kp >= 0, kp, BIG).reshape(b, -1, bk), -1)             # [B, nK]
+    qmax = jnp.max(qp.reshape(b, -1, bq), -1)                                       # [B, nQ]
+    tile = jnp.arange(1, kmin.shape[1] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(kmin[:, None, :] <= qmax[:, :, None], tile, 0), -1).astype(jnp.int32)
 
 
 def chunk_candidates(q_index, weights, k_index, q_positions, kv_positions, threshold, *, cap: int,
@@ -156,7 +174,7 @@ def chunk_candidates(q_index, weights, k_index, q_positions, kv_positions, thres
     qp = jnp.pad(q_positions.astype(jnp.int32), [(0, 0), (0, cp - c)], constant_values=-1)
     kp = jnp.pad(kv_positions.astype(jnp.int32), [(0, 0), (0, sp - s)], constant_values=-1)
     th = jnp.pad(threshold.astype(jnp.float32), [(0, 0), (0, cp - c)])
-    args = [qp.reshape(-1), th.reshape(-1), kp.reshape(-1), q.reshape(-1, dp), w.reshape(-1), k.reshape(-1, dp)]
+    args = [_tiles_to_visit(qp, kp, bq, bk).reshape(-1), qp.reshape(-1), th.reshape(-1), kp.reshape(-1), q.reshape(-1, dp), w.reshape(-1), k.reshape(-1, dp)]
     if fp8:
         args.append(jnp.pad(k_scale.astype(jnp.float32), [(0, 0), (0, sp - s)]).reshape(-1))
     rows = b * cp
@@ -186,25 +204,35 @@ def chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, *, k:
     bk = blocks.pow2_block(cfg.block_k, s)
     full = blocks.round_up(s, bk)
     cap = min(full, blocks.round_up(math.ceil(cfg.capacity * width), bk))
-    run = functools.partial(chunk_candidates, q_index, weights, k_index, q_positions, kv_positions,
-                            k_scale=k_scale, interpret=interpret, config=cfg)
 
-    def exact(threshold, cap):
-        slots, vals, count, nvis = run(threshold, cap=cap)
-        v, col = topk_select(vals.reshape(b * c, cap), width, interpret=interpret, config=cfg.select)
-        v, col = v.reshape(b, c, width), col.reshape(b, c, width)
+    def exact(q, w, qp, threshold, cap):
+        n = q.shape[1]
+        slots, vals, count, nvis = chunk_candidates(q, w, k_index, qp, kv_positions, threshold, cap=cap,
+                                                    k_scale=k_scale, interpret=interpret, config=cfg)
+        v, col = topk_select(vals.reshape(b * n, cap), width, interpret=interpret, config=cfg.select)
+        v, col = v.reshape(b, n, width), col.reshape(b, n, width)
         picked = jnp.where(col >= 0, jnp.take_along_axis(slots, jnp.maximum(col, 0), -1), -1)
         ok = jnp.all((count >= jnp.minimum(width, nvis)) & (count <= cap))
         return (v, picked), ok
 
-    everything = jnp.full((b, c), -jnp.inf, jnp.float32)
+    def all_candidates():
+        """Every visible key a candidate, `fallback_rows` queries at a time."""
+        rb = min(cfg.fallback_rows, c)
+        steps = -(-c // rb)
+        split = lambda x, fill: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, steps * rb - c)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
+                                                     constant_values=fill).reshape((b, steps, rb) + x.shape[2:]), 1, 0)
+        everything = jnp.full((b, rb), -jnp.inf, jnp.float32)
+        outs = lax.map(lambda a: exact(*a, everything, full)[0],
+                       (split(q_index, 0), split(weights, 0), split(q_positions, -1)))
+        return tuple(jnp.moveaxis(o, 0, 1).reshape(b, steps * rb, width)[:, :c] for o in outs)
+
     if cap == full:                                          # the buffer holds every key
-        return exact(everything, full)[0]
+        return all_candidates()
     m = cfg.sample_stride
     sample = chunk_scores_triton(q_index, weights, k_index[:, ::m], q_positions, kv_positions[:, ::m],
                                  k_scale=None if k_scale is None else k_scale[:, ::m], interpret=interpret,
                                  config=cfg)
     r = min(math.ceil(cfg.oversample * width / m), sample.shape[-1])
     top, _ = topk_select(sample.reshape(b * c, -1), r, interpret=interpret, config=cfg.select)
-    result, ok = exact(top.min(-1).reshape(b, c), cap)
-    return lax.cond(ok, lambda: result, lambda: exact(everything, full)[0])
+    result, ok = exact(q_index, weights, q_positions, top.min(-1).reshape(b, c), cap)
+    return lax.cond(ok, lambda: result, all_candidates)
