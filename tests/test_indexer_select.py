@@ -65,6 +65,20 @@ def test_matches_lax_top_k(r, s, k, cfg):
     np.testing.assert_array_equal(sorted_top_k(jnp.asarray(x), k)[1], want[1])
 
 
+def test_lengths_read_only_the_row_prefix():
+    """`lengths`: columns past a row's length are not candidates (NaN and +inf there, never
+    read); lengths 0, ragged, past the block and past S (clipped)."""
+    r, s, k = 6, 100, 10
+    x = rows_of_every_kind(5, r, s)
+    lengths = np.array([0, 7, 33, 64, 100, 150], np.int32)
+    junk = np.where(np.arange(s)[None, :] < lengths[:, None], x, np.where(np.arange(s) % 2, np.nan, np.inf))
+    got = topk_select(jnp.asarray(junk.astype(np.float32)), k, lengths=jnp.asarray(lengths), interpret=True,
+                      config=TopkSelectConfig(block_r=2, block_s=32))
+    assert_same(got, expected(np.where(np.arange(s)[None, :] < lengths[:, None], x, -np.inf).astype(np.float32), k))
+    with pytest.raises(ValueError, match="lengths"):
+        topk_select(jnp.asarray(x), k, lengths=jnp.zeros((r + 1,), jnp.int32), interpret=True)
+
+
 def test_ties_lower_slots_win_and_signed_zeros():
     """Threshold values repeated in every tile: the lowest slots among them are taken.
     -0.0 ranks below +0.0 (the IEEE total order of `lax.top_k`)."""

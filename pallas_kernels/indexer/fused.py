@@ -9,20 +9,22 @@ H100, 64K, 4 heads x 64, k = 2048: 41.6 ms, of which the select ~32 ms. This pat
 
 1. Threshold estimate: the score kernel on every `sample_stride`-th key only (`m`; scores
    `[B, C, S / m]`, 1/m of the bytes) and the radix select of its `r = ceil(oversample * k' / m)`
-   largest (`k' = min(k, S)`); `th` = the smallest of them (-inf where fewer than r sampled keys are
-   visible). About `m * r = oversample * k'` keys of the row score `>= th`; the count's spread
-   is ~`sqrt(m * oversample * k')` (222 at m = 8, k' = 2048, oversample 1.5: the margins to k'
+   largest (`k' = min(k, S)`; the select reads each row up to its last visible sampled tile);
+   `th` = the smallest of them (-inf where fewer than r sampled keys are visible). About
+   `m * r = oversample * k'` keys of the row score `>= th`; the count's spread is
+   ~`sqrt(m * oversample * k')` (222 at m = 8, k' = 2048, oversample 1.5: the margins to k'
    and to the buffer, 1024 each, are 4.6 spreads for rows of exchangeable scores).
 2. Candidates (`_kernel`, Pallas Triton, one program per query tile, q and w resident in
    registers, the longest (causal) tiles launched first): the tile's scores are recomputed key
    tile by key tile up to the last tile holding a key visible to the query tile (the score
-   kernel's `tile_scores`), and the slots and float32 scores with `score >= th` are appended, in slot
-   order (an in-tile exclusive cumsum, as the select's compaction), to the row's buffer of
-   `cap = capacity * k'` columns (-inf after the last); the kernel also counts, per row, the
-   candidates (`count`, beyond `cap` too) and the visible keys.
-3. Exact set: the radix select on the `[B * C, cap]` buffers (`cap / S` of the old select's work:
-   1/16 at 64K, k' = 2048, capacity 2) gives the k' largest as buffer columns, ascending; the
-   slots are gathered from them (ascending, since the buffer is in slot order).
+   kernel's `tile_scores`), and the slots and float32 scores with `score >= th` are appended,
+   in slot order (an in-tile exclusive cumsum, as the select's compaction), to the row's
+   buffer of `cap = capacity * k'` columns; the kernel also counts, per row, the candidates
+   (`count`, beyond `cap` too) and the visible keys.
+3. Exact set: the radix select on the `[B * C, cap]` buffers, each row read up to its count
+   (~`oversample * k'` columns: 1/10 of the old select's work at 64K causal, k' = 2048),
+   gives the k' largest as buffer columns, ascending; the slots are gathered from them
+   (ascending, since the buffer is in slot order).
 
 Exactness: the buffer holds every key whose score is `>= th` (float order; -0.0 with +0.0,
 which only adds candidates), an up-closed set in `lax.top_k`'s order; if it holds at least k'
@@ -123,23 +125,18 @@ def _kernel(nt_ref, qp_ref, th_ref, kp_ref, q_ref, w_ref, k_ref, *rest, num_head
 
     zero = jnp.zeros((block_q,), jnp.int32)
     n, nvis = lax.fori_loop(0, nt_ref[b * n_q_tiles + i], tile, (zero, zero))
-
-    def pad(c, carry):                                       # columns [n, cap): -inf (disjoint)
-        cols = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
-        mask = c * block_k + col >= n[:, None]
-        plgpu.store(vals_ref.at[pl.ds(r0, block_q), cols], jnp.full((block_q, block_k), -jnp.inf, jnp.float32),
-                    mask=mask)
-        return carry
-
-    lax.fori_loop(0, cap // block_k, pad, 0)
     count_ref[pl.ds(r0, block_q)] = n
     nvis_ref[pl.ds(r0, block_q)] = nvis
+
+
+SAMPLE_TILE = 128
 
 
 def _tiles_to_visit(qp, kp, bq, bk):
     """`[B, Cp / bq]` int32: per query tile, 1 + the last key tile holding a key visible to one
     of its queries (0: none), from the padded positions `qp [B, Cp]`, `kp [B, Sp]`; the
-    kernel's key loop stops there (causal prefill: the diagonal tile)."""
+    kernel's key loop stops there (causal prefill: the diagonal tile), and the sample select
+    reads that prefix of each row (`bq = 1`, tiles of `SAMPLE_TILE`)."""
     b = qp.shape[0]
     kmin = jnp.min(jnp.where(kp >= 0, kp, BIG).reshape(b, -1, bk), -1)             # [B, nK]
     qmax = jnp.max(qp.reshape(b, -1, bq), -1)                                       # [B, nQ]
@@ -157,8 +154,8 @@ def chunk_candidates(q_index, weights, k_index, q_positions, kv_positions, thres
       the key tile (`pow2_block(config.block_k, S)`).
     Returns: `(slots [B, C, cap] int32, scores [B, C, cap] float32, count [B, C] int32,
       n_visible [B, C] int32)`: the first `min(count, cap)` columns hold the candidates
-      (ascending slots, their scores), the other scores are -inf (their slots unset);
-      `count` = candidates in all (may exceed cap), `n_visible` = visible keys.
+      (ascending slots, their scores), the others are not written; `count` = candidates in
+      all (may exceed cap), `n_visible` = visible keys.
     """
     cfg = config or IndexerTritonConfig()
     b, c, h, d = q_index.shape
@@ -209,7 +206,8 @@ def chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, *, k:
         n = q.shape[1]
         slots, vals, count, nvis = chunk_candidates(q, w, k_index, qp, kv_positions, threshold, cap=cap,
                                                     k_scale=k_scale, interpret=interpret, config=cfg)
-        v, col = topk_select(vals.reshape(b * n, cap), width, interpret=interpret, config=cfg.select)
+        v, col = topk_select(vals.reshape(b * n, cap), width, lengths=jnp.minimum(count, cap).reshape(-1),
+                             interpret=interpret, config=cfg.select)
         v, col = v.reshape(b, n, width), col.reshape(b, n, width)
         picked = jnp.where(col >= 0, jnp.take_along_axis(slots, jnp.maximum(col, 0), -1), -1)
         ok = jnp.all((count >= jnp.minimum(width, nvis)) & (count <= cap))
@@ -233,6 +231,10 @@ def chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, *, k:
                                  k_scale=None if k_scale is None else k_scale[:, ::m], interpret=interpret,
                                  config=cfg)
     r = min(math.ceil(cfg.oversample * width / m), sample.shape[-1])
-    top, _ = topk_select(sample.reshape(b * c, -1), r, interpret=interpret, config=cfg.select)
+    sp = blocks.round_up(sample.shape[-1], SAMPLE_TILE)          # the select reads each row's visible prefix
+    kp = jnp.pad(kv_positions[:, ::m].astype(jnp.int32), [(0, 0), (0, sp - sample.shape[-1])], constant_values=-1)
+    prefix = _tiles_to_visit(q_positions.astype(jnp.int32), kp, 1, SAMPLE_TILE) * SAMPLE_TILE
+    top, _ = topk_select(sample.reshape(b * c, -1), r, lengths=prefix.reshape(-1), interpret=interpret,
+                         config=cfg.select)
     result, ok = exact(q_index, weights, q_positions, top.min(-1).reshape(b, c), cap)
     return lax.cond(ok, lambda: result, all_candidates)

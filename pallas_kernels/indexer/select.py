@@ -97,20 +97,25 @@ def float_keys(x):
 NEG_INF_KEY = int(float_keys(np.float32(-np.inf)))
 
 
-def _kernel(x_ref, slots_ref, vals_ref, buf_ref, *, rows, size, k, block_r, block_s, bits, full_passes,
-            barrier):
+def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, barrier):
+    len_ref, slots_ref, vals_ref, buf_ref = refs if len(refs) == 4 else (None,) + refs
     r0 = pl.program_id(0) * block_r
     row_ok = r0 + jnp.arange(block_r, dtype=jnp.int32) < rows             # [br]
     col = jnp.arange(block_s, dtype=jnp.int32)
-    n_tiles = pl.cdiv(size, block_s)
-    ragged = rows % block_r != 0 or size % block_s != 0
+    if len_ref is None:
+        limit, n_tiles = size, pl.cdiv(size, block_s)
+    else:                                                                  # columns read, [br]
+        limit = jnp.clip(plgpu.load(len_ref.at[pl.ds(r0, block_r)], mask=row_ok, other=0), 0, size)
+        n_tiles = pl.cdiv(jnp.max(limit), block_s)
+        limit = limit[:, None]
+    ragged = len_ref is not None or rows % block_r != 0 or size % block_s != 0
     tile = lambda ref, j: ref.at[pl.ds(r0, block_r), pl.ds(j * block_s, block_s)]  # noqa: E731
 
     def load(j):
         """Scores `[br, bs]` of tile j (-inf past the ends) and their keys, non-candidates
         (-inf) mapped to INT_MIN so that no threshold above INT_MIN counts them."""
         if ragged:
-            mask = row_ok[:, None] & (j * block_s + col < size)[None, :]
+            mask = row_ok[:, None] & (j * block_s + col[None, :] < limit)
             x = plgpu.load(tile(x_ref, j), mask=mask, other=-jnp.inf)
         else:
             x = tile(x_ref, j)[...]
@@ -214,12 +219,14 @@ def _kernel(x_ref, slots_ref, vals_ref, buf_ref, *, rows, size, k, block_r, bloc
 
 
 @functools.partial(jax.jit, static_argnames=("k", "interpret", "config"))
-def topk_select(scores, k: int, *, interpret=False, config: TopkSelectConfig | None = None):
+def topk_select(scores, k: int, *, lengths=None, interpret=False, config: TopkSelectConfig | None = None):
     """The top-`min(k, S)` of each row, as a set in ascending slot order.
 
     Args:
       scores: `[R, S]` float32; -inf = not a candidate; no NaN.
       k: entries per row; the output has `k' = min(k, S)` columns.
+      lengths: None, or int `[R]`: only the first `lengths[r]` columns of row r are read (the
+        others are not candidates, whatever they hold; the passes stop at the block's longest).
     Returns:
       `(values [R, k'] float32, slots [R, k'] int32)`: the slots `lax.top_k(scores, k')`
       picks among the finite entries (largest first, lower slot first among equals),
@@ -232,6 +239,10 @@ def topk_select(scores, k: int, *, interpret=False, config: TopkSelectConfig | N
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     cfg = config or TopkSelectConfig()
     rows, size = scores.shape
+    if lengths is not None and (getattr(lengths, "shape", None) != (rows,)
+                                or not jnp.issubdtype(lengths.dtype, jnp.integer)):
+        raise ValueError(f"lengths must be int [{rows}], got {getattr(lengths, 'dtype', type(lengths))}"
+                         f"{list(getattr(lengths, 'shape', ()))}")
     width = min(k, size)
     if rows == 0 or width == 0:
         return jnp.zeros((rows, width), jnp.float32), jnp.zeros((rows, width), jnp.int32)
@@ -248,7 +259,7 @@ def topk_select(scores, k: int, *, interpret=False, config: TopkSelectConfig | N
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="topk_select",
-    )(scores)
+    )(scores, *(() if lengths is None else (lengths.astype(jnp.int32),)))
     return vals, slots
 
 
