@@ -14,8 +14,9 @@
     sampled threshold, candidates kept by a kernel that recomputes the scores, radix select
     over them; no float32 score rows), end to end (its sel_err and the share of checked rows
     whose set equals the radix path's), and its steps timed apart on the last query chunk
-    (sample scores, sample select, candidate kernel, final select) with the share of that
-    chunk's rows whose candidates passed (else the chunk falls back to the exact full path).
+    (sample scores, threshold = sample scores + select, candidate kernel, final select) with the
+    share of that chunk's rows whose candidates passed (else the chunk falls back to the exact
+    full path). `--fused_query_chunk` (default T: one chunk) sets its chunk.
 (b) DSA attention forward = indexer + top-k + `token_sparse` attention (MLA in MQA form: H=64
     query heads over one latent head, D = 576 = 512 + 64 rope, Dv = 512, k = 2048) against
     dense causal attention. cuDNN cannot take D=576 / Dv=512 (D <= 256), so two stand-ins:
@@ -68,7 +69,7 @@ from pallas_kernels.flash import blocks, flash_attention
 from pallas_kernels.indexer.api import (FusedIndexerConfig, chunk_scores_reference, chunk_scores_triton,
                                         indexer_topk)
 from pallas_kernels.indexer.fp8 import quantize_indexer
-from pallas_kernels.indexer.fused import chunk_candidates
+from pallas_kernels.indexer.fused import chunk_candidates, sample_threshold
 from pallas_kernels.indexer.select import topk_select
 from pallas_kernels.indexer.triton import IndexerTritonConfig
 from pallas_kernels.mla_decode.api import (MlaDecodeMosaicGpuConfig, MlaDecodeTritonConfig, mla_decode,
@@ -194,31 +195,32 @@ def check_selection(idx, qi, w, ki, rows):
 
 
 def fused_steps(qi, w, ki, chunk, cfg, iters, interpret):
-    """The fused path's steps on the last (widest) query chunk (explicit positions), timed apart (ms), and the
-    share of its rows whose candidates passed the checks (count >= min(k', visible), <= cap)."""
+    """The fused path's steps on the last (widest) query chunk (explicit positions), timed
+    apart (ms): the sample's score kernel alone, the threshold (sample scores + their select),
+    the candidate kernel, the final select; and the share of the chunk's rows whose candidates
+    passed the checks (count >= min(k', visible), <= cap; else the chunk falls back)."""
     t = qi.shape[1]
     lo, m, width = t - chunk, cfg.sample_stride, min(FLAGS.top_k, t)
     qc, wc = qi[:, lo:], w[:, lo:]
     qp, kp = jnp.arange(lo, t, dtype=jnp.int32)[None], jnp.arange(t, dtype=jnp.int32)[None]
     bk = blocks.pow2_block(cfg.block_k, t)
     cap = min(blocks.round_up(t, bk), blocks.round_up(int(np.ceil(cfg.capacity * width)), bk))
-    r = int(np.ceil(cfg.oversample * width / m))
     sample = jax.jit(lambda q, w, k, qp, kp: chunk_scores_triton(q, w, k[:, ::m], qp, kp[:, ::m], config=cfg,
                                                                  interpret=interpret))
-    thresh = jax.jit(lambda x: topk_select(x[0], min(r, x.shape[-1]), config=cfg.select,
-                                           interpret=interpret)[0].min(-1)[None])
+    thresh = jax.jit(lambda q, w, k, qp, kp: sample_threshold(q, w, k, qp, kp, k=FLAGS.top_k, config=cfg,
+                                                              interpret=interpret))
     cands = jax.jit(lambda q, w, k, qp, kp, th: chunk_candidates(q, w, k, qp, kp, th, cap=cap, config=cfg,
                                                                  interpret=interpret))
-    final = jax.jit(lambda v: topk_select(v[0], width, config=cfg.select, interpret=interpret))
-    x = sample(qc, wc, ki, qp, kp)
-    th = thresh(x)
+    final = jax.jit(lambda v, n: topk_select(v[0], width, lengths=jnp.minimum(n[0], cap), config=cfg.select,
+                                             interpret=interpret))
+    th = thresh(qc, wc, ki, qp, kp)
     _, vals, count, nvis = cands(qc, wc, ki, qp, kp, th)
     ok = (count >= jnp.minimum(width, nvis)) & (count <= cap)
-    return dict(sample_ms=median_time(sample, qc, wc, ki, qp, kp, iters=iters) * 1e3,
-                sample_select_ms=median_time(thresh, x, iters=iters) * 1e3,
+    return dict(sample_scores_ms=median_time(sample, qc, wc, ki, qp, kp, iters=iters) * 1e3,
+                threshold_ms=median_time(thresh, qc, wc, ki, qp, kp, iters=iters) * 1e3,
                 candidates_ms=median_time(cands, qc, wc, ki, qp, kp, th, iters=iters) * 1e3,
-                final_select_ms=median_time(final, vals, iters=iters) * 1e3,
-                rows_ok=float(ok.mean()), mean_count=float(count.mean()), cap=cap, chunk_keys=t)
+                final_select_ms=median_time(final, vals, count, iters=iters) * 1e3,
+                rows_ok=float(ok.mean()), mean_count=float(count.mean()), cap=cap, chunk=chunk)
 
 
 def bench_indexer(t, matmul, iters, small):

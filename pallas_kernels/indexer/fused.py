@@ -226,15 +226,28 @@ def chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, *, k:
 
     if cap == full:                                          # the buffer holds every key
         return all_candidates()
+    th = sample_threshold(q_index, weights, k_index, q_positions, kv_positions, k=k, k_scale=k_scale,
+                          interpret=interpret, config=cfg)
+    result, ok = exact(q_index, weights, q_positions, th, cap)
+    return lax.cond(ok, lambda: result, all_candidates)
+
+
+def sample_threshold(q_index, weights, k_index, q_positions, kv_positions, *, k: int, k_scale=None,
+                     interpret=False, config: FusedIndexerConfig | None = None):
+    """Step 1: `th [B, C]` float32, the `r`-th largest score of every `sample_stride`-th key
+    (`r = ceil(oversample * min(k, S) / m)`; -inf where fewer are visible). Arguments as
+    `chunk_topk_fused`'s."""
+    cfg = config or FusedIndexerConfig()
+    b, c = q_index.shape[:2]
     m = cfg.sample_stride
     sample = chunk_scores_triton(q_index, weights, k_index[:, ::m], q_positions, kv_positions[:, ::m],
                                  k_scale=None if k_scale is None else k_scale[:, ::m], interpret=interpret,
                                  config=cfg)
-    r = min(math.ceil(cfg.oversample * width / m), sample.shape[-1])
-    sp = blocks.round_up(sample.shape[-1], SAMPLE_TILE)          # the select reads each row's visible prefix
-    kp = jnp.pad(kv_positions[:, ::m].astype(jnp.int32), [(0, 0), (0, sp - sample.shape[-1])], constant_values=-1)
+    n = sample.shape[-1]
+    r = min(math.ceil(cfg.oversample * min(k, k_index.shape[1]) / m), n)
+    sp = blocks.round_up(n, SAMPLE_TILE)                     # the select reads each row's visible prefix
+    kp = jnp.pad(kv_positions[:, ::m].astype(jnp.int32), [(0, 0), (0, sp - n)], constant_values=-1)
     prefix = _tiles_to_visit(q_positions.astype(jnp.int32), kp, 1, SAMPLE_TILE) * SAMPLE_TILE
-    top, _ = topk_select(sample.reshape(b * c, -1), r, lengths=prefix.reshape(-1), interpret=interpret,
+    top, _ = topk_select(sample.reshape(b * c, n), r, lengths=prefix.reshape(-1), interpret=interpret,
                          config=cfg.select)
-    result, ok = exact(q_index, weights, q_positions, top.min(-1).reshape(b, c), cap)
-    return lax.cond(ok, lambda: result, all_candidates)
+    return top.min(-1).reshape(b, c)
