@@ -3,6 +3,8 @@ kernel, radix select over the candidates) in interpret mode against `lax.top_k` 
 reference scores: the candidate kernel alone, both branches of the op (sampled threshold and
 the exact fallback), ties, ragged / padded rows, k > visible keys, FP8 operands."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,9 +25,11 @@ SMALL = FusedIndexerConfig(block_q=16, block_k=16, sample_stride=2, oversample=2
                            fallback_rows=16)
 
 
-def sampled_path_taken(q, w, k, qp, kp, kk, cfg):
-    """Whether the op keeps its sampled threshold (else it falls back), predicted from the
-    reference scores: every row gets >= min(k', visible) candidates and at most cap."""
+def failing_rows(q, w, k, qp, kp, kk, cfg):
+    """`[B]`: per batch row, the queries whose candidates fail the op's checks (fewer than
+    min(k', visible), or more than cap), predicted from the reference scores: 0 everywhere =
+    the sampled threshold holds; at most `fallback_rows` = those rows are redone alone; more =
+    the whole chunk is."""
     ref = np.asarray(chunk_scores_reference(q, w, k, qp, kp))
     width = min(kk, ref.shape[-1])
     m = cfg.sample_stride
@@ -33,7 +37,7 @@ def sampled_path_taken(q, w, k, qp, kp, kk, cfg):
     th = -np.sort(-ref[..., ::m], -1)[..., r - 1:r]
     count = (np.isfinite(ref) & (ref >= th)).sum(-1)
     cap = -(-int(cfg.capacity * width) // cfg.block_k) * cfg.block_k
-    return bool(((count >= np.minimum(width, np.isfinite(ref).sum(-1))) & (count <= cap)).all())
+    return (~((count >= np.minimum(width, np.isfinite(ref).sum(-1))) & (count <= cap))).sum(-1)
 
 
 def test_candidate_kernel():
@@ -56,16 +60,20 @@ def test_candidate_kernel():
             np.testing.assert_array_equal(vals[bi, t, :n], ref[bi, t, cand])
 
 
-@pytest.mark.parametrize("integer,kk,chunk", [(False, 12, 40), (True, 12, 16)])
-def test_matches_lax_top_k(integer, kk, chunk):
-    """Float inputs (the sampled threshold holds) and integer inputs (mass ties at the
-    threshold, ReLU zeros: the exact fallback runs): `lax.top_k`'s set (lower slot first
-    among ties) in ascending slot order, -1 where fewer keys are visible; padded queries and
-    keys; several chunks with T not a multiple of the chunk."""
+@pytest.mark.parametrize("integer,fallback_rows,path", [(False, 16, "sampled"), (True, 16, "rows redone"),
+                                                       (True, 4, "whole chunk redone")])
+def test_matches_lax_top_k(integer, fallback_rows, path):
+    """Float inputs (the sampled threshold holds), integer inputs (mass ties at the
+    threshold, ReLU zeros: 5 rows fail, redone alone, or with room for 4, the whole chunk):
+    `lax.top_k`'s set (lower slot first among ties) in ascending slot order, -1 where fewer
+    keys are visible; padded queries and keys; several chunks, T not a multiple of the chunk."""
+    kk, chunk = 12, (40 if path == "sampled" else 16)
+    cfg = dataclasses.replace(SMALL, fallback_rows=fallback_rows)
     q, w, k, qp, kp = make(12 + integer, integer=integer)
-    assert sampled_path_taken(q, w, k, qp, kp, kk, SMALL) != integer
+    n_bad = failing_rows(q, w, k, qp, kp, kk, cfg).max()
+    assert path == ("sampled" if n_bad == 0 else "rows redone" if n_bad <= fallback_rows else "whole chunk redone")
     got, vals = indexer_topk(q, w, k, k=kk, q_positions=qp, kv_positions=kp, query_chunk=chunk, impl="triton",
-                             interpret=True, config=SMALL, return_scores=True)
+                             interpret=True, config=cfg, return_scores=True)
     ref = ascending(best_first(q, w, k, qp, kp, kk))
     assert got.shape == (2, 37, kk) and (ref == -1).any()
     np.testing.assert_array_equal(got, ref)
@@ -113,7 +121,7 @@ def test_compiled_on_gpu(integer, kk):
     """The compiled path, bf16 inputs, default config, 600 queries x 4096 keys: float inputs
     at k = 1024 (the sampled threshold holds) against the radix-select path (the same
     selected scores; near-ties aside, the same sets) and the float32 reference; integer
-    inputs at k = 256 (exact scores, mass ties: the fallback) exactly the radix path's."""
+    inputs at k = 256 (exact scores, mass ties: rows redone) exactly the radix path's."""
     with jax.default_device(jax.devices("gpu")[0]):
         q, w, k, qp, kp = make(16, t=600, s=4096, h=4, d=64, integer=integer)
         q, w, k = (a.astype(jnp.bfloat16) for a in (q, w, k))
@@ -122,7 +130,7 @@ def test_compiled_on_gpu(integer, kk):
         radix = np.asarray(indexer_topk(q, w, k, **args))
         with jax.default_matmul_precision("highest"):
             ref = np.asarray(chunk_scores_reference(q, w, k, qp, kp))
-            assert sampled_path_taken(q, w, k, qp, kp, kk, FusedIndexerConfig()) != integer
+            assert (failing_rows(q, w, k, qp, kp, kk, FusedIndexerConfig()).max() > 0) == integer
         same = (got == radix).all(-1).mean()
         print(f"rows with the radix path's set: {same:.4f}")
         if integer:

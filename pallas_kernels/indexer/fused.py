@@ -30,10 +30,12 @@ Exactness: the buffer holds every key whose score is `>= th` (float order; -0.0 
 which only adds candidates), an up-closed set in `lax.top_k`'s order; if it holds at least k'
 keys (or every visible key) and fits in `cap`, the k' largest of the row and every key tied
 with the k'-th are in it, in slot order, so the select returns `lax.top_k`'s set with its
-lower-slot-first tie rule. The kernel checks both conditions for every row; when one fails
-(a skewed sample, mass ties such as ReLU zeros at the threshold), the chunk runs again with
-`th = -inf` and a buffer as wide as the chunk's keys, `fallback_rows` queries at a time
-(`lax.cond`; about the old path's cost).
+lower-slot-first tie rule. The kernel checks both conditions for every row; rows that fail
+(a skewed sample, mass ties such as ReLU zeros at the threshold) run again with `th = -inf`
+and a buffer as wide as the chunk's keys: up to `fallback_rows` (F) of them per batch row
+gathered into one step (a per-row failure rate of a few 1e-6 costs a 64K-query chunk one
+small step now and then), else the whole chunk, F queries at a time (`lax.switch`; about the
+old path's cost).
 Chunks with at most `cap` keys take that path directly (no sampling).
 
 Why not a fused histogram of the keys: a per-row histogram in registers costs one
@@ -73,14 +75,15 @@ class FusedIndexerConfig(IndexerTritonConfig):
     sample_stride: m, every m-th key scored for the threshold; oversample: the sample rank
     `r = ceil(oversample * k' / m)` (> 1: most rows get more than k' candidates);
     capacity: candidate columns per row, `cap = capacity * k'` (rounded up to block_k);
-    select: the radix select's tiles (sample and candidates); fallback_rows: queries per
-    step of the exact fallback (its buffers are `fallback_rows x S`)."""
+    select: the radix select's tiles (sample and candidates); fallback_rows: F, the most
+    failing rows per batch row redone alone, and the queries per step of the whole-chunk
+    fallback (buffers `F x S`)."""
 
     sample_stride: int = 8
     oversample: float = 1.5
     capacity: float = 2.0
     select: TopkSelectConfig | None = None
-    fallback_rows: int = 1024
+    fallback_rows: int = 256
 
     def __post_init__(self):
         super().__post_init__()
@@ -203,6 +206,8 @@ def chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, *, k:
     cap = min(full, blocks.round_up(math.ceil(cfg.capacity * width), bk))
 
     def exact(q, w, qp, threshold, cap):
+        """`((values, slots) [B, n, k'], bad [B, n])` for queries `q [B, n, H_I, D_I]` from
+        their candidates `>= threshold`; `bad`: the rows whose candidates fail the checks."""
         n = q.shape[1]
         slots, vals, count, nvis = chunk_candidates(q, w, k_index, qp, kv_positions, threshold, cap=cap,
                                                     k_scale=k_scale, interpret=interpret, config=cfg)
@@ -210,26 +215,37 @@ def chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, *, k:
                              interpret=interpret, config=cfg.select)
         v, col = v.reshape(b, n, width), col.reshape(b, n, width)
         picked = jnp.where(col >= 0, jnp.take_along_axis(slots, jnp.maximum(col, 0), -1), -1)
-        ok = jnp.all((count >= jnp.minimum(width, nvis)) & (count <= cap))
-        return (v, picked), ok
+        return (v, picked), (count < jnp.minimum(width, nvis)) | (count > cap)
 
-    def all_candidates():
-        """Every visible key a candidate, `fallback_rows` queries at a time."""
-        rb = min(cfg.fallback_rows, c)
+    rb = min(cfg.fallback_rows, c)
+    every_key = lambda q, w, qp: exact(q, w, qp, jnp.full(qp.shape, -jnp.inf, jnp.float32), full)[0]  # noqa: E731
+
+    def all_rows():
+        """Every visible key a candidate, `rb` queries at a time."""
         steps = -(-c // rb)
         split = lambda x, fill: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, steps * rb - c)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
                                                      constant_values=fill).reshape((b, steps, rb) + x.shape[2:]), 1, 0)
-        everything = jnp.full((b, rb), -jnp.inf, jnp.float32)
-        outs = lax.map(lambda a: exact(*a, everything, full)[0],
-                       (split(q_index, 0), split(weights, 0), split(q_positions, -1)))
+        outs = lax.map(lambda a: every_key(*a), (split(q_index, 0), split(weights, 0), split(q_positions, -1)))
         return tuple(jnp.moveaxis(o, 0, 1).reshape(b, steps * rb, width)[:, :c] for o in outs)
 
     if cap == full:                                          # the buffer holds every key
-        return all_candidates()
+        return all_rows()
     th = sample_threshold(q_index, weights, k_index, q_positions, kv_positions, k=k, k_scale=k_scale,
                           interpret=interpret, config=cfg)
-    result, ok = exact(q_index, weights, q_positions, th, cap)
-    return lax.cond(ok, lambda: result, all_candidates)
+    (vals, slots), bad = exact(q_index, weights, q_positions, th, cap)
+
+    def patch():
+        """The (at most rb per batch row) failing rows again, every visible key a candidate."""
+        rows = jax.vmap(lambda f: jnp.nonzero(f, size=rb, fill_value=c)[0])(bad)           # [B, rb]; c = none
+        at = jnp.minimum(rows, c - 1)
+        qp = jnp.where(rows < c, jnp.take_along_axis(q_positions, at, 1), -1)
+        v, sl = every_key(jnp.take_along_axis(q_index, at[:, :, None, None], 1),
+                          jnp.take_along_axis(weights, at[:, :, None], 1), qp)
+        bi = jnp.broadcast_to(jnp.arange(b)[:, None], rows.shape)
+        return vals.at[bi, rows].set(v, mode="drop"), slots.at[bi, rows].set(sl, mode="drop")
+
+    n_bad = jnp.max(jnp.sum(bad, -1))
+    return lax.switch(jnp.where(n_bad == 0, 0, jnp.where(n_bad <= rb, 1, 2)), [lambda: (vals, slots), patch, all_rows])
 
 
 def sample_threshold(q_index, weights, k_index, q_positions, kv_positions, *, k: int, k_scale=None,
