@@ -198,7 +198,7 @@ def fused_steps(qi, w, ki, chunk, cfg, iters, interpret):
     """The fused path's steps on the last (widest) query chunk (explicit positions), timed
     apart (ms): the sample's score kernel alone, the threshold (sample scores + their select),
     the candidate kernel, the final select; and the share of the chunk's rows whose candidates
-    passed the checks (count >= min(k', visible), <= cap; else the chunk falls back)."""
+    passed the checks (keys >= th: >= min(k', visible); candidates <= cap; else redone)."""
     t = qi.shape[1]
     lo, m, width = t - chunk, cfg.sample_stride, min(FLAGS.top_k, t)
     qc, wc = qi[:, lo:], w[:, lo:]
@@ -209,13 +209,13 @@ def fused_steps(qi, w, ki, chunk, cfg, iters, interpret):
                                                                  interpret=interpret))
     thresh = jax.jit(lambda q, w, k, qp, kp: sample_threshold(q, w, k, qp, kp, k=FLAGS.top_k, config=cfg,
                                                               interpret=interpret))
-    cands = jax.jit(lambda q, w, k, qp, kp, th: chunk_candidates(q, w, k, qp, kp, th, cap=cap, config=cfg,
-                                                                 interpret=interpret))
+    cands = jax.jit(lambda q, w, k, qp, kp, th: chunk_candidates(q, w, k, qp, kp, th, cap=cap, keep_ties=width,
+                                                                 config=cfg, interpret=interpret))
     final = jax.jit(lambda v, n: topk_select(v[0], width, lengths=jnp.minimum(n[0], cap), config=cfg.select,
                                              interpret=interpret))
     th = thresh(qc, wc, ki, qp, kp)
-    _, vals, count, nvis = cands(qc, wc, ki, qp, kp, th)
-    ok = (count >= jnp.minimum(width, nvis)) & (count <= cap)
+    _, vals, count, reach, nvis = cands(qc, wc, ki, qp, kp, th)
+    ok = (reach >= jnp.minimum(width, nvis)) & (count <= cap)
     return dict(sample_scores_ms=median_time(sample, qc, wc, ki, qp, kp, iters=iters) * 1e3,
                 threshold_ms=median_time(thresh, qc, wc, ki, qp, kp, iters=iters) * 1e3,
                 candidates_ms=median_time(cands, qc, wc, ki, qp, kp, th, iters=iters) * 1e3,

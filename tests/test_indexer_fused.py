@@ -35,23 +35,31 @@ def failing_rows(q, w, k, qp, kp, kk, cfg):
     m = cfg.sample_stride
     r = min(-(-int(cfg.oversample * width) // m), ref[..., ::m].shape[-1])
     th = -np.sort(-ref[..., ::m], -1)[..., r - 1:r]
-    count = (np.isfinite(ref) & (ref >= th)).sum(-1)
+    vis = np.isfinite(ref)
+    reach = (vis & (ref >= th)).sum(-1)
+    count = (vis & (ref > th)).sum(-1) + np.minimum((vis & (ref == th)).sum(-1), width)
     cap = -(-int(cfg.capacity * width) // cfg.block_k) * cfg.block_k
-    return (~((count >= np.minimum(width, np.isfinite(ref).sum(-1))) & (count <= cap))).sum(-1)
+    return (~((reach >= np.minimum(width, vis.sum(-1))) & (count <= cap))).sum(-1)
 
 
 def test_candidate_kernel():
-    """Every visible key with score >= the row's threshold, in slot order; counts beyond cap; -inf thresholds keep every visible key; exact integer scores."""
+    """Every visible key above the row's threshold and the first `keep_ties` equal to it, in
+    slot order; counts beyond cap; -inf thresholds keep every visible key; exact integer
+    scores (many ties)."""
     q, w, k, qp, kp = make(11, integer=True)
     ref = np.asarray(chunk_scores_reference(q, w, k, qp, kp))
-    th = np.where(np.arange(37) % 3 == 0, -np.inf, np.asarray(q[..., 0, 0]) * 3).astype(np.float32)
-    slots, vals, count, nvis = chunk_candidates(q, w, k, qp, kp, jnp.asarray(th), cap=48, interpret=True,
-                                                config=IndexerTritonConfig(block_q=16, block_k=16))
+    th = np.where(np.arange(37) % 3 == 0, -np.inf, np.asarray(q[..., 0, 0]) * 3 + 1).astype(np.float32)  # not 0
+    slots, vals, count, reach, nvis = chunk_candidates(q, w, k, qp, kp, jnp.asarray(th), cap=48, keep_ties=3,
+                                                       interpret=True,
+                                                       config=IndexerTritonConfig(block_q=16, block_k=16))
     assert slots.shape == vals.shape == (2, 37, 48)
-    want = np.isfinite(ref) & (ref >= th[..., None])
+    vis = np.isfinite(ref)
+    tie = vis & (ref == th[..., None])
+    want = (vis & (ref > th[..., None])) | (tie & (np.cumsum(tie, -1) <= 3))
     np.testing.assert_array_equal(count, want.sum(-1))
-    np.testing.assert_array_equal(nvis, np.isfinite(ref).sum(-1))
-    assert (np.asarray(count) > 48).any() and (np.asarray(count) < 48).any()
+    np.testing.assert_array_equal(reach, (vis & (ref >= th[..., None])).sum(-1))
+    np.testing.assert_array_equal(nvis, vis.sum(-1))
+    assert (np.asarray(count) > 48).any() and (np.asarray(count) < 48).any() and (tie.sum(-1) > 3).any()
     for bi in range(2):
         for t in range(37):
             cand = np.flatnonzero(want[bi, t])[:48]
@@ -60,15 +68,16 @@ def test_candidate_kernel():
             np.testing.assert_array_equal(vals[bi, t, :n], ref[bi, t, cand])
 
 
-@pytest.mark.parametrize("integer,fallback_rows,path", [(False, 16, "sampled"), (True, 16, "rows redone"),
-                                                       (True, 4, "whole chunk redone")])
-def test_matches_lax_top_k(integer, fallback_rows, path):
-    """Float inputs (the sampled threshold holds), integer inputs (mass ties at the
-    threshold, ReLU zeros: 5 rows fail, redone alone, or with room for 4, the whole chunk):
-    `lax.top_k`'s set (lower slot first among ties) in ascending slot order, -1 where fewer
-    keys are visible; padded queries and keys; several chunks, T not a multiple of the chunk."""
+@pytest.mark.parametrize("integer,oversample,fallback_rows,path", [
+    (False, 2.0, 16, "sampled"), (True, 1.2, 16, "rows redone"), (True, 1.2, 4, "whole chunk redone")])
+def test_matches_lax_top_k(integer, oversample, fallback_rows, path):
+    """Float inputs (the sampled threshold holds for every row); integer inputs (exact
+    scores, many ties) with a low sample rank, so that 11 rows get fewer than k' candidates:
+    redone alone, or, with room for 4, the whole chunk. `lax.top_k`'s set (lower slot first
+    among ties) in ascending slot order, -1 where fewer keys are visible; padded queries and
+    keys; several chunks, T not a multiple of the chunk."""
     kk, chunk = 12, (40 if path == "sampled" else 16)
-    cfg = dataclasses.replace(SMALL, fallback_rows=fallback_rows)
+    cfg = dataclasses.replace(SMALL, oversample=oversample, fallback_rows=fallback_rows)
     q, w, k, qp, kp = make(12 + integer, integer=integer)
     n_bad = failing_rows(q, w, k, qp, kp, kk, cfg).max()
     assert path == ("sampled" if n_bad == 0 else "rows redone" if n_bad <= fallback_rows else "whole chunk redone")
@@ -111,7 +120,7 @@ def test_bad_config_raises():
             FusedIndexerConfig(**kw)
     q, w, k, qp, kp = make(15, b=1, t=8, s=40)
     with pytest.raises(ValueError, match="cap"):
-        chunk_candidates(q, w, k, qp, kp, jnp.zeros((1, 8)), cap=24, interpret=True)
+        chunk_candidates(q, w, k, qp, kp, jnp.zeros((1, 8)), cap=24, keep_ties=4, interpret=True)
 
 
 @pytest.mark.gpu

@@ -17,25 +17,27 @@ H100, 64K, 4 heads x 64, k = 2048: 41.6 ms, of which the select ~32 ms. This pat
 2. Candidates (`_kernel`, Pallas Triton, one program per query tile, q and w resident in
    registers, the longest (causal) tiles launched first): the tile's scores are recomputed key
    tile by key tile up to the last tile holding a key visible to the query tile (the score
-   kernel's `tile_scores`), and the slots and float32 scores with `score >= th` are appended,
-   in slot order (an in-tile exclusive cumsum, as the select's compaction), to the row's
-   buffer of `cap = capacity * k'` columns; the kernel also counts, per row, the candidates
-   (`count`, beyond `cap` too) and the visible keys.
+   kernel's `tile_scores`), and the slots and float32 scores of the keys above `th`, plus the
+   first k' keys equal to it (in `lax.top_k`'s total order: `select.float_keys`), are appended
+   in slot order (one in-tile exclusive scan carries both running counts, packed in 16-bit
+   halves) to the row's buffer of `cap = capacity * k'` columns; the kernel also counts, per
+   row, the candidates (beyond `cap` too), the keys `>= th` and the visible keys.
 3. Exact set: the radix select on the `[B * C, cap]` buffers, each row read up to its count
    (~`oversample * k'` columns: 1/10 of the old select's work at 64K causal, k' = 2048),
    gives the k' largest as buffer columns, ascending; the slots are gathered from them
    (ascending, since the buffer is in slot order).
 
-Exactness: the buffer holds every key whose score is `>= th` (float order; -0.0 with +0.0,
-which only adds candidates), an up-closed set in `lax.top_k`'s order; if it holds at least k'
-keys (or every visible key) and fits in `cap`, the k' largest of the row and every key tied
-with the k'-th are in it, in slot order, so the select returns `lax.top_k`'s set with its
-lower-slot-first tie rule. The kernel checks both conditions for every row; rows that fail
-(a skewed sample, mass ties such as ReLU zeros at the threshold) run again with `th = -inf`
-and a buffer as wide as the chunk's keys: up to `fallback_rows` (F) of them per batch row
-gathered into one step (a per-row failure rate of a few 1e-6 costs a 64K-query chunk one
-small step now and then), else the whole chunk, F queries at a time (`lax.switch`; about the
-old path's cost).
+Exactness: the buffer holds every key above `th` and the lowest-slot k' keys equal to it, in
+slot order. If at least k' keys (or every visible key) are `>= th`, the k'-th largest T is
+`>= th`: every key above T is in the buffer, and so are the keys tied at T that `lax.top_k`
+takes (all of them if T > th; the lowest-slot ones, at most k', if T = th); so the select
+over the buffer returns `lax.top_k`'s set with its lower-slot-first tie rule. The kernel
+checks both conditions (>= k' keys `>= th`, buffer within `cap`) for every row; rows that
+fail (a skewed sample; ties at the threshold, such as a mass of ReLU zeros, take at most k'
+columns) run again with `th = -inf` and a buffer as wide as the chunk's keys: up to
+`fallback_rows` (F) of them per batch row gathered into one step (a per-row failure rate of
+a few 1e-6 costs a 64K-query chunk one small step now and then), else the whole chunk, F
+queries at a time (`lax.switch`; about the old path's cost).
 Chunks with at most `cap` keys take that path directly (no sampling).
 
 Why not a fused histogram of the keys: a per-row histogram in registers costs one
@@ -64,7 +66,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import blocks
 from pallas_kernels.indexer.common_tile import tile_scores
-from pallas_kernels.indexer.select import TopkSelectConfig, topk_select
+from pallas_kernels.indexer.select import NEG_INF_KEY, TopkSelectConfig, float_keys, topk_select
 from pallas_kernels.indexer.triton import IndexerTritonConfig, chunk_scores_triton
 from pallas_kernels.tiles_common import BIG
 
@@ -97,13 +99,13 @@ class FusedIndexerConfig(IndexerTritonConfig):
 
 
 def _kernel(nt_ref, qp_ref, th_ref, kp_ref, q_ref, w_ref, k_ref, *rest, num_heads, n_q_tiles, n_k_tiles,
-            block_q, block_k, cap, widen):
-    ks_ref = rest[0] if len(rest) == 5 else None
-    slots_ref, vals_ref, count_ref, nvis_ref = rest[-4:]
+            block_q, block_k, cap, keep_ties, widen):
+    ks_ref = rest[0] if len(rest) == 6 else None
+    slots_ref, vals_ref, count_ref, reach_ref, nvis_ref = rest[-5:]
     b, i = pl.program_id(0), n_q_tiles - 1 - pl.program_id(1)    # causal: the longest tiles first
     r0 = (b * n_q_tiles + i) * block_q                       # first row of the flattened [B * Cp]
     qp = qp_ref[pl.ds(r0, block_q)][:, None]
-    th = th_ref[pl.ds(r0, block_q)][:, None]
+    th_key = float_keys(th_ref[pl.ds(r0, block_q)])[:, None]
     cast = (lambda x: x.astype(jnp.bfloat16)) if widen else (lambda x: x)  # noqa: E731
     qs = [cast(q_ref[pl.ds(((b * num_heads + h) * n_q_tiles + i) * block_q, block_q), :])
           for h in range(num_heads)]
@@ -113,22 +115,33 @@ def _kernel(nt_ref, qp_ref, th_ref, kp_ref, q_ref, w_ref, k_ref, *rest, num_head
     col = jnp.arange(block_k, dtype=jnp.int32)[None, :]
 
     def tile(j, carry):
-        n, nvis = carry
+        n, n_ties, reach, nvis = carry
         sl = pl.ds(pl.multiple_of(b * (n_k_tiles * block_k) + j * block_k, block_k), block_k)
         sc = tile_scores(lambda h: qs[h], lambda h: ws[h], cast(k_ref[sl, :]), num_heads, qp,
                          kp_ref[sl][None, :], None if ks_ref is None else ks_ref[sl][None, :])
-        vis = sc > -jnp.inf
-        take = vis & (sc >= th)
-        take_i = take.astype(jnp.int32)
-        pos = n[:, None] + jnp.cumsum(take_i, axis=1) - take_i
+        key = float_keys(sc)
+        vis = key > NEG_INF_KEY
+        above = vis & (key > th_key)
+        tie = vis & (key == th_key)
+        # one scan for both running counts: keys >= th in the low 16 bits, ties in the high
+        packed = (above | tie).astype(jnp.int32) + lax.shift_left(tie.astype(jnp.int32), 16)
+        before = jnp.cumsum(packed, axis=1) - packed
+        ge_before, ties_before = before & 0xFFFF, lax.shift_right_logical(before, 16)
+        room = jnp.maximum(keep_ties - n_ties, 0)[:, None]                  # ties still kept
+        take = above | (tie & (ties_before < room))
+        pos = n[:, None] + ge_before - ties_before + jnp.minimum(ties_before, room)
         keep = take & (pos < cap)
         plgpu.store(slots_ref.at[rows_idx, pos], j * block_k + col + jnp.zeros_like(pos), mask=keep)
         plgpu.store(vals_ref.at[rows_idx, pos], sc, mask=keep)
-        return n + take_i.sum(axis=1), nvis + vis.astype(jnp.int32).sum(axis=1)
+        total = packed.sum(axis=1)
+        ge, ties = total & 0xFFFF, lax.shift_right_logical(total, 16)
+        return (n + ge - ties + jnp.minimum(ties, room[:, 0]), n_ties + ties, reach + ge,
+                nvis + vis.astype(jnp.int32).sum(axis=1))
 
     zero = jnp.zeros((block_q,), jnp.int32)
-    n, nvis = lax.fori_loop(0, nt_ref[b * n_q_tiles + i], tile, (zero, zero))
+    n, _, reach, nvis = lax.fori_loop(0, nt_ref[b * n_q_tiles + i], tile, (zero, zero, zero, zero))
     count_ref[pl.ds(r0, block_q)] = n
+    reach_ref[pl.ds(r0, block_q)] = reach
     nvis_ref[pl.ds(r0, block_q)] = nvis
 
 
@@ -148,17 +161,20 @@ def _tiles_to_visit(qp, kp, bq, bk):
 
 
 def chunk_candidates(q_index, weights, k_index, q_positions, kv_positions, threshold, *, cap: int,
-                     k_scale=None, interpret=False, config: IndexerTritonConfig | None = None):
-    """Every visible key with score `>= threshold`, per query, in slot order.
+                     keep_ties: int, k_scale=None, interpret=False, config: IndexerTritonConfig | None = None):
+    """Every visible key with score above the threshold, and the first `keep_ties` equal to
+    it, per query, in slot order (order and ties by the float keys, `select.float_keys`).
 
     Args: `chunk_scores_triton`'s (q_index `[B, C, H_I, D_I]`, weights `[B, C, H_I]`, k_index
       `[B, S, D_I]`, positions `[B, C]` / `[B, S]`, k_scale None or `[B, S]` for FP8 operands),
       threshold `[B, C]` float32 (-inf: every visible key), cap: buffer columns, a multiple of
-      the key tile (`pow2_block(config.block_k, S)`).
+      the key tile (`pow2_block(config.block_k, S)`); keep_ties: ties with the threshold kept
+      (k' suffices: the select takes at most k' of them, the lowest slots first).
     Returns: `(slots [B, C, cap] int32, scores [B, C, cap] float32, count [B, C] int32,
-      n_visible [B, C] int32)`: the first `min(count, cap)` columns hold the candidates
-      (ascending slots, their scores), the others are not written; `count` = candidates in
-      all (may exceed cap), `n_visible` = visible keys.
+      reach [B, C] int32, n_visible [B, C] int32)`: the first `min(count, cap)` columns hold
+      the candidates (ascending slots, their scores), the others are not written; `count` =
+      candidates in all (may exceed cap), `reach` = visible keys `>=` the threshold (ties
+      beyond keep_ties too), `n_visible` = visible keys.
     """
     cfg = config or IndexerTritonConfig()
     b, c, h, d = q_index.shape
@@ -167,6 +183,8 @@ def chunk_candidates(q_index, weights, k_index, q_positions, kv_positions, thres
     bq, bk = blocks.pow2_block(cfg.block_q, c), blocks.pow2_block(cfg.block_k, s)
     if cap % bk or cap < bk:
         raise ValueError(f"cap must be a positive multiple of the key tile {bk}, got {cap}")
+    if bk >= 2**15:
+        raise ValueError(f"block_k must be < 2**15 (16-bit counts in the kernel's scan), got {bk}")
     cp, sp, dp = blocks.round_up(c, bq), blocks.round_up(s, bk), max(32 if fp8 else 16, blocks.pl_next_pow2(d))
     q = jnp.pad(jnp.moveaxis(q_index, 2, 1), [(0, 0), (0, 0), (0, cp - c), (0, dp - d)])   # [B, H, Cp, D]
     w = jnp.pad(jnp.moveaxis(weights, 2, 1), [(0, 0), (0, 0), (0, cp - c)])                # [B, H, Cp]
@@ -178,18 +196,19 @@ def chunk_candidates(q_index, weights, k_index, q_positions, kv_positions, thres
     if fp8:
         args.append(jnp.pad(k_scale.astype(jnp.float32), [(0, 0), (0, sp - s)]).reshape(-1))
     rows = b * cp
-    slots, vals, count, nvis = pl.pallas_call(
+    counts = [jax.ShapeDtypeStruct((rows,), jnp.int32)] * 3
+    slots, vals, count, reach, nvis = pl.pallas_call(
         functools.partial(_kernel, num_heads=h, n_q_tiles=cp // bq, n_k_tiles=sp // bk, block_q=bq,
-                          block_k=bk, cap=cap, widen=fp8 and not cfg.fp8_dot),
+                          block_k=bk, cap=cap, keep_ties=keep_ties, widen=fp8 and not cfg.fp8_dot),
         grid=(b, cp // bq),
         out_shape=(jax.ShapeDtypeStruct((rows, cap), jnp.int32), jax.ShapeDtypeStruct((rows, cap), jnp.float32),
-                   jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32)),
+                   *counts),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="indexer_candidates_fp8" if fp8 else "indexer_candidates",
     )(*args)
     unflat = lambda x: x.reshape((b, cp) + x.shape[1:])[:, :c]   # noqa: E731
-    return unflat(slots), unflat(vals), unflat(count), unflat(nvis)
+    return unflat(slots), unflat(vals), unflat(count), unflat(reach), unflat(nvis)
 
 
 def chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, *, k: int, k_scale=None,
@@ -209,13 +228,14 @@ def chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, *, k:
         """`((values, slots) [B, n, k'], bad [B, n])` for queries `q [B, n, H_I, D_I]` from
         their candidates `>= threshold`; `bad`: the rows whose candidates fail the checks."""
         n = q.shape[1]
-        slots, vals, count, nvis = chunk_candidates(q, w, k_index, qp, kv_positions, threshold, cap=cap,
-                                                    k_scale=k_scale, interpret=interpret, config=cfg)
+        slots, vals, count, reach, nvis = chunk_candidates(q, w, k_index, qp, kv_positions, threshold, cap=cap,
+                                                           keep_ties=width, k_scale=k_scale, interpret=interpret,
+                                                           config=cfg)
         v, col = topk_select(vals.reshape(b * n, cap), width, lengths=jnp.minimum(count, cap).reshape(-1),
                              interpret=interpret, config=cfg.select)
         v, col = v.reshape(b, n, width), col.reshape(b, n, width)
         picked = jnp.where(col >= 0, jnp.take_along_axis(slots, jnp.maximum(col, 0), -1), -1)
-        return (v, picked), (count < jnp.minimum(width, nvis)) | (count > cap)
+        return (v, picked), (reach < jnp.minimum(width, nvis)) | (count > cap)
 
     rb = min(cfg.fallback_rows, c)
     every_key = lambda q, w, qp: exact(q, w, qp, jnp.full(qp.shape, -jnp.inf, jnp.float32), full)[0]  # noqa: E731
