@@ -51,6 +51,7 @@ CPU smoke run (tiny shapes, kernels in interpret mode, no cuDNN):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -194,6 +195,9 @@ def check_selection(idx, qi, w, ki, rows):
     return float((np.abs(np.where(fin, np.sort(picked, -1)[:, ::-1] - best, 0)) / scale).max())
 
 
+CANDIDATE_TILES = [(128, 128, 8), (64, 64, 4), (32, 128, 4)]   # (block_q, block_k, num_warps); default 64, 128, 4
+
+
 def fused_steps(qi, w, ki, chunk, cfg, iters, interpret):
     """The fused path's steps on the last (widest) query chunk (explicit positions), timed
     apart (ms): the sample's score kernel alone, the threshold (sample scores + their select),
@@ -216,11 +220,21 @@ def fused_steps(qi, w, ki, chunk, cfg, iters, interpret):
     th = thresh(qc, wc, ki, qp, kp)
     _, vals, count, reach, nvis = cands(qc, wc, ki, qp, kp, th)
     ok = (reach >= jnp.minimum(width, nvis)) & (count <= cap)
-    return dict(sample_scores_ms=median_time(sample, qc, wc, ki, qp, kp, iters=iters) * 1e3,
-                threshold_ms=median_time(thresh, qc, wc, ki, qp, kp, iters=iters) * 1e3,
-                candidates_ms=median_time(cands, qc, wc, ki, qp, kp, th, iters=iters) * 1e3,
-                final_select_ms=median_time(final, vals, count, iters=iters) * 1e3,
-                rows_ok=float(ok.mean()), mean_count=float(count.mean()), cap=cap, chunk=chunk)
+    out = dict(sample_scores_ms=median_time(sample, qc, wc, ki, qp, kp, iters=iters) * 1e3,
+               threshold_ms=median_time(thresh, qc, wc, ki, qp, kp, iters=iters) * 1e3,
+               candidates_ms=median_time(cands, qc, wc, ki, qp, kp, th, iters=iters) * 1e3,
+               final_select_ms=median_time(final, vals, count, iters=iters) * 1e3,
+               rows_ok=float(ok.mean()), mean_count=float(count.mean()), cap=cap, chunk=chunk)
+    for bq, bk_, nw in CANDIDATE_TILES:             # the candidate kernel at other tiles (same cap)
+        c2 = dataclasses.replace(cfg, block_q=bq, block_k=bk_, num_warps=nw)
+        f2 = jax.jit(lambda q, w, k, qp, kp, th, c2=c2: chunk_candidates(q, w, k, qp, kp, th, cap=cap,
+                                                                        keep_ties=width, config=c2,
+                                                                        interpret=interpret))
+        try:
+            out[f"candidates_ms_{bq}x{bk_}w{nw}"] = median_time(f2, qc, wc, ki, qp, kp, th, iters=iters) * 1e3
+        except Exception as e:  # noqa: BLE001 - a tile that does not compile must not lose the row
+            out[f"candidates_{bq}x{bk_}w{nw}_error"] = str(e)[:200]
+    return out
 
 
 def bench_indexer(t, matmul, iters, small):
