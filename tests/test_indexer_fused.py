@@ -77,7 +77,7 @@ def test_matches_lax_top_k(integer, oversample, fallback_rows, path):
     among ties) in ascending slot order, -1 where fewer keys are visible; padded queries and
     keys; several chunks, T not a multiple of the chunk."""
     kk, chunk = 12, (40 if path == "sampled" else 16)
-    cfg = dataclasses.replace(SMALL, oversample=oversample, fallback_rows=fallback_rows)
+    cfg = dataclasses.replace(SMALL, oversample=oversample, fallback_rows=fallback_rows, fallback_chunk=fallback_rows)
     q, w, k, qp, kp = make(12 + integer, integer=integer)
     n_bad = failing_rows(q, w, k, qp, kp, kk, cfg).max()
     assert path == ("sampled" if n_bad == 0 else "rows redone" if n_bad <= fallback_rows else "whole chunk redone")
@@ -115,7 +115,7 @@ def test_fp8_scores():
 def test_bad_config_raises():
     for kw, name in ((dict(sample_stride=0), "sample_stride"), (dict(oversample=0.5), "oversample"),
                      (dict(oversample=2.0, capacity=1.5), "capacity"), (dict(block_k=24), "block_k"),
-                     (dict(fallback_rows=0), "fallback_rows")):
+                     (dict(fallback_rows=0), "fallback_rows"), (dict(fallback_chunk=0), "fallback_chunk")):
         with pytest.raises(ValueError, match=name):
             FusedIndexerConfig(**kw)
     q, w, k, qp, kp = make(15, b=1, t=8, s=40)

@@ -36,8 +36,8 @@ checks both conditions (>= k' keys `>= th`, buffer within `cap`) for every row; 
 fail (a skewed sample; ties at the threshold, such as a mass of ReLU zeros, take at most k'
 columns) run again with `th = -inf` and a buffer as wide as the chunk's keys: up to
 `fallback_rows` (F) of them per batch row gathered into one step (a per-row failure rate of
-a few 1e-6 costs a 64K-query chunk one small step now and then), else the whole chunk, F
-queries at a time (`lax.switch`; about the old path's cost).
+a few 1e-6 costs a 64K-query chunk one small step now and then), else the whole chunk,
+`fallback_chunk` queries at a time (`lax.switch`; about the old path's cost).
 Chunks with at most `cap` keys take that path directly (no sampling).
 
 Why not a fused histogram of the keys: a per-row histogram in registers costs one
@@ -78,18 +78,19 @@ class FusedIndexerConfig(IndexerTritonConfig):
     `r = ceil(oversample * k' / m)` (> 1: most rows get more than k' candidates);
     capacity: candidate columns per row, `cap = capacity * k'` (rounded up to block_k);
     select: the radix select's tiles (sample and candidates); fallback_rows: F, the most
-    failing rows per batch row redone alone, and the queries per step of the whole-chunk
-    fallback (buffers `F x S`)."""
+    failing rows per batch row redone alone (buffers `F x S`); fallback_chunk: queries per
+    step when more fail (the whole chunk redone; buffers `fallback_chunk x S`)."""
 
     sample_stride: int = 8
     oversample: float = 1.5
     capacity: float = 2.0
     select: TopkSelectConfig | None = None
     fallback_rows: int = 256
+    fallback_chunk: int = 2048
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("sample_stride", "fallback_rows"):
+        for name in ("sample_stride", "fallback_rows", "fallback_chunk"):
             val = getattr(self, name)
             if not (isinstance(val, int) and val >= 1):
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
@@ -241,7 +242,8 @@ def chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, *, k:
     every_key = lambda q, w, qp: exact(q, w, qp, jnp.full(qp.shape, -jnp.inf, jnp.float32), full)[0]  # noqa: E731
 
     def all_rows():
-        """Every visible key a candidate, `rb` queries at a time."""
+        """Every visible key a candidate, `fallback_chunk` queries at a time."""
+        rb = min(cfg.fallback_chunk, c)
         steps = -(-c // rb)
         split = lambda x, fill: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, steps * rb - c)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
                                                      constant_values=fill).reshape((b, steps, rb) + x.shape[2:]), 1, 0)
