@@ -195,7 +195,7 @@ def check_selection(idx, qi, w, ki, rows):
     return float((np.abs(np.where(fin, np.sort(picked, -1)[:, ::-1] - best, 0)) / scale).max())
 
 
-CANDIDATE_TILES = [(128, 128, 8), (64, 64, 4), (32, 128, 4)]   # (block_q, block_k, num_warps); default 64, 128, 4
+CANDIDATE_TILES = [(64, 128, 8), (128, 128, 8), (64, 64, 4), (32, 128, 4)]   # (block_q, block_k, warps)
 
 
 def fused_steps(qi, w, ki, chunk, cfg, iters, interpret):
@@ -247,11 +247,13 @@ def bench_indexer(t, matmul, iters, small):
                top_k=FLAGS.top_k, query_chunk=chunk,
                sel_err=check_selection(idx, qi, w, ki, min(FLAGS.check_rows, t)))
     sec = median_time(f, qi, w, ki, iters=iters)
-    row.update(ms=sec * 1e3, tflops=flops / sec / 1e12, matmul_tflops=matmul, frac_of_matmul=flops / sec / 1e12 / matmul)
+    row.update(ms=sec * 1e3, tflops=flops / sec / 1e12, matmul_tflops=matmul,
+               frac_of_matmul=flops / sec / 1e12 / matmul)
     print(json.dumps(row), flush=True)
     if FLAGS.scores_only:
         sc = median_time(jax.jit(scores_only_fn(chunk, small)), qi, w, ki, iters=iters)
-        row.update(scores_ms=sc * 1e3, scores_tflops=flops / sc / 1e12, scores_frac_of_matmul=flops / sc / 1e12 / matmul)
+        row.update(scores_ms=sc * 1e3, scores_tflops=flops / sc / 1e12,
+                   scores_frac_of_matmul=flops / sc / 1e12 / matmul)
     if FLAGS.fused:
         rows = min(FLAGS.check_rows, t)
         fchunk = min(FLAGS.fused_query_chunk or t, t)

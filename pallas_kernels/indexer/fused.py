@@ -193,7 +193,8 @@ def chunk_candidates(q_index, weights, k_index, q_positions, kv_positions, thres
     qp = jnp.pad(q_positions.astype(jnp.int32), [(0, 0), (0, cp - c)], constant_values=-1)
     kp = jnp.pad(kv_positions.astype(jnp.int32), [(0, 0), (0, sp - s)], constant_values=-1)
     th = jnp.pad(threshold.astype(jnp.float32), [(0, 0), (0, cp - c)])
-    args = [_tiles_to_visit(qp, kp, bq, bk).reshape(-1), qp.reshape(-1), th.reshape(-1), kp.reshape(-1), q.reshape(-1, dp), w.reshape(-1), k.reshape(-1, dp)]
+    args = [_tiles_to_visit(qp, kp, bq, bk).reshape(-1), qp.reshape(-1), th.reshape(-1), kp.reshape(-1),
+            q.reshape(-1, dp), w.reshape(-1), k.reshape(-1, dp)]
     if fp8:
         args.append(jnp.pad(k_scale.astype(jnp.float32), [(0, 0), (0, sp - s)]).reshape(-1))
     rows = b * cp
@@ -243,12 +244,15 @@ def chunk_topk_fused(q_index, weights, k_index, q_positions, kv_positions, *, k:
 
     def all_rows():
         """Every visible key a candidate, `fallback_chunk` queries at a time."""
-        rb = min(cfg.fallback_chunk, c)
-        steps = -(-c // rb)
-        split = lambda x, fill: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, steps * rb - c)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
-                                                     constant_values=fill).reshape((b, steps, rb) + x.shape[2:]), 1, 0)
+        n = min(cfg.fallback_chunk, c)
+        steps = -(-c // n)
+
+        def split(x, fill):
+            x = jnp.pad(x, [(0, 0), (0, steps * n - c)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+            return jnp.moveaxis(x.reshape((b, steps, n) + x.shape[2:]), 1, 0)
+
         outs = lax.map(lambda a: every_key(*a), (split(q_index, 0), split(weights, 0), split(q_positions, -1)))
-        return tuple(jnp.moveaxis(o, 0, 1).reshape(b, steps * rb, width)[:, :c] for o in outs)
+        return tuple(jnp.moveaxis(o, 0, 1).reshape(b, steps * n, width)[:, :c] for o in outs)
 
     if cap == full:                                          # the buffer holds every key
         return all_rows()
