@@ -12,25 +12,30 @@ H100, 64K, 4 heads x 64, k = 2048: 41.6 ms, of which the select ~32 ms. This pat
    largest (`k' = min(k, S)`; the select reads each row up to its last visible sampled tile);
    `th` = the smallest of them (-inf where fewer than r sampled keys are visible). About
    `m * r = oversample * k'` keys of the row score `>= th`; the count's spread is
-   ~`sqrt(m * oversample * k')` (222 at m = 8, k' = 2048, oversample 1.5: the margins to k'
-   and to the buffer, 1024 each, are 4.6 spreads for rows of exchangeable scores).
+   ~`sqrt(m * oversample * k')` (169 at m = 8, k' = 2048, oversample 1.75: the margin to k',
+   1536, is 9 spreads for rows of exchangeable scores; bench_dsa's random inputs at 64K, 600
+   rows in numpy: 3564 +- 233 kept, at most 4261, none failing; capacity 3 leaves room for
+   a mass of ties at `th`, e.g. ReLU zeros, kept until the buffer holds k').
 2. Candidates (`_kernel`, Pallas Triton, one program per query tile, q and w resident in
    registers, the longest (causal) tiles launched first): the tile's scores are recomputed key
    tile by key tile up to the last tile holding a key visible to the query tile (the score
    kernel's `tile_scores`), and the slots and float32 scores of the keys above `th`, plus the
-   first k' keys equal to it (in `lax.top_k`'s total order: `select.float_keys`), are appended
-   in slot order (one in-tile exclusive scan carries both running counts, packed in 16-bit
-   halves) to the row's buffer of `cap = capacity * k'` columns; the kernel also counts, per
-   row, the candidates (beyond `cap` too), the keys `>= th` and the visible keys.
+   keys equal to it (in `lax.top_k`'s total order: `select.float_keys`) while the buffer
+   holds fewer than k', are appended in slot order (one in-tile exclusive scan carries both
+   running counts, packed in 16-bit halves) to the row's buffer of `cap = capacity * k'`
+   columns; the kernel also counts, per row, the candidates (beyond `cap` too), the keys
+   `>= th` and the visible keys.
 3. Exact set: the radix select on the `[B * C, cap]` buffers, each row read up to its count
-   (~`oversample * k'` columns: 1/10 of the old select's work at 64K causal, k' = 2048),
+   (~`oversample * k'` columns: 1/9 of the old select's work at 64K causal, k' = 2048),
    gives the k' largest as buffer columns, ascending; the slots are gathered from them
    (ascending, since the buffer is in slot order).
 
-Exactness: the buffer holds every key above `th` and the lowest-slot k' keys equal to it, in
-slot order. If at least k' keys (or every visible key) are `>= th`, the k'-th largest T is
-`>= th`: every key above T is in the buffer, and so are the keys tied at T that `lax.top_k`
-takes (all of them if T > th; the lowest-slot ones, at most k', if T = th); so the select
+Exactness: the buffer holds, in slot order, every key above `th` and the keys equal to it up
+to the first that finds k' keys before it in the buffer. If at least k' keys (or every
+visible key) are `>= th`, the k'-th largest T is `>= th`: every key above T is in the buffer,
+and so are the keys tied at T that `lax.top_k` takes: all of them if T > th; if T = th, the
+`need = k' - (keys above th)` lowest-slot ones (a tie is dropped only once k' keys precede it,
+at least `k' - (keys above th)` of them ties already kept). So the select
 over the buffer returns `lax.top_k`'s set with its lower-slot-first tie rule. The kernel
 checks both conditions (>= k' keys `>= th`, buffer within `cap`) for every row; rows that
 fail (a skewed sample; ties at the threshold, such as a mass of ReLU zeros, take at most k'
@@ -44,12 +49,15 @@ Why not a fused histogram of the keys: a per-row histogram in registers costs on
 compare-add per bin and element (the radix select is bound by exactly these at 4 bins), and a
 useful first pass needs hundreds of bins (the top 8 key bits hold sign and exponent only);
 Pallas Triton offers no shared-memory atomics. The sample replaces the coarse passes by 1/m
-of the score work; what stays exact is a select over ~1.5 k' candidates instead of S.
+of the score work; what stays exact is a select over ~1.75 k' candidates instead of S.
 
-Cost model at 64K causal (2.15e9 scores; to be timed by `bench_dsa.py --fused`): sample scores
-1/8 of the score kernel (~1.2 ms), sample select 1/8 of the old select's elements (~4 ms),
-candidate kernel = the score dots and epilogue once more, without the 8.6 GB of writes
-(~3-5 ms), final select over 4096 columns per row (~4 ms): ~12-14 ms against 41.6.
+Cost model at 64K causal, one chunk (2.15e9 scores; `bench_dsa.py --fused` times each step):
+sample scores ~1/8 of the score kernel (~1.5 ms, its invisible tiles written as -inf), sample
+select over ~4K columns per row and final select over ~3.6K (~1-3 ms each: rows of 16 KB,
+not the old 256 KB), candidate kernel = the score dots and epilogue once more plus a scan and
+two masked scatters per tile, without the 8.6 GB of writes (~3-5 ms): ~7-12 ms against 41.6,
+i.e. 15-25% of the bf16 matmul rate, short of issue 15's 40% unless the candidate kernel runs
+near the dot rate.
 """
 
 from __future__ import annotations
@@ -82,8 +90,8 @@ class FusedIndexerConfig(IndexerTritonConfig):
     step when more fail (the whole chunk redone; buffers `fallback_chunk x S`)."""
 
     sample_stride: int = 8
-    oversample: float = 1.5
-    capacity: float = 2.0
+    oversample: float = 1.75
+    capacity: float = 3.0
     select: TopkSelectConfig | None = None
     fallback_rows: int = 256
     fallback_chunk: int = 2048
@@ -116,7 +124,7 @@ def _kernel(nt_ref, qp_ref, th_ref, kp_ref, q_ref, w_ref, k_ref, *rest, num_head
     col = jnp.arange(block_k, dtype=jnp.int32)[None, :]
 
     def tile(j, carry):
-        n, n_ties, reach, nvis = carry
+        n, reach, nvis = carry
         sl = pl.ds(pl.multiple_of(b * (n_k_tiles * block_k) + j * block_k, block_k), block_k)
         sc = tile_scores(lambda h: qs[h], lambda h: ws[h], cast(k_ref[sl, :]), num_heads, qp,
                          kp_ref[sl][None, :], None if ks_ref is None else ks_ref[sl][None, :])
@@ -128,19 +136,20 @@ def _kernel(nt_ref, qp_ref, th_ref, kp_ref, q_ref, w_ref, k_ref, *rest, num_head
         packed = (above | tie).astype(jnp.int32) + lax.shift_left(tie.astype(jnp.int32), 16)
         before = jnp.cumsum(packed, axis=1) - packed
         ge_before, ties_before = before & 0xFFFF, lax.shift_right_logical(before, 16)
-        room = jnp.maximum(keep_ties - n_ties, 0)[:, None]                  # ties still kept
-        take = above | (tie & (ties_before < room))
-        pos = n[:, None] + ge_before - ties_before + jnp.minimum(ties_before, room)
-        keep = take & (pos < cap)
+        # a tie is kept while the buffer holds fewer than keep_ties: until then every key >= th
+        # was kept, so that count is n + ge_before; the kept ties are a prefix of the tile's
+        kept = tie & (n[:, None] + ge_before < keep_ties)
+        n_kept = kept.astype(jnp.int32).sum(axis=1)
+        pos = n[:, None] + ge_before - ties_before + jnp.minimum(ties_before, n_kept[:, None])
+        keep = (above | kept) & (pos < cap)
         plgpu.store(slots_ref.at[rows_idx, pos], j * block_k + col + jnp.zeros_like(pos), mask=keep)
         plgpu.store(vals_ref.at[rows_idx, pos], sc, mask=keep)
         total = packed.sum(axis=1)
         ge, ties = total & 0xFFFF, lax.shift_right_logical(total, 16)
-        return (n + ge - ties + jnp.minimum(ties, room[:, 0]), n_ties + ties, reach + ge,
-                nvis + vis.astype(jnp.int32).sum(axis=1))
+        return n + ge - ties + n_kept, reach + ge, nvis + vis.astype(jnp.int32).sum(axis=1)
 
     zero = jnp.zeros((block_q,), jnp.int32)
-    n, _, reach, nvis = lax.fori_loop(0, nt_ref[b * n_q_tiles + i], tile, (zero, zero, zero, zero))
+    n, reach, nvis = lax.fori_loop(0, nt_ref[b * n_q_tiles + i], tile, (zero, zero, zero))
     count_ref[pl.ds(r0, block_q)] = n
     reach_ref[pl.ds(r0, block_q)] = reach
     nvis_ref[pl.ds(r0, block_q)] = nvis
@@ -163,14 +172,15 @@ def _tiles_to_visit(qp, kp, bq, bk):
 
 def chunk_candidates(q_index, weights, k_index, q_positions, kv_positions, threshold, *, cap: int,
                      keep_ties: int, k_scale=None, interpret=False, config: IndexerTritonConfig | None = None):
-    """Every visible key with score above the threshold, and the first `keep_ties` equal to
-    it, per query, in slot order (order and ties by the float keys, `select.float_keys`).
+    """Every visible key with score above the threshold, and those equal to it while fewer
+    than `keep_ties` keys are kept, per query, in slot order (order and ties by the float
+    keys, `select.float_keys`).
 
     Args: `chunk_scores_triton`'s (q_index `[B, C, H_I, D_I]`, weights `[B, C, H_I]`, k_index
       `[B, S, D_I]`, positions `[B, C]` / `[B, S]`, k_scale None or `[B, S]` for FP8 operands),
       threshold `[B, C]` float32 (-inf: every visible key), cap: buffer columns, a multiple of
-      the key tile (`pow2_block(config.block_k, S)`); keep_ties: ties with the threshold kept
-      (k' suffices: the select takes at most k' of them, the lowest slots first).
+      the key tile (`pow2_block(config.block_k, S)`); keep_ties: k' (the ties kept then
+      include the lowest-slot `k' - (keys above)` ones, all that the select can take).
     Returns: `(slots [B, C, cap] int32, scores [B, C, cap] float32, count [B, C] int32,
       reach [B, C] int32, n_visible [B, C] int32)`: the first `min(count, cap)` columns hold
       the candidates (ascending slots, their scores), the others are not written; `count` =
