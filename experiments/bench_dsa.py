@@ -195,7 +195,7 @@ def check_selection(idx, qi, w, ki, rows):
     return float((np.abs(np.where(fin, np.sort(picked, -1)[:, ::-1] - best, 0)) / scale).max())
 
 
-CANDIDATE_TILES = [(64, 128, 8), (128, 128, 8), (64, 64, 4), (32, 128, 4)]   # (block_q, block_k, warps)
+CANDIDATE_TILES = [(64, 128, 4), (128, 128, 8), (64, 64, 4), (32, 128, 4)]   # (block_q, block_k, warps)
 
 
 def fused_steps(qi, w, ki, chunk, cfg, iters, interpret):

@@ -81,7 +81,8 @@ from pallas_kernels.tiles_common import BIG
 
 @dataclasses.dataclass(frozen=True)
 class FusedIndexerConfig(IndexerTritonConfig):
-    """`IndexerTritonConfig`'s tiles (the sample's score kernel and the candidate kernel) plus:
+    """`IndexerTritonConfig`'s tiles (the sample's score kernel and the candidate kernel; 8
+    warps by default, not 4) plus:
     sample_stride: m, every m-th key scored for the threshold; oversample: the sample rank
     `r = ceil(oversample * k' / m)` (> 1: most rows get more than k' candidates);
     capacity: candidate columns per row, `cap = capacity * k'` (rounded up to block_k);
@@ -89,6 +90,7 @@ class FusedIndexerConfig(IndexerTritonConfig):
     failing rows per batch row redone alone (buffers `F x S`); fallback_chunk: queries per
     step when more fail (the whole chunk redone; buffers `fallback_chunk x S`)."""
 
+    num_warps: int = 8          # the candidate kernel holds ~6 [block_q, block_k] tensors: 32 per thread
     sample_stride: int = 8
     oversample: float = 1.75
     capacity: float = 3.0
