@@ -105,9 +105,9 @@ def test_default_positions_k_above_visible():
 
 
 def test_fp8_scores():
-    """FP8 operands against the XLA FP8 path (the same quantised scores: equal selected
-    scores, up to float32 summation order); S = 40 <= cap: no sample."""
-    q, w, k, qp, kp = make(17, t=16, s=40)
+    """FP8 operands (the sampled threshold with its key scales) against the XLA FP8 path (the
+    same quantised scores: equal selected scores, up to float32 summation order)."""
+    q, w, k, qp, kp = make(17, t=16)
     args = dict(k=12, q_positions=qp, kv_positions=kp, score_dtype="float8_e4m3fn", return_scores=True)
     idx, vals = indexer_topk(q, w, k, impl="triton", interpret=True, config=SMALL, **args)
     ref_idx, ref_vals = indexer_topk(q, w, k, impl="xla", **args)
