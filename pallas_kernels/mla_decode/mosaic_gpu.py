@@ -52,7 +52,8 @@ destinations under the 128-byte swizzle, which rows 1-7 of an 8-row group are no
 tiled ring itself. Unlisted or invisible entries (-1) and the padding past K load slot 0
 and are masked; a duplicated entry counts twice (the reference's gather semantics). The
 cache is read in place whatever its slot count. Where a split's slot list does not fit
-(more than 256 tiles, or SMEM) or `gather_in_kernel=False` (the default until the compiled
+(more than 256 tiles, or SMEM), the split count (unless given) grows until it does; where
+it still does not, or with `gather_in_kernel=False` (the default until the compiled
 GPU tests have run), the listed rows are gathered by
 XLA first (`gather_selected`: `[B * T, K, Dc + Dr]`, -1 padding and unlisted slots at
 position -1) and the dense kernel runs over them, one "batch row" per query token, moving
@@ -488,6 +489,10 @@ def mla_decode_mosaic_gpu(q_abs, c_kv, k_rope, *, indices, q_positions, kv_posit
     sparse = False
     if indices is not None:
         geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits, slots=indices.shape[2])
+        if cfg.gather_in_kernel and num_splits is None:     # more splits while a slot list does not fit
+            fits = (geometry(q_abs, c_kv, k_rope, cfg, n, slots=indices.shape[2])
+                    for n in range(geo.num_splits, geo.tiles + 1))
+            geo = next((g for g in fits if gathers_in_kernel(g, q_abs.dtype.itemsize)), geo)
         sparse = cfg.gather_in_kernel and gathers_in_kernel(geo, q_abs.dtype.itemsize)
         if not sparse:
             q_abs, c_kv, k_rope, q_positions, kv_positions = gather_selected(
