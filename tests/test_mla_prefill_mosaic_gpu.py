@@ -5,10 +5,10 @@ in the kernel) for the forward, `token_sparse`'s Triton backward for the gradien
 On the CPU: the kernel in GPU interpret mode (`interpret=plgpu.InterpretGPUParams()`; the
 backward in Triton's interpreter), bf16 and float32 inputs (float32: the kernel in bf16),
 against the float32 reference (`mla_decode_reference`), out, lse and the gradients of q,
-c_kv and k_rope with cotangents on both outputs: T=7 queries (no block's multiple), two
-batch rows, a ragged cache row (positions -1), a padded query, -1 padded lists of random
-length, listed future slots, a query whose listed slots are all in its future, K=80 (two
-slot tiles, the last ragged); the forward lowered for CUDA at DeepSeek's sizes and a
+c_kv and k_rope with cotangents on both outputs: T=5 and 3 queries (no block's multiple),
+a ragged cache (positions -1), a padded query, -1 padded lists of random length, listed
+future slots, a query whose listed slots are all in its future, K=80 (two slot tiles, the
+last ragged) and 40; the forward lowered for CUDA at DeepSeek's sizes and a
 prefill longer than CUDA's 65535-block y grid (T=70000, K=2048: one split, gathered in the
 kernel); the DSA attention path routes `impl="mosaic_gpu"` here; unsupported calls raise
 ValueError. Under `-m gpu` on a Hopper GPU: the compiled kernel and backward at DeepSeek's
@@ -71,13 +71,16 @@ def assert_close(got, want, tol):
 
 
 @needs_gpu_interpret_pool
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-def test_mosaic_gpu_prefill_in_gpu_interpret_mode(dtype):
+@pytest.mark.parametrize("dtype,case", [
+    (jnp.bfloat16, MlaCase("t5_k80", b=1, t=5, h=64, dc=128, dr=64, s=90, k=80, seed=21)),
+    (jnp.float32, MlaCase("t3_k40", b=1, t=3, h=64, dc=128, dr=64, s=50, k=40, seed=22)),
+], ids=["bf16", "f32"])
+def test_mosaic_gpu_prefill_in_gpu_interpret_mode(dtype, case):
     """Forward (out, lse) and gradients in GPU interpret mode against the float32 reference
-    (see the module docstring for the case)."""
+    (see the module docstring; float32: one slot tile, fewer queries: each row copy is a
+    callback in GPU interpret mode)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    case = MlaCase("prefill", b=1, t=7, h=64, dc=128, dr=64, s=90, k=80, seed=21)
     args, kw = make_inputs(case, dtype)
     got = value_and_grads(lambda *a, **k: mla_sparse_attention(
         *a, **k, return_lse=True, impl="mosaic_gpu", interpret=plgpu.InterpretGPUParams()), args, kw)
