@@ -25,6 +25,12 @@ layout; bf16 / fp16, H a multiple of 64; sparse calls over rows gathered by XLA 
 `impl="auto"`'s first choice on Hopper (H200, B=16, 128K cache: sparse k=2048 85 us vs
 Triton's 146, dense 1350 us = 0.85 of copy bandwidth vs 2022; `experiments/bench_dsa.py
 --parts decode --mla_impls triton,mosaic_gpu`); Triton serves what it does not cover.
+
+`mla_sparse_attention(q_abs, c_kv, k_rope, indices, ...)`: the sparse mode for prefill and
+training (any T, with gradients): `impl="mosaic_gpu"` (opt-in) runs the Mosaic GPU kernel
+over every query token and takes its gradients from `token_sparse`'s Triton backward
+(`token_sparse_backward`); other impls are `token_sparse_attention` over the concatenated
+latent.
 """
 
 from __future__ import annotations

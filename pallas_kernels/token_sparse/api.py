@@ -18,6 +18,9 @@ backward's; not yet in "auto", not timed on a GPU; see `mosaic_gpu.py`); `interp
 runs a Pallas kernel in interpret mode on CPU (Triton, Mosaic TPU),
 `interpret=plgpu.InterpretGPUParams()` the Mosaic GPU kernel in GPU interpret mode. Kernels need the listed entries of a row to be distinct (the
 reference takes the union; a kernel would count a repeated block twice).
+
+`token_sparse_backward`: the Triton backward alone, on the `(out, lse)` of a forward computed
+by another op's kernel (`mla_decode.mla_sparse_attention`'s Mosaic GPU prefill).
 """
 
 from __future__ import annotations
