@@ -10,7 +10,7 @@ a ragged cache (positions -1), a padded query, -1 padded lists of random length,
 future slots, a query whose listed slots are all in its future, K=80 (two slot tiles, the
 last ragged) and 40; the forward lowered for CUDA at DeepSeek's sizes and a
 prefill longer than CUDA's 65535-block y grid (T=70000, K=2048: one split, gathered in the
-kernel); the DSA attention path routes `impl="mosaic_gpu"` here; unsupported calls raise
+kernel; K=3000: two splits, so that each slot list fits SMEM); the DSA attention path routes `impl="mosaic_gpu"` here; unsupported calls raise
 ValueError. Under `-m gpu` on a Hopper GPU: the compiled kernel and backward at DeepSeek's
 sizes against the reference.
 """
@@ -94,7 +94,8 @@ def test_mosaic_gpu_prefill_in_gpu_interpret_mode(dtype, case):
 def test_mosaic_gpu_prefill_lowers_for_cuda_on_the_cpu():
     """DeepSeek's sizes (H=64, Dc=512, Dr=64, K=2048) over T=70000 queries (more rows than
     CUDA's y grid dimension takes): the forward lowers to one Mosaic GPU kernel that gathers
-    in the kernel (one split: the slot list fits SMEM), no XLA gather of the selected rows."""
+    in the kernel (one split: the slot list fits SMEM), no XLA gather of the selected rows;
+    K=3000 takes two splits (the split count grows until a slot list fits)."""
     t = 70000
     q = jax.ShapeDtypeStruct((1, t, 64, 576), jnp.bfloat16)
     c, r = jax.ShapeDtypeStruct((1, t, 512), jnp.bfloat16), jax.ShapeDtypeStruct((1, t, 64), jnp.bfloat16)
@@ -104,6 +105,11 @@ def test_mosaic_gpu_prefill_lowers_for_cuda_on_the_cpu():
     assert "mla_decode_mosaic_gpu_gather" in text
     assert f"tensor<1x1x{t}x64x512xbf16>" in text            # [B, one split, T, H, Dc]: the output
     assert "x2048x576x" not in text and "x2048x512x" not in text   # no XLA-gathered rows
+    # K=3000 (47 tiles) does not fit one split's slot list: two splits of 24, still gathered
+    t = 1000
+    q, c, r = (jax.ShapeDtypeStruct((1, t, *x.shape[2:]), x.dtype) for x in (q, c, r))
+    text = f.trace(q, c, r, jax.ShapeDtypeStruct((1, t, 3000), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mla_decode_mosaic_gpu_gather" in text and f"tensor<1x2x{t}x64x512xbf16>" in text
 
 
 def test_dsa_attention_routes_mosaic_gpu_here_and_bad_calls_raise(monkeypatch):
