@@ -41,6 +41,17 @@
     default split). Bandwidth on the
     bytes it must read: 576 bf16 per visited token plus q read and out written, against the
     measured copy (bench_decode.py's `copy_bandwidth`, `x + 1` over 2 GiB, read + write).
+(d) `attention` (not in the default `--parts`): DSA's main attention alone at T (S = T, k =
+    `--top_k` from the indexer on random inputs, as (b)), `mla_sparse_attention` per
+    `--attention_impls` on the same selection and latent (values = the keys' first 512
+    columns): `triton` (token_sparse over the concatenated latent, what DSA runs by default)
+    and `mosaic_gpu` (mla_decode's Mosaic GPU kernel over every query token, Hopper; its
+    backward is token_sparse's Triton one); forward and, with `--attention_grad`, forward +
+    backward (gradients of q, c_kv, k_rope); error on the last `--check_rows` queries
+    against the XLA reference. `--small` times Triton alone (H=16: the Mosaic GPU kernel
+    needs 64 heads). One command for 16K and 64K:
+      PYTHONPATH=. python experiments/bench_dsa.py --parts attention --seq_lens 16384,65536 \
+        --attention_impls triton,mosaic_gpu --out /tmp/dsa_attention.json
 
 Timers, the copy and `repeated` come from experiments/bench_decode.py (its --out / --iters /
 --reps flags). On a GPU machine, repo root:
@@ -74,15 +85,15 @@ from pallas_kernels.indexer.fused import chunk_candidates, sample_threshold
 from pallas_kernels.indexer.select import topk_select
 from pallas_kernels.indexer.triton import IndexerTritonConfig
 from pallas_kernels.mla_decode.api import (MlaDecodeMosaicGpuConfig, MlaDecodeTritonConfig, mla_decode,
-                                           triton_launch_plan)
+                                           mla_sparse_attention, triton_launch_plan)
 from pallas_kernels.token_sparse import token_sparse_attention
 from sparse_jax import patterns as P
 
 FLAGS = flags.FLAGS      # --out --iters --reps: bench_decode's
 flags.DEFINE_bool("small", False, "CPU smoke run: tiny shapes, interpret mode, no cuDNN")
 flags.DEFINE_list("seq_lens", ["16384", "65536", "131072"], "T for (a) and (b)")
-flags.DEFINE_list("parts", ["indexer", "decode", "forward"], "which of (a), (c), (b), in this order "
-                  "(the longest last: rows are saved as they finish)")
+flags.DEFINE_list("parts", ["indexer", "decode", "forward"], "which of (a), (c), (b), (d) `attention`, in "
+                  "this order (the longest last: rows are saved as they finish)")
 flags.DEFINE_integer("index_heads", 4, "indexer heads H_I")
 flags.DEFINE_integer("index_dim", 64, "indexer head dim D_I")
 flags.DEFINE_integer("top_k", 2048, "selected tokens per query")
@@ -101,6 +112,8 @@ flags.DEFINE_list("mla_impls", ["triton"], "(c) mla_decode backends: triton (alw
                   "row) plus e.g. mosaic_gpu (Hopper), timed sparse and dense beside it")
 flags.DEFINE_bool("decode_sweep", True, "(c) sweep Triton's split counts and tiles and Mosaic GPU's split floors "
                   "(off: the defaults only)")
+flags.DEFINE_list("attention_impls", ["triton", "mosaic_gpu"], "(d) mla_sparse_attention backends")
+flags.DEFINE_bool("attention_grad", True, "(d) also time forward + backward")
 FLAGS.set_default("out", "bench_dsa.json")
 
 H, D, DV = 64, 576, 512          # MLA in MQA form: query heads, latent + rope, latent
@@ -362,6 +375,46 @@ def bench_forward(t, iters, small):
     return row
 
 
+def bench_attention(t, iters, small):
+    """(d): DSA's main attention per `--attention_impls` (ms), forward and forward + backward."""
+    q, kl, _ = mla_inputs(1, t, t)
+    c, r = kl[:, :, 0, :DV], kl[:, :, 0, DV:]
+    del kl
+    qi, w, ki = indexer_inputs(t)
+    idx = jax.jit(indexer_fn(FLAGS.top_k, min(FLAGS.query_chunk, t), small))(qi, w, ki)
+    del qi, w, ki
+    rows = min(FLAGS.check_rows, t)
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    kw = dict(scale=D ** -0.5, kv_positions=pos)
+    ref = mla_sparse_attention(q[:, t - rows:], c, r, idx[:, t - rows:], q_positions=pos[:, t - rows:],
+                               impl="xla", **kw)
+    row = dict(part="attention", T=t, top_k=FLAGS.top_k)
+    for impl in FLAGS.attention_impls:
+        if small and impl != "triton":
+            continue
+
+        def attn(q, c, r, idx, impl=impl):
+            return mla_sparse_attention(q, c, r, idx, q_positions=pos, impl=impl, interpret=small, **kw)
+
+        def loss(q, c, r, idx, attn=attn):
+            return jnp.sum(attn(q, c, r, idx).astype(jnp.float32))
+
+        try:
+            f = jax.jit(attn)
+            row[impl + "_err"] = rel(f(q, c, r, idx)[:, t - rows:], ref)
+            row[impl + "_ms"] = median_time(f, q, c, r, idx, iters=iters) * 1e3
+            if FLAGS.attention_grad:
+                g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+                row[impl + "_fwd_bwd_ms"] = median_time(g, q, c, r, idx, iters=iters) * 1e3
+        except Exception as e:  # noqa: BLE001 - one failing impl must not lose the others
+            row[impl + "_error"] = str(e)[:300]
+        if impl != "triton" and impl + "_ms" in row and "triton_ms" in row:
+            row[impl + "_speedup_vs_triton"] = row["triton_ms"] / row[impl + "_ms"]
+            if impl + "_fwd_bwd_ms" in row and "triton_fwd_bwd_ms" in row:
+                row[impl + "_fwd_bwd_speedup_vs_triton"] = row["triton_fwd_bwd_ms"] / row[impl + "_fwd_bwd_ms"]
+    return row
+
+
 def bench_decode_part(b, s, copy_bw, iters, reps, small):
     """(c): `mla_decode` sparse over the `top_k` selected tokens vs dense MLA decode over the
     whole cache (`mla_decode`'s dense mode, and `decode_attention` over the concatenated
@@ -518,6 +571,14 @@ def table(rows, copy_bw) -> str:
                                  f"{r['ms']:.2f} ms (scores {r.get('scores_ms', float('nan')):.2f}) | "
                                  f"{r[name + '_speedup']:.2f}x{ratio}, {r[name + '_frac_of_matmul']:.2f} of matmul, "
                                  f"overlap {r[name + '_overlap']:.4f} |")
+        elif r["part"] == "attention":
+            for impl in FLAGS.attention_impls:
+                if impl + "_ms" in r:
+                    bwd = f", fwd+bwd {r[impl + '_fwd_bwd_ms']:.1f} ms" if impl + "_fwd_bwd_ms" in r else ""
+                    ratio = f"{r[impl + '_speedup_vs_triton']:.2f}x" if impl + "_speedup_vs_triton" in r else "-"
+                    lines.append(f"| DSA attention {impl} | T={r['T']} k={r['top_k']} | {r[impl + '_ms']:.1f} ms"
+                                 f"{bwd}, err {r[impl + '_err']:.1e} | triton {r.get('triton_ms', 0):.1f} ms | "
+                                 f"{ratio} |")
         elif r["part"] == "forward":
             base = ", ".join(f"{n} {r[n]:.1f} ms" for n in ("cudnn_mla192", "cudnn_sameflops", "flash_mqa576")
                              if n in r)
@@ -580,6 +641,8 @@ def main(argv):
                     rows.append(bench_indexer(t, matmul, iters, small))
                 elif part == "forward":
                     rows.append(bench_forward(t, iters, small))
+                elif part == "attention":
+                    rows.append(bench_attention(t, iters, small))
                 else:
                     rows.append(bench_decode_part(FLAGS.decode_batch, FLAGS.decode_context, copy_bw, iters,
                                                   reps, small))

@@ -334,19 +334,28 @@ def test_mosaic_gpu_lowers_for_cuda_on_the_cpu():
         assert name in text and ("mla_decode_mosaic_gpu_gather" in text) == (i is not None)
 
 
-def test_mosaic_gpu_gathers_in_kernel_while_the_slot_list_fits_smem():
-    """One split at Dc=512, Dr=64: a slot list of 24 tiles (K=1536) fits SMEM beside the ring
-    and the kernel gathers (its lowering's own SMEM check passes); 25 tiles (K=1600) would
-    exceed 227 KB by 56 bytes (`smem_bytes` counts as Pallas lays SMEM out), so the rows
-    are gathered by XLA first."""
+def test_mosaic_gpu_gathers_in_kernel_while_the_slot_list_fits_smem(monkeypatch):
+    """One split at Dc=512, Dr=64: a slot list of 36 tiles (K=2304) fits SMEM beside the ring
+    and the kernel gathers (its lowering's own SMEM check passes); 37 tiles (K=2305) would
+    exceed 227 KB by 56 bytes (`smem_bytes` counts as Pallas lays SMEM out: forced to
+    gather, the lowering refuses it), so the rows are gathered by XLA first."""
+    from pallas_kernels.mla_decode import mosaic_gpu
+
     q = jax.ShapeDtypeStruct((1, 1, 64, 576), jnp.bfloat16)
     c, r = jax.ShapeDtypeStruct((1, 4101, 512), jnp.bfloat16), jax.ShapeDtypeStruct((1, 4101, 64), jnp.bfloat16)
     cfg = MlaDecodeMosaicGpuConfig(gather_in_kernel=True)
-    f = jax.jit(lambda q, c, r, i: mla_decode(q, c, r, indices=i, scale=SCALE, impl="mosaic_gpu", num_splits=1,
-                                              config=cfg))
-    for k, gathers in ((1536, True), (1600, False)):
-        text = f.trace(q, c, r, jax.ShapeDtypeStruct((1, 1, k), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-        assert ("mla_decode_mosaic_gpu_gather" in text) == gathers
+
+    def lower(k):           # a fresh jit each time: no cached trace
+        f = jax.jit(lambda q, c, r, i: mla_decode(q, c, r, indices=i, scale=SCALE, impl="mosaic_gpu",
+                                                  num_splits=1, config=cfg))
+        return f.trace(q, c, r, jax.ShapeDtypeStruct((1, 1, k), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+
+    for k, gathers in ((2304, True), (2305, False)):
+        assert ("mla_decode_mosaic_gpu_gather" in lower(k)) == gathers
+    monkeypatch.setattr(mosaic_gpu, "gathers_in_kernel", lambda geo, itemsize: True)
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+        lower(2305)
 
 
 def test_mosaic_gpu_refuses_unsupported_and_auto_prefers_it_on_hopper(monkeypatch):

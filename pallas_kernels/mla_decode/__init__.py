@@ -1,3 +1,3 @@
-from pallas_kernels.mla_decode.api import mla_decode
+from pallas_kernels.mla_decode.api import mla_decode, mla_sparse_attention
 
-__all__ = ["mla_decode"]
+__all__ = ["mla_decode", "mla_sparse_attention"]

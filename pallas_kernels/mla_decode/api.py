@@ -25,10 +25,17 @@ layout; bf16 / fp16, H a multiple of 64; sparse calls over rows gathered by XLA 
 `impl="auto"`'s first choice on Hopper (H200, B=16, 128K cache: sparse k=2048 85 us vs
 Triton's 146, dense 1350 us = 0.85 of copy bandwidth vs 2022; `experiments/bench_dsa.py
 --parts decode --mla_impls triton,mosaic_gpu`); Triton serves what it does not cover.
+
+`mla_sparse_attention(q_abs, c_kv, k_rope, indices, ...)`: the sparse mode for prefill and
+training (any T, with gradients): `impl="mosaic_gpu"` (opt-in) runs the Mosaic GPU kernel
+over every query token and takes its gradients from `token_sparse`'s Triton backward
+(`token_sparse_backward`); other impls are `token_sparse_attention` over the concatenated
+latent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -40,6 +47,7 @@ from pallas_kernels.mla_decode.mosaic_gpu import MlaDecodeMosaicGpuConfig, mla_d
 from pallas_kernels.mla_decode.reference import mla_decode_reference
 from pallas_kernels.mla_decode.tpu import MlaDecodeTpuConfig, mla_decode_tpu
 from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, mla_decode_triton
+from pallas_kernels.token_sparse.api import token_sparse_attention, token_sparse_backward
 
 # impl="auto" order: Mosaic GPU on Hopper (1.5-1.7x Triton there), then Triton on any GPU
 BACKENDS = {"mosaic_gpu": mosaic_gpu, "triton": triton, "mosaic_tpu": tpu, "xla": reference}
@@ -161,6 +169,77 @@ def _bwd(fn, kw, res, cot):
 
 
 _with_reference_vjp.defvjp(_fwd, _bwd)
+
+
+def mla_sparse_attention(q_abs, c_kv, k_rope, indices, *, q_positions=None, kv_positions=None, scale,
+                         return_lse=False, impl="auto", interpret=False, config=None):
+    """Sparse MLA attention for prefill and training, with gradients: DSA's main attention
+    (DeepSeek-V3.2), each query token over its own listed slots of the latent cache.
+
+    Args as `mla_decode` (`indices [B, T, K]` required, -1 padding, causal on positions;
+    T any length: every query token is its own row), plus:
+      impl: "mosaic_gpu" (opt-in, not in "auto" until timed on a GPU): the forward is this
+        op's Mosaic GPU kernel, `mla_decode_mosaic_gpu` (Hopper; FlashMLA's layout: a query
+        token's 64 heads are one wgmma tile, so no rows are wasted on other tokens' lists;
+        the listed rows gathered in the kernel, more splits where a slot list would not fit
+        SMEM; `config` a `MlaDecodeMosaicGpuConfig`, `gather_in_kernel` forced on); its
+        gradients are `token_sparse`'s Triton backward on the kernel's `(out, lse)`
+        (`token_sparse_backward`; under GPU interpret mode, Triton's interpreter). bf16 /
+        fp16 run as given; float32 inputs run the forward kernel in bfloat16 (wgmma's
+        inputs; out cast back to float32) and the backward in float32. H a multiple of 64,
+        Dc a multiple of 128 up to 512, Dr of 64 (else ValueError). Any other impl:
+        `token_sparse_attention` over the concatenated latent (keys `[c_kv | k_rope]`,
+        values `c_kv`), its forward and backward, `config` its tiles.
+    Returns:
+      the latent output `[B, T, H, Dc]` in q's dtype, or `AttentionOutput(out, lse [B, H, T])`.
+    """
+    if indices is None:
+        raise ValueError("mla_sparse_attention needs indices [B, T, K] (the dense path is mla_decode's)")
+    indices, q_positions, kv_positions, scale = check_args(
+        q_abs, c_kv, k_rope, indices, q_positions, kv_positions, scale, None)
+    if impl != "mosaic_gpu":
+        keys = jnp.concatenate([c_kv, k_rope], axis=-1)[:, :, None]
+        return token_sparse_attention(q_abs, keys, c_kv[:, :, None], indices[:, :, None],
+                                      q_positions=q_positions, kv_positions=kv_positions, scale=scale,
+                                      return_lse=return_lse, impl=impl, interpret=interpret, config=config)
+    cfg = dataclasses.replace(config or MlaDecodeMosaicGpuConfig(), gather_in_kernel=True)
+    kernel_dtype = jnp.bfloat16 if q_abs.dtype == jnp.float32 else q_abs.dtype
+    mosaic_gpu.check_supported(q_abs.astype(kernel_dtype), c_kv, k_rope, indices, interpret, cfg)
+    out, lse = _mosaic_prefill((scale, interpret, cfg), q_abs, c_kv, k_rope, indices, q_positions,
+                               kv_positions)
+    return common.AttentionOutput(out, lse) if return_lse else out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mosaic_prefill(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positions):
+    """`mla_sparse_attention`'s Mosaic GPU forward `(out, lse)`; `st = (scale, interpret,
+    config)`. Its VJP: `token_sparse_backward` on the residuals."""
+    scale, interpret, cfg = st
+    cast = lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x  # noqa: E731
+    res = mla_decode_mosaic_gpu(cast(q_abs), cast(c_kv), cast(k_rope), indices=indices,
+                                q_positions=q_positions, kv_positions=kv_positions, scale=scale,
+                                return_lse=True, num_splits=None, interpret=interpret, config=cfg)
+    return res.out.astype(q_abs.dtype), res.lse
+
+
+def _mosaic_prefill_fwd(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positions):
+    out, lse = _mosaic_prefill(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positions)
+    return (out, lse), (q_abs, c_kv, k_rope, indices, q_positions, kv_positions, out, lse)
+
+
+def _mosaic_prefill_bwd(st, res, cts):
+    scale, interpret, _ = st
+    q_abs, c_kv, k_rope, indices, q_positions, kv_positions, out, lse = res
+    dc = c_kv.shape[-1]
+    keys = jnp.concatenate([c_kv, k_rope], axis=-1)[:, :, None]
+    dq, dk, dv = token_sparse_backward(q_abs, keys, c_kv[:, :, None], indices[:, :, None], out, lse, *cts,
+                                       q_positions=q_positions, kv_positions=kv_positions, scale=scale,
+                                       interpret=bool(interpret))
+    dk, dv = dk[:, :, 0].astype(jnp.float32), dv[:, :, 0].astype(jnp.float32)
+    return (dq, (dk[..., :dc] + dv).astype(c_kv.dtype), dk[..., dc:].astype(k_rope.dtype), None, None, None)
+
+
+_mosaic_prefill.defvjp(_mosaic_prefill_fwd, _mosaic_prefill_bwd)
 
 
 def triton_launch_plan(q_abs, c_kv, k_rope, indices=None, *, config=None, num_splits=None):

@@ -3,15 +3,16 @@
 FlashMLA's layout (github.com/deepseek-ai/FlashMLA): the 64 absorbed query heads of one
 query token are the wgmma M dimension (one latent KV head serves them all, MQA), so the
 cache tiles are read once per query token and multiplied on the tensor cores instead of
-32-row fp32 dots. One CTA per (split, query token x 64-head group, batch), three
-warpgroups:
+32-row fp32 dots. One CTA per (batch, split, query token x 64-head group), three
+warpgroups (the rows are CUDA's x grid dimension, so a prefill's T tokens fit:
+`mla_decode.api.mla_sparse_attention` runs this kernel over every query token):
 
 * warpgroup 2, the producer (small register budget, `setmaxnreg`), loads the CTA's query
   tile `[64, Dc + Dr]` once, then streams its share of the cache by TMA through a
   `max_concurrent_steps`-deep SMEM ring: per tile of `block_k` slots, `c_kv` as two halves
-  `[block_k, Dc / 2]`, `k_rope [block_k, Dr]` and the tile's additive mask (float32 0 /
-  -inf, `[block_k]`); each ring slot has a "loaded" barrier (TMA completion, four copies)
-  and a "consumed" barrier (both consumers arrived);
+  `[block_k, Dc / 2]`, `k_rope [block_k, Dr]` and (dense) the tile's additive mask
+  (float32 0 / -inf, `[block_k]`); each ring slot has a "loaded" barrier (TMA completion,
+  four copies) and a "consumed" barrier (both consumers arrived);
 * warpgroups 0 and 1, the consumers, each compute the tile's scores `S = q_c c^T + q_r r^T`
   (`[64, block_k]`, three wgmmas; both compute the same S, so no softmax statistics are
   exchanged) and the online softmax in base 2, and accumulate `P c[:, half]` into their own
@@ -33,7 +34,9 @@ the slot's `2 (Dc + Dr)`) are what the kernel reads of the positions.
 Sparse mode (`indices [B, T, K]`): each query token's CTAs walk its listed slots in tiles
 of `block_k` and the producer gathers the listed rows straight into the ring, so each
 selected row is read once (`gathers_in_kernel`, `selected_slots`): the split's slot list
-`[per_split, block_k]` is loaded once into SMEM, then per row one TMA copy per 64 columns
+`[per_split, block_k]` is loaded once into SMEM (visibility built in XLA: -1 where the
+listed slot is not visible to the query; the consumers mask from it, so sparse calls have
+no mask ring and no mask array), then per row one TMA copy per 64 columns
 (`Dc / 64 + Dr / 64` copies of 128 bytes, 9 at DeepSeek's widths), issued by the producer's
 four warps (`plgpu.warp_map`, rows `warp + 4 k`), all arriving on the tile's "loaded"
 barrier. Hopper's TMA has no row gather (`gather4` is Blackwell's), and Mosaic GPU (JAX
@@ -46,10 +49,11 @@ alone lands where a whole-tile copy would put it; the PTX ISA asks for 1024-byte
 destinations under the 128-byte swizzle, which rows 1-7 of an 8-row group are not (they are
 128-byte aligned): the compiled GPU tests check the hardware does what this relies on. The GPU interpreter keeps
 `RefUnion` members apart and keeps logical arrays, so interpreted the copies write the
-tiled ring itself. Unlisted entries (-1, out of range) and the padding past K load slot 0
+tiled ring itself. Unlisted or invisible entries (-1) and the padding past K load slot 0
 and are masked; a duplicated entry counts twice (the reference's gather semantics). The
 cache is read in place whatever its slot count. Where a split's slot list does not fit
-(more than 256 tiles, or SMEM) or `gather_in_kernel=False` (the default until the compiled
+(more than 256 tiles, or SMEM), the split count (unless given) grows until it does; where
+it still does not, or with `gather_in_kernel=False` (the default until the compiled
 GPU tests have run), the listed rows are gathered by
 XLA first (`gather_selected`: `[B * T, K, Dc + Dr]`, -1 padding and unlisted slots at
 position -1) and the dense kernel runs over them, one "batch row" per query token, moving
@@ -58,7 +62,8 @@ each selected row three times.
 Scope (everything else raises ValueError, nothing compiled): bf16 / fp16, H a multiple of
 64 (the wgmma M tile), Dc a multiple of 128 up to 512 (two 64-aligned halves; 512 fills a
 consumer's registers), Dr a multiple of 64; the SMEM ring must fit 227 KB (DeepSeek's
-Dc=512, Dr=64: block_k=64 and 2 stages, 220 KB). Every CTA walks its whole share of the
+Dc=512, Dr=64: block_k=64 and 2 stages, 218 KB dense; gathering, a split's slot list of up
+to 36 tiles, K <= 2304, fits beside it: `smem_bytes`). Every CTA walks its whole share of the
 cache: unlike the Triton kernel it does not stop at a row's last visible slot (a partly
 filled cache is read whole, masked).
 
@@ -138,13 +143,15 @@ class Geometry:
 
 def smem_bytes(dc: int, dr: int, block_k: int, stages: int, itemsize: int, slot_tiles: int = 0) -> int:
     """SMEM of one CTA as Pallas Mosaic GPU lays it out (each buffer aligned to 1 KB, 8 bytes a
-    barrier, its 2 KB reduction scratch): the query tile (`c` halves, `r`), the ring (`c_kv`,
-    `k_rope`, masks), the lse row and, gathering in the kernel, the split's slot list
-    (`slot_tiles` tiles of int32)."""
+    barrier; no reduction scratch: the kernel's row reductions stay within a warp, so it asks
+    for none): the query tile (`c` halves, `r`), the ring (`c_kv`, `k_rope`; dense: the
+    masks), the lse row and, gathering in the kernel (`slot_tiles` > 0), the split's slot
+    list (`slot_tiles` tiles of int32, which also carries the visibility)."""
     bufs = (ROWS * dc * itemsize, ROWS * dr * itemsize, stages * block_k * dc * itemsize,
-            stages * block_k * dr * itemsize, stages * block_k * 4, ROWS * 4, slot_tiles * block_k * 4)
+            stages * block_k * dr * itemsize, 0 if slot_tiles else stages * block_k * 4, ROWS * 4,
+            slot_tiles * block_k * 4)
     barriers = 2 + 2 * stages + (slot_tiles > 0)
-    return sum(round_up(x, 1024) for x in bufs) + 8 * barriers + 2048
+    return sum(round_up(x, 1024) for x in bufs) + 8 * barriers
 
 
 def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits,
@@ -165,21 +172,20 @@ def geometry(q_abs, c_kv, k_rope, cfg: MlaDecodeMosaicGpuConfig, num_splits,
 
 
 def tile_mask(q_positions, kv_positions, geo: Geometry):
-    """float32 `[B, T, tiles * block_k]`: 0 where the slot is visible to the query, else
-    -inf (slots past the cache too). `kv_positions`: `[B, S]`, or `[B, T, K]` per query
-    (the listed slots' positions, sparse)."""
-    kp = kv_positions if kv_positions.ndim == 3 else kv_positions[:, None, :]
-    kp = pad_axis(kp, geo.tiles * geo.block_k, 2, -1)
+    """The dense kernel's float32 mask `[B, T, tiles * block_k]`: 0 where the slot is
+    visible to the query, else -inf (slots past the cache too); `kv_positions [B, S]`."""
+    kp = pad_axis(kv_positions[:, None, :], geo.tiles * geo.block_k, 2, -1)
     qp = q_positions[:, :, None]
     return jnp.where((kp >= 0) & (kp <= qp) & (qp >= 0), 0.0, -jnp.inf).astype(jnp.float32)
 
 
-def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, interpret):
-    """q `[B, T, H, Dc + Dr]`, cache `[B, S, Dc]` / `[B, S, Dr]`, mask `[B, T, tiles * bk]`
-    -> partials `(o [B, splits, T, H, Dc]` in q's dtype, `lse [B, splits, T, H]` float32).
-    `slots`: None (dense: tile j is cache slots `[j * bk, (j + 1) * bk)`), or int32
-    `[B, T, splits * per_split, bk]` (sparse: tile j of query t is the listed cache slots
-    `slots[b, t, j]`, each in `[0, S)`, copied row by row into the ring)."""
+def _kernel_call(q, c_kv, k_rope, listing, *, sparse: bool, geo: Geometry, scale: float, interpret):
+    """q `[B, T, H, Dc + Dr]`, cache `[B, S, Dc]` / `[B, S, Dr]` -> partials `(o [B, splits,
+    T, H, Dc]` in q's dtype, `lse [B, splits, T, H]` float32). `listing`: dense, the float32
+    mask `[B, T, tiles * bk]` (`tile_mask`; tile j is cache slots `[j * bk, (j + 1) * bk)`);
+    `sparse`, the int32 slot lists `[B, T, splits * per_split, bk]` (`selected_slots`: tile j
+    of query t is the cache slots `listing[b, t, j]`, copied row by row into the ring; -1:
+    not visible, slot 0 copied and masked)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 - GPU-only import
 
     b, t, h, _ = q.shape
@@ -188,13 +194,14 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
     half = dc // _COMPUTE_WGS
     groups = h // ROWS
     c2 = float(scale) * LOG2E          # logits in base-2 units
-    sparse = slots is not None
     # copies (barrier arrivals) per ring tile: the two c halves, k_rope, the mask; sparse:
-    # one per row and 64-column chunk (c_kv's Dc / 64 and k_rope's Dr / 64) and the mask
-    per_tile = bk * (dc + dr) // _GATHER_COLS + 1 if sparse else _COMPUTE_WGS + 2
+    # one per row and 64-column chunk (c_kv's Dc / 64 and k_rope's Dr / 64)
+    per_tile = bk * (dc + dr) // _GATHER_COLS if sparse else _COMPUTE_WGS + 2
 
-    def body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, smem, bars, gather):
-        """`gather`: sparse, `(slots_ref, slots_smem, slots_loaded, (c_view, r_view))`."""
+    def body(q_ref, c_ref, r_ref, listing_ref, o_ref, lse_ref, smem, bars, gather):
+        """`listing_ref`: the mask (dense) or the slot lists (sparse); `gather`: sparse,
+        `(slots_smem, slots_loaded, (c_view, r_view))`, the split's slot lists in SMEM (the
+        ring has no mask: `mask_smem` is None)."""
         qc_smem, qr_smem, c_smem, r_smem, mask_smem, lse_smem = smem
         q_loaded, loaded, consumed, done = bars
         sp, row, bi = lax.axis_index("split"), lax.axis_index("row"), lax.axis_index("batch")
@@ -211,6 +218,8 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
             l = plgpu.layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc = plgpu.layout_cast(jnp.full((ROWS, half), 0.0, jnp.float32), plgpu.Layout.WGMMA)
             plgpu.barrier_wait(q_loaded)
+            if sparse:
+                plgpu.barrier_wait(gather[1])
 
             def step(i, carry):
                 acc, m, l = carry
@@ -224,7 +233,11 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
                     return s_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))
-                bias = plgpu.load(mask_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                if sparse:      # -1: the listed slot is not visible (or padding)
+                    listed = plgpu.load(gather[0].at[i], layout=plgpu.Layout.WGMMA.reduce(0))
+                    bias = jnp.where(listed >= 0, 0.0, -jnp.inf)
+                else:
+                    bias = plgpu.load(mask_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 s = s * c2 + lax.broadcast_in_dim(bias, s.shape, [1])
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
@@ -275,7 +288,7 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
             """Ring tile `slot` <- the listed rows of the split's tile `i`, one TMA copy per
             row and 64 columns (Hopper's TMA has no row gather), issued by the producer's
             four warps (rows `warp + 4 k`)."""
-            _, slots_smem, _, (c_view, r_view) = gather
+            slots_smem, _, (c_view, r_view) = gather
 
             def row(r, slot_of_r):
                 src = pl.ds(slot_of_r, 1)
@@ -292,7 +305,7 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
             @pl.loop(0, bk, step=_WARPS)
             def _(r0):
                 # warp-level code loads no SMEM: each warp's slot is picked from four scalars
-                listed = [slots_smem[i, r0 + w] for w in range(_WARPS)]
+                listed = [jnp.maximum(slots_smem[i, r0 + w], 0) for w in range(_WARPS)]
 
                 @plgpu.warp_map
                 def _(warp):
@@ -309,8 +322,8 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
                                         qc_smem.at[part], q_loaded)
             plgpu.copy_gmem_to_smem(q_ref.at[bi, ti, heads, pl.ds(dc, dr)], qr_smem, q_loaded)
             if sparse:
-                slots_ref, slots_smem, slots_loaded, _ = gather
-                plgpu.copy_gmem_to_smem(slots_ref.at[bi, ti, pl.ds(lo, geo.per_split)], slots_smem,
+                slots_smem, slots_loaded, _ = gather
+                plgpu.copy_gmem_to_smem(listing_ref.at[bi, ti, pl.ds(lo, geo.per_split)], slots_smem,
                                         slots_loaded)
                 plgpu.barrier_wait(slots_loaded)
 
@@ -324,8 +337,8 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
                         plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, pl.ds(part * half, half)],
                                                 c_smem.at[slot, part], loaded.at[slot])
                     plgpu.copy_gmem_to_smem(r_ref.at[bi, rows], r_smem.at[slot], loaded.at[slot])
-                plgpu.copy_gmem_to_smem(mask_ref.at[bi, ti, pl.ds(j * bk, bk)], mask_smem.at[slot],
-                                        loaded.at[slot])
+                    plgpu.copy_gmem_to_smem(listing_ref.at[bi, ti, pl.ds(j * bk, bk)], mask_smem.at[slot],
+                                            loaded.at[slot])
 
             for slot in range(stages):      # a split may have fewer than `stages` tiles
                 pl.when(slot < n)(lambda slot=slot: load(slot, slot))
@@ -340,7 +353,7 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
                 observe_last_phases((consumed,), n, stages)
 
     def entry(*refs):
-        q_ref, c_ref, r_ref, mask_ref, *slots_ref, o_ref, lse_ref = refs
+        q_ref, c_ref, r_ref, listing_ref, o_ref, lse_ref = refs
         tr_c, tr_r = smem_transforms(plgpu, half, dtype), smem_transforms(plgpu, dr, dtype)
         ring = (plgpu.SMEM((stages, _COMPUTE_WGS, bk, half), dtype, transforms=tr_c),
                 plgpu.SMEM((stages, bk, dr), dtype, transforms=tr_r))
@@ -356,7 +369,7 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
             plgpu.SMEM((_COMPUTE_WGS, ROWS, half), dtype, transforms=tr_c),
             plgpu.SMEM((ROWS, dr), dtype, transforms=tr_r),
             *ring,
-            plgpu.SMEM((stages, bk), jnp.float32),
+            *(() if sparse else (plgpu.SMEM((stages, bk), jnp.float32),)),     # the masks
             plgpu.SMEM((ROWS,), jnp.float32),
         )
         gather = (plgpu.SMEM((geo.per_split, bk), jnp.int32),                   # the split's slot list
@@ -367,11 +380,12 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
             if sparse:
                 *bars, slots_smem, slots_loaded = bars
                 views = (None, None)
+                qc, qr, *ring, lse = smem
                 if not interpret:               # the RefUnion: (c, r) and their row views
-                    qc, qr, (ring, views), mask, lse = smem
-                    smem = (qc, qr, *ring, mask, lse)
-                gather = (slots_ref[0], slots_smem, slots_loaded, views)
-            body(q_ref, c_ref, r_ref, mask_ref, o_ref, lse_ref, smem, bars, gather)
+                    (ring, views), = ring
+                smem = (qc, qr, *ring, None, lse)
+                gather = (slots_smem, slots_loaded, views)
+            body(q_ref, c_ref, r_ref, listing_ref, o_ref, lse_ref, smem, bars, gather)
 
         pl.run_scoped(
             scoped,
@@ -388,14 +402,16 @@ def _kernel_call(q, c_kv, k_rope, mask, slots, *, geo: Geometry, scale: float, i
         entry,
         out_type=(jax.ShapeDtypeStruct((b, geo.num_splits, t, h, dc), dtype),
                   jax.ShapeDtypeStruct((b, geo.num_splits, t, h), jnp.float32)),
-        grid=(geo.num_splits, t * groups, b),
-        grid_names=("split", "row", "batch"),
+        # rows minor-most: CUDA's x dimension (2^31 - 1 blocks; y and z stop at 65535), so a
+        # prefill's T * H / 64 rows fit, and consecutive CTAs take consecutive query tokens
+        grid=(b, geo.num_splits, t * groups),
+        grid_names=("batch", "split", "row"),
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         kernel_name="mla_decode_mosaic_gpu_gather" if sparse else "mla_decode_mosaic_gpu",
         interpret=interpret,
-    )(q, c_kv, k_rope, mask, *(() if slots is None else (slots,)))
+    )(q, c_kv, k_rope, listing)
 
 
 def check_supported(q_abs, c_kv, k_rope, indices, interpret, config: MlaDecodeMosaicGpuConfig):
@@ -438,17 +454,18 @@ def gather_selected(q_abs, c_kv, k_rope, indices, q_positions, kv_positions, blo
             q_positions.reshape(b * t, 1), kp)
 
 
-def selected_slots(indices, kv_positions, geo: Geometry):
-    """The in-kernel gather's inputs from `indices [B, T, K]`: `(slots, kv_positions)`,
-    int32 `[B, T, splits * per_split, block_k]` cache slots (unlisted entries and the
-    padding past K: slot 0, masked) and `[B, T, K]` the listed slots' positions (-1 where
-    unlisted)."""
+def selected_slots(indices, q_positions, kv_positions, geo: Geometry):
+    """The in-kernel gather's slot lists from `indices [B, T, K]`: int32 `[B, T, splits *
+    per_split, block_k]`, the listed cache slot where it is visible to the query (listed,
+    position >= 0 and <= the query's, a valid query), else -1 (as the padding past K)."""
     b, t, k = indices.shape
     listed = (indices >= 0) & (indices < kv_positions.shape[1])
     slots = jnp.where(listed, indices, 0).astype(jnp.int32)
-    kp = jnp.where(listed, jax.vmap(lambda p, i: p[i])(kv_positions, slots), -1)
+    kp = jax.vmap(lambda p, i: p[i])(kv_positions, slots)
+    qp = q_positions[:, :, None]
+    slots = jnp.where(listed & (kp >= 0) & (kp <= qp) & (qp >= 0), slots, -1)
     tiles = geo.num_splits * geo.per_split
-    return pad_axis(slots, tiles * geo.block_k, 2).reshape(b, t, tiles, geo.block_k), kp
+    return pad_axis(slots, tiles * geo.block_k, 2, -1).reshape(b, t, tiles, geo.block_k)
 
 
 def gathers_in_kernel(geo: Geometry, itemsize: int) -> bool:
@@ -469,19 +486,24 @@ def mla_decode_mosaic_gpu(q_abs, c_kv, k_rope, *, indices, q_positions, kv_posit
     cfg = config or MlaDecodeMosaicGpuConfig()
     check_supported(q_abs, c_kv, k_rope, indices, interpret, cfg)
     b, t, h, _ = q_abs.shape
-    slots = None
+    sparse = False
     if indices is not None:
         geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits, slots=indices.shape[2])
-        if cfg.gather_in_kernel and gathers_in_kernel(geo, q_abs.dtype.itemsize):
-            slots, kv_positions = selected_slots(indices, kv_positions, geo)
-        else:
+        if cfg.gather_in_kernel and num_splits is None:     # more splits while a slot list does not fit
+            fits = (geometry(q_abs, c_kv, k_rope, cfg, n, slots=indices.shape[2])
+                    for n in range(geo.num_splits, geo.tiles + 1))
+            geo = next((g for g in fits if gathers_in_kernel(g, q_abs.dtype.itemsize)), geo)
+        sparse = cfg.gather_in_kernel and gathers_in_kernel(geo, q_abs.dtype.itemsize)
+        if not sparse:
             q_abs, c_kv, k_rope, q_positions, kv_positions = gather_selected(
                 q_abs, c_kv, k_rope, indices, q_positions, kv_positions, cfg.block_k)
-    if slots is None:
+    if sparse:
+        listing = selected_slots(indices, q_positions, kv_positions, geo)
+    else:
         geo = geometry(q_abs, c_kv, k_rope, cfg, num_splits)
         c_kv, k_rope = pad_axis(c_kv, geo.s, 1), pad_axis(k_rope, geo.s, 1)   # no-ops unless S % 8 or S < block_k
-    mask = tile_mask(q_positions, kv_positions, geo)
-    o_part, lse_part = _kernel_call(q_abs, c_kv, k_rope, mask, slots, geo=geo, scale=float(scale),
+        listing = tile_mask(q_positions, kv_positions, geo)
+    o_part, lse_part = _kernel_call(q_abs, c_kv, k_rope, listing, sparse=sparse, geo=geo, scale=float(scale),
                                     interpret=interpret or None)
     out, lse = merge(o_part, lse_part, t=q_abs.shape[1], h=h, dc=geo.dc, dtype=q_abs.dtype)
     if q_abs.shape[0] != b:             # gathered by XLA: [B * T, 1, ...] -> [B, T, ...]

@@ -18,6 +18,9 @@ backward's; not yet in "auto", not timed on a GPU; see `mosaic_gpu.py`); `interp
 runs a Pallas kernel in interpret mode on CPU (Triton, Mosaic TPU),
 `interpret=plgpu.InterpretGPUParams()` the Mosaic GPU kernel in GPU interpret mode. Kernels need the listed entries of a row to be distinct (the
 reference takes the union; a kernel would count a repeated block twice).
+
+`token_sparse_backward`: the Triton backward alone, on the `(out, lse)` of a forward computed
+by another op's kernel (`mla_decode.mla_sparse_attention`'s Mosaic GPU prefill).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from jax.experimental import checkify
 import jax.numpy as jnp
 
 from pallas_kernels import common
+from pallas_kernels.flash import autodiff
 from pallas_kernels.token_sparse import mosaic_gpu, reference, tpu, triton
 from pallas_kernels.token_sparse.mosaic_gpu import MosaicGPUConfig, token_sparse_mosaic_gpu
 from pallas_kernels.token_sparse.reference import token_sparse_reference
@@ -108,3 +112,25 @@ def token_sparse_attention(q, k, v, indices, *, block_size=1, q_positions=None,
     return fn(q, k, v, indices, block_size=block_size, q_positions=args["q_positions"],
               kv_positions=args["kv_positions"], causal=causal, sink_logits=args["sink_logits"],
               softcap=softcap, scale=args["scale"], return_lse=return_lse)
+
+
+def token_sparse_backward(q, k, v, indices, out, lse, dout, dlse, *, q_positions, kv_positions, scale,
+                          interpret=False, config=None):
+    """The gradients of `token_sparse_attention(q, k, v, indices, return_lse=True)` (token
+    indices, `block_size=1`, causal; no sinks, no soft-cap) at the cotangents `(dout [B, T,
+    H, Dv], dlse [B, H, T])`, from a forward's `out [B, T, H, Dv]` and `lse [B, H, T]`
+    computed elsewhere: another op's forward kernel that has no backward of its own
+    (`mla_decode.mla_sparse_attention`'s Mosaic GPU prefill). Shapes and positions as
+    `token_sparse_attention` (checked by the caller); the Triton backward (`triton_vjp`,
+    `config` a `TritonConfig`; `interpret=True`: Triton's interpreter). Returns `(dq, dk,
+    dv)` like q, k, v."""
+    from pallas_kernels.token_sparse import triton_vjp  # noqa: PLC0415 - as token_sparse_triton
+
+    cfg = config or TritonConfig()
+    st = autodiff.Static(
+        forward=triton.forward, backward=triton_vjp.backward, mask_fn=None, scale=float(scale),
+        softcap=None, has_sinks=False, interpret=bool(interpret),
+        config=(cfg, triton.geometry(q, k, v, indices, 1, True, cfg.block_k, cfg.max_rows)))
+    dq, dk, dv, _ = autodiff.backward(st, q, k, v, None, q_positions, kv_positions, None, None, (indices,),
+                                      out, lse, dout, dlse)
+    return dq, dk, dv

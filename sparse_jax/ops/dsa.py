@@ -10,9 +10,10 @@
   `T x S` score matrix is never built whole; the selected set comes in ascending slot
   order, -1 padding last (consumers treat it as a set).
 * Main attention over the selected tokens only (`selected_attention`), MLA in MQA form
-  (`sparse_jax.ops.mla`: absorbed queries against the latent cache) through the
-  `token_sparse` op, or at decode the `mla_decode` op over the cache as stored (their XLA
-  references on CPU).
+  (`sparse_jax.ops.mla`: absorbed queries against the latent cache) through
+  `mla_sparse_attention` (the `token_sparse` op; `impl="mosaic_gpu"`: `mla_decode`'s Mosaic
+  GPU kernel over every query token), or at decode the `mla_decode` op over the cache as
+  stored (their XLA references on CPU).
 * Training (`indexer_target`, `dsa_indexer_loss`): KL from the main attention
   distribution (summed over heads, L1-normalised, no gradient) to `softmax(I_t)`; in the
   dense warm-up over all visible keys, in the sparse stage over the selected set only.
@@ -31,11 +32,9 @@ import numpy as np
 from pallas_kernels.common import IMPLS
 from pallas_kernels.indexer import api as indexer_op
 from pallas_kernels.indexer.fp8 import SCORE_DTYPES
-from pallas_kernels.mla_decode import mla_decode
-from pallas_kernels.token_sparse import token_sparse_attention
+from pallas_kernels.mla_decode import mla_decode, mla_sparse_attention
 from sparse_jax.ops.attention import DECODE_MAX_QUERIES
 from sparse_jax.ops import selection
-from sparse_jax.ops.mla import latent_kv
 
 STAGES = ("warmup", "sparse")
 
@@ -183,13 +182,15 @@ def selected_attention(q_abs, c_kv, k_rope, token_indices, q_positions, kv_posit
 
     `decoding` (a cached call of at most `DECODE_MAX_QUERIES` queries): the `mla_decode` op
     over the cache as stored (576 values read per selected token, no copy of the cache);
-    else the `token_sparse` op over `latent_kv` (it has the backward training needs)."""
+    else `mla_sparse_attention` (with the backward training needs): the `token_sparse` op
+    over the concatenated latent, or with `impl="mosaic_gpu"` (opt-in) `mla_decode`'s Mosaic
+    GPU kernel over every query token, gradients by token_sparse's Triton backward."""
+    k_rope = k_rope.astype(c_kv.dtype)
     if decoding and q_abs.shape[1] <= DECODE_MAX_QUERIES:
-        return mla_decode(q_abs, c_kv, k_rope.astype(c_kv.dtype), indices=token_indices,
-                          q_positions=q_positions, kv_positions=kv_positions, scale=scale, impl=impl)
-    k_lat, v_lat = latent_kv(c_kv, k_rope)
-    return token_sparse_attention(q_abs, k_lat, v_lat, token_indices[:, :, None], q_positions=q_positions,
-                                  kv_positions=kv_positions, scale=scale, impl=impl)
+        return mla_decode(q_abs, c_kv, k_rope, indices=token_indices, q_positions=q_positions,
+                          kv_positions=kv_positions, scale=scale, impl=impl)
+    return mla_sparse_attention(q_abs, c_kv, k_rope, token_indices, q_positions=q_positions,
+                                kv_positions=kv_positions, scale=scale, impl=impl)
 
 
 def indexer_target(q_abs, k_lat, q_positions, kv_positions, *, scale: float, token_indices=None):

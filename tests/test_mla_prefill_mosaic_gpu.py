@@ -1,0 +1,159 @@
+"""`mla_sparse_attention` (sparse MLA prefill / training, DSA's main attention) with
+`impl="mosaic_gpu"`: `mla_decode`'s Mosaic GPU kernel over every query token (rows gathered
+in the kernel) for the forward, `token_sparse`'s Triton backward for the gradients.
+
+On the CPU: the kernel in GPU interpret mode (`interpret=plgpu.InterpretGPUParams()`; the
+backward in Triton's interpreter), bf16 and float32 inputs (float32: the kernel in bf16),
+against the float32 reference (`mla_decode_reference`), out, lse and the gradients of q,
+c_kv and k_rope with cotangents on both outputs: T=5 and 3 queries (no block's multiple),
+a ragged cache (positions -1), a padded query, -1 padded lists of random length, listed
+future slots, a query whose listed slots are all in its future, K=80 (two slot tiles, the
+last ragged) and 40; the forward lowered for CUDA at DeepSeek's sizes and a
+prefill longer than CUDA's 65535-block y grid (T=70000, K=2048: one split, gathered in the
+kernel; K=3000: two splits, so that each slot list fits SMEM); the DSA attention path routes `impl="mosaic_gpu"` here; unsupported calls raise
+ValueError. Under `-m gpu` on a Hopper GPU: the compiled kernel and backward at DeepSeek's
+sizes against the reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.mla_decode import mla_sparse_attention
+from pallas_kernels.mla_decode.reference import mla_decode_reference
+from gpu_testing import needs_gpu_interpret_pool
+from kernel_testing import max_rel_err
+from test_mla_decode_kernels import SCALE, MlaCase, check_zero_rows, make_inputs
+
+
+def _hopper():
+    """The first sm_90 GPU, or None."""
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    return next((d for d in gpus if getattr(d, "compute_capability", "") == "9.0"), None)
+
+
+def value_and_grads(fn, args, kw, seed=0):
+    """`(out, lse)` and the gradients of `sum(out * g_o) + sum(lse * g_l)` (lse's -inf rows
+    left out) with respect to q, c_kv, k_rope, all under one jit."""
+    kw = {n: kw[n] for n in ("indices", "q_positions", "kv_positions", "scale")}
+
+    def loss(*a):
+        out, lse = fn(*a, **kw)[:2]
+        g_o = jax.random.normal(jax.random.key(seed), out.shape, jnp.float32)
+        g_l = jax.random.normal(jax.random.key(seed + 1), lse.shape, jnp.float32)
+        lse_part = jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * g_l)
+        return jnp.sum(out.astype(jnp.float32) * g_o) + lse_part, (out, lse)
+
+    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
+    return out, lse, grads
+
+
+def reference(*args, **kw):
+    return mla_decode_reference(*(a.astype(jnp.float32) for a in args), **kw, return_lse=True, num_splits=None)
+
+
+def assert_close(got, want, tol):
+    out, lse, grads = got
+    r_out, r_lse, r_grads = want
+    assert max_rel_err(out, r_out) < tol
+    fin = np.isfinite(np.asarray(r_lse))
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), fin)
+    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(r_lse)[fin], atol=tol)
+    for g, r in zip(grads, r_grads):
+        assert np.all(np.isfinite(np.asarray(g, np.float32)))
+        assert max_rel_err(g, r) < tol
+
+
+@needs_gpu_interpret_pool
+@pytest.mark.parametrize("dtype,case", [
+    (jnp.bfloat16, MlaCase("t5_k80", b=1, t=5, h=64, dc=128, dr=64, s=90, k=80, seed=21)),
+    (jnp.float32, MlaCase("t3_k40", b=1, t=3, h=64, dc=128, dr=64, s=50, k=40, seed=22)),
+], ids=["bf16", "f32"])
+def test_mosaic_gpu_prefill_in_gpu_interpret_mode(dtype, case):
+    """Forward (out, lse) and gradients in GPU interpret mode against the float32 reference
+    (see the module docstring; float32: one slot tile, fewer queries: each row copy is a
+    callback in GPU interpret mode)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    args, kw = make_inputs(case, dtype)
+    got = value_and_grads(lambda *a, **k: mla_sparse_attention(
+        *a, **k, return_lse=True, impl="mosaic_gpu", interpret=plgpu.InterpretGPUParams()), args, kw)
+    want = value_and_grads(reference, args, kw)
+    assert got[0].dtype == dtype and got[0].shape == want[0].shape
+    assert all(g.dtype == dtype for g in got[2])
+    assert_close(got, want, 2e-2)
+    check_zero_rows(got[0], kw)
+
+
+def test_mosaic_gpu_prefill_lowers_for_cuda_on_the_cpu():
+    """DeepSeek's sizes (H=64, Dc=512, Dr=64, K=2048) over T=70000 queries (more rows than
+    CUDA's y grid dimension takes): the forward lowers to one Mosaic GPU kernel that gathers
+    in the kernel (one split: the slot list fits SMEM), no XLA gather of the selected rows;
+    K=3000 takes two splits (the split count grows until a slot list fits)."""
+    t = 70000
+    q = jax.ShapeDtypeStruct((1, t, 64, 576), jnp.bfloat16)
+    c, r = jax.ShapeDtypeStruct((1, t, 512), jnp.bfloat16), jax.ShapeDtypeStruct((1, t, 64), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((1, t, 2048), jnp.int32)
+    f = jax.jit(lambda q, c, r, i: mla_sparse_attention(q, c, r, i, scale=SCALE, impl="mosaic_gpu"))
+    text = f.trace(q, c, r, idx).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mla_decode_mosaic_gpu_gather" in text
+    assert f"tensor<1x1x{t}x64x512xbf16>" in text            # [B, one split, T, H, Dc]: the output
+    assert "x2048x576x" not in text and "x2048x512x" not in text   # no XLA-gathered rows
+    # K=3000 (47 tiles) does not fit one split's slot list: two splits of 24, still gathered
+    t = 1000
+    q, c, r = (jax.ShapeDtypeStruct((1, t, *x.shape[2:]), x.dtype) for x in (q, c, r))
+    text = f.trace(q, c, r, jax.ShapeDtypeStruct((1, t, 3000), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mla_decode_mosaic_gpu_gather" in text and f"tensor<1x2x{t}x64x512xbf16>" in text
+
+
+def test_dsa_attention_routes_mosaic_gpu_here_and_bad_calls_raise(monkeypatch):
+    """`dsa.selected_attention(impl="mosaic_gpu")` (prefill) runs this op's Mosaic GPU
+    forward (here replaced by the reference: no kernel runs on the CPU without interpret
+    mode); H not a multiple of 64 and a missing list raise ValueError at trace time."""
+    from pallas_kernels.mla_decode import api
+    from sparse_jax.ops import dsa
+
+    case = MlaCase("routes", b=1, t=3, h=64, dc=128, dr=64, s=20, k=8, seed=3)
+    (q, c, r), kw = make_inputs(case, jnp.bfloat16)
+    idx, q_pos, kv_pos = kw["indices"], kw["q_positions"], kw["kv_positions"]
+    calls = []
+
+    def forward(*args, interpret, config, **kw):
+        calls.append(config.gather_in_kernel)
+        return mla_decode_reference(*args, **kw)
+
+    monkeypatch.setattr(api, "mla_decode_mosaic_gpu", forward)
+    out = dsa.selected_attention(q, c, r, idx, q_pos, kv_pos, scale=SCALE, impl="mosaic_gpu")
+    assert calls == [True]
+    want = reference(q, c, r, indices=idx, q_positions=q_pos, kv_positions=kv_pos, scale=SCALE)
+    assert max_rel_err(out, want.out) < 1e-2
+    pos = dict(q_positions=q_pos, kv_positions=kv_pos, scale=SCALE, impl="mosaic_gpu")
+    with pytest.raises(ValueError, match="H=32"):
+        mla_sparse_attention(q[:, :, :32], c, r, idx, **pos)
+    with pytest.raises(ValueError, match="indices"):
+        mla_sparse_attention(q, c, r, None, **pos)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_mosaic_gpu_prefill_compiled_on_gpu(dtype):
+    """The compiled kernel (rows gathered in the kernel: single-row TMA copies into the
+    swizzled ring) and the Triton backward at DeepSeek's sizes (H=64, Dc=512, Dr=64), T=300
+    queries over a 4101-slot cache, K=2048 listed (-1 padded, future slots listed), against
+    the float32 reference: out, lse, gradients."""
+    case = MlaCase("gpu", b=2, t=300, h=64, dc=512, dr=64, s=4101, k=2048, seed=5)
+    with jax.default_device(_hopper()):
+        args, kw = make_inputs(case, dtype)
+        got = value_and_grads(lambda *a, **k: mla_sparse_attention(*a, **k, return_lse=True, impl="mosaic_gpu"),
+                              args, kw)
+        with jax.default_matmul_precision("highest"):
+            want = value_and_grads(reference, args, kw)
+        assert_close(got, want, 2e-2)
+        check_zero_rows(got[0], kw)
