@@ -144,9 +144,9 @@ class Plan:
     u: int              # l / d
     splits: int         # C programs per (b, hkv, t) in the cmp pass (1 = fused kernel unless select_kernel)
     tail_splits: int    # programs per (b, hkv, t) for selection + slc + win (1 when fused); slc only
-                        # with select_kernel
-    select_kernel: bool  # selection once per (b, hkv, t), the cmp programs take the window tiles
-                         # (the three-kernel and the one-launch plans)
+                        # with the three-kernel plan, slc + win with one_launch
+    select_kernel: bool  # selection once per (b, hkv, t) (the three-kernel and one-launch plans);
+                         # window tiles on the cmp programs (three-kernel) or the slc programs
     one_launch: bool    # the one-launch plan: cmp programs, the last selects, slc programs follow
     per: int            # cmp tiles (= score rows) per split; rows = splits * per when split
     rows: int           # score rows R (power of two)
@@ -566,13 +566,13 @@ def _one_launch_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, ks_ref, vs_ref
     """The one-launch plan, grid (B, Hkv, T * (C + P)); every state ref is this (b, hkv,
     query)'s block, shared by its C + P programs, and `cnt_ref [4]` its counters (zeros in).
 
-    * cmp program `z < T * C` (split `c`): the cmp pass on its tiles and window tiles `c,
-      c + C, ...` (as `_cmp_kernel`) to the states' row c; the last of the C to arrive
-      (counter 0) combines them: o_cmp, o_win, the selection to `idx_ref`, then counter 1
-      := 1 (the flag).
-    * slc program (part `p` of P): waits for the flag, reads the indices, runs step 4 on
-      blocks `p, p + P, ...` to the slc states' row p; the last of the P (counter 2)
-      combines them to o_slc.
+    * cmp program `z < T * C` (split `c`): the cmp pass on its tiles (as `_cmp_kernel`) to
+      the states' row c; the last of the C to arrive (counter 0) combines them: o_cmp and
+      the selection to `idx_ref`, then counter 1 := 1 (the flag).
+    * slc program (part `p` of P): step 5 on window tiles `p, p + P, ...` first (it needs
+      no selection: work while the cmp pass runs, off the selection's chain), then waits
+      for the flag, reads the indices, runs step 4 on blocks `p, p + P, ...`; both states
+      to row p; the last of the P (counter 2) combines them to o_slc and o_win.
 
     Every slc program waits only on cmp programs, all earlier in the launch order (the
     grid's last axis is the slowest CUDA axis and blocks are dispatched in order, the
@@ -592,18 +592,17 @@ def _one_launch_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, ks_ref, vs_ref
         hi = jnp.minimum(lo + plan.per, prog.cmp_tiles)
         (m_ref[c], l_ref[c], acc_ref[c]), spill_ref[c] = prog.cmp_one_pass(
             (kc_ref, vc_ref, cpos_ref), lo, hi, 0, st_ref, mt_ref)
-        mw_ref[c], lw_ref[c], accw_ref[c] = prog.win((kw_ref, vw_ref, wpos_ref), c, plan.splits)
 
         @pl.when(_arrive(cnt_ref, 0, barrier) == plan.splits - 1)
         def _():
             scores = _group_scores(plan, prog, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref, oc_ref)
-            ow_ref[...] = _combine(plan, mw_ref, lw_ref, accw_ref)[1].astype(ow_ref.dtype)
             idx_ref[...] = prog.select(scores, argmax=True)
             _arrive(cnt_ref, 1, barrier)
 
     @pl.when(~is_cmp)
     def _():
         p = (z - c_all) % plan.tail_splits
+        mw_ref[p], lw_ref[p], accw_ref[p] = prog.win((kw_ref, vw_ref, wpos_ref), p, plan.tail_splits)
         # Spin on volatile loads (L2, never hoisted; an atomic in the loop has no interpret-mode
         # discharge), then one acquire-release atomic orders the loads after it.
         poll = lambda *_: plgpu.load(cnt_ref.at[jnp.full((), 1, jnp.int32)], volatile=True)  # noqa: E731
@@ -617,6 +616,7 @@ def _one_launch_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, ks_ref, vs_ref
         @pl.when(_arrive(cnt_ref, 2, barrier) == plan.tail_splits - 1)
         def _():
             os_ref[...] = _combine(plan, ms_ref, ls_ref, accs_ref)[1].astype(os_ref.dtype)
+            ow_ref[...] = _combine(plan, mw_ref, lw_ref, accw_ref)[1].astype(ow_ref.dtype)
 
 
 def _merge(o, lse):
@@ -755,9 +755,9 @@ def _one_launch(pn: Plan, call, qr, qpos, cmp_in, cmp_specs, tail_in, tail_specs
     outs = [(grp(*rd), jax.ShapeDtypeStruct((b, t, hkv) + rd, dtype))] * 3 + [
         (grp(pn.n_p), jax.ShapeDtypeStruct((b, t, hkv, pn.n_p), jnp.int32))]
     out_specs = [o[0] for o in outs] + states(c)[0] + [grp(pn.rows, rows, pn.bs_p), grp(pn.rows, rows),
-                                                        grp(c, rows, pn.bs_p)] + states(c)[0] + states(p)[0]
+                                                        grp(c, rows, pn.bs_p)] + states(p)[0] * 2
     out_shape = [o[1] for o in outs] + states(c)[1] + [f32(pn.rows, rows, pn.bs_p), f32(pn.rows, rows),
-                                                       f32(c, rows, pn.bs_p)] + states(c)[1] + states(p)[1]
+                                                       f32(c, rows, pn.bs_p)] + states(p)[1] * 2
     cnt = jnp.zeros((b, t, hkv, 4), jnp.int32)
     res = call(
         functools.partial(_one_launch_kernel, plan=pn, barrier=not interpret), grid=(b, hkv, zt + zs), name="nsa_decode_one_launch",
