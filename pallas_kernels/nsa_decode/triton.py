@@ -56,6 +56,17 @@ At B=16, Hkv=4, T=1, 64K, C=4, P=8 (the default here: two selected blocks a part
 cmp programs of 16 cmp tiles + 2 window tiles (576 KB each), 64 select programs (the
 combine, 64 KB of per-head scores from L2, 16 rounds), 512 slc programs of 64 KB.
 
+One-launch plan (`one_launch=True`, opt-in until timed; `_one_launch_kernel`): one grid
+(B, Hkv, T * (C + P)), the C cmp programs of a (b, hkv, query) first, then its P slc
+programs. A cmp program runs the cmp pass on its tiles (as `nsa_decode_cmp`) and arrives on
+an atomic counter; the last to arrive combines the states into o_cmp and the selection
+(as `nsa_decode_select`) and raises a flag. A slc program runs its window tiles, waits for
+the flag (volatile spin), runs its selected blocks, arrives on a second counter; the last
+combines the slc and window states. No launch boundary on the chain cmp -> selection ->
+slc, no XLA merge; the counters are one `[B, T, Hkv, 4]` int32 zero fill. Deadlock-free
+because the slc programs come after every cmp program in the launch order and cmp
+programs never wait.
+
 The fused plan reads the cmp keys twice (steps 1 and 2: the group-summed scores need the
 exact lse) and the cmp values once; the split plan reads both once and writes
 `G * ceil(N / l') * 4` bytes of per-head scores per (b, hkv, t) (64 KB at 64K context),
@@ -97,7 +108,10 @@ class TritonConfig:
     `cmp_splits`, 1 included): the cmp programs also take the window tiles, the selection
     runs once per (b, hkv, query) in `nsa_decode_select`, and `tail_splits` parts (default:
     two selected blocks each) read its indices in `nsa_decode_slc`. Correct on an H200,
-    slower per call there than the split plan."""
+    slower per call there than the split plan.
+
+    `one_launch=True` picks the one-launch plan (module docstring; `tail_splits` parts take
+    the selected blocks and the window tiles). Not the default until timed on a GPU."""
 
     block_cmp: int = 64
     block_win: int = 64
