@@ -618,13 +618,15 @@ def _one_launch_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, ks_ref, vs_ref
         p = (z - c_all) % plan.tail_splits
         mw_ref[p], lw_ref[p], accw_ref[p] = prog.win((kw_ref, vw_ref, wpos_ref), p, plan.tail_splits)
         # Spin on volatile loads (L2, never hoisted; an atomic in the loop has no interpret-mode
-        # discharge), then one acquire-release atomic orders the loads after it.
+        # discharge), then one acquire-release atomic orders the loads after it. The indices
+        # depend on the loop's result: JAX drops a while loop whose result is unused.
         poll = lambda *_: plgpu.load(cnt_ref.at[jnp.full((), 1, jnp.int32)], volatile=True)  # noqa: E731
-        lax.while_loop(lambda flag: flag == 0, poll, poll())
+        flag = lax.while_loop(lambda flag: flag == 0, poll, poll())
         _atomic_add(cnt_ref, 1, 0)
         if barrier:                                                   # every thread after the acquire
             plgpu.debug_barrier()
-        picked = plgpu.load(idx_ref, volatile=True)   # past L1 (".cg" is unusable: jax 0.11.2 maps it to no key)
+        # Volatile: past L1 (cache_modifier=".cg" is unusable: jax 0.11.2 maps it to no key).
+        picked = jnp.where(flag > 0, plgpu.load(idx_ref, volatile=True), -1)
         ms_ref[p], ls_ref[p], accs_ref[p] = prog.slc((ks_ref, vs_ref, spos_ref), picked, p)
 
         @pl.when(_arrive(cnt_ref, 2, barrier) == plan.tail_splits - 1)
