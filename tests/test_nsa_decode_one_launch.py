@@ -14,7 +14,7 @@ import pytest
 
 from pallas_kernels.nsa_decode.triton import TritonConfig, nsa_decode_triton
 from sparse_jax.ops.nsa import NSAConfig
-from test_nsa_decode_kernel import SMALL, check, make_case, run_both
+from test_nsa_decode_kernel import SMALL, check, lowered_triton_modules, make_case, run_both
 
 
 @pytest.mark.parametrize("case", [
@@ -59,3 +59,15 @@ def test_one_launch_bad_config():
     with pytest.raises(ValueError, match="several launches"):
         nsa_decode_triton(q, q_pos, cfg=cfg, scale=1.0, interpret=True, stop_after=1,
                           config=TritonConfig(one_launch=True), **kw)
+
+
+def test_one_launch_ir_keeps_the_wait(monkeypatch):
+    """Lowered for an H200 (B=16, 64K, paper cfg): the slc programs' spin is an scf.while on
+    a volatile load (JAX drops a while loop whose result is unused: it once vanished), the
+    three arrivals and the acquire are acq_rel GPU-scope atomics, each arrival after a CTA
+    barrier."""
+    ir = lowered_triton_modules(TritonConfig(one_launch=True), 65536, monkeypatch)["nsa_decode_one_launch"]
+    assert ir.count("scf.while") == 1 and "tt.load" in ir and "isVolatile = true" in ir
+    atomics = [line for line in ir.splitlines() if "tt.atomic_rmw" in line]
+    assert len(atomics) == 4 and all("add, acq_rel, gpu" in a for a in atomics), atomics
+    assert ir.count("gpu.barrier") >= 4
