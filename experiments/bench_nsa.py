@@ -47,6 +47,9 @@ Launch plans of the fused decode kernel (rows `nsa_<cfg>_ms` of the decode row; 
 field `sel` picks the three-kernel plan, `TritonConfig(select_kernel=True)`):
   PYTHONPATH=. python experiments/bench_nsa.py --seq_lens= --decode_configs \
       4:4:64:3:4,2:4:64:3:4,8:4:64:3:4,1:1:64:3:4,4:8:64:3:4:sel
+Decode plans, old (default split, three-kernel) vs new (one launch), against dense decode at
+B=16 and B=1, 64K: ms per step, GB/s on the must-read bytes, ratio to dense:
+  PYTHONPATH=. python experiments/bench_nsa.py --decode_one_launch 16,1 --out /tmp/nsa_dec.json
 CPU smoke run (tiny shapes and config, kernels in interpret mode, XLA dense baseline):
   PYTHONPATH=. python experiments/bench_nsa.py --small --out /tmp/nsa_small.json
 """
@@ -54,6 +57,7 @@ CPU smoke run (tiny shapes and config, kernels in interpret mode, XLA dense base
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -104,6 +108,12 @@ flags.DEFINE_bool("decode_stages", False, "also time each --decode_configs plan 
 flags.DEFINE_list("select_configs", [], "nsa_select Triton configs to sweep on the kernel path, each "
                   "block_q:block_k:num_warps:topn_elements (e.g. 64:128:8:16384); rows "
                   "<mode>_selection_<cfg>_fwd_ms")
+flags.DEFINE_list("decode_one_launch", [], "only the decode plans (default split, three-kernel, one-launch) "
+                  "against dense decode at these batches and --decode_context, per step (amortised) and per "
+                  "call, GB/s on the must-read bytes (e.g. 16,1)")
+flags.DEFINE_list("decode_plans", ["split", "three_kernel", "one_launch"], "with --decode_one_launch: the "
+                  "plans to time (split = the default TritonConfig, three_kernel = select_kernel=True, "
+                  "one_launch = one_launch=True)")
 FLAGS.set_default("out", "bench_nsa.json")
 FLAGS.set_default("seq_lens", ["16384", "65536"])
 
@@ -375,32 +385,50 @@ def amortised_ms(f, args, iters: int) -> float:
     return 1e3 * median_time(jax.jit(run), qs, *args[1:], iters=iters) / reps
 
 
-def bench_decode(s: Setup, b: int, ctx: int, iters: int):
-    """One decode step at position ctx-1 over a cache of ctx tokens (batch b)."""
+def decode_case(s: Setup, b: int, ctx: int):
+    """One decode step at position ctx-1 over a cache of ctx tokens (batch b): `(cfg, args)`,
+    args `(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, qpos, cpos, pos, win_pos)` as
+    `decode_step`'s functions take them (a rolling window of the last w tokens)."""
     x = make_inputs(s, b, ctx, tq=1)
     cfg = dataclasses.replace(s.cfg, selection="token")
-    q = x["q"]
-    qpos = x["pos"][:, -1:]
     w = cfg.window
-    win_k, win_v, win_pos = x["k_win"][:, -w:], x["v_win"][:, -w:], x["pos"][:, -w:]   # rolling window
+    return cfg, (x["q"], x["k_cmp"], x["v_cmp"], x["k_slc"], x["v_slc"], x["k_win"][:, -w:], x["v_win"][:, -w:],
+                 x["pos"][:, -1:], x["cmp_positions"], x["pos"], x["pos"][:, -w:])
 
-    def step(impl, interpret, config=None, indices_only=False):   # positions are arguments: no HLO constants
-        def f(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, qpos, cpos, pos, win_pos):
-            kw = dict(k_cmp=k_cmp, v_cmp=v_cmp, cmp_positions=cpos, k_slc=k_slc, v_slc=v_slc,
-                      slc_positions=pos, k_win=k_win, v_win=v_win, win_positions=win_pos, cfg=cfg)
-            if indices_only:                    # the selected block indices of a Triton plan
-                kw.pop("cfg")
-                return nsa_decode(q, qpos, cfg=cfg, impl="triton", config=config, interpret=interpret, **kw)[3]
-            if config is None:
-                out = ops.nsa_decode_branches(q, qpos, impl=impl, interpret=interpret, **kw)
-                outs = (out.cmp, out.slc, out.win)
-            else:
-                kw.pop("cfg")
-                outs = nsa_decode(q, qpos, cfg=cfg, impl="triton", config=config,   # scale 1/sqrt(d)
-                                  interpret=interpret, **kw)[:3]
-            return (outs[0].astype(jnp.float32) + outs[1] + outs[2]).astype(q.dtype)
-        return jax.jit(f)
 
+def decode_step(cfg, impl, interpret, config=None, indices_only=False):
+    """Jitted `f(*decode_case args)`: the summed branch outputs of `nsa_decode_branches`
+    (`config` None) or of the Triton plan `config`; `indices_only`: that plan's selected
+    blocks. Positions are arguments: no HLO constants."""
+    def f(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, qpos, cpos, pos, win_pos):
+        kw = dict(k_cmp=k_cmp, v_cmp=v_cmp, cmp_positions=cpos, k_slc=k_slc, v_slc=v_slc,
+                  slc_positions=pos, k_win=k_win, v_win=v_win, win_positions=win_pos)
+        if indices_only:
+            return nsa_decode(q, qpos, cfg=cfg, impl="triton", config=config, interpret=interpret, **kw)[3]
+        if config is None:
+            out = ops.nsa_decode_branches(q, qpos, impl=impl, interpret=interpret, cfg=cfg, **kw)
+            outs = (out.cmp, out.slc, out.win)
+        else:
+            outs = nsa_decode(q, qpos, cfg=cfg, impl="triton", config=config,   # scale 1/sqrt(d)
+                              interpret=interpret, **kw)[:3]
+        return (outs[0].astype(jnp.float32) + outs[1] + outs[2]).astype(q.dtype)
+    return jax.jit(f)
+
+
+def dense_decode_step(s: Setup):
+    """Jitted dense `decode_attention` over the whole raw cache, on `decode_case` args."""
+    def f(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, qpos, cpos, pos, win_pos):
+        del k_cmp, v_cmp, k_win, v_win, cpos, win_pos
+        return decode_attention(q, k_slc, v_slc, kv_positions=pos, q_positions=qpos, impl=s.impl,
+                                interpret=s.interpret)
+    return jax.jit(f)
+
+
+def bench_decode(s: Setup, b: int, ctx: int, iters: int):
+    """One decode step at position ctx-1 over a cache of ctx tokens (batch b)."""
+    cfg, args = decode_case(s, b, ctx)
+    w = cfg.window
+    step = functools.partial(decode_step, cfg)
     indices = lambda config: step(s.impl, s.interpret, config, indices_only=True)   # noqa: E731
 
     def first_launches(config, k):              # the plan's first k kernels only (per-kernel timing)
@@ -411,21 +439,16 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
                                      interpret=s.interpret, config=config, stop_after=k)
         return jax.jit(f)
 
-    args = (q, x["k_cmp"], x["v_cmp"], x["k_slc"], x["v_slc"], win_k, win_v, qpos, x["cmp_positions"],
-            x["pos"], win_pos)
     row = dict(kind="decode", batch=b, context=ctx, h=s.h, hkv=s.hkv, d=s.d)
     want = step("xla", False)(*args)
     row["err_ref"] = rel(step(s.impl, s.interpret)(*args), want)
     row["nsa_ms"] = 1e3 * median_time(step(s.impl, s.interpret), *args, iters=iters)
     if FLAGS.decode_reps:
         row["nsa_amortised_ms"] = amortised_ms(step(s.impl, s.interpret), args, iters)
-    dense_step = jax.jit(lambda q, k, v, pos, qpos: decode_attention(q, k, v, kv_positions=pos, q_positions=qpos,
-                                                                    impl=s.impl, interpret=s.interpret))
-    dense_args = (q, x["k_slc"], x["v_slc"], x["pos"], qpos)
-    row["dense_ms"] = 1e3 * median_time(dense_step, *dense_args, iters=iters)
+    row["dense_ms"] = 1e3 * median_time(dense_decode_step(s), *args, iters=iters)
     row["ratio"] = row["dense_ms"] / row["nsa_ms"]
     if FLAGS.decode_reps:
-        row["dense_amortised_ms"] = amortised_ms(dense_step, dense_args, iters)
+        row["dense_amortised_ms"] = amortised_ms(dense_decode_step(s), args, iters)
         row["ratio_amortised"] = row["dense_amortised_ms"] / row["nsa_amortised_ms"]
     print(json.dumps(row), flush=True)                 # progress: default plan and dense
     default_idx = None
@@ -451,11 +474,71 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
         except Exception as e:  # noqa: BLE001 - a plan that fails is reported, not fatal
             row[f"nsa_{spec}_error"] = str(e)[:300]
         print(json.dumps({k: v for k, v in row.items() if k.startswith(f"nsa_{spec}_")}), flush=True)  # progress
-    n_cmp = x["k_cmp"].shape[1]
-    row["nsa_tokens_read"] = n_cmp + cfg.num_selected * cfg.sel_block + w
+    row["nsa_tokens_read"] = must_read_tokens(cfg, args)
     row["dense_tokens_read"] = ctx
     print(json.dumps(row), flush=True)
     return row
+
+
+def must_read_tokens(cfg, args) -> int:
+    """Tokens a decode step must read per (row, kv head): the compressed entries, the
+    `n * l'` selected and the `w` window tokens (`decode_case` args)."""
+    return args[1].shape[1] + cfg.num_selected * cfg.sel_block + args[5].shape[1]
+
+
+def bench_decode_plans(s: Setup, b: int, ctx: int, iters: int):
+    """--decode_one_launch: the decode step per plan (`PLANS`: the default split plan, the
+    three-kernel plan, the one-launch plan) against dense decode, batch b at ctx, amortised
+    (`--decode_reps` steps in one program) and per call; bytes/s on the must-read bytes
+    (K and V of `must_read_tokens`), ratio = dense / plan (amortised), the plan's selection
+    against the default's and its error against the XLA reference."""
+    unknown = set(FLAGS.decode_plans) - set(PLANS)
+    if unknown:
+        raise ValueError(f"--decode_plans: unknown {sorted(unknown)}, pick from {list(PLANS)}")
+    cfg, args = decode_case(s, b, ctx)
+    reps = FLAGS.decode_reps or 1
+    amortised = (lambda f: amortised_ms(f, args, iters)) if FLAGS.decode_reps else (  # noqa: E731
+        lambda f: 1e3 * median_time(f, *args, iters=iters))
+    k = args[1]
+    must_read = b * k.shape[2] * k.shape[3] * 2 * k.dtype.itemsize * must_read_tokens(cfg, args)
+    row = dict(kind="decode_plans", batch=b, context=ctx, h=s.h, hkv=s.hkv, d=s.d, reps=reps,
+               must_read_mb=must_read / 1e6, dense_ms=amortised(dense_decode_step(s)))
+    want = decode_step(cfg, "xla", False)(*args)
+    idx = {}                                  # each plan's selection, sorted (one more compile each)
+    for name in FLAGS.decode_plans:
+        conf = PLANS[name]
+        try:
+            f = decode_step(cfg, s.impl, s.interpret, conf)
+            row[f"{name}_err_ref"] = rel(f(*args), want)
+            for p in {name, "split"} - set(idx):
+                idx[p] = jnp.sort(decode_step(cfg, s.impl, s.interpret, PLANS[p], indices_only=True)(*args), -1)
+            row[f"{name}_same_selection"] = float((idx[name] == idx["split"]).all(-1).mean())
+            row[f"{name}_call_ms"] = 1e3 * median_time(f, *args, iters=iters)
+            row[f"{name}_ms"] = amortised(f)
+            row[f"{name}_gbps"] = must_read / row[f"{name}_ms"] / 1e6
+            row[f"{name}_ratio"] = row["dense_ms"] / row[f"{name}_ms"]
+        except Exception as e:  # noqa: BLE001 - a plan that fails is reported, not fatal
+            row[f"{name}_error"] = str(e)[:300]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+PLANS = dict(split=NsaDecodeConfig(), three_kernel=NsaDecodeConfig(select_kernel=True),
+             one_launch=NsaDecodeConfig(one_launch=True))
+
+
+def plans_table(rows) -> str:
+    fmt = lambda r, k, spec=".4f": format(r[k], spec) if k in r else "n/a"  # noqa: E731
+    lines = ["| B | context | plan | ms / step (amortised) | ms per call | GB/s on must-read | "
+             "ratio to dense | dense ms | err ref | same selection | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for p in FLAGS.decode_plans:
+            lines.append(f"| {r['batch']} | {r['context']} | {p} | {fmt(r, p + '_ms')} | {fmt(r, p + '_call_ms')} | "
+                         f"{fmt(r, p + '_gbps', '.0f')} | {fmt(r, p + '_ratio', '.2f')} | {fmt(r, 'dense_ms')} | "
+                         f"{fmt(r, p + '_err_ref', '.1e')} | {fmt(r, p + '_same_selection', '.3f')} | "
+                         f"{r.get(p + '_error', '')} |")
+    return "\n".join(lines)
 
 
 def table(rows) -> str:
@@ -509,6 +592,13 @@ def main(argv):
     iters = 1 if FLAGS.small else FLAGS.iters
     info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"), small=FLAGS.small)
+    if FLAGS.decode_one_launch:
+        ctx = 128 if FLAGS.small else FLAGS.decode_context
+        rows = [bench_decode_plans(s, int(b), ctx, iters) for b in FLAGS.decode_one_launch]
+        with open(FLAGS.out, "w") as fh:
+            json.dump(dict(info=info, rows=rows), fh, indent=1)
+        print(f"\n{info}\n\n{plans_table(rows)}")
+        return
     rows = []
     for t in seq_lens:
         try:

@@ -17,7 +17,9 @@ GQA group's heads are its tile rows) or, where those programs are too few to fil
 GPU, two kernels that split the cmp pass (one pass over the compressed K and V) and the
 slc / win tail, or (`TritonConfig(select_kernel=True)`, opt-in, slower per call on an
 H200) three: cmp + window, the selection once per (b, hkv, query), the selected blocks
-spread over parts (`triton.py`). A step reads only the compressed entries, the `n * l'`
+spread over parts, or (`TritonConfig(one_launch=True)`, opt-in, not yet timed) all of it in
+one launch: the last cmp program of a (b, hkv, query) selects, its slc programs wait on an
+in-kernel flag (`triton.py`). A step reads only the compressed entries, the `n * l'`
 selected tokens and the window.
 
 Forward only (decode needs no gradient; the kernel defines no VJP).

@@ -56,6 +56,17 @@ At B=16, Hkv=4, T=1, 64K, C=4, P=8 (the default here: two selected blocks a part
 cmp programs of 16 cmp tiles + 2 window tiles (576 KB each), 64 select programs (the
 combine, 64 KB of per-head scores from L2, 16 rounds), 512 slc programs of 64 KB.
 
+One-launch plan (`one_launch=True`, opt-in until timed; `_one_launch_kernel`): one grid
+(B, Hkv, T * (C + P)), the C cmp programs of a (b, hkv, query) first, then its P slc
+programs. A cmp program runs the cmp pass on its tiles (as `nsa_decode_cmp`) and arrives on
+an atomic counter; the last to arrive combines the states into o_cmp and the selection
+(as `nsa_decode_select`) and raises a flag. A slc program runs its window tiles, waits for
+the flag (volatile spin), runs its selected blocks, arrives on a second counter; the last
+combines the slc and window states. No launch boundary on the chain cmp -> selection ->
+slc, no XLA merge; the counters are one `[B, T, Hkv, 4]` int32 zero fill. Deadlock-free
+because the slc programs come after every cmp program in the launch order and cmp
+programs never wait.
+
 The fused plan reads the cmp keys twice (steps 1 and 2: the group-summed scores need the
 exact lse) and the cmp values once; the split plan reads both once and writes
 `G * ceil(N / l') * 4` bytes of per-head scores per (b, hkv, t) (64 KB at 64K context),
@@ -97,7 +108,10 @@ class TritonConfig:
     `cmp_splits`, 1 included): the cmp programs also take the window tiles, the selection
     runs once per (b, hkv, query) in `nsa_decode_select`, and `tail_splits` parts (default:
     two selected blocks each) read its indices in `nsa_decode_slc`. Correct on an H200,
-    slower per call there than the split plan."""
+    slower per call there than the split plan.
+
+    `one_launch=True` picks the one-launch plan (module docstring; `tail_splits` parts take
+    the selected blocks and the window tiles). Not the default until timed on a GPU."""
 
     block_cmp: int = 64
     block_win: int = 64
@@ -107,10 +121,14 @@ class TritonConfig:
     num_warps: int = 4
     num_stages: int = 3
     select_kernel: bool = False
+    one_launch: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.select_kernel, bool):
-            raise ValueError(f"select_kernel must be a bool, got {self.select_kernel!r}")
+        for name in ("select_kernel", "one_launch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.select_kernel and self.one_launch:
+            raise ValueError("select_kernel and one_launch are two plans: pick one")
         for name in ("block_cmp", "block_win", "target_programs", "num_warps", "num_stages"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < 1:
@@ -140,8 +158,10 @@ class Plan:
     u: int              # l / d
     splits: int         # C programs per (b, hkv, t) in the cmp pass (1 = fused kernel unless select_kernel)
     tail_splits: int    # programs per (b, hkv, t) for selection + slc + win (1 when fused); slc only
-                        # with select_kernel
-    select_kernel: bool  # three-kernel plan: cmp + win, selection once, slc parts
+                        # with the three-kernel plan, slc + win with one_launch
+    select_kernel: bool  # selection once per (b, hkv, t) (the three-kernel and one-launch plans);
+                         # window tiles on the cmp programs (three-kernel) or the slc programs
+    one_launch: bool    # the one-launch plan: cmp programs, the last selects, slc programs follow
     per: int            # cmp tiles (= score rows) per split; rows = splits * per when split
     rows: int           # score rows R (power of two)
     ns: int             # selection blocks of the slc cache
@@ -183,7 +203,7 @@ def make_plan(q, k_cmp, k_slc, k_win, cfg, config: TritonConfig, scale: float) -
     floor2 = lambda x: pl_next_pow2(x + 1) // 2                  # noqa: E731  largest pow2 <= x
     fill = floor2(_cdiv(config.target_programs, b * hkv * t))
     splits = max(1, min(fill if config.cmp_splits is None else config.cmp_splits, floor2(max_tiles)))
-    sel = config.select_kernel
+    sel = config.select_kernel or config.one_launch
     if config.tail_splits is not None:
         tail = config.tail_splits
     else:                       # a select_kernel part only streams blocks: two selected blocks each
@@ -196,7 +216,7 @@ def make_plan(q, k_cmp, k_slc, k_win, cfg, config: TritonConfig, scale: float) -
         rows = splits * per
     return Plan(t=t, g=h // hkv, rows_p=_p2(h // hkv), d=d, d_p=_p2(d), n_cmp=n_cmp, s_slc=s_slc,
                 s_win=s_win, bc=bc, bs=bs, bs_p=_p2(bs), r=r, u=u, splits=splits, tail_splits=tail,
-                select_kernel=sel, per=per, rows=rows, ns=ns,
+                select_kernel=sel, one_launch=config.one_launch, per=per, rows=rows, ns=ns,
                 n_out=n_out, n_p=pl_next_pow2(n_out), ls=cfg.sel_block, ls_p=_p2(cfg.sel_block),
                 bw=_p2(min(config.block_win, s_win)), l=cfg.cmp_block, stride=cfg.cmp_stride,
                 window=cfg.window, num_initial=cfg.num_initial, num_local=cfg.num_local,
@@ -468,15 +488,15 @@ def _cmp_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, *refs, plan: Plan):
 
 
 def _combine(plan: Plan, m_ref, l_ref, acc_ref):
-    """The splits' online-softmax states `m, l [C, rows_p]`, `acc [C, rows_p, d_p]` (each
-    relative to its own m) -> `(lse [rows_p] base 2, normalised output [rows_p, d_p])`;
-    zeros where no split saw a key."""
-    m_s, l_s = m_ref[...], l_ref[...]
+    """The splits' (or parts') online-softmax states `m, l [C, rows_p]`, `acc [C, rows_p,
+    d_p]` (each relative to its own m) -> `(lse [rows_p] base 2, normalised output [rows_p,
+    d_p])`; zeros where no split saw a key."""
+    m_s, l_s, c_all = m_ref[...], l_ref[...], m_ref.shape[0]
     m = m_s.max(axis=0)
     lse = _lse(m, (l_s * jnp.exp2(m_s - m[None, :])).sum(axis=0))
     w_s = jnp.exp2(m_s - lse[None, :])                                      # [C, rows_p]
     o = lax.fori_loop(
-        0, plan.splits, lambda c, o: o + jnp.where(jnp.arange(plan.splits)[:, None] == c, w_s, 0.0).sum(
+        0, c_all, lambda c, o: o + jnp.where(jnp.arange(c_all)[:, None] == c, w_s, 0.0).sum(
             axis=0)[:, None] * acc_ref[c], jnp.zeros((plan.rows_p, plan.d_p), jnp.float32))
     return lse, o
 
@@ -538,6 +558,83 @@ def _slc_kernel(qpos_ref, q_ref, idx_ref, ks_ref, vs_ref, spos_ref, os_ref, *lse
     _write(att, os_ref, lse_ref[0] if lse_ref else None)
 
 
+def _arrive(cnt_ref, k, barrier):
+    """Counter `k` of this (b, hkv, query) += 1 (acquire-release, GPU scope) after a CTA
+    barrier (`barrier`: compiled; interpret mode has none and runs one thread), so every
+    thread's stores before it are released with it; returns the old value (`parts - 1`:
+    this program arrived last and sees all the others' stores)."""
+    if barrier:
+        plgpu.debug_barrier()
+    return _atomic_add(cnt_ref, k, 1)
+
+
+def _atomic_add(ref, k, val):
+    """`ref[k] += val` atomically (`k` a Python int), the old value."""
+    return plgpu.atomic_add(ref, jnp.full((), k, jnp.int32), jnp.full((), val, jnp.int32))
+
+
+def _one_launch_kernel(qpos_ref, q_ref, kc_ref, vc_ref, cpos_ref, ks_ref, vs_ref, spos_ref, kw_ref,
+                       vw_ref, wpos_ref, _, oc_ref, os_ref, ow_ref, idx_ref, m_ref, l_ref, acc_ref,
+                       st_ref, mt_ref, spill_ref, mw_ref, lw_ref, accw_ref, ms_ref, ls_ref, accs_ref,
+                       cnt_ref, *, plan: Plan, barrier: bool):
+    """The one-launch plan, grid (B, Hkv, T * (C + P)); every state ref is this (b, hkv,
+    query)'s block, shared by its C + P programs, and `cnt_ref [4]` its counters (zeros in).
+
+    * cmp program `z < T * C` (split `c`): the cmp pass on its tiles (as `_cmp_kernel`) to
+      the states' row c; the last of the C to arrive (counter 0) combines them: o_cmp and
+      the selection to `idx_ref`, then counter 1 := 1 (the flag).
+    * slc program (part `p` of P): step 5 on window tiles `p, p + P, ...` first (it needs
+      no selection: work while the cmp pass runs, off the selection's chain), then waits
+      for the flag, reads the indices, runs step 4 on blocks `p, p + P, ...`; both states
+      to row p; the last of the P (counter 2) combines them to o_slc and o_win.
+
+    Every slc program waits only on cmp programs, all earlier in the launch order (the
+    grid's last axis is the slowest CUDA axis and blocks are dispatched in order, the
+    assumption CUB's decoupled look-back makes), and cmp programs never wait: no deadlock
+    however few programs are resident. Interpret mode runs the grid in order, so the flag
+    is set before any slc program looks."""
+    b, h, z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    c_all = plan.t * plan.splits
+    is_cmp = z < c_all
+    ti = jnp.where(is_cmp, z // plan.splits, (z - c_all) // plan.tail_splits)
+    prog = _Program(plan, q_ref[...], h, qpos_ref[b * plan.t + ti])
+
+    @pl.when(is_cmp)
+    def _():
+        c = z % plan.splits
+        lo = jnp.minimum(c * plan.per, prog.cmp_tiles)
+        hi = jnp.minimum(lo + plan.per, prog.cmp_tiles)
+        (m_ref[c], l_ref[c], acc_ref[c]), spill_ref[c] = prog.cmp_one_pass(
+            (kc_ref, vc_ref, cpos_ref), lo, hi, 0, st_ref, mt_ref)
+
+        @pl.when(_arrive(cnt_ref, 0, barrier) == plan.splits - 1)
+        def _():
+            scores = _group_scores(plan, prog, m_ref, l_ref, acc_ref, st_ref, mt_ref, spill_ref, oc_ref)
+            idx_ref[...] = prog.select(scores, argmax=True)
+            _arrive(cnt_ref, 1, barrier)
+
+    @pl.when(~is_cmp)
+    def _():
+        p = (z - c_all) % plan.tail_splits
+        mw_ref[p], lw_ref[p], accw_ref[p] = prog.win((kw_ref, vw_ref, wpos_ref), p, plan.tail_splits)
+        # Spin on volatile loads (L2, never hoisted; an atomic in the loop has no interpret-mode
+        # discharge), then one acquire-release atomic orders the loads after it. The indices
+        # depend on the loop's result: JAX drops a while loop whose result is unused.
+        poll = lambda *_: plgpu.load(cnt_ref.at[jnp.full((), 1, jnp.int32)], volatile=True)  # noqa: E731
+        flag = lax.while_loop(lambda flag: flag == 0, poll, poll())
+        _atomic_add(cnt_ref, 1, 0)
+        if barrier:                                                   # every thread after the acquire
+            plgpu.debug_barrier()
+        # Volatile: past L1 (cache_modifier=".cg" is unusable: jax 0.11.2 maps it to no key).
+        picked = jnp.where(flag > 0, plgpu.load(idx_ref, volatile=True), -1)
+        ms_ref[p], ls_ref[p], accs_ref[p] = prog.slc((ks_ref, vs_ref, spos_ref), picked, p)
+
+        @pl.when(_arrive(cnt_ref, 2, barrier) == plan.tail_splits - 1)
+        def _():
+            os_ref[...] = _combine(plan, ms_ref, ls_ref, accs_ref)[1].astype(os_ref.dtype)
+            ow_ref[...] = _combine(plan, mw_ref, lw_ref, accw_ref)[1].astype(ow_ref.dtype)
+
+
 def _merge(o, lse):
     """Tail parts `o [..., P, rows, D]` (each normalised), `lse [..., P, rows]` (base 2,
     -inf where empty) -> `[..., rows, D]`."""
@@ -589,6 +686,9 @@ def nsa_decode_triton(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_s
     shape = lambda *tail, dtype=jnp.float32: jax.ShapeDtypeStruct((b, t, hkv) + tail, dtype)   # noqa: E731
     rows, rd = pn.rows_p, (pn.rows_p, pn.d_p)
     sel = pn.select_kernel
+    if pn.one_launch:
+        return _one_launch(pn, call, qr, qpos, cmp_in, cmp_specs, tail_in, tail_specs, b, t, h, hkv, q.dtype,
+                           stop_after, interpret)
     if c == 1 and not sel:
         o_cmp, o_slc, o_win, idx = call(
             functools.partial(_fused_kernel, plan=pn), grid=(b, hkv, t), name="nsa_decode",
@@ -649,6 +749,39 @@ def nsa_decode_triton(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_s
     )(qpos, qr, idx, *tail_in[:3])
     o_slc = o_slc[0] if p == 1 else _merge(*o_slc).astype(q.dtype)
     return _unpack(pn, o_cmp, o_slc, o_win, idx, b, t, h)
+
+
+def _one_launch(pn: Plan, call, qr, qpos, cmp_in, cmp_specs, tail_in, tail_specs, b, t, h, hkv, dtype,
+                stop_after, interpret):
+    """`nsa_decode_triton` on the one-launch plan (`_one_launch_kernel`): one pallas_call
+    (plus XLA's zero fill of the `[B, T, Hkv, 4]` int32 counters it takes aliased)."""
+    if stop_after is not None:
+        raise ValueError(f"stop_after needs a plan of several launches, got {stop_after!r} for one_launch")
+    c, p, rows, rd = pn.splits, pn.tail_splits, pn.rows_p, (pn.rows_p, pn.d_p)
+    zt, zs = t * c, t * p                                      # cmp programs, then slc programs
+
+    def grp(*block):                                           # this (b, query, hkv)'s block
+        def index(b_, h_, z):
+            ti = jnp.where(z < zt, z // c, (z - zt) // p)
+            return (b_, ti, h_) + (0,) * len(block)
+        return pl.BlockSpec((None, None, None) + block, index)
+
+    f32 = lambda *tail: jax.ShapeDtypeStruct((b, t, hkv) + tail, jnp.float32)     # noqa: E731
+    states = lambda n: ([grp(n, rows)] * 2 + [grp(n, *rd)], [f32(n, rows)] * 2 + [f32(n, *rd)])  # noqa: E731
+    outs = [(grp(*rd), jax.ShapeDtypeStruct((b, t, hkv) + rd, dtype))] * 3 + [
+        (grp(pn.n_p), jax.ShapeDtypeStruct((b, t, hkv, pn.n_p), jnp.int32))]
+    out_specs = [o[0] for o in outs] + states(c)[0] + [grp(pn.rows, rows, pn.bs_p), grp(pn.rows, rows),
+                                                        grp(c, rows, pn.bs_p)] + states(p)[0] * 2
+    out_shape = [o[1] for o in outs] + states(c)[1] + [f32(pn.rows, rows, pn.bs_p), f32(pn.rows, rows),
+                                                       f32(c, rows, pn.bs_p)] + states(p)[1] * 2
+    cnt = jnp.zeros((b, t, hkv, 4), jnp.int32)
+    res = call(
+        functools.partial(_one_launch_kernel, plan=pn, barrier=not interpret), grid=(b, hkv, zt + zs), name="nsa_decode_one_launch",
+        in_specs=[pl.BlockSpec(), grp(*rd), *cmp_specs, *tail_specs, grp(4)],
+        out_specs=out_specs + [grp(4)], out_shape=out_shape + [jax.ShapeDtypeStruct(cnt.shape, jnp.int32)],
+        input_output_aliases={11: len(out_shape)},
+    )(qpos, qr, *cmp_in, *tail_in, cnt)
+    return _unpack(pn, *res[:4], b, t, h)
 
 
 def _unpack(pn: Plan, o_cmp, o_slc, o_win, idx, b, t, h):
