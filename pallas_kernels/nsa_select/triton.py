@@ -78,7 +78,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import blocks
 from pallas_kernels.nsa_select.reference import top_blocks
-from pallas_kernels.tiles_common import LOG2E, NN, NT
+from pallas_kernels.tiles_common import LOG2E, NN, NT, split_bf16x3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,14 +134,6 @@ def _tiles(cfg: TritonConfig, t: int, ns: int, *, cmp_block, cmp_stride, sel_blo
                   ns_p=max(bs, blocks.pl_next_pow2(ns)))
 
 
-def _split3(x):
-    """float32 -> three bfloat16 pieces whose sum is exactly x."""
-    hi = x.astype(jnp.bfloat16)
-    rest = x - hi.astype(jnp.float32)
-    mid = rest.astype(jnp.bfloat16)
-    return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
-
-
 def _select_columns(x, cols: int, row_of_col):
     """`x[:, row_of_col(j)]` for each column j < cols (0 where that row is outside x's
     columns), exactly: a dot of each bfloat16 piece of the float32 x with a 0/1 selector."""
@@ -149,7 +141,7 @@ def _select_columns(x, cols: int, row_of_col):
     i = lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
     j = lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
     sel = jnp.where(i == row_of_col(j), 1.0, 0.0).astype(jnp.bfloat16)
-    hi, mid, lo = (lax.dot_general(p, sel, NN, preferred_element_type=jnp.float32) for p in _split3(x))
+    hi, mid, lo = (lax.dot_general(p, sel, NN, preferred_element_type=jnp.float32) for p in split_bf16x3(x))
     return (hi + mid) + lo
 
 
