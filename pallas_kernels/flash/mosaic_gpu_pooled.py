@@ -21,8 +21,8 @@ consumer; K and V tiles `[128, D]`); consumers 0 and 1 each own 64 query rows.
 1. Sweep 1, per head g of the group: q_g arrives in a q slot and stays there for the
    whole sweep over the K / V tiles (wgmma `Q K^T`, the online softmax of
    `tiles_mosaic_gpu.softmax_step`, wgmma `P V`); the normalised output overwrites q_g
-   in its slot and goes out by TMA with the lse; `m + log2 l` stays in SMEM (`[G, 64]`
-   float32 per consumer).
+   in its slot and goes out by TMA with the lse, which stays in SMEM for sweep 2
+   (`[G, 64]` float32 per consumer).
 2. Sweep 2, per K tile (K again through the ring, from L2): for each head g, its q tile
    again through the q ring (from L2) and `S = Q K^T` by wgmma, `P += exp2(S * c -
    lse2_g)` in registers (the group's sum, `[64, 128]` float32); then one pooling wgmma
@@ -71,6 +71,7 @@ from pallas_kernels.tiles_mosaic_gpu import (SMEM_BYTES, accumulate, mma, observ
 _COMPUTE_WGS = 2
 _BQ = 64                      # rows per consumer (one wgmma M tile)
 _BK = _COMPUTE_WGS * _BQ      # keys per K tile (the pooled tile's width is _BK / r)
+_SMEM_EXTRA = 2304            # barriers and alignment, over the buffers (lowering: 2152 B)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +105,10 @@ class Pooling:
 
 
 def smem_bytes(d: int, group: int, width: int, stages: int, itemsize: int = 2) -> int:
-    """SMEM of one CTA: the q, K and V rings, W, the lse rows (one for the TMA, the G
-    base-2 ones of sweep 2) and the pooled tiles, per consumer where per row."""
+    """SMEM of one CTA: the q, K and V rings, W, the G lse rows and the pooled tile of each
+    consumer, and what the lowering adds (barriers, alignment: 2152 B at the paper shape)."""
     return (stages * (_COMPUTE_WGS * _BQ + 2 * _BK) * d * itemsize + _BK * width * 2
-            + _COMPUTE_WGS * _BQ * 4 * (1 + group) + _COMPUTE_WGS * _BQ * width * 4)
+            + _COMPUTE_WGS * _BQ * 4 * group + _COMPUTE_WGS * _BQ * width * 4 + _SMEM_EXTRA)
 
 
 def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages: int,
@@ -129,7 +130,7 @@ def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
     def body(q_ref, k_ref, v_ref, w_ref, out_ref, lse_ref, pooled_ref, scoped):
-        (q_smem, k_smem, v_smem, w_smem, lse_smem, lse2_smem, pooled_smem), loaded, consumed, \
+        (q_smem, k_smem, v_smem, w_smem, lse_smem, pooled_smem), loaded, consumed, \
             w_loaded = scoped
         q_loaded, k_loaded, v_loaded = loaded
         q_consumed, k_consumed, v_consumed = consumed
@@ -185,13 +186,11 @@ def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages
                 # l >= 1 wherever a key is visible; rows that see none: acc = 0, l = 0
                 inv = 1.0 / jnp.maximum(l, 1e-30)
                 q_tile[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-                lse2 = m + jnp.log2(l)                                     # -inf where l = 0
-                lse_smem.at[wg][...] = lse2 * (1.0 / LOG2E)
-                lse2_smem.at[wg, g][...] = jnp.where(l > 0, lse2, 0.0)
+                lse_smem.at[wg, g][...] = (m + jnp.log2(l)) * (1.0 / LOG2E)   # -inf where l = 0
                 plgpu.commit_smem()
                 head = kvh * group + g
                 plgpu.copy_smem_to_gmem(q_tile, out_ref.at[bi, pl.ds(row0, bq), head])
-                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, head, pl.ds(row0, bq)])
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg, g], lse_ref.at[bi, head, pl.ds(row0, bq)])
                 plgpu.wait_smem_to_gmem(0)
                 plgpu.barrier_arrive(q_consumed.at[slot])
 
@@ -209,7 +208,8 @@ def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages
                     plgpu.barrier_wait(ring(q_loaded, cnt))
                     s = scores(q_smem.at[lax.rem(cnt, jnp.int32(stages)), wg], k_tile, j, masked)
                     plgpu.barrier_arrive(ring(q_consumed, cnt))
-                    lse2 = plgpu.load(lse2_smem.at[wg, g], layout=row_layout)
+                    lse = plgpu.load(lse_smem.at[wg, g], layout=row_layout)
+                    lse2 = jnp.where(lse > -jnp.inf, lse * LOG2E, 0.0)       # as nsa_select
                     return p + jnp.exp2(s * c - lax.broadcast_in_dim(lse2, s.shape, [0]))
 
                 p = lax.fori_loop(0, group, head_probs, plgpu.layout_cast(
@@ -292,7 +292,6 @@ def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages
             plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
             plgpu.SMEM((stages, bk, d), dtype, transforms=tr),
             plgpu.SMEM((bk, width), jnp.bfloat16, transforms=smem_transforms(plgpu, width, jnp.bfloat16)),
-            plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
             plgpu.SMEM((_COMPUTE_WGS, group, bq), jnp.float32),
             plgpu.SMEM((_COMPUTE_WGS, bq, width), jnp.float32,
                        transforms=smem_transforms(plgpu, width, jnp.float32)),
@@ -383,17 +382,11 @@ def flash_pooled_mosaic_gpu(q, k, v, *, mask_fn, kv_positions, pool_keys: int,
     """
     config = config or MosaicGPUConfig()
     b, tq, h, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
+    spec, pool = _check(q, k, v, mask_fn=mask_fn, kv_positions=kv_positions, pool_keys=pool_keys,
+                        pool_offsets=pool_offsets, pool_blocks=pool_blocks, interpret=interpret,
+                        config=config)
     scale = float(d ** -0.5 if scale is None else scale)
-    q_pos = np.broadcast_to(np.arange(tq, dtype=np.int32), (b, tq))
-    spec = mosaic_gpu.check_supported(
-        q, k, v, mask_fn=mask_fn, q_positions=q_pos, kv_positions=kv_positions, q_segment_ids=None,
-        kv_segment_ids=None, sink_logits=None, softcap=None, block_score_size=None,
-        interpret=interpret, config=config)
-    pool = _pooling(pool_keys, pool_offsets, pool_blocks)
-    reason = _reason(spec, pool, config, d, h // hkv, jnp.dtype(q.dtype).itemsize)
-    if reason:
-        raise ValueError(f"flash_pooled_mosaic_gpu: {reason}")
+    tk = k.shape[1]
     tq_p, tk_p = mosaic_gpu.padded_lengths(tq, max(tk, pool.tiles * _BK), config)
     j = np.arange(tk_p, dtype=np.int32)
     q_pos = np.broadcast_to(np.arange(tq_p, dtype=np.int32), (b, tq_p))
@@ -405,6 +398,34 @@ def flash_pooled_mosaic_gpu(q, k, v, *, mask_fn, kv_positions, pool_keys: int,
     out, lse, pooled = _pooled(st, pool, pad_axis(q, tq_p, 1), pad_axis(k, tk_p, 1),
                                pad_axis(v, tk_p, 1), jnp.asarray(q_pos), jnp.asarray(kv_pos))
     return AttentionOutput(out[:, :tq], lse[:, :, :tq], None), pooled
+
+
+def supports(q, k, v, *, mask_fn, kv_positions, pool_keys: int,
+             pool_offsets: tuple[tuple[int, float], ...], pool_blocks: int, interpret=False,
+             config: MosaicGPUConfig | None = None) -> str | None:
+    """None when `flash_pooled_mosaic_gpu` takes the call (nothing is traced), else why not."""
+    try:
+        _check(q, k, v, mask_fn=mask_fn, kv_positions=kv_positions, pool_keys=pool_keys,
+               pool_offsets=pool_offsets, pool_blocks=pool_blocks, interpret=interpret,
+               config=config or MosaicGPUConfig())
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _check(q, k, v, *, mask_fn, kv_positions, pool_keys, pool_offsets, pool_blocks, interpret,
+           config: MosaicGPUConfig) -> tuple[MaskSpec, Pooling]:
+    """The call's `MaskSpec` and `Pooling`; ValueError for what the kernel does not cover."""
+    b, tq, h, d = q.shape
+    spec = mosaic_gpu.check_supported(
+        q, k, v, mask_fn=mask_fn, q_positions=np.broadcast_to(np.arange(tq, dtype=np.int32), (b, tq)),
+        kv_positions=kv_positions, q_segment_ids=None, kv_segment_ids=None, sink_logits=None,
+        softcap=None, block_score_size=None, interpret=interpret, config=config)
+    pool = _pooling(pool_keys, pool_offsets, pool_blocks)
+    reason = _reason(spec, pool, config, d, h // k.shape[2], jnp.dtype(q.dtype).itemsize)
+    if reason:
+        raise ValueError(f"flash_pooled_mosaic_gpu {reason}")
+    return spec, pool
 
 
 def _pooling(keys, offsets, blocks) -> Pooling:

@@ -312,10 +312,22 @@ def nsa_select_triton(q, k, lse, q_positions, kv_positions, *, num_sel_blocks: i
     """`nsa_select_reference`'s contract on the two kernels (`interpret=True`: CPU)."""
     check_supported(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block)
     cfg = config or TritonConfig()
-    t = q.shape[1]
     geo = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block)
     imp = importance(q, k, lse, q_positions, kv_positions, num_sel_blocks=num_sel_blocks, scale=scale,
                      interpret=interpret, config=cfg, **geo)
+    return select_top_n(imp, q_positions, num_sel_blocks=num_sel_blocks, sel_block=sel_block,
+                        num_selected=num_selected, num_initial=num_initial, num_local=num_local,
+                        interpret=interpret, config=cfg)
+
+
+def select_top_n(imp, q_positions, *, num_sel_blocks: int, sel_block: int, num_selected: int,
+                 num_initial: int, num_local: int, interpret=False, config: TritonConfig | None = None):
+    """`top_blocks` of a padded importance `imp [B, Hkv, T_p, Ns_p]` (`T_p >= T`, `Ns_p` a
+    power of two `>= Ns`; entries of non-candidate blocks may be anything) for
+    `q_positions [B, T]`: the `top_n` kernel, or XLA `top_k` past `max_sel_blocks`.
+    Returns `[B, T, Hkv, min(n, Ns)]` int32."""
+    cfg = config or TritonConfig()
+    t = q_positions.shape[1]
     pick = dict(sel_block=sel_block, num_selected=num_selected, num_initial=num_initial,
                 num_local=num_local)
     if imp.shape[-1] > cfg.max_sel_blocks:
