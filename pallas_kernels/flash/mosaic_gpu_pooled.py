@@ -224,9 +224,10 @@ def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages
                 zero = plgpu.layout_cast(jnp.full((bq, width), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                 tile = accumulate(pool_mm, zero, interpret=interpret)
                 tile = tile + jnp.where(pcols == 0, lax.broadcast_in_dim(carry, tile.shape, [0]), 0.0)
-                nxt = jnp.zeros_like(carry)
-                for col, wt in pool.carry():
-                    nxt = nxt + wt * jnp.sum(jnp.where(cols == col, p, 0.0), axis=1)
+                nxt = carry                          # no offset below 0: the carry stays 0
+                for i, (col, wt) in enumerate(pool.carry()):
+                    term = wt * jnp.sum(jnp.where(cols == col, p, 0.0), axis=1)
+                    nxt = term if i == 0 else nxt + term
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)     # the last tile's read
                 pooled_smem.at[wg][...] = tile
                 plgpu.commit_smem()

@@ -131,6 +131,8 @@ class NSAConfig:
                              f"({self.num_initial} + {self.num_local}), the forced blocks")
         if self.selection not in SELECTION_MODES:
             raise ValueError(f"selection must be one of {SELECTION_MODES}, got {self.selection!r}")
+        if not isinstance(self.fused_selection, bool):
+            raise ValueError(f"fused_selection must be a bool, got {self.fused_selection!r}")
         if self.cmp_mlp_dim is not None and (not isinstance(self.cmp_mlp_dim, int) or self.cmp_mlp_dim < 1):
             raise ValueError(f"cmp_mlp_dim must be an int >= 1 or None, got {self.cmp_mlp_dim!r}")
 
