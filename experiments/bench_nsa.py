@@ -71,6 +71,7 @@ from absl import flags
 from experiments.bench_kernels import median_time, rel
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.decode import decode_attention
+from pallas_kernels.flash.api import MosaicGPUConfig
 from pallas_kernels.flash.mosaic_gpu_pooled import flash_pooled_mosaic_gpu
 from pallas_kernels.nsa_decode.api import TritonConfig as NsaDecodeConfig, nsa_decode
 from pallas_kernels.nsa_decode.triton import nsa_decode_triton
@@ -305,7 +306,8 @@ def time_selected_impls(s: Setup, cfg, x, idx, iters, row, prefix):
 def time_cmp_select(s: Setup, x, iters, row):
     """--cmp_select: the compressed branch and the selection, old (`compressed_branch_lse` then
     `select_from_lse`; each part alone too) vs fused (`compressed_select_fused`: the pooled
-    flash kernel, then the top-n kernel; the pooled kernel alone too), forward ms, and
+    flash kernel, then the top-n kernel; the pooled kernel alone too, with and without its
+    sweep-1 ping-pong, `use_schedule_barrier`), forward ms, and
     forward + backward of the branch output (the same flash backward on both); the fused
     output's relative error and the fraction of (query, kv head) rows whose selected sets
     differ (near-ties only). On hardware the fused kernel does not take, its reason."""
@@ -329,9 +331,11 @@ def time_cmp_select(s: Setup, x, iters, row):
     if reason is None:
         r, offsets = overlap_weights(cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
                                      sel_block=cfg.sel_block)
-        parts.update(fused=fused, fused_kernel=lambda q, k, v: flash_pooled_mosaic_gpu(
+        kernel = lambda q, k, v, ping_pong=True: flash_pooled_mosaic_gpu(  # noqa: E731
             q, k, v, mask_fn=P.Causal(), kv_positions=cpos, pool_keys=r, pool_offsets=offsets,
-            pool_blocks=ns))
+            pool_blocks=ns, config=MosaicGPUConfig(use_schedule_barrier=ping_pong))
+        parts.update(fused=fused, fused_kernel=kernel,
+                     fused_kernel_no_ping_pong=lambda q, k, v: kernel(q, k, v, ping_pong=False))
     for name, f in parts.items():
         row[f"cmp_select_{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, *kv, iters=iters)
     if reason is None:

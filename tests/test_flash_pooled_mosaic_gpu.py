@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash.api import flash_attention
+from pallas_kernels.flash.api import MosaicGPUConfig, flash_attention
 from pallas_kernels.flash.mosaic_gpu_pooled import flash_pooled_mosaic_gpu, supports
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.nsa_select import select_from_importance
@@ -52,11 +52,12 @@ def _case(t, h, hkv, d, cfg: nsa.NSAConfig, seed=0, b=1):
     return q, k, v, do, qpos, kpos
 
 
-def _pooled(q, k, v, kpos, cfg, interpret=False):
+def _pooled(q, k, v, kpos, cfg, interpret=False, config=None):
     r, offsets = overlap_weights(cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride, sel_block=cfg.sel_block)
     ns = -(-q.shape[1] // cfg.sel_block)
     return flash_pooled_mosaic_gpu(q, k, v, mask_fn=P.Causal(), kv_positions=kpos, pool_keys=r,
-                                   pool_offsets=offsets, pool_blocks=ns, interpret=interpret)
+                                   pool_offsets=offsets, pool_blocks=ns, interpret=interpret,
+                                   config=config)
 
 
 def _reference(q, k, v, qpos, kpos, cfg):
@@ -94,13 +95,14 @@ def test_overlap_weights_are_overlap_scores():
 
 
 @needs_gpu_interpret_pool
-@pytest.mark.parametrize("t,h,hkv,d,geo,vs_flash", [
-    (150, 4, 1, 64, (32, 16, 64), True),     # paper l/d/l', GQA 4, ragged T, two q tiles
-    (40, 2, 2, 64, (32, 16, 64), False),     # T shorter than a selection block and a q tile, GQA 1
-    (100, 16, 1, 64, (32, 16, 64), False),   # GQA 16
-    (1100, 2, 2, 64, (16, 8, 32), False),    # two K tiles: the carry into the next tile's block 0
+@pytest.mark.parametrize("t,h,hkv,d,geo,vs_flash,ping_pong", [
+    (150, 4, 1, 64, (32, 16, 64), True, True),     # paper l/d/l', GQA 4, ragged T, two q tiles
+    (40, 2, 2, 64, (32, 16, 64), False, True),     # T shorter than a selection block and a q tile
+    (100, 16, 1, 64, (32, 16, 64), False, True),   # GQA 16
+    (1100, 2, 2, 64, (16, 8, 32), False, False),   # two K tiles: the carry into the next tile's
+                                                   # block 0; no schedule barrier
 ], ids=["gqa4-ragged", "short-gqa1", "gqa16", "two-tiles"])
-def test_pooled_kernel_in_gpu_interpret_mode(t, h, hkv, d, geo, vs_flash):
+def test_pooled_kernel_in_gpu_interpret_mode(t, h, hkv, d, geo, vs_flash, ping_pong):
     """out / lse as the float32 reference (and bit for bit as the Mosaic flash forward); the
     pooled importance as `nsa_select`'s reference on every candidate block; the selection
     from it as `top_blocks` of the reference importance (sets)."""
@@ -109,7 +111,8 @@ def test_pooled_kernel_in_gpu_interpret_mode(t, h, hkv, d, geo, vs_flash):
     cfg = nsa.NSAConfig(cmp_block=geo[0], cmp_stride=geo[1], sel_block=geo[2], num_selected=4)
     q, k, v, _, qpos, kpos = _case(t, h, hkv, d, cfg, seed=t)
     interpret = plgpu.InterpretGPUParams()
-    res, pooled = _pooled(q, k, v, kpos, cfg, interpret)
+    res, pooled = _pooled(q, k, v, kpos, cfg, interpret,
+                          MosaicGPUConfig(use_schedule_barrier=ping_pong))
     if vs_flash:
         flash = flash_attention(q, k, v, mask_fn=P.Causal(), kv_positions=kpos, return_lse=True,
                                 impl="mosaic_gpu", interpret=interpret)
@@ -181,8 +184,6 @@ def test_pooled_kernel_lowers_for_cuda_on_the_cpu():
 
 
 def test_pooled_kernel_refuses_what_it_does_not_cover():
-    from pallas_kernels.flash.api import MosaicGPUConfig
-
     cfg = nsa.NSAConfig()
     q, k, v, _, _, kpos = _case(300, 4, 1, 128, cfg)
     r, offsets = overlap_weights(cmp_block=32, cmp_stride=16, sel_block=64)

@@ -35,8 +35,9 @@ consumer; K and V tiles `[128, D]`); consumers 0 and 1 each own 64 query rows.
 
 Both consumers walk all the CTA's tiles (the lower one's extra tiles are wholly masked:
 no change to its softmax state, bit for bit), so every ring phase is consumed by both and
-the rings run as one sequence each across heads and sweeps. No schedule barrier (no
-ping-pong between the consumers) yet.
+the rings run as one sequence each across heads and sweeps. With
+`config.use_schedule_barrier` (default) sweep 1 ping-pongs the consumers as the flash
+forward does (one's softmax under the other's wgmmas); sweep 2 runs them free.
 
 `pooled` is not differentiated (its cotangent is dropped: NSA's selection is discrete);
 `out` / `lse` take the flash backward on the same residuals (`mosaic_gpu.backward`:
@@ -112,7 +113,7 @@ def smem_bytes(d: int, group: int, width: int, stages: int, itemsize: int = 2) -
 
 
 def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages: int,
-                 interpret=None):
+                 schedule_barrier: bool, interpret=None):
     """q `[B, Tq, H, D]` (Tq a multiple of 128), k / v `[B, Tk, Hkv, D]` (Tk a multiple of
     128, >= `pool.tiles * 128`) -> out `[B, Tq, H, D]`, lse `[B, H, Tq]` (natural log),
     pooled `[B, Hkv, Tq, pool.tiles * width]` float32 (the tiles `_sweep2_tiles` gives
@@ -131,7 +132,7 @@ def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages
 
     def body(q_ref, k_ref, v_ref, w_ref, out_ref, lse_ref, pooled_ref, scoped):
         (q_smem, k_smem, v_smem, w_smem, lse_smem, pooled_smem), loaded, consumed, \
-            w_loaded = scoped
+            w_loaded, sched = scoped
         q_loaded, k_loaded, v_loaded = loaded
         q_consumed, k_consumed, v_consumed = consumed
         bi = lax.axis_index("batch")
@@ -144,6 +145,10 @@ def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages
         def ring(bars, cnt):
             return bars.at[lax.rem(cnt, jnp.int32(stages))]
 
+        def sched_sync():
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
         @pl.when(wg < _COMPUTE_WGS)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
@@ -152,9 +157,11 @@ def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages
             rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA) + row0
             cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
 
-            def scores(q_tile, k_tile, j, masked):
+            def scores(q_tile, k_tile, j, masked, ping_pong=False):
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_tile, k_tile.transpose((1, 0)))
+                    if ping_pong:
+                        sched_sync()
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
@@ -172,17 +179,26 @@ def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages
                     acc, m, l = carry
                     cnt = g * n1 + j
                     plgpu.barrier_wait(ring(k_loaded, cnt))
-                    s = scores(q_tile, k_smem.at[lax.rem(cnt, jnp.int32(stages))], j, masked)
+                    s = scores(q_tile, k_smem.at[lax.rem(cnt, jnp.int32(stages))], j, masked,
+                               schedule_barrier)
                     plgpu.barrier_arrive(ring(k_consumed, cnt))
                     acc, l, m_new, p16 = softmax_step(s, m, l, acc, scale2=c, dtype=dtype)
+                    if schedule_barrier:
+                        plgpu.barrier_arrive(sched)          # softmax done
                     plgpu.barrier_wait(ring(v_loaded, cnt))
+                    if schedule_barrier:
+                        plgpu.barrier_wait(sched)            # tensor cores free
                     v_tile = v_smem.at[lax.rem(cnt, jnp.int32(stages))]
                     acc = accumulate(lambda acc_ref: mma(acc_ref, p16, v_tile), acc,
                                      interpret=interpret)
                     plgpu.barrier_arrive(ring(v_consumed, cnt))
                     return acc, m_new, l
 
+                if schedule_barrier:
+                    pl.when(wg == 1)(sched_sync)     # offset the two consumers by one phase
                 acc, m, l = walk_tiles((0, full_lo, full_hi, n1), step, (acc, m, l))
+                if schedule_barrier:
+                    pl.when(wg == 0)(sched_sync)
                 # l >= 1 wherever a key is visible; rows that see none: acc = 0, l = 0
                 inv = 1.0 / jnp.maximum(l, 1e-30)
                 q_tile[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
@@ -304,6 +320,7 @@ def _kernel_call(q, k, v, *, spec: MaskSpec, pool: Pooling, scale: float, stages
              plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)),
             (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 3,
             plgpu.Barrier(),
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
             collective_axes="wg",
         )
 
@@ -332,7 +349,8 @@ def _sweep2_tiles(spec: MaskSpec, pool: Pooling, last_row):
 
 def _run(st, pool, q, k, v):
     return _kernel_call(q, k, v, spec=st.kernel_mask, pool=pool, scale=st.scale,
-                        stages=st.config.max_concurrent_steps, interpret=st.interpret or None)
+                        stages=st.config.max_concurrent_steps,
+                        schedule_barrier=st.config.use_schedule_barrier, interpret=st.interpret or None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
