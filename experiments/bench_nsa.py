@@ -527,7 +527,7 @@ def table(rows) -> str:
              "fla-core fwd / f+b ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["kind"] == "decode":
+        if r["kind"] == "decode" or "cmp_select_old_fwd_ms" in r:
             continue
         for m in FLAGS.modes:
             p = f"{m}_"

@@ -204,8 +204,8 @@ def test_pooled_kernel_refuses_what_it_does_not_cover():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
-@pytest.mark.parametrize("t,h,hkv", [(1000, 16, 1), (4096, 16, 4), (2100, 4, 4)],
-                         ids=["gqa16-ragged", "paper-group", "gqa1-two-tiles"])
+@pytest.mark.parametrize("t,h,hkv", [(1000, 16, 1), (2100, 8, 2), (600, 4, 4)],
+                         ids=["gqa16-ragged", "gqa4-two-tiles", "gqa1"])
 def test_compressed_select_fused_compiled(t, h, hkv):
     """The compiled kernel (`nsa.compressed_select_fused`, impl 'auto' on Hopper) against
     the two-kernel path (`compressed_branch_lse` + `select_from_lse`): out to bf16
@@ -227,7 +227,7 @@ def test_compressed_select_fused_compiled(t, h, hkv):
             return o, nsa.select_from_lse(q, k, lse, qpos, kpos, ns, cfg)
 
         out_ref, sel_ref = jax.jit(two_kernels)(q, k, v)
-        assert out.dtype == jnp.bfloat16 and rel_err(out, out_ref) < 2e-3
+        assert out.dtype == jnp.bfloat16 and rel_err(out, out_ref) < 5e-3
         got, want = np.asarray(sel), np.asarray(sel_ref)
         assert got.shape == want.shape
         with jax.default_matmul_precision("highest"):
