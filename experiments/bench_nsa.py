@@ -48,7 +48,7 @@ field `sel` picks the three-kernel plan, `TritonConfig(select_kernel=True)`):
   PYTHONPATH=. python experiments/bench_nsa.py --seq_lens= --decode_configs \
       4:4:64:3:4,2:4:64:3:4,8:4:64:3:4,1:1:64:3:4,4:8:64:3:4:sel
 The compressed branch + selection, two kernels vs the fused Mosaic GPU kernel
-(`NSAConfig.fused_selection`; rows `cmp_select_*`, see `time_cmp_select`):
+(`NSAConfig.fused_cmp_select`; rows `cmp_select_*`, see `time_cmp_select`):
   PYTHONPATH=. python experiments/bench_nsa.py --cmp_select --decode_batch 0
 CPU smoke run (tiny shapes and config, kernels in interpret mode, XLA dense baseline):
   PYTHONPATH=. python experiments/bench_nsa.py --small --out /tmp/nsa_small.json
@@ -112,7 +112,7 @@ flags.DEFINE_list("select_configs", [], "nsa_select Triton configs to sweep on t
                   "<mode>_selection_<cfg>_fwd_ms")
 flags.DEFINE_bool("cmp_select", False, "time only the compressed branch + selection: the two-kernel path "
                   "(flash over the compressed keys with its lse, then the nsa_select kernels) against the "
-                  "fused Mosaic GPU kernel (NSAConfig.fused_selection: ops.compressed_select_fused; Hopper), "
+                  "fused Mosaic GPU kernel (NSAConfig.fused_cmp_select: ops.compressed_select_fused; Hopper), "
                   "rows cmp_select_* (see time_cmp_select)")
 FLAGS.set_default("out", "bench_nsa.json")
 FLAGS.set_default("seq_lens", ["16384", "65536"])
@@ -326,7 +326,7 @@ def time_cmp_select(s: Setup, x, iters, row):
     _, lse = jax.jit(lambda q, k, v: ops.compressed_branch_lse(q, k, v, pos, cpos, **kw))(q, *kv)
     parts = dict(old=old, old_compressed=lambda q, k, v: ops.compressed_branch_lse(q, k, v, pos, cpos, **kw),
                  old_selection=lambda q, k, v: ops.select_from_lse(q, k, lse, pos, cpos, ns, cfg, **kw))
-    reason = ops.fused_selection_reason(q, *kv, pos, cpos, ns, cfg, **kw)
+    reason = ops.fused_cmp_select_reason(q, *kv, pos, cpos, ns, cfg, **kw)
     row["cmp_select_fused_reason"] = reason
     if reason is None:
         r, offsets = overlap_weights(cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,

@@ -198,8 +198,8 @@ def test_pooled_kernel_refuses_what_it_does_not_cover():
     with pytest.raises(ValueError, match="kv_positions"):                # traced positions
         jax.jit(lambda kp: _pooled(q, k, v, kp, cfg))(jnp.asarray(kpos))
     qpos = np.broadcast_to(np.arange(300, dtype=np.int32), (1, 300))
-    assert "Hopper" in nsa.fused_selection_reason(q, k, v, qpos, kpos, 5, cfg)      # CPU
-    assert "impl" in nsa.fused_selection_reason(q, k, v, qpos, kpos, 5, cfg, impl="triton")
+    assert "Hopper" in nsa.fused_cmp_select_reason(q, k, v, qpos, kpos, 5, cfg)      # CPU
+    assert "impl" in nsa.fused_cmp_select_reason(q, k, v, qpos, kpos, 5, cfg, impl="triton")
 
 
 @pytest.mark.gpu
@@ -216,7 +216,7 @@ def test_compressed_select_fused_compiled(t, h, hkv):
     ns = -(-t // cfg.sel_block)
     with jax.default_device(_hopper()):
         q, k, v, do, qpos, kpos = _case(t, h, hkv, 128, cfg, seed=t, b=2)
-        assert nsa.fused_selection_reason(q, k, v, qpos, kpos, ns, cfg) is None
+        assert nsa.fused_cmp_select_reason(q, k, v, qpos, kpos, ns, cfg) is None
         def fused(q, k, v):
             return nsa.compressed_select_fused(q, k, v, qpos, kpos, ns, cfg)
 

@@ -93,10 +93,10 @@ class NSAConfig:
     window (w): sliding window of the win branch. selection: "token" (exact, per query)
     or "query_block" (union over `query_block` consecutive queries, block-sparse kernel).
     cmp_mlp_dim: hidden width of the compression MLP phi (None: 2 * head_dim).
-    fused_selection: a kernel choice, not the math: on the kernel path (`selects_on_kernels`)
-    run the cmp branch and the selection importance as one Mosaic GPU kernel
-    (`compressed_select_fused`) where it applies (Hopper, concrete positions), else the
-    two kernels. Opt-in until timed.
+    fused_cmp_select: a kernel choice, not the math: with impl "auto" run the cmp branch and
+    the selection importance as one Mosaic GPU kernel (`compressed_select_fused`) where
+    `fused_cmp_select_reason` allows (Hopper, concrete positions), else as before. Opt-in
+    until timed.
     """
 
     cmp_block: int = 32
@@ -109,7 +109,7 @@ class NSAConfig:
     selection: str = "token"
     query_block: int = 64
     cmp_mlp_dim: int | None = None
-    fused_selection: bool = False
+    fused_cmp_select: bool = False
 
     def __post_init__(self):
         for name in ("cmp_block", "cmp_stride", "sel_block", "num_selected", "window", "query_block"):
@@ -131,8 +131,8 @@ class NSAConfig:
                              f"({self.num_initial} + {self.num_local}), the forced blocks")
         if self.selection not in SELECTION_MODES:
             raise ValueError(f"selection must be one of {SELECTION_MODES}, got {self.selection!r}")
-        if not isinstance(self.fused_selection, bool):
-            raise ValueError(f"fused_selection must be a bool, got {self.fused_selection!r}")
+        if not isinstance(self.fused_cmp_select, bool):
+            raise ValueError(f"fused_cmp_select must be a bool, got {self.fused_cmp_select!r}")
         if self.cmp_mlp_dim is not None and (not isinstance(self.cmp_mlp_dim, int) or self.cmp_mlp_dim < 1):
             raise ValueError(f"cmp_mlp_dim must be an int >= 1 or None, got {self.cmp_mlp_dim!r}")
 
@@ -296,7 +296,7 @@ def select_from_lse(q, k_cmp, lse, q_positions, cmp_positions, num_sel_blocks: i
                       num_local=cfg.num_local, impl=impl, interpret=interpret)
 
 
-def fused_selection_reason(q, k_cmp, v_cmp, q_positions, cmp_positions, num_sel_blocks: int,
+def fused_cmp_select_reason(q, k_cmp, v_cmp, q_positions, cmp_positions, num_sel_blocks: int,
                            cfg: NSAConfig, *, impl: str = "auto", interpret=False) -> str | None:
     """None when `compressed_select_fused` takes the call: `impl` "auto" on Hopper (or GPU
     interpret mode), queries at a concrete `arange`, compressed keys at their blocks' last
@@ -325,7 +325,7 @@ def compressed_select_fused(q, k_cmp, v_cmp, q_positions, cmp_positions, num_sel
     `exp(s - lse)` into selection-block importance, `overlap_weights`), then `nsa_select`'s
     top-n (`select_from_importance`). `(out [B, T, H, D], block_indices [B, T, Hkv, n])`,
     equal to `compressed_branch_lse` + `select_from_lse` (sets; importance to float
-    rounding). Needs `fused_selection_reason(...) is None`. Gradients: out's through the
+    rounding). Needs `fused_cmp_select_reason(...) is None`. Gradients: out's through the
     flash backward; the selection has none."""
     r, offsets = overlap_weights(cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
                                  sel_block=cfg.sel_block)
@@ -398,8 +398,8 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
     `nsa_select` kernels from the cmp branch's lse (`compressed_branch_lse`,
     `select_from_lse`; `p_cmp` None); otherwise (`impl="xla"`, TPU) from the `compressed`
     op's group probabilities through `selection_scores` and `select_blocks`. With
-    `cfg.fused_selection` the cmp branch and the selection run as one Mosaic GPU kernel
-    where `fused_selection_reason` allows (`compressed_select_fused`).
+    `cfg.fused_cmp_select` the cmp branch and the selection run as one Mosaic GPU kernel
+    where `fused_cmp_select_reason` allows (`compressed_select_fused`).
     Under a mesh with a sequence axis > 1 it runs split over it (`sparse_jax.context_parallel`).
     """
     if cp.applies(q.shape[1], k_slc.shape[1], k_win.shape[1]) and not (
@@ -415,8 +415,9 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
             k_win=split(k_win, **halo), v_win=split(v_win, **halo), win_positions=split(win_positions, pos, **halo),
             cfg=cfg, impl=impl, interpret=interpret)
     ns = -(-k_slc.shape[1] // cfg.sel_block)
-    if cfg.fused_selection and fused_selection_reason(q, k_cmp, v_cmp, q_positions, cmp_positions, ns,
-                                                      cfg, impl=impl, interpret=interpret) is None:
+    fused = cfg.fused_cmp_select and fused_cmp_select_reason(
+        q, k_cmp, v_cmp, q_positions, cmp_positions, ns, cfg, impl=impl, interpret=interpret) is None
+    if fused:
         o_cmp, block_indices = compressed_select_fused(q, k_cmp, v_cmp, q_positions, cmp_positions,
                                                        ns, cfg, interpret=interpret)
         p_cmp = None
