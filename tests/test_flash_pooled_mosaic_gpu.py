@@ -98,7 +98,7 @@ def test_overlap_weights_are_overlap_scores():
 @pytest.mark.parametrize("t,h,hkv,d,geo,vs_flash,ping_pong", [
     (150, 4, 1, 64, (32, 16, 64), True, True),     # paper l/d/l', GQA 4, ragged T, two q tiles
     (40, 2, 2, 64, (32, 16, 64), False, True),     # T shorter than a selection block and a q tile
-    (100, 16, 1, 64, (32, 16, 64), False, True),   # GQA 16
+    (100, 16, 1, 64, (32, 16, 64), False, True),   # GQA 16, batch 2
     (1100, 2, 2, 64, (16, 8, 32), False, False),   # two K tiles: the carry into the next tile's
                                                    # block 0; no schedule barrier
 ], ids=["gqa4-ragged", "short-gqa1", "gqa16", "two-tiles"])
@@ -109,7 +109,7 @@ def test_pooled_kernel_in_gpu_interpret_mode(t, h, hkv, d, geo, vs_flash, ping_p
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     cfg = nsa.NSAConfig(cmp_block=geo[0], cmp_stride=geo[1], sel_block=geo[2], num_selected=4)
-    q, k, v, _, qpos, kpos = _case(t, h, hkv, d, cfg, seed=t)
+    q, k, v, _, qpos, kpos = _case(t, h, hkv, d, cfg, seed=t, b=2 if h == 16 else 1)
     interpret = plgpu.InterpretGPUParams()
     res, pooled = _pooled(q, k, v, kpos, cfg, interpret,
                           MosaicGPUConfig(use_schedule_barrier=ping_pong))
@@ -126,7 +126,7 @@ def test_pooled_kernel_in_gpu_interpret_mode(t, h, hkv, d, geo, vs_flash, ping_p
     np.testing.assert_allclose(np.asarray(res.lse)[seen], np.asarray(ref.lse)[seen], atol=1e-4)
     ns = imp.shape[-1]
     got = np.asarray(pooled)
-    assert got.shape[:3] == (1, hkv, -(-t // 128) * 128) and got.shape[3] >= ns
+    assert got.shape[:3] == (q.shape[0], hkv, -(-t // 128) * 128) and got.shape[3] >= ns
     cand = _candidates(t, cfg)
     assert np.abs(imp[:, :, cand]).max() > 0
     np.testing.assert_allclose(got[:, :, :t, :ns][:, :, cand], imp[:, :, cand], rtol=1e-5, atol=1e-6)
