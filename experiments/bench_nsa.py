@@ -50,6 +50,9 @@ field `sel` picks the three-kernel plan, `TritonConfig(select_kernel=True)`):
 Decode plans, old (default split, three-kernel) vs new (one launch), against dense decode at
 B=16 and B=1, 64K: ms per step, GB/s on the must-read bytes, ratio to dense:
   PYTHONPATH=. python experiments/bench_nsa.py --decode_one_launch 16,1 --out /tmp/nsa_dec.json
+The compressed branch + selection, two kernels vs the fused Mosaic GPU kernel
+(`NSAConfig.fused_cmp_select`; rows `cmp_select_*`, see `time_cmp_select`):
+  PYTHONPATH=. python experiments/bench_nsa.py --cmp_select --decode_batch 0
 CPU smoke run (tiny shapes and config, kernels in interpret mode, XLA dense baseline):
   PYTHONPATH=. python experiments/bench_nsa.py --small --out /tmp/nsa_small.json
 """
@@ -72,9 +75,12 @@ from absl import flags
 from experiments.bench_kernels import median_time, rel
 from pallas_kernels.block_sparse import block_sparse_attention
 from pallas_kernels.decode import decode_attention
+from pallas_kernels.flash.api import MosaicGPUConfig
+from pallas_kernels.flash.mosaic_gpu_pooled import flash_pooled_mosaic_gpu
 from pallas_kernels.nsa_decode.api import TritonConfig as NsaDecodeConfig, nsa_decode
 from pallas_kernels.nsa_decode.triton import nsa_decode_triton
 from pallas_kernels.nsa_select.api import TritonConfig as NsaSelectConfig, nsa_select
+from pallas_kernels.nsa_select.reference import overlap_weights
 from sparse_jax import patterns as P
 from sparse_jax.ops import nsa as ops
 from sparse_jax.ops import selection
@@ -114,6 +120,10 @@ flags.DEFINE_list("decode_one_launch", [], "only the decode plans (default split
 flags.DEFINE_list("decode_plans", ["split", "three_kernel", "one_launch"], "with --decode_one_launch: the "
                   "plans to time (split = the default TritonConfig, three_kernel = select_kernel=True, "
                   "one_launch = one_launch=True)")
+flags.DEFINE_bool("cmp_select", False, "time only the compressed branch + selection: the two-kernel path "
+                  "(flash over the compressed keys with its lse, then the nsa_select kernels) against the "
+                  "fused Mosaic GPU kernel (NSAConfig.fused_cmp_select: ops.compressed_select_fused; Hopper), "
+                  "rows cmp_select_* (see time_cmp_select)")
 FLAGS.set_default("out", "bench_nsa.json")
 FLAGS.set_default("seq_lens", ["16384", "65536"])
 
@@ -303,6 +313,54 @@ def time_selected_impls(s: Setup, cfg, x, idx, iters, row, prefix):
                 print(f"selected branch impl={impl} T={t} failed: {str(e)[:500]}", flush=True)
 
 
+def time_cmp_select(s: Setup, x, iters, row):
+    """--cmp_select: the compressed branch and the selection, old (`compressed_branch_lse` then
+    `select_from_lse`; each part alone too) vs fused (`compressed_select_fused`: the pooled
+    flash kernel, then the top-n kernel; the pooled kernel alone too, with and without its
+    sweep-1 ping-pong, `use_schedule_barrier`), forward ms, and
+    forward + backward of the branch output (the same flash backward on both); the fused
+    output's relative error and the fraction of (query, kv head) rows whose selected sets
+    differ (near-ties only). On hardware the fused kernel does not take, its reason."""
+    q, pos, cpos, kv = x["q"], x["pos"], x["cmp_positions"], (x["k_cmp"], x["v_cmp"])
+    cfg = s.cfg
+    ns = -(-q.shape[1] // cfg.sel_block)
+    kw = dict(impl=s.impl, interpret=s.interpret)
+
+    def old(q, k, v):
+        o, lse = ops.compressed_branch_lse(q, k, v, pos, cpos, **kw)
+        return o, ops.select_from_lse(q, k, lse, pos, cpos, ns, cfg, **kw)
+
+    def fused(q, k, v):
+        return ops.compressed_select_fused(q, k, v, pos, cpos, ns, cfg)
+
+    _, lse = jax.jit(lambda q, k, v: ops.compressed_branch_lse(q, k, v, pos, cpos, **kw))(q, *kv)
+    parts = dict(old=old, old_compressed=lambda q, k, v: ops.compressed_branch_lse(q, k, v, pos, cpos, **kw),
+                 old_selection=lambda q, k, v: ops.select_from_lse(q, k, lse, pos, cpos, ns, cfg, **kw))
+    reason = ops.fused_cmp_select_reason(q, *kv, pos, cpos, ns, cfg, **kw)
+    row["cmp_select_fused_reason"] = reason
+    if reason is None:
+        r, offsets = overlap_weights(cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
+                                     sel_block=cfg.sel_block)
+        kernel = lambda q, k, v, ping_pong=True: flash_pooled_mosaic_gpu(  # noqa: E731
+            q, k, v, mask_fn=P.Causal(), kv_positions=cpos, pool_keys=r, pool_offsets=offsets,
+            pool_blocks=ns, config=MosaicGPUConfig(use_schedule_barrier=ping_pong))
+        parts.update(fused=fused, fused_kernel=kernel,
+                     fused_kernel_no_ping_pong=lambda q, k, v: kernel(q, k, v, ping_pong=False))
+    for name, f in parts.items():
+        row[f"cmp_select_{name}_fwd_ms"] = 1e3 * median_time(jax.jit(f), q, *kv, iters=iters)
+    if reason is None:
+        o_old, i_old = jax.jit(old)(q, *kv)
+        o_new, i_new = jax.jit(fused)(q, *kv)
+        row["cmp_select_out_err"] = rel(o_new, o_old)
+        same = jnp.sort(i_new, axis=-1) == jnp.sort(i_old, axis=-1)
+        row["cmp_select_rows_differing"] = float(1.0 - same.all(-1).mean())
+    if FLAGS.backward:
+        for name in ("old", "fused") if reason is None else ("old",):
+            f = lambda q, k, v, f=parts[name]: f(q, k, v)[0]   # noqa: E731
+            row[f"cmp_select_{name}_fwdbwd_ms"] = 1e3 * median_time(fwd_bwd_all(f, 3), q, *kv, x["do"],
+                                                                     iters=iters)
+
+
 def sweep_selection(s: Setup, cfg, sel_args, pos, cpos, ns, iters, row, prefix):
     """Time `nsa_select`'s kernels under each --select_configs entry (tile sizes to tune)."""
     for spec in FLAGS.select_configs:
@@ -323,6 +381,10 @@ def bench_prefill(s: Setup, t: int, iters: int):
     x = make_inputs(s, 1, t)
     args = [x["q"]] + [x[n] for n in KV]
     row = dict(kind="prefill", t=t, h=s.h, hkv=s.hkv, d=s.d, cfg=dataclasses.asdict(s.cfg))
+    if FLAGS.cmp_select:
+        time_cmp_select(s, x, iters, row)
+        print(json.dumps(row), flush=True)
+        return row
     if FLAGS.slc_only:
         cfg = dataclasses.replace(s.cfg, selection="token")
         sel = jax.jit(lambda *a: ops.nsa_branches(
@@ -548,7 +610,7 @@ def table(rows) -> str:
              "fla-core fwd / f+b ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["kind"] == "decode":
+        if r["kind"] == "decode" or "cmp_select_old_fwd_ms" in r:
             continue
         for m in FLAGS.modes:
             p = f"{m}_"
@@ -560,6 +622,20 @@ def table(rows) -> str:
                          f"{fmt(r, p + 'selection_xla_fwd_ms')} | {bb} | "
                          f"{fmt(r, p + 'err_ref', '.1e')} | "
                          f"{fmt(r, 'fla_fwd_ms')} / {fmt(r, 'fla_fwdbwd_ms')} |")
+    cs = [r for r in rows if "cmp_select_old_fwd_ms" in r]
+    if cs:
+        lines += ["", "| T | cmp + sel fwd ms: two kernels (cmp / sel) | fused (pooled kernel alone) | "
+                  "speedup | cmp out f+b ms: two kernels / fused | out err | rows differing |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in cs:
+            lines.append(f"| {r['t']} | {fmt(r, 'cmp_select_old_fwd_ms')} ({fmt(r, 'cmp_select_old_compressed_fwd_ms')}"
+                         f" / {fmt(r, 'cmp_select_old_selection_fwd_ms')}) | {fmt(r, 'cmp_select_fused_fwd_ms')} "
+                         f"({fmt(r, 'cmp_select_fused_kernel_fwd_ms')}) | "
+                         + (f"{r['cmp_select_old_fwd_ms'] / r['cmp_select_fused_fwd_ms']:.2f}"
+                            if "cmp_select_fused_fwd_ms" in r else "n/a")
+                         + f" | {fmt(r, 'cmp_select_old_fwdbwd_ms')} / {fmt(r, 'cmp_select_fused_fwdbwd_ms')} | "
+                         f"{fmt(r, 'cmp_select_out_err', '.1e')} | {fmt(r, 'cmp_select_rows_differing', '.1e')} "
+                         f"{r.get('cmp_select_fused_reason') or ''} |")
     dec = [r for r in rows if r["kind"] == "decode"]
     if dec:
         lines += ["", "| decode batch | context | NSA step ms | dense step ms | ratio | amortised NSA / dense "

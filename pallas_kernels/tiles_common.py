@@ -38,3 +38,13 @@ def causal(q_pos, kv_pos, q_seg, kv_seg):
     of their block's last token."""
     del q_seg, kv_seg
     return kv_pos <= q_pos
+
+
+def split_bf16x3(x):
+    """float32 `x` -> three bfloat16 pieces `(hi, mid, lo)` whose float32 sum is exactly x
+    (8 + 8 + 8 mantissa bits): a float32 operand for bfloat16 tensor-core dots that lose
+    no bit (nsa_select's exact 0/1 selector dots, the pooled flash's 0/w pooling dot)."""
+    hi = x.astype(jnp.bfloat16)
+    rest = x - hi.astype(jnp.float32)
+    mid = rest.astype(jnp.bfloat16)
+    return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)

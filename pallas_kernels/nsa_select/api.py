@@ -102,3 +102,28 @@ def nsa_select(q, k_cmp, lse, q_positions, cmp_positions, *, num_sel_blocks: int
     sg = jax.lax.stop_gradient
     return fn(sg(q), sg(k_cmp), sg(lse), jnp.asarray(q_positions, jnp.int32),
               jnp.asarray(cmp_positions, jnp.int32), scale=scale, **ints)
+
+
+def select_from_importance(imp, q_positions, *, num_sel_blocks: int, sel_block: int,
+                           num_selected: int, num_initial: int = 1, num_local: int = 2,
+                           interpret=False, config=None):
+    """`nsa_select`'s second stage on an importance computed elsewhere (the pooled flash
+    kernel, `flash.mosaic_gpu_pooled`, which writes it with the compressed branch).
+
+    imp: `[B, Hkv, T_p, Ns_p]` float32 (`T_p >= T`, `Ns_p` a power of two `>= Ns`; entries
+    of non-candidate blocks, `j * l' > t`, may be anything); q_positions int `[B, T]`.
+    On a GPU (or `interpret=True`) the `top_n` kernel (`triton.select_top_n`), else XLA
+    `top_k` (`reference.top_blocks`). Returns `block_indices [B, T, Hkv, min(n, Ns)]`
+    int32, `nsa_select`'s order. No gradient.
+    """
+    b, t = q_positions.shape
+    if imp.ndim != 4 or imp.shape[0] != b or imp.shape[2] < t or imp.shape[3] < num_sel_blocks:
+        raise ValueError(f"imp must be [{b}, Hkv, >= {t}, >= {num_sel_blocks}], got {list(imp.shape)}")
+    pick = dict(sel_block=sel_block, num_selected=num_selected, num_initial=num_initial,
+                num_local=num_local)
+    imp = jax.lax.stop_gradient(imp)
+    q_positions = jnp.asarray(q_positions, jnp.int32)
+    if interpret is True or common.current_device().platform == "gpu":
+        return triton.select_top_n(imp, q_positions, num_sel_blocks=num_sel_blocks, interpret=interpret,
+                                   config=config, **pick)
+    return reference.top_blocks(imp[:, :, :t, :num_sel_blocks], q_positions, **pick)

@@ -56,6 +56,19 @@ def overlap_scores(p_cmp, num_sel_blocks: int, *, cmp_block: int, cmp_stride: in
     return out
 
 
+def overlap_weights(*, cmp_block: int, cmp_stride: int, sel_block: int):
+    """`overlap_scores` as a pooling: `(r, ((o, w), ...))` with `p_slc[j] = sum w *
+    p_cmp[r*j + o]`, `r = l'/d`, `w` the number of `(m, n)` (m < r, n < l/d) with
+    `m - n = o` (offsets `-(l/d - 1) .. r - 1`): the form the pooled flash kernel
+    (`flash.mosaic_gpu_pooled`) takes."""
+    r, u = sel_block // cmp_stride, cmp_block // cmp_stride
+    weights = {}
+    for m in range(r):
+        for n in range(u):
+            weights[m - n] = weights.get(m - n, 0) + 1
+    return r, tuple(sorted((o, float(w)) for o, w in weights.items()))
+
+
 def top_blocks(scores, q_positions, *, sel_block: int, num_selected: int, num_initial: int,
                num_local: int):
     """Top-n selection blocks per query with the forced blocks, causal.

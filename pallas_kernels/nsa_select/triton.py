@@ -78,7 +78,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import blocks
 from pallas_kernels.nsa_select.reference import top_blocks
-from pallas_kernels.tiles_common import LOG2E, NN, NT
+from pallas_kernels.tiles_common import LOG2E, NN, NT, split_bf16x3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,14 +134,6 @@ def _tiles(cfg: TritonConfig, t: int, ns: int, *, cmp_block, cmp_stride, sel_blo
                   ns_p=max(bs, blocks.pl_next_pow2(ns)))
 
 
-def _split3(x):
-    """float32 -> three bfloat16 pieces whose sum is exactly x."""
-    hi = x.astype(jnp.bfloat16)
-    rest = x - hi.astype(jnp.float32)
-    mid = rest.astype(jnp.bfloat16)
-    return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
-
-
 def _select_columns(x, cols: int, row_of_col):
     """`x[:, row_of_col(j)]` for each column j < cols (0 where that row is outside x's
     columns), exactly: a dot of each bfloat16 piece of the float32 x with a 0/1 selector."""
@@ -149,7 +141,7 @@ def _select_columns(x, cols: int, row_of_col):
     i = lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
     j = lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
     sel = jnp.where(i == row_of_col(j), 1.0, 0.0).astype(jnp.bfloat16)
-    hi, mid, lo = (lax.dot_general(p, sel, NN, preferred_element_type=jnp.float32) for p in _split3(x))
+    hi, mid, lo = (lax.dot_general(p, sel, NN, preferred_element_type=jnp.float32) for p in split_bf16x3(x))
     return (hi + mid) + lo
 
 
@@ -320,10 +312,22 @@ def nsa_select_triton(q, k, lse, q_positions, kv_positions, *, num_sel_blocks: i
     """`nsa_select_reference`'s contract on the two kernels (`interpret=True`: CPU)."""
     check_supported(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block)
     cfg = config or TritonConfig()
-    t = q.shape[1]
     geo = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block)
     imp = importance(q, k, lse, q_positions, kv_positions, num_sel_blocks=num_sel_blocks, scale=scale,
                      interpret=interpret, config=cfg, **geo)
+    return select_top_n(imp, q_positions, num_sel_blocks=num_sel_blocks, sel_block=sel_block,
+                        num_selected=num_selected, num_initial=num_initial, num_local=num_local,
+                        interpret=interpret, config=cfg)
+
+
+def select_top_n(imp, q_positions, *, num_sel_blocks: int, sel_block: int, num_selected: int,
+                 num_initial: int, num_local: int, interpret=False, config: TritonConfig | None = None):
+    """`top_blocks` of a padded importance `imp [B, Hkv, T_p, Ns_p]` (`T_p >= T`, `Ns_p` a
+    power of two `>= Ns`; entries of non-candidate blocks may be anything) for
+    `q_positions [B, T]`: the `top_n` kernel, or XLA `top_k` past `max_sel_blocks`.
+    Returns `[B, T, Hkv, min(n, Ns)]` int32."""
+    cfg = config or TritonConfig()
+    t = q_positions.shape[1]
     pick = dict(sel_block=sel_block, num_selected=num_selected, num_initial=num_initial,
                 num_local=num_local)
     if imp.shape[-1] > cfg.max_sel_blocks:

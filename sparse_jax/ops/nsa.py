@@ -65,13 +65,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import common
 from pallas_kernels.common import masked_attention
 from pallas_kernels.compressed import compressed_attention as compressed_op
 from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash import flash_attention
+from pallas_kernels.flash import mosaic_gpu_pooled
+from pallas_kernels.flash.mosaic_gpu import affine_positions
 from pallas_kernels.nsa_decode import nsa_decode, which_backend as nsa_decode_backend
-from pallas_kernels.nsa_select import nsa_select, which_backend as nsa_select_backend
-from pallas_kernels.nsa_select.reference import overlap_scores
+from pallas_kernels.nsa_select import nsa_select, select_from_importance, which_backend as nsa_select_backend
+from pallas_kernels.nsa_select.reference import overlap_scores, overlap_weights
 from sparse_jax import context_parallel as cp
 from sparse_jax import patterns as P
 from sparse_jax.ops import selection
@@ -90,6 +93,10 @@ class NSAConfig:
     window (w): sliding window of the win branch. selection: "token" (exact, per query)
     or "query_block" (union over `query_block` consecutive queries, block-sparse kernel).
     cmp_mlp_dim: hidden width of the compression MLP phi (None: 2 * head_dim).
+    fused_cmp_select: a kernel choice, not the math: with impl "auto" run the cmp branch and
+    the selection importance as one Mosaic GPU kernel (`compressed_select_fused`) where
+    `fused_cmp_select_reason` allows (Hopper, concrete positions), else as before. Opt-in
+    until timed.
     """
 
     cmp_block: int = 32
@@ -102,6 +109,7 @@ class NSAConfig:
     selection: str = "token"
     query_block: int = 64
     cmp_mlp_dim: int | None = None
+    fused_cmp_select: bool = False
 
     def __post_init__(self):
         for name in ("cmp_block", "cmp_stride", "sel_block", "num_selected", "window", "query_block"):
@@ -123,6 +131,8 @@ class NSAConfig:
                              f"({self.num_initial} + {self.num_local}), the forced blocks")
         if self.selection not in SELECTION_MODES:
             raise ValueError(f"selection must be one of {SELECTION_MODES}, got {self.selection!r}")
+        if not isinstance(self.fused_cmp_select, bool):
+            raise ValueError(f"fused_cmp_select must be a bool, got {self.fused_cmp_select!r}")
         if self.cmp_mlp_dim is not None and (not isinstance(self.cmp_mlp_dim, int) or self.cmp_mlp_dim < 1):
             raise ValueError(f"cmp_mlp_dim must be an int >= 1 or None, got {self.cmp_mlp_dim!r}")
 
@@ -286,6 +296,48 @@ def select_from_lse(q, k_cmp, lse, q_positions, cmp_positions, num_sel_blocks: i
                       num_local=cfg.num_local, impl=impl, interpret=interpret)
 
 
+def fused_cmp_select_reason(q, k_cmp, v_cmp, q_positions, cmp_positions, num_sel_blocks: int,
+                           cfg: NSAConfig, *, impl: str = "auto", interpret=False) -> str | None:
+    """None when `compressed_select_fused` takes the call: `impl` "auto" on Hopper (or GPU
+    interpret mode), queries at a concrete `arange`, compressed keys at their blocks' last
+    tokens (`cmp_block_end`) and what `flash.mosaic_gpu_pooled` covers; else why not."""
+    if impl != "auto":
+        return f"impl={impl!r} (the fused kernel is taken by impl='auto' only)"
+    reason = common.platform_reason("mosaic_gpu", common.current_device(), interpret)
+    if reason:
+        return reason
+    if affine_positions(q_positions) != (1, 0, q.shape[1]):
+        return "q_positions are not a concrete arange"
+    kv = affine_positions(cmp_positions)
+    if kv is None or kv[:2] != (cfg.cmp_stride, cfg.cmp_block - 1):
+        return "cmp_positions are not concrete blocks' last tokens (d * arange + l - 1, then padding)"
+    r, offsets = overlap_weights(cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
+                                 sel_block=cfg.sel_block)
+    return mosaic_gpu_pooled.supports(q, k_cmp, v_cmp, mask_fn=P.Causal(), kv_positions=cmp_positions,
+                                      pool_keys=r, pool_offsets=offsets, pool_blocks=num_sel_blocks,
+                                      interpret=interpret)
+
+
+def compressed_select_fused(q, k_cmp, v_cmp, q_positions, cmp_positions, num_sel_blocks: int,
+                            cfg: NSAConfig, *, interpret=False):
+    """cmp branch and selection from one Mosaic GPU kernel (`flash.mosaic_gpu_pooled`: the
+    branch's out and lse, then a second sweep over the same keys pooling the group's
+    `exp(s - lse)` into selection-block importance, `overlap_weights`), then `nsa_select`'s
+    top-n (`select_from_importance`). `(out [B, T, H, D], block_indices [B, T, Hkv, n])`,
+    equal to `compressed_branch_lse` + `select_from_lse` (sets; importance to float
+    rounding). Needs `fused_cmp_select_reason(...) is None`. Gradients: out's through the
+    flash backward; the selection has none."""
+    r, offsets = overlap_weights(cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
+                                 sel_block=cfg.sel_block)
+    res, imp = mosaic_gpu_pooled.flash_pooled_mosaic_gpu(
+        q, k_cmp, v_cmp, mask_fn=P.Causal(), kv_positions=cmp_positions, pool_keys=r,
+        pool_offsets=offsets, pool_blocks=num_sel_blocks, interpret=interpret)
+    block_indices = select_from_importance(
+        imp, q_positions, num_sel_blocks=num_sel_blocks, sel_block=cfg.sel_block,
+        num_selected=cfg.num_selected, num_initial=cfg.num_initial, num_local=cfg.num_local)
+    return res.out, block_indices
+
+
 def selected_attention(q, k, v, q_positions, kv_positions, block_indices, cfg: NSAConfig, *,
                        scale=None):
     """slc branch, exact per-token selection: query t sees key s iff `s // l'` is one of its
@@ -345,7 +397,9 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
     pick the kernels. With "auto" on GPU (or "triton") the selection runs on the
     `nsa_select` kernels from the cmp branch's lse (`compressed_branch_lse`,
     `select_from_lse`; `p_cmp` None); otherwise (`impl="xla"`, TPU) from the `compressed`
-    op's group probabilities through `selection_scores` and `select_blocks`.
+    op's group probabilities through `selection_scores` and `select_blocks`. With
+    `cfg.fused_cmp_select` the cmp branch and the selection run as one Mosaic GPU kernel
+    where `fused_cmp_select_reason` allows (`compressed_select_fused`).
     Under a mesh with a sequence axis > 1 it runs split over it (`sparse_jax.context_parallel`).
     """
     if cp.applies(q.shape[1], k_slc.shape[1], k_win.shape[1]) and not (
@@ -361,7 +415,13 @@ def nsa_branches(q, q_positions, *, k_cmp, v_cmp, cmp_positions, k_slc, v_slc, s
             k_win=split(k_win, **halo), v_win=split(v_win, **halo), win_positions=split(win_positions, pos, **halo),
             cfg=cfg, impl=impl, interpret=interpret)
     ns = -(-k_slc.shape[1] // cfg.sel_block)
-    if selects_on_kernels(impl, interpret, cfg):
+    fused = cfg.fused_cmp_select and fused_cmp_select_reason(
+        q, k_cmp, v_cmp, q_positions, cmp_positions, ns, cfg, impl=impl, interpret=interpret) is None
+    if fused:
+        o_cmp, block_indices = compressed_select_fused(q, k_cmp, v_cmp, q_positions, cmp_positions,
+                                                       ns, cfg, interpret=interpret)
+        p_cmp = None
+    elif selects_on_kernels(impl, interpret, cfg):
         o_cmp, lse = compressed_branch_lse(q, k_cmp, v_cmp, q_positions, cmp_positions,
                                            impl=impl, interpret=interpret)
         block_indices = select_from_lse(q, k_cmp, lse, q_positions, cmp_positions, ns, cfg,
