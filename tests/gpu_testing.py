@@ -17,6 +17,15 @@ def has_gpu() -> bool:
         return False
 
 
+def hopper_device():
+    """The first sm_90 (Hopper) GPU JAX sees, or None (the compiled Mosaic GPU tests' condition)."""
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    return next((d for d in gpus if getattr(d, "compute_capability", "") == "9.0"), None)
+
+
 # Mosaic GPU's interpret mode (`plgpu.InterpretGPUParams`) runs each warpgroup of a CTA as its
 # own CPU program blocked in barrier callbacks: with fewer XLA CPU pool threads than that
 # (conftest sets PJRT_NPROC) it hangs.

@@ -22,18 +22,8 @@ from pallas_kernels.flash.api import flash_attention
 from pallas_kernels.flash.mosaic_gpu_mask import MaskSpec
 from pallas_kernels.flash.reference import element_mask, flash_reference
 from sparse_jax import patterns as P
-from gpu_testing import needs_gpu_interpret_pool
+from gpu_testing import hopper_device, needs_gpu_interpret_pool
 from kernel_testing import rel_err
-
-
-def _hopper():
-    try:
-        devs = jax.devices("gpu")
-    except RuntimeError:
-        return None
-    if devs and getattr(devs[0], "compute_capability", "") == "9.0":
-        return devs[0]
-    return None
 
 
 def _inputs(b, t, h, hkv, d, dtype, seed=0):
@@ -55,7 +45,7 @@ def _ref(q, k, v, mask_fn):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
 @pytest.mark.parametrize("causal", [True, False, 300], ids=["causal", "full", "window300"])
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("t", [256, 1024])
@@ -63,7 +53,7 @@ def _ref(q, k, v, mask_fn):
 def test_mosaic_gpu_forward_compiled(causal, group, t, d, dtype):
     h = 8
     mask_fn = P.causal_window(causal) if causal not in (True, False) else (P.Causal() if causal else None)
-    with jax.default_device(_hopper()):
+    with jax.default_device(hopper_device()):
         q, k, v, _ = _inputs(2, t, h, h // group, d, dtype)
         f = jax.jit(lambda q, k, v: flash_attention(q, k, v, mask_fn=mask_fn, return_lse=True,
                                                     impl="mosaic_gpu"))
@@ -94,7 +84,7 @@ def _ref_grads(q, k, v, do, mask_fn, sinks, lse_weight):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
 @pytest.mark.parametrize("mask", ["causal", "full", "window200", "window128"])
 @pytest.mark.parametrize("b,t,h,hkv,d", [(1, 256, 4, 4, 128), (2, 768, 8, 2, 64),
                                           (1, 1024, 16, 1, 128)])
@@ -113,7 +103,7 @@ def test_mosaic_gpu_gradients_match_the_reference(mask, b, t, h, hkv, d, backwar
            "fused": MosaicGPUBackwardConfig(fused_dq=True),
            "fused2r": MosaicGPUBackwardConfig(fused_dq=True, dkv_two_rounds=True),
            "triton": TritonConfig()}[backward]
-    with jax.default_device(_hopper()):
+    with jax.default_device(hopper_device()):
         q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=t + h)
 
         def loss(q, k, v):
@@ -129,7 +119,7 @@ def test_mosaic_gpu_gradients_match_the_reference(mask, b, t, h, hkv, d, backwar
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
 @pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
 @pytest.mark.parametrize("mask", ["causal", "window96", "full"])
 def test_mosaic_gpu_learned_sinks_forward_and_gradients(mask, fused):
@@ -139,7 +129,7 @@ def test_mosaic_gpu_learned_sinks_forward_and_gradients(mask, fused):
 
     mask_fn = {"causal": P.Causal(), "window96": P.causal_window(96), "full": None}[mask]
     config = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=fused))
-    with jax.default_device(_hopper()):
+    with jax.default_device(hopper_device()):
         q, k, v, do = _inputs(1, 512, 4, 2, 128, jnp.bfloat16, seed=3)
         sinks = jnp.array([0.5, -1.0, 2.0, 0.0], jnp.float32)
 
@@ -253,7 +243,7 @@ def test_mosaic_gpu_takes_causal_masks_by_their_is_causal_attribute():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
 def test_auto_prefers_mosaic_gpu_where_it_applies(monkeypatch):
     """impl='auto' on Hopper: Mosaic GPU for a supported call (also under jit with default
     positions), Triton for anything it does not cover (here a soft-cap)."""
@@ -419,7 +409,7 @@ def _affine_ref(q, k, v, mask_fn, kv_positions):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
 @pytest.mark.parametrize("b,tq,h,hkv,n,n_pad,stride,offset,window", [
     (1, 1000, 16, 1, 61, 0, 16, 31, None),      # NSA (d=16, l=32), GQA 16, ragged Tq and Tk
     (2, 520, 8, 2, 31, 2, 16, 31, None),        # GQA 4, padded key slots
@@ -439,7 +429,7 @@ def test_mosaic_gpu_compressed_keys_match_the_reference(b, tq, h, hkv, n, n_pad,
     mask_fn = P.Causal() if window is None else P.causal_window(window)
     config = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=fused))
     kv_pos = _compressed_positions(b, n, stride, offset, n_pad)
-    with jax.default_device(_hopper()):
+    with jax.default_device(hopper_device()):
         q, _, _, do = _inputs(b, tq, h, hkv, 128, jnp.bfloat16, seed=tq + n)
         _, k, v, _ = _inputs(b, n + n_pad, h, hkv, 128, jnp.bfloat16, seed=n)
         res = jax.jit(lambda q, k, v: flash_attention(q, k, v, mask_fn=mask_fn, kv_positions=kv_pos,
@@ -471,7 +461,7 @@ def test_mosaic_gpu_compressed_keys_match_the_reference(b, tq, h, hkv, n, n_pad,
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
 def test_auto_runs_nsa_compressed_branch_on_mosaic_gpu(monkeypatch):
     """NSA's compressed branch (`compressed_branch_lse`, impl='auto') with concrete positions
     runs on Mosaic GPU on Hopper, and matches the XLA path."""
@@ -487,7 +477,7 @@ def test_auto_runs_nsa_compressed_branch_on_mosaic_gpu(monkeypatch):
     n = nsa.num_cmp_blocks(t, cfg)
     qpos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, t))
     cpos = jnp.broadcast_to(nsa.cmp_block_end(jnp.arange(n, dtype=jnp.int32), cfg), (1, n))
-    with jax.default_device(_hopper()):
+    with jax.default_device(hopper_device()):
         q, _, _, _ = _inputs(1, t, 16, 1, 128, jnp.bfloat16, seed=5)
         _, k, v, _ = _inputs(1, n, 16, 1, 128, jnp.bfloat16, seed=6)
         out, lse = jax.jit(lambda q, k, v: nsa.compressed_branch_lse(q, k, v, qpos, cpos))(q, k, v)

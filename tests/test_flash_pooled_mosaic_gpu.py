@@ -25,18 +25,8 @@ from pallas_kernels.nsa_select.reference import (group_probabilities, overlap_sc
                                                  top_blocks)
 from sparse_jax import patterns as P
 from sparse_jax.ops import nsa
-from gpu_testing import needs_gpu_interpret_pool
+from gpu_testing import hopper_device, needs_gpu_interpret_pool
 from kernel_testing import rel_err
-
-
-def _hopper():
-    try:
-        devs = jax.devices("gpu")
-    except RuntimeError:
-        return None
-    if devs and getattr(devs[0], "compute_capability", "") == "9.0":
-        return devs[0]
-    return None
 
 
 def _case(t, h, hkv, d, cfg: nsa.NSAConfig, seed=0, b=1):
@@ -203,7 +193,7 @@ def test_pooled_kernel_refuses_what_it_does_not_cover():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
 @pytest.mark.parametrize("t,h,hkv", [(1000, 16, 1), (2100, 8, 2), (600, 4, 4)],
                          ids=["gqa16-ragged", "gqa4-two-tiles", "gqa1"])
 def test_compressed_select_fused_compiled(t, h, hkv):
@@ -214,7 +204,7 @@ def test_compressed_select_fused_compiled(t, h, hkv):
     gradients of out equal the two-kernel path's (the same flash backward)."""
     cfg = nsa.NSAConfig()
     ns = -(-t // cfg.sel_block)
-    with jax.default_device(_hopper()):
+    with jax.default_device(hopper_device()):
         q, k, v, do, qpos, kpos = _case(t, h, hkv, 128, cfg, seed=t, b=2)
         assert nsa.fused_cmp_select_reason(q, k, v, qpos, kpos, ns, cfg) is None
         def fused(q, k, v):

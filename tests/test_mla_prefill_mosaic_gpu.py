@@ -24,18 +24,9 @@ import pytest
 
 from pallas_kernels.mla_decode import mla_sparse_attention
 from pallas_kernels.mla_decode.reference import mla_decode_reference
-from gpu_testing import needs_gpu_interpret_pool
+from gpu_testing import hopper_device, needs_gpu_interpret_pool
 from kernel_testing import max_rel_err
 from test_mla_decode_kernels import SCALE, MlaCase, check_zero_rows, make_inputs
-
-
-def _hopper():
-    """The first sm_90 GPU, or None."""
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        return None
-    return next((d for d in gpus if getattr(d, "compute_capability", "") == "9.0"), None)
 
 
 def value_and_grads(fn, args, kw, seed=0):
@@ -141,7 +132,7 @@ def test_dsa_attention_routes_mosaic_gpu_here_and_bad_calls_raise(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_mosaic_gpu_prefill_compiled_on_gpu(dtype):
     """The compiled kernel (rows gathered in the kernel: single-row TMA copies into the
@@ -149,7 +140,7 @@ def test_mosaic_gpu_prefill_compiled_on_gpu(dtype):
     queries over a 4101-slot cache, K=2048 listed (-1 padded, future slots listed), against
     the float32 reference: out, lse, gradients."""
     case = MlaCase("gpu", b=2, t=300, h=64, dc=512, dr=64, s=4101, k=2048, seed=5)
-    with jax.default_device(_hopper()):
+    with jax.default_device(hopper_device()):
         args, kw = make_inputs(case, dtype)
         got = value_and_grads(lambda *a, **k: mla_sparse_attention(*a, **k, return_lse=True, impl="mosaic_gpu"),
                               args, kw)

@@ -25,7 +25,7 @@ from pallas_kernels import common
 from pallas_kernels.token_sparse import api, token_sparse_attention
 from pallas_kernels.token_sparse.layout import union_blocks
 from pallas_kernels.token_sparse.mosaic_gpu import MosaicGPUConfig, token_sparse_mosaic_gpu
-from gpu_testing import needs_gpu_interpret_pool
+from gpu_testing import hopper_device, needs_gpu_interpret_pool
 from kernel_testing import max_rel_err
 from test_token_sparse_kernels import TokenSparseCase, make_inputs, run_vjp
 
@@ -187,14 +187,6 @@ def test_auto_does_not_take_mosaic_gpu_on_hopper_yet(monkeypatch):
     assert got[0] == "mosaic_gpu"
 
 
-def _hopper():
-    try:
-        devs = jax.devices("gpu")
-    except RuntimeError:
-        return None
-    return devs[0] if devs and getattr(devs[0], "compute_capability", "") == "9.0" else None
-
-
 GPU_CASES = [
     # NSA heads per group (G=16), 2 kv heads, blocks of 64, ragged T and S, sinks
     TokenSparseCase("nsa_g16", b=2, t=200, s=1000, h=32, hkv=2, d=128, dv=128, k=8, block_size=64,
@@ -208,13 +200,13 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
 @pytest.mark.parametrize("case,split", [(c, False) for c in GPU_CASES] + [(GPU_CASES[0], True)],
                          ids=[c.name for c in GPU_CASES] + ["nsa_g16_split_kv"])
 def test_mosaic_gpu_compiled_matches_reference(case, split):
     """The compiled forward (and the Triton backward behind it) on bf16 inputs against the
     float32 reference: out, lse, gradients."""
-    with jax.default_device(_hopper()), _mosaic(MosaicGPUConfig(split_kv=split)):
+    with jax.default_device(hopper_device()), _mosaic(MosaicGPUConfig(split_kv=split)):
         args, idx, kw, cot = make_inputs(case, jnp.bfloat16)
         out, lse, grads = run_vjp("mosaic_gpu", args, idx, kw, cot, interpret=False)
         with jax.default_matmul_precision("highest"):
@@ -232,7 +224,7 @@ def test_mosaic_gpu_compiled_matches_reference(case, split):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_hopper() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
 @pytest.mark.parametrize("split", [False, True], ids=["pair", "split_kv"])
 def test_mosaic_gpu_matches_triton_at_nsa_shape(split):
     """T=4096, HQ=64 / HKV=4, 16 blocks of 64 per token: block 0 and 15 blocks back from the
@@ -243,7 +235,7 @@ def test_mosaic_gpu_matches_triton_at_nsa_shape(split):
     blk = tok // 64 - j * (1 + (tok + head) % 3)
     idx = np.concatenate([np.zeros((t, hkv, 1), np.int32),
                           np.where(blk > 0, blk, -1).astype(np.int32)], -1)[None]
-    with jax.default_device(_hopper()):
+    with jax.default_device(hopper_device()):
         ks = jax.random.split(jax.random.key(0), 3)
         q = jax.random.normal(ks[0], (1, t, h, d), jnp.bfloat16)
         k, v = (jax.random.normal(kk, (1, t, hkv, d), jnp.bfloat16) for kk in ks[1:])
