@@ -70,6 +70,20 @@ def run_both(cfg, q, q_pos, kw, config=None):
     return fast(q), nsa_decode(q, q_pos, cfg=cfg, impl="xla", **kw)
 
 
+def check_case(case, block_win=8, **plan):
+    """One parametrized case (`cfg` dict, `splits` = (cmp_splits, tail_splits), `make_case`'s
+    shapes) through the Triton plan `plan` (TritonConfig fields) and the XLA reference,
+    float32."""
+    case = dict(case)
+    cfg = NSAConfig(**case.pop("cfg"))
+    cmp_splits, tail_splits = case.pop("splits")
+    config = TritonConfig(block_cmp=16, block_win=block_win, cmp_splits=cmp_splits, tail_splits=tail_splits,
+                          **plan)
+    q, q_pos, kw = make_case(cfg, seed=len(case["lengths"]) + case["h"], **case)
+    got, want = run_both(cfg, q, q_pos, kw, config)
+    check(got, want, q_pos, 2e-5)
+
+
 @pytest.mark.parametrize("case", [
     # GQA 4, T=2, 5 cmp tiles on 4 splits (spills onto the next tile's and the next split's
     # selection blocks), a row whose queries see no compressed block and fewer blocks than
@@ -88,13 +102,7 @@ def run_both(cfg, q, q_pos, kw, config=None):
          lengths=(200, 77), max_len=203, h=4, hkv=2, d=8, t=1, splits=(2, None)),
 ])
 def test_kernel_matches_reference(case):
-    case = dict(case)
-    cfg = NSAConfig(**case.pop("cfg"))
-    cmp_splits, tail_splits = case.pop("splits")
-    config = TritonConfig(block_cmp=16, block_win=16, cmp_splits=cmp_splits, tail_splits=tail_splits)
-    q, q_pos, kw = make_case(cfg, seed=len(case["lengths"]) + case["h"], **case)
-    got, want = run_both(cfg, q, q_pos, kw, config)
-    check(got, want, q_pos, 2e-5)
+    check_case(case, block_win=16)
 
 
 @pytest.mark.parametrize("case", [
@@ -113,14 +121,7 @@ def test_kernel_matches_reference(case):
 def test_select_kernel_plan_matches_reference(case):
     """The three-kernel plan (cmp + window splits, selection once, slc parts) against the
     reference, float32."""
-    case = dict(case)
-    cfg = NSAConfig(**case.pop("cfg"))
-    cmp_splits, tail_splits = case.pop("splits")
-    config = TritonConfig(block_cmp=16, block_win=8, cmp_splits=cmp_splits, tail_splits=tail_splits,
-                          select_kernel=True)
-    q, q_pos, kw = make_case(cfg, seed=len(case["lengths"]) + case["h"], **case)
-    got, want = run_both(cfg, q, q_pos, kw, config)
-    check(got, want, q_pos, 2e-5)
+    check_case(case, select_kernel=True)
 
 
 def test_select_kernel_plan_bf16_and_ties():

@@ -14,7 +14,7 @@ import pytest
 
 from pallas_kernels.nsa_decode.triton import TritonConfig, nsa_decode_triton
 from sparse_jax.ops.nsa import NSAConfig
-from test_nsa_decode_kernel import SMALL, check, lowered_triton_modules, make_case, run_both
+from test_nsa_decode_kernel import SMALL, check, check_case, lowered_triton_modules, make_case, run_both
 
 
 @pytest.mark.parametrize("case", [
@@ -29,14 +29,7 @@ from test_nsa_decode_kernel import SMALL, check, lowered_triton_modules, make_ca
                   window=10), lengths=(130, 23), max_len=131, h=16, hkv=1, d=12, t=2, splits=(2, 4)),
 ])
 def test_one_launch_matches_reference(case):
-    case = dict(case)
-    cfg = NSAConfig(**case.pop("cfg"))
-    cmp_splits, tail_splits = case.pop("splits")
-    config = TritonConfig(block_cmp=16, block_win=8, cmp_splits=cmp_splits, tail_splits=tail_splits,
-                          one_launch=True)
-    q, q_pos, kw = make_case(cfg, seed=len(case["lengths"]) + case["h"], **case)
-    got, want = run_both(cfg, q, q_pos, kw, config)
-    check(got, want, q_pos, 2e-5)
+    check_case(case, one_launch=True)
 
 
 def test_one_launch_bf16_short_contexts():
