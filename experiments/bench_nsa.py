@@ -78,7 +78,7 @@ from pallas_kernels.decode import decode_attention
 from pallas_kernels.flash.api import MosaicGPUConfig
 from pallas_kernels.flash.mosaic_gpu_pooled import flash_pooled_mosaic_gpu
 from pallas_kernels.nsa_decode.api import TritonConfig as NsaDecodeConfig, nsa_decode
-from pallas_kernels.nsa_decode.triton import nsa_decode_triton
+from pallas_kernels.nsa_decode.triton import make_plan, nsa_decode_triton
 from pallas_kernels.nsa_select.api import TritonConfig as NsaSelectConfig, nsa_select
 from pallas_kernels.nsa_select.reference import overlap_weights
 from sparse_jax import patterns as P
@@ -531,7 +531,9 @@ def bench_decode(s: Setup, b: int, ctx: int, iters: int):
             row[f"nsa_{spec}_ms"] = 1e3 * median_time(f, *args, iters=iters)
             if FLAGS.decode_reps:
                 row[f"nsa_{spec}_amortised_ms"] = amortised_ms(f, args, iters)
-            for k in (1, 2) if FLAGS.decode_stages and FLAGS.decode_reps and (c > 1 or conf.select_kernel) else ():
+            q, k_cmp, _, k_slc, _, k_win = args[:6]   # the split count as clamped to the context
+            several = make_plan(q, k_cmp, k_slc, k_win, cfg, conf, q.shape[-1] ** -0.5).splits > 1
+            for k in (1, 2) if FLAGS.decode_stages and FLAGS.decode_reps and (several or conf.select_kernel) else ():
                 row[f"nsa_{spec}_k{'12'[:k]}_ms"] = amortised_ms(first_launches(conf, k), args, iters)
         except Exception as e:  # noqa: BLE001 - a plan that fails is reported, not fatal
             row[f"nsa_{spec}_error"] = str(e)[:300]
