@@ -201,7 +201,7 @@ def test_compressed_select_fused_compiled(t, h, hkv):
     the two-kernel path (`compressed_branch_lse` + `select_from_lse`): out to bf16
     rounding (the same flash math), sets equal except where the reference's own
     importances of the swapped blocks lie within 1e-4 (relative) of each other; the
-    gradients of out equal the two-kernel path's (the same flash backward)."""
+    gradients of out as close to the float32 reference's as the two-kernel path's are."""
     cfg = nsa.NSAConfig()
     ns = -(-t // cfg.sel_block)
     with jax.default_device(hopper_device()):
@@ -232,8 +232,18 @@ def test_compressed_select_fused_compiled(t, h, hkv):
         def loss(q, k, v, f):
             return (f(q, k, v)[0].astype(jnp.float32) * do.astype(jnp.float32)).sum()
 
+        def reference(q, k, v):
+            with jax.default_matmul_precision("highest"):
+                return (_reference(q, k, v, qpos, kpos, cfg)[0].out,)
+
         grads = jax.jit(jax.grad(lambda *a: loss(*a, fused), argnums=(0, 1, 2)))(q, k, v)
-        grads_ref = jax.jit(jax.grad(lambda *a: loss(*a, two_kernels), argnums=(0, 1, 2)))(q, k, v)
-        for g, w, name in zip(grads, grads_ref, "qkv"):
+        grads_two = jax.jit(jax.grad(lambda *a: loss(*a, two_kernels), argnums=(0, 1, 2)))(q, k, v)
+        f32 = tuple(x.astype(jnp.float32) for x in (q, k, v))
+        grads_ref = jax.jit(jax.grad(lambda *a: loss(*a, reference), argnums=(0, 1, 2)))(*f32)
+        # Both paths run the same flash backward on their own bf16 (out, lse): they differ by
+        # bf16 rounding (dk 2.6e-3 apart at G = 16 on an H100), so each is held to the float32
+        # reference, the fused one no worse than the two-kernel path's own error.
+        for g, two, w, name in zip(grads, grads_two, grads_ref, "qkv"):
             assert np.all(np.isfinite(np.asarray(g, np.float32))), name
-            assert rel_err(g, w) < 1e-3, (name, rel_err(g, w))
+            err, err_two = rel_err(g, w), rel_err(two, w)
+            assert err < 1e-2 and err <= 1.5 * err_two + 1e-4, (name, err, err_two)

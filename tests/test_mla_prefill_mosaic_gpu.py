@@ -10,7 +10,7 @@ a ragged cache (positions -1), a padded query, -1 padded lists of random length,
 future slots, a query whose listed slots are all in its future, K=80 (two slot tiles, the
 last ragged) and 40; the forward lowered for CUDA at DeepSeek's sizes and a
 prefill longer than CUDA's 65535-block y grid (T=70000, K=2048: one split, gathered in the
-kernel; K=3000: two splits, so that each slot list fits SMEM); the DSA attention path routes `impl="mosaic_gpu"` here; unsupported calls raise
+kernel; K=3000: two splits, so that each slot list fits SMEM); the DSA attention path routes `impl="mosaic_gpu"` here (and `auto` on Hopper); unsupported calls raise
 ValueError. Under `-m gpu` on a Hopper GPU: the compiled kernel and backward at DeepSeek's
 sizes against the reference.
 """
@@ -120,6 +120,8 @@ def test_dsa_attention_routes_mosaic_gpu_here_and_bad_calls_raise(monkeypatch):
         return mla_decode_reference(*args, **kw)
 
     monkeypatch.setattr(api, "mla_decode_mosaic_gpu", forward)
+    dsa.selected_attention(q, c, r, idx, q_pos, kv_pos, scale=SCALE)          # auto, on the CPU
+    assert calls == []
     out = dsa.selected_attention(q, c, r, idx, q_pos, kv_pos, scale=SCALE, impl="mosaic_gpu")
     assert calls == [True]
     want = reference(q, c, r, indices=idx, q_positions=q_pos, kv_positions=kv_pos, scale=SCALE)
@@ -148,3 +150,7 @@ def test_mosaic_gpu_prefill_compiled_on_gpu(dtype):
             want = value_and_grads(reference, args, kw)
         assert_close(got, want, 2e-2)
         check_zero_rows(got[0], kw)
+        if dtype == jnp.bfloat16:       # `auto` takes the Mosaic GPU kernel on Hopper
+            pick = {n: kw[n] for n in ("indices", "q_positions", "kv_positions", "scale")}
+            run = lambda impl: jax.jit(lambda *a: mla_sparse_attention(*a, **pick, impl=impl))(*args)  # noqa: E731
+            np.testing.assert_array_equal(np.asarray(run("auto"), np.float32), np.asarray(run("mosaic_gpu"), np.float32))

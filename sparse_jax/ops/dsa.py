@@ -11,8 +11,8 @@
   order, -1 padding last (consumers treat it as a set).
 * Main attention over the selected tokens only (`selected_attention`), MLA in MQA form
   (`sparse_jax.ops.mla`: absorbed queries against the latent cache) through
-  `mla_sparse_attention` (the `token_sparse` op; `impl="mosaic_gpu"`: `mla_decode`'s Mosaic
-  GPU kernel over every query token), or at decode the `mla_decode` op over the cache as
+  `mla_sparse_attention` (on Hopper `mla_decode`'s Mosaic GPU kernel over every query token,
+  elsewhere the `token_sparse` op), or at decode the `mla_decode` op over the cache as
   stored (their XLA references on CPU).
 * Training (`indexer_target`, `dsa_indexer_loss`): KL from the main attention
   distribution (summed over heads, L1-normalised, no gradient) to `softmax(I_t)`; in the
@@ -183,8 +183,8 @@ def selected_attention(q_abs, c_kv, k_rope, token_indices, q_positions, kv_posit
     `decoding` (a cached call of at most `DECODE_MAX_QUERIES` queries): the `mla_decode` op
     over the cache as stored (576 values read per selected token, no copy of the cache);
     else `mla_sparse_attention` (with the backward training needs): the `token_sparse` op
-    over the concatenated latent, or with `impl="mosaic_gpu"` (opt-in) `mla_decode`'s Mosaic
-    GPU kernel over every query token, gradients by token_sparse's Triton backward."""
+    over the concatenated latent, or (`auto` on Hopper, `impl="mosaic_gpu"`) `mla_decode`'s
+    Mosaic GPU kernel over every query token, gradients by token_sparse's Triton backward."""
     k_rope = k_rope.astype(c_kv.dtype)
     if decoding and q_abs.shape[1] <= DECODE_MAX_QUERIES:
         return mla_decode(q_abs, c_kv, k_rope, indices=token_indices, q_positions=q_positions,
