@@ -101,6 +101,8 @@ flags.DEFINE_integer("query_chunk", 2048, "indexer queries per chunk (chunk x S 
 flags.DEFINE_integer("check_rows", 64, "query rows checked against the reference")
 flags.DEFINE_bool("fp8", False, "(a) also time the FP8 indexer (e4m3 dot, widened to bf16, reranked)")
 flags.DEFINE_list("fp8_variants", ["fp8", "fp8_widened", "fp8_rerank1.25"], "with --fp8: which variants")
+flags.DEFINE_bool("forward_fast", False, "(b) also time the forward on the fused top-k (one chunk) and "
+                  "mla_sparse_attention impl='auto' (Mosaic GPU on Hopper): fast_ms, fast_speedup_vs_*")
 flags.DEFINE_bool("fused", False, "(a) also time the fused top-k (FusedIndexerConfig) and its steps")
 flags.DEFINE_list("fused_variants", ["fused"], "with --fused: which of FUSED_VARIANTS")
 flags.DEFINE_integer("fused_query_chunk", 0, "with --fused: its query chunk (0: T, one chunk; it keeps "
@@ -324,6 +326,15 @@ def dsa_forward(k, chunk, interpret):
     return f
 
 
+def dsa_forward_fast(k):
+    """(b) on the fastest paths: the fused top-k over one query chunk (`FusedIndexerConfig`),
+    then `mla_sparse_attention(impl="auto")` (Mosaic GPU on Hopper) on the latent as stored."""
+    def f(q, c, r, qi, w, ki):
+        idx = indexer_topk(qi, w, ki, k=k, query_chunk=qi.shape[1], impl="triton", config=FusedIndexerConfig())
+        return mla_sparse_attention(q, c, r, idx, scale=D ** -0.5)
+    return f
+
+
 def dense_rows(t, iters, small):
     """Dense causal stand-ins (ms): cuDNN MLA training form, cuDNN same-FLOPs MHA, our flash
     MQA 576/512."""
@@ -366,12 +377,22 @@ def bench_forward(t, iters, small):
                                  q_positions=pos[:, t - rows:], kv_positions=pos)
     row["attn_err"] = rel(attn(q, kl, vl, idx)[:, t - rows:], ref)
     row.update(ms=sec * 1e3, attention_ms=median_time(attn, q, kl, vl, idx, iters=iters) * 1e3)
+    if FLAGS.forward_fast and not small:     # the fused top-k (one query chunk) + mla_sparse_attention auto
+        fast = jax.jit(dsa_forward_fast(FLAGS.top_k))
+        c, r = kl[:, :, 0, :DV], kl[:, :, 0, DV:]
+        row["fast_ms"] = median_time(fast, q, c, r, qi, w, ki, iters=iters) * 1e3
+        ref_fast = mla_sparse_attention(q[:, t - rows:], c, r, idx[:, t - rows:], q_positions=pos[:, t - rows:],
+                                        kv_positions=pos, scale=D ** -0.5, impl="xla")
+        row["fast_err"] = rel(fast(q, c, r, qi, w, ki)[:, t - rows:], ref_fast)     # vs the default's set
+        del c, r
     del q, kl, vl
     dense = dense_rows(t, iters, small)
     row.update(dense)
     for name in ("cudnn_mla192", "cudnn_sameflops", "flash_mqa576"):
         if name in dense:
             row["speedup_vs_" + name] = dense[name] / row["ms"]
+            if "fast_ms" in row:
+                row["fast_speedup_vs_" + name] = dense[name] / row["fast_ms"]
     return row
 
 

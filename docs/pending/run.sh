@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU checks still owed (docs/pending/README.md), as device calls of <= BUDGET s each:
 #   PART=1 BUDGET=560 bash docs/pending/run.sh   # compiled test groups at once, then fa3 / cmp+select / Quest benches
-#   PART=2 BUDGET=560 bash docs/pending/run.sh   # whole NSA at 64K, indexer at the layer's query chunk
+#   PART=2 BUDGET=560 bash docs/pending/run.sh   # DSA forward on the fast paths, whole NSA at 64K, indexer at the layer's query chunk, entmax vs adasplash
 # From the repo root on the GPU machine, `wheels/` (peer wheels) carried; logs and bench JSON land in $OUT.
 export PYTHONPATH=. JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python
@@ -36,8 +36,9 @@ if [ "${PART:-1}" = 1 ]; then
   step quest 80 python3 experiments/bench_training_free.py --noprefill --batches 16,1 --quest_pages 16 --quest_bounds bfloat16 --reps 5 --iters 5 --out /tmp/be/quest.json
 else
   python3 -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | tail -1
-  step idx512 100 python3 experiments/bench_dsa.py --parts=indexer --seq_lens=65536 --iters=3 --query_chunk=512 --fused --fused_query_chunk=512 --noscores_only --out /tmp/be/idx512.json
+  step dsafwd 150 python3 experiments/bench_dsa.py --parts forward --seq_lens 65536,131072 --forward_fast --iters 3 --out /tmp/be/dsafwd.json
   step nsa64 200 python3 experiments/bench_nsa.py --seq_lens 65536 --modes token --iters 3 --decode_batch 0 --check_rows 8 --cmp_triton --out /tmp/be/bench_nsa.json
+  step idx512 100 python3 experiments/bench_dsa.py --parts=indexer --seq_lens=65536 --iters=3 --query_chunk=512 --fused --fused_query_chunk=512 --noscores_only --out /tmp/be/idx512.json
   step entmax 230 python3 experiments/bench_entmax.py --seq_lens 4096,16384,65536 --iters 5 --check_rows 16 --nobreakdown --inputs topics --out /tmp/be/entmax.json
 fi
 echo "== end t=$((SECONDS-START))" >> $B
