@@ -20,6 +20,7 @@ from sparse_jax.ops import mla as M
 from sparse_jax.ops.dsa import DSAConfig
 from sparse_jax.ops.mla import MLAConfig
 
+from gpu_testing import hopper_device
 from layer_testing import assert_grads_close, call, fwd, output_and_grads, ragged_positions, step
 
 ATT = AttentionConfig(d_model=24, num_heads=3)
@@ -215,3 +216,30 @@ def test_bad_configs_raise():
     layer, _ = dsa_pair(0)
     with pytest.raises(ValueError, match="DSACache"):
         layer(jnp.zeros((1, 2, 24)), jnp.zeros((1, 2), jnp.int32), cache=layer.mla)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
+def test_decode_equals_prefill_through_the_gpu_kernels():
+    """On Hopper in bf16 at the kernels' shapes (64 heads, latent 128 + rope 64): the prefill
+    runs the Triton indexer (`DSAConfig.impl="auto"`) and `mla_sparse_attention`'s Mosaic GPU
+    kernel, decode the indexer and `mla_decode`'s Mosaic GPU kernel. A prefill of the whole
+    prompt equals a shorter prefill then one token a step (ragged rows), and both equal the
+    same layer on the XLA references."""
+    att = AttentionConfig(d_model=256, num_heads=64, dtype=jnp.bfloat16)
+    mla = MLAConfig(kv_lora_rank=128, q_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32)
+    dsa = DSAConfig(index_heads=4, index_head_dim=64, top_k=64)
+    t = 150
+    with jax.default_device(hopper_device()):
+        layer = DSAAttention(att, mla, dsa, rngs=nnx.Rngs(0))
+        xla = DSAAttention(dataclasses.replace(att, impl="xla"), mla, dataclasses.replace(dsa, impl="xla"),
+                           rngs=nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(1), (2, t, 256))
+        pos = ragged_positions(t, [0, 7])
+        y_full = np.asarray(fwd(layer, x, pos), np.float32)
+        y_steps = np.asarray(prefill_then_decode(layer, x, pos, layer.init_cache(2, t + 4), prefill=120), np.float32)
+        y_xla = np.asarray(fwd(xla, x, pos), np.float32)
+    assert np.isfinite(y_full).all() and np.isfinite(y_steps).all()
+    rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
+    assert rel(y_steps, y_full) < 2e-2, rel(y_steps, y_full)
+    assert rel(y_full, y_xla) < 2e-2, rel(y_full, y_xla)

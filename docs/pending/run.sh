@@ -25,7 +25,7 @@ if [ "${PART:-1}" = 1 ]; then
   bg fsinkcmp $TT $PT $FT -k "sinks or compressed_keys"
   bg pooled $TT $PT tests/test_flash_pooled_mosaic_gpu.py
   bg prefill $TT $PT tests/test_mla_prefill_mosaic_gpu.py
-  bg quest $TT $PT tests/test_quest.py
+  bg quest $TT $PT tests/test_quest.py tests/test_dsa.py
   bg questhlo 120 python3 docs/pending/quest_hlo.py
   for p in "${pids[@]}"; do wait $p; done
   echo "tests done t=$((SECONDS-START))"

@@ -52,6 +52,7 @@ class DSAConfig:
     dtype; e.g. bfloat16, or float8_e4m3fn / float8_e5m2 with a per-token power-of-two scale:
     `index_key_codes`); the layer rounds its keys the same way without a cache. query_chunk: queries per
     chunk of the top-k. impl: the `indexer` op's backend (`pallas_kernels.common.IMPLS`;
+    "auto": the Triton score kernel and radix select on a GPU, the XLA reference elsewhere;
     the layer's attention keeps `AttentionConfig.impl`). score_dtype: the selection's scores,
     "bfloat16" (as the indexer computes them) or "float8_e4m3fn" (V3.2's FP8 indexer:
     Hadamard-rotated e4m3 q and k with per-token scales, `pallas_kernels/indexer/fp8.py`);
@@ -67,7 +68,7 @@ class DSAConfig:
     indexer_loss: bool = False
     index_dtype: jnp.dtype | None = None
     query_chunk: int = 512
-    impl: str = "xla"
+    impl: str = "auto"
     score_dtype: str = "bfloat16"
     fp8_rerank: float | None = None
 
@@ -106,7 +107,7 @@ def indexer_scores(q_index, weights, k_index, q_positions, kv_positions):
 
 
 def indexer_topk(q_index, weights, k_index, q_positions, kv_positions, *, k: int,
-                 query_chunk: int = 512, impl: str = "xla", score_dtype: str = "bfloat16",
+                 query_chunk: int = 512, impl: str = "auto", score_dtype: str = "bfloat16",
                  fp8_rerank: float | None = None):
     """Top-k slots per query: `[B, T, min(k, S)]` int32, the selected set in ascending slot
     order, -1 padded last; no gradient. The `pallas_kernels.indexer` op (`impl` is its
