@@ -145,7 +145,7 @@ FP8_VARIANTS = {                # name -> (score kernel tiles, fp8_rerank)
 FUSED_VARIANTS = {             # name -> FusedIndexerConfig
     "fused": FusedIndexerConfig(),
     "fused_m16": FusedIndexerConfig(sample_stride=16),
-    "fused_64x64w4": FusedIndexerConfig(block_k=64, num_warps=4),     # the candidate kernel's best tile on an H100
+    "fused_64x128w8": FusedIndexerConfig(block_k=128, num_warps=8),   # the default before 2026-12-07
     "fused_cap1.5": FusedIndexerConfig(oversample=1.25, capacity=1.5, sample_stride=4),
 }
 

@@ -268,11 +268,12 @@ def test_jitted_bf16_scores_match_the_numpy_formula():
 
 def _largest_written_buffer(fn, *args):
     """Bytes of the largest array an instruction of the compiled ENTRY computation of
-    `jit(fn)(*args)` writes (parameters aside; a tuple result, e.g. a cuBLAS call's with its
-    workspace, is read through its get-tuple-elements), and the instructions written."""
+    `jit(fn)(*args)` writes (parameters and bitcasts aside: a bitcast is a view, e.g. XLA:GPU's
+    merge of the dots' batch axes; a tuple result, e.g. a cuBLAS call's with its workspace, is
+    read through its get-tuple-elements), and the instructions written."""
     text = jax.jit(fn).lower(*args).compile().as_text()
     entry = text.split("\nENTRY ")[-1].split("\n}")[0]
-    written = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?!parameter)[a-z][\w-]*\(", entry)
+    written = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?!parameter|bitcast)[a-z][\w-]*\(", entry)
     bits = {dt: 8 if dt == "pred" else int(re.search(r"\d+", dt)[0]) for dt, _ in written}
     sizes = [np.prod([int(x) for x in dims.split(",") if x]) * bits[dt] // 8 for dt, dims in written]
     return max(sizes), written

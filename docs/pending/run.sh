@@ -38,7 +38,7 @@ else
   python3 -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | tail -1
   step dsafwd 150 python3 experiments/bench_dsa.py --parts forward --seq_lens 65536,131072 --forward_fast --iters 3 --out /tmp/be/dsafwd.json
   step nsa64 200 python3 experiments/bench_nsa.py --seq_lens 65536 --modes token --iters 3 --decode_batch 0 --check_rows 8 --cmp_triton --out /tmp/be/bench_nsa.json
-  step idx512 100 python3 experiments/bench_dsa.py --parts=indexer --seq_lens=65536 --iters=3 --query_chunk=512 --fused --fused_query_chunk=512 --fused_variants fused,fused_64x64w4 --noscores_only --out /tmp/be/idx512.json
+  step idx512 100 python3 experiments/bench_dsa.py --parts=indexer --seq_lens=65536 --iters=3 --query_chunk=512 --fused --fused_query_chunk=512 --fused_variants fused --noscores_only --out /tmp/be/idx512.json
   step entmax 230 python3 experiments/bench_entmax.py --seq_lens 4096,16384,65536 --iters 5 --check_rows 16 --nobreakdown --inputs topics --out /tmp/be/entmax.json
 fi
 echo "== end t=$((SECONDS-START))" >> $B

@@ -81,8 +81,8 @@ from pallas_kernels.tiles_common import BIG
 
 @dataclasses.dataclass(frozen=True)
 class FusedIndexerConfig(IndexerTritonConfig):
-    """`IndexerTritonConfig`'s tiles (the sample's score kernel and the candidate kernel; 8
-    warps by default, not 4) plus:
+    """`IndexerTritonConfig`'s tiles (the sample's score kernel and the candidate kernel;
+    64 x 64 tiles by default, not 64 x 128) plus:
     sample_stride: m, every m-th key scored for the threshold; oversample: the sample rank
     `r = ceil(oversample * k' / m)` (> 1: most rows get more than k' candidates);
     capacity: candidate columns per row, `cap = capacity * k'` (rounded up to block_k);
@@ -90,7 +90,8 @@ class FusedIndexerConfig(IndexerTritonConfig):
     failing rows per batch row redone alone (buffers `F x S`); fallback_chunk: queries per
     step when more fail (the whole chunk redone; buffers `fallback_chunk x S`)."""
 
-    num_warps: int = 8          # the candidate kernel holds ~6 [block_q, block_k] tensors: 32 per thread
+    block_k: int = 64           # H100, 64K, one chunk: 20.65 ms end to end vs 22.96 at 64 x 128 / 8 warps
+    num_warps: int = 4
     sample_stride: int = 8
     oversample: float = 1.75
     capacity: float = 3.0

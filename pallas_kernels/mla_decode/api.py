@@ -187,8 +187,9 @@ def mla_sparse_attention(q_abs, c_kv, k_rope, indices, *, q_positions=None, kv_p
         SMEM; `config` a `MlaDecodeMosaicGpuConfig`, `gather_in_kernel` forced on); its
         gradients are `token_sparse`'s Triton backward on the kernel's `(out, lse)`
         (`token_sparse_backward`; under GPU interpret mode, Triton's interpreter). bf16 /
-        fp16 run as given; float32 inputs run the forward kernel in bfloat16 (wgmma's
-        inputs; out cast back to float32) and the backward in float32. H a multiple of 64,
+        fp16 run as given; float32 inputs run both kernels in bfloat16 (wgmma's inputs;
+        the backward's float32 q / dO tiles would overflow SMEM at 64 heads x 576) with
+        float32 accumulation, results cast back to float32. H a multiple of 64,
         Dc a multiple of 128 up to 512, Dr of 64 (else ValueError). Any other impl:
         `token_sparse_attention` over the concatenated latent (keys `[c_kv | k_rope]`,
         values `c_kv`), its forward and backward, `config` its tiles.
@@ -237,13 +238,18 @@ def _mosaic_prefill_fwd(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positi
 def _mosaic_prefill_bwd(st, res, cts):
     scale, interpret, _ = st
     q_abs, c_kv, k_rope, indices, q_positions, kv_positions, out, lse = res
+    dout, dlse = cts
     dc = c_kv.shape[-1]
-    keys = jnp.concatenate([c_kv, k_rope], axis=-1)[:, :, None]
-    dq, dk, dv = token_sparse_backward(q_abs, keys, c_kv[:, :, None], indices[:, :, None], out, lse, *cts,
-                                       q_positions=q_positions, kv_positions=kv_positions, scale=scale,
-                                       interpret=bool(interpret))
+    # float32 operands run in bfloat16 as in the forward: at 64 heads x (Dc + Dr) = 576 a float32
+    # q / dO tile pair alone overflows SMEM (H100: 344 KB requested at Dc 512 of 227 KB).
+    cast = lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x  # noqa: E731
+    keys = jnp.concatenate([cast(c_kv), cast(k_rope)], axis=-1)[:, :, None]
+    dq, dk, dv = token_sparse_backward(cast(q_abs), keys, cast(c_kv)[:, :, None], indices[:, :, None], cast(out),
+                                       lse, cast(dout), dlse, q_positions=q_positions,
+                                       kv_positions=kv_positions, scale=scale, interpret=bool(interpret))
     dk, dv = dk[:, :, 0].astype(jnp.float32), dv[:, :, 0].astype(jnp.float32)
-    return (dq, (dk[..., :dc] + dv).astype(c_kv.dtype), dk[..., dc:].astype(k_rope.dtype), None, None, None)
+    return (dq.astype(q_abs.dtype), (dk[..., :dc] + dv).astype(c_kv.dtype), dk[..., dc:].astype(k_rope.dtype),
+            None, None, None)
 
 
 _mosaic_prefill.defvjp(_mosaic_prefill_fwd, _mosaic_prefill_bwd)

@@ -95,8 +95,8 @@ class NSAConfig:
     cmp_mlp_dim: hidden width of the compression MLP phi (None: 2 * head_dim).
     fused_cmp_select: a kernel choice, not the math: with impl "auto" run the cmp branch and
     the selection importance as one Mosaic GPU kernel (`compressed_select_fused`) where
-    `fused_cmp_select_reason` allows (Hopper, concrete positions), else as before. Opt-in
-    until timed.
+    `fused_cmp_select_reason` allows (Hopper, concrete positions), else the two kernels
+    (H100, forward: 1.588 vs 1.830 ms at 16K, 16.37 vs 17.40 ms at 64K, same outputs).
     """
 
     cmp_block: int = 32
@@ -109,7 +109,7 @@ class NSAConfig:
     selection: str = "token"
     query_block: int = 64
     cmp_mlp_dim: int | None = None
-    fused_cmp_select: bool = False
+    fused_cmp_select: bool = True
 
     def __post_init__(self):
         for name in ("cmp_block", "cmp_stride", "sel_block", "num_selected", "window", "query_block"):
