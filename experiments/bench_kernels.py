@@ -22,7 +22,7 @@ backward) beside Triton, cuDNN and tokamax's Mosaic GPU kernel (when importable)
       --seq_lens 16384,65536 --out /tmp/bench_mosaic_gpu.json
 The Mosaic GPU backward's plans (`--mosaic_bwd`: `split`, the two-kernel FA2 one, row
 `mosaic_s<stages>`; `fused`, the one-kernel FA3 one, row `mosaic_s<stages>_fused`;
-`fused_rows`, the same without dQ's column split; `split_2r` / `fused_2r` with
+`split_2r` / `fused_2r` with
 `dkv_two_rounds`) beside cuDNN only (`--mosaic_peers=` drops the Triton and tokamax rows):
   PYTHONPATH=. python experiments/bench_kernels.py --mosaic_gpu --mosaic_bwd split,fused \
       --mosaic_peers= --heads 16:16,64:4 --seq_lens 16384,65536 --out /tmp/bench_fa3.json
@@ -76,8 +76,7 @@ flags.DEFINE_bool("mosaic_gpu", False, "instead of the flash table: causal forwa
 flags.DEFINE_list("mosaic_stages", ["2"], "--mosaic_gpu: max_concurrent_steps values to time")
 flags.DEFINE_list("mosaic_bwd", ["split"], "--mosaic_gpu: backward plans to time, of split "
                   "(two kernels), fused (one kernel, MosaicGPUBackwardConfig.fused_dq), "
-                  "fused_rows (the same, dq_col_split=False), split_2r / fused_2r (split / "
-                  "fused with dkv_two_rounds)")
+                  "split_2r / fused_2r (split / fused with dkv_two_rounds)")
 flags.DEFINE_list("mosaic_peers", ["triton", "tritonbwd", "tokamax"], "--mosaic_gpu: the rows "
                   "besides cuDNN and Mosaic GPU, of triton, tritonbwd (the Mosaic forward with "
                   "the Triton backward) and tokamax (when importable)")
@@ -434,7 +433,6 @@ def main_mosaic_gpu(cfg, info, log):
     importable)."""
     rows = []
     plans = {"split": MosaicGPUBackwardConfig(), "fused": MosaicGPUBackwardConfig(fused_dq=True),
-             "fused_rows": MosaicGPUBackwardConfig(fused_dq=True, dq_col_split=False),
              "split_2r": MosaicGPUBackwardConfig(dkv_two_rounds=True),
              "fused_2r": MosaicGPUBackwardConfig(fused_dq=True, dkv_two_rounds=True)}
     bad = set(FLAGS.mosaic_bwd) - set(plans) or set(FLAGS.mosaic_peers) - {

@@ -378,7 +378,7 @@ def _lowers_for_cuda(b, tq, h, hkv, d, tk, mask_fn, kv_positions, config=None):
 
 def test_mosaic_gpu_kernels_lower_for_cuda_on_the_cpu():
     """The kernels (forward, dQ, dK/dV with the GQA group split; the fused dK/dV/dQ kernel
-    at D = 128 (dQ's columns split or not) and 64; `dkv_two_rounds`) lower to Mosaic GPU for
+    at D = 128 (dQ's columns split) and 64 (unsplit); `dkv_two_rounds`) lower to Mosaic GPU for
     NSA's compressed keys (ragged) and for a window on default positions."""
     from pallas_kernels.flash.api import MosaicGPUBackwardConfig, MosaicGPUConfig
 
@@ -386,10 +386,8 @@ def test_mosaic_gpu_kernels_lower_for_cuda_on_the_cpu():
     for name in ("flash_fwd_mosaic_gpu", "flash_bwd_dq_mosaic_gpu", "flash_bwd_dkv_mosaic_gpu"):
         assert name in text
     _lowers_for_cuda(2, 300, 4, 2, 64, 300, P.causal_window(100), None)
-    for d, col_split, two_rounds in ((128, True, False), (128, False, False), (64, True, False),
-                                     (128, True, True)):
-        fused = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(
-            fused_dq=True, dq_col_split=col_split, dkv_two_rounds=two_rounds))
+    for d, two_rounds in ((128, False), (64, False), (128, True)):
+        fused = MosaicGPUConfig(backward=MosaicGPUBackwardConfig(fused_dq=True, dkv_two_rounds=two_rounds))
         text = _lowers_for_cuda(1, 1000, 16, 4, d, 61, P.Causal(),
                                 _compressed_positions(1, 61, 16, 31), fused)
         assert "flash_bwd_dkvq_mosaic_gpu" in text and "flash_bwd_dq_mosaic_gpu" not in text
