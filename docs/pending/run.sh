@@ -28,9 +28,11 @@ if [ "${PART:-1}" = 1 ]; then
   for f in /tmp/be/pt_*.txt; do echo "--- $f"; F $f | grep -v "^\s*$" | tail -12 | cut -c1-700; done
   step nsa64 150 python3 experiments/bench_nsa.py --seq_lens 65536,16384 --modes token --iters 3 --decode_batch 0 --check_rows 8 --out /tmp/be/bench_nsa.json
   step fa3_16 120 python3 experiments/bench_kernels.py --mosaic_gpu --mosaic_bwd split,fused,fused_2r --mosaic_peers= --heads 16:16 --seq_lens 16384,65536 --iters 5 --out /tmp/be/fa3_16.json
+  step questb1 70 python3 experiments/bench_training_free.py --noprefill --batches 1 --quest_pages 16 --quest_bounds bfloat16 --reps 5 --iters 5 --quest_topk xla,approx:0.95,chunked:512,chunked:1024,chunked:2048 --out /tmp/be/questb1.json
   step dsagrad 120 python3 experiments/bench_dsa.py --parts attention --seq_lens 65536 --attention_impls triton,mosaic_gpu --attention_grad --iters 3 --out /tmp/be/dsagrad.json
 else
   step idx512 200 python3 experiments/bench_dsa.py --parts=indexer --seq_lens=65536 --iters=3 --query_chunk=512 --fused --fused_query_chunk=512 --noscores_only --out /tmp/be/idx512.json
+  step idx4k 90 python3 experiments/bench_dsa.py --parts=indexer --seq_lens=65536 --iters=3 --query_chunk=4096 --noscores_only --out /tmp/be/idx4k.json
   step entmax 350 python3 experiments/bench_entmax.py --seq_lens 4096,16384,65536 --iters 3 --check_rows 16 --nobreakdown --inputs topics --out /tmp/be/entmax.json
 fi
 echo "== end t=$((SECONDS-START))" >> $B
