@@ -211,11 +211,17 @@ def mla_sparse_attention(q_abs, c_kv, k_rope, indices, *, q_positions=None, kv_p
                                       q_positions=q_positions, kv_positions=kv_positions, scale=scale,
                                       return_lse=return_lse, impl=impl, interpret=interpret, config=config)
     cfg = dataclasses.replace(config or MlaDecodeMosaicGpuConfig(), gather_in_kernel=True)
-    kernel_dtype = jnp.bfloat16 if q_abs.dtype == jnp.float32 else q_abs.dtype
-    mosaic_gpu.check_supported(q_abs.astype(kernel_dtype), c_kv, k_rope, indices, interpret, cfg)
+    mosaic_gpu.check_supported(_bf16_if_f32(q_abs), c_kv, k_rope, indices, interpret, cfg)
     out, lse = _mosaic_prefill((scale, interpret, cfg), q_abs, c_kv, k_rope, indices, q_positions,
                                kv_positions)
     return common.AttentionOutput(out, lse) if return_lse else out
+
+
+def _bf16_if_f32(x):
+    """The Mosaic GPU prefill's operand dtype: float32 runs in bfloat16 (wgmma's inputs; in
+    the backward, float32 q / dO tiles at 64 heads x 576 would overflow SMEM), bf16 / fp16
+    as given."""
+    return x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -223,7 +229,7 @@ def _mosaic_prefill(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positions)
     """`mla_sparse_attention`'s Mosaic GPU forward `(out, lse)`; `st = (scale, interpret,
     config)`. Its VJP: `token_sparse_backward` on the residuals."""
     scale, interpret, cfg = st
-    cast = lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x  # noqa: E731
+    cast = _bf16_if_f32
     res = mla_decode_mosaic_gpu(cast(q_abs), cast(c_kv), cast(k_rope), indices=indices,
                                 q_positions=q_positions, kv_positions=kv_positions, scale=scale,
                                 return_lse=True, num_splits=None, interpret=interpret, config=cfg)
@@ -240,9 +246,7 @@ def _mosaic_prefill_bwd(st, res, cts):
     q_abs, c_kv, k_rope, indices, q_positions, kv_positions, out, lse = res
     dout, dlse = cts
     dc = c_kv.shape[-1]
-    # float32 operands run in bfloat16 as in the forward: at 64 heads x (Dc + Dr) = 576 a float32
-    # q / dO tile pair alone overflows SMEM (H100: 344 KB requested at Dc 512 of 227 KB).
-    cast = lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x  # noqa: E731
+    cast = _bf16_if_f32        # float32: 344 KB of SMEM asked on an H100 at Dc 512 (of 227 KB)
     keys = jnp.concatenate([cast(c_kv), cast(k_rope)], axis=-1)[:, :, None]
     dq, dk, dv = token_sparse_backward(cast(q_abs), keys, cast(c_kv)[:, :, None], indices[:, :, None], cast(out),
                                        lse, cast(dout), dlse, q_positions=q_positions,

@@ -35,8 +35,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode.api import decode_attention
 from pallas_kernels import common
+from pallas_kernels.decode.api import decode_attention
 from pallas_kernels.indexer import top_k_set
 from pallas_kernels.indexer.api import TOPK_BACKENDS
 from pallas_kernels.indexer.select import TopkSelectConfig
