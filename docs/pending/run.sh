@@ -21,7 +21,7 @@ python3 -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | tail -1    # 
 if [ "${PART:-1}" = 1 ]; then
   TT=${T_TESTS:-200}
   bg prefill $TT $PT tests/test_mla_prefill_mosaic_gpu.py
-  bg quest $TT $PT tests/test_quest.py
+  bg quest $TT $PT tests/test_quest.py tests/test_indexer_fused.py
   bg pooled $TT $PT tests/test_flash_pooled_mosaic_gpu.py tests/test_nsa.py
   for p in "${pids[@]}"; do wait $p; done
   echo "tests done t=$((SECONDS-START))"
