@@ -205,7 +205,8 @@ def test_indexer_loss_trains_only_the_indexer(stage):
 
 def test_bad_configs_raise():
     for kw, name in ((dict(top_k=0), "top_k"), (dict(stage="dense"), "stage"),
-                     (dict(impl="cuda"), "impl"), (dict(index_head_dim=3), "index_head_dim")):
+                     (dict(impl="cuda"), "impl"), (dict(index_head_dim=3), "index_head_dim"),
+                     (dict(fused_topk=1), "fused_topk")):
         with pytest.raises(ValueError, match=name):
             DSAConfig(**kw)
     with pytest.raises(ValueError, match="dsa must be"):
@@ -217,6 +218,21 @@ def test_bad_configs_raise():
     layer, _ = dsa_pair(0)
     with pytest.raises(ValueError, match="DSACache"):
         layer(jnp.zeros((1, 2, 24)), jnp.zeros((1, 2), jnp.int32), cache=layer.mla)
+
+
+def test_fused_topk_only_where_the_triton_indexer_runs():
+    """`DSAConfig.fused_topk` asks the Triton indexer's fused top-k; on a backend without
+    one (here the CPU's XLA reference) the layer selects as usual, same outputs."""
+    rng = np.random.default_rng(3)
+    q, w, kk = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 8, 2, 4), (1, 8, 2), (1, 8, 4)))
+    assert isinstance(D.fused_topk_config(q, w, kk, k=4, impl="triton"), D.indexer_op.FusedIndexerConfig)
+    assert D.fused_topk_config(q, w, kk, k=4, impl="xla") is None
+    assert D.fused_topk_config(q, w, kk, k=4, impl="auto") is None      # CPU: the XLA reference
+    x = jnp.asarray(rng.normal(size=(2, 9, 24)), jnp.float32)
+    pos = ragged_positions(9, [0, 2])
+    layer, _ = dsa_pair(4)
+    fused, _ = dsa_pair(4, dataclasses.replace(DSA, fused_topk=True))
+    np.testing.assert_array_equal(fwd(fused, x, pos), fwd(layer, x, pos))
 
 
 @pytest.mark.gpu
@@ -240,6 +256,9 @@ def test_decode_equals_prefill_through_the_gpu_kernels():
         y_full = np.asarray(fwd(layer, x, pos), np.float32)
         y_steps = np.asarray(prefill_then_decode(layer, x, pos, layer.init_cache(2, t + 4), prefill=120), np.float32)
         y_xla = np.asarray(fwd(xla, x, pos), np.float32)
+        fused = DSAAttention(att, mla, dataclasses.replace(dsa, fused_topk=True, query_chunk=t), rngs=nnx.Rngs(0))
+        y_fused = np.asarray(fwd(fused, x, pos), np.float32)
     assert np.isfinite(y_full).all() and np.isfinite(y_steps).all()
+    assert rel_err(y_fused, y_full) < 2e-2, rel_err(y_fused, y_full)    # the fused top-k: same sets
     assert rel_err(y_steps, y_full) < 2e-2, rel_err(y_steps, y_full)
     assert rel_err(y_full, y_xla) < 2e-2, rel_err(y_full, y_xla)

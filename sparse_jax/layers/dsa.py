@@ -99,7 +99,8 @@ class DSAAttention(MLAAttention):
         else:
             token_indices = dops.indexer_topk(q_i, w_i, k_i, positions, kv_positions, k=s.top_k,
                                               query_chunk=s.query_chunk, impl=s.impl,
-                                              score_dtype=s.score_dtype, fp8_rerank=s.fp8_rerank)
+                                              score_dtype=s.score_dtype, fp8_rerank=s.fp8_rerank,
+                                              fused_topk=s.fused_topk)
             o_lat = dops.selected_attention(q_abs, c_kv, k_rope, token_indices, positions, kv_positions,
                                             scale=scale, decoding=cache is not None, impl=c.impl)
             o = mops.unabsorb_output(o_lat, w_uv)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.common import IMPLS
+from pallas_kernels.common import IMPLS, choose
 from pallas_kernels.indexer import api as indexer_op
 from pallas_kernels.indexer.fp8 import SCORE_DTYPES
 from pallas_kernels.mla_decode import mla_decode, mla_sparse_attention
@@ -58,7 +58,11 @@ class DSAConfig:
     Hadamard-rotated e4m3 q and k with per-token scales, `pallas_kernels/indexer/fp8.py`);
     the indexer loss always uses the unquantised scores. fp8_rerank: None, or m >= 1 with
     FP8 scores: they pick `ceil(m * top_k)` candidates, re-scored in float32 from the
-    unquantised operands (the op's `fp8_rerank`).
+    unquantised operands (the op's `fp8_rerank`). fused_topk: where the Triton indexer runs,
+    its fused top-k (`FusedIndexerConfig`: no float32 score rows; a sampled threshold keeps
+    candidates, exact over them), elsewhere the backend's usual select; it works best with one
+    large query chunk (`query_chunk >= T`): H100, 64K, one chunk: 20.65 ms vs 75.94 for the
+    radix select (docs/BENCHMARKS.md).
     """
 
     index_heads: int = 64
@@ -71,6 +75,7 @@ class DSAConfig:
     impl: str = "auto"
     score_dtype: str = "bfloat16"
     fp8_rerank: float | None = None
+    fused_topk: bool = False
 
     def __post_init__(self):
         for name in ("index_heads", "index_head_dim", "top_k", "query_chunk"):
@@ -85,6 +90,8 @@ class DSAConfig:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if not isinstance(self.score_dtype, str) or self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
+        if not isinstance(self.fused_topk, bool):
+            raise ValueError(f"fused_topk must be a bool, got {self.fused_topk!r}")
         if self.fp8_rerank is not None:
             if self.score_dtype != "float8_e4m3fn":
                 raise ValueError(f"fp8_rerank needs score_dtype='float8_e4m3fn', got {self.score_dtype!r}")
@@ -108,17 +115,29 @@ def indexer_scores(q_index, weights, k_index, q_positions, kv_positions):
 
 def indexer_topk(q_index, weights, k_index, q_positions, kv_positions, *, k: int,
                  query_chunk: int = 512, impl: str = "auto", score_dtype: str = "bfloat16",
-                 fp8_rerank: float | None = None):
+                 fp8_rerank: float | None = None, fused_topk: bool = False):
     """Top-k slots per query: `[B, T, min(k, S)]` int32, the selected set in ascending slot
     order, -1 padded last; no gradient. The `pallas_kernels.indexer` op (`impl` is its
     backend, `score_dtype` / `fp8_rerank` its score precision, `DSAConfig`'s), `query_chunk`
     queries at a time, so at most `B x query_chunk x S` scores exist at once. Keys stored at
     lower precision (`DSAConfig.index_dtype`) are cast to the queries' dtype first, as the
-    kernels compute."""
-    return indexer_op.indexer_topk(q_index, weights, k_index.astype(q_index.dtype), k=k,
+    kernels compute. fused_topk: `DSAConfig.fused_topk` (`fused_topk_config`)."""
+    k_index = k_index.astype(q_index.dtype)
+    config = fused_topk_config(q_index, weights, k_index, k=k, impl=impl, score_dtype=score_dtype) \
+        if fused_topk else None
+    return indexer_op.indexer_topk(q_index, weights, k_index, k=k,
                                    q_positions=q_positions, kv_positions=kv_positions,
                                    query_chunk=query_chunk, impl=impl, score_dtype=score_dtype,
-                                   fp8_rerank=fp8_rerank)
+                                   fp8_rerank=fp8_rerank, config=config)
+
+
+def fused_topk_config(q_index, weights, k_index, *, k: int, impl: str = "auto",
+                      score_dtype: str = "bfloat16"):
+    """`FusedIndexerConfig()` when the `indexer` op's backend for this call is the Triton
+    kernel (the only one with a fused top-k), else None (the backend's usual select)."""
+    call = dict(q_index=q_index, weights=weights, k_index=k_index, k=k, score_dtype=score_dtype)
+    backend, _ = choose("indexer", impl, indexer_op.BACKENDS, call)
+    return indexer_op.FusedIndexerConfig() if backend == "triton" else None
 
 
 def is_float8(dtype) -> bool:
