@@ -33,6 +33,7 @@ if [ "${PART:-1}" = 1 ]; then
 else
   step idx512 200 python3 experiments/bench_dsa.py --parts=indexer --seq_lens=65536 --iters=3 --query_chunk=512 --fused --fused_query_chunk=512 --noscores_only --out /tmp/be/idx512.json
   step idx4k 90 python3 experiments/bench_dsa.py --parts=indexer --seq_lens=65536 --iters=3 --query_chunk=4096 --noscores_only --out /tmp/be/idx4k.json
+  step questf8 80 python3 experiments/bench_training_free.py --noprefill --batches 16,1 --quest_pages 16 --quest_bounds bfloat16,float8_e4m3fn --reps 5 --iters 5 --out /tmp/be/questf8.json
   step entmax 350 python3 experiments/bench_entmax.py --seq_lens 4096,16384,65536 --iters 3 --check_rows 16 --nobreakdown --inputs topics --out /tmp/be/entmax.json
 fi
 echo "== end t=$((SECONDS-START))" >> $B
