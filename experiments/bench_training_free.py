@@ -77,7 +77,7 @@ from experiments.bench_decode import median_time, rel, repeated
 from pallas_kernels.block_sparse import BlockSparseMetadata, block_sparse_attention
 from pallas_kernels.decode.api import decode_attention
 from pallas_kernels.indexer import top_k_set
-from pallas_kernels.indexer.select import TopkSelectConfig, float_keys
+from pallas_kernels.indexer.select import TopkSelectConfig, float_keys, two_stage_top_k
 from pallas_kernels.page_scores.api import PageScoresConfig, page_scores
 from sparse_jax import patterns as P
 from sparse_jax.cache.base import weighted_attention
@@ -103,8 +103,8 @@ flags.DEFINE_list("quest_topk", [], "top-k variants timed side by side on the sa
                   "radix[:BITS:FULL_PASSES:BLOCK_S[:NUM_WARPS]] (the Triton radix select, TopkSelectConfig; "
                   "from 64 rows), histogram[:BITS] (an exact radix select in plain XLA, all rows at once), "
                   "approx:RECALL (lax.approx_max_k), "
-                  "chunked:CHUNK[:KEEP] (lax.top_k of KEEP per chunk of CHUNK pages, then of the candidates; "
-                  "KEEP default min(k, CHUNK): the exact set but for ties)")
+                  "chunked:CHUNK (select.two_stage_top_k: lax.top_k of min(k, CHUNK) per chunk of CHUNK pages, "
+                  "then of the candidates; the exact set)")
 flags.DEFINE_list("prefill_lens", ["131072", "32768"], "prefill lengths (the target's 128K first)")
 flags.DEFINE_list("flex_lens", ["32768"], "FlexPrefill lengths")
 flags.DEFINE_string("prefill_heads", "16:16", "prefill num_heads:num_kv_heads")
@@ -239,17 +239,7 @@ def topk_variant(name, k):
     if kind == "histogram":
         return functools.partial(histogram_top_k, k=k, bits=int(arg[0]) if arg else 4)
     if kind == "chunked":
-        chunk = int(arg[0])
-        keep = int(arg[1]) if len(arg) > 1 else min(k, chunk)
-
-        def two_stage(s):
-            r, p = s.shape
-            s = jnp.pad(s, ((0, 0), (0, -p % chunk)), constant_values=-jnp.inf)
-            v1, i1 = jax.lax.top_k(s.reshape(r, -1, chunk), keep)                     # [R, C, keep]
-            i1 = i1 + chunk * jnp.arange(i1.shape[1], dtype=i1.dtype)[:, None]
-            _, j = jax.lax.top_k(v1.reshape(r, -1), k)
-            return jnp.take_along_axis(i1.reshape(r, -1), j, axis=1)
-        return two_stage
+        return lambda s: two_stage_top_k(s, k, int(arg[0]))[1]
     raise ValueError(f"--quest_topk: unknown variant {name!r}")
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.indexer import indexer_topk
-from pallas_kernels.indexer.select import TopkSelectConfig, float_keys, sorted_top_k, topk_select
+from pallas_kernels.indexer.select import TWO_STAGE_CHUNK, TopkSelectConfig, float_keys, sorted_top_k, topk_select, two_stage_top_k
 from gpu_testing import has_gpu
 
 
@@ -63,6 +63,19 @@ def test_matches_lax_top_k(r, s, k, cfg):
     assert_same(got, want)
     assert (want[1] == -1).any() and (want[1] >= 0).any()
     np.testing.assert_array_equal(sorted_top_k(jnp.asarray(x), k)[1], want[1])
+
+
+@pytest.mark.parametrize("s,k,chunk", [(5000, 7, 1024), (4096, 512, TWO_STAGE_CHUNK), (300, 40, 64), (130, 70, 64)])
+def test_two_stage_top_k_is_lax_top_k(s, k, chunk):
+    """The two-stage top-k (and `sorted_top_k`, which takes it on long rows) returns
+    `lax.top_k`'s values and slots, ties included (rows of every kind: few values, all
+    equal, +-inf); S not a multiple of the chunk, k above the chunk (130, 70, 64)."""
+    x = jnp.asarray(rows_of_every_kind(11, 16, s))
+    want_v, want_i = jax.lax.top_k(x, k)
+    got_v, got_i = two_stage_top_k(x, k, chunk)
+    np.testing.assert_array_equal(got_v, want_v)
+    np.testing.assert_array_equal(got_i, want_i)
+    assert_same(sorted_top_k(x, k), expected(np.asarray(x), k))
 
 
 def test_lengths_read_only_the_row_prefix():
