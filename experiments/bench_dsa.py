@@ -107,6 +107,9 @@ flags.DEFINE_bool("fused", False, "(a) also time the fused top-k (FusedIndexerCo
 flags.DEFINE_list("fused_variants", ["fused"], "with --fused: which of FUSED_VARIANTS")
 flags.DEFINE_integer("fused_query_chunk", 0, "with --fused: its query chunk (0: T, one chunk; it keeps "
                      "chunk x (S / sample_stride + 3 cap) x 4 bytes, no chunk x S scores)")
+flags.DEFINE_bool("layer_positions", False, "(a) pass explicit positions, as the DSA layer does (one "
+                  "compiled chunk program under lax.map) instead of the default causal prefixes (one "
+                  "kernel set compiled per chunk: at 64K / chunk 512 the fused top-k's 128 ran past 200 s)")
 flags.DEFINE_bool("scores_only", True, "(a) also time the score kernel alone (one more compile per chunk)")
 flags.DEFINE_integer("decode_batch", 16, "(c) batch")
 flags.DEFINE_integer("decode_context", 131072, "(c) cache length")
@@ -151,9 +154,19 @@ FUSED_VARIANTS = {             # name -> FusedIndexerConfig
 
 
 def indexer_fn(k, chunk, interpret, score_dtype="bfloat16", config=None, fp8_rerank=None):
-    return lambda qi, w, ki: indexer_topk(qi, w, ki, k=k, query_chunk=chunk, impl="triton",
-                                          interpret=interpret, score_dtype=score_dtype, config=config,
-                                          fp8_rerank=fp8_rerank)
+    """The op as timed: default positions (each query chunk scores only its causal key
+    prefix: one compiled kernel set per chunk, T / chunk of them), or with
+    `--layer_positions` explicit ones, as the DSA layer calls it (one program under
+    `lax.map`; the kernels skip tiles no query of the chunk sees)."""
+    def f(qi, w, ki):
+        pos = {}
+        if FLAGS.layer_positions:
+            b, t, s = qi.shape[0], qi.shape[1], ki.shape[1]
+            pos = dict(q_positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+                       kv_positions=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)))
+        return indexer_topk(qi, w, ki, k=k, query_chunk=chunk, impl="triton", interpret=interpret,
+                            score_dtype=score_dtype, config=config, fp8_rerank=fp8_rerank, **pos)
+    return f
 
 
 def scores_only_fn(chunk, interpret, config=None):
