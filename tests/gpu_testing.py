@@ -32,3 +32,44 @@ def hopper_device():
 needs_gpu_interpret_pool = pytest.mark.skipif(
     int(os.environ.get("PJRT_NPROC") or os.cpu_count() or 1) < GPU_INTERPRET_THREADS,
     reason=f"GPU interpret mode needs PJRT_NPROC >= {GPU_INTERPRET_THREADS}")
+
+
+def lower_for_cuda(f, *args, device_kind="NVIDIA H100"):
+    """`jax.jit(f)` lowered for CUDA from the CPU, on an abstract GPU (the Triton lowering
+    asks the device's kind); compiles nothing."""
+    from jax._src import mesh as mesh_lib  # noqa: PLC0415
+
+    dev = mesh_lib.AbstractDevice(device_kind=device_kind, num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((1,), ("x",), abstract_device=dev)):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def triton_atomic_shapes(lowered) -> list[tuple]:
+    """The tile shapes of the atomic read-modify-writes (`tt.atomic_rmw`) in the Triton
+    kernels of `lowered` (`lower_for_cuda`), in program order: each kernel is MLIR bytecode
+    in its `__gpu$xla.gpu.triton` custom call's `ir` attribute, parsed in a context with the
+    dialects Pallas' Triton lowering registers."""
+    from jax._src.interpreters import mlir  # noqa: PLC0415
+    from jax._src.lib import triton  # noqa: PLC0415
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+
+    def ops(op):
+        yield op
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    yield from ops(child.operation)
+
+    kernels = [op.attributes["mhlo.backend_config"]["ir"] for op in ops(lowered.compiler_ir("stablehlo").operation)
+               if op.name == "stablehlo.custom_call"
+               and ir.StringAttr(op.attributes["call_target_name"]).value == "__gpu$xla.gpu.triton"]
+    shapes = []
+    with mlir.JaxIrContext() as ctx:
+        ctx.append_dialect_registry(mlir.upstream_dialects)
+        triton.dialect.register_dialect(ctx)
+        ctx.load_all_available_dialects()
+        for kernel in kernels:
+            module = ir.Module.parse(ir.StringAttr(kernel).value_bytes)
+            shapes += [tuple(ir.RankedTensorType(op.results[0].type).shape) for op in ops(module.operation)
+                       if op.name == "tt.atomic_rmw"]
+    return shapes

@@ -10,7 +10,8 @@ a ragged cache (positions -1), a padded query, -1 padded lists of random length,
 future slots, a query whose listed slots are all in its future, K=80 (two slot tiles, the
 last ragged) and 40; the forward lowered for CUDA at DeepSeek's sizes and a
 prefill longer than CUDA's 65535-block y grid (T=70000, K=2048: one split, gathered in the
-kernel; K=3000: two splits, so that each slot list fits SMEM); the DSA attention path routes `impl="mosaic_gpu"` here (and `auto` on Hopper); unsupported calls raise
+kernel; K=3000: two splits, so that each slot list fits SMEM); the gradient lowered for
+CUDA scatters one 576-wide latent row per (query, slot) (dv folded into dk); the DSA attention path routes `impl="mosaic_gpu"` here (and `auto` on Hopper); unsupported calls raise
 ValueError. Under `-m gpu` on a Hopper GPU: the compiled kernel and backward at DeepSeek's
 sizes against the reference.
 """
@@ -24,7 +25,7 @@ import pytest
 
 from pallas_kernels.mla_decode import mla_sparse_attention
 from pallas_kernels.mla_decode.reference import mla_decode_reference
-from gpu_testing import hopper_device, needs_gpu_interpret_pool
+from gpu_testing import hopper_device, lower_for_cuda, needs_gpu_interpret_pool, triton_atomic_shapes
 from kernel_testing import max_rel_err
 from test_mla_decode_kernels import SCALE, MlaCase, check_zero_rows, make_inputs
 
@@ -101,6 +102,20 @@ def test_mosaic_gpu_prefill_lowers_for_cuda_on_the_cpu():
     q, c, r = (jax.ShapeDtypeStruct((1, t, *x.shape[2:]), x.dtype) for x in (q, c, r))
     text = f.trace(q, c, r, jax.ShapeDtypeStruct((1, t, 3000), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mla_decode_mosaic_gpu_gather" in text and f"tensor<1x2x{t}x64x512xbf16>" in text
+
+
+def test_mosaic_gpu_prefill_backward_scatters_one_latent_row_per_slot():
+    """The gradient lowered for an H100 at DeepSeek's sizes: the Triton backward adds dv
+    into the first 512 columns of dk (`value_is_key_prefix`), so its only float32 atomics
+    are dk's two pieces (512 + 64 per listed row; without the option also a 512-wide dv)."""
+    t = 64
+    q = jax.ShapeDtypeStruct((1, t, 64, 576), jnp.bfloat16)
+    c, r = jax.ShapeDtypeStruct((1, t, 512), jnp.bfloat16), jax.ShapeDtypeStruct((1, t, 64), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((1, t, 2048), jnp.int32)
+    loss = lambda q, c, r, i: mla_sparse_attention(q, c, r, i, scale=SCALE, impl="mosaic_gpu").astype(  # noqa: E731
+        jnp.float32).sum()
+    lowered = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, c, r, idx)
+    assert triton_atomic_shapes(lowered) == [(32, 512), (32, 64)]
 
 
 def test_dsa_attention_routes_mosaic_gpu_here_and_bad_calls_raise(monkeypatch):

@@ -6,8 +6,10 @@ indices (block_size 1) and blocks (16, and 6: not a power of two), lengths not m
 the tiles, ragged keys (positions -1), a padded query, a query with an empty list, GQA
 1/4/16 and MQA, sinks and soft-cap; both dk/dv paths of the Triton backward (inverted
 index, atomics) and the inverted index itself; the inverted dk/dv split into chunks (a
-block every query lists); bf16 forward; argument errors; the Triton lowering at NSA's 64K
-shape. A `gpu`-marked test compiles the Triton kernels (DSA and NSA head configurations,
+block every query lists); the backward with the values the keys' first columns (MLA's
+latent, `value_is_key_prefix`: dv added into dk, one scatter) against the reference and the
+two-scatter path, its misuse, and its atomic adds counted in the Triton IR lowered at DSA's
+shape; bf16 forward; argument errors; the Triton lowering at NSA's 64K shape. A `gpu`-marked test compiles the Triton kernels (DSA and NSA head configurations,
 small T).
 """
 
@@ -28,7 +30,7 @@ from pallas_kernels.token_sparse.tpu import TpuConfig, token_sparse_tpu
 from pallas_kernels.token_sparse.triton import TritonConfig, geometry, token_sparse_triton
 from pallas_kernels.token_sparse.layout import inverted_index
 from pallas_kernels.token_sparse.triton_vjp import dkdv_chunks
-from gpu_testing import has_gpu
+from gpu_testing import has_gpu, lower_for_cuda, triton_atomic_shapes
 from kernel_testing import max_rel_err
 
 
@@ -364,7 +366,6 @@ def test_triton_lowers_at_nsa_paper_shape():
     """Forward, dq, chunked dk/dv and chunk-sum kernels lower to Triton for an H200 at
     T=64K (bf16, HQ=64, HKV=4, D=128, 16 blocks of 64), without a GPU (abstract device;
     compiles nothing); the dk/dv partials take C = 1024 + 64K * 16 / 1024 = 2048 chunks per kv head."""
-    mesh_lib = pytest.importorskip("jax._src.mesh")
     t, h, hkv, d, k, bs = 65536, 64, 4, 128, 16, 64
     spec = jax.ShapeDtypeStruct
     args = (spec((1, t, h, d), jnp.bfloat16), spec((1, t, hkv, d), jnp.bfloat16),
@@ -376,12 +377,90 @@ def test_triton_lowers_at_nsa_paper_shape():
                                   return_lse=False)
         return out.astype(jnp.float32).sum()
 
-    f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
-    with jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((1,), ("x",), abstract_device=dev)):
-        text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), *args, device_kind="NVIDIA H200").as_text()
     assert text.count("custom_call @__gpu$xla.gpu.triton") == 4        # fwd, dq, dk/dv, chunk sum
     assert "tensor<1x4x2048x64x128xf32>" in text                 # the partial dk/dv buffer
+
+
+def latent_backward(case, cfg, value_is_key_prefix):
+    """MLA's layout on `token_sparse_backward` (Triton interpret mode): keys `k = [c | r]`,
+    values `v = c = k[..., :Dv]`, at the float32 reference forward's `(out, lse)`. Returns the
+    gradients of `(q, c, r)`: `dc = dk[..., :Dv] + dv` (the option's dv is zeros, asserted)."""
+    (q, k, _, _), idx, kw, (dout, dlse) = make_inputs(case)
+    v, pos = k[..., :case.dv], dict(q_positions=kw["q_positions"], kv_positions=kw["kv_positions"])
+    out, lse = token_sparse_reference(q, k, v, idx, block_size=1, causal=True, sink_logits=None,
+                                      softcap=None, scale=case.d ** -0.5, return_lse=True, **pos)[:2]
+    dlse = jnp.where(jnp.isfinite(lse), dlse, 0.0)
+    dq, dk, dv = jax.jit(lambda *a: api.token_sparse_backward(
+        *a, **pos, scale=case.d ** -0.5, interpret=True, config=cfg,
+        value_is_key_prefix=value_is_key_prefix))(q, k, v, idx, out, lse, dout, dlse)
+    if value_is_key_prefix:
+        assert not np.asarray(dv).any()
+    return dq, dk[..., :case.dv] + dv, dk[..., case.dv:]
+
+
+# DSA's layout in small: MQA, D 48 = 32 + 16 with the values the first 32, 32 heads on two
+# programs (max_rows 16), 20 listed entries in two tiles of 16 (the second ragged), -1 padded
+# lists, an empty list, ragged keys, a padded query
+LATENT_CASE = TokenSparseCase("latent_prefix", t=13, s=29, h=32, hkv=1, d=48, dv=32, k=20,
+                              pad_k=4, pad_q=True, seed=17)
+LATENT_CONFIG = TritonConfig(block_k_bwd=16, max_rows=16)
+
+
+def test_triton_value_is_key_prefix_folds_dv_into_dk():
+    """`value_is_key_prefix=True` (dv added into dk's first columns, one scatter per row):
+    the gradients of q, c, r equal the float32 reference's (`token_sparse_attention(q, [c | r],
+    c)` under `jax.vjp`) and the two-scatter path's."""
+    case, cfg = LATENT_CASE, LATENT_CONFIG
+    (q, k, _, _), idx, kw, (dout, dlse) = make_inputs(case)
+    assert geometry(q, k, k[..., :case.dv], idx, 1, True, cfg.block_k_bwd, cfg.max_rows).split == 2
+
+    def attention(q, c, r):
+        res = token_sparse_attention(q, jnp.concatenate([c, r], -1), c, idx, q_positions=kw["q_positions"],
+                                     kv_positions=kw["kv_positions"], return_lse=True, impl="xla")
+        return res.out, res.lse
+
+    (_, lse), pull = jax.vjp(attention, q, k[..., :case.dv], k[..., case.dv:])
+    want = pull((dout, jnp.where(jnp.isfinite(lse), dlse, 0.0)))
+    folded = latent_backward(case, cfg, value_is_key_prefix=True)
+    two_scatters = latent_backward(case, cfg, value_is_key_prefix=False)
+    for got, old, ref in zip(folded, two_scatters, want):
+        assert np.all(np.isfinite(got)) and max_rel_err(got, ref, floor=1e-6) < 2e-4
+        assert max_rel_err(got, old) < 1e-5          # float32 sums in another order
+
+
+def test_triton_value_is_key_prefix_misuse_raises():
+    """ValueError at trace time: v's pieces not the first of k's (48 = 32 + 16 against Dv 16),
+    a v of another dtype, the inverted dk/dv path."""
+    case = dataclasses.replace(LATENT_CASE, t=3, h=16, k=4)
+    (q, k, _, _), idx, kw, _ = make_inputs(case)
+    with pytest.raises(ValueError, match="pieces"):
+        geometry(q, k, k[..., :16], idx, 1, True, 32, value_is_key_prefix=True)
+    with pytest.raises(ValueError, match="dtype"):
+        geometry(q, k, k[..., :32].astype(jnp.bfloat16), idx, 1, True, 32, value_is_key_prefix=True)
+    with pytest.raises(ValueError, match="atomic"):
+        latent_backward(case, TritonConfig(dkdv="inverted"), value_is_key_prefix=True)
+
+
+def test_triton_value_is_key_prefix_halves_the_atomics_at_dsa_shape():
+    """Lowered for an H100 at DeepSeek's shape (64 heads on two programs of 32 rows, keys
+    576 = 512 + 64, values their first 512, 2048 listed slots): the backward's float32 atomic
+    adds per (program, listed row) go from 512 (dv) + 512 + 64 (dk) to 576 (dk + dv folded);
+    one such row per (query, slot) and program, two programs per token: 2 x 1088 -> 2 x 576."""
+    t, h, spec = 64, 64, jax.ShapeDtypeStruct
+    bf, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
+    args = (spec((1, t, h, 576), bf), spec((1, t, 1, 576), bf), spec((1, t, 1, 512), bf),
+            spec((1, t, 1, 2048), i32), spec((1, t, h, 512), bf), spec((1, h, t), f32),
+            spec((1, t, h, 512), bf), spec((1, h, t), f32), spec((1, t), i32))
+
+    def atomics(fold):
+        bwd = lambda q, k, v, idx, out, lse, do, dlse, pos: api.token_sparse_backward(  # noqa: E731
+            q, k, v, idx, out, lse, do, dlse, q_positions=pos, kv_positions=pos, scale=576 ** -0.5,
+            value_is_key_prefix=fold)
+        return triton_atomic_shapes(lower_for_cuda(bwd, *args))
+
+    assert atomics(False) == [(32, 512), (32, 512), (32, 64)]          # dv, then dk's two pieces
+    assert atomics(True) == [(32, 512), (32, 64)]                      # dk + dv, dk
 
 
 GPU_CASES = [

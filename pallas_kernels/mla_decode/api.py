@@ -29,8 +29,14 @@ Triton's 146, dense 1350 us = 0.85 of copy bandwidth vs 2022; `experiments/bench
 `mla_sparse_attention(q_abs, c_kv, k_rope, indices, ...)`: the sparse mode for prefill and
 training (any T, with gradients): `impl="mosaic_gpu"` (`auto`'s choice on Hopper) runs the Mosaic GPU kernel
 over every query token and takes its gradients from `token_sparse`'s Triton backward
-(`token_sparse_backward`); other impls are `token_sparse_attention` over the concatenated
-latent.
+(`token_sparse_backward` with `value_is_key_prefix=True`: the values c_kv are the keys'
+first Dc columns, so the kernel adds dv into dk there and scatters one 576-wide float32 row
+per (query, slot) and row program instead of 576 + 512; `dc_kv = dk[..., :Dc]`). Why: on an
+H100 at 64K tokens, 64 heads, k = 2048, the forward took 86 ms and forward + backward
+2575 ms with the two scatters (2 x 1088 atomic adds per pair, 2.9e11); the folded backward
+(2 x 576 per pair) is not yet timed on a GPU. Other impls are `token_sparse_attention` over
+the concatenated latent (keys `[c_kv | k_rope]`, values `c_kv`: two arrays to its custom VJP,
+so its backward still scatters dk and dv separately and autodiff adds them).
 """
 
 from __future__ import annotations
@@ -248,11 +254,14 @@ def _mosaic_prefill_bwd(st, res, cts):
     dc = c_kv.shape[-1]
     cast = _bf16_if_f32        # float32: 344 KB of SMEM asked on an H100 at Dc 512 (of 227 KB)
     keys = jnp.concatenate([cast(c_kv), cast(k_rope)], axis=-1)[:, :, None]
-    dq, dk, dv = token_sparse_backward(cast(q_abs), keys, cast(c_kv)[:, :, None], indices[:, :, None], cast(out),
-                                       lse, cast(dout), dlse, q_positions=q_positions,
-                                       kv_positions=kv_positions, scale=scale, interpret=bool(interpret))
-    dk, dv = dk[:, :, 0].astype(jnp.float32), dv[:, :, 0].astype(jnp.float32)
-    return (dq.astype(q_abs.dtype), (dk[..., :dc] + dv).astype(c_kv.dtype), dk[..., dc:].astype(k_rope.dtype),
+    # the values are the keys' first Dc columns: the kernel adds dv into dk there (one
+    # 576-wide atomic row per (query, slot), not 576 + 512), so dk[..., :Dc] is dc_kv whole
+    dq, dk, _ = token_sparse_backward(cast(q_abs), keys, cast(c_kv)[:, :, None], indices[:, :, None], cast(out),
+                                      lse, cast(dout), dlse, q_positions=q_positions,
+                                      kv_positions=kv_positions, scale=scale, interpret=bool(interpret),
+                                      value_is_key_prefix=True)
+    dk = dk[:, :, 0]
+    return (dq.astype(q_abs.dtype), dk[..., :dc].astype(c_kv.dtype), dk[..., dc:].astype(k_rope.dtype),
             None, None, None)
 
 

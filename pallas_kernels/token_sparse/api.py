@@ -115,7 +115,7 @@ def token_sparse_attention(q, k, v, indices, *, block_size=1, q_positions=None,
 
 
 def token_sparse_backward(q, k, v, indices, out, lse, dout, dlse, *, q_positions, kv_positions, scale,
-                          interpret=False, config=None):
+                          interpret=False, config=None, value_is_key_prefix=False):
     """The gradients of `token_sparse_attention(q, k, v, indices, return_lse=True)` (token
     indices, `block_size=1`, causal; no sinks, no soft-cap) at the cotangents `(dout [B, T,
     H, Dv], dlse [B, H, T])`, from a forward's `out [B, T, H, Dv]` and `lse [B, H, T]`
@@ -123,14 +123,22 @@ def token_sparse_backward(q, k, v, indices, out, lse, dout, dlse, *, q_positions
     (`mla_decode.mla_sparse_attention`'s Mosaic GPU prefill). Shapes and positions as
     `token_sparse_attention` (checked by the caller); the Triton backward (`triton_vjp`,
     `config` a `TritonConfig`; `interpret=True`: Triton's interpreter). Returns `(dq, dk,
-    dv)` like q, k, v."""
+    dv)` like q, k, v.
+
+    `value_is_key_prefix=True`: the caller promises `v == k[..., :Dv]` (MLA: keys `[c_kv |
+    k_rope]`, values `c_kv`); the kernel reads the values from k's rows and scatters `dk +
+    dv` into dk's first Dv columns (one float32 atomic row per (query, listed slot) instead
+    of a dk row and a dv row), so `dk[..., :Dv]` is the shared array's whole gradient and
+    the returned dv is zeros. ValueError where v's head-dim pieces are not the first of k's
+    (`triton.geometry`) or `config.dkdv="inverted"`."""
     from pallas_kernels.token_sparse import triton_vjp  # noqa: PLC0415 - as token_sparse_triton
 
     cfg = config or TritonConfig()
     st = autodiff.Static(
         forward=triton.forward, backward=triton_vjp.backward, mask_fn=None, scale=float(scale),
         softcap=None, has_sinks=False, interpret=bool(interpret),
-        config=(cfg, triton.geometry(q, k, v, indices, 1, True, cfg.block_k, cfg.max_rows)))
+        config=(cfg, triton.geometry(q, k, v, indices, 1, True, cfg.block_k, cfg.max_rows,
+                                     value_is_key_prefix)))
     dq, dk, dv, _ = autodiff.backward(st, q, k, v, None, q_positions, kv_positions, None, None, (indices,),
                                       out, lse, dout, dlse)
     return dq, dk, dv

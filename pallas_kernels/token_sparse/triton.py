@@ -101,6 +101,7 @@ class Geometry:
     k_p: int                  # padded entries per row
     nblk: int                 # number of KV blocks of the unpadded keys
     causal: bool
+    value_is_key_prefix: bool = False   # v == k[..., :Dv] (MLA's latent): see `geometry`
 
 
 def warps(requested: int, geo: "Geometry", *, backward: bool = False) -> int:
@@ -115,7 +116,12 @@ def warps(requested: int, geo: "Geometry", *, backward: bool = False) -> int:
 
 
 def geometry(q, k, v, indices, block_size: int, causal: bool, block_k: int,
-             max_rows: int = 0) -> Geometry:
+             max_rows: int = 0, value_is_key_prefix: bool = False) -> Geometry:
+    """The static sizes of a call. `value_is_key_prefix`: the caller promises `v == k[...,
+    :Dv]` (MLA: values are the latent c_kv, keys `[c_kv | k_rope]`); the atomic backward
+    then reads the values from k's rows and adds dv into dk's first Dv columns before one
+    scatter (`triton_vjp`). Needs v's head-dim pieces to be the first of k's (576 = 512 + 64
+    with Dv 512; not 48 = 32 + 16 with Dv 16) and v's dtype k's: ValueError otherwise."""
     t, h, d = q.shape[1], q.shape[2], q.shape[3]
     s, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     nblk = -(-s // block_size)
@@ -129,10 +135,15 @@ def geometry(q, k, v, indices, block_size: int, causal: bool, block_k: int,
     group_p = max(16, blocks.pl_next_pow2(h // hkv))
     d_p, dv_p = blocks.round_up(d, 16), blocks.round_up(dv, 16)
     rows_q = row_split(group_p, d_p + dv_p, max_rows)
+    d_pieces, dv_pieces = pieces(d_p), pieces(dv_p)
+    if value_is_key_prefix and (d_pieces[:len(dv_pieces)] != dv_pieces or k.dtype != v.dtype):
+        raise ValueError(f"value_is_key_prefix needs v's head-dim pieces {dv_pieces} to be the first "
+                         f"of k's {d_pieces} and v's dtype ({v.dtype}) to be k's ({k.dtype})")
     return Geometry(t=t, s_p=s_p, hkv=hkv, group=h // hkv, group_p=group_p, rows_q=rows_q,
-                    split=group_p // rows_q, d_pieces=pieces(d_p), dv_pieces=pieces(dv_p),
+                    split=group_p // rows_q, d_pieces=d_pieces, dv_pieces=dv_pieces,
                     block_size=block_size, rows=rows, per_iter=per_iter,
-                    k_p=blocks.round_up(n, per_iter), nblk=nblk, causal=causal)
+                    k_p=blocks.round_up(n, per_iter), nblk=nblk, causal=causal,
+                    value_is_key_prefix=value_is_key_prefix)
 
 
 def prepare(geo: Geometry, q, k, v, q_pos, kv_pos, indices):
