@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU checks still owed (docs/pending/README.md), as device calls of <= BUDGET s each:
 #   PART=1 BUDGET=570 bash docs/pending/run.sh   # the fixed tests, NSA 64K with the fused cmp+select, Quest B1's two-stage top-k, the fused indexer at chunk 512
-#   PART=2 BUDGET=570 bash docs/pending/run.sh   # NSA 16K, entmax vs adasplash at 16K / 64K
+#   PART=2 BUDGET=570 bash docs/pending/run.sh   # DSA attention f+b with the folded dK/dV scatter, NSA 16K, entmax vs adasplash at 16K / 64K
 # From the repo root on the GPU machine, `wheels/` (peer wheels) carried; logs and bench JSON land in $OUT.
 export PYTHONPATH=. JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python
@@ -29,8 +29,9 @@ if [ "${PART:-1}" = 1 ]; then
   step questb1 60 python3 experiments/bench_training_free.py --noprefill --batches 1 --quest_pages 16 --quest_bounds bfloat16 --reps 5 --iters 5 --quest_topk xla,chunked:1024,chunked:4096 --out /tmp/be/questb1.json
   step idx512 150 python3 experiments/bench_dsa.py --parts=indexer --seq_lens=65536 --iters=3 --query_chunk=512 --layer_positions --fused --fused_query_chunk=512 --noscores_only --out /tmp/be/idx512.json
 else
+  step dsagrad 120 python3 experiments/bench_dsa.py --parts attention --seq_lens 65536 --attention_impls triton,mosaic_gpu --attention_grad --iters 3 --out /tmp/be/dsagrad.json
   step nsa16 150 python3 experiments/bench_nsa.py --seq_lens 16384 --modes token --iters 3 --decode_batch 0 --check_rows 8 --out /tmp/be/bench_nsa16.json
-  step entmax 400 python3 experiments/bench_entmax.py --seq_lens 16384,65536 --iters 3 --check_rows 16 --nobreakdown --inputs topics --out /tmp/be/entmax.json
+  step entmax 300 python3 experiments/bench_entmax.py --seq_lens 16384,65536 --iters 3 --check_rows 16 --nobreakdown --inputs topics --out /tmp/be/entmax.json
 fi
 echo "== end t=$((SECONDS-START))" >> $B
 cat /tmp/be/*.json > $OUT/bench.json 2>/dev/null; cat $B
