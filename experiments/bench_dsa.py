@@ -87,6 +87,7 @@ from pallas_kernels.indexer.triton import IndexerTritonConfig
 from pallas_kernels.mla_decode.api import (MlaDecodeMosaicGpuConfig, MlaDecodeTritonConfig, mla_decode,
                                            mla_sparse_attention, triton_launch_plan)
 from pallas_kernels.token_sparse import token_sparse_attention
+from pallas_kernels.token_sparse.api import TritonConfig, token_sparse_backward
 from sparse_jax import patterns as P
 
 FLAGS = flags.FLAGS      # --out --iters --reps: bench_decode's
@@ -119,6 +120,10 @@ flags.DEFINE_bool("decode_sweep", True, "(c) sweep Triton's split counts and til
                   "(off: the defaults only)")
 flags.DEFINE_list("attention_impls", ["triton", "mosaic_gpu"], "(d) mla_sparse_attention backends")
 flags.DEFINE_bool("attention_grad", True, "(d) also time forward + backward")
+flags.DEFINE_list("attention_bwd", [], "(d) also time the backward alone (`token_sparse_backward` on the "
+                  "forward's out / lse) per variant ROWS:FOLD, e.g. 32:0,32:1,64:1: ROWS query heads per "
+                  "program (TritonConfig.max_rows; 32 = the default at 64 heads, two programs per token), "
+                  "FOLD 1 = value_is_key_prefix (dV added into dK's latent columns before one scatter)")
 FLAGS.set_default("out", "bench_dsa.json")
 
 H, D, DV = 64, 576, 512          # MLA in MQA form: query heads, latent + rope, latent
@@ -447,7 +452,41 @@ def bench_attention(t, iters, small):
             row[impl + "_speedup_vs_triton"] = row["triton_ms"] / row[impl + "_ms"]
             if impl + "_fwd_bwd_ms" in row and "triton_fwd_bwd_ms" in row:
                 row[impl + "_fwd_bwd_speedup_vs_triton"] = row["triton_fwd_bwd_ms"] / row[impl + "_fwd_bwd_ms"]
+    if FLAGS.attention_bwd:
+        row.update(backward_variants(q, c, r, idx, pos, kw["scale"], iters, small))
     return row
+
+
+def backward_variants(q, c, r, idx, pos, scale, iters, small):
+    """`--attention_bwd`: the sparse-MLA backward alone (ms, and error vs the first variant's
+    gradients), on the Triton forward's out / lse with random cotangents."""
+    keys = jnp.concatenate([c, r], axis=-1)[:, :, None]
+    vals, sel = c[:, :, None], idx[:, :, None]
+    res_fwd = jax.jit(lambda *a: mla_sparse_attention(*a, q_positions=pos, kv_positions=pos, scale=scale,
+                                                      return_lse=True, impl="triton", interpret=small))(q, c, r, idx)
+    out, lse = res_fwd.out, res_fwd.lse
+    dout = jax.random.normal(jax.random.key(9), out.shape, out.dtype)
+    dlse = jnp.zeros_like(lse)
+    res, first = {}, None
+    for name in FLAGS.attention_bwd:
+        rows, fold = (int(x) for x in name.split(":"))
+
+        def bwd(q, keys, vals, out, dout, rows=rows, fold=bool(fold)):
+            dq, dk, dv = token_sparse_backward(q, keys, vals, sel, out, lse, dout, dlse, q_positions=pos,
+                                               kv_positions=pos, scale=scale, interpret=small,
+                                               config=TritonConfig(max_rows=rows), value_is_key_prefix=fold)
+            dk = dk.astype(jnp.float32)
+            return dq, dk.at[..., :DV].add(dv.astype(jnp.float32))        # (dq, [dc_kv | dk_rope])
+        try:
+            f = jax.jit(bwd)
+            got = f(q, keys, vals, out, dout)
+            first = first or got
+            res[f"bwd_{rows}rows_fold{fold}_err_vs_first"] = max(rel(a, b) for a, b in zip(got, first))
+            res[f"bwd_{rows}rows_fold{fold}_ms"] = median_time(f, q, keys, vals, out, dout, iters=iters) * 1e3
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile must not lose the others
+            res[f"bwd_{rows}rows_fold{fold}_error"] = str(e)[:300]
+        print(json.dumps({k: v for k, v in res.items() if k.startswith(f"bwd_{rows}rows_fold{fold}")}), flush=True)
+    return res
 
 
 def bench_decode_part(b, s, copy_bw, iters, reps, small):

@@ -29,7 +29,7 @@ if [ "${PART:-1}" = 1 ]; then
   step questb1 60 python3 experiments/bench_training_free.py --noprefill --batches 1 --quest_pages 16 --quest_bounds bfloat16 --reps 5 --iters 5 --quest_topk xla,chunked:1024,chunked:4096 --out /tmp/be/questb1.json
   step idx512 150 python3 experiments/bench_dsa.py --parts=indexer --seq_lens=65536 --iters=3 --query_chunk=512 --layer_positions --fused --fused_query_chunk=512 --noscores_only --out /tmp/be/idx512.json
 else
-  step dsagrad 120 python3 experiments/bench_dsa.py --parts attention --seq_lens 65536 --attention_impls triton,mosaic_gpu --attention_grad --iters 3 --out /tmp/be/dsagrad.json
+  step dsagrad 120 python3 experiments/bench_dsa.py --parts attention --seq_lens 65536 --attention_impls triton,mosaic_gpu --attention_grad --attention_bwd 32:0,32:1,64:1 --iters 3 --out /tmp/be/dsagrad.json
   step nsa16 150 python3 experiments/bench_nsa.py --seq_lens 16384 --modes token --iters 3 --decode_batch 0 --check_rows 8 --out /tmp/be/bench_nsa16.json
   step entmax 300 python3 experiments/bench_entmax.py --seq_lens 16384,65536 --iters 3 --check_rows 16 --nobreakdown --inputs topics --out /tmp/be/entmax.json
 fi
