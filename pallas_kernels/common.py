@@ -272,6 +272,15 @@ def choose(op: str, impl: str, backends: dict, call: dict, *, interpret=False,
     return None, reasons
 
 
+def config_for(op: str, impl: str, backends: dict, call: dict, configs: dict, *, interpret=False):
+    """The tile config for the backend `choose` picks for `call` with no config: `configs[name]`
+    (`{backend name: config}`), or None where that backend has no entry. For callers that want
+    a kernel's tiles when that kernel runs and the plain fallback elsewhere (`impl="auto"` with
+    a config refuses the backends that take none, e.g. the XLA reference on a CPU)."""
+    name, _ = choose(op, impl, backends, call, interpret=interpret)
+    return configs.get(name)
+
+
 def explanation(op: str, impl: str, name: str | None, reasons: dict) -> str:
     """One line: which backend runs `op` and why the ones before it were skipped."""
     skipped = "; ".join(f"{n}: {r}" for n, r in reasons.items() if r is not None)

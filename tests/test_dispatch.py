@@ -310,6 +310,19 @@ def test_config_reaches_the_kernel_and_must_match_it(monkeypatch):
         flash_api.flash_attention(q, k, v, config=tiles)
 
 
+def test_config_for_gives_the_tiles_of_the_backend_that_runs(monkeypatch):
+    """`common.config_for`: a kernel's tiles where `auto` picks that kernel (Hopper), None where
+    it picks the reference (CPU, or few rows: the radix top-k declines < 64 rows)."""
+    tiles = indexer_api.TopkSelectConfig(block_s=256)
+    rows = lambda r: dict(scores=jnp.zeros((r, 512), jnp.float32), k=8)  # noqa: E731
+    pick = lambda r: common.config_for("top_k_set", "auto", indexer_api.TOPK_BACKENDS, rows(r),  # noqa: E731
+                                       {"triton": tiles})
+    fake_device(monkeypatch, HOPPER)
+    assert pick(64) is tiles and pick(8) is None
+    fake_device(monkeypatch, CPU)
+    assert pick(64) is None
+
+
 def test_explain_says_which_ran_and_why_others_were_skipped(monkeypatch, capsys, caplog):
     fake_device(monkeypatch, HOPPER)
     record(monkeypatch, flash_api)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.common import IMPLS, choose
+from pallas_kernels.common import IMPLS, config_for
 from pallas_kernels.indexer import api as indexer_op
 from pallas_kernels.indexer.fp8 import SCORE_DTYPES
 from pallas_kernels.mla_decode import mla_decode, mla_sparse_attention
@@ -136,8 +136,7 @@ def fused_topk_config(q_index, weights, k_index, *, k: int, impl: str = "auto",
     """`FusedIndexerConfig()` when the `indexer` op's backend for this call is the Triton
     kernel (the only one with a fused top-k), else None (the backend's usual select)."""
     call = dict(q_index=q_index, weights=weights, k_index=k_index, k=k, score_dtype=score_dtype)
-    backend, _ = choose("indexer", impl, indexer_op.BACKENDS, call)
-    return indexer_op.FusedIndexerConfig() if backend == "triton" else None
+    return config_for("indexer", impl, indexer_op.BACKENDS, call, {"triton": indexer_op.FusedIndexerConfig()})
 
 
 def is_float8(dtype) -> bool:

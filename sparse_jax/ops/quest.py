@@ -235,9 +235,8 @@ def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIO
     s = jnp.where(valid_pages[:, None], scores.astype(jnp.float32), -jnp.inf)
     s = jnp.where(forced, jnp.inf, s)
     rows = s.reshape(b * hkv, p)
-    kernel, _ = common.choose("top_k_set", impl, TOPK_BACKENDS, dict(scores=rows, k=budget_pages),
-                              interpret=interpret)
-    config = PAGE_TOPK_CONFIG if kernel == "triton" else None
+    config = common.config_for("top_k_set", impl, TOPK_BACKENDS, dict(scores=rows, k=budget_pages),
+                               {"triton": PAGE_TOPK_CONFIG}, interpret=interpret)
     _, pages = top_k_set(rows, budget_pages, impl=impl, interpret=interpret, config=config)
     return selection.sorted_block_lists(pages.reshape(b, hkv, -1))           # ascending, -1 padded last
 
