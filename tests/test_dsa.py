@@ -1,6 +1,7 @@
 """DSA (DeepSeek-V3.2): indexer top-k vs a numpy loop (ties, causal edge, padding), DSA
 with k >= T equals MLA, top-k attention and gradients vs a dense-masked reference,
-decode == prefill, the indexer loss of both training stages, cache size, bad configs."""
+decode == prefill, the indexer loss of both training stages, cache size, bad configs,
+`DSAConfig.fused_topk`'s backend choice."""
 
 import dataclasses
 
