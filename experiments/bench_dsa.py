@@ -109,8 +109,8 @@ flags.DEFINE_list("fused_variants", ["fused"], "with --fused: which of FUSED_VAR
 flags.DEFINE_integer("fused_query_chunk", 0, "with --fused: its query chunk (0: T, one chunk; it keeps "
                      "chunk x (S / sample_stride + 3 cap) x 4 bytes, no chunk x S scores)")
 flags.DEFINE_bool("layer_positions", False, "(a) pass explicit positions, as the DSA layer does (one "
-                  "compiled chunk program under lax.map) instead of the default causal prefixes (one "
-                  "kernel set compiled per chunk: at 64K / chunk 512 the fused top-k's 128 ran past 200 s)")
+                  "compiled chunk program under lax.map) instead of the default causal prefixes (up to "
+                  "16 key widths, one kernel set compiled each)")
 flags.DEFINE_bool("scores_only", True, "(a) also time the score kernel alone (one more compile per chunk)")
 flags.DEFINE_integer("decode_batch", 16, "(c) batch")
 flags.DEFINE_integer("decode_context", 131072, "(c) cache length")
@@ -159,8 +159,8 @@ FUSED_VARIANTS = {             # name -> FusedIndexerConfig
 
 
 def indexer_fn(k, chunk, interpret, score_dtype="bfloat16", config=None, fp8_rerank=None):
-    """The op as timed: default positions (each query chunk scores only its causal key
-    prefix: one compiled kernel set per chunk, T / chunk of them), or with
+    """The op as timed: default positions (each group of query chunks scores only its
+    causal key prefix: at most 16 key widths compiled, `api.PREFIX_WIDTH_CLASSES`), or with
     `--layer_positions` explicit ones, as the DSA layer calls it (one program under
     `lax.map`; the kernels skip tiles no query of the chunk sees)."""
     def f(qi, w, ki):

@@ -159,16 +159,39 @@ def test_triton_compiled_on_gpu():
         np.testing.assert_array_equal(idx, ascending(idx))
 
 
-@pytest.mark.parametrize("impl,t,s", [("xla", 37, 45), ("xla", 37, 20), ("triton", 37, 20)])
-def test_default_positions_prefix_path_matches_explicit(impl, t, s):
+@pytest.mark.parametrize("impl,t,s,chunk", [("xla", 37, 45, 16), ("xla", 37, 20, 16), ("triton", 37, 20, 16),
+                                             ("xla", 37, 45, 2), ("triton", 37, 30, 2)])
+def test_default_positions_prefix_path_matches_explicit(impl, t, s, chunk):
     """Default positions take the causal-prefix chunk loop; it must equal the full-width
-    path with explicit `arange` positions (exact ties), S > T and S < T."""
+    path with explicit `arange` positions (exact ties), S > T and S < T; chunk 2: 19
+    chunks, more than `PREFIX_WIDTH_CLASSES`, so groups of two under `lax.map` (the last
+    one ragged)."""
     q, w, k, _, _ = make(7, b=1, t=t, s=s, integer=True)
-    got, vals = indexer_topk(q, w, k, k=12, query_chunk=16, impl=impl, interpret=True,
+    got, vals = indexer_topk(q, w, k, k=12, query_chunk=chunk, impl=impl, interpret=True,
                              return_scores=True)
     pos_q, pos_k = jnp.arange(t)[None], jnp.arange(s)[None]
-    ref, ref_vals = indexer_topk(q, w, k, k=12, q_positions=pos_q, kv_positions=pos_k, query_chunk=16,
+    ref, ref_vals = indexer_topk(q, w, k, k=12, q_positions=pos_q, kv_positions=pos_k, query_chunk=chunk,
                                  impl=impl, interpret=True, return_scores=True)
     assert got.shape == ref.shape == (1, t, 12)
     np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(vals, ref_vals)
+
+
+def test_default_positions_compile_at_most_sixteen_key_widths(monkeypatch):
+    """64 query chunks with default positions trace the backend at most
+    `PREFIX_WIDTH_CLASSES` times, each with its own key width (one compiled kernel set each)."""
+    from pallas_kernels.indexer import api
+
+    widths = []
+
+    def recording(q_index, weights, k_index, *a, **kw):
+        widths.append(k_index.shape[1])
+        return api.chunk_topk_xla(q_index, weights, k_index, *a, **kw)
+
+    monkeypatch.setitem(api.IMPLEMENTATIONS, "xla", recording)
+    q, w, k, _, _ = make(3, b=1, t=64, s=64, integer=True)
+    got = indexer_topk(q, w, k, k=4, query_chunk=1, impl="xla")
+    assert len(widths) == api.PREFIX_WIDTH_CLASSES == len(set(widths)), widths
+    pos = jnp.arange(64)[None]
+    np.testing.assert_array_equal(got, indexer_topk(q, w, k, k=4, q_positions=pos, kv_positions=pos,
+                                                    query_chunk=1, impl="xla"))

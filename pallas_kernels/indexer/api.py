@@ -252,16 +252,26 @@ def _rerank(q_index, weights, k_index, candidates, k, query_chunk):
     return _map_query_chunks(chunk, (q_index, 0), (weights, 0), (candidates, -1), query_chunk=query_chunk)
 
 
+PREFIX_WIDTH_CLASSES = 16
+
+
 def _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk):
-    """Default positions: chunk i (queries `[i * c, (i + 1) * c)`) scores only the keys
-    `[0, min(S, (i + 1) * c))`, the rest being invisible to all of its queries; the result is
-    identical to the full-width path (invisible keys are never selected)."""
+    """Default positions: the queries `[lo, hi)` of a group score only the keys
+    `[0, min(S, hi))`, the rest being invisible to all of them; the result is identical to
+    the full-width path (invisible keys are never selected). A group is one query chunk while
+    there are at most `PREFIX_WIDTH_CLASSES` chunks (each its exact causal prefix), else that
+    many chunks' worth of consecutive chunks (under `lax.map`), so that at most
+    `PREFIX_WIDTH_CLASSES` key widths are compiled: one kernel set per width, 128 at 64K /
+    chunk 512 before (the fused top-k's compile ran past 200 s on an H100), at the price of
+    ~6% more scores there (each chunk scores up to its group's last key)."""
     b, t = q_index.shape[:2]
     s = k_index.shape[1]
     width = min(k, s)
+    n = -(-t // query_chunk)
+    group = query_chunk * -(-n // PREFIX_WIDTH_CLASSES)
     vals, idx = [], []
-    for lo in range(0, t, query_chunk):
-        hi = min(t, lo + query_chunk)
+    for lo in range(0, t, group):
+        hi = min(t, lo + group)
         keys = min(s, hi)
         qpos = jnp.broadcast_to(jnp.arange(lo, hi, dtype=jnp.int32), (b, hi - lo))
         kpos = jnp.broadcast_to(jnp.arange(keys, dtype=jnp.int32), (b, keys))
@@ -269,8 +279,12 @@ def _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk
             v = jnp.full((b, hi - lo, 0), -jnp.inf, jnp.float32)
             i = jnp.zeros((b, hi - lo, 0), jnp.int32)
         else:
-            v, i = fn(q_index[:, lo:hi], weights[:, lo:hi], k_index[:, :keys], qpos, kpos, k=k,
-                      k_scale=None if k_scale is None else k_scale[:, :keys])
+            def chunk(qi, w, qp, keys=keys, kpos=kpos):
+                return fn(qi, w, k_index[:, :keys], qp, kpos, k=k,
+                          k_scale=None if k_scale is None else k_scale[:, :keys])
+            args = (q_index[:, lo:hi], weights[:, lo:hi], qpos)
+            v, i = chunk(*args) if hi - lo <= query_chunk else _map_query_chunks(
+                chunk, *zip(args, (0, 0, -1)), query_chunk=query_chunk)
         pad = [(0, 0), (0, 0), (0, width - v.shape[-1])]
         vals.append(jnp.pad(v, pad, constant_values=-jnp.inf))
         idx.append(jnp.pad(i, pad, constant_values=-1))
