@@ -89,6 +89,7 @@ from pallas_kernels.mla_decode.api import (MlaDecodeMosaicGpuConfig, MlaDecodeTr
 from pallas_kernels.token_sparse import token_sparse_attention
 from pallas_kernels.token_sparse.api import TritonConfig, token_sparse_backward
 from sparse_jax import patterns as P
+from sparse_jax.ops import dsa as dops
 
 FLAGS = flags.FLAGS      # --out --iters --reps: bench_decode's
 flags.DEFINE_bool("small", False, "CPU smoke run: tiny shapes, interpret mode, no cuDNN")
@@ -102,6 +103,9 @@ flags.DEFINE_integer("query_chunk", 2048, "indexer queries per chunk (chunk x S 
 flags.DEFINE_integer("check_rows", 64, "query rows checked against the reference")
 flags.DEFINE_bool("fp8", False, "(a) also time the FP8 indexer (e4m3 dot, widened to bf16, reranked)")
 flags.DEFINE_list("fp8_variants", ["fp8", "fp8_widened", "fp8_rerank1.25"], "with --fp8: which variants")
+flags.DEFINE_bool("forward_layer", True, "(b) also time the DSA layer's own calls (`ops.dsa.indexer_topk` with "
+                  "positions and `DSAConfig()`'s defaults, then `ops.dsa.selected_attention` impl auto), forward and "
+                  "forward + backward (gradients of q, c_kv, k_rope), beside cuDNN MLA-192's")
 flags.DEFINE_bool("forward_fast", False, "(b) also time the forward on the fused top-k (one chunk) and "
                   "mla_sparse_attention impl='auto' (Mosaic GPU on Hopper): fast_ms, fast_speedup_vs_*")
 flags.DEFINE_bool("fused", False, "(a) also time the fused top-k (FusedIndexerConfig) and its steps")
@@ -354,6 +358,19 @@ def dsa_forward_fast(k):
     return f
 
 
+def dsa_layer_forward(k):
+    """(b) as the DSA layer calls its ops (`DSALayer.__call__` without cache): the indexer with
+    explicit positions and `DSAConfig()`'s defaults, then `selected_attention` (impl auto)."""
+    s = dops.DSAConfig(top_k=k)
+
+    def f(q, c, r, qi, w, ki):
+        pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
+        idx = dops.indexer_topk(qi, w, ki, pos, pos, k=s.top_k, query_chunk=s.query_chunk, impl=s.impl,
+                                score_dtype=s.score_dtype, fp8_rerank=s.fp8_rerank, fused_topk=s.fused_topk)
+        return dops.selected_attention(q, c, r, idx, pos, pos, scale=D ** -0.5)
+    return f
+
+
 def dense_rows(t, iters, small):
     """Dense causal stand-ins (ms): cuDNN MLA training form, cuDNN same-FLOPs MHA, our flash
     MQA 576/512."""
@@ -367,6 +384,9 @@ def dense_rows(t, iters, small):
         f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
         try:
             out[name] = median_time(f, q, k, v, iters=iters) * 1e3
+            if name == "cudnn_mla192" and FLAGS.forward_layer:     # beside the layer's forward + backward
+                g = jax.jit(jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+                out[name + "_fwdbwd"] = median_time(g, q, k, v, iters=iters) * 1e3
         except Exception as e:  # noqa: BLE001 - report, keep going
             out[name + "_error"] = str(e)[:200]
         del q, k, v
@@ -404,14 +424,25 @@ def bench_forward(t, iters, small):
                                         kv_positions=pos, scale=D ** -0.5, impl="xla")
         row["fast_err"] = rel(fast(q, c, r, qi, w, ki)[:, t - rows:], ref_fast)     # vs the default's set
         del c, r
+    if FLAGS.forward_layer:    # the layer's own op calls, forward and forward + backward
+        layer = dsa_layer_forward(FLAGS.top_k)
+        c, r = kl[:, :, 0, :DV], kl[:, :, 0, DV:]
+        row["layer_ms"] = median_time(jax.jit(layer), q, c, r, qi, w, ki, iters=iters) * 1e3
+        grad = jax.jit(jax.grad(lambda q, c, r, *a: layer(q, c, r, *a).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+        row["layer_fwdbwd_ms"] = median_time(grad, q, c, r, qi, w, ki, iters=iters) * 1e3
+        del c, r
     del q, kl, vl
     dense = dense_rows(t, iters, small)
     row.update(dense)
     for name in ("cudnn_mla192", "cudnn_sameflops", "flash_mqa576"):
         if name in dense:
             row["speedup_vs_" + name] = dense[name] / row["ms"]
+            if "layer_ms" in row:
+                row["layer_speedup_vs_" + name] = dense[name] / row["layer_ms"]
             if "fast_ms" in row:
                 row["fast_speedup_vs_" + name] = dense[name] / row["fast_ms"]
+    if "layer_fwdbwd_ms" in row and "cudnn_mla192_fwdbwd" in row:
+        row["layer_fwdbwd_speedup_vs_cudnn_mla192"] = row["cudnn_mla192_fwdbwd"] / row["layer_fwdbwd_ms"]
     return row
 
 
@@ -660,6 +691,11 @@ def table(rows, copy_bw) -> str:
                                                                       "flash_mqa576") if n in r)
             lines.append(f"| DSA fwd | T={r['T']} k={r['top_k']} | {r['ms']:.1f} ms (attn {r['attention_ms']:.1f}) "
                          f"| {base} | {ratio} |")
+            if "layer_ms" in r:
+                mla = r.get("cudnn_mla192", float("nan")), r.get("cudnn_mla192_fwdbwd", float("nan"))
+                lines.append(f"| DSA layer ops fwd / f+b | T={r['T']} k={r['top_k']} | {r['layer_ms']:.1f} / "
+                             f"{r['layer_fwdbwd_ms']:.1f} ms | cudnn_mla192 {mla[0]:.1f} / {mla[1]:.1f} ms | "
+                             f"{mla[0] / r['layer_ms']:.2f}x / {mla[1] / r['layer_fwdbwd_ms']:.2f}x |")
         else:
             old = ", ".join(f"{n} {r[n + '_us']:.0f} us" for n in ("dense_xla", "decode_attention", "token_sparse")
                             if n + "_us" in r)
