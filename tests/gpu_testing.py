@@ -44,9 +44,11 @@ def lower_for_cuda(f, *args, device_kind="NVIDIA H100"):
         return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
 
-def triton_atomic_shapes(lowered) -> list[tuple]:
+def triton_atomic_shapes(lowered, with_semantics: bool = False) -> list[tuple]:
     """The tile shapes of the atomic read-modify-writes (`tt.atomic_rmw`) in the Triton
-    kernels of `lowered` (`lower_for_cuda`), in program order: each kernel is MLIR bytecode
+    kernels of `lowered` (`lower_for_cuda`), in program order; `with_semantics`: `(shape,
+    memory semantic)` pairs, the semantic's `tt.MemSemantic` name ("RELAXED",
+    "ACQUIRE_RELEASE", ...). Each kernel is MLIR bytecode
     in its `__gpu$xla.gpu.triton` custom call's `ir` attribute, parsed in a context with the
     dialects Pallas' Triton lowering registers."""
     from jax._src.interpreters import mlir  # noqa: PLC0415
@@ -70,6 +72,11 @@ def triton_atomic_shapes(lowered) -> list[tuple]:
         ctx.load_all_available_dialects()
         for kernel in kernels:
             module = ir.Module.parse(ir.StringAttr(kernel).value_bytes)
-            shapes += [tuple(ir.RankedTensorType(op.results[0].type).shape) for op in ops(module.operation)
-                       if op.name == "tt.atomic_rmw"]
+            for op in ops(module.operation):
+                if op.name == "tt.atomic_rmw":
+                    shape = tuple(ir.RankedTensorType(op.results[0].type).shape)
+                    sem = ir.IntegerAttr(op.attributes["sem"]).value
+                    sem = next(n for n in ("RELAXED", "ACQUIRE", "RELEASE", "ACQUIRE_RELEASE")
+                               if int(getattr(triton.dialect.MemSemantic, n)) == sem)
+                    shapes.append((shape, sem) if with_semantics else shape)
     return shapes

@@ -463,6 +463,21 @@ def test_triton_value_is_key_prefix_halves_the_atomics_at_dsa_shape():
     assert atomics(True) == [(32, 512), (32, 64)]                      # dk + dv, dk
 
 
+def test_triton_scatter_atomics_are_relaxed():
+    """The backward's dk/dv scatter-adds are relaxed atomics (`triton_atomics.relaxed_add`),
+    not Pallas' acquire-release default (a memory fence per add): the sums are read only
+    after the kernel. Lowered for an H100 on a small DSA-like case."""
+    t, h, spec = 32, 16, jax.ShapeDtypeStruct
+    bf, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
+    args = (spec((1, t, h, 64), bf), spec((1, t, 1, 64), bf), spec((1, t, 1, 64), bf),
+            spec((1, t, 1, 16), i32), spec((1, t, h, 64), bf), spec((1, h, t), f32),
+            spec((1, t, h, 64), bf), spec((1, h, t), f32), spec((1, t), i32))
+    bwd = lambda q, k, v, idx, out, lse, do, dlse, pos: api.token_sparse_backward(  # noqa: E731
+        q, k, v, idx, out, lse, do, dlse, q_positions=pos, kv_positions=pos, scale=0.125)
+    found = triton_atomic_shapes(lower_for_cuda(bwd, *args), with_semantics=True)
+    assert found and {sem for _, sem in found} == {"RELAXED"}, found
+
+
 GPU_CASES = [
     TokenSparseCase("dsa_mqa_latent", t=300, s=700, h=16, hkv=1, d=576, dv=512, k=64, seed=6),
     TokenSparseCase("nsa_blocks64_gqa16", b=2, t=200, s=1000, h=32, hkv=2, d=128, dv=128, k=8,

@@ -15,7 +15,8 @@
   vs 74.8 ms with random ones (H200, before this split).
 * dk/dv, "atomic" (the default for token indices): the dq pass also scatters `P^T dO` and
   `dS^T Q` into float32 dk/dv buffers with atomic adds
-  (`jax.experimental.pallas.triton.atomic_add`). The buffers carry one spare row that
+  (`triton_atomics.relaxed_add`: relaxed memory order; Pallas' `atomic_add` is
+  acquire-release, a fence per add). The buffers carry one spare row that
   unlisted entries point at; on GPU the atomics are also masked, so that row stays idle. In
   interpret mode (CPU) the atomics run sequentially through Pallas' discharge rule (no mask
   there, hence the spare row; it needs the rows of one tile distinct, which is why the
@@ -48,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import blocks
+from pallas_kernels.triton_atomics import relaxed_add
 from pallas_kernels.tiles_common import NN, TN, logits2
 from pallas_kernels.token_sparse.layout import inverted_index
 from pallas_kernels.token_sparse.triton import (geometry, group_view, load_pieces, prepare, qk, specs,
@@ -55,13 +57,13 @@ from pallas_kernels.token_sparse.triton import (geometry, group_view, load_piece
 
 
 def _scatter_add(ref, rows, listed, start, width, val, interpret):
-    """`ref[rows, start:start + width] += val` (float32 atomics); unlisted rows go to the
-    spare last row (and are masked off on GPU)."""
+    """`ref[rows, start:start + width] += val` (float32 atomics, relaxed: the sums are read
+    only after the kernel); unlisted rows go to the spare last row (and are masked off on GPU)."""
     spare = ref.shape[0] - 1
     r = jnp.broadcast_to(jnp.where(listed, rows, spare)[:, None], val.shape)
     c = jnp.broadcast_to(start + jnp.arange(width, dtype=jnp.int32)[None, :], val.shape)
     mask = None if interpret else jnp.broadcast_to(listed[:, None], val.shape)
-    plgpu.atomic_add(ref, (r, c), val, mask=mask)
+    relaxed_add(ref, (r, c), val, mask=mask)
 
 
 def _tn(a, b):
