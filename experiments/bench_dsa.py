@@ -112,9 +112,10 @@ flags.DEFINE_bool("fused", False, "(a) also time the fused top-k (FusedIndexerCo
 flags.DEFINE_list("fused_variants", ["fused"], "with --fused: which of FUSED_VARIANTS")
 flags.DEFINE_integer("fused_query_chunk", 0, "with --fused: its query chunk (0: T, one chunk; it keeps "
                      "chunk x (S / sample_stride + 3 cap) x 4 bytes, no chunk x S scores)")
-flags.DEFINE_bool("layer_positions", False, "(a) pass explicit positions, as the DSA layer does (one "
-                  "compiled chunk program under lax.map) instead of the default causal prefixes (up to "
-                  "16 key widths, one kernel set compiled each)")
+flags.DEFINE_bool("layer_positions", False, "(a) pass explicit positions, as the DSA layer does (under "
+                  "lax.map, each chunk switches at run time to the smallest of up to 16 key width classes "
+                  "holding its visible keys) instead of the default causal prefixes (up to 16 static key "
+                  "widths); one kernel set compiled per width either way")
 flags.DEFINE_bool("scores_only", True, "(a) also time the score kernel alone (one more compile per chunk)")
 flags.DEFINE_integer("decode_batch", 16, "(c) batch")
 flags.DEFINE_integer("decode_context", 131072, "(c) cache length")
@@ -165,8 +166,9 @@ FUSED_VARIANTS = {             # name -> FusedIndexerConfig
 def indexer_fn(k, chunk, interpret, score_dtype="bfloat16", config=None, fp8_rerank=None):
     """The op as timed: default positions (each group of query chunks scores only its
     causal key prefix: at most 16 key widths compiled, `api.PREFIX_WIDTH_CLASSES`), or with
-    `--layer_positions` explicit ones, as the DSA layer calls it (one program under
-    `lax.map`; the kernels skip tiles no query of the chunk sees)."""
+    `--layer_positions` explicit ones, as the DSA layer calls it (under `lax.map`, each chunk
+    takes, by `lax.switch`, the smallest of at most 16 key width classes past its last
+    visible slot: at T = S = 64K, chunk 512, the causal prefixes' widths, 4096 apart)."""
     def f(qi, w, ki):
         pos = {}
         if FLAGS.layer_positions:

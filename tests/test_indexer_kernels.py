@@ -195,3 +195,123 @@ def test_default_positions_compile_at_most_sixteen_key_widths(monkeypatch):
     pos = jnp.arange(64)[None]
     np.testing.assert_array_equal(got, indexer_topk(q, w, k, k=4, q_positions=pos, kv_positions=pos,
                                                     query_chunk=1, impl="xla"))
+
+
+def width_cases(t, s):
+    """Explicit `(q_positions [2, t], kv_positions [2, s])`: row 0 a plain prefill (arange),
+    row 1 the DSA / CSA layers' other kinds of positions, so that the rows need different key
+    widths (the chunk's is their maximum)."""
+    ar_q, ar_k = np.arange(t), np.arange(s)
+    pad = lambda a, n: np.where(np.arange(len(a)) < n, -1, a - n)        # noqa: E731
+    row1 = {
+        "arange": (ar_q, ar_k),                                          # causal prefill
+        "left_padded": (pad(ar_q, 9), pad(ar_k, 9)),                     # 9 padding tokens first
+        "cache": (ar_q + 17, np.where(ar_k < 17 + t, ar_k, -1)),         # 17 cached, empty slots last
+        "reversed": (ar_q, ar_k[::-1]),                                  # slot j holds key S - 1 - j
+    }
+    out = {name: (np.stack([ar_q, qp]), np.stack([ar_k, kp])) for name, (qp, kp) in row1.items()}
+    out["padded_chunk"] = (np.where(ar_q < 20, -1, ar_q)[None].repeat(2, 0), ar_k[None].repeat(2, 0))
+    return {name: (jnp.asarray(qp, jnp.int32), jnp.asarray(kp, jnp.int32)) for name, (qp, kp) in out.items()}
+
+
+def test_needed_keys_is_one_past_the_last_visible_slot():
+    """`api._needed_keys` against the reference's visibility (`chunk_scores_reference`'s
+    -inf): random positions with padding queries, empty slots and unsorted keys."""
+    from pallas_kernels.indexer import api
+
+    rng = np.random.default_rng(0)
+    q, w, k, _, _ = make(23, b=3, t=8, s=40)
+    wants = set()
+    for i in range(30):
+        qp = rng.integers(-3, rng.integers(-1, 45), (3, 8))
+        kp = np.arange(40)[None].repeat(3, 0) if i % 2 else rng.permuted(np.tile(np.arange(40), (3, 1)), axis=1)
+        kp = np.where(np.arange(40) < rng.integers(0, 41, (3, 1)), kp, -1)          # empty slots last
+        kp = np.where(rng.random((3, 40)) < 0.2, -1, kp)                             # and anywhere
+        vis = np.isfinite(np.asarray(chunk_scores_reference(q, w, k, jnp.asarray(qp), jnp.asarray(kp))))
+        slots = np.flatnonzero(vis.any((0, 1)))
+        want = slots.max() + 1 if len(slots) else 0
+        assert int(api._needed_keys(jnp.asarray(qp, jnp.int32), jnp.asarray(kp, jnp.int32))) == want, (qp, kp)
+        wants.add(want)
+    assert 0 in wants and max(wants) >= 36 and len(wants) > 10, [int(x) for x in sorted(wants)]
+
+
+def _width_backends():
+    from pallas_kernels.indexer.fused import FusedIndexerConfig
+    tiles = IndexerTritonConfig(block_q=16, block_k=16)
+    fused = FusedIndexerConfig(block_q=16, block_k=16, sample_stride=2, oversample=2.0, capacity=4.0,
+                               fallback_rows=16)
+    fp8 = dict(score_dtype="float8_e4m3fn", fp8_rerank=1.25)
+    return {"xla": dict(impl="xla"), "xla-fp8": dict(impl="xla", **fp8),
+            "triton": dict(impl="triton", config=tiles), "fused": dict(impl="triton", config=fused),
+            "triton-fp8": dict(impl="triton", config=tiles, **fp8)}
+
+
+@pytest.mark.parametrize("backend", ["xla", "xla-fp8", "triton", "fused", "triton-fp8"])
+def test_explicit_positions_width_classes_match_full_width(backend, monkeypatch):
+    """Explicit positions, several query chunks: each chunk scores the smallest key width class
+    past its last visible slot (`lax.switch` under `lax.map`; classes of 16 slots here, the
+    kernels' key tile, so that 5 chunks of S = 150 keys get 5 classes), and returns the arrays
+    of the full-width path (`PREFIX_WIDTH_CLASSES = 1`): bit for bit on the Pallas kernels
+    (Triton, fused top-k; FP8 with its rerank), the same slots on XLA (whose dots round by
+    shape: scores within float32 rounding). Float inputs; T = 70 not a multiple of the chunk,
+    S = 150 != T, k = 24 above the first chunk's visible keys; `width_cases`: arange,
+    left-padded, cache with empty slots (more keys than row 0's), reversed (every chunk needs
+    all S), a chunk of padding queries; and the slots are `lax.top_k`'s on the reference
+    scores."""
+    from pallas_kernels.indexer import api
+
+    kw = _width_backends()[backend]
+    q, w, k, _, _ = make(21, t=70, s=150)
+    op = lambda: jax.jit(lambda qp, kp: indexer_topk(q, w, k, k=24, q_positions=qp, kv_positions=kp,  # noqa: E731
+                                                     query_chunk=16, return_scores=True, interpret=True, **kw))
+    monkeypatch.setattr(api, "KEY_WIDTH_ALIGN", 16)
+    narrow = op()
+    with monkeypatch.context() as m:
+        m.setattr(api, "PREFIX_WIDTH_CLASSES", 1)
+        full = op()
+        full(*width_cases(70, 150)["arange"])                          # traced with one width
+    exact = backend != "xla" and backend != "xla-fp8"
+    for name, (qp, kp) in width_cases(70, 150).items():
+        (idx, vals), (ref_idx, ref_vals) = narrow(qp, kp), full(qp, kp)
+        assert idx.shape == (2, 70, 24), name
+        np.testing.assert_array_equal(idx, ref_idx, err_msg=name)
+        if exact:
+            np.testing.assert_array_equal(vals, ref_vals, err_msg=name)
+        else:
+            np.testing.assert_allclose(vals, ref_vals, rtol=1e-5, atol=1e-5, err_msg=name)
+        if "fp8" not in backend:
+            np.testing.assert_array_equal(idx, ascending(best_first(q, w, k, qp, kp, 24)), err_msg=name)
+        if name == "padded_chunk":
+            assert (np.asarray(idx[:, :20]) == -1).all()
+
+
+def test_explicit_positions_trace_and_run_the_width_classes(monkeypatch):
+    """64 query chunks (T = S = 64, chunk 1; classes of 4 slots here): the backend is traced
+    once per class, `PREFIX_WIDTH_CLASSES` widths 4, 8, .., 64, and each chunk runs the
+    smallest one past its last visible key: causal positions run every class 4 times (chunk
+    i needs i + 1 keys), reversed slots only the full width; T > S (chunks past S all at S);
+    the arrays of the full-width path."""
+    from pallas_kernels.indexer import api
+
+    traced, ran = [], []
+
+    def recording(q_index, weights, k_index, *a, **kw):
+        width = k_index.shape[1]
+        traced.append(width)
+        jax.debug.callback(lambda: ran.append(width))
+        return api.chunk_topk_xla(q_index, weights, k_index, *a, **kw)
+
+    monkeypatch.setitem(api.IMPLEMENTATIONS, "xla", recording)
+    monkeypatch.setattr(api, "KEY_WIDTH_ALIGN", 4)
+    q, w, k, _, _ = make(22, b=1, t=80, s=64)
+    pos = np.arange(80)[None]
+    for kp, t, runs in ((pos[:, :64], 64, list(range(4, 65, 4)) * 4), (pos[:, 63::-1], 64, [64] * 64),
+                        (pos[:, :64], 80, list(range(4, 65, 4)) * 4 + [64] * 16)):
+        traced.clear()
+        ran.clear()
+        got = indexer_topk(q[:, :t], w[:, :t], k, k=4, q_positions=pos[:, :t], kv_positions=kp, query_chunk=1,
+                           impl="xla")
+        jax.effects_barrier()
+        assert traced == list(range(4, 65, 4)), traced
+        assert sorted(ran) == sorted(runs), ran
+        np.testing.assert_array_equal(got, ascending(best_first(q[:, :t], w[:, :t], k, pos[:, :t], kp, 4)))

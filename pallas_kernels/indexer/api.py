@@ -9,9 +9,13 @@ processed `query_chunk` at a time (`lax.map`): a kernel writes the chunk's float
 `[B, chunk, S]` scores (the `[chunk, H_I, S]` per-head products never reach HBM), then the
 selection runs: "triton" the exact radix select kernel (`select.topk_select`), "xla" and
 "mosaic_tpu" `lax.top_k` with its slots sorted (`select.sorted_top_k`); only one chunk's
-scores exist at once, never the `T x S` matrix. With default positions
-(both `arange`) chunk i only scores the keys before its last query (a Python loop over
-chunks of static key prefixes: about half the score writes and top-k work of causal prefill).
+scores exist at once, never the `T x S` matrix. With several chunks a chunk scores only a
+prefix of the key slots, one of at most `PREFIX_WIDTH_CLASSES` (16) static widths, past which
+no key is visible to it: with default positions (both `arange`) the causal prefix of each
+group of chunks (a Python loop over the groups); with explicit ones the smallest width class
+holding every key visible to the chunk, picked at run time (`lax.switch` under `lax.map`).
+Causal prefill scores about half the keys either way (the score writes and top-k work); keys
+visible past a short prefix (a ring cache, unsorted slots) just take the full width.
 
 No gradient: the indices are discrete and the inputs are `stop_gradient`-ed. The indexer's
 training loss (KL to the main attention, `sparse_jax.ops.dsa.dsa_indexer_loss`) is computed
@@ -32,6 +36,7 @@ from the unquantised q and k, gathered, in XLA) pick the k: 99.7-99.9% overlap a
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -39,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
+from pallas_kernels.flash import blocks
 from pallas_kernels.indexer import fp8, reference, tpu, triton
 from pallas_kernels.indexer.fp8 import chunk_scores_fp8, quantize_indexer
 from pallas_kernels.indexer.fused import FusedIndexerConfig, chunk_topk_fused
@@ -158,7 +164,14 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
       k: slots per query (2048 in V3.2); the output has `min(k, S)` columns.
       q_positions: int `[B, T]`, default `arange(T)`; negative = padding query (all -1).
       kv_positions: int `[B, S]`, default `arange(S)`; negative = empty slot / padding.
-      query_chunk: queries per chunk (the working set is `B x query_chunk x S` float32).
+      query_chunk: queries per chunk (the working set is `B x query_chunk x S` float32). With
+        more than one chunk, each scores only a key prefix holding every key visible to it, one
+        of at most `PREFIX_WIDTH_CLASSES` widths (multiples of 128 and of the kernel's key
+        tile, up to S): causal prefixes with default positions, with explicit ones the smallest
+        class past the chunk's last visible slot, chosen at run time (so keys in ascending
+        slot order, as a prefill or an append-only cache holds them, save about half the work
+        of causal prefill; any other order is exact at full width). One chunk (decode) scores
+        all S.
       return_scores: also return the selected scores.
       impl: "auto" | "xla" | "triton" | "mosaic_tpu" (`common.resolve`); interpret: run the
         kernels in interpret mode (CPU tests).
@@ -199,23 +212,44 @@ def indexer_topk(q_index, weights, k_index, *, k: int, q_positions=None, kv_posi
     if score_dtype == "float8_e4m3fn":      # quantised once; the chunks see e4m3 q and k
         *ops, k_scale = quantize_indexer(q_index, weights, k_index)
     width = k if fp8_rerank is None else max(k, math.ceil(fp8_rerank * k))
-    vals, idx = _select(fn, *ops, k_scale, q_positions, kv_positions, width, query_chunk, prefix)
+    align = max(KEY_WIDTH_ALIGN, getattr(config, "block_k", 0))     # whole key tiles of the kernel
+    vals, idx = _select(fn, *ops, k_scale, q_positions, kv_positions, width, query_chunk, prefix, align)
     if fp8_rerank is not None:
         vals, idx = _rerank(q_index, weights, k_index, idx, min(k, s), query_chunk)
     return (idx, vals) if return_scores else idx
 
 
-def _select(fn, q_index, weights, k_index, k_scale, q_positions, kv_positions, k, query_chunk, prefix):
-    """`(values, slots) [B, T, min(k, S)]` of backend `fn`, query chunk by query chunk."""
-    b, t = q_index.shape[:2]
+def _select(fn, q_index, weights, k_index, k_scale, q_positions, kv_positions, k, query_chunk, prefix,
+            align):
+    """`(values, slots) [B, T, min(k, S)]` of backend `fn`, query chunk by query chunk.
 
-    def chunk(qi, w, qp):
-        return fn(qi, w, k_index, qp, kv_positions, k=k, k_scale=k_scale)
-
-    if prefix and t > query_chunk:
-        return _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk)
+    One chunk (T <= query_chunk) scores every key slot. Several: each chunk scores only a
+    prefix of the slots holding every key visible to it (`_key_prefix`), at most
+    `PREFIX_WIDTH_CLASSES` static widths in all: default positions (`prefix`) take the
+    causal prefixes (`_causal_prefix_chunks`); explicit positions take, per chunk at run time,
+    the smallest of `_width_classes(S, .., align)` >= `_needed_keys` (`lax.switch` under
+    `lax.map`; one kernel set compiled per width). The result equals the full-width one:
+    invisible keys are never selected, the slots of the prefix are the full row's, and the
+    Pallas kernels compute each visible score by the same tile program at any width
+    (`align` >= their key tile). XLA's dots are not width-invariant: its scores (so near-tie
+    picks) may differ in the last bits from the full-width path's, as between the
+    default-positions path and the explicit one.
+    """
+    t, s = q_index.shape[1], k_index.shape[1]
+    on_keys = functools.partial(_key_prefix, fn, k_index, kv_positions, k_scale, k, min(k, s))
     if t <= query_chunk:
-        return chunk(q_index, weights, q_positions)
+        return fn(q_index, weights, k_index, q_positions, kv_positions, k=k, k_scale=k_scale)
+    if prefix:
+        return _causal_prefix_chunks(on_keys, s, q_index, weights, q_positions, query_chunk)
+    widths = _width_classes(s, min(PREFIX_WIDTH_CLASSES, -(-t // query_chunk)), align)
+    branches = [functools.partial(on_keys, keys) for keys in widths]
+
+    def chunk(qi, wi, qp):
+        if len(branches) == 1:                                          # S itself
+            return branches[0](qi, wi, qp)
+        smallest = jnp.sum(_needed_keys(qp, kv_positions) > jnp.asarray(widths[:-1]))
+        return jax.lax.switch(smallest, branches, qi, wi, qp)
+
     return _map_query_chunks(chunk, (q_index, 0), (weights, 0), (q_positions, -1), query_chunk=query_chunk)
 
 
@@ -253,39 +287,61 @@ def _rerank(q_index, weights, k_index, candidates, k, query_chunk):
 
 
 PREFIX_WIDTH_CLASSES = 16
+KEY_WIDTH_ALIGN = 128        # key width classes are multiples of this (and of the kernel's key tile)
 
 
-def _causal_prefix_chunks(fn, q_index, weights, k_index, k_scale, k, query_chunk):
+def _key_prefix(fn, k_index, kv_positions, k_scale, k, width, keys, q_index, weights, q_positions):
+    """Backend `fn` on the first `keys` key slots (static) only, its `(values, slots)`
+    `[B, C, min(k, keys)]` padded with -inf / -1 to `width` columns: the full-width result
+    when no key past `keys` is visible to these queries (the same candidates, the same
+    slots; fewer than `min(k, keys)` of them leave the same -inf / -1 padding)."""
+    if keys == 0:
+        b, c = q_index.shape[:2]
+        v, i = jnp.zeros((b, c, 0), jnp.float32), jnp.zeros((b, c, 0), jnp.int32)
+    else:
+        v, i = fn(q_index, weights, k_index[:, :keys], q_positions, kv_positions[:, :keys], k=k,
+                  k_scale=None if k_scale is None else k_scale[:, :keys])
+    pad = [(0, 0), (0, 0), (0, width - v.shape[-1])]
+    return jnp.pad(v, pad, constant_values=-jnp.inf), jnp.pad(i, pad, constant_values=-1)
+
+
+def _width_classes(s: int, n: int, align: int) -> list[int]:
+    """At most `n` static key widths, increasing to `s`: `ceil(i * s / n)` for i = 1..n,
+    rounded up to a multiple of `align` (kernel tiles stay whole), clipped to `s`; equal ones
+    merged. 64K keys, 16 classes: 4096, 8192, ..., 65536."""
+    return sorted({min(s, blocks.round_up(-(-i * s // n), align)) for i in range(1, n + 1)})
+
+
+def _needed_keys(q_positions, kv_positions):
+    """int32 scalar: 1 + the last key slot visible to some query of `q_positions [B, C]` in
+    some batch row of `kv_positions [B, S]` (0: none). Slot j of row b is visible to query i
+    iff `q_pos[b, i] >= 0`, `kv_pos[b, j] >= 0` and `kv_pos[b, j] <= q_pos[b, i]`
+    (`chunk_scores_reference`), so to some query of the chunk iff `0 <= kv_pos[b, j] <=
+    max_i q_pos[b, i]` (the maximum is then >= 0, a real query)."""
+    q_max = jnp.max(q_positions, axis=1, keepdims=True)
+    visible = (kv_positions >= 0) & (kv_positions <= q_max)
+    return jnp.max(jnp.where(visible, jnp.arange(1, kv_positions.shape[1] + 1, dtype=jnp.int32), 0))
+
+
+def _causal_prefix_chunks(on_keys, s, q_index, weights, q_positions, query_chunk):
     """Default positions: the queries `[lo, hi)` of a group score only the keys
-    `[0, min(S, hi))`, the rest being invisible to all of them; the result is identical to
-    the full-width path (invisible keys are never selected). A group is one query chunk while
-    there are at most `PREFIX_WIDTH_CLASSES` chunks (each its exact causal prefix), else that
-    many chunks' worth of consecutive chunks (under `lax.map`), so that at most
-    `PREFIX_WIDTH_CLASSES` key widths are compiled: one kernel set per width, 128 at 64K /
-    chunk 512 before (the fused top-k's compile ran past 200 s on an H100), at the price of
-    ~6% more scores there (each chunk scores up to its group's last key)."""
-    b, t = q_index.shape[:2]
-    s = k_index.shape[1]
-    width = min(k, s)
+    `[0, min(S, hi))` (`on_keys(keys, ...)`, a `_key_prefix`), the rest being invisible to all
+    of them. A group is one query chunk while there are at most `PREFIX_WIDTH_CLASSES` chunks
+    (each its exact causal prefix), else that many chunks' worth of consecutive chunks (under
+    `lax.map`), so that at most `PREFIX_WIDTH_CLASSES` key widths are compiled: one kernel set
+    per width, 128 at 64K / chunk 512 before (the fused top-k's compile ran past 200 s on an
+    H100), at the price of ~6% more scores there (each chunk scores up to its group's last
+    key)."""
+    t = q_index.shape[1]
     n = -(-t // query_chunk)
     group = query_chunk * -(-n // PREFIX_WIDTH_CLASSES)
     vals, idx = [], []
     for lo in range(0, t, group):
         hi = min(t, lo + group)
-        keys = min(s, hi)
-        qpos = jnp.broadcast_to(jnp.arange(lo, hi, dtype=jnp.int32), (b, hi - lo))
-        kpos = jnp.broadcast_to(jnp.arange(keys, dtype=jnp.int32), (b, keys))
-        if keys == 0:
-            v = jnp.full((b, hi - lo, 0), -jnp.inf, jnp.float32)
-            i = jnp.zeros((b, hi - lo, 0), jnp.int32)
-        else:
-            def chunk(qi, w, qp, keys=keys, kpos=kpos):
-                return fn(qi, w, k_index[:, :keys], qp, kpos, k=k,
-                          k_scale=None if k_scale is None else k_scale[:, :keys])
-            args = (q_index[:, lo:hi], weights[:, lo:hi], qpos)
-            v, i = chunk(*args) if hi - lo <= query_chunk else _map_query_chunks(
-                chunk, *zip(args, (0, 0, -1)), query_chunk=query_chunk)
-        pad = [(0, 0), (0, 0), (0, width - v.shape[-1])]
-        vals.append(jnp.pad(v, pad, constant_values=-jnp.inf))
-        idx.append(jnp.pad(i, pad, constant_values=-1))
+        chunk = functools.partial(on_keys, min(s, hi))
+        args = (q_index[:, lo:hi], weights[:, lo:hi], q_positions[:, lo:hi])
+        v, i = chunk(*args) if hi - lo <= query_chunk else _map_query_chunks(
+            chunk, *zip(args, (0, 0, -1)), query_chunk=query_chunk)
+        vals.append(v)
+        idx.append(i)
     return jnp.concatenate(vals, 1), jnp.concatenate(idx, 1)
