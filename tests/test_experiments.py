@@ -323,3 +323,19 @@ def test_entmax_extrapolation_tiny_run_writes_json_and_plot(tmp_path):
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert json.load(open(tmp_path / "merged" / "entmax_extrapolation.json"))["models"] == rows
+
+
+def test_bench_dsa_small_runs_every_part_on_the_layer_paths(tmp_path):
+    """`bench_dsa.py --small` (CPU, interpret mode) through the rows the owed GPU runs print
+    (docs/pending/run.sh): the indexer as the layer calls it (explicit positions), the layer's
+    own forward and forward + backward, and the backward variants, folded equal to unfolded.
+    A crash here would cost a GPU call."""
+    out = tmp_path / "bench_dsa.json"
+    run = _run("bench_dsa.py", "--small", "--parts", "indexer,forward,attention", "--layer_positions",
+               "--attention_impls", "triton", "--attention_bwd", "16:0,16:1", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["part"]: r for r in json.load(open(out))["rows"]}
+    assert rows["indexer"]["sel_err"] == 0.0
+    assert rows["forward"]["layer_ms"] > 0 and rows["forward"]["layer_fwdbwd_ms"] > 0
+    attention = rows["attention"]
+    assert attention["bwd_16rows_fold0_ms"] > 0 and attention["bwd_16rows_fold1_err_vs_first"] < 1e-2
