@@ -14,6 +14,13 @@ kernel; K=3000: two splits, so that each slot list fits SMEM); the gradient lowe
 CUDA scatters one 576-wide latent row per (query, slot) (dv folded into dk); the DSA attention path routes `impl="mosaic_gpu"` here (and `auto` on Hopper); unsupported calls raise
 ValueError. Under `-m gpu` on a Hopper GPU: the compiled kernel and backward at DeepSeek's
 sizes against the reference.
+
+`impl="triton"` (and `auto` where token_sparse picks Triton): token_sparse's Triton forward
+with the same folded backward, in Triton's interpreter in float32 (16 heads, Dc 128 + Dr 64,
+T=13, K=20, ragged cache, padded query, future slots) against the reference and the unfolded
+backward (token_sparse_attention's own VJP; `dkdv="inverted"`); which calls fold (traced:
+`auto`, `dkdv="atomic"` fold; `inverted`, Dc 64 + Dr 64, XLA do not); its gradient lowered
+for an H100 at DeepSeek's sizes scatters one 576-wide row per (query, slot).
 """
 
 from __future__ import annotations
@@ -173,3 +180,83 @@ def test_mosaic_gpu_prefill_compiled_on_gpu(dtype):
             pick = {n: kw[n] for n in ("indices", "q_positions", "kv_positions", "scale")}
             run = lambda impl: jax.jit(lambda *a: mla_sparse_attention(*a, **pick, impl=impl))(*args)  # noqa: E731
             np.testing.assert_array_equal(np.asarray(run("auto"), np.float32), np.asarray(run("mosaic_gpu"), np.float32))
+
+
+# the Triton path (`impl="triton"`, `auto` off Hopper): token_sparse's forward, the folded
+# backward. Float32, 16 heads (one program), Dc 128 + Dr 64 (pieces 128 | 64: foldable), T=13,
+# K=20 (two slot tiles of 16, the second ragged), two batch rows (one ragged, a padded query)
+TRITON_CASE = MlaCase("triton_fold", b=2, t=13, h=16, dc=128, dr=64, s=45, k=20, seed=31)
+
+
+def test_triton_prefill_folds_dv_into_dk_and_matches_the_reference():
+    """`impl="triton"` in Triton's interpreter: out, lse and the gradients of q, c_kv, k_rope
+    equal the float32 reference's, and the unfolded backward's (token_sparse_attention's own
+    VJP, dk and dv scattered apart; and `dkdv="inverted"`, routed to that VJP) up to float32
+    summation order."""
+    from pallas_kernels.token_sparse import token_sparse_attention
+    from pallas_kernels.token_sparse.triton import TritonConfig
+
+    args, kw = make_inputs(TRITON_CASE)
+    got = value_and_grads(lambda *a, **k: mla_sparse_attention(*a, **k, return_lse=True, impl="triton",
+                                                               interpret=True), args, kw)
+    assert got[0].dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in got[2])
+    assert_close(got, value_and_grads(reference, args, kw), 1e-4)
+    check_zero_rows(got[0], kw)
+
+    def unfolded(q, c, r, *, indices, **pos):
+        return token_sparse_attention(q, jnp.concatenate([c, r], -1)[:, :, None], c[:, :, None],
+                                      indices[:, :, None], **pos, return_lse=True, impl="triton",
+                                      interpret=True)
+
+    inverted = lambda *a, **k: mla_sparse_attention(*a, **k, return_lse=True, impl="triton",  # noqa: E731
+                                                    interpret=True, config=TritonConfig(dkdv="inverted"))
+    for other in (unfolded, inverted):
+        assert_close(got, value_and_grads(other, args, kw), 1e-5)
+
+
+def test_triton_prefill_routes_the_fold_by_token_sparse_backend(monkeypatch):
+    """Traced only: `auto` with `interpret=True` (token_sparse's choice: Triton) and
+    `dkdv="atomic"` take the folded backward with the given config; `dkdv="inverted"`, Dc 64
+    + Dr 64 (value pieces 64 not the keys' first 128) and `impl="xla"` keep token_sparse's own."""
+    from pallas_kernels.mla_decode import api
+    from pallas_kernels.token_sparse.triton import TritonConfig
+
+    calls, backward = [], api.token_sparse_backward
+
+    def spy(*a, **k):
+        calls.append((k["value_is_key_prefix"], k["config"]))
+        return backward(*a, **k)
+
+    monkeypatch.setattr(api, "token_sparse_backward", spy)
+
+    def backward_calls(case, **extra):
+        calls.clear()
+        args, kw = make_inputs(case)
+        pick = {n: kw[n] for n in ("indices", "q_positions", "kv_positions", "scale")}
+        loss = lambda *a: mla_sparse_attention(*a, **pick, **extra).sum()  # noqa: E731
+        jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+        return list(calls)
+
+    small = MlaCase("routes", b=1, t=3, h=16, dc=128, dr=64, s=20, k=8, seed=4)
+    atomic = TritonConfig(dkdv="atomic")
+    assert backward_calls(small, impl="auto", interpret=True) == [(True, None)]
+    assert backward_calls(small, impl="triton", interpret=True, config=atomic) == [(True, atomic)]
+    assert backward_calls(small, impl="triton", interpret=True, config=TritonConfig(dkdv="inverted")) == []
+    assert backward_calls(MlaCase("dc64", b=1, t=3, h=16, dc=64, dr=64, s=20, k=8), impl="triton",
+                          interpret=True) == []
+    assert backward_calls(small, impl="xla") == []
+
+
+def test_triton_prefill_backward_scatters_one_latent_row_per_slot():
+    """`impl="triton"`'s gradient lowered for an H100 at DeepSeek's sizes (H=64 on two
+    programs of 32 rows, Dc=512, Dr=64, K=2048): the only float32 atomics are dk's two
+    pieces, dv folded into the first (without the fold also a 512-wide dv scatter:
+    [(32, 512), (32, 512), (32, 64)], `test_token_sparse_kernels`)."""
+    t = 64
+    q = jax.ShapeDtypeStruct((1, t, 64, 576), jnp.bfloat16)
+    c, r = jax.ShapeDtypeStruct((1, t, 512), jnp.bfloat16), jax.ShapeDtypeStruct((1, t, 64), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((1, t, 2048), jnp.int32)
+    loss = lambda q, c, r, i: mla_sparse_attention(q, c, r, i, scale=SCALE, impl="triton").astype(  # noqa: E731
+        jnp.float32).sum()
+    lowered = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, c, r, idx)
+    assert triton_atomic_shapes(lowered) == [(32, 512), (32, 64)]

@@ -35,8 +35,11 @@ per (query, slot) and row program instead of 576 + 512; `dc_kv = dk[..., :Dc]`).
 H100 at 64K tokens, 64 heads, k = 2048, the forward took 86 ms and forward + backward
 2575 ms with the two scatters (2 x 1088 atomic adds per pair, 2.9e11); the folded backward
 (2 x 576 per pair) is not yet timed on a GPU. Other impls are `token_sparse_attention` over
-the concatenated latent (keys `[c_kv | k_rope]`, values `c_kv`: two arrays to its custom VJP,
-so its backward still scatters dk and dv separately and autodiff adds them).
+the concatenated latent (keys `[c_kv | k_rope]`, values `c_kv`). Where it runs on Triton
+(`impl="triton"`, or `auto` off Hopper) with the atomic dk/dv path, its forward `(out, lse)`
+feeds the same folded backward (one custom VJP, `_latent_prefill`, in the caller's dtype);
+elsewhere (XLA, Mosaic TPU, `TritonConfig(dkdv="inverted")`, widths whose value pieces are
+not the keys' first) its own custom VJP takes dk and dv apart and autodiff adds them.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ from pallas_kernels.mla_decode.mosaic_gpu import MlaDecodeMosaicGpuConfig, mla_d
 from pallas_kernels.mla_decode.reference import mla_decode_reference
 from pallas_kernels.mla_decode.tpu import MlaDecodeTpuConfig, mla_decode_tpu
 from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, mla_decode_triton
-from pallas_kernels.token_sparse.api import token_sparse_attention, token_sparse_backward
+from pallas_kernels.token_sparse.api import (folds_value_into_key, token_sparse_attention, token_sparse_backend,
+                                             token_sparse_backward)
 
 # impl="auto" order: Mosaic GPU on Hopper (1.5-1.7x Triton there), then Triton on any GPU
 BACKENDS = {"mosaic_gpu": mosaic_gpu, "triton": triton, "mosaic_tpu": tpu, "xla": reference}
@@ -198,7 +202,14 @@ def mla_sparse_attention(q_abs, c_kv, k_rope, indices, *, q_positions=None, kv_p
         float32 accumulation, results cast back to float32. H a multiple of 64,
         Dc a multiple of 128 up to 512, Dr of 64 (else ValueError). Any other impl:
         `token_sparse_attention` over the concatenated latent (keys `[c_kv | k_rope]`,
-        values `c_kv`), its forward and backward, `config` its tiles.
+        values `c_kv`), `config` its tiles. Where that runs on Triton (its own choice:
+        `impl="triton"`, or "auto" on a non-Hopper GPU or with `interpret=True`) with the
+        atomic dk/dv (`config` None or `TritonConfig(dkdv="auto" | "atomic")`) and the
+        value widths' pieces the keys' first (`folds_value_into_key`; DeepSeek's 512 + 64
+        yes), its forward `(out, lse)` (the caller's dtype, no bf16 cast) takes the same
+        folded backward as "mosaic_gpu" (`token_sparse_backward(value_is_key_prefix=True,
+        config=config)`); otherwise (XLA, Mosaic TPU, `dkdv="inverted"`, other widths) its
+        forward and its own backward, dk and dv scattered apart.
     Returns:
       the latent output `[B, T, H, Dc]` in q's dtype, or `AttentionOutput(out, lse [B, H, T])`.
     """
@@ -211,16 +222,45 @@ def mla_sparse_attention(q_abs, c_kv, k_rope, indices, *, q_positions=None, kv_p
         name, _ = common.choose("mla_sparse_attention", "auto", {"mosaic_gpu": mosaic_gpu}, call,
                                 interpret=interpret, config=config)
         impl = "mosaic_gpu" if name else "auto"
-    if impl != "mosaic_gpu":
-        keys = jnp.concatenate([c_kv, k_rope], axis=-1)[:, :, None]
-        return token_sparse_attention(q_abs, keys, c_kv[:, :, None], indices[:, :, None],
-                                      q_positions=q_positions, kv_positions=kv_positions, scale=scale,
-                                      return_lse=return_lse, impl=impl, interpret=interpret, config=config)
-    cfg = dataclasses.replace(config or MlaDecodeMosaicGpuConfig(), gather_in_kernel=True)
-    mosaic_gpu.check_supported(_bf16_if_f32(q_abs), c_kv, k_rope, indices, interpret, cfg)
-    out, lse = _mosaic_prefill((scale, interpret, cfg), q_abs, c_kv, k_rope, indices, q_positions,
-                               kv_positions)
+    if impl == "mosaic_gpu":
+        config = dataclasses.replace(config or MlaDecodeMosaicGpuConfig(), gather_in_kernel=True)
+        mosaic_gpu.check_supported(_bf16_if_f32(q_abs), c_kv, k_rope, indices, interpret, config)
+    else:           # token_sparse over the concatenated latent: one MQA head, token lists
+        latent = (q_abs, jnp.concatenate([c_kv, k_rope], axis=-1)[:, :, None], c_kv[:, :, None],
+                  indices[:, :, None])
+        kw = dict(q_positions=q_positions, kv_positions=kv_positions, scale=scale, impl=impl,
+                  interpret=interpret, config=config)
+        if not _folds_on_triton(*latent, **kw):
+            return token_sparse_attention(*latent, **kw, return_lse=return_lse)
+        impl = "triton"
+    out, lse = _latent_prefill(_Prefill(impl, scale, interpret, config), q_abs, c_kv, k_rope, indices,
+                               q_positions, kv_positions)
     return common.AttentionOutput(out, lse) if return_lse else out
+
+
+def _folds_on_triton(q_abs, keys, values, slots, *, config, **kw) -> bool:
+    """Whether `token_sparse_attention(q_abs, keys, values, slots, **kw)` would run on Triton
+    (its own backend choice, `token_sparse_backend`) and its backward can fold dv into dk
+    (`folds_value_into_key`: the atomic dk/dv path, not `dkdv="inverted"`; Dc + Dr = 512 +
+    64 yes, 64 + 64 no): then `_latent_prefill` runs it, dv folded into dk."""
+    return (token_sparse_backend(q_abs, keys, values, slots, config=config, **kw) == "triton"
+            and folds_value_into_key(keys, values, config))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prefill:
+    """`_latent_prefill`'s static part. forward: "mosaic_gpu" (`mla_decode_mosaic_gpu`,
+    float32 cast to bf16, `config` its `MlaDecodeMosaicGpuConfig`; the backward on Triton's
+    default tiles) or "triton" (`token_sparse_attention` over the concatenated latent, the
+    caller's dtype, `config` a `TritonConfig` or None for the forward and the backward)."""
+
+    forward: str
+    scale: float
+    interpret: object
+    config: object
+
+    def cast(self, x):
+        return _bf16_if_f32(x) if self.forward == "mosaic_gpu" else x
 
 
 def _bf16_if_f32(x):
@@ -231,41 +271,46 @@ def _bf16_if_f32(x):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _mosaic_prefill(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positions):
-    """`mla_sparse_attention`'s Mosaic GPU forward `(out, lse)`; `st = (scale, interpret,
-    config)`. Its VJP: `token_sparse_backward` on the residuals."""
-    scale, interpret, cfg = st
-    cast = _bf16_if_f32
-    res = mla_decode_mosaic_gpu(cast(q_abs), cast(c_kv), cast(k_rope), indices=indices,
-                                q_positions=q_positions, kv_positions=kv_positions, scale=scale,
-                                return_lse=True, num_splits=None, interpret=interpret, config=cfg)
+def _latent_prefill(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positions):
+    """`mla_sparse_attention`'s forward `(out, lse)` on `st.forward`'s kernel (`_Prefill`).
+    Its VJP: `token_sparse_backward` on the residuals, dv folded into dk."""
+    cast, pos = st.cast, dict(q_positions=q_positions, kv_positions=kv_positions, scale=st.scale)
+    if st.forward == "mosaic_gpu":
+        res = mla_decode_mosaic_gpu(cast(q_abs), cast(c_kv), cast(k_rope), indices=indices, **pos,
+                                    return_lse=True, num_splits=None, interpret=st.interpret,
+                                    config=st.config)
+    else:
+        keys = jnp.concatenate([c_kv, k_rope], axis=-1)[:, :, None]
+        res = token_sparse_attention(q_abs, keys, c_kv[:, :, None], indices[:, :, None], **pos,
+                                     return_lse=True, impl="triton", interpret=st.interpret,
+                                     config=st.config)
     return res.out.astype(q_abs.dtype), res.lse
 
 
-def _mosaic_prefill_fwd(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positions):
-    out, lse = _mosaic_prefill(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positions)
+def _latent_prefill_fwd(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positions):
+    out, lse = _latent_prefill(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positions)
     return (out, lse), (q_abs, c_kv, k_rope, indices, q_positions, kv_positions, out, lse)
 
 
-def _mosaic_prefill_bwd(st, res, cts):
-    scale, interpret, _ = st
+def _latent_prefill_bwd(st, res, cts):
     q_abs, c_kv, k_rope, indices, q_positions, kv_positions, out, lse = res
     dout, dlse = cts
     dc = c_kv.shape[-1]
-    cast = _bf16_if_f32        # float32: 344 KB of SMEM asked on an H100 at Dc 512 (of 227 KB)
+    cast = st.cast             # Mosaic, float32: 344 KB of SMEM asked on an H100 at Dc 512 (of 227 KB)
+    config = st.config if st.forward == "triton" else None
     keys = jnp.concatenate([cast(c_kv), cast(k_rope)], axis=-1)[:, :, None]
     # the values are the keys' first Dc columns: the kernel adds dv into dk there (one
     # 576-wide atomic row per (query, slot), not 576 + 512), so dk[..., :Dc] is dc_kv whole
     dq, dk, _ = token_sparse_backward(cast(q_abs), keys, cast(c_kv)[:, :, None], indices[:, :, None], cast(out),
                                       lse, cast(dout), dlse, q_positions=q_positions,
-                                      kv_positions=kv_positions, scale=scale, interpret=bool(interpret),
-                                      value_is_key_prefix=True)
+                                      kv_positions=kv_positions, scale=st.scale, interpret=bool(st.interpret),
+                                      config=config, value_is_key_prefix=True)
     dk = dk[:, :, 0]
     return (dq.astype(q_abs.dtype), dk[..., :dc].astype(c_kv.dtype), dk[..., dc:].astype(k_rope.dtype),
             None, None, None)
 
 
-_mosaic_prefill.defvjp(_mosaic_prefill_fwd, _mosaic_prefill_bwd)
+_latent_prefill.defvjp(_latent_prefill_fwd, _latent_prefill_bwd)
 
 
 def triton_launch_plan(q_abs, c_kv, k_rope, indices=None, *, config=None, num_splits=None):

@@ -20,7 +20,9 @@ runs a Pallas kernel in interpret mode on CPU (Triton, Mosaic TPU),
 reference takes the union; a kernel would count a repeated block twice).
 
 `token_sparse_backward`: the Triton backward alone, on the `(out, lse)` of a forward computed
-by another op's kernel (`mla_decode.mla_sparse_attention`'s Mosaic GPU prefill).
+by another op's kernel (`mla_decode.mla_sparse_attention`'s Mosaic GPU prefill) or by this
+op's Triton forward (its Triton path, values folded into the keys' gradient);
+`token_sparse_backend`: the backend `token_sparse_attention` would pick for a call.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pallas_kernels.token_sparse import mosaic_gpu, reference, tpu, triton
 from pallas_kernels.token_sparse.mosaic_gpu import MosaicGPUConfig, token_sparse_mosaic_gpu
 from pallas_kernels.token_sparse.reference import token_sparse_reference
 from pallas_kernels.token_sparse.tpu import TpuConfig, token_sparse_tpu
-from pallas_kernels.token_sparse.triton import TritonConfig, token_sparse_triton
+from pallas_kernels.token_sparse.triton import TritonConfig, token_sparse_triton, value_pieces_lead
 
 # impl="auto" order; Mosaic GPU last but XLA: only an explicit impl (or GPU interpret mode,
 # which no other kernel takes) picks it until it has been timed against Triton on Hopper.
@@ -96,6 +98,43 @@ def token_sparse_attention(q, k, v, indices, *, block_size=1, q_positions=None,
       `out [B, T, H, Dv]` in q's dtype, or `AttentionOutput(out, lse)` with `return_lse`.
       A query that sees no key gives zeros (and finite gradients).
     """
+    call = _checked_call(q, k, v, indices, block_size=block_size, q_positions=q_positions,
+                         kv_positions=kv_positions, causal=causal, sink_logits=sink_logits,
+                         softcap=softcap, scale=scale)
+    fn = common.resolve("token_sparse", impl, BACKENDS, IMPLEMENTATIONS, call, interpret=interpret,
+                        config=config, explain=explain)
+    return fn(q, k, v, call["indices"], block_size=block_size, q_positions=call["q_positions"],
+              kv_positions=call["kv_positions"], causal=causal, sink_logits=call["sink_logits"],
+              softcap=softcap, scale=call["scale"], return_lse=return_lse)
+
+
+def token_sparse_backend(q, k, v, indices, *, block_size=1, q_positions=None, kv_positions=None,
+                         causal=True, sink_logits=None, softcap=None, scale=None, impl="auto",
+                         interpret=False, config=None) -> str | None:
+    """The backend name ("triton", "xla", ...) `token_sparse_attention` would run this call
+    on, by the same checks and choice (`common.choose`); None where no backend can run it
+    (`token_sparse_attention` raises ValueError there). For callers that take another
+    route on one backend (`mla_decode.mla_sparse_attention`: on Triton, dv folded into dk)."""
+    call = _checked_call(q, k, v, indices, block_size=block_size, q_positions=q_positions,
+                         kv_positions=kv_positions, causal=causal, sink_logits=sink_logits,
+                         softcap=softcap, scale=scale)
+    return common.choose("token_sparse", impl, BACKENDS, call, interpret=interpret, config=config)[0]
+
+
+def folds_value_into_key(k, v, config=None) -> bool:
+    """Whether `token_sparse_backward(..., config=config, value_is_key_prefix=True)` takes
+    keys `k [B, S, Hkv, D]` and values `v [B, S, Hkv, Dv]` (token indices): the atomic
+    dk/dv path (`config` None or `TritonConfig.dkdv` "auto" / "atomic") and v's padded
+    head-dim pieces the first of k's (`triton.value_pieces_lead`: 576 = 512 + 64 with Dv
+    512 yes; 128 with Dv 64 no) in k's dtype. The caller still owes `v == k[..., :Dv]`."""
+    return ((config is None or config.dkdv in ("auto", "atomic")) and k.dtype == v.dtype
+            and value_pieces_lead(k.shape[-1], v.shape[-1]))
+
+
+def _checked_call(q, k, v, indices, *, block_size, q_positions, kv_positions, causal, sink_logits,
+                  softcap, scale) -> dict:
+    """`token_sparse_attention`'s argument checks; the normalised call the backends'
+    `supports` see (indices int32, positions and scale defaulted)."""
     args = common.check_attention_args(
         q, k, v, mask_fn=None, q_positions=q_positions, kv_positions=kv_positions,
         q_segment_ids=None, kv_segment_ids=None, sink_logits=sink_logits, softcap=softcap,
@@ -106,12 +145,7 @@ def token_sparse_attention(q, k, v, indices, *, block_size=1, q_positions=None,
         raise ValueError(f"causal must be a bool, got {causal!r}")
     b, t, s, hkv = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
     indices = check_indices(indices, b, t, hkv, -(-s // block_size))
-    call = dict(q=q, k=k, v=v, indices=indices, block_size=block_size, causal=causal, **args)
-    fn = common.resolve("token_sparse", impl, BACKENDS, IMPLEMENTATIONS, call, interpret=interpret,
-                        config=config, explain=explain)
-    return fn(q, k, v, indices, block_size=block_size, q_positions=args["q_positions"],
-              kv_positions=args["kv_positions"], causal=causal, sink_logits=args["sink_logits"],
-              softcap=softcap, scale=args["scale"], return_lse=return_lse)
+    return dict(q=q, k=k, v=v, indices=indices, block_size=block_size, causal=causal, **args)
 
 
 def token_sparse_backward(q, k, v, indices, out, lse, dout, dlse, *, q_positions, kv_positions, scale,

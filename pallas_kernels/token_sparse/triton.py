@@ -115,6 +115,14 @@ def warps(requested: int, geo: "Geometry", *, backward: bool = False) -> int:
     return 8 if backward and geo.rows_q * width > 16384 else 4
 
 
+def value_pieces_lead(d: int, dv: int) -> bool:
+    """Whether the padded value width's power-of-two pieces are the first of the padded key
+    width's, the layout `value_is_key_prefix` needs (576 = 512 + 64 with Dv 512, 192 = 128 +
+    64 with Dv 128: yes; 128 with Dv 64, 48 = 32 + 16 with Dv 16: no)."""
+    d_pieces, dv_pieces = pieces(blocks.round_up(d, 16)), pieces(blocks.round_up(dv, 16))
+    return d_pieces[:len(dv_pieces)] == dv_pieces
+
+
 def geometry(q, k, v, indices, block_size: int, causal: bool, block_k: int,
              max_rows: int = 0, value_is_key_prefix: bool = False) -> Geometry:
     """The static sizes of a call. `value_is_key_prefix`: the caller promises `v == k[...,
@@ -136,7 +144,7 @@ def geometry(q, k, v, indices, block_size: int, causal: bool, block_k: int,
     d_p, dv_p = blocks.round_up(d, 16), blocks.round_up(dv, 16)
     rows_q = row_split(group_p, d_p + dv_p, max_rows)
     d_pieces, dv_pieces = pieces(d_p), pieces(dv_p)
-    if value_is_key_prefix and (d_pieces[:len(dv_pieces)] != dv_pieces or k.dtype != v.dtype):
+    if value_is_key_prefix and (not value_pieces_lead(d, dv) or k.dtype != v.dtype):
         raise ValueError(f"value_is_key_prefix needs v's head-dim pieces {dv_pieces} to be the first "
                          f"of k's {d_pieces} and v's dtype ({v.dtype}) to be k's ({k.dtype})")
     return Geometry(t=t, s_p=s_p, hkv=hkv, group=h // hkv, group_p=group_p, rows_q=rows_q,
