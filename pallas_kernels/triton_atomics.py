@@ -15,10 +15,10 @@ the import below fails loudly rather than the kernels silently changing.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from jax._src import core as jax_core
 from jax._src import state
 from jax._src import tree_util
-from jax._src.lib.mlir import ir
 from jax._src.lib.triton import dialect as tt_dialect
 from jax._src.pallas.triton import lowering
 from jax._src.pallas.triton import primitives as triton_primitives
@@ -57,7 +57,5 @@ def _relaxed_add_lowering(ctx: lowering.LoweringRuleContext, *args_flat, args_tr
     val = lowering._ensure_ir_value(val, value_aval)  # noqa: SLF001
     if mask is not None:
         mask = lowering._ensure_ir_value(mask, mask_aval)  # noqa: SLF001
-    op = tt_dialect.RMWOp.ADD if isinstance(val.type, ir.IntegerType) or (
-        isinstance(val.type, ir.RankedTensorType)
-        and isinstance(ir.RankedTensorType(val.type).element_type, ir.IntegerType)) else tt_dialect.RMWOp.FADD
+    op = tt_dialect.RMWOp.ADD if jnp.issubdtype(value_aval.dtype, jnp.integer) else tt_dialect.RMWOp.FADD
     return lowering._atomic_rmw(op, ptr, val, mask=mask, semantic=tt_dialect.MemSemantic.RELAXED)  # noqa: SLF001

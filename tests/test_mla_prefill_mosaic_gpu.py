@@ -111,15 +111,18 @@ def test_mosaic_gpu_prefill_lowers_for_cuda_on_the_cpu():
     assert "mla_decode_mosaic_gpu_gather" in text and f"tensor<1x2x{t}x64x512xbf16>" in text
 
 
-def test_mosaic_gpu_prefill_backward_scatters_one_latent_row_per_slot():
-    """The gradient lowered for an H100 at DeepSeek's sizes: the Triton backward adds dv
-    into the first 512 columns of dk (`value_is_key_prefix`), so its only float32 atomics
-    are dk's two pieces (512 + 64 per listed row; without the option also a 512-wide dv)."""
+@pytest.mark.parametrize("impl", ["mosaic_gpu", "triton"])
+def test_prefill_backward_scatters_one_latent_row_per_slot(impl):
+    """The gradient of either forward lowered for an H100 at DeepSeek's sizes (H=64 on two
+    programs of 32 rows, Dc=512, Dr=64, K=2048): the Triton backward adds dv into the first
+    512 columns of dk (`value_is_key_prefix`), so its only float32 atomics are dk's two
+    pieces (512 + 64 per listed row; without the fold also a 512-wide dv scatter:
+    [(32, 512), (32, 512), (32, 64)], `test_token_sparse_kernels`)."""
     t = 64
     q = jax.ShapeDtypeStruct((1, t, 64, 576), jnp.bfloat16)
     c, r = jax.ShapeDtypeStruct((1, t, 512), jnp.bfloat16), jax.ShapeDtypeStruct((1, t, 64), jnp.bfloat16)
     idx = jax.ShapeDtypeStruct((1, t, 2048), jnp.int32)
-    loss = lambda q, c, r, i: mla_sparse_attention(q, c, r, i, scale=SCALE, impl="mosaic_gpu").astype(  # noqa: E731
+    loss = lambda q, c, r, i: mla_sparse_attention(q, c, r, i, scale=SCALE, impl=impl).astype(  # noqa: E731
         jnp.float32).sum()
     lowered = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, c, r, idx)
     assert triton_atomic_shapes(lowered) == [(32, 512), (32, 64)]
@@ -245,18 +248,3 @@ def test_triton_prefill_routes_the_fold_by_token_sparse_backend(monkeypatch):
     assert backward_calls(MlaCase("dc64", b=1, t=3, h=16, dc=64, dr=64, s=20, k=8), impl="triton",
                           interpret=True) == []
     assert backward_calls(small, impl="xla") == []
-
-
-def test_triton_prefill_backward_scatters_one_latent_row_per_slot():
-    """`impl="triton"`'s gradient lowered for an H100 at DeepSeek's sizes (H=64 on two
-    programs of 32 rows, Dc=512, Dr=64, K=2048): the only float32 atomics are dk's two
-    pieces, dv folded into the first (without the fold also a 512-wide dv scatter:
-    [(32, 512), (32, 512), (32, 64)], `test_token_sparse_kernels`)."""
-    t = 64
-    q = jax.ShapeDtypeStruct((1, t, 64, 576), jnp.bfloat16)
-    c, r = jax.ShapeDtypeStruct((1, t, 512), jnp.bfloat16), jax.ShapeDtypeStruct((1, t, 64), jnp.bfloat16)
-    idx = jax.ShapeDtypeStruct((1, t, 2048), jnp.int32)
-    loss = lambda q, c, r, i: mla_sparse_attention(q, c, r, i, scale=SCALE, impl="triton").astype(  # noqa: E731
-        jnp.float32).sum()
-    lowered = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, c, r, idx)
-    assert triton_atomic_shapes(lowered) == [(32, 512), (32, 64)]
