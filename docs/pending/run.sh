@@ -27,6 +27,7 @@ if [ "${PART:-1}" = 1 ]; then
   for f in /tmp/be/pt_*.txt; do echo "--- $f"; F $f | grep -v "^\s*$" | tail -8 | cut -c1-700; done
   DSA="python3 experiments/bench_dsa.py --seq_lens 65536 --iters 3"
   step relaxed 150 $DSA --parts attention --attention_impls mosaic_gpu --noattention_grad --attention_bwd 32:0,64:1,32:1 --out /tmp/be/relaxed.json
+  step slc 130 python3 experiments/bench_nsa.py --seq_lens 16384,65536 --modes token --slc_impls triton,mosaic_gpu,mosaic_gpu_split --slc_only --decode_batch 0 --iters 3 --out /tmp/be/slc.json
   step idx512 60 $DSA --parts indexer --query_chunk 512 --layer_positions --noscores_only --out /tmp/be/idx512.json
   # the same backward with Pallas' acquire-release atomic_add (this copy of the tree only), for the A/B
   sed -i 's/    relaxed_add(ref, (r, c), val, mask=mask)/    plgpu.atomic_add(ref, (r, c), val, mask=mask)/' pallas_kernels/token_sparse/triton_vjp.py
