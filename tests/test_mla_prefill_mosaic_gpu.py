@@ -160,26 +160,28 @@ def test_dsa_attention_routes_mosaic_gpu_here_and_bad_calls_raise(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-def test_mosaic_gpu_prefill_compiled_on_gpu(dtype):
+@pytest.mark.parametrize("dtype,impl", [(jnp.bfloat16, "mosaic_gpu"), (jnp.float32, "mosaic_gpu"),
+                                        (jnp.bfloat16, "triton")], ids=["bf16", "f32", "triton-bf16"])
+def test_mosaic_gpu_prefill_compiled_on_gpu(dtype, impl):
     """The compiled kernel (rows gathered in the kernel: single-row TMA copies into the
     swizzled ring) and the Triton backward at DeepSeek's sizes (H=64, Dc=512, Dr=64), T=300
     queries over a 4101-slot cache, K=2048 listed (-1 padded, future slots listed), against
-    the float32 reference: out, lse, gradients. Float32 inputs run in bf16 (the kernel's
+    the float32 reference: out, lse, gradients; `impl="triton"`: token_sparse's Triton forward
+    with the same folded backward (the path `auto` takes off Hopper). Float32 inputs run in bf16 (the kernel's
     contract), so their reference takes the inputs rounded to bf16: against the unrounded
     ones, the rounding of 576-wide q and keys moves the lse by up to ~0.05 at these sizes
     (seen on the H100, 2026-12-07), which is the inputs' precision, not the kernel's error."""
     case = MlaCase("gpu", b=2, t=300, h=64, dc=512, dr=64, s=4101, k=2048, seed=5)
     with jax.default_device(hopper_device()):
         args, kw = make_inputs(case, dtype)
-        got = value_and_grads(lambda *a, **k: mla_sparse_attention(*a, **k, return_lse=True, impl="mosaic_gpu"),
+        got = value_and_grads(lambda *a, **k: mla_sparse_attention(*a, **k, return_lse=True, impl=impl),
                               args, kw)
         ref_args = tuple(a.astype(jnp.bfloat16).astype(dtype) for a in args)
         with jax.default_matmul_precision("highest"):
             want = value_and_grads(reference, ref_args, kw)
         assert_close(got, want, 2e-2)
         check_zero_rows(got[0], kw)
-        if dtype == jnp.bfloat16:       # `auto` takes the Mosaic GPU kernel on Hopper
+        if impl == "mosaic_gpu" and dtype == jnp.bfloat16:       # `auto` takes the Mosaic GPU kernel on Hopper
             pick = {n: kw[n] for n in ("indices", "q_positions", "kv_positions", "scale")}
             run = lambda impl: jax.jit(lambda *a: mla_sparse_attention(*a, **pick, impl=impl))(*args)  # noqa: E731
             np.testing.assert_array_equal(np.asarray(run("auto"), np.float32), np.asarray(run("mosaic_gpu"), np.float32))
