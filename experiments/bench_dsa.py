@@ -128,7 +128,9 @@ flags.DEFINE_bool("attention_grad", True, "(d) also time forward + backward")
 flags.DEFINE_list("attention_bwd", [], "(d) also time the backward alone (`token_sparse_backward` on the "
                   "forward's out / lse) per variant ROWS:FOLD, e.g. 32:0,32:1,64:1: ROWS query heads per "
                   "program (TritonConfig.max_rows; 32 = the default at 64 heads, two programs per token), "
-                  "FOLD 1 = value_is_key_prefix (dV added into dK's latent columns before one scatter)")
+                  "FOLD 1 = value_is_key_prefix (dV added into dK's latent columns before one scatter); "
+                  "optional :BLOCK_K[:WARPS[:STAGES]] set TritonConfig's block_k_bwd / num_warps_bwd / "
+                  "num_stages_bwd (e.g. 64:1:16:8:1)")
 FLAGS.set_default("out", "bench_dsa.json")
 
 H, D, DV = 64, 576, 512          # MLA in MQA form: query heads, latent + rope, latent
@@ -502,23 +504,26 @@ def backward_variants(q, c, r, idx, pos, scale, iters, small):
     dlse = jnp.zeros_like(lse)
     res, first = {}, None
     for name in FLAGS.attention_bwd:
-        rows, fold = (int(x) for x in name.split(":"))
+        rows, fold, *tiles = (int(x) for x in name.split(":"))
+        knobs = dict(zip(("block_k_bwd", "num_warps_bwd", "num_stages_bwd"), tiles))
+        config = TritonConfig(max_rows=rows, **knobs)
+        tag = f"bwd_{rows}rows_fold{fold}" + "".join(f"_{k.removesuffix('_bwd')}{v}" for k, v in knobs.items())
 
-        def bwd(q, keys, vals, out, dout, rows=rows, fold=bool(fold)):
+        def bwd(q, keys, vals, out, dout, config=config, fold=bool(fold)):
             dq, dk, dv = token_sparse_backward(q, keys, vals, sel, out, lse, dout, dlse, q_positions=pos,
                                                kv_positions=pos, scale=scale, interpret=small,
-                                               config=TritonConfig(max_rows=rows), value_is_key_prefix=fold)
+                                               config=config, value_is_key_prefix=fold)
             dk = dk.astype(jnp.float32)
             return dq, dk.at[..., :DV].add(dv.astype(jnp.float32))        # (dq, [dc_kv | dk_rope])
         try:
             f = jax.jit(bwd)
             got = f(q, keys, vals, out, dout)
             first = first or got
-            res[f"bwd_{rows}rows_fold{fold}_err_vs_first"] = max(rel(a, b) for a, b in zip(got, first))
-            res[f"bwd_{rows}rows_fold{fold}_ms"] = median_time(f, q, keys, vals, out, dout, iters=iters) * 1e3
+            res[f"{tag}_err_vs_first"] = max(rel(a, b) for a, b in zip(got, first))
+            res[f"{tag}_ms"] = median_time(f, q, keys, vals, out, dout, iters=iters) * 1e3
         except Exception as e:  # noqa: BLE001 - a variant that does not compile must not lose the others
-            res[f"bwd_{rows}rows_fold{fold}_error"] = str(e)[:300]
-        print(json.dumps({k: v for k, v in res.items() if k.startswith(f"bwd_{rows}rows_fold{fold}")}), flush=True)
+            res[f"{tag}_error"] = str(e)[:300]
+        print(json.dumps({k: v for k, v in res.items() if k.startswith(tag + "_")}), flush=True)
     return res
 
 
