@@ -340,3 +340,20 @@ def test_bench_dsa_small_runs_every_part_on_the_layer_paths(tmp_path):
     attention = rows["attention"]
     assert attention["bwd_16rows_fold0_ms"] > 0
     assert attention["bwd_16rows_fold1_block_k16_num_warps4_num_stages1_err_vs_first"] < 1e-2
+
+
+def test_nsa_selection_locality_small_counts_unions(tmp_path):
+    """`nsa_selection_locality.py --small`: the `shared` control (every token of a chunk lists
+    the same blocks) has union exactly n, the `uniform` one (random picks) more; the model
+    rows exist per N layer and lie between 1 and tokens-per-chunk."""
+    out = tmp_path / "locality.json"
+    run = _run("nsa_selection_locality.py", "--small", f"--out={out}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {(r["model"], r["layer"]): r for r in json.load(open(out))["rows"]}
+    assert set(rows) == {("shared", 0), ("uniform", 0), ("init", 0), ("init", 1), ("trained", 0), ("trained", 1)}
+    shared, uniform = rows["shared", 0], rows["uniform", 0]
+    for tok in (4, 8):
+        assert shared[f"u{tok}_all"] == shared[f"u{tok}_free"] == 1.0
+        assert uniform[f"u{tok}_all"] > 1.3 and uniform[f"u{tok}_free"] > 2.0
+        assert all(1.0 <= r[f"u{tok}_all"] <= tok for r in rows.values())
+    assert uniform["u8_all"] > uniform["u4_all"]
