@@ -34,13 +34,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from pallas_kernels.token_sparse.layout import union_blocks
 from sparse_jax.data import step_rng
 from sparse_jax.models.lm import LMConfig, SparseLM
-from sparse_jax.ops.nsa import NSAConfig
+from sparse_jax.ops.nsa import NSAConfig, forced_blocks, select_blocks
 from sparse_jax.train import eval_step, make_optimizer, train_step
 
 from script_io import run as run_script  # experiments/script_io.py
@@ -92,9 +92,7 @@ def union_stats(indices, cfg: NSAConfig, tokens: int) -> dict:
     keep = np.asarray(first // cfg.sel_block + 1 >= 2 * n)                      # [C]
     if not keep.any():
         raise ValueError(f"T={t} too short: no chunk has 2n={2 * n} causal blocks of {cfg.sel_block}")
-    tpos = jnp.arange(t)[None, :, None, None]
-    forced = (indices < cfg.num_initial) | (indices > tpos // cfg.sel_block - cfg.num_local)
-    free = jnp.where(forced, -1, indices)
+    free = jnp.where(forced_blocks(indices, jnp.arange(t)[None, :, None, None], cfg), -1, indices)
     n_free = n - cfg.num_initial - cfg.num_local
     res = {}
     for name, ind, den in (("all", indices, n), ("free", free, n_free)):
@@ -105,23 +103,16 @@ def union_stats(indices, cfg: NSAConfig, tokens: int) -> dict:
 
 
 def controls(b, t, hkv, cfg: NSAConfig, seed: int) -> dict:
-    """`{"shared": indices, "uniform": indices}` `[B, T, Hkv, n]` (module docstring)."""
-    rng = np.random.default_rng(seed)
-    n, lb = cfg.num_selected, cfg.sel_block
-    own = np.arange(t)[:, None] // lb
-    uniform = np.full((b, t, hkv, n), -1, np.int32)
-    for i in range(t):
-        cand = np.arange(own[i, 0] + 1)
-        forced = cand[(cand < cfg.num_initial) | (cand > own[i, 0] - cfg.num_local)]
-        rest = np.setdiff1d(cand, forced)
-        for bb in range(b):
-            for h in range(hkv):
-                pick = rng.choice(rest, size=min(n - len(forced), len(rest)), replace=False)
-                sel = np.concatenate([forced, pick])
-                uniform[bb, i, h, :len(sel)] = sel
-    # shared: every token takes the picks of its chunk of 8 first token (chunks of 4 nest in 8)
-    shared = np.repeat(uniform[:, ::8], 8, axis=1)[:, :t]
-    return {"shared": jnp.asarray(shared), "uniform": jnp.asarray(uniform)}
+    """`{"shared": indices, "uniform": indices}` `[B, T, Hkv, n]` (module docstring): `uniform`
+    is NSA's own `select_blocks` on uniformly random scores (the forced blocks, then n distinct
+    causal blocks at random); `shared` gives every token of a chunk of `max(CHUNKS)` its
+    first token's list (the smaller chunks nest in it)."""
+    nblk = -(-t // cfg.sel_block)
+    q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    uniform = select_blocks(jax.random.uniform(jax.random.key(seed), (b, hkv, t, nblk)), q_pos, cfg)
+    c = max(CHUNKS)
+    shared = jnp.repeat(uniform[:, ::c], c, axis=1)[:, :t]
+    return {"shared": shared, "uniform": uniform}
 
 
 def measure(label, selections, cfg: NSAConfig, rows: list):

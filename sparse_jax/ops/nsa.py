@@ -261,8 +261,13 @@ def select_blocks(scores, q_positions, cfg: NSAConfig):
     t = q_positions[:, None, :, None]                                        # [B, 1, T, 1]
     j = jnp.arange(scores.shape[-1])
     causal = (t >= 0) & (j * cfg.sel_block <= t)
-    forced = (j < cfg.num_initial) | (j > t // cfg.sel_block - cfg.num_local)
-    return selection.select_top_k(scores, causal, cfg.num_selected, forced=forced)
+    return selection.select_top_k(scores, causal, cfg.num_selected, forced=forced_blocks(j, t, cfg))
+
+
+def forced_blocks(j, t, cfg: NSAConfig):
+    """Whether selection block `j` is forced for the query at position `t` (broadcast):
+    one of the `num_initial` first blocks or of the `num_local` blocks ending at t's own."""
+    return (j < cfg.num_initial) | (j > t // cfg.sel_block - cfg.num_local)
 
 
 def selects_on_kernels(impl: str, interpret, cfg: NSAConfig) -> bool:
