@@ -12,7 +12,8 @@ on the CPU (so -0.0 ranks below +0.0, and -inf below every other non-NaN; the GP
 `lax.top_k` was not checked for signed zeros). NaN scores are not supported (the indexer
 never produces them).
 
-Kernel (one program per `block_r` rows, looping over S in `block_s` tiles):
+Kernel (one program per `block_r` rows, looping over S in `block_s` tiles; one tile when
+`block_s >= S`, the *whole-row* form below):
   1. Threshold: up to `32 / bits_per_pass` counting passes, each fixing the next
      `bits_per_pass` bits of `lo`, the key of the k'-th largest candidate: a pass counts,
      per row, the candidates with `key >= lo + d << shift` for each digit `d`
@@ -41,6 +42,19 @@ passes 1.44 ms (the default); 4 bits x 3 full passes 1.84 ms. The kernel is boun
 compare-adds, not by the bytes. Not done: bf16 scores (half the bytes per pass, but the set
 would then differ from float32 `lax.top_k` near the threshold); splitting long rows over
 several programs when R is small.
+
+Whole-row form (`block_s >= S`, `whole_row_config`; what few rows take, e.g. Quest's page top-k
+at batch 1: 8 rows x 8192 pages, k 512): one launch, one program per row that loads its row
+once and keeps the keys in registers (S / (32 num_warps) per thread); the counting passes and
+the compaction run on them, with no re-read of the row, no narrowed-key buffer (no `[R, S]`
+output) and no `d = 0` count (`count(key >= lo)` is carried from the previous pass, starting
+from the number of candidates, so a row with fewer than k' candidates runs no pass). The
+values written are decoded from the keys (the key map is an involution on candidates) rather
+than kept live beside them. Why not a new kernel: the tiled kernel's passes, early stop, tie
+rule, compaction and padding are the same; what made it slow for few rows was the structure
+(each pass streaming the row again, `block_s`-wide, and the buffer round trip), which the
+one-tile form removes. `WHOLE_ROW_MAX_COLUMNS` bounds the registers: wider rows with few rows
+go to `lax.top_k` (`api.top_k_set`).
 """
 
 from __future__ import annotations
@@ -94,11 +108,43 @@ def float_keys(x):
     return b ^ (lax.shift_right_arithmetic(b, 31) & 0x7FFFFFFF)
 
 
+def keys_to_floats(key):
+    """The inverse of `float_keys` (the map is an involution: it keeps the sign bit)."""
+    return lax.bitcast_convert_type(key ^ (lax.shift_right_arithmetic(key, 31) & 0x7FFFFFFF), jnp.float32)
+
+
 NEG_INF_KEY = int(float_keys(np.float32(-np.inf)))
 
+# Below this many rows the tiled passes (one program per row streaming its tiles) leave the GPU
+# idle: H100, Quest decode at 128K, pages of 16, k 512: batch 1 (8 rows) 170 us a step with
+# them, 110 us with `lax.top_k` (an earlier run); batch 16 (128 rows) 588 vs 627 us.
+TILED_MIN_ROWS = 64
+# The widest row the whole-row form takes by default: 16K keys = 32 int32 per thread at 16
+# warps (the row, plus the compaction's cumsums of the same shape, in registers).
+WHOLE_ROW_MAX_COLUMNS = 16384
 
-def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, barrier):
-    len_ref, slots_ref, vals_ref, buf_ref = refs if len(refs) == 4 else (None,) + refs
+
+def whole_row_config(size: int, bits_per_pass: int = 2, num_warps: int | None = None) -> TopkSelectConfig:
+    """The whole-row form for rows of `size` columns: `block_s = next_pow2(size)` (one tile),
+    by default 32 keys per thread (4 to 16 warps). bits_per_pass 2: 16 passes at most of 3
+    counts (1: 32 passes of one; 4: 8 of 15); not yet timed on a GPU."""
+    block_s = max(16, pl.next_power_of_2(size))
+    warps = num_warps or min(16, max(4, block_s // 1024))
+    return TopkSelectConfig(block_s=block_s, bits_per_pass=bits_per_pass, full_passes=32, num_warps=warps)
+
+
+def default_config(rows: int, size: int) -> TopkSelectConfig:
+    """`topk_select`'s config when none is given: the whole-row form for fewer than
+    `TILED_MIN_ROWS` rows of at most `WHOLE_ROW_MAX_COLUMNS`, else `TopkSelectConfig()`."""
+    if rows < TILED_MIN_ROWS and size <= WHOLE_ROW_MAX_COLUMNS:
+        return whole_row_config(size)
+    return TopkSelectConfig()
+
+
+def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, barrier, has_lengths):
+    len_ref, refs = (refs[0], refs[1:]) if has_lengths else (None, refs)
+    slots_ref, vals_ref, *buf = refs                                       # buf: tiled form only
+    whole_row = not buf                                                    # block_s >= size: one tile
     r0 = pl.program_id(0) * block_r
     row_ok = r0 + jnp.arange(block_r, dtype=jnp.int32) < rows             # [br]
     col = jnp.arange(block_s, dtype=jnp.int32)
@@ -106,7 +152,7 @@ def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, ba
         limit, n_tiles = size, pl.cdiv(size, block_s)
     else:                                                                  # columns read, [br]
         limit = jnp.clip(plgpu.load(len_ref.at[pl.ds(r0, block_r)], mask=row_ok, other=0), 0, size)
-        n_tiles = pl.cdiv(jnp.max(limit), block_s)
+        n_tiles = 1 if whole_row else pl.cdiv(jnp.max(limit), block_s)
         limit = limit[:, None]
     ragged = len_ref is not None or rows % block_r != 0 or size % block_s != 0
     tile = lambda ref, j: ref.at[pl.ds(r0, block_r), pl.ds(j * block_s, block_s)]  # noqa: E731
@@ -122,24 +168,32 @@ def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, ba
         key = float_keys(x)
         return x, jnp.where(key > NEG_INF_KEY, key, INT_MIN)
 
+    if whole_row:       # the row's keys, loaded once, stay in registers; values decoded from them
+        row_keys = load(0)[1]
+        load = lambda j: (keys_to_floats(row_keys), row_keys)              # noqa: E731
+
     # 1. Threshold: after pass p (shift = 32 - bits * p), `lo` has the top 32 - shift bits of
     # the k'-th largest key (INT_MIN when fewer than k' candidates), at = count(key >= lo),
     # above = count(key > lo + 2**shift - 1). Stops once every row has at <= k' (then all
-    # of key >= lo is taken) or shift = 0 (then lo is the k'-th key).
+    # of key >= lo is taken) or shift = 0 (then lo is the k'-th key). The whole-row form
+    # starts from the exact at (the candidates) and carries it: no d = 0 count.
     def radix_pass(load_keys, n, base, carry):
         """One pass over tiles [0, n) of `load_keys`; `base` [br] = the candidates above
         the keys it holds."""
         p, lo, at, above = carry
         shift = 32 - bits * (p + 1)
-        thresholds = [jnp.maximum(lo, INT_MIN + 1)]                       # d = 0: count(key >= lo)
+        thresholds = [] if whole_row else [jnp.maximum(lo, INT_MIN + 1)]   # d = 0: count(key >= lo)
         thresholds += [lo + lax.shift_left(jnp.int32(d), shift) for d in range(1, 2**bits)]
 
         def count(j, accs):
             key = load_keys(j)
             return tuple(acc + (key >= t[:, None]).astype(jnp.int32) for acc, t in zip(accs, thresholds))
 
-        zeros = tuple(jnp.zeros((block_r, block_s), jnp.int32) for _ in thresholds)
-        counts = [base + acc.sum(axis=1) for acc in lax.fori_loop(0, n, count, zeros)]
+        if whole_row:                                                      # at = count(key >= lo)
+            counts = [at] + [c.sum(axis=1) for c in count(0, (0,) * len(thresholds))]
+        else:
+            zeros = tuple(jnp.zeros((block_r, block_s), jnp.int32) for _ in thresholds)
+            counts = [base + acc.sum(axis=1) for acc in lax.fori_loop(0, n, count, zeros)]
         digit = sum((c >= k).astype(jnp.int32) for c in counts[1:])       # counts fall with d
         for d, c in enumerate(counts):
             at = jnp.where(digit == d, c, at)
@@ -151,9 +205,11 @@ def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, ba
         return (p < 32 // bits) & (jnp.max(at) > k)
 
     zero = jnp.zeros((block_r,), jnp.int32)
-    start = (jnp.int32(0), jnp.full((block_r,), INT_MIN, jnp.int32), jnp.full((block_r,), k + 1, jnp.int32), zero)
-    whole_row = functools.partial(radix_pass, lambda j: load(j)[1], n_tiles, zero)
-    state = lax.while_loop(lambda c: undecided(c) & (c[0] < full_passes), whole_row, start)
+    at = (row_keys != INT_MIN).astype(jnp.int32).sum(axis=1) if whole_row else jnp.full((block_r,), k + 1, jnp.int32)
+    start = (jnp.int32(0), jnp.full((block_r,), INT_MIN, jnp.int32), at, zero)
+    full_pass = functools.partial(radix_pass, lambda j: load(j)[1], n_tiles, zero)
+    state = lax.while_loop(undecided if whole_row else lambda c: undecided(c) & (c[0] < full_passes),
+                           full_pass, start)
 
     def narrow(state):
         """The keys in [lo, lo + 2**shift) (the only ones the later passes can split) to
@@ -166,7 +222,7 @@ def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, ba
             keep = (key >= lo[:, None]) & (key <= hi[:, None]) & (key != INT_MIN) & row_ok[:, None]
             keep_i = keep.astype(jnp.int32)
             pos = n_kept[:, None] + jnp.cumsum(keep_i, axis=1) - keep_i
-            plgpu.store(buf_ref.at[rows_idx, pos], key, mask=keep)
+            plgpu.store(buf[0].at[rows_idx, pos], key, mask=keep)
             return n_kept + keep_i.sum(axis=1)
 
         n_kept = lax.fori_loop(0, n_tiles, gather, zero)
@@ -175,13 +231,13 @@ def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, ba
 
         def load_kept(j):
             mask = row_ok[:, None] & (j * block_s + col[None, :] < n_kept[:, None])
-            return plgpu.load(tile(buf_ref, j), mask=mask, other=INT_MIN)
+            return plgpu.load(tile(buf[0], j), mask=mask, other=INT_MIN)
 
         kept = functools.partial(radix_pass, load_kept, pl.cdiv(jnp.max(n_kept), block_s), above)
         return lax.while_loop(undecided, kept, state)
 
     rows_idx = jnp.broadcast_to((r0 + jnp.arange(block_r, dtype=jnp.int32))[:, None], (block_r, block_s))
-    _, lo, _, above = lax.cond(undecided(state), narrow, lambda st: st, state)
+    _, lo, _, above = state if whole_row else lax.cond(undecided(state), narrow, lambda st: st, state)
 
     # 2. Compaction: key > lo always taken; key == lo taken in slot order while need > 0 (the
     # tie rule; after an early stop `need` covers every key >= lo).
@@ -227,6 +283,8 @@ def topk_select(scores, k: int, *, lengths=None, interpret=False, config: TopkSe
       k: entries per row; the output has `k' = min(k, S)` columns.
       lengths: None, or int `[R]`: only the first `lengths[r]` columns of row r are read (the
         others are not candidates, whatever they hold; the passes stop at the block's longest).
+      config: `TopkSelectConfig`; None: `default_config(R, S)` (the whole-row form for few
+        rows). `block_s >= S` is the whole-row form (one tile held in registers).
     Returns:
       `(values [R, k'] float32, slots [R, k'] int32)`: the slots `lax.top_k(scores, k')`
       picks among the finite entries (largest first, lower slot first among equals),
@@ -237,8 +295,8 @@ def topk_select(scores, k: int, *, lengths=None, interpret=False, config: TopkSe
                          f"{list(getattr(scores, 'shape', ()))}")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    cfg = config or TopkSelectConfig()
     rows, size = scores.shape
+    cfg = config or default_config(rows, size)
     if lengths is not None and (getattr(lengths, "shape", None) != (rows,)
                                 or not jnp.issubdtype(lengths.dtype, jnp.integer)):
         raise ValueError(f"lengths must be int [{rows}], got {getattr(lengths, 'dtype', type(lengths))}"
@@ -249,13 +307,14 @@ def topk_select(scores, k: int, *, lengths=None, interpret=False, config: TopkSe
     block_s = min(cfg.block_s, pl.next_power_of_2(size))
     kernel = functools.partial(_kernel, rows=rows, size=size, k=width, block_r=cfg.block_r,
                                block_s=block_s, bits=cfg.bits_per_pass, full_passes=cfg.full_passes,
-                               barrier=not interpret)
-    slots, vals, _ = pl.pallas_call(
+                               barrier=not interpret, has_lengths=lengths is not None)
+    out_shape = [jax.ShapeDtypeStruct((rows, width), jnp.int32), jax.ShapeDtypeStruct((rows, width), jnp.float32)]
+    if block_s < size:                                                     # tiled: the narrowed keys
+        out_shape.append(jax.ShapeDtypeStruct((rows, size), jnp.int32))
+    slots, vals, *_ = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(rows, cfg.block_r),),
-        out_shape=(jax.ShapeDtypeStruct((rows, width), jnp.int32),
-                   jax.ShapeDtypeStruct((rows, width), jnp.float32),
-                   jax.ShapeDtypeStruct((rows, size), jnp.int32)),          # narrowed keys
+        out_shape=tuple(out_shape),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="topk_select",
