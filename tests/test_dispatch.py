@@ -312,13 +312,13 @@ def test_config_reaches_the_kernel_and_must_match_it(monkeypatch):
 
 def test_config_for_gives_the_tiles_of_the_backend_that_runs(monkeypatch):
     """`common.config_for`: a kernel's tiles where `auto` picks that kernel (Hopper), None where
-    it picks the reference (CPU, or few rows: the radix top-k declines < 64 rows)."""
+    it picks the reference (CPU, or few rows too wide for the radix top-k's whole-row form)."""
     tiles = indexer_api.TopkSelectConfig(block_s=256)
-    rows = lambda r: dict(scores=jnp.zeros((r, 512), jnp.float32), k=8)  # noqa: E731
-    pick = lambda r: common.config_for("top_k_set", "auto", indexer_api.TOPK_BACKENDS, rows(r),  # noqa: E731
-                                       {"triton": tiles})
+    rows = lambda r, s=512: dict(scores=jax.ShapeDtypeStruct((r, s), jnp.float32), k=8)  # noqa: E731
+    pick = lambda *a: common.config_for("top_k_set", "auto", indexer_api.TOPK_BACKENDS, rows(*a),  # noqa: E731
+                                        {"triton": tiles})
     fake_device(monkeypatch, HOPPER)
-    assert pick(64) is tiles and pick(8) is None
+    assert pick(64) is tiles and pick(8) is tiles and pick(8, indexer_api.WHOLE_ROW_MAX_COLUMNS + 1) is None
     fake_device(monkeypatch, CPU)
     assert pick(64) is None
 
@@ -453,8 +453,14 @@ def test_top_k_set_runs_the_radix_select_on_a_gpu(monkeypatch, device, want):
     scores = jax.random.normal(jax.random.key(0), (64, 40))
     vals, slots = indexer_api.top_k_set(scores, 5)
     assert calls == [want] and slots.shape == (64, 5)
-    indexer_api.top_k_set(scores[:63], 5)                    # too few rows for one program each
+    indexer_api.top_k_set(scores[:8], 5)                     # few rows: the whole-row form
+    assert calls[-1] == want
+    wide = jnp.zeros((8, indexer_api.WHOLE_ROW_MAX_COLUMNS + 1), jnp.float32)
+    indexer_api.top_k_set(wide, 5)                           # few rows, too wide for the registers
     assert calls[-1] == "xla"
+    if want == "triton":                                     # few rows, a tiled config: declined
+        with pytest.raises(ValueError, match="streaming tiles"):
+            indexer_api.top_k_set(scores[:8], 5, config=indexer_api.TopkSelectConfig(block_s=16))
     with pytest.raises(ValueError, match="float32"):
         indexer_api.top_k_set(scores.astype(jnp.bfloat16), 5)
     with pytest.raises(ValueError, match="k must"):

@@ -6,9 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.indexer import indexer_topk
-from pallas_kernels.indexer.select import TWO_STAGE_CHUNK, TopkSelectConfig, float_keys, sorted_top_k, topk_select, two_stage_top_k
-from gpu_testing import has_gpu
+from pallas_kernels import common
+from pallas_kernels.indexer import indexer_topk, top_k_set
+from pallas_kernels.indexer.api import TOPK_BACKENDS
+from pallas_kernels.indexer.select import (TWO_STAGE_CHUNK, TopkSelectConfig, default_config, float_keys,
+                                           keys_to_floats, sorted_top_k, topk_select, two_stage_top_k,
+                                           whole_row_config)
+from gpu_testing import has_gpu, lower_for_cuda
 
 
 def rows_of_every_kind(seed, r, s):
@@ -109,7 +113,72 @@ def test_ties_lower_slots_win_and_signed_zeros():
 
 def test_float_keys_order():
     x = np.array([-np.inf, -1e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, 1e38, np.inf], np.float32)
-    assert (np.diff(np.asarray(float_keys(jnp.asarray(x)))) > 0).all()
+    keys = float_keys(jnp.asarray(x))
+    assert (np.diff(np.asarray(keys)) > 0).all()
+    np.testing.assert_array_equal(np.asarray(keys_to_floats(keys)).view(np.int32), x.view(np.int32))
+
+
+@pytest.mark.parametrize("r,s,k,bits", [
+    (8, 1000, 37, 2),       # S not a power of two (tile 1024), rows of every kind: padding, ties, +-inf
+    (1, 333, 333, 1),       # R = 1, k = S (all finite taken, -1 padded past them)
+    (8, 300, 1, 4),         # k = 1
+    (5, 50, 80, 2),         # k > S: k' = S columns
+    (3, 7, 4, 2),           # S below the smallest tile (16)
+])
+def test_whole_row_matches_lax_top_k(r, s, k, bits):
+    """The whole-row form (one tile, keys held in registers, no narrowed buffer) against
+    `lax.top_k`'s set on fresh rows: normal rows, rows of every kind (all -inf, 80% -inf,
+    few values, signed zeros, +-inf and extremes, all equal, ulp-close), rounded normal rows
+    (many ties at the threshold)."""
+    rng = np.random.default_rng(1000 * r + s + k)
+    x = np.concatenate([rows_of_every_kind(s + k, r, s), rng.normal(size=(r, s)).astype(np.float32),
+                        np.round(rng.normal(size=(r, s)), 1).astype(np.float32)])
+    cfg = whole_row_config(s, bits)
+    assert cfg.block_s >= s
+    assert_same(topk_select(jnp.asarray(x), k, interpret=True, config=cfg), expected(x, k))
+
+
+def test_whole_row_with_lengths():
+    """`lengths` in the whole-row form: columns past a row's length never read (NaN there)."""
+    r, s, k = 4, 90, 12
+    x = rows_of_every_kind(3, r, s)
+    lengths = np.array([0, 11, 64, 90], np.int32)
+    inside = np.arange(s)[None, :] < lengths[:, None]
+    got = topk_select(jnp.asarray(np.where(inside, x, np.nan).astype(np.float32)), k, lengths=jnp.asarray(lengths),
+                      interpret=True, config=whole_row_config(s))
+    assert_same(got, expected(np.where(inside, x, -np.inf).astype(np.float32), k))
+
+
+def quest_rows(seed, r=8, s=8192):
+    """Quest-like page rows `[r, s]`: bound scores (rounded: ties), the first and last pages
+    forced (+inf), a ragged tail of empty pages (-inf), one row of every other kind."""
+    rng = np.random.default_rng(seed)
+    x = np.round(rng.normal(size=(r, s)) * 8, 0) + 0.5 * rng.random((r, s))
+    x[:, 0] = x[:, -1 - seed % 100] = np.inf
+    x[:, s - seed % 100:] = -np.inf
+    x[1] = rows_of_every_kind(seed, 2, s)[1]                          # 80% -inf: few candidates
+    x[2] = np.round(x[2] / 8) * 8                                      # few distinct values
+    return x.astype(np.float32)
+
+
+def test_top_k_set_few_rows_quest_shape():
+    """Quest's page top-k at batch 1 (8 rows x 8192 pages, k 512) through `top_k_set`'s
+    triton impl with no config: the whole-row form (`default_config`), `lax.top_k`'s set;
+    R = 1 too."""
+    assert default_config(8, 8192).block_s >= 8192 and default_config(64, 8192).block_s < 8192
+    x = quest_rows(17)
+    assert_same(top_k_set(jnp.asarray(x), 512, impl="triton", interpret=True), expected(x, 512))
+    assert_same(top_k_set(jnp.asarray(x[:1]), 512, impl="triton", interpret=True), expected(x[:1], 512))
+
+
+def test_top_k_set_bad_inputs_raise():
+    x = jnp.zeros((8, 64), jnp.float32)
+    for bad, match in ((x[0], "scores"), (x.astype(jnp.bfloat16), "float32")):
+        with pytest.raises(ValueError, match=match):
+            top_k_set(bad, 2, impl="triton", interpret=True)
+    for k in (0, True, 2.0):
+        with pytest.raises(ValueError, match="k must"):
+            top_k_set(x, k, impl="triton", interpret=True)
 
 
 @pytest.mark.parametrize("integer", [True, False])
@@ -164,6 +233,31 @@ def test_lowers_to_triton_at_paper_shape(cfg):
     with jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((1,), ("x",), abstract_device=dev)):
         text = f.trace(jax.ShapeDtypeStruct((512, 65536), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
     assert "topk_select" in text
+
+
+def test_whole_row_lowers_to_triton_at_quest_shape():
+    """The whole-row form (`default_config(8, 8192)`) lowers to Triton IR for an H100 at
+    Quest B1's shape (8 rows x 8192 pages, k 512) without a GPU (compiles nothing)."""
+    text = lower_for_cuda(lambda x: topk_select(x, 512), jax.ShapeDtypeStruct((8, 8192), jnp.float32)).as_text()
+    assert "topk_select" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+def test_compiled_on_gpu_quest_shape():
+    """Quest B1's page top-k compiled (8 rows x 8192, k 512; R = 1 and 8 rows of every kind
+    too): `top_k_set`'s auto impl takes the whole-row radix kernel on the GPU, and its arrays
+    are exactly `lax.top_k`'s set on the CPU."""
+    cases = [(quest_rows(5), 512), (quest_rows(6)[:1], 512), (rows_of_every_kind(1, 8, 8192), 512),
+             (rows_of_every_kind(2, 8, 5000), 4999), (rows_of_every_kind(3, 8, 16384), 1)]
+    for x_np, k in cases:
+        with jax.default_device(jax.devices("cpu")[0]):
+            want = expected(x_np, k)
+        with jax.default_device(jax.devices("gpu")[0]):
+            x = jnp.asarray(x_np)
+            name, _ = common.choose("top_k_set", "auto", TOPK_BACKENDS, dict(scores=x, k=k))
+            assert name == "triton"
+            assert_same(jax.device_get(jax.jit(lambda s, k=k: top_k_set(s, k))(x)), want)
 
 
 @pytest.mark.gpu

@@ -49,7 +49,8 @@ from pallas_kernels.indexer import fp8, reference, tpu, triton
 from pallas_kernels.indexer.fp8 import chunk_scores_fp8, quantize_indexer
 from pallas_kernels.indexer.fused import FusedIndexerConfig, chunk_topk_fused
 from pallas_kernels.indexer.reference import chunk_scores_reference
-from pallas_kernels.indexer.select import TopkSelectConfig, sorted_top_k, topk_select
+from pallas_kernels.indexer.select import (TILED_MIN_ROWS, WHOLE_ROW_MAX_COLUMNS, TopkSelectConfig, sorted_top_k,
+                                           topk_select)
 from pallas_kernels.indexer.tpu import chunk_scores_tpu
 from pallas_kernels.indexer.triton import IndexerTritonConfig, chunk_scores_triton
 
@@ -90,17 +91,23 @@ BACKENDS = {"triton": triton, "mosaic_tpu": tpu, "xla": reference}   # impl="aut
 IMPLEMENTATIONS = {"xla": chunk_topk_xla, "triton": chunk_topk_triton, "mosaic_tpu": chunk_topk_tpu}
 
 
-TOPK_MIN_ROWS = 64
-
-
 def _topk_triton_supports(scores, k, *, interpret=False, config=None):
-    """The radix select runs one program per row: with few rows the GPU idles through its
-    serial passes. H100, Quest decode at 128K, pages of 16, k 512: batch 1 (8 rows) took
-    170 us a step with it, 110 us with `lax.top_k` (an earlier run); batch 16 (128 rows)
-    588 us with it, 627 us with `lax.top_k`."""
-    del k, config
-    if not interpret and scores.shape[0] < TOPK_MIN_ROWS:
-        return f"{scores.shape[0]} rows < {TOPK_MIN_ROWS}: one program per row, lax.top_k is faster"
+    """The radix select runs one program per row. With fewer than `TILED_MIN_ROWS` rows only
+    its whole-row form runs (the row loaded once, held in registers: `select.default_config`
+    picks it for rows of at most `WHOLE_ROW_MAX_COLUMNS`, or a config with `block_s >= S`):
+    the tiled passes leave the GPU idle (H100, Quest decode at batch 1, 8 rows: 170 us a step
+    with them, 110 us with `lax.top_k`), and wider rows would not fit the registers."""
+    del k
+    rows, size = scores.shape
+    if interpret or rows >= TILED_MIN_ROWS:
+        return None
+    if config is not None:
+        return None if config.block_s >= size else (
+            f"{rows} rows < {TILED_MIN_ROWS} with block_s {config.block_s} < S {size}: one program per row "
+            f"streaming tiles, lax.top_k is faster (block_s >= S holds the row in registers)")
+    if size > WHOLE_ROW_MAX_COLUMNS:
+        return (f"{rows} rows < {TILED_MIN_ROWS} of S {size} > {WHOLE_ROW_MAX_COLUMNS} columns: too wide for the "
+                f"whole-row form's registers, lax.top_k is faster than streaming tiles")
     return None
 
 
@@ -116,8 +123,10 @@ def top_k_set(scores, k: int, *, impl: str = "auto", interpret=False, config=Non
       scores: `[R, S]` float32; -inf = not a candidate, +inf = taken first; no NaN.
       k: int >= 1.
       impl: "auto" | "xla" (`lax.top_k`, slots sorted) | "triton" (the radix select
-        kernel, `select.topk_select`); interpret: the kernel in interpret mode (CPU tests);
-        config: the kernel's `TopkSelectConfig`.
+        kernel, `select.topk_select`: with few rows its whole-row form, one launch, each
+        row read once; "auto" declines it for few rows wider than `WHOLE_ROW_MAX_COLUMNS`);
+        interpret: the kernel in interpret mode (CPU tests); config: the kernel's
+        `TopkSelectConfig` (None: `select.default_config`).
     Returns:
       `(values [R, k'], slots [R, k'])` (`k' = min(k, S)`): the slots `lax.top_k` picks
       (lower slot first among equal scores) in ascending slot order, -inf / -1 padded last
