@@ -22,7 +22,8 @@ FlexPrefill prefill, each against its dense baseline in the same process.
     since issue 14 item 4; page-major they were copied twice). `--quest_score_forms` times
     other forms of the scores (one XLA reduction; the Triton kernel's configs, its tensor-core
     form) and `--quest_topk` other top-k's (lax.top_k, radix select configs, approx_max_k,
-    a two-stage chunked top-k) beside the defaults, each with its error / share of the exact set.
+    a two-stage chunked top-k, the radix kernel's whole-row form) beside the defaults, each with
+    its error / share of the exact set.
     Each figure is the median of `--iters` timed calls of one jitted program running
     `--reps` steps on distinct queries (bench_decode's `repeated`: optimization barriers
     between steps), divided by `--reps`.
@@ -77,7 +78,7 @@ from experiments.bench_decode import median_time, rel, repeated
 from pallas_kernels.block_sparse import BlockSparseMetadata, block_sparse_attention
 from pallas_kernels.decode.api import decode_attention
 from pallas_kernels.indexer import top_k_set
-from pallas_kernels.indexer.select import TopkSelectConfig, float_keys, two_stage_top_k
+from pallas_kernels.indexer.select import TopkSelectConfig, float_keys, two_stage_top_k, whole_row_config
 from pallas_kernels.page_scores.api import PageScoresConfig, page_scores
 from sparse_jax import patterns as P
 from sparse_jax.cache.base import weighted_attention
@@ -99,9 +100,11 @@ flags.DEFINE_list("quest_score_forms", [], "page-score forms timed beside the de
                   "triton:BLOCK_PAGES[:NUM_WARPS][:dot] (the Triton kernel, PageScoresConfig; dot: its "
                   "tensor-core form)")
 flags.DEFINE_list("quest_topk", [], "top-k variants timed side by side on the same masked scores [B * Hkv, P] "
-                  "(each: us, share of the exact set found): xla (lax.top_k), "
-                  "radix[:BITS:FULL_PASSES:BLOCK_S[:NUM_WARPS]] (the Triton radix select, TopkSelectConfig; "
-                  "from 64 rows), histogram[:BITS] (an exact radix select in plain XLA, all rows at once), "
+                  "(each: us, share of the exact set found): xla (lax.top_k), auto (top_k_set's default, "
+                  "what Quest runs), radix[:BITS:FULL_PASSES:BLOCK_S[:NUM_WARPS]] (the Triton radix select, "
+                  "TopkSelectConfig; tiled from 64 rows), whole[:BITS[:NUM_WARPS]] (its whole-row form, one "
+                  "program per row holding the row in registers: select.whole_row_config), "
+                  "histogram[:BITS] (an exact radix select in plain XLA, all rows at once), "
                   "approx:RECALL (lax.approx_max_k), "
                   "chunked:CHUNK (select.two_stage_top_k: lax.top_k of min(k, CHUNK) per chunk of CHUNK pages, "
                   "then of the candidates; the exact set)")
@@ -231,6 +234,10 @@ def topk_variant(name, k):
     kind, *arg = name.split(":")
     if kind == "xla":
         return lambda s: top_k_set(s, k, impl="xla")[1]
+    if kind == "auto":
+        return lambda s: top_k_set(s, k)[1]
+    if kind == "whole":
+        return lambda s: top_k_set(s, k, impl="triton", config=whole_row_config(s.shape[1], *map(int, arg)))[1]
     if kind == "radix":
         cfg = TopkSelectConfig(**dict(zip(("bits_per_pass", "full_passes", "block_s", "num_warps"), map(int, arg))))
         return lambda s: top_k_set(s, k, impl="triton", config=cfg)[1]
