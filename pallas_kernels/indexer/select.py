@@ -74,7 +74,8 @@ INT_MIN = -(2**31)
 
 @dataclasses.dataclass(frozen=True)
 class TopkSelectConfig:
-    """block_r: rows per program; block_s: columns per tile (powers of two);
+    """block_r: rows per program; block_s: columns per tile (powers of two; `>= S`: the
+    whole-row form, one tile held in registers, `full_passes` unused);
     bits_per_pass: key bits fixed per counting pass (1, 2 or 4: at most `32 / bits` passes,
     `2**bits` counters per element; 8 would need 256 counters, far past the registers);
     full_passes: counting passes over the whole row before the keys that can still be the
