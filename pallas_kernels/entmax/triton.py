@@ -86,6 +86,7 @@ from pallas_kernels.flash import blocks
 from pallas_kernels.tiles_common import NN, NT, causal as causal_predicate
 
 NEG = -1e30        # masked z
+STATS_IMPLS = ("auto", "triton", "mosaic_gpu")
 BIG = 1e30         # threshold of a row that sees nothing (exp: p = 0 everywhere)
 
 
@@ -116,6 +117,14 @@ class EntmaxTritonConfig:
       the wider tile (an upper bound: fewer tiles skipped; at 16K on topic inputs 128
       made 10% of the tile pairs live at the lower bound instead of 7%).
     stats_num_warps, stats_num_stages: the stats kernel's Triton launch parameters.
+    stats_impl: which kernel runs the stats pass: "triton", "mosaic_gpu" (Hopper: wgmma +
+      TMA, `mosaic_gpu_stats.py`; in interpret mode GPU interpret mode, the other kernels
+      staying in Triton's interpreter; a ValueError where it does not apply) or "auto"
+      (Mosaic GPU on a Hopper GPU where `mosaic_gpu_stats.supports` the call, else Triton;
+      Triton in interpret mode).
+    stats_mosaic_block_k, stats_mosaic_stages: the Mosaic GPU stats kernel's KV tile (64 or
+      128) and K ring depth (>= 2). Its query tiles are fixed (64 rows a warpgroup, 128 a
+      CTA); its `tmax` is exact per `(block_q, block_k)` tile whatever these.
     recheck_tiles: each threshold pass skips the arithmetic of a listed tile whose max is
       at or below the lowest lower bound of the tile's rows not yet exact (the bounds rise
       pass by pass; the tile list itself is fixed by the first bound `max - 1`). bool.
@@ -135,6 +144,9 @@ class EntmaxTritonConfig:
     stats_num_warps: int = 8
     stats_num_stages: int = 3
     recheck_tiles: bool = True
+    stats_impl: str = "auto"
+    stats_mosaic_block_k: int = 128
+    stats_mosaic_stages: int = 4
 
     def __post_init__(self):
         def is_int(x):
@@ -157,6 +169,15 @@ class EntmaxTritonConfig:
                              f"got {self.finish_passes!r}")
         if self.recheck_tiles not in (True, False):           # 0 / 1 too (command-line ints)
             raise ValueError(f"EntmaxTritonConfig.recheck_tiles must be a bool, got {self.recheck_tiles!r}")
+        if self.stats_impl not in STATS_IMPLS:
+            raise ValueError(f"EntmaxTritonConfig.stats_impl must be one of {STATS_IMPLS}, "
+                             f"got {self.stats_impl!r}")
+        if self.stats_mosaic_block_k not in (64, 128):
+            raise ValueError(f"EntmaxTritonConfig.stats_mosaic_block_k must be 64 or 128, "
+                             f"got {self.stats_mosaic_block_k!r}")
+        if not (is_int(self.stats_mosaic_stages) and self.stats_mosaic_stages >= 2):
+            raise ValueError(f"EntmaxTritonConfig.stats_mosaic_stages must be an int >= 2, "
+                             f"got {self.stats_mosaic_stages!r}")
         if self.stats_block_q < self.block_q or self.stats_block_k < self.block_k:
             raise ValueError(
                 f"EntmaxTritonConfig: the stats tiles ({self.stats_block_q}, {self.stats_block_k}) "
@@ -441,12 +462,40 @@ def stats_tiles(st: Static, tq: int, tk: int) -> tuple[int, int]:
             blocks.pow2_block(st.config.stats_block_k, tk))
 
 
+def stats_impl(st: Static, dtype, tq_p: int, tk_p: int, d_p: int, bq: int, bk: int) -> str:
+    """"triton" or "mosaic_gpu": the kernel of the stats pass on these padded sizes (see
+    `EntmaxTritonConfig.stats_impl`); ValueError where "mosaic_gpu" is asked and does not
+    apply."""
+    from pallas_kernels import common  # noqa: PLC0415
+    from pallas_kernels.entmax import mosaic_gpu_stats  # noqa: PLC0415 - fwd file standalone
+
+    choice = st.config.stats_impl
+    if choice == "triton" or (choice == "auto" and st.interpret):
+        return "triton"
+    reason = mosaic_gpu_stats.supports(st.config, dtype, tq_p, tk_p, d_p, bq, bk)
+    if choice == "mosaic_gpu":
+        if reason:
+            raise ValueError(f"EntmaxTritonConfig.stats_impl='mosaic_gpu' does not support {reason}; "
+                             "use 'triton' or 'auto'")
+        return "mosaic_gpu"
+    reason = reason or common.platform_reason("mosaic_gpu", common.current_device(), False)
+    return "triton" if reason else "mosaic_gpu"
+
+
 def pad_inputs(st: Static, q, k, v, q_pos, kv_pos):
-    """Sequence axes to whole stats tiles (so whole tiles too; positions -1), head dims to
-    a power of two (>= 16)."""
+    """Sequence axes to whole stats tiles of the stats kernel `stats_impl` picks (so whole
+    tiles too; positions -1), head dims to a power of two (>= 16)."""
+    from pallas_kernels.entmax import mosaic_gpu_stats  # noqa: PLC0415
+
     sbq, sbk = stats_tiles(st, q.shape[1], k.shape[1])
-    tq_p, tk_p = blocks.round_up(q.shape[1], sbq), blocks.round_up(k.shape[1], sbk)
     d_p = max(16, blocks.pl_next_pow2(q.shape[3]))
+    mq, mk = mosaic_gpu_stats.padding(st.config)
+    mq, mk = max(sbq, mq), max(sbk, mk)                     # powers of two: their lcm
+    tq_m, tk_m = blocks.round_up(q.shape[1], mq), blocks.round_up(k.shape[1], mk)
+    if stats_impl(st, q.dtype, tq_m, tk_m, d_p, *tiles(st, q.shape[1], k.shape[1])) == "mosaic_gpu":
+        tq_p, tk_p = tq_m, tk_m
+    else:
+        tq_p, tk_p = blocks.round_up(q.shape[1], sbq), blocks.round_up(k.shape[1], sbk)
     dv_p = max(16, blocks.pl_next_pow2(v.shape[3]))
     q = blocks.pad_axis(blocks.pad_axis(q, tq_p, 1), d_p, 3)
     k = blocks.pad_axis(blocks.pad_axis(k, tk_p, 1), d_p, 3)
@@ -486,10 +535,17 @@ def run_stats(st: Static, qp, kp, q_pos_p, kv_pos_p, bq, bk):
     """Row max `m`, visible count `n` (`[B, H, Tq_p]`), the per-tile max `tmax [B, H, nQ,
     nK]` on the `(bq, bk)` tiles (exact where `stats_block_k == bk`, else the max over the
     stats tile's `bq` rows: an upper bound; `NEG` where nothing is visible) and
-    `full [B, nQ, nK]` bool (every element visible)."""
+    `full [B, nQ, nK]` bool (every element visible). The Triton kernel below, or the Mosaic
+    GPU one (`mosaic_gpu_stats.run_stats`, exact per tile) where `stats_impl` picks it."""
     cfg = st.config
     b, tq_p, h, d_p = qp.shape
     tk_p, hkv = kp.shape[1], kp.shape[2]
+    if stats_impl(st, qp.dtype, tq_p, tk_p, d_p, bq, bk) == "mosaic_gpu":
+        from pallas_kernels.entmax import mosaic_gpu_stats  # noqa: PLC0415
+        from jax.experimental.pallas import mosaic_gpu as plmgpu  # noqa: PLC0415
+
+        return mosaic_gpu_stats.run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk,
+                                          interpret=plmgpu.InterpretGPUParams() if st.interpret else None)
     group = h // hkv
     sbq, sbk = stats_tiles(st, tq_p, tk_p)
     nq, nk = tq_p // sbq, tk_p // sbk
