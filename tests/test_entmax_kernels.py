@@ -18,7 +18,7 @@ from pallas_kernels.entmax import api, entmax_attention
 from pallas_kernels.entmax import reference as R
 from pallas_kernels.entmax import triton as T
 from pallas_kernels.entmax.triton import EntmaxTritonConfig
-from gpu_testing import has_gpu
+from gpu_testing import has_gpu, hopper_device, needs_gpu_interpret_pool
 from kernel_testing import rel_err
 
 
@@ -337,3 +337,185 @@ def test_triton_compiled_on_gpu(case):
         assert rel_err(out, r_out) < 2e-2
         for g, r in zip(grads, r_grads):
             assert np.all(np.isfinite(np.asarray(g, np.float32))) and rel_err(g, r) < 5e-2
+
+
+# ----------------------------------------------------------------------------- Mosaic GPU stats
+
+
+def stats_reference(q, k, q_pos, kv_pos, *, causal, zscale, bq, bk):
+    """Plain jnp `(m, n, tmax)`: row max of `z = zscale q.k` over the visible keys (`NEG` if
+    none), visible count, and the max of each `(bq, bk)` tile (lengths padded with `NEG`)."""
+    group = q.shape[2] // k.shape[2]
+    kf = jnp.repeat(k.astype(jnp.float32), group, axis=2)
+    z = zscale * jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kf,
+                            precision=jax.lax.Precision.HIGHEST)
+    qp, kp = jnp.asarray(q_pos)[:, None, :, None], jnp.asarray(kv_pos)[:, None, None, :]
+    vis = jnp.broadcast_to((qp >= 0) & (kp >= 0) & ((kp <= qp) if causal else True), z.shape)
+    zm = jnp.where(vis, z, T.NEG)
+    tq_p, tk_p = -(-z.shape[2] // bq) * bq, -(-z.shape[3] // bk) * bk
+    tiles = jnp.pad(zm, ((0, 0), (0, 0), (0, tq_p - z.shape[2]), (0, tk_p - z.shape[3])),
+                    constant_values=T.NEG)
+    b, h = z.shape[:2]
+    tmax = tiles.reshape(b, h, tq_p // bq, bq, tk_p // bk, bk).max((3, 5))
+    return zm.max(-1), vis.sum(-1).astype(jnp.float32), tmax
+
+
+def run_stats_impl(case: Case, impl: str, cfg: EntmaxTritonConfig, dtype=jnp.bfloat16):
+    """`T.run_stats` through `pad_inputs` with `stats_impl=impl` in interpret mode (Mosaic
+    GPU: its GPU interpret mode), and the case's inputs and tiles."""
+    (q, k, v), kw, _ = make_inputs(case, dtype)
+    st = T.Static(alpha=case.alpha, causal=case.causal, scale=case.d ** -0.5,
+                  config=dataclasses.replace(cfg, stats_impl=impl), interpret=True)
+    bq, bk = T.tiles(st, case.tq, case.tk)
+
+    def f(q, k, v, q_pos, kv_pos):
+        qp, kp, _, q_pos_p, kv_pos_p = T.pad_inputs(st, q, k, v, q_pos, kv_pos)
+        return T.run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk)
+
+    return jax.jit(f)(q, k, v, kw["q_positions"], kw["kv_positions"]), (q, k, kw, st, bq, bk)
+
+
+STATS_CASES = [   # bf16, D = 64 (the Mosaic kernel's dtypes and head dims)
+    (Case("causal_gqa2_ragged_padding", 1.5, b=2, tq=37, tk=45, d=64, pad_q=3, pad_k=5, seed=5),
+     EntmaxTritonConfig()),                        # 64x64 tiles, two per 128-key Mosaic tile
+    (Case("bidirectional_gqa4_tq_below_tile", 2.0, causal=False, tq=9, tk=150, hkv=1, d=64,
+          pad_k=7, seed=6),
+     dataclasses.replace(SMALL, stats_mosaic_block_k=64)),   # 16x16 tiles: 4x4 parts a tile
+    (Case("causal_gqa1_ring_wraps_128_tiles", 1.5, tq=300, tk=300, h=2, hkv=2, d=64, q_offset=0,
+          seed=7),
+     EntmaxTritonConfig(block_q=128, block_k=128, stats_block_q=128, stats_block_k=128,
+                        stats_mosaic_block_k=64, stats_mosaic_stages=2)),   # tiles of 2x2 maxima
+]
+
+
+@needs_gpu_interpret_pool
+@pytest.mark.parametrize("case,cfg", STATS_CASES, ids=lambda x: getattr(x, "name", ""))
+def test_mosaic_gpu_stats_match_a_plain_computation(case, cfg):
+    """The Mosaic GPU stats kernel in GPU interpret mode: m, n and the tile maxima equal a
+    plain jnp computation on the case's tiles (causal and not, GQA, ragged lengths, padding
+    positions, Tq below a tile); the tiles of its extra padding are NEG, `full` matches the
+    tiles' visibility."""
+    (m, n, tmax, full), (q, k, kw, st, bq, bk) = run_stats_impl(case, "mosaic_gpu", cfg)
+    r_m, r_n, r_tmax = stats_reference(q, k, kw["q_positions"], kw["kv_positions"],
+                                       causal=case.causal, zscale=st.zscale, bq=bq, bk=bk)
+    assert m.shape[2] % 128 == 0 and tmax.shape[2] == m.shape[2] // bq   # padded to its CTAs
+    np.testing.assert_allclose(m[:, :, :case.tq], r_m, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(n[:, :, :case.tq], r_n)
+    assert np.all(np.asarray(m[:, :, case.tq:]) == T.NEG) and np.all(np.asarray(n[:, :, case.tq:]) == 0)
+    nq, nk = r_tmax.shape[2:]
+    np.testing.assert_allclose(tmax[:, :, :nq, :nk], r_tmax, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(tmax[:, :, nq:]) == T.NEG) and np.all(np.asarray(tmax[:, :, :, nk:]) == T.NEG)
+    assert (np.asarray(r_tmax) > T.NEG / 2).any()
+    assert np.asarray(full).shape == tmax.shape[:1] + tmax.shape[2:]
+
+
+@needs_gpu_interpret_pool
+def test_mosaic_gpu_stats_equal_the_triton_stats():
+    """Same `(m, n, tmax, full)` as the Triton stats kernel (interpret modes), on the Triton
+    kernel's (smaller) padded shapes; the Mosaic kernel's extra padding tiles are NEG."""
+    case, cfg = STATS_CASES[0]
+    tri, _ = run_stats_impl(case, "triton", cfg)
+    mos, _ = run_stats_impl(case, "mosaic_gpu", cfg)
+    for name, a, b in zip(("m", "n", "tmax", "full"), tri, mos):
+        sl = tuple(slice(0, s) for s in a.shape)
+        np.testing.assert_allclose(np.asarray(b)[sl], np.asarray(a), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@needs_gpu_interpret_pool
+def test_mosaic_gpu_stats_end_to_end_bf16():
+    """`entmax_attention` forward and gradients with the Mosaic GPU stats (GPU interpret
+    mode; the other kernels in Triton's interpreter) against the XLA reference. bf16 (the
+    Mosaic kernel takes bf16 / f16 only), so bf16 tolerances; and the same as with the
+    Triton stats, up to the dots' summation order."""
+    case = dataclasses.replace(CASES[0], d=64, seed=8)
+    qkv, kw, cot = make_inputs(case, jnp.bfloat16)
+    cfg = dataclasses.replace(SMALL, stats_mosaic_block_k=64, stats_impl="mosaic_gpu")
+    out, tau, grads = run("triton", qkv, kw, cot, cfg)
+    r_out, r_tau, r_grads = run("xla", qkv, kw, cot)
+    assert out.dtype == jnp.bfloat16 and rel_err(out, r_out) < 1e-2
+    fin = np.isfinite(np.asarray(r_tau))
+    assert np.array_equal(np.isfinite(np.asarray(tau)), fin)
+    np.testing.assert_allclose(np.asarray(tau)[fin], np.asarray(r_tau)[fin], atol=1e-4)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, r_grads):
+        assert rel_err(g, r) < 2e-2, f"{name}: rel err {rel_err(g, r):.2e}"
+    t_out, t_tau, _ = run("triton", qkv, kw, cot, dataclasses.replace(cfg, stats_impl="triton"))
+    np.testing.assert_allclose(np.asarray(tau)[fin], np.asarray(t_tau)[fin], atol=1e-5)
+    assert rel_err(out, t_out) < 2e-3
+
+
+def test_stats_impl_choice_and_refusals(monkeypatch):
+    """"auto" takes Triton in interpret mode and off Hopper, Mosaic GPU on Hopper where it
+    applies; "mosaic_gpu" refuses f32 and odd head dims with a ValueError naming the reason;
+    bad knobs are refused."""
+    from pallas_kernels import common
+
+    st = lambda impl, interpret=False: T.Static(alpha=1.5, causal=True, scale=1.0, interpret=interpret,  # noqa: E731
+                                                config=EntmaxTritonConfig(stats_impl=impl))
+    args = (jnp.bfloat16, 1024, 1024, 128, 64, 64)
+    assert T.stats_impl(st("auto", True), *args) == "triton"
+    monkeypatch.setattr(common, "current_device", lambda: common.Device("gpu", "8.0"))
+    assert T.stats_impl(st("auto"), *args) == "triton"
+    monkeypatch.setattr(common, "current_device", lambda: common.Device("gpu", "9.0"))
+    assert T.stats_impl(st("auto"), *args) == "mosaic_gpu"
+    assert T.stats_impl(st("auto"), jnp.float32, *args[1:]) == "triton"
+    assert T.stats_impl(st("triton"), *args) == "triton"
+    with pytest.raises(ValueError, match="dtype float32"):
+        T.stats_impl(st("mosaic_gpu"), jnp.float32, *args[1:])
+    with pytest.raises(ValueError, match="head dim 32"):
+        T.stats_impl(st("mosaic_gpu"), jnp.bfloat16, 1024, 1024, 32, 64, 64)
+    for bad, match in ((dict(stats_impl="cuda"), "stats_impl must be one of"),
+                       (dict(stats_mosaic_block_k=256), "stats_mosaic_block_k must be 64 or 128"),
+                       (dict(stats_mosaic_stages=1), "stats_mosaic_stages must be an int >= 2")):
+        with pytest.raises(ValueError, match=match):
+            EntmaxTritonConfig(**bad)
+
+
+def test_mosaic_gpu_stats_lower_for_cuda_on_the_cpu():
+    """The Mosaic GPU stats kernel lowers to Mosaic GPU for CUDA (no compile) at a realistic
+    shape (D=128, GQA 4, ragged T, both KV tiles; one tmax part a tile, two column parts,
+    4 x 4 parts)."""
+    from gpu_testing import lower_for_cuda
+
+    q = jnp.zeros((1, 1000, 16, 128), jnp.bfloat16)
+    k = jnp.zeros((1, 1000, 4, 128), jnp.bfloat16)
+    pos = jnp.arange(1000, dtype=jnp.int32)[None]
+    for bk_m, bq, bk in ((64, 64, 64), (128, 64, 64), (128, 16, 32)):
+        st = T.Static(alpha=1.5, causal=True, scale=128 ** -0.5, interpret=False,
+                      config=EntmaxTritonConfig(stats_impl="mosaic_gpu", stats_mosaic_block_k=bk_m))
+
+        def f(q, k, pos, bq=bq, bk=bk):
+            qp, kp, _, pp, kpp = T.pad_inputs(st, q, k, k, pos, pos)
+            return T.run_stats(st, qp, kp, pp, kpp, bq, bk)
+
+        assert "entmax_stats_mosaic_gpu" in lower_for_cuda(f, q, k, pos).as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(hopper_device() is None, reason="needs a Hopper (sm_90) GPU")
+@pytest.mark.parametrize("t", [1000, 4096])
+@pytest.mark.parametrize("hkv", [16, 4])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_mosaic_gpu_stats_compiled_match_the_triton_stats(t, hkv, causal):
+    """The compiled Mosaic GPU stats kernel against the compiled Triton one (bf16, D=128,
+    H=16): the same m, n (exact), tmax (float32 summation order apart) and full."""
+    with jax.default_device(hopper_device()):
+        case = Case("gpu", 1.5, causal=causal, tq=t, tk=t, h=16, hkv=hkv, d=128, q_offset=0,
+                    pad_k=37, q_gain=1.0, seed=t + hkv)
+        tri, _ = run_stats_impl(case, "triton", EntmaxTritonConfig())
+        st = T.Static(alpha=1.5, causal=causal, scale=128 ** -0.5, interpret=False,
+                      config=EntmaxTritonConfig(stats_impl="mosaic_gpu"))
+        (q, k, v), kw, _ = make_inputs(case, jnp.bfloat16)
+
+        def f(q, k, v, q_pos, kv_pos):
+            qp, kp, _, pp, kpp = T.pad_inputs(st, q, k, v, q_pos, kv_pos)
+            return T.run_stats(st, qp, kp, pp, kpp, 64, 64)
+
+        mos = jax.jit(f)(q, k, v, kw["q_positions"], kw["kv_positions"])
+        for name, a, b in zip(("m", "n", "tmax", "full"), tri, mos):
+            sl = tuple(slice(0, s) for s in a.shape)
+            b = np.asarray(b)
+            np.testing.assert_allclose(b[sl], np.asarray(a), rtol=1e-4, atol=1e-4, err_msg=name)
+            rest = np.ones(b.shape, bool)
+            rest[sl] = False
+            if name in ("m", "tmax"):
+                assert np.all(b[rest] == T.NEG), name

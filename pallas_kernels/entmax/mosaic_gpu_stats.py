@@ -164,10 +164,14 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, caus
             own = [tab_smem[4 + 4 * wg + i] for i in range(4)]       # lo <= flo <= fhi <= hi
             qp = plgpu.load(qpos_smem2.at[wg], layout=row_layout)
             qp2 = lax.broadcast_in_dim(qp, (ROWS, bk), [0])
-            part = jnp.right_shift(plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0, layout=row_layout),
-                                   log2_fq)
-            cpart = jnp.right_shift(plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 1,
-                                                           layout=plgpu.Layout.WGMMA), log2_fk)
+            # only where used: layout inference cannot place an unused iota
+            part = cpart = None
+            if rparts > 1:
+                part = jnp.right_shift(plgpu.broadcasted_iota(
+                    jnp.int32, (ROWS,), 0, layout=row_layout), log2_fq)
+            if cparts > 1:
+                cpart = jnp.right_shift(plgpu.broadcasted_iota(
+                    jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA), log2_fk)
 
             def step(j, carry, kind):
                 m, n = carry
