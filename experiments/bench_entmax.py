@@ -46,6 +46,7 @@ to `<out>.jsonl` and its figures to TensorBoard scalars `entmax/<inputs>/<name>`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -80,7 +81,11 @@ flags.DEFINE_string("config", "", "EntmaxTritonConfig overrides, e.g. block_q=12
 flags.DEFINE_list("sweep", [], "extra EntmaxTritonConfig overrides to time beside --config, each "
                   "'key=value/key=value' (e.g. block_q=128/num_warps=8,num_candidates=1); their rows "
                   "carry the overrides under 'config'")
-flags.DEFINE_bool("breakdown", True, "also time the stats kernel and stats + threshold alone")
+flags.DEFINE_bool("breakdown", True, "also time the stats kernel (each impl: Triton, Mosaic GPU where "
+                  "it runs) and stats + threshold alone")
+flags.DEFINE_enum("stats_impl", "auto", ["auto", "triton", "mosaic_gpu"],
+                  "EntmaxTritonConfig.stats_impl of the timed rows (a --sweep entry "
+                  "'stats_impl=mosaic_gpu' times the other beside it)")
 flags.DEFINE_bool("adasplash", True, "time adasplash when importable")
 flags.DEFINE_bool("interpret", False, "Pallas interpret mode (a CPU smoke test of the script)")
 
@@ -140,13 +145,13 @@ def check(q, k, v, alpha, cfg, rows: int):
 
 
 def breakdown_ms(q, k, alpha, cfg, iters):
-    """Forward stages alone: the stats kernel, and stats + threshold passes (the rest of the
-    forward is the output pass and the live-tile bookkeeping)."""
-    st = entmax_triton.Static(alpha=alpha, causal=True, scale=q.shape[-1] ** -0.5, config=cfg,
-                              interpret=FLAGS.interpret)
+    """Forward stages alone: the stats kernel of each impl (`stats_ms_triton`,
+    `stats_ms_mosaic_gpu`, NaN where it does not run; `stats_ms` the row's own), and stats +
+    threshold passes with the row's (the rest of the forward is the output pass and the
+    live-tile bookkeeping)."""
     pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
 
-    def stages(q, k, upto):
+    def stages(q, k, upto, st):
         bq, bk = entmax_triton.tiles(st, q.shape[1], k.shape[1])
         qp, kp, _, qpp, kpp = entmax_triton.pad_inputs(st, q, k, k[..., :1], pos, pos)
         m, n, tmax, full = entmax_triton.run_stats(st, qp, kp, qpp, kpp, bq, bk)
@@ -154,8 +159,33 @@ def breakdown_ms(q, k, alpha, cfg, iters):
             return m, tmax
         return entmax_triton.run_tau(st, qp, kp, qpp, kpp, m, n, tmax, full, bq, bk)
 
-    return dict(stats_ms=median_ms(jax.jit(lambda q, k: stages(q, k, "stats")), q, k, iters=iters),
-                stats_tau_ms=median_ms(jax.jit(lambda q, k: stages(q, k, "tau")), q, k, iters=iters))
+    def static(c):
+        return entmax_triton.Static(alpha=alpha, causal=True, scale=q.shape[-1] ** -0.5, config=c,
+                                    interpret=FLAGS.interpret)
+
+    st = static(cfg)
+    res = {}
+    for impl in ("triton", "mosaic_gpu"):
+        try:
+            res[f"stats_ms_{impl}"] = median_ms(jax.jit(functools.partial(
+                stages, upto="stats", st=static(dataclasses.replace(cfg, stats_impl=impl)))),
+                q, k, iters=iters)
+        except Exception as e:  # noqa: BLE001 - e.g. Mosaic GPU off Hopper: report, go on
+            print(f"stats impl={impl}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            res[f"stats_ms_{impl}"] = float("nan")
+    res["stats_impl"] = stats_impl_of(st, q, k)
+    res["stats_ms"] = res[f"stats_ms_{res['stats_impl']}"]
+    res["stats_tau_ms"] = median_ms(jax.jit(functools.partial(stages, upto="tau", st=st)), q, k,
+                                    iters=iters)
+    return res
+
+
+def stats_impl_of(st, q, k):
+    """Which stats kernel `st` runs on these inputs ("triton" | "mosaic_gpu")."""
+    pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+    qp, kp, _, _, _ = jax.eval_shape(lambda q, k: entmax_triton.pad_inputs(st, q, k, k[..., :1], pos, pos), q, k)
+    bq, bk = entmax_triton.tiles(st, q.shape[1], k.shape[1])
+    return entmax_triton.stats_impl(st, q.dtype, qp.shape[1], kp.shape[1], qp.shape[3], bq, bk)
 
 
 def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward, label="", peers=True, flash=None):
@@ -204,9 +234,9 @@ def main(argv):
     entmax_api.check_alpha(FLAGS.alpha)
     def parse(text, sep):
         over = dict(kv.split("=") for kv in text.split(sep) if kv)
-        return {k_: int(v_) for k_, v_ in over.items()}
+        return {k_: int(v_) if v_.lstrip("-").isdigit() else v_ for k_, v_ in over.items()}
 
-    cfg = dataclasses.replace(EntmaxTritonConfig(), **parse(FLAGS.config, ","))
+    cfg = dataclasses.replace(EntmaxTritonConfig(stats_impl=FLAGS.stats_impl), **parse(FLAGS.config, ","))
     variants = [("", cfg)] + [(text, dataclasses.replace(cfg, **parse(text, "/"))) for text in FLAGS.sweep]
     h, hkv = (int(x) for x in FLAGS.heads.split(":"))
     info = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
@@ -238,12 +268,13 @@ def main(argv):
     print(f"\n{info}")
     nan = float("nan")
     print(f"{'inputs':>7} {'T':>6} {'config':>12} | {'zeros':>6} {'live':>5} {'live0':>5} | {'fwd ms':>8} {'flash':>8} "
-          f"{'x':>5} | {'stats':>7} {'+tau':>7} | {'f+b ms':>8} {'flash':>8} {'x':>5} | {'ada fwd':>8} "
+          f"{'x':>5} | {'st tri':>7} {'st mgpu':>7} {'+tau':>7} | {'f+b ms':>8} {'flash':>8} {'x':>5} | {'ada fwd':>8} "
           f"{'ada f+b':>8} | {'err':>7}")
     for r in rows:
         print(f"{r['inputs']:>7} {r['t']:>6} {r['config'][:12]:>12} | {r['zero_frac']:6.3f} {r['live_tiles']:5.2f} "
               f"{r['live_tiles_lower_bound']:5.2f} | {r['ours_fwd_ms']:8.3f} {r['flash_fwd_ms']:8.3f} "
-              f"{r['fwd_speedup_vs_flash']:5.2f} | {r.get('stats_ms', nan):7.3f} {r.get('stats_tau_ms', nan):7.3f} | "
+              f"{r['fwd_speedup_vs_flash']:5.2f} | {r.get('stats_ms_triton', nan):7.3f} "
+              f"{r.get('stats_ms_mosaic_gpu', nan):7.3f} {r.get('stats_tau_ms', nan):7.3f} | "
               f"{r.get('ours_fwdbwd_ms', nan):8.3f} "
               f"{r.get('flash_fwdbwd_ms', nan):8.3f} {r.get('fwdbwd_speedup_vs_flash', nan):5.2f} | "
               f"{r.get('adasplash_fwd_ms', nan):8.3f} {r.get('adasplash_fwdbwd_ms', nan):8.3f} | "
