@@ -11,7 +11,9 @@ q . k` units, where `p = [z - tau]_+^(1/(alpha-1))`.
    more than `q k^T` and a max, so it runs on its own taller tiles (`stats_block_q x
    stats_block_k`, default 128x64, 8 warps: half the K traffic of 64-row tiles, which at
    64K is ~140 GB from L2) and writes the max of each 64-row half (the tiles of the other
-   kernels) from its row maxima.
+   kernels) from its row maxima. On Hopper (`EntmaxTritonConfig.stats_impl` "auto" or
+   "mosaic_gpu") the Mosaic GPU kernel of `mosaic_gpu_stats.py` (wgmma + TMA, warp
+   specialised) returns the same `(m, n, tmax, full)` instead.
 2. `tau`: the threshold lies in `[m - 1, m - (1/n)^(alpha-1)]`. A tile whose `tmax` is at
    most `min_rows(m) - 1` can hold no support and is skipped from here on (block
    skipping, AdaSplash, arXiv 2502.12082). Each of `num_passes` passes over the live tiles
