@@ -20,8 +20,10 @@ Layout. One CTA per (head, pair of 64-row query tiles, batch), three warpgroups:
   (`blocks.visible`'s rule: both positions >= 0 and, causal, `kv_pos <= q_pos`) only off
   their own mask-free run; the tiles outside their range are released unread. Each
   (row part of `fine_q` rows, column part) max is reduced to a scalar and stored in an
-  SMEM row that goes to HBM once, at the end, with `m` and `n`. No schedule barrier: there
-  is no softmax to overlap, the two consumers simply share the tensor cores.
+  SMEM row that goes to HBM once, at the end, with `m` and `n`. Those scalar reductions
+  cross warps through Mosaic GPU's one reduction scratch, shared by both consumers, so
+  they run in turn (a rendezvous barrier, twice per tile: `in_turn`); the wgmmas and the
+  in-warp row maxima overlap freely.
 
 Tile ranges come from the positions (`blocks.block_tables` / `visit_ranges`, in XLA, as
 the Triton kernel's), per 64-row consumer tile: positions are read (traced or concrete;
@@ -146,7 +148,7 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, caus
 
     def body(q_ref, k_ref, qpos_ref, kpos_ref, tab_ref, m_ref, n_ref, tmax_ref, scoped):
         ((q_smem2, k_smem, kpos_smem, qpos_smem2, m_smem2, n_smem2, tmax_smem2, tab_smem),
-         (q_loaded, tab_loaded), k_loaded, k_consumed) = scoped
+         (q_loaded, tab_loaded), k_loaded, k_consumed, turn) = scoped
         bi, hi, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         cta = n_cta - 1 - lax.axis_index("q_seq")       # the longest (causal) ranges first
 
@@ -173,12 +175,26 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, caus
                 cpart = jnp.right_shift(plgpu.broadcasted_iota(
                     jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA), log2_fk)
 
+            def in_turn(store):
+                """Runs `store` (the tile's cross-warp reductions to scalars) one consumer
+                at a time. Mosaic GPU reduces across warps through one SMEM scratch shared
+                by every warpgroup (`scratch_view`, jax 0.11.2), so the two consumers'
+                reductions must not overlap: compiled on an H100 they raced (consumer 1's
+                tile maxima held consumer 0's). Both consumers pass here once per tile of
+                the CTA, skipped tiles included, so the rendezvous pair up."""
+                for w in range(_COMPUTE_WGS):
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(turn)
+                    if store is not None:
+                        pl.when(wg == w)(store)
+
             def step(j, carry, kind):
                 m, n = carry
                 slot = lax.rem(j - lo_c, jnp.int32(stages))
                 plgpu.barrier_wait(k_loaded.at[slot])
                 if kind == "skip":
                     plgpu.barrier_arrive(k_consumed.at[slot])
+                    in_turn(None)
                     return carry
 
                 def qk(acc_ref):
@@ -198,15 +214,22 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, caus
                 else:                       # zscale > 0: scale the row maxima only
                     plgpu.barrier_arrive(k_consumed.at[slot])
                     n = n + float(bk)
-                for c in range(cparts):     # one scalar per (row part, column part)
+                rows = []                   # per column part: the row maxima (in-warp)
+                for c in range(cparts):
                     row = (s if cparts == 1 else jnp.where(cpart == c, s, NEG)).max(axis=1)
                     if kind == "full":
                         row = row * zscale
                     m = jnp.maximum(m, row)
-                    for r in range(rparts):
-                        t = jnp.max(row if rparts == 1 else jnp.where(part == r, row, NEG))
-                        e = r * width + j * cparts + c
-                        tmax_smem[lax.div(e, jnp.int32(_BOX)), lax.rem(e, jnp.int32(_BOX))] = t
+                    rows.append(row)
+
+                def store():                # one scalar per (row part, column part)
+                    for c, row in enumerate(rows):
+                        for r in range(rparts):
+                            t = jnp.max(row if rparts == 1 else jnp.where(part == r, row, NEG))
+                            e = r * width + j * cparts + c
+                            tmax_smem[lax.div(e, jnp.int32(_BOX)), lax.rem(e, jnp.int32(_BOX))] = t
+
+                in_turn(store)
                 return m, n
 
             m = plgpu.layout_cast(jnp.full((ROWS,), NEG, jnp.float32), row_layout)
@@ -267,6 +290,7 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, caus
             (plgpu.Barrier(num_arrivals=2, num_barriers=_COMPUTE_WGS), plgpu.Barrier()),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),               # K + key positions
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),                         # `in_turn`
             collective_axes="wg",
         )
 
