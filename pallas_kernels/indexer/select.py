@@ -81,7 +81,10 @@ class TopkSelectConfig:
     full_passes: counting passes over the whole row before the keys that can still be the
     k'-th are copied to a buffer and the remaining passes read only them (>= 32 / bits:
     never). Defaults from one H200 sweep at R=2048 rows x S=32K, k=2048 (`lax.top_k` 4.89
-    ms): 2 bits x 6 full passes 1.44 ms; 4 bits x 3 full passes 1.84 ms; block_s 256 slower."""
+    ms): 2 bits x 6 full passes 1.44 ms; 4 bits x 3 full passes 1.84 ms; block_s 256 slower.
+    packed_counts: the whole-row form only (`block_s >= S`, S < 2**16), bits_per_pass 2 or 4:
+    a pass's `2**bits - 1` counts summed as 16-bit fields of int64 words (`packed_row_sums`),
+    one block-wide reduction per 4 counts instead of one per count."""
 
     block_r: int = 1
     block_s: int = 512
@@ -89,6 +92,7 @@ class TopkSelectConfig:
     full_passes: int = 6
     num_warps: int = 4
     num_stages: int = 2
+    packed_counts: bool = False
 
     def __post_init__(self):
         for name in ("block_r", "block_s"):
@@ -101,6 +105,10 @@ class TopkSelectConfig:
             raise ValueError(f"full_passes must be an int >= 1, got {self.full_passes!r}")
         if self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"num_warps and num_stages must be >= 1, got {self.num_warps}, {self.num_stages}")
+        if not isinstance(self.packed_counts, bool):
+            raise ValueError(f"packed_counts must be a bool, got {self.packed_counts!r}")
+        if self.packed_counts and self.bits_per_pass == 1:
+            raise ValueError("packed_counts needs bits_per_pass 2 or 4 (1 bit counts once per pass: nothing to pack)")
 
 
 def float_keys(x):
@@ -125,14 +133,19 @@ TILED_MIN_ROWS = 64
 WHOLE_ROW_MAX_COLUMNS = 16384
 
 
-def whole_row_config(size: int, bits_per_pass: int = 1, num_warps: int | None = None) -> TopkSelectConfig:
+def whole_row_config(size: int, bits_per_pass: int = 1, num_warps: int | None = None,
+                     packed_counts: bool = False) -> TopkSelectConfig:
     """The whole-row form for rows of `size` columns: `block_s = next_pow2(size)` (one tile),
     by default 32 keys per thread (4 to 16 warps). bits_per_pass 1: 32 passes at most of one
     count (2: 16 of 3; 4: 8 of 15). H100, 8 rows x 8192, k 512 (2026-12-07): 1 bit 29.9 us,
-    2 bits 36.3 (16 warps 35.9), 4 bits 58.8; `sorted_top_k` (XLA) 63.0."""
+    2 bits 36.3 (16 warps 35.9), 4 bits 58.8; `sorted_top_k` (XLA) 63.0: the time tracks the
+    block-wide reductions, ~0.9 us each. packed_counts (bits 2 or 4): the counts of a pass
+    packed four to an int64 reduction, 16 x 1 (2 bits) or 8 x 4 (4 bits) reductions at most,
+    against 32 x 1 for 1 bit unpacked (not timed yet)."""
     block_s = max(16, pl.next_power_of_2(size))
     warps = num_warps or min(16, max(4, block_s // 1024))
-    return TopkSelectConfig(block_s=block_s, bits_per_pass=bits_per_pass, full_passes=32, num_warps=warps)
+    return TopkSelectConfig(block_s=block_s, bits_per_pass=bits_per_pass, full_passes=32, num_warps=warps,
+                            packed_counts=packed_counts)
 
 
 def default_config(rows: int, size: int) -> TopkSelectConfig:
@@ -143,7 +156,36 @@ def default_config(rows: int, size: int) -> TopkSelectConfig:
     return TopkSelectConfig()
 
 
-def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, barrier, has_lengths):
+# `packed_row_sums`: one count per 16-bit field, four fields per int64 word (counts <= S <= 65535).
+COUNT_FIELD_BITS = 16
+FIELDS_PER_WORD = 64 // COUNT_FIELD_BITS
+
+
+def packed_row_sums(flags):
+    """Row sums of `flags` (a list of n `[br, bs]` bool arrays, `bs < 2**16`) as n `[br]` int32,
+    with ceil(n / 4) block-wide reductions instead of n: flag i of a word adds 1 to its 16-bit
+    field (bits `16 i .. 16 i + 15`), so a field's sum, <= bs, never carries into the next. A
+    word's low and high halves are packed in int32 (two fields each, no carry per element),
+    then joined into int64 for the reduction. int64 needs x64 while tracing (`jax.enable_x64`
+    here only: the kernel's other arrays keep their dtypes); Pallas Triton lowers it to one
+    `tt.reduce` of i64 (`tests/test_indexer_select.py`)."""
+    def half(fs):                                                          # [br, bs] int32, <= 2 fields
+        return sum(lax.shift_left(f.astype(jnp.int32), jnp.int32(COUNT_FIELD_BITS * i)) for i, f in enumerate(fs))
+
+    sums = []
+    with jax.enable_x64(True):
+        for w in range(0, len(flags), FIELDS_PER_WORD):
+            fs = flags[w:w + FIELDS_PER_WORD]
+            word = half(fs[:2]).astype(jnp.int64)
+            if fs[2:]:
+                word = word + lax.shift_left(half(fs[2:]).astype(jnp.int64), jnp.int64(32))
+            total = word.sum(axis=1)                                       # [br] int64: the one reduction
+            sums += [(lax.shift_right_logical(total, jnp.int64(COUNT_FIELD_BITS * i)) & 0xFFFF).astype(jnp.int32)
+                     for i in range(len(fs))]
+    return sums
+
+
+def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, packed, barrier, has_lengths):
     len_ref, refs = (refs[0], refs[1:]) if has_lengths else (None, refs)
     slots_ref, vals_ref, *buf = refs                                       # buf: tiled form only
     whole_row = not buf                                                    # block_s >= size: one tile
@@ -191,7 +233,10 @@ def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, ba
             key = load_keys(j)
             return tuple(acc + (key >= t[:, None]).astype(jnp.int32) for acc, t in zip(accs, thresholds))
 
-        if whole_row:                                                      # at = count(key >= lo)
+        if whole_row and packed:                                           # at = count(key >= lo)
+            key = load_keys(0)
+            counts = [at] + packed_row_sums([key >= t[:, None] for t in thresholds])
+        elif whole_row:
             counts = [at] + [c.sum(axis=1) for c in count(0, (0,) * len(thresholds))]
         else:
             zeros = tuple(jnp.zeros((block_r, block_s), jnp.int32) for _ in thresholds)
@@ -307,8 +352,12 @@ def topk_select(scores, k: int, *, lengths=None, interpret=False, config: TopkSe
     if rows == 0 or width == 0:
         return jnp.zeros((rows, width), jnp.float32), jnp.zeros((rows, width), jnp.int32)
     block_s = min(cfg.block_s, pl.next_power_of_2(size))
+    if cfg.packed_counts and (block_s < size or size >= 2**COUNT_FIELD_BITS):
+        raise ValueError(f"packed_counts is for the whole-row form with S < 2**{COUNT_FIELD_BITS} (one count per "
+                         f"{COUNT_FIELD_BITS}-bit field), got S={size}, block_s={cfg.block_s}")
     kernel = functools.partial(_kernel, rows=rows, size=size, k=width, block_r=cfg.block_r,
                                block_s=block_s, bits=cfg.bits_per_pass, full_passes=cfg.full_passes,
+                               packed=cfg.packed_counts,
                                barrier=not interpret, has_lengths=lengths is not None)
     out_shape = [jax.ShapeDtypeStruct((rows, width), jnp.int32), jax.ShapeDtypeStruct((rows, width), jnp.float32)]
     if block_s < size:                                                     # tiled: the narrowed keys
