@@ -44,13 +44,11 @@ def lower_for_cuda(f, *args, device_kind="NVIDIA H100"):
         return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
 
-def triton_atomic_shapes(lowered, with_semantics: bool = False) -> list[tuple]:
-    """The tile shapes of the atomic read-modify-writes (`tt.atomic_rmw`) in the Triton
-    kernels of `lowered` (`lower_for_cuda`), in program order; `with_semantics`: `(shape,
-    memory semantic)` pairs, the semantic's `tt.MemSemantic` name ("RELAXED",
-    "ACQUIRE_RELEASE", ...). Each kernel is MLIR bytecode
-    in its `__gpu$xla.gpu.triton` custom call's `ir` attribute, parsed in a context with the
-    dialects Pallas' Triton lowering registers."""
+def _triton_ops(lowered, visit) -> list:
+    """`visit(op)` over every op of the Triton kernels of `lowered` (`lower_for_cuda`), in
+    program order, inside the MLIR context that parses them; its non-None results. Each
+    kernel is MLIR bytecode in its `__gpu$xla.gpu.triton` custom call's `ir` attribute,
+    parsed in a context with the dialects Pallas' Triton lowering registers."""
     from jax._src.interpreters import mlir  # noqa: PLC0415
     from jax._src.lib import triton  # noqa: PLC0415
     from jax._src.lib.mlir import ir  # noqa: PLC0415
@@ -65,18 +63,46 @@ def triton_atomic_shapes(lowered, with_semantics: bool = False) -> list[tuple]:
     kernels = [op.attributes["mhlo.backend_config"]["ir"] for op in ops(lowered.compiler_ir("stablehlo").operation)
                if op.name == "stablehlo.custom_call"
                and ir.StringAttr(op.attributes["call_target_name"]).value == "__gpu$xla.gpu.triton"]
-    shapes = []
+    found = []
     with mlir.JaxIrContext() as ctx:
         ctx.append_dialect_registry(mlir.upstream_dialects)
         triton.dialect.register_dialect(ctx)
         ctx.load_all_available_dialects()
         for kernel in kernels:
             module = ir.Module.parse(ir.StringAttr(kernel).value_bytes)
-            for op in ops(module.operation):
-                if op.name == "tt.atomic_rmw":
-                    shape = tuple(ir.RankedTensorType(op.results[0].type).shape)
-                    sem = ir.IntegerAttr(op.attributes["sem"]).value
-                    sem = next(n for n in ("RELAXED", "ACQUIRE", "RELEASE", "ACQUIRE_RELEASE")
-                               if int(getattr(triton.dialect.MemSemantic, n)) == sem)
-                    shapes.append((shape, sem) if with_semantics else shape)
-    return shapes
+            found += [r for r in map(visit, ops(module.operation)) if r is not None]
+    return found
+
+
+def triton_atomic_shapes(lowered, with_semantics: bool = False) -> list[tuple]:
+    """The tile shapes of the atomic read-modify-writes (`tt.atomic_rmw`) in the Triton
+    kernels of `lowered` (`lower_for_cuda`), in program order; `with_semantics`: `(shape,
+    memory semantic)` pairs, the semantic's `tt.MemSemantic` name ("RELAXED",
+    "ACQUIRE_RELEASE", ...)."""
+    from jax._src.lib import triton  # noqa: PLC0415
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+
+    def visit(op):
+        if op.name != "tt.atomic_rmw":
+            return None
+        shape = tuple(ir.RankedTensorType(op.results[0].type).shape)
+        sem = ir.IntegerAttr(op.attributes["sem"]).value
+        sem = next(n for n in ("RELAXED", "ACQUIRE", "RELEASE", "ACQUIRE_RELEASE")
+                   if int(getattr(triton.dialect.MemSemantic, n)) == sem)
+        return (shape, sem) if with_semantics else shape
+
+    return _triton_ops(lowered, visit)
+
+
+def triton_reductions(lowered) -> list[tuple]:
+    """`(operand shape, element type)` of each reduction (`tt.reduce`) in the Triton kernels
+    of `lowered` (`lower_for_cuda`), in program order, e.g. `((1, 8192), "i64")`."""
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+
+    def visit(op):
+        if op.name != "tt.reduce":
+            return None
+        ty = ir.RankedTensorType(op.operands[0].type)
+        return tuple(ty.shape), str(ty.element_type)
+
+    return _triton_ops(lowered, visit)

@@ -10,9 +10,9 @@ from pallas_kernels import common
 from pallas_kernels.indexer import indexer_topk, top_k_set
 from pallas_kernels.indexer.api import TOPK_BACKENDS
 from pallas_kernels.indexer.select import (TWO_STAGE_CHUNK, TopkSelectConfig, default_config, float_keys,
-                                           keys_to_floats, sorted_top_k, topk_select, two_stage_top_k,
-                                           whole_row_config)
-from gpu_testing import has_gpu, lower_for_cuda
+                                           keys_to_floats, packed_row_sums, sorted_top_k, topk_select,
+                                           two_stage_top_k, whole_row_config)
+from gpu_testing import has_gpu, lower_for_cuda, triton_reductions
 
 
 def rows_of_every_kind(seed, r, s):
@@ -118,34 +118,70 @@ def test_float_keys_order():
     np.testing.assert_array_equal(np.asarray(keys_to_floats(keys)).view(np.int32), x.view(np.int32))
 
 
-@pytest.mark.parametrize("r,s,k,bits", [
-    (8, 1000, 37, 2),       # S not a power of two (tile 1024), rows of every kind: padding, ties, +-inf
-    (1, 333, 333, 1),       # R = 1, k = S (all finite taken, -1 padded past them)
-    (8, 300, 1, 4),         # k = 1
-    (5, 50, 80, 2),         # k > S: k' = S columns
-    (3, 7, 4, 2),           # S below the smallest tile (16)
-])
+WHOLE_ROW_CASES = [
+    (8, 1000, 37),          # S not a power of two (tile 1024), rows of every kind: padding, ties, +-inf
+    (1, 333, 333),          # R = 1, k = S (all finite taken, -1 padded past them)
+    (8, 300, 1),            # k = 1
+    (5, 50, 80),            # k > S: k' = S columns
+    (3, 7, 4),              # S below the smallest tile (16)
+]
+
+
+def whole_row_inputs(r, s, k):
+    """`[3 r, s]` fresh rows: rows of every kind (all -inf, 80% -inf, few values, signed zeros,
+    +-inf and extremes, all equal, ulp-close), normal rows, rounded normal rows (many ties at
+    the threshold)."""
+    rng = np.random.default_rng(1000 * r + s + k)
+    return np.concatenate([rows_of_every_kind(s + k, r, s), rng.normal(size=(r, s)).astype(np.float32),
+                           np.round(rng.normal(size=(r, s)), 1).astype(np.float32)])
+
+
+@pytest.mark.parametrize("r,s,k,bits", [case + (bits,) for case, bits in zip(WHOLE_ROW_CASES, (2, 1, 4, 2, 2))])
 def test_whole_row_matches_lax_top_k(r, s, k, bits):
     """The whole-row form (one tile, keys held in registers, no narrowed buffer) against
-    `lax.top_k`'s set on fresh rows: normal rows, rows of every kind (all -inf, 80% -inf,
-    few values, signed zeros, +-inf and extremes, all equal, ulp-close), rounded normal rows
-    (many ties at the threshold)."""
-    rng = np.random.default_rng(1000 * r + s + k)
-    x = np.concatenate([rows_of_every_kind(s + k, r, s), rng.normal(size=(r, s)).astype(np.float32),
-                        np.round(rng.normal(size=(r, s)), 1).astype(np.float32)])
+    `lax.top_k`'s set on fresh rows (`whole_row_inputs`)."""
+    x = whole_row_inputs(r, s, k)
     cfg = whole_row_config(s, bits)
     assert cfg.block_s >= s
     assert_same(topk_select(jnp.asarray(x), k, interpret=True, config=cfg), expected(x, k))
 
 
-def test_whole_row_with_lengths():
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("r,s,k", WHOLE_ROW_CASES)
+def test_whole_row_packed_counts_matches_lax_top_k(r, s, k, bits):
+    """The whole-row form with a pass's counts packed into int64 words (`packed_counts`: 3
+    counts in one word at 2 bits, 15 in four at 4 bits) against `lax.top_k`'s set on the
+    same fresh rows as the unpacked form."""
+    x = whole_row_inputs(r, s, k)
+    cfg = whole_row_config(s, bits, packed_counts=True)
+    assert cfg.packed_counts and cfg.block_s >= s
+    assert_same(topk_select(jnp.asarray(x), k, interpret=True, config=cfg), expected(x, k))
+
+
+def test_packed_row_sums_fields():
+    """`packed_row_sums` against plain row sums: 1 to 9 flag arrays (partial words), fields
+    near their limit (a row all True: sums = bs = 2**16 - 1 in every field, no carry into the
+    next), rows all False."""
+    rng = np.random.default_rng(0)
+    bs = 2**16 - 1
+    for n in (1, 3, 4, 5, 9):
+        flags = rng.random((n, 3, bs)) < rng.random((n, 3, 1))
+        flags[:, 0], flags[:, 1] = True, False
+        got = packed_row_sums([jnp.asarray(f) for f in flags])
+        assert len(got) == n and all(g.dtype == jnp.int32 for g in got)
+        np.testing.assert_array_equal(np.stack(got), flags.sum(axis=2))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_whole_row_with_lengths(packed):
     """`lengths` in the whole-row form: columns past a row's length never read (NaN there)."""
     r, s, k = 4, 90, 12
     x = rows_of_every_kind(3, r, s)
     lengths = np.array([0, 11, 64, 90], np.int32)
     inside = np.arange(s)[None, :] < lengths[:, None]
+    cfg = whole_row_config(s, 2, packed_counts=True) if packed else whole_row_config(s)
     got = topk_select(jnp.asarray(np.where(inside, x, np.nan).astype(np.float32)), k, lengths=jnp.asarray(lengths),
-                      interpret=True, config=whole_row_config(s))
+                      interpret=True, config=cfg)
     assert_same(got, expected(np.where(inside, x, -np.inf).astype(np.float32), k))
 
 
@@ -169,6 +205,8 @@ def test_top_k_set_few_rows_quest_shape():
     x = quest_rows(17)
     assert_same(top_k_set(jnp.asarray(x), 512, impl="triton", interpret=True), expected(x, 512))
     assert_same(top_k_set(jnp.asarray(x[:1]), 512, impl="triton", interpret=True), expected(x[:1], 512))
+    packed = whole_row_config(8192, 2, packed_counts=True)
+    assert_same(top_k_set(jnp.asarray(x), 512, impl="triton", interpret=True, config=packed), expected(x, 512))
 
 
 def test_top_k_set_bad_inputs_raise():
@@ -213,9 +251,13 @@ def test_bad_inputs_raise():
         topk_select(x, 0, interpret=True)
     for kw, name in ((dict(block_s=24), "block_s"), (dict(block_r=0), "block_r"),
                      (dict(bits_per_pass=8), "bits_per_pass"),
-                     (dict(full_passes=0), "full_passes")):
+                     (dict(full_passes=0), "full_passes"), (dict(packed_counts=1), "packed_counts"),
+                     (dict(packed_counts=True, bits_per_pass=1), "packed_counts")):
         with pytest.raises(ValueError, match=name):
             TopkSelectConfig(**kw)
+    with pytest.raises(ValueError, match="packed_counts is for the whole-row form"):   # tiled: S > block_s
+        topk_select(jnp.zeros((4, 64), jnp.float32), 2, interpret=True,
+                    config=TopkSelectConfig(block_s=32, packed_counts=True))
     vals, slots = topk_select(jnp.zeros((0, 8), jnp.float32), 3)
     assert vals.shape == slots.shape == (0, 3)
 
@@ -242,22 +284,40 @@ def test_whole_row_lowers_to_triton_at_quest_shape():
     assert "topk_select" in text
 
 
+@pytest.mark.parametrize("bits,words", [(2, 1), (4, 4)])
+def test_packed_counts_lower_to_one_int64_reduction_per_word(bits, words):
+    """`packed_counts` at Quest B1's shape lowers to Triton IR for an H100 without a GPU, a
+    pass's `2**bits - 1` counts as `words` int64 `tt.reduce`s of the row and none of int32
+    (the unpacked 1-bit kernel's int32 row reductions less its pass's one)."""
+    def reductions(cfg):
+        lowered = lower_for_cuda(lambda x: topk_select(x, 512, config=cfg), jax.ShapeDtypeStruct((8, 8192), jnp.float32))
+        return triton_reductions(lowered)
+
+    packed, unpacked = reductions(whole_row_config(8192, bits, packed_counts=True)), reductions(whole_row_config(8192))
+    assert [r for r in packed if r[1] == "i64"] == [((1, 8192), "i64")] * words
+    assert packed.count(((1, 8192), "i32")) == unpacked.count(((1, 8192), "i32")) - 1
+    assert not [r for r in unpacked if r[1] == "i64"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
-def test_compiled_on_gpu_quest_shape():
+@pytest.mark.parametrize("bits,packed", [(None, False), (2, True), (4, True)])
+def test_compiled_on_gpu_quest_shape(bits, packed):
     """Quest B1's page top-k compiled (8 rows x 8192, k 512; R = 1 and 8 rows of every kind
-    too): `top_k_set`'s auto impl takes the whole-row radix kernel on the GPU, and its arrays
+    too): `top_k_set`'s auto impl takes the whole-row radix kernel on the GPU (bits None: its
+    default config; else `whole_row_config(S, bits, packed_counts=packed)`), and its arrays
     are exactly `lax.top_k`'s set on the CPU."""
     cases = [(quest_rows(5), 512), (quest_rows(6)[:1], 512), (rows_of_every_kind(1, 8, 8192), 512),
              (rows_of_every_kind(2, 8, 5000), 4999), (rows_of_every_kind(3, 8, 16384), 1)]
     for x_np, k in cases:
         with jax.default_device(jax.devices("cpu")[0]):
             want = expected(x_np, k)
+        cfg = None if bits is None else whole_row_config(x_np.shape[1], bits, packed_counts=packed)
         with jax.default_device(jax.devices("gpu")[0]):
             x = jnp.asarray(x_np)
             name, _ = common.choose("top_k_set", "auto", TOPK_BACKENDS, dict(scores=x, k=k))
             assert name == "triton"
-            assert_same(jax.device_get(jax.jit(lambda s, k=k: top_k_set(s, k))(x)), want)
+            assert_same(jax.device_get(jax.jit(lambda s, k=k: top_k_set(s, k, config=cfg))(x)), want)
 
 
 @pytest.mark.gpu
