@@ -104,6 +104,8 @@ flags.DEFINE_list("quest_topk", [], "top-k variants timed side by side on the sa
                   "what Quest runs), radix[:BITS:FULL_PASSES:BLOCK_S[:NUM_WARPS]] (the Triton radix select, "
                   "TopkSelectConfig; tiled from 64 rows), whole[:BITS[:NUM_WARPS]] (its whole-row form, one "
                   "program per row holding the row in registers: select.whole_row_config), "
+                  "packed[:BITS[:NUM_WARPS]] (the whole-row form with a pass's counts packed four to an int64 "
+                  "reduction, packed_counts; BITS 2 (default) or 4), "
                   "histogram[:BITS] (an exact radix select in plain XLA, all rows at once), "
                   "approx:RECALL (lax.approx_max_k), "
                   "chunked:CHUNK (select.two_stage_top_k: lax.top_k of min(k, CHUNK) per chunk of CHUNK pages, "
@@ -236,8 +238,10 @@ def topk_variant(name, k):
         return lambda s: top_k_set(s, k, impl="xla")[1]
     if kind == "auto":
         return lambda s: top_k_set(s, k)[1]
-    if kind == "whole":
-        return lambda s: top_k_set(s, k, impl="triton", config=whole_row_config(s.shape[1], *map(int, arg)))[1]
+    if kind in ("whole", "packed"):
+        args = [int(a) for a in arg] or ([2] if kind == "packed" else [])
+        return lambda s: top_k_set(s, k, impl="triton", config=whole_row_config(
+            s.shape[1], *args, packed_counts=kind == "packed"))[1]
     if kind == "radix":
         cfg = TopkSelectConfig(**dict(zip(("bits_per_pass", "full_passes", "block_s", "num_warps"), map(int, arg))))
         return lambda s: top_k_set(s, k, impl="triton", config=cfg)[1]

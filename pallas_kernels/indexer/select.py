@@ -55,6 +55,16 @@ rule, compaction and padding are the same; what made it slow for few rows was th
 (each pass streaming the row again, `block_s`-wide, and the buffer round trip), which the
 one-tile form removes. `WHOLE_ROW_MAX_COLUMNS` bounds the registers: wider rows with few rows
 go to `lax.top_k` (`api.top_k_set`).
+
+Packed counts (`packed_counts`, whole-row form, 2 or 4 bits per pass): the whole-row time
+tracks the block-wide reductions (H100, Quest B1: 1 bit, 32 passes x 1 count, 29.9 us; 2 bits,
+16 x 3, 36.3; 4 bits, 8 x 15, 58.8: ~0.9 us each, a cross-warp reduction and its barriers), so
+a pass's counts are summed as 16-bit fields of int64 words (`packed_row_sums`: each count <=
+S < 2**16), one reduction per 4 counts. Reductions per select at most: 2 bits 16 x 1 = 16 (the
+fewest); 4 bits 8 x 4 = 32; 3 bits (not supported: 32 is no multiple of 3) would be 11 x 2 =
+22; in int32 words two 16-bit fields (S <= 16K needs 15 bits) give 2 bits 16 x 2 = 32, no
+better than 1 bit unpacked. The price: each element's flags shifted and added, its word in
+int64 (two-instruction adds in the in-thread part of the reduction). Not timed yet.
 """
 
 from __future__ import annotations
