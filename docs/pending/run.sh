@@ -1,6 +1,7 @@
 #!/bin/bash
 # The GPU checks still owed (docs/pending/README.md), as device calls of <= BUDGET s each:
-#   PART=1 BUDGET=570 bash docs/pending/run.sh   # the DSA backward's tile sweep, entmax vs adasplash at 64K
+#   PART=1 BUDGET=570 bash docs/pending/run.sh   # entmax Mosaic stats (fixed) compiled + timed, packed top-k
+#   PART=2 BUDGET=580 bash docs/pending/run.sh   # entmax vs adasplash at 64K (its autotune alone is minutes)
 # From the repo root on the GPU machine, `wheels/` (peer wheels) carried; logs and bench JSON land in $OUT.
 export PYTHONPATH=. JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python
@@ -18,9 +19,14 @@ step() { # step NAME MAXT CMD...
   [ $T -gt 20 ] && ( timeout -k 3 $T "$@" > /tmp/be/b_$name.txt 2>&1 ); F /tmp/be/b_$name.txt | tail -${TAILN:-16} | cut -c1-1500 >> $B; }
 python3 -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | tail -1    # tensorboardX (the scripts' logs), peers
 if [ "${PART:-1}" = 1 ]; then
-  DSA="python3 experiments/bench_dsa.py --seq_lens 65536 --iters 3"
-  step bwdtiles 200 $DSA --parts attention --attention_impls triton --noattention_grad --attention_bwd 32:1,64:1:16:4:1,64:1:16:8:1,32:1:16:4:1,32:1:64:4:1,64:1:32:8:1 --out /tmp/be/bwdtiles.json
-  step entmax 340 python3 experiments/bench_entmax.py --seq_lens 65536 --iters 2 --check_rows 16 --nobreakdown --inputs topics --out /tmp/be/entmax.json
+  bg entmax 200 $PT tests/test_entmax_kernels.py          # the Mosaic GPU stats after the race fix (2c315b2)
+  bg topk 120 $PT tests/test_indexer_select.py            # whole-row top-k, packed counts (21622fc)
+  wait "${pids[@]}"; for f in /tmp/be/pt_*.txt; do echo "== $f" >> $B; F $f | tail -6 >> $B; done
+  TAILN=20 step entmax 200 python3 experiments/bench_entmax.py --seq_lens 16384,65536 --inputs topics --noadasplash --iters 3 --check_rows 8 --stats_impl triton --sweep stats_impl=mosaic_gpu --out /tmp/be/entmax.json
+  TAILN=14 step topk 100 python3 experiments/bench_training_free.py --noprefill --batches 1 --contexts 131072 --quest_pages 16 --quest_topk auto,whole:1,whole:2,packed:2,packed:2:8,packed:2:16,packed:4 --out /tmp/be/topk.json
+fi
+if [ "${PART:-1}" = 2 ]; then   # adasplash's Triton autotune at 64K outlasted a 340 s step twice
+  TAILN=10 step adasplash 560 python3 experiments/bench_entmax.py --seq_lens 65536 --iters 2 --check_rows 16 --nobreakdown --inputs topics --out /tmp/be/adasplash.json
 fi
 echo "== end t=$((SECONDS-START))" >> $B
 cat /tmp/be/*.json > $OUT/bench.json 2>/dev/null; cat $B
