@@ -140,6 +140,63 @@ def test_tpu_interpret_matches_reference(case):
     check(lambda *a, **kw: decode_tpu(*a, **kw, interpret=True, config=SMALL_TPU), case)
 
 
+# Several selected blocks per tile (`DecodeTritonConfig.blocks_per_tile`): ragged counts
+# (0, not multiples of P), the partial last block of the cache selected, GQA 4 and 1, Tq 1
+# and 2, block sizes 16 and 20, head dim 24 (masked gathered columns), 2 and 3 splits.
+PAGES_CASES = [
+    DecodeCase("selected_pages_gqa4_tail", form="selected", h=8, hkv=2, block_size=16, max_sel=7,
+               counts=((0, 7), (5, 3)), lengths=(100, 61), sinks=True, num_splits=2, seed=8),
+    DecodeCase("selected_pages_positions_block20_gqa1_tq2", form="selected", s=90, h=2, hkv=2, d=24,
+               tq=2, block_size=20, max_sel=5, counts=((5, 2), (1, 4)), lengths=(90, 57),
+               num_splits=3, seed=9),
+]
+
+
+@pytest.mark.parametrize("per_tile", [2, 4, 3])
+@pytest.mark.parametrize("case", PAGES_CASES, ids=lambda c: c.name)
+def test_triton_interpret_blocks_per_tile(case, per_tile):
+    cfg = dataclasses.replace(SMALL_TRITON, blocks_per_tile=per_tile)
+    check(lambda *a, **kw: decode_triton(*a, **kw, interpret=True, config=cfg), case)
+
+
+@pytest.mark.parametrize("per_tile", [3, 0])
+def test_triton_interpret_blocks_per_tile_bf16(per_tile):
+    """bf16 cache, 3 blocks per tile and the automatic choice (block_k 64 / 16 = 4)."""
+    case = PAGES_CASES[0]
+    q, k, v, kw = make_inputs(case, jnp.bfloat16)
+    cfg = DecodeTritonConfig(blocks_per_tile=per_tile)
+    got = decode_triton(q, k, v, **kw, interpret=True, config=cfg)
+    ref = decode_reference(q, k, v, **kw)
+    assert got.out.dtype == jnp.bfloat16
+    assert rel_err(got.out, ref.out) < 1e-2
+    fin = np.isfinite(ref.lse)
+    assert np.array_equal(np.isfinite(got.lse), fin)
+    assert rel_err(np.asarray(got.lse)[fin], np.asarray(ref.lse)[fin]) < 1e-2
+
+
+def test_blocks_per_tile_config_and_splits():
+    """Automatic blocks per tile; the split heuristic counts tiles of the tile's rows."""
+    from pallas_kernels.decode import layout
+    assert DecodeTritonConfig().blocks_per_tile == 1
+    auto = DecodeTritonConfig(blocks_per_tile=0)
+    assert auto.selected_blocks_per_tile(16, 512) == 4
+    assert auto.selected_blocks_per_tile(16, 2) == 2
+    assert auto.selected_blocks_per_tile(128, 512) == 1
+    with pytest.raises(ValueError, match="blocks_per_tile"):
+        DecodeTritonConfig(blocks_per_tile=-1)
+    k = jnp.zeros((1, 8192 * 16, 8, 1), jnp.bfloat16)
+    idx = jnp.zeros((1, 8, 512), jnp.int32)
+    forms = [layout.form_of(k, page_table=None, block_indices=idx, block_size=16, kv_positions=None,
+                            block_k=64, blocks_per_tile=n) for n in (1, 4, 3)]
+    assert [f.max_tiles for f in forms] == [512, 128, 171]
+    # Quest B1: 128 programs wanted per kv head; 128 tokens a split at least = 8 tiles of one
+    # block, 2 of 4 (64 rows), 3 of 3 (48 rows): 512 / 8, 128 / 2, 171 / 3 splits.
+    assert [layout.default_num_splits(1, 8, f) for f in forms] == [64, 64, 57]
+    with pytest.raises(ValueError, match="blocks_per_tile"):
+        layout.form_of(k, page_table=None, block_indices=idx, block_size=16, kv_positions=None,
+                       block_k=64, blocks_per_tile=0)
+
+
 def test_reference_matches_flash_reference_on_dense_view():
     """Contiguous decode with lengths == dense causal attention of the last Tq rows."""
     from pallas_kernels.flash.api import flash_attention

@@ -27,11 +27,13 @@ class CacheForm:
 
     kind: CONTIGUOUS (`[B, S, Hkv, D]`), PAGED (pool `[P, page, Hkv, D]` + page table) or
       SELECTED (contiguous cache + per-kv-head block lists).
-    rows: cache slots per kernel tile (the page size for PAGED, the selected block size for
+    rows: cache slots per block (the page size for PAGED, the selected block size for
       SELECTED, the kernel's tile for CONTIGUOUS).
     axis_len: length of the slot axis the tile is cut from (S, or the page size).
     max_tiles: tiles per row at most (static loop extent / TPU grid extent).
     by_positions: keys carry explicit positions (`kv_positions`) instead of a valid length.
+    blocks_per_tile: selected blocks gathered per kernel tile (SELECTED only; 1 elsewhere):
+      tile t holds blocks `[t * blocks_per_tile, (t + 1) * blocks_per_tile)` of the list.
     """
 
     kind: str
@@ -39,19 +41,31 @@ class CacheForm:
     axis_len: int
     max_tiles: int
     by_positions: bool
+    blocks_per_tile: int = 1
+
+    @property
+    def tile_rows(self) -> int:
+        """Cache slots per kernel tile: `rows * blocks_per_tile`."""
+        return self.rows * self.blocks_per_tile
 
 
 def cdiv(a, b):
     return (a + b - 1) // b
 
 
-def form_of(k_cache, *, page_table, block_indices, block_size, kv_positions, block_k) -> CacheForm:
+def form_of(k_cache, *, page_table, block_indices, block_size, kv_positions, block_k,
+            blocks_per_tile: int = 1) -> CacheForm:
+    """The call's `CacheForm`; `blocks_per_tile` (>= 1) applies to selected blocks only."""
     if page_table is not None:
         page = k_cache.shape[1]
         return CacheForm(PAGED, page, page, page_table.shape[1], False)
     s = k_cache.shape[1]
     if block_indices is not None:
-        return CacheForm(SELECTED, block_size, s, block_indices.shape[2], kv_positions is not None)
+        if not isinstance(blocks_per_tile, int) or blocks_per_tile < 1:
+            raise ValueError(f"blocks_per_tile must be an int >= 1, got {blocks_per_tile!r}")
+        max_sel = block_indices.shape[2]
+        return CacheForm(SELECTED, block_size, s, cdiv(max_sel, blocks_per_tile), kv_positions is not None,
+                         blocks_per_tile)
     rows = min(block_k, max(16, 1 << max(0, s - 1).bit_length()))
     return CacheForm(CONTIGUOUS, rows, s, cdiv(s, rows), kv_positions is not None)
 
@@ -59,7 +73,7 @@ def form_of(k_cache, *, page_table, block_indices, block_size, kv_positions, blo
 def num_tiles(form: CacheForm, lengths, counts):
     """Valid tiles of one row (traced scalars in, traced scalar out)."""
     if form.kind == SELECTED:
-        return counts
+        return cdiv(counts, form.blocks_per_tile)
     if form.by_positions:
         return jnp.int32(form.max_tiles)
     return jnp.minimum(cdiv(lengths, form.rows), form.max_tiles)
@@ -77,11 +91,11 @@ def default_num_splits(batch: int, num_kv_heads: int, form: CacheForm, *, target
     """Enough (batch, kv head, split) programs to fill a GPU (`target`), each with at least
     `min_tokens` cache tokens (default 1024; 128 for selected blocks) so the partial results
     and the combine stay small against the cache read (on an H200, 32 splits of 1K tokens
-    beat 128 of 256 at B=1 x 32K by 1.4x)."""
+    beat 128 of 256 at B=1 x 32K by 1.4x). Counted in whole tiles (`form.tile_rows` slots)."""
     if min_tokens is None:
         min_tokens = 128 if form.kind == SELECTED else 1024
     want = cdiv(target, batch * num_kv_heads)
-    return int(max(1, min(want, cdiv(form.max_tiles, max(1, cdiv(min_tokens, form.rows))))))
+    return int(max(1, min(want, cdiv(form.max_tiles, max(1, cdiv(min_tokens, form.tile_rows))))))
 
 
 def pack_queries(q, q_positions, num_kv_heads: int, m: int, d_pad: int):

@@ -8,7 +8,11 @@ the row's valid cache tiles, so each KV tile is read once for the whole GQA grou
 * contiguous: tile t = slots `[t * block_k, (t + 1) * block_k)`; with `lengths` only the
   tiles below the row's length are visited (ragged batches split each row evenly);
 * paged: tile t = pool page `page_table[b, t]`;
-* selected: tile t = cache block `block_indices[b, h, t]`, for `t < block_counts[b, h]`.
+* selected: tile t = cache block `block_indices[b, h, t]`, for `t < block_counts[b, h]`;
+  with `blocks_per_tile = P > 1`, tile t = the `P` blocks `t * P ... t * P + P - 1` of the
+  list, gathered row by row (row r = slot `block_indices[b, h, t * P + r // block_size] *
+  block_size + r % block_size`), so each iteration issues one `P * block_size`-row K load,
+  one V load and one larger dot instead of P small ones.
 
 The cache is read in place (viewed `[B, S, Hkv * D]`, a free reshape; never padded or
 copied): tiles that run past the slot axis, page sizes / block sizes that are not powers
@@ -37,24 +41,49 @@ from pallas_kernels.tiles_common import LOG2E, MASK_VALUE, NN, NT, logits2
 
 @dataclasses.dataclass(frozen=True)
 class DecodeTritonConfig:
-    """Tile of the contiguous form and launch parameters (paged / selected tiles are the page
-    / block); `split_target`: programs the split heuristic aims for (~8 per H100/H200 SM).
-    Defaults from a sweep on an H200 (docs/BENCHMARKS.md, decode)."""
+    """Tile of the contiguous form and launch parameters (paged tiles are the page);
+    `split_target`: programs the split heuristic aims for (~8 per H100/H200 SM);
+    `blocks_per_tile`: selected blocks per tile of the selected form (1: one block per
+    iteration; 0: automatic, `block_k // block_size` blocks, at least 1, at most the list's
+    length). Defaults from a sweep on an H200 (docs/BENCHMARKS.md, decode)."""
 
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
     split_target: int = 1024
+    blocks_per_tile: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.blocks_per_tile, int) or self.blocks_per_tile < 0:
+            raise ValueError(f"blocks_per_tile must be an int >= 0 (0: automatic), got "
+                             f"{self.blocks_per_tile!r}")
+
+    def selected_blocks_per_tile(self, block_size: int, max_sel: int) -> int:
+        """The selected form's blocks per tile for blocks of `block_size` in lists of `max_sel`."""
+        if self.blocks_per_tile:
+            return self.blocks_per_tile
+        return max(1, min(self.block_k // block_size, max_sel))
 
 
 def _pow2(x: int) -> int:
     return max(16, pl_next_pow2(x))
 
 
+def cols(start: int, width: int, width_p: int, gather: bool):
+    """Columns `[start, start + width_p)` of a head; for gathered rows with `width_p > width`,
+    an index `[1, width_p]` clamped to the head's last column (no masked gather: the padded
+    q columns are zeros and the padded output columns are dropped by `layout.combine`)."""
+    if not gather or width_p == width:
+        return pl.ds(start, width_p)
+    return start + jnp.minimum(jnp.arange(width_p, dtype=jnp.int32), width - 1)[None, :]
+
+
 def _kernel(len_ref, tab_ref, cnt_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-            form: layout.CacheForm, mask_fn, scale, softcap, num_splits, num_kv_heads, d, dv):
+            form: layout.CacheForm, mask_fn, scale, softcap, num_splits, num_kv_heads, d, dv,
+            table_stride):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rows, rows_p = form.rows, _pow2(form.rows)
+    rows, rows_p = form.tile_rows, _pow2(form.tile_rows)
+    gather = form.blocks_per_tile > 1
     d_p, dv_p = q_ref.shape[-1], o_ref.shape[-1]
     length = None if len_ref is None else len_ref[b]
     count = None if cnt_ref is None else cnt_ref[b * num_kv_heads + h]
@@ -62,17 +91,18 @@ def _kernel(len_ref, tab_ref, cnt_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, 
     q = q_ref[...]
     qp = qpos_ref[...][:, None]
     r = jnp.arange(rows_p, dtype=jnp.int32)
-    # Static: which loads need a mask (partial tiles, padded rows or columns).
-    ragged_rows = rows_p != rows or form.kind != layout.PAGED and form.axis_len % rows != 0
-    cols_k = pl.ds(h * d, d_p)
-    cols_v = pl.ds(h * dv, dv_p)
+    # Static: which loads need a row mask (partial tiles, padded rows); gathered rows are
+    # clamped to slot 0 instead and masked in the softmax.
+    ragged_rows = not gather and (rows_p != rows or form.kind != layout.PAGED and form.axis_len % rows != 0)
+    cols_k = cols(h * d, d, d_p, gather)
+    cols_v = cols(h * dv, dv, dv_p, gather)
 
     def load(ref, sel, width, width_p, in_rows):
         """A `[rows_p, width_p]` tile; masked where it runs past the rows or the head dim."""
         mask = None
         if ragged_rows:
             mask = in_rows[:, None]
-        if width_p != width:
+        if width_p != width and not gather:
             col_ok = jnp.arange(width_p, dtype=jnp.int32)[None, :] < width
             mask = col_ok if mask is None else mask & col_ok
         if mask is None:
@@ -81,19 +111,32 @@ def _kernel(len_ref, tab_ref, cnt_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, 
 
     def step(t, carry):
         m, l, acc = carry
-        if form.kind == layout.PAGED:
+        if gather:
+            # Row r: block `t * P + r // block_size` of the list, slot `r % block_size` in it;
+            # rows past the count, the tile or the cache gather slot 0 and are masked.
+            j = t * form.blocks_per_tile + r // form.rows
+            listed = (r < rows) & (j < count)
+            blk = tab_ref[(b * num_kv_heads + h) * table_stride + jnp.where(listed, j, 0)]
+            slot = jnp.where(listed, blk, 0) * form.rows + r % form.rows
+            in_rows = listed & (slot < form.axis_len)
+            slot = jnp.where(in_rows, slot, 0)
+            k_sel = lambda c: (slot if isinstance(c, pl.Slice) else slot[:, None], c)  # noqa: E731
+            pos = slot
+        elif form.kind == layout.PAGED:
             page = tab_ref[b * form.max_tiles + t]
             start, pos = 0, t * rows + r
             k_sel = lambda cols: (page, pl.ds(0, rows_p), cols)  # noqa: E731
         else:
-            blk = t if form.kind == layout.CONTIGUOUS else tab_ref[(b * num_kv_heads + h) * form.max_tiles + t]
+            blk = t if form.kind == layout.CONTIGUOUS else tab_ref[(b * num_kv_heads + h) * table_stride + t]
             start = blk * rows
             pos = start + r
             k_sel = lambda cols: (pl.ds(start, rows_p), cols)  # noqa: E731
-        in_rows = (r < rows) & (start + r < form.axis_len)
+        if not gather:
+            in_rows = (r < rows) & (start + r < form.axis_len)
         if form.by_positions:
-            kp = plgpu.load(kpos_ref.at[pl.ds(start, rows_p)], mask=in_rows, other=-1) \
-                if ragged_rows else kpos_ref[pl.ds(start, rows_p)]
+            rows_sel = slot if gather else pl.ds(start, rows_p)
+            kp = plgpu.load(kpos_ref.at[rows_sel], mask=in_rows, other=-1) \
+                if ragged_rows else kpos_ref[rows_sel]
             valid = in_rows & (kp >= 0)
             pos = kp
         else:
@@ -154,8 +197,10 @@ def partials(q, k_cache, v_cache, *, form, lengths, kv_positions, q_positions, t
         pl.BlockSpec((None, None, None, m, dv_p), lambda b_, h_, s_: (b_, h_, s_, 0, 0)),
         pl.BlockSpec((None, None, None, m), lambda b_, h_, s_: (b_, h_, s_, 0)),
     ]
+    table_stride = table.shape[0] // (b * hkv) if form.kind == layout.SELECTED else 0   # max_sel
     kernel = functools.partial(_kernel, form=form, mask_fn=mask_fn, scale=scale, softcap=softcap,
-                               num_splits=num_splits, num_kv_heads=hkv, d=d, dv=dv)
+                               num_splits=num_splits, num_kv_heads=hkv, d=d, dv=dv,
+                               table_stride=table_stride)
     return pl.pallas_call(
         kernel,
         grid=(b, hkv, num_splits),
@@ -174,8 +219,10 @@ def decode_triton(q, k_cache, v_cache, *, lengths, kv_positions, q_positions, pa
                   return_lse, num_splits, interpret=False, config: DecodeTritonConfig | None = None):
     """`decode_reference`'s contract on the Triton kernel (`interpret=True`: CPU). Forward only."""
     config = config or DecodeTritonConfig()
+    per_tile = 1 if block_indices is None else config.selected_blocks_per_tile(block_size, block_indices.shape[2])
     form = layout.form_of(k_cache, page_table=page_table, block_indices=block_indices,
-                          block_size=block_size, kv_positions=kv_positions, block_k=config.block_k)
+                          block_size=block_size, kv_positions=kv_positions, block_k=config.block_k,
+                          blocks_per_tile=per_tile)
     b, tq, h, _ = q.shape
     hkv = k_cache.shape[2]
     if num_splits is None:
