@@ -302,3 +302,48 @@ def test_triton_compiled_on_gpu(case):
         got = decode_triton(q, k, v, **{**kw, "num_splits": None})
         ref = decode_reference(q, k, v, **kw)
         assert rel_err(got.out, ref.out) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("per_tile", [2, 4, 3])
+@pytest.mark.parametrize("case", PAGES_CASES, ids=lambda c: c.name)
+def test_triton_compiled_selected_blocks_per_tile(case, per_tile):
+    """Several blocks per tile compiled (gathered rows; d 24: clamped gathered columns);
+    float32 dots as TF32 against a float32-exact reference."""
+    cfg = dataclasses.replace(SMALL_TRITON, blocks_per_tile=per_tile)
+    with jax.default_device(jax.devices("gpu")[0]):
+        q, k, v, kw = make_inputs(case)
+        got = decode_triton(q, k, v, **kw, config=cfg)
+        with jax.default_matmul_precision("highest"):
+            ref = decode_reference(q, k, v, **kw)
+        assert rel_err(got.out, ref.out) < 3e-3
+        fin = np.isfinite(ref.lse)
+        assert np.array_equal(np.isfinite(got.lse), fin)
+        assert rel_err(np.asarray(got.lse)[fin], np.asarray(ref.lse)[fin]) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
+@pytest.mark.parametrize("per_tile", [1, 4, 0])
+def test_triton_compiled_selected_quest_b1(per_tile):
+    """Quest's B1 shape compiled, bf16: 128K slots by position, H 32 / Hkv 8, D 128, pages of
+    16, 512 of the 8192 pages per kv head (one head 509: a count not a multiple of 4),
+    default splits; against the XLA reference."""
+    b, t, h, hkv, d, page, kept = 1, 131072, 32, 8, 128, 16, 512
+    rng = np.random.default_rng(14)
+    with jax.default_device(jax.devices("gpu")[0]):
+        q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+                   for s in ((b, 1, h, d), (b, t, hkv, d), (b, t, hkv, d)))
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        idx = np.stack([np.sort(rng.permutation(t // page)[:kept]) for _ in range(hkv)])[None]
+        counts = np.full((b, hkv), kept, np.int32)
+        counts[0, 3] = kept - 3
+        kw = dict(lengths=None, kv_positions=pos, q_positions=jnp.full((b, 1), t - 1, jnp.int32),
+                  page_table=None, block_indices=jnp.asarray(idx, jnp.int32),
+                  block_counts=jnp.asarray(counts), block_size=page, sink_logits=None, softcap=None,
+                  scale=d ** -0.5, mask_fn=None, return_lse=True, num_splits=None)
+        got = decode_triton(q, k, v, **kw, config=DecodeTritonConfig(blocks_per_tile=per_tile))
+        ref = decode_reference(q, k, v, **kw)
+        assert rel_err(got.out, ref.out) < 1e-2
+        assert rel_err(got.lse, ref.lse) < 1e-3
