@@ -23,7 +23,10 @@ FlexPrefill prefill, each against its dense baseline in the same process.
     other forms of the scores (one XLA reduction; the Triton kernel's configs, its tensor-core
     form) and `--quest_topk` other top-k's (lax.top_k, radix select configs, approx_max_k,
     a two-stage chunked top-k, the radix kernel's whole-row form) beside the defaults, each with
-    its error / share of the exact set.
+    its error / share of the exact set. `--quest_blocks_per_tile 1,2,4,8` times the selected
+    decode alone at each `DecodeTritonConfig.blocks_per_tile` (selected pages gathered per
+    kernel tile; 0: automatic) in the same run (`selected_decode_by_blocks_per_tile`: us,
+    error against the default config's output).
     Each figure is the median of `--iters` timed calls of one jitted program running
     `--reps` steps on distinct queries (bench_decode's `repeated`: optimization barriers
     between steps), divided by `--reps`.
@@ -76,7 +79,7 @@ from absl import flags
 
 from experiments.bench_decode import median_time, rel, repeated
 from pallas_kernels.block_sparse import BlockSparseMetadata, block_sparse_attention
-from pallas_kernels.decode.api import decode_attention
+from pallas_kernels.decode.api import DecodeTritonConfig, decode_attention
 from pallas_kernels.indexer import top_k_set
 from pallas_kernels.indexer.select import TopkSelectConfig, float_keys, two_stage_top_k, whole_row_config
 from pallas_kernels.page_scores.api import PageScoresConfig, page_scores
@@ -95,6 +98,8 @@ flags.DEFINE_list("quest_bounds", ["bfloat16"], "Quest bounds dtypes, one row ea
                   "float8_e4m3fn: codes + a scale per page and head)")
 flags.DEFINE_bool("quest_hlo", False, "print the fusions / custom calls of the compiled XLA page-score program "
                   "and the bytes each reads and writes (whether the bounds are read in place or copied first)")
+flags.DEFINE_list("quest_blocks_per_tile", [], "selected decode timed at each of these "
+                  "DecodeTritonConfig.blocks_per_tile (pages per kernel tile; 0: automatic), e.g. 1,2,4,8")
 flags.DEFINE_list("quest_score_forms", [], "page-score forms timed beside the default XLA dots (each: us, error "
                   "against them): reduce (the elementwise products summed over D by one XLA reduction, no dot), "
                   "triton:BLOCK_PAGES[:NUM_WARPS][:dot] (the Triton kernel, PageScoresConfig; dot: its "
@@ -324,12 +329,21 @@ def bench_quest(b, t, page, bounds_dtype, dense):
     row["old_lists_us"] = 1e6 * median_time(repeated(general_lists, {}), qs, pos, None, sels,
                                             iters=FLAGS.iters) / FLAGS.reps
 
-    def selected(q, c, _v, sel):
+    def selected(q, c, _v, sel, config=None):
         return decode_attention(q, c[0], c[1], kv_positions=c[2], block_indices=sel[..., :-1],
-                                block_counts=sel[..., -1], block_size=page)
+                                block_counts=sel[..., -1], block_size=page, config=config)
 
     row["selected_decode_us"] = 1e6 * median_time(repeated(selected, {}), qs, (k, v, pos), None, sels,
                                                   iters=FLAGS.iters) / FLAGS.reps
+    base_out = jax.jit(selected)(qs[0], (k, v, pos), None, sels[0])
+    for n in FLAGS.quest_blocks_per_tile:       # pages per kernel tile, side by side
+        try:
+            fn = functools.partial(selected, config=DecodeTritonConfig(blocks_per_tile=int(n)))
+            us = 1e6 * median_time(repeated(fn, {}), qs, (k, v, pos), None, sels, iters=FLAGS.iters) / FLAGS.reps
+            err = rel(jax.jit(fn)(qs[0], (k, v, pos), None, sels[0]), base_out)
+            row.setdefault("selected_decode_by_blocks_per_tile", {})[n] = dict(us=us, err=err)
+        except Exception as e:  # noqa: BLE001 - keep the row
+            row.setdefault("selected_decode_by_blocks_per_tile", {})[n] = dict(error=str(e)[:300])
     if (b, t) not in dense:
         lengths = jnp.full((b,), t, jnp.int32)
         dense[b, t] = dict(
@@ -571,6 +585,16 @@ def main(_):
               f"{r['bounds_bytes'] / 1e6:.1f} | {r.get('overlap_exact', 1.0):.3f} | "
               + (f"{r['score_triton_us']:.1f} (err {r['score_triton_err']:.1e}) |" if "score_triton_us" in r
                  else f"error: {r.get('score_triton_error', '')[:100]} |") + f" {r['old_lists_us']:.1f} |")
+    swept = [r for r in quest if "selected_decode_by_blocks_per_tile" in r]
+    if swept:
+        print("\nQuest selected decode by blocks per tile (us; err against the default config)")
+        print("| B | context | page | default | blocks per tile | us | err |")
+        print("|---|---|---|---|---|---|---|")
+        for r in swept:
+            for n, x in r["selected_decode_by_blocks_per_tile"].items():
+                cell = f"{x['us']:.1f} | {x['err']:.1e}" if "us" in x else f"error: {x['error'][:100]} | -"
+                print(f"| {r['batch']} | {r['context'] // 1024}K | {r['page']} | {r['selected_decode_us']:.1f} | "
+                      f"{n} | {cell} |")
     forms = [r for r in quest if "score_forms" in r]
     if forms:
         print("\nQuest page-score forms (us; err against the default XLA dots)")
