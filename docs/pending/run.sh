@@ -24,7 +24,7 @@ if [ "${PART:-1}" = 1 ]; then
   bg pages 150 $PT tests/test_decode_kernels.py -k selected   # several pages per tile (84dd0b8)
   wait "${pids[@]}"; for f in /tmp/be/pt_*.txt; do echo "== $f" >> $B; F $f | tail -6 >> $B; done
   TAILN=20 step entmax 160 python3 experiments/bench_entmax.py --seq_lens 16384,65536 --inputs topics --noadasplash --iters 3 --check_rows 8 --stats_impl triton --sweep stats_impl=mosaic_gpu --out /tmp/be/entmax.json
-  TAILN=24 step topk 120 python3 experiments/bench_training_free.py --noprefill --batches 1 --contexts 131072 --quest_pages 16 --quest_topk auto,whole:1,whole:2,packed:2,packed:2:8,packed:2:16,packed:4 --quest_blocks_per_tile 0,1,2,4,8 --out /tmp/be/topk.json
+  TAILN=30 step topk 150 python3 experiments/bench_training_free.py --noprefill --batches 1,16 --contexts 131072 --quest_pages 16 --quest_topk auto,whole:1,whole:2,packed:2,packed:2:8,packed:2:16,packed:4 --quest_blocks_per_tile 0,1,2,4,8 --out /tmp/be/topk.json
   # do XLA's Triton kernels get the v4 float atomics? (experiments/atomics_ptx.py: yes at PTX >= 8.1, scalar at 8.0)
   TAILN=6 step atomics 90 env XLA_FLAGS="--xla_dump_to=/tmp/xd --xla_gpu_dump_llvmir" python3 experiments/bench_dsa.py --seq_lens 16384 --iters 1 --parts attention --attention_impls triton --noattention_grad --attention_bwd 32:1
   { echo "== ptx atomics"; grep -rhoE "(red|atom)\.global\.[a-z0-9.]+" /tmp/xd 2>/dev/null | sort | uniq -c; grep -rh "^\.version" /tmp/xd 2>/dev/null | sort | uniq -c; } >> $B
