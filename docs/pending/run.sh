@@ -22,6 +22,7 @@ if [ "${PART:-1}" = 1 ]; then
   bg entmax 200 $PT tests/test_entmax_kernels.py          # the Mosaic GPU stats after the race fix (2c315b2)
   bg topk 120 $PT tests/test_indexer_select.py            # whole-row top-k, packed counts (21622fc)
   bg pages 150 $PT tests/test_decode_kernels.py -k selected   # several pages per tile (84dd0b8)
+  bg idx 180 $PT tests/test_indexer_kernels.py tests/test_indexer_fused.py   # few-row selects now take the whole-row form (c70a1cf)
   wait "${pids[@]}"; for f in /tmp/be/pt_*.txt; do echo "== $f" >> $B; F $f | tail -6 >> $B; done
   TAILN=20 step entmax 160 python3 experiments/bench_entmax.py --seq_lens 16384,65536 --inputs topics --noadasplash --iters 3 --check_rows 8 --stats_impl triton --sweep stats_impl=mosaic_gpu --out /tmp/be/entmax.json
   TAILN=30 step topk 150 python3 experiments/bench_training_free.py --noprefill --batches 1,16 --contexts 131072 --quest_pages 16 --quest_topk auto,whole:1,whole:2,packed:2,packed:2:8,packed:2:16,packed:4 --quest_blocks_per_tile 0,1,2,4,8 --out /tmp/be/topk.json
