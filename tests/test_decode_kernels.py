@@ -283,6 +283,17 @@ def test_unknown_impl_raises():
         _bad(impl="cuda")()
 
 
+def assert_tf32_close(got, q, k, v, kw):
+    """A compiled float32 result (dots as TF32) against the float32-exact reference: out,
+    and lse where finite (the same rows infinite)."""
+    with jax.default_matmul_precision("highest"):
+        ref = decode_reference(q, k, v, **kw)
+    assert rel_err(got.out, ref.out) < 3e-3
+    fin = np.isfinite(ref.lse)
+    assert np.array_equal(np.isfinite(got.lse), fin)
+    assert rel_err(np.asarray(got.lse)[fin], np.asarray(ref.lse)[fin]) < 1e-3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -291,13 +302,7 @@ def test_triton_compiled_on_gpu(case):
     against a float32-exact reference. Then the same case in bf16 with default tiles."""
     with jax.default_device(jax.devices("gpu")[0]):
         q, k, v, kw = make_inputs(case)
-        got = decode_triton(q, k, v, **kw, config=SMALL_TRITON)
-        with jax.default_matmul_precision("highest"):
-            ref = decode_reference(q, k, v, **kw)
-        assert rel_err(got.out, ref.out) < 3e-3
-        fin = np.isfinite(ref.lse)
-        assert np.array_equal(np.isfinite(got.lse), fin)
-        assert rel_err(np.asarray(got.lse)[fin], np.asarray(ref.lse)[fin]) < 1e-3
+        assert_tf32_close(decode_triton(q, k, v, **kw, config=SMALL_TRITON), q, k, v, kw)
         q, k, v, kw = make_inputs(case, jnp.bfloat16)
         got = decode_triton(q, k, v, **{**kw, "num_splits": None})
         ref = decode_reference(q, k, v, **kw)
@@ -314,13 +319,7 @@ def test_triton_compiled_selected_blocks_per_tile(case, per_tile):
     cfg = dataclasses.replace(SMALL_TRITON, blocks_per_tile=per_tile)
     with jax.default_device(jax.devices("gpu")[0]):
         q, k, v, kw = make_inputs(case)
-        got = decode_triton(q, k, v, **kw, config=cfg)
-        with jax.default_matmul_precision("highest"):
-            ref = decode_reference(q, k, v, **kw)
-        assert rel_err(got.out, ref.out) < 3e-3
-        fin = np.isfinite(ref.lse)
-        assert np.array_equal(np.isfinite(got.lse), fin)
-        assert rel_err(np.asarray(got.lse)[fin], np.asarray(ref.lse)[fin]) < 1e-3
+        assert_tf32_close(decode_triton(q, k, v, **kw, config=cfg), q, k, v, kw)
 
 
 @pytest.mark.gpu
