@@ -133,20 +133,28 @@ def _save_three(directory):
     return saved
 
 
-def _truncate_largest(step_dir):
-    files = [f for f in glob.glob(os.path.join(step_dir, "model", "**", "*"), recursive=True)
+def _data_files(step_dir):
+    """Every OCDBT data file of the model item. All of them, not the largest: OCDBT is
+    copy-on-write, so a step's folder can keep files of superseded b-tree versions that no
+    restore reads, and the largest was one of them in a loaded full-suite run (the truncated
+    case then restored step 3: a flaky test)."""
+    files = [f for f in glob.glob(os.path.join(step_dir, "model", "**", "d", "*"), recursive=True)
              if os.path.isfile(f)]
-    big = max(files, key=os.path.getsize)
-    os.truncate(big, os.path.getsize(big) // 2)
+    assert files, f"no OCDBT data files under {step_dir}/model"
+    return files
+
+
+def _truncate_data_files(step_dir):
+    for f in _data_files(step_dir):
+        os.truncate(f, os.path.getsize(f) // 2)
 
 
 def _flip_bytes(step_dir):
-    files = [f for f in glob.glob(os.path.join(step_dir, "model", "**", "d", "*"), recursive=True)]
-    big = max(files, key=os.path.getsize)
-    data = bytearray(open(big, "rb").read())
-    for i in range(64, len(data) - 64, 101):
-        data[i] ^= 0xFF
-    open(big, "wb").write(bytes(data))
+    for f in _data_files(step_dir):
+        data = bytearray(open(f, "rb").read())
+        for i in range(min(64, len(data) // 4), len(data), 101):
+            data[i] ^= 0xFF
+        open(f, "wb").write(bytes(data))
 
 
 def _tamper_checksum(step_dir):
@@ -157,7 +165,7 @@ def _tamper_checksum(step_dir):
 
 
 CORRUPTIONS = {
-    "truncated file": (_truncate_largest, "restore failed"),
+    "truncated files": (_truncate_data_files, "restore failed"),
     "flipped bytes": (_flip_bytes, ""),                      # orbax or our checksum catches it
     "commit marker removed": (lambda d: os.remove(os.path.join(d, COMMIT_MARKER)), "no commit marker"),
     "model item deleted": (lambda d: shutil.rmtree(os.path.join(d, "model")), "restore failed"),
