@@ -243,11 +243,11 @@ def _kernel(x_ref, *refs, rows, size, k, block_r, block_s, bits, full_passes, pa
             key = load_keys(j)
             return tuple(acc + (key >= t[:, None]).astype(jnp.int32) for acc, t in zip(accs, thresholds))
 
-        if whole_row and packed:                                           # at = count(key >= lo)
+        if whole_row:                                                      # at = count(key >= lo)
             key = load_keys(0)
-            counts = [at] + packed_row_sums([key >= t[:, None] for t in thresholds])
-        elif whole_row:
-            counts = [at] + [c.sum(axis=1) for c in count(0, (0,) * len(thresholds))]
+            flags = [key >= t[:, None] for t in thresholds]
+            counts = [at] + (packed_row_sums(flags) if packed else
+                             [f.astype(jnp.int32).sum(axis=1) for f in flags])
         else:
             zeros = tuple(jnp.zeros((block_r, block_s), jnp.int32) for _ in thresholds)
             counts = [base + acc.sum(axis=1) for acc in lax.fori_loop(0, n, count, zeros)]
