@@ -126,7 +126,7 @@ def supports(cfg, dtype, tq_p: int, tk_p: int, d_p: int, bq: int, bk: int) -> st
     return None
 
 
-def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, causal: bool,
+def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, mask_fn,
                  interpret=None):
     """q `[B, Tq_p, H, D]`, k `[B, Tk_p, Hkv, D]` (Tq_p a multiple of 128, Tk_p of
     `geo.block_k`), q_pos `[B, Tq_p]`, kv_pos `[B, Tk_p]` int32, tab `[B, Tq_p / 128, 16]`
@@ -206,9 +206,7 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, caus
                     kp = plgpu.load(kpos_smem.at[slot], layout=col_layout)
                     plgpu.barrier_arrive(k_consumed.at[slot])
                     kp2 = lax.broadcast_in_dim(kp, (ROWS, bk), [1])
-                    vis = (qp2 >= 0) & (kp2 >= 0)
-                    if causal:
-                        vis = vis & (kp2 <= qp2)
+                    vis = blocks.visible(mask_fn, qp2, kp2, None, None)
                     s = jnp.where(vis, s * zscale, NEG)
                     n = n + jnp.where(vis, 1.0, 0.0).sum(axis=1)
                 else:                       # zscale > 0: scale the row maxima only
@@ -343,7 +341,7 @@ def run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk, interpret=None):
     geo = geometry(st.config, tk_p, d_p, bq, bk)
     tab, visited = cta_tables(st.mask_fn, q_pos_p, kv_pos_p, geo.block_k)
     m, n, raw = _kernel_call(qp, kp, q_pos_p, kv_pos_p, tab, geo=geo, zscale=st.zscale,
-                             causal=st.causal, interpret=interpret)
+                             mask_fn=st.mask_fn, interpret=interpret)
     nq64 = tq_p // ROWS
     raw = raw.reshape(b, h, nq64, geo.row_parts, geo.width)[..., :geo.nk * geo.col_parts]
     raw = raw.reshape(b, h, nq64, geo.row_parts, geo.nk, geo.col_parts)
