@@ -385,6 +385,9 @@ STATS_CASES = [   # bf16, D = 64 (the Mosaic kernel's dtypes and head dims)
           seed=7),
      EntmaxTritonConfig(block_q=128, block_k=128, stats_block_q=128, stats_block_k=128,
                         stats_mosaic_block_k=64, stats_mosaic_stages=2)),   # tiles of 2x2 maxima
+    (Case("causal_gqa2_tmax_rows_fill", 1.5, tq=1100, tk=1100, h=2, hkv=1, d=64, seed=8),
+     EntmaxTritonConfig(block_q=32, block_k=16, stats_block_q=32, stats_block_k=16,
+                        stats_mosaic_block_k=64)),   # 2 x 4 parts a tile: 18 tiles fill 64 entries
 ]
 
 

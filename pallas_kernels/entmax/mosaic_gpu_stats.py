@@ -18,12 +18,16 @@ Layout. One CTA per (head, pair of 64-row query tiles, batch), three warpgroups:
   walk the ring: `S = Q K^T` by wgmma (fp32 accumulator), then on the tiles of their own
   range the row maxima (per `fine_k`-column part) and counts, the element mask
   (`blocks.visible`'s rule: both positions >= 0 and, causal, `kv_pos <= q_pos`) only off
-  their own mask-free run; the tiles outside their range are released unread. Each
-  (row part of `fine_q` rows, column part) max is reduced to a scalar and stored in an
-  SMEM row that goes to HBM once, at the end, with `m` and `n`. Those scalar reductions
-  cross warps through Mosaic GPU's one reduction scratch, shared by both consumers, so
-  they run in turn (a rendezvous barrier, twice per tile: `in_turn`); the wgmmas and the
-  in-warp row maxima overlap freely.
+  their own mask-free run; the tiles outside their range are released unread.
+
+Tile maxima without cross-warp reductions. Each (row part of `fine_q` rows, column part)
+max is one scalar of the tmax row. A consumer does not reduce a tile's `[64]` row maxima to
+that scalar (a reduction across its four warps, which Mosaic GPU lowers through one SMEM
+scratch that every warpgroup shares: compiled, two consumers doing it at once raced, and
+taking turns cost two barriers a tile). It stores the row-maxima vector as one row of a
+`[64 entries, 64 rows]` SMEM stage instead, and every 64 entries of a row part loads the
+stage back in the wgmma layout, entries as rows, and reduces each row part's columns: an
+in-warp reduction whose `[64]` result is a whole row of the tmax buffer (`flush`).
 
 Tile ranges come from the positions (`blocks.block_tables` / `visit_ranges`, in XLA, as
 the Triton kernel's), per 64-row consumer tile: positions are read (traced or concrete;
@@ -96,10 +100,11 @@ def geometry(cfg, tk_p: int, d_p: int, bq: int, bk: int) -> Geometry:
 
 def smem_bytes(geo: Geometry, itemsize: int = 2) -> int:
     """Q tiles, the K ring with its key positions, the tmax rows, m / n / query positions,
-    the table row."""
+    the table row, the tile-maxima stages."""
     return (_COMPUTE_WGS * ROWS * geo.d * itemsize
             + geo.stages * geo.block_k * (geo.d * itemsize + 4)
-            + _COMPUTE_WGS * geo.tmax_rows * _BOX * 4 + 3 * _COMPUTE_WGS * ROWS * 4 + _TAB_W * 4)
+            + _COMPUTE_WGS * geo.tmax_rows * _BOX * 4 + 3 * _COMPUTE_WGS * ROWS * 4 + _TAB_W * 4
+            + _COMPUTE_WGS * _BOX * ROWS * 4)
 
 
 def padding(cfg) -> tuple[int, int]:
@@ -144,18 +149,19 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, mask
     n_cta = tq // (_COMPUTE_WGS * ROWS)
     rparts, cparts, width = geo.row_parts, geo.col_parts, geo.width
     log2_fq, log2_fk = geo.fine_q.bit_length() - 1, geo.fine_k.bit_length() - 1
+    tiles_per_group = _BOX // cparts            # KV tiles whose entries fill one tmax row
     row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
     def body(q_ref, k_ref, qpos_ref, kpos_ref, tab_ref, m_ref, n_ref, tmax_ref, scoped):
-        ((q_smem2, k_smem, kpos_smem, qpos_smem2, m_smem2, n_smem2, tmax_smem2, tab_smem),
-         (q_loaded, tab_loaded), k_loaded, k_consumed, turn) = scoped
+        ((q_smem2, k_smem, kpos_smem, qpos_smem2, m_smem2, n_smem2, tmax_smem2, tab_smem,
+          stage2), (q_loaded, tab_loaded), k_loaded, k_consumed) = scoped
         bi, hi, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         cta = n_cta - 1 - lax.axis_index("q_seq")       # the longest (causal) ranges first
 
         @pl.when(wg < _COMPUTE_WGS)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
-            q_smem, tmax_smem = q_smem2.at[wg], tmax_smem2.at[wg]
+            q_smem, tmax_smem, stage = q_smem2.at[wg], tmax_smem2.at[wg], stage2.at[wg]
             row0 = cta * (_COMPUTE_WGS * ROWS) + wg * ROWS
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), hi], q_smem, q_loaded.at[wg])
             plgpu.copy_gmem_to_smem(qpos_ref.at[bi, pl.ds(row0, ROWS)], qpos_smem2.at[wg],
@@ -168,25 +174,24 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, mask
             qp2 = lax.broadcast_in_dim(qp, (ROWS, bk), [0])
             # only where used: layout inference cannot place an unused iota
             part = cpart = None
-            if rparts > 1:
+            if rparts > 1:                  # the stage's columns are query rows
                 part = jnp.right_shift(plgpu.broadcasted_iota(
-                    jnp.int32, (ROWS,), 0, layout=row_layout), log2_fq)
+                    jnp.int32, (_BOX, ROWS), 1, layout=plgpu.Layout.WGMMA), log2_fq)
             if cparts > 1:
                 cpart = jnp.right_shift(plgpu.broadcasted_iota(
                     jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA), log2_fk)
 
-            def in_turn(store):
-                """Runs `store` (the tile's cross-warp reductions to scalars) one consumer
-                at a time. Mosaic GPU reduces across warps through one SMEM scratch shared
-                by every warpgroup (`scratch_view`, jax 0.11.2), so the two consumers'
-                reductions must not overlap: compiled on an H100 they raced (consumer 1's
-                tile maxima held consumer 0's). Both consumers pass here once per tile of
-                the CTA, skipped tiles included, so the rendezvous pair up."""
-                for w in range(_COMPUTE_WGS):
-                    plgpu.barrier_arrive(turn)
-                    plgpu.barrier_wait(turn)
-                    if store is not None:
-                        pl.when(wg == w)(store)
+            def flush(j):
+                """The tmax rows of the group of `_BOX` entries holding tile `j`'s: the
+                stage (entries as rows, query rows as columns) loaded in the wgmma layout
+                and reduced along its rows, in-warp. Entries of the group this consumer
+                did not compute hold stale values: `run_stats` masks them (`visited`)."""
+                plgpu.commit_smem()         # the stage rows other warps stored
+                group = lax.div(j, jnp.int32(tiles_per_group))
+                entries = plgpu.load(stage, layout=plgpu.Layout.WGMMA, optimized=False)
+                for r in range(rparts):
+                    part_r = entries if rparts == 1 else jnp.where(part == r, entries, NEG)
+                    tmax_smem.at[r * (width // _BOX) + group][...] = part_r.max(axis=1)
 
             def step(j, carry, kind):
                 m, n = carry
@@ -194,7 +199,6 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, mask
                 plgpu.barrier_wait(k_loaded.at[slot])
                 if kind == "skip":
                     plgpu.barrier_arrive(k_consumed.at[slot])
-                    in_turn(None)
                     return carry
 
                 def qk(acc_ref):
@@ -212,22 +216,13 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, mask
                 else:                       # zscale > 0: scale the row maxima only
                     plgpu.barrier_arrive(k_consumed.at[slot])
                     n = n + float(bk)
-                rows = []                   # per column part: the row maxima (in-warp)
-                for c in range(cparts):
+                for c in range(cparts):     # per column part: the row maxima (in-warp)
                     row = (s if cparts == 1 else jnp.where(cpart == c, s, NEG)).max(axis=1)
                     if kind == "full":
                         row = row * zscale
                     m = jnp.maximum(m, row)
-                    rows.append(row)
-
-                def store():                # one scalar per (row part, column part)
-                    for c, row in enumerate(rows):
-                        for r in range(rparts):
-                            t = jnp.max(row if rparts == 1 else jnp.where(part == r, row, NEG))
-                            e = r * width + j * cparts + c
-                            tmax_smem[lax.div(e, jnp.int32(_BOX)), lax.rem(e, jnp.int32(_BOX))] = t
-
-                in_turn(store)
+                    stage.at[lax.rem(j * cparts + c, jnp.int32(_BOX))][...] = row
+                pl.when(lax.rem(j + 1, jnp.int32(tiles_per_group)) == 0)(lambda: flush(j))
                 return m, n
 
             m = plgpu.layout_cast(jnp.full((ROWS,), NEG, jnp.float32), row_layout)
@@ -237,6 +232,9 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, mask
             for a, z, kind in zip(bounds[:-1], bounds[1:], ("skip", "masked", "full", "masked", "skip")):
                 carry = lax.fori_loop(a, z, lambda j, cr, kind=kind: step(j, cr, kind), carry)
             m, n = carry
+            last = own[3] - 1               # the group of the last computed tile, if open
+            pl.when((own[3] > own[0]) & (lax.rem(own[3], jnp.int32(tiles_per_group)) != 0))(
+                lambda: flush(last))
             m_smem2.at[wg][...] = m
             n_smem2.at[wg][...] = n
             plgpu.commit_smem()
@@ -281,6 +279,7 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, mask
             plgpu.SMEM((_COMPUTE_WGS, ROWS), jnp.float32),
             plgpu.SMEM((_COMPUTE_WGS, geo.tmax_rows, _BOX), jnp.float32),
             plgpu.SMEM((_TAB_W,), jnp.int32),
+            plgpu.SMEM((_COMPUTE_WGS, _BOX, ROWS), jnp.float32),     # `flush`'s stages
         )
         pl.run_scoped(
             lambda *a: body(*refs, a),
@@ -288,7 +287,6 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, mask
             (plgpu.Barrier(num_arrivals=2, num_barriers=_COMPUTE_WGS), plgpu.Barrier()),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),               # K + key positions
             plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=_COMPUTE_WGS),                         # `in_turn`
             collective_axes="wg",
         )
 
