@@ -153,8 +153,8 @@ def breakdown_ms(q, k, alpha, cfg, iters):
 
     def stages(q, k, upto, st):
         bq, bk = entmax_triton.tiles(st, q.shape[1], k.shape[1])
-        qp, kp, _, qpp, kpp = entmax_triton.pad_inputs(st, q, k, k[..., :1], pos, pos)
-        m, n, tmax, full = entmax_triton.run_stats(st, qp, kp, qpp, kpp, bq, bk)
+        impl, qp, kp, _, qpp, kpp = entmax_triton.pad_inputs(st, q, k, k[..., :1], pos, pos)
+        m, n, tmax, full = entmax_triton.run_stats(st, impl, qp, kp, qpp, kpp, bq, bk)
         if upto == "stats":
             return m, tmax
         return entmax_triton.run_tau(st, qp, kp, qpp, kpp, m, n, tmax, full, bq, bk)
@@ -182,10 +182,7 @@ def breakdown_ms(q, k, alpha, cfg, iters):
 
 def stats_impl_of(st, q, k):
     """Which stats kernel `st` runs on these inputs ("triton" | "mosaic_gpu")."""
-    pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
-    qp, kp, _, _, _ = jax.eval_shape(lambda q, k: entmax_triton.pad_inputs(st, q, k, k[..., :1], pos, pos), q, k)
-    bq, bk = entmax_triton.tiles(st, q.shape[1], k.shape[1])
-    return entmax_triton.stats_impl(st, q.dtype, qp.shape[1], kp.shape[1], qp.shape[3], bq, bk)
+    return entmax_triton.stats_layout(st, q.dtype, q.shape[1], k.shape[1], q.shape[3])[0]
 
 
 def bench(kind, t, h, hkv, d, alpha, cfg, iters, backward, label="", peers=True, flash=None):

@@ -369,8 +369,8 @@ def run_stats_impl(case: Case, impl: str, cfg: EntmaxTritonConfig, dtype=jnp.bfl
     bq, bk = T.tiles(st, case.tq, case.tk)
 
     def f(q, k, v, q_pos, kv_pos):
-        qp, kp, _, q_pos_p, kv_pos_p = T.pad_inputs(st, q, k, v, q_pos, kv_pos)
-        return T.run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk)
+        chosen, qp, kp, _, q_pos_p, kv_pos_p = T.pad_inputs(st, q, k, v, q_pos, kv_pos)
+        return T.run_stats(st, chosen, qp, kp, q_pos_p, kv_pos_p, bq, bk)
 
     return jax.jit(f)(q, k, v, kw["q_positions"], kw["kv_positions"]), (q, k, kw, st, bq, bk)
 
@@ -487,8 +487,8 @@ def test_mosaic_gpu_stats_lower_for_cuda_on_the_cpu():
                       config=EntmaxTritonConfig(stats_impl="mosaic_gpu", stats_mosaic_block_k=bk_m))
 
         def f(q, k, pos, bq=bq, bk=bk):
-            qp, kp, _, pp, kpp = T.pad_inputs(st, q, k, k, pos, pos)
-            return T.run_stats(st, qp, kp, pp, kpp, bq, bk)
+            impl, qp, kp, _, pp, kpp = T.pad_inputs(st, q, k, k, pos, pos)
+            return T.run_stats(st, impl, qp, kp, pp, kpp, bq, bk)
 
         assert "entmax_stats_mosaic_gpu" in lower_for_cuda(f, q, k, pos).as_text()
 
@@ -510,8 +510,8 @@ def test_mosaic_gpu_stats_compiled_match_the_triton_stats(t, hkv, causal):
         (q, k, v), kw, _ = make_inputs(case, jnp.bfloat16)
 
         def f(q, k, v, q_pos, kv_pos):
-            qp, kp, _, pp, kpp = T.pad_inputs(st, q, k, v, q_pos, kv_pos)
-            return T.run_stats(st, qp, kp, pp, kpp, 64, 64)
+            impl, qp, kp, _, pp, kpp = T.pad_inputs(st, q, k, v, q_pos, kv_pos)
+            return T.run_stats(st, impl, qp, kp, pp, kpp, 64, 64)
 
         mos = jax.jit(f)(q, k, v, kw["q_positions"], kw["kv_positions"])
         for name, a, b in zip(("m", "n", "tmax", "full"), tri, mos):

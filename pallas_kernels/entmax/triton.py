@@ -484,25 +484,33 @@ def stats_impl(st: Static, dtype, tq_p: int, tk_p: int, d_p: int, bq: int, bk: i
     return "triton" if reason else "mosaic_gpu"
 
 
-def pad_inputs(st: Static, q, k, v, q_pos, kv_pos):
-    """Sequence axes to whole stats tiles of the stats kernel `stats_impl` picks (so whole
-    tiles too; positions -1), head dims to a power of two (>= 16)."""
+def stats_layout(st: Static, dtype, tq: int, tk: int, d: int) -> tuple[str, int, int, int]:
+    """`(impl, tq_p, tk_p, d_p)`: the stats kernel `stats_impl` picks ("triton" |
+    "mosaic_gpu", resolved here, once per call) and the padded sizes it runs on: the
+    sequence axes to whole stats tiles of that kernel (so whole tiles too), the head dim to
+    a power of two (>= 16)."""
     from pallas_kernels.entmax import mosaic_gpu_stats  # noqa: PLC0415
 
-    sbq, sbk = stats_tiles(st, q.shape[1], k.shape[1])
-    d_p = max(16, blocks.pl_next_pow2(q.shape[3]))
+    sbq, sbk = stats_tiles(st, tq, tk)
+    d_p = max(16, blocks.pl_next_pow2(d))
     mq, mk = mosaic_gpu_stats.padding(st.config)
     mq, mk = max(sbq, mq), max(sbk, mk)                     # powers of two: their lcm
-    tq_m, tk_m = blocks.round_up(q.shape[1], mq), blocks.round_up(k.shape[1], mk)
-    if stats_impl(st, q.dtype, tq_m, tk_m, d_p, *tiles(st, q.shape[1], k.shape[1])) == "mosaic_gpu":
-        tq_p, tk_p = tq_m, tk_m
-    else:
-        tq_p, tk_p = blocks.round_up(q.shape[1], sbq), blocks.round_up(k.shape[1], sbk)
+    tq_m, tk_m = blocks.round_up(tq, mq), blocks.round_up(tk, mk)
+    if stats_impl(st, dtype, tq_m, tk_m, d_p, *tiles(st, tq, tk)) == "mosaic_gpu":
+        return "mosaic_gpu", tq_m, tk_m, d_p
+    return "triton", blocks.round_up(tq, sbq), blocks.round_up(tk, sbk), d_p
+
+
+def pad_inputs(st: Static, q, k, v, q_pos, kv_pos):
+    """`(impl, q, k, v, q_pos, kv_pos)`: `stats_layout`'s stats kernel (for `run_stats`)
+    and the inputs padded to its sizes (positions -1; `v`'s head dim to a power of two
+    too)."""
+    impl, tq_p, tk_p, d_p = stats_layout(st, q.dtype, q.shape[1], k.shape[1], q.shape[3])
     dv_p = max(16, blocks.pl_next_pow2(v.shape[3]))
     q = blocks.pad_axis(blocks.pad_axis(q, tq_p, 1), d_p, 3)
     k = blocks.pad_axis(blocks.pad_axis(k, tk_p, 1), d_p, 3)
     v = blocks.pad_axis(blocks.pad_axis(v, tk_p, 1), dv_p, 3)
-    return q, k, v, blocks.pad_axis(q_pos, tq_p, 1, -1), blocks.pad_axis(kv_pos, tk_p, 1, -1)
+    return impl, q, k, v, blocks.pad_axis(q_pos, tq_p, 1, -1), blocks.pad_axis(kv_pos, tk_p, 1, -1)
 
 
 def compact(live, full):
@@ -533,16 +541,16 @@ def row_min_per_tile(x, valid, bq: int):
     return x.min(-1)[..., None]
 
 
-def run_stats(st: Static, qp, kp, q_pos_p, kv_pos_p, bq, bk):
+def run_stats(st: Static, impl: str, qp, kp, q_pos_p, kv_pos_p, bq, bk):
     """Row max `m`, visible count `n` (`[B, H, Tq_p]`), the per-tile max `tmax [B, H, nQ,
     nK]` on the `(bq, bk)` tiles (exact where `stats_block_k == bk`, else the max over the
     stats tile's `bq` rows: an upper bound; `NEG` where nothing is visible) and
-    `full [B, nQ, nK]` bool (every element visible). The Triton kernel below, or the Mosaic
-    GPU one (`mosaic_gpu_stats.run_stats`, exact per tile) where `stats_impl` picks it."""
+    `full [B, nQ, nK]` bool (every element visible). `impl` (`pad_inputs`'s): the Triton
+    kernel below, or the Mosaic GPU one (`mosaic_gpu_stats.run_stats`, exact per tile)."""
     cfg = st.config
     b, tq_p, h, d_p = qp.shape
     tk_p, hkv = kp.shape[1], kp.shape[2]
-    if stats_impl(st, qp.dtype, tq_p, tk_p, d_p, bq, bk) == "mosaic_gpu":
+    if impl == "mosaic_gpu":
         from pallas_kernels.entmax import mosaic_gpu_stats  # noqa: PLC0415
         from jax.experimental.pallas import mosaic_gpu as plmgpu  # noqa: PLC0415
 
@@ -672,8 +680,8 @@ def forward_padded(st: Static, q, k, v, q_pos, kv_pos, residual: bool):
     b, tq, h, _ = q.shape
     dv = v.shape[3]
     bq, bk = tiles(st, tq, k.shape[1])
-    qp, kp, vp, q_pos_p, kv_pos_p = pad_inputs(st, q, k, v, q_pos, kv_pos)
-    m, n, tmax, full = run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk)
+    impl, qp, kp, vp, q_pos_p, kv_pos_p = pad_inputs(st, q, k, v, q_pos, kv_pos)
+    m, n, tmax, full = run_stats(st, impl, qp, kp, q_pos_p, kv_pos_p, bq, bk)
     tau = run_tau(st, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, full, bq, bk)
     live = live_tiles(tmax, tau, bq)
     tile_list = compact(live, full[:, None])
@@ -692,8 +700,8 @@ def tile_statistics(st: Static, q, k, q_pos, kv_pos):
     visited tile pairs)` as floats (jnp scalars)."""
     bq, bk = tiles(st, q.shape[1], k.shape[1])
     v = k[..., :1]
-    qp, kp, _, q_pos_p, kv_pos_p = pad_inputs(st, q, k, v, q_pos, kv_pos)
-    m, n, tmax, full = run_stats(st, qp, kp, q_pos_p, kv_pos_p, bq, bk)
+    impl, qp, kp, _, q_pos_p, kv_pos_p = pad_inputs(st, q, k, v, q_pos, kv_pos)
+    m, n, tmax, full = run_stats(st, impl, qp, kp, q_pos_p, kv_pos_p, bq, bk)
     tau = run_tau(st, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, full, bq, bk)
     visited = tmax > NEG / 2
     live = live_tiles(tmax, tau, bq) & visited
