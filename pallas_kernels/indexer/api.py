@@ -50,7 +50,7 @@ from pallas_kernels.indexer.fp8 import chunk_scores_fp8, quantize_indexer
 from pallas_kernels.indexer.fused import FusedIndexerConfig, chunk_topk_fused
 from pallas_kernels.indexer.reference import chunk_scores_reference
 from pallas_kernels.indexer.select import (TILED_MIN_ROWS, WHOLE_ROW_MAX_COLUMNS, TopkSelectConfig, sorted_top_k,
-                                           topk_select)
+                                           takes_whole_row, topk_select)
 from pallas_kernels.indexer.tpu import chunk_scores_tpu
 from pallas_kernels.indexer.triton import IndexerTritonConfig, chunk_scores_triton
 
@@ -94,7 +94,7 @@ IMPLEMENTATIONS = {"xla": chunk_topk_xla, "triton": chunk_topk_triton, "mosaic_t
 def _topk_triton_supports(scores, k, *, interpret=False, config=None):
     """The radix select runs one program per row. With fewer than `TILED_MIN_ROWS` rows only
     its whole-row form runs (the row loaded once, held in registers: `select.default_config`
-    picks it for rows of at most `WHOLE_ROW_MAX_COLUMNS`, or a config with `block_s >= S`):
+    picks it where `select.takes_whole_row`, or a config with `block_s >= S`):
     the tiled passes leave the GPU idle (H100, Quest decode at batch 1, 8 rows: 170 us a step
     with them, 110 us with `lax.top_k`), and wider rows would not fit the registers."""
     del k
@@ -105,7 +105,7 @@ def _topk_triton_supports(scores, k, *, interpret=False, config=None):
         return None if config.block_s >= size else (
             f"{rows} rows < {TILED_MIN_ROWS} with block_s {config.block_s} < S {size}: one program per row "
             f"streaming tiles, lax.top_k is faster (block_s >= S holds the row in registers)")
-    if size > WHOLE_ROW_MAX_COLUMNS:
+    if not takes_whole_row(rows, size):
         return (f"{rows} rows < {TILED_MIN_ROWS} of S {size} > {WHOLE_ROW_MAX_COLUMNS} columns: too wide for the "
                 f"whole-row form's registers, lax.top_k is faster than streaming tiles")
     return None

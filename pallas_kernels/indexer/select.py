@@ -158,10 +158,17 @@ def whole_row_config(size: int, bits_per_pass: int = 1, num_warps: int | None = 
                             packed_counts=packed_counts)
 
 
+def takes_whole_row(rows: int, size: int) -> bool:
+    """Whether `rows` rows of `size` columns take the whole-row form by default: fewer than
+    `TILED_MIN_ROWS` rows (the tiled passes would leave the GPU idle) of at most
+    `WHOLE_ROW_MAX_COLUMNS` (the row must fit the registers)."""
+    return rows < TILED_MIN_ROWS and size <= WHOLE_ROW_MAX_COLUMNS
+
+
 def default_config(rows: int, size: int) -> TopkSelectConfig:
-    """`topk_select`'s config when none is given: the whole-row form for fewer than
-    `TILED_MIN_ROWS` rows of at most `WHOLE_ROW_MAX_COLUMNS`, else `TopkSelectConfig()`."""
-    if rows < TILED_MIN_ROWS and size <= WHOLE_ROW_MAX_COLUMNS:
+    """`topk_select`'s config when none is given: the whole-row form where `takes_whole_row`,
+    else `TopkSelectConfig()`."""
+    if takes_whole_row(rows, size):
         return whole_row_config(size)
     return TopkSelectConfig()
 
