@@ -5,9 +5,9 @@ has no jax):
 
   dump: lower `token_sparse_backward` at DSA's shape (64 query heads on one latent kv head,
         keys 576 = 512 + 64, values their first 512, bf16, k = --top_k listed slots, --t
-        tokens) for an abstract H100 on the CPU (as tests/gpu_testing.lower_for_cuda) and
-        write each Triton kernel's IR (TTIR, text) to `--out/<kernel>.ttir`, with its
-        launch parameters in `--out/<kernel>.json`.
+        tokens) for an abstract H100 on the CPU (tests/gpu_testing.lower_for_cuda) and
+        write each Triton kernel's IR (TTIR, text; gpu_testing.triton_kernels) to
+        `--out/<kernel>.ttir`, with its launch parameters in `--out/<kernel>.json`.
   ptx:  compile every `--out/*.ttir` with pip `triton` for sm_90 (`GPUTarget("cuda", 90,
         32)`, the kernel's num_warps / num_stages; ptxas is bundled, no GPU needed), write
         `<kernel>[.ptxNN].ptx` / `.ttgir`, and count the global atomic and reduction
@@ -34,7 +34,8 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # repo root
 
 from absl import flags
 
@@ -53,12 +54,12 @@ def dump(out: str, t: int, top_k: int, fold: bool) -> list[str]:
     """Writes each Triton kernel of the DSA-shaped backward to `out/<name>.ttir` (+ `.json`)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
-    from jax._src import mesh as mesh_lib  # noqa: PLC0415
-    from jax._src.interpreters import mlir  # noqa: PLC0415
-    from jax._src.lib import triton  # noqa: PLC0415
     from jax._src.lib.mlir import ir  # noqa: PLC0415
 
     from pallas_kernels.token_sparse import api  # noqa: PLC0415
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from gpu_testing import lower_for_cuda, triton_kernels  # noqa: PLC0415
 
     h, spec = 64, jax.ShapeDtypeStruct
     bf, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
@@ -70,33 +71,14 @@ def dump(out: str, t: int, top_k: int, fold: bool) -> list[str]:
         return api.token_sparse_backward(q, k, v, idx, o, lse, do, dlse, q_positions=pos, kv_positions=pos,
                                          scale=576 ** -0.5, value_is_key_prefix=fold)
 
-    dev = mesh_lib.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-    with jax.sharding.use_abstract_mesh(mesh_lib.AbstractMesh((1,), ("x",), abstract_device=dev)):
-        lowered = jax.jit(bwd).trace(*args).lower(lowering_platforms=("cuda",))
-
-    def ops(op):
-        yield op
-        for region in op.regions:
-            for block in region.blocks:
-                for child in block.operations:
-                    yield from ops(child.operation)
+    def kernel(cfg, module):
+        launch = {key: ir.IntegerAttr(cfg[key]).value for key in ("num_warps", "num_stages", "num_ctas")
+                  if key in cfg}
+        return ir.StringAttr(cfg["name"]).value, launch, module.operation.get_asm(enable_debug_info=False)
 
     os.makedirs(out, exist_ok=True)
     written = []
-    for op in ops(lowered.compiler_ir("stablehlo").operation):
-        if op.name != "stablehlo.custom_call" or \
-                ir.StringAttr(op.attributes["call_target_name"]).value != "__gpu$xla.gpu.triton":
-            continue
-        cfg = op.attributes["mhlo.backend_config"]
-        name = ir.StringAttr(cfg["name"]).value
-        launch = {key: ir.IntegerAttr(cfg[key]).value for key in ("num_warps", "num_stages", "num_ctas")
-                  if key in cfg}
-        with mlir.JaxIrContext() as ctx:
-            ctx.append_dialect_registry(mlir.upstream_dialects)
-            triton.dialect.register_dialect(ctx)
-            ctx.load_all_available_dialects()
-            module = ir.Module.parse(ir.StringAttr(cfg["ir"]).value_bytes)
-            text = module.operation.get_asm(enable_debug_info=False)
+    for name, launch, text in triton_kernels(lower_for_cuda(bwd, *args), kernel):
         path = os.path.join(out, f"{name}.ttir")
         with open(path, "w") as f:
             f.write(text)

@@ -44,34 +44,41 @@ def lower_for_cuda(f, *args, device_kind="NVIDIA H100"):
         return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
 
-def _triton_ops(lowered, visit) -> list:
-    """`visit(op)` over every op of the Triton kernels of `lowered` (`lower_for_cuda`), in
-    program order, inside the MLIR context that parses them; its non-None results. Each
-    kernel is MLIR bytecode in its `__gpu$xla.gpu.triton` custom call's `ir` attribute,
-    parsed in a context with the dialects Pallas' Triton lowering registers."""
+def _ops(op):
+    """`op` and every op nested in its regions, in program order."""
+    yield op
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                yield from _ops(child.operation)
+
+
+def triton_kernels(lowered, visit) -> list:
+    """`visit(config, module)` over the Triton kernels of `lowered` (`lower_for_cuda`), in
+    program order: `config` the kernel's `__gpu$xla.gpu.triton` custom call's
+    `mhlo.backend_config` (its `name`, `num_warps`, ...), `module` the kernel (the MLIR
+    bytecode of the config's `ir`) parsed in a context with the dialects Pallas' Triton
+    lowering registers, valid only during the call; the results."""
     from jax._src.interpreters import mlir  # noqa: PLC0415
     from jax._src.lib import triton  # noqa: PLC0415
     from jax._src.lib.mlir import ir  # noqa: PLC0415
 
-    def ops(op):
-        yield op
-        for region in op.regions:
-            for block in region.blocks:
-                for child in block.operations:
-                    yield from ops(child.operation)
-
-    kernels = [op.attributes["mhlo.backend_config"]["ir"] for op in ops(lowered.compiler_ir("stablehlo").operation)
+    configs = [op.attributes["mhlo.backend_config"] for op in _ops(lowered.compiler_ir("stablehlo").operation)
                if op.name == "stablehlo.custom_call"
                and ir.StringAttr(op.attributes["call_target_name"]).value == "__gpu$xla.gpu.triton"]
-    found = []
     with mlir.JaxIrContext() as ctx:
         ctx.append_dialect_registry(mlir.upstream_dialects)
         triton.dialect.register_dialect(ctx)
         ctx.load_all_available_dialects()
-        for kernel in kernels:
-            module = ir.Module.parse(ir.StringAttr(kernel).value_bytes)
-            found += [r for r in map(visit, ops(module.operation)) if r is not None]
-    return found
+        return [visit(cfg, ir.Module.parse(ir.StringAttr(cfg["ir"]).value_bytes)) for cfg in configs]
+
+
+def _triton_ops(lowered, visit) -> list:
+    """`visit(op)` over every op of the Triton kernels of `lowered` (`lower_for_cuda`, see
+    `triton_kernels`), in program order; its non-None results."""
+    found = triton_kernels(lowered, lambda _, module: [r for r in map(visit, _ops(module.operation))
+                                                       if r is not None])
+    return [r for kernel in found for r in kernel]
 
 
 def triton_atomic_shapes(lowered, with_semantics: bool = False) -> list[tuple]:
