@@ -57,7 +57,7 @@ from pallas_kernels.mla_decode.reference import mla_decode_reference
 from pallas_kernels.mla_decode.tpu import MlaDecodeTpuConfig, mla_decode_tpu
 from pallas_kernels.mla_decode.triton import MlaDecodeTritonConfig, mla_decode_triton
 from pallas_kernels.token_sparse.api import (folds_value_into_key, token_sparse_attention, token_sparse_backend,
-                                             token_sparse_backward)
+                                             token_sparse_backward, token_sparse_triton)
 
 # impl="auto" order: Mosaic GPU on Hopper (1.5-1.7x Triton there), then Triton on any GPU
 BACKENDS = {"mosaic_gpu": mosaic_gpu, "triton": triton, "mosaic_tpu": tpu, "xla": reference}
@@ -251,7 +251,7 @@ def _folds_on_triton(q_abs, keys, values, slots, *, config, **kw) -> bool:
 class _Prefill:
     """`_latent_prefill`'s static part. forward: "mosaic_gpu" (`mla_decode_mosaic_gpu`,
     float32 cast to bf16, `config` its `MlaDecodeMosaicGpuConfig`; the backward on Triton's
-    default tiles) or "triton" (`token_sparse_attention` over the concatenated latent, the
+    default tiles) or "triton" (`token_sparse_triton` over the concatenated latent, the
     caller's dtype, `config` a `TritonConfig` or None for the forward and the backward)."""
 
     forward: str
@@ -279,11 +279,11 @@ def _latent_prefill(st, q_abs, c_kv, k_rope, indices, q_positions, kv_positions)
         res = mla_decode_mosaic_gpu(cast(q_abs), cast(c_kv), cast(k_rope), indices=indices, **pos,
                                     return_lse=True, num_splits=None, interpret=st.interpret,
                                     config=st.config)
-    else:
+    else:           # the kernel itself: `mla_sparse_attention` checked the call (`token_sparse_backend`)
         keys = jnp.concatenate([c_kv, k_rope], axis=-1)[:, :, None]
-        res = token_sparse_attention(q_abs, keys, c_kv[:, :, None], indices[:, :, None], **pos,
-                                     return_lse=True, impl="triton", interpret=st.interpret,
-                                     config=st.config)
+        res = token_sparse_triton(q_abs, keys, c_kv[:, :, None], indices[:, :, None], **pos, block_size=1,
+                                  causal=True, sink_logits=None, softcap=None, return_lse=True,
+                                  interpret=st.interpret, config=st.config)
     return res.out.astype(q_abs.dtype), res.lse
 
 
