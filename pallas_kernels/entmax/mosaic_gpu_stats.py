@@ -27,7 +27,8 @@ scratch that every warpgroup shares: compiled, two consumers doing it at once ra
 taking turns cost two barriers a tile). It stores the row-maxima vector as one row of a
 `[64 entries, 64 rows]` SMEM stage instead, and every 64 entries of a row part loads the
 stage back in the wgmma layout, entries as rows, and reduces each row part's columns: an
-in-warp reduction whose `[64]` result is a whole row of the tmax buffer (`flush`).
+in-warp reduction whose `[64]` result is a whole row of the tmax output, stored by TMA from
+a double-buffered SMEM row (`flush`).
 
 Tile ranges come from the positions (`blocks.block_tables` / `visit_ranges`, in XLA, as
 the Triton kernel's), per 64-row consumer tile: positions are read (traced or concrete;
@@ -37,8 +38,7 @@ where `block_q` (128) or `block_k` exceed them. Unlike the Triton stats kernel w
 `stats_block_k` above `block_k` (an upper bound), the maxima here are exact per fine tile.
 
 Scope (`supports`): bf16 / f16, padded head dim 64 or 128, `block_q`, `block_k` powers of
-two (always), the tmax row at most 256 x 64 floats (one TMA box: T up to ~1M at the default
-tiles) and the SMEM budget. Otherwise `triton.run_stats` runs the Triton kernel.
+two (always) and the SMEM budget. Otherwise `triton.run_stats` runs the Triton kernel.
 
 `interpret=plgpu.InterpretGPUParams()` runs it on the CPU in JAX's GPU interpret mode
 (tests), with `tiles_mosaic_gpu.observe_last_phases` for the ring's last phases.
@@ -60,7 +60,7 @@ NEG = -1e30                # as triton.NEG (masked z; the max of a row that sees
 ROWS = 64                  # a consumer's query tile (the wgmma M tile)
 _COMPUTE_WGS = 2
 _TAB_W = 16                # int32 per CTA table row (one 64-byte TMA copy)
-_BOX = 64                  # the tmax row is `[rows, 64]`: rows <= 256 (one TMA box)
+_BOX = 64                  # tmax entries of one output row (one `flush`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +91,11 @@ class Geometry:
     def tmax_rows(self) -> int:
         return self.row_parts * self.width // _BOX
 
+    @property
+    def tmax_slots(self) -> int:
+        """SMEM rows a consumer stores its tmax rows from: two flushes' worth."""
+        return 2 * self.row_parts
+
 
 def geometry(cfg, tk_p: int, d_p: int, bq: int, bk: int) -> Geometry:
     block_k = cfg.stats_mosaic_block_k
@@ -99,11 +104,11 @@ def geometry(cfg, tk_p: int, d_p: int, bq: int, bk: int) -> Geometry:
 
 
 def smem_bytes(geo: Geometry, itemsize: int = 2) -> int:
-    """Q tiles, the K ring with its key positions, the tmax rows, m / n / query positions,
+    """Q tiles, the K ring with its key positions, the tmax slots, m / n / query positions,
     the table row, the tile-maxima stages."""
     return (_COMPUTE_WGS * ROWS * geo.d * itemsize
             + geo.stages * geo.block_k * (geo.d * itemsize + 4)
-            + _COMPUTE_WGS * geo.tmax_rows * _BOX * 4 + 3 * _COMPUTE_WGS * ROWS * 4 + _TAB_W * 4
+            + _COMPUTE_WGS * geo.tmax_slots * _BOX * 4 + 3 * _COMPUTE_WGS * ROWS * 4 + _TAB_W * 4
             + _COMPUTE_WGS * _BOX * ROWS * 4)
 
 
@@ -123,9 +128,6 @@ def supports(cfg, dtype, tq_p: int, tk_p: int, d_p: int, bq: int, bk: int) -> st
     if d_p not in (64, 128):
         return f"head dim {d_p} (padded; 64 or 128 only)"
     geo = geometry(cfg, tk_p, d_p, bq, bk)
-    if geo.tmax_rows > 256:
-        return (f"{geo.nk} KV tiles x {geo.col_parts} x {geo.row_parts} tmax parts (at most "
-                f"256 x {_BOX} per 64-row tile: one TMA box)")
     if smem_bytes(geo) > SMEM_BYTES:
         return f"{smem_bytes(geo)} B of SMEM (> {SMEM_BYTES}): fewer stats_mosaic_stages"
     return None
@@ -189,9 +191,15 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, mask
                 plgpu.commit_smem()         # the stage rows other warps stored
                 group = lax.div(j, jnp.int32(tiles_per_group))
                 entries = plgpu.load(stage, layout=plgpu.Layout.WGMMA, optimized=False)
+                plgpu.wait_smem_to_gmem(rparts, wait_read_only=True)   # this buffer's last use
+                first = lax.rem(group, jnp.int32(2)) * rparts
                 for r in range(rparts):
                     part_r = entries if rparts == 1 else jnp.where(part == r, entries, NEG)
-                    tmax_smem.at[r * (width // _BOX) + group][...] = part_r.max(axis=1)
+                    tmax_smem.at[first + r][...] = part_r.max(axis=1)
+                plgpu.commit_smem()
+                for r in range(rparts):
+                    plgpu.copy_smem_to_gmem(tmax_smem.at[first + r], tmax_ref.at[
+                        bi, hi, cta * _COMPUTE_WGS + wg, r * (width // _BOX) + group])
 
             def step(j, carry, kind):
                 m, n = carry
@@ -240,7 +248,6 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, mask
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(m_smem2.at[wg], m_ref.at[bi, hi, pl.ds(row0, ROWS)])
             plgpu.copy_smem_to_gmem(n_smem2.at[wg], n_ref.at[bi, hi, pl.ds(row0, ROWS)])
-            plgpu.copy_smem_to_gmem(tmax_smem, tmax_ref.at[bi, hi, cta * _COMPUTE_WGS + wg])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == _COMPUTE_WGS)
@@ -277,7 +284,7 @@ def _kernel_call(q, k, q_pos, kv_pos, tab, *, geo: Geometry, zscale: float, mask
             plgpu.SMEM((_COMPUTE_WGS, ROWS), jnp.int32),
             plgpu.SMEM((_COMPUTE_WGS, ROWS), jnp.float32),
             plgpu.SMEM((_COMPUTE_WGS, ROWS), jnp.float32),
-            plgpu.SMEM((_COMPUTE_WGS, geo.tmax_rows, _BOX), jnp.float32),
+            plgpu.SMEM((_COMPUTE_WGS, geo.tmax_slots, _BOX), jnp.float32),
             plgpu.SMEM((_TAB_W,), jnp.int32),
             plgpu.SMEM((_COMPUTE_WGS, _BOX, ROWS), jnp.float32),     # `flush`'s stages
         )
