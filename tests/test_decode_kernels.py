@@ -177,7 +177,7 @@ def test_triton_interpret_blocks_per_tile_bf16(per_tile):
 def test_blocks_per_tile_config_and_splits():
     """Automatic blocks per tile; the split heuristic counts tiles of the tile's rows."""
     from pallas_kernels.decode import layout
-    assert DecodeTritonConfig().blocks_per_tile == 1
+    assert DecodeTritonConfig().blocks_per_tile == 0          # automatic
     auto = DecodeTritonConfig(blocks_per_tile=0)
     assert auto.selected_blocks_per_tile(16, 512) == 4
     assert auto.selected_blocks_per_tile(16, 2) == 2

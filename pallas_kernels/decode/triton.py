@@ -44,14 +44,16 @@ class DecodeTritonConfig:
     """Tile of the contiguous form and launch parameters (paged tiles are the page);
     `split_target`: programs the split heuristic aims for (~8 per H100/H200 SM);
     `blocks_per_tile`: selected blocks per tile of the selected form (1: one block per
-    iteration; 0: automatic, `block_k // block_size` blocks, at least 1, at most the list's
-    length). Defaults from a sweep on an H200 (docs/BENCHMARKS.md, decode)."""
+    iteration; 0, the default: automatic, `block_k // block_size` blocks, at least 1, at most
+    the list's length; H100, Quest 128K, 512 pages of 16, 2026-12-08: batch 16 0 / 1 / 2 / 4
+    / 8 = 235 / 285 / 261 / 230 / 235 us, batch 1 39.3 / 46.2 / 41.5 / 40.9 / 45.8 us).
+    Other defaults from a sweep on an H200 (docs/BENCHMARKS.md, decode)."""
 
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
     split_target: int = 1024
-    blocks_per_tile: int = 1
+    blocks_per_tile: int = 0
 
     def __post_init__(self):
         if not isinstance(self.blocks_per_tile, int) or self.blocks_per_tile < 0:

@@ -138,6 +138,11 @@ NEG_INF_KEY = int(float_keys(np.float32(-np.inf)))
 # idle: H100, Quest decode at 128K, pages of 16, k 512: batch 1 (8 rows) 170 us a step with
 # them, 110 us with `lax.top_k` (an earlier run); batch 16 (128 rows) 588 vs 627 us.
 TILED_MIN_ROWS = 64
+# Below this many rows of at most `WHOLE_ROW_MAX_COLUMNS` the whole-row form beats the tiled
+# passes: H100, 8192 columns, k 512: 8 rows 29.9-35.1 us (tiled: 170 us a step, earlier);
+# 128 rows (Quest batch 16, 2026-12-08) 38.1 us against 118.5 for the tiled
+# `quest.PAGE_TOPK_CONFIG`. Not measured from 256 rows on (two waves of 132 SMs and more).
+WHOLE_ROW_MAX_ROWS = 256
 # The widest row the whole-row form takes by default: 16K keys = 32 int32 per thread at 16
 # warps (the row, plus the compaction's cumsums of the same shape, in registers).
 WHOLE_ROW_MAX_COLUMNS = 16384
@@ -160,9 +165,9 @@ def whole_row_config(size: int, bits_per_pass: int = 1, num_warps: int | None = 
 
 def takes_whole_row(rows: int, size: int) -> bool:
     """Whether `rows` rows of `size` columns take the whole-row form by default: fewer than
-    `TILED_MIN_ROWS` rows (the tiled passes would leave the GPU idle) of at most
+    `WHOLE_ROW_MAX_ROWS` rows (measured faster than the tiled passes there) of at most
     `WHOLE_ROW_MAX_COLUMNS` (the row must fit the registers)."""
-    return rows < TILED_MIN_ROWS and size <= WHOLE_ROW_MAX_COLUMNS
+    return rows < WHOLE_ROW_MAX_ROWS and size <= WHOLE_ROW_MAX_COLUMNS
 
 
 def default_config(rows: int, size: int) -> TopkSelectConfig:

@@ -39,7 +39,7 @@ from pallas_kernels import common
 from pallas_kernels.decode.api import decode_attention
 from pallas_kernels.indexer import top_k_set
 from pallas_kernels.indexer.api import TOPK_BACKENDS
-from pallas_kernels.indexer.select import TILED_MIN_ROWS, TopkSelectConfig
+from pallas_kernels.indexer.select import TILED_MIN_ROWS, TopkSelectConfig, takes_whole_row
 from pallas_kernels.page_scores import page_scores
 from sparse_jax.ops import selection
 from sparse_jax.ops.dsa import power_of_two_scale
@@ -47,8 +47,8 @@ from sparse_jax.ops.dsa import power_of_two_scale
 ALWAYS_OPTIONS = ("first", "last")
 # The radix select's tiles for page rows (a few thousand pages, B x Hkv rows): 2048-column tiles
 # and 8 warps (H100, B16 x Hkv 8 rows of 8192 pages, k 512: 79.3 us vs 138 for the indexer's
-# default tiles and 138 for lax.top_k; the same sets). From `TILED_MIN_ROWS` rows: fewer take
-# the kernel's own whole-row form (`select.default_config`).
+# default tiles and 138 for lax.top_k; the same sets), from `TILED_MIN_ROWS` rows where the
+# kernel's own whole-row form (`select.takes_whole_row`: up to 255 rows of 16K pages) does not apply.
 PAGE_TOPK_CONFIG = TopkSelectConfig(block_s=2048, num_warps=8)
 BOUND_CODE_DTYPES = ("float8_e4m3fn", "float8_e5m2")     # sign-magnitude with -0: `_round_up`'s bit step
 
@@ -221,9 +221,9 @@ def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIO
         page (attention sinks) and the last valid page (the newest tokens) are taken
         whatever their score, within the budget.
       impl: the top-k's backend (`pallas_kernels.indexer.top_k_set`: on a GPU the radix
-        select kernel, with `PAGE_TOPK_CONFIG`'s tiles from `TILED_MIN_ROWS` rows, in its
-        whole-row form below; elsewhere `lax.top_k`; the same set either way); interpret: its
-        kernel in interpret mode.
+        select kernel, in its whole-row form where `select.takes_whole_row`, else with
+        `PAGE_TOPK_CONFIG`'s tiles from `TILED_MIN_ROWS` rows; elsewhere `lax.top_k`; the
+        same set either way); interpret: its kernel in interpret mode.
     Returns:
       `block_indices [B, Hkv, k]` int32 (`k = min(budget_pages, P)`; the chosen ones
       ascending, then padding repeating the last), `block_counts [B, Hkv]` = number of
@@ -237,7 +237,8 @@ def select_top_pages(scores, budget_pages: int, valid_pages, always=ALWAYS_OPTIO
     s = jnp.where(valid_pages[:, None], scores.astype(jnp.float32), -jnp.inf)
     s = jnp.where(forced, jnp.inf, s)
     rows = s.reshape(b * hkv, p)
-    tiles = {"triton": PAGE_TOPK_CONFIG} if rows.shape[0] >= TILED_MIN_ROWS else {}   # fewer: the default
+    n_rows = rows.shape[0]       # the default (whole-row form) where it applies, else these tiles
+    tiles = {"triton": PAGE_TOPK_CONFIG} if n_rows >= TILED_MIN_ROWS and not takes_whole_row(n_rows, p) else {}
     config = common.config_for("top_k_set", impl, TOPK_BACKENDS, dict(scores=rows, k=budget_pages), tiles,
                                interpret=interpret)
     _, pages = top_k_set(rows, budget_pages, impl=impl, interpret=interpret, config=config)
