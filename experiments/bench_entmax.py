@@ -177,7 +177,38 @@ def breakdown_ms(q, k, alpha, cfg, iters):
     res["stats_ms"] = res[f"stats_ms_{res['stats_impl']}"]
     res["stats_tau_ms"] = median_ms(jax.jit(functools.partial(stages, upto="tau", st=st)), q, k,
                                     iters=iters)
+    try:
+        res.update(stage_ms(q, k, st, iters))
+    except Exception as e:  # noqa: BLE001 - a diagnostic: report, keep the row
+        print(f"stage_ms: {type(e).__name__}: {str(e)[:300]}", flush=True)
     return res
+
+
+def stage_ms(q, k, st, iters):
+    """Each later stage of the forward alone, on the earlier stages' outputs computed once:
+    `lists_ms` (the threshold pass's live-tile lists, XLA), `tau_ms` (the threshold kernel,
+    lists included), `out_ms` (the output pass with its lists, no residuals)."""
+    pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+    bq, bk = entmax_triton.tiles(st, q.shape[1], k.shape[1])
+    T = entmax_triton
+
+    @jax.jit
+    def prepare(q, k):
+        impl, qp, kp, vp, qpp, kpp = T.pad_inputs(st, q, k, k, pos, pos)
+        m, n, tmax, full = T.run_stats(st, impl, qp, kp, qpp, kpp, bq, bk)
+        return qp, kp, vp, qpp, kpp, m, n, tmax, full
+
+    qp, kp, vp, qpp, kpp, m, n, tmax, full = prepare(q, k)
+    lists = jax.jit(lambda m, n, tmax, full: T.compact(
+        tmax > T.row_min_per_tile(m - 1.0, n > 0, bq), full[:, None]))
+    tau_fn = jax.jit(lambda *a: T.run_tau(st, *a, bq, bk))
+    tau = tau_fn(qp, kp, qpp, kpp, m, n, tmax, full)
+    out_fn = jax.jit(lambda qp, kp, vp, qpp, kpp, tau, tmax, full: T.run_out(
+        st, qp, kp, vp, qpp, kpp, tau, T.compact(T.live_tiles(tmax, tau, bq), full[:, None]),
+        bq, bk, False))
+    return {"lists_ms": median_ms(lists, m, n, tmax, full, iters=iters),
+            "tau_ms": median_ms(tau_fn, qp, kp, qpp, kpp, m, n, tmax, full, iters=iters),
+            "out_ms": median_ms(out_fn, qp, kp, vp, qpp, kpp, tau, tmax, full, iters=iters)}
 
 
 def stats_impl_of(st, q, k):
@@ -264,6 +295,9 @@ def main(argv):
         json.dump(dict(info=info, rows=rows), fh, indent=1)
     print(f"\n{info}")
     nan = float("nan")
+    print("stages alone (ms): " + "; ".join(
+        f"{r['inputs']} {r['t']} {r['config'] or 'base'}: lists {r.get('lists_ms', nan):.3f} tau "
+        f"{r.get('tau_ms', nan):.3f} out {r.get('out_ms', nan):.3f}" for r in rows))
     print(f"{'inputs':>7} {'T':>6} {'config':>12} | {'zeros':>6} {'live':>5} {'live0':>5} | {'fwd ms':>8} {'flash':>8} "
           f"{'x':>5} | {'st tri':>7} {'st mgpu':>7} {'+tau':>7} | {'f+b ms':>8} {'flash':>8} {'x':>5} | {'ada fwd':>8} "
           f"{'ada f+b':>8} | {'err':>7}")
