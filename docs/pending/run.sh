@@ -23,6 +23,11 @@ if [ "${PART:-1}" = 1 ]; then   # in order of need: a budget cut keeps the steps
   wait "${pids[@]}"; for f in /tmp/be/pt_*.txt; do echo "== $f" >> $B; F $f | tail -6 >> $B; done
   TAILN=30 step quest 80 python3 experiments/bench_training_free.py --noprefill --batches 16,1 --contexts 131072 --quest_pages 16 --quest_topk auto --out /tmp/be/quest.json
   TAILN=20 step entmax 120 python3 experiments/bench_entmax.py --seq_lens 16384,65536 --inputs topics --noadasplash --iters 3 --check_rows 8 --stats_impl triton --sweep stats_impl=mosaic_gpu --out /tmp/be/entmax.json
+  # which PTX ISA XLA gives the Pallas Triton kernels (v4 float atomics from PTX 8.1; experiments/atomics_ptx.py)
+  TAILN=6 step atomics 60 env XLA_FLAGS="--xla_dump_to=/tmp/xd" python3 experiments/bench_dsa.py --seq_lens 16384 --iters 1 --parts attention --attention_impls triton --noattention_grad --attention_bwd 32:1
+  { echo "== ptx atomics"; ls /tmp/xd 2>/dev/null | wc -l; ls /tmp/xd 2>/dev/null | grep -iE "ptx|triton" | head -5
+    grep -rlE "^\.version" /tmp/xd 2>/dev/null | head -3; grep -rhoE "(red|atom)\.global\.[a-z0-9.]+" /tmp/xd 2>/dev/null | sort | uniq -c
+    grep -rh "^\.version" /tmp/xd 2>/dev/null | sort | uniq -c; } >> $B
 fi
 if [ "${PART:-1}" = 2 ]; then   # adasplash's Triton autotune at 64K outlasted a 340 s step twice
   TAILN=10 step adasplash 560 python3 experiments/bench_entmax.py --seq_lens 65536 --iters 2 --check_rows 16 --nobreakdown --inputs topics --out /tmp/be/adasplash.json
