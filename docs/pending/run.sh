@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU checks still owed (docs/pending/README.md), as device calls of <= BUDGET s each:
-#   PART=1 BUDGET=320 bash docs/pending/run.sh   # entmax Mosaic stats (staged maxima) compiled + timed 16K / 64K, Quest's new defaults
+#   PART=1 BUDGET=380 bash docs/pending/run.sh   # entmax Mosaic stats (staged maxima) compiled + timed 16K / 64K, Quest's new defaults
 #   PART=2 BUDGET=580 bash docs/pending/run.sh   # entmax vs adasplash at 64K (its autotune alone is minutes)
 # From the repo root on the GPU machine, `wheels/` (peer wheels) carried; logs and bench JSON land in $OUT.
 export PYTHONPATH=. JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
