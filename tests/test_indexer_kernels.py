@@ -1,19 +1,23 @@
 """The `indexer` op (DSA lightning-indexer scores + top-k): Triton and Mosaic TPU kernels in
 interpret mode against the plain-jnp reference, chunked top-k against `sparse_jax.ops.dsa`."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.indexer import indexer_topk
-from pallas_kernels.indexer.reference import chunk_scores_reference
+from pallas_kernels.indexer.reference import chunk_scores_reference as _chunk_scores_reference
 from pallas_kernels.indexer.tpu import chunk_scores_tpu
 from pallas_kernels.indexer.triton import IndexerTritonConfig, chunk_scores_triton
 from sparse_jax.ops import dsa
 from gpu_testing import has_gpu
 
 KERNELS = {"triton": chunk_scores_triton, "mosaic_tpu": chunk_scores_tpu}
+# The plain-jnp reference under one jit: op by op it compiled each op for every new shape.
+chunk_scores_reference = jax.jit(_chunk_scores_reference)
 
 
 def ascending(idx):
@@ -24,11 +28,12 @@ def ascending(idx):
     return np.where(srt == big, -1, srt)
 
 
+@functools.partial(jax.jit, static_argnums=5)
 def best_first(q, w, k, qp, kp, kk):
     """The reference selection, best first: `lax.top_k` over the whole `[B, T, S]` score
     matrix (lower slot first among ties), -1 where fewer keys are visible."""
-    vals, idx = jax.lax.top_k(chunk_scores_reference(q, w, k, qp, kp), kk)
-    return np.where(np.isfinite(vals), idx, -1)
+    vals, idx = jax.lax.top_k(_chunk_scores_reference(q, w, k, qp, kp), kk)
+    return jnp.where(jnp.isfinite(vals), idx, -1)
 
 
 def make(seed, b=2, t=37, s=150, h=3, d=24, integer=False):
@@ -167,11 +172,11 @@ def test_default_positions_prefix_path_matches_explicit(impl, t, s, chunk):
     chunks, more than `PREFIX_WIDTH_CLASSES`, so groups of two under `lax.map` (the last
     one ragged)."""
     q, w, k, _, _ = make(7, b=1, t=t, s=s, integer=True)
-    got, vals = indexer_topk(q, w, k, k=12, query_chunk=chunk, impl=impl, interpret=True,
-                             return_scores=True)
+    op = jax.jit(lambda q, w, k, **pos: indexer_topk(q, w, k, k=12, query_chunk=chunk, impl=impl,  # noqa: E731
+                                                     interpret=True, return_scores=True, **pos))
+    got, vals = op(q, w, k)
     pos_q, pos_k = jnp.arange(t)[None], jnp.arange(s)[None]
-    ref, ref_vals = indexer_topk(q, w, k, k=12, q_positions=pos_q, kv_positions=pos_k, query_chunk=chunk,
-                                 impl=impl, interpret=True, return_scores=True)
+    ref, ref_vals = op(q, w, k, q_positions=pos_q, kv_positions=pos_k)
     assert got.shape == ref.shape == (1, t, 12)
     np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(vals, ref_vals)
@@ -190,11 +195,11 @@ def test_default_positions_compile_at_most_sixteen_key_widths(monkeypatch):
 
     monkeypatch.setitem(api.IMPLEMENTATIONS, "xla", recording)
     q, w, k, _, _ = make(3, b=1, t=64, s=64, integer=True)
-    got = indexer_topk(q, w, k, k=4, query_chunk=1, impl="xla")
+    op = jax.jit(lambda q, w, k, **pos: indexer_topk(q, w, k, k=4, query_chunk=1, impl="xla", **pos))  # noqa: E731
+    got = op(q, w, k)
     assert len(widths) == api.PREFIX_WIDTH_CLASSES == len(set(widths)), widths
     pos = jnp.arange(64)[None]
-    np.testing.assert_array_equal(got, indexer_topk(q, w, k, k=4, q_positions=pos, kv_positions=pos,
-                                                    query_chunk=1, impl="xla"))
+    np.testing.assert_array_equal(got, op(q, w, k, q_positions=pos, kv_positions=pos))
 
 
 def width_cases(t, s):
