@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import dataclasses
+import functools
 
 from pallas_kernels.entmax import api, entmax_attention
 from pallas_kernels.entmax import reference as R
@@ -54,11 +55,12 @@ def test_sort_threshold_over_the_top_candidates_equals_the_full_sort(alpha):
     rng = np.random.default_rng(11)
     z, mask = masked_rows(rng, (16, 300), 0.9)
     z = z.at[5].set(1e-3 * z[5]).at[6].set(0.0)          # supports of ~all visible keys
-    full = R.threshold_sort(z, mask, alpha, candidates=None)
+    sort = jax.jit(R.threshold_sort, static_argnums=2, static_argnames="candidates")   # not op by op
+    full = sort(z, mask, alpha, candidates=None)
     for c in (8, 64, 299):
-        got = R.threshold_sort(z, mask, alpha, candidates=c)
+        got = sort(z, mask, alpha, candidates=c)
         np.testing.assert_allclose(got, full, atol=1e-6, rtol=0)
-    sparse = R.threshold_sort(z[7:], mask[7:], alpha, candidates=64)    # no row redone
+    sparse = sort(z[7:], mask[7:], alpha, candidates=64)    # no row redone
     np.testing.assert_allclose(sparse, full[7:], atol=1e-6, rtol=0)
     support = ((z[5] > full[5]) & mask[5]).sum()
     assert support > 64                                   # the redo path really ran
@@ -196,6 +198,12 @@ def run(impl, qkv, kw, cot, config=None, interpret=True):
     return jax.jit(both)(*qkv, cot)
 
 
+def run_forward(impl, qkv, kw, config=None):
+    """`(out, tau)` under one jit, no backward (for checks that read only the forward)."""
+    return jax.jit(lambda q, k, v: entmax_attention(q, k, v, **kw, impl=impl, interpret=True, config=config,
+                                                    return_tau=True))(*qkv)
+
+
 @pytest.mark.parametrize("case", [CASES[0]] + [pytest.param(c, marks=pytest.mark.slow) for c in CASES[1:]],
                          ids=lambda c: c.name)
 def test_triton_interpret_matches_reference_fp32(case):
@@ -213,7 +221,7 @@ def test_triton_interpret_matches_reference_fp32(case):
         assert np.all(np.isfinite(g)), name
         assert rel_err(g, r) < 1e-4, f"{name}: rel err {rel_err(g, r):.2e}"
     # the case is sparse (else it would not test the support's edges)
-    p, vis = R.entmax_probabilities(qkv[0], qkv[1], scale=case.d ** -0.5, **kw)
+    p, vis = jax.jit(lambda q, k: R.entmax_probabilities(q, k, scale=case.d ** -0.5, **kw))(*qkv[:2])
     assert 0.2 < float(((p == 0) & vis[:, None]).sum() / vis.sum() / case.h) < 0.99
 
 
@@ -266,8 +274,8 @@ def test_block_skipping_triggers_on_structured_inputs_and_stays_exact():
     for g, r in zip(grads, r_grads):
         assert rel_err(g, r) < 1e-4
     # skipping dead tiles pass by pass changes no threshold
-    _, tau_all, _ = run("triton", (q, k, v), {**kw, "scale": 0.25}, cot,
-                        dataclasses.replace(cfg, recheck_tiles=False))
+    _, tau_all = run_forward("triton", (q, k, v), {**kw, "scale": 0.25},
+                             dataclasses.replace(cfg, recheck_tiles=False))
     np.testing.assert_allclose(tau, tau_all, atol=1e-6)
     qn, kn, _ = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k, v))
     live_n, _ = jax.jit(lambda q, k: T.tile_statistics(st, q, k, pos, pos))(qn, kn)
@@ -305,7 +313,7 @@ def test_threshold_passes_trade_accuracy():
     then off); the default is exact on this case."""
     case = dataclasses.replace(CASES[1], tk=64, tq=16)
     qkv, kw, _ = make_inputs(case)
-    ref = entmax_attention(*qkv, **kw, impl="xla")
+    ref = jax.jit(lambda q, k, v: entmax_attention(q, k, v, **kw, impl="xla"))(*qkv)
     fn = jax.jit(lambda q, k, v, cfg: entmax_attention(q, k, v, **kw, impl="triton", interpret=True,
                                                        config=cfg), static_argnums=3)
     one = fn(*qkv, dataclasses.replace(SMALL, num_passes=1, finish_passes=0, num_candidates=1))
@@ -342,6 +350,7 @@ def test_triton_compiled_on_gpu(case):
 # ----------------------------------------------------------------------------- Mosaic GPU stats
 
 
+@functools.partial(jax.jit, static_argnames=("causal", "zscale", "bq", "bk"))
 def stats_reference(q, k, q_pos, kv_pos, *, causal, zscale, bq, bk):
     """Plain jnp `(m, n, tmax)`: row max of `z = zscale q.k` over the visible keys (`NEG` if
     none), visible count, and the max of each `(bq, bk)` tile (lengths padded with `NEG`)."""
@@ -441,7 +450,7 @@ def test_mosaic_gpu_stats_end_to_end_bf16():
     np.testing.assert_allclose(np.asarray(tau)[fin], np.asarray(r_tau)[fin], atol=1e-4)
     for name, g, r in zip(("dq", "dk", "dv"), grads, r_grads):
         assert rel_err(g, r) < 2e-2, f"{name}: rel err {rel_err(g, r):.2e}"
-    t_out, t_tau, _ = run("triton", qkv, kw, cot, dataclasses.replace(cfg, stats_impl="triton"))
+    t_out, t_tau = run_forward("triton", qkv, kw, dataclasses.replace(cfg, stats_impl="triton"))
     np.testing.assert_allclose(np.asarray(tau)[fin], np.asarray(t_tau)[fin], atol=1e-5)
     assert rel_err(out, t_out) < 2e-3
 
