@@ -199,8 +199,7 @@ def stage_ms(q, k, st, iters):
         return qp, kp, vp, qpp, kpp, m, n, tmax, full
 
     qp, kp, vp, qpp, kpp, m, n, tmax, full = prepare(q, k)
-    lists = jax.jit(lambda m, n, tmax, full: T.compact(
-        tmax > T.row_min_per_tile(m - 1.0, n > 0, bq), full[:, None]))
+    lists = jax.jit(lambda m, n, tmax, full: T.tau_tile_list(m, n, tmax, full, bq))
     tau_fn = jax.jit(lambda *a: T.run_tau(st, *a, bq, bk))
     tau = tau_fn(qp, kp, qpp, kpp, m, n, tmax, full)
     out_fn = jax.jit(lambda qp, kp, vp, qpp, kpp, tau, tmax, full: T.run_out(

@@ -541,6 +541,12 @@ def row_min_per_tile(x, valid, bq: int):
     return x.min(-1)[..., None]
 
 
+def tau_tile_list(m, n, tmax, full, bq: int):
+    """The threshold kernel's tile lists (`compact`): the tiles whose max exceeds the lowest
+    lower bound `m - 1` of their rows' thresholds."""
+    return compact(tmax > row_min_per_tile(m - 1.0, n > 0, bq), full[:, None])
+
+
 def run_stats(st: Static, impl: str, qp, kp, q_pos_p, kv_pos_p, bq, bk):
     """Row max `m`, visible count `n` (`[B, H, Tq_p]`), the per-tile max `tmax [B, H, nQ,
     nK]` on the `(bq, bk)` tiles (exact where `stats_block_k == bk`, else the max over the
@@ -604,8 +610,7 @@ def run_tau(st: Static, qp, kp, q_pos_p, kv_pos_p, m, n, tmax, full, bq, bk):
     tk_p, hkv = kp.shape[1], kp.shape[2]
     group = h // hkv
     nq, nk = tq_p // bq, tk_p // bk
-    lower = row_min_per_tile(m - 1.0, n > 0, bq)                                   # [B, H, nQ, 1]
-    idx, count = compact(tmax > lower, full[:, None])
+    idx, count = tau_tile_list(m, n, tmax, full, bq)
     rev = lambda i: nq - 1 - i  # noqa: E731
     kernel = functools.partial(
         _tau_kernel, mask_fn=st.mask_fn, zscale=st.zscale, alpha=st.alpha, block_k=bk,
